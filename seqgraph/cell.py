@@ -1,0 +1,183 @@
+"""`sg.Cell` (one step of a recurrence) and `sg.Graph` (a plain graph, nngraph's gModule).
+
+Building either runs the checker, names unnamed leaves (input_0, state_0, ...) and gives every
+parameter a stable key (`<module>.<weight|bias>`, or the Parameter's own name) that becomes its
+name in the torch state_dict. A Graph called on nodes inlines a copy of itself, sharing its
+parameters. This module describes graphs; it must not run them.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from .compiler.check import check_cell, check_graph
+from .compiler.ir import Node, format_graph, topo_order
+from .errors import ShapeError, WiringError, describe, user_site
+
+
+def _as_list(xs, what) -> list:
+    if xs is None:
+        return []
+    if isinstance(xs, Node):
+        return [xs]
+    if isinstance(xs, (list, tuple)):
+        return list(xs)
+    raise TypeError(f"{what} must be a node or a list of nodes, got {type(xs).__name__}")
+
+
+def _name_leaves(order: list[Node]) -> None:
+    counters: dict[str, int] = {}
+    taken = {n.name for n in order if n.op in ("input", "state", "context", "noise") and n.name}
+    for n in order:
+        if n.op in ("input", "state", "context", "noise") and not n.name:
+            while True:
+                k = counters.get(n.op, 0)
+                counters[n.op] = k + 1
+                cand = f"{n.op}_{k}"
+                if cand not in taken:
+                    break
+            n.name = cand
+            taken.add(cand)
+
+
+def _param_keys(order: list[Node]) -> dict[str, Node]:
+    """Stable, unique state_dict keys for every parameter leaf, in graph order."""
+    module_names: dict[int, str] = {}
+    used: dict[str, object] = {}
+    params: dict[str, Node] = {}
+    for n in order:
+        if n.op != "param":
+            continue
+        m = n.module
+        if m is None:
+            key = n.name or f"param_{sum(1 for k in params if k.startswith('param_'))}"
+            if key in params and params[key] is not n:
+                raise WiringError(f"two parameters are named {key!r}: {describe(params[key])} and {describe(n)}", node=n)
+        else:
+            if id(m) not in module_names:
+                base = m.name or type(m).__name__.lower()
+                if base in used and m.name:
+                    raise WiringError(f"two modules are named {base!r}: one declared at {used[base].site} "
+                                      f"and one at {m.site}", node=n)
+                name, k = base, 1
+                while name in used:
+                    name, k = f"{base}_{k}", k + 1
+                used[name] = m
+                module_names[id(m)] = name
+            key = f"{module_names[id(m)]}.{n.attrs['pname']}"
+        params[key] = n
+    return params
+
+
+class Cell:
+    """One step of a recurrence.
+
+    inputs:   per-step sg.Input nodes, in the order forward() takes them.
+    states:   {sg.State node: its next value}.
+    outputs:  nodes returned at every step (default: the next values of all states).
+    contexts: the sg.Context nodes (default: those the graph uses, in graph order).
+    """
+
+    def __init__(self, inputs: Sequence[Node] | Node, states: Mapping[Node, Node] | None = None,
+                 outputs: Sequence[Node] | Node | None = None, contexts: Sequence[Node] | None = None,
+                 name: str | None = None):
+        self.site = user_site()
+        self.name = name
+        self.inputs = _as_list(inputs, "inputs")
+        if states is None:
+            pairs = []
+        elif isinstance(states, Mapping):
+            pairs = list(states.items())
+        else:
+            pairs = [tuple(p) for p in states]
+        self.states = pairs
+        self.outputs = _as_list(outputs, "outputs") if outputs is not None else [n for _, n in pairs]
+        if not self.outputs and not pairs:
+            raise WiringError(f"Cell declared at {self.site} has no outputs and no states")
+        self.order = check_cell(self.inputs, pairs, self.outputs, None if contexts is None else list(contexts))
+        _name_leaves(self.order)
+        self.contexts = list(contexts) if contexts is not None else [n for n in self.order if n.op == "context"]
+        self.noises = [n for n in self.order if n.op == "noise"]
+        self.params = _param_keys(self.order)
+
+    @property
+    def state_names(self) -> list[str]:
+        return [p.name for p, _ in self.states]
+
+    def signature(self) -> tuple:
+        """A hashable structural description: equal for cells that compile to the same code."""
+        index = {n.id: k for k, n in enumerate(self.order)}
+        rows = []
+        for n in self.order:
+            attrs = tuple(sorted((k, v) for k, v in n.attrs.items()
+                                 if k not in ("group", "init", "piece") and not callable(v)))
+            rows.append((n.op, tuple(index[i.id] for i in n.inputs), attrs, n.shape, n.batched, n.dtype))
+        roles = (tuple(index[x.id] for x in self.inputs),
+                 tuple((index[p.id], index[q.id]) for p, q in self.states),
+                 tuple(index[o.id] for o in self.outputs),
+                 tuple(index[c.id] for c in self.contexts))
+        return tuple(rows), roles
+
+    def __repr__(self) -> str:
+        return (f"<sg.Cell {self.name or ''} inputs={[x.name for x in self.inputs]} "
+                f"states={self.state_names} outputs={len(self.outputs)} nodes={len(self.order)}>")
+
+    def dump(self) -> str:
+        """The graph as text, one node per line."""
+        return format_graph(self.order)
+
+    def _repr_svg_(self):  # Jupyter shows the picture inline
+        from .viz import to_dot
+        return to_dot(self).pipe(format="svg").decode()
+
+
+class Graph:
+    """A plain graph from inputs to outputs (nngraph's gModule). Calling it on nodes inlines a
+    copy whose parameters are shared with the original: `y = g(x)` or `y1, y2 = g([a, b])`."""
+
+    def __init__(self, inputs: Sequence[Node] | Node, outputs: Sequence[Node] | Node, name: str | None = None):
+        self.site = user_site()
+        self.name = name
+        self.inputs = _as_list(inputs, "inputs")
+        self.outputs = _as_list(outputs, "outputs")
+        self.single_output = isinstance(outputs, Node)
+        self.order = check_graph(self.inputs, self.outputs)
+        _name_leaves(self.order)
+        self.params = _param_keys(self.order)
+
+    def __call__(self, xs):
+        args = [xs] if isinstance(xs, Node) else list(xs)
+        site = user_site()
+        if len(args) != len(self.inputs):
+            raise WiringError(f"Graph {self.name or ''} (declared at {self.site}) takes {len(self.inputs)} "
+                              f"inputs but was called with {len(args)} at {site}")
+        env: dict[int, Node] = {}
+        for formal, actual in zip(self.inputs, args):
+            if not isinstance(actual, Node):
+                raise TypeError(f"Graph called at {site} with a {type(actual).__name__}, expected nodes")
+            if actual.shape != formal.shape or actual.dtype != formal.dtype:
+                raise ShapeError(f"Graph {self.name or ''} (declared at {self.site}) expects input "
+                                 f"{formal.name!r} of shape {formal.shape} {formal.dtype}, but got "
+                                 f"{describe(actual)} of shape {actual.shape} {actual.dtype} at {site}", node=actual)
+            env[formal.id] = actual
+        for n in self.order:
+            if n.id in env:
+                continue
+            if n.op in ("param", "const", "context"):
+                env[n.id] = n  # shared, not copied: that is how weights are tied
+                continue
+            ins = tuple(env[i.id] for i in n.inputs)
+            batched = n.batched or any(i.batched for i in ins)
+            env[n.id] = Node(n.op, ins, n.attrs, n.shape, batched, n.dtype, name=n.name, site=n.site, module=n.module)
+        outs = tuple(env[o.id] for o in self.outputs)
+        return outs[0] if self.single_output else outs
+
+    def __repr__(self) -> str:
+        return f"<sg.Graph {self.name or ''} inputs={len(self.inputs)} outputs={len(self.outputs)} nodes={len(self.order)}>"
+
+    def _repr_svg_(self):
+        from .viz import to_dot
+        return to_dot(self).pipe(format="svg").decode()
+
+
+def nodes_of(*outputs: Node) -> list[Node]:
+    return topo_order(outputs)

@@ -1,0 +1,124 @@
+"""The checker: validates the wiring of a cell or graph when it is built.
+
+Shapes are already inferred node by node as the user builds them (ops.make raises there,
+at the user's line). What only the whole graph can tell is checked here: every declared
+input is used, every state read has a next value of its shape, nothing undeclared leaks in,
+every chunk/split piece is used, names are unique. Each failure is a GraphError naming the
+node and its file:line. This module must not run tensors or change the graph.
+"""
+from __future__ import annotations
+
+from ..errors import GraphError, ShapeError, WiringError, describe
+from .ir import Node, topo_order
+
+
+def _fail(cls, msg, node=None, edge=None):
+    raise cls(msg, node=node, edge=edge)
+
+
+def check_cell(inputs: list[Node], states: list[tuple[Node, Node]], outputs: list[Node],
+               contexts: list[Node] | None) -> list[Node]:
+    """Check one step of a recurrence; returns its nodes in topological order."""
+    for x in inputs:
+        if not isinstance(x, Node) or x.op != "input":
+            _fail(WiringError, f"inputs= must hold sg.Input nodes; got {_what(x)}", _node_or_none(x))
+    seen_prev = set()
+    for prev, nxt in states:
+        if not isinstance(prev, Node) or prev.op != "state":
+            _fail(WiringError, f"the keys of states= must be sg.State nodes; got {_what(prev)}", _node_or_none(prev))
+        if prev.id in seen_prev:
+            _fail(WiringError, f"{describe(prev)} appears twice in states=", prev)
+        seen_prev.add(prev.id)
+        if not isinstance(nxt, Node):
+            _fail(WiringError, f"the next value of {describe(prev)} must be a node; got {_what(nxt)}", prev)
+        if nxt.shape != prev.shape or not nxt.batched or nxt.dtype != prev.dtype:
+            b = "(B," if nxt.batched else "("
+            _fail(ShapeError, f"{describe(prev)} has shape (B,{','.join(map(str, prev.shape))}) but its next value "
+                              f"{describe(nxt)} has shape {b}{','.join(map(str, nxt.shape))}) {nxt.dtype}",
+                  nxt, edge=(nxt, prev))
+    for o in outputs:
+        if not isinstance(o, Node):
+            _fail(WiringError, f"outputs= must hold nodes; got {_what(o)}")
+        if not o.batched:
+            _fail(ShapeError, f"output {describe(o)} does not depend on the batch (it is a parameter or "
+                              f"constant); an output must be a per-step value", o)
+    order = topo_order(list(outputs) + [n for _, n in states])
+    reached = {n.id for n in order}
+    for x in inputs:
+        if x.id not in reached:
+            _fail(WiringError, f"{describe(x)} is not used by any output or next state", x)
+    declared_inputs = {x.id for x in inputs}
+    declared_ctx = None if contexts is None else {c.id for c in contexts}
+    for n in order:
+        if n.op == "input" and n.id not in declared_inputs:
+            _fail(WiringError, f"{describe(n)} is used but not listed in inputs=[...]", n)
+        if n.op == "state" and n.id not in seen_prev:
+            _fail(WiringError, f"{describe(n)} is read but has no next value; add it to states={{prev: next}}", n)
+        if n.op == "context" and declared_ctx is not None and n.id not in declared_ctx:
+            _fail(WiringError, f"{describe(n)} is used but not listed in contexts=[...]", n)
+    if contexts is not None:
+        for c in contexts:
+            if c.id not in reached:
+                _fail(WiringError, f"{describe(c)} is not used by any output or next state", c)
+    _check_chunk_pieces(order, reached)
+    _check_unique_names([n for n in order if n.op in ("input", "state", "context")])
+    return order
+
+
+def check_graph(inputs: list[Node], outputs: list[Node]) -> list[Node]:
+    """Check a plain (non-recurrent) graph; returns its nodes in topological order."""
+    for x in inputs:
+        if not isinstance(x, Node) or x.op not in ("input", "context"):
+            _fail(WiringError, f"Graph inputs must be sg.Input nodes; got {_what(x)}", _node_or_none(x))
+    for o in outputs:
+        if not isinstance(o, Node):
+            _fail(WiringError, f"Graph outputs must be nodes; got {_what(o)}")
+    order = topo_order(outputs)
+    reached = {n.id for n in order}
+    declared = {x.id for x in inputs}
+    for x in inputs:
+        if x.id not in reached:
+            _fail(WiringError, f"{describe(x)} is not used by any output", x)
+    for n in order:
+        if n.op in ("input", "context") and n.id not in declared:
+            _fail(WiringError, f"{describe(n)} is used but not listed in the Graph's inputs", n)
+        if n.op == "state":
+            _fail(WiringError, f"{describe(n)} is a State, but a Graph has no time steps; use sg.Cell", n)
+    _check_chunk_pieces(order, reached)
+    return order
+
+
+def _check_chunk_pieces(order, reached):
+    for n in order:
+        group = n.attrs.get("group")
+        if group is None:
+            continue
+        for piece in group.pieces:
+            if piece.id not in reached:
+                _fail(WiringError, f"piece {piece.attrs['piece']} of the chunk/split declared at {group.site} "
+                                   f"is never used (pieces used: {sum(p.id in reached for p in group.pieces)} of "
+                                   f"{len(group.pieces)}); use sg.narrow to take only part of a value", piece)
+
+
+def _check_unique_names(leaves):
+    by_name: dict[str, Node] = {}
+    for n in leaves:
+        if n.name is None:
+            continue
+        other = by_name.get(n.name)
+        if other is not None and other is not n:
+            _fail(WiringError, f"two leaves are named {n.name!r}: {describe(other)} and {describe(n)}", n)
+        by_name[n.name] = n
+
+
+def _what(x) -> str:
+    if isinstance(x, Node):
+        return describe(x)
+    return f"a {type(x).__name__}"
+
+
+def _node_or_none(x):
+    return x if isinstance(x, Node) else None
+
+
+__all__ = ["check_cell", "check_graph", "GraphError"]

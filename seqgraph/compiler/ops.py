@@ -1,0 +1,694 @@
+"""The op registry: every op seqgraph knows, declared once, with all of its rules.
+
+Each `register(...)` call gives an op its kind, its shape rule, its torch reference (what the
+interpreter and the torch backend run), its vector-Jacobian product written with the same
+node builders (so a derivative is itself a graph that every backend can compile) and its
+Triton emitter (an expression over operand strings, or `NOT_FUSED` with the reason).
+Registration fails if a rule is missing. Tests, the checker, the compiler passes and both
+code generators iterate this one table. This module must not know about cells, time or
+modules: it speaks only of one node and its operands.
+
+Conventions. A value at run time has shape (B, *node.shape) when `node.batched`, else
+node.shape. Dims in attrs are non-negative and count the per-example dims (batch excluded).
+Binary elementwise ops broadcast numpy-style over the per-example dims, and an unbatched
+operand (a parameter, a constant) broadcasts over the batch. Triton emitters see 2-D tiles
+[rows, columns] in float32; `cmask_W` names the valid-column mask of a width-W operand.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ShapeError, user_site
+from .ir import LEAF_OPS, Node
+
+
+class ShapeProblem(Exception):
+    """Raised by a shape rule; `make` turns it into a ShapeError that names the node."""
+
+
+NOT_FUSED = "not fused"  # triton=(NOT_FUSED, why): the op runs through torch, the plan says so
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    kind: str  # leaf | elementwise | reduction | layout | matmul | gather
+    shape: Callable  # (inputs, attrs) -> (shape, batched, dtype)
+    torch: Callable  # (node, *values) -> tensor
+    vjp: Optional[Callable]  # (node, g) -> tuple of grads (Node | None), one per input
+    triton: object  # (node, *arg_strings) -> str, or (NOT_FUSED, reason)
+    doc: str = ""
+
+
+REGISTRY: dict[str, OpDef] = {}
+KINDS = {"leaf", "elementwise", "reduction", "layout", "matmul", "gather"}
+
+
+def register(name, *, kind, shape, torch, vjp, triton, doc=""):
+    missing = [k for k, v in (("shape", shape), ("torch", torch), ("triton", triton)) if v is None]
+    if kind not in KINDS:
+        raise ValueError(f"op {name!r}: unknown kind {kind!r}")
+    if missing or (vjp is None and kind != "leaf"):
+        raise ValueError(f"op {name!r} is missing rules: {missing or ['vjp']}")
+    if name in REGISTRY:
+        raise ValueError(f"op {name!r} registered twice")
+    REGISTRY[name] = OpDef(name, kind, shape, torch, vjp, triton, doc)
+
+
+def make(op: str, inputs, *, name=None, site=None, module=None, **attrs) -> Node:
+    """Build a node of `op`, inferring its shape; a bad operand raises ShapeError here."""
+    d = REGISTRY[op]
+    inputs = tuple(inputs)
+    site = site or user_site()
+    try:
+        shape, batched, dtype = d.shape(inputs, attrs)
+    except ShapeProblem as e:
+        label = type(module).__name__ if module is not None else op
+        nm = f" '{name}'" if name else ""
+        operands = ", ".join(_describe_operand(i) for i in inputs)
+        raise ShapeError(f"{label}{nm} (declared at {site}): {e} [operands: {operands}]") from None
+    return Node(op, inputs, attrs, shape, batched, dtype, name=name, site=site, module=module)
+
+
+def _describe_operand(n: Node) -> str:
+    b = "B," if n.batched else ""
+    return f"{n.label()} ({b}{','.join(map(str, n.shape))})"
+
+
+# ---------------------------------------------------------------------------------------
+# helpers for the rules
+# ---------------------------------------------------------------------------------------
+def broadcast_shapes(a: tuple, b: tuple) -> tuple:
+    out = []
+    for i in range(max(len(a), len(b))):
+        x = a[len(a) - 1 - i] if i < len(a) else 1
+        y = b[len(b) - 1 - i] if i < len(b) else 1
+        if x != y and 1 not in (x, y):
+            raise ShapeProblem(f"cannot broadcast shapes {a} and {b}")
+        out.append(max(x, y) if 1 in (x, y) else x)
+    return tuple(reversed(out))
+
+
+def norm_dim(dim: int, rank: int) -> int:
+    if not -rank <= dim < rank:
+        raise ShapeProblem(f"dim {dim} is out of range for a value with {rank} per-example dims")
+    return dim % rank
+
+
+def _floats(inputs):
+    for i in inputs:
+        if i.dtype != "float":
+            raise ShapeProblem(f"operand {i.label()!r} has dtype {i.dtype}, expected float")
+
+
+def _tdim(node: Node, dim: int) -> int:
+    """Tensor dim of per-example dim `dim` for a value of `node`."""
+    return dim + 1 if node.batched else dim
+
+
+def _aligned(node: Node, values):
+    """Give batched operands of lower rank singleton dims after the batch, so that torch's
+    trailing-dim broadcasting lines up per-example dims (numpy rules) for every operand."""
+    rank = len(node.shape)
+    out = []
+    for src, v in zip(node.inputs, values):
+        if src.batched and len(src.shape) < rank:
+            v = v.reshape(v.shape[0], *([1] * (rank - len(src.shape))), *src.shape)
+        out.append(v)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# node builders used by the VJP rules (and re-exported, with sugar, by seqgraph.dsl)
+# ---------------------------------------------------------------------------------------
+def const(value: float) -> Node:
+    return make("const", (), value=float(value))
+
+
+def lift(x) -> Node:
+    if isinstance(x, Node):
+        return x
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"expected a seqgraph node or a Python number, got {type(x).__name__}")
+    return const(x)
+
+
+def add(a, b):
+    return make("add", (lift(a), lift(b)))
+
+
+def sub(a, b):
+    return make("sub", (lift(a), lift(b)))
+
+
+def mul(a, b):
+    return make("mul", (lift(a), lift(b)))
+
+
+def div(a, b):
+    return make("div", (lift(a), lift(b)))
+
+
+def neg(a):
+    return make("neg", (a,))
+
+
+def sum_to(g: Node, like: Node) -> Node:
+    """Reduce a gradient `g` to the shape (and batchedness) of operand `like`."""
+    if g.shape == like.shape and g.batched == like.batched:
+        return g
+    return make("sum_to", (g,), shape=like.shape, batched=like.batched)
+
+
+def transpose(a, d0=-2, d1=-1):
+    r = len(a.shape)
+    return make("transpose", (a,), d0=norm_dim_or_raise(d0, r), d1=norm_dim_or_raise(d1, r))
+
+
+def norm_dim_or_raise(dim, rank):
+    try:
+        return norm_dim(dim, rank)
+    except ShapeProblem as e:
+        raise ShapeError(str(e)) from None
+
+
+def reshape(a, shape):
+    return make("reshape", (a,), shape=tuple(shape))
+
+
+# ---------------------------------------------------------------------------------------
+# leaves
+# ---------------------------------------------------------------------------------------
+def _leaf_shape(inputs, attrs):
+    return attrs["shape"], attrs["batched"], attrs.get("dtype", "float")
+
+
+def _no_torch(node, *values):
+    raise RuntimeError(f"leaf {node!r} has no torch rule: the runtime binds its value")
+
+
+for _leaf in ("input", "state", "context", "param", "noise"):
+    register(_leaf, kind="leaf", shape=_leaf_shape, torch=_no_torch, vjp=None,
+             triton=(NOT_FUSED, "a leaf is loaded, not computed"))
+
+register("const", kind="leaf", shape=lambda i, a: ((), False, "float"),
+         torch=lambda n: torch.tensor(n.attrs["value"]), vjp=None,
+         triton=lambda n: repr(float(n.attrs["value"])), doc="a Python number")
+
+
+# ---------------------------------------------------------------------------------------
+# elementwise
+# ---------------------------------------------------------------------------------------
+def _unary_shape(inputs, attrs):
+    _floats(inputs)
+    (a,) = inputs
+    return a.shape, a.batched, "float"
+
+
+def _binary_shape(inputs, attrs):
+    _floats(inputs)
+    a, b = inputs
+    return broadcast_shapes(a.shape, b.shape), a.batched or b.batched, "float"
+
+
+def _unary(name, fn, vjp, tri, doc=""):
+    register(name, kind="elementwise", shape=_unary_shape, torch=lambda n, x: fn(x), vjp=vjp,
+             triton=tri, doc=doc)
+
+
+def _binary(name, fn, vjp, tri, doc=""):
+    register(name, kind="elementwise", shape=_binary_shape,
+             torch=lambda n, x, y: fn(*_aligned(n, (x, y))), vjp=vjp, triton=tri, doc=doc)
+
+
+def _bin_grads(n, ga, gb):
+    a, b = n.inputs
+    return (None if ga is None else sum_to(ga, a), None if gb is None else sum_to(gb, b))
+
+
+_binary("add", torch.add, lambda n, g: _bin_grads(n, g, g), lambda n, a, b: f"({a} + {b})")
+_binary("sub", torch.sub, lambda n, g: _bin_grads(n, g, neg(g)), lambda n, a, b: f"({a} - {b})")
+_binary("mul", torch.mul, lambda n, g: _bin_grads(n, mul(g, n.inputs[1]), mul(g, n.inputs[0])),
+        lambda n, a, b: f"({a} * {b})")
+_binary("div", torch.div,
+        lambda n, g: _bin_grads(n, div(g, n.inputs[1]), neg(div(mul(g, n), n.inputs[1]))),
+        lambda n, a, b: f"({a} / {b})")
+_binary("maximum", torch.maximum,
+        lambda n, g: _bin_grads(n, mul(g, make("ge", n.inputs)), mul(g, sub(1.0, make("ge", n.inputs)))),
+        lambda n, a, b: f"tl.maximum({a}, {b})", doc="ties send the gradient to the first operand")
+_binary("minimum", torch.minimum,
+        lambda n, g: _bin_grads(n, mul(g, make("le", n.inputs)), mul(g, sub(1.0, make("le", n.inputs)))),
+        lambda n, a, b: f"tl.minimum({a}, {b})", doc="ties send the gradient to the first operand")
+# comparisons give 0/1 floats; their derivative is zero almost everywhere
+_binary("ge", lambda x, y: (x >= y).to(torch.promote_types(x.dtype, y.dtype)),
+        lambda n, g: (None, None), lambda n, a, b: f"(({a}) >= ({b})).to(tl.float32)")
+_binary("le", lambda x, y: (x <= y).to(torch.promote_types(x.dtype, y.dtype)),
+        lambda n, g: (None, None), lambda n, a, b: f"(({a}) <= ({b})).to(tl.float32)")
+_binary("gt", lambda x, y: (x > y).to(torch.promote_types(x.dtype, y.dtype)),
+        lambda n, g: (None, None), lambda n, a, b: f"(({a}) > ({b})).to(tl.float32)")
+
+_unary("neg", torch.neg, lambda n, g: (neg(g),), lambda n, a: f"(-{a})")
+_unary("sigmoid", torch.sigmoid, lambda n, g: (mul(g, mul(n, sub(1.0, n))),),
+       lambda n, a: f"tl.sigmoid({a})")
+_unary("tanh", torch.tanh, lambda n, g: (mul(g, sub(1.0, mul(n, n))),),
+       lambda n, a: f"(2.0 * tl.sigmoid(2.0 * {a}) - 1.0)")
+_unary("relu", torch.relu, lambda n, g: (mul(g, make("gt", (n.inputs[0], const(0.0)))),),
+       lambda n, a: f"tl.maximum({a}, 0.0)")
+_unary("exp", torch.exp, lambda n, g: (mul(g, n),), lambda n, a: f"tl.exp({a})")
+_unary("log", torch.log, lambda n, g: (div(g, n.inputs[0]),), lambda n, a: f"tl.log({a})")
+_unary("abs", torch.abs, lambda n, g: (mul(g, make("sign", n.inputs)),), lambda n, a: f"tl.abs({a})")
+_unary("sign", torch.sign, lambda n, g: (None,),
+       lambda n, a: f"((({a}) > 0).to(tl.float32) - (({a}) < 0).to(tl.float32))")
+_unary("sqrt", torch.sqrt, lambda n, g: (div(mul(g, 0.5), n),), lambda n, a: f"tl.sqrt({a})")
+
+
+# ---------------------------------------------------------------------------------------
+# reductions (over one per-example dim, or a gradient back to an operand's shape)
+# ---------------------------------------------------------------------------------------
+def _reduce_shape(inputs, attrs):
+    _floats(inputs)
+    (a,) = inputs
+    if not a.shape:
+        raise ShapeProblem("cannot reduce a value with no per-example dims")
+    d = norm_dim(attrs["dim"], len(a.shape))
+    attrs["dim"] = d
+    shape = list(a.shape)
+    if attrs.get("keepdim", False):
+        shape[d] = 1
+    else:
+        del shape[d]
+    return tuple(shape), a.batched, "float"
+
+
+def _unreduce(n: Node, g: Node) -> Node:
+    """Broadcast the gradient of a reduction back over the reduced dim."""
+    (a,) = n.inputs
+    if not n.attrs.get("keepdim", False):
+        shape = list(a.shape)
+        shape[n.attrs["dim"]] = 1
+        g = reshape(g, shape)
+    return make("broadcast_to", (g,), shape=a.shape)
+
+
+def _row_width(n: Node) -> int:
+    return n.inputs[0].shape[-1]
+
+
+def _last_dim_only(emit):
+    def triton(n, *args):
+        a = n.inputs[0]
+        if a.shape and n.attrs.get("dim", len(a.shape) - 1) != len(a.shape) - 1:
+            return (NOT_FUSED, "reduces a dim other than the last")
+        return emit(n, *args)
+    return triton
+
+
+register("sum", kind="reduction", shape=_reduce_shape,
+         torch=lambda n, x: x.sum(_tdim(n.inputs[0], n.attrs["dim"]), keepdim=n.attrs.get("keepdim", False)),
+         vjp=lambda n, g: (_unreduce(n, g),),
+         triton=_last_dim_only(lambda n, a: f"tl.sum(tl.where(cmask_{_row_width(n)}, {a}, 0.0), axis=1)[:, None]"))
+register("mean", kind="reduction", shape=_reduce_shape,
+         torch=lambda n, x: x.mean(_tdim(n.inputs[0], n.attrs["dim"]), keepdim=n.attrs.get("keepdim", False)),
+         vjp=lambda n, g: (_unreduce(n, div(g, float(n.inputs[0].shape[n.attrs["dim"]]))),),
+         triton=_last_dim_only(lambda n, a: f"(tl.sum(tl.where(cmask_{_row_width(n)}, {a}, 0.0), axis=1)[:, None] / {float(_row_width(n))})"))
+
+
+def _softmax_shape(inputs, attrs):
+    _floats(inputs)
+    (a,) = inputs
+    attrs["dim"] = norm_dim(attrs["dim"], len(a.shape))
+    return a.shape, a.batched, "float"
+
+
+def _softmax_vjp(n, g):
+    d = n.attrs["dim"]
+    s = make("sum", (mul(g, n),), dim=d, keepdim=True)
+    return (mul(n, sub(g, s)),)
+
+
+def _softmax_triton(n, a):
+    w = _row_width(n)
+    x = f"tl.where(cmask_{w}, {a}, float('-inf'))"
+    e = f"tl.exp({x} - tl.max({x}, axis=1)[:, None])"
+    return f"({e} / tl.sum({e}, axis=1)[:, None])"
+
+
+register("softmax", kind="reduction", shape=_softmax_shape,
+         torch=lambda n, x: torch.softmax(x, _tdim(n.inputs[0], n.attrs["dim"])),
+         vjp=_softmax_vjp, triton=_last_dim_only(_softmax_triton))
+
+
+def _layer_norm_shape(inputs, attrs):
+    _floats(inputs)
+    (a,) = inputs
+    if not a.shape:
+        raise ShapeProblem("layer_norm needs at least one per-example dim")
+    return a.shape, a.batched, "float"
+
+
+def _layer_norm_vjp(n, g):
+    # y = (x - mean) * rstd ; dx = rstd * (g - mean(g) - y * mean(g * y))
+    (x,) = n.inputs
+    eps = n.attrs["eps"]
+    xc = sub(x, make("mean", (x,), dim=len(x.shape) - 1, keepdim=True))
+    var = make("mean", (mul(xc, xc),), dim=len(x.shape) - 1, keepdim=True)
+    rstd = div(1.0, make("sqrt", (add(var, eps),)))
+    mg = make("mean", (g,), dim=len(x.shape) - 1, keepdim=True)
+    mgy = make("mean", (mul(g, n),), dim=len(x.shape) - 1, keepdim=True)
+    return (mul(rstd, sub(sub(g, mg), mul(n, mgy))),)
+
+
+def _layer_norm_triton(n, a):
+    w = _row_width(n)
+    mean = f"(tl.sum(tl.where(cmask_{w}, {a}, 0.0), axis=1)[:, None] / {float(w)})"
+    xc = f"tl.where(cmask_{w}, {a} - {mean}, 0.0)"
+    var = f"(tl.sum({xc} * {xc}, axis=1)[:, None] / {float(w)})"
+    return f"({xc} / tl.sqrt({var} + {n.attrs['eps']!r}))"
+
+
+register("layer_norm", kind="reduction", shape=_layer_norm_shape,
+         torch=lambda n, x: F.layer_norm(x, n.shape[-1:], eps=n.attrs["eps"]),
+         vjp=_layer_norm_vjp, triton=_layer_norm_triton,
+         doc="normalises the last dim to zero mean and unit variance (no affine part)")
+
+
+def _sum_to_shape(inputs, attrs):
+    (a,) = inputs
+    shape, batched = tuple(attrs["shape"]), attrs["batched"]
+    if batched and not a.batched:
+        raise ShapeProblem("cannot reduce an unbatched value to a batched one")
+    try:
+        if broadcast_shapes(a.shape, shape) != a.shape:
+            raise ShapeProblem("")
+    except ShapeProblem:
+        raise ShapeProblem(f"cannot reduce shape {a.shape} to {shape}") from None
+    return shape, batched, "float"
+
+
+def _sum_to_torch(n, x):
+    (a,) = n.inputs
+    lead = len(a.shape) - len(n.shape)
+    off = 1 if a.batched else 0
+    dims = list(range(off, off + lead))
+    dims += [off + lead + i for i, s in enumerate(n.shape) if s == 1 and a.shape[lead + i] != 1]
+    if a.batched and not n.attrs["batched"]:
+        dims = [0] + dims
+    y = x.sum(dims, keepdim=True) if dims else x
+    return y.reshape((x.shape[0],) + n.shape if n.attrs["batched"] else n.shape)
+
+
+def _sum_to_vjp(n, g):
+    (a,) = n.inputs
+    if a.batched != n.batched:
+        raise NotImplementedError("the derivative of a batch reduction (a second-order gradient) "
+                                  "is not supported")
+    return (make("broadcast_to", (g,), shape=a.shape),)
+
+
+def _sum_to_triton(n, a):
+    src = n.inputs[0]
+    if src.batched != n.batched or len(n.shape) != 1 or len(src.shape) != 1:
+        return (NOT_FUSED, "sums over the batch or broadcast dims; the plan runs it outside the step")
+    if n.shape == src.shape:
+        return a
+    return f"tl.sum(tl.where(cmask_{src.shape[-1]}, {a}, 0.0), axis=1)[:, None]"
+
+
+register("sum_to", kind="reduction", shape=_sum_to_shape, torch=_sum_to_torch, vjp=_sum_to_vjp,
+         triton=_sum_to_triton,
+         doc="sums a gradient back to an operand's shape; to an unbatched shape it sums the batch too")
+
+
+def _broadcast_to_shape(inputs, attrs):
+    (a,) = inputs
+    shape = tuple(attrs["shape"])
+    if broadcast_shapes(a.shape, shape) != shape:
+        raise ShapeProblem(f"cannot broadcast shape {a.shape} to {shape}")
+    return shape, a.batched, a.dtype
+
+
+def _broadcast_to_torch(n, x):
+    (a,) = n.inputs
+    if a.batched:
+        x = x.reshape(x.shape[0], *([1] * (len(n.shape) - len(a.shape))), *a.shape)
+        return x.expand(x.shape[0], *n.shape)
+    return x.expand(*n.shape)
+
+
+register("broadcast_to", kind="layout", shape=_broadcast_to_shape, torch=_broadcast_to_torch,
+         vjp=lambda n, g: (sum_to(g, n.inputs[0]),),
+         triton=lambda n, a: a if n.shape[-1:] == n.inputs[0].shape[-1:] or not n.shape else
+         f"({a} + tl.zeros_like(tl.where(cmask_{n.shape[-1]}, 0.0, 0.0)))")
+
+
+# ---------------------------------------------------------------------------------------
+# layout
+# ---------------------------------------------------------------------------------------
+def _concat_shape(inputs, attrs):
+    if not inputs:
+        raise ShapeProblem("concat needs at least one operand")
+    ref = inputs[0]
+    rank = len(ref.shape)
+    if rank == 0:
+        raise ShapeProblem("cannot concat values with no per-example dims")
+    d = norm_dim(attrs["dim"], rank)
+    attrs["dim"] = d
+    total = 0
+    for i in inputs:
+        if len(i.shape) != rank or any(s != t for k, (s, t) in enumerate(zip(i.shape, ref.shape)) if k != d):
+            raise ShapeProblem(f"concat along dim {d} needs equal other dims, got {ref.shape} and {i.shape}")
+        if i.dtype != ref.dtype:
+            raise ShapeProblem(f"concat needs one dtype, got {ref.dtype} and {i.dtype}")
+        total += i.shape[d]
+    if len({i.batched for i in inputs}) != 1:
+        raise ShapeProblem("concat cannot mix batched values with parameters")
+    shape = list(ref.shape)
+    shape[d] = total
+    return tuple(shape), ref.batched, ref.dtype
+
+
+def _concat_vjp(n, g):
+    out, start = [], 0
+    for i in n.inputs:
+        stop = start + i.shape[n.attrs["dim"]]
+        out.append(make("slice", (g,), dim=n.attrs["dim"], start=start, stop=stop))
+        start = stop
+    return tuple(out)
+
+
+register("concat", kind="layout", shape=_concat_shape,
+         torch=lambda n, *xs: torch.cat(xs, _tdim(n, n.attrs["dim"])), vjp=_concat_vjp,
+         triton=lambda n, *a: (NOT_FUSED, "concat is a store layout, handled by the kernel generator"))
+
+
+def _slice_shape(inputs, attrs):
+    (a,) = inputs
+    d = norm_dim(attrs["dim"], len(a.shape))
+    attrs["dim"] = d
+    start, stop = attrs["start"], attrs["stop"]
+    if not 0 <= start < stop <= a.shape[d]:
+        raise ShapeProblem(f"slice [{start}:{stop}] is out of range for dim {d} of size {a.shape[d]}")
+    shape = list(a.shape)
+    shape[d] = stop - start
+    return tuple(shape), a.batched, a.dtype
+
+
+def _slice_vjp(n, g):
+    (a,) = n.inputs
+    d = n.attrs["dim"]
+    return (make("pad", (g,), dim=d, before=n.attrs["start"], after=a.shape[d] - n.attrs["stop"]),)
+
+
+register("slice", kind="layout", shape=_slice_shape,
+         torch=lambda n, x: x.narrow(_tdim(n, n.attrs["dim"]), n.attrs["start"], n.attrs["stop"] - n.attrs["start"]),
+         vjp=_slice_vjp,
+         triton=lambda n, a: (NOT_FUSED, "slice is a load layout, handled by the kernel generator"))
+
+
+def _pad_shape(inputs, attrs):
+    (a,) = inputs
+    d = norm_dim(attrs["dim"], len(a.shape))
+    attrs["dim"] = d
+    shape = list(a.shape)
+    shape[d] += attrs["before"] + attrs["after"]
+    return tuple(shape), a.batched, a.dtype
+
+
+def _pad_torch(n, x):
+    d = _tdim(n, n.attrs["dim"])
+    pads = [0, 0] * (x.dim() - 1 - d) + [n.attrs["before"], n.attrs["after"]]
+    return F.pad(x, pads)
+
+
+register("pad", kind="layout", shape=_pad_shape, torch=_pad_torch,
+         vjp=lambda n, g: (make("slice", (g,), dim=n.attrs["dim"], start=n.attrs["before"],
+                                stop=n.attrs["before"] + n.inputs[0].shape[n.attrs["dim"]]),),
+         triton=lambda n, a: (NOT_FUSED, "pad is a store layout, handled by the kernel generator"),
+         doc="zeros around a value along one dim (the derivative of slice)")
+
+
+def _reshape_shape(inputs, attrs):
+    (a,) = inputs
+    shape = list(attrs["shape"])
+    if shape.count(-1) > 1:
+        raise ShapeProblem("reshape takes at most one -1")
+    if -1 in shape:
+        rest = math.prod(s for s in shape if s != -1)
+        if rest == 0 or a.size % rest:
+            raise ShapeProblem(f"cannot reshape {a.shape} to {tuple(attrs['shape'])}")
+        shape[shape.index(-1)] = a.size // rest
+    if math.prod(shape) != a.size:
+        raise ShapeProblem(f"cannot reshape {a.shape} ({a.size} elements) to {tuple(shape)}")
+    attrs["shape"] = tuple(shape)
+    return tuple(shape), a.batched, a.dtype
+
+
+register("reshape", kind="layout", shape=_reshape_shape,
+         torch=lambda n, x: x.reshape(((x.shape[0],) if n.batched else ()) + n.shape),
+         vjp=lambda n, g: (reshape(g, n.inputs[0].shape),),
+         triton=lambda n, a: a if n.shape[-1:] == n.inputs[0].shape[-1:] and len(n.shape) <= 1
+         else (NOT_FUSED, "reshape changes the row layout"))
+
+
+def _transpose_shape(inputs, attrs):
+    (a,) = inputs
+    shape = list(a.shape)
+    d0, d1 = norm_dim(attrs["d0"], len(shape)), norm_dim(attrs["d1"], len(shape))
+    attrs["d0"], attrs["d1"] = d0, d1
+    shape[d0], shape[d1] = shape[d1], shape[d0]
+    return tuple(shape), a.batched, a.dtype
+
+
+register("transpose", kind="layout", shape=_transpose_shape,
+         torch=lambda n, x: x.transpose(_tdim(n, n.attrs["d0"]), _tdim(n, n.attrs["d1"])),
+         vjp=lambda n, g: (make("transpose", (g,), d0=n.attrs["d0"], d1=n.attrs["d1"]),),
+         triton=lambda n, a: (NOT_FUSED, "transpose changes the row layout"))
+
+
+# ---------------------------------------------------------------------------------------
+# matrix products and lookups
+# ---------------------------------------------------------------------------------------
+def _linear_shape(inputs, attrs):
+    x, w = inputs
+    _floats(inputs)
+    if w.batched or len(w.shape) != 2:
+        raise ShapeProblem("the weight of linear must be an unbatched (out, in) matrix")
+    if not x.shape or x.shape[-1] != w.shape[1]:
+        got = x.shape[-1] if x.shape else "a scalar"
+        raise ShapeProblem(f"expects {w.shape[1]} input features but its input {x.label()!r} has {got}")
+    return x.shape[:-1] + (w.shape[0],), x.batched, "float"
+
+
+register("linear", kind="matmul", shape=_linear_shape,
+         torch=lambda n, x, w: F.linear(x, w),
+         vjp=lambda n, g: (make("linear", (g, transpose(n.inputs[1], 0, 1))),
+                           make("linear_wgrad", (g, n.inputs[0]))),
+         triton=lambda n, *a: (NOT_FUSED, "matrix products run through torch (cuBLAS/oneDNN)"),
+         doc="x @ W.T for a weight W of shape (out, in)")
+
+
+def _wgrad_shape(inputs, attrs):
+    g, x = inputs
+    if g.shape[:-1] != x.shape[:-1] or g.batched != x.batched:
+        raise ShapeProblem(f"linear_wgrad needs matching leading dims, got {g.shape} and {x.shape}")
+    return (g.shape[-1], x.shape[-1]), False, "float"
+
+
+def _wgrad_torch(n, g, x):
+    return g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+
+
+register("linear_wgrad", kind="matmul", shape=_wgrad_shape, torch=_wgrad_torch,
+         vjp=lambda n, g: (make("linear", (n.inputs[1], g)),
+                           make("linear", (n.inputs[0], transpose(g, 0, 1)))),
+         triton=lambda n, *a: (NOT_FUSED, "matrix products run through torch (cuBLAS/oneDNN)"),
+         doc="sum over batch (and leading dims) of g^T x: the weight gradient of linear")
+
+
+def _matmul_shape(inputs, attrs):
+    a, b = inputs
+    _floats(inputs)
+    if len(a.shape) < 2 or len(b.shape) < 2:
+        raise ShapeProblem(f"matmul needs operands with at least 2 per-example dims, got {a.shape} and {b.shape}")
+    if a.shape[-1] != b.shape[-2]:
+        raise ShapeProblem(f"matmul contracts {a.shape[-1]} against {b.shape[-2]} (shapes {a.shape} @ {b.shape})")
+    lead = broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    return lead + (a.shape[-2], b.shape[-1]), a.batched or b.batched, "float"
+
+
+register("matmul", kind="matmul", shape=_matmul_shape,
+         torch=lambda n, x, y: torch.matmul(*_aligned(n, (x, y))),
+         vjp=lambda n, g: _bin_grads(n, make("matmul", (g, transpose(n.inputs[1]))),
+                                     make("matmul", (transpose(n.inputs[0]), g))),
+         triton=lambda n, *a: (NOT_FUSED, "matrix products run through torch (cuBLAS/oneDNN)"),
+         doc="batched matrix product over the last two per-example dims")
+
+
+def _embedding_shape(inputs, attrs):
+    idx, w = inputs
+    if idx.dtype != "long":
+        raise ShapeProblem(f"embedding indices must be integers, got dtype {idx.dtype}")
+    if w.batched or len(w.shape) != 2:
+        raise ShapeProblem("the embedding table must be an unbatched (num, dim) matrix")
+    return idx.shape + (w.shape[1],), idx.batched, "float"
+
+
+def _embedding_torch(n, idx, w):
+    pad = n.attrs.get("padding_idx")
+    num = w.shape[0]
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num):
+        raise IndexError(f"Embedding '{n.label()}' (declared at {n.site}) has {num} rows but got index "
+                         f"{int(idx.min()) if int(idx.min()) < 0 else int(idx.max())}")
+    out = F.embedding(idx, w)
+    if pad is not None:
+        out = out * (idx != pad).unsqueeze(-1).to(out.dtype)
+    return out
+
+
+register("embedding", kind="gather", shape=_embedding_shape, torch=_embedding_torch,
+         vjp=lambda n, g: (None, make("embedding_wgrad", (g, n.inputs[0]), num=n.inputs[1].shape[0],
+                                      padding_idx=n.attrs.get("padding_idx"))),
+         triton=lambda n, *a: (NOT_FUSED, "lookups run through torch"),
+         doc="rows of a table; the padding_idx row reads as zeros and gets no gradient")
+
+
+def _embedding_wgrad_torch(n, g, idx):
+    num = n.attrs["num"]
+    flat = idx.reshape(-1)
+    gg = g.reshape(-1, g.shape[-1])
+    pad = n.attrs.get("padding_idx")
+    if pad is not None:
+        gg = gg * (flat != pad).unsqueeze(-1).to(gg.dtype)
+    return torch.zeros(num, g.shape[-1], dtype=g.dtype, device=g.device).index_add(0, flat, gg)
+
+
+register("embedding_wgrad", kind="gather",
+         shape=lambda i, a: ((a["num"], i[0].shape[-1]), False, "float"),
+         torch=_embedding_wgrad_torch,
+         vjp=lambda n, g: (make("embedding", (n.inputs[1], g), padding_idx=n.attrs.get("padding_idx")), None),
+         triton=lambda n, *a: (NOT_FUSED, "scatter-adds run through torch"),
+         doc="the table gradient of embedding (index_add over the batch)")
+
+
+def triton_expr(node: Node, args: list[str]):
+    """The Triton expression of `node` over operand expressions `args`, or `(NOT_FUSED, why)`."""
+    tri = REGISTRY[node.op].triton
+    if isinstance(tri, tuple):
+        return tri
+    return tri(node, *args)
+
+
+def fusable(node: Node) -> tuple[bool, str]:
+    """Whether a Triton kernel can compute `node` inline, and if not, why."""
+    out = triton_expr(node, ["x"] * len(node.inputs))
+    if isinstance(out, tuple):
+        return False, out[1]
+    return True, ""
+
+
+__all__ = ["REGISTRY", "OpDef", "register", "make", "NOT_FUSED", "LEAF_OPS", "triton_expr", "fusable"]

@@ -1,0 +1,405 @@
+"""The cell DSL: leaves, functions, operators and nngraph-style modules that build nodes.
+
+`sg.Linear(I, H)(x)` and `sg.linear(...)`-style functions build the same nodes of the op
+registry; Python operators on nodes (`a + b`, `1 - z`, `-a`) do too. A module object owns
+parameter leaves, so calling it twice shares its weights. Nothing here runs a tensor: this
+module only builds graphs (seqgraph.compiler.interpret runs them).
+"""
+from __future__ import annotations
+
+import builtins
+import math
+from typing import Callable, Sequence
+
+import torch
+
+from .compiler import ops
+from .compiler.ir import Node
+from .compiler.ops import lift, make
+from .errors import ShapeError, user_site
+
+Size = int | Sequence[int]
+
+
+def _shape(size: Size, what: str) -> tuple:
+    if isinstance(size, bool):
+        raise TypeError(f"{what}: size must be an int or a tuple of ints, got {size!r}")
+    if isinstance(size, int):
+        size = (size,)
+    try:
+        shape = tuple(int(s) for s in size)
+    except TypeError:
+        raise TypeError(f"{what}: size must be an int or a tuple of ints, got {size!r}") from None
+    if any(s <= 0 for s in shape):
+        raise ValueError(f"{what}: sizes must be positive, got {shape}")
+    return shape
+
+
+# ---------------------------------------------------------------------------------------
+# leaves
+# ---------------------------------------------------------------------------------------
+def Input(size: Size = (), name: str | None = None, dtype: str = "float") -> Node:
+    """A per-step input: at run time a (T, B, *size) tensor (integer tokens: dtype="long")."""
+    if dtype not in ("float", "long"):
+        raise ValueError(f"Input dtype must be 'float' or 'long', got {dtype!r}")
+    shape = () if size == () else _shape(size, "Input")
+    return make("input", (), name=name, shape=shape, batched=True, dtype=dtype)
+
+
+def State(size: Size, name: str | None = None, init: str = "zeros") -> Node:
+    """The value of a state at the previous step; its next value is given in `sg.Cell(states=)`.
+    init: "zeros" or "learned" (a trained initial value shared by every sequence)."""
+    if init not in ("zeros", "learned"):
+        raise ValueError(f"State init must be 'zeros' or 'learned', got {init!r}")
+    return make("state", (), name=name, shape=_shape(size, "State"), batched=True, init=init)
+
+
+def Context(size: Size, name: str | None = None, dtype: str = "float") -> Node:
+    """An input that is the same at every step, given once per call as (B, *size)."""
+    return make("context", (), name=name, shape=_shape(size, "Context"), batched=True, dtype=dtype)
+
+
+def _uniform(bound: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda t: t.uniform_(-bound, bound)
+
+
+def Parameter(size: Size, name: str | None = None, init: Callable | str | float = "uniform") -> Node:
+    """A free trainable tensor (no batch dim) such as peephole weights. `init`: "zeros",
+    "ones", "uniform" (±1/sqrt(last dim)), a number, or a function that fills a tensor."""
+    shape = _shape(size, "Parameter")
+    return make("param", (), name=name, shape=shape, batched=False, init=_init_fn(init, shape))
+
+
+def _init_fn(init, shape):
+    if callable(init):
+        return init
+    if init == "zeros":
+        return lambda t: t.zero_()
+    if init == "ones":
+        return lambda t: t.fill_(1.0)
+    if init == "uniform":
+        return _uniform(1.0 / math.sqrt(shape[-1]))
+    if isinstance(init, (int, float)):
+        return lambda t: t.fill_(float(init))
+    raise ValueError(f"unknown init {init!r}")
+
+
+def Noise(size: Size, p: float, per_sequence: bool = False, name: str | None = None) -> Node:
+    """A keep-mask for dropout-like regularisers: in training each element is 1 with
+    probability 1-p, else 0 (one draw per step, or once per sequence with per_sequence=True);
+    in evaluation it is the constant 1-p, its expectation."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"Noise probability must be in [0, 1), got {p}")
+    return make("noise", (), name=name, shape=_shape(size, "Noise"), batched=True, p=float(p),
+                per_sequence=bool(per_sequence))
+
+
+# ---------------------------------------------------------------------------------------
+# functions
+# ---------------------------------------------------------------------------------------
+def _node(x, fn: str) -> Node:
+    if isinstance(x, Module):
+        raise TypeError(f"sg.{fn} got the module {type(x).__name__} where a node was expected; "
+                        f"did you forget to call it on a node, e.g. {type(x).__name__}(...)(x)?")
+    return lift(x)
+
+
+def _unary(op):
+    def f(a, name: str | None = None) -> Node:
+        return make(op, (_node(a, op),), name=name)
+    f.__name__ = op
+    f.__doc__ = f"Elementwise {op}."
+    return f
+
+
+sigmoid, tanh, relu, exp, log, sqrt = (_unary(o) for o in ("sigmoid", "tanh", "relu", "exp", "log", "sqrt"))
+abs = _unary("abs")  # noqa: A001 - mirrors torch.abs
+
+
+def maximum(a, b, name: str | None = None) -> Node:
+    return make("maximum", (_node(a, "maximum"), _node(b, "maximum")), name=name)
+
+
+def minimum(a, b, name: str | None = None) -> Node:
+    return make("minimum", (_node(a, "minimum"), _node(b, "minimum")), name=name)
+
+
+def concat(nodes: Sequence[Node], dim: int = -1, name: str | None = None) -> Node:
+    if isinstance(nodes, Node):
+        raise TypeError("sg.concat takes a list of nodes, e.g. sg.concat([x, h])")
+    return make("concat", tuple(_node(n, "concat") for n in nodes), name=name, dim=dim)
+
+
+class _ChunkGroup:
+    """The pieces of one chunk/split call; the checker reports pieces left unused."""
+
+    def __init__(self, site):
+        self.site = site
+        self.pieces: list[Node] = []
+
+
+def split(a: Node, sizes: Sequence[int], dim: int = -1) -> tuple[Node, ...]:
+    """Cut `a` along `dim` into pieces of the given sizes (which must add up to its size)."""
+    a = _node(a, "split")
+    try:
+        d = ops.norm_dim(dim, len(a.shape))
+    except ops.ShapeProblem as e:
+        raise ShapeError(f"split (declared at {user_site()}): {e}") from None
+    if builtins.sum(sizes) != a.shape[d] or any(s <= 0 for s in sizes):
+        raise ShapeError(f"split (declared at {user_site()}): sizes {list(sizes)} do not add up to "
+                         f"{a.shape[d]}, the size of dim {dim} of {a.label()!r}")
+    group = _ChunkGroup(user_site())
+    start = 0
+    for k, s in enumerate(sizes):
+        piece = make("slice", (a,), dim=d, start=start, stop=start + s, group=group, piece=k)
+        group.pieces.append(piece)
+        start += s
+    return tuple(group.pieces)
+
+
+def chunk(a: Node, n: int, dim: int = -1) -> tuple[Node, ...]:
+    """Cut `a` into `n` equal pieces along `dim` (like torch.chunk, but the size must divide)."""
+    a = _node(a, "chunk")
+    d = ops.norm_dim_or_raise(dim, len(a.shape))
+    if a.shape[d] % n:
+        raise ShapeError(f"chunk (declared at {user_site()}): {a.label()!r} has size {a.shape[d]} "
+                         f"along dim {dim}, which does not divide into {n} equal pieces")
+    return split(a, [a.shape[d] // n] * n, dim=dim)
+
+
+def narrow(a: Node, dim: int, start: int, length: int, name: str | None = None) -> Node:
+    """The part [start, start+length) of `a` along `dim` (the rest may be left unused)."""
+    return make("slice", (_node(a, "narrow"),), name=name, dim=dim, start=start, stop=start + length)
+
+
+def softmax(a: Node, dim: int = -1, name: str | None = None) -> Node:
+    return make("softmax", (_node(a, "softmax"),), name=name, dim=dim)
+
+
+def layer_norm(a: Node, eps: float = 1e-5, name: str | None = None) -> Node:
+    """Normalise the last dim to zero mean and unit variance (use sg.LayerNorm for a gain and bias)."""
+    return make("layer_norm", (_node(a, "layer_norm"),), name=name, eps=float(eps))
+
+
+def sum(a: Node, dim: int = -1, keepdim: bool = False, name: str | None = None) -> Node:  # noqa: A001
+    return make("sum", (_node(a, "sum"),), name=name, dim=dim, keepdim=keepdim)
+
+
+def mean(a: Node, dim: int = -1, keepdim: bool = False, name: str | None = None) -> Node:
+    return make("mean", (_node(a, "mean"),), name=name, dim=dim, keepdim=keepdim)
+
+
+def matmul(a: Node, b: Node, name: str | None = None) -> Node:
+    """Batched matrix product over the last two per-example dims (both operands carry the batch,
+    or one is a parameter): (S, D) @ (D, 1) -> (S, 1) for every sequence of the batch."""
+    return make("matmul", (_node(a, "matmul"), _node(b, "matmul")), name=name)
+
+
+def transpose(a: Node, d0: int = -2, d1: int = -1, name: str | None = None) -> Node:
+    node = ops.transpose(_node(a, "transpose"), d0, d1)
+    node.name = name
+    return node
+
+
+def reshape(a: Node, shape: Sequence[int], name: str | None = None) -> Node:
+    """A new per-example shape with the same number of elements (the batch dim stays)."""
+    return make("reshape", (_node(a, "reshape"),), name=name, shape=tuple(shape))
+
+
+def unsqueeze(a: Node, dim: int, name: str | None = None) -> Node:
+    a = _node(a, "unsqueeze")
+    shape = list(a.shape)
+    d = dim % (len(shape) + 1)
+    shape.insert(d, 1)
+    return make("reshape", (a,), name=name, shape=tuple(shape))
+
+
+def squeeze(a: Node, dim: int, name: str | None = None) -> Node:
+    a = _node(a, "squeeze")
+    d = ops.norm_dim_or_raise(dim, len(a.shape))
+    if a.shape[d] != 1:
+        raise ShapeError(f"squeeze (declared at {user_site()}): dim {dim} of {a.label()!r} has size {a.shape[d]}, not 1")
+    return make("reshape", (a,), name=name, shape=a.shape[:d] + a.shape[d + 1:])
+
+
+def dropout(a: Node, p: float, per_sequence: bool = False, name: str | None = None) -> Node:
+    """Inverted dropout: zero each element with probability p in training (a new mask each
+    step, or one mask per sequence with per_sequence=True, as in Gal's Bayesian RNNs); the
+    identity in evaluation."""
+    a = _node(a, "dropout")
+    if p == 0:
+        return a
+    keep = Noise(a.shape, p, per_sequence=per_sequence)
+    return make("mul", (a, make("mul", (keep, ops.const(1.0 / (1.0 - p))))), name=name)
+
+
+def where_mask(mask: Node, a, b) -> Node:
+    """mask * a + (1 - mask) * b for a 0/1 (or probability) mask: zoneout's blend."""
+    return mask * a + (1.0 - mask) * b
+
+
+# ---------------------------------------------------------------------------------------
+# operators on nodes
+# ---------------------------------------------------------------------------------------
+def _binop(op, swap=False):
+    def f(self, other):
+        if isinstance(other, Module):
+            return NotImplemented
+        try:
+            other = lift(other)
+        except TypeError:
+            return NotImplemented
+        return make(op, (other, self) if swap else (self, other))
+    return f
+
+
+Node.__add__, Node.__radd__ = _binop("add"), _binop("add", swap=True)
+Node.__sub__, Node.__rsub__ = _binop("sub"), _binop("sub", swap=True)
+Node.__mul__, Node.__rmul__ = _binop("mul"), _binop("mul", swap=True)
+Node.__truediv__, Node.__rtruediv__ = _binop("div"), _binop("div", swap=True)
+Node.__matmul__ = _binop("matmul")
+Node.__neg__ = lambda self: make("neg", (self,))
+
+
+# ---------------------------------------------------------------------------------------
+# nngraph-style modules: construct, then call on a node (or a list of nodes)
+# ---------------------------------------------------------------------------------------
+class Module:
+    """A callable that builds nodes. Parameters are created once, in the constructor, so a
+    module called twice shares them (that is how weights are tied)."""
+
+    def __init__(self, name: str | None = None):
+        self.name = name
+        self.site = user_site()
+
+    def _param(self, pname: str, shape: tuple, init) -> Node:
+        return make("param", (), name=pname, module=self, site=self.site, shape=shape, batched=False,
+                    init=_init_fn(init, shape), pname=pname)
+
+    def params(self) -> dict[str, Node]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, Node) and v.op == "param"}
+
+    def __call__(self, x):
+        if isinstance(x, Module):
+            raise TypeError(f"{type(self).__name__} (declared at {self.site}) was called on the module "
+                            f"{type(x).__name__}, not on a node; did you forget a second set of parentheses, "
+                            f"e.g. {type(x).__name__}(...)(x)?")
+        out = self.forward(x)
+        return out
+
+    def forward(self, x):  # pragma: no cover - every module defines it
+        raise NotImplementedError(type(self).__name__)
+
+    def _make(self, op, inputs, **attrs):
+        return make(op, inputs, name=self.name, module=self, site=user_site(), **attrs)
+
+
+class Linear(Module):
+    """y = x W^T + b, with W of shape (out_features, in_features), initialised like torch.nn.Linear."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, name: str | None = None):
+        super().__init__(name)
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        bound = 1.0 / math.sqrt(self.in_features)
+        self.weight = self._param("weight", (self.out_features, self.in_features), _uniform(bound))
+        self.bias = self._param("bias", (self.out_features,), _uniform(bound)) if bias else None
+
+    def forward(self, x):
+        x = _node(x, "Linear")
+        if not x.shape or x.shape[-1] != self.in_features:
+            nm = f" '{self.name}'" if self.name else ""
+            got = x.shape[-1] if x.shape else "no feature dim"
+            raise ShapeError(f"Linear{nm} (declared at {self.site}) expects {self.in_features} input "
+                             f"features but its input {x.label()!r} has {got}", node=x)
+        y = self._make("linear", (x, self.weight))
+        return y if self.bias is None else self._make("add", (y, self.bias))
+
+
+class Embedding(Module):
+    """Rows of a (num, dim) table for integer inputs; padding_idx rows read as zeros."""
+
+    def __init__(self, num: int, dim: int, padding_idx: int | None = None, name: str | None = None):
+        super().__init__(name)
+        self.num, self.dim, self.padding_idx = int(num), int(dim), padding_idx
+        self.weight = self._param("weight", (self.num, self.dim), lambda t: t.normal_())
+
+    def forward(self, idx):
+        return self._make("embedding", (_node(idx, "Embedding"), self.weight), padding_idx=self.padding_idx)
+
+
+class LayerNorm(Module):
+    """layer_norm over the last dim with a learned gain (ones) and bias (zeros)."""
+
+    def __init__(self, size: int, eps: float = 1e-5, affine: bool = True, name: str | None = None):
+        super().__init__(name)
+        self.eps = eps
+        self.weight = self._param("weight", (size,), "ones") if affine else None
+        self.bias = self._param("bias", (size,), "zeros") if affine else None
+
+    def forward(self, x):
+        y = self._make("layer_norm", (_node(x, "LayerNorm"),), eps=float(self.eps))
+        if self.weight is not None:
+            y = self._make("add", (self._make("mul", (y, self.weight)), self.bias))
+        return y
+
+
+def _elementwise_module(cls_name: str, op: str):
+    def forward(self, x):
+        return self._make(op, (_node(x, cls_name),))
+    return type(cls_name, (Module,), {"forward": forward, "__doc__": f"nngraph-style {op}."})
+
+
+Tanh = _elementwise_module("Tanh", "tanh")
+Sigmoid = _elementwise_module("Sigmoid", "sigmoid")
+ReLU = _elementwise_module("ReLU", "relu")
+
+
+def _list_of_nodes(xs, who):
+    if isinstance(xs, Node) or not isinstance(xs, (list, tuple)):
+        raise TypeError(f"{who} takes a list of nodes, e.g. {who}()([a, b])")
+    return [_node(x, who) for x in xs]
+
+
+class Concat(Module):
+    def __init__(self, dim: int = -1, name: str | None = None):
+        super().__init__(name)
+        self.dim = dim
+
+    def forward(self, xs):
+        return self._make("concat", tuple(_list_of_nodes(xs, "Concat")), dim=self.dim)
+
+
+class CAdd(Module):
+    """Sum of a list of nodes (nngraph's CAddTable)."""
+
+    def forward(self, xs):
+        xs = _list_of_nodes(xs, "CAdd")
+        out = xs[0]
+        for x in xs[1:]:
+            out = self._make("add", (out, x))
+        return out
+
+
+class CMul(Module):
+    """Elementwise product of a list of nodes (nngraph's CMulTable)."""
+
+    def forward(self, xs):
+        xs = _list_of_nodes(xs, "CMul")
+        out = xs[0]
+        for x in xs[1:]:
+            out = self._make("mul", (out, x))
+        return out
+
+
+class Identity(Module):
+    def forward(self, x):
+        return x
+
+
+class Dropout(Module):
+    def __init__(self, p: float, per_sequence: bool = False, name: str | None = None):
+        super().__init__(name)
+        self.p, self.per_sequence = p, per_sequence
+
+    def forward(self, x):
+        return dropout(x, self.p, per_sequence=self.per_sequence)

@@ -1,0 +1,70 @@
+"""Errors raised when a graph is built, checked or run, and the user's creation site.
+
+Every error seqgraph raises about a graph is a `GraphError`; its message names the node,
+its op and the file:line where the user created it. This module only formats and finds
+sites: it must not import torch or know about ops.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a user created a node: the first stack frame outside seqgraph itself."""
+
+    path: str
+    line: int
+    function: str = ""
+
+    def __str__(self) -> str:
+        return f"{os.path.basename(self.path)}:{self.line}"
+
+
+UNKNOWN_SITE = Site("<unknown>", 0)
+
+
+def user_site() -> Site:
+    """The innermost caller frame that is not inside the seqgraph package."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        if not path.startswith(_PACKAGE_DIR + os.sep):
+            return Site(path, frame.f_lineno, frame.f_code.co_name)
+        frame = frame.f_back
+    return UNKNOWN_SITE
+
+
+class GraphError(Exception):
+    """A cell or graph is wrong. `node` is the offending node (when there is one) and
+    `dot` a Graphviz picture of the neighbourhood with it drawn in red (see seqgraph.viz)."""
+
+    def __init__(self, message: str, node=None, edge=None):
+        super().__init__(message)
+        self.node = node
+        self.edge = edge
+        self.dot = None
+        self.dot_path = None
+
+
+class ShapeError(GraphError):
+    """Operands whose shapes (or dtypes) do not fit the op."""
+
+
+class WiringError(GraphError):
+    """Inputs not used, states without next values, unknown names: the graph's connections."""
+
+
+class InputError(ValueError):
+    """A tensor given at run time does not match what the cell declared."""
+
+
+def describe(node) -> str:
+    """`Linear 'gate_i' (declared at mycell.py:12)`: how messages name a node."""
+    label = node.display_op()
+    name = f" '{node.name}'" if node.name else ""
+    return f"{label}{name} (declared at {node.site})"

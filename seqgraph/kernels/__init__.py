@@ -1,0 +1,1 @@
+"""Triton kernels generated from fused elementwise regions of a compiled plan."""

@@ -1,0 +1,269 @@
+"""`sg.Recurrence`: a torch.nn.Module that runs a Cell over whole sequences.
+
+It owns the cell's parameters (so parameters(), state_dict(), .to() and .double() work),
+validates every run-time argument with a clear message, builds initial states, samples
+dropout noise, turns lengths into a (T, B) mask, and implements the masking, remember/forget
+and batch_first semantics once for every backend. The step loop itself is `_run_sequence`;
+the reference version here calls the interpreter step by step, and compiled backends
+override only that method. Nothing here knows about fusion or code generation.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .cell import Cell
+from .compiler.interpret import run_step
+from .errors import InputError
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _fmt(shape) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+class Recurrence(nn.Module):
+    """Run `cell` over sequences.
+
+    forward(x, state=None, *, lengths=None, mask=None, context=None) -> (outputs, final_state)
+      x:        (T, B, *size) per input (a tuple for several inputs); (B, T, ...) if batch_first.
+      state:    {state name: (B, *size)}; missing names start from their init.
+      lengths:  (B,) integers in [0, T]; or mask: (T, B) bool (True = a real step).
+      context:  {context name: (B, *size)}, or the tensor when the cell has one Context.
+    On a padded step a sequence keeps its state and outputs zeros; final_state holds each
+    sequence's state at its own last real step. With remember=True the final state of a call
+    (detached) starts the next call; forget() resets it.
+    """
+
+    def __init__(self, cell: Cell, batch_first: bool = False, remember: bool = False):
+        super().__init__()
+        if not isinstance(cell, Cell):
+            raise TypeError(f"sg.Recurrence takes an sg.Cell, got {type(cell).__name__}")
+        self.cell = cell
+        self.batch_first = batch_first
+        self.remember = remember
+        self._memory: dict[str, torch.Tensor] | None = None
+        self.params = nn.Module()
+        for key, node in cell.params.items():
+            t = torch.empty(node.shape)
+            with torch.no_grad():
+                node.attrs["init"](t)
+            _register_nested(self.params, key, nn.Parameter(t))
+        self.init = nn.ParameterDict({
+            prev.name: nn.Parameter(torch.zeros(prev.shape))
+            for prev, _ in cell.states if prev.attrs.get("init") == "learned"})
+
+    # -- parameters -------------------------------------------------------------------------
+    def param_tensors(self) -> dict[str, torch.Tensor]:
+        """The cell's parameters by their keys (`gate.weight`)."""
+        return {key: _get_nested(self.params, key) for key in self.cell.params}
+
+    def forget(self) -> None:
+        """Drop the remembered state: the next call starts from the initial states."""
+        self._memory = None
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, x, state: Mapping[str, torch.Tensor] | None = None, *, lengths=None, mask=None, context=None):
+        xs = self._check_inputs(x)
+        T, B = xs[0].shape[0], xs[0].shape[1]
+        dtype, device = self._float_dtype(xs), xs[0].device
+        valid = self._check_mask(lengths, mask, T, B, device)
+        if state is None and self.remember and self._memory is not None:
+            state = self._memory
+            if next(iter(state.values())).shape[0] != B:
+                raise InputError(f"remember=True carries states of batch size {next(iter(state.values())).shape[0]} "
+                                 f"but this call has batch size {B}; call forget() first")
+        states0 = self._initial_states(state, B, dtype, device)
+        contexts = self._check_contexts(context, B, dtype, device)
+        noises = self._sample_noise(T, B, dtype, device)
+        outs, finals = self._run_sequence(xs, states0, contexts, noises, valid, dtype, device)
+        final_state = {prev.name: v for (prev, _), v in zip(self.cell.states, finals)}
+        if self.remember:
+            self._memory = {k: v.detach() for k, v in final_state.items()}
+        if self.batch_first:
+            outs = [o.transpose(0, 1) for o in outs]
+        return (outs[0] if len(outs) == 1 else tuple(outs)), final_state
+
+    def _run_sequence(self, xs, states0, contexts, noises, valid, dtype, device):
+        """The reference loop: the interpreter once per step, masking folded in."""
+        params = {k: v for k, v in self.param_tensors().items()}
+        T = xs[0].shape[0]
+        states = list(states0)
+        outs: list[list[torch.Tensor]] = [[] for _ in self.cell.outputs]
+        for t in range(T):
+            step_noise = [n[t] if node.attrs["per_sequence"] is False else n
+                          for node, n in zip(self.cell.noises, noises)]
+            o, nxt = run_step(self.cell, [x[t] for x in xs], states, contexts, step_noise, params,
+                              dtype=dtype, device=device)
+            if valid is not None:
+                m = valid[t]
+                nxt = [torch.where(_rows(m, s), n, s) for n, s in zip(nxt, states)]
+                o = [torch.where(_rows(m, v), v, torch.zeros((), dtype=v.dtype, device=device)) for v in o]
+            states = nxt
+            for lst, v in zip(outs, o):
+                lst.append(v)
+        B = xs[0].shape[1]
+        stacked = [torch.stack(lst) if lst else torch.zeros((0, B) + node.shape, dtype=dtype, device=device)
+                   for lst, node in zip(outs, self.cell.outputs)]
+        return stacked, states
+
+    # -- argument checks ------------------------------------------------------------------------
+    def _where(self) -> str:
+        return f"{type(self).__name__}({self.cell.name or 'cell'})"
+
+    def _check_inputs(self, x) -> list[torch.Tensor]:
+        n = len(self.cell.inputs)
+        if isinstance(x, torch.Tensor):
+            x = (x,)
+        if not isinstance(x, (tuple, list)) or not all(isinstance(v, torch.Tensor) for v in x):
+            raise InputError(f"{self._where()}: x must be a tensor or a tuple of {n} tensors, got {type(x).__name__}")
+        if len(x) != n:
+            raise InputError(f"{self._where()}: the cell has {n} inputs {[i.name for i in self.cell.inputs]} "
+                             f"but forward got {len(x)} tensors")
+        xs = []
+        layout = "(B, T, " if self.batch_first else "(T, B, "
+        ref = None
+        for node, v in zip(self.cell.inputs, x):
+            want_rank = 2 + len(node.shape)
+            expect = layout + ", ".join(map(str, node.shape)) + ")" if node.shape else layout[:-2] + ")"
+            if v.dim() != want_rank or tuple(v.shape[2:]) != node.shape:
+                raise InputError(f"{self._where()}: input {node.name!r} (declared at {node.site}) expects shape "
+                                 f"{expect}, got {_fmt(v.shape)}")
+            if node.dtype == "long" and (v.dtype.is_floating_point or v.dtype == torch.bool):
+                raise InputError(f"{self._where()}: input {node.name!r} (declared at {node.site}) holds integer "
+                                 f"indices, got dtype {v.dtype}")
+            if node.dtype == "float" and v.dtype not in _FLOATS:
+                raise InputError(f"{self._where()}: input {node.name!r} (declared at {node.site}) expects a "
+                                 f"floating-point tensor, got dtype {v.dtype}")
+            if self.batch_first:
+                v = v.transpose(0, 1)
+            if ref is not None and tuple(v.shape[:2]) != ref:
+                raise InputError(f"{self._where()}: inputs disagree on (T, B): {ref} and {tuple(v.shape[:2])}")
+            ref = tuple(v.shape[:2])
+            xs.append(v)
+        return xs
+
+    def _float_dtype(self, xs) -> torch.dtype:
+        params = list(self.parameters())
+        pdtype = params[0].dtype if params else None
+        for node, v in zip(self.cell.inputs, xs):
+            if node.dtype == "float":
+                if pdtype is not None and v.dtype != pdtype:
+                    raise InputError(f"{self._where()}: input {node.name!r} has dtype {v.dtype} but the parameters "
+                                     f"are {pdtype}; convert one of them (e.g. module.to({v.dtype}))")
+                return v.dtype
+        return pdtype or torch.get_default_dtype()
+
+    def _check_mask(self, lengths, mask, T, B, device):
+        if lengths is not None and mask is not None:
+            raise InputError(f"{self._where()}: give lengths or mask, not both")
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths)
+            if lengths.dim() != 1 or lengths.shape[0] != B:
+                raise InputError(f"{self._where()}: lengths must have shape ({B},) (one per sequence), got {_fmt(lengths.shape)}")
+            if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+                raise InputError(f"{self._where()}: lengths must be integers, got dtype {lengths.dtype}")
+            if B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
+                bad = int(lengths.min()) if int(lengths.min()) < 0 else int(lengths.max())
+                raise InputError(f"{self._where()}: lengths must lie in [0, {T}] (T = {T}), got {bad}")
+            return torch.arange(T, device=device).unsqueeze(1) < lengths.to(device).unsqueeze(0)
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.shape != (T, B) and not (
+                    self.batch_first and mask.shape == (B, T)):
+                shape = _fmt(getattr(mask, "shape", ()))
+                want = f"({B}, {T})" if self.batch_first else f"({T}, {B})"
+                raise InputError(f"{self._where()}: mask must be a bool tensor of shape {want}, got {shape}")
+            if mask.dtype != torch.bool:
+                raise InputError(f"{self._where()}: mask must have dtype torch.bool, got {mask.dtype}")
+            return (mask.transpose(0, 1) if self.batch_first else mask).to(device)
+        return None
+
+    def _initial_states(self, state, B, dtype, device) -> list[torch.Tensor]:
+        names = self.cell.state_names
+        state = dict(state or {})
+        unknown = sorted(set(state) - set(names))
+        if unknown:
+            raise InputError(f"{self._where()}: unknown state name(s) {unknown}; the cell's states are {names}")
+        out = []
+        for prev, _ in self.cell.states:
+            v = state.get(prev.name)
+            if v is None:
+                if prev.attrs.get("init") == "learned":
+                    v = self.init[prev.name].to(dtype).unsqueeze(0).expand(B, *prev.shape)
+                else:
+                    v = torch.zeros((B,) + prev.shape, dtype=dtype, device=device)
+            else:
+                if not isinstance(v, torch.Tensor) or tuple(v.shape) != (B,) + prev.shape:
+                    raise InputError(f"{self._where()}: state {prev.name!r} (declared at {prev.site}) expects shape "
+                                     f"{_fmt((B,) + prev.shape)}, got {_fmt(getattr(v, 'shape', ()))}")
+                v = v.to(dtype)
+            out.append(v)
+        return out
+
+    def _check_contexts(self, context, B, dtype, device) -> list[torch.Tensor]:
+        nodes = self.cell.contexts
+        if not nodes:
+            if context is not None:
+                raise InputError(f"{self._where()}: context given but the cell declares no sg.Context")
+            return []
+        if isinstance(context, torch.Tensor):
+            if len(nodes) != 1:
+                raise InputError(f"{self._where()}: the cell has contexts {[c.name for c in nodes]}; pass a dict by name")
+            context = {nodes[0].name: context}
+        if not isinstance(context, Mapping):
+            raise InputError(f"{self._where()}: the cell needs context {[c.name for c in nodes]} "
+                             f"(a dict of (B, *size) tensors), got {type(context).__name__}")
+        unknown = sorted(set(context) - {c.name for c in nodes})
+        if unknown:
+            raise InputError(f"{self._where()}: unknown context name(s) {unknown}; the cell's contexts are "
+                             f"{[c.name for c in nodes]}")
+        out = []
+        for c in nodes:
+            if c.name not in context:
+                raise InputError(f"{self._where()}: missing context {c.name!r} (declared at {c.site})")
+            v = context[c.name]
+            if tuple(v.shape) != (B,) + c.shape:
+                raise InputError(f"{self._where()}: context {c.name!r} (declared at {c.site}) expects shape "
+                                 f"{_fmt((B,) + c.shape)}, got {_fmt(v.shape)}")
+            out.append(v.to(dtype) if c.dtype == "float" else v)
+        return out
+
+    def _sample_noise(self, T, B, dtype, device) -> list[torch.Tensor]:
+        out = []
+        for n in self.cell.noises:
+            p = n.attrs["p"]
+            lead = (B,) if n.attrs["per_sequence"] else (T, B)
+            if self.training and p > 0:
+                out.append(torch.empty(lead + n.shape, dtype=dtype, device=device).bernoulli_(1.0 - p))
+            else:
+                ones = (1,) if n.attrs["per_sequence"] else (T, 1)
+                out.append(torch.full(ones + n.shape, 1.0 - p, dtype=dtype, device=device))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"cell={self.cell!r}, batch_first={self.batch_first}, remember={self.remember}"
+
+
+def _rows(m: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (B,) mask shaped to broadcast over a (B, ...) value."""
+    return m.reshape(m.shape + (1,) * (like.dim() - 1))
+
+
+def _register_nested(root: nn.Module, key: str, p: nn.Parameter) -> None:
+    *path, leaf = key.split(".")
+    mod = root
+    for part in path:
+        if not hasattr(mod, part) or not isinstance(getattr(mod, part), nn.Module):
+            mod.add_module(part, nn.Module())
+        mod = getattr(mod, part)
+    mod.register_parameter(leaf, p)
+
+
+def _get_nested(root: nn.Module, key: str) -> torch.Tensor:
+    mod = root
+    for part in key.split("."):
+        mod = getattr(mod, part)
+    return mod
