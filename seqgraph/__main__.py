@@ -1,0 +1,29 @@
+"""Command line: `python -m seqgraph demo | bench | viz ...` (each subcommand lives in its own module)."""
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = ("usage: python -m seqgraph demo [--steps N]\n"
+             "       python -m seqgraph bench [--help]\n"
+             "       python -m seqgraph viz path/to/cell.py:make_cell [--unroll K] -o out.svg")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "demo":
+        from .demo import main as run
+    elif cmd == "bench":
+        from .bench import main as run
+    elif cmd == "viz":
+        from .viz import main as run
+    else:
+        print(f"unknown command {cmd!r}\n{usage}", file=sys.stderr)
+        return 2
+    return run(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
