@@ -17,8 +17,9 @@ from .ops import REGISTRY
 def evaluate(order: Sequence[Node], leaves: Mapping[int, torch.Tensor], *, dtype: torch.dtype,
              device: torch.device, wanted: Sequence[Node] | None = None) -> dict[int, torch.Tensor]:
     """Values of every node in `order`; `leaves` maps leaf node ids to their tensors.
-    With `wanted`, values that no later node needs are dropped as soon as possible."""
-    env: dict[int, torch.Tensor] = {}
+    `leaves` may also bind non-leaf nodes that are computed elsewhere (a fused region's
+    inputs). With `wanted`, values that no later node needs are dropped as soon as possible."""
+    env: dict[int, torch.Tensor] = dict(leaves)
     last_use: dict[int, int] = {}
     if wanted is not None:
         for k, n in enumerate(order):
@@ -26,13 +27,12 @@ def evaluate(order: Sequence[Node], leaves: Mapping[int, torch.Tensor], *, dtype
                 last_use[i.id] = k
         keep = {n.id for n in wanted}
     for k, n in enumerate(order):
-        if n.op == "const":
+        if n.id in env:
+            pass
+        elif n.op == "const":
             env[n.id] = torch.tensor(n.attrs["value"], dtype=dtype, device=device)
-        elif not n.inputs and n.op != "const":
-            try:
-                env[n.id] = leaves[n.id]
-            except KeyError:
-                raise KeyError(f"no value bound for leaf {n!r}") from None
+        elif not n.inputs:
+            raise KeyError(f"no value bound for leaf {n!r}")
         else:
             try:
                 env[n.id] = REGISTRY[n.op].torch(n, *(env[i.id] for i in n.inputs))
