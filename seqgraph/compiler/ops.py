@@ -252,6 +252,25 @@ _binary("le", lambda x, y: (x <= y).to(torch.promote_types(x.dtype, y.dtype)),
 _binary("gt", lambda x, y: (x > y).to(torch.promote_types(x.dtype, y.dtype)),
         lambda n, g: (None, None), lambda n, a, b: f"(({a}) > ({b})).to(tl.float32)")
 
+def _select_shape(inputs, attrs):
+    _floats(inputs)
+    m, a, b = inputs
+    shape = broadcast_shapes(broadcast_shapes(m.shape, a.shape), b.shape)
+    return shape, m.batched or a.batched or b.batched, "float"
+
+
+def select(m, a, b) -> Node:
+    return make("select", (m, lift(a), lift(b)))
+
+
+register("select", kind="elementwise", shape=_select_shape,
+         torch=lambda n, m, a, b: torch.where(*_aligned(n, (m > 0, a, b))),
+         vjp=lambda n, g: (None, sum_to(select(n.inputs[0], g, 0.0), n.inputs[1]),
+                           sum_to(select(n.inputs[0], 0.0, g), n.inputs[2])),
+         triton=lambda n, m, a, b: f"tl.where({m} > 0, {a}, {b})",
+         doc="a where m > 0, else b (m is a 0/1 mask: masking of padded steps)")
+
+
 _unary("neg", torch.neg, lambda n, g: (neg(g),), lambda n, a: f"(-{a})")
 _unary("sigmoid", torch.sigmoid, lambda n, g: (mul(g, mul(n, sub(1.0, n))),),
        lambda n, a: f"tl.sigmoid({a})")
