@@ -16,3 +16,8 @@ from .cell import Cell, Graph
 from .recurrence import Recurrence
 
 __version__ = "0.1.0"
+from .viz import to_dot, render
+from . import cells, nn  # noqa: E402  (sg.cells.lstm(...), sg.nn.LSTM(...))
+from .cells import NormStabilizer  # noqa: E402
+from .layers import Bidirectional, Repeater, SequenceLoss, Stack, reverse_sequences, stack  # noqa: E402
+from .compiled import CompiledRecurrence, compile

@@ -1,0 +1,168 @@
+"""`sg.compile`: a Recurrence (or any module holding some) made fast, with the same interface.
+
+`compile` plans the cell once (seqgraph.compiler.pipeline), generates the backend's code
+(torch: straight-line Python over torch ops; triton: the same with each fused region a
+generated Triton kernel), and returns a `CompiledRecurrence` that shares the original's
+parameters (same tensors: optimizer steps on either are seen by both) and inherits all of its
+argument checks, masking and remember/forget semantics; only the step loop differs. The whole
+sequence runs as one autograd Function: the forward loop saves what the plan says, and the
+backward loop runs the generated derivative. Compiled programs are cached by the cell's
+signature, the backend and the unroll factor, so one compile serves every T, B, dtype and
+device. Must not change what a model computes.
+"""
+from __future__ import annotations
+
+import builtins
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .cell import Cell
+from .compiler.codegen_torch import generate
+from .compiler.pipeline import compile_plan, debug_level
+from .compiler.plan import Plan
+from .recurrence import Recurrence
+
+BACKENDS = ("auto", "torch", "triton", "reference")
+
+
+@dataclass
+class Program:
+    plan: Plan
+    source: str
+    fns: dict
+    backend: str
+    compile_seconds: float
+
+
+_CACHE: dict[tuple, Program] = {}
+STATS = {"compiles": 0, "cache_hits": 0}
+
+
+def get_program(cell: Cell, backend: str, unroll: int = 1) -> Program:
+    key = (cell.signature(), backend, unroll)
+    prog = _CACHE.get(key)
+    if prog is not None:
+        STATS["cache_hits"] += 1
+        return prog
+    t0 = time.perf_counter()
+    plan = compile_plan(cell, unroll)
+    region_call = None
+    if backend == "triton":
+        from .kernels.backend import triton_region_call
+        region_call = triton_region_call
+    src = generate(plan, cell.name or "cell", region_call=region_call)
+    text = src.text()
+    namespace = dict(src.globals)
+    exec(builtins.compile(text, f"<seqgraph {backend} {cell.name or 'cell'}>", "exec"), namespace)
+    prog = Program(plan, text, namespace, backend, time.perf_counter() - t0)
+    if debug_level() >= 3:
+        print(f"[seqgraph] generated source ({backend}):\n{text}", file=sys.stderr)
+    STATS["compiles"] += 1
+    _CACHE[key] = prog
+    return prog
+
+
+class _Sequence(torch.autograd.Function):
+    """The whole sequence, forward and backward, as one autograd node."""
+
+    @staticmethod
+    def forward(ctx, prog, T, mask, nreads, *args):
+        reads, states = list(args[:nreads]), list(args[nreads:])
+        outs, finals, (saved, seqs) = prog.fns["forward"](T, mask, reads, states, True)
+        ctx.prog, ctx.T, ctx.mask, ctx.nouts = prog, T, mask, len(outs)
+        ctx.saved_values, ctx.seqs = saved, seqs  # intermediates: kept off the autograd graph
+        ctx.save_for_backward(*reads)
+        return (*outs, *finals)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        reads = list(ctx.saved_tensors)
+        gouts, gfinals = list(grads[:ctx.nouts]), list(grads[ctx.nouts:])
+        fn = ctx.prog.fns["backward_masked" if ctx.mask is not None else "backward_plain"]
+        dreads, dstates = fn(ctx.T, ctx.mask, reads, ctx.saved_values, ctx.seqs, gouts, gfinals)
+        ctx.saved_values = ctx.seqs = None
+        return (None, None, None, None, *dreads, *dstates)
+
+
+class CompiledRecurrence(Recurrence):
+    """A Recurrence whose step loop is generated code. Build it with `sg.compile`."""
+
+    def __init__(self, rec: Recurrence, backend: str = "torch", unroll: int = 1):
+        nn.Module.__init__(self)
+        self.cell = rec.cell
+        self.batch_first, self.remember = rec.batch_first, rec.remember
+        self._memory = None
+        self.params = rec.params  # the same Parameter objects: nothing to keep in sync
+        self.init = rec.init
+        self.backend = backend
+        self.unroll = unroll
+        self._program = get_program(rec.cell, backend, unroll)
+
+    def plan(self) -> Plan:
+        """The compiled schedule; `print(model.plan().describe(T=100, B=64))` sizes it."""
+        return self._program.plan
+
+    def source(self) -> str:
+        """The generated code, each line tagged with the node and user line it came from."""
+        return self._program.source
+
+    def _run_sequence(self, xs, states0, contexts, noises, valid, dtype, device):
+        fns = self._program.fns
+        T, B = xs[0].shape[0], xs[0].shape[1]
+        params = list(self.param_tensors().values())
+        step = self._program.plan.step
+        assert len(params) == len(step.params)
+        reads = fns["prologue"](T, B, list(xs), list(contexts), list(noises), params)
+        need_grad = torch.is_grad_enabled() and any(
+            t.requires_grad for t in list(reads) + list(states0) if isinstance(t, torch.Tensor))
+        if not need_grad:
+            outs, finals, _ = fns["forward"](T, valid, reads, list(states0), False)
+            return outs, finals
+        res = _Sequence.apply(self._program, T, valid, len(reads), *reads, *states0)
+        n = len(step.outputs)
+        return list(res[:n]), list(res[n:])
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}, unroll={self.unroll}, " + super().extra_repr()
+
+
+def compile(module, backend: str = "auto", unroll: int = 1):  # noqa: A001 - the library's verb
+    """Compile a Cell, a Recurrence, or every Recurrence inside a module.
+
+    Returns a module with the reference runtime's interface and results. For a container
+    (sg.Stack, sg.nn.LSTM, your own nn.Module) each Recurrence inside is swapped in place for
+    its compiled twin (sharing parameters) and the container is returned.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if not isinstance(unroll, int) or unroll < 1:
+        raise ValueError(f"unroll must be a positive int, got {unroll!r}")
+    if isinstance(module, Cell):
+        module = Recurrence(module)
+    if isinstance(module, Recurrence):
+        return _compile_one(module, backend, unroll)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"sg.compile takes an sg.Cell or a torch.nn.Module, got {type(module).__name__}")
+    found = False
+    for name, child in list(module.named_modules()):
+        for cname, sub in list(child.named_children()):
+            if isinstance(sub, Recurrence):
+                setattr(child, cname, _compile_one(sub, backend, unroll))
+                found = True
+    if not found:
+        raise ValueError(f"{type(module).__name__} holds no sg.Recurrence to compile")
+    return module
+
+
+def _compile_one(rec: Recurrence, backend: str, unroll: int) -> Recurrence:
+    if backend == "reference":
+        return rec
+    if backend == "auto":
+        p = next(iter(rec.parameters()), None)
+        backend = "triton" if p is not None and p.is_cuda else "torch"
+    base = rec.source_module if isinstance(rec, CompiledRecurrence) and hasattr(rec, "source_module") else rec
+    return CompiledRecurrence(base, backend, unroll)

@@ -1,0 +1,394 @@
+"""Code generation for the `torch` backend: the plan as straight-line Python over torch ops.
+
+It writes one Python module per plan with three functions: `prologue` (invariants once, hoisted
+nodes over all T*B rows; runs under ordinary autograd), `forward` (the time loop; fills the
+outputs, the final states, and what the plan says to save) and `backward` (the reverse loop
+over the symbolic derivative, then the weight-gradient reductions as single large GEMMs over
+all steps). Every value is a local `v<id>`; every line ends with a comment naming the node it
+came from and the user's file:line. Hot ops get a direct torch expression; any other op calls
+its registry torch rule, so the generated code can never disagree with the interpreter. A
+fused region can be emitted by another backend (`region_call`), which is how the Triton
+backend reuses this generator. Must not make planning decisions.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from .ir import Node
+from .ops import REGISTRY
+from .plan import BackwardPlan, Plan
+
+_ARITH = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+_UNARY = {"sigmoid": "torch.sigmoid", "tanh": "torch.tanh", "relu": "torch.relu", "exp": "torch.exp",
+          "log": "torch.log", "abs": "torch.abs", "sqrt": "torch.sqrt", "sign": "torch.sign"}
+
+
+class Source:
+    """Lines of generated code plus the objects they refer to (registry rules, kernels)."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self.globals: dict[str, object] = {}
+        self.indent = 0
+
+    def emit(self, line: str, node: Node | None = None) -> None:
+        tag = f"  # %{node.id} {node.op}" + (f" '{node.name}'" if node.name else "") + f" @ {node.site}" if node else ""
+        self.lines.append("    " * self.indent + line + tag)
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _v(n: Node) -> str:
+    return f"v{n.id}"
+
+
+def _arg(n: Node, env: dict[int, str]) -> str:
+    if n.op == "const":
+        return repr(n.attrs["value"])
+    return env.get(n.id, _v(n))
+
+
+def torch_expr(n: Node, env: dict[int, str], src: Source, mask_var: str | None = None) -> str:
+    """A torch expression computing node `n` from its inputs' variables."""
+    ins = n.inputs
+    a = [_arg(i, env) for i in ins]
+    plain = all(not i.batched or len(i.shape) == len(n.shape) for i in ins)
+    if n.op in _ARITH and plain:
+        return f"({a[0]} {_ARITH[n.op]} {a[1]})"
+    if n.op == "neg":
+        return f"(-{a[0]})"
+    if n.op in _UNARY:
+        return f"{_UNARY[n.op]}({a[0]})"
+    if n.op == "select" and mask_var is not None and ins[0].name == "mask" and ins[0].op == "input" and plain:
+        return f"torch.where({mask_var}, {a[1]}, {a[2]})"
+    if n.op == "slice":
+        d = n.attrs["dim"] + (1 if n.batched else 0)
+        return f"{a[0]}.narrow({d}, {n.attrs['start']}, {n.attrs['stop'] - n.attrs['start']})"
+    if n.op == "concat":
+        d = n.attrs["dim"] + (1 if n.batched else 0)
+        return f"torch.cat(({', '.join(a)},), {d})"
+    if n.op == "linear":
+        return f"F.linear({a[0]}, {a[1]})"
+    if n.op == "transpose" and not n.batched and len(n.shape) == 2:
+        return f"{a[0]}.t()"
+    if n.op == "layer_norm" and len(n.shape) == 1:
+        return f"F.layer_norm({a[0]}, ({n.shape[0]},), eps={n.attrs['eps']!r})"
+    if n.op == "softmax":
+        return f"torch.softmax({a[0]}, {n.attrs['dim'] + (1 if n.batched else 0)})"
+    # everything else: the registry's own torch rule (constants become tensors there)
+    fn = f"_rule{n.id}"
+    rule = REGISTRY[n.op].torch
+    src.globals[fn] = (lambda r, node: (lambda *xs: r(node, *xs)))(rule, n)
+    args = [env.get(i.id, _v(i)) if i.op != "const" else f"_c({i.attrs['value']!r}, {_anchor(env, ins)})"
+            for i in ins]
+    return f"{fn}({', '.join(args)})"
+
+
+def _anchor(env, ins) -> str:
+    for i in ins:
+        if i.op != "const":
+            return env.get(i.id, _v(i))
+    return "None"
+
+
+def _const_tensor(value: float, like):
+    import torch
+    if like is None:
+        return torch.tensor(value)
+    return torch.tensor(value, dtype=like.dtype if like.dtype.is_floating_point else None, device=like.device)
+
+
+def emit_nodes(src: Source, nodes: list[Node], env: dict[int, str], live: set[int],
+               mask_var: str | None = None) -> None:
+    """Emit `nodes` in order; fold add(linear(x, W), b) into one F.linear when the product is not needed alone."""
+    uses: dict[int, int] = {}
+    for n in nodes:
+        for i in n.inputs:
+            uses[i.id] = uses.get(i.id, 0) + 1
+    folded: set[int] = set()
+    for n in nodes:
+        if n.op == "add" and n.inputs[0].op == "linear" and uses.get(n.inputs[0].id) == 1 \
+                and n.inputs[0].id not in live and not n.inputs[1].batched and n.inputs[1].shape == n.shape[-1:] \
+                and n.inputs[0] in nodes:
+            folded.add(n.inputs[0].id)
+    for n in nodes:
+        if n.id in folded:
+            continue
+        out = env.get(n.id, _v(n))
+        if n.id in folded or (n.op == "add" and n.inputs[0].id in folded):
+            x, w = n.inputs[0].inputs
+            src.emit(f"{out} = F.linear({_arg(x, env)}, {_arg(w, env)}, {_arg(n.inputs[1], env)})", n)
+        else:
+            src.emit(f"{out} = {torch_expr(n, env, src, mask_var)}", n)
+
+
+RegionCall = Callable[[Source, object, dict, str | None], bool]
+
+
+def emit_stages(src: Source, stages, env, live, mask_var, region_call: RegionCall | None) -> None:
+    for s in stages:
+        if s.kind == "fused" and region_call is not None and region_call(src, s, env, mask_var):
+            continue
+        emit_nodes(src, s.nodes, env, live | {o.id for o in s.outputs}, mask_var)
+
+
+def _shape_tuple(n: Node, lead: str) -> str:
+    return "(" + ", ".join([lead] + [str(s) for s in n.shape]) + ("," if not n.shape else "") + ")"
+
+
+def generate(plan: Plan, name: str = "cell", region_call: RegionCall | None = None,
+             fused_forward: Callable | None = None) -> Source:
+    """The whole module for `plan`. `region_call(src, stage, env, mask_var)` may emit a fused
+    stage itself (the Triton backend does) and return True; else torch lines are emitted."""
+    step = plan.step
+    src = Source()
+    src.emit(f"# seqgraph generated code for cell {name!r}; read it with model.source()")
+    src.emit("import torch")
+    src.emit("import torch.nn.functional as F")
+    src.emit("")
+    _emit_prologue(src, plan)
+    src.emit("")
+    _emit_forward(src, plan, region_call)
+    for masked in (False, True):
+        try:
+            bwd = plan.backward_plan(masked)
+        except NotImplementedError as e:
+            src.emit("")
+            src.emit(f"def backward_{'masked' if masked else 'plain'}(*args):")
+            src.emit(f"    raise NotImplementedError({str(e)!r})")
+            continue
+        src.emit("")
+        _emit_backward(src, plan, bwd, masked, region_call)
+    src.globals["_c"] = _const_tensor
+    return src
+
+
+def _emit_prologue(src: Source, plan: Plan) -> None:
+    step = plan.step
+    src.emit("def prologue(T, B, xs, contexts, noises, params):")
+    src.indent += 1
+    src.emit('"""Invariants once per call, hoisted nodes over all T*B rows (ordinary autograd)."""')
+    names = lambda nodes: ", ".join(_v(n) for n in nodes) + ("," if len(nodes) == 1 else "")  # noqa: E731
+    if step.inputs:
+        src.emit(f"{names(step.inputs)} = xs")
+    if step.contexts:
+        src.emit(f"{names(step.contexts)} = contexts")
+    if step.noises:
+        src.emit(f"{names(step.noises)} = noises")
+    if step.params:
+        src.emit(f"{names(list(step.params.values()))} = params")
+    env: dict[int, str] = {}
+    for n in plan.invariant:
+        src.emit(f"{_v(n)} = {torch_expr(n, env, src)}", n)
+    # per-step leaves as T*B rows; batch-carrying invariants repeated over T where hoisted nodes read them
+    rows: dict[int, str] = {}
+    hoisted_ids = {n.id for n in plan.hoisted}
+    for x in step.inputs:
+        rows[x.id] = f"{_v(x)}_rows"
+        src.emit(f"{_v(x)}_rows = {_v(x)}.reshape({_shape_tuple(x, 'T * B')})", x)
+    for nz in step.noises:
+        if not nz.attrs["per_sequence"]:
+            rows[nz.id] = f"{_v(nz)}_rows"
+            src.emit(f"{_v(nz)}_rows = {_v(nz)}.expand({_shape_tuple(nz, 'T, B')[1:-1]}).reshape("
+                     f"{_shape_tuple(nz, 'T * B')})", nz)
+        else:
+            src.emit(f"{_v(nz)} = {_v(nz)}.expand({_shape_tuple(nz, 'B')})", nz)
+    for n in plan.hoisted:
+        for i in n.inputs:
+            if i.batched and plan.cls[i.id] == "invariant" and i.id not in rows:
+                rows[i.id] = f"{_v(i)}_rows"
+                src.emit(f"{_v(i)}_rows = {_v(i)}.repeat({', '.join(['T'] + ['1'] * len(i.shape))})", i)
+    env = dict(rows)
+    for n in plan.hoisted:
+        env[n.id] = f"{_v(n)}_rows"
+    emit_nodes(src, plan.hoisted, env, {r.id for r in plan.reads})
+    outs = []
+    for r in plan.reads:
+        if plan.cls[r.id] == "hoisted":
+            outs.append(f"{env[r.id]}.reshape({_shape_tuple(r, 'T, B')})")
+        else:
+            outs.append(_v(r))
+    src.emit(f"return [{', '.join(outs)}]")
+    src.indent -= 1
+
+
+def _bind_reads(src: Source, plan: Plan, t: str | None) -> None:
+    for k, r in enumerate(plan.reads):
+        hoisted = plan.cls[r.id] == "hoisted"
+        if (t is None) != hoisted:
+            src.emit(f"{_v(r)} = r{k}[{t}]" if hoisted else f"{_v(r)} = r{k}", r)
+
+
+def _emit_forward(src: Source, plan: Plan, region_call) -> None:
+    step = plan.step
+    nr, ns, no = len(plan.reads), len(step.states), len(step.outputs)
+    src.emit("def forward(T, mask, reads, states, save):")
+    src.indent += 1
+    src.emit('"""The time loop. Returns outputs (T, B, ...), final states and, with save, what backward reads."""')
+    if nr:
+        src.emit(f"{', '.join(f'r{k}' for k in range(nr))}, = reads")
+    src.emit(f"{', '.join(f's{j}' for j in range(ns))}, = states" if ns else "pass")
+    ref = "s0" if ns else "r0"
+    src.emit(f"B = {ref}.shape[0] if {ref}.dim() and T else 0" if ns else "B = r0.shape[1]")
+    for k, o in enumerate(step.outputs):
+        src.emit(f"out{k} = {ref}.new_empty({_shape_tuple(o, 'T, B')})")
+    bwd_saved = _all_saved(plan)
+    src.emit("if save:")
+    src.indent += 1
+    for k, n in enumerate(bwd_saved):
+        src.emit(f"sv{k} = {ref}.new_empty({_shape_tuple(n, 'T, B')})", n)
+    for j, (p, _) in enumerate(step.states):
+        src.emit(f"ss{j} = {ref}.new_empty({_shape_tuple(p, 'T + 1, B')}); ss{j}[0] = s{j}")
+    src.emit("pass")
+    src.indent -= 1
+    _bind_reads(src, plan, None)
+    results = {r.id for r in step.results}
+    for masked in (False, True):
+        src.emit("if mask is None:" if not masked else "else:")
+        src.indent += 1
+        src.emit("for t in range(T):")
+        src.indent += 1
+        if masked:
+            src.emit("m = mask[t].unsqueeze(1)")
+            for r in sorted({len(n.shape) for n in step.results} - {1}):
+                src.emit(f"m{r} = mask[t].reshape({', '.join(['B'] + ['1'] * r)})")
+        _bind_reads(src, plan, "t")
+        for j, (p, _) in enumerate(step.states):
+            src.emit(f"{_v(p)} = s{j}", p)
+        live = results | {n.id for n in bwd_saved}
+        emit_stages(src, plan.stages, {}, live, "m" if masked else None, region_call)
+        for k, o in enumerate(step.outputs):
+            val = f"torch.where({_mask_for(o)}, {_v(o)}, 0.0)" if masked else _v(o)
+            src.emit(f"out{k}[t] = {val}")
+        for j, (p, q) in enumerate(step.states):
+            val = f"torch.where({_mask_for(q)}, {_v(q)}, s{j})" if masked else _v(q)
+            src.emit(f"s{j} = {val}")
+        src.emit("if save:")
+        src.indent += 1
+        for k, n in enumerate(bwd_saved):
+            src.emit(f"sv{k}[t] = {_v(n)}")
+        for j in range(ns):
+            src.emit(f"ss{j}[t + 1] = s{j}")
+        src.emit("pass")
+        src.indent -= 3
+    outs = ", ".join(f"out{k}" for k in range(no))
+    fin = ", ".join(f"s{j}" for j in range(ns))
+    saved = ", ".join(f"sv{k}" for k in range(len(bwd_saved)))
+    seqs = ", ".join(f"ss{j}" for j in range(ns))
+    src.emit(f"if not save:")
+    src.emit(f"    return [{outs}], [{fin}], None")
+    src.emit(f"return [{outs}], [{fin}], ([{saved}], [{seqs}])")
+    src.indent -= 1
+
+
+def _mask_for(n: Node) -> str:
+    return "m" if len(n.shape) == 1 else f"m{len(n.shape)}"
+
+
+def _all_saved(plan: Plan) -> list[Node]:
+    """Forward values either backward variant reads (both variants share one forward)."""
+    seen: dict[int, Node] = {}
+    for masked in (False, True):
+        try:
+            for n in plan.backward_plan(masked).saved:
+                seen.setdefault(n.id, n)
+        except NotImplementedError:
+            pass
+    return [n for n in plan.loop if n.id in seen]
+
+
+def _emit_backward(src: Source, plan: Plan, bwd: BackwardPlan, masked: bool, region_call) -> None:
+    step = plan.step
+    d = bwd.deriv
+    nr, ns, no = len(plan.reads), len(step.states), len(step.outputs)
+    saved_all = _all_saved(plan)
+    src.emit(f"def backward_{'masked' if masked else 'plain'}(T, mask, reads, saved, seqs, grad_outs, grad_finals):")
+    src.indent += 1
+    src.emit('"""The reverse loop over the symbolic derivative; weight gradients reduced once after it."""')
+    if nr:
+        src.emit(f"{', '.join(f'r{k}' for k in range(nr))}, = reads")
+    if saved_all:
+        src.emit(f"{', '.join(f'sv{k}' for k in range(len(saved_all)))}, = saved")
+    if ns:
+        src.emit(f"{', '.join(f'ss{j}' for j in range(ns))}, = seqs")
+        src.emit(f"{', '.join(f'gn{j}' for j in range(ns))}, = grad_finals")
+    if no:
+        src.emit(f"{', '.join(f'go{k}' for k in range(no))}, = grad_outs")
+    ref = "ss0" if ns else "go0"
+    src.emit(f"B = {ref}.shape[1]")
+    _bind_reads(src, plan, None)
+    emit_nodes(src, bwd.pre, {}, {i.id for n in bwd.loop + bwd.post for i in n.inputs})
+    saved_index = {n.id: k for k, n in enumerate(saved_all)}
+    prev_index = {p.id: j for j, (p, _) in enumerate(step.states)}
+    read_index = {r.id: k for k, r in enumerate(plan.reads)}
+    hoisted_grads = [(read_index[r_id], g) for r_id, g in d.grad_of.items()
+                     if plan.cls[r_id] == "hoisted" and g.batched]
+    accum = [(read_index[r.id], d.grad_of[r.id]) for r in bwd.accumulate]
+    for k, _ in hoisted_grads:
+        src.emit(f"dr{k} = torch.empty_like(r{k})")
+    for k, _ in accum:
+        src.emit(f"dr{k} = torch.zeros_like(r{k})")
+    # values the post-loop reductions read, kept per step unless they already are
+    stash_expr: dict[int, str] = {}
+    new_stash = []
+    hoisted_grad_var = {g.id: f"dr{k}" for k, g in hoisted_grads}
+    for n in bwd.stash:
+        if n.id in hoisted_grad_var:
+            stash_expr[n.id] = hoisted_grad_var[n.id]
+        elif n.id in saved_index:
+            stash_expr[n.id] = f"sv{saved_index[n.id]}"
+        elif n.id in prev_index:
+            stash_expr[n.id] = f"ss{prev_index[n.id]}[:T]"
+        elif n.id in read_index and plan.cls[n.id] == "hoisted":
+            stash_expr[n.id] = f"r{read_index[n.id]}"
+        else:
+            k = len(new_stash)
+            new_stash.append(n)
+            stash_expr[n.id] = f"st{k}"
+            src.emit(f"st{k} = {ref}.new_empty({_shape_tuple(n, 'T, B')})", n)
+    src.emit("for t in range(T - 1, -1, -1):")
+    src.indent += 1
+    if masked:
+        src.emit("m = mask[t].unsqueeze(1)")
+        src.emit(f"{_v(d.mask)} = m.to({ref}.dtype)", d.mask)
+    _bind_reads(src, plan, "t")
+    used = {i.id for n in bwd.loop for i in n.inputs} | {n.id for n in new_stash}
+    used |= {g.id for g in d.grad_prev if g is not None} | {g.id for g in d.grad_of.values()}
+    for n in saved_all:
+        if n.id in used:
+            src.emit(f"{_v(n)} = sv{saved_index[n.id]}[t]", n)
+    for j, (p, _) in enumerate(step.states):
+        if p.id in used:
+            src.emit(f"{_v(p)} = ss{j}[t]", p)
+        src.emit(f"{_v(d.grad_next[j])} = gn{j}")
+    for k in range(no):
+        src.emit(f"{_v(d.grad_out[k])} = go{k}[t]")
+    live = {n.id for n in new_stash} | used
+    emit_stages(src, bwd.stages, {}, live, "m" if masked else None, region_call)
+    for k, g in hoisted_grads:
+        src.emit(f"dr{k}[t] = {_v(g)}")
+    for k, g in accum:
+        src.emit(f"dr{k} += {_v(g)}")
+    for k, n in enumerate(new_stash):
+        src.emit(f"st{k}[t] = {_v(n)}")
+    for j, g in enumerate(d.grad_prev):
+        src.emit(f"gn{j} = {_v(g) if g is not None else f'torch.zeros_like(gn{j})'}")
+    src.indent -= 1
+    # after the loop: reductions over all T*B rows at once (weight gradients as one GEMM each)
+    env = {}
+    for n in bwd.stash:
+        env[n.id] = f"{_v(n)}_all"
+        src.emit(f"{_v(n)}_all = {stash_expr[n.id]}.reshape({_shape_tuple(n, 'T * B')})", n)
+    emit_nodes(src, bwd.post, env, set())
+    grads = []
+    for k, r in enumerate(plan.reads):
+        g = d.grad_of.get(r.id)
+        if g is None:
+            grads.append("None")
+        elif plan.cls[r.id] == "hoisted" or (r.batched and plan.cls[r.id] == "invariant"):
+            grads.append(f"dr{k}")
+        else:
+            grads.append(env.get(g.id, _v(g)))
+    src.emit(f"return [{', '.join(grads)}], [{', '.join(f'gn{j}' for j in range(ns))}]")
+    src.indent -= 1

@@ -1,0 +1,54 @@
+"""The compiler pipeline: the ordered list of passes, run with timings and debug dumps.
+
+`compile_plan(cell)` runs each pass (a plain function StepGraph -> StepGraph) in order, then
+lays out the plan and derives both backward variants (with and without masking), so that
+`plan()` can show everything before anything runs. SEQGRAPH_DEBUG=1 prints each pass with its
+time, 2 adds the IR after each pass, 3 adds the generated source (printed by the backend).
+Must not generate code.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from .fuse_gate_matmuls import fuse_gate_matmuls
+from .hoist import split_linear_over_concat
+from .ir import format_graph
+from .plan import Plan, build_plan
+from .simplify import simplify
+from .stepgraph import StepGraph
+
+PASSES = [simplify, split_linear_over_concat, fuse_gate_matmuls, simplify]
+
+
+def debug_level() -> int:
+    try:
+        return int(os.environ.get("SEQGRAPH_DEBUG", "0") or 0)
+    except ValueError:
+        return 1
+
+
+def compile_plan(cell, unroll: int = 1) -> Plan:
+    level = debug_level()
+    step = StepGraph.from_cell(cell)
+    if level >= 2:
+        print(f"[seqgraph] IR of {cell!r}:\n{format_graph(step.order())}", file=sys.stderr)
+    for p in PASSES:
+        t0 = time.perf_counter()
+        step = p(step)
+        if level >= 1:
+            print(f"[seqgraph] pass {p.__name__}: {1e3 * (time.perf_counter() - t0):.2f} ms; {step.notes[-1]}",
+                  file=sys.stderr)
+        if level >= 2:
+            print(f"[seqgraph] IR after {p.__name__}:\n{format_graph(step.order())}", file=sys.stderr)
+    t0 = time.perf_counter()
+    plan = build_plan(step, unroll)
+    for masked in (False, True):
+        try:
+            plan.backward_plan(masked)
+        except NotImplementedError as e:
+            step.notes.append(f"backward ({'masked' if masked else 'plain'}) falls back to autograd: {e}")
+    if level >= 1:
+        print(f"[seqgraph] plan and derivative: {1e3 * (time.perf_counter() - t0):.2f} ms", file=sys.stderr)
+    return plan

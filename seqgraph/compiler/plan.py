@@ -1,0 +1,170 @@
+"""The plan: everything the compiler decided for one cell, in a form people can read.
+
+`build_plan` takes the optimised StepGraph and lays out the three phases of a call:
+before the loop (invariants once, hoisted nodes for all T*B rows as big GEMMs), the loop
+(stages of the step; the saved values; the state sequence) and the backward loop (the
+derivative's stages, what it reads, and the weight-gradient reductions done once after the
+loop as single large GEMMs). `Plan.describe(T, B)` prints it with FLOPs, bytes and a memory
+estimate. This module decides layout only; code generation reads the plan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .derive_backward import StepDerivative, derive_backward
+from .hoist import classify
+from .ir import Node, topo_order
+from .ops import REGISTRY
+from .schedule import Stage, schedule
+from .stepgraph import StepGraph
+
+_REDUCERS = {"sum_to", "linear_wgrad", "embedding_wgrad"}
+
+
+@dataclass
+class BackwardPlan:
+    deriv: StepDerivative
+    pre: list[Node]  # derivative nodes that read only invariants: once, before the backward loop
+    loop: list[Node]  # in the backward loop, per step
+    post: list[Node]  # reductions over all steps (weight gradients): once, after the loop
+    stash: list[Node]  # per-step values the post-loop reductions read, kept as (T, B, ...)
+    accumulate: list[Node]  # read values of batch-carrying invariants: summed over steps in the loop
+    saved: list[Node]  # forward loop values the derivative reads, saved as (T, B, ...)
+    stages: list[Stage] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    step: StepGraph
+    cls: dict[int, str]
+    invariant: list[Node]  # once per call, before the loop
+    hoisted: list[Node]  # for all T*B rows at once, before the loop
+    reads: list[Node]  # hoisted/invariant values the loop reads (hoisted ones indexed by t)
+    loop: list[Node]  # computed inside the loop, topological
+    stages: list[Stage]
+    backward: dict[bool, BackwardPlan] = field(default_factory=dict)  # keyed by "masked"
+    unroll: int = 1
+
+    def backward_plan(self, masked: bool) -> BackwardPlan:
+        if masked not in self.backward:
+            self.backward[masked] = _plan_backward(self, masked)
+        return self.backward[masked]
+
+    # -- reading the plan -------------------------------------------------------------------
+    def hoisted_gemms(self) -> list[Node]:
+        return [n for n in self.hoisted if REGISTRY[n.op].kind == "matmul"]
+
+    def step_gemms(self) -> list[Node]:
+        return [n for s in self.stages if s.kind == "gemm" for n in s.nodes]
+
+    def fused_stages(self) -> list[Stage]:
+        return [s for s in self.stages if s.kind == "fused"]
+
+    def describe(self, T: int | None = None, B: int | None = None, itemsize: int = 4) -> str:
+        from .report import describe_plan
+        return describe_plan(self, T, B, itemsize)
+
+    def __str__(self) -> str:
+        return self.describe()
+
+    def to_dot(self):
+        from .report import plan_dot
+        return plan_dot(self)
+
+
+def build_plan(step: StepGraph, unroll: int = 1) -> Plan:
+    order = step.order()
+    cls = classify(order)
+    loop = [n for n in order if cls[n.id] == "step" and n.inputs]
+    in_loop_reads: dict[int, Node] = {}
+    for n in loop:
+        for i in n.inputs:
+            if cls[i.id] != "step" and i.op != "const":
+                in_loop_reads.setdefault(i.id, i)
+    for r in step.results:  # results that do not depend on a state are read from before the loop
+        if cls[r.id] != "step":
+            in_loop_reads.setdefault(r.id, r)
+    reads = [n for n in order if n.id in in_loop_reads]
+    pre = topo_order(reads)
+    invariant = [n for n in pre if cls[n.id] == "invariant" and n.inputs]
+    hoisted = [n for n in pre if cls[n.id] == "hoisted" and n.inputs]
+    live_after = {r.id for r in step.results}
+    stages = schedule(loop, live_after)
+    return Plan(step, cls, invariant, hoisted, reads, loop, stages, unroll=unroll)
+
+
+def derivative_nodes_roots(d: StepDerivative) -> list[Node]:
+    return [g for g in d.grad_prev if g is not None] + list(d.grad_of.values())
+
+
+def topo_order_until(roots: list[Node], stop: set[int]) -> list[Node]:
+    """Nodes reachable from `roots` without walking through the nodes in `stop` (which are
+    still listed, as leaves of the walk)."""
+    order: list[Node] = []
+    seen: set[int] = set()
+    for root in roots:
+        if root.id in seen:
+            continue
+        seen.add(root.id)
+        stack = [(root, iter(() if root.id in stop else root.inputs))]
+        while stack:
+            node, it = stack[-1]
+            child = next(it, None)
+            if child is None:
+                stack.pop()
+                order.append(node)
+            elif child.id not in seen:
+                seen.add(child.id)
+                stack.append((child, iter(() if child.id in stop else child.inputs)))
+    return order
+
+
+def _plan_backward(plan: Plan, masked: bool) -> BackwardPlan:
+    step = plan.step
+    float_reads = [r for r in plan.reads if r.dtype == "float"]
+    deriv = derive_backward(plan.loop, step.states, step.outputs, float_reads, masked)
+    loop_ids = {n.id for n in plan.loop}
+    read_ids = {r.id for r in plan.reads}
+    prev_ids = {p.id for p, _ in step.states}
+    # the derivative's own nodes; forward values, reads and leaves are bound, never recomputed
+    nodes = topo_order_until(derivative_nodes_roots(deriv), loop_ids | read_ids | prev_ids | deriv.leaves)
+    # where each derivative node runs: "fwd" (a forward value), "inv" (invariant), "step", "post"
+    where: dict[int, str] = {}
+    for n in nodes:
+        if n.id in loop_ids:
+            where[n.id] = "fwd"
+        elif n.id in deriv.leaves or n.id in prev_ids:
+            where[n.id] = "step"
+        elif n.id in read_ids:
+            where[n.id] = "step" if plan.cls[n.id] == "hoisted" else "inv"
+        elif not n.inputs:
+            where[n.id] = "inv" if n.op in ("const", "param", "context") or plan.cls.get(n.id) == "invariant" else "step"
+        else:
+            kinds = {where[i.id] for i in n.inputs}
+            if kinds <= {"inv"}:
+                where[n.id] = "inv"
+            elif "post" in kinds or (not n.batched and kinds & {"step", "fwd"}):
+                where[n.id] = "post"
+            else:
+                where[n.id] = "step"
+    post = [n for n in nodes if where[n.id] == "post"]
+    for n in post:
+        if n.op not in _REDUCERS | {"add"}:
+            raise NotImplementedError(f"the derivative reduces over steps through {n.op!r}, which the "
+                                      f"compiler cannot move after the loop")
+    stash_ids: dict[int, Node] = {}
+    for n in post:
+        for i in n.inputs:
+            if where[i.id] in ("step", "fwd") and i.batched:
+                stash_ids.setdefault(i.id, i)
+    stash = [n for n in nodes if n.id in stash_ids]
+    bound = loop_ids | read_ids | prev_ids | deriv.leaves
+    pre = [n for n in nodes if where[n.id] == "inv" and n.inputs and n.id not in bound]
+    loop = [n for n in nodes if where[n.id] == "step" and n.inputs and n.id not in bound]
+    accumulate = [r for r in float_reads if r.id in deriv.grad_of and plan.cls[r.id] == "invariant" and r.batched]
+    used = {i.id for n in loop + post for i in n.inputs} | {n.id for n in stash}
+    roots = {g.id for g in deriv.grad_prev if g is not None} | {g.id for g in deriv.grad_of.values()}
+    saved = [n for n in plan.loop if n.id in used or n.id in roots]
+    live_after = {n.id for n in stash} | roots
+    stages = schedule(loop, live_after)
+    return BackwardPlan(deriv, pre, loop, post, stash, accumulate, saved, stages)

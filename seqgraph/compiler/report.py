@@ -1,0 +1,140 @@
+"""Reading a plan: the text of `model.plan()` (with FLOPs, bytes and a memory estimate) and its picture.
+
+Must not change the plan; it only counts and prints.
+"""
+from __future__ import annotations
+
+from .ir import Node
+from .ops import REGISTRY
+
+
+def _shape(n: Node) -> str:
+    b = "B," if n.batched else ""
+    return f"({b}{','.join(map(str, n.shape))})"
+
+
+def _label(n: Node) -> str:
+    return f"%{n.id} {n.op}" + (f" '{n.name}'" if n.name else "") + _shape(n)
+
+
+def gemm_flops(n: Node, rows: int) -> int:
+    """Multiply-adds x2 of one matrix node over `rows` batch rows."""
+    if n.op == "linear":
+        x, w = n.inputs
+        lead = 1
+        for s in x.shape[:-1]:
+            lead *= s
+        return 2 * rows * lead * w.shape[0] * w.shape[1]
+    if n.op == "linear_wgrad":
+        g, x = n.inputs
+        return 2 * rows * (g.size // g.shape[-1]) * g.shape[-1] * x.shape[-1]
+    if n.op == "matmul":
+        a, b = n.inputs
+        return 2 * rows * (n.size // n.shape[-1]) * a.shape[-1] * n.shape[-1]
+    return 0
+
+
+def _bytes(nodes: list[Node], B: int, itemsize: int) -> int:
+    return sum(n.size * (B if n.batched else 1) * itemsize for n in nodes)
+
+
+def describe_plan(plan, T: int | None, B: int | None, itemsize: int = 4) -> str:
+    Bv = B or 1
+    lines = [f"seqgraph plan (unroll={plan.unroll})" + (f" for T={T}, B={B}" if T and B else "")]
+    lines.append("passes:")
+    lines += [f"  - {note}" for note in plan.step.notes]
+    lines.append(f"before the loop: {len(plan.invariant)} invariant node(s) once per call, "
+                 f"{len(plan.hoisted)} hoisted node(s) over all T*B rows")
+    for n in plan.hoisted_gemms():
+        f = f", {gemm_flops(n, (T or 1) * Bv) / 1e9:.3f} GFLOP" if T and B else ""
+        lines.append(f"  hoisted GEMM {_label(n)} = {_shape(n.inputs[0])} @ {_shape(n.inputs[1])}^T{f}")
+    lines.append(f"per step: {len(plan.stages)} stage(s)")
+    for s in plan.stages:
+        lines.append(_stage_line(s, Bv, itemsize, bool(B)))
+    for k, bwd in sorted(plan.backward.items()):
+        lines.append(f"backward ({'masked' if k else 'unmasked'}): {len(bwd.pre)} node(s) before the loop, "
+                     f"{len(bwd.stages)} stage(s) per step, {len(bwd.post)} node(s) after the loop")
+        lines.append("  saves per step: " + (", ".join(_label(n) for n in bwd.saved) or "nothing")
+                     + " (everything else the derivative reads is recomputed from these or is an input)")
+        for s in bwd.stages:
+            lines.append("  " + _stage_line(s, Bv, itemsize, bool(B)))
+        wg = [n for n in bwd.post if n.op in ("linear_wgrad", "embedding_wgrad", "sum_to")]
+        lines.append(f"  after the loop: {len(wg)} weight/bias gradient reduction(s), each one large "
+                     f"GEMM or sum over all T*B rows: " + ", ".join(f"{n.op}{_shape(n)}" for n in wg))
+        if T and B:
+            saved = _bytes(bwd.saved, B, itemsize) * T
+            stash = _bytes(bwd.stash, B, itemsize) * T
+            states = sum(p.size for p, _ in plan.step.states) * B * itemsize * (T + 1)
+            lines.append(f"  memory for backward at T={T}, B={B}: saved {saved / 2**20:.2f} MiB + state "
+                         f"sequence {states / 2**20:.2f} MiB + gradient stash {stash / 2**20:.2f} MiB")
+    if T and B:
+        hoist = _bytes(plan.reads, B, itemsize) * T
+        lines.append(f"memory: hoisted values read by the loop {hoist / 2**20:.2f} MiB; outputs "
+                     f"{_bytes(plan.step.outputs, B, itemsize) * T / 2**20:.2f} MiB")
+    return "\n".join(lines)
+
+
+def _stage_line(s, B: int, itemsize: int, sized: bool) -> str:
+    ops = ", ".join(n.op + (f"'{n.name}'" if n.name and n.op in ("linear", "matmul") else "") for n in s.nodes)
+    if s.kind == "gemm":
+        f = sum(gemm_flops(n, B) for n in s.nodes)
+        extra = f", {f / 1e6:.2f} MFLOP/step" if sized else ""
+        return f"  GEMM: {ops}{extra}"
+    if s.kind == "fused":
+        io = _bytes(s.inputs, B, itemsize) + _bytes(s.outputs, B, itemsize)
+        extra = f", {io / 1024:.1f} KiB moved/step" if sized else ""
+        return f"  fused region ({len(s.nodes)} ops, {len(s.inputs)} in, {len(s.outputs)} out{extra}): {ops}"
+    return f"  torch fallback ({s.why}): {ops}"
+
+
+def plan_dot(plan):
+    """The compiled plan as a picture: hoisted part, per-step part with each fused region a
+    coloured cluster, GEMMs marked, saved values marked."""
+    import graphviz
+
+    dot = graphviz.Digraph("plan", graph_attr={"rankdir": "TB", "fontname": "Helvetica", "compound": "true"},
+                           node_attr={"fontname": "Helvetica", "fontsize": "10", "shape": "box", "style": "rounded"})
+    saved = set()
+    for bwd in plan.backward.values():
+        saved |= {n.id for n in bwd.saved}
+    colours = ["#fde2c4", "#d5e8d4", "#dae8fc", "#e1d5e7", "#fff2cc", "#f8cecc"]
+    drawn: set[int] = set()
+
+    def node(g, n: Node, **extra):
+        if n.id in drawn:
+            return
+        drawn.add(n.id)
+        attrs = {"label": f"{n.op}{' ' + repr(n.name) if n.name else ''}\\n{_shape(n)}", "tooltip": str(n.site)}
+        if REGISTRY[n.op].kind == "matmul":
+            attrs.update(shape="box3d", style="filled", fillcolor="#ffd966", label="GEMM " + attrs["label"])
+        if n.op == "param":
+            attrs.update(shape="note", style="filled", fillcolor="#eeeeee")
+        if n.id in saved:
+            attrs.update(penwidth="2.5", color="#c00000", xlabel="saved")
+        attrs.update(extra)
+        g.node(f"n{n.id}", **attrs)
+
+    with dot.subgraph(name="cluster_before") as c:
+        c.attr(label="before the loop (once per call, all T steps)", style="dashed")
+        for n in plan.invariant + plan.hoisted:
+            node(c, n)
+    with dot.subgraph(name="cluster_step") as c:
+        c.attr(label="per step", style="solid")
+        for k, s in enumerate(plan.stages):
+            if s.kind == "fused":
+                with c.subgraph(name=f"cluster_fused_{k}") as f:
+                    f.attr(label=f"fused kernel {k}", style="filled", fillcolor=colours[k % len(colours)])
+                    for n in s.nodes:
+                        node(f, n)
+            else:
+                for n in s.nodes:
+                    node(c, n, **({"fillcolor": "#f4cccc", "style": "filled"} if s.kind == "torch" else {}))
+    for n in plan.step.order():
+        if n.id not in drawn:
+            node(dot, n)
+    for n in plan.step.order():
+        for i in n.inputs:
+            dot.edge(f"n{i.id}", f"n{n.id}")
+    for p, q in plan.step.states:
+        dot.edge(f"n{q.id}", f"n{p.id}", style="dashed", color="#1f77b4", constraint="false", label="next")
+    return dot

@@ -1,0 +1,78 @@
+"""Pass: schedule — cut the nodes of one step into an ordered list of stages.
+
+A stage is a GEMM (a matrix product, run by torch: cuBLAS or oneDNN), a fused region (a
+maximal set of elementwise ops, last-dim reductions, slices and concats that one kernel
+computes row by row) or a torch fallback (an op no kernel fuses yet, e.g. a reduction over a
+non-last dim; the plan says why). Regions are found by depth: a node's depth is the number of
+non-fused nodes on its longest path from the step's inputs, and the fusable nodes of one
+depth form one region, which is always convex (no path leaves it and comes back). Must not
+change the graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .ir import Node
+from .ops import REGISTRY, fusable
+
+
+@dataclass
+class Stage:
+    kind: str  # "gemm" | "fused" | "torch"
+    nodes: list[Node]
+    why: str = ""  # for torch fallbacks: the reason no kernel fuses them
+    inputs: list[Node] = field(default_factory=list)  # values read from outside the stage
+    outputs: list[Node] = field(default_factory=list)  # values used after the stage
+
+
+def node_fusable(n: Node) -> tuple[bool, str]:
+    if REGISTRY[n.op].kind == "matmul":
+        return False, "gemm"
+    if not n.batched:
+        return False, "unbatched value inside the loop"
+    if len(n.shape) > 1:
+        return False, f"per-example shape {n.shape} has more than one dim"
+    return fusable(n)
+
+
+def schedule(nodes: list[Node], live_after: set[int]) -> list[Stage]:
+    """Stages for `nodes` (topological). `live_after`: ids of values needed after the step."""
+    inside = {n.id for n in nodes}
+    depth: dict[int, int] = {}
+    kind: dict[int, tuple[str, str]] = {}
+    for n in nodes:
+        ok, why = node_fusable(n)
+        kind[n.id] = ("fused", "") if ok else (("gemm", "") if why == "gemm" else ("torch", why))
+        d = max((depth[i.id] for i in n.inputs if i.id in inside), default=0)
+        depth[n.id] = d if ok else d + 1
+    stages: list[Stage] = []
+    for d in range(max(depth.values(), default=-1) + 1):
+        unfused = [n for n in nodes if depth[n.id] == d and kind[n.id][0] != "fused"]
+        for k in ("gemm", "torch"):
+            group = [n for n in unfused if kind[n.id][0] == k]
+            if group:
+                why = "; ".join(sorted({f"{n.op}: {kind[n.id][1]}" for n in group})) if k == "torch" else ""
+                stages.append(Stage(k, group, why))
+        fused = [n for n in nodes if depth[n.id] == d and kind[n.id][0] == "fused"]
+        if fused:
+            stages.append(Stage("fused", fused))
+    _wire(stages, live_after)
+    return stages
+
+
+def _wire(stages: list[Stage], live_after: set[int]) -> None:
+    """Fill each stage's external inputs and the outputs later stages (or the caller) need."""
+    owner = {n.id: s for s in stages for n in s.nodes}
+    needed: dict[int, set[int]] = {id(s): set() for s in stages}
+    for s in stages:
+        ids = {n.id for n in s.nodes}
+        seen = set()
+        for n in s.nodes:
+            for i in n.inputs:
+                if i.id not in ids and i.id not in seen:
+                    seen.add(i.id)
+                    s.inputs.append(i)
+                    if i.id in owner:
+                        needed[id(owner[i.id])].add(i.id)
+    for s in stages:
+        s.outputs = [n for n in s.nodes if n.id in needed[id(s)] or n.id in live_after]
