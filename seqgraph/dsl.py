@@ -309,8 +309,10 @@ class Linear(Module):
         if not x.shape or x.shape[-1] != self.in_features:
             nm = f" '{self.name}'" if self.name else ""
             got = x.shape[-1] if x.shape else "no feature dim"
-            raise ShapeError(f"Linear{nm} (declared at {self.site}) expects {self.in_features} input "
+            err = ShapeError(f"Linear{nm} (declared at {self.site}) expects {self.in_features} input "
                              f"features but its input {x.label()!r} has {got}", node=x)
+            ops._attach_picture(err)
+            raise err
         y = self._make("linear", (x, self.weight))
         return y if self.bias is None else self._make("add", (y, self.bias))
 

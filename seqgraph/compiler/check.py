@@ -18,7 +18,22 @@ def _fail(cls, msg, node=None, edge=None):
 
 def check_cell(inputs: list[Node], states: list[tuple[Node, Node]], outputs: list[Node],
                contexts: list[Node] | None) -> list[Node]:
-    """Check one step of a recurrence; returns its nodes in topological order."""
+    """Check one step of a recurrence; returns its nodes in topological order. A failure
+    carries a picture of the failing node (see seqgraph.viz.attach_error_picture)."""
+    try:
+        return _check_cell(inputs, states, outputs, contexts)
+    except GraphError as err:
+        _attach_picture(err, [o for o in outputs if isinstance(o, Node)]
+                        + [n for _, n in states if isinstance(n, Node)])
+        raise
+
+
+def _attach_picture(err, around) -> None:
+    from ..viz import attach_error_picture
+    attach_error_picture(err, around=around)
+
+
+def _check_cell(inputs, states, outputs, contexts) -> list[Node]:
     for x in inputs:
         if not isinstance(x, Node) or x.op != "input":
             _fail(WiringError, f"inputs= must hold sg.Input nodes; got {_what(x)}", _node_or_none(x))
@@ -67,6 +82,14 @@ def check_cell(inputs: list[Node], states: list[tuple[Node, Node]], outputs: lis
 
 def check_graph(inputs: list[Node], outputs: list[Node]) -> list[Node]:
     """Check a plain (non-recurrent) graph; returns its nodes in topological order."""
+    try:
+        return _check_graph(inputs, outputs)
+    except GraphError as err:
+        _attach_picture(err, [o for o in outputs if isinstance(o, Node)])
+        raise
+
+
+def _check_graph(inputs, outputs) -> list[Node]:
     for x in inputs:
         if not isinstance(x, Node) or x.op not in ("input", "context"):
             _fail(WiringError, f"Graph inputs must be sg.Input nodes; got {_what(x)}", _node_or_none(x))

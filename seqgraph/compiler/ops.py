@@ -71,8 +71,16 @@ def make(op: str, inputs, *, name=None, site=None, module=None, **attrs) -> Node
         label = type(module).__name__ if module is not None else op
         nm = f" '{name}'" if name else ""
         operands = ", ".join(_describe_operand(i) for i in inputs)
-        raise ShapeError(f"{label}{nm} (declared at {site}): {e} [operands: {operands}]") from None
+        err = ShapeError(f"{label}{nm} (declared at {site}): {e} [operands: {operands}]",
+                         node=inputs[0] if inputs else None)
+        _attach_picture(err)
+        raise err from None
     return Node(op, inputs, attrs, shape, batched, dtype, name=name, site=site, module=module)
+
+
+def _attach_picture(err) -> None:
+    from ..viz import attach_error_picture  # drawing is optional; it never raises
+    attach_error_picture(err)
 
 
 def _describe_operand(n: Node) -> str:

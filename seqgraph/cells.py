@@ -1,0 +1,341 @@
+"""The cell library: the standard recurrent cells, each written in the seqgraph DSL.
+
+Every function here returns an `sg.Cell` (one step) built from the same public pieces a user
+has (`sg.Linear`, `sg.chunk`, `sg.sigmoid`, ...), so each one doubles as an example of how to
+declare a cell. Input and recurrent projections are always separate `sg.Linear` modules named
+"ih" and "hh" (keys "ih.weight", "ih.bias", "hh.weight", "hh.bias", gate order as in torch.nn),
+which is what lets the compiler hoist the input projection out of the time loop and what lets
+`sg.nn` map torch.nn's state_dict onto these cells. `NormStabilizer` (the norm-stabilising
+regulariser of Krueger & Memisevic) is here too, as a wrapper around any recurrence.
+This module only declares cells: it must not run steps or know about backends.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+import seqgraph as sg
+
+MUFURU_OPS = ("keep", "replace", "mul", "diff", "forget", "sqrt_diff", "max", "min")
+
+
+def _activation(nonlinearity: str, allowed: Sequence[str] = ("tanh", "relu")) -> Callable:
+    if nonlinearity not in allowed:
+        raise ValueError(f"nonlinearity must be one of {list(allowed)}, got {nonlinearity!r}")
+    return {"tanh": sg.tanh, "relu": sg.relu, "sigmoid": sg.sigmoid}[nonlinearity]
+
+
+def _keep_mask(size: int, p: float, name: str, per_sequence: bool = False):
+    """A named sg.Noise keep-mask (named so that tests and pictures can find it)."""
+    return sg.Noise(size, p, per_sequence=per_sequence, name=name)
+
+
+def _gal_dropout(v, p: float, name: str):
+    """Gal & Ghahramani's variational dropout: one mask per sequence, reused at every step."""
+    if p == 0:
+        return v
+    return v * (_keep_mask(v.shape[-1], p, name, per_sequence=True) * (1.0 / (1.0 - p)))
+
+
+def _zoneout(prev, new, p: float, name: str):
+    """Zoneout (Krueger et al.): each unit keeps its previous value with probability p. The
+    keep-new mask is 1 with probability 1-p in training and the constant 1-p in evaluation,
+    so evaluation blends p*prev + (1-p)*new, the expectation."""
+    if p == 0:
+        return new
+    return sg.where_mask(_keep_mask(new.shape[-1], p, name), new, prev)
+
+
+# ---------------------------------------------------------------------------------------
+# Elman RNN and Torch7's nn.Recurrent
+# ---------------------------------------------------------------------------------------
+def rnn(input_size: int, hidden_size: int, nonlinearity: str = "tanh", bias: bool = True) -> sg.Cell:
+    """The Elman RNN of torch.nn.RNN: h' = act(W_ih x + b_ih + W_hh h + b_hh).
+
+    >>> cell = sg.cells.rnn(3, 5, nonlinearity="relu")
+    >>> sorted(cell.params)
+    ['hh.bias', 'hh.weight', 'ih.bias', 'ih.weight']
+    """
+    act = _activation(nonlinearity)
+    x = sg.Input(input_size, name="x")
+    h = sg.State(hidden_size, name="h")
+    ih = sg.Linear(input_size, hidden_size, bias=bias, name="ih")
+    hh = sg.Linear(hidden_size, hidden_size, bias=bias, name="hh")
+    h_next = act(ih(x) + hh(h))
+    return sg.Cell(inputs=[x], states={h: h_next}, outputs=[h_next], name=f"rnn_{nonlinearity}")
+
+
+def recurrent(start: int | sg.Module, input_module: sg.Module, feedback_module: sg.Module,
+              transfer: sg.Module | Callable | None = None, merge: sg.Module | Callable | None = None, *,
+              input_size: int | None = None, hidden_size: int | None = None) -> sg.Cell:
+    """Torch7's nn.Recurrent(start, input, feedback, transfer, merge) as a cell.
+
+    Step 1:   h = transfer(start(input(x)))
+    Step t>1: h = transfer(merge([input(x), feedback(h_prev)]))
+    `start` is the state size (then it is a learned bias, Torch7's nn.Add(size)) or a module;
+    `transfer` defaults to sg.Sigmoid() and `merge` to sg.CAdd(), as in Torch7. A one-unit
+    state "started" (0 before the first step, 1 after it) picks the branch, so the first step
+    ignores the initial h exactly like Torch7; to continue a sequence pass
+    state={"h": h0, "started": torch.ones(B, 1)}. Sizes are read from `in_features` /
+    `out_features` of Linear modules unless given.
+
+    >>> cell = sg.cells.recurrent(4, sg.Linear(3, 4), sg.Linear(4, 4), sg.Tanh())
+    >>> cell.state_names
+    ['h', 'started']
+    """
+    if input_size is None:
+        input_size = getattr(input_module, "in_features", None)
+    if hidden_size is None:
+        hidden_size = start if isinstance(start, int) else getattr(feedback_module, "out_features", None)
+    if input_size is None or hidden_size is None:
+        raise ValueError("recurrent: cannot tell the input and state sizes from these modules; "
+                         "pass input_size= and hidden_size=")
+    transfer = transfer if transfer is not None else sg.Sigmoid()
+    merge = merge if merge is not None else sg.CAdd()
+    if isinstance(start, int):
+        start_bias = sg.Parameter(start, name="start")  # Torch7's nn.Add(start)
+        start_fn = lambda u: u + start_bias  # noqa: E731
+    else:
+        start_fn = start
+
+    x = sg.Input(input_size, name="x")
+    h = sg.State(hidden_size, name="h")
+    started = sg.State(1, name="started")
+    u = input_module(x)
+    first = transfer(start_fn(u))
+    later = transfer(merge([u, feedback_module(h)]))
+    h_next = sg.where_mask(started, later, first)
+    return sg.Cell(inputs=[x], states={h: h_next, started: started * 0.0 + 1.0}, outputs=[h_next],
+                   name="recurrent")
+
+
+# ---------------------------------------------------------------------------------------
+# LSTM family
+# ---------------------------------------------------------------------------------------
+def lstm(input_size: int, hidden_size: int, bias: bool = True, peephole: bool = False, proj_size: int = 0,
+         layer_norm: bool = False, dropout: float = 0.0, zoneout: float = 0.0) -> sg.Cell:
+    """An LSTM step; gate order i, f, g, o as in torch.nn.LSTM. The defaults give Torch7's
+    FastLSTM (= torch.nn.LSTM's cell):
+
+        i, f, g, o = chunk(W_ih x + b_ih + W_hh h + b_hh, 4)
+        c' = sigmoid(f) * c + sigmoid(i) * tanh(g);   h' = sigmoid(o) * tanh(c')
+
+    peephole:   Torch7 rnn's LSTM: diagonal cell-to-gate weights (sg.Parameter vectors
+                "w_ci", "w_cf" read c, "w_co" reads c').
+    proj_size:  LSTMP (Torch7's SeqLSTMP, torch's proj_size): h' = W_hr (o * tanh(c')) of
+                size proj_size, and the recurrent projection reads that h.
+    layer_norm: Ba et al.'s layer-normalised LSTM: LN_ih(W_ih x) + LN_hh(W_hh h) give the gates
+                and h' = o * tanh(LN_c(c')); the LayerNorms' shifts are the gate biases, so
+                the projections have none (and bias=False is refused).
+    dropout:    Gal & Ghahramani's variational dropout on x and on the recurrent h: one mask
+                per sequence, the same at every step ("drop_x", "drop_h").
+    zoneout:    each unit of h and c keeps its previous value with this probability
+                ("zoneout_h", "zoneout_c"); evaluation uses the expectation.
+    States are "h" (size proj_size or hidden_size) and "c"; the output is h'.
+    """
+    if proj_size < 0 or (proj_size and proj_size >= hidden_size):
+        raise ValueError(f"proj_size must be 0 (no projection) or in (0, hidden_size={hidden_size}), "
+                         f"got {proj_size}")
+    if layer_norm and not bias:
+        raise ValueError("lstm(layer_norm=True): the LayerNorms' shifts are the gate biases; "
+                         "bias=False is not supported with layer_norm")
+    H, out_size = hidden_size, proj_size or hidden_size
+    x = sg.Input(input_size, name="x")
+    h = sg.State(out_size, name="h")
+    c = sg.State(H, name="c")
+
+    ih = sg.Linear(input_size, 4 * H, bias=bias and not layer_norm, name="ih")
+    hh = sg.Linear(out_size, 4 * H, bias=bias and not layer_norm, name="hh")
+    gx = ih(_gal_dropout(x, dropout, "drop_x"))
+    gh = hh(_gal_dropout(h, dropout, "drop_h"))
+    if layer_norm:
+        gx = sg.LayerNorm(4 * H, name="ln_ih")(gx)
+        gh = sg.LayerNorm(4 * H, name="ln_hh")(gh)
+    i, f, g, o = sg.chunk(gx + gh, 4)
+    if peephole:
+        i = i + sg.Parameter(H, name="w_ci") * c
+        f = f + sg.Parameter(H, name="w_cf") * c
+    c_next = sg.sigmoid(f) * c + sg.sigmoid(i) * sg.tanh(g)
+    if peephole:
+        o = o + sg.Parameter(H, name="w_co") * c_next
+    c_read = sg.LayerNorm(H, name="ln_c")(c_next) if layer_norm else c_next
+    h_next = sg.sigmoid(o) * sg.tanh(c_read)
+    if proj_size:
+        h_next = sg.Linear(H, proj_size, bias=False, name="hr")(h_next)
+    h_next = _zoneout(h, h_next, zoneout, "zoneout_h")
+    c_next = _zoneout(c, c_next, zoneout, "zoneout_c")
+    return sg.Cell(inputs=[x], states={h: h_next, c: c_next}, outputs=[h_next], name="lstm")
+
+
+# ---------------------------------------------------------------------------------------
+# GRU family
+# ---------------------------------------------------------------------------------------
+def gru(input_size: int, hidden_size: int, bias: bool = True, reset_after: bool = True) -> sg.Cell:
+    """A GRU step; gate order r, z, n as in torch.nn.GRU.
+
+        r = sigmoid(W_ir x + W_hr h + b_r);   z = sigmoid(W_iz x + W_hz h + b_z)
+        reset_after=True  (torch / cuDNN):  n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
+        reset_after=False (Torch7 rnn's GRU): n = tanh(W_in x + b_in + W_hn (r * h))
+        h' = (1 - z) * n + z * h
+    With reset_after=False the recurrent weights are split: "hh" (r and z, 2H rows) and
+    "hh_n" (no bias), because W_hn must wait for r.
+    """
+    H = hidden_size
+    x = sg.Input(input_size, name="x")
+    h = sg.State(H, name="h")
+    ih = sg.Linear(input_size, 3 * H, bias=bias, name="ih")
+    xr, xz, xn = sg.chunk(ih(x), 3)
+    if reset_after:
+        hr, hz, hn = sg.chunk(sg.Linear(H, 3 * H, bias=bias, name="hh")(h), 3)
+        r, z = sg.sigmoid(xr + hr), sg.sigmoid(xz + hz)
+        n = sg.tanh(xn + r * hn)
+    else:
+        hr, hz = sg.chunk(sg.Linear(H, 2 * H, bias=bias, name="hh")(h), 2)
+        r, z = sg.sigmoid(xr + hr), sg.sigmoid(xz + hz)
+        n = sg.tanh(xn + sg.Linear(H, H, bias=False, name="hh_n")(r * h))
+    h_next = (1.0 - z) * n + z * h
+    return sg.Cell(inputs=[x], states={h: h_next}, outputs=[h_next], name="gru")
+
+
+def _mufuru_op(op: str, s, v):
+    if op == "keep":
+        return s
+    if op == "replace":
+        return v
+    if op == "mul":
+        return s * v
+    if op == "diff":
+        return s - v
+    if op == "sqrt_diff":
+        return 0.25 * sg.sqrt(sg.abs(s - v))
+    if op == "max":
+        return sg.maximum(s, v)
+    if op == "min":
+        return sg.minimum(s, v)
+    raise AssertionError(op)  # "forget" contributes 0 and is never built
+
+
+def mufuru(input_size: int, hidden_size: int, ops: Sequence[str] = MUFURU_OPS) -> sg.Cell:
+    """The Multi-Function Recurrent Unit (Weissenborn & Rocktäschel; Torch7 rnn's MuFuRu).
+
+        r = sigmoid(W_xr x + W_sr s + b_r)
+        v = tanh(W_xv x + W_v (r * s) + b_v)
+        p_j = softmax_j(W_xj x + W_sj s + b_j)     (per unit, over the J ops)
+        s' = sum_j p_j * op_j(s, v)
+    with ops from keep (s), replace (v), mul (s*v), diff (s-v), forget (0),
+    sqrt_diff (0.25*sqrt(|s-v|)), max, min. The softmax is spelled out elementwise (max,
+    exp, division) so the compiler can fuse it. Layout: "ih" rows are [r, v, p_1..p_J],
+    "hh" rows [r, p_1..p_J], and "hv" (no bias) reads r * s.
+    """
+    ops = tuple(ops)
+    unknown = [o for o in ops if o not in MUFURU_OPS]
+    if unknown or not ops or len(set(ops)) != len(ops):
+        raise ValueError(f"mufuru ops must be distinct names from {list(MUFURU_OPS)}, got {list(ops)}")
+    if all(o == "forget" for o in ops):
+        raise ValueError("mufuru needs at least one op other than 'forget' (the state would always be 0)")
+    H, J = hidden_size, len(ops)
+    x = sg.Input(input_size, name="x")
+    s = sg.State(H, name="s")
+    xr, xv, *xp = sg.chunk(sg.Linear(input_size, (2 + J) * H, name="ih")(x), 2 + J)
+    sr, *sp = sg.chunk(sg.Linear(H, (1 + J) * H, name="hh")(s), 1 + J)
+    r = sg.sigmoid(xr + sr)
+    v = sg.tanh(xv + sg.Linear(H, H, bias=False, name="hv")(r * s))
+
+    logits = [a + b for a, b in zip(xp, sp)]
+    top = logits[0]
+    for q in logits[1:]:
+        top = sg.maximum(top, q)
+    e = [sg.exp(q - top) for q in logits]
+    total = e[0]
+    for q in e[1:]:
+        total = total + q
+
+    s_next = None
+    for op, weight in zip(ops, e):
+        if op == "forget":
+            continue
+        term = weight * _mufuru_op(op, s, v)
+        s_next = term if s_next is None else s_next + term
+    s_next = s_next / total
+    return sg.Cell(inputs=[x], states={s: s_next}, outputs=[s_next], name="mufuru")
+
+
+def indrnn(input_size: int, hidden_size: int, nonlinearity: str = "relu") -> sg.Cell:
+    """The independently recurrent network (Li et al. 2018): h' = act(W x + b + u * h), with a
+    recurrent weight vector "u" (one weight per unit, initialised in [0, 1))."""
+    act = _activation(nonlinearity)
+    x = sg.Input(input_size, name="x")
+    h = sg.State(hidden_size, name="h")
+    u = sg.Parameter(hidden_size, name="u", init=lambda t: t.uniform_(0.0, 1.0))
+    h_next = act(sg.Linear(input_size, hidden_size, name="ih")(x) + u * h)
+    return sg.Cell(inputs=[x], states={h: h_next}, outputs=[h_next], name="indrnn")
+
+
+# ---------------------------------------------------------------------------------------
+# norm stabilizer
+# ---------------------------------------------------------------------------------------
+def norm_stabilizer_loss(seq: torch.Tensor, beta: float = 1.0, *, lengths=None, mask=None,
+                         batch_first: bool = False) -> torch.Tensor:
+    """Krueger & Memisevic's norm-stabilising penalty of a state sequence (T, B, *size):
+    beta * mean over sequences of [mean over t of (||h_t|| - ||h_{t-1}||)^2], where t runs
+    over consecutive real steps of each sequence (padded steps, given by lengths or mask,
+    are skipped; a sequence with fewer than two real steps adds 0)."""
+    if batch_first:
+        seq = seq.transpose(0, 1)
+        if mask is not None:
+            mask = mask.transpose(0, 1)
+    T, B = seq.shape[0], seq.shape[1]
+    if lengths is not None and mask is not None:
+        raise sg.InputError("norm_stabilizer_loss: give lengths or mask, not both")
+    if lengths is not None:
+        mask = torch.arange(T, device=seq.device).unsqueeze(1) < torch.as_tensor(lengths, device=seq.device)
+    elif mask is None:
+        mask = torch.ones(T, B, dtype=torch.bool, device=seq.device)
+    mask = mask.to(seq.device)
+    # norms of the real steps, packed to the front of each column so consecutive real steps are adjacent
+    norms = seq.reshape(T, B, -1).norm(dim=-1)
+    order = torch.where(mask, torch.arange(T, device=seq.device).unsqueeze(1), T).argsort(dim=0)
+    norms = norms.gather(0, order)
+    n = mask.sum(0)
+    pair = torch.arange(1, T, device=seq.device).unsqueeze(1) < n.unsqueeze(0)  # (T-1, B)
+    sq = (norms[1:] - norms[:-1]).pow(2) * pair
+    per_seq = sq.sum(0) / (n - 1).clamp(min=1)
+    return beta * per_seq.mean() if B else seq.new_zeros(())
+
+
+class NormStabilizer(nn.Module):
+    """Wrap any recurrence (forward(x, state, lengths=, mask=) -> (out, final_state)) so that
+    each forward also computes the norm-stabilising penalty of one of its output sequences;
+    read it as `.loss` after the call and add it to the training loss:
+
+        rnn = sg.NormStabilizer(sg.Recurrence(sg.cells.lstm(8, 16)), beta=1.0)
+        out, state = rnn(x, lengths=lengths)
+        (task_loss + rnn.loss).backward()
+
+    `output` picks the output when the cell has several. To stabilise a state that is not an
+    output (an LSTM's c), list it among the cell's outputs. The penalty is
+    `norm_stabilizer_loss` (Torch7's nn.NormStabilizer, as a wrapper rather than a step module).
+    """
+
+    def __init__(self, module: nn.Module, beta: float = 1.0, output: int = 0, batch_first: bool | None = None):
+        super().__init__()
+        self.module = module
+        self.beta = float(beta)
+        self.output = output
+        self.batch_first = getattr(module, "batch_first", False) if batch_first is None else batch_first
+        self.loss: torch.Tensor | None = None
+
+    def forward(self, x, state: Mapping | None = None, *, lengths=None, mask=None, **kwargs):
+        out, final = self.module(x, state, lengths=lengths, mask=mask, **kwargs)
+        seq = out[self.output] if isinstance(out, (tuple, list)) else out
+        self.loss = norm_stabilizer_loss(seq, self.beta, lengths=lengths, mask=mask, batch_first=self.batch_first)
+        return out, final
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, output={self.output}"
+
+
+__all__ = ["rnn", "recurrent", "lstm", "gru", "mufuru", "indrnn", "NormStabilizer", "norm_stabilizer_loss",
+           "MUFURU_OPS"]

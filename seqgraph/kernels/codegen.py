@@ -1,0 +1,550 @@
+"""Triton source for one fused Region: each region becomes one readable `@triton.jit` kernel.
+
+A program instance of the kernel handles BLOCK_ROWS rows of the batch. Every value lives in
+registers as a float32 tile over a *range of its columns*: [BLOCK_ROWS, BLOCK_w] for a batched
+value, [1, BLOCK_w] for an unbatched vector, a plain scalar for an unbatched 0-d value, where w
+is the range's width and BLOCK_w the next power of two (columns past w are masked by
+`cmask_w`). Registers cannot be sliced, so column layout is resolved at generation time: each
+value has *breaks* (the column offsets where concat and pad join pieces), every range that is
+computed lies between two breaks, and a slice, a concat piece or a pad piece asks its operand
+for the matching range, down to the loads. Elementwise ops and reductions come from the op
+registry's Triton emitters; layout ops, piecewise reductions and sliced softmax/layer_norm
+are written here. Per-example shapes are read flattened (a value of shape (S, D) is a row of
+S*D columns), which is exact for elementwise ops; reductions and layout ops need values whose
+leading per-example dims are 1. This module only writes source text and says what it cannot
+fuse; compiling, caching and launching are launch.py's job. It must not run kernels nor change
+the registry.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+from ..compiler import ops
+from ..compiler.ir import Node
+from .region import Region
+
+Range = tuple[int, int]
+
+CODEGEN_VERSION = 1  # bump when generated kernels change meaning: it is part of the cache key
+
+_ROW_STATS = ("softmax", "layer_norm")  # per-row statistics, then an elementwise part
+_SUMS = ("sum", "mean", "sum_to")
+
+
+# ---------------------------------------------------------------------------------------
+# shapes as the kernel sees them
+# ---------------------------------------------------------------------------------------
+def width(node: Node) -> int:
+    """Columns of one example of `node`: its per-example shape flattened (1 for a 0-d value)."""
+    return node.size
+
+
+def _row_shaped(node: Node) -> bool:
+    """All per-example dims but the last are 1, so the last dim *is* the row."""
+    return all(s == 1 for s in node.shape[:-1])
+
+
+def _block(w: int) -> int:
+    return 1 << max(0, (w - 1).bit_length())
+
+
+def _describe(n: Node) -> str:
+    name = f" '{n.name}'" if n.name else ""
+    return f"%{n.id} {n.op}{name} (declared at {n.site})"
+
+
+def _ident(text: str, limit: int = 24) -> str:
+    out = re.sub(r"\W", "_", text)[:limit].strip("_") or "v"
+    return out if not out[0].isdigit() else "_" + out
+
+
+# ---------------------------------------------------------------------------------------
+# what can be fused
+# ---------------------------------------------------------------------------------------
+def _validate(region: Region) -> None:
+    """Structural mistakes in a region are the caller's bug: raise ValueError."""
+    known: set[int] = set()
+    for n in region.inputs:
+        if n.id in known:
+            raise ValueError(f"region {region.name!r} lists input {_describe(n)} twice")
+        known.add(n.id)
+    for n in region.nodes:
+        if n.id in known:
+            raise ValueError(f"region {region.name!r} lists {_describe(n)} twice (or as an input and a node)")
+        if n.op in ops.LEAF_OPS and n.op != "const":
+            raise ValueError(f"region {region.name!r}: leaf {_describe(n)} must be an input, not a node")
+        for i in n.inputs:
+            if i.id not in known:
+                raise ValueError(f"region {region.name!r}: {_describe(n)} reads {_describe(i)}, which is "
+                                 "neither an input nor computed earlier in the region")
+        known.add(n.id)
+    for k, o in enumerate(region.outputs):
+        if o.id not in known:
+            raise ValueError(f"region {region.name!r}: output {k} {_describe(o)} is neither an input nor a node")
+    for k, i in region.carry.items():
+        if not (0 <= k < len(region.outputs) and 0 <= i < len(region.inputs)):
+            raise ValueError(f"region {region.name!r}: carry {k} -> {i} is out of range")
+        src, out = region.inputs[i], region.outputs[k]
+        if not src.batched or width(src) != width(out):
+            raise ValueError(f"region {region.name!r}: output {k} {_describe(out)} cannot carry input {i} "
+                             f"{_describe(src)}: it needs a batched value of the same size")
+        if k in region.zero_masked:
+            raise ValueError(f"region {region.name!r}: output {k} is both carried and zero-masked")
+    for k in region.zero_masked:
+        if not 0 <= k < len(region.outputs):
+            raise ValueError(f"region {region.name!r}: zero_masked output {k} is out of range")
+
+
+def _node_problem(n: Node) -> str | None:
+    """Why `n` cannot be computed inside a fused kernel, or None."""
+    if n.dtype != "float":
+        return f"{_describe(n)} has dtype {n.dtype}; fused kernels compute floats only"
+    if n.op == "const":
+        return None
+    if n.op in ("slice", "pad", "concat"):
+        for a in n.inputs:
+            if not _row_shaped(a) or n.attrs["dim"] != len(a.shape) - 1:
+                return f"{_describe(n)} works along a dim other than the row (last) dim"
+        return None
+    if n.op == "reshape":
+        return None  # the flattened row is unchanged
+    if n.op == "broadcast_to":
+        if width(n.inputs[0]) not in (1, width(n)):
+            return f"{_describe(n)} repeats a value along a dim other than the row; only size-1 values broadcast"
+        return None
+    ok, why = ops.fusable(n)
+    if not ok:
+        return f"{_describe(n)}: {why}"
+    kind = ops.REGISTRY[n.op].kind
+    if kind == "reduction" and not _row_shaped(n.inputs[0]):
+        return f"{_describe(n)} reduces the last dim of a value with leading per-example dims"
+    if kind == "elementwise":
+        for a in n.inputs:
+            if width(a) == 1 or a.shape == n.shape or (width(a) == width(n) and _row_shaped(a) and _row_shaped(n)):
+                continue
+            return (f"{_describe(n)} broadcasts operand {_describe(a)} of shape {a.shape} to {n.shape} along "
+                    "a dim other than the row")
+    elif kind != "reduction":
+        return f"{_describe(n)}: op kind {kind} is not fused"
+    return None
+
+
+def _problem(region: Region) -> str | None:
+    _validate(region)
+    if not region.outputs:
+        return f"region {region.name!r} has no outputs"
+    for k, o in enumerate(region.outputs):
+        if not o.batched:
+            return (f"output {k} {_describe(o)} has no batch dim; values made only of parameters and "
+                    "constants are computed once, outside the step")
+        if o.dtype != "float":
+            return f"output {k} {_describe(o)} has dtype {o.dtype}; fused kernels compute floats only"
+    for n in region.nodes:
+        why = _node_problem(n)
+        if why:
+            return why
+    return None
+
+
+def region_supported(region: Region) -> tuple[bool, str]:
+    """Whether `compile_region` can fuse `region`, and if not, the reason (for the plan).
+
+    Raises ValueError for a malformed region (a node reading a value the region does not have)."""
+    why = _problem(region)
+    return (why is None, why or "")
+
+
+# ---------------------------------------------------------------------------------------
+# building regions
+# ---------------------------------------------------------------------------------------
+def region_from_outputs(outputs: Sequence[Node], inputs: Sequence[Node], *, carry: dict[int, int] | None = None,
+                        zero_masked: Iterable[int] = (), name: str = "region") -> Region:
+    """The region computing `outputs` from `inputs`: every node between them, in topological
+    order. Constants reached are computed inside; any other leaf must be listed in `inputs`.
+
+        region = region_from_outputs([h_next], [gemm_out, bias])
+    """
+    stop = {n.id for n in inputs}
+    order: list[Node] = []
+    seen: set[int] = set(stop)
+    for root in outputs:
+        if root.id in seen:
+            continue
+        seen.add(root.id)
+        stack = [(root, iter(root.inputs))]
+        while stack:
+            node, it = stack[-1]
+            child = next(it, None)
+            if child is None:
+                stack.pop()
+                if node.op in ops.LEAF_OPS and node.op != "const":
+                    raise ValueError(f"{_describe(node)} is reached from the outputs but is not among the "
+                                     "region's inputs")
+                order.append(node)
+            elif child.id not in seen:
+                seen.add(child.id)
+                stack.append((child, iter(child.inputs)))
+    return Region(nodes=order, inputs=list(inputs), outputs=list(outputs), carry=dict(carry or {}),
+                  zero_masked=set(zero_masked), name=name)
+
+
+# ---------------------------------------------------------------------------------------
+# what the generator hands to the launcher
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ArgSpec:
+    """How one region input reaches the kernel."""
+
+    kind: str  # "rows": (B, W) with row and column strides | "vector": (W,) | "scalar": () | "const": a literal
+    width: int
+    label: str
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    """The generated source of one region's kernel and the layout of its arguments."""
+
+    source: str
+    func_name: str
+    inputs: tuple[ArgSpec, ...]  # one per region input, in order
+    out_shapes: tuple[tuple[int, ...], ...]  # per-example shape of each output
+    max_block: int  # widest column tile, to choose BLOCK_ROWS
+    masked: bool  # whether any output is carried or zero-masked (reads the step mask)
+
+
+def _float_literal(v: float) -> str:
+    v = float(v)
+    if math.isnan(v):
+        return "float('nan')"
+    if math.isinf(v):
+        return "float('inf')" if v > 0 else "float('-inf')"
+    return repr(v)
+
+
+def _row_sum(x: str, w: int) -> str:
+    return f"tl.sum(tl.where(cmask_{w}, {x}, 0.0), axis=1)[:, None]"
+
+
+# ---------------------------------------------------------------------------------------
+# the generator
+# ---------------------------------------------------------------------------------------
+class _Writer:
+    """Writes one kernel: breaks, then the column ranges each value must provide (walking back
+    from the outputs), then one line per (value, range) in topological order, then the stores."""
+
+    def __init__(self, region: Region):
+        self.region = region
+        everything = list(region.inputs) + list(region.nodes)
+        self.arg = {n.id: k for k, n in enumerate(region.inputs)}
+        self.var = {n.id: f"v{k}_{_ident(n.name or n.op)}" for k, n in enumerate(everything)}
+        self.breaks: dict[int, tuple[int, ...]] = {}
+        self.need: dict[int, set[Range]] = {n.id: set() for n in everything}
+        self.from_stats: set[int] = set()  # softmax/layer_norm nodes computed from row statistics
+        self.values: dict[tuple[int, int, int], str] = {}  # (node id, lo, hi) -> expression
+        self.literals: set[str] = set()
+        self.widths: set[int] = set()
+        self.lines: list[str] = []
+
+    # -- column layout -----------------------------------------------------------------
+    def _find_breaks(self) -> None:
+        for n in self.region.inputs:
+            self.breaks[n.id] = ()
+        for n in self.region.nodes:
+            cuts: set[int] = set()
+            if n.op == "slice":
+                s, e = n.attrs["start"], n.attrs["stop"]
+                cuts = {b - s for b in self.breaks[n.inputs[0].id] if s < b < e}
+            elif n.op == "concat":
+                off = 0
+                for a in n.inputs:
+                    cuts |= {off + b for b in self.breaks[a.id]} | {off}
+                    off += width(a)
+            elif n.op == "pad":
+                a, before = n.inputs[0], n.attrs["before"]
+                cuts = {before + b for b in self.breaks[a.id]} | {before, before + width(a)}
+            else:  # elementwise and row ops keep the layout of their full-width operands
+                for a in n.inputs:
+                    if width(a) == width(n):
+                        cuts |= set(self.breaks[a.id])
+            self.breaks[n.id] = tuple(sorted(b for b in cuts if 0 < b < width(n)))
+
+    def segments(self, n: Node, lo: int = 0, hi: int | None = None) -> list[Range]:
+        """[lo, hi) cut at the breaks of `n`: each piece is one tile."""
+        hi = width(n) if hi is None else hi
+        cuts = [lo] + [b for b in self.breaks[n.id] if lo < b < hi] + [hi]
+        return list(zip(cuts[:-1], cuts[1:]))
+
+    def operand_ranges(self, n: Node, rng: Range) -> list[tuple[Node, Range]]:
+        """The operand ranges that range `rng` of `n` is computed from."""
+        lo, hi = rng
+        if n.op == "const":
+            return []
+        if n.op == "slice":
+            s = n.attrs["start"]
+            return [(n.inputs[0], (lo + s, hi + s))]
+        if n.op == "concat":
+            off = 0
+            for a in n.inputs:
+                if off <= lo < off + width(a):
+                    return [(a, (lo - off, hi - off))]
+                off += width(a)
+        if n.op == "pad":
+            a, before = n.inputs[0], n.attrs["before"]
+            if hi <= before or lo >= before + width(a):
+                return []  # a zero piece
+            return [(a, (lo - before, hi - before))]
+        if n.op in _SUMS and (width(n) == 1 or n.op != "sum_to"):
+            (a,) = n.inputs
+            return [(a, seg) for seg in self.segments(a)]
+        if n.op in _ROW_STATS and n.id in self.from_stats:
+            (a,) = n.inputs
+            return [(a, seg) for seg in self.segments(a)] + [(a, rng)]
+        # elementwise ops, reshape, broadcast_to, an identity sum_to, a whole softmax/layer_norm
+        return [(a, rng if width(a) == width(n) else (0, 1)) for a in n.inputs]
+
+    def _plan_ranges(self) -> None:
+        for o in self.region.outputs:
+            self.need[o.id].update(self.segments(o))
+        for n in reversed(self.region.nodes):
+            need = self.need[n.id]
+            if not need:
+                continue
+            if n.op in _ROW_STATS and (need != {(0, width(n))} or len(self.segments(n.inputs[0])) > 1):
+                self.from_stats.add(n.id)
+            for rng in sorted(need):
+                for a, r in self.operand_ranges(n, rng):
+                    self.need[a.id].add(r)
+
+    # -- lines -------------------------------------------------------------------------
+    def _tag(self, n: Node, rng: Range | None = None) -> str:
+        name = f" '{n.name}'" if n.name else ""
+        part = f" [{rng[0]}:{rng[1]}]" if rng is not None and rng != (0, width(n)) else ""
+        site = f" @ {n.site}" if n.site.line else ""
+        return f"%{n.id} {n.op}{name}{part}{site}"
+
+    def emit(self, code: str, tag: str, indent: int = 1) -> None:
+        self.lines.append("    " * indent + f"{code}  # {tag}")
+
+    def name_of(self, n: Node, rng: Range) -> str:
+        return self.var[n.id] if rng == (0, width(n)) else f"{self.var[n.id]}_{rng[0]}_{rng[1]}"
+
+    def value(self, n: Node, rng: Range) -> str:
+        return self.values[(n.id, *rng)]
+
+    def tile_zeros(self, n: Node, w: int) -> str:
+        return f"tl.zeros(({'BLOCK_ROWS' if n.batched else 1}, {_block(w)}), tl.float32)"
+
+    def load(self, n: Node, rng: Range) -> str:
+        """A load expression for range `rng` of region input `n` (float32 in registers)."""
+        k, (lo, w) = self.arg[n.id], (rng[0], rng[1] - rng[0])
+        self.widths.add(w)
+        cols = f"(cols_{w} + {lo})" if lo else f"cols_{w}"
+        spec = self.arg_spec(n)
+        if spec.kind == "rows":
+            return (f"tl.load(in{k}_ptr + rows * in{k}_rs + {cols} * in{k}_cs, mask=rmask & cmask_{w}, "
+                    "other=0.0).to(tl.float32)")
+        if spec.kind == "vector":
+            return f"tl.load(in{k}_ptr + {cols} * in{k}_cs, mask=cmask_{w}, other=0.0).to(tl.float32)"
+        return f"tl.load(in{k}_ptr).to(tl.float32)"
+
+    def arg_spec(self, n: Node) -> ArgSpec:
+        label = n.label()
+        if n.op == "const":
+            return ArgSpec("const", 1, label)
+        if n.batched:
+            return ArgSpec("rows", width(n), label)
+        return ArgSpec("vector" if n.shape else "scalar", width(n), label)
+
+    def expression(self, n: Node, rng: Range) -> str:
+        """The expression for range `rng` of computed node `n` (its operands are already named)."""
+        lo, hi = rng
+        w = hi - lo
+        parts = self.operand_ranges(n, rng)
+        if n.op in ("slice", "concat", "pad", "reshape"):
+            return self.value(*parts[0]) if parts else self.tile_zeros(n, w)
+        if n.op == "broadcast_to" or (n.op == "sum_to" and width(n) == width(n.inputs[0])):
+            (a, r), = parts
+            if width(a) == width(n):
+                return self.value(a, r)
+            return f"({self.value(a, r)} + {self.tile_zeros(n, w)})"
+        if n.op in _SUMS:
+            (a,) = n.inputs
+            if len(parts) == 1:
+                return ops.triton_expr(n, [self.value(*parts[0])])
+            total = " + ".join(_row_sum(self.value(a, r), r[1] - r[0]) for _, r in parts)
+            return f"(({total}) / {float(width(a))})" if n.op == "mean" else f"({total})"
+        if n.op in _ROW_STATS and n.id in self.from_stats:
+            return self.from_row_stats(n, rng)
+        args = [self.value(a, r) for a, r in parts]
+        if args and all(x in self.literals for x in args):
+            return self.fold(n, args)
+        return ops.triton_expr(n, args)
+
+    def fold(self, n: Node, args: list[str]) -> str:
+        """An op on literals only is computed now, in float64."""
+        vals = [torch.tensor(eval(x, {"float": float}), dtype=torch.float64) for x in args]  # noqa: S307
+        lit = _float_literal(float(ops.REGISTRY[n.op].torch(n, *vals)))
+        self.literals.add(lit)
+        return lit
+
+    def from_row_stats(self, n: Node, rng: Range) -> str:
+        """softmax / layer_norm over columns `rng`, from statistics of the whole row (written once)."""
+        (a,) = n.inputs
+        base = self.var[n.id]
+        segs = [(self.value(a, r), r[1] - r[0]) for r in self.segments(a)]
+        if (n.id, -1, -1) not in self.values:
+            self.values[(n.id, -1, -1)] = base
+            tag = self._tag(n) + " row statistics"
+            if n.op == "softmax":
+                maxes = [f"tl.max(tl.where(cmask_{w}, {x}, float('-inf')), axis=1)[:, None]" for x, w in segs]
+                mx = maxes[0]
+                for m in maxes[1:]:
+                    mx = f"tl.maximum({mx}, {m})"
+                self.emit(f"{base}_max = {mx}", tag)
+                sums = " + ".join(_row_sum(f"tl.exp({x} - {base}_max)", w) for x, w in segs)
+                self.emit(f"{base}_sum = {sums}", tag)
+            else:
+                total = float(width(a))
+                self.emit(f"{base}_mean = ({' + '.join(_row_sum(x, w) for x, w in segs)}) / {total}", tag)
+                sq = " + ".join(_row_sum(f"({x} - {base}_mean) * ({x} - {base}_mean)", w) for x, w in segs)
+                self.emit(f"{base}_rstd = 1.0 / tl.sqrt(({sq}) / {total} + {n.attrs['eps']!r})", tag)
+        x = self.value(a, rng)
+        if n.op == "softmax":
+            return f"(tl.exp({x} - {base}_max) / {base}_sum)"
+        return f"(({x} - {base}_mean) * {base}_rstd)"
+
+    def _define(self, n: Node, rng: Range, expr: str) -> None:
+        self.widths.add(rng[1] - rng[0])
+        if expr in self.literals:
+            self.values[(n.id, *rng)] = expr
+            return
+        name = self.name_of(n, rng)
+        self.emit(f"{name} = {expr}", self._tag(n, rng))
+        self.values[(n.id, *rng)] = name
+
+    def _body(self) -> None:
+        for n in self.region.inputs:
+            for rng in sorted(self.need[n.id]):
+                if n.op == "const":
+                    self.values[(n.id, *rng)] = self.const_literal(n)
+                else:
+                    self._define(n, rng, self.load(n, rng))
+        for n in self.region.nodes:
+            for rng in sorted(self.need[n.id]):
+                if n.op == "const":
+                    self.values[(n.id, *rng)] = self.const_literal(n)
+                else:
+                    self._define(n, rng, self.expression(n, rng))
+
+    def const_literal(self, n: Node) -> str:
+        v = n.attrs["value"]
+        # the registry's emitter writes repr(value), which is not Python for inf and nan
+        lit = ops.triton_expr(n, []) if math.isfinite(v) else _float_literal(v)
+        self.literals.add(lit)
+        return lit
+
+    def _stores(self) -> None:
+        r = self.region
+        for k, o in enumerate(r.outputs):
+            self.lines.append(f"    # output {k}: {self._tag(o)}")
+            for lo, hi in self.segments(o):
+                w = hi - lo
+                self.widths.add(w)
+                val = f"o{k}_{lo}" if lo else f"o{k}"
+                self.lines.append(f"    {val} = {self.value(o, (lo, hi))}")
+                if k in r.carry:
+                    src = r.inputs[r.carry[k]]
+                    old = self.values.get((src.id, lo, hi)) or self.load(src, (lo, hi))
+                    self.lines.append("    if HAS_MASK:")
+                    self.emit(f"{val} = tl.where(keep, {val}, {old})",
+                              f"padded rows keep input {r.carry[k]} ({src.label()})", indent=2)
+                elif k in r.zero_masked:
+                    self.lines.append("    if HAS_MASK:")
+                    self.emit(f"{val} = tl.where(keep, {val}, 0.0)", "padded rows write zeros", indent=2)
+                cols = f"cols_{w} + {lo}" if lo else f"cols_{w}"
+                self.lines.append(f"    tl.store(out{k}_ptr + rows * {width(o)} + {cols}, "
+                                  f"{val}.to(out{k}_ptr.dtype.element_ty), mask=rmask & cmask_{w})")
+
+    # -- the whole kernel ----------------------------------------------------------------
+    def write(self) -> KernelSource:
+        r = self.region
+        self._find_breaks()
+        self._plan_ranges()
+        self._body()
+        body = self.lines
+        self.lines = []
+        self._stores()
+        stores = self.lines
+        masked = bool(r.carry or r.zero_masked)
+        func = f"{_ident(r.name, 40)}_kernel"
+
+        params = []
+        specs = tuple(self.arg_spec(n) for n in r.inputs)
+        for k, (n, spec) in enumerate(zip(r.inputs, specs)):
+            b = "B, " if n.batched else ""
+            what = f"input {k}: %{n.id} {n.op} '{n.label()}' ({b}{', '.join(map(str, n.shape))})"
+            args = {"rows": f"in{k}_ptr, in{k}_rs, in{k}_cs,", "vector": f"in{k}_ptr, in{k}_cs,",
+                    "scalar": f"in{k}_ptr,", "const": None}[spec.kind]
+            if args is None:
+                params.append(f"    # {what} = {self.const_literal(n)}, written inline")
+            else:
+                params.append(f"    {args:<32}# {what}")
+        for k, o in enumerate(r.outputs):
+            params.append(f"    {f'out{k}_ptr,':<32}# output {k}: %{o.id} {o.op} '{o.label()}' "
+                          f"(B, {width(o)}) contiguous")
+        params.append(f"    {'mask_ptr, mask_rs,':<32}# (B,) step mask, nonzero = a real step (read when HAS_MASK)")
+        params.append(f"    {'n_rows,':<32}# B")
+        params.append(f"    {'HAS_MASK: tl.constexpr,':<32}# apply carry / zero_masked to padded rows")
+        params.append(f"    {'BLOCK_ROWS: tl.constexpr,':<32}# batch rows per program")
+
+        prologue = [
+            "    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)[:, None]"
+            "  # [BLOCK_ROWS, 1]",
+            "    rmask = rows < n_rows",
+        ]
+        for w in sorted(self.widths):
+            prologue.append(f"    cols_{w} = tl.arange(0, {_block(w)})[None, :]")
+            prologue.append(f"    cmask_{w} = cols_{w} < {w}")
+        if masked:
+            prologue.append("    if HAS_MASK:")
+            prologue.append("        keep = tl.load(mask_ptr + rows * mask_rs, mask=rmask, other=0) != 0"
+                            "  # [BLOCK_ROWS, 1]")
+
+        header = [
+            f'"""Generated by seqgraph (codegen v{CODEGEN_VERSION}) for region {r.name!r}: '
+            f"{len(r.nodes)} nodes, {len(r.inputs)} inputs, {len(r.outputs)} outputs.",
+            "",
+            "Each value is a float32 tile [BLOCK_ROWS, BLOCK_w] over a range of its columns; `# %id op` names",
+            'the graph node a line computes. Do not edit: the file is rewritten when the region changes."""',
+            "import triton",
+            "import triton.language as tl",
+            "",
+            "",
+            "@triton.jit",
+            f"def {func}(",
+        ]
+        lines = header + params + ["):"] + prologue + ["    # -- values --"] + body + ["    # -- stores --"]
+        lines += stores + ["", "", f"KERNEL = {func}", ""]
+        out_shapes = tuple(tuple(o.shape) for o in r.outputs)
+        max_block = max(_block(w) for w in self.widths)
+        return KernelSource("\n".join(lines), func, specs, out_shapes, max_block, masked)
+
+
+def generate(region: Region) -> KernelSource:
+    """The Triton source of `region`'s kernel and its argument layout.
+
+    Raises NotImplementedError (with the reason region_supported gives) for a region that
+    cannot be fused, and ValueError for a malformed one."""
+    why = _problem(region)
+    if why:
+        raise NotImplementedError(f"region {region.name!r} cannot be fused: {why}")
+    return _Writer(region).write()
+
+
+__all__ = ["ArgSpec", "KernelSource", "CODEGEN_VERSION", "generate", "region_from_outputs", "region_supported",
+           "width"]

@@ -1,0 +1,240 @@
+"""Compile, cache and launch the kernel of a fused Region.
+
+`compile_region(region)` asks codegen.py for the source, writes it once to the kernel cache
+directory ($SEQGRAPH_CACHE_DIR, default ~/.cache/seqgraph/kernels) as `<key>.py`, where the key
+hashes the region's signature, the Triton version and the generator's version, imports it
+(triton.jit reads real source files) and keeps the function in memory; another process, or a
+region of the same structure, reuses the file. `RegionKernel.__call__` checks and lays out the
+tensors, picks the block shape and launches one program per BLOCK_ROWS rows. This module must
+not decide what is fused (codegen.py) nor cut graphs into regions (the compiler).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .codegen import CODEGEN_VERSION, KernelSource, generate
+from .region import Region
+
+try:
+    import triton
+except ImportError:  # pragma: no cover - triton ships with every supported Linux torch
+    triton = None
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_loaded: dict[tuple[str, bool], object] = {}  # (cache key, interpreter on) -> the jitted kernel
+
+
+def debug_level() -> int:
+    """SEQGRAPH_DEBUG as a number (3: print generated kernels, 4: also their launches)."""
+    raw = os.environ.get("SEQGRAPH_DEBUG", "")
+    try:
+        return int(raw)
+    except ValueError:
+        return 1 if raw else 0
+
+
+def cache_dir() -> Path:
+    """Where generated kernel files live: $SEQGRAPH_CACHE_DIR or ~/.cache/seqgraph/kernels."""
+    return Path(os.environ.get("SEQGRAPH_CACHE_DIR") or Path.home() / ".cache" / "seqgraph" / "kernels")
+
+
+def clear_memory_cache() -> None:
+    """Forget the kernels imported by this process (the files on disk stay)."""
+    _loaded.clear()
+
+
+def cache_key(region: Region) -> str:
+    """The file name stem of `region`'s kernel: a hash of its structure and of the tool versions."""
+    version = triton.__version__ if triton is not None else "none"
+    text = repr((region.signature(), version, CODEGEN_VERSION))
+    return "k" + hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _write_once(path: Path, source: str) -> bool:
+    """Write `source` to `path` unless it is already there; True if this call wrote it."""
+    if path.exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(source)
+    os.replace(tmp, path)  # atomic: a concurrent process sees the whole file or none
+    return True
+
+
+def _import(path: Path, key: str):
+    name = f"seqgraph_kernels_{key}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.KERNEL
+
+
+class RegionKernel:
+    """The compiled kernel of one region; call it on the region's input tensors.
+
+    kernel(inputs, mask=None, out_dtype=None) -> list of outputs, each a fresh contiguous
+    (B, *shape) tensor ((B, W) for a row value). `inputs` has one tensor per region input
+    (constants may be given as None, or left out altogether): batched values are (B, W) with any
+    strides (or (B, *shape)), unbatched ones (W,) or 0-d. `mask` is (B,) bool, True = a real
+    step; padded rows then follow region.carry and region.zero_masked."""
+
+    def __init__(self, region: Region, gen: KernelSource, fn, path: Path, wrote_file: bool):
+        self.region = region
+        self.gen = gen
+        self.fn = fn
+        self.path = path
+        self.wrote_file = wrote_file  # False when the cache file was already there
+        self.source = gen.source  # this region's kernel (the cached file may name another region's nodes)
+        self._non_const = [k for k, a in enumerate(gen.inputs) if a.kind != "const"]
+
+    def __repr__(self) -> str:
+        return f"<RegionKernel {self.region.name!r} {self.path.name}>"
+
+    def launch_config(self, batch: int) -> dict:
+        """BLOCK_ROWS and num_warps for a batch of `batch` rows: tiles of about 2048 elements."""
+        block_w = self.gen.max_block
+        rows = max(1, min(64, 2048 // block_w))
+        rows = min(rows, 1 << max(0, (batch - 1).bit_length()))
+        warps = max(1, min(16, rows * block_w // 512))
+        return {"BLOCK_ROWS": rows, "num_warps": warps}
+
+    def _bind(self, inputs: Sequence) -> list:
+        n = len(self.gen.inputs)
+        inputs = list(inputs)
+        if len(inputs) == n:
+            return inputs
+        if len(inputs) == len(self._non_const):
+            full = [None] * n
+            for k, t in zip(self._non_const, inputs):
+                full[k] = t
+            return full
+        raise ValueError(f"region {self.region.name!r} takes {n} inputs ({len(self._non_const)} without its "
+                         f"constants), got {len(inputs)}")
+
+    def __call__(self, inputs: Sequence[torch.Tensor | None], mask: torch.Tensor | None = None,
+                 out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+        tensors = self._bind(inputs)
+        specs, region = self.gen.inputs, self.region
+        batch, device, first_dtype = None, None, None
+        for k, (spec, t) in enumerate(zip(specs, tensors)):
+            if spec.kind == "const":
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"input {k} ({spec.label}) of region {region.name!r} must be a tensor, "
+                                f"got {type(t).__name__}")
+            if t.dtype not in _FLOATS:
+                raise TypeError(f"input {k} ({spec.label}) of region {region.name!r} has dtype {t.dtype}; "
+                                "fused kernels take floating-point tensors")
+            device = device or t.device
+            if t.device != device:
+                raise ValueError(f"input {k} ({spec.label}) of region {region.name!r} is on {t.device}, "
+                                 f"the others on {device}")
+            if spec.kind == "rows":
+                if t.dim() == 0 or (batch is not None and t.shape[0] != batch):
+                    raise ValueError(f"input {k} ({spec.label}) of region {region.name!r} has shape "
+                                     f"{tuple(t.shape)}; expected a batch of {batch} rows")
+                batch = t.shape[0]
+                first_dtype = first_dtype or t.dtype
+        if batch is None:
+            if mask is None:
+                raise ValueError(f"region {region.name!r} has no batched input; pass a mask to give the batch size")
+            batch = mask.shape[0]
+        if device is None:
+            device = mask.device if mask is not None else torch.device("cpu")
+        if device.type == "cpu" and not _interpreting():
+            raise RuntimeError("Triton kernels need CUDA tensors; set TRITON_INTERPRET=1 to run them on the CPU")
+        dtype = out_dtype or first_dtype or torch.float32
+        outs = [torch.empty((batch, max(1, _prod(s))), dtype=dtype, device=device) for s in self.gen.out_shapes]
+        results = [o.view((batch,) + s) for o, s in zip(outs, self.gen.out_shapes)]
+        if batch == 0:
+            return results
+
+        args: list = []
+        for k, (spec, t) in enumerate(zip(specs, tensors)):
+            if spec.kind == "rows":
+                t2 = t.unsqueeze(1) if t.dim() == 1 else (t if t.dim() == 2 else t.reshape(batch, -1))
+                if t2.shape[1] != spec.width:
+                    raise ValueError(f"input {k} ({spec.label}) of region {region.name!r} has {t2.shape[1]} "
+                                     f"columns per row, expected {spec.width}")
+                args += [t2, t2.stride(0), t2.stride(1)]
+            elif spec.kind == "vector":
+                t1 = t.reshape(-1)
+                if t1.numel() != spec.width:
+                    raise ValueError(f"input {k} ({spec.label}) of region {region.name!r} has {t1.numel()} "
+                                     f"elements, expected {spec.width}")
+                args += [t1, t1.stride(0)]
+            elif spec.kind == "scalar":
+                if t.numel() != 1:
+                    raise ValueError(f"input {k} ({spec.label}) of region {region.name!r} must be a scalar, "
+                                     f"got shape {tuple(t.shape)}")
+                args.append(t.reshape(()))
+        args += outs
+        has_mask = mask is not None and self.gen.masked
+        if has_mask:
+            if mask.shape != (batch,):
+                raise ValueError(f"the mask of region {region.name!r} must have shape ({batch},), "
+                                 f"got {tuple(mask.shape)}")
+            m = mask.view(torch.uint8) if mask.dtype == torch.bool else (mask != 0).view(torch.uint8)
+            args += [m.to(device), m.stride(0)]
+        else:
+            args += [outs[0], 0]  # never read: HAS_MASK is off
+        args.append(batch)
+
+        cfg = self.launch_config(batch)
+        grid = ((batch + cfg["BLOCK_ROWS"] - 1) // cfg["BLOCK_ROWS"],)
+        if debug_level() >= 4:
+            print(f"[seqgraph] launch {self.gen.func_name} ({self.path.name}) grid={grid} B={batch} "
+                  f"BLOCK_ROWS={cfg['BLOCK_ROWS']} max BLOCK_W={self.gen.max_block} num_warps={cfg['num_warps']} "
+                  f"mask={has_mask} dtype={dtype}", file=sys.stderr)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                self.fn[grid](*args, HAS_MASK=has_mask, **cfg)
+        else:
+            self.fn[grid](*args, HAS_MASK=has_mask, **cfg)
+        return results
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def compile_region(region: Region) -> RegionKernel:
+    """The kernel of `region`, generated, written to the cache and imported on first use.
+
+    Raises NotImplementedError (with the reason) when the region cannot be fused; check with
+    codegen.region_supported first to fall back to torch.
+
+        kernel = compile_region(region)
+        h, c = kernel([xproj_t, gemm_out, bias, c_prev], mask=mask_t)
+    """
+    if triton is None:
+        raise NotImplementedError("Triton is not installed; fused kernels are unavailable")
+    gen = generate(region)
+    key = cache_key(region)
+    path = cache_dir() / f"{key}.py"
+    wrote = _write_once(path, gen.source)
+    mem = (key, _interpreting())
+    if mem not in _loaded:
+        _loaded[mem] = _import(path, key)
+    if debug_level() >= 3:
+        print(f"[seqgraph] kernel for region {region.name!r} ({path}):\n{gen.source}", file=sys.stderr)
+    return RegionKernel(region, gen, _loaded[mem], path, wrote)
+
+
+__all__ = ["RegionKernel", "compile_region", "cache_dir", "cache_key", "clear_memory_cache", "debug_level"]

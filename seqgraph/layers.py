@@ -1,0 +1,324 @@
+"""Layers built from recurrences: stacks, bidirectional wrappers, repeaters, sequence losses.
+
+Each layer takes any "recurrence-like" module: one whose forward(x, state, lengths=, mask=)
+returns (outputs, final_state) — an sg.Recurrence, a compiled one, an sg.nn module or your own.
+Layers use inner modules only through that call, so a compiled backend drops in unchanged.
+All of them accept lengths or a mask for padded batches and initial states, and none of them
+detaches anything, so an encoder's final state can start a decoder with gradients flowing.
+Padded steps are never read as data: reversal keeps padding in place and reverses each
+sequence within its own real steps. This module must not build cells or know about backends.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import InputError
+from .recurrence import Recurrence
+
+
+# ---------------------------------------------------------------------------------------
+# index helpers for padded batches
+# ---------------------------------------------------------------------------------------
+def _valid_steps(T: int, B: int, lengths, mask, batch_first: bool, device, who: str) -> torch.Tensor | None:
+    """A (T, B) bool tensor of real steps, or None when every step is real."""
+    if lengths is not None and mask is not None:
+        raise InputError(f"{who}: give lengths or mask, not both")
+    if lengths is not None:
+        lengths = torch.as_tensor(lengths, device=device)
+        if lengths.dim() != 1 or lengths.shape[0] != B:
+            raise InputError(f"{who}: lengths must have shape ({B},), got {tuple(lengths.shape)}")
+        if B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
+            raise InputError(f"{who}: lengths must lie in [0, {T}] (T = {T})")
+        return torch.arange(T, device=device).unsqueeze(1) < lengths.unsqueeze(0)
+    if mask is not None:
+        mask = mask.transpose(0, 1) if batch_first else mask
+        if tuple(mask.shape) != (T, B) or mask.dtype != torch.bool:
+            want = f"({B}, {T})" if batch_first else f"({T}, {B})"
+            raise InputError(f"{who}: mask must be a bool tensor of shape {want}, got {tuple(mask.shape)} {mask.dtype}")
+        return mask.to(device)
+    return None
+
+
+def _ranks(valid: torch.Tensor):
+    """For a (T, B) mask: each step's rank among its sequence's real steps, the number of real
+    steps per sequence, and the position of the r-th real step (rows r >= n are unused)."""
+    T = valid.shape[0]
+    t = torch.arange(T, device=valid.device).unsqueeze(1).expand_as(valid)
+    rank = valid.long().cumsum(0) - 1
+    n = valid.long().sum(0)
+    position = torch.where(valid, t, t + T).argsort(dim=0)
+    return rank, n, position, t
+
+
+def _gather_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[index[t, b], b, ...] for a time-major x."""
+    shaped = index.reshape(index.shape + (1,) * (x.dim() - 2)).expand_as(x)
+    return x.gather(0, shaped)
+
+
+def reverse_sequences(x: torch.Tensor, lengths=None, batch_first: bool = False, *, mask=None) -> torch.Tensor:
+    """Reverse each sequence of a padded batch within its own real steps (Torch7's
+    SeqReverseSequence, made length-aware): padded steps stay where they are, untouched.
+
+    x: (T, B, ...) or (B, T, ...) with batch_first. lengths: (B,) ints; or mask: (T, B) bool
+    (any pattern: the real steps are reversed among themselves). Neither: a plain flip.
+
+    >>> x = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]]).T   # (T=4, B=2)
+    >>> sg.reverse_sequences(x, torch.tensor([3, 2])).T.tolist()
+    [[3, 2, 1, 0], [5, 4, 0, 0]]
+    """
+    xt = x.transpose(0, 1) if batch_first else x
+    T, B = xt.shape[0], xt.shape[1]
+    valid = _valid_steps(T, B, lengths, mask, batch_first, x.device, "reverse_sequences")
+    if valid is None:
+        out = xt.flip(0)
+    else:
+        rank, n, position, t = _ranks(valid)
+        mirrored = position.gather(0, (n.unsqueeze(0) - 1 - rank).clamp(min=0))
+        out = _gather_time(xt, torch.where(valid, mirrored, t))
+    return out.transpose(0, 1) if batch_first else out
+
+
+def _shift_within(x: torch.Tensor, valid: torch.Tensor | None, by: int) -> torch.Tensor:
+    """out at a real step of rank k = x at the real step of rank k - by; zero where that does
+    not exist and on padded steps (time-major)."""
+    if valid is None:
+        valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    rank, n, position, _ = _ranks(valid)
+    src = rank - by
+    exists = valid & (src >= 0) & (src < n.unsqueeze(0))
+    index = position.gather(0, src.clamp(0, x.shape[0] - 1))
+    out = _gather_time(x, index)
+    return out * exists.reshape(exists.shape + (1,) * (x.dim() - 2)).to(out.dtype)
+
+
+def _single_output(out, who: str) -> torch.Tensor:
+    if isinstance(out, (tuple, list)):
+        raise InputError(f"{who}: an inner module returned {len(out)} outputs; layers pass one output "
+                         f"sequence on, so give the cell a single output")
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# stacks
+# ---------------------------------------------------------------------------------------
+class Stack(nn.Module):
+    """Recurrence-like layers run one after the other (rnnlib's list of hidden sizes).
+
+    forward(x, state=None, *, lengths=None, mask=None) -> (output, [final_state per layer])
+    state: None or a list with one initial state (or None) per layer. Dropout with
+    probability `dropout` is applied between layers (not after the last), like torch.nn.LSTM.
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], dropout: float = 0.0):
+        super().__init__()
+        if not layers:
+            raise ValueError("sg.Stack needs at least one layer")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.layers = nn.ModuleList(layers)
+        self.dropout = nn.Dropout(dropout) if dropout else None
+
+    def forward(self, x, state: Sequence | None = None, *, lengths=None, mask=None):
+        if state is None:
+            state = [None] * len(self.layers)
+        if isinstance(state, dict) or len(state) != len(self.layers):
+            raise InputError(f"sg.Stack: state must be a list with one entry (a state or None) per layer "
+                             f"({len(self.layers)} layers)")
+        finals = []
+        for k, (layer, s) in enumerate(zip(self.layers, state)):
+            if k and self.dropout is not None:
+                x = self.dropout(x)
+            x, final = layer(x, s, lengths=lengths, mask=mask)
+            x = _single_output(x, f"sg.Stack layer {k}")
+            finals.append(final)
+        return x, finals
+
+
+def _output_size(module: nn.Module) -> int:
+    cell = getattr(module, "cell", None)
+    if cell is None or len(cell.outputs) != 1:
+        raise ValueError("sg.stack: each cell must have exactly one output (it feeds the next layer)")
+    return cell.outputs[0].shape[-1]
+
+
+def stack(cell_fn: Callable, input_size: int, hidden_sizes: Sequence[int], dropout: float = 0.0,
+          batch_first: bool = False, **cell_kwargs) -> Stack:
+    """rnnlib's makeRecurrent{cellfn, inputsize, hids}: one sg.Recurrence per hidden size,
+    each cell made by cell_fn(in_size, hidden_size, **cell_kwargs) and fed by the previous one.
+
+    >>> model = sg.stack(sg.cells.lstm, 8, [16, 16], dropout=0.1)
+    >>> out, finals = model(torch.randn(5, 2, 8), lengths=torch.tensor([5, 3]))
+    """
+    layers, size = [], input_size
+    for hidden in hidden_sizes:
+        rec = Recurrence(cell_fn(size, hidden, **cell_kwargs), batch_first=batch_first)
+        size = _output_size(rec)
+        layers.append(rec)
+    return Stack(layers, dropout=dropout)
+
+
+# ---------------------------------------------------------------------------------------
+# bidirectional
+# ---------------------------------------------------------------------------------------
+def _fresh_copy(module: nn.Module) -> nn.Module:
+    """A copy with its own parameters, re-initialised where we know how."""
+    twin = copy.deepcopy(module)
+    if hasattr(twin, "reset_parameters"):
+        twin.reset_parameters()
+    elif isinstance(twin, Recurrence):
+        with torch.no_grad():
+            for key, node in twin.cell.params.items():
+                node.attrs["init"](twin.param_tensors()[key])
+    return twin
+
+
+class Bidirectional(nn.Module):
+    """Run `fwd` over each sequence and `bwd` over each sequence reversed within its own
+    length, then merge the two output sequences step by step (Torch7's BiSequencer).
+
+    bwd:    default: a copy of fwd with freshly initialised parameters.
+    merge:  "concat" (last dim), "sum", or a function (out_fwd, out_bwd) -> out.
+    lm:     BiSequencerLM: the forward output at step t has seen only steps < t and the
+            backward output only steps > t (each shifted by one real step, zero-filled), so
+            neither sees the word it should predict.
+    forward(x, state=None, *, lengths=None, mask=None, **kwargs) -> (out, (final_fwd, final_bwd))
+    state: None or (state_fwd, state_bwd); kwargs (e.g. context=) go to both directions.
+    """
+
+    def __init__(self, fwd: nn.Module, bwd: nn.Module | None = None, merge: str | Callable = "concat",
+                 lm: bool = False, batch_first: bool | None = None):
+        super().__init__()
+        if not (merge in ("concat", "sum") or callable(merge)):
+            raise ValueError(f"merge must be 'concat', 'sum' or a function, got {merge!r}")
+        self.fwd = fwd
+        self.bwd = bwd if bwd is not None else _fresh_copy(fwd)
+        self.merge = merge
+        self.lm = lm
+        self.batch_first = getattr(fwd, "batch_first", False) if batch_first is None else batch_first
+
+    def forward(self, x, state=None, *, lengths=None, mask=None, **kwargs):
+        if state is None:
+            state = (None, None)
+        if isinstance(state, dict) or len(state) != 2:
+            raise InputError("sg.Bidirectional: state must be None or a pair (state_fwd, state_bwd)")
+        bf = self.batch_first
+        T, B = (x.shape[1], x.shape[0]) if bf else (x.shape[0], x.shape[1])
+        valid = _valid_steps(T, B, lengths, mask, bf, x.device, "sg.Bidirectional")
+        out_f, fin_f = self.fwd(x, state[0], lengths=lengths, mask=mask, **kwargs)
+        out_f = _single_output(out_f, "sg.Bidirectional fwd")
+        x_rev = reverse_sequences(x, batch_first=bf, mask=None if valid is None else _layout(valid, bf))
+        out_b, fin_b = self.bwd(x_rev, state[1], lengths=lengths, mask=mask, **kwargs)
+        out_b = reverse_sequences(_single_output(out_b, "sg.Bidirectional bwd"), batch_first=bf,
+                                  mask=None if valid is None else _layout(valid, bf))
+        if self.lm:
+            out_f = self._time_major(_shift_within(self._time_major(out_f), valid, 1))
+            out_b = self._time_major(_shift_within(self._time_major(out_b), valid, -1))
+        if self.merge == "concat":
+            out = torch.cat([out_f, out_b], dim=-1)
+        elif self.merge == "sum":
+            out = out_f + out_b
+        else:
+            out = self.merge(out_f, out_b)
+        return out, (fin_f, fin_b)
+
+    def _time_major(self, x):
+        return x.transpose(0, 1) if self.batch_first else x
+
+    def extra_repr(self) -> str:
+        m = self.merge if isinstance(self.merge, str) else getattr(self.merge, "__name__", "callable")
+        return f"merge={m}, lm={self.lm}"
+
+
+def _layout(valid: torch.Tensor, batch_first: bool) -> torch.Tensor:
+    return valid.transpose(0, 1) if batch_first else valid
+
+
+# ---------------------------------------------------------------------------------------
+# repeater
+# ---------------------------------------------------------------------------------------
+class Repeater(nn.Module):
+    """Feed the same input at each of `steps` steps (Torch7's Repeater, for RCNN-like models).
+
+    forward(x, state=None, **kwargs): x is (B, *size), without a time dim; returns the inner
+    module's (outputs, final_state) with outputs of `steps` steps."""
+
+    def __init__(self, module: nn.Module, steps: int, batch_first: bool | None = None):
+        super().__init__()
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        self.module = module
+        self.steps = int(steps)
+        self.batch_first = getattr(module, "batch_first", False) if batch_first is None else batch_first
+
+    def forward(self, x: torch.Tensor, state=None, **kwargs):
+        dim = 1 if self.batch_first else 0
+        shape = list(x.shape)
+        shape.insert(dim, self.steps)
+        return self.module(x.unsqueeze(dim).expand(shape), state, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"steps={self.steps}"
+
+
+# ---------------------------------------------------------------------------------------
+# losses over sequences
+# ---------------------------------------------------------------------------------------
+class SequenceLoss(nn.Module):
+    """A per-step criterion over whole padded sequences that ignores padded steps (Torch7's
+    SequencerCriterion + MaskZeroCriterion; with repeat_target=True, RepeaterCriterion).
+
+    criterion: a function (input_rows, target_rows) -> per-row losses, e.g.
+               nn.CrossEntropyLoss(reduction="none") (a torch loss that reduces is refused).
+    reduction: "mean" (over all real steps and their elements, as torch's "mean") or "sum".
+    forward(input, target, *, lengths=None, mask=None): input (T, B, ...), target (T, B, ...)
+    (or (B, ...) with repeat_target: the same target at every step); batch_first swaps T, B.
+
+    >>> loss = sg.SequenceLoss(nn.CrossEntropyLoss(reduction="none"))
+    >>> value = loss(torch.randn(4, 2, 5), torch.randint(5, (4, 2)), lengths=torch.tensor([4, 2]))
+    """
+
+    def __init__(self, criterion: Callable, reduction: str = "mean", repeat_target: bool = False,
+                 batch_first: bool = False):
+        super().__init__()
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if getattr(criterion, "reduction", "none") != "none":
+            raise ValueError(f"SequenceLoss needs per-row losses to drop padded steps: build the criterion with "
+                             f"reduction='none' (got reduction={criterion.reduction!r})")
+        self.criterion = criterion
+        self.reduction = reduction
+        self.repeat_target = repeat_target
+        self.batch_first = batch_first
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor, *, lengths=None, mask=None) -> torch.Tensor:
+        if self.batch_first:
+            input = input.transpose(0, 1)
+        T, B = input.shape[0], input.shape[1]
+        if self.repeat_target:
+            target = target.unsqueeze(0).expand((T,) + tuple(target.shape))
+        elif self.batch_first:
+            target = target.transpose(0, 1)
+        if tuple(target.shape[:2]) != (T, B):
+            raise InputError(f"SequenceLoss: input has (T, B) = {(T, B)} but target has {tuple(target.shape[:2])}")
+        valid = _valid_steps(T, B, lengths, mask, self.batch_first, input.device, "SequenceLoss")
+        if valid is None:
+            rows_in, rows_tgt = input.reshape((T * B,) + input.shape[2:]), target.reshape((T * B,) + target.shape[2:])
+        else:
+            rows_in, rows_tgt = input[valid], target[valid]
+        losses = self.criterion(rows_in, rows_tgt)
+        if losses.dim() == 0 or losses.shape[0] != rows_in.shape[0]:
+            raise InputError(f"SequenceLoss: the criterion must return one loss per row ({rows_in.shape[0]} rows), "
+                             f"got shape {tuple(losses.shape)}")
+        total = losses.sum()
+        return total / max(losses.numel(), 1) if self.reduction == "mean" else total
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}, repeat_target={self.repeat_target}"
+
+
+__all__ = ["Stack", "stack", "Bidirectional", "Repeater", "reverse_sequences", "SequenceLoss"]

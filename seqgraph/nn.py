@@ -1,0 +1,269 @@
+"""Drop-in replacements for torch.nn.RNN, torch.nn.LSTM and torch.nn.GRU built on seqgraph cells.
+
+Same constructor arguments, same forward(input, hx) and return values, PackedSequence in and
+out, and exactly torch's parameter names (weight_ih_l0, bias_hh_l1_reverse, weight_hr_l0, ...),
+so a torch state_dict loads with strict=True in both directions. The module owns those
+parameters itself; per layer and direction it builds an sg.Recurrence over a cell from
+seqgraph.cells whose parameter reads (`param_tensors()`) are redirected to them. Beyond torch,
+forward also takes lengths= (or mask=) for padded batches. This module maps torch's interface
+onto recurrences; it must not implement cell math (cells.py) or compilation (the backends).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from . import cells
+from .errors import InputError
+from .layers import reverse_sequences
+from .recurrence import Recurrence
+
+BACKENDS = ("reference",)
+
+# cell parameter key -> torch's parameter name stem
+_TORCH_NAMES = {"ih.weight": "weight_ih", "hh.weight": "weight_hh", "ih.bias": "bias_ih", "hh.bias": "bias_hh",
+                "hr.weight": "weight_hr"}
+
+
+class _BoundRecurrence(Recurrence):
+    """A Recurrence whose cell parameters are the owner's torch-named Parameters."""
+
+    def __init__(self, cell, owner: nn.Module, names: dict[str, str]):
+        super().__init__(cell)
+        if set(names) != set(cell.params):
+            raise AssertionError(f"cell parameters {sorted(cell.params)} do not match {sorted(names)}")
+        self.params = nn.Module()  # the owner holds the parameters; nothing is stored twice
+        object.__setattr__(self, "_owner", owner)  # a plain reference, not a submodule (no cycle)
+        self._names = dict(names)
+
+    def param_tensors(self) -> dict[str, torch.Tensor]:
+        return {key: getattr(self._owner, name) for key, name in self._names.items()}
+
+
+class _RNNBase(nn.Module):
+    """Shared machinery of sg.nn.RNN / LSTM / GRU (torch.nn.RNNBase's interface)."""
+
+    def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, nonlinearity: str = "tanh", device=None, dtype=None,
+                 backend: str = "reference"):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)} for now (compiled backends are wired in "
+                             f"by seqgraph's compiler), got {backend!r}")
+        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
+            raise ValueError("dropout should be a number in range [0, 1] representing the probability of an "
+                             "element being zeroed")
+        if not isinstance(hidden_size, int) or hidden_size <= 0:
+            raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
+        if not isinstance(num_layers, int) or num_layers <= 0:
+            raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
+        if proj_size < 0:
+            raise ValueError("proj_size should be a positive integer or zero to disable projections")
+        if proj_size >= hidden_size:
+            raise ValueError("proj_size has to be smaller than hidden_size")
+        if mode != "LSTM" and proj_size:
+            raise ValueError(f"proj_size is only supported by LSTM, not {mode}")
+        if mode == "RNN" and nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        self.mode = mode
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
+        self.bidirectional, self.proj_size, self.nonlinearity = bidirectional, proj_size, nonlinearity
+        self.backend = backend
+        gates = {"RNN": 1, "LSTM": 4, "GRU": 3}[mode]
+        out_size = proj_size or hidden_size
+        D = 2 if bidirectional else 1
+        factory = {"device": device, "dtype": dtype}
+        recs = []
+        for layer in range(num_layers):
+            layer_in = input_size if layer == 0 else out_size * D
+            row = []
+            for direction in range(D):
+                sfx = f"_l{layer}" + ("_reverse" if direction else "")
+                shapes = {"weight_ih": (gates * hidden_size, layer_in), "weight_hh": (gates * hidden_size, out_size)}
+                if bias:
+                    shapes.update(bias_ih=(gates * hidden_size,), bias_hh=(gates * hidden_size,))
+                if proj_size:
+                    shapes["weight_hr"] = (proj_size, hidden_size)
+                for stem, shape in shapes.items():
+                    self.register_parameter(stem + sfx, nn.Parameter(torch.empty(shape, **factory)))
+                cell = self._make_cell(layer_in)
+                row.append(_BoundRecurrence(cell, self, {k: _TORCH_NAMES[k] + sfx for k in cell.params}))
+            recs.append(row)
+        self._recs = recs  # a plain list: the recurrences hold no parameters of their own
+        self.reset_parameters()
+
+    def _make_cell(self, layer_in: int):
+        if self.mode == "LSTM":
+            return cells.lstm(layer_in, self.hidden_size, bias=self.bias, proj_size=self.proj_size)
+        if self.mode == "GRU":
+            return cells.gru(layer_in, self.hidden_size, bias=self.bias)
+        return cells.rnn(layer_in, self.hidden_size, nonlinearity=self.nonlinearity, bias=self.bias)
+
+    def reset_parameters(self) -> None:
+        """torch.nn's initialisation: every parameter uniform in ±1/sqrt(hidden_size)."""
+        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0.0
+        with torch.no_grad():
+            for p in self.parameters():
+                p.uniform_(-bound, bound)
+
+    def flatten_parameters(self) -> None:
+        """Accepted for drop-in compatibility with torch.nn; there is no cuDNN weight buffer to
+        compact here, so there is nothing to do."""
+
+    @property
+    def _directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    # -- forward --------------------------------------------------------------------------
+    def forward(self, input, hx=None, *, lengths=None, mask=None):
+        """torch.nn's forward: input (T, B, I) ((B, T, I) with batch_first), (T, I) unbatched,
+        or a PackedSequence; hx as torch.nn (h_0, or (h_0, c_0) for LSTM), zeros if None.
+        Returns (output, h_n) or (output, (h_n, c_n)); output is a PackedSequence when the
+        input is one. lengths (B,) or mask (T, B) mark padded steps of a padded input: padded
+        outputs are zero, the reverse direction starts at each sequence's own last step, and
+        h_n holds each sequence's state at its last real step."""
+        packed = isinstance(input, PackedSequence)
+        unbatched = False
+        if packed:
+            if lengths is not None or mask is not None:
+                raise InputError(f"sg.nn.{self.mode}: a PackedSequence carries its own lengths; do not pass lengths/mask")
+            x, lengths = pad_packed_sequence(input, batch_first=False)
+        else:
+            if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
+                raise InputError(f"sg.nn.{self.mode}: expected input to be 2-D (unbatched) or 3-D, got "
+                                 f"{getattr(input, 'shape', type(input).__name__)}")
+            unbatched = input.dim() == 2
+            if unbatched:
+                x = input.unsqueeze(1)
+            else:
+                x = input.transpose(0, 1) if self.batch_first else input
+            if mask is not None and self.batch_first and not unbatched:
+                mask = mask.transpose(0, 1)
+        if x.shape[-1] != self.input_size:
+            raise InputError(f"sg.nn.{self.mode}: input.size(-1) must be equal to input_size. "
+                             f"Expected {self.input_size}, got {x.shape[-1]}")
+        p = next(self.parameters())
+        if x.dtype != p.dtype:
+            raise InputError(f"sg.nn.{self.mode}: input has dtype {x.dtype} but the parameters are {p.dtype}")
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths).to(x.device)
+        B = x.shape[1]
+        h0, c0 = self._initial(hx, B, unbatched, x)
+
+        layer_in = x
+        h_n, c_n = [], []
+        for layer, row in enumerate(self._recs):
+            outs = []
+            for direction, rec in enumerate(row):
+                rec.train(self.training)
+                k = layer * self._directions + direction
+                state = None
+                if h0 is not None:
+                    state = {"h": h0[k]} if c0 is None else {"h": h0[k], "c": c0[k]}
+                seq = layer_in if direction == 0 else reverse_sequences(layer_in, lengths, mask=mask)
+                out, final = rec(seq, state, lengths=lengths, mask=mask)
+                outs.append(out if direction == 0 else reverse_sequences(out, lengths, mask=mask))
+                h_n.append(final["h"])
+                if "c" in final:
+                    c_n.append(final["c"])
+            layer_in = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                layer_in = F.dropout(layer_in, self.dropout, training=True)
+
+        output = layer_in
+        h_n = torch.stack(h_n)
+        c_n = torch.stack(c_n) if c_n else None
+        if packed:
+            output = _repack(output, lengths, input)
+        elif unbatched:
+            output, h_n = output.squeeze(1), h_n.squeeze(1)
+            c_n = None if c_n is None else c_n.squeeze(1)
+        elif self.batch_first:
+            output = output.transpose(0, 1)
+        return output, ((h_n, c_n) if self.mode == "LSTM" else h_n)
+
+    def _initial(self, hx, B, unbatched, x):
+        """Validate hx (torch's shapes) and return per-(layer, direction) stacks or None."""
+        if hx is None:
+            return None, None
+        L = self.num_layers * self._directions
+        out_size = self.proj_size or self.hidden_size
+        if self.mode == "LSTM":
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise InputError("sg.nn.LSTM: hx must be a tuple (h_0, c_0)")
+            pairs = [("h_0", hx[0], out_size), ("c_0", hx[1], self.hidden_size)]
+        else:
+            pairs = [("hx", hx, self.hidden_size)]
+        got = []
+        for name, v, size in pairs:
+            want = (L, size) if unbatched else (L, B, size)
+            if not isinstance(v, torch.Tensor) or tuple(v.shape) != want:
+                raise InputError(f"sg.nn.{self.mode}: expected {name} of shape {want}, got "
+                                 f"{tuple(getattr(v, 'shape', ()))}")
+            if v.dtype != x.dtype:
+                raise InputError(f"sg.nn.{self.mode}: {name} has dtype {v.dtype} but the input is {x.dtype}")
+            got.append(v.unsqueeze(1) if unbatched else v)
+        return got[0], (got[1] if len(got) > 1 else None)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.proj_size:
+            s += f", proj_size={self.proj_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if self.mode == "RNN" and self.nonlinearity != "tanh":
+            s += f", nonlinearity={self.nonlinearity!r}"
+        for flag, default in (("bias", True), ("batch_first", False), ("dropout", 0.0), ("bidirectional", False)):
+            if getattr(self, flag) != default:
+                s += f", {flag}={getattr(self, flag)}"
+        if self.backend != "reference":
+            s += f", backend={self.backend!r}"
+        return s
+
+
+def _repack(output: torch.Tensor, lengths: torch.Tensor, like: PackedSequence) -> PackedSequence:
+    """Pack a (T, B, ...) output with the batch order and batch sizes of the input `like`."""
+    if like.sorted_indices is not None:
+        output = output.index_select(1, like.sorted_indices)
+        lengths = lengths.index_select(0, like.sorted_indices.to(lengths.device))
+    data = pack_padded_sequence(output, lengths.cpu(), enforce_sorted=True).data
+    return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
+
+
+class RNN(_RNNBase):
+    """torch.nn.RNN on seqgraph: h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device=None, dtype=None, *, backend: str = "reference"):
+        super().__init__("RNN", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         nonlinearity=nonlinearity, device=device, dtype=dtype, backend=backend)
+
+
+class LSTM(_RNNBase):
+    """torch.nn.LSTM on seqgraph (gate order i, f, g, o; proj_size gives LSTMP)."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
+                 device=None, dtype=None, *, backend: str = "reference"):
+        super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         proj_size=proj_size, device=device, dtype=dtype, backend=backend)
+
+
+class GRU(_RNNBase):
+    """torch.nn.GRU on seqgraph (gate order r, z, n; the reset gate applied after W_hn)."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device=None, dtype=None, *, backend: str = "reference"):
+        super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         device=device, dtype=dtype, backend=backend)
+
+
+__all__ = ["RNN", "LSTM", "GRU"]
