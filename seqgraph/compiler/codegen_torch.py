@@ -106,27 +106,43 @@ def emit_nodes(src: Source, nodes: list[Node], env: dict[int, str], live: set[in
     for n in nodes:
         for i in n.inputs:
             uses[i.id] = uses.get(i.id, 0) + 1
-    folded: set[int] = set()
+    ids = {n.id for n in nodes}
+
+    def lone_product(x: Node) -> bool:  # a matrix product used only by this add
+        return x.op == "linear" and x.id in ids and uses.get(x.id) == 1 and x.id not in live \
+            and not x.inputs[1].batched
+    folded: dict[int, str] = {}  # add node id -> the fused expression
+    skip: set[int] = set()
     for n in nodes:
-        if n.op == "add" and n.inputs[0].op == "linear" and uses.get(n.inputs[0].id) == 1 \
-                and n.inputs[0].id not in live and not n.inputs[1].batched and n.inputs[1].shape == n.shape[-1:] \
-                and n.inputs[0] in nodes:
-            folded.add(n.inputs[0].id)
+        if n.op != "add":
+            continue
+        a, b = n.inputs
+        for prod, other in ((a, b), (b, a)):
+            if not lone_product(prod) or other.op == "const":
+                continue
+            x, w = prod.inputs
+            if not other.batched and other.shape == n.shape[-1:] and prod is a:
+                folded[n.id] = f"F.linear({_arg(x, env)}, {_arg(w, env)}, {_arg(other, env)})"
+            elif other.batched and other.shape == n.shape and len(n.shape) == 1:
+                folded[n.id] = f"torch.addmm({_arg(other, env)}, {_arg(x, env)}, {_arg(w, env)}.t())"
+            else:
+                continue
+            skip.add(prod.id)
+            break
     for n in nodes:
-        if n.id in folded:
+        if n.id in skip:
             continue
         out = env.get(n.id, _v(n))
-        if n.id in folded or (n.op == "add" and n.inputs[0].id in folded):
-            x, w = n.inputs[0].inputs
-            src.emit(f"{out} = F.linear({_arg(x, env)}, {_arg(w, env)}, {_arg(n.inputs[1], env)})", n)
-        else:
-            src.emit(f"{out} = {torch_expr(n, env, src, mask_var)}", n)
+        src.emit(f"{out} = {folded.get(n.id) or torch_expr(n, env, src, mask_var)}", n)
 
 
 RegionCall = Callable[[Source, object, dict, str | None], bool]
 
 
 def emit_stages(src: Source, stages, env, live, mask_var, region_call: RegionCall | None) -> None:
+    if region_call is None:  # one straight line: products may fold into the adds of later stages
+        emit_nodes(src, [n for s in stages for n in s.nodes], env, live, mask_var)
+        return
     for s in stages:
         if s.kind == "fused" and region_call is not None and region_call(src, s, env, mask_var):
             continue
@@ -247,31 +263,32 @@ def _emit_forward(src: Source, plan: Plan, region_call) -> None:
     for masked in (False, True):
         src.emit("if mask is None:" if not masked else "else:")
         src.indent += 1
-        src.emit("for t in range(T):")
-        src.indent += 1
-        if masked:
-            src.emit("m = mask[t].unsqueeze(1)")
-            for r in sorted({len(n.shape) for n in step.results} - {1}):
-                src.emit(f"m{r} = mask[t].reshape({', '.join(['B'] + ['1'] * r)})")
-        _bind_reads(src, plan, "t")
-        for j, (p, _) in enumerate(step.states):
-            src.emit(f"{_v(p)} = s{j}", p)
-        live = results | {n.id for n in bwd_saved}
-        emit_stages(src, plan.stages, {}, live, "m" if masked else None, region_call)
-        for k, o in enumerate(step.outputs):
-            val = f"torch.where({_mask_for(o)}, {_v(o)}, 0.0)" if masked else _v(o)
-            src.emit(f"out{k}[t] = {val}")
-        for j, (p, q) in enumerate(step.states):
-            val = f"torch.where({_mask_for(q)}, {_v(q)}, s{j})" if masked else _v(q)
-            src.emit(f"s{j} = {val}")
-        src.emit("if save:")
-        src.indent += 1
-        for k, n in enumerate(bwd_saved):
-            src.emit(f"sv{k}[t] = {_v(n)}")
-        for j in range(ns):
-            src.emit(f"ss{j}[t + 1] = s{j}")
-        src.emit("pass")
-        src.indent -= 3
+        def body(masked=masked):
+            if masked:
+                src.emit("m = mask[t].unsqueeze(1)")
+                for r in sorted({len(n.shape) for n in step.results} - {1}):
+                    src.emit(f"m{r} = mask[t].reshape({', '.join(['B'] + ['1'] * r)})")
+            _bind_reads(src, plan, "t")
+            for j, (p, _) in enumerate(step.states):
+                src.emit(f"{_v(p)} = s{j}", p)
+            live = results | {n.id for n in bwd_saved}
+            emit_stages(src, plan.stages, {}, live, "m" if masked else None, region_call)
+            for k, o in enumerate(step.outputs):
+                val = f"torch.where({_mask_for(o)}, {_v(o)}, 0.0)" if masked else _v(o)
+                src.emit(f"out{k}[t] = {val}")
+            for j, (p, q) in enumerate(step.states):
+                val = f"torch.where({_mask_for(q)}, {_v(q)}, s{j})" if masked else _v(q)
+                src.emit(f"s{j} = {val}")
+            src.emit("if save:")
+            src.indent += 1
+            for k, n in enumerate(bwd_saved):
+                src.emit(f"sv{k}[t] = {_v(n)}")
+            for j in range(ns):
+                src.emit(f"ss{j}[t + 1] = s{j}")
+            src.emit("pass")
+            src.indent -= 1
+        emit_time_loop(src, plan.unroll, body, reverse=False)
+        src.indent -= 1
     outs = ", ".join(f"out{k}" for k in range(no))
     fin = ", ".join(f"s{j}" for j in range(ns))
     saved = ", ".join(f"sv{k}" for k in range(len(bwd_saved)))
@@ -279,6 +296,29 @@ def _emit_forward(src: Source, plan: Plan, region_call) -> None:
     src.emit(f"if not save:")
     src.emit(f"    return [{outs}], [{fin}], None")
     src.emit(f"return [{outs}], [{fin}], ([{saved}], [{seqs}])")
+    src.indent -= 1
+
+
+def emit_time_loop(src: Source, unroll: int, body, reverse: bool) -> None:
+    """The loop over t, its body written `unroll` times per iteration (then a remainder loop)."""
+    step = "-" if reverse else "+"
+    if unroll == 1:
+        src.emit("for t in range(T - 1, -1, -1):" if reverse else "for t in range(T):")
+        src.indent += 1
+        body()
+        src.indent -= 1
+        return
+    src.emit("t = T - 1" if reverse else "t = 0")
+    src.emit(f"while t - {unroll - 1} >= 0:" if reverse else f"while t + {unroll} <= T:")
+    src.indent += 1
+    for _ in range(unroll):
+        body()
+        src.emit(f"t {step}= 1")
+    src.indent -= 1
+    src.emit("while t >= 0:" if reverse else "while t < T:")
+    src.indent += 1
+    body()
+    src.emit(f"t {step}= 1")
     src.indent -= 1
 
 
@@ -347,34 +387,33 @@ def _emit_backward(src: Source, plan: Plan, bwd: BackwardPlan, masked: bool, reg
             new_stash.append(n)
             stash_expr[n.id] = f"st{k}"
             src.emit(f"st{k} = {ref}.new_empty({_shape_tuple(n, 'T, B')})", n)
-    src.emit("for t in range(T - 1, -1, -1):")
-    src.indent += 1
-    if masked:
-        src.emit("m = mask[t].unsqueeze(1)")
-        src.emit(f"{_v(d.mask)} = m.to({ref}.dtype)", d.mask)
-    _bind_reads(src, plan, "t")
-    used = {i.id for n in bwd.loop for i in n.inputs} | {n.id for n in new_stash}
-    used |= {g.id for g in d.grad_prev if g is not None} | {g.id for g in d.grad_of.values()}
-    for n in saved_all:
-        if n.id in used:
-            src.emit(f"{_v(n)} = sv{saved_index[n.id]}[t]", n)
-    for j, (p, _) in enumerate(step.states):
-        if p.id in used:
-            src.emit(f"{_v(p)} = ss{j}[t]", p)
-        src.emit(f"{_v(d.grad_next[j])} = gn{j}")
-    for k in range(no):
-        src.emit(f"{_v(d.grad_out[k])} = go{k}[t]")
-    live = {n.id for n in new_stash} | used
-    emit_stages(src, bwd.stages, {}, live, "m" if masked else None, region_call)
-    for k, g in hoisted_grads:
-        src.emit(f"dr{k}[t] = {_v(g)}")
-    for k, g in accum:
-        src.emit(f"dr{k} += {_v(g)}")
-    for k, n in enumerate(new_stash):
-        src.emit(f"st{k}[t] = {_v(n)}")
-    for j, g in enumerate(d.grad_prev):
-        src.emit(f"gn{j} = {_v(g) if g is not None else f'torch.zeros_like(gn{j})'}")
-    src.indent -= 1
+    def body():
+        if masked:
+            src.emit("m = mask[t].unsqueeze(1)")
+            src.emit(f"{_v(d.mask)} = m.to({ref}.dtype)", d.mask)
+        _bind_reads(src, plan, "t")
+        used = {i.id for n in bwd.loop for i in n.inputs} | {n.id for n in new_stash}
+        used |= {g.id for g in d.grad_prev if g is not None} | {g.id for g in d.grad_of.values()}
+        for n in saved_all:
+            if n.id in used:
+                src.emit(f"{_v(n)} = sv{saved_index[n.id]}[t]", n)
+        for j, (p, _) in enumerate(step.states):
+            if p.id in used:
+                src.emit(f"{_v(p)} = ss{j}[t]", p)
+            src.emit(f"{_v(d.grad_next[j])} = gn{j}")
+        for k in range(no):
+            src.emit(f"{_v(d.grad_out[k])} = go{k}[t]")
+        live = {n.id for n in new_stash} | used
+        emit_stages(src, bwd.stages, {}, live, "m" if masked else None, region_call)
+        for k, g in hoisted_grads:
+            src.emit(f"dr{k}[t] = {_v(g)}")
+        for k, g in accum:
+            src.emit(f"dr{k} += {_v(g)}")
+        for k, n in enumerate(new_stash):
+            src.emit(f"st{k}[t] = {_v(n)}")
+        for j, g in enumerate(d.grad_prev):
+            src.emit(f"gn{j} = {_v(g) if g is not None else f'torch.zeros_like(gn{j})'}")
+    emit_time_loop(src, plan.unroll, body, reverse=True)
     # after the loop: reductions over all T*B rows at once (weight gradients as one GEMM each)
     env = {}
     for n in bwd.stash:

@@ -70,3 +70,57 @@ def split_linear_over_concat(step: StepGraph) -> StepGraph:
 def _same(n, ins):
     from .stepgraph import clone
     return clone(n, ins)
+
+
+def hoist_loop_invariant_terms(step: StepGraph) -> StepGraph:
+    """Reassociate sums so that terms computable before the loop are added before it:
+    (x W_x + h W_h) + b  becomes  (x W_x + b) + h W_h, whose first half is hoisted and whose
+    second half is one addmm per step. Only single-use inner sums are regrouped."""
+    from .ir import consumers
+    order = step.order()
+    cls = classify(order)
+    users = consumers(order)
+    count = 0
+
+    def terms(n: Node, new_of) -> list[Node]:
+        if n.op == "add" and len(users.get(n.id, [])) == 1 and n.inputs[0].shape == n.shape \
+                and n.inputs[1].shape == n.shape and n.inputs[0].batched == n.batched:
+            return terms(n.inputs[0], new_of) + terms(n.inputs[1], new_of)
+        return [new_of[n.id]] if n.id in new_of else [n]
+
+    new_of: dict[int, Node] = {}
+
+    def visit(n: Node, ins: tuple) -> Node:
+        nonlocal count
+        out = _same(n, ins)
+        new_of[n.id] = out
+        if n.op != "add" or cls[n.id] != "step":
+            return out
+        ts = terms(n.inputs[0], new_of) + terms(n.inputs[1], new_of)
+        early = [t for t in ts if cls.get(t.id, _class_of(t, cls)) != "step"]
+        late = [t for t in ts if t not in early]
+        if len(early) < 2 or not late:
+            return out
+        acc = early[0]
+        for t in early[1:]:
+            acc = make("add", (acc, t), site=n.site)
+        for t in late:
+            acc = make("add", (acc, t), site=n.site, name=n.name)
+        if acc.shape != n.shape or acc.batched != n.batched:
+            return out
+        count += 1
+        new_of[n.id] = acc
+        return acc
+
+    new = rewrite(step, visit)
+    new.notes.append(f"hoist_loop_invariant_terms: regrouped {count} sum(s) so their state-free terms "
+                     f"are added before the loop")
+    return new
+
+
+def _class_of(n: Node, cls: dict[int, str]) -> str:
+    if n.id in cls:
+        return cls[n.id]
+    if not n.inputs:
+        return leaf_class(n)
+    return max((_class_of(i, cls) for i in n.inputs), key=RANK.__getitem__)

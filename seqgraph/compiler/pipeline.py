@@ -13,13 +13,13 @@ import sys
 import time
 
 from .fuse_gate_matmuls import fuse_gate_matmuls
-from .hoist import split_linear_over_concat
+from .hoist import hoist_loop_invariant_terms, split_linear_over_concat
 from .ir import format_graph
 from .plan import Plan, build_plan
 from .simplify import simplify
 from .stepgraph import StepGraph
 
-PASSES = [simplify, split_linear_over_concat, fuse_gate_matmuls, simplify]
+PASSES = [simplify, split_linear_over_concat, fuse_gate_matmuls, hoist_loop_invariant_terms, simplify]
 
 
 def debug_level() -> int:
