@@ -42,6 +42,11 @@ _CACHE: dict[tuple, Program] = {}
 STATS = {"compiles": 0, "cache_hits": 0}
 
 
+def clear_cache() -> None:
+    """Forget every compiled program (the next compile of each cell starts afresh)."""
+    _CACHE.clear()
+
+
 def get_program(cell: Cell, backend: str, unroll: int = 1) -> Program:
     key = (cell.signature(), backend, unroll)
     prog = _CACHE.get(key)
@@ -84,7 +89,6 @@ class _Sequence(torch.autograd.Function):
         gouts, gfinals = list(grads[:ctx.nouts]), list(grads[ctx.nouts:])
         fn = ctx.prog.fns["backward_masked" if ctx.mask is not None else "backward_plain"]
         dreads, dstates = fn(ctx.T, ctx.mask, reads, ctx.saved_values, ctx.seqs, gouts, gfinals)
-        ctx.saved_values = ctx.seqs = None
         return (None, None, None, None, *dreads, *dstates)
 
 

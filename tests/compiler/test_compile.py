@@ -1,0 +1,148 @@
+"""The torch backend against the reference interpreter: values, gradients, masking, state."""
+import pytest
+import torch
+
+import seqgraph as sg
+from seqgraph.compiled import STATS, clear_cache
+
+from zoo import ZOO, make_inputs
+
+
+def _loss(out, state):
+    outs = out if isinstance(out, tuple) else (out,)
+    total = sum((o * torch.linspace(0.1, 1.0, o.shape[-1], dtype=o.dtype)).sum() for o in outs)
+    return total + sum((v ** 2).sum() for v in state.values())
+
+
+def _run(module, xs, ctx, **kw):
+    torch.manual_seed(1)  # both runs draw the same dropout noise
+    out, state = module(tuple(xs), context=ctx, **kw)
+    return out, state
+
+
+def _grads(loss, wrt):
+    return torch.autograd.grad(loss, wrt, allow_unused=True)
+
+
+def _compare(rec, comp, T=5, B=3, dtype=torch.float64, tol=1e-10, **kw):
+    xs, ctx = make_inputs(rec.cell, T, B, dtype)
+    wrt = [x for x in xs if x.requires_grad] + list(rec.parameters()) + ([ctx["memory"]] if ctx else [])
+    o1, s1 = _run(rec, xs, ctx, **kw)
+    o2, s2 = _run(comp, xs, ctx, **kw)
+    for a, b in zip(o1 if isinstance(o1, tuple) else (o1,), o2 if isinstance(o2, tuple) else (o2,)):
+        torch.testing.assert_close(b, a, atol=tol, rtol=tol)
+    assert s1.keys() == s2.keys()
+    for k in s1:
+        torch.testing.assert_close(s2[k], s1[k], atol=tol, rtol=tol)
+    g1 = _grads(_loss(o1, s1), wrt)
+    g2 = _grads(_loss(o2, s2), wrt)
+    for a, b in zip(g1, g2):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_torch_backend_equals_reference_in_float64(name):
+    rec = sg.Recurrence(ZOO[name]()).double()
+    _compare(rec, sg.compile(rec, backend="torch"))
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_torch_backend_equals_reference_with_mixed_lengths(name):
+    rec = sg.Recurrence(ZOO[name]()).double()
+    _compare(rec, sg.compile(rec, backend="torch"), lengths=torch.tensor([5, 2, 0]))
+
+
+@pytest.mark.parametrize("name", ["lstm_ops", "peephole_ln", "attention"])
+def test_torch_backend_equals_reference_in_float32_within_1e5(name):
+    rec = sg.Recurrence(ZOO[name]())
+    _compare(rec, sg.compile(rec, backend="torch"), T=6, B=4, dtype=torch.float32, tol=1e-5,
+             mask=torch.rand(6, 4) > 0.3)
+
+
+@pytest.mark.parametrize("unroll", [2, 3])
+def test_unrolled_loop_equals_reference(unroll):
+    rec = sg.Recurrence(ZOO["gru_reset_after"]()).double()
+    _compare(rec, sg.compile(rec, unroll=unroll), T=7, lengths=torch.tensor([7, 4, 1]))
+
+
+def test_training_mode_dropout_draws_the_same_noise_as_reference():
+    rec = sg.Recurrence(ZOO["embed_drop"]()).double().train()
+    _compare(rec, sg.compile(rec))
+
+
+def test_compiled_module_shares_parameters_with_the_original():
+    rec = sg.Recurrence(ZOO["lstm_ops"]())
+    comp = sg.compile(rec)
+    assert [id(p) for p in rec.parameters()] == [id(p) for p in comp.parameters()]
+    assert list(rec.state_dict()) == list(comp.state_dict())
+    opt = torch.optim.SGD(comp.parameters(), lr=0.1)
+    x = torch.randn(4, 2, 3)
+    comp(x)[0].sum().backward()
+    opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(comp(x)[0], rec(x)[0])
+
+
+def test_remember_carries_state_across_calls_like_reference():
+    rec = sg.Recurrence(ZOO["lstm_ops"](), remember=True).double()
+    comp = sg.compile(sg.Recurrence(rec.cell, remember=True).double())
+    comp.load_state_dict(rec.state_dict())
+    x1, x2 = torch.randn(3, 2, 3, dtype=torch.float64), torch.randn(4, 2, 3, dtype=torch.float64)
+    rec(x1), comp(x1)
+    torch.testing.assert_close(comp(x2)[0], rec(x2)[0])
+    rec.forget(), comp.forget()
+    torch.testing.assert_close(comp(x2)[0], rec(x2)[0])
+
+
+def test_one_compile_serves_every_length_and_batch_size():
+    cell = ZOO["lstm_ops"]()
+    clear_cache()
+    before = STATS["compiles"]
+    comp = sg.compile(sg.Recurrence(cell))
+    for T, B in [(1, 1), (5, 3), (9, 2), (2, 7)]:
+        out, _ = comp(torch.randn(T, B, 3))
+        assert out.shape == (T, B, 5)
+    sg.compile(sg.Recurrence(cell))
+    assert STATS["compiles"] - before == 1
+
+
+def test_no_grad_forward_equals_reference():
+    rec = sg.Recurrence(ZOO["mufuru_like"]()).double()
+    comp = sg.compile(rec)
+    x = torch.randn(6, 3, 3, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(comp(x, lengths=torch.tensor([6, 0, 3]))[0],
+                                   rec(x, lengths=torch.tensor([6, 0, 3]))[0])
+
+
+def test_gradient_of_initial_state_flows_through_compiled_loop():
+    rec = sg.Recurrence(ZOO["gru_reset_before"]()).double()
+    comp = sg.compile(rec)
+    h0 = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    g1, = torch.autograd.grad(rec(x, {"h": h0})[0].sum(), h0)
+    g2, = torch.autograd.grad(comp(x, {"h": h0})[0].sum(), h0)
+    torch.testing.assert_close(g2, g1)
+
+
+def test_compiled_backward_passes_gradcheck():
+    rec = sg.Recurrence(ZOO["peephole_ln"]()).double()
+    comp = sg.compile(rec)
+    x = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: comp(x, lengths=torch.tensor([3, 1]))[0][0], (x,))
+
+
+def test_compile_rejects_unknown_backend_and_bad_unroll():
+    rec = sg.Recurrence(ZOO["lstm_ops"]())
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        sg.compile(rec, backend="cuda")
+    with pytest.raises(ValueError, match="unroll must be a positive int"):
+        sg.compile(rec, unroll=0)
+
+
+def test_compiled_module_keeps_argument_checks():
+    comp = sg.compile(sg.Recurrence(ZOO["lstm_ops"]()))
+    with pytest.raises(sg.InputError, match="lengths must lie in"):
+        comp(torch.randn(4, 2, 3), lengths=torch.tensor([5, 1]))

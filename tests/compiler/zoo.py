@@ -1,0 +1,86 @@
+"""Hand-written cells that exercise the compiler: the LSTM/GRU family, peephole and layer norm,
+attention over a Context, embeddings with dropout, a MuFuRu-like softmax over composition ops."""
+import torch, seqgraph as sg
+def lstm_ops(I=3,H=5):
+    x=sg.Input(I,name="x"); h=sg.State(H,name="h"); c=sg.State(H,name="c")
+    ih=sg.Linear(I,4*H,name="ih"); hh=sg.Linear(H,4*H,name="hh")
+    i,f,g,o=sg.chunk(ih(x)+hh(h),4)
+    c2=sg.sigmoid(f)*c+sg.sigmoid(i)*sg.tanh(g); h2=sg.sigmoid(o)*sg.tanh(c2)
+    return sg.Cell([x],{h:h2,c:c2},[h2])
+def gru(I=3,H=5,after=True):
+    x=sg.Input(I,name="x"); h=sg.State(H,name="h")
+    gi=sg.Linear(I,3*H)(x)
+    xr,xz,xn=sg.chunk(gi,3)
+    if after:
+        hr,hz,hn=sg.chunk(sg.Linear(H,3*H)(h),3)
+        r=sg.sigmoid(xr+hr); z=sg.sigmoid(xz+hz); n=sg.tanh(xn+r*hn)
+    else:
+        hr,hz=sg.chunk(sg.Linear(H,2*H)(h),2)
+        r=sg.sigmoid(xr+hr); z=sg.sigmoid(xz+hz); n=sg.tanh(xn+sg.Linear(H,H)(r*h))
+    h2=(1-z)*n+z*h
+    return sg.Cell([x],{h:h2},[h2])
+def peephole_ln(I=3,H=5):
+    x=sg.Input(I,name="x"); h=sg.State(H,name="h",init="learned"); c=sg.State(H,name="c")
+    gates=[]
+    for k in range(4):
+        gates.append(sg.Linear(I,H)(x)+sg.Linear(H,H,bias=False)(h))
+    wci=sg.Parameter(H,name="wci"); wcf=sg.Parameter(H,name="wcf")
+    i=sg.sigmoid(gates[0]+wci*c); f=sg.sigmoid(gates[1]+wcf*c)
+    c2=f*c+i*sg.tanh(sg.LayerNorm(H)(gates[2]))
+    o=sg.sigmoid(gates[3])
+    h2=o*sg.tanh(sg.layer_norm(c2))
+    return sg.Cell([x],{h:h2,c:c2},[h2, sg.softmax(h2)*2])
+def attention(I=3,H=5,S=4,D=6):
+    x=sg.Input(I,name="x"); h=sg.State(H,name="h")
+    mem=sg.Context((S,D),name="memory"); mlen=sg.Context((S,),name="memmask")
+    q=sg.Linear(H,D)(h)
+    scores=sg.squeeze(sg.matmul(mem, sg.unsqueeze(q,-1)),-1)
+    scores=scores+ (mlen-1.0)*1e4
+    a=sg.softmax(scores)
+    ctx=sg.sum(mem*sg.unsqueeze(a,-1),dim=0)
+    h2=sg.tanh(sg.Linear(I+D+H,H)(sg.concat([x,ctx,h])))
+    return sg.Cell([x],{h:h2},[h2,a])
+def embed_drop(V=7,E=4,H=5):
+    tok=sg.Input((),name="tok",dtype="long"); h=sg.State(H,name="h")
+    e=sg.Embedding(V,E,padding_idx=0)(tok)
+    e=sg.dropout(e,0.3)
+    hd=sg.dropout(h,0.2,per_sequence=True)
+    h2=sg.tanh(sg.Linear(E,H)(e)+sg.Linear(H,H)(hd))
+    return sg.Cell([tok],{h:h2},[h2, sg.relu(e)])
+def mufuru_like(I=3,H=4):
+    x=sg.Input(I,name="x"); s=sg.State(H,name="s")
+    r=sg.sigmoid(sg.Linear(I,H)(x)+sg.Linear(H,H)(s))
+    v=sg.tanh(sg.Linear(I,H)(x)+sg.Linear(H,H)(s*r))
+    p=sg.Linear(I,3*H)(x)+sg.Linear(H,3*H)(s)
+    p1,p2,p3=sg.chunk(p,3)
+    m=sg.maximum(sg.maximum(p1,p2),p3)
+    e1,e2,e3=sg.exp(p1-m),sg.exp(p2-m),sg.exp(p3-m)
+    tot=e1+e2+e3
+    s2=(e1*s+e2*v+e3*sg.sqrt(sg.abs(s-v)+1e-3)*0.25)/tot + sg.minimum(s,v)*0.1
+    return sg.Cell([x],{s:s2},[s2])
+
+
+ZOO = {
+    "lstm_ops": lstm_ops,
+    "gru_reset_after": lambda: gru(after=True),
+    "gru_reset_before": lambda: gru(after=False),
+    "peephole_ln": peephole_ln,
+    "attention": attention,
+    "embed_drop": embed_drop,
+    "mufuru_like": mufuru_like,
+}
+
+
+def make_inputs(cell, T, B, dtype=torch.float64, requires_grad=True):
+    """Random per-step inputs (and contexts) for a zoo cell."""
+    xs = []
+    for n in cell.inputs:
+        if n.dtype == "long":
+            xs.append(torch.randint(0, 7, (T, B) + n.shape))
+        else:
+            xs.append(torch.randn((T, B) + n.shape, dtype=dtype, requires_grad=requires_grad))
+    ctx = None
+    if cell.contexts:
+        mask = (torch.arange(4).unsqueeze(0) < torch.randint(1, 5, (B, 1))).to(dtype)
+        ctx = {"memory": torch.randn(B, 4, 6, dtype=dtype, requires_grad=requires_grad), "memmask": mask}
+    return xs, ctx
