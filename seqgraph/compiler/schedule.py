@@ -16,6 +16,9 @@ from .ir import Node
 from .ops import REGISTRY, fusable
 
 
+_ROW_LAYOUT = {"slice", "concat", "pad"}
+
+
 @dataclass
 class Stage:
     kind: str  # "gemm" | "fused" | "torch"
@@ -30,8 +33,11 @@ def node_fusable(n: Node) -> tuple[bool, str]:
         return False, "gemm"
     if not n.batched:
         return False, "unbatched value inside the loop"
-    if len(n.shape) > 1:
-        return False, f"per-example shape {n.shape} has more than one dim"
+    wide = [v.shape for v in (n, *n.inputs) if len(v.shape) > 1]
+    if wide:
+        return False, f"works on per-example shape {wide[0]}, which has more than one dim"
+    if n.op in _ROW_LAYOUT:  # column ranges of a row: the kernel generator loads/stores them at offsets
+        return True, ""
     return fusable(n)
 
 

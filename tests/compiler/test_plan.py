@@ -1,0 +1,95 @@
+"""Structure of compiled plans: what is hoisted, what runs per step, what backward saves."""
+import torch
+
+import seqgraph as sg
+from seqgraph.compiler.pipeline import compile_plan
+
+from zoo import ZOO
+
+
+def _nngraph_lstm(I=4, H=6):
+    x, h, c = sg.Input(I, name="x"), sg.State(H, name="h"), sg.State(H, name="c")
+    i, f, g, o = sg.chunk(sg.Linear(I + H, 4 * H, name="gates")(sg.Concat()([x, h])), 4)
+    c2 = sg.sigmoid(f) * c + sg.sigmoid(i) * sg.tanh(g)
+    h2 = sg.sigmoid(o) * sg.tanh(c2)
+    return sg.Cell([x], {h: h2, c: c2}, [h2])
+
+
+def _gate_by_gate_lstm(I=4, H=6):
+    x, h, c = sg.Input(I, name="x"), sg.State(H, name="h"), sg.State(H, name="c")
+    pre = [sg.Linear(I, H)(x) + sg.Linear(H, H, bias=False)(h) for _ in range(4)]
+    i, f, o = sg.sigmoid(pre[0]), sg.sigmoid(pre[1]), sg.sigmoid(pre[3])
+    c2 = f * c + i * sg.tanh(pre[2])
+    return sg.Cell([x], {h: o * sg.tanh(c2), c: c2}, [o * sg.tanh(c2)])
+
+
+def _kinds(stages):
+    return [s.kind for s in stages]
+
+
+def test_lstm_is_one_hoisted_gemm_one_recurrent_gemm_and_one_region_per_step():
+    for make in (ZOO["lstm_ops"], _nngraph_lstm, _gate_by_gate_lstm):
+        plan = compile_plan(make())
+        assert len(plan.hoisted_gemms()) == 1
+        assert _kinds(plan.stages) == ["gemm", "fused"], make
+        assert len(plan.step_gemms()) == 1
+
+
+def test_gate_by_gate_linears_on_h_become_one_gemm_on_a_concatenated_weight():
+    plan = compile_plan(_gate_by_gate_lstm(4, 6))
+    (gemm,) = plan.step_gemms()
+    assert gemm.inputs[1].op == "concat" and gemm.inputs[1].shape == (24, 6)
+    assert gemm.inputs[1] in plan.invariant
+
+
+def test_gru_reset_after_needs_one_recurrent_gemm_and_reset_before_needs_two():
+    assert _kinds(compile_plan(ZOO["gru_reset_after"]()).stages) == ["gemm", "fused"]
+    assert _kinds(compile_plan(ZOO["gru_reset_before"]()).stages) == ["gemm", "fused", "gemm", "fused"]
+
+
+def test_weight_gradients_of_recurrent_gemms_are_one_reduction_after_the_loop():
+    plan = compile_plan(ZOO["lstm_ops"]())
+    for masked in (False, True):
+        bwd = plan.backward_plan(masked)
+        assert [n.op for n in bwd.post] == ["linear_wgrad"]
+        assert not any(n.op == "linear_wgrad" for n in bwd.loop)
+        assert [s.kind for s in bwd.stages].count("gemm") == 1
+
+
+def test_lstm_backward_saves_the_gate_activations_only():
+    bwd = compile_plan(ZOO["lstm_ops"]()).backward_plan(False)
+    assert sorted(n.op for n in bwd.saved) == ["sigmoid", "sigmoid", "sigmoid", "tanh", "tanh"]
+
+
+def test_plan_text_names_gemms_regions_saves_and_memory():
+    comp = sg.compile(sg.Recurrence(ZOO["lstm_ops"]()))
+    text = comp.plan().describe(T=100, B=64)
+    for words in ("hoisted GEMM", "GEMM: linear'hh'", "fused region (14 ops", "saves per step",
+                  "after the loop: 1 weight/bias gradient reduction", "memory for backward at T=100, B=64"):
+        assert words in text
+
+
+def test_plan_says_why_an_op_falls_back_to_torch():
+    text = compile_plan(ZOO["attention"]()).describe()
+    assert "torch fallback (sum: works on per-example shape (4, 6), which has more than one dim)" in text
+
+
+def test_source_tags_each_line_with_its_node_and_user_line():
+    comp = sg.compile(sg.Recurrence(_nngraph_lstm()))
+    src = comp.source()
+    assert "torch.addmm(" in src  # the hoisted x-projection and bias enter the step's GEMM
+    assert "'gates' @ test_plan.py:" in src
+
+
+def test_plan_picture_draws_each_fused_region_as_a_cluster():
+    comp = sg.compile(sg.Recurrence(ZOO["gru_reset_before"]()))
+    dot = sg.to_dot(comp).source
+    assert dot.count("subgraph cluster_fused_") == 2
+    assert "GEMM" in dot
+
+
+def test_compile_time_of_an_lstm_is_small():
+    # a structural bound, not a benchmark: planning and code generation do not depend on T or B
+    comp = sg.compile(sg.Recurrence(_nngraph_lstm(3, 7)))
+    assert comp._program.compile_seconds < 5.0
+    assert comp(torch.randn(2, 1, 3))[0].shape == (2, 1, 7)
