@@ -1,0 +1,243 @@
+"""Benchmark harness: seqgraph against its peers, side by side in one process.
+
+`python -m seqgraph bench` times, for each cell and size, the forward pass and forward+backward
+of: torch.nn.LSTM/GRU (cuDNN on GPU, oneDNN on CPU) where the cell has one, the same cell as an
+eager PyTorch loop (plain torch ops, autograd), torch.compile of that loop (compile time
+reported apart), and seqgraph's compiled backends. It prints medians and ratios to the fastest
+peer, peak memory on CUDA, and with --out writes the table as a Markdown section named after
+the machine into docs/benchmarks.md. Timing is never a unit test; this module only measures.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+SIZES = {"fastrnns": (100, 64, 512), "small": (50, 16, 128), "medium": (20, 64, 256)}
+CELLS = ("lstm", "gru", "peephole_lstm", "layer_norm_lstm", "mufuru")
+
+
+# ---------------------------------------------------------------------------------------
+# the cells: seqgraph's declaration and an independent eager step with the same weights
+# ---------------------------------------------------------------------------------------
+def make_cell(name: str, I: int, H: int):
+    import seqgraph as sg
+    return {
+        "lstm": lambda: sg.cells.lstm(I, H),
+        "gru": lambda: sg.cells.gru(I, H),
+        "peephole_lstm": lambda: sg.cells.lstm(I, H, peephole=True),
+        "layer_norm_lstm": lambda: sg.cells.lstm(I, H, layer_norm=True),
+        "mufuru": lambda: sg.cells.mufuru(I, H),
+    }[name]()
+
+
+def eager_step(name: str, p: dict[str, torch.Tensor]) -> Callable:
+    """The cell's published equations as a plain torch step(x, state) -> (out, state)."""
+    F = torch.nn.functional
+    if name in ("lstm", "peephole_lstm", "layer_norm_lstm"):
+        ln = name == "layer_norm_lstm"
+        H = p["hh.weight"].shape[1]
+
+        def step(x, st):
+            h, c = st
+            gx, gh = F.linear(x, p["ih.weight"], p.get("ih.bias")), F.linear(h, p["hh.weight"], p.get("hh.bias"))
+            if ln:
+                gx = F.layer_norm(gx, gx.shape[-1:], p["ln_ih.weight"], p["ln_ih.bias"])
+                gh = F.layer_norm(gh, gh.shape[-1:], p["ln_hh.weight"], p["ln_hh.bias"])
+            i, f, g, o = (gx + gh).chunk(4, 1)
+            if name == "peephole_lstm":
+                i, f = i + p["w_ci"] * c, f + p["w_cf"] * c
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            if name == "peephole_lstm":
+                o = o + p["w_co"] * c
+            cr = F.layer_norm(c, (H,), p["ln_c.weight"], p["ln_c.bias"]) if ln else c
+            h = torch.sigmoid(o) * torch.tanh(cr)
+            return h, (h, c)
+        return step
+    if name == "gru":
+        def step(x, st):
+            (h,) = st
+            xr, xz, xn = F.linear(x, p["ih.weight"], p["ih.bias"]).chunk(3, 1)
+            hr, hz, hn = F.linear(h, p["hh.weight"], p["hh.bias"]).chunk(3, 1)
+            r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+            h = (1 - z) * torch.tanh(xn + r * hn) + z * h
+            return h, (h,)
+        return step
+    if name == "mufuru":
+        def step(x, st):
+            (s,) = st
+            H = s.shape[1]
+            gx = F.linear(x, p["ih.weight"], p["ih.bias"])
+            gh = F.linear(s, p["hh.weight"], p["hh.bias"])
+            xr, xv, xp = gx[:, :H], gx[:, H:2 * H], gx[:, 2 * H:]
+            sr, sp = gh[:, :H], gh[:, H:]
+            r = torch.sigmoid(xr + sr)
+            v = torch.tanh(xv + F.linear(r * s, p["hv.weight"]))
+            w = torch.softmax((xp + sp).view(-1, 8, H), dim=1)
+            ops = torch.stack([s, v, s * v, s - v, torch.zeros_like(s), 0.25 * torch.sqrt(torch.abs(s - v)),
+                               torch.maximum(s, v), torch.minimum(s, v)], 1)
+            s = (w * ops).sum(1)
+            return s, (s,)
+        return step
+    raise KeyError(name)
+
+
+def eager_loop(step: Callable) -> Callable:
+    def run(x, state):
+        outs = []
+        for t in range(x.shape[0]):
+            o, state = step(x[t], state)
+            outs.append(o)
+        return torch.stack(outs), state
+    return run
+
+
+# ---------------------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------------------
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn: Callable, device, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def peak_mib(fn: Callable, device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def run_case(cell_name: str, size: str, device, dtype, reps: int, peers: set[str]) -> list[dict]:
+    import seqgraph as sg
+    T, B, H = SIZES[size]
+    torch.manual_seed(0)
+    rec = sg.Recurrence(make_cell(cell_name, H, H)).to(device=device, dtype=dtype)
+    params = {k: v.detach().requires_grad_() for k, v in rec.param_tensors().items()}
+    x = torch.randn(T, B, H, device=device, dtype=dtype, requires_grad=True)
+    nstates = len(rec.cell.states)
+    zeros = tuple(torch.zeros(B, H, device=device, dtype=dtype) for _ in range(nstates))
+    rows: list[dict] = []
+
+    def add(label, fwd, compile_s=None):
+        def train():
+            out = fwd()
+            out.float().sum().backward()
+        with torch.no_grad():
+            f_ms = median_ms(fwd, device, reps)
+        fb_ms = median_ms(train, device, reps)
+        rows.append(dict(cell=cell_name, size=size, T=T, B=B, H=H, peer=label, fwd_ms=f_ms, fwdbwd_ms=fb_ms,
+                         peak_mib=peak_mib(train, device), compile_s=compile_s))
+
+    if "cudnn" in peers and cell_name in ("lstm", "gru"):
+        ref = (torch.nn.LSTM if cell_name == "lstm" else torch.nn.GRU)(H, H).to(device=device, dtype=dtype)
+        add("torch.nn." + ("LSTM" if cell_name == "lstm" else "GRU"), lambda: ref(x)[0])
+    loop = eager_loop(eager_step(cell_name, params))
+    if "eager" in peers:
+        add("eager loop", lambda: loop(x, zeros)[0])
+    if "torch.compile" in peers:
+        compiled = torch.compile(loop, dynamic=False)
+        t0 = time.perf_counter()
+        compiled(x, zeros)[0].float().sum().backward()
+        _sync(device)
+        add("torch.compile(loop)", lambda: compiled(x, zeros)[0], compile_s=time.perf_counter() - t0)
+    backends = ["torch"] + (["triton"] if device.type == "cuda" else [])
+    for backend in backends:
+        if f"seqgraph-{backend}" not in peers:
+            continue
+        sg.compiled.clear_cache()
+        t0 = time.perf_counter()
+        comp = sg.compile(rec, backend=backend)
+        cold = time.perf_counter() - t0
+        add(f"seqgraph {backend}", lambda: comp(x)[0], compile_s=cold)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    out = ["| cell | T,B,H | peer | fwd ms | fwd+bwd ms | fwd+bwd vs best peer | peak MiB | compile s |",
+           "|---|---|---|---:|---:|---:|---:|---:|"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["cell"], r["size"]), []).append(r)
+    for (cell, size), rs in groups.items():
+        peers = [r for r in rs if not r["peer"].startswith("seqgraph")] or rs
+        best = min(r["fwdbwd_ms"] for r in peers)
+        for r in rs:
+            pk = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+            cs = "" if r["compile_s"] is None else f"{r['compile_s']:.2f}"
+            out.append(f"| {cell} | {r['T']},{r['B']},{r['H']} | {r['peer']} | {r['fwd_ms']:.2f} | "
+                       f"{r['fwdbwd_ms']:.2f} | {r['fwdbwd_ms'] / best:.2f}x | {pk} | {cs} |")
+    return "\n".join(out)
+
+
+def machine_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def write_section(path: str, title: str, body: str) -> None:
+    """Replace (or append) the section `## title` of a Markdown file."""
+    try:
+        text = open(path).read()
+    except FileNotFoundError:
+        text = "# Benchmarks\n\nWritten by `python -m seqgraph bench --out docs/benchmarks.md`.\n"
+    head = f"## {title}\n"
+    if head in text:
+        start = text.index(head)
+        nxt = text.find("\n## ", start + len(head))
+        text = text[:start] + head + body + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + head + body
+    with open(path, "w") as f:
+        f.write(text.rstrip("\n") + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m seqgraph bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cells", default=",".join(CELLS), help=f"comma list of {CELLS}")
+    ap.add_argument("--sizes", default=",".join(SIZES), help=f"comma list of {list(SIZES)}")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--peers", default="cudnn,eager,torch.compile,seqgraph-torch,seqgraph-triton",
+                    help="which columns to run")
+    ap.add_argument("--out", default=None, help="Markdown file to write the table into (a section per machine)")
+    args = ap.parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    peers = set(args.peers.split(","))
+    rows = []
+    for size in args.sizes.split(","):
+        for cell in args.cells.split(","):
+            rs = run_case(cell, size, device, dtype, args.reps, peers)
+            rows += rs
+            for r in rs:
+                print(f"{cell:16s} {size:9s} {r['peer']:22s} fwd {r['fwd_ms']:9.2f} ms  fwd+bwd {r['fwdbwd_ms']:9.2f} ms",
+                      flush=True)
+    table = format_table(rows)
+    title = f"{machine_name(device)}, {args.dtype}"
+    print(f"\n{title}\n{table}")
+    if args.out:
+        cmd = "python -m seqgraph bench " + " ".join(argv or [])
+        write_section(args.out, title, f"\nMedians of {args.reps} runs; command: `{cmd.strip()}`; "
+                                       f"torch {torch.__version__}.\n\n{table}\n")
+    return 0
