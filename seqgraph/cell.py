@@ -166,7 +166,7 @@ class Graph:
                 env[n.id] = n  # shared, not copied: that is how weights are tied
                 continue
             ins = tuple(env[i.id] for i in n.inputs)
-            batched = n.batched or any(i.batched for i in ins)
+            batched = any(i.batched for i in ins)
             env[n.id] = Node(n.op, ins, n.attrs, n.shape, batched, n.dtype, name=n.name, site=n.site, module=n.module)
         outs = tuple(env[o.id] for o in self.outputs)
         return outs[0] if self.single_output else outs

@@ -100,10 +100,12 @@ class CompiledRecurrence(Recurrence):
         self.cell = rec.cell
         self.batch_first, self.remember = rec.batch_first, rec.remember
         self._memory = None
+        object.__setattr__(self, "_source", rec)  # not a submodule: its parameters are ours already
         self.params = rec.params  # the same Parameter objects: nothing to keep in sync
         self.init = rec.init
         self.backend = backend
         self.unroll = unroll
+        self.train(rec.training)
         self._program = get_program(rec.cell, backend, unroll)
 
     def plan(self) -> Plan:
@@ -151,7 +153,12 @@ def compile(module, backend: str = "auto", unroll: int = 1):  # noqa: A001 - the
         return _compile_one(module, backend, unroll)
     if not isinstance(module, nn.Module):
         raise TypeError(f"sg.compile takes an sg.Cell or a torch.nn.Module, got {type(module).__name__}")
+    from .nn import _RNNBase
     found = False
+    for sub in module.modules():
+        if isinstance(sub, _RNNBase):
+            sub.use_backend(backend, unroll)
+            found = True
     for name, child in list(module.named_modules()):
         for cname, sub in list(child.named_children()):
             if isinstance(sub, Recurrence):
@@ -165,8 +172,9 @@ def compile(module, backend: str = "auto", unroll: int = 1):  # noqa: A001 - the
 def _compile_one(rec: Recurrence, backend: str, unroll: int) -> Recurrence:
     if backend == "reference":
         return rec
+    if isinstance(rec, CompiledRecurrence):
+        rec = rec._source
     if backend == "auto":
         p = next(iter(rec.parameters()), None)
         backend = "triton" if p is not None and p.is_cuda else "torch"
-    base = rec.source_module if isinstance(rec, CompiledRecurrence) and hasattr(rec, "source_module") else rec
-    return CompiledRecurrence(base, backend, unroll)
+    return CompiledRecurrence(rec, backend, unroll)

@@ -244,7 +244,7 @@ def where_mask(mask: Node, a, b) -> Node:
 def _binop(op, swap=False):
     def f(self, other):
         if isinstance(other, Module):
-            return NotImplemented
+            raise other._not_a_node()
         try:
             other = lift(other)
         except TypeError:
@@ -289,6 +289,17 @@ class Module:
 
     def forward(self, x):  # pragma: no cover - every module defines it
         raise NotImplementedError(type(self).__name__)
+
+    def _not_a_node(self) -> TypeError:
+        name = type(self).__name__
+        return TypeError(f"{name} (declared at {self.site}) is a module, not a node; did you forget a second "
+                         f"set of parentheses, e.g. {name}(...)(x)?")
+
+    def _arith(self, *args):
+        raise self._not_a_node()
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _arith
+    __truediv__ = __rtruediv__ = __matmul__ = __rmatmul__ = _arith
 
     def _make(self, op, inputs, **attrs):
         return make(op, inputs, name=self.name, module=self, site=user_site(), **attrs)

@@ -4,13 +4,14 @@ Same constructor arguments, same forward(input, hx) and return values, PackedSeq
 out, and exactly torch's parameter names (weight_ih_l0, bias_hh_l1_reverse, weight_hr_l0, ...),
 so a torch state_dict loads with strict=True in both directions. The module owns those
 parameters itself; per layer and direction it builds an sg.Recurrence over a cell from
-seqgraph.cells whose parameter reads (`param_tensors()`) are redirected to them. Beyond torch,
+seqgraph.cells whose parameter tree holds those same Parameter objects. Beyond torch,
 forward also takes lengths= (or mask=) for padded batches. This module maps torch's interface
 onto recurrences; it must not implement cell math (cells.py) or compilation (the backends).
 """
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -22,26 +23,32 @@ from .errors import InputError
 from .layers import reverse_sequences
 from .recurrence import Recurrence
 
-BACKENDS = ("reference",)
+BACKENDS = ("reference", "torch", "triton", "auto")
 
 # cell parameter key -> torch's parameter name stem
 _TORCH_NAMES = {"ih.weight": "weight_ih", "hh.weight": "weight_hh", "ih.bias": "bias_ih", "hh.bias": "bias_hh",
                 "hr.weight": "weight_hr"}
 
 
-class _BoundRecurrence(Recurrence):
-    """A Recurrence whose cell parameters are the owner's torch-named Parameters."""
+def _bind(rec: Recurrence, owner: nn.Module, names: dict[str, str]) -> Recurrence:
+    """Make `rec` read the owner's torch-named Parameters: its `params` tree holds the very same
+    Parameter objects (so a compiled twin, which shares `params`, reads them too)."""
+    if set(names) != set(rec.cell.params):
+        raise AssertionError(f"cell parameters {sorted(rec.cell.params)} do not match {sorted(names)}")
+    rec.params = nn.Module()
+    for key, name in names.items():
+        *path, leaf = key.split(".")
+        mod = rec.params
+        for part in path:
+            if not hasattr(mod, part):
+                mod.add_module(part, nn.Module())
+            mod = getattr(mod, part)
+        mod.register_parameter(leaf, getattr(owner, name))
+    return rec
 
-    def __init__(self, cell, owner: nn.Module, names: dict[str, str]):
-        super().__init__(cell)
-        if set(names) != set(cell.params):
-            raise AssertionError(f"cell parameters {sorted(cell.params)} do not match {sorted(names)}")
-        self.params = nn.Module()  # the owner holds the parameters; nothing is stored twice
-        object.__setattr__(self, "_owner", owner)  # a plain reference, not a submodule (no cycle)
-        self._names = dict(names)
 
-    def param_tensors(self) -> dict[str, torch.Tensor]:
-        return {key: getattr(self._owner, name) for key, name in self._names.items()}
+def _rebind_after_load(module: nn.Module, incompatible_keys) -> None:
+    module._rebind()
 
 
 class _RNNBase(nn.Module):
@@ -53,8 +60,7 @@ class _RNNBase(nn.Module):
                  backend: str = "reference"):
         super().__init__()
         if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {list(BACKENDS)} for now (compiled backends are wired in "
-                             f"by seqgraph's compiler), got {backend!r}")
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
         if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
             raise ValueError("dropout should be a number in range [0, 1] representing the probability of an "
                              "element being zeroed")
@@ -68,6 +74,9 @@ class _RNNBase(nn.Module):
             raise ValueError("proj_size has to be smaller than hidden_size")
         if mode != "LSTM" and proj_size:
             raise ValueError(f"proj_size is only supported by LSTM, not {mode}")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn("dropout option adds dropout after all but last recurrent layer, so non-zero dropout "
+                          f"expects num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}")
         if mode == "RNN" and nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
         self.mode = mode
@@ -79,10 +88,10 @@ class _RNNBase(nn.Module):
         out_size = proj_size or hidden_size
         D = 2 if bidirectional else 1
         factory = {"device": device, "dtype": dtype}
-        recs = []
+        recs, torch_names = [], []
         for layer in range(num_layers):
             layer_in = input_size if layer == 0 else out_size * D
-            row = []
+            row, name_row = [], []
             for direction in range(D):
                 sfx = f"_l{layer}" + ("_reverse" if direction else "")
                 shapes = {"weight_ih": (gates * hidden_size, layer_in), "weight_hh": (gates * hidden_size, out_size)}
@@ -93,10 +102,40 @@ class _RNNBase(nn.Module):
                 for stem, shape in shapes.items():
                     self.register_parameter(stem + sfx, nn.Parameter(torch.empty(shape, **factory)))
                 cell = self._make_cell(layer_in)
-                row.append(_BoundRecurrence(cell, self, {k: _TORCH_NAMES[k] + sfx for k in cell.params}))
+                names = {k: _TORCH_NAMES[k] + sfx for k in cell.params}
+                row.append(_bind(Recurrence(cell), self, names))
+                name_row.append(names)
             recs.append(row)
-        self._recs = recs  # a plain list: the recurrences hold no parameters of their own
+            torch_names.append(name_row)
+        # A plain list, not submodules: the recurrences share this module's Parameters, and as
+        # children they would list them again in state_dict under other names. An entry
+        # _recs[layer][direction] may be swapped for a compiled twin (same interface and params).
+        self._recs = recs
+        self._torch_names = torch_names
+        self.register_load_state_dict_post_hook(_rebind_after_load)
         self.reset_parameters()
+        if backend != "reference":
+            self.use_backend(backend)
+
+    def use_backend(self, backend: str, unroll: int = 1) -> None:
+        """Run every layer and direction with a compiled backend (parameters stay shared)."""
+        from .compiled import compile as sg_compile
+        self._recs = [[sg_compile(rec, backend=backend, unroll=unroll) for rec in row] for row in self._recs]
+        self.backend = backend
+
+    def _rebind(self) -> None:
+        """Point every recurrence at this module's current Parameter objects (after something
+        replaced them: load_state_dict(assign=True), or conversions that swap parameters)."""
+        for row, name_row in zip(self._recs, self._torch_names):
+            for rec, names in zip(row, name_row):
+                _bind(rec, self, names)
+                if getattr(rec, "_source", None) is not None:  # a compiled twin: rebind its origin too
+                    _bind(rec._source, self, names)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._rebind()
+        return out
 
     def _make_cell(self, layer_in: int):
         if self.mode == "LSTM":
@@ -132,7 +171,8 @@ class _RNNBase(nn.Module):
         unbatched = False
         if packed:
             if lengths is not None or mask is not None:
-                raise InputError(f"sg.nn.{self.mode}: a PackedSequence carries its own lengths; do not pass lengths/mask")
+                raise InputError(f"sg.nn.{self.mode}: a PackedSequence carries its own lengths; "
+                                 f"do not pass lengths/mask")
             x, lengths = pad_packed_sequence(input, batch_first=False)
         else:
             if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):

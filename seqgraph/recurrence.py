@@ -171,8 +171,7 @@ class Recurrence(nn.Module):
                 raise InputError(f"{self._where()}: lengths must lie in [0, {T}] (T = {T}), got {bad}")
             return torch.arange(T, device=device).unsqueeze(1) < lengths.to(device).unsqueeze(0)
         if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.shape != (T, B) and not (
-                    self.batch_first and mask.shape == (B, T)):
+            if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != ((B, T) if self.batch_first else (T, B)):
                 shape = _fmt(getattr(mask, "shape", ()))
                 want = f"({B}, {T})" if self.batch_first else f"({T}, {B})"
                 raise InputError(f"{self._where()}: mask must be a bool tensor of shape {want}, got {shape}")

@@ -194,9 +194,6 @@ def _emit_prologue(src: Source, plan: Plan) -> None:
         src.emit(f"{names(step.noises)} = noises")
     if step.params:
         src.emit(f"{names(list(step.params.values()))} = params")
-    env: dict[int, str] = {}
-    for n in plan.invariant:
-        src.emit(f"{_v(n)} = {torch_expr(n, env, src)}", n)
     # per-step leaves as T*B rows; batch-carrying invariants repeated over T where hoisted nodes read them
     rows: dict[int, str] = {}
     hoisted_ids = {n.id for n in plan.hoisted}
@@ -210,6 +207,9 @@ def _emit_prologue(src: Source, plan: Plan) -> None:
                      f"{_shape_tuple(nz, 'T * B')})", nz)
         else:
             src.emit(f"{_v(nz)} = {_v(nz)}.expand({_shape_tuple(nz, 'B')})", nz)
+    env: dict[int, str] = {}
+    for n in plan.invariant:
+        src.emit(f"{_v(n)} = {torch_expr(n, env, src)}", n)
     for n in plan.hoisted:
         for i in n.inputs:
             if i.batched and plan.cls[i.id] == "invariant" and i.id not in rows:

@@ -62,7 +62,7 @@ class Node:
         return True
 
     def __iter__(self):
-        raise TypeError(f"node {self.label()!r} is one symbolic value and cannot be iterated; "
+        raise TypeError(f"node {self.label()!r} (declared at {self.site}) is one symbolic value and cannot be iterated; "
                         "use sg.chunk(node, n) or sg.split(node, sizes) to take it apart")
 
     @property

@@ -1,0 +1,380 @@
+"""sg.cells: each cell against a plain-torch step written from its published equations, float64
+gradchecks, the parameter layout the compiler and sg.nn rely on, and NormStabilizer."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck
+
+import seqgraph as sg
+
+T, B, I, H = 4, 3, 3, 5
+
+
+def run_reference(step, x, states):
+    """Run a torch step function (x_t, states) -> (out, states) over a (T, B, I) tensor."""
+    outs = []
+    for t in range(x.shape[0]):
+        out, states = step(x[t], states)
+        outs.append(out)
+    return torch.stack(outs), states
+
+
+def lin(P, name, v):
+    y = v @ P[f"{name}.weight"].T
+    return y + P[f"{name}.bias"] if f"{name}.bias" in P else y
+
+
+def params_of(rec):
+    return {k: v.detach() for k, v in rec.param_tensors().items()}
+
+
+def assert_close(a, b, tol=1e-5):
+    torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+# ---------------------------------------------------------------------------------------
+# Elman RNN and Torch7's Recurrent
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("nonlinearity,bias", [("tanh", True), ("relu", True), ("tanh", False)])
+def test_rnn_matches_elman_equations(nonlinearity, bias):
+    rec = sg.Recurrence(sg.cells.rnn(I, H, nonlinearity=nonlinearity, bias=bias))
+    P = params_of(rec)
+    act = torch.tanh if nonlinearity == "tanh" else torch.relu
+    x = torch.randn(T, B, I)
+    out, final = rec(x)
+    ref, (h,) = run_reference(lambda xt, s: (lambda h: (h, (h,)))(act(lin(P, "ih", xt) + lin(P, "hh", s[0]))),
+                              x, (torch.zeros(B, H),))
+    assert_close(out, ref)
+    assert_close(final["h"], h)
+
+
+def test_rnn_without_bias_has_no_bias_parameters():
+    assert sorted(sg.cells.rnn(I, H, bias=False).params) == ["hh.weight", "ih.weight"]
+
+
+def test_recurrent_first_step_uses_start_then_feedback_like_torch7():
+    cell = sg.cells.recurrent(H, sg.Linear(I, H, name="inp"), sg.Linear(H, H, name="fb"), sg.Tanh())
+    rec = sg.Recurrence(cell)
+    P = params_of(rec)
+    x = torch.randn(T, B, I)
+    out, _ = rec(x)
+    h = torch.tanh(lin(P, "inp", x[0]) + P["start"])
+    expected = [h]
+    for t in range(1, T):
+        h = torch.tanh(lin(P, "inp", x[t]) + lin(P, "fb", h))
+        expected.append(h)
+    assert_close(out, torch.stack(expected))
+
+
+def test_recurrent_defaults_to_sigmoid_transfer_and_sum_merge():
+    cell = sg.cells.recurrent(H, sg.Linear(I, H, name="inp"), sg.Linear(H, H, name="fb"))
+    rec = sg.Recurrence(cell)
+    P = params_of(rec)
+    x = torch.randn(2, B, I)
+    out, _ = rec(x)
+    h1 = torch.sigmoid(lin(P, "inp", x[0]) + P["start"])
+    h2 = torch.sigmoid(lin(P, "inp", x[1]) + lin(P, "fb", h1))
+    assert_close(out, torch.stack([h1, h2]))
+
+
+def test_recurrent_needs_sizes_it_cannot_infer():
+    with pytest.raises(ValueError, match="input_size"):
+        sg.cells.recurrent(sg.Identity(), sg.Identity(), sg.Linear(H, H))
+
+
+# ---------------------------------------------------------------------------------------
+# LSTM family
+# ---------------------------------------------------------------------------------------
+def lstm_reference(P, peephole=False, proj=False, layer_norm=False, masks=None, zoneout=0.0, p=0.0):
+    """The LSTM step of the Torch7 rnn docs (FastLSTM; peephole LSTM; SeqLSTMP's eq. 7) and of
+    Ba et al. (layer norm), with Gal masks on x and h and zoneout masks when given."""
+    masks = masks or {}
+
+    def step(xt, s):
+        h, c = s
+        if "drop_x" in masks:
+            xt = xt * masks["drop_x"] / (1 - p)
+            hin = h * masks["drop_h"] / (1 - p)
+        else:
+            hin = h
+        gx, gh = lin(P, "ih", xt), lin(P, "hh", hin)
+        if layer_norm:
+            gx = F.layer_norm(gx, gx.shape[-1:], P["ln_ih.weight"], P["ln_ih.bias"])
+            gh = F.layer_norm(gh, gh.shape[-1:], P["ln_hh.weight"], P["ln_hh.bias"])
+        i, f, g, o = (gx + gh).chunk(4, dim=1)
+        if peephole:
+            i, f = i + P["w_ci"] * c, f + P["w_cf"] * c
+        c2 = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        if peephole:
+            o = o + P["w_co"] * c2
+        cr = F.layer_norm(c2, c2.shape[-1:], P["ln_c.weight"], P["ln_c.bias"]) if layer_norm else c2
+        h2 = torch.sigmoid(o) * torch.tanh(cr)
+        if proj:
+            h2 = h2 @ P["hr.weight"].T
+        if "zoneout_h" in masks:
+            mh, mc = masks["zoneout_h"][step.t], masks["zoneout_c"][step.t]
+            h2, c2 = mh * h2 + (1 - mh) * h, mc * c2 + (1 - mc) * c
+        elif zoneout:
+            h2, c2 = (1 - zoneout) * h2 + zoneout * h, (1 - zoneout) * c2 + zoneout * c
+        step.t += 1
+        return h2, (h2, c2)
+
+    step.t = 0
+    return step
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"bias": False}, {"peephole": True}, {"proj_size": 2},
+                                    {"layer_norm": True}, {"peephole": True, "proj_size": 2, "layer_norm": True}],
+                         ids=["fastlstm", "nobias", "peephole", "lstmp", "layernorm", "all"])
+def test_lstm_matches_published_equations(kwargs):
+    rec = sg.Recurrence(sg.cells.lstm(I, H, **kwargs))
+    with torch.no_grad():  # non-trivial layer-norm gains and shifts
+        for k, v in rec.param_tensors().items():
+            if k.startswith("ln_"):
+                v.uniform_(0.5, 1.5)
+    P = params_of(rec)
+    out_size = kwargs.get("proj_size") or H
+    x = torch.randn(T, B, I)
+    h0, c0 = torch.randn(B, out_size), torch.randn(B, H)
+    out, final = rec(x, {"h": h0, "c": c0})
+    step = lstm_reference(P, peephole=kwargs.get("peephole", False), proj=bool(kwargs.get("proj_size")),
+                          layer_norm=kwargs.get("layer_norm", False))
+    ref, (h, c) = run_reference(step, x, (h0, c0))
+    assert_close(out, ref)
+    assert_close(final["h"], h)
+    assert_close(final["c"], c)
+
+
+def test_lstm_parameter_layout_matches_torch():
+    cell = sg.cells.lstm(I, H, proj_size=2)
+    shapes = {k: n.shape for k, n in cell.params.items()}
+    assert shapes == {"ih.weight": (4 * H, I), "ih.bias": (4 * H,), "hh.weight": (4 * H, 2), "hh.bias": (4 * H,),
+                      "hr.weight": (2, H)}
+    assert cell.state_names == ["h", "c"]
+
+
+def test_lstm_gal_dropout_uses_one_mask_per_sequence():
+    p = 0.4
+    rec = sg.Recurrence(sg.cells.lstm(I, H, dropout=p)).train()
+    torch.manual_seed(7)
+    noises = rec._sample_noise(T, B, torch.float32, torch.device("cpu"))
+    masks = {n.name: v for n, v in zip(rec.cell.noises, noises)}
+    assert masks["drop_x"].shape == (B, I) and masks["drop_h"].shape == (B, H)
+    x, h0 = torch.randn(T, B, I), torch.randn(B, H)
+    torch.manual_seed(7)
+    out, final = rec(x, {"h": h0})
+    ref, (h, c) = run_reference(lstm_reference(params_of(rec), masks=masks, p=p), x, (h0, torch.zeros(B, H)))
+    assert_close(out, ref)
+    assert_close(final["c"], c)
+
+
+def test_lstm_dropout_is_the_identity_in_evaluation():
+    rec = sg.Recurrence(sg.cells.lstm(I, H, dropout=0.5)).eval()
+    x = torch.randn(T, B, I)
+    ref, _ = run_reference(lstm_reference(params_of(rec)), x, (torch.zeros(B, H), torch.zeros(B, H)))
+    assert_close(rec(x)[0], ref)
+
+
+def test_lstm_zoneout_keeps_previous_units_where_the_mask_says():
+    rec = sg.Recurrence(sg.cells.lstm(I, H, zoneout=0.5)).train()
+    torch.manual_seed(3)
+    noises = rec._sample_noise(T, B, torch.float32, torch.device("cpu"))
+    masks = {n.name: v for n, v in zip(rec.cell.noises, noises)}
+    assert masks["zoneout_h"].shape == (T, B, H)  # a fresh draw every step
+    x = torch.randn(T, B, I)
+    torch.manual_seed(3)
+    out, final = rec(x)
+    ref, (h, c) = run_reference(lstm_reference(params_of(rec), masks=masks), x, (torch.zeros(B, H), torch.zeros(B, H)))
+    assert_close(out, ref)
+    assert_close(final["c"], c)
+
+
+def test_lstm_zoneout_evaluation_blends_previous_and_new_by_expectation():
+    rec = sg.Recurrence(sg.cells.lstm(I, H, zoneout=0.25)).eval()
+    x = torch.randn(T, B, I)
+    ref, _ = run_reference(lstm_reference(params_of(rec), zoneout=0.25), x, (torch.zeros(B, H), torch.zeros(B, H)))
+    assert_close(rec(x)[0], ref)
+
+
+def test_lstm_rejects_projection_not_smaller_than_hidden():
+    with pytest.raises(ValueError, match="proj_size"):
+        sg.cells.lstm(I, H, proj_size=H)
+
+
+def test_lstm_layer_norm_refuses_bias_false():
+    with pytest.raises(ValueError, match="layer_norm"):
+        sg.cells.lstm(I, H, layer_norm=True, bias=False)
+
+
+# ---------------------------------------------------------------------------------------
+# GRU family, MuFuRu, IndRNN
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bias", [True, False])
+def test_gru_reset_after_matches_torch_equations(bias):
+    rec = sg.Recurrence(sg.cells.gru(I, H, bias=bias))
+    P = params_of(rec)
+
+    def step(xt, s):
+        (h,) = s
+        xr, xz, xn = lin(P, "ih", xt).chunk(3, 1)
+        hr, hz, hn = lin(P, "hh", h).chunk(3, 1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        h2 = (1 - z) * n + z * h
+        return h2, (h2,)
+
+    x, h0 = torch.randn(T, B, I), torch.randn(B, H)
+    out, final = rec(x, {"h": h0})
+    ref, (h,) = run_reference(step, x, (h0,))
+    assert_close(out, ref)
+    assert_close(final["h"], h)
+
+
+def test_gru_reset_before_matches_torch7_equations():
+    rec = sg.Recurrence(sg.cells.gru(I, H, reset_after=False))
+    P = params_of(rec)
+
+    def step(xt, s):  # Torch7 rnn's GRU, eqs. 1-4 (s is the state)
+        (st,) = s
+        gx = lin(P, "ih", xt)
+        gr, gz = lin(P, "hh", st).chunk(2, 1)
+        r, z = torch.sigmoid(gx[:, :H] + gr), torch.sigmoid(gx[:, H:2 * H] + gz)
+        hcand = torch.tanh(gx[:, 2 * H:] + (st * r) @ P["hh_n.weight"].T)
+        s2 = (1 - z) * hcand + z * st
+        return s2, (s2,)
+
+    x, h0 = torch.randn(T, B, I), torch.randn(B, H)
+    out, final = rec(x, {"h": h0})
+    ref, (h,) = run_reference(step, x, (h0,))
+    assert_close(out, ref)
+    assert_close(final["h"], h)
+
+
+def mufuru_reference(P, ops):
+    fns = {"keep": lambda s, v: s, "replace": lambda s, v: v, "mul": lambda s, v: s * v,
+           "diff": lambda s, v: s - v, "forget": lambda s, v: torch.zeros_like(s),
+           "sqrt_diff": lambda s, v: 0.25 * torch.sqrt(torch.abs(s - v)), "max": torch.maximum, "min": torch.minimum}
+    J = len(ops)
+
+    def step(xt, st):
+        (s,) = st
+        gx = lin(P, "ih", xt).reshape(-1, 2 + J, H)
+        gs = lin(P, "hh", s).reshape(-1, 1 + J, H)
+        r = torch.sigmoid(gx[:, 0] + gs[:, 0])  # eq. 1
+        v = torch.tanh(gx[:, 1] + (s * r) @ P["hv.weight"].T)  # eq. 2
+        p = torch.softmax(gx[:, 2:] + gs[:, 1:], dim=1)  # eqs. 3-4, per unit over the ops
+        s2 = sum(p[:, j] * fns[op](s, v) for j, op in enumerate(ops))  # eq. 5
+        return s2, (s2,)
+
+    return step
+
+
+@pytest.mark.parametrize("ops", [sg.cells.MUFURU_OPS, ("keep", "replace"), ("mul", "forget", "max")],
+                         ids=["all", "gru-like", "subset"])
+def test_mufuru_matches_published_equations(ops):
+    rec = sg.Recurrence(sg.cells.mufuru(I, H, ops=ops))
+    x, s0 = torch.randn(T, B, I), torch.randn(B, H)
+    out, final = rec(x, {"s": s0})
+    ref, (s,) = run_reference(mufuru_reference(params_of(rec), ops), x, (s0,))
+    assert_close(out, ref)
+    assert_close(final["s"], s)
+
+
+@pytest.mark.parametrize("ops", [("keep", "jump"), (), ("keep", "keep"), ("forget",)])
+def test_mufuru_rejects_bad_ops(ops):
+    with pytest.raises(ValueError, match="mufuru"):
+        sg.cells.mufuru(I, H, ops=ops)
+
+
+@pytest.mark.parametrize("nonlinearity", ["relu", "tanh"])
+def test_indrnn_matches_published_equations(nonlinearity):
+    rec = sg.Recurrence(sg.cells.indrnn(I, H, nonlinearity=nonlinearity))
+    P = params_of(rec)
+    act = torch.relu if nonlinearity == "relu" else torch.tanh
+
+    def step(xt, s):
+        h2 = act(lin(P, "ih", xt) + P["u"] * s[0])
+        return h2, (h2,)
+
+    x, h0 = torch.randn(T, B, I), torch.randn(B, H)
+    out, _ = rec(x, {"h": h0})
+    assert_close(out, run_reference(step, x, (h0,))[0])
+
+
+def test_unknown_nonlinearity_is_refused():
+    with pytest.raises(ValueError, match="nonlinearity"):
+        sg.cells.rnn(I, H, nonlinearity="gelu")
+
+
+# ---------------------------------------------------------------------------------------
+# float64 gradients of every cell (inputs, initial states and parameters)
+# ---------------------------------------------------------------------------------------
+GRADCHECK_CELLS = {
+    "rnn_tanh": lambda: sg.cells.rnn(3, 4),
+    "rnn_relu": lambda: sg.cells.rnn(3, 4, nonlinearity="relu"),
+    "recurrent": lambda: sg.cells.recurrent(4, sg.Linear(3, 4), sg.Linear(4, 4), sg.Tanh()),
+    "lstm": lambda: sg.cells.lstm(3, 4),
+    "lstm_peephole_proj": lambda: sg.cells.lstm(3, 4, peephole=True, proj_size=2),
+    "lstm_layer_norm": lambda: sg.cells.lstm(3, 4, layer_norm=True),
+    "lstm_dropout_zoneout": lambda: sg.cells.lstm(3, 4, dropout=0.3, zoneout=0.3),
+    "gru": lambda: sg.cells.gru(3, 4),
+    "gru_reset_before": lambda: sg.cells.gru(3, 4, reset_after=False),
+    "mufuru": lambda: sg.cells.mufuru(3, 4),
+    "indrnn": lambda: sg.cells.indrnn(3, 4),
+}
+
+
+@pytest.mark.parametrize("name", list(GRADCHECK_CELLS))
+def test_cell_gradients_pass_float64_gradcheck(name):
+    rec = sg.Recurrence(GRADCHECK_CELLS[name]()).double().train()
+    keys = list(rec.param_tensors())
+    params = [rec.param_tensors()[k].detach().clone().requires_grad_() for k in keys]
+    x = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
+    states = {p.name: torch.randn((2,) + p.shape, dtype=torch.float64, requires_grad=True)
+              for p, _ in rec.cell.states if p.name != "started"}
+    names = list(states)
+    lengths = torch.tensor([3, 2])
+
+    def f(x, *args):
+        torch.manual_seed(11)  # the same dropout/zoneout masks at every evaluation
+        ps, ss = args[:len(keys)], args[len(keys):]
+        out, final = torch.func.functional_call(rec, {f"params.{k}": p for k, p in zip(keys, ps)},
+                                                (x, dict(zip(names, ss))), {"lengths": lengths})
+        return (out,) + tuple(final[n] for n in names)
+
+    assert gradcheck(f, (x, *params, *states.values()), eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+# ---------------------------------------------------------------------------------------
+# NormStabilizer
+# ---------------------------------------------------------------------------------------
+def test_norm_stabilizer_loss_is_mean_squared_change_of_norms():
+    seq = torch.randn(T, B, H)
+    norms = seq.norm(dim=-1)
+    expected = 0.5 * ((norms[1:] - norms[:-1]) ** 2).mean(0).mean()
+    assert_close(sg.cells.norm_stabilizer_loss(seq, beta=0.5), expected)
+
+
+def test_norm_stabilizer_loss_skips_padded_steps():
+    seq = torch.randn(T, B, H)
+    lengths = torch.tensor([4, 2, 1])
+    padded = seq.clone()
+    for b, n in enumerate(lengths.tolist()):
+        padded[n:, b] = 100.0
+    per_seq = []
+    for b, n in enumerate(lengths.tolist()):
+        norms = seq[:n, b].norm(dim=-1)
+        per_seq.append(((norms[1:] - norms[:-1]) ** 2).mean() if n > 1 else torch.tensor(0.0))
+    assert_close(sg.cells.norm_stabilizer_loss(padded, lengths=lengths), torch.stack(per_seq).mean())
+
+
+def test_norm_stabilizer_wraps_a_recurrence_and_exposes_its_loss():
+    rec = sg.Recurrence(sg.cells.gru(I, H))
+    ns = sg.NormStabilizer(rec, beta=2.0)
+    x, lengths = torch.randn(T, B, I), torch.tensor([4, 3, 2])
+    out, final = ns(x, lengths=lengths)
+    ref_out, ref_final = rec(x, lengths=lengths)
+    assert_close(out, ref_out)
+    assert_close(ns.loss, sg.cells.norm_stabilizer_loss(out, beta=2.0, lengths=lengths))
+    ns.loss.backward()
+    assert rec.param_tensors()["hh.weight"].grad.abs().sum() > 0

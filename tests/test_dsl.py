@@ -1,0 +1,307 @@
+"""The DSL: operators and nngraph modules build the same graphs, names, parameter sharing,
+sg.Graph inlining, and the broadcasting rules (dims never include the batch)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import seqgraph as sg
+
+DT = torch.float64
+
+
+def run_once(cell: sg.Cell, *xs: torch.Tensor, rec: sg.Recurrence | None = None):
+    """One step of `cell` on (B, ...) inputs through the reference Recurrence; returns its outputs."""
+    rec = rec or sg.Recurrence(cell).double()
+    out, _ = rec(tuple(x.unsqueeze(0) for x in xs))
+    return tuple(o[0] for o in out) if isinstance(out, tuple) else out[0]
+
+
+def gru_with_modules(I=3, H=4):
+    x, h = sg.Input(I, name="x"), sg.State(H, name="h")
+    xh = sg.Concat()([x, h])
+    z = sg.Sigmoid()(sg.Linear(I + H, H, name="update")(xh))
+    r = sg.Sigmoid()(sg.Linear(I + H, H, name="reset")(xh))
+    cand = sg.Tanh()(sg.Linear(I + H, H, name="candidate")(sg.Concat()([x, sg.CMul()([r, h])])))
+    h_next = sg.CAdd()([sg.CMul()([1 - z, h]), sg.CMul()([z, cand])])
+    return sg.Cell(inputs=[x], states={h: h_next})
+
+
+def gru_with_operators(I=3, H=4):
+    x, h = sg.Input(I, name="x"), sg.State(H, name="h")
+    xh = sg.concat([x, h])
+    z = sg.sigmoid(sg.Linear(I + H, H, name="update")(xh))
+    r = sg.sigmoid(sg.Linear(I + H, H, name="reset")(xh))
+    cand = sg.tanh(sg.Linear(I + H, H, name="candidate")(sg.concat([x, r * h])))
+    h_next = (1 - z) * h + z * cand
+    return sg.Cell(inputs=[x], states={h: h_next})
+
+
+# ---------------------------------------------------------------------------------------
+# operators and modules
+# ---------------------------------------------------------------------------------------
+def test_operators_build_the_same_graph_as_module_calls():
+    assert gru_with_modules().signature() == gru_with_operators().signature()
+
+
+def test_operator_and_module_cells_compute_the_same():
+    a = sg.Recurrence(gru_with_modules()).double()
+    b = sg.Recurrence(gru_with_operators()).double()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(5, 2, 3, dtype=DT)
+    torch.testing.assert_close(a(x)[0], b(x)[0])
+
+
+def test_python_numbers_on_either_side_of_an_operator():
+    x = sg.Input(3, name="x")
+    outs = [2 - x, x - 2, 1 / (x * x + 1), x / 4, -x, 3 * x, x + 0.5]
+    cell = sg.Cell(inputs=[x], outputs=outs)
+    v = torch.randn(2, 3, dtype=DT)
+    got = run_once(cell, v)
+    want = [2 - v, v - 2, 1 / (v * v + 1), v / 4, -v, 3 * v, v + 0.5]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_matmul_operator_is_sg_matmul():
+    a, b = sg.Input((2, 3), name="a"), sg.Input((3, 4), name="b")
+    assert sg.Cell(inputs=[a, b], outputs=[a @ b]).signature() == \
+        sg.Cell(inputs=[a, b], outputs=[sg.matmul(a, b)]).signature()
+
+
+def test_bool_and_strings_are_not_numbers():
+    x = sg.Input(3, name="x")
+    with pytest.raises(TypeError):
+        x + True
+    with pytest.raises(TypeError):
+        x * "2"
+
+
+def test_dropout_with_p_zero_is_the_identity_node():
+    x = sg.Input(3, name="x")
+    assert sg.dropout(x, 0.0) is x
+
+
+# ---------------------------------------------------------------------------------------
+# names
+# ---------------------------------------------------------------------------------------
+def test_named_sets_the_name_and_returns_the_node():
+    x = sg.Input(3)
+    y = sg.tanh(x)
+    assert y.named("squashed") is y and y.name == "squashed"
+
+
+def test_names_appear_in_the_dump():
+    x = sg.Input(3, name="tokens")
+    cell = sg.Cell(inputs=[x], outputs=[sg.tanh(x).named("squashed")])
+    assert "squashed @ test_dsl.py:" in cell.dump() and "tokens @" in cell.dump()
+
+
+def test_functions_take_a_name():
+    x = sg.Input(3)
+    assert sg.softmax(x, name="attn").name == "attn"
+    assert sg.sum(x, name="total").name == "total"
+
+
+def test_unnamed_leaves_get_numbered_names():
+    x1, x2, h = sg.Input(3), sg.Input(3), sg.State(3)
+    cell = sg.Cell(inputs=[x1, x2], states={h: x1 + x2 + h})
+    assert [x.name for x in cell.inputs] == ["input_0", "input_1"]
+    assert cell.state_names == ["state_0"]
+
+
+def test_numbered_names_skip_names_the_user_took():
+    x1, x2 = sg.Input(3, name="input_0"), sg.Input(3)
+    cell = sg.Cell(inputs=[x1, x2], outputs=[x1 + x2])
+    assert [x.name for x in cell.inputs] == ["input_0", "input_1"]
+
+
+def test_parameter_keys_come_from_module_names():
+    x = sg.Input(3, name="x")
+    peep = sg.Parameter(4, name="peep")
+    y = sg.Linear(3, 4, name="gate")(x) * peep + sg.Linear(3, 4)(x) + sg.Linear(3, 4)(x)
+    cell = sg.Cell(inputs=[x], outputs=[y])
+    assert sorted(cell.params) == ["gate.bias", "gate.weight", "linear.bias", "linear.weight",
+                                   "linear_1.bias", "linear_1.weight", "peep"]
+    rec = sg.Recurrence(cell)
+    assert "params.gate.weight" in rec.state_dict() and rec.params.gate.weight.shape == (4, 3)
+
+
+# ---------------------------------------------------------------------------------------
+# sharing
+# ---------------------------------------------------------------------------------------
+def shared_linear_cell():
+    x, h = sg.Input(4, name="x"), sg.State(4, name="h")
+    shared = sg.Linear(4, 4, name="shared")
+    h_next = sg.tanh(shared(x) + shared(h))
+    return sg.Cell(inputs=[x], states={h: h_next})
+
+
+def _shared_reference(x, w_x, b_x, w_h, b_h):
+    h = torch.zeros(x.shape[1], 4, dtype=DT)
+    outs = []
+    for t in range(x.shape[0]):
+        h = torch.tanh(x[t] @ w_x.t() + b_x + h @ w_h.t() + b_h)
+        outs.append(h)
+    return torch.stack(outs)
+
+
+def test_module_called_twice_has_one_weight():
+    cell = shared_linear_cell()
+    assert sorted(cell.params) == ["shared.bias", "shared.weight"]
+    assert len(list(sg.Recurrence(cell).parameters())) == 2
+
+
+def test_shared_weight_receives_the_sum_of_both_gradients():
+    rec = sg.Recurrence(shared_linear_cell()).double()
+    x = torch.randn(4, 2, 4, dtype=DT)
+    out, _ = rec(x)
+    out.pow(2).sum().backward()
+    w, b = rec.params.shared.weight, rec.params.shared.bias
+    # each use alone: the other use sees a detached copy
+    w1, b1 = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    _shared_reference(x, w1, b1, w.detach(), b.detach()).pow(2).sum().backward()
+    w2, b2 = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    _shared_reference(x, w.detach(), b.detach(), w2, b2).pow(2).sum().backward()
+    torch.testing.assert_close(w.grad, w1.grad + w2.grad)
+    torch.testing.assert_close(b.grad, b1.grad + b2.grad)
+    assert not torch.allclose(w1.grad, w2.grad)  # the two uses really differ
+
+
+# ---------------------------------------------------------------------------------------
+# sg.Graph
+# ---------------------------------------------------------------------------------------
+def squash_graph():
+    a = sg.Input(4, name="a")
+    lin = sg.Linear(4, 4, name="squash")
+    return sg.Graph([a], sg.tanh(lin(a)), name="squash")
+
+
+def test_graph_called_in_a_cell_is_inlined():
+    g = squash_graph()
+    x, h = sg.Input(4, name="x"), sg.State(4, name="h")
+    cell = sg.Cell(inputs=[x], states={h: g(x) + g(h)})
+    ops = [n.op for n in cell.order]
+    assert ops.count("linear") == 2 and ops.count("tanh") == 2
+    assert sorted(cell.params) == ["squash.bias", "squash.weight"]
+
+
+def test_graph_inside_a_cell_computes_its_body():
+    g = squash_graph()
+    x, h = sg.Input(4, name="x"), sg.State(4, name="h")
+    rec = sg.Recurrence(sg.Cell(inputs=[x], states={h: g(x) + g(h)})).double()
+    xs = torch.randn(3, 2, 4, dtype=DT)
+    out, _ = rec(xs)
+    w, b = rec.params.squash.weight, rec.params.squash.bias
+    hh = torch.zeros(2, 4, dtype=DT)
+    for t in range(3):
+        hh = torch.tanh(xs[t] @ w.t() + b) + torch.tanh(hh @ w.t() + b)
+        torch.testing.assert_close(out[t], hh)
+
+
+def test_graph_with_several_inputs_and_outputs():
+    a, b = sg.Input(3, name="a"), sg.Input(3, name="b")
+    g = sg.Graph([a, b], [a * b, a - b])
+    x, y = sg.Input(3, name="x"), sg.Input(3, name="y")
+    prod, diff = g([x, y])
+    cell = sg.Cell(inputs=[x, y], outputs=[prod, diff])
+    vx, vy = torch.randn(2, 3, dtype=DT), torch.randn(2, 3, dtype=DT)
+    got = run_once(cell, vx, vy)
+    torch.testing.assert_close(got[0], vx * vy)
+    torch.testing.assert_close(got[1], vx - vy)
+
+
+def test_graph_called_on_a_parameter_stays_unbatched():
+    a = sg.Input(4, name="a")
+    g = sg.Graph([a], a * 2)
+    node = g(sg.Parameter(4, name="w"))
+    assert node.batched is False and node.shape == (4,)
+
+
+def test_graph_body_is_not_changed_by_calls():
+    g = squash_graph()
+    before = [n.id for n in g.order]
+    g(sg.Input(4, name="x"))
+    assert [n.id for n in g.order] == before
+
+
+# ---------------------------------------------------------------------------------------
+# broadcasting: dims exclude the batch
+# ---------------------------------------------------------------------------------------
+def test_per_feature_parameter_broadcasts_over_the_batch():
+    x = sg.Input(4, name="x")
+    gain = sg.Parameter(4, name="gain", init=lambda t: t.copy_(torch.arange(1.0, 5.0)))
+    y = x * gain
+    assert (y.shape, y.batched) == ((4,), True)
+    v = torch.randn(3, 4, dtype=DT)
+    torch.testing.assert_close(run_once(sg.Cell(inputs=[x], outputs=[y]), v),
+                               v * torch.arange(1.0, 5.0, dtype=DT))
+
+
+def test_scalar_constant_broadcasts_over_features_and_batch():
+    x = sg.Input((2, 3), name="x")
+    y = 1 - x
+    assert (y.shape, y.batched) == ((2, 3), True)
+    v = torch.randn(4, 2, 3, dtype=DT)
+    torch.testing.assert_close(run_once(sg.Cell(inputs=[x], outputs=[y]), v), 1 - v)
+
+
+def test_per_example_scalar_broadcasts_over_features():
+    gate, x = sg.Input((), name="gate"), sg.Input(3, name="x")
+    y = gate * x
+    assert y.shape == (3,)
+    g, v = torch.randn(2, dtype=DT), torch.randn(2, 3, dtype=DT)
+    torch.testing.assert_close(run_once(sg.Cell(inputs=[gate, x], outputs=[y]), g, v), g[:, None] * v)
+
+
+def test_lower_rank_input_aligns_with_trailing_per_example_dims():
+    row, grid = sg.Input(4, name="row"), sg.Input((3, 4), name="grid")
+    y = row + grid
+    assert y.shape == (3, 4)
+    r, g = torch.randn(2, 4, dtype=DT), torch.randn(2, 3, 4, dtype=DT)
+    torch.testing.assert_close(run_once(sg.Cell(inputs=[row, grid], outputs=[y]), r, g), r[:, None, :] + g)
+
+
+def test_parameter_matrix_times_input_row():
+    x = sg.Input(4, name="x")
+    w = sg.Parameter((3, 4), name="w")
+    y = w * x
+    assert (y.shape, y.batched) == ((3, 4), True)
+    rec = sg.Recurrence(sg.Cell(inputs=[x], outputs=[y])).double()
+    v = torch.randn(2, 4, dtype=DT)
+    torch.testing.assert_close(run_once(rec.cell, v, rec=rec), rec.params.w[None] * v[:, None, :])
+
+
+def test_shapes_that_do_not_broadcast_raise():
+    with pytest.raises(sg.ShapeError, match=r"cannot broadcast shapes \(4,\) and \(3,\)"):
+        sg.Input(4) * sg.Parameter(3)
+
+
+def test_reduction_dims_count_per_example_dims():
+    x = sg.Input((3, 4), name="x")
+    s0, s1 = sg.sum(x, dim=0), sg.mean(x, dim=-1, keepdim=True)
+    assert (s0.shape, s1.shape) == ((4,), (3, 1))
+    v = torch.randn(2, 3, 4, dtype=DT)
+    got = run_once(sg.Cell(inputs=[x], outputs=[s0, s1]), v)
+    torch.testing.assert_close(got[0], v.sum(1))
+    torch.testing.assert_close(got[1], v.mean(2, keepdim=True))
+
+
+def test_layout_functions_work_on_per_example_dims():
+    x = sg.Input((2, 3), name="x")
+    outs = [sg.transpose(x), sg.reshape(x, (6,)), sg.unsqueeze(x, 0), sg.squeeze(sg.unsqueeze(x, -1), -1),
+            sg.softmax(x, dim=0), sg.concat([x, x], dim=0)]
+    assert [o.shape for o in outs] == [(3, 2), (6,), (1, 2, 3), (2, 3), (2, 3), (4, 3)]
+    v = torch.randn(5, 2, 3, dtype=DT)
+    got = run_once(sg.Cell(inputs=[x], outputs=outs), v)
+    want = [v.transpose(1, 2), v.reshape(5, 6), v[:, None], v, torch.softmax(v, 1), torch.cat([v, v], 1)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_where_mask_blends_two_values():
+    m, a, b = sg.Input(3, name="m"), sg.Input(3, name="a"), sg.Input(3, name="b")
+    vm = torch.rand(2, 3, dtype=DT)
+    va, vb = torch.randn(2, 3, dtype=DT), torch.randn(2, 3, dtype=DT)
+    got = run_once(sg.Cell(inputs=[m, a, b], outputs=[sg.where_mask(m, a, b)]), vm, va, vb)
+    torch.testing.assert_close(got, vm * va + (1 - vm) * vb)

@@ -1,0 +1,363 @@
+"""sg layers: length-aware reversal, stacks and bidirectional layers on mixed lengths (equal to
+running each sequence alone), BiSequencerLM semantics, Repeater, SequenceLoss, encoder->decoder
+gradients, and inner modules used only through their forward interface."""
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import seqgraph as sg
+
+T, B, I, H = 5, 3, 4, 6
+LENGTHS = torch.tensor([5, 2, 4])
+
+
+def assert_close(a, b, tol=1e-5):
+    torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+def padded_input(garbage=50.0):
+    x = torch.randn(T, B, I)
+    for b, n in enumerate(LENGTHS.tolist()):
+        x[n:, b] = garbage
+    return x
+
+
+# ---------------------------------------------------------------------------------------
+# reverse_sequences
+# ---------------------------------------------------------------------------------------
+def test_reverse_sequences_reverses_each_sequence_within_its_length():
+    x = torch.arange(1, T * B + 1).reshape(B, T).T.clone()  # column b holds b*T+1 .. b*T+T
+    out = sg.reverse_sequences(x, LENGTHS)
+    for b, n in enumerate(LENGTHS.tolist()):
+        assert out[:n, b].tolist() == x[:n, b].flip(0).tolist()
+        assert out[n:, b].tolist() == x[n:, b].tolist()  # padding stays where it was
+
+
+def test_reverse_sequences_batch_first_matches_time_major():
+    x = torch.randn(T, B, I)
+    assert torch.equal(sg.reverse_sequences(x.transpose(0, 1), LENGTHS, batch_first=True),
+                       sg.reverse_sequences(x, LENGTHS).transpose(0, 1))
+
+
+def test_reverse_sequences_with_a_mask_reverses_real_steps_among_themselves():
+    x = torch.arange(T).unsqueeze(1).repeat(1, 2)
+    mask = torch.tensor([[0, 1], [1, 1], [1, 0], [0, 1], [1, 0]], dtype=torch.bool)
+    out = sg.reverse_sequences(x, mask=mask)
+    assert out[:, 0].tolist() == [0, 4, 2, 3, 1]
+    assert out[:, 1].tolist() == [3, 1, 2, 0, 4]
+
+
+def test_reverse_sequences_without_lengths_flips_time():
+    x = torch.randn(T, B, I)
+    assert torch.equal(sg.reverse_sequences(x), x.flip(0))
+
+
+def test_reverse_sequences_reversed_twice_is_the_identity():
+    x = torch.randn(T, B, I, 2)
+    assert torch.equal(sg.reverse_sequences(sg.reverse_sequences(x, LENGTHS), LENGTHS), x)
+
+
+# ---------------------------------------------------------------------------------------
+# Stack
+# ---------------------------------------------------------------------------------------
+def test_stack_with_mixed_lengths_equals_each_sequence_alone():
+    model = sg.stack(sg.cells.lstm, I, [H, 4, 3])
+    x = padded_input()
+    out, finals = model(x, lengths=LENGTHS)
+    for b, n in enumerate(LENGTHS.tolist()):
+        alone_out, alone_finals = model(x[:n, b:b + 1])
+        assert_close(out[:n, b:b + 1], alone_out)
+        assert torch.all(out[n:, b] == 0)
+        for layer, alone in zip(finals, alone_finals):
+            for name in ("h", "c"):
+                assert_close(layer[name][b:b + 1], alone[name])
+
+
+def test_stack_feeds_each_layer_the_previous_output_size():
+    model = sg.stack(sg.cells.lstm, I, [H, 4], proj_size=3)
+    out, finals = model(torch.randn(T, B, I))
+    assert out.shape == (T, B, 3)
+    assert [f["c"].shape[-1] for f in finals] == [H, 4]
+
+
+def test_stack_starts_each_layer_from_its_given_state():
+    model = sg.stack(sg.cells.gru, I, [H, H])
+    x = torch.randn(T, B, I)
+    states = [{"h": torch.randn(B, H)}, {"h": torch.randn(B, H)}]
+    out, _ = model(x, states)
+    mid, _ = model.layers[0](x, states[0])
+    expected, _ = model.layers[1](mid, states[1])
+    assert_close(out, expected)
+
+
+def test_stack_dropout_acts_between_layers_in_training_only():
+    model = sg.stack(sg.cells.rnn, I, [H, H], dropout=0.5)
+    x = torch.randn(T, B, I)
+    model.eval()
+    mid, _ = model.layers[0](x)
+    assert_close(model(x)[0], model.layers[1](mid)[0])
+    model.train()
+    assert not torch.allclose(model(x)[0], model(x)[0])
+
+
+def test_stack_rejects_a_state_list_of_the_wrong_length():
+    model = sg.stack(sg.cells.gru, I, [H, H])
+    with pytest.raises(sg.InputError, match="one entry"):
+        model(torch.randn(T, B, I), [None])
+
+
+# ---------------------------------------------------------------------------------------
+# Bidirectional
+# ---------------------------------------------------------------------------------------
+def test_bidirectional_with_mixed_lengths_equals_each_sequence_alone():
+    bi = sg.Bidirectional(sg.Recurrence(sg.cells.gru(I, H)))
+    x = padded_input()
+    out, (fin_f, fin_b) = bi(x, lengths=LENGTHS)
+    assert out.shape == (T, B, 2 * H)
+    for b, n in enumerate(LENGTHS.tolist()):
+        alone_out, (alone_f, alone_b) = bi(x[:n, b:b + 1])
+        assert_close(out[:n, b:b + 1], alone_out)
+        assert torch.all(out[n:, b] == 0)
+        assert_close(fin_f["h"][b:b + 1], alone_f["h"])
+        assert_close(fin_b["h"][b:b + 1], alone_b["h"])
+
+
+def test_bidirectional_never_reads_the_padding():
+    bi = sg.Bidirectional(sg.Recurrence(sg.cells.lstm(I, H)))
+    x = padded_input(garbage=0.0)
+    a, _ = bi(x, lengths=LENGTHS)
+    for b, n in enumerate(LENGTHS.tolist()):
+        x[n:, b] = 1e3
+    b, _ = bi(x, lengths=LENGTHS)
+    assert_close(a, b)
+
+
+def test_bidirectional_backward_direction_matches_torch_bidirectional_lstm():
+    """Inner modules are used only through forward(x, state, lengths=, mask=): here they are
+    torch.nn.LSTMs, and the pair must equal torch's own bidirectional LSTM."""
+
+    class TorchLayer(nn.Module):
+        def __init__(self, lstm):
+            super().__init__()
+            self.lstm = lstm
+
+        def forward(self, x, state=None, *, lengths=None, mask=None):
+            out, final = self.lstm(pack_padded_sequence(x, lengths, enforce_sorted=False), state)
+            return pad_packed_sequence(out, total_length=x.shape[0])[0], final
+
+    fwd, bwd = nn.LSTM(I, H), nn.LSTM(I, H)
+    both = nn.LSTM(I, H, bidirectional=True)
+    with torch.no_grad():
+        for name, p in fwd.named_parameters():
+            getattr(both, name).copy_(p)
+            getattr(both, name + "_reverse").copy_(getattr(bwd, name))
+    x = padded_input()
+    out, _ = sg.Bidirectional(TorchLayer(fwd), TorchLayer(bwd))(x, lengths=LENGTHS)
+    ref, _ = both(pack_padded_sequence(x, LENGTHS, enforce_sorted=False))
+    assert_close(out, pad_packed_sequence(ref, total_length=T)[0])
+
+
+@pytest.mark.parametrize("merge", ["sum", torch.maximum], ids=["sum", "callable"])
+def test_bidirectional_merges_the_two_directions(merge):
+    fwd, bwd = sg.Recurrence(sg.cells.rnn(I, H)), sg.Recurrence(sg.cells.rnn(I, H))
+    x = padded_input()
+    out, _ = sg.Bidirectional(fwd, bwd, merge=merge)(x, lengths=LENGTHS)
+    f, _ = fwd(x, lengths=LENGTHS)
+    b, _ = bwd(sg.reverse_sequences(x, LENGTHS), lengths=LENGTHS)
+    b = sg.reverse_sequences(b, LENGTHS)
+    assert_close(out, f + b if merge == "sum" else torch.maximum(f, b))
+
+
+def test_bidirectional_default_backward_is_an_independent_copy():
+    bi = sg.Bidirectional(sg.Recurrence(sg.cells.gru(I, H)))
+    wf, wb = bi.fwd.param_tensors()["hh.weight"], bi.bwd.param_tensors()["hh.weight"]
+    assert wf is not wb and not torch.equal(wf, wb)
+
+
+def test_bidirectional_passes_initial_states_to_each_direction():
+    fwd, bwd = sg.Recurrence(sg.cells.gru(I, H)), sg.Recurrence(sg.cells.gru(I, H))
+    x = torch.randn(T, B, I)
+    s_f, s_b = {"h": torch.randn(B, H)}, {"h": torch.randn(B, H)}
+    _, (fin_f, fin_b) = sg.Bidirectional(fwd, bwd)(x, (s_f, s_b))
+    assert_close(fin_f["h"], fwd(x, s_f)[1]["h"])
+    assert_close(fin_b["h"], bwd(x.flip(0), s_b)[1]["h"])
+
+
+def test_bidirectional_batch_first_matches_time_major():
+    rec = sg.Recurrence(sg.cells.gru(I, H))
+    bi = sg.Bidirectional(rec)
+    x = padded_input()
+    time_major, _ = bi(x, lengths=LENGTHS)
+    rec.batch_first = bi.bwd.batch_first = bi.batch_first = True
+    batch_major, _ = bi(x.transpose(0, 1), lengths=LENGTHS)
+    assert_close(batch_major.transpose(0, 1), time_major)
+
+
+def test_bidirectional_lm_outputs_never_see_their_own_step():
+    bi = sg.Bidirectional(sg.Recurrence(sg.cells.lstm(I, H)), lm=True).double()
+    x = torch.randn(T, 1, I, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda v: bi(v)[0], x)  # (T, 1, 2H, T, 1, I)
+    reach = jac.abs().sum(dim=(1, 4, 5))  # (T out, 2H, T in)
+    for t in range(T):
+        fwd_sees = {s for s in range(T) if reach[t, :H, s].sum() > 0}
+        bwd_sees = {s for s in range(T) if reach[t, H:, s].sum() > 0}
+        assert fwd_sees == set(range(t))  # steps < t
+        assert bwd_sees == set(range(t + 1, T))  # steps > t
+
+
+def test_bidirectional_lm_zero_fills_within_each_length():
+    bi = sg.Bidirectional(sg.Recurrence(sg.cells.gru(I, H)), lm=True)
+    x = padded_input()
+    out, _ = bi(x, lengths=LENGTHS)
+    full, _ = sg.Bidirectional(bi.fwd, bi.bwd)(x, lengths=LENGTHS)
+    for b, n in enumerate(LENGTHS.tolist()):
+        assert torch.all(out[0, b, :H] == 0) and torch.all(out[n - 1, b, H:] == 0)
+        assert_close(out[1:n, b, :H], full[:n - 1, b, :H])
+        assert_close(out[:n - 1, b, H:], full[1:n, b, H:])
+        assert torch.all(out[n:, b] == 0)
+
+
+def test_bidirectional_rejects_unknown_merge():
+    with pytest.raises(ValueError, match="merge"):
+        sg.Bidirectional(sg.Recurrence(sg.cells.gru(I, H)), merge="mean")
+
+
+# ---------------------------------------------------------------------------------------
+# Repeater
+# ---------------------------------------------------------------------------------------
+def test_repeater_presents_the_same_input_at_every_step():
+    rec = sg.Recurrence(sg.cells.gru(I, H))
+    x = torch.randn(B, I)
+    out, final = sg.Repeater(rec, 4)(x)
+    ref, ref_final = rec(x.unsqueeze(0).repeat(4, 1, 1))
+    assert out.shape == (4, B, H)
+    assert_close(out, ref)
+    assert_close(final["h"], ref_final["h"])
+
+
+def test_repeater_gradient_sums_over_steps():
+    rec = sg.Recurrence(sg.cells.rnn(I, H)).double()
+    x = torch.randn(B, I, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: sg.Repeater(rec, 3)(v)[0], (x,))
+
+
+# ---------------------------------------------------------------------------------------
+# SequenceLoss
+# ---------------------------------------------------------------------------------------
+def test_sequence_loss_ignores_padded_steps():
+    C = 7
+    logits = torch.randn(T, B, C, requires_grad=True)
+    target = torch.randint(C, (T, B))
+    loss = sg.SequenceLoss(nn.CrossEntropyLoss(reduction="none"))(logits, target, lengths=LENGTHS)
+    real = [(t, b) for b, n in enumerate(LENGTHS.tolist()) for t in range(n)]
+    expected = torch.stack([nn.functional.cross_entropy(logits[t, b], target[t, b]) for t, b in real]).mean()
+    assert_close(loss, expected)
+    loss.backward()
+    for b, n in enumerate(LENGTHS.tolist()):
+        assert torch.all(logits.grad[n:, b] == 0)
+
+
+def test_sequence_loss_sum_adds_every_real_element():
+    x, y = torch.randn(T, B, 2), torch.randn(T, B, 2)
+    loss = sg.SequenceLoss(nn.MSELoss(reduction="none"), reduction="sum")(x, y, lengths=LENGTHS)
+    mask = (torch.arange(T).unsqueeze(1) < LENGTHS).unsqueeze(-1)
+    assert_close(loss, (((x - y) ** 2) * mask).sum())
+
+
+def test_sequence_loss_mean_matches_torch_mean_over_real_elements():
+    x, y = torch.randn(T, B, 2), torch.randn(T, B, 2)
+    mask = torch.arange(T).unsqueeze(1) < LENGTHS
+    loss = sg.SequenceLoss(nn.MSELoss(reduction="none"))(x, y, mask=mask)
+    assert_close(loss, nn.functional.mse_loss(x[mask], y[mask]))
+
+
+def test_sequence_loss_batch_first_matches_time_major():
+    logits, target = torch.randn(T, B, 5), torch.randint(5, (T, B))
+    crit = nn.CrossEntropyLoss(reduction="none")
+    a = sg.SequenceLoss(crit)(logits, target, lengths=LENGTHS)
+    b = sg.SequenceLoss(crit, batch_first=True)(logits.transpose(0, 1), target.T, lengths=LENGTHS)
+    assert_close(a, b)
+
+
+def test_repeated_target_loss_applies_one_target_at_every_step():
+    logits, target = torch.randn(T, B, 5), torch.randint(5, (B,))
+    crit = nn.CrossEntropyLoss(reduction="none")
+    loss = sg.SequenceLoss(crit, reduction="sum", repeat_target=True)(logits, target)
+    assert_close(loss, sum(crit(logits[t], target).sum() for t in range(T)))
+
+
+def test_sequence_loss_refuses_a_criterion_that_reduces():
+    with pytest.raises(ValueError, match="reduction='none'"):
+        sg.SequenceLoss(nn.CrossEntropyLoss())
+
+
+# ---------------------------------------------------------------------------------------
+# encoder -> decoder
+# ---------------------------------------------------------------------------------------
+def test_encoder_final_state_starts_the_decoder_with_gradients_flowing():
+    enc = sg.Recurrence(sg.cells.lstm(I, H)).double()
+    dec = sg.Recurrence(sg.cells.lstm(3, H)).double()
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, B, 3, dtype=torch.float64)
+
+    def seq2seq(x):
+        _, state = enc(x, lengths=LENGTHS)
+        out, _ = dec(y, state)
+        return out
+
+    seq2seq(x).sum().backward()
+    assert enc.param_tensors()["ih.weight"].grad.abs().sum() > 0
+    assert torch.autograd.gradcheck(seq2seq, (x,))
+
+
+def test_stacked_and_bidirectional_encoders_hand_their_states_to_a_decoder():
+    enc = sg.stack(sg.cells.gru, I, [H, H])
+    dec = sg.stack(sg.cells.gru, I, [H, H])
+    bi = sg.Bidirectional(sg.Recurrence(sg.cells.gru(I, H)))
+    x = padded_input()
+    _, finals = enc(x, lengths=LENGTHS)
+    _, (fin_f, fin_b) = bi(x, lengths=LENGTHS)
+    out, _ = dec(torch.randn(2, B, I), [finals[1], {"h": fin_f["h"] + fin_b["h"]}])
+    out.sum().backward()
+    for module in (enc, bi.fwd, bi.bwd):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+def test_layers_wrap_sg_nn_modules_through_their_forward_interface():
+    class Adapter(nn.Module):  # sg.nn speaks torch's (input, hx); layers speak (x, state, lengths=, mask=)
+        def __init__(self, size):
+            super().__init__()
+            self.gru = sg.nn.GRU(size, H)
+
+        def forward(self, x, state=None, *, lengths=None, mask=None):
+            return self.gru(x, state, lengths=lengths, mask=mask)
+
+    model = sg.Stack([sg.Bidirectional(Adapter(I)), sg.Bidirectional(Adapter(2 * H))])
+    x = padded_input()
+    out, finals = model(x, lengths=LENGTHS)
+    ref = torch.nn.GRU(I, H, num_layers=2, bidirectional=True)
+    with torch.no_grad():
+        for k, layer in enumerate(model.layers):
+            for sfx, direction in (("", layer.fwd), ("_reverse", layer.bwd)):
+                for name, p in direction.gru.named_parameters():
+                    getattr(ref, name.replace("_l0", f"_l{k}") + sfx).copy_(p)
+    expected, _ = ref(pack_padded_sequence(x, LENGTHS, enforce_sorted=False))
+    assert_close(out, pad_packed_sequence(expected, total_length=T)[0])
+
+
+@pytest.mark.parametrize("kind", ["stack", "bidirectional", "bidirectional_lm"])
+def test_layers_accept_compiled_recurrences(kind):
+    make = {"stack": lambda: sg.stack(sg.cells.lstm, I, [H, H]),
+            "bidirectional": lambda: sg.Bidirectional(sg.Recurrence(sg.cells.gru(I, H))),
+            "bidirectional_lm": lambda: sg.Bidirectional(sg.Recurrence(sg.cells.lstm(I, H)), lm=True)}[kind]
+    model = make()
+    x = padded_input().requires_grad_()
+    out, _ = model(x, lengths=LENGTHS)
+    (g_ref,) = torch.autograd.grad(out.pow(2).sum(), x)
+    compiled = sg.compile(model, backend="torch")
+    assert any(isinstance(m, sg.CompiledRecurrence) for m in compiled.modules())
+    out_c, _ = compiled(x, lengths=LENGTHS)
+    (g_c,) = torch.autograd.grad(out_c.pow(2).sum(), x)
+    assert_close(out_c, out)
+    assert_close(g_c, g_ref)

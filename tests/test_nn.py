@@ -1,0 +1,298 @@
+"""sg.nn.RNN / LSTM / GRU against torch.nn given the same weights: outputs, final states and
+every gradient, for padded input with lengths and for PackedSequence input, across the
+constructor flags (each flag, and pairs of them)."""
+import copy
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import seqgraph as sg
+
+T, B, I, H = 5, 3, 4, 5
+LENGTHS = torch.tensor([5, 2, 4])  # unsorted on purpose: enforce_sorted=False paths
+pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")
+
+# (num_layers, bidirectional, batch_first, bias, extra kwargs)
+LSTM_CONFIGS = [
+    (1, False, False, True, {}),
+    (2, False, False, True, {}),
+    (3, True, False, True, {}),
+    (1, True, True, True, {}),
+    (1, False, True, False, {}),
+    (2, False, False, True, {"proj_size": 3}),
+    (2, True, True, False, {"proj_size": 3}),
+    (3, True, False, True, {"proj_size": 2}),
+    (1, False, True, True, {"proj_size": 2}),
+    (3, False, True, True, {}),
+]
+GRU_CONFIGS = [
+    (1, False, False, True, {}),
+    (2, True, False, True, {}),
+    (3, False, True, False, {}),
+    (1, True, True, False, {}),
+]
+RNN_CONFIGS = [
+    (1, False, False, True, {"nonlinearity": "tanh"}),
+    (2, True, False, True, {"nonlinearity": "relu"}),
+    (1, False, True, False, {"nonlinearity": "relu"}),
+    (3, True, True, True, {"nonlinearity": "tanh"}),
+]
+CASES = ([("LSTM",) + c for c in LSTM_CONFIGS] + [("GRU",) + c for c in GRU_CONFIGS]
+         + [("RNN",) + c for c in RNN_CONFIGS])
+
+
+def case_id(case):
+    mode, L, bi, bf, bias, kw = case
+    parts = [mode, f"L{L}"] + (["bi"] if bi else []) + (["bf"] if bf else []) + ([] if bias else ["nobias"])
+    return "-".join(parts + [f"{k}={v}" for k, v in kw.items()])
+
+
+def make_pair(mode, L, bi, bf, bias, kw):
+    args = dict(num_layers=L, bidirectional=bi, batch_first=bf, bias=bias, **kw)
+    ref = getattr(torch.nn, mode)(I, H, **args)
+    mine = getattr(sg.nn, mode)(I, H, **args)
+    mine.load_state_dict(ref.state_dict(), strict=True)
+    return ref, mine
+
+
+def make_inputs(mode, L, bi, kw, batch=B):
+    D = 2 if bi else 1
+    out_size = kw.get("proj_size") or H
+    x = torch.randn(T, batch, I)
+    for b, n in enumerate(LENGTHS[:batch].tolist()):
+        x[n:, b] = 50.0  # garbage in the padding: it must never be read
+    h0 = torch.randn(L * D, batch, out_size, requires_grad=True)
+    if mode == "LSTM":
+        c0 = torch.randn(L * D, batch, H, requires_grad=True)
+        return x, (h0, c0)
+    return x, h0
+
+
+def flat_state(mode, hn):
+    return list(hn) if mode == "LSTM" else [hn]
+
+
+def objective(out, states, seed=5):
+    """A scalar that weights every output and state element differently."""
+    g = torch.Generator().manual_seed(seed)
+    total = 0
+    for v in [out] + states:
+        total = total + (v * torch.randn(v.shape, generator=g)).sum()
+    return total
+
+
+def grads(module, leaves):
+    named = {n: p.grad.clone() for n, p in module.named_parameters()}
+    return named, [v.grad.clone() for v in leaves]
+
+
+def zero_grads(module, leaves):
+    module.zero_grad()
+    for v in leaves:
+        v.grad = None
+
+
+def assert_close(a, b):
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_padded_input_with_lengths_matches_torch_packed(case):
+    mode, L, bi, bf, bias, kw = case
+    ref, mine = make_pair(*case)
+    x, hx = make_inputs(mode, L, bi, kw)
+    x_in = (x.transpose(0, 1) if bf else x).clone().requires_grad_()
+    x_ref = x_in.detach().clone().requires_grad_()
+    hx_list = flat_state(mode, hx)
+
+    packed = pack_padded_sequence(x_ref, LENGTHS, batch_first=bf, enforce_sorted=False)
+    out_p, hn_ref = ref(packed, hx)
+    out_ref, _ = pad_packed_sequence(out_p, batch_first=bf, total_length=T)
+    objective(out_ref, flat_state(mode, hn_ref)).backward()
+    grads_ref = grads(ref, [x_ref] + hx_list)
+    zero_grads(ref, hx_list)
+
+    out, hn = mine(x_in, hx, lengths=LENGTHS)
+    assert_close(out, out_ref)
+    for a, b in zip(flat_state(mode, hn), flat_state(mode, hn_ref)):
+        assert_close(a, b)
+    objective(out, flat_state(mode, hn)).backward()
+    g_mine, l_mine = grads(mine, [x_in] + hx_list)
+    for name, g in grads_ref[0].items():
+        torch.testing.assert_close(g_mine[name], g, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    for a, b in zip(l_mine, grads_ref[1]):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_packed_sequence_input_matches_torch(case):
+    mode, L, bi, bf, bias, kw = case
+    ref, mine = make_pair(*case)
+    x, hx = make_inputs(mode, L, bi, kw)
+    hx_list = flat_state(mode, hx)
+    x_ref = x.clone().requires_grad_()
+    x_mine = x.clone().requires_grad_()
+
+    out_ref, hn_ref = ref(pack_padded_sequence(x_ref, LENGTHS, enforce_sorted=False), hx)
+    objective(out_ref.data, flat_state(mode, hn_ref)).backward()
+    grads_ref = grads(ref, [x_ref] + hx_list)
+    zero_grads(ref, hx_list)
+
+    out, hn = mine(pack_padded_sequence(x_mine, LENGTHS, enforce_sorted=False), hx)
+    assert isinstance(out, torch.nn.utils.rnn.PackedSequence)
+    assert torch.equal(out.batch_sizes, out_ref.batch_sizes)
+    assert torch.equal(out.sorted_indices, out_ref.sorted_indices)
+    assert torch.equal(out.unsorted_indices, out_ref.unsorted_indices)
+    assert_close(out.data, out_ref.data)
+    for a, b in zip(flat_state(mode, hn), flat_state(mode, hn_ref)):
+        assert_close(a, b)
+    objective(out.data, flat_state(mode, hn)).backward()
+    g_mine, l_mine = grads(mine, [x_mine] + hx_list)
+    for name, g in grads_ref[0].items():
+        torch.testing.assert_close(g_mine[name], g, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    for a, b in zip(l_mine, grads_ref[1]):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode,kw", [("LSTM", {"proj_size": 2}), ("GRU", {}), ("RNN", {"nonlinearity": "relu"})])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_full_length_input_without_hx_matches_torch(mode, kw, batch_first):
+    ref, mine = make_pair(mode, 2, True, batch_first, True, kw)
+    x = torch.randn(B, T, I) if batch_first else torch.randn(T, B, I)
+    out_ref, hn_ref = ref(x)
+    out, hn = mine(x)
+    assert_close(out, out_ref)
+    for a, b in zip(flat_state(mode, hn), flat_state(mode, hn_ref)):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
+def test_unbatched_input_matches_torch(mode):
+    ref, mine = make_pair(mode, 2, True, False, True, {})
+    x = torch.randn(T, I)
+    out_ref, hn_ref = ref(x)
+    out, hn = mine(x)
+    assert out.shape == out_ref.shape
+    assert_close(out, out_ref)
+    for a, b in zip(flat_state(mode, hn), flat_state(mode, hn_ref)):
+        assert_close(a, b)
+
+
+def test_inter_layer_dropout_matches_torch_in_evaluation_and_is_random_in_training():
+    ref, mine = make_pair("LSTM", 3, False, False, True, {})
+    ref.dropout = mine.dropout = 0.5
+    x = torch.randn(T, B, I)
+    ref.eval(), mine.eval()
+    assert_close(mine(x)[0], ref(x)[0])
+    mine.train()
+    assert not torch.allclose(mine(x)[0], mine(x)[0])
+
+
+@pytest.mark.parametrize("mode,kw", [("LSTM", {"proj_size": 3}), ("GRU", {}), ("RNN", {})])
+def test_state_dict_loads_strictly_both_ways(mode, kw):
+    ref = getattr(torch.nn, mode)(I, H, num_layers=2, bidirectional=True, **kw)
+    mine = getattr(sg.nn, mode)(I, H, num_layers=2, bidirectional=True, **kw)
+    assert list(mine.state_dict()) == list(ref.state_dict())
+    assert [n for n, _ in mine.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    mine.load_state_dict(ref.state_dict(), strict=True)
+    back = getattr(torch.nn, mode)(I, H, num_layers=2, bidirectional=True, **kw)
+    back.load_state_dict(mine.state_dict(), strict=True)
+    for name, v in ref.state_dict().items():
+        assert torch.equal(back.state_dict()[name], v)
+
+
+def test_initialisation_uses_torch_bounds():
+    mine = sg.nn.LSTM(I, 16, num_layers=2)
+    bound = 1 / 16 ** 0.5
+    for p in mine.parameters():
+        assert p.abs().max() <= bound
+
+
+def test_double_precision_matches_torch():
+    ref, mine = make_pair("GRU", 2, True, False, True, {})
+    ref.double(), mine.double()
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    torch.testing.assert_close(mine(x)[0], ref(x)[0])
+
+
+def test_deepcopy_owns_independent_parameters():
+    mine = sg.nn.LSTM(I, H)
+    twin = copy.deepcopy(mine)
+    x = torch.randn(T, B, I)
+    before = mine(x)[0].detach()
+    with torch.no_grad():
+        twin.weight_hh_l0.add_(1.0)
+    assert torch.equal(mine(x)[0], before)
+    assert not torch.allclose(twin(x)[0], before)
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="backend"):
+        sg.nn.LSTM(I, H, backend="cudnn")
+
+
+def test_compiled_backend_matches_torch_lstm():
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(I, H, num_layers=2, bidirectional=True)
+    m = sg.nn.LSTM(I, H, num_layers=2, bidirectional=True, backend="torch")
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 3, I)
+    o1, (h1, c1) = ref(x)
+    o2, (h2, c2) = m(x)
+    torch.testing.assert_close(o2, o1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c2, c1, atol=1e-5, rtol=1e-5)
+    o1.sum().backward()
+    o2.sum().backward()
+    for a, b in zip(ref.parameters(), m.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_projection_not_smaller_than_hidden_is_refused():
+    with pytest.raises(ValueError, match="proj_size"):
+        sg.nn.LSTM(I, H, proj_size=H)
+
+
+def test_wrong_input_size_is_an_input_error():
+    with pytest.raises(sg.InputError, match="input_size"):
+        sg.nn.GRU(I, H)(torch.randn(T, B, I + 1))
+
+
+def test_wrong_hx_shape_is_an_input_error():
+    with pytest.raises(sg.InputError, match="h_0"):
+        sg.nn.LSTM(I, H, num_layers=2)(torch.randn(T, B, I), (torch.zeros(1, B, H), torch.zeros(2, B, H)))
+
+
+def test_lengths_with_a_packed_sequence_are_refused():
+    packed = pack_padded_sequence(torch.randn(T, B, I), LENGTHS, enforce_sorted=False)
+    with pytest.raises(sg.InputError, match="PackedSequence"):
+        sg.nn.GRU(I, H)(packed, lengths=LENGTHS)
+
+
+def test_loading_with_assign_rebinds_the_recurrences():
+    ref, mine = make_pair("LSTM", 2, True, False, True, {})
+    fresh = sg.nn.LSTM(I, H, num_layers=2, bidirectional=True)
+    fresh.load_state_dict({k: v.clone() for k, v in ref.state_dict().items()}, assign=True)
+    x = torch.randn(T, B, I)
+    assert_close(fresh(x)[0], ref(x)[0])
+
+
+def test_parameter_swapping_conversion_keeps_recurrences_in_sync():
+    ref, mine = make_pair("GRU", 1, False, False, True, {})
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        mine.double()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    torch.testing.assert_close(mine(x)[0], ref.double()(x)[0])
+
+
+def test_mask_gives_the_same_result_as_lengths_with_batch_first():
+    mine = sg.nn.GRU(I, H, num_layers=2, bidirectional=True, batch_first=True)
+    x = torch.randn(B, T, I)
+    mask = torch.arange(T).unsqueeze(0) < LENGTHS.unsqueeze(1)  # (B, T) like the input
+    by_lengths = mine(x, lengths=LENGTHS)
+    by_mask = mine(x, mask=mask)
+    assert_close(by_mask[0], by_lengths[0])
+    assert_close(by_mask[1], by_lengths[1])

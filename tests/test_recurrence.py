@@ -1,0 +1,579 @@
+"""sg.Recurrence against hand-written torch: Elman, LSTM (module and operator syntax) and an
+attention decoder over a masked memory; then the run-time semantics every backend must keep:
+masking, remember/forget, initial states, argument errors, no_grad memory and dropout noise.
+All numbers in float64 with random weights and inputs."""
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import seqgraph as sg
+
+DT = torch.float64
+I, H, T, B = 3, 5, 6, 4
+
+
+def randomize(rec: sg.Recurrence) -> sg.Recurrence:
+    """float64 and weights of a larger spread than the default init, so errors show."""
+    rec.double()
+    with torch.no_grad():
+        for p in rec.parameters():
+            p.normal_(0.0, 0.6)
+    return rec
+
+
+def grads(loss, tensors):
+    return torch.autograd.grad(loss, tensors, allow_unused=False)
+
+
+def assert_same_grads(ours, theirs, tensors, names):
+    g1, g2 = grads(ours, tensors), grads(theirs, tensors)
+    for name, a, b in zip(names, g1, g2):
+        torch.testing.assert_close(a, b, msg=lambda m: f"gradient of {name}: {m}")
+
+
+# ---------------------------------------------------------------------------------------
+# cells and their hand-written torch twins
+# ---------------------------------------------------------------------------------------
+def elman_cell(init="zeros"):
+    x, h = sg.Input(I, name="x"), sg.State(H, name="h", init=init)
+    h_next = sg.tanh(sg.Linear(I, H, name="ih")(x) + sg.Linear(H, H, name="hh")(h))
+    return sg.Cell(inputs=[x], states={h: h_next}, outputs=[h_next])
+
+
+def elman_torch(p, x, h):
+    outs = []
+    for t in range(x.shape[0]):
+        h = torch.tanh(x[t] @ p["ih.weight"].t() + p["ih.bias"] + h @ p["hh.weight"].t() + p["hh.bias"])
+        outs.append(h)
+    return torch.stack(outs), h
+
+
+def lstm_modules_cell():
+    """nngraph style: construct a module, then call it on a node."""
+    x, h, c = sg.Input(I, name="x"), sg.State(H, name="h"), sg.State(H, name="c")
+    gates = sg.CAdd()([sg.Linear(I, 4 * H, name="i2h")(x), sg.Linear(H, 4 * H, name="h2h")(h)])
+    i, f, g, o = sg.chunk(gates, 4)
+    i, f, g, o = sg.Sigmoid()(i), sg.Sigmoid()(f), sg.Tanh()(g), sg.Sigmoid()(o)
+    c_next = sg.CAdd()([sg.CMul()([f, c]), sg.CMul()([i, g])])
+    h_next = sg.CMul()([o, sg.Tanh()(c_next)])
+    return sg.Cell(inputs=[x], states={h: h_next, c: c_next}, outputs=[h_next])
+
+
+def lstm_modules_torch(p, x, h, c):
+    outs = []
+    for t in range(x.shape[0]):
+        z = x[t] @ p["i2h.weight"].t() + p["i2h.bias"] + h @ p["h2h.weight"].t() + p["h2h.bias"]
+        i, f, g, o = z.chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        outs.append(h)
+    return torch.stack(outs), h, c
+
+
+def lstm_operators_cell():
+    """Plain functions and operators."""
+    x, h, c = sg.Input(I, name="x"), sg.State(H, name="h"), sg.State(H, name="c")
+    i, f, g, o = sg.chunk(sg.Linear(I + H, 4 * H, name="gates")(sg.concat([x, h])), 4)
+    c_next = sg.sigmoid(f) * c + sg.sigmoid(i) * sg.tanh(g)
+    h_next = sg.sigmoid(o) * sg.tanh(c_next)
+    return sg.Cell(inputs=[x], states={h: h_next, c: c_next}, outputs=[h_next])
+
+
+def lstm_operators_torch(p, x, h, c):
+    outs = []
+    for t in range(x.shape[0]):
+        i, f, g, o = (torch.cat([x[t], h], -1) @ p["gates.weight"].t() + p["gates.bias"]).chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        outs.append(h)
+    return torch.stack(outs), h, c
+
+
+S, D, E, A = 7, 4, 3, 6  # memory length, memory features, decoder input, attention size
+
+
+def attention_cell():
+    """A Bahdanau-scored, Luong-read attention decoder over a (B, S, D) memory whose padded
+    positions are masked by a (B, S) 0/1 context."""
+    y, h = sg.Input(E, name="y"), sg.State(H, name="h")
+    mem, valid = sg.Context((S, D), name="memory"), sg.Context(S, name="memory_mask")
+    keys = sg.Linear(D, A, name="keys")(mem)                                   # (S, A)
+    query = sg.Linear(H, A, bias=False, name="query")(h)                        # (A,) over every row
+    v = sg.Parameter(A, name="v")
+    scores = sg.sum(sg.tanh(keys + query) * v, dim=-1)                          # (S,)
+    attn = sg.softmax(scores + (valid - 1.0) * 1e4, name="attn")                # padded rows -> 0
+    read = sg.matmul(sg.transpose(mem), sg.unsqueeze(attn, -1))                 # (D, 1)
+    ctx = sg.reshape(read, (D,), name="context_vector")
+    h_next = sg.tanh(sg.Linear(E + D + H, H, name="out")(sg.concat([y, ctx, h])))
+    return sg.Cell(inputs=[y], states={h: h_next}, outputs=[h_next, attn])
+
+
+def attention_torch(p, y, h, mem, valid):
+    outs, attns = [], []
+    keys = mem @ p["keys.weight"].t() + p["keys.bias"]
+    for t in range(y.shape[0]):
+        query = h @ p["query.weight"].t()
+        scores = (torch.tanh(keys + query[:, None, :]) * p["v"]).sum(-1)
+        attn = torch.softmax(scores.masked_fill(valid == 0, float("-inf")), -1)
+        ctx = torch.einsum("bs,bsd->bd", attn, mem)
+        h = torch.tanh(torch.cat([y[t], ctx, h], -1) @ p["out.weight"].t() + p["out.bias"])
+        outs.append(h)
+        attns.append(attn)
+    return torch.stack(outs), torch.stack(attns), h
+
+
+def params(rec):
+    return rec.param_tensors()
+
+
+# ---------------------------------------------------------------------------------------
+# standard cells equal hand-written torch: outputs, final states, every gradient
+# ---------------------------------------------------------------------------------------
+def test_elman_matches_torch():
+    rec = randomize(sg.Recurrence(elman_cell()))
+    x = torch.randn(T, B, I, dtype=DT, requires_grad=True)
+    h0 = torch.randn(B, H, dtype=DT, requires_grad=True)
+    out, fin = rec(x, {"h": h0})
+    ref_out, ref_h = elman_torch(params(rec), x, h0)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(fin["h"], ref_h)
+    r1, r2 = torch.randn_like(out), torch.randn_like(ref_h)
+    wrt = [x, h0, *rec.parameters()]
+    assert_same_grads((out * r1).sum() + (fin["h"] * r2).sum(), (ref_out * r1).sum() + (ref_h * r2).sum(),
+                      wrt, ["x", "h0", *dict(rec.named_parameters())])
+
+
+@pytest.mark.parametrize("make_cell,reference", [(lstm_modules_cell, lstm_modules_torch),
+                                                 (lstm_operators_cell, lstm_operators_torch)],
+                         ids=["modules", "operators"])
+def test_lstm_matches_torch(make_cell, reference):
+    rec = randomize(sg.Recurrence(make_cell()))
+    x = torch.randn(T, B, I, dtype=DT, requires_grad=True)
+    h0 = torch.randn(B, H, dtype=DT, requires_grad=True)
+    c0 = torch.randn(B, H, dtype=DT, requires_grad=True)
+    out, fin = rec(x, {"h": h0, "c": c0})
+    ref_out, ref_h, ref_c = reference(params(rec), x, h0, c0)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(fin["h"], ref_h)
+    torch.testing.assert_close(fin["c"], ref_c)
+    r = [torch.randn_like(v) for v in (out, ref_h, ref_c)]
+    ours = (out * r[0]).sum() + (fin["h"] * r[1]).sum() + (fin["c"] * r[2]).sum()
+    theirs = (ref_out * r[0]).sum() + (ref_h * r[1]).sum() + (ref_c * r[2]).sum()
+    assert_same_grads(ours, theirs, [x, h0, c0, *rec.parameters()], ["x", "h0", "c0", *dict(rec.named_parameters())])
+
+
+def test_operator_lstm_matches_torch_nn_lstm():
+    rec = randomize(sg.Recurrence(lstm_operators_cell()))
+    ref = torch.nn.LSTM(I, H).double()
+    w = rec.params.gates.weight
+    with torch.no_grad():
+        ref.weight_ih_l0.copy_(w[:, :I])
+        ref.weight_hh_l0.copy_(w[:, I:])
+        ref.bias_ih_l0.copy_(rec.params.gates.bias)
+        ref.bias_hh_l0.zero_()
+    x = torch.randn(T, B, I, dtype=DT)
+    out, fin = rec(x)
+    ref_out, (ref_h, ref_c) = ref(x)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(fin["c"], ref_c[0])
+
+
+def _memory(lengths_s):
+    mem = torch.randn(B, S, D, dtype=DT, requires_grad=True)
+    valid = (torch.arange(S)[None, :] < torch.tensor(lengths_s)[:, None]).to(DT)
+    return mem, valid
+
+
+def test_attention_decoder_matches_torch():
+    rec = randomize(sg.Recurrence(attention_cell()))
+    y = torch.randn(T, B, E, dtype=DT, requires_grad=True)
+    mem, valid = _memory([S, 3, 1, 5])
+    (out, attn), fin = rec(y, context={"memory": mem, "memory_mask": valid})
+    ref_out, ref_attn, ref_h = attention_torch(params(rec), y, torch.zeros(B, H, dtype=DT), mem, valid)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(attn, ref_attn)
+    torch.testing.assert_close(fin["h"], ref_h)
+    r1, r2 = torch.randn_like(out), torch.randn_like(attn)
+    assert_same_grads((out * r1).sum() + (attn * r2).sum(), (ref_out * r1).sum() + (ref_attn * r2).sum(),
+                      [y, mem, *rec.parameters()], ["y", "memory", *dict(rec.named_parameters())])
+
+
+def test_attention_ignores_padded_memory():
+    rec = randomize(sg.Recurrence(attention_cell()))
+    y = torch.randn(T, B, E, dtype=DT)
+    mem, valid = _memory([S, 3, 1, 5])
+    (_, attn), _ = rec(y, context={"memory": mem, "memory_mask": valid})
+    assert torch.all(attn[:, valid == 0] == 0)
+    noisy = mem.detach().clone()
+    noisy[valid == 0] = 1e3 * torch.randn_like(noisy[valid == 0])
+    (out, _), _ = rec(y, context={"memory": noisy, "memory_mask": valid})
+    (clean, _), _ = rec(y, context={"memory": mem.detach(), "memory_mask": valid})
+    torch.testing.assert_close(out, clean)
+
+
+def test_attention_decoder_with_padded_steps_matches_each_sequence_alone():
+    rec = randomize(sg.Recurrence(attention_cell()))
+    y = torch.randn(T, B, E, dtype=DT)
+    mem, valid = _memory([S, 3, 1, 5])
+    mem = mem.detach()
+    lengths = torch.tensor([T, 0, 2, 5])
+    (out, attn), fin = rec(y, lengths=lengths, context={"memory": mem, "memory_mask": valid})
+    for b in range(B):
+        n = int(lengths[b])
+        ctx = {"memory": mem[b:b + 1], "memory_mask": valid[b:b + 1]}
+        (alone, alone_attn), alone_fin = rec(y[:n, b:b + 1], context=ctx)
+        torch.testing.assert_close(out[:n, b], alone[:, 0])
+        torch.testing.assert_close(attn[:n, b], alone_attn[:, 0])
+        assert torch.all(out[n:, b] == 0) and torch.all(attn[n:, b] == 0)
+        torch.testing.assert_close(fin["h"][b], alone_fin["h"][0])
+
+
+# ---------------------------------------------------------------------------------------
+# masking
+# ---------------------------------------------------------------------------------------
+LENGTHS = torch.tensor([T, 0, 3, 1])  # full, empty and partial sequences in one batch
+
+
+def test_mixed_lengths_equal_each_sequence_run_alone():
+    rec = randomize(sg.Recurrence(lstm_operators_cell()))
+    x = torch.randn(T, B, I, dtype=DT)
+    h0 = torch.randn(B, H, dtype=DT)
+    out, fin = rec(x, {"h": h0}, lengths=LENGTHS)
+    for b in range(B):
+        n = int(LENGTHS[b])
+        alone, alone_fin = rec(x[:n, b:b + 1], {"h": h0[b:b + 1]})
+        torch.testing.assert_close(out[:n, b], alone[:, 0])
+        torch.testing.assert_close(fin["h"][b], alone_fin["h"][0])
+        torch.testing.assert_close(fin["c"][b], alone_fin["c"][0])
+
+
+def test_padded_steps_output_exact_zeros():
+    rec = randomize(sg.Recurrence(elman_cell()))
+    out, _ = rec(torch.randn(T, B, I, dtype=DT), lengths=LENGTHS)
+    for b in range(B):
+        assert torch.all(out[int(LENGTHS[b]):, b] == 0)
+
+
+def test_length_zero_keeps_the_initial_state():
+    rec = randomize(sg.Recurrence(lstm_operators_cell()))
+    h0, c0 = torch.randn(B, H, dtype=DT), torch.randn(B, H, dtype=DT)
+    _, fin = rec(torch.randn(T, B, I, dtype=DT), {"h": h0, "c": c0}, lengths=LENGTHS)
+    assert torch.equal(fin["h"][1], h0[1]) and torch.equal(fin["c"][1], c0[1])
+
+
+def test_length_t_equals_no_mask():
+    rec = randomize(sg.Recurrence(elman_cell()))
+    x = torch.randn(T, B, I, dtype=DT)
+    out, fin = rec(x, lengths=torch.full((B,), T))
+    ref_out, ref_fin = rec(x)
+    assert torch.equal(out, ref_out) and torch.equal(fin["h"], ref_fin["h"])
+
+
+def test_padded_inputs_change_nothing_and_get_zero_gradient():
+    rec = randomize(sg.Recurrence(elman_cell()))
+    x = torch.randn(T, B, I, dtype=DT, requires_grad=True)
+    out, fin = rec(x, lengths=LENGTHS)
+    (out.sum() + fin["h"].sum()).backward()
+    pad = torch.arange(T)[:, None] >= LENGTHS[None, :]
+    assert torch.all(x.grad[pad] == 0) and torch.any(x.grad[~pad] != 0)
+    noisy = x.detach().clone()
+    noisy[pad] = 1e3
+    out2, fin2 = rec(noisy, lengths=LENGTHS)
+    assert torch.equal(out2, out.detach()) and torch.equal(fin2["h"], fin["h"].detach())
+
+
+def test_all_padded_batch_returns_zeros_and_initial_states():
+    rec = randomize(sg.Recurrence(elman_cell()))
+    h0 = torch.randn(B, H, dtype=DT, requires_grad=True)
+    out, fin = rec(torch.randn(T, B, I, dtype=DT), {"h": h0}, lengths=torch.zeros(B, dtype=torch.long))
+    assert torch.all(out == 0) and torch.equal(fin["h"], h0)
+    (out.sum() + fin["h"].sum()).backward()
+    assert all(p.grad is None or torch.all(p.grad == 0) for p in rec.parameters())
+    assert torch.equal(h0.grad, torch.ones_like(h0))
+
+
+def test_mask_equals_lengths():
+    rec = randomize(sg.Recurrence(lstm_operators_cell()))
+    x = torch.randn(T, B, I, dtype=DT)
+    mask = torch.arange(T)[:, None] < LENGTHS[None, :]
+    out_l, fin_l = rec(x, lengths=LENGTHS)
+    out_m, fin_m = rec(x, mask=mask)
+    assert torch.equal(out_l, out_m)
+    assert all(torch.equal(fin_l[k], fin_m[k]) for k in fin_l)
+
+
+def test_batch_first_transposes_inputs_outputs_and_mask():
+    cell = lstm_operators_cell()
+    rec = randomize(sg.Recurrence(cell))
+    rec_bf = sg.Recurrence(cell, batch_first=True).double()
+    rec_bf.load_state_dict(rec.state_dict())
+    x = torch.randn(T, B, I, dtype=DT)
+    out, fin = rec(x, lengths=LENGTHS)
+    mask_bf = torch.arange(T)[None, :] < LENGTHS[:, None]  # (B, T)
+    out_bf, fin_bf = rec_bf(x.transpose(0, 1), mask=mask_bf)
+    assert out_bf.shape == (B, T, H)
+    torch.testing.assert_close(out_bf, out.transpose(0, 1))
+    torch.testing.assert_close(fin_bf["c"], fin["c"])
+    out_bl, _ = rec_bf(x.transpose(0, 1), lengths=LENGTHS)
+    torch.testing.assert_close(out_bl, out_bf)
+
+
+def test_batch_first_rejects_a_time_major_mask():
+    rec = sg.Recurrence(elman_cell(), batch_first=True).double()
+    with pytest.raises(sg.InputError, match=rf"mask must be a bool tensor of shape \({B}, {T}\), got \({T}, {B}\)"):
+        rec(torch.randn(B, T, I, dtype=DT), mask=torch.ones(T, B, dtype=torch.bool))
+
+
+def test_empty_sequence_returns_no_steps_and_the_initial_state():
+    rec = randomize(sg.Recurrence(elman_cell()))
+    h0 = torch.randn(B, H, dtype=DT)
+    out, fin = rec(torch.randn(0, B, I, dtype=DT), {"h": h0})
+    assert out.shape == (0, B, H) and torch.equal(fin["h"], h0)
+
+
+# ---------------------------------------------------------------------------------------
+# remember / forget, initial states
+# ---------------------------------------------------------------------------------------
+def test_remember_continues_where_the_last_call_stopped():
+    cell = lstm_operators_cell()
+    rec = randomize(sg.Recurrence(cell, remember=True))
+    x = torch.randn(T, B, I, dtype=DT)
+    ref = sg.Recurrence(cell).double()
+    ref.load_state_dict(rec.state_dict())
+    whole, whole_fin = ref(x)
+    first, _ = rec(x[:2])
+    second, fin = rec(x[2:])
+    torch.testing.assert_close(torch.cat([first, second]), whole)
+    torch.testing.assert_close(fin["c"], whole_fin["c"])
+
+
+def test_remembered_state_is_detached():
+    rec = randomize(sg.Recurrence(elman_cell(), remember=True))
+    x1 = torch.randn(3, B, I, dtype=DT, requires_grad=True)
+    rec(x1)
+    second, _ = rec(torch.randn(3, B, I, dtype=DT))
+    assert torch.autograd.grad(second.sum(), [x1], allow_unused=True) == (None,)
+
+
+def test_forget_restarts_from_the_initial_state():
+    rec = randomize(sg.Recurrence(elman_cell(), remember=True))
+    x = torch.randn(T, B, I, dtype=DT)
+    fresh, _ = rec(x)
+    carried, _ = rec(x)
+    assert not torch.allclose(fresh, carried)
+    rec.forget()
+    again, _ = rec(x)
+    assert torch.equal(again, fresh)
+
+
+def test_explicit_state_overrides_remembered_state():
+    rec = randomize(sg.Recurrence(elman_cell(), remember=True))
+    x = torch.randn(T, B, I, dtype=DT)
+    zeros = {"h": torch.zeros(B, H, dtype=DT)}
+    fresh, _ = rec(x)
+    assert torch.equal(rec(x, zeros)[0], fresh)
+
+
+def test_remember_with_a_new_batch_size_asks_for_forget():
+    rec = randomize(sg.Recurrence(elman_cell(), remember=True))
+    rec(torch.randn(T, B, I, dtype=DT))
+    with pytest.raises(sg.InputError, match=rf"batch size {B} but this call has batch size 2; call forget\(\) first"):
+        rec(torch.randn(T, 2, I, dtype=DT))
+
+
+def test_learned_initial_state_gets_gradients():
+    rec = randomize(sg.Recurrence(elman_cell(init="learned")))
+    h_init = rec.init["h"]
+    x = torch.randn(T, B, I, dtype=DT)
+    out, fin = rec(x, lengths=LENGTHS)
+    assert torch.equal(fin["h"][1], h_init.detach())  # the empty sequence ends where it started
+    r = torch.randn_like(out)
+    (out * r).sum().backward()
+    h0 = h_init.detach().clone().requires_grad_()
+    ref_out, _ = elman_torch(params(rec), x, h0.expand(B, H))
+    mask = (torch.arange(T)[:, None] < LENGTHS[None, :])[..., None]
+    (ref_out * mask * r).sum().backward()
+    assert torch.any(h_init.grad != 0)
+    torch.testing.assert_close(h_init.grad, h0.grad)
+
+
+def test_partial_state_dict_starts_the_rest_from_zeros():
+    rec = randomize(sg.Recurrence(lstm_operators_cell()))
+    x = torch.randn(T, B, I, dtype=DT)
+    c0 = torch.randn(B, H, dtype=DT)
+    out, fin = rec(x, {"c": c0})
+    ref_out, ref_h, ref_c = lstm_operators_torch(params(rec), x, torch.zeros(B, H, dtype=DT), c0)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(fin["c"], ref_c)
+
+
+# ---------------------------------------------------------------------------------------
+# run-time errors name what was expected and what came
+# ---------------------------------------------------------------------------------------
+@pytest.fixture
+def elman():
+    return randomize(sg.Recurrence(elman_cell()))
+
+
+def _x(*shape, dtype=DT):
+    return torch.randn(*shape, dtype=torch.float64).to(dtype)
+
+
+@pytest.mark.parametrize("call,text", [
+    (lambda r: r(_x(T, I)), rf"input 'x' \(declared at test_recurrence.py:\d+\) expects shape \(T, B, {I}\), "
+                            rf"got \({T}, {I}\)"),
+    (lambda r: r(_x(T, B, I + 1)), rf"expects shape \(T, B, {I}\), got \({T}, {B}, {I + 1}\)"),
+    (lambda r: r(_x(T, B, I, dtype=torch.float32)), r"input 'x' has dtype torch.float32 but the parameters are "
+                                                    r"torch.float64"),
+    (lambda r: r(_x(T, B, I, dtype=torch.int64)), r"expects a floating-point tensor, got dtype torch.int64"),
+    (lambda r: r((_x(T, B, I), _x(T, B, I))), r"the cell has 1 inputs \['x'\] but forward got 2 tensors"),
+    (lambda r: r(_x(T, B, I), lengths=torch.tensor([T + 1, 1, 1, 1])), rf"lengths must lie in \[0, {T}\] "
+                                                                       rf"\(T = {T}\), got {T + 1}"),
+    (lambda r: r(_x(T, B, I), lengths=torch.tensor([-1, 1, 1, 1])), rf"lengths must lie in \[0, {T}\] "
+                                                                    rf"\(T = {T}\), got -1"),
+    (lambda r: r(_x(T, B, I), lengths=torch.tensor([1, 2])), rf"lengths must have shape \({B},\) "
+                                                             r"\(one per sequence\), got \(2\)"),
+    (lambda r: r(_x(T, B, I), lengths=torch.full((B,), 2.0)), r"lengths must be integers, got dtype torch.float32"),
+    (lambda r: r(_x(T, B, I), mask=torch.ones(B, T, dtype=torch.bool)), rf"mask must be a bool tensor of shape "
+                                                                        rf"\({T}, {B}\), got \({B}, {T}\)"),
+    (lambda r: r(_x(T, B, I), mask=torch.ones(T, B)), r"mask must have dtype torch.bool, got torch.float32"),
+    (lambda r: r(_x(T, B, I), lengths=torch.full((B,), T), mask=torch.ones(T, B, dtype=torch.bool)),
+     r"give lengths or mask, not both"),
+    (lambda r: r(_x(T, B, I), {"z": _x(B, H)}), r"unknown state name\(s\) \['z'\]; the cell's states are \['h'\]"),
+    (lambda r: r(_x(T, B, I), {"h": _x(B, H + 1)}), rf"state 'h' \(declared at test_recurrence.py:\d+\) expects "
+                                                    rf"shape \({B}, {H}\), got \({B}, {H + 1}\)"),
+    (lambda r: r(_x(T, B, I), context=_x(B, 3)), r"context given but the cell declares no sg.Context"),
+], ids=["rank", "features", "float_dtype", "int_for_float", "input_count", "length_too_big", "length_negative",
+        "lengths_shape", "lengths_float", "mask_shape", "mask_dtype", "lengths_and_mask", "unknown_state",
+        "state_shape", "context_not_declared"])
+def test_bad_argument_raises_input_error_naming_expected_and_got(elman, call, text):
+    with pytest.raises(sg.InputError, match=text):
+        call(elman)
+
+
+@pytest.fixture
+def attention():
+    return randomize(sg.Recurrence(attention_cell()))
+
+
+@pytest.mark.parametrize("context,text", [
+    (None, r"the cell needs context \['memory', 'memory_mask'\] \(a dict of \(B, \*size\) tensors\), got NoneType"),
+    ({"memory": _x(B, S, D)}, r"missing context 'memory_mask' \(declared at test_recurrence.py:\d+\)"),
+    ({"memory": _x(B, S, D), "memory_mask": _x(B, S), "extra": _x(B, S)},
+     r"unknown context name\(s\) \['extra'\]; the cell's contexts are \['memory', 'memory_mask'\]"),
+    ({"memory": _x(B, S + 1, D), "memory_mask": _x(B, S)},
+     rf"context 'memory' \(declared at test_recurrence.py:\d+\) expects shape \({B}, {S}, {D}\), "
+     rf"got \({B}, {S + 1}, {D}\)"),
+    (_x(B, S, D), r"the cell has contexts \['memory', 'memory_mask'\]; pass a dict by name"),
+], ids=["missing_all", "missing_one", "unknown", "shape", "bare_tensor_for_two"])
+def test_bad_context_raises_input_error(attention, context, text):
+    with pytest.raises(sg.InputError, match=text):
+        attention(_x(T, B, E), context=context)
+
+
+def test_input_error_is_a_value_error():
+    assert issubclass(sg.InputError, ValueError)
+
+
+# ---------------------------------------------------------------------------------------
+# no_grad memory stays flat
+# ---------------------------------------------------------------------------------------
+class _StorageTracker(TorchDispatchMode):
+    """Records a weak reference to the storage of every tensor an op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor):
+                self.refs.append(weakref.ref(o.untyped_storage()))
+        return out
+
+
+def _live_storages_after_run(rec, x, keep_graph: bool) -> int:
+    """How many storages made during forward() outlive it, besides the outputs and final states
+    (views of the input and of the weights, such as x[t] or W.t(), share storages made before)."""
+    with torch.set_grad_enabled(keep_graph), _StorageTracker() as tracker:
+        out, fin = rec(x)
+    gc.collect()
+    returned = {out.untyped_storage().data_ptr()} | {v.untyped_storage().data_ptr() for v in fin.values()}
+    before = {x.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in rec.parameters()}
+    alive = {s.data_ptr() for s in (r() for r in tracker.refs) if s is not None}
+    return len(alive - returned - before)
+
+
+def _long_run_cell():
+    x, h = sg.Input(2, name="x"), sg.State(16, name="h")
+    h_next = sg.tanh(sg.Linear(2 + 16, 16)(sg.concat([x, h])))
+    return sg.Cell(inputs=[x], states={h: h_next}, outputs=[sg.Linear(16, 1)(h_next)])
+
+
+def test_no_grad_long_run_keeps_no_per_step_tensors():
+    rec = sg.Recurrence(_long_run_cell())
+    assert _live_storages_after_run(rec, torch.randn(2000, 2, 2), keep_graph=False) == 0
+
+
+def test_storage_tracker_sees_what_autograd_keeps():
+    # the control for the test above: with gradients on, per-step tensors do outlive forward()
+    rec = sg.Recurrence(_long_run_cell())
+    assert _live_storages_after_run(rec, torch.randn(100, 2, 2), keep_graph=True) >= 100
+
+
+# ---------------------------------------------------------------------------------------
+# dropout noise
+# ---------------------------------------------------------------------------------------
+def _dropout_lstm(p):
+    x, h, c = sg.Input(I, name="x"), sg.State(H, name="h"), sg.State(H, name="c")
+    xh = sg.concat([sg.dropout(x, p), sg.dropout(h, p, per_sequence=True)])
+    i, f, g, o = sg.chunk(sg.Linear(I + H, 4 * H, name="gates")(xh), 4)
+    c_next = sg.sigmoid(f) * c + sg.sigmoid(i) * sg.tanh(g)
+    return sg.Cell(inputs=[x], states={h: sg.sigmoid(o) * sg.tanh(c_next), c: c_next})
+
+
+def test_eval_mode_is_deterministic_and_equals_no_dropout():
+    rec = randomize(sg.Recurrence(_dropout_lstm(0.3))).eval()
+    plain = sg.Recurrence(_dropout_lstm(0.0)).double()
+    plain.load_state_dict(rec.state_dict())
+    x = torch.randn(T, B, I, dtype=DT)
+    first, second = rec(x)[0][0], rec(x)[0][0]
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, plain(x)[0][0])
+
+
+def test_training_mode_draws_noise():
+    rec = randomize(sg.Recurrence(_dropout_lstm(0.3))).train()
+    x = torch.randn(T, B, I, dtype=DT)
+    assert not torch.allclose(rec(x)[0][0], rec(x)[0][0])
+
+
+def _noise_cell(per_sequence):
+    ones = sg.Input(64, name="ones")
+    return sg.Cell(inputs=[ones], outputs=[sg.dropout(ones, 0.5, per_sequence=per_sequence)])
+
+
+def test_per_sequence_mask_is_constant_over_time():
+    rec = sg.Recurrence(_noise_cell(per_sequence=True)).train()
+    out, _ = rec(torch.ones(T, B, 64))
+    assert set(out.unique().tolist()) == {0.0, 2.0}
+    assert torch.equal(out, out[:1].expand_as(out))
+    assert not torch.equal(out[:, 0], out[:, 1])  # each sequence draws its own mask
+
+
+def test_per_step_mask_changes_over_time():
+    rec = sg.Recurrence(_noise_cell(per_sequence=False)).train()
+    out, _ = rec(torch.ones(T, B, 64))
+    assert set(out.unique().tolist()) == {0.0, 2.0}
+    assert not torch.equal(out[0], out[1])
+
+
+def test_noise_is_one_in_eval_mode():
+    rec = sg.Recurrence(_noise_cell(per_sequence=True)).eval()
+    assert torch.equal(rec(torch.ones(T, B, 64))[0], torch.ones(T, B, 64))
