@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-SIZES = {"fastrnns": (100, 64, 512), "small": (50, 16, 128), "medium": (20, 64, 256)}
+SIZES = {"fastrnns": (100, 64, 512), "small": (50, 16, 128), "medium": (20, 64, 256), "smallbatch": (50, 4, 1024)}
 CELLS = ("lstm", "gru", "peephole_lstm", "layer_norm_lstm", "mufuru")
 
 
@@ -215,7 +215,7 @@ def write_section(path: str, title: str, body: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m seqgraph bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cells", default=",".join(CELLS), help=f"comma list of {CELLS}")
-    ap.add_argument("--sizes", default=",".join(SIZES), help=f"comma list of {list(SIZES)}")
+    ap.add_argument("--sizes", default="fastrnns,small,medium", help=f"comma list of {list(SIZES)}")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--reps", type=int, default=5)

@@ -136,7 +136,7 @@ def emit_nodes(src: Source, nodes: list[Node], env: dict[int, str], live: set[in
         src.emit(f"{out} = {folded.get(n.id) or torch_expr(n, env, src, mask_var)}", n)
 
 
-RegionCall = Callable[[Source, object, dict, str | None], bool]
+RegionCall = Callable[[Source, object, dict, "str | None", set], bool]
 
 
 def emit_stages(src: Source, stages, env, live, mask_var, region_call: RegionCall | None) -> None:
@@ -144,7 +144,7 @@ def emit_stages(src: Source, stages, env, live, mask_var, region_call: RegionCal
         emit_nodes(src, [n for s in stages for n in s.nodes], env, live, mask_var)
         return
     for s in stages:
-        if s.kind == "fused" and region_call is not None and region_call(src, s, env, mask_var):
+        if s.kind == "fused" and region_call(src, s, env, mask_var, live):
             continue
         emit_nodes(src, s.nodes, env, live | {o.id for o in s.outputs}, mask_var)
 
