@@ -27,7 +27,7 @@ demo: $(VENV)/.installed viz-dot
 	$(BIN)/python -m seqgraph demo
 
 test: $(VENV)/.installed viz-dot
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m seqgraph bench

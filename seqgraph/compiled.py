@@ -15,11 +15,12 @@ from __future__ import annotations
 import builtins
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from . import cuda_graphs
 from .cell import Cell
 from .compiler.codegen_torch import generate
 from .compiler.pipeline import compile_plan, debug_level
@@ -36,6 +37,7 @@ class Program:
     fns: dict
     backend: str
     compile_seconds: float
+    graphed: dict = field(default_factory=dict)  # loop name -> cuda_graphs.GraphedLoop
 
 
 _CACHE: dict[tuple, Program] = {}
@@ -71,13 +73,24 @@ def get_program(cell: Cell, backend: str, unroll: int = 1) -> Program:
     return prog
 
 
+def _loop(prog: Program, name: str, device: torch.device):
+    """The generated loop `name`, captured as CUDA graphs on a GPU (see cuda_graphs.py)."""
+    if not cuda_graphs.enabled(device):
+        return prog.fns[name]
+    graphed = prog.graphed.get(name)
+    if graphed is None:
+        graphed = prog.graphed[name] = cuda_graphs.GraphedLoop(prog.fns[name], name)
+    return graphed
+
+
 class _Sequence(torch.autograd.Function):
     """The whole sequence, forward and backward, as one autograd node."""
 
     @staticmethod
     def forward(ctx, prog, T, mask, nreads, *args):
         reads, states = list(args[:nreads]), list(args[nreads:])
-        outs, finals, (saved, seqs) = prog.fns["forward"](T, mask, reads, states, True)
+        device = args[0].device
+        outs, finals, (saved, seqs) = _loop(prog, "forward", device)(T, mask, reads, states, True)
         ctx.prog, ctx.T, ctx.mask, ctx.nouts = prog, T, mask, len(outs)
         ctx.saved_values, ctx.seqs = saved, seqs  # intermediates: kept off the autograd graph
         ctx.save_for_backward(*reads)
@@ -87,8 +100,10 @@ class _Sequence(torch.autograd.Function):
     def backward(ctx, *grads):
         reads = list(ctx.saved_tensors)
         gouts, gfinals = list(grads[:ctx.nouts]), list(grads[ctx.nouts:])
-        fn = ctx.prog.fns["backward_masked" if ctx.mask is not None else "backward_plain"]
-        dreads, dstates = fn(ctx.T, ctx.mask, reads, ctx.saved_values, ctx.seqs, gouts, gfinals)
+        name = "backward_masked" if ctx.mask is not None else "backward_plain"
+        fn = _loop(ctx.prog, name, gouts[0].device if gouts else reads[0].device)
+        dreads, dstates = fn(ctx.T, ctx.mask, reads, ctx.saved_values, ctx.seqs,
+                             [g.contiguous() for g in gouts], [g.contiguous() for g in gfinals])
         return (None, None, None, None, *dreads, *dstates)
 
 
@@ -126,7 +141,7 @@ class CompiledRecurrence(Recurrence):
         need_grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in list(reads) + list(states0) if isinstance(t, torch.Tensor))
         if not need_grad:
-            outs, finals, _ = fns["forward"](T, valid, reads, list(states0), False)
+            outs, finals, _ = _loop(self._program, "forward", device)(T, valid, reads, list(states0), False)
             return outs, finals
         res = _Sequence.apply(self._program, T, valid, len(reads), *reads, *states0)
         n = len(step.outputs)

@@ -1,10 +1,12 @@
 import os
 
-# Triton kernels run on the CPU through Triton's interpreter unless a GPU is present.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Triton kernels run on the CPU through Triton's interpreter unless a GPU is present
+# (torch does not import triton, so setting this after importing torch is in time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -96,7 +96,9 @@ def _const_tensor(value: float, like):
     import torch
     if like is None:
         return torch.tensor(value)
-    return torch.tensor(value, dtype=like.dtype if like.dtype.is_floating_point else None, device=like.device)
+    # torch.full, not torch.tensor: no host-to-device copy, so it can sit inside a CUDA graph
+    return torch.full((), value, dtype=like.dtype if like.dtype.is_floating_point else torch.float32,
+                      device=like.device)
 
 
 def emit_nodes(src: Source, nodes: list[Node], env: dict[int, str], live: set[int],
