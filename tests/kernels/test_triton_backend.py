@@ -130,4 +130,4 @@ def test_cuda_graph_replays_equal_reference_even_with_two_forwards_before_backwa
     for a, b in zip(g1, g2):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
     assert comp._program.graphed["forward"].replays >= 2
-    assert comp._program.graphed["backward_masked"].replays >= 0
+    assert comp._program.graphed["backward_masked"].replays >= 1
