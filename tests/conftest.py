@@ -8,6 +8,11 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# generated kernels of a test run go to a temporary cache, not the user's home
+if "SEQGRAPH_CACHE_DIR" not in os.environ:
+    import tempfile
+    os.environ["SEQGRAPH_CACHE_DIR"] = tempfile.mkdtemp(prefix="seqgraph-test-kernels-")
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -192,6 +192,11 @@ def reshape(a, shape):
 # ---------------------------------------------------------------------------------------
 # leaves
 # ---------------------------------------------------------------------------------------
+def _float_literal(v: float) -> str:
+    v = float(v)
+    return repr(v) if math.isfinite(v) else f"float('{v}')"  # inf and nan are not Python literals
+
+
 def _leaf_shape(inputs, attrs):
     return attrs["shape"], attrs["batched"], attrs.get("dtype", "float")
 
@@ -206,7 +211,7 @@ for _leaf in ("input", "state", "context", "param", "noise"):
 
 register("const", kind="leaf", shape=lambda i, a: ((), False, "float"),
          torch=lambda n: torch.tensor(n.attrs["value"]), vjp=None,
-         triton=lambda n: repr(float(n.attrs["value"])), doc="a Python number")
+         triton=lambda n: _float_literal(n.attrs["value"]), doc="a Python number")
 
 
 # ---------------------------------------------------------------------------------------

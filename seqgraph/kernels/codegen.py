@@ -151,6 +151,13 @@ def _problem(region: Region) -> str | None:
     return None
 
 
+def node_supported(node: Node) -> tuple[bool, str]:
+    """Whether a fused kernel can compute `node` from values it loads or computes (unlike
+    ops.fusable, this accepts slice, concat, pad and reshape, which the generator lays out)."""
+    why = _node_problem(node)
+    return (why is None, why or "")
+
+
 def region_supported(region: Region) -> tuple[bool, str]:
     """Whether `compile_region` can fuse `region`, and if not, the reason (for the plan).
 
@@ -246,7 +253,8 @@ class _Writer:
         self.need: dict[int, set[Range]] = {n.id: set() for n in everything}
         self.from_stats: set[int] = set()  # softmax/layer_norm nodes computed from row statistics
         self.values: dict[tuple[int, int, int], str] = {}  # (node id, lo, hi) -> expression
-        self.literals: set[str] = set()
+        self.literals: dict[str, float] = {}  # literal expression -> its value
+        self.stats_written: set[int] = set()
         self.widths: set[int] = set()
         self.lines: list[str] = []
 
@@ -387,9 +395,10 @@ class _Writer:
 
     def fold(self, n: Node, args: list[str]) -> str:
         """An op on literals only is computed now, in float64."""
-        vals = [torch.tensor(eval(x, {"float": float}), dtype=torch.float64) for x in args]  # noqa: S307
-        lit = _float_literal(float(ops.REGISTRY[n.op].torch(n, *vals)))
-        self.literals.add(lit)
+        vals = [torch.tensor(self.literals[x], dtype=torch.float64) for x in args]
+        value = float(ops.REGISTRY[n.op].torch(n, *vals))
+        lit = _float_literal(value)
+        self.literals[lit] = value
         return lit
 
     def from_row_stats(self, n: Node, rng: Range) -> str:
@@ -397,8 +406,8 @@ class _Writer:
         (a,) = n.inputs
         base = self.var[n.id]
         segs = [(self.value(a, r), r[1] - r[0]) for r in self.segments(a)]
-        if (n.id, -1, -1) not in self.values:
-            self.values[(n.id, -1, -1)] = base
+        if n.id not in self.stats_written:
+            self.stats_written.add(n.id)
             tag = self._tag(n) + " row statistics"
             if n.op == "softmax":
                 maxes = [f"tl.max(tl.where(cmask_{w}, {x}, float('-inf')), axis=1)[:, None]" for x, w in segs]
@@ -445,7 +454,7 @@ class _Writer:
         v = n.attrs["value"]
         # the registry's emitter writes repr(value), which is not Python for inf and nan
         lit = ops.triton_expr(n, []) if math.isfinite(v) else _float_literal(v)
-        self.literals.add(lit)
+        self.literals[lit] = float(v)
         return lit
 
     def _stores(self) -> None:
@@ -546,5 +555,5 @@ def generate(region: Region) -> KernelSource:
     return _Writer(region).write()
 
 
-__all__ = ["ArgSpec", "KernelSource", "CODEGEN_VERSION", "generate", "region_from_outputs", "region_supported",
-           "width"]
+__all__ = ["ArgSpec", "KernelSource", "CODEGEN_VERSION", "generate", "node_supported", "region_from_outputs",
+           "region_supported", "width"]
