@@ -65,6 +65,10 @@ def get_program(cell: Cell, backend: str, unroll: int = 1) -> Program:
     text = src.text()
     namespace = dict(src.globals)
     exec(builtins.compile(text, f"<seqgraph {backend} {cell.name or 'cell'}>", "exec"), namespace)
+    kernels = [f"# ---- {name}: {k.path.name} ----\n{k.source}" for name, k in src.globals.items()
+               if name.startswith("_kernel")]
+    if kernels:
+        text += "\n\n# ======== generated Triton kernels ========\n" + "\n".join(kernels)
     prog = Program(plan, text, namespace, backend, time.perf_counter() - t0)
     if debug_level() >= 3:
         print(f"[seqgraph] generated source ({backend}):\n{text}", file=sys.stderr)
@@ -128,8 +132,12 @@ class CompiledRecurrence(Recurrence):
         return self._program.plan
 
     def source(self) -> str:
-        """The generated code, each line tagged with the node and user line it came from."""
+        """The generated code (and, for the triton backend, its kernels), each line tagged
+        with the node and user line it came from."""
         return self._program.source
+
+    def _repr_svg_(self):  # Jupyter shows the compiled plan inline
+        return self.plan().to_dot().pipe(format="svg").decode()
 
     def _run_sequence(self, xs, states0, contexts, noises, valid, dtype, device):
         fns = self._program.fns

@@ -245,6 +245,9 @@ class Recurrence(nn.Module):
     def extra_repr(self) -> str:
         return f"cell={self.cell!r}, batch_first={self.batch_first}, remember={self.remember}"
 
+    def _repr_svg_(self):  # Jupyter shows the cell's picture inline
+        return self.cell._repr_svg_()
+
 
 def _rows(m: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A (B,) mask shaped to broadcast over a (B, ...) value."""

@@ -384,15 +384,45 @@ def _layer_norm_shape(inputs, attrs):
 
 
 def _layer_norm_vjp(n, g):
-    # y = (x - mean) * rstd ; dx = rstd * (g - mean(g) - y * mean(g * y))
-    (x,) = n.inputs
-    eps = n.attrs["eps"]
-    xc = sub(x, make("mean", (x,), dim=len(x.shape) - 1, keepdim=True))
-    var = make("mean", (mul(xc, xc),), dim=len(x.shape) - 1, keepdim=True)
-    rstd = div(1.0, make("sqrt", (add(var, eps),)))
-    mg = make("mean", (g,), dim=len(x.shape) - 1, keepdim=True)
-    mgy = make("mean", (mul(g, n),), dim=len(x.shape) - 1, keepdim=True)
-    return (mul(rstd, sub(sub(g, mg), mul(n, mgy))),)
+    return (make("layer_norm_grad", (g, n.inputs[0]), eps=n.attrs["eps"]),)
+
+
+def _layer_norm_grad_composite(g, x, eps):
+    """dx of y = layer_norm(x): rstd * (g - mean(g) - y * mean(g * y)), in primitive ops."""
+    last = len(x.shape) - 1
+    xc = sub(x, make("mean", (x,), dim=last, keepdim=True))
+    rstd = div(1.0, make("sqrt", (add(make("mean", (mul(xc, xc),), dim=last, keepdim=True), eps),)))
+    y = mul(xc, rstd)
+    mg = make("mean", (g,), dim=last, keepdim=True)
+    mgy = make("mean", (mul(g, y),), dim=last, keepdim=True)
+    return mul(rstd, sub(sub(g, mg), mul(y, mgy)))
+
+
+def _layer_norm_grad_torch(n, g, x):
+    shape = n.shape[-1:]
+    _, mean, rstd = torch.ops.aten.native_layer_norm(x, shape, None, None, n.attrs["eps"])
+    return torch.ops.aten.native_layer_norm_backward(g, x, shape, mean, rstd, None, None, [True, False, False])[0]
+
+
+def composite_vjp(out: Node, leaves: tuple, g: Node) -> tuple:
+    """Gradients w.r.t. `leaves` of the primitive-op graph `out`, by reverse accumulation."""
+    from .ir import topo_order
+    grads: dict[int, Node] = {out.id: g}
+    leaf_ids = {x.id for x in leaves}
+    for node in reversed(topo_order([out])):
+        if node.id not in grads or node.id in leaf_ids or not node.inputs:
+            continue
+        for inp, gi in zip(node.inputs, REGISTRY[node.op].vjp(node, grads[node.id])):
+            if gi is not None and inp.op != "const":
+                grads[inp.id] = gi if inp.id not in grads else add(grads[inp.id], gi)
+    return tuple(grads.get(x.id) for x in leaves)
+
+
+register("layer_norm_grad", kind="reduction", shape=lambda i, a: (_floats(i), (i[0].shape, i[0].batched, "float"))[1],
+         torch=_layer_norm_grad_torch,
+         vjp=lambda n, g: composite_vjp(_layer_norm_grad_composite(*n.inputs, n.attrs["eps"]), n.inputs, g),
+         triton=(NOT_FUSED, "the layer-norm derivative runs as torch's native kernel"),
+         doc="the derivative of layer_norm w.r.t. its input, given the output gradient g and the input x")
 
 
 def _layer_norm_triton(n, a):

@@ -100,19 +100,21 @@ def plan_dot(plan):
     colours = ["#fde2c4", "#d5e8d4", "#dae8fc", "#e1d5e7", "#fff2cc", "#f8cecc"]
     drawn: set[int] = set()
 
+    from ..viz import add_node  # the same look as the cell pictures
+    keys = {n.id: k for k, n in plan.step.params.items()}
+
     def node(g, n: Node, **extra):
         if n.id in drawn:
             return
         drawn.add(n.id)
-        attrs = {"label": f"{n.op}{' ' + repr(n.name) if n.name else ''}\\n{_shape(n)}", "tooltip": str(n.site)}
+        attrs = {}
         if REGISTRY[n.op].kind == "matmul":
-            attrs.update(shape="box3d", style="filled", fillcolor="#ffd966", label="GEMM " + attrs["label"])
-        if n.op == "param":
-            attrs.update(shape="note", style="filled", fillcolor="#eeeeee")
+            attrs.update(shape="box3d", style="filled", fillcolor="#ffd966",
+                         label=f"GEMM {n.op}{' ' + repr(n.name) if n.name else ''}\\n{_shape(n)}")
         if n.id in saved:
             attrs.update(penwidth="2.5", color="#c00000", xlabel="saved")
         attrs.update(extra)
-        g.node(f"n{n.id}", **attrs)
+        add_node(g, n, key=keys.get(n.id), **attrs)
 
     with dot.subgraph(name="cluster_before") as c:
         c.attr(label="before the loop (once per call, all T steps)", style="dashed")

@@ -161,6 +161,15 @@ def _embedding_wgrad_ref(num, pad):
     return ref
 
 
+def _layer_norm_grad_ref(eps):
+    def ref(g, x):  # the input gradient of layer_norm, by torch autograd
+        with torch.enable_grad():
+            x = x.detach().requires_grad_()
+            y = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + eps)
+            return torch.autograd.grad(y, x, g, create_graph=True)[0]
+    return ref
+
+
 CASES: dict[str, list[Case]] = {
     "const": [_const(2.5), _const(-1.0)],
     "add": _binary(torch.add),
@@ -206,6 +215,8 @@ CASES: dict[str, list[Case]] = {
                    Case([X(2, 5)], {"eps": 0.1},
                         ref=lambda a: (a - a.mean(-1, keepdim=True))
                         / torch.sqrt(a.var(-1, unbiased=False, keepdim=True) + 0.1), id="matrix_big_eps")],
+    "layer_norm_grad": [Case([X(6), X(6)], {"eps": 1e-5}, ref=_layer_norm_grad_ref(1e-5)),
+                        Case([X(2, 5), X(2, 5)], {"eps": 0.1}, ref=_layer_norm_grad_ref(0.1), id="matrix_big_eps")],
     "sum_to": [Case([X(3, 4)], {"shape": (4,), "batched": True}, ref=lambda a: a.sum(1), id="lead"),
                Case([X(3, 4)], {"shape": (3, 1), "batched": True}, ref=lambda a: a.sum(2, keepdim=True),
                     id="keep"),
