@@ -12,6 +12,7 @@ backend reuses this generator. Must not make planning decisions.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 from .ir import Node
@@ -138,17 +139,52 @@ def emit_nodes(src: Source, nodes: list[Node], env: dict[int, str], live: set[in
         src.emit(f"{out} = {folded.get(n.id) or torch_expr(n, env, src, mask_var)}", n)
 
 
-RegionCall = Callable[[Source, object, dict, "str | None", set], bool]
+RegionCall = Callable[[Source, object, dict, "str | None", set, list], bool]
 
 
-def emit_stages(src: Source, stages, env, live, mask_var, region_call: RegionCall | None) -> None:
+@dataclass
+class Store:
+    """A value of the step written into a buffer: `target` (an expression such as `sv0[t]`, or
+    None for a fresh tensor), plain, zero on padded rows ("zero"), or keeping `prev`'s value on
+    padded rows ("carry"). `result` names a variable that must hold the written tensor. A fused
+    kernel writes stores of its own nodes directly; the rest become torch lines."""
+    node: Node
+    target: str | None
+    mode: str = "plain"  # plain | zero | carry
+    prev: Node | None = None
+    result: str | None = None
+    done: bool = False
+
+
+def emit_stages(src: Source, stages, env, live, mask_var, region_call: RegionCall | None,
+                stores: list[Store] = ()) -> None:
     if region_call is None:  # one straight line: products may fold into the adds of later stages
         emit_nodes(src, [n for s in stages for n in s.nodes], env, live, mask_var)
-        return
-    for s in stages:
-        if s.kind == "fused" and region_call(src, s, env, mask_var, live):
-            continue
-        emit_nodes(src, s.nodes, env, live | {o.id for o in s.outputs}, mask_var)
+    else:
+        for s in stages:
+            if s.kind == "fused" and region_call(src, s, env, mask_var, live, stores):
+                continue
+            emit_nodes(src, s.nodes, env, live | {o.id for o in s.outputs}, mask_var)
+    for st in stores:
+        if not st.done:
+            emit_store(src, st, env)
+
+
+def emit_store(src: Source, st: Store, env) -> None:
+    v = env.get(st.node.id, _v(st.node))
+    m = _mask_for(st.node)
+    if st.mode == "plain":
+        src.emit(f"{st.target} = {v}")
+    elif st.mode == "zero":
+        src.emit(f"{st.target} = torch.where({m}, {v}, 0.0)")
+    else:
+        value = f"torch.where({m}, {v}, {env.get(st.prev.id, _v(st.prev))})"
+        if st.target is None:
+            src.emit(f"{st.result} = {value}")
+            return
+        src.emit(f"{st.target} = {value}")
+    if st.result is not None:
+        src.emit(f"{st.result} = {st.target}")
 
 
 def _shape_tuple(n: Node, lead: str) -> str:
@@ -263,34 +299,34 @@ def _emit_forward(src: Source, plan: Plan, region_call) -> None:
     _bind_reads(src, plan, None)
     results = {r.id for r in step.results}
     for masked in (False, True):
-        src.emit("if mask is None:" if not masked else "else:")
-        src.indent += 1
-        def body(masked=masked):
-            if masked:
-                src.emit("m = mask[t].unsqueeze(1)")
-                for r in sorted({len(n.shape) for n in step.results} - {1}):
-                    src.emit(f"m{r} = mask[t].reshape({', '.join(['B'] + ['1'] * r)})")
-            _bind_reads(src, plan, "t")
-            for j, (p, _) in enumerate(step.states):
-                src.emit(f"{_v(p)} = s{j}", p)
-            live = results | {n.id for n in bwd_saved}
-            emit_stages(src, plan.stages, {}, live, "m" if masked else None, region_call)
-            for k, o in enumerate(step.outputs):
-                val = f"torch.where({_mask_for(o)}, {_v(o)}, 0.0)" if masked else _v(o)
-                src.emit(f"out{k}[t] = {val}")
-            for j, (p, q) in enumerate(step.states):
-                val = f"torch.where({_mask_for(q)}, {_v(q)}, s{j})" if masked else _v(q)
-                src.emit(f"s{j} = {val}")
-            src.emit("if save:")
+        for save in (True, False):
+            src.emit(("if" if masked is False and save else "elif") +
+                     f" mask is {'not ' if masked else ''}None and {'' if save else 'not '}save:")
             src.indent += 1
-            for k, n in enumerate(bwd_saved):
-                src.emit(f"sv{k}[t] = {_v(n)}")
-            for j in range(ns):
-                src.emit(f"ss{j}[t + 1] = s{j}")
-            src.emit("pass")
+
+            def body(masked=masked, save=save):
+                if masked:
+                    src.emit("m = mask[t].unsqueeze(1)")
+                    src.emit("mt = mask[t]")
+                    for r in sorted({len(n.shape) for n in step.results} - {1}):
+                        src.emit(f"m{r} = mask[t].reshape({', '.join(['B'] + ['1'] * r)})")
+                _bind_reads(src, plan, "t")
+                for j, (p, _) in enumerate(step.states):
+                    src.emit(f"{_v(p)} = s{j}", p)
+                stores = [Store(o, f"out{k}[t]", "zero" if masked else "plain") for k, o in enumerate(step.outputs)]
+                for j, (p, q) in enumerate(step.states):
+                    if save or masked:
+                        stores.append(Store(q, f"ss{j}[t + 1]" if save else None, "carry" if masked else "plain",
+                                            prev=p, result=f"s{j}"))
+                if save:
+                    stores += [Store(n, f"sv{k}[t]") for k, n in enumerate(bwd_saved)]
+                live = results | ({n.id for n in bwd_saved} if save else set())
+                emit_stages(src, plan.stages, {}, live, "m" if masked else None, region_call, stores)
+                if not (save or masked):
+                    for j, (p, q) in enumerate(step.states):
+                        src.emit(f"s{j} = {_v(q)}")
+            emit_time_loop(src, plan.unroll, body, reverse=False)
             src.indent -= 1
-        emit_time_loop(src, plan.unroll, body, reverse=False)
-        src.indent -= 1
     outs = ", ".join(f"out{k}" for k in range(no))
     fin = ", ".join(f"s{j}" for j in range(ns))
     saved = ", ".join(f"sv{k}" for k in range(len(bwd_saved)))
@@ -406,13 +442,11 @@ def _emit_backward(src: Source, plan: Plan, bwd: BackwardPlan, masked: bool, reg
         for k in range(no):
             src.emit(f"{_v(d.grad_out[k])} = go{k}[t]")
         live = {n.id for n in new_stash} | used
-        emit_stages(src, bwd.stages, {}, live, "m" if masked else None, region_call)
-        for k, g in hoisted_grads:
-            src.emit(f"dr{k}[t] = {_v(g)}")
+        stores = [Store(g, f"dr{k}[t]") for k, g in hoisted_grads]
+        stores += [Store(n, f"st{k}[t]") for k, n in enumerate(new_stash)]
+        emit_stages(src, bwd.stages, {}, live, "m" if masked else None, region_call, stores)
         for k, g in accum:
             src.emit(f"dr{k} += {_v(g)}")
-        for k, n in enumerate(new_stash):
-            src.emit(f"st{k}[t] = {_v(n)}")
         for j, g in enumerate(d.grad_prev):
             src.emit(f"gn{j} = {_v(g) if g is not None else f'torch.zeros_like(gn{j})'}")
     emit_time_loop(src, plan.unroll, body, reverse=True)

@@ -4,7 +4,9 @@
 seqgraph.compiler.codegen_torch. It turns the stage into a Region, asks the kernel generator
 whether it can fuse it, and if so compiles the kernel and emits one call line; if not, it
 returns False and the stage is emitted as torch code (the reason is kept on the stage, so
-`plan()` shows it). GEMMs stay with torch (cuBLAS). Must not make planning decisions.
+`plan()` shows it). The kernel writes the stage's stores itself: saved values straight into
+their (T, B, ...) buffers, outputs zeroed and states carried on padded rows, so no copy or
+`where` follows it. GEMMs stay with torch (cuBLAS). Must not make planning decisions.
 """
 from __future__ import annotations
 
@@ -12,14 +14,31 @@ from .codegen import region_from_outputs, region_supported
 from .launch import compile_region
 
 
-def triton_region_call(src, stage, env: dict, mask_var: str | None, live: set[int]) -> bool:
+def triton_region_call(src, stage, env: dict, mask_var: str | None, live: set[int], stores: list) -> bool:
     inside = {n.id for n in stage.nodes}
+    mine = [st for st in stores if st.node.id in inside and not st.done]
     wanted = {o.id for o in stage.outputs} | (live & inside)
-    outputs = [n for n in stage.nodes if n.id in wanted]
-    if not outputs:
+    plain = {}
+    for st in mine:
+        if st.mode == "plain" and st.node.id not in plain:
+            plain[st.node.id] = st  # the node's own value is written straight into this buffer
+    primary = [n for n in stage.nodes if n.id in wanted or n.id in plain]
+    if not primary and not mine:
         return True  # nothing of this stage is used
     inputs = [i for i in stage.inputs if i.op != "const"]
-    region = region_from_outputs(outputs, inputs, name=f"stage_{outputs[0].id}")
+    outputs, targets, carry, zero = list(primary), [plain[n.id].target if n.id in plain else None for n in primary], {}, set()
+    extra = [st for st in mine if plain.get(st.node.id) is not st]
+    for st in extra:
+        k = len(outputs)
+        outputs.append(st.node)
+        targets.append(st.target)
+        if st.mode == "zero":
+            zero.add(k)
+        elif st.mode == "carry":
+            if st.prev not in inputs:
+                inputs.append(st.prev)
+            carry[k] = inputs.index(st.prev)
+    region = region_from_outputs(outputs, inputs, carry=carry, zero_masked=zero, name=f"stage_{outputs[0].id}")
     ok, why = region_supported(region)
     if not ok:
         stage.why = f"not fused: {why}"
@@ -27,9 +46,17 @@ def triton_region_call(src, stage, env: dict, mask_var: str | None, live: set[in
     kernel = compile_region(region)
     name = f"_kernel{len([k for k in src.globals if k.startswith('_kernel')])}"
     src.globals[name] = kernel
-    src.kernels = getattr(src, "kernels", []) + [kernel]
     args = ", ".join(env.get(i.id, f"v{i.id}") for i in inputs)
-    outs = ", ".join(env.get(o.id, f"v{o.id}") for o in outputs)
+    names = [env.get(n.id, f"v{n.id}") for n in primary]
+    for st in extra:
+        names.append(st.result or "_")
+    outs_arg = ", ".join(t or "None" for t in targets)
+    masked = bool(carry or zero)
+    call = f"{name}([{args}]" + (", mask=mt" if masked else "") + (f", out=[{outs_arg}]" if any(targets) else "") + ")"
     ops = ", ".join(n.op for n in stage.nodes)
-    src.emit(f"{outs}, = {name}([{args}])  # fused kernel: {ops}")
+    src.emit(f"{', '.join(names)}, = {call}  # fused kernel: {ops}")
+    for st in mine:
+        st.done = True
+        if st in plain.values() and st.result is not None:
+            src.emit(f"{st.result} = {env.get(st.node.id, f'v{st.node.id}')}")
     return True

@@ -142,7 +142,10 @@ class RegionKernel:
         raise kind(f"input {k} ({self.gen.inputs[k].label}) of region {self.region.name!r} {problem}")
 
     def __call__(self, inputs: Sequence[torch.Tensor | None], mask: torch.Tensor | None = None,
-                 out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+                 out_dtype: torch.dtype | None = None,
+                 out: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+        """`out` may give, per output, a contiguous tensor to write into (a slice of a
+        preallocated (T, B, W) buffer, say) instead of a fresh one; None entries are allocated."""
         tensors = self._bind(inputs)
         batch, device, first_dtype = None, None, None
         args: list = []
@@ -185,7 +188,18 @@ class RegionKernel:
         if device.type == "cpu" and not _interpreting():
             raise RuntimeError("Triton kernels need CUDA tensors; set TRITON_INTERPRET=1 to run them on the CPU")
         dtype = out_dtype or first_dtype or torch.float32
-        outs = [torch.empty((batch, w), dtype=dtype, device=device) for w in self._out_widths]
+        given = list(out) if out is not None else [None] * len(self._out_widths)
+        if len(given) != len(self._out_widths):
+            raise ValueError(f"region {self.region.name!r} has {len(self._out_widths)} outputs, out= gave {len(given)}")
+        outs = []
+        for k, (w, t) in enumerate(zip(self._out_widths, given)):
+            if t is None:
+                outs.append(torch.empty((batch, w), dtype=dtype, device=device))
+                continue
+            if t.numel() != batch * w or not t.is_contiguous() or t.dtype != dtype or t.device != device:
+                raise ValueError(f"out[{k}] of region {self.region.name!r} must be a contiguous {dtype} tensor "
+                                 f"of {batch}x{w} elements on {device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
+            outs.append(t.view(batch, w))
         results = [o if len(s) == 1 else o.view((batch,) + s) for o, s in zip(outs, self.gen.out_shapes)]
         if batch == 0:
             return results
