@@ -39,6 +39,14 @@ def _name_leaves(order: list[Node]) -> None:
             taken.add(cand)
 
 
+def _check_name(name: str, node: Node, what: str) -> None:
+    """Names become state_dict keys and attribute names: no dots, nothing torch.nn.Module owns."""
+    import torch.nn as nn
+    if "." in name or not name or hasattr(nn.Module, name):
+        why = "contains a '.'" if "." in name else "is empty" if not name else "is taken by torch.nn.Module"
+        raise WiringError(f"{what} name {name!r} {why}; choose another name for {describe(node)}", node=node)
+
+
 def _param_keys(order: list[Node]) -> dict[str, Node]:
     """Stable, unique state_dict keys for every parameter leaf, in graph order."""
     module_names: dict[int, str] = {}
@@ -50,11 +58,13 @@ def _param_keys(order: list[Node]) -> dict[str, Node]:
         m = n.module
         if m is None:
             key = n.name or f"param_{sum(1 for k in params if k.startswith('param_'))}"
+            _check_name(key, n, "parameter")
             if key in params and params[key] is not n:
                 raise WiringError(f"two parameters are named {key!r}: {describe(params[key])} and {describe(n)}", node=n)
         else:
             if id(m) not in module_names:
                 base = m.name or type(m).__name__.lower()
+                _check_name(base, n, "module")
                 if base in used and m.name:
                     raise WiringError(f"two modules are named {base!r}: one declared at {used[base].site} "
                                       f"and one at {m.site}", node=n)
@@ -95,6 +105,9 @@ class Cell:
             raise WiringError(f"Cell declared at {self.site} has no outputs and no states")
         self.order = check_cell(self.inputs, pairs, self.outputs, None if contexts is None else list(contexts))
         _name_leaves(self.order)
+        for n in self.order:  # a learned initial state becomes a parameter named after its state
+            if n.op == "state" and n.attrs.get("init") == "learned":
+                _check_name(n.name, n, "learned State")
         self.contexts = list(contexts) if contexts is not None else [n for n in self.order if n.op == "context"]
         self.noises = [n for n in self.order if n.op == "noise"]
         self.params = _param_keys(self.order)

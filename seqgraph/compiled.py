@@ -91,10 +91,10 @@ class _Sequence(torch.autograd.Function):
     """The whole sequence, forward and backward, as one autograd node."""
 
     @staticmethod
-    def forward(ctx, prog, T, mask, nreads, *args):
+    def forward(ctx, prog, T, B, mask, nreads, *args):
         reads, states = list(args[:nreads]), list(args[nreads:])
         device = args[0].device
-        outs, finals, (saved, seqs) = _loop(prog, "forward", device)(T, mask, reads, states, True)
+        outs, finals, (saved, seqs) = _loop(prog, "forward", device)(T, B, mask, reads, states, True)
         ctx.prog, ctx.T, ctx.mask, ctx.nouts = prog, T, mask, len(outs)
         ctx.saved_values, ctx.seqs = saved, seqs  # intermediates: kept off the autograd graph
         ctx.save_for_backward(*reads)
@@ -108,7 +108,7 @@ class _Sequence(torch.autograd.Function):
         fn = _loop(ctx.prog, name, gouts[0].device if gouts else reads[0].device)
         dreads, dstates = fn(ctx.T, ctx.mask, reads, ctx.saved_values, ctx.seqs,
                              [g.contiguous() for g in gouts], [g.contiguous() for g in gfinals])
-        return (None, None, None, None, *dreads, *dstates)
+        return (None, None, None, None, None, *dreads, *dstates)
 
 
 class CompiledRecurrence(Recurrence):
@@ -139,19 +139,26 @@ class CompiledRecurrence(Recurrence):
     def _repr_svg_(self):  # Jupyter shows the compiled plan inline
         return self.plan().to_dot().pipe(format="svg").decode()
 
+    def _program_for(self, dtype: torch.dtype) -> Program:
+        # Triton kernels compute in float32; float64 runs the torch backend's code instead
+        if self.backend == "triton" and dtype == torch.float64:
+            return get_program(self.cell, "torch", self.unroll)
+        return self._program
+
     def _run_sequence(self, xs, states0, contexts, noises, valid, dtype, device):
-        fns = self._program.fns
+        program = self._program_for(dtype)
+        fns = program.fns
         T, B = xs[0].shape[0], xs[0].shape[1]
         params = list(self.param_tensors().values())
-        step = self._program.plan.step
+        step = program.plan.step
         assert len(params) == len(step.params)
         reads = fns["prologue"](T, B, list(xs), list(contexts), list(noises), params)
         need_grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in list(reads) + list(states0) if isinstance(t, torch.Tensor))
         if not need_grad:
-            outs, finals, _ = _loop(self._program, "forward", device)(T, valid, reads, list(states0), False)
+            outs, finals, _ = _loop(program, "forward", device)(T, B, valid, reads, list(states0), False)
             return outs, finals
-        res = _Sequence.apply(self._program, T, valid, len(reads), *reads, *states0)
+        res = _Sequence.apply(program, T, B, valid, len(reads), *reads, *states0)
         n = len(step.outputs)
         return list(res[:n]), list(res[n:])
 

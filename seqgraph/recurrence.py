@@ -71,10 +71,11 @@ class Recurrence(nn.Module):
         T, B = xs[0].shape[0], xs[0].shape[1]
         dtype, device = self._float_dtype(xs), xs[0].device
         valid = self._check_mask(lengths, mask, T, B, device)
-        if state is None and self.remember and self._memory is not None:
+        if state is None and self.remember and self._memory:
             state = self._memory
-            if next(iter(state.values())).shape[0] != B:
-                raise InputError(f"remember=True carries states of batch size {next(iter(state.values())).shape[0]} "
+            kept = next(iter(state.values())).shape[0]
+            if kept != B:
+                raise InputError(f"remember=True carries states of batch size {kept} "
                                  f"but this call has batch size {B}; call forget() first")
         states0 = self._initial_states(state, B, dtype, device)
         contexts = self._check_contexts(context, B, dtype, device)
@@ -89,7 +90,7 @@ class Recurrence(nn.Module):
 
     def _run_sequence(self, xs, states0, contexts, noises, valid, dtype, device):
         """The reference loop: the interpreter once per step, masking folded in."""
-        params = {k: v for k, v in self.param_tensors().items()}
+        params = self.param_tensors()
         T = xs[0].shape[0]
         states = list(states0)
         outs: list[list[torch.Tensor]] = [[] for _ in self.cell.outputs]
@@ -182,6 +183,9 @@ class Recurrence(nn.Module):
 
     def _initial_states(self, state, B, dtype, device) -> list[torch.Tensor]:
         names = self.cell.state_names
+        if state is not None and not isinstance(state, Mapping):
+            raise InputError(f"{self._where()}: state must be a dict from state name to tensor (states: {names}), "
+                             f"got {type(state).__name__}")
         state = dict(state or {})
         unknown = sorted(set(state) - set(names))
         if unknown:
@@ -224,6 +228,9 @@ class Recurrence(nn.Module):
             if c.name not in context:
                 raise InputError(f"{self._where()}: missing context {c.name!r} (declared at {c.site})")
             v = context[c.name]
+            if not isinstance(v, torch.Tensor):
+                raise InputError(f"{self._where()}: context {c.name!r} (declared at {c.site}) must be a tensor of "
+                                 f"shape {_fmt((B,) + c.shape)}, got {type(v).__name__}")
             if tuple(v.shape) != (B,) + c.shape:
                 raise InputError(f"{self._where()}: context {c.name!r} (declared at {c.site}) expects shape "
                                  f"{_fmt((B,) + c.shape)}, got {_fmt(v.shape)}")

@@ -577,3 +577,36 @@ def test_per_step_mask_changes_over_time():
 def test_noise_is_one_in_eval_mode():
     rec = sg.Recurrence(_noise_cell(per_sequence=True)).eval()
     assert torch.equal(rec(torch.ones(T, B, 64))[0], torch.ones(T, B, 64))
+
+
+def test_state_given_as_a_bare_tensor_is_a_clear_input_error():
+    x, h = sg.Input(2, name="x"), sg.State(3, name="h")
+    rec = sg.Recurrence(sg.Cell([x], {h: sg.tanh(sg.Linear(5, 3)(sg.concat([x, h])))}))
+    with pytest.raises(sg.InputError, match="state must be a dict from state name to tensor"):
+        rec(torch.randn(4, 2, 2), torch.zeros(2, 3))
+
+
+def test_context_that_is_not_a_tensor_is_a_clear_input_error():
+    x, z = sg.Input(2, name="x"), sg.Context(2, name="z")
+    h = sg.State(2, name="h")
+    rec = sg.Recurrence(sg.Cell([x], {h: sg.tanh(x + z + h)}))
+    with pytest.raises(sg.InputError, match="context 'z' .* must be a tensor of shape"):
+        rec(torch.randn(4, 2, 2), context={"z": [[0.0, 0.0]] * 2})
+
+
+def test_remember_on_a_cell_without_states_runs_twice():
+    x = sg.Input(2, name="x")
+    rec = sg.Recurrence(sg.Cell([x], {}, [sg.tanh(x)]), remember=True)
+    rec(torch.randn(3, 2, 2))
+    assert rec(torch.randn(3, 2, 2))[0].shape == (3, 2, 2)
+
+
+@pytest.mark.parametrize("name", ["enc.h", "forward"])
+def test_names_that_cannot_be_state_dict_keys_are_refused_when_the_cell_is_built(name):
+    x = sg.Input(2, name="x")
+    with pytest.raises(sg.WiringError, match=f"name '{name}'"):
+        h = sg.State(2, name=name, init="learned")
+        sg.Cell([x], {h: sg.tanh(x + h)})
+    with pytest.raises(sg.WiringError, match=f"module name '{name}'"):
+        h = sg.State(2, name="h")
+        sg.Cell([x], {h: sg.Linear(4, 2, name=name)(sg.concat([x, h]))})

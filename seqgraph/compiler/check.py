@@ -57,7 +57,8 @@ def _check_cell(inputs, states, outputs, contexts) -> list[Node]:
         if not o.batched:
             _fail(ShapeError, f"output {describe(o)} does not depend on the batch (it is a parameter or "
                               f"constant); an output must be a per-step value", o)
-    order = topo_order(list(outputs) + [n for _, n in states])
+    # a state whose previous value is never read is still part of the cell (named, checked, signed)
+    order = topo_order([p for p, _ in states] + list(outputs) + [n for _, n in states])
     reached = {n.id for n in order}
     for x in inputs:
         if x.id not in reached:

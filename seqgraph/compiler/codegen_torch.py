@@ -277,14 +277,14 @@ def _bind_reads(src: Source, plan: Plan, t: str | None) -> None:
 def _emit_forward(src: Source, plan: Plan, region_call) -> None:
     step = plan.step
     nr, ns, no = len(plan.reads), len(step.states), len(step.outputs)
-    src.emit("def forward(T, mask, reads, states, save):")
+    src.emit("def forward(T, B, mask, reads, states, save):")
     src.indent += 1
     src.emit('"""The time loop. Returns outputs (T, B, ...), final states and, with save, what backward reads."""')
     if nr:
         src.emit(f"{', '.join(f'r{k}' for k in range(nr))}, = reads")
     src.emit(f"{', '.join(f's{j}' for j in range(ns))}, = states" if ns else "pass")
-    ref = "s0" if ns else "r0"
-    src.emit(f"B = {ref}.shape[0] if {ref}.dim() and T else 0" if ns else "B = r0.shape[1]")
+    floats = [k for k, r in enumerate(plan.reads) if r.dtype == "float"]
+    ref = "s0" if ns else f"r{floats[0]}"  # a float tensor on the right device
     for k, o in enumerate(step.outputs):
         src.emit(f"out{k} = {ref}.new_empty({_shape_tuple(o, 'T, B')})")
     bwd_saved = _all_saved(plan)

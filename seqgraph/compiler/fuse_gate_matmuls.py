@@ -15,10 +15,11 @@ from .ops import make
 from .stepgraph import StepGraph, clone, rewrite
 
 
-def _bias_of(lin: Node, users: dict[int, list[Node]]) -> Node | None:
-    """The add(linear, bias) node right after `lin`, when the bias is an unbatched vector."""
+def _bias_of(lin: Node, users: dict[int, list[Node]], results: set[int]) -> Node | None:
+    """The add(linear, bias) node right after `lin`, when the bias is an unbatched vector and
+    nothing else (no other node, no output or next state) reads the linear alone."""
     us = users.get(lin.id, [])
-    if len(us) != 1:
+    if len(us) != 1 or lin.id in results:
         return None
     u = us[0]
     if u.op == "add" and u.inputs[0] is lin and not u.inputs[1].batched and u.inputs[1].shape == lin.shape[-1:]:
@@ -40,7 +41,7 @@ def fuse_gate_matmuls(step: StepGraph) -> StepGraph:
     fused = 0
     for members in groups.values():
         hoisted = cls[members[0].inputs[0].id] == "hoisted"
-        biases = [_bias_of(m, users) for m in members]
+        biases = [_bias_of(m, users, {r.id for r in step.results}) for m in members]
         fold_bias = hoisted and all(b is not None for b in biases)
         if len(members) == 1 and not fold_bias:
             continue

@@ -251,12 +251,17 @@ _binary("mul", torch.mul, lambda n, g: _bin_grads(n, mul(g, n.inputs[1]), mul(g,
 _binary("div", torch.div,
         lambda n, g: _bin_grads(n, div(g, n.inputs[1]), neg(div(mul(g, n), n.inputs[1]))),
         lambda n, a, b: f"({a} / {b})")
+def _winner(first: Node, second: Node) -> Node:
+    """1 where `first` is strictly greater, 0.5 at a tie, 0 below: torch's rule for max/min."""
+    return mul(add(make("gt", (first, second)), make("ge", (first, second))), 0.5)
+
+
 _binary("maximum", torch.maximum,
-        lambda n, g: _bin_grads(n, mul(g, make("ge", n.inputs)), mul(g, sub(1.0, make("ge", n.inputs)))),
-        lambda n, a, b: f"tl.maximum({a}, {b})", doc="ties send the gradient to the first operand")
+        lambda n, g: _bin_grads(n, mul(g, _winner(*n.inputs)), mul(g, _winner(*reversed(n.inputs)))),
+        lambda n, a, b: f"tl.maximum({a}, {b})", doc="a tie splits the gradient equally, as in torch")
 _binary("minimum", torch.minimum,
-        lambda n, g: _bin_grads(n, mul(g, make("le", n.inputs)), mul(g, sub(1.0, make("le", n.inputs)))),
-        lambda n, a, b: f"tl.minimum({a}, {b})", doc="ties send the gradient to the first operand")
+        lambda n, g: _bin_grads(n, mul(g, _winner(*reversed(n.inputs))), mul(g, _winner(*n.inputs))),
+        lambda n, a, b: f"tl.minimum({a}, {b})", doc="a tie splits the gradient equally, as in torch")
 # comparisons give 0/1 floats; their derivative is zero almost everywhere
 _binary("ge", lambda x, y: (x >= y).to(torch.promote_types(x.dtype, y.dtype)),
         lambda n, g: (None, None), lambda n, a, b: f"(({a}) >= ({b})).to(tl.float32)")

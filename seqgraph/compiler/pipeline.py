@@ -13,10 +13,11 @@ import sys
 import time
 
 from .fuse_gate_matmuls import fuse_gate_matmuls
-from .hoist import hoist_loop_invariant_terms, split_linear_over_concat
+from .hoist_loop_invariant_terms import hoist_loop_invariant_terms
 from .ir import format_graph
 from .plan import Plan, build_plan
 from .simplify import simplify
+from .split_linear_over_concat import split_linear_over_concat
 from .stepgraph import StepGraph
 
 PASSES = [simplify, split_linear_over_concat, fuse_gate_matmuls, hoist_loop_invariant_terms, simplify]

@@ -146,3 +146,70 @@ def test_compiled_module_keeps_argument_checks():
     comp = sg.compile(sg.Recurrence(ZOO["lstm_ops"]()))
     with pytest.raises(sg.InputError, match="lengths must lie in"):
         comp(torch.randn(4, 2, 3), lengths=torch.tensor([5, 1]))
+
+
+def _compare_simple(cell, x, **kw):
+    rec = sg.Recurrence(cell).double()
+    comp = sg.compile(rec, backend="torch")
+    x = x.double().requires_grad_()
+    o1, s1 = rec(x, **kw)
+    o2, s2 = comp(x, **kw)
+    o1, o2 = (o1 if isinstance(o1, tuple) else (o1,)), (o2 if isinstance(o2, tuple) else (o2,))
+    for a, b in zip(o1, o2):
+        torch.testing.assert_close(b, a)
+    loss1 = sum((o * o).sum() for o in o1) + sum(v.sum() for v in s1.values())
+    loss2 = sum((o * o).sum() for o in o2) + sum(v.sum() for v in s2.values())
+    wrt = [x] + list(rec.parameters())
+    for a, b in zip(torch.autograd.grad(loss1, wrt, allow_unused=True),
+                    torch.autograd.grad(loss2, wrt, allow_unused=True)):
+        torch.testing.assert_close(b, a)
+    return s1, s2
+
+
+def test_bias_is_not_folded_into_a_product_that_is_also_an_output():
+    x, h = sg.Input(3, name="x"), sg.State(4, name="h")
+    p = sg.Linear(3, 4, bias=False)(x)
+    nh = sg.tanh(p + sg.Parameter(4, name="b") + h)
+    _compare_simple(sg.Cell([x], {h: nh}, [p, nh]), torch.randn(5, 2, 3))
+
+
+def test_state_whose_previous_value_is_never_read_is_named_and_compiles():
+    x, h = sg.Input(3, name="x"), sg.State(2)
+    s1, s2 = _compare_simple(sg.Cell([x], {h: sg.tanh(sg.Linear(3, 2)(x))}), torch.randn(4, 3, 3),
+                             lengths=torch.tensor([4, 1, 0]))
+    assert list(s1) == list(s2) == ["state_0"]
+
+
+def test_zero_steps_give_empty_outputs_and_the_initial_state():
+    rec = sg.Recurrence(ZOO["lstm_ops"]())
+    comp = sg.compile(rec)
+    x = torch.randn(0, 3, 3, requires_grad=True)
+    out, state = comp(x)
+    assert out.shape == (0, 3, 5) and state["h"].shape == (3, 5)
+    with torch.no_grad():
+        assert comp(x)[0].shape == (0, 3, 5)
+
+
+def test_cell_without_states_whose_output_is_a_context_function():
+    x, z = sg.Input(2, name="x"), sg.Context(5, name="z")
+    cell = sg.Cell([x], {}, [sg.tanh(z), x * 2])
+    rec = sg.Recurrence(cell)
+    comp = sg.compile(rec)
+    xs, ctx = torch.randn(4, 3, 2), torch.randn(3, 5)
+    for a, b in zip(rec(xs, context=ctx)[0], comp(xs, context=ctx)[0]):
+        torch.testing.assert_close(b, a)
+
+
+def test_gradient_at_a_tie_of_maximum_splits_like_the_reference():
+    x, h = sg.Input(2, name="x"), sg.State(2, name="h")
+    cell = sg.Cell([x], {h: sg.maximum(h, sg.Linear(2, 2, bias=False)(x))})
+    rec = sg.Recurrence(cell).double()
+    with torch.no_grad():
+        rec.params.linear.weight.zero_()
+    comp = sg.compile(rec)
+    h0 = torch.zeros(1, 2, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(1, 1, 2, dtype=torch.float64)
+    g1, = torch.autograd.grad(rec(x, {"h": h0})[0].sum(), h0)
+    g2, = torch.autograd.grad(comp(x, {"h": h0})[0].sum(), h0)
+    torch.testing.assert_close(g2, g1)
+    assert torch.equal(g1, torch.full((1, 2), 0.5, dtype=torch.float64))

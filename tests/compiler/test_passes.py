@@ -3,7 +3,9 @@ import torch
 
 import seqgraph as sg
 from seqgraph.compiler.fuse_gate_matmuls import fuse_gate_matmuls
-from seqgraph.compiler.hoist import classify, hoist_loop_invariant_terms, split_linear_over_concat
+from seqgraph.compiler.hoist import classify
+from seqgraph.compiler.hoist_loop_invariant_terms import hoist_loop_invariant_terms
+from seqgraph.compiler.split_linear_over_concat import split_linear_over_concat
 from seqgraph.compiler.interpret import evaluate
 from seqgraph.compiler.simplify import simplify
 from seqgraph.compiler.stepgraph import StepGraph

@@ -1,9 +1,10 @@
 """The triton backend against the reference interpreter: every zoo and built-in cell, random cells,
 masking; on the CPU through TRITON_INTERPRET=1, on CUDA (float32, bfloat16, float16) when present.
 
-Tolerances: kernels compute in float32, so float64 inputs agree to about 1e-7 (we allow 1e-5);
-float32 to 1e-5; bfloat16 and float16 are compared with the float32 reference run at relative
-error 3e-2 (bf16) and 1e-2 (fp16) of each tensor's norm.
+Tolerances: kernels compute in float32 and agree with the float32 reference to 1e-5 (values)
+and 1e-4 (gradients, summed over steps); bfloat16 and float16 are compared with the float32
+reference run at relative error 3e-2 (bf16) and 1e-2 (fp16) of each tensor's norm. A float64
+model under backend="triton" runs the torch backend's code (kernels would round it to float32).
 """
 import os
 import sys
@@ -57,22 +58,29 @@ def _check(rec, comp, xs, ctx, tol, **kw):
             torch.testing.assert_close(b, a, atol=tol * 10, rtol=tol * 10)
 
 
+def test_float64_under_triton_runs_the_torch_code_exactly():
+    rec = sg.Recurrence(BUILTIN["gru"]()).double()
+    comp = sg.compile(rec, backend="triton")
+    x = torch.randn(4, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(comp(x)[0], rec(x)[0], atol=1e-12, rtol=1e-12)
+
+
 CASES = {**{f"zoo_{k}": v for k, v in ZOO.items()}, **BUILTIN}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_triton_backend_equals_reference_with_mixed_lengths(name):
-    rec = sg.Recurrence(CASES[name]()).double()
+    rec = sg.Recurrence(CASES[name]())
     comp = sg.compile(rec, backend="triton")
     assert "fused kernel" in comp.source()
-    xs, ctx = make_inputs(rec.cell, 4, 3)
+    xs, ctx = make_inputs(rec.cell, 4, 3, dtype=torch.float32)
     _check(rec, comp, xs, ctx, 1e-5, lengths=torch.tensor([4, 2, 0]))
 
 
 def test_triton_backend_equals_reference_without_mask():
-    rec = sg.Recurrence(BUILTIN["lstm_layer_norm"]()).double()
+    rec = sg.Recurrence(BUILTIN["lstm_layer_norm"]())
     comp = sg.compile(rec, backend="triton")
-    xs, ctx = make_inputs(rec.cell, 3, 5)
+    xs, ctx = make_inputs(rec.cell, 3, 5, dtype=torch.float32)
     _check(rec, comp, xs, ctx, 1e-5)
 
 
@@ -80,9 +88,9 @@ def test_triton_backend_equals_reference_without_mask():
 @given(cell_recipes(max_steps=4))
 def test_random_cells_run_with_triton_kernels_and_equal_the_reference(recipe):
     cell, sizes = build_cell(recipe)
-    rec = sg.Recurrence(cell).double()
+    rec = sg.Recurrence(cell)
     comp = sg.compile(rec, backend="triton")
-    xs = [torch.randn(3, 2, s, dtype=torch.float64, requires_grad=True) for s in sizes]
+    xs = [torch.randn(3, 2, s, requires_grad=True) for s in sizes]
     _check(rec, comp, xs, None, 1e-5, lengths=torch.tensor([3, 1]))
 
 
