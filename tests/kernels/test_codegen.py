@@ -1,6 +1,5 @@
 """Generated region kernels: structure of the source, what is fused, and numbers against the
 reference interpreter for regions cut from real cells and from their derivative graphs."""
-import os
 import re
 
 import pytest
@@ -14,18 +13,11 @@ from seqgraph.kernels.codegen import generate, node_supported, region_from_outpu
 from seqgraph.kernels.launch import compile_region
 from seqgraph.kernels.region import Region
 
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0" else "cpu"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CUDA when present, else the interpreter
 
 # The interpreter computes padded lanes too (zeros loaded past the row or column end), where
 # x / 0 warns; stores and reductions mask them out.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _cache_dir(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SEQGRAPH_CACHE_DIR", str(tmp_path_factory.mktemp("kernels")))
-        yield
 
 
 # ---------------------------------------------------------------------------------------
