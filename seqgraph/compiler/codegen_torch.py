@@ -50,19 +50,38 @@ def _arg(n: Node, env: dict[int, str]) -> str:
     return env.get(n.id, _v(n))
 
 
-def torch_expr(n: Node, env: dict[int, str], src: Source, mask_var: str | None = None) -> str:
-    """A torch expression computing node `n` from its inputs' variables."""
+_ARITH_FN = {"add": "torch.add", "sub": "torch.sub", "mul": "torch.mul", "div": "torch.div"}
+
+
+def torch_expr(n: Node, env: dict[int, str], src: Source, mask_var: str | None = None,
+               out: str | None = None) -> tuple[str, bool]:
+    """A torch expression computing node `n` from its inputs' variables, and whether it writes
+    into `out` (a buffer slice) itself; hot ops take `out=` so no copy follows them."""
     ins = n.inputs
     a = [_arg(i, env) for i in ins]
+    o = f", out={out}" if out else ""
     plain = all(not i.batched or len(i.shape) == len(n.shape) for i in ins)
     if n.op in _ARITH and plain:
-        return f"({a[0]} {_ARITH[n.op]} {a[1]})"
+        if out and ins[0].op != "const":
+            return f"{_ARITH_FN[n.op]}({a[0]}, {a[1]}{o})", True
+        return f"({a[0]} {_ARITH[n.op]} {a[1]})", False
     if n.op == "neg":
-        return f"(-{a[0]})"
+        return f"torch.neg({a[0]}{o})", bool(out)
     if n.op in _UNARY:
-        return f"{_UNARY[n.op]}({a[0]})"
+        return f"{_UNARY[n.op]}({a[0]}{o})", bool(out)
     if n.op == "select" and mask_var is not None and ins[0].name == "mask" and ins[0].op == "input" and plain:
-        return f"torch.where({mask_var}, {a[1]}, {a[2]})"
+        if out and ins[1].op != "const" and ins[2].op != "const":
+            return f"torch.where({mask_var}, {a[1]}, {a[2]}{o})", True
+        return f"torch.where({mask_var}, {a[1]}, {a[2]})", False
+    if n.op == "concat":
+        d = n.attrs["dim"] + (1 if n.batched else 0)
+        return f"torch.cat(({', '.join(a)},), {d}{o})", bool(out)
+    if n.op == "linear" and out and len(ins[0].shape) == 1 and ins[0].batched:
+        return f"torch.mm({a[0]}, {a[1]}.t(){o})", True
+    return _torch_expr(n, ins, a, env, src, mask_var), False
+
+
+def _torch_expr(n, ins, a, env, src, mask_var) -> str:
     if n.op == "slice":
         d = n.attrs["dim"] + (1 if n.batched else 0)
         return f"{a[0]}.narrow({d}, {n.attrs['start']}, {n.attrs['stop'] - n.attrs['start']})"
@@ -93,6 +112,36 @@ def _anchor(env, ins) -> str:
     return "None"
 
 
+def _pack_weight(w, rows: int):
+    """On the CPU, a float32 weight reordered once per call for MKL's packed GEMM (the per-step
+    product then runs about 20% faster, as oneDNN's own LSTM does); None where that is unavailable."""
+    import torch
+    mkl = getattr(torch.ops, "mkl", None)
+    if w.device.type != "cpu" or w.dtype != torch.float32 or rows <= 0 or w.requires_grad and torch.is_grad_enabled():
+        return None
+    try:
+        w = w.contiguous()
+        return w, mkl._mkl_reorder_linear_weight(w, rows)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _packed_linear(x, w, packed, addend=None, out=None):
+    """x @ w.T (+ addend), through the packed weight when there is one."""
+    import torch
+    if packed is None:
+        if addend is None:
+            return torch.mm(x, w.t(), out=out) if out is not None else torch.mm(x, w.t())
+        return torch.addmm(addend, x, w.t(), out=out) if out is not None else torch.addmm(addend, x, w.t())
+    y = torch.ops.mkl._mkl_linear(x, packed[1], packed[0], None, x.shape[0])
+    if addend is not None:
+        y.add_(addend)
+    if out is not None:
+        out.copy_(y)
+        return out
+    return y
+
+
 def _const_tensor(value: float, like):
     import torch
     if like is None:
@@ -103,7 +152,7 @@ def _const_tensor(value: float, like):
 
 
 def emit_nodes(src: Source, nodes: list[Node], env: dict[int, str], live: set[int],
-               mask_var: str | None = None) -> None:
+               mask_var: str | None = None, stores: list | None = None, packed: dict | None = None) -> None:
     """Emit `nodes` in order; fold add(linear(x, W), b) into one F.linear when the product is not needed alone."""
     uses: dict[int, int] = {}
     for n in nodes:
@@ -114,7 +163,7 @@ def emit_nodes(src: Source, nodes: list[Node], env: dict[int, str], live: set[in
     def lone_product(x: Node) -> bool:  # a matrix product used only by this add
         return x.op == "linear" and x.id in ids and uses.get(x.id) == 1 and x.id not in live \
             and not x.inputs[1].batched
-    folded: dict[int, str] = {}  # add node id -> the fused expression
+    folded: dict[int, tuple] = {}  # add node id -> (x, W, addend) of x @ W.T + addend
     skip: set[int] = set()
     for n in nodes:
         if n.op != "add":
@@ -123,20 +172,46 @@ def emit_nodes(src: Source, nodes: list[Node], env: dict[int, str], live: set[in
         for prod, other in ((a, b), (b, a)):
             if not lone_product(prod) or other.op == "const":
                 continue
-            x, w = prod.inputs
-            if not other.batched and other.shape == n.shape[-1:] and prod is a:
-                folded[n.id] = f"F.linear({_arg(x, env)}, {_arg(w, env)}, {_arg(other, env)})"
-            elif other.batched and other.shape == n.shape and len(n.shape) == 1:
-                folded[n.id] = f"torch.addmm({_arg(other, env)}, {_arg(x, env)}, {_arg(w, env)}.t())"
-            else:
-                continue
-            skip.add(prod.id)
-            break
+            bias = not other.batched and other.shape == n.shape[-1:] and prod is a
+            acc = other.batched and other.shape == n.shape and len(n.shape) == 1
+            if bias or acc:
+                folded[n.id] = (*prod.inputs, other)
+                skip.add(prod.id)
+                break
+    targets = {}
+    for st in stores or ():
+        if st.mode == "plain" and st.target and not st.done and st.node.id not in targets:
+            targets[st.node.id] = st
     for n in nodes:
         if n.id in skip:
             continue
-        out = env.get(n.id, _v(n))
-        src.emit(f"{out} = {folded.get(n.id) or torch_expr(n, env, src, mask_var)}", n)
+        var = env.get(n.id, _v(n))
+        st = targets.get(n.id)
+        out = st.target if st is not None else None
+        rows = n.op in ("add", "linear") and len(n.shape) == 1 and n.batched
+        if n.id in folded and packed and folded[n.id][1].id in packed:
+            x, w, addend = folded[n.id]
+            o = f", out={out}" if out else ""
+            expr, wrote = (f"_packed_linear({_arg(x, env)}, {_arg(w, env)}, {packed[w.id]}, "
+                           f"{_arg(addend, env)}{o})", bool(out))
+        elif n.op == "linear" and rows and packed and n.inputs[1].id in packed:
+            x, w = n.inputs
+            o = f", out={out}" if out else ""
+            expr, wrote = f"_packed_linear({_arg(x, env)}, {_arg(w, env)}, {packed[w.id]}{o})", bool(out)
+        elif n.id in folded:
+            x, w, addend = folded[n.id]
+            if len(x.shape) == 1 and x.batched:  # rows: one addmm, written in place when stored
+                o = f", out={out}" if out else ""
+                expr, wrote = f"torch.addmm({_arg(addend, env)}, {_arg(x, env)}, {_arg(w, env)}.t(){o})", bool(out)
+            else:
+                expr, wrote = f"F.linear({_arg(x, env)}, {_arg(w, env)}, {_arg(addend, env)})", False
+        else:
+            expr, wrote = torch_expr(n, env, src, mask_var, out)
+        src.emit(f"{var} = {expr}", n)
+        if wrote:
+            st.done = True
+            if st.result is not None:
+                src.emit(f"{st.result} = {var}")
 
 
 RegionCall = Callable[[Source, object, dict, "str | None", set, list], bool]
@@ -157,14 +232,14 @@ class Store:
 
 
 def emit_stages(src: Source, stages, env, live, mask_var, region_call: RegionCall | None,
-                stores: list[Store] = ()) -> None:
+                stores: list[Store] = (), packed: dict | None = None) -> None:
     if region_call is None:  # one straight line: products may fold into the adds of later stages
-        emit_nodes(src, [n for s in stages for n in s.nodes], env, live, mask_var)
+        emit_nodes(src, [n for s in stages for n in s.nodes], env, live, mask_var, stores, packed)
     else:
         for s in stages:
             if s.kind == "fused" and region_call(src, s, env, mask_var, live, stores):
                 continue
-            emit_nodes(src, s.nodes, env, live | {o.id for o in s.outputs}, mask_var)
+            emit_nodes(src, s.nodes, env, live | {o.id for o in s.outputs}, mask_var, stores, packed)
     for st in stores:
         if not st.done:
             emit_store(src, st, env)
@@ -178,13 +253,26 @@ def emit_store(src: Source, st: Store, env) -> None:
     elif st.mode == "zero":
         src.emit(f"{st.target} = torch.where({m}, {v}, 0.0)")
     else:
-        value = f"torch.where({m}, {v}, {env.get(st.prev.id, _v(st.prev))})"
+        prev = env.get(st.prev.id, _v(st.prev))
         if st.target is None:
-            src.emit(f"{st.result} = {value}")
+            src.emit(f"{st.result} = torch.where({m}, {v}, {prev})")
             return
-        src.emit(f"{st.target} = {value}")
+        src.emit(f"torch.where({m}, {v}, {prev}, out={st.target})")
     if st.result is not None:
         src.emit(f"{st.result} = {st.target}")
+
+
+def emit_weight_packing(src: Source, stages) -> dict[int, str]:
+    """Before a loop: pack each per-step GEMM's weight once (see _pack_weight)."""
+    packed: dict[int, str] = {}
+    for s in stages:
+        for n in s.nodes:
+            if s.kind == "gemm" and n.op == "linear" and n.batched and len(n.inputs[0].shape) == 1 \
+                    and n.inputs[1].id not in packed:
+                w = n.inputs[1]
+                packed[w.id] = f"p{w.id}"
+                src.emit(f"p{w.id} = _pack(v{w.id}, B)  # packed weight of %{n.id}")
+    return packed
 
 
 def _shape_tuple(n: Node, lead: str) -> str:
@@ -215,6 +303,8 @@ def generate(plan: Plan, name: str = "cell", region_call: RegionCall | None = No
         src.emit("")
         _emit_backward(src, plan, bwd, masked, region_call)
     src.globals["_c"] = _const_tensor
+    src.globals["_pack"] = _pack_weight
+    src.globals["_packed_linear"] = _packed_linear
     return src
 
 
@@ -247,7 +337,7 @@ def _emit_prologue(src: Source, plan: Plan) -> None:
             src.emit(f"{_v(nz)} = {_v(nz)}.expand({_shape_tuple(nz, 'B')})", nz)
     env: dict[int, str] = {}
     for n in plan.invariant:
-        src.emit(f"{_v(n)} = {torch_expr(n, env, src)}", n)
+        src.emit(f"{_v(n)} = {torch_expr(n, env, src)[0]}", n)
     for n in plan.hoisted:
         for i in n.inputs:
             if i.batched and plan.cls[i.id] == "invariant" and i.id not in rows:
@@ -297,6 +387,7 @@ def _emit_forward(src: Source, plan: Plan, region_call) -> None:
     src.emit("pass")
     src.indent -= 1
     _bind_reads(src, plan, None)
+    packed = emit_weight_packing(src, plan.stages) if region_call is None else {}
     results = {r.id for r in step.results}
     for masked in (False, True):
         for save in (True, False):
@@ -321,7 +412,7 @@ def _emit_forward(src: Source, plan: Plan, region_call) -> None:
                 if save:
                     stores += [Store(n, f"sv{k}[t]") for k, n in enumerate(bwd_saved)]
                 live = results | ({n.id for n in bwd_saved} if save else set())
-                emit_stages(src, plan.stages, {}, live, "m" if masked else None, region_call, stores)
+                emit_stages(src, plan.stages, {}, live, "m" if masked else None, region_call, stores, packed)
                 if not (save or masked):
                     for j, (p, q) in enumerate(step.states):
                         src.emit(f"s{j} = {_v(q)}")
@@ -397,6 +488,7 @@ def _emit_backward(src: Source, plan: Plan, bwd: BackwardPlan, masked: bool, reg
     src.emit(f"B = {ref}.shape[1]")
     _bind_reads(src, plan, None)
     emit_nodes(src, bwd.pre, {}, {i.id for n in bwd.loop + bwd.post for i in n.inputs})
+    packed = emit_weight_packing(src, bwd.stages) if region_call is None else {}
     saved_index = {n.id: k for k, n in enumerate(saved_all)}
     prev_index = {p.id: j for j, (p, _) in enumerate(step.states)}
     read_index = {r.id: k for k, r in enumerate(plan.reads)}
@@ -444,7 +536,7 @@ def _emit_backward(src: Source, plan: Plan, bwd: BackwardPlan, masked: bool, reg
         live = {n.id for n in new_stash} | used
         stores = [Store(g, f"dr{k}[t]") for k, g in hoisted_grads]
         stores += [Store(n, f"st{k}[t]") for k, n in enumerate(new_stash)]
-        emit_stages(src, bwd.stages, {}, live, "m" if masked else None, region_call, stores)
+        emit_stages(src, bwd.stages, {}, live, "m" if masked else None, region_call, stores, packed)
         for k, g in accum:
             src.emit(f"dr{k} += {_v(g)}")
         for j, g in enumerate(d.grad_prev):
