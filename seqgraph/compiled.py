@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import cuda_graphs
+from . import cuda_graphs, custom_ops
 from .cell import Cell
 from .compiler.codegen_torch import generate
 from .compiler.pipeline import compile_plan, debug_level
@@ -38,6 +38,8 @@ class Program:
     backend: str
     compile_seconds: float
     graphed: dict = field(default_factory=dict)  # loop name -> cuda_graphs.GraphedLoop
+    key: tuple = ()
+    loop_op: object = None  # the loops as one torch.library op, for torch.compile (custom_ops.py)
 
 
 _CACHE: dict[tuple, Program] = {}
@@ -69,9 +71,10 @@ def get_program(cell: Cell, backend: str, unroll: int = 1) -> Program:
                if name.startswith("_kernel")]
     if kernels:
         text += "\n\n# ======== generated Triton kernels ========\n" + "\n".join(kernels)
-    prog = Program(plan, text, namespace, backend, time.perf_counter() - t0)
+    prog = Program(plan, text, namespace, backend, time.perf_counter() - t0, key=key)
     if debug_level() >= 3:
         print(f"[seqgraph] generated source ({backend}):\n{text}", file=sys.stderr)
+    prog.loop_op = custom_ops.loop_op(prog, key)  # registered now: never while being traced
     STATS["compiles"] += 1
     _CACHE[key] = prog
     return prog
@@ -155,6 +158,10 @@ class CompiledRecurrence(Recurrence):
         reads = fns["prologue"](T, B, list(xs), list(contexts), list(noises), params)
         need_grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in list(reads) + list(states0) if isinstance(t, torch.Tensor))
+        if torch.compiler.is_compiling():  # one opaque op for the whole loop (see custom_ops.py)
+            res = program.loop_op(list(reads), list(states0), valid, T, B, need_grad)
+            n, ns = len(step.outputs), len(step.states)
+            return list(res[:n]), list(res[n:n + ns])
         if not need_grad:
             outs, finals, _ = _loop(program, "forward", device)(T, B, valid, reads, list(states0), False)
             return outs, finals

@@ -1,0 +1,116 @@
+"""The compiled loops as `torch.library` custom ops, so torch.compile can trace around them.
+
+When a model holding a compiled seqgraph module is itself run under `torch.compile`, the
+generated Python loops would be unrolled (or broken) by the tracer. Instead, each compiled
+program registers two opaque ops, `seqgraph::loop_<key>` (the forward loop) and
+`seqgraph::loop_<key>_backward`, with fake implementations that give output shapes from the
+plan, and an autograd rule that calls the backward op. The tracer then sees one node for the
+whole time loop, and nothing breaks the graph. Eager execution keeps the autograd Function in
+compiled.py; this module only registers and calls the ops.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Optional
+
+import torch
+
+_REGISTERED: dict[str, object] = {}
+
+
+def _shapes(plan, T, B, save: bool):
+    step = plan.step
+    outs = [(T, B) + o.shape for o in step.outputs]
+    finals = [(B,) + p.shape for p, _ in step.states]
+    if not save:
+        return outs + finals
+    saved = [(T, B) + n.shape for n in _saved_nodes(plan)]
+    seqs = [(T + 1, B) + p.shape for p, _ in step.states]
+    return outs + finals + saved + seqs
+
+
+def _saved_nodes(plan):
+    from .compiler.codegen_torch import _all_saved
+    return _all_saved(plan)
+
+
+def loop_op(program, key: tuple):
+    """The forward custom op of `program` (registered on first use)."""
+    name = "loop_" + hashlib.sha1(repr(key).encode()).hexdigest()[:16]
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    plan = program.plan
+    step = plan.step
+    n_out, n_state = len(step.outputs), len(step.states)
+    n_saved = len(_saved_nodes(plan))
+    read_has_grad = [r.id in _grad_reads(plan) for r in plan.reads]
+
+    @torch.library.custom_op(f"seqgraph::{name}", mutates_args=())
+    def forward(reads: list[torch.Tensor], states: list[torch.Tensor], mask: Optional[torch.Tensor],
+                T: int, B: int, save: bool) -> list[torch.Tensor]:
+        from .compiled import _loop
+        device = (states or reads)[0].device
+        outs, finals, rest = _loop(program, "forward", device)(T, B, mask, list(reads), list(states), save)
+        result = list(outs) + [f.clone() for f in finals]  # finals may view the state sequence
+        if save:
+            saved, seqs = rest
+            result += list(saved) + list(seqs)
+        return result
+
+    @forward.register_fake
+    def _(reads, states, mask, T, B, save):
+        ref = states[0] if states else next(r for r in reads if r.is_floating_point())
+        return [ref.new_empty(s) for s in _shapes(plan, T, B, save)]
+
+    @torch.library.custom_op(f"seqgraph::{name}_backward", mutates_args=())
+    def backward_op(reads: list[torch.Tensor], saved: list[torch.Tensor], seqs: list[torch.Tensor],
+                    mask: Optional[torch.Tensor], grad_outs: list[torch.Tensor], grad_finals: list[torch.Tensor],
+                    T: int) -> list[torch.Tensor]:
+        from .compiled import _loop
+        fn_name = "backward_masked" if mask is not None else "backward_plain"
+        device = (seqs or grad_outs)[0].device
+        dreads, dstates = _loop(program, fn_name, device)(T, mask, list(reads), list(saved), list(seqs),
+                                                           [g.contiguous() for g in grad_outs],
+                                                           [g.contiguous() for g in grad_finals])
+        kept = [g.contiguous() for g, keep in zip(dreads, read_has_grad) if keep]
+        return kept + [g.clone() for g in dstates]
+
+    @backward_op.register_fake
+    def _(reads, saved, seqs, mask, grad_outs, grad_finals, T):
+        kept = [r.new_empty(r.shape) for r, keep in zip(reads, read_has_grad) if keep]
+        return kept + [g.new_empty(g.shape) for g in grad_finals]
+
+    def setup_context(ctx, inputs, output):
+        reads, states, mask, T, B, save = inputs
+        if not save:
+            raise RuntimeError("seqgraph: a loop run without saving cannot be differentiated")
+        saved = output[n_out + n_state:n_out + n_state + n_saved]
+        seqs = output[n_out + n_state + n_saved:]
+        ctx.counts = (len(reads), len(saved))
+        ctx.T, ctx.has_mask = T, mask is not None
+        ctx.save_for_backward(*reads, *saved, *seqs, *([mask] if mask is not None else []))
+        ctx.like = [o for o in output[:n_out + n_state]]
+
+    def backward(ctx, grads):
+        tensors = list(ctx.saved_tensors)
+        nr, ns = ctx.counts
+        reads, saved = tensors[:nr], tensors[nr:nr + ns]
+        seqs = tensors[nr + ns:nr + ns + n_state]
+        mask = tensors[-1] if ctx.has_mask else None
+        firsts = [g if g is not None else torch.zeros_like(like) for g, like in zip(grads[:n_out + n_state], ctx.like)]
+        res = backward_op(reads, saved, seqs, mask, firsts[:n_out], firsts[n_out:], ctx.T)
+        it = iter(res[:sum(read_has_grad)])
+        dreads = [next(it) if keep else None for keep in read_has_grad]
+        return dreads, list(res[sum(read_has_grad):]), None, None, None, None
+
+    forward.register_autograd(backward, setup_context=setup_context)
+    _REGISTERED[name] = forward
+    return forward
+
+
+def _grad_reads(plan) -> set[int]:
+    """Ids of the reads whose gradient the (masked) backward computes (both variants agree)."""
+    try:
+        return set(plan.backward_plan(True).deriv.grad_of)
+    except NotImplementedError:
+        return set()
