@@ -13,6 +13,7 @@ device. Must not change what a model computes.
 from __future__ import annotations
 
 import builtins
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -142,14 +143,16 @@ class CompiledRecurrence(Recurrence):
     def _repr_svg_(self):  # Jupyter shows the compiled plan inline
         return self.plan().to_dot().pipe(format="svg").decode()
 
-    def _program_for(self, dtype: torch.dtype) -> Program:
-        # Triton kernels compute in float32; float64 runs the torch backend's code instead
-        if self.backend == "triton" and dtype == torch.float64:
+    def _program_for(self, dtype: torch.dtype, device: torch.device) -> Program:
+        # Triton kernels compute in float32 and need CUDA (or Triton's CPU interpreter): float64,
+        # or CPU tensors without the interpreter, run the torch backend's code instead
+        if self.backend == "triton" and (dtype == torch.float64 or (
+                device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))):
             return get_program(self.cell, "torch", self.unroll)
         return self._program
 
     def _run_sequence(self, xs, states0, contexts, noises, valid, dtype, device):
-        program = self._program_for(dtype)
+        program = self._program_for(dtype, device)
         fns = program.fns
         T, B = xs[0].shape[0], xs[0].shape[1]
         params = list(self.param_tensors().values())

@@ -2,6 +2,13 @@ import os
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# In CI, property tests draw the same examples every run (a red CI is then reproducible);
+# on a developer's machine they explore new ones.
+settings.register_profile("ci", derandomize=True, deadline=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 # Triton kernels run on the CPU through Triton's interpreter unless a GPU is present
 # (torch does not import triton, so setting this after importing torch is in time).

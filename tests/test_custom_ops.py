@@ -24,8 +24,9 @@ def _grads(model, x, **kw):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_whole_graph_compiles_without_breaks_and_matches_eager(backend):
     torch.manual_seed(0)
-    model = _Model(backend)
-    x = torch.randn(6, 4, 3, requires_grad=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = _Model(backend).to(device)
+    x = torch.randn(6, 4, 3, device=device, requires_grad=True)
     expected = _grads(model, x)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     for a, b in zip(_grads(compiled, x), expected):

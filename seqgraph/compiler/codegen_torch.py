@@ -67,6 +67,8 @@ def torch_expr(n: Node, env: dict[int, str], src: Source, mask_var: str | None =
         return f"({a[0]} {_ARITH[n.op]} {a[1]})", False
     if n.op == "neg":
         return f"torch.neg({a[0]}{o})", bool(out)
+    if n.op == "relu" and out:  # torch.relu takes no out=
+        return f"torch.clamp_min({a[0]}, 0.0{o})", True
     if n.op in _UNARY:
         return f"{_UNARY[n.op]}({a[0]}{o})", bool(out)
     if n.op == "select" and mask_var is not None and ins[0].name == "mask" and ins[0].op == "input" and plain:
