@@ -213,3 +213,33 @@ def test_gradient_at_a_tie_of_maximum_splits_like_the_reference():
     g2, = torch.autograd.grad(comp(x, {"h": h0})[0].sum(), h0)
     torch.testing.assert_close(g2, g1)
     assert torch.equal(g1, torch.full((1, 2), 0.5, dtype=torch.float64))
+
+
+def _layer_grads(module, x, lengths):
+    out, _ = module(x, lengths=lengths)
+    return [out] + list(torch.autograd.grad((out * out).sum(), [x] + list(module.parameters())))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: sg.stack(sg.cells.lstm, 3, [4, 5]),
+    lambda: sg.Bidirectional(sg.Recurrence(sg.cells.gru(3, 4))),
+])
+def test_compiling_a_container_swaps_its_recurrences_and_keeps_results(make):
+    import copy
+    torch.manual_seed(0)
+    ref = make().double()
+    comp = sg.compile(copy.deepcopy(ref), backend="torch")
+    assert any(isinstance(m, sg.CompiledRecurrence) for m in comp.modules())
+    x = torch.randn(5, 3, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([5, 2, 0])
+    for a, b in zip(_layer_grads(ref, x, lengths), _layer_grads(comp, x, lengths)):
+        torch.testing.assert_close(b, a)
+
+
+def test_debug_levels_print_passes_ir_and_generated_source(monkeypatch, capsys):
+    from seqgraph.compiled import clear_cache
+    for level, words in [("1", "pass fuse_gate_matmuls:"), ("2", "IR after simplify"), ("3", "generated source (torch)")]:
+        monkeypatch.setenv("SEQGRAPH_DEBUG", level)
+        clear_cache()
+        sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="torch")
+        assert words in capsys.readouterr().err
