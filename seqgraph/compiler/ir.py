@@ -78,14 +78,15 @@ class Node:
 LEAF_OPS = frozenset({"input", "state", "context", "param", "const", "noise"})
 
 
-def topo_order(outputs: Iterable[Node]) -> list[Node]:
-    """All nodes that `outputs` depend on, each after its inputs (deterministic order)."""
+def topo_order(outputs: Iterable[Node], stop: set[int] = frozenset()) -> list[Node]:
+    """All nodes that `outputs` depend on, each after its inputs (deterministic order). The walk
+    does not go through the nodes whose ids are in `stop` (they are listed, as leaves)."""
     order: list[Node] = []
     seen: set[int] = set()
     for root in outputs:
         if root.id in seen:
             continue
-        stack = [(root, iter(root.inputs))]
+        stack = [(root, iter(() if root.id in stop else root.inputs))]
         seen.add(root.id)
         while stack:
             node, it = stack[-1]
@@ -95,7 +96,7 @@ def topo_order(outputs: Iterable[Node]) -> list[Node]:
                 order.append(node)
             elif child.id not in seen:
                 seen.add(child.id)
-                stack.append((child, iter(child.inputs)))
+                stack.append((child, iter(() if child.id in stop else child.inputs)))
     return order
 
 

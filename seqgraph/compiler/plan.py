@@ -97,28 +97,6 @@ def derivative_nodes_roots(d: StepDerivative) -> list[Node]:
     return [g for g in d.grad_prev if g is not None] + list(d.grad_of.values())
 
 
-def topo_order_until(roots: list[Node], stop: set[int]) -> list[Node]:
-    """Nodes reachable from `roots` without walking through the nodes in `stop` (which are
-    still listed, as leaves of the walk)."""
-    order: list[Node] = []
-    seen: set[int] = set()
-    for root in roots:
-        if root.id in seen:
-            continue
-        seen.add(root.id)
-        stack = [(root, iter(() if root.id in stop else root.inputs))]
-        while stack:
-            node, it = stack[-1]
-            child = next(it, None)
-            if child is None:
-                stack.pop()
-                order.append(node)
-            elif child.id not in seen:
-                seen.add(child.id)
-                stack.append((child, iter(() if child.id in stop else child.inputs)))
-    return order
-
-
 def _plan_backward(plan: Plan, masked: bool) -> BackwardPlan:
     step = plan.step
     float_reads = [r for r in plan.reads if r.dtype == "float"]
@@ -127,7 +105,7 @@ def _plan_backward(plan: Plan, masked: bool) -> BackwardPlan:
     read_ids = {r.id for r in plan.reads}
     prev_ids = {p.id for p, _ in step.states}
     # the derivative's own nodes; forward values, reads and leaves are bound, never recomputed
-    nodes = topo_order_until(derivative_nodes_roots(deriv), loop_ids | read_ids | prev_ids | deriv.leaves)
+    nodes = topo_order(derivative_nodes_roots(deriv), stop=loop_ids | read_ids | prev_ids | deriv.leaves)
     # where each derivative node runs: "fwd" (a forward value), "inv" (invariant), "step", "post"
     where: dict[int, str] = {}
     for n in nodes:
