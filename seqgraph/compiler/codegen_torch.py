@@ -67,6 +67,9 @@ def torch_expr(n: Node, env: dict[int, str], src: Source, mask_var: str | None =
         return f"({a[0]} {_ARITH[n.op]} {a[1]})", False
     if n.op == "neg":
         return f"torch.neg({a[0]}{o})", bool(out)
+    if n.op in ("sigmoid_grad", "tanh_grad") and plain and ins[0].shape == ins[1].shape \
+            and ins[0].batched == ins[1].batched:
+        return f"torch.ops.aten.{n.op[:-5]}_backward({a[0]}, {a[1]})", False
     if n.op == "relu" and out:  # torch.relu takes no out=
         return f"torch.clamp_min({a[0]}, 0.0{o})", True
     if n.op in _UNARY:

@@ -290,10 +290,28 @@ register("select", kind="elementwise", shape=_select_shape,
 
 
 _unary("neg", torch.neg, lambda n, g: (neg(g),), lambda n, a: f"(-{a})")
-_unary("sigmoid", torch.sigmoid, lambda n, g: (mul(g, mul(n, sub(1.0, n))),),
+_unary("sigmoid", torch.sigmoid, lambda n, g: (make("sigmoid_grad", (g, n)),),
        lambda n, a: f"tl.sigmoid({a})")
-_unary("tanh", torch.tanh, lambda n, g: (mul(g, sub(1.0, mul(n, n))),),
+_unary("tanh", torch.tanh, lambda n, g: (make("tanh_grad", (g, n)),),
        lambda n, a: f"(2.0 * tl.sigmoid(2.0 * {a}) - 1.0)")
+
+
+def _sigmoid_grad_composite(g, y):
+    return mul(g, mul(y, sub(1.0, y)))
+
+
+def _tanh_grad_composite(g, y):
+    return mul(g, sub(1.0, mul(y, y)))
+
+
+# The derivatives of sigmoid and tanh from their outputs, each one op (torch has a kernel for
+# each), so a backward step issues one call where the spelled-out form would issue three.
+_binary("sigmoid_grad", lambda g, y: torch.ops.aten.sigmoid_backward(*torch.broadcast_tensors(g, y)),
+        lambda n, g: composite_vjp(_sigmoid_grad_composite(*n.inputs), n.inputs, g),
+        lambda n, g, y: f"({g} * {y} * (1.0 - {y}))", doc="g * y * (1 - y): sigmoid's derivative given y")
+_binary("tanh_grad", lambda g, y: torch.ops.aten.tanh_backward(*torch.broadcast_tensors(g, y)),
+        lambda n, g: composite_vjp(_tanh_grad_composite(*n.inputs), n.inputs, g),
+        lambda n, g, y: f"({g} * (1.0 - {y} * {y}))", doc="g * (1 - y^2): tanh's derivative given y")
 _unary("relu", torch.relu, lambda n, g: (mul(g, make("gt", (n.inputs[0], const(0.0)))),),
        lambda n, a: f"tl.maximum({a}, 0.0)")
 _unary("exp", torch.exp, lambda n, g: (mul(g, n),), lambda n, a: f"tl.exp({a})")

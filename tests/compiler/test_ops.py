@@ -215,6 +215,8 @@ CASES: dict[str, list[Case]] = {
                    Case([X(2, 5)], {"eps": 0.1},
                         ref=lambda a: (a - a.mean(-1, keepdim=True))
                         / torch.sqrt(a.var(-1, unbiased=False, keepdim=True) + 0.1), id="matrix_big_eps")],
+    "sigmoid_grad": _binary(lambda g, y: g * y * (1 - y)),
+    "tanh_grad": _binary(lambda g, y: g * (1 - y * y)),
     "layer_norm_grad": [Case([X(6), X(6)], {"eps": 1e-5}, ref=_layer_norm_grad_ref(1e-5)),
                         Case([X(2, 5), X(2, 5)], {"eps": 0.1}, ref=_layer_norm_grad_ref(0.1), id="matrix_big_eps")],
     "sum_to": [Case([X(3, 4)], {"shape": (4,), "batched": True}, ref=lambda a: a.sum(1), id="lead"),
