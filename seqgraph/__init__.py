@@ -10,7 +10,7 @@ The public API is re-exported here; internals are free to move.
 from .errors import GraphError, InputError, ShapeError, WiringError
 from .dsl import (CAdd, CMul, Concat, Context, Dropout, Embedding, Identity, Input, LayerNorm, Linear, Module,
                   Noise, Parameter, ReLU, Sigmoid, State, Tanh, abs, chunk, concat, dropout, exp, layer_norm, log,
-                  matmul, maximum, mean, minimum, narrow, relu, reshape, sigmoid, softmax, split, sqrt, squeeze,
+                  matmul, maximum, mean, minimum, narrow, relu, reshape, sigmoid, softmax, split, sqrt, squeeze, stop_gradient,
                   sum, tanh, transpose, unsqueeze, where_mask)
 from .cell import Cell, Graph
 from .recurrence import Recurrence

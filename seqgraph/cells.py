@@ -247,6 +247,7 @@ def mufuru(input_size: int, hidden_size: int, ops: Sequence[str] = MUFURU_OPS) -
     top = logits[0]
     for q in logits[1:]:
         top = sg.maximum(top, q)
+    top = sg.stop_gradient(top)  # the softmax is shift-invariant: the shift's gradient is zero
     e = [sg.exp(q - top) for q in logits]
     total = e[0]
     for q in e[1:]:

@@ -116,6 +116,12 @@ sigmoid, tanh, relu, exp, log, sqrt = (_unary(o) for o in ("sigmoid", "tanh", "r
 abs = _unary("abs")  # noqa: A001 - mirrors torch.abs
 
 
+def stop_gradient(a, name: str | None = None) -> Node:
+    """The value of `a`, through which no gradient flows (torch's detach); e.g. the shift of a
+    numerically stable softmax, whose gradient is zero anyway."""
+    return make("stop_gradient", (_node(a, "stop_gradient"),), name=name)
+
+
 def maximum(a, b, name: str | None = None) -> Node:
     return make("maximum", (_node(a, "maximum"), _node(b, "maximum")), name=name)
 

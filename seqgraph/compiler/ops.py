@@ -290,6 +290,8 @@ register("select", kind="elementwise", shape=_select_shape,
 
 
 _unary("neg", torch.neg, lambda n, g: (neg(g),), lambda n, a: f"(-{a})")
+_unary("stop_gradient", torch.Tensor.detach, lambda n, g: (None,), lambda n, a: a,
+       doc="the value itself, with no gradient flowing back through it (torch's detach)")
 _unary("sigmoid", torch.sigmoid, lambda n, g: (make("sigmoid_grad", (g, n)),),
        lambda n, a: f"tl.sigmoid({a})")
 _unary("tanh", torch.tanh, lambda n, g: (make("tanh_grad", (g, n)),),

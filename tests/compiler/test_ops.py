@@ -215,6 +215,7 @@ CASES: dict[str, list[Case]] = {
                    Case([X(2, 5)], {"eps": 0.1},
                         ref=lambda a: (a - a.mean(-1, keepdim=True))
                         / torch.sqrt(a.var(-1, unbiased=False, keepdim=True) + 0.1), id="matrix_big_eps")],
+    "stop_gradient": [Case([X(4)], ref=lambda a: a.detach(), smooth=False)],
     "sigmoid_grad": _binary(lambda g, y: g * y * (1 - y)),
     "tanh_grad": _binary(lambda g, y: g * (1 - y * y)),
     "layer_norm_grad": [Case([X(6), X(6)], {"eps": 1e-5}, ref=_layer_norm_grad_ref(1e-5)),
