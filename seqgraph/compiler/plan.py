@@ -72,9 +72,24 @@ class Plan:
         return plan_dot(self)
 
 
+def _slices_into_loop(order: list[Node], cls: dict[int, str], results: set[int]) -> None:
+    """A hoisted slice read only inside the loop (a gate's piece of the input projection) is
+    taken inside the loop instead: the loop then reads one (T, B, W) tensor, not one per piece,
+    and its gradient is one tensor too (not a zero-filled copy per piece)."""
+    users: dict[int, list[Node]] = {}
+    for n in order:
+        for i in n.inputs:
+            users.setdefault(i.id, []).append(n)
+    for n in reversed(order):
+        if n.op == "slice" and cls[n.id] == "hoisted" and n.batched and \
+                all(cls[u.id] == "step" for u in users.get(n.id, [])) and (users.get(n.id) or n.id in results):
+            cls[n.id] = "step"
+
+
 def build_plan(step: StepGraph, unroll: int = 1) -> Plan:
     order = step.order()
     cls = classify(order)
+    _slices_into_loop(order, cls, {r.id for r in step.results})
     loop = [n for n in order if cls[n.id] == "step" and n.inputs]
     in_loop_reads: dict[int, Node] = {}
     for n in loop:
