@@ -161,6 +161,9 @@ class CompiledRecurrence(Recurrence):
         reads = fns["prologue"](T, B, list(xs), list(contexts), list(noises), params)
         need_grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in list(reads) + list(states0) if isinstance(t, torch.Tensor))
+        if need_grad and not program.plan.backward_ok(valid is not None):
+            # the plan could not derive this backward: run the reference loop under autograd
+            return Recurrence._run_sequence(self, xs, states0, contexts, noises, valid, dtype, device)
         if torch.compiler.is_compiling():  # one opaque op for the whole loop (see custom_ops.py)
             res = program.loop_op(list(reads), list(states0), valid, T, B, need_grad)
             n, ns = len(step.outputs), len(step.states)

@@ -49,7 +49,8 @@ def compile_plan(cell, unroll: int = 1) -> Plan:
         try:
             plan.backward_plan(masked)
         except NotImplementedError as e:
-            step.notes.append(f"backward ({'masked' if masked else 'plain'}) falls back to autograd: {e}")
+            step.notes.append(f"backward ({'masked' if masked else 'plain'}) falls back to autograd over the "
+                              f"reference loop: {e}")
     if level >= 1:
         print(f"[seqgraph] plan and derivative: {1e3 * (time.perf_counter() - t0):.2f} ms", file=sys.stderr)
     return plan

@@ -45,6 +45,14 @@ class Plan:
     backward: dict[bool, BackwardPlan] = field(default_factory=dict)  # keyed by "masked"
     unroll: int = 1
 
+    def backward_ok(self, masked: bool) -> bool:
+        """Whether the symbolic backward exists (else autograd runs the reference loop)."""
+        try:
+            self.backward_plan(masked)
+            return True
+        except NotImplementedError:
+            return False
+
     def backward_plan(self, masked: bool) -> BackwardPlan:
         if masked not in self.backward:
             self.backward[masked] = _plan_backward(self, masked)

@@ -243,3 +243,15 @@ def test_debug_levels_print_passes_ir_and_generated_source(monkeypatch, capsys):
         clear_cache()
         sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="torch")
         assert words in capsys.readouterr().err
+
+
+def test_a_backward_the_plan_cannot_derive_falls_back_to_autograd_over_the_reference(monkeypatch):
+    from seqgraph.compiler import plan as plan_module
+    from seqgraph.compiled import clear_cache
+    monkeypatch.setattr(plan_module, "_REDUCERS", set())  # pretend no weight gradient can be reduced
+    clear_cache()
+    rec = sg.Recurrence(ZOO["gru_reset_after"]()).double()
+    comp = sg.compile(rec)
+    assert "falls back to autograd" in comp.plan().describe()
+    _compare(rec, comp, lengths=torch.tensor([5, 2, 0]))
+    clear_cache()
