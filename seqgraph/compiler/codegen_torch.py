@@ -183,6 +183,19 @@ def emit_nodes(src: Source, nodes: list[Node], env: dict[int, str], live: set[in
                 folded[n.id] = (*prod.inputs, other)
                 skip.add(prod.id)
                 break
+    # layer_norm(x) * w + b, with w and b vectors, is one F.layer_norm(x, ..., w, b)
+    affine: dict[int, tuple] = {}
+    for n in nodes:
+        if n.op != "add" or n.id in folded or len(n.shape) != 1:
+            continue
+        m, b = n.inputs
+        if m.op != "mul" or m.id not in ids or uses.get(m.id) != 1 or m.id in live:
+            continue
+        y, w = m.inputs
+        if y.op == "layer_norm" and y.id in ids and uses.get(y.id) == 1 and y.id not in live and \
+                all(not v.batched and v.shape == n.shape for v in (w, b)):
+            affine[n.id] = (y.inputs[0], w, b, y.attrs["eps"])
+            skip.update((m.id, y.id))
     targets = {}
     for st in stores or ():
         if st.mode == "plain" and st.target and not st.done and st.node.id not in targets:
@@ -194,7 +207,11 @@ def emit_nodes(src: Source, nodes: list[Node], env: dict[int, str], live: set[in
         st = targets.get(n.id)
         out = st.target if st is not None else None
         rows = n.op in ("add", "linear") and len(n.shape) == 1 and n.batched
-        if n.id in folded and packed and folded[n.id][1].id in packed:
+        if n.id in affine:
+            x, w, b, eps = affine[n.id]
+            expr, wrote = (f"F.layer_norm({_arg(x, env)}, ({n.shape[0]},), {_arg(w, env)}, {_arg(b, env)}, "
+                           f"eps={eps!r})"), False
+        elif n.id in folded and packed and folded[n.id][1].id in packed:
             x, w, addend = folded[n.id]
             o = f", out={out}" if out else ""
             expr, wrote = (f"_packed_linear({_arg(x, env)}, {_arg(w, env)}, {packed[w.id]}, "
