@@ -43,7 +43,8 @@ def loop_op(program, key: tuple):
     step = plan.step
     n_out, n_state = len(step.outputs), len(step.states)
     n_saved = len(_saved_nodes(plan))
-    read_has_grad = [r.id in _grad_reads(plan) for r in plan.reads]
+    # which reads get a gradient, per backward variant (keyed by "masked")
+    has_grad = {m: [r.id in _grad_reads(plan, m) for r in plan.reads] for m in (False, True)}
 
     @torch.library.custom_op(f"seqgraph::{name}", mutates_args=())
     def forward(reads: list[torch.Tensor], states: list[torch.Tensor], mask: Optional[torch.Tensor],
@@ -72,12 +73,12 @@ def loop_op(program, key: tuple):
         dreads, dstates = _loop(program, fn_name, device)(T, mask, list(reads), list(saved), list(seqs),
                                                            [g.contiguous() for g in grad_outs],
                                                            [g.contiguous() for g in grad_finals])
-        kept = [g.contiguous() for g, keep in zip(dreads, read_has_grad) if keep]
+        kept = [g.contiguous() for g, keep in zip(dreads, has_grad[mask is not None]) if keep]
         return kept + [g.clone() for g in dstates]
 
     @backward_op.register_fake
     def _(reads, saved, seqs, mask, grad_outs, grad_finals, T):
-        kept = [r.new_empty(r.shape) for r, keep in zip(reads, read_has_grad) if keep]
+        kept = [r.new_empty(r.shape) for r, keep in zip(reads, has_grad[mask is not None]) if keep]
         return kept + [g.new_empty(g.shape) for g in grad_finals]
 
     def setup_context(ctx, inputs, output):
@@ -99,18 +100,19 @@ def loop_op(program, key: tuple):
         mask = tensors[-1] if ctx.has_mask else None
         firsts = [g if g is not None else torch.zeros_like(like) for g, like in zip(grads[:n_out + n_state], ctx.like)]
         res = backward_op(reads, saved, seqs, mask, firsts[:n_out], firsts[n_out:], ctx.T)
-        it = iter(res[:sum(read_has_grad)])
-        dreads = [next(it) if keep else None for keep in read_has_grad]
-        return dreads, list(res[sum(read_has_grad):]), None, None, None, None
+        keeps = has_grad[mask is not None]
+        it = iter(res[:sum(keeps)])
+        dreads = [next(it) if keep else None for keep in keeps]
+        return dreads, list(res[sum(keeps):]), None, None, None, None
 
     forward.register_autograd(backward, setup_context=setup_context)
     _REGISTERED[name] = forward
     return forward
 
 
-def _grad_reads(plan) -> set[int]:
-    """Ids of the reads whose gradient the (masked) backward computes (both variants agree)."""
-    try:
-        return set(plan.backward_plan(True).deriv.grad_of)
-    except NotImplementedError:
+def _grad_reads(plan, masked: bool) -> set[int]:
+    """Ids of the reads whose gradient the backward variant computes (none if it has none: the
+    compiled module then runs the reference loop instead and never calls this op's backward)."""
+    if not plan.backward_ok(masked):
         return set()
+    return set(plan.backward_plan(masked).deriv.grad_of)

@@ -555,7 +555,10 @@ def _emit_backward(src: Source, plan: Plan, bwd: BackwardPlan, masked: bool, reg
             src.emit(f"{_v(d.grad_next[j])} = gn{j}")
         for k in range(no):
             src.emit(f"{_v(d.grad_out[k])} = go{k}[t]")
-        live = {n.id for n in new_stash} | used
+        # needed after this step's code: what is stashed, the gradients it hands on, what the
+        # reductions after the loop read (in-step uses are counted by emit_nodes itself)
+        live = {n.id for n in new_stash} | {g.id for g in d.grad_prev if g is not None} \
+            | {g.id for g in d.grad_of.values()} | {i.id for n in bwd.post for i in n.inputs}
         stores = [Store(g, f"dr{k}[t]") for k, g in hoisted_grads]
         stores += [Store(n, f"st{k}[t]") for k, n in enumerate(new_stash)]
         emit_stages(src, bwd.stages, {}, live, "m" if masked else None, region_call, stores, packed)
