@@ -271,9 +271,9 @@ def emit_store(src: Source, st: Store, env) -> None:
     v = env.get(st.node.id, _v(st.node))
     m = _mask_for(st.node)
     if st.mode == "plain":
-        src.emit(f"{st.target} = {v}")
+        src.emit(f"{st.target}.copy_({v})")
     elif st.mode == "zero":
-        src.emit(f"{st.target} = torch.where({m}, {v}, 0.0)")
+        src.emit(f"{st.target}.copy_(torch.where({m}, {v}, 0.0))")
     else:
         prev = env.get(st.prev.id, _v(st.prev))
         if st.target is None:
@@ -383,7 +383,15 @@ def _bind_reads(src: Source, plan: Plan, t: str | None) -> None:
     for k, r in enumerate(plan.reads):
         hoisted = plan.cls[r.id] == "hoisted"
         if (t is None) != hoisted:
-            src.emit(f"{_v(r)} = r{k}[{t}]" if hoisted else f"{_v(r)} = r{k}", r)
+            src.emit(f"{_v(r)} = r{k}_[{t}]" if hoisted else f"{_v(r)} = r{k}", r)
+
+
+def _unbind_steps(src: Source, plan: Plan) -> None:
+    """Per-step views made once (one unbind instead of an index op per step and tensor)."""
+    for k, r in enumerate(plan.reads):
+        if plan.cls[r.id] == "hoisted":
+            src.emit(f"r{k}_ = r{k}.unbind(0)")
+    src.emit("mask_ = mask.unbind(0) if mask is not None else None")
 
 
 def _emit_forward(src: Source, plan: Plan, region_call) -> None:
@@ -398,17 +406,19 @@ def _emit_forward(src: Source, plan: Plan, region_call) -> None:
     floats = [k for k, r in enumerate(plan.reads) if r.dtype == "float"]
     ref = "s0" if ns else f"r{floats[0]}"  # a float tensor on the right device
     for k, o in enumerate(step.outputs):
-        src.emit(f"out{k} = {ref}.new_empty({_shape_tuple(o, 'T, B')})")
+        src.emit(f"out{k} = {ref}.new_empty({_shape_tuple(o, 'T, B')}); out{k}_ = out{k}.unbind(0)")
     bwd_saved = _all_saved(plan)
     src.emit("if save:")
     src.indent += 1
     for k, n in enumerate(bwd_saved):
-        src.emit(f"sv{k} = {ref}.new_empty({_shape_tuple(n, 'T, B')})", n)
+        src.emit(f"sv{k} = {ref}.new_empty({_shape_tuple(n, 'T, B')}); sv{k}_ = sv{k}.unbind(0)", n)
     for j, (p, _) in enumerate(step.states):
-        src.emit(f"ss{j} = {ref}.new_empty({_shape_tuple(p, 'T + 1, B')}); ss{j}[0] = s{j}")
+        src.emit(f"ss{j} = {ref}.new_empty({_shape_tuple(p, 'T + 1, B')}); ss{j}[0] = s{j}; "
+                 f"ss{j}_ = ss{j}.unbind(0)")
     src.emit("pass")
     src.indent -= 1
     _bind_reads(src, plan, None)
+    _unbind_steps(src, plan)
     packed = emit_weight_packing(src, plan.stages) if region_call is None else {}
     results = {r.id for r in step.results}
     for masked in (False, True):
@@ -419,20 +429,20 @@ def _emit_forward(src: Source, plan: Plan, region_call) -> None:
 
             def body(masked=masked, save=save):
                 if masked:
-                    src.emit("m = mask[t].unsqueeze(1)")
-                    src.emit("mt = mask[t]")
+                    src.emit("mt = mask_[t]")
+                    src.emit("m = mt.unsqueeze(1)")
                     for r in sorted({len(n.shape) for n in step.results} - {1}):
-                        src.emit(f"m{r} = mask[t].reshape({', '.join(['B'] + ['1'] * r)})")
+                        src.emit(f"m{r} = mt.reshape({', '.join(['B'] + ['1'] * r)})")
                 _bind_reads(src, plan, "t")
                 for j, (p, _) in enumerate(step.states):
                     src.emit(f"{_v(p)} = s{j}", p)
-                stores = [Store(o, f"out{k}[t]", "zero" if masked else "plain") for k, o in enumerate(step.outputs)]
+                stores = [Store(o, f"out{k}_[t]", "zero" if masked else "plain") for k, o in enumerate(step.outputs)]
                 for j, (p, q) in enumerate(step.states):
                     if save or masked:
-                        stores.append(Store(q, f"ss{j}[t + 1]" if save else None, "carry" if masked else "plain",
+                        stores.append(Store(q, f"ss{j}_[t + 1]" if save else None, "carry" if masked else "plain",
                                             prev=p, result=f"s{j}"))
                 if save:
-                    stores += [Store(n, f"sv{k}[t]") for k, n in enumerate(bwd_saved)]
+                    stores += [Store(n, f"sv{k}_[t]") for k, n in enumerate(bwd_saved)]
                 live = results | ({n.id for n in bwd_saved} if save else set())
                 emit_stages(src, plan.stages, {}, live, "m" if masked else None, region_call, stores, packed)
                 if not (save or masked):
@@ -509,6 +519,13 @@ def _emit_backward(src: Source, plan: Plan, bwd: BackwardPlan, masked: bool, reg
     ref = "ss0" if ns else "go0"
     src.emit(f"B = {ref}.shape[1]")
     _bind_reads(src, plan, None)
+    _unbind_steps(src, plan)
+    for k in range(len(saved_all)):
+        src.emit(f"sv{k}_ = sv{k}.unbind(0)")
+    for j in range(ns):
+        src.emit(f"ss{j}_ = ss{j}.unbind(0)")
+    for k in range(no):
+        src.emit(f"go{k}_ = go{k}.unbind(0)")
     emit_nodes(src, bwd.pre, {}, {i.id for n in bwd.loop + bwd.post for i in n.inputs})
     packed = emit_weight_packing(src, bwd.stages) if region_call is None else {}
     saved_index = {n.id: k for k, n in enumerate(saved_all)}
@@ -518,7 +535,7 @@ def _emit_backward(src: Source, plan: Plan, bwd: BackwardPlan, masked: bool, reg
                      if plan.cls[r_id] == "hoisted" and g.batched]
     accum = [(read_index[r.id], d.grad_of[r.id]) for r in bwd.accumulate]
     for k, _ in hoisted_grads:
-        src.emit(f"dr{k} = torch.empty_like(r{k})")
+        src.emit(f"dr{k} = torch.empty_like(r{k}); dr{k}_ = dr{k}.unbind(0)")
     for k, _ in accum:
         src.emit(f"dr{k} = torch.zeros_like(r{k})")
     # values the post-loop reductions read, kept per step unless they already are
@@ -538,29 +555,29 @@ def _emit_backward(src: Source, plan: Plan, bwd: BackwardPlan, masked: bool, reg
             k = len(new_stash)
             new_stash.append(n)
             stash_expr[n.id] = f"st{k}"
-            src.emit(f"st{k} = {ref}.new_empty({_shape_tuple(n, 'T, B')})", n)
+            src.emit(f"st{k} = {ref}.new_empty({_shape_tuple(n, 'T, B')}); st{k}_ = st{k}.unbind(0)", n)
     def body():
         if masked:
-            src.emit("m = mask[t].unsqueeze(1)")
+            src.emit("m = mask_[t].unsqueeze(1)")
             src.emit(f"{_v(d.mask)} = m.to({ref}.dtype)", d.mask)
         _bind_reads(src, plan, "t")
         used = {i.id for n in bwd.loop for i in n.inputs} | {n.id for n in new_stash}
         used |= {g.id for g in d.grad_prev if g is not None} | {g.id for g in d.grad_of.values()}
         for n in saved_all:
             if n.id in used:
-                src.emit(f"{_v(n)} = sv{saved_index[n.id]}[t]", n)
+                src.emit(f"{_v(n)} = sv{saved_index[n.id]}_[t]", n)
         for j, (p, _) in enumerate(step.states):
             if p.id in used:
-                src.emit(f"{_v(p)} = ss{j}[t]", p)
+                src.emit(f"{_v(p)} = ss{j}_[t]", p)
             src.emit(f"{_v(d.grad_next[j])} = gn{j}")
         for k in range(no):
-            src.emit(f"{_v(d.grad_out[k])} = go{k}[t]")
+            src.emit(f"{_v(d.grad_out[k])} = go{k}_[t]")
         # needed after this step's code: what is stashed, the gradients it hands on, what the
         # reductions after the loop read (in-step uses are counted by emit_nodes itself)
         live = {n.id for n in new_stash} | {g.id for g in d.grad_prev if g is not None} \
             | {g.id for g in d.grad_of.values()} | {i.id for n in bwd.post for i in n.inputs}
-        stores = [Store(g, f"dr{k}[t]") for k, g in hoisted_grads]
-        stores += [Store(n, f"st{k}[t]") for k, n in enumerate(new_stash)]
+        stores = [Store(g, f"dr{k}_[t]") for k, g in hoisted_grads]
+        stores += [Store(n, f"st{k}_[t]") for k, n in enumerate(new_stash)]
         emit_stages(src, bwd.stages, {}, live, "m" if masked else None, region_call, stores, packed)
         for k, g in accum:
             src.emit(f"dr{k} += {_v(g)}")
