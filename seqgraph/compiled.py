@@ -42,6 +42,9 @@ class Program:
     key: tuple = ()
     loop_op: object = None  # the loops as one torch.library op, for torch.compile (custom_ops.py)
 
+    def __deepcopy__(self, memo):  # generated code holds no parameters: copies share it
+        return self
+
 
 _CACHE: dict[tuple, Program] = {}
 STATS = {"compiles": 0, "cache_hits": 0}

@@ -255,3 +255,16 @@ def test_a_backward_the_plan_cannot_derive_falls_back_to_autograd_over_the_refer
     assert "falls back to autograd" in comp.plan().describe()
     _compare(rec, comp, lengths=torch.tensor([5, 2, 0]))
     clear_cache()
+
+
+def test_a_deep_copy_of_a_compiled_module_has_its_own_parameters_and_shares_the_code():
+    import copy
+    comp = sg.compile(sg.Recurrence(ZOO["lstm_ops"]()))
+    twin = copy.deepcopy(comp)
+    assert twin._program is comp._program
+    assert twin.params.hh.weight is not comp.params.hh.weight
+    x = torch.randn(4, 2, 3)
+    torch.testing.assert_close(twin(x)[0], comp(x)[0])
+    with torch.no_grad():
+        twin.params.hh.weight.add_(1.0)
+    assert not torch.allclose(twin(x)[0], comp(x)[0])
