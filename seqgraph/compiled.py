@@ -132,7 +132,11 @@ class CompiledRecurrence(Recurrence):
         self.backend = backend
         self.unroll = unroll
         self.train(rec.training)
-        self._program = get_program(rec.cell, backend, unroll)
+        if backend == "auto":  # planned for where the parameters are now; re-chosen per call
+            p = next(iter(rec.parameters()), None)
+            self._program = get_program(rec.cell, "triton" if p is not None and p.is_cuda else "torch", unroll)
+        else:
+            self._program = get_program(rec.cell, backend, unroll)
 
     def plan(self) -> Plan:
         """The compiled schedule; `print(model.plan().describe(T=100, B=64))` sizes it."""
@@ -147,8 +151,12 @@ class CompiledRecurrence(Recurrence):
         return self.plan().to_dot().pipe(format="svg").decode()
 
     def _program_for(self, dtype: torch.dtype, device: torch.device) -> Program:
-        # Triton kernels compute in float32 and need CUDA (or Triton's CPU interpreter): float64,
-        # or CPU tensors without the interpreter, run the torch backend's code instead
+        # "auto" picks per call: triton on CUDA, torch elsewhere (so .to("cuda") after compiling
+        # just works). Triton kernels compute in float32 and need CUDA (or Triton's CPU
+        # interpreter): float64, or CPU tensors without the interpreter, run the torch code.
+        if self.backend == "auto":
+            wanted = "triton" if device.type == "cuda" and dtype != torch.float64 else "torch"
+            return self._program if wanted == self._program.backend else get_program(self.cell, wanted, self.unroll)
         if self.backend == "triton" and (dtype == torch.float64 or (
                 device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))):
             return get_program(self.cell, "torch", self.unroll)
@@ -220,7 +228,4 @@ def _compile_one(rec: Recurrence, backend: str, unroll: int) -> Recurrence:
         return rec
     if isinstance(rec, CompiledRecurrence):
         rec = rec._source
-    if backend == "auto":
-        p = next(iter(rec.parameters()), None)
-        backend = "triton" if p is not None and p.is_cuda else "torch"
     return CompiledRecurrence(rec, backend, unroll)

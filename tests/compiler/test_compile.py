@@ -268,3 +268,11 @@ def test_a_deep_copy_of_a_compiled_module_has_its_own_parameters_and_shares_the_
     with torch.no_grad():
         twin.params.hh.weight.add_(1.0)
     assert not torch.allclose(twin(x)[0], comp(x)[0])
+
+
+def test_auto_backend_runs_the_torch_code_on_the_cpu():
+    rec = sg.Recurrence(ZOO["gru_reset_after"]())
+    comp = sg.compile(rec)  # backend="auto"
+    assert comp.backend == "auto" and comp._program.backend == "torch"
+    x = torch.randn(3, 2, 3)
+    torch.testing.assert_close(comp(x)[0], rec(x)[0])
