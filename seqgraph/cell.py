@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 from .compiler.check import check_cell, check_graph
-from .compiler.ir import Node, format_graph, topo_order
+from .compiler.ir import Node, format_graph
 from .errors import ShapeError, WiringError, describe, user_site
 
 
@@ -190,7 +190,3 @@ class Graph:
     def _repr_svg_(self):
         from .viz import to_dot
         return to_dot(self).pipe(format="svg").decode()
-
-
-def nodes_of(*outputs: Node) -> list[Node]:
-    return topo_order(outputs)

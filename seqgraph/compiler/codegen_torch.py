@@ -83,16 +83,13 @@ def torch_expr(n: Node, env: dict[int, str], src: Source, mask_var: str | None =
         return f"torch.cat(({', '.join(a)},), {d}{o})", bool(out)
     if n.op == "linear" and out and len(ins[0].shape) == 1 and ins[0].batched:
         return f"torch.mm({a[0]}, {a[1]}.t(){o})", True
-    return _torch_expr(n, ins, a, env, src, mask_var), False
+    return _torch_expr(n, ins, a, env, src), False
 
 
-def _torch_expr(n, ins, a, env, src, mask_var) -> str:
+def _torch_expr(n, ins, a, env, src) -> str:
     if n.op == "slice":
         d = n.attrs["dim"] + (1 if n.batched else 0)
         return f"{a[0]}.narrow({d}, {n.attrs['start']}, {n.attrs['stop'] - n.attrs['start']})"
-    if n.op == "concat":
-        d = n.attrs["dim"] + (1 if n.batched else 0)
-        return f"torch.cat(({', '.join(a)},), {d})"
     if n.op == "linear":
         return f"F.linear({a[0]}, {a[1]})"
     if n.op == "transpose" and not n.batched and len(n.shape) == 2:
@@ -301,11 +298,10 @@ def _shape_tuple(n: Node, lead: str) -> str:
     return "(" + ", ".join([lead] + [str(s) for s in n.shape]) + ("," if not n.shape else "") + ")"
 
 
-def generate(plan: Plan, name: str = "cell", region_call: RegionCall | None = None,
-             fused_forward: Callable | None = None) -> Source:
-    """The whole module for `plan`. `region_call(src, stage, env, mask_var)` may emit a fused
-    stage itself (the Triton backend does) and return True; else torch lines are emitted."""
-    step = plan.step
+def generate(plan: Plan, name: str = "cell", region_call: RegionCall | None = None) -> Source:
+    """The whole module for `plan`. `region_call(src, stage, env, mask_var, live, stores)` may
+    emit a fused stage itself (the Triton backend does) and return True; else torch lines are
+    emitted."""
     src = Source()
     src.emit(f"# seqgraph generated code for cell {name!r}; read it with model.source()")
     src.emit("import torch")
@@ -346,7 +342,6 @@ def _emit_prologue(src: Source, plan: Plan) -> None:
         src.emit(f"{names(list(step.params.values()))} = params")
     # per-step leaves as T*B rows; batch-carrying invariants repeated over T where hoisted nodes read them
     rows: dict[int, str] = {}
-    hoisted_ids = {n.id for n in plan.hoisted}
     for x in step.inputs:
         rows[x.id] = f"{_v(x)}_rows"
         src.emit(f"{_v(x)}_rows = {_v(x)}.reshape({_shape_tuple(x, 'T * B')})", x)
@@ -454,7 +449,7 @@ def _emit_forward(src: Source, plan: Plan, region_call) -> None:
     fin = ", ".join(f"s{j}" for j in range(ns))
     saved = ", ".join(f"sv{k}" for k in range(len(bwd_saved)))
     seqs = ", ".join(f"ss{j}" for j in range(ns))
-    src.emit(f"if not save:")
+    src.emit("if not save:")
     src.emit(f"    return [{outs}], [{fin}], None")
     src.emit(f"return [{outs}], [{fin}], ([{saved}], [{seqs}])")
     src.indent -= 1

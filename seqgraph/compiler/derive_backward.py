@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .ir import Node, topo_order
+from .ir import Node
 from .ops import REGISTRY, make, select
 
 
