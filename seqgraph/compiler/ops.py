@@ -2,9 +2,9 @@
 
 Each `register(...)` call gives an op its kind, its shape rule, its torch reference (what the
 interpreter and the torch backend run), its vector-Jacobian product written with the same
-node builders (so a derivative is itself a graph that every backend can compile) and its
-Triton emitter (an expression over operand strings, or `NOT_FUSED` with the reason).
-Registration fails if a rule is missing. Tests, the checker, the compiler passes and both
+node builders (so a derivative is itself a graph that every backend can compile), its
+Triton emitter and its C emitter (each an expression over operand strings, or `NOT_FUSED`
+with the reason). Registration fails if a rule is missing. Tests, the checker, the compiler passes and both
 code generators iterate this one table. This module must not know about cells, time or
 modules: it speaks only of one node and its operands.
 
@@ -12,7 +12,10 @@ Conventions. A value at run time has shape (B, *node.shape) when `node.batched`,
 node.shape. Dims in attrs are non-negative and count the per-example dims (batch excluded).
 Binary elementwise ops broadcast numpy-style over the per-example dims, and an unbatched
 operand (a parameter, a constant) broadcasts over the batch. Triton emitters see 2-D tiles
-[rows, columns] in float32; `cmask_W` names the valid-column mask of a width-W operand.
+[rows, columns] in float32; `cmask_W` names the valid-column mask of a width-W operand. C
+emitters of elementwise ops see one element of each operand, of C type `real` (float or
+double); those of reductions get the output row `dst`, an element expression `x` of the input
+row (indexed by `j`) and the row width `w`, and return statements (see kernels/c_codegen.py).
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ class OpDef:
     torch: Callable  # (node, *values) -> tensor
     vjp: Optional[Callable]  # (node, g) -> tuple of grads (Node | None), one per input
     triton: object  # (node, *arg_strings) -> str, or (NOT_FUSED, reason)
+    c: object  # elementwise: (node, *element_strings) -> str; reduction: (node, dst, x, w) -> str; or (NOT_FUSED, reason)
     doc: str = ""
 
 
@@ -49,15 +53,15 @@ REGISTRY: dict[str, OpDef] = {}
 KINDS = {"leaf", "elementwise", "reduction", "layout", "matmul", "gather"}
 
 
-def register(name, *, kind, shape, torch, vjp, triton, doc=""):
-    missing = [k for k, v in (("shape", shape), ("torch", torch), ("triton", triton)) if v is None]
+def register(name, *, kind, shape, torch, vjp, triton, c=None, doc=""):
+    missing = [k for k, v in (("shape", shape), ("torch", torch), ("triton", triton), ("c", c)) if v is None]
     if kind not in KINDS:
         raise ValueError(f"op {name!r}: unknown kind {kind!r}")
     if missing or (vjp is None and kind != "leaf"):
         raise ValueError(f"op {name!r} is missing rules: {missing or ['vjp']}")
     if name in REGISTRY:
         raise ValueError(f"op {name!r} registered twice")
-    REGISTRY[name] = OpDef(name, kind, shape, torch, vjp, triton, doc)
+    REGISTRY[name] = OpDef(name, kind, shape, torch, vjp, triton, c, doc)
 
 
 def make(op: str, inputs, *, name=None, site=None, module=None, **attrs) -> Node:
@@ -197,6 +201,19 @@ def _float_literal(v: float) -> str:
     return repr(v) if math.isfinite(v) else f"float('{v}')"  # inf and nan are not Python literals
 
 
+def c_literal(v: float) -> str:
+    """A number as a C constant of the kernel's `real` type."""
+    v = float(v)
+    if math.isnan(v):
+        return "((real)NAN)"
+    if math.isinf(v):
+        return "((real)INFINITY)" if v > 0 else "(-(real)INFINITY)"
+    return f"((real){v!r})"
+
+
+_C_ONE = "((real)1)"
+
+
 def _leaf_shape(inputs, attrs):
     return attrs["shape"], attrs["batched"], attrs.get("dtype", "float")
 
@@ -207,11 +224,12 @@ def _no_torch(node, *values):
 
 for _leaf in ("input", "state", "context", "param", "noise"):
     register(_leaf, kind="leaf", shape=_leaf_shape, torch=_no_torch, vjp=None,
-             triton=(NOT_FUSED, "a leaf is loaded, not computed"))
+             triton=(NOT_FUSED, "a leaf is loaded, not computed"), c=(NOT_FUSED, "a leaf is loaded, not computed"))
 
 register("const", kind="leaf", shape=lambda i, a: ((), False, "float"),
          torch=lambda n: torch.tensor(n.attrs["value"]), vjp=None,
-         triton=lambda n: _float_literal(n.attrs["value"]), doc="a Python number")
+         triton=lambda n: _float_literal(n.attrs["value"]), c=lambda n: c_literal(n.attrs["value"]),
+         doc="a Python number")
 
 
 # ---------------------------------------------------------------------------------------
@@ -229,14 +247,14 @@ def _binary_shape(inputs, attrs):
     return broadcast_shapes(a.shape, b.shape), a.batched or b.batched, "float"
 
 
-def _unary(name, fn, vjp, tri, doc=""):
+def _unary(name, fn, vjp, tri, c, doc=""):
     register(name, kind="elementwise", shape=_unary_shape, torch=lambda n, x: fn(x), vjp=vjp,
-             triton=tri, doc=doc)
+             triton=tri, c=c, doc=doc)
 
 
-def _binary(name, fn, vjp, tri, doc=""):
+def _binary(name, fn, vjp, tri, c, doc=""):
     register(name, kind="elementwise", shape=_binary_shape,
-             torch=lambda n, x, y: fn(*_aligned(n, (x, y))), vjp=vjp, triton=tri, doc=doc)
+             torch=lambda n, x, y: fn(*_aligned(n, (x, y))), vjp=vjp, triton=tri, c=c, doc=doc)
 
 
 def _bin_grads(n, ga, gb):
@@ -244,13 +262,20 @@ def _bin_grads(n, ga, gb):
     return (None if ga is None else sum_to(ga, a), None if gb is None else sum_to(gb, b))
 
 
-_binary("add", torch.add, lambda n, g: _bin_grads(n, g, g), lambda n, a, b: f"({a} + {b})")
-_binary("sub", torch.sub, lambda n, g: _bin_grads(n, g, neg(g)), lambda n, a, b: f"({a} - {b})")
+_ARITH_C = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+
+
+def _arith_c(op):
+    return lambda n, a, b: f"({a} {_ARITH_C[op]} {b})"
+
+
+_binary("add", torch.add, lambda n, g: _bin_grads(n, g, g), lambda n, a, b: f"({a} + {b})", _arith_c("add"))
+_binary("sub", torch.sub, lambda n, g: _bin_grads(n, g, neg(g)), lambda n, a, b: f"({a} - {b})", _arith_c("sub"))
 _binary("mul", torch.mul, lambda n, g: _bin_grads(n, mul(g, n.inputs[1]), mul(g, n.inputs[0])),
-        lambda n, a, b: f"({a} * {b})")
+        lambda n, a, b: f"({a} * {b})", _arith_c("mul"))
 _binary("div", torch.div,
         lambda n, g: _bin_grads(n, div(g, n.inputs[1]), neg(div(mul(g, n), n.inputs[1]))),
-        lambda n, a, b: f"({a} / {b})")
+        lambda n, a, b: f"({a} / {b})", _arith_c("div"))
 def _winner(first: Node, second: Node) -> Node:
     """1 where `first` is strictly greater, 0.5 at a tie, 0 below: torch's rule for max/min."""
     return mul(add(make("gt", (first, second)), make("ge", (first, second))), 0.5)
@@ -258,17 +283,20 @@ def _winner(first: Node, second: Node) -> Node:
 
 _binary("maximum", torch.maximum,
         lambda n, g: _bin_grads(n, mul(g, _winner(*n.inputs)), mul(g, _winner(*reversed(n.inputs)))),
-        lambda n, a, b: f"tl.maximum({a}, {b})", doc="a tie splits the gradient equally, as in torch")
+        lambda n, a, b: f"tl.maximum({a}, {b})", lambda n, a, b: f"sg_max({a}, {b})", doc="a tie splits the gradient equally, as in torch")
 _binary("minimum", torch.minimum,
         lambda n, g: _bin_grads(n, mul(g, _winner(*reversed(n.inputs))), mul(g, _winner(*n.inputs))),
-        lambda n, a, b: f"tl.minimum({a}, {b})", doc="a tie splits the gradient equally, as in torch")
+        lambda n, a, b: f"tl.minimum({a}, {b})", lambda n, a, b: f"sg_min({a}, {b})", doc="a tie splits the gradient equally, as in torch")
 # comparisons give 0/1 floats; their derivative is zero almost everywhere
 _binary("ge", lambda x, y: (x >= y).to(torch.promote_types(x.dtype, y.dtype)),
-        lambda n, g: (None, None), lambda n, a, b: f"(({a}) >= ({b})).to(tl.float32)")
+        lambda n, g: (None, None), lambda n, a, b: f"(({a}) >= ({b})).to(tl.float32)",
+        lambda n, a, b: f"((real)(({a}) >= ({b})))")
 _binary("le", lambda x, y: (x <= y).to(torch.promote_types(x.dtype, y.dtype)),
-        lambda n, g: (None, None), lambda n, a, b: f"(({a}) <= ({b})).to(tl.float32)")
+        lambda n, g: (None, None), lambda n, a, b: f"(({a}) <= ({b})).to(tl.float32)",
+        lambda n, a, b: f"((real)(({a}) <= ({b})))")
 _binary("gt", lambda x, y: (x > y).to(torch.promote_types(x.dtype, y.dtype)),
-        lambda n, g: (None, None), lambda n, a, b: f"(({a}) > ({b})).to(tl.float32)")
+        lambda n, g: (None, None), lambda n, a, b: f"(({a}) > ({b})).to(tl.float32)",
+        lambda n, a, b: f"((real)(({a}) > ({b})))")
 
 def _select_shape(inputs, attrs):
     _floats(inputs)
@@ -286,16 +314,17 @@ register("select", kind="elementwise", shape=_select_shape,
          vjp=lambda n, g: (None, sum_to(select(n.inputs[0], g, 0.0), n.inputs[1]),
                            sum_to(select(n.inputs[0], 0.0, g), n.inputs[2])),
          triton=lambda n, m, a, b: f"tl.where({m} > 0, {a}, {b})",
+         c=lambda n, m, a, b: f"(({m}) > 0 ? ({a}) : ({b}))",
          doc="a where m > 0, else b (m is a 0/1 mask: masking of padded steps)")
 
 
-_unary("neg", torch.neg, lambda n, g: (neg(g),), lambda n, a: f"(-{a})")
-_unary("stop_gradient", torch.Tensor.detach, lambda n, g: (None,), lambda n, a: a,
+_unary("neg", torch.neg, lambda n, g: (neg(g),), lambda n, a: f"(-{a})", lambda n, a: f"(-{a})")
+_unary("stop_gradient", torch.Tensor.detach, lambda n, g: (None,), lambda n, a: a, lambda n, a: a,
        doc="the value itself, with no gradient flowing back through it (torch's detach)")
 _unary("sigmoid", torch.sigmoid, lambda n, g: (make("sigmoid_grad", (g, n)),),
-       lambda n, a: f"tl.sigmoid({a})")
+       lambda n, a: f"tl.sigmoid({a})", lambda n, a: f"sg_sigmoid({a})")
 _unary("tanh", torch.tanh, lambda n, g: (make("tanh_grad", (g, n)),),
-       lambda n, a: f"(2.0 * tl.sigmoid(2.0 * {a}) - 1.0)")
+       lambda n, a: f"(2.0 * tl.sigmoid(2.0 * {a}) - 1.0)", lambda n, a: f"sg_tanh({a})")
 
 
 def _sigmoid_grad_composite(g, y):
@@ -310,18 +339,18 @@ def _tanh_grad_composite(g, y):
 # each), so a backward step issues one call where the spelled-out form would issue three.
 _binary("sigmoid_grad", lambda g, y: torch.ops.aten.sigmoid_backward(*torch.broadcast_tensors(g, y)),
         lambda n, g: composite_vjp(_sigmoid_grad_composite(*n.inputs), n.inputs, g),
-        lambda n, g, y: f"({g} * {y} * (1.0 - {y}))", doc="g * y * (1 - y): sigmoid's derivative given y")
+        lambda n, g, y: f"({g} * {y} * (1.0 - {y}))", lambda n, g, y: f"({g} * (({_C_ONE} - {y}) * {y}))", doc="g * y * (1 - y): sigmoid's derivative given y")
 _binary("tanh_grad", lambda g, y: torch.ops.aten.tanh_backward(*torch.broadcast_tensors(g, y)),
         lambda n, g: composite_vjp(_tanh_grad_composite(*n.inputs), n.inputs, g),
-        lambda n, g, y: f"({g} * (1.0 - {y} * {y}))", doc="g * (1 - y^2): tanh's derivative given y")
+        lambda n, g, y: f"({g} * (1.0 - {y} * {y}))", lambda n, g, y: f"({g} * ({_C_ONE} - {y} * {y}))", doc="g * (1 - y^2): tanh's derivative given y")
 _unary("relu", torch.relu, lambda n, g: (mul(g, make("gt", (n.inputs[0], const(0.0)))),),
-       lambda n, a: f"tl.maximum({a}, 0.0)")
-_unary("exp", torch.exp, lambda n, g: (mul(g, n),), lambda n, a: f"tl.exp({a})")
-_unary("log", torch.log, lambda n, g: (div(g, n.inputs[0]),), lambda n, a: f"tl.log({a})")
-_unary("abs", torch.abs, lambda n, g: (mul(g, make("sign", n.inputs)),), lambda n, a: f"tl.abs({a})")
+       lambda n, a: f"tl.maximum({a}, 0.0)", lambda n, a: f"sg_relu({a})")
+_unary("exp", torch.exp, lambda n, g: (mul(g, n),), lambda n, a: f"tl.exp({a})", lambda n, a: f"sg_exp({a})")
+_unary("log", torch.log, lambda n, g: (div(g, n.inputs[0]),), lambda n, a: f"tl.log({a})", lambda n, a: f"SG_LOG({a})")
+_unary("abs", torch.abs, lambda n, g: (mul(g, make("sign", n.inputs)),), lambda n, a: f"tl.abs({a})", lambda n, a: f"SG_ABS({a})")
 _unary("sign", torch.sign, lambda n, g: (None,),
-       lambda n, a: f"((({a}) > 0).to(tl.float32) - (({a}) < 0).to(tl.float32))")
-_unary("sqrt", torch.sqrt, lambda n, g: (div(mul(g, 0.5), n),), lambda n, a: f"tl.sqrt({a})")
+       lambda n, a: f"((({a}) > 0).to(tl.float32) - (({a}) < 0).to(tl.float32))", lambda n, a: f"sg_sign({a})")
+_unary("sqrt", torch.sqrt, lambda n, g: (div(mul(g, 0.5), n),), lambda n, a: f"tl.sqrt({a})", lambda n, a: f"SG_SQRT({a})")
 
 
 # ---------------------------------------------------------------------------------------
@@ -365,14 +394,28 @@ def _last_dim_only(emit):
     return triton
 
 
+def _c_for(w: int, body: str) -> str:
+    return f"for (int64_t j = 0; j < {w}; ++j) {body}"
+
+
+def _sum_c(n, dst, x, w):
+    return f"{{ real acc = 0; {_c_for(w, f'acc += {x};')} {dst}[0] = acc; }}"
+
+
+def _mean_c(n, dst, x, w):
+    return f"{{ real acc = 0; {_c_for(w, f'acc += {x};')} {dst}[0] = acc / (real){w}; }}"
+
+
 register("sum", kind="reduction", shape=_reduce_shape,
          torch=lambda n, x: x.sum(_tdim(n.inputs[0], n.attrs["dim"]), keepdim=n.attrs.get("keepdim", False)),
          vjp=lambda n, g: (_unreduce(n, g),),
-         triton=_last_dim_only(lambda n, a: f"tl.sum(tl.where(cmask_{_row_width(n)}, {a}, 0.0), axis=1)[:, None]"))
+         triton=_last_dim_only(lambda n, a: f"tl.sum(tl.where(cmask_{_row_width(n)}, {a}, 0.0), axis=1)[:, None]"),
+         c=_last_dim_only(_sum_c))
 register("mean", kind="reduction", shape=_reduce_shape,
          torch=lambda n, x: x.mean(_tdim(n.inputs[0], n.attrs["dim"]), keepdim=n.attrs.get("keepdim", False)),
          vjp=lambda n, g: (_unreduce(n, div(g, float(n.inputs[0].shape[n.attrs["dim"]]))),),
-         triton=_last_dim_only(lambda n, a: f"(tl.sum(tl.where(cmask_{_row_width(n)}, {a}, 0.0), axis=1)[:, None] / {float(_row_width(n))})"))
+         triton=_last_dim_only(lambda n, a: f"(tl.sum(tl.where(cmask_{_row_width(n)}, {a}, 0.0), axis=1)[:, None] / {float(_row_width(n))})"),
+         c=_last_dim_only(_mean_c))
 
 
 def _softmax_shape(inputs, attrs):
@@ -395,9 +438,15 @@ def _softmax_triton(n, a):
     return f"({e} / tl.sum({e}, axis=1)[:, None])"
 
 
+def _softmax_c(n, dst, x, w):
+    return ("{ real mx = -(real)INFINITY; " + _c_for(w, f"mx = sg_max(mx, {x});") + " real s = 0; "
+            + _c_for(w, f"{{ real e = sg_exp({x} - mx); {dst}[j] = e; s += e; }}") + " "
+            + _c_for(w, f"{dst}[j] = {dst}[j] / s;") + " }")
+
+
 register("softmax", kind="reduction", shape=_softmax_shape,
          torch=lambda n, x: torch.softmax(x, _tdim(n.inputs[0], n.attrs["dim"])),
-         vjp=_softmax_vjp, triton=_last_dim_only(_softmax_triton))
+         vjp=_softmax_vjp, triton=_last_dim_only(_softmax_triton), c=_last_dim_only(_softmax_c))
 
 
 def _layer_norm_shape(inputs, attrs):
@@ -447,6 +496,7 @@ register("layer_norm_grad", kind="reduction", shape=lambda i, a: (_floats(i), (i
          torch=_layer_norm_grad_torch,
          vjp=lambda n, g: composite_vjp(_layer_norm_grad_composite(*n.inputs, n.attrs["eps"]), n.inputs, g),
          triton=(NOT_FUSED, "the layer-norm derivative runs as torch's native kernel"),
+         c=(NOT_FUSED, "the layer-norm derivative runs as torch's native kernel"),
          doc="the derivative of layer_norm w.r.t. its input, given the output gradient g and the input x")
 
 
@@ -458,9 +508,17 @@ def _layer_norm_triton(n, a):
     return f"({xc} / tl.sqrt({var} + {n.attrs['eps']!r}))"
 
 
+def _layer_norm_c(n, dst, x, w):
+    # as torch does: mean, then the biased variance of the centred row, then (x - mean) * rstd
+    return ("{ real m = 0; " + _c_for(w, f"m += {x};") + f" m = m / (real){w}; real v = 0; "
+            + _c_for(w, f"{{ real d = {x} - m; v += d * d; }}") + f" v = v / (real){w}; "
+            + f"real r = {_C_ONE} / SG_SQRT(v + {c_literal(n.attrs['eps'])}); "
+            + _c_for(w, f"{dst}[j] = ({x} - m) * r;") + " }")
+
+
 register("layer_norm", kind="reduction", shape=_layer_norm_shape,
          torch=lambda n, x: F.layer_norm(x, n.shape[-1:], eps=n.attrs["eps"]),
-         vjp=_layer_norm_vjp, triton=_layer_norm_triton,
+         vjp=_layer_norm_vjp, triton=_layer_norm_triton, c=_layer_norm_c,
          doc="normalises the last dim to zero mean and unit variance (no affine part)")
 
 
@@ -506,8 +564,17 @@ def _sum_to_triton(n, a):
     return f"tl.sum(tl.where(cmask_{src.shape[-1]}, {a}, 0.0), axis=1)[:, None]"
 
 
+def _sum_to_c(n, dst, x, w):
+    src = n.inputs[0]
+    if src.batched != n.batched or len(n.shape) != 1 or len(src.shape) != 1:
+        return (NOT_FUSED, "sums over the batch or broadcast dims; the plan runs it outside the step")
+    if n.shape == src.shape:
+        return _c_for(w, f"{dst}[j] = {x};")
+    return _sum_c(n, dst, x, w)
+
+
 register("sum_to", kind="reduction", shape=_sum_to_shape, torch=_sum_to_torch, vjp=_sum_to_vjp,
-         triton=_sum_to_triton,
+         triton=_sum_to_triton, c=_sum_to_c,
          doc="sums a gradient back to an operand's shape; to an unbatched shape it sums the batch too")
 
 
@@ -530,7 +597,8 @@ def _broadcast_to_torch(n, x):
 register("broadcast_to", kind="layout", shape=_broadcast_to_shape, torch=_broadcast_to_torch,
          vjp=lambda n, g: (sum_to(g, n.inputs[0]),),
          triton=lambda n, a: a if n.shape[-1:] == n.inputs[0].shape[-1:] or not n.shape else
-         f"({a} + tl.zeros_like(tl.where(cmask_{n.shape[-1]}, 0.0, 0.0)))")
+         f"({a} + tl.zeros_like(tl.where(cmask_{n.shape[-1]}, 0.0, 0.0)))",
+         c=(NOT_FUSED, "broadcast_to is a layout, handled by the C generator"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -570,7 +638,8 @@ def _concat_vjp(n, g):
 
 register("concat", kind="layout", shape=_concat_shape,
          torch=lambda n, *xs: torch.cat(xs, _tdim(n, n.attrs["dim"])), vjp=_concat_vjp,
-         triton=lambda n, *a: (NOT_FUSED, "concat is a store layout, handled by the kernel generator"))
+         triton=lambda n, *a: (NOT_FUSED, "concat is a store layout, handled by the kernel generator"),
+         c=(NOT_FUSED, "concat is a layout, handled by the C generator"))
 
 
 def _slice_shape(inputs, attrs):
@@ -594,7 +663,8 @@ def _slice_vjp(n, g):
 register("slice", kind="layout", shape=_slice_shape,
          torch=lambda n, x: x.narrow(_tdim(n, n.attrs["dim"]), n.attrs["start"], n.attrs["stop"] - n.attrs["start"]),
          vjp=_slice_vjp,
-         triton=lambda n, a: (NOT_FUSED, "slice is a load layout, handled by the kernel generator"))
+         triton=lambda n, a: (NOT_FUSED, "slice is a load layout, handled by the kernel generator"),
+         c=(NOT_FUSED, "slice is a layout, handled by the C generator"))
 
 
 def _pad_shape(inputs, attrs):
@@ -616,6 +686,7 @@ register("pad", kind="layout", shape=_pad_shape, torch=_pad_torch,
          vjp=lambda n, g: (make("slice", (g,), dim=n.attrs["dim"], start=n.attrs["before"],
                                 stop=n.attrs["before"] + n.inputs[0].shape[n.attrs["dim"]]),),
          triton=lambda n, a: (NOT_FUSED, "pad is a store layout, handled by the kernel generator"),
+         c=(NOT_FUSED, "pad is a layout, handled by the C generator"),
          doc="zeros around a value along one dim (the derivative of slice)")
 
 
@@ -639,7 +710,8 @@ register("reshape", kind="layout", shape=_reshape_shape,
          torch=lambda n, x: x.reshape(((x.shape[0],) if n.batched else ()) + n.shape),
          vjp=lambda n, g: (reshape(g, n.inputs[0].shape),),
          triton=lambda n, a: a if n.shape[-1:] == n.inputs[0].shape[-1:] and len(n.shape) <= 1
-         else (NOT_FUSED, "reshape changes the row layout"))
+         else (NOT_FUSED, "reshape changes the row layout"),
+         c=(NOT_FUSED, "reshape is a layout, handled by the C generator"))
 
 
 def _transpose_shape(inputs, attrs):
@@ -654,7 +726,8 @@ def _transpose_shape(inputs, attrs):
 register("transpose", kind="layout", shape=_transpose_shape,
          torch=lambda n, x: x.transpose(_tdim(n, n.attrs["d0"]), _tdim(n, n.attrs["d1"])),
          vjp=lambda n, g: (make("transpose", (g,), d0=n.attrs["d0"], d1=n.attrs["d1"]),),
-         triton=lambda n, a: (NOT_FUSED, "transpose changes the row layout"))
+         triton=lambda n, a: (NOT_FUSED, "transpose changes the row layout"),
+         c=(NOT_FUSED, "transpose changes the row layout"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -676,6 +749,7 @@ register("linear", kind="matmul", shape=_linear_shape,
          vjp=lambda n, g: (make("linear", (g, transpose(n.inputs[1], 0, 1))),
                            make("linear_wgrad", (g, n.inputs[0]))),
          triton=lambda n, *a: (NOT_FUSED, "matrix products run through torch (cuBLAS/oneDNN)"),
+         c=(NOT_FUSED, "matrix products run through torch (MKL/oneDNN)"),
          doc="x @ W.T for a weight W of shape (out, in)")
 
 
@@ -694,6 +768,7 @@ register("linear_wgrad", kind="matmul", shape=_wgrad_shape, torch=_wgrad_torch,
          vjp=lambda n, g: (make("linear", (n.inputs[1], g)),
                            make("linear", (n.inputs[0], transpose(g, 0, 1)))),
          triton=lambda n, *a: (NOT_FUSED, "matrix products run through torch (cuBLAS/oneDNN)"),
+         c=(NOT_FUSED, "matrix products run through torch (MKL/oneDNN)"),
          doc="sum over batch (and leading dims) of g^T x: the weight gradient of linear")
 
 
@@ -713,6 +788,7 @@ register("matmul", kind="matmul", shape=_matmul_shape,
          vjp=lambda n, g: _bin_grads(n, make("matmul", (g, transpose(n.inputs[1]))),
                                      make("matmul", (transpose(n.inputs[0]), g))),
          triton=lambda n, *a: (NOT_FUSED, "matrix products run through torch (cuBLAS/oneDNN)"),
+         c=(NOT_FUSED, "matrix products run through torch (MKL/oneDNN)"),
          doc="batched matrix product over the last two per-example dims")
 
 
@@ -741,6 +817,7 @@ register("embedding", kind="gather", shape=_embedding_shape, torch=_embedding_to
          vjp=lambda n, g: (None, make("embedding_wgrad", (g, n.inputs[0]), num=n.inputs[1].shape[0],
                                       padding_idx=n.attrs.get("padding_idx"))),
          triton=lambda n, *a: (NOT_FUSED, "lookups run through torch"),
+         c=(NOT_FUSED, "lookups run through torch"),
          doc="rows of a table; the padding_idx row reads as zeros and gets no gradient")
 
 
@@ -759,6 +836,7 @@ register("embedding_wgrad", kind="gather",
          torch=_embedding_wgrad_torch,
          vjp=lambda n, g: (make("embedding", (n.inputs[1], g), padding_idx=n.attrs.get("padding_idx")), None),
          triton=lambda n, *a: (NOT_FUSED, "scatter-adds run through torch"),
+         c=(NOT_FUSED, "scatter-adds run through torch"),
          doc="the table gradient of embedding (index_add over the batch)")
 
 
@@ -770,6 +848,11 @@ def triton_expr(node: Node, args: list[str]):
     return tri(node, *args)
 
 
+def c_rule(node: Node):
+    """The C emitter of `node`'s op, or `(NOT_FUSED, why)` (a reduction's rule may also refuse a node)."""
+    return REGISTRY[node.op].c
+
+
 def fusable(node: Node) -> tuple[bool, str]:
     """Whether a Triton kernel can compute `node` inline, and if not, why."""
     out = triton_expr(node, ["x"] * len(node.inputs))
@@ -778,4 +861,5 @@ def fusable(node: Node) -> tuple[bool, str]:
     return True, ""
 
 
-__all__ = ["REGISTRY", "OpDef", "register", "make", "NOT_FUSED", "LEAF_OPS", "triton_expr", "fusable"]
+__all__ = ["REGISTRY", "OpDef", "register", "make", "NOT_FUSED", "LEAF_OPS", "triton_expr", "fusable", "c_rule",
+           "c_literal"]

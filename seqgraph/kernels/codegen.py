@@ -100,8 +100,15 @@ def _validate(region: Region) -> None:
             raise ValueError(f"region {region.name!r}: zero_masked output {k} is out of range")
 
 
-def _node_problem(n: Node) -> str | None:
-    """Why `n` cannot be computed inside a fused kernel, or None."""
+def _triton_refusal(n: Node) -> str | None:
+    ok, why = ops.fusable(n)
+    return None if ok else why
+
+
+def row_problem(n: Node, refusal=_triton_refusal) -> str | None:
+    """Why `n` cannot be computed row by row inside a fused kernel, or None. `refusal(n)` is the
+    generator's own reason to refuse n's op (None when it has an emitter for it); the layout
+    rules here are the same for every generator."""
     if n.dtype != "float":
         return f"{_describe(n)} has dtype {n.dtype}; fused kernels compute floats only"
     if n.op == "const":
@@ -117,8 +124,8 @@ def _node_problem(n: Node) -> str | None:
         if width(n.inputs[0]) not in (1, width(n)):
             return f"{_describe(n)} repeats a value along a dim other than the row; only size-1 values broadcast"
         return None
-    ok, why = ops.fusable(n)
-    if not ok:
+    why = refusal(n)
+    if why:
         return f"{_describe(n)}: {why}"
     kind = ops.REGISTRY[n.op].kind
     if kind == "reduction" and not _row_shaped(n.inputs[0]):
@@ -134,7 +141,8 @@ def _node_problem(n: Node) -> str | None:
     return None
 
 
-def _problem(region: Region) -> str | None:
+def region_problem(region: Region, refusal=_triton_refusal) -> str | None:
+    """Why a generator (whose op refusals are `refusal`) cannot fuse `region`, or None."""
     _validate(region)
     if not region.outputs:
         return f"region {region.name!r} has no outputs"
@@ -145,7 +153,7 @@ def _problem(region: Region) -> str | None:
         if o.dtype != "float":
             return f"output {k} {_describe(o)} has dtype {o.dtype}; fused kernels compute floats only"
     for n in region.nodes:
-        why = _node_problem(n)
+        why = row_problem(n, refusal)
         if why:
             return why
     return None
@@ -154,7 +162,7 @@ def _problem(region: Region) -> str | None:
 def node_supported(node: Node) -> tuple[bool, str]:
     """Whether a fused kernel can compute `node` from values it loads or computes (unlike
     ops.fusable, this accepts slice, concat, pad and reshape, which the generator lays out)."""
-    why = _node_problem(node)
+    why = row_problem(node)
     return (why is None, why or "")
 
 
@@ -162,7 +170,7 @@ def region_supported(region: Region) -> tuple[bool, str]:
     """Whether `compile_region` can fuse `region`, and if not, the reason (for the plan).
 
     Raises ValueError for a malformed region (a node reading a value the region does not have)."""
-    why = _problem(region)
+    why = region_problem(region)
     return (why is None, why or "")
 
 
@@ -549,7 +557,7 @@ def generate(region: Region) -> KernelSource:
 
     Raises NotImplementedError (with the reason region_supported gives) for a region that
     cannot be fused, and ValueError for a malformed one."""
-    why = _problem(region)
+    why = region_problem(region)
     if why:
         raise NotImplementedError(f"region {region.name!r} cannot be fused: {why}")
     return _Writer(region).write()

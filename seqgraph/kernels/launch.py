@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from .codegen import CODEGEN_VERSION, KernelSource, generate
-from .region import Region
+from .region import Region, bind_inputs
 
 try:
     import triton
@@ -125,19 +125,6 @@ class RegionKernel:
             cfg = self._configs[key] = {"BLOCK_ROWS": rows, "num_warps": warps}
         return cfg
 
-    def _bind(self, inputs: Sequence) -> list:
-        n = len(self.gen.inputs)
-        inputs = list(inputs)
-        if len(inputs) == n:
-            return inputs
-        if len(inputs) == len(self._non_const):
-            full = [None] * n
-            for k, t in zip(self._non_const, inputs):
-                full[k] = t
-            return full
-        raise ValueError(f"region {self.region.name!r} takes {n} inputs ({len(self._non_const)} without its "
-                         f"constants), got {len(inputs)}")
-
     def _fail(self, k: int, problem: str, kind=ValueError):
         raise kind(f"input {k} ({self.gen.inputs[k].label}) of region {self.region.name!r} {problem}")
 
@@ -146,7 +133,7 @@ class RegionKernel:
                  out: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
         """`out` may give, per output, a contiguous tensor to write into (a slice of a
         preallocated (T, B, W) buffer, say) instead of a fresh one; None entries are allocated."""
-        tensors = self._bind(inputs)
+        tensors = bind_inputs(self.region, self._non_const, inputs)
         batch, device, first_dtype = None, None, None
         args: list = []
         # one pass: check each tensor and lay it out as the kernel's arguments

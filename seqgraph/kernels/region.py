@@ -36,3 +36,20 @@ class Region:
             rows.append((n.op, tuple(index[i.id] for i in n.inputs), attrs, n.shape, n.batched))
         return (tuple(rows), tuple(index[o.id] for o in self.outputs), tuple(sorted(self.carry.items())),
                 tuple(sorted(self.zero_masked)))
+
+
+def bind_inputs(region: Region, non_const: list[int], inputs) -> list:
+    """A kernel call's inputs, one per region input: `inputs` may list them all (constants as
+    None) or leave the constants out (`non_const`: the indices of the others)."""
+    n = len(region.inputs)
+    inputs = list(inputs)
+    if len(inputs) == n:
+        return inputs
+    if len(inputs) == len(non_const):
+        full = [None] * n
+        for k, t in zip(non_const, inputs):
+            full[k] = t
+        return full
+    raise ValueError(f"region {region.name!r} takes {n} inputs ({len(non_const)} without its constants), "
+                     f"got {len(inputs)}")
+

@@ -457,5 +457,12 @@ def test_shape_rule_rejects_bad_operands_naming_the_site(op, operands, attrs, te
 def test_registering_an_op_without_a_vjp_fails():
     with pytest.raises(ValueError, match="missing rules"):
         ops.register("not_an_op", kind="elementwise", shape=lambda i, a: ((), True, "float"),
-                     torch=lambda n, x: x, vjp=None, triton=lambda n, a: a)
+                     torch=lambda n, x: x, vjp=None, triton=lambda n, a: a, c=lambda n, a: a)
+    assert "not_an_op" not in REGISTRY
+
+
+def test_registering_an_op_without_a_c_emitter_fails():
+    with pytest.raises(ValueError, match=r"missing rules: \['c'\]"):
+        ops.register("not_an_op", kind="elementwise", shape=lambda i, a: ((), True, "float"),
+                     torch=lambda n, x: x, vjp=lambda n, g: (g,), triton=lambda n, a: a)
     assert "not_an_op" not in REGISTRY

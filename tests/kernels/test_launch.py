@@ -8,41 +8,18 @@ from hypothesis import strategies as st
 
 import seqgraph as sg
 from seqgraph.compiler import ops
-from seqgraph.compiler.interpret import evaluate
 from seqgraph.kernels import launch
 from seqgraph.kernels.codegen import region_from_outputs
 from seqgraph.kernels.launch import cache_key, clear_memory_cache, compile_region
+
+from regions import (RANDOM_STEPS, lstm_step as lstm, lstm_step_inputs as lstm_inputs, random_elementwise_region,
+                     random_region_inputs, reference, strided_lstm_step_inputs)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CUDA when present, else the interpreter
 
 # The interpreter computes padded lanes too (zeros loaded past the row or column end), where
 # x / 0 warns; stores and reductions mask them out.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-
-
-def reference(region, vals):
-    leaves = {n.id: v.float().cpu() for n, v in zip(region.inputs, vals) if v is not None}
-    consts = [n for n in region.inputs if n.op == "const"]
-    env = evaluate(consts + region.nodes, leaves, dtype=torch.float32, device=torch.device("cpu"))
-    return [env[o.id] for o in region.outputs]
-
-
-def lstm(hidden=6, carry=None, zero_masked=()):
-    """The elementwise part of an LSTM step: inputs (x-projection, recurrent GEMM, bias, c, h)."""
-    x, h, c = sg.Input(5, name="x"), sg.State(hidden, name="h"), sg.State(hidden, name="c")
-    xproj = sg.Linear(5, 4 * hidden, bias=False)(x)
-    rec = sg.Linear(hidden, 4 * hidden, bias=False)(h)
-    bias = sg.Parameter(4 * hidden, name="bias")
-    i, f, g, o = sg.chunk(xproj + rec + bias, 4)
-    c_next = sg.sigmoid(f) * c + sg.sigmoid(i) * sg.tanh(g)
-    h_next = sg.sigmoid(o) * sg.tanh(c_next)
-    return region_from_outputs([h_next, c_next, h_next], [xproj, rec, bias, c, h], carry=carry or {},
-                               zero_masked=zero_masked, name="lstm")
-
-
-def lstm_inputs(batch, hidden=6, dtype=torch.float32):
-    return [torch.randn(batch, 4 * hidden), torch.randn(batch, 4 * hidden), torch.randn(4 * hidden),
-            torch.randn(batch, hidden), torch.randn(batch, hidden)]
 
 
 def on_device(vals, dtype=None):
@@ -54,13 +31,7 @@ def on_device(vals, dtype=None):
 # ---------------------------------------------------------------------------------------
 def test_non_contiguous_batched_inputs_are_read_through_their_strides():
     region = lstm()
-    batch, hidden = 5, 6
-    seq = torch.randn(batch, 3, 8 * hidden)  # batch-first (B, T, 8H): take step 1, columns 4H..8H
-    xproj = seq[:, 1, 4 * hidden:]
-    rec = torch.randn(4 * hidden, batch).t()  # column-major
-    c = torch.randn(1, hidden).expand(batch, hidden)  # stride 0 over rows
-    vals = [xproj, rec, torch.randn(4 * hidden), c, torch.randn(batch, 2 * hidden)[:, ::2]]
-    assert not any(v.is_contiguous() for k, v in enumerate(vals) if k != 2)
+    vals = strided_lstm_step_inputs(5)
     got = compile_region(region)(on_device(vals))
     for g, w in zip(got, reference(region, vals)):
         torch.testing.assert_close(g.cpu(), w, atol=1e-5, rtol=1e-5)
@@ -270,45 +241,13 @@ def test_debug_level_4_prints_launch_configurations(monkeypatch, capsys):
 # ---------------------------------------------------------------------------------------
 # property: random elementwise regions equal the reference
 # ---------------------------------------------------------------------------------------
-_UNARY = {
-    "neg": lambda a: -a, "sigmoid": sg.sigmoid, "tanh": sg.tanh, "relu": sg.relu, "abs": sg.abs,
-    "exp": lambda a: sg.exp(sg.tanh(a)), "log": lambda a: sg.log(sg.abs(a) + 1.0), "sqrt": lambda a: sg.sqrt(sg.abs(a)),
-}
-_BINARY = {
-    "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
-    "div": lambda a, b: a / (sg.abs(b) + 1.0), "maximum": sg.maximum, "minimum": sg.minimum,
-}
-_STEPS = sorted(_UNARY) + sorted(_BINARY) + ["recut"]
-
-
-def _random_region(width, steps, n_out):
-    x, y = sg.Input(width, name="x"), sg.Input(width, name="y")
-    q, p = sg.Input((), name="q"), sg.Parameter(width, name="p")
-    s = sg.Parameter((), name="s", init=0.5)
-    pool = [x, y, q, p, s, ops.const(0.75)]
-    for name, i, j in steps:
-        a, b = pool[i % len(pool)], pool[j % len(pool)]
-        if name == "recut":  # concat of two slices: the value gets a column break
-            if width < 2 or a.size != width or b.size != width or a.batched != b.batched:
-                continue
-            k = 1 + i % (width - 1)
-            pool.append(sg.concat([sg.narrow(a, -1, 0, k), sg.narrow(b, -1, k, width - k)]))
-        elif name in _UNARY:
-            pool.append(_UNARY[name](a))
-        else:
-            pool.append(_BINARY[name](a, b))
-    outs = [n for n in pool[6:] if n.batched][-n_out:] or [x * p]
-    return region_from_outputs(outs, [x, y, q, p, s], name="random")
-
-
 @settings(max_examples=15, deadline=None)
 @given(width=st.integers(1, 9), batch=st.integers(1, 6), n_out=st.integers(1, 3),
-       steps=st.lists(st.tuples(st.sampled_from(_STEPS), st.integers(0, 50), st.integers(0, 50)),
+       steps=st.lists(st.tuples(st.sampled_from(RANDOM_STEPS), st.integers(0, 50), st.integers(0, 50)),
                       min_size=1, max_size=8))
 def test_random_elementwise_regions_match_reference(width, batch, n_out, steps):
-    region = _random_region(width, steps, n_out)
-    vals = [torch.randn(batch, width), torch.randn(batch, width), torch.randn(batch), torch.randn(width),
-            torch.randn(())]
+    region = random_elementwise_region(width, steps, n_out)
+    vals = random_region_inputs(batch, width)
     got = compile_region(region)(on_device(vals))
     for g, w in zip(got, reference(region, vals)):
         torch.testing.assert_close(g.cpu(), w, atol=1e-5, rtol=1e-5)

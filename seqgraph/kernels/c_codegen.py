@@ -1,0 +1,423 @@
+"""C source for one fused Region: the kernels of the `cpu` backend.
+
+Each region becomes one C function that walks the batch row by row. Within a row every value
+is an array of its columns (the per-example shape flattened): region inputs are read in place
+through their row pointers, computed values live in a scratch array on the stack, a slice is a
+pointer into its operand (no copy), a reshape or a broadcast from one column is the same
+pointer, and a concat or a pad writes its pieces at their offsets. Elementwise ops are one loop
+over the columns each (`for j < w: v[j] = <expr>`), written from the op registry's C emitters
+and vectorised by the C compiler; row reductions (sum, mean, softmax, layer_norm) use the
+registry's statement emitters. Stores come last, row by row: `if (keep)` the value, else the
+carried input or zero (masking folded in, as in the Triton kernels), so a padded row costs
+one branch. The C type `real` is float or double: one source serves both, compiled twice.
+
+The transcendental functions are written out (`sg_exp`, `sg_sigmoid`, `sg_tanh` in PRELUDE) so
+that the compiler can vectorise them without -ffast-math; in float they are within 2 ulp of
+the correctly rounded result over the whole range (inf, nan and denormals included), and in
+double they call libm. This module only writes source text and says what it cannot fuse;
+compiling, caching and calling are c_launch.py's job.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..compiler import ops
+from ..compiler.ir import Node
+from .codegen import ArgSpec, region_problem, width
+from .region import Region
+
+C_CODEGEN_VERSION = 1  # bump when generated kernels change meaning: it is part of the cache key
+
+_STACK_LIMIT = 64 * 1024  # scratch elements kept on the stack; wider regions allocate once per call
+
+PRELUDE = r"""/* seqgraph generated C kernels; read them with model.source() */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef SG_DOUBLE
+typedef double real;
+#define SG_LOG log
+#define SG_SQRT sqrt
+#define SG_ABS fabs
+static inline double sg_exp(double x) { return exp(x); }
+static inline double sg_tanh(double x) { return tanh(x); }
+#else
+typedef float real;
+#define SG_LOG logf
+#define SG_SQRT sqrtf
+#define SG_ABS fabsf
+/* exp(x) = 2^n * p(r), r = x - n ln2 (Cody-Waite), a degree-6 polynomial on |r| <= ln2/2, and
+   2^n applied in two halves so denormal results and overflow to inf come out right. Branch
+   free, so loops calling it vectorise. */
+static inline float sg_exp(float x) {
+    float xc = x < -104.0f ? -104.0f : (x > 89.0f ? 89.0f : x);
+    float n = floorf(xc * 1.44269504088896341f + 0.5f);
+    float r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    float y = p * r * r + r + 1.0f;
+    int32_t k = (int32_t)n;
+    int32_t k1 = k >> 1, k2 = k - (k >> 1);
+    int32_t b1 = (k1 + 127) << 23, b2 = (k2 + 127) << 23;
+    float s1, s2;
+    memcpy(&s1, &b1, 4);
+    memcpy(&s2, &b2, 4);
+    y = y * s1 * s2;
+    return x != x ? x : y;
+}
+/* tanh from exp(-2|x|), and its odd Taylor polynomial near 0, where 1 - exp(-2|x|) would
+   cancel: both are within ~1e-7 relative of tanh. */
+static inline float sg_tanh(float x) {
+    float a = fabsf(x);
+    float e = sg_exp(-2.0f * a);
+    float big = (1.0f - e) / (1.0f + e);
+    float a2 = a * a;
+    float small = a + a * a2 * (-0.333333333f + a2 * (0.133333333f + a2 * -0.053968254f));
+    float t = a < 0.2f ? small : big;
+    t = x < 0.0f ? -t : t;
+    return x != x ? x : t;
+}
+#endif
+
+/* a column loop: outputs never overlap inputs, and scratch arrays never overlap each other,
+   so no iteration depends on another (the compiler need not check aliasing at run time) */
+#if defined(__clang__)
+#define SG_COLUMNS _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define SG_COLUMNS _Pragma("GCC ivdep")
+#else
+#define SG_COLUMNS
+#endif
+
+/* 1 / (1 + exp(-x)) for x >= 0, exp(x) / (1 + exp(x)) below: no overflow, and tiny results
+   (down to denormals) keep their precision */
+static inline real sg_sigmoid(real x) {
+    real e = sg_exp(x < 0 ? x : -x);
+    real r = (real)1 / ((real)1 + e);
+    return x < 0 ? e * r : r;
+}
+/* nan-propagating, like torch.maximum / torch.minimum */
+static inline real sg_max(real a, real b) { return (a > b || a != a) ? a : b; }
+static inline real sg_min(real a, real b) { return (a < b || a != a) ? a : b; }
+static inline real sg_relu(real x) { return x < 0 ? (real)0 : x; }
+static inline real sg_sign(real x) { return (real)((x > 0) - (x < 0)); }  /* 0 at nan, as torch.sign */
+/* a row with strided columns, gathered into scratch (the kernels then read it contiguously) */
+static inline const real* sg_gather(real* dst, const real* src, int64_t stride, int64_t w) {
+    for (int64_t j = 0; j < w; ++j) dst[j] = src[j * stride];
+    return dst;
+}
+"""
+
+
+# ---------------------------------------------------------------------------------------
+# what can be fused
+# ---------------------------------------------------------------------------------------
+def _c_refusal(n: Node) -> str | None:
+    """Why the C generator has no code for `n`'s op (a reduction's rule may refuse one node)."""
+    rule = ops.c_rule(n)
+    if isinstance(rule, tuple):
+        return rule[1]
+    if ops.REGISTRY[n.op].kind == "reduction":
+        probe = rule(n, "dst", "x", width(n.inputs[0]))
+        if isinstance(probe, tuple):
+            return probe[1]
+    return None
+
+
+def c_region_supported(region: Region) -> tuple[bool, str]:
+    """Whether the C generator can fuse `region`, and if not, the reason (for the plan).
+
+    Raises ValueError for a malformed region (a node reading a value the region does not have)."""
+    why = region_problem(region, _c_refusal)
+    return (why is None, why or "")
+
+
+# ---------------------------------------------------------------------------------------
+# the generator
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CKernelSource:
+    """The C function of one region and the layout of its arguments."""
+
+    source: str  # the function (PRELUDE not included)
+    func_name: str
+    inputs: tuple[ArgSpec, ...]  # one per region input, in order
+    out_shapes: tuple[tuple[int, ...], ...]  # per-example shape of each output
+    masked: bool  # whether any output is carried or zero-masked (reads the step mask)
+
+
+@dataclass
+class _Val:
+    """A value inside one row: a literal, or `ptr` (a pointer into the array of node `base`,
+    at column `offset`) over `phys` columns (1 for a value broadcast from one column)."""
+
+    literal: str | None = None
+    base: int | None = None
+    ptr: str = ""
+    offset: int = 0
+    phys: int = 1
+
+
+@dataclass
+class _Item:
+    """One piece of a row's code: a loop over `width` columns computing elementwise `nodes`
+    (intermediates stay in registers), or one statement node (a reduction, concat or pad)."""
+
+    kind: str  # "loop" | "stmt"
+    width: int
+    nodes: list[Node]
+
+
+def _tag(n: Node) -> str:
+    name = f" '{n.name}'" if n.name else ""
+    site = f" @ {n.site}" if n.site.line else ""
+    return f"%{n.id} {n.op}{name}{site}".replace("*/", "* /")
+
+
+_ALIAS = ("reshape", "stop_gradient", "slice", "broadcast_to")
+
+
+class _Writer:
+    """Writes one kernel in three steps: place each node (elementwise ops join the earliest loop
+    of their width that comes after everything they read through memory), find which values
+    must live in a scratch array (read outside their own loop, or at an offset), then emit."""
+
+    def __init__(self, region: Region, func_name: str):
+        self.region = region
+        self.func_name = func_name
+        self.vals: dict[int, _Val] = {}
+        self.item_of: dict[int, int] = {}  # computed node id -> index of its item
+        self.items: list[_Item] = []
+        self.arrays: set[int] = set()  # computed nodes whose columns are kept in scratch
+        self.scratch = 0
+        self.params: list[str] = ["int64_t B"]
+        self.specs: list[ArgSpec] = []
+        self.pre: list[str] = []
+        self.row: list[str] = []
+
+    def alloc(self, w: int) -> int:
+        off = self.scratch
+        self.scratch += max(1, w)
+        return off
+
+    # -- step 1: values and placement ---------------------------------------------------
+    def _inputs(self) -> None:
+        for k, n in enumerate(self.region.inputs):
+            w = width(n)
+            if n.op == "const":
+                self.specs.append(ArgSpec("const", 1, n.label()))
+                self.vals[n.id] = _Val(literal=ops.c_literal(n.attrs["value"]))
+                continue
+            if n.batched:
+                self.specs.append(ArgSpec("rows", w, n.label()))
+                self.params += [f"const real* in{k}", f"int64_t rs{k}", f"int64_t cs{k}"]
+                if w > 1:  # a row with strided columns is gathered into scratch first
+                    self.row.append(f"const real* restrict a{k} = cs{k} == 1 ? in{k} + b * rs{k} : "
+                                    f"sg_gather(ws + {self.alloc(w)}, in{k} + b * rs{k}, cs{k}, {w});  /* {_tag(n)} */")
+                else:
+                    self.row.append(f"const real* restrict a{k} = in{k} + b * rs{k};  /* {_tag(n)} */")
+            else:
+                self.specs.append(ArgSpec("vector" if n.shape else "scalar", w, n.label()))
+                self.params += [f"const real* in{k}", f"int64_t cs{k}"]
+                if w > 1:
+                    self.pre.append(f"real t{k}[{w}];")
+                    self.pre.append(f"const real* restrict a{k} = cs{k} == 1 ? in{k} : sg_gather(t{k}, in{k}, cs{k}, {w});"
+                                    f"  /* {_tag(n)} */")
+                else:
+                    self.pre.append(f"const real* restrict a{k} = in{k};  /* {_tag(n)} */")
+            self.vals[n.id] = _Val(base=n.id, ptr=f"a{k}", phys=1 if w == 1 else w)
+
+    def _direct(self, v: _Val, w: int) -> bool:
+        """Whether a loop of width `w` can read `v` as a register of its own loop."""
+        return v.literal is None and v.base in self.item_of and v.offset == 0 and v.phys == w
+
+    def _place(self, n: Node) -> None:
+        op, w = n.op, width(n)
+        ins = [self.vals[i.id] for i in n.inputs]
+        if op == "const":
+            self.vals[n.id] = _Val(literal=ops.c_literal(n.attrs["value"]))
+            return
+        if op in _ALIAS:
+            a = ins[0]
+            if op == "slice" and a.literal is None and a.phys > 1:
+                off = a.offset + n.attrs["start"]
+                root = self.vals[a.base].ptr if a.base in self.vals else a.ptr
+                self.vals[n.id] = _Val(base=a.base, ptr=f"({root} + {off})" if off else root, offset=off,
+                                       phys=w if w > 1 else 1)
+            else:  # the same columns (a size-1 value stays one column)
+                self.vals[n.id] = a
+            return
+        self.vals[n.id] = _Val(base=n.id, ptr=f"v{n.id}", phys=w if w > 1 else 1)
+        if ops.REGISTRY[op].kind == "elementwise":
+            if all(v.literal is not None for v in ins):  # constants only: one folded expression
+                self.vals[n.id] = _Val(literal=ops.c_rule(n)(n, *[v.literal for v in ins]))
+                return
+            first = 0
+            for v in ins:
+                if v.literal is None and v.base in self.item_of:
+                    g = self.item_of[v.base]
+                    first = max(first, g if self._direct(v, w) else g + 1)
+            for k in range(first, len(self.items)):
+                it = self.items[k]
+                if it.kind == "loop" and it.width == w:
+                    it.nodes.append(n)
+                    self.item_of[n.id] = k
+                    return
+            self.items.append(_Item("loop", w, [n]))
+        else:
+            self.items.append(_Item("stmt", w, [n]))
+        self.item_of[n.id] = len(self.items) - 1
+
+    # -- step 2: which values need an array --------------------------------------------
+    def _find_arrays(self) -> None:
+        for n in self.region.nodes:
+            if n.id not in self.item_of:
+                continue  # aliases and constants
+            it = self.items[self.item_of[n.id]]
+            for i in n.inputs:
+                v = self.vals[i.id]
+                if v.literal is not None or v.base not in self.item_of:
+                    continue
+                if not (it.kind == "loop" and self.item_of[v.base] == self.item_of[n.id] and self._direct(v, it.width)):
+                    self.arrays.add(v.base)
+        for o in self.region.outputs:
+            v = self.vals[o.id]
+            if v.base in self.item_of and not (v.base == o.id and self.items[self.item_of[o.id]].kind == "loop"):
+                self.arrays.add(v.base)
+        for k in self.region.carry.values():
+            v = self.vals[self.region.inputs[k].id]
+            if v.base in self.item_of:
+                self.arrays.add(v.base)
+        for it in self.items:
+            if it.kind == "stmt":
+                self.arrays.add(it.nodes[0].id)
+
+    # -- step 3: emit --------------------------------------------------------------------
+    def at(self, v: _Val, loop_item: int | None = None, w: int = 0) -> str:
+        if v.literal is not None:
+            return v.literal
+        if loop_item is not None and self.item_of.get(v.base) == loop_item and self._direct(v, w):
+            return f"t{v.base}"
+        return f"{v.ptr}[0]" if v.phys == 1 else f"{v.ptr}[j]"
+
+    def _store_value(self, k: int, value: str) -> str:
+        region = self.region
+        if k in region.carry:
+            c = self.at(self.vals[region.inputs[region.carry[k]].id])
+            return f"o{k}[j] = keep ? {value} : {c};"
+        if k in region.zero_masked:
+            return f"o{k}[j] = keep ? {value} : (real)0;"
+        return f"o{k}[j] = {value};"
+
+    def _emit_items(self) -> set[int]:
+        """The row's code; returns the outputs stored inside their loops."""
+        outputs_of: dict[int, list[int]] = {}
+        for k, o in enumerate(self.region.outputs):
+            if self.vals[o.id].base == o.id and o.id in self.item_of and self.items[self.item_of[o.id]].kind == "loop":
+                outputs_of.setdefault(o.id, []).append(k)
+        stored: set[int] = set()
+        for idx, it in enumerate(self.items):
+            for n in it.nodes:
+                if n.id in self.arrays:
+                    self.row.append(f"real* restrict v{n.id} = ws + {self.alloc(width(n))};")
+            if it.kind == "stmt":
+                self._emit_stmt(it.nodes[0])
+                continue
+            self.row.append("SG_COLUMNS")
+            self.row.append(f"for (int64_t j = 0; j < {it.width}; ++j) {{")
+            for n in it.nodes:
+                expr = ops.c_rule(n)(n, *[self.at(self.vals[i.id], idx, it.width) for i in n.inputs])
+                self.row.append(f"    real t{n.id} = {expr};  /* {_tag(n)} */")
+                if n.id in self.arrays:
+                    self.row.append(f"    v{n.id}[j] = t{n.id};")
+                for k in outputs_of.get(n.id, ()):
+                    self.row.append("    " + self._store_value(k, f"t{n.id}"))
+                    stored.add(k)
+            self.row.append("}")
+        return stored
+
+    def _emit_stmt(self, n: Node) -> None:
+        var, w = f"v{n.id}", width(n)
+        ins = [self.vals[i.id] for i in n.inputs]
+        self.row.append(f"/* {_tag(n)} */")
+        if n.op == "concat":
+            off = 0
+            for a, v in zip(n.inputs, ins):
+                wa = width(a)
+                self.row.append(f"for (int64_t j = 0; j < {wa}; ++j) {var}[{off} + j] = {self.at(v)};")
+                off += wa
+        elif n.op == "pad":
+            before, wa = n.attrs["before"], width(n.inputs[0])
+            after = w - before - wa
+            if before:
+                self.row.append(f"for (int64_t j = 0; j < {before}; ++j) {var}[j] = 0;")
+            self.row.append(f"for (int64_t j = 0; j < {wa}; ++j) {var}[{before} + j] = {self.at(ins[0])};")
+            if after:
+                self.row.append(f"for (int64_t j = 0; j < {after}; ++j) {var}[{before + wa} + j] = 0;")
+        else:  # a row reduction
+            self.row.append(ops.c_rule(n)(n, var, self.at(ins[0]), width(n.inputs[0])))
+
+    def write(self) -> CKernelSource:
+        region = self.region
+        self._inputs()
+        for n in region.nodes:
+            self._place(n)
+        self._find_arrays()
+        masked = bool(region.carry or region.zero_masked)
+        if masked:
+            # a padded row whose outputs are all carried or zeroed skips the computation
+            if all(k in region.carry or k in region.zero_masked for k in range(len(region.outputs))):
+                self.row.append("if (mask != 0 && mask[b * ms] == 0) {")
+                for k, o in enumerate(region.outputs):
+                    w = width(o)
+                    fill = self.at(self.vals[region.inputs[region.carry[k]].id]) if k in region.carry else "0"
+                    self.row.append(f"    for (int64_t j = 0; j < {w}; ++j) out{k}[b * {w} + j] = {fill};")
+                self.row += ["    continue;", "}"]
+            self.row.append("const int keep = mask == 0 || mask[b * ms] != 0;")
+        else:
+            self.row.append("const int keep = 1;")
+        for k, o in enumerate(region.outputs):
+            self.row.append(f"real* restrict o{k} = out{k} + b * {width(o)};  /* output {k}: {_tag(o)} */")
+        stored = self._emit_items()
+        for k, o in enumerate(region.outputs):
+            if k not in stored:
+                self.row.append(f"SG_COLUMNS for (int64_t j = 0; j < {width(o)}; ++j) {self._store_value(k, self.at(self.vals[o.id]))}")
+        for k in range(len(region.outputs)):
+            self.params.append(f"real* out{k}")
+        self.params += ["const unsigned char* mask", "int64_t ms"]
+        ops_used = ", ".join(n.op for n in region.nodes)
+        lines = [f"/* region {region.name!r}: {ops_used} */",
+                 f"int {self.func_name}({', '.join(self.params)}) {{"]
+        big = self.scratch > _STACK_LIMIT
+        if big:
+            lines.append(f"    real* ws = (real*)malloc(sizeof(real) * {self.scratch});")
+            lines.append("    if (ws == 0) return 1;  /* the caller raises MemoryError */")
+        else:
+            lines.append(f"    real ws[{max(1, self.scratch)}];")
+        lines += ["    " + ln for ln in self.pre]
+        lines.append("    for (int64_t b = 0; b < B; ++b) {")
+        lines += ["        " + ln for ln in self.row]
+        lines.append("    }")
+        if big:
+            lines.append("    free(ws);")
+        lines += ["    return 0;", "}"]
+        return CKernelSource("\n".join(lines) + "\n", self.func_name, tuple(self.specs),
+                             tuple(o.shape for o in region.outputs), masked)
+
+
+def generate_c(region: Region, func_name: str = "sg_region") -> CKernelSource:
+    """The C function computing `region` (raises NotImplementedError when it cannot be fused)."""
+    ok, why = c_region_supported(region)
+    if not ok:
+        raise NotImplementedError(why)
+    return _Writer(region, func_name).write()
+
+
+__all__ = ["PRELUDE", "CKernelSource", "C_CODEGEN_VERSION", "c_region_supported", "generate_c"]

@@ -1,0 +1,355 @@
+"""Compile, cache and call the C kernels of the `cpu` backend.
+
+A `CLibrary` gathers the regions of one compiled program (forward and backward variants;
+regions of the same structure share one function) and builds them into one shared library
+per dtype with the system C compiler, so a whole LSTM costs one compiler run (about 0.2 s).
+The library is written once to the kernel cache ($SEQGRAPH_CACHE_DIR/cpu, next to the Triton
+kernels) as `<key>.so` with its source `<key>.c`, where the key hashes the regions'
+structure, the dtype, the generator's version, the compiler's version, the flags and (for
+-march=native) the CPU's feature flags; another process, or a program of the same structure,
+loads the file without compiling. Each kernel is called through ctypes by a small Python
+function written for its argument layout (one pointer and the strides per input), which costs
+about 3 us a call. This module must not decide what is fused (c_codegen.py) nor cut graphs
+into regions (the compiler).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .c_codegen import C_CODEGEN_VERSION, PRELUDE, CKernelSource, generate_c
+from .launch import cache_dir, debug_level
+from .region import Region, bind_inputs
+
+# AVX-512 machines vectorise with 512-bit registers only when asked (gcc and clang prefer 256)
+DEFAULT_CFLAGS = "-O3 -march=native" + (" -mprefer-vector-width=512" if platform.machine() in ("x86_64", "AMD64") else "")
+_BASE_FLAGS = ["-shared", "-fPIC", "-std=gnu11", "-fno-math-errno", "-fno-trapping-math"]
+_DTYPES = {torch.float32: "float", torch.float64: "double"}
+_loaded: dict[str, ctypes.CDLL] = {}  # cache key -> the loaded library
+_compiler_ids: dict[str, str] = {}
+
+
+class CompilerMissing(RuntimeError):
+    """No C compiler was found: the cpu backend is unavailable (the torch backend still is)."""
+
+
+def find_compiler() -> str | None:
+    """The C compiler: $CC if set, else the first of cc, gcc, clang on PATH (None if none)."""
+    cc = os.environ.get("CC")
+    if cc:
+        return shutil.which(shlex.split(cc)[0]) and cc
+    for name in ("cc", "gcc", "clang"):
+        if shutil.which(name):
+            return name
+    return None
+
+
+def cflags() -> list[str]:
+    """Optimisation flags: $SEQGRAPH_CFLAGS, else DEFAULT_CFLAGS (-O3 -march=native)."""
+    return shlex.split(os.environ.get("SEQGRAPH_CFLAGS", DEFAULT_CFLAGS))
+
+
+def _compiler_id(cc: str) -> str:
+    if cc not in _compiler_ids:
+        try:
+            out = subprocess.run(shlex.split(cc) + ["--version"], capture_output=True, text=True, timeout=30)
+            _compiler_ids[cc] = out.stdout.splitlines()[0] if out.stdout else cc
+        except (OSError, subprocess.SubprocessError):
+            _compiler_ids[cc] = cc
+    return _compiler_ids[cc]
+
+
+def _cpu_features() -> str:
+    """What -march=native compiles for: the CPU's feature flags, so a shared cache never hands
+    one machine another's instructions."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _generator_fingerprint() -> str:
+    """A hash of the code that writes kernels (this package's generator and the op registry's
+    emitters), so a changed generator never loads a library an older one built."""
+    from ..compiler import ops
+    from . import c_codegen
+    h = hashlib.sha256()
+    for mod in (c_codegen, ops):
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    if dtype not in _DTYPES:
+        raise TypeError(f"C kernels compute float32 or float64, got {dtype}; the torch backend runs other dtypes")
+    return _DTYPES[dtype]
+
+
+class CKernel:
+    """One region's C function; call it like a Triton RegionKernel.
+
+    kernel(inputs, mask=None, out=None) -> list of outputs. `inputs` holds one CPU tensor per
+    region input (constants may be given as None or left out): batched values (B, W) with any
+    strides, unbatched ones (W,) or 0-d, all float32 or all float64. `mask` is (B,) bool, True
+    = a real step; padded rows of carried outputs keep that input, zero-masked ones are zero.
+    `out` may give, per output, a contiguous (B, W) tensor to write into; None entries are
+    allocated. Checked: wrong counts, shapes, dtypes or devices raise ValueError/TypeError."""
+
+    def __init__(self, library: "CLibrary", region: Region, gen: CKernelSource):
+        self.library = library
+        self.region = region
+        self.gen = gen
+        self.source = gen.source
+        self.fns: dict[torch.dtype, object] = {}  # dtype -> the ctypes function
+        self._non_const = [k for k, a in enumerate(gen.inputs) if a.kind != "const"]
+        self._out_widths = [max(1, _prod(s)) for s in gen.out_shapes]
+        self.fast = _fast_caller(self)
+
+    def __repr__(self) -> str:
+        return f"<CKernel {self.region.name!r} {self.gen.func_name}>"
+
+    def fn(self, dtype: torch.dtype):
+        f = self.fns.get(dtype)
+        if f is None:
+            self.library.load(dtype)
+            f = self.fns[dtype]
+        return f
+
+    def __call__(self, inputs: Sequence[torch.Tensor | None], mask: torch.Tensor | None = None,
+                 out: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+        tensors = bind_inputs(self.region, self._non_const, inputs)
+        batch, dtype = None, None
+        checked: list[torch.Tensor | None] = []
+        for k, spec in enumerate(self.gen.inputs):
+            t = tensors[k]
+            if spec.kind == "const":
+                checked.append(None)
+                continue
+            if not isinstance(t, torch.Tensor):
+                self._fail(k, f"must be a tensor, got {type(t).__name__}", TypeError)
+            if t.device.type != "cpu":
+                self._fail(k, f"is on {t.device}; C kernels take CPU tensors")
+            if dtype is None:
+                dtype = t.dtype
+                _dtype_name(dtype)
+            elif t.dtype != dtype:
+                self._fail(k, f"has dtype {t.dtype}, the others {dtype}", TypeError)
+            if spec.kind == "rows":
+                if t.dim() == 0 or (batch is not None and t.shape[0] != batch):
+                    self._fail(k, f"has shape {tuple(t.shape)}; expected a batch of {batch} rows")
+                batch = t.shape[0] if batch is None else batch
+                t = t.reshape(t.shape[0], -1) if t.dim() != 2 else t
+                if t.shape[1] != spec.width:
+                    self._fail(k, f"has {t.shape[1]} columns per row, expected {spec.width}")
+            elif t.numel() != spec.width:
+                self._fail(k, f"has {t.numel()} elements, expected {spec.width}")
+            else:
+                t = t.reshape(-1) if spec.kind == "vector" else t.reshape(())
+            checked.append(t)
+        if batch is None:
+            if mask is None:
+                raise ValueError(f"region {self.region.name!r} has no batched input; pass a mask to give the batch size")
+            batch = mask.shape[0]
+        dtype = dtype or torch.float32
+        if mask is not None and (mask.shape != (batch,) or mask.dtype != torch.bool or mask.device.type != "cpu"):
+            raise ValueError(f"the mask of region {self.region.name!r} must be a ({batch},) bool CPU tensor, got "
+                             f"{tuple(mask.shape)} {mask.dtype} on {mask.device}")
+        given = list(out) if out is not None else [None] * len(self._out_widths)
+        if len(given) != len(self._out_widths):
+            raise ValueError(f"region {self.region.name!r} has {len(self._out_widths)} outputs, out= gave {len(given)}")
+        spans = [_byte_span(t) for t in checked if t is not None]
+        for k, (w, t) in enumerate(zip(self._out_widths, given)):
+            if t is None:
+                continue
+            if t.numel() != batch * w or not t.is_contiguous() or t.dtype != dtype or t.device.type != "cpu":
+                raise ValueError(f"out[{k}] of region {self.region.name!r} must be a contiguous {dtype} CPU tensor "
+                                 f"of {batch}x{w} elements, got {tuple(t.shape)} {t.dtype} on {t.device}")
+            lo, hi = _byte_span(t)
+            if any(lo < b and a < hi for a, b in spans):  # the kernel reads inputs while it writes outputs
+                raise ValueError(f"out[{k}] of region {self.region.name!r} overlaps one of its inputs; "
+                                 "give it a buffer of its own")
+            spans.append((lo, hi))
+        outs = self.fast([t for t in checked if t is not None] if self._non_const else [], mask, given,
+                         batch, dtype)
+        return [o if len(s) == 1 else o.view((batch,) + s) for o, s in zip(outs, self.gen.out_shapes)]
+
+    def _fail(self, k: int, problem: str, kind=ValueError):
+        raise kind(f"input {k} ({self.gen.inputs[k].label}) of region {self.region.name!r} {problem}")
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes [lo, hi) a strided tensor can touch."""
+    if t.numel() == 0:
+        return (0, 0)
+    lo = hi = t.data_ptr()
+    for size, stride in zip(t.shape, t.stride()):
+        step = (size - 1) * stride * t.element_size()
+        lo, hi = (lo + step, hi) if step < 0 else (lo, hi + step)
+    return lo, hi + t.element_size()
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _fast_caller(kernel: CKernel):
+    """An unchecked Python function for the generated loops: inputs (constants left out), mask,
+    out, and optionally B and dtype; it allocates the missing outputs and calls the C function.
+    Written out per kernel so a call does no loop over its arguments."""
+    gen = kernel.gen
+    specs = [gen.inputs[k] for k in kernel._non_const]
+    names = [f"a{k}" for k in range(len(specs))]
+    lines = ["def call(inputs, mask=None, out=None, B=None, dtype=None):"]
+    if names:
+        lines.append(f"    {', '.join(names)}, = inputs")
+    rows = [nm for nm, s in zip(names, specs) if s.kind == "rows"]
+    ref = rows[0] if rows else (names[0] if names else None)
+    lines.append(f"    dt = {ref}.dtype if dtype is None else dtype" if ref else
+                 "    dt = torch.float32 if dtype is None else dtype")
+    lines.append(f"    B = {rows[0]}.shape[0] if B is None else B" if rows else "    B = mask.shape[0] if B is None else B")
+    lines.append("    fn = fns.get(dt) or kernel.fn(dt)")
+    no = len(kernel._out_widths)
+    lines.append(f"    o = out if out is not None else {[None] * no!r}")
+    args = ["B"]
+    for nm, s in zip(names, specs):
+        if s.kind == "rows":
+            args += [f"{nm}.data_ptr()", f"{nm}.stride(0)", f"{nm}.stride(-1)" if s.width > 1 else "1"]
+        elif s.kind == "vector":
+            args += [f"{nm}.data_ptr()", f"{nm}.stride(0)" if s.width > 1 else "1"]
+        else:
+            args += [f"{nm}.data_ptr()", "1"]
+    for k, w in enumerate(kernel._out_widths):
+        shape = "(B,)" if not gen.out_shapes[k] else f"(B, {w})"
+        lines.append(f"    o{k} = o[{k}]")
+        lines.append(f"    if o{k} is None: o{k} = empty({shape}, dtype=dt)")
+        args.append(f"o{k}.data_ptr()")
+    if gen.masked:
+        args += ["(mask.data_ptr() if mask is not None else None)", "(mask.stride(0) if mask is not None else 0)"]
+    else:
+        args += ["None", "0"]
+    lines.append(f"    if B and fn({', '.join(args)}): raise MemoryError({f'region {kernel.region.name!r} could not allocate its scratch'!r})")
+    lines.append(f"    return [{', '.join(f'o{k}' for k in range(no))}]")
+    namespace = {"fns": kernel.fns, "kernel": kernel, "empty": torch.empty, "torch": torch}
+    exec(compile("\n".join(lines), f"<seqgraph C call {gen.func_name}>", "exec"), namespace)
+    return namespace["call"]
+
+
+def _argtypes(gen: CKernelSource) -> list:
+    types = [ctypes.c_int64]
+    for s in gen.inputs:
+        if s.kind == "rows":
+            types += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+        elif s.kind in ("vector", "scalar"):
+            types += [ctypes.c_void_p, ctypes.c_int64]
+    types += [ctypes.c_void_p] * len(gen.out_shapes)
+    types += [ctypes.c_void_p, ctypes.c_int64]
+    return types
+
+
+class CLibrary:
+    """The C kernels of one program, built into one shared library per dtype on first use."""
+
+    def __init__(self, name: str = "cell"):
+        self.name = name
+        self.kernels: list[CKernel] = []
+        self._by_signature: dict[tuple, CKernel] = {}
+        self.paths: dict[torch.dtype, Path] = {}
+        self.compiled: dict[torch.dtype, bool] = {}  # dtype -> whether this process ran the compiler
+
+    def add(self, region: Region) -> CKernel:
+        """The kernel for `region` (one already added with the same structure is reused)."""
+        sig = region.signature()
+        k = self._by_signature.get(sig)
+        if k is None:
+            gen = generate_c(region, f"sg_region_{len(self.kernels)}")
+            k = CKernel(self, region, gen)
+            self.kernels.append(k)
+            self._by_signature[sig] = k
+        return k
+
+    def source(self) -> str:
+        return PRELUDE + "\n" + "\n".join(k.source for k in self.kernels)
+
+    def key(self, dtype: torch.dtype) -> str:
+        cc = find_compiler() or "none"
+        flags = cflags()
+        text = repr(([r for r in self._by_signature], _dtype_name(dtype), C_CODEGEN_VERSION, _generator_fingerprint(),
+                     _compiler_id(cc),
+                     flags, _BASE_FLAGS, _cpu_features() if "-march=native" in flags else platform.machine(),
+                     sys.platform))
+        return "c" + hashlib.sha256(text.encode()).hexdigest()[:24]
+
+    def load(self, dtype: torch.dtype) -> None:
+        """Compile (or find in the cache) the library for `dtype` and bind every kernel to it."""
+        name = _dtype_name(dtype)
+        if not self.kernels:
+            return
+        key = self.key(dtype)
+        lib = _loaded.get(key)
+        path = cache_dir() / "cpu" / f"{key}.so"
+        wrote = False
+        if lib is None:
+            if not path.exists():
+                _build(self.source(), path, name)
+                wrote = True
+            lib = _loaded[key] = ctypes.CDLL(str(path))
+        self.paths[dtype], self.compiled[dtype] = path, wrote
+        for k in self.kernels:
+            f = getattr(lib, k.gen.func_name)
+            f.argtypes = _argtypes(k.gen)
+            f.restype = ctypes.c_int
+            k.fns[dtype] = f
+        if debug_level() >= 3:
+            print(f"[seqgraph] C kernels of {self.name!r} for {name} ({path}):\n{self.source()}", file=sys.stderr)
+
+
+def _build(source: str, path: Path, real: str) -> None:
+    cc = find_compiler()
+    if cc is None:
+        raise CompilerMissing("the cpu backend compiles its kernels with a C compiler, and none was found "
+                              "(set $CC, or install gcc or clang); backend='torch' needs none")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    c_path = path.with_suffix(".c")
+    if not c_path.exists():
+        fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".c.tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(source)
+        os.replace(tmp, c_path)
+    fd, tmp_so = tempfile.mkstemp(prefix=path.stem, suffix=".so.tmp", dir=path.parent)
+    os.close(fd)
+    cmd = shlex.split(cc) + cflags() + _BASE_FLAGS + (["-DSG_DOUBLE"] if real == "double" else []) + \
+        ["-o", tmp_so, str(c_path), "-lm"]
+    if debug_level() >= 1:
+        print(f"[seqgraph] {' '.join(cmd)}", file=sys.stderr)
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        os.unlink(tmp_so)
+        raise RuntimeError(f"the C compiler failed on generated kernels ({c_path}); this is a seqgraph bug, "
+                           f"please report it with that file:\n{' '.join(cmd)}\n{res.stderr[-4000:]}")
+    os.replace(tmp_so, path)  # atomic: a concurrent process sees the whole library or none
+
+
+def clear_memory_cache() -> None:
+    """Forget the libraries loaded by this process (the files on disk stay)."""
+    _loaded.clear()
+
+
+__all__ = ["CKernel", "CLibrary", "CompilerMissing", "find_compiler", "cflags", "clear_memory_cache"]

@@ -1,0 +1,396 @@
+"""The C kernels of the cpu backend: structure of the source, what is fused, numbers against the
+reference interpreter (float32 to 1e-5, float64 to 1e-12), the transcendental functions over
+their whole range, layouts, masking, argument errors, the library cache and debug output."""
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import seqgraph as sg
+from seqgraph.compiler import ops
+from seqgraph.compiler.ops import make
+from seqgraph.kernels import c_launch
+from seqgraph.kernels.c_codegen import c_region_supported, generate_c
+from seqgraph.kernels.c_launch import CLibrary, CompilerMissing, clear_memory_cache
+from seqgraph.kernels.codegen import region_from_outputs
+from seqgraph.kernels.region import Region
+
+from regions import (CELL_REGIONS, RANDOM_STEPS, forward_nodes, lstm_region, lstm_step, lstm_step_inputs,
+                     random_elementwise_region, random_inputs, random_region_inputs, reference,
+                     strided_lstm_step_inputs, vjp_region)
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def kernel_for(region):
+    lib = CLibrary("test")
+    return lib.add(region)
+
+
+def assert_matches_reference(region, batch=5, positive=False, dtype=torch.float32, rtol=None):
+    vals = random_inputs(region, batch, positive, dtype=dtype)
+    got = kernel_for(region)(vals)
+    want = reference(region, vals, dtype=dtype)
+    assert len(got) == len(want)
+    tol = TOL[dtype]
+    for k, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape and g.dtype == dtype, f"output {k}"
+        torch.testing.assert_close(g, w, atol=tol, rtol=rtol or tol * 10, msg=lambda m: f"output {k}: {m}")
+
+
+# ---------------------------------------------------------------------------------------
+# the source
+# ---------------------------------------------------------------------------------------
+def test_every_computed_value_names_the_node_it_comes_from():
+    region = lstm_region()
+    source = generate_c(region).source
+    for n in region.nodes:
+        if n.op in ("add", "mul", "sigmoid", "tanh"):
+            assert f"/* %{n.id} {n.op}" in source, n
+
+
+def test_elementwise_ops_of_one_width_share_one_loop_and_keep_intermediates_in_registers():
+    source = generate_c(lstm_region(hidden=6)).source
+    assert source.count("for (int64_t j = 0; j < 24; ++j) {") == 1  # the gate pre-activations
+    assert source.count("for (int64_t j = 0; j < 6; ++j) {") == 1  # every gate and both states
+    assert "real t" in source and "v%d[j] = t" not in source
+
+
+def test_a_chunk_of_a_computed_value_is_read_in_place():
+    source = generate_c(lstm_region(hidden=6)).source
+    assert re.search(r"\(v\d+ \+ 12\)\[j\]", source)  # the third gate: 12 columns in, no copy
+    assert source.count("ws + ") == 1 + 3  # one array for the pre-activations, plus the input gathers
+
+
+def test_a_constant_is_written_as_a_literal_of_the_kernel_type():
+    x = sg.Input(3, name="x")
+    source = generate_c(region_from_outputs([x * 0.25 + float("inf")], [x])).source
+    assert "((real)0.25)" in source and "((real)INFINITY)" in source
+
+
+def test_constants_only_subexpressions_are_folded_into_one_expression():
+    x = sg.Input(3, name="x")
+    two = ops.add(ops.const(1.5), ops.const(0.5))
+    source = generate_c(region_from_outputs([x * two], [x])).source
+    assert "(((real)1.5) + ((real)0.5))" in source and source.count("for (int64_t j") == 1
+
+
+def test_padded_rows_of_a_region_whose_outputs_are_all_carried_skip_the_computation():
+    source = generate_c(lstm_step(carry={0: 4, 1: 3}, zero_masked={2})).source
+    assert "if (mask != 0 && mask[b * ms] == 0) {" in source and "continue;" in source
+
+
+# ---------------------------------------------------------------------------------------
+# numbers
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name", sorted(CELL_REGIONS))
+def test_region_matches_reference(name, dtype):
+    build, batch, positive = CELL_REGIONS[name]
+    region = build()
+    assert c_region_supported(region) == (True, "")
+    assert_matches_reference(region, batch=batch, positive=positive, dtype=dtype)
+
+
+@pytest.mark.parametrize("index", range(17), ids=lambda k: f"node{k}")
+def test_vjp_region_of_each_op_matches_reference(index):
+    node = forward_nodes()[index]
+    region = vjp_region(node)
+    ok, why = c_region_supported(region)
+    if node.op == "layer_norm":  # its derivative is one op that runs as torch's native kernel
+        assert not ok and "native kernel" in why
+        return
+    assert ok, why
+    assert_matches_reference(region, positive=True, rtol=1e-4)
+    assert_matches_reference(region, positive=True, dtype=torch.float64)
+
+
+def _special_values():
+    wide = torch.linspace(-120.0, 100.0, 20001)
+    near_zero = torch.linspace(-0.3, 0.3, 6001)
+    edges = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-30, -1e-30, 88.7, 88.73, -87.4,
+                          -103.9, -104.5, 0.2, -0.2, 0.19999, 20.0, -20.0])
+    return torch.cat([wide, near_zero, edges])
+
+
+@pytest.mark.parametrize("op", ["exp", "sigmoid", "tanh"])
+def test_float32_transcendentals_are_within_3_ulp_over_their_whole_range(op):
+    x = sg.Input(1, name="x")
+    region = region_from_outputs([getattr(sg, op)(x)], [x])
+    xs = _special_values()
+    (got,) = kernel_for(region)([xs[:, None]])
+    got = got[:, 0]
+    exact = getattr(torch, op)(xs.double())
+    want = exact.float()  # the correctly rounded answer, with float32's overflow and underflow
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    fin = torch.isfinite(want)
+    ulp = torch.finfo(torch.float32).eps * exact[fin].abs().clamp_min(torch.finfo(torch.float32).tiny)
+    err = (got[fin].double() - exact[fin]).abs() / ulp
+    assert err.max() <= 3, f"{op}: {err.max():.2f} ulp at x = {xs[fin][err.argmax()]}"
+
+
+def test_nan_goes_through_max_min_relu_and_sign_as_in_torch():
+    x, y = sg.Input(4, name="x"), sg.Input(4, name="y")
+    region = region_from_outputs([sg.maximum(x, y), sg.minimum(x, y), sg.relu(x), make("sign", (x,))], [x, y])
+    nan = float("nan")
+    xs = torch.tensor([[nan, 1.0, -2.0, nan]])
+    ys = torch.tensor([[0.0, nan, 3.0, nan]])
+    got = kernel_for(region)([xs, ys])
+    want = [torch.maximum(xs, ys), torch.minimum(xs, ys), torch.relu(xs), torch.sign(xs)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, equal_nan=True)
+
+
+@settings(max_examples=15, deadline=None)
+@given(width=st.integers(1, 9), batch=st.integers(1, 6), n_out=st.integers(1, 3),
+       steps=st.lists(st.tuples(st.sampled_from(RANDOM_STEPS), st.integers(0, 50), st.integers(0, 50)),
+                      min_size=1, max_size=8))
+def test_random_elementwise_regions_match_reference(width, batch, n_out, steps):
+    region = random_elementwise_region(width, steps, n_out)
+    vals = random_region_inputs(batch, width)
+    got = kernel_for(region)(vals)
+    for g, w in zip(got, reference(region, vals)):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# layouts
+# ---------------------------------------------------------------------------------------
+def test_non_contiguous_batched_inputs_are_read_through_their_strides():
+    region = lstm_step()
+    vals = strided_lstm_step_inputs(5)
+    got = kernel_for(region)(vals)
+    for g, w in zip(got, reference(region, vals)):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_a_strided_parameter_vector_is_read_through_its_stride():
+    x, p = sg.Input(7, name="x"), sg.Parameter(7, name="p")
+    vals = [torch.randn(3, 7), torch.randn(14)[::2]]
+    (got,) = kernel_for(region_from_outputs([x * p], [x, p]))(vals)
+    torch.testing.assert_close(got, vals[0] * vals[1])
+
+
+def test_outputs_are_fresh_contiguous_tensors_with_the_batch_first():
+    x = sg.Input(5, name="x")
+    wide, scalar = kernel_for(region_from_outputs([sg.tanh(x), sg.sum(x)], [x]))([torch.randn(4, 5)])
+    assert wide.shape == (4, 5) and wide.is_contiguous()
+    assert scalar.shape == (4,)
+
+
+def test_outputs_are_written_into_the_given_buffers():
+    x = sg.Input(5, name="x")
+    kernel = kernel_for(region_from_outputs([sg.tanh(x), x * 2.0], [x]))
+    buf = torch.zeros(3, 4, 5)
+    xs = torch.randn(4, 5)
+    a, b = kernel([xs], out=[buf[1], None])
+    assert a.data_ptr() == buf[1].data_ptr()
+    torch.testing.assert_close(buf[1], torch.tanh(xs))
+    assert (buf[0] == 0).all() and (buf[2] == 0).all()
+    torch.testing.assert_close(b, xs * 2.0)
+
+
+def test_an_empty_batch_gives_empty_outputs():
+    got = kernel_for(lstm_step())(lstm_step_inputs(0))
+    assert [tuple(g.shape) for g in got] == [(0, 6)] * 3
+
+
+def test_a_row_wider_than_the_stack_scratch_is_computed_in_heap_scratch():
+    x = sg.Input(70_000, name="x")
+    region = region_from_outputs([sg.softmax(sg.tanh(x) * 2.0)], [x])
+    assert "malloc" in generate_c(region).source
+    vals = [torch.randn(2, 70_000)]
+    (got,) = kernel_for(region)(vals)
+    torch.testing.assert_close(got, torch.softmax(torch.tanh(vals[0]) * 2.0, 1), atol=1e-8, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# masking
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_padded_rows_keep_the_carried_input_or_write_zeros(dtype):
+    region = lstm_step(carry={0: 4, 1: 3}, zero_masked={2})
+    vals = [v.to(dtype) for v in lstm_step_inputs(5)]
+    mask = torch.tensor([True, False, True, False, True])
+    h, c, out = kernel_for(region)(vals, mask=mask)
+    want_h, want_c, _ = reference(region, vals, dtype=dtype)
+    m = mask[:, None]
+    tol = TOL[dtype]
+    torch.testing.assert_close(h, torch.where(m, want_h, vals[4]), atol=tol, rtol=tol)
+    torch.testing.assert_close(c, torch.where(m, want_c, vals[3]), atol=tol, rtol=tol)
+    torch.testing.assert_close(out, torch.where(m, want_h, 0.0), atol=tol, rtol=tol)
+    assert torch.equal(c[~mask], vals[3][~mask])  # carried values are copied exactly
+
+
+def test_without_a_mask_every_row_is_computed():
+    region = lstm_step(carry={0: 4, 1: 3}, zero_masked={2})
+    vals = lstm_step_inputs(4)
+    for g, w in zip(kernel_for(region)(vals), reference(region, vals)):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_a_carried_output_can_be_an_input_passed_through():
+    x, h = sg.Input(3, name="x"), sg.State(3, name="h")
+    region = region_from_outputs([h, sg.tanh(x)], [x, h], carry={1: 1})
+    vals = [torch.randn(4, 3), torch.randn(4, 3)]
+    mask = torch.tensor([True, True, False, True])
+    same, y = kernel_for(region)(vals, mask=mask)
+    assert torch.equal(same, vals[1])
+    torch.testing.assert_close(y, torch.where(mask[:, None], torch.tanh(vals[0]), vals[1]))
+
+
+# ---------------------------------------------------------------------------------------
+# arguments
+# ---------------------------------------------------------------------------------------
+def test_constant_inputs_may_be_given_as_none_or_left_out():
+    x, k = sg.Input(4, name="x"), ops.const(3.0)
+    kernel = kernel_for(region_from_outputs([x * k], [x, k]))
+    xs = torch.randn(2, 4)
+    torch.testing.assert_close(kernel([xs, None])[0], xs * 3.0)
+    torch.testing.assert_close(kernel([xs])[0], xs * 3.0)
+
+
+def test_a_wrong_number_of_inputs_is_a_value_error():
+    with pytest.raises(ValueError, match="takes 5 inputs"):
+        kernel_for(lstm_step())(lstm_step_inputs(2)[:3])
+
+
+def test_an_input_of_the_wrong_width_is_a_value_error():
+    vals = lstm_step_inputs(2)
+    vals[3] = torch.randn(2, 7)
+    with pytest.raises(ValueError, match=r"input 3 \(c\).*7 columns per row, expected 6"):
+        kernel_for(lstm_step())(vals)
+
+
+def test_inputs_with_different_batch_sizes_are_a_value_error():
+    vals = lstm_step_inputs(3)
+    vals[4] = torch.randn(2, 6)
+    with pytest.raises(ValueError, match="expected a batch of 3 rows"):
+        kernel_for(lstm_step())(vals)
+
+
+def test_mixed_dtypes_are_a_type_error():
+    vals = lstm_step_inputs(2)
+    vals[1] = vals[1].double()
+    with pytest.raises(TypeError, match="has dtype torch.float64, the others torch.float32"):
+        kernel_for(lstm_step())(vals)
+
+
+def test_half_precision_is_a_type_error_naming_the_torch_backend():
+    with pytest.raises(TypeError, match="float32 or float64.*torch backend"):
+        kernel_for(lstm_step())([v.to(torch.bfloat16) for v in lstm_step_inputs(2)])
+
+
+def test_an_output_buffer_overlapping_an_input_is_a_value_error():
+    x = sg.Input(5, name="x")
+    kernel = kernel_for(region_from_outputs([sg.tanh(x)], [x]))
+    xs = torch.randn(4, 5)
+    with pytest.raises(ValueError, match="overlaps one of its inputs"):
+        kernel([xs], out=[xs])
+
+
+def test_an_output_buffer_of_the_wrong_size_is_a_value_error():
+    x = sg.Input(5, name="x")
+    with pytest.raises(ValueError, match=r"out\[0\].*contiguous torch.float32 CPU tensor of 4x5"):
+        kernel_for(region_from_outputs([sg.tanh(x)], [x]))([torch.randn(4, 5)], out=[torch.empty(4, 6)])
+
+
+def test_a_mask_of_the_wrong_shape_is_a_value_error():
+    with pytest.raises(ValueError, match=r"mask .* must be a \(2,\) bool CPU tensor"):
+        kernel_for(lstm_step(carry={0: 4}))(lstm_step_inputs(2), mask=torch.ones(3, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------------------------------
+# building and the cache
+# ---------------------------------------------------------------------------------------
+def test_regions_of_the_same_structure_share_one_function():
+    lib = CLibrary("test")
+    a, b = lib.add(lstm_step()), lib.add(lstm_step())
+    c = lib.add(lstm_step(hidden=7))
+    assert a is b and c is not a and len(lib.kernels) == 2
+
+
+def test_a_library_is_compiled_once_and_loaded_by_a_fresh_process(tmp_path):
+    script = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, sys.argv[1])
+        from regions import lstm_step, lstm_step_inputs
+        from seqgraph.kernels.c_launch import CLibrary
+        lib = CLibrary("t")
+        k = lib.add(lstm_step())
+        lib.load(torch.float32)
+        print(lib.compiled[torch.float32], lib.paths[torch.float32])
+        k(lstm_step_inputs(3))
+    """)
+    here = str(__import__("pathlib").Path(__file__).parent)
+    env = {**__import__("os").environ, "SEQGRAPH_CACHE_DIR": str(tmp_path)}
+    first = subprocess.run([sys.executable, "-c", script, here], capture_output=True, text=True, env=env)
+    second = subprocess.run([sys.executable, "-c", script, here], capture_output=True, text=True, env=env)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    wrote1, path1 = first.stdout.split()
+    wrote2, path2 = second.stdout.split()
+    assert (wrote1, wrote2) == ("True", "False") and path1 == path2
+    assert sorted(p.suffix for p in (tmp_path / "cpu").iterdir()) == [".c", ".so"]
+
+
+def test_the_library_key_changes_with_structure_dtype_and_flags(monkeypatch):
+    def key(region, dtype=torch.float32):
+        lib = CLibrary("t")
+        lib.add(region)
+        return lib.key(dtype)
+    base = key(lstm_step())
+    assert key(lstm_step()) == base  # new nodes, same structure
+    assert key(lstm_step(hidden=7)) != base
+    assert key(lstm_step(carry={0: 4})) != base
+    assert key(lstm_step(), torch.float64) != base
+    monkeypatch.setenv("SEQGRAPH_CFLAGS", "-O1")
+    assert key(lstm_step()) != base
+
+
+def test_a_missing_compiler_raises_compiler_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEQGRAPH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    lib = CLibrary("t")
+    lib.add(lstm_step())
+    with pytest.raises(CompilerMissing, match="C compiler"):
+        lib.load(torch.float32)
+
+
+def test_a_failing_compile_reports_the_compiler_output_and_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEQGRAPH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("SEQGRAPH_CFLAGS", "-O2 --definitely-not-a-flag")
+    lib = CLibrary("t")
+    lib.add(lstm_step())
+    with pytest.raises(RuntimeError, match=r"(?s)C compiler failed.*\.c.*definitely-not-a-flag"):
+        lib.load(torch.float32)
+    assert not list((tmp_path / "cpu").glob("*.so"))  # nothing half-written is left for a later load
+
+
+def test_float64_is_compiled_on_first_use():
+    x = sg.Input(3, name="x")
+    kernel = kernel_for(region_from_outputs([sg.tanh(x)], [x]))
+    kernel.library.load(torch.float32)
+    assert torch.float64 not in kernel.fns
+    (y,) = kernel([torch.randn(2, 3, dtype=torch.float64)])
+    assert y.dtype == torch.float64 and torch.float64 in kernel.fns
+
+
+def test_debug_level_3_prints_the_generated_c(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("SEQGRAPH_DEBUG", "3")
+    monkeypatch.setenv("SEQGRAPH_CACHE_DIR", str(tmp_path))
+    clear_memory_cache()
+    kernel = kernel_for(lstm_step())
+    kernel.library.load(torch.float32)
+    err = capsys.readouterr().err
+    assert kernel.source in err and "-O3" in err  # the source, and the compiler command
+
+
+def test_cflags_default_to_o3_march_native(monkeypatch):
+    monkeypatch.delenv("SEQGRAPH_CFLAGS", raising=False)
+    assert c_launch.cflags()[:2] == ["-O3", "-march=native"]
