@@ -160,7 +160,7 @@ def run_case(cell_name: str, size: str, device, dtype, reps: int, peers: set[str
         compiled(x, zeros)[0].float().sum().backward()
         _sync(device)
         add("torch.compile(loop)", lambda: compiled(x, zeros)[0], compile_s=time.perf_counter() - t0)
-    backends = ["torch"] + (["triton"] if device.type == "cuda" else [])
+    backends = ["torch"] + (["triton"] if device.type == "cuda" else ["cpu"])
     for backend in backends:
         if f"seqgraph-{backend}" not in peers:
             continue
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--peers", default="cudnn,eager,torch.compile,seqgraph-torch,seqgraph-triton",
+    ap.add_argument("--peers", default="cudnn,eager,torch.compile,seqgraph-torch,seqgraph-triton,seqgraph-cpu",
                     help="which columns to run")
     ap.add_argument("--out", default=None, help="Markdown file to write the table into (a section per machine)")
     args = ap.parse_args(argv)

@@ -2,7 +2,8 @@
 
 `compile` plans the cell once (seqgraph.compiler.pipeline), generates the backend's code
 (torch: straight-line Python over torch ops; triton: the same with each fused region a
-generated Triton kernel), and returns a `CompiledRecurrence` that shares the original's
+generated Triton kernel; cpu: the same with each fused region a generated C function), and
+returns a `CompiledRecurrence` that shares the original's
 parameters (same tensors: optimizer steps on either are seen by both) and inherits all of its
 argument checks, masking and remember/forget semantics; only the step loop differs. The whole
 sequence runs as one autograd Function: the forward loop saves what the plan says, and the
@@ -28,7 +29,25 @@ from .compiler.pipeline import compile_plan, debug_level
 from .compiler.plan import Plan
 from .recurrence import Recurrence
 
-BACKENDS = ("auto", "torch", "triton", "reference")
+BACKENDS = ("auto", "torch", "triton", "cpu", "reference")
+_C_DTYPES = (torch.float32, torch.float64)
+
+
+def cpu_backend_available() -> bool:
+    """Whether the `cpu` backend can build its kernels here (it needs a C compiler)."""
+    from .kernels.c_launch import find_compiler
+    return find_compiler() is not None
+
+
+def auto_backend(device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """What backend="auto" runs for tensors on `device` of `dtype`: Triton kernels on CUDA, C
+    kernels on the CPU (with a C compiler), the torch code otherwise and for dtypes the
+    kernels do not compute (float64 on CUDA, half precision on the CPU)."""
+    if device.type == "cuda":
+        return "torch" if dtype == torch.float64 else "triton"
+    if device.type == "cpu" and (dtype is None or dtype in _C_DTYPES) and cpu_backend_available():
+        return "cpu"
+    return "torch"
 
 
 @dataclass
@@ -63,18 +82,27 @@ def get_program(cell: Cell, backend: str, unroll: int = 1) -> Program:
         return prog
     t0 = time.perf_counter()
     plan = compile_plan(cell, unroll)
-    region_call = None
+    region_call, pack = None, None
     if backend == "triton":
         from .kernels.backend import triton_region_call
         region_call = triton_region_call
-    src = generate(plan, cell.name or "cell", region_call=region_call)
+    elif backend == "cpu":
+        from .kernels.backend import cpu_region_call
+        region_call, pack = cpu_region_call, True
+    src = generate(plan, cell.name or "cell", region_call=region_call, pack_weights=pack)
     text = src.text()
+    clib = src.globals.get("_clib")
+    if clib is not None:  # the C compiler runs now, once per cell structure (then from the disk cache)
+        clib.name = cell.name or "cell"
+        clib.load(torch.float32)
     namespace = dict(src.globals)
     exec(builtins.compile(text, f"<seqgraph {backend} {cell.name or 'cell'}>", "exec"), namespace)
     kernels = [f"# ---- {name}: {k.path.name} ----\n{k.source}" for name, k in src.globals.items()
                if name.startswith("_kernel")]
     if kernels:
         text += "\n\n# ======== generated Triton kernels ========\n" + "\n".join(kernels)
+    if clib is not None:
+        text += "\n\n/* ======== generated C kernels (the _ck<n> calls above) ======== */\n" + clib.source()
     prog = Program(plan, text, namespace, backend, time.perf_counter() - t0, key=key)
     if debug_level() >= 3:
         print(f"[seqgraph] generated source ({backend}):\n{text}", file=sys.stderr)
@@ -134,8 +162,13 @@ class CompiledRecurrence(Recurrence):
         self.train(rec.training)
         if backend == "auto":  # planned for where the parameters are now; re-chosen per call
             p = next(iter(rec.parameters()), None)
-            self._program = get_program(rec.cell, "triton" if p is not None and p.is_cuda else "torch", unroll)
+            where = p.device if p is not None else torch.device("cpu")
+            self._program = get_program(rec.cell, auto_backend(where, p.dtype if p is not None else None), unroll)
         else:
+            if backend == "cpu" and not cpu_backend_available():
+                from .kernels.c_launch import CompilerMissing
+                raise CompilerMissing("backend='cpu' builds its kernels with a C compiler and none was found "
+                                      "(set $CC, or install gcc or clang); backend='torch' needs none")
             self._program = get_program(rec.cell, backend, unroll)
 
     def plan(self) -> Plan:
@@ -151,12 +184,15 @@ class CompiledRecurrence(Recurrence):
         return self.plan().to_dot().pipe(format="svg").decode()
 
     def _program_for(self, dtype: torch.dtype, device: torch.device) -> Program:
-        # "auto" picks per call: triton on CUDA, torch elsewhere (so .to("cuda") after compiling
-        # just works). Triton kernels compute in float32 and need CUDA (or Triton's CPU
-        # interpreter): float64, or CPU tensors without the interpreter, run the torch code.
+        # "auto" picks per call: triton on CUDA, C kernels on the CPU (so .to("cuda") after
+        # compiling just works). Triton kernels compute in float32 and need CUDA (or Triton's CPU
+        # interpreter): float64, or CPU tensors without the interpreter, run the torch code. C
+        # kernels compute float32 and float64 CPU tensors; others run the torch code.
         if self.backend == "auto":
-            wanted = "triton" if device.type == "cuda" and dtype != torch.float64 else "torch"
+            wanted = auto_backend(device, dtype)
             return self._program if wanted == self._program.backend else get_program(self.cell, wanted, self.unroll)
+        if self.backend == "cpu" and (device.type != "cpu" or dtype not in _C_DTYPES):
+            return get_program(self.cell, "torch", self.unroll)
         if self.backend == "triton" and (dtype == torch.float64 or (
                 device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))):
             return get_program(self.cell, "torch", self.unroll)

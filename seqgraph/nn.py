@@ -23,7 +23,7 @@ from .errors import InputError
 from .layers import reverse_sequences
 from .recurrence import Recurrence
 
-BACKENDS = ("reference", "torch", "triton", "auto")
+BACKENDS = ("reference", "torch", "triton", "cpu", "auto")
 
 # cell parameter key -> torch's parameter name stem
 _TORCH_NAMES = {"ih.weight": "weight_ih", "hh.weight": "weight_hh", "ih.bias": "bias_ih", "hh.bias": "bias_hh",

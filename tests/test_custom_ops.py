@@ -21,7 +21,7 @@ def _grads(model, x, **kw):
     return [loss] + list(torch.autograd.grad(loss, [x] + [p for p in model.parameters()]))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 def test_whole_graph_compiles_without_breaks_and_matches_eager(backend):
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -44,8 +44,9 @@ def test_compiled_with_lengths_matches_eager():
         torch.testing.assert_close(a, b)
 
 
-def test_loop_op_passes_torch_library_opcheck():
-    comp = sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="torch")
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_loop_op_passes_torch_library_opcheck(backend):
+    comp = sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend=backend)
     T, B = 5, 2
     x = torch.randn(T, B, 3)
     params = list(comp.param_tensors().values())

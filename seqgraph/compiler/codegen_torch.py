@@ -298,10 +298,13 @@ def _shape_tuple(n: Node, lead: str) -> str:
     return "(" + ", ".join([lead] + [str(s) for s in n.shape]) + ("," if not n.shape else "") + ")"
 
 
-def generate(plan: Plan, name: str = "cell", region_call: RegionCall | None = None) -> Source:
+def generate(plan: Plan, name: str = "cell", region_call: RegionCall | None = None,
+             pack_weights: bool | None = None) -> Source:
     """The whole module for `plan`. `region_call(src, stage, env, mask_var, live, stores)` may
-    emit a fused stage itself (the Triton backend does) and return True; else torch lines are
-    emitted."""
+    emit a fused stage itself (the kernel backends do) and return True; else torch lines are
+    emitted. `pack_weights` (default: without a region_call) packs each per-step GEMM's weight
+    for MKL once per call, which only pays on the CPU."""
+    pack = region_call is None if pack_weights is None else pack_weights
     src = Source()
     src.emit(f"# seqgraph generated code for cell {name!r}; read it with model.source()")
     src.emit("import torch")
@@ -309,7 +312,7 @@ def generate(plan: Plan, name: str = "cell", region_call: RegionCall | None = No
     src.emit("")
     _emit_prologue(src, plan)
     src.emit("")
-    _emit_forward(src, plan, region_call)
+    _emit_forward(src, plan, region_call, pack)
     for masked in (False, True):
         try:
             bwd = plan.backward_plan(masked)
@@ -319,7 +322,7 @@ def generate(plan: Plan, name: str = "cell", region_call: RegionCall | None = No
             src.emit(f"    raise NotImplementedError({str(e)!r})")
             continue
         src.emit("")
-        _emit_backward(src, plan, bwd, masked, region_call)
+        _emit_backward(src, plan, bwd, masked, region_call, pack)
     src.globals["_c"] = _const_tensor
     src.globals["_pack"] = _pack_weight
     src.globals["_packed_linear"] = _packed_linear
@@ -389,7 +392,7 @@ def _unbind_steps(src: Source, plan: Plan) -> None:
     src.emit("mask_ = mask.unbind(0) if mask is not None else None")
 
 
-def _emit_forward(src: Source, plan: Plan, region_call) -> None:
+def _emit_forward(src: Source, plan: Plan, region_call, pack: bool) -> None:
     step = plan.step
     nr, ns, no = len(plan.reads), len(step.states), len(step.outputs)
     src.emit("def forward(T, B, mask, reads, states, save):")
@@ -414,7 +417,7 @@ def _emit_forward(src: Source, plan: Plan, region_call) -> None:
     src.indent -= 1
     _bind_reads(src, plan, None)
     _unbind_steps(src, plan)
-    packed = emit_weight_packing(src, plan.stages) if region_call is None else {}
+    packed = emit_weight_packing(src, plan.stages) if pack else {}
     results = {r.id for r in step.results}
     for masked in (False, True):
         for save in (True, False):
@@ -494,7 +497,7 @@ def _all_saved(plan: Plan) -> list[Node]:
     return [n for n in plan.loop if n.id in seen]
 
 
-def _emit_backward(src: Source, plan: Plan, bwd: BackwardPlan, masked: bool, region_call) -> None:
+def _emit_backward(src: Source, plan: Plan, bwd: BackwardPlan, masked: bool, region_call, pack: bool) -> None:
     step = plan.step
     d = bwd.deriv
     nr, ns, no = len(plan.reads), len(step.states), len(step.outputs)
@@ -522,7 +525,7 @@ def _emit_backward(src: Source, plan: Plan, bwd: BackwardPlan, masked: bool, reg
     for k in range(no):
         src.emit(f"go{k}_ = go{k}.unbind(0)")
     emit_nodes(src, bwd.pre, {}, {i.id for n in bwd.loop + bwd.post for i in n.inputs})
-    packed = emit_weight_packing(src, bwd.stages) if region_call is None else {}
+    packed = emit_weight_packing(src, bwd.stages) if pack else {}
     saved_index = {n.id: k for k, n in enumerate(saved_all)}
     prev_index = {p.id: j for j, (p, _) in enumerate(step.states)}
     read_index = {r.id: k for k, r in enumerate(plan.reads)}

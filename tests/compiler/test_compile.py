@@ -270,9 +270,24 @@ def test_a_deep_copy_of_a_compiled_module_has_its_own_parameters_and_shares_the_
     assert not torch.allclose(twin(x)[0], comp(x)[0])
 
 
-def test_auto_backend_runs_the_torch_code_on_the_cpu():
+def test_auto_backend_runs_the_c_kernels_on_the_cpu():
     rec = sg.Recurrence(ZOO["gru_reset_after"]())
     comp = sg.compile(rec)  # backend="auto"
-    assert comp.backend == "auto" and comp._program.backend == "torch"
+    assert comp.backend == "auto" and comp._program.backend == "cpu"
     x = torch.randn(3, 2, 3)
     torch.testing.assert_close(comp(x)[0], rec(x)[0])
+
+
+def test_auto_backend_runs_the_torch_code_where_there_is_no_c_compiler(monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    rec = sg.Recurrence(ZOO["gru_reset_after"]())
+    comp = sg.compile(rec)
+    assert comp._program.backend == "torch"
+    x = torch.randn(3, 2, 3)
+    torch.testing.assert_close(comp(x)[0], rec(x)[0])
+
+
+def test_cpu_backend_without_a_c_compiler_says_so(monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with pytest.raises(RuntimeError, match="C compiler"):
+        sg.compile(sg.Recurrence(ZOO["gru_reset_after"]()), backend="cpu")

@@ -1,0 +1,72 @@
+"""What only the cpu backend (generated C kernels) does: float64 against the reference for every
+cell, unrolled loops, one library for every size, its plan, and how it falls back. The
+comparisons it shares with the triton backend are in test_kernel_backends.py.
+
+Tolerances: float32 to 1e-5 (values) and 1e-4 (gradients, summed over steps); float64 to 1e-10
+and 1e-9. Half-precision CPU tensors run the torch backend's code (the kernels compute float32
+and float64 only)."""
+import pytest
+import torch
+
+import seqgraph as sg
+
+from backend_cases import BUILTIN, CASES, check_against_reference
+from zoo import make_inputs
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_cpu_backend_equals_reference_in_float64(name):
+    rec = sg.Recurrence(CASES[name]()).double()
+    comp = sg.compile(rec, backend="cpu")
+    xs, ctx = make_inputs(rec.cell, 5, 3, dtype=torch.float64)
+    check_against_reference(rec, comp, xs, ctx, 1e-10, lengths=torch.tensor([5, 1, 3]))
+
+
+def test_cpu_backend_unrolled_equals_reference():
+    rec = sg.Recurrence(BUILTIN["gru"]())
+    comp = sg.compile(rec, backend="cpu", unroll=3)
+    xs, ctx = make_inputs(rec.cell, 7, 4, dtype=torch.float32)
+    check_against_reference(rec, comp, xs, ctx, 1e-5, lengths=torch.tensor([7, 5, 2, 1]))
+
+
+def test_a_batch_of_one_and_a_single_step_equal_the_reference():
+    rec = sg.Recurrence(BUILTIN["mufuru"]())
+    comp = sg.compile(rec, backend="cpu")
+    xs, ctx = make_inputs(rec.cell, 1, 1, dtype=torch.float32)
+    check_against_reference(rec, comp, xs, ctx, 1e-5)
+
+
+def test_one_library_serves_every_sequence_length_and_batch_size():
+    rec = sg.Recurrence(BUILTIN["lstm"]())
+    comp = sg.compile(rec, backend="cpu")
+    lib = comp._program.fns["_clib"]
+    before = dict(lib.paths)
+    for T, B in [(2, 1), (9, 5), (4, 17)]:
+        x = torch.randn(T, B, 3)
+        torch.testing.assert_close(comp(x)[0], rec(x)[0], atol=1e-5, rtol=1e-5)
+    assert lib.paths == before  # nothing rebuilt
+
+
+def test_the_plan_names_the_fused_stages_the_c_kernels_compute():
+    comp = sg.compile(sg.Recurrence(BUILTIN["lstm"]()), backend="cpu")
+    src = comp.source()
+    assert src.count("_ck0.fast(") == 1 and "int sg_region_0(" in src
+    assert "_packed_linear(" in src  # the recurrent GEMM through MKL's packed weight
+
+
+def test_half_precision_cpu_tensors_run_the_torch_code():
+    rec = sg.Recurrence(BUILTIN["gru"]())
+    comp = sg.compile(rec, backend="cpu").to(torch.bfloat16)
+    x = torch.randn(4, 2, 3, dtype=torch.bfloat16)
+    assert comp._program_for(torch.bfloat16, x.device).backend == "torch"
+    out, _ = comp(x)
+    assert out.dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+def test_cuda_tensors_under_the_cpu_backend_run_the_torch_code():
+    rec = sg.Recurrence(BUILTIN["gru"]()).cuda()
+    comp = sg.compile(rec, backend="cpu")
+    x = torch.randn(4, 2, 3, device="cuda")
+    assert comp._program_for(torch.float32, x.device).backend == "torch"
+    torch.testing.assert_close(comp(x)[0], rec(x)[0], atol=1e-5, rtol=1e-5)
