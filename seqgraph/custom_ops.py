@@ -30,8 +30,8 @@ def _shapes(plan, T, B, save: bool):
 
 
 def _saved_nodes(plan):
-    from .compiler.codegen_torch import _all_saved
-    return _all_saved(plan)
+    from .compiler.codegen_torch import all_saved
+    return all_saved(plan)
 
 
 def loop_op(program, key: tuple):

@@ -294,7 +294,7 @@ def emit_weight_packing(src: Source, stages) -> dict[int, str]:
     return packed
 
 
-def _shape_tuple(n: Node, lead: str) -> str:
+def shape_tuple(n: Node, lead: str) -> str:
     return "(" + ", ".join([lead] + [str(s) for s in n.shape]) + ("," if not n.shape else "") + ")"
 
 
@@ -347,14 +347,14 @@ def _emit_prologue(src: Source, plan: Plan) -> None:
     rows: dict[int, str] = {}
     for x in step.inputs:
         rows[x.id] = f"{_v(x)}_rows"
-        src.emit(f"{_v(x)}_rows = {_v(x)}.reshape({_shape_tuple(x, 'T * B')})", x)
+        src.emit(f"{_v(x)}_rows = {_v(x)}.reshape({shape_tuple(x, 'T * B')})", x)
     for nz in step.noises:
         if not nz.attrs["per_sequence"]:
             rows[nz.id] = f"{_v(nz)}_rows"
-            src.emit(f"{_v(nz)}_rows = {_v(nz)}.expand({_shape_tuple(nz, 'T, B')[1:-1]}).reshape("
-                     f"{_shape_tuple(nz, 'T * B')})", nz)
+            src.emit(f"{_v(nz)}_rows = {_v(nz)}.expand({shape_tuple(nz, 'T, B')[1:-1]}).reshape("
+                     f"{shape_tuple(nz, 'T * B')})", nz)
         else:
-            src.emit(f"{_v(nz)} = {_v(nz)}.expand({_shape_tuple(nz, 'B')})", nz)
+            src.emit(f"{_v(nz)} = {_v(nz)}.expand({shape_tuple(nz, 'B')})", nz)
     env: dict[int, str] = {}
     for n in plan.invariant:
         src.emit(f"{_v(n)} = {torch_expr(n, env, src)[0]}", n)
@@ -370,7 +370,7 @@ def _emit_prologue(src: Source, plan: Plan) -> None:
     outs = []
     for r in plan.reads:
         if plan.cls[r.id] == "hoisted":
-            outs.append(f"{env[r.id]}.reshape({_shape_tuple(r, 'T, B')})")
+            outs.append(f"{env[r.id]}.reshape({shape_tuple(r, 'T, B')})")
         else:
             outs.append(_v(r))
     src.emit(f"return [{', '.join(outs)}]")
@@ -404,14 +404,14 @@ def _emit_forward(src: Source, plan: Plan, region_call, pack: bool) -> None:
     floats = [k for k, r in enumerate(plan.reads) if r.dtype == "float"]
     ref = "s0" if ns else f"r{floats[0]}"  # a float tensor on the right device
     for k, o in enumerate(step.outputs):
-        src.emit(f"out{k} = {ref}.new_empty({_shape_tuple(o, 'T, B')}); out{k}_ = out{k}.unbind(0)")
-    bwd_saved = _all_saved(plan)
+        src.emit(f"out{k} = {ref}.new_empty({shape_tuple(o, 'T, B')}); out{k}_ = out{k}.unbind(0)")
+    bwd_saved = all_saved(plan)
     src.emit("if save:")
     src.indent += 1
     for k, n in enumerate(bwd_saved):
-        src.emit(f"sv{k} = {ref}.new_empty({_shape_tuple(n, 'T, B')}); sv{k}_ = sv{k}.unbind(0)", n)
+        src.emit(f"sv{k} = {ref}.new_empty({shape_tuple(n, 'T, B')}); sv{k}_ = sv{k}.unbind(0)", n)
     for j, (p, _) in enumerate(step.states):
-        src.emit(f"ss{j} = {ref}.new_empty({_shape_tuple(p, 'T + 1, B')}); ss{j}[0] = s{j}; "
+        src.emit(f"ss{j} = {ref}.new_empty({shape_tuple(p, 'T + 1, B')}); ss{j}[0] = s{j}; "
                  f"ss{j}_ = ss{j}.unbind(0)")
     src.emit("pass")
     src.indent -= 1
@@ -485,7 +485,7 @@ def _mask_for(n: Node) -> str:
     return "m" if len(n.shape) == 1 else f"m{len(n.shape)}"
 
 
-def _all_saved(plan: Plan) -> list[Node]:
+def all_saved(plan: Plan) -> list[Node]:
     """Forward values either backward variant reads (both variants share one forward)."""
     seen: dict[int, Node] = {}
     for masked in (False, True):
@@ -497,46 +497,28 @@ def _all_saved(plan: Plan) -> list[Node]:
     return [n for n in plan.loop if n.id in seen]
 
 
-def _emit_backward(src: Source, plan: Plan, bwd: BackwardPlan, masked: bool, region_call, pack: bool) -> None:
-    step = plan.step
-    d = bwd.deriv
-    nr, ns, no = len(plan.reads), len(step.states), len(step.outputs)
-    saved_all = _all_saved(plan)
-    src.emit(f"def backward_{'masked' if masked else 'plain'}(T, mask, reads, saved, seqs, grad_outs, grad_finals):")
-    src.indent += 1
-    src.emit('"""The reverse loop over the symbolic derivative; weight gradients reduced once after it."""')
-    if nr:
-        src.emit(f"{', '.join(f'r{k}' for k in range(nr))}, = reads")
-    if saved_all:
-        src.emit(f"{', '.join(f'sv{k}' for k in range(len(saved_all)))}, = saved")
-    if ns:
-        src.emit(f"{', '.join(f'ss{j}' for j in range(ns))}, = seqs")
-        src.emit(f"{', '.join(f'gn{j}' for j in range(ns))}, = grad_finals")
-    if no:
-        src.emit(f"{', '.join(f'go{k}' for k in range(no))}, = grad_outs")
-    ref = "ss0" if ns else "go0"
-    src.emit(f"B = {ref}.shape[1]")
-    _bind_reads(src, plan, None)
-    _unbind_steps(src, plan)
-    for k in range(len(saved_all)):
-        src.emit(f"sv{k}_ = sv{k}.unbind(0)")
-    for j in range(ns):
-        src.emit(f"ss{j}_ = ss{j}.unbind(0)")
-    for k in range(no):
-        src.emit(f"go{k}_ = go{k}.unbind(0)")
-    emit_nodes(src, bwd.pre, {}, {i.id for n in bwd.loop + bwd.post for i in n.inputs})
-    packed = emit_weight_packing(src, bwd.stages) if pack else {}
+@dataclass
+class BackwardLayout:
+    """Where the backward loop keeps what it reads and writes (shared by every backend's loop)."""
+    saved_all: list  # forward values saved by either backward variant, as sv<k>
+    saved_index: dict  # node id -> k of sv<k>
+    prev_index: dict  # previous-state node id -> j of ss<j>
+    read_index: dict  # read node id -> k of r<k>
+    hoisted_grads: list  # (k, gradient node) stored per step into dr<k>
+    accum: list  # (k, gradient node) summed over steps into dr<k>
+    stash_expr: dict  # node id -> the (T, B, ...) tensor the post-loop reductions read it from
+    new_stash: list  # nodes kept per step only for those reductions, as st<k>
+
+
+def backward_layout(plan: Plan, bwd: BackwardPlan) -> BackwardLayout:
+    step, d = plan.step, bwd.deriv
+    saved_all = all_saved(plan)
     saved_index = {n.id: k for k, n in enumerate(saved_all)}
     prev_index = {p.id: j for j, (p, _) in enumerate(step.states)}
     read_index = {r.id: k for k, r in enumerate(plan.reads)}
     hoisted_grads = [(read_index[r_id], g) for r_id, g in d.grad_of.items()
                      if plan.cls[r_id] == "hoisted" and g.batched]
     accum = [(read_index[r.id], d.grad_of[r.id]) for r in bwd.accumulate]
-    for k, _ in hoisted_grads:
-        src.emit(f"dr{k} = torch.empty_like(r{k}); dr{k}_ = dr{k}.unbind(0)")
-    for k, _ in accum:
-        src.emit(f"dr{k} = torch.zeros_like(r{k})")
-    # values the post-loop reductions read, kept per step unless they already are
     stash_expr: dict[int, str] = {}
     new_stash = []
     hoisted_grad_var = {g.id: f"dr{k}" for k, g in hoisted_grads}
@@ -550,10 +532,85 @@ def _emit_backward(src: Source, plan: Plan, bwd: BackwardPlan, masked: bool, reg
         elif n.id in read_index and plan.cls[n.id] == "hoisted":
             stash_expr[n.id] = f"r{read_index[n.id]}"
         else:
-            k = len(new_stash)
+            stash_expr[n.id] = f"st{len(new_stash)}"
             new_stash.append(n)
-            stash_expr[n.id] = f"st{k}"
-            src.emit(f"st{k} = {ref}.new_empty({_shape_tuple(n, 'T, B')}); st{k}_ = st{k}.unbind(0)", n)
+    return BackwardLayout(saved_all, saved_index, prev_index, read_index, hoisted_grads, accum, stash_expr,
+                          new_stash)
+
+
+def emit_backward_head(src: Source, plan: Plan, bwd: BackwardPlan, masked: bool, suffix: str = "") -> BackwardLayout:
+    """`def backward_<variant><suffix>(...)`: unpack the arguments, run the derivative's
+    invariant part, allocate the per-step gradient and stash buffers."""
+    step = plan.step
+    nr, ns, no = len(plan.reads), len(step.states), len(step.outputs)
+    lay = backward_layout(plan, bwd)
+    src.emit(f"def backward_{'masked' if masked else 'plain'}{suffix}(T, mask, reads, saved, seqs, grad_outs, grad_finals):")
+    src.indent += 1
+    src.emit('"""The reverse loop over the symbolic derivative; weight gradients reduced once after it."""')
+    if nr:
+        src.emit(f"{', '.join(f'r{k}' for k in range(nr))}, = reads")
+    if lay.saved_all:
+        src.emit(f"{', '.join(f'sv{k}' for k in range(len(lay.saved_all)))}, = saved")
+    if ns:
+        src.emit(f"{', '.join(f'ss{j}' for j in range(ns))}, = seqs")
+        src.emit(f"{', '.join(f'gn{j}' for j in range(ns))}, = grad_finals")
+    if no:
+        src.emit(f"{', '.join(f'go{k}' for k in range(no))}, = grad_outs")
+    ref = "ss0" if ns else "go0"
+    src.emit(f"B = {ref}.shape[1]")
+    _bind_reads(src, plan, None)
+    emit_nodes(src, bwd.pre, {}, {i.id for n in bwd.loop + bwd.post for i in n.inputs})
+    for k, _ in lay.hoisted_grads:
+        src.emit(f"dr{k} = torch.empty_like(r{k})")
+    for k, _ in lay.accum:
+        src.emit(f"dr{k} = torch.zeros_like(r{k})")
+    for k, n in enumerate(lay.new_stash):  # values the post-loop reductions read, kept per step
+        src.emit(f"st{k} = {ref}.new_empty({shape_tuple(n, 'T, B')})", n)
+    return lay
+
+
+def emit_backward_tail(src: Source, plan: Plan, bwd: BackwardPlan, lay: BackwardLayout) -> None:
+    """After the loop: reductions over all T*B rows at once (weight gradients as one GEMM each),
+    then the gradients of the reads and of the initial states."""
+    d = bwd.deriv
+    env = {}
+    for n in bwd.stash:
+        env[n.id] = f"{_v(n)}_all"
+        src.emit(f"{_v(n)}_all = {lay.stash_expr[n.id]}.reshape({shape_tuple(n, 'T * B')})", n)
+    emit_nodes(src, bwd.post, env, set())
+    grads = []
+    for k, r in enumerate(plan.reads):
+        g = d.grad_of.get(r.id)
+        if g is None:
+            grads.append("None")
+        elif plan.cls[r.id] == "hoisted" or (r.batched and plan.cls[r.id] == "invariant"):
+            grads.append(f"dr{k}")
+        else:
+            grads.append(env.get(g.id, _v(g)))
+    src.emit(f"return [{', '.join(grads)}], [{', '.join(f'gn{j}' for j in range(len(plan.step.states)))}]")
+    src.indent -= 1
+
+
+def _emit_backward(src: Source, plan: Plan, bwd: BackwardPlan, masked: bool, region_call, pack: bool) -> None:
+    step = plan.step
+    d = bwd.deriv
+    ns, no = len(step.states), len(step.outputs)
+    lay = emit_backward_head(src, plan, bwd, masked)
+    ref = "ss0" if ns else "go0"
+    _unbind_steps(src, plan)
+    for k in range(len(lay.saved_all)):
+        src.emit(f"sv{k}_ = sv{k}.unbind(0)")
+    for j in range(ns):
+        src.emit(f"ss{j}_ = ss{j}.unbind(0)")
+    for k in range(no):
+        src.emit(f"go{k}_ = go{k}.unbind(0)")
+    for k, _ in lay.hoisted_grads:
+        src.emit(f"dr{k}_ = dr{k}.unbind(0)")
+    for k in range(len(lay.new_stash)):
+        src.emit(f"st{k}_ = st{k}.unbind(0)")
+    packed = emit_weight_packing(src, bwd.stages) if pack else {}
+    saved_all, saved_index, prev_index = lay.saved_all, lay.saved_index, lay.prev_index
+    hoisted_grads, accum, new_stash = lay.hoisted_grads, lay.accum, lay.new_stash
     def body():
         if masked:
             src.emit("m = mask_[t].unsqueeze(1)")
@@ -582,20 +639,4 @@ def _emit_backward(src: Source, plan: Plan, bwd: BackwardPlan, masked: bool, reg
         for j, g in enumerate(d.grad_prev):
             src.emit(f"gn{j} = {_v(g) if g is not None else f'torch.zeros_like(gn{j})'}")
     emit_time_loop(src, plan.unroll, body, reverse=True)
-    # after the loop: reductions over all T*B rows at once (weight gradients as one GEMM each)
-    env = {}
-    for n in bwd.stash:
-        env[n.id] = f"{_v(n)}_all"
-        src.emit(f"{_v(n)}_all = {stash_expr[n.id]}.reshape({_shape_tuple(n, 'T * B')})", n)
-    emit_nodes(src, bwd.post, env, set())
-    grads = []
-    for k, r in enumerate(plan.reads):
-        g = d.grad_of.get(r.id)
-        if g is None:
-            grads.append("None")
-        elif plan.cls[r.id] == "hoisted" or (r.batched and plan.cls[r.id] == "invariant"):
-            grads.append(f"dr{k}")
-        else:
-            grads.append(env.get(g.id, _v(g)))
-    src.emit(f"return [{', '.join(grads)}], [{', '.join(f'gn{j}' for j in range(ns))}]")
-    src.indent -= 1
+    emit_backward_tail(src, plan, bwd, lay)
