@@ -81,7 +81,8 @@ def get_program(cell: Cell, backend: str, unroll: int = 1) -> Program:
         STATS["cache_hits"] += 1
         return prog
     t0 = time.perf_counter()
-    plan = compile_plan(cell, unroll)
+    from .compiler.ops import c_fusable
+    plan = compile_plan(cell, unroll, c_fusable if backend == "cpu" else None)
     region_call, pack = None, None
     if backend == "triton":
         from .kernels.backend import triton_region_call

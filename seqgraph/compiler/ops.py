@@ -14,8 +14,8 @@ Binary elementwise ops broadcast numpy-style over the per-example dims, and an u
 operand (a parameter, a constant) broadcasts over the batch. Triton emitters see 2-D tiles
 [rows, columns] in float32; `cmask_W` names the valid-column mask of a width-W operand. C
 emitters of elementwise ops see one element of each operand, of C type `real` (float or
-double); those of reductions get the output row `dst`, an element expression `x` of the input
-row (indexed by `j`) and the row width `w`, and return statements (see kernels/c_codegen.py).
+double); those of reductions get the output row `dst`, the input row width `w` and an element
+expression (indexed by `j`) of each operand row, and return statements (kernels/c_codegen.py).
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class OpDef:
     torch: Callable  # (node, *values) -> tensor
     vjp: Optional[Callable]  # (node, g) -> tuple of grads (Node | None), one per input
     triton: object  # (node, *arg_strings) -> str, or (NOT_FUSED, reason)
-    c: object  # elementwise: (node, *element_strings) -> str; reduction: (node, dst, x, w) -> str; or (NOT_FUSED, reason)
+    c: object  # elementwise: (node, *element_strings) -> str; reduction: (node, dst, w, *xs) -> str; or (NOT_FUSED, reason)
     doc: str = ""
 
 
@@ -398,11 +398,11 @@ def _c_for(w: int, body: str) -> str:
     return f"for (int64_t j = 0; j < {w}; ++j) {body}"
 
 
-def _sum_c(n, dst, x, w):
+def _sum_c(n, dst, w, x):
     return f"{{ real acc = 0; {_c_for(w, f'acc += {x};')} {dst}[0] = acc; }}"
 
 
-def _mean_c(n, dst, x, w):
+def _mean_c(n, dst, w, x):
     return f"{{ real acc = 0; {_c_for(w, f'acc += {x};')} {dst}[0] = acc / (real){w}; }}"
 
 
@@ -438,7 +438,7 @@ def _softmax_triton(n, a):
     return f"({e} / tl.sum({e}, axis=1)[:, None])"
 
 
-def _softmax_c(n, dst, x, w):
+def _softmax_c(n, dst, w, x):
     return ("{ real mx = -(real)INFINITY; " + _c_for(w, f"mx = sg_max(mx, {x});") + " real s = 0; "
             + _c_for(w, f"{{ real e = sg_exp({x} - mx); {dst}[j] = e; s += e; }}") + " "
             + _c_for(w, f"{dst}[j] = {dst}[j] / s;") + " }")
@@ -492,11 +492,21 @@ def composite_vjp(out: Node, leaves: tuple, g: Node) -> tuple:
     return tuple(grads.get(x.id) for x in leaves)
 
 
+def _layer_norm_grad_c(n, dst, w, g, x):
+    # the row statistics again, then rstd * (g - mean(g) - y * mean(g * y)) with y = (x - mean) * rstd
+    y = "((" + x + ") - m) * r"
+    return ("{ real m = 0; " + _c_for(w, f"m += {x};") + f" m = m / (real){w}; real v = 0; "
+            + _c_for(w, f"{{ real d = {x} - m; v += d * d; }}") + f" v = v / (real){w}; "
+            + f"real r = {_C_ONE} / SG_SQRT(v + {c_literal(n.attrs['eps'])}); real mg = 0, mgy = 0; "
+            + _c_for(w, f"{{ mg += {g}; mgy += ({g}) * ({y}); }}") + f" mg = mg / (real){w}; mgy = mgy / (real){w}; "
+            + _c_for(w, f"{dst}[j] = r * (({g}) - mg - ({y}) * mgy);") + " }")
+
+
 register("layer_norm_grad", kind="reduction", shape=lambda i, a: (_floats(i), (i[0].shape, i[0].batched, "float"))[1],
          torch=_layer_norm_grad_torch,
          vjp=lambda n, g: composite_vjp(_layer_norm_grad_composite(*n.inputs, n.attrs["eps"]), n.inputs, g),
          triton=(NOT_FUSED, "the layer-norm derivative runs as torch's native kernel"),
-         c=(NOT_FUSED, "the layer-norm derivative runs as torch's native kernel"),
+         c=_layer_norm_grad_c,
          doc="the derivative of layer_norm w.r.t. its input, given the output gradient g and the input x")
 
 
@@ -508,7 +518,7 @@ def _layer_norm_triton(n, a):
     return f"({xc} / tl.sqrt({var} + {n.attrs['eps']!r}))"
 
 
-def _layer_norm_c(n, dst, x, w):
+def _layer_norm_c(n, dst, w, x):
     # as torch does: mean, then the biased variance of the centred row, then (x - mean) * rstd
     return ("{ real m = 0; " + _c_for(w, f"m += {x};") + f" m = m / (real){w}; real v = 0; "
             + _c_for(w, f"{{ real d = {x} - m; v += d * d; }}") + f" v = v / (real){w}; "
@@ -564,13 +574,13 @@ def _sum_to_triton(n, a):
     return f"tl.sum(tl.where(cmask_{src.shape[-1]}, {a}, 0.0), axis=1)[:, None]"
 
 
-def _sum_to_c(n, dst, x, w):
+def _sum_to_c(n, dst, w, x):
     src = n.inputs[0]
     if src.batched != n.batched or len(n.shape) != 1 or len(src.shape) != 1:
         return (NOT_FUSED, "sums over the batch or broadcast dims; the plan runs it outside the step")
     if n.shape == src.shape:
         return _c_for(w, f"{dst}[j] = {x};")
-    return _sum_c(n, dst, x, w)
+    return _sum_c(n, dst, w, x)
 
 
 register("sum_to", kind="reduction", shape=_sum_to_shape, torch=_sum_to_torch, vjp=_sum_to_vjp,
@@ -853,6 +863,18 @@ def c_rule(node: Node):
     return REGISTRY[node.op].c
 
 
+def c_fusable(node: Node) -> tuple[bool, str]:
+    """Whether a C kernel can compute `node` inline, and if not, why (ops.fusable's twin)."""
+    rule = REGISTRY[node.op].c
+    if isinstance(rule, tuple):
+        return False, rule[1]
+    if REGISTRY[node.op].kind == "reduction":
+        probe = rule(node, "dst", node.inputs[0].size, *["x"] * len(node.inputs))
+        if isinstance(probe, tuple):
+            return False, probe[1]
+    return True, ""
+
+
 def fusable(node: Node) -> tuple[bool, str]:
     """Whether a Triton kernel can compute `node` inline, and if not, why."""
     out = triton_expr(node, ["x"] * len(node.inputs))
@@ -862,4 +884,4 @@ def fusable(node: Node) -> tuple[bool, str]:
 
 
 __all__ = ["REGISTRY", "OpDef", "register", "make", "NOT_FUSED", "LEAF_OPS", "triton_expr", "fusable", "c_rule",
-           "c_literal"]
+           "c_fusable", "c_literal"]

@@ -30,7 +30,9 @@ def debug_level() -> int:
         return 1
 
 
-def compile_plan(cell, unroll: int = 1) -> Plan:
+def compile_plan(cell, unroll: int = 1, fusable=None) -> Plan:
+    """The plan of `cell`; `fusable(node) -> (ok, why)` says what the backend's kernels compute
+    inline (default: the Triton rules)."""
     level = debug_level()
     step = StepGraph.from_cell(cell)
     if level >= 2:
@@ -44,7 +46,7 @@ def compile_plan(cell, unroll: int = 1) -> Plan:
         if level >= 2:
             print(f"[seqgraph] IR after {p.__name__}:\n{format_graph(step.order())}", file=sys.stderr)
     t0 = time.perf_counter()
-    plan = build_plan(step, unroll)
+    plan = build_plan(step, unroll, fusable) if fusable is not None else build_plan(step, unroll)
     for masked in (False, True):
         try:
             plan.backward_plan(masked)

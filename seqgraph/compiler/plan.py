@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from .derive_backward import StepDerivative, derive_backward
 from .hoist import classify
 from .ir import Node, topo_order
-from .ops import REGISTRY
-from .schedule import Stage, schedule
+from .ops import REGISTRY, fusable as triton_fusable
+from .schedule import Fusable, Stage, schedule
 from .stepgraph import StepGraph
 
 _REDUCERS = {"sum_to", "linear_wgrad", "embedding_wgrad"}
@@ -44,6 +44,7 @@ class Plan:
     stages: list[Stage]
     backward: dict[bool, BackwardPlan] = field(default_factory=dict)  # keyed by "masked"
     unroll: int = 1
+    fusable: Fusable = triton_fusable  # what the backend's kernels compute inline
 
     def backward_ok(self, masked: bool) -> bool:
         """Whether the symbolic backward exists (else autograd runs the reference loop)."""
@@ -94,7 +95,7 @@ def _slices_into_loop(order: list[Node], cls: dict[int, str], results: set[int])
             cls[n.id] = "step"
 
 
-def build_plan(step: StepGraph, unroll: int = 1) -> Plan:
+def build_plan(step: StepGraph, unroll: int = 1, fusable: Fusable = triton_fusable) -> Plan:
     order = step.order()
     cls = classify(order)
     _slices_into_loop(order, cls, {r.id for r in step.results})
@@ -112,8 +113,8 @@ def build_plan(step: StepGraph, unroll: int = 1) -> Plan:
     invariant = [n for n in pre if cls[n.id] == "invariant" and n.inputs]
     hoisted = [n for n in pre if cls[n.id] == "hoisted" and n.inputs]
     live_after = {r.id for r in step.results}
-    stages = schedule(loop, live_after)
-    return Plan(step, cls, invariant, hoisted, reads, loop, stages, unroll=unroll)
+    stages = schedule(loop, live_after, fusable)
+    return Plan(step, cls, invariant, hoisted, reads, loop, stages, unroll=unroll, fusable=fusable)
 
 
 def derivative_nodes_roots(d: StepDerivative) -> list[Node]:
@@ -167,5 +168,5 @@ def _plan_backward(plan: Plan, masked: bool) -> BackwardPlan:
     roots = {g.id for g in deriv.grad_prev if g is not None} | {g.id for g in deriv.grad_of.values()}
     saved = [n for n in plan.loop if n.id in used or n.id in roots]
     live_after = {n.id for n in stash} | roots
-    stages = schedule(loop, live_after)
+    stages = schedule(loop, live_after, plan.fusable)
     return BackwardPlan(deriv, pre, loop, post, stash, accumulate, saved, stages)

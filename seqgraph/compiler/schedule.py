@@ -5,15 +5,20 @@ maximal set of elementwise ops, last-dim reductions, slices and concats that one
 computes row by row) or a torch fallback (an op no kernel fuses yet, e.g. a reduction over a
 non-last dim; the plan says why). Regions are found by depth: a node's depth is the number of
 non-fused nodes on its longest path from the step's inputs, and the fusable nodes of one
-depth form one region, which is always convex (no path leaves it and comes back). Must not
-change the graph.
+depth form one region, which is always convex (no path leaves it and comes back). What a
+kernel can compute inline is the backend's to say (`fusable`: the Triton rules by default,
+ops.c_fusable for the C kernels). Must not change the graph.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from .ir import Node
-from .ops import REGISTRY, fusable
+from typing import Callable
+
+from .ops import REGISTRY, fusable as triton_fusable
+
+Fusable = Callable[[Node], "tuple[bool, str]"]
 
 
 _ROW_LAYOUT = {"slice", "concat", "pad"}
@@ -28,7 +33,7 @@ class Stage:
     outputs: list[Node] = field(default_factory=list)  # values used after the stage
 
 
-def node_fusable(n: Node) -> tuple[bool, str]:
+def node_fusable(n: Node, fusable: Fusable = triton_fusable) -> tuple[bool, str]:
     if REGISTRY[n.op].kind == "matmul":
         return False, "gemm"
     if not n.batched:
@@ -41,13 +46,13 @@ def node_fusable(n: Node) -> tuple[bool, str]:
     return fusable(n)
 
 
-def schedule(nodes: list[Node], live_after: set[int]) -> list[Stage]:
+def schedule(nodes: list[Node], live_after: set[int], fusable: Fusable = triton_fusable) -> list[Stage]:
     """Stages for `nodes` (topological). `live_after`: ids of values needed after the step."""
     inside = {n.id for n in nodes}
     depth: dict[int, int] = {}
     kind: dict[int, tuple[str, str]] = {}
     for n in nodes:
-        ok, why = node_fusable(n)
+        ok, why = node_fusable(n, fusable)
         kind[n.id] = ("fused", "") if ok else (("gemm", "") if why == "gemm" else ("torch", why))
         d = max((depth[i.id] for i in n.inputs if i.id in inside), default=0)
         depth[n.id] = d if ok else d + 1

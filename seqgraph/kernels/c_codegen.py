@@ -121,14 +121,8 @@ static inline const real* sg_gather(real* dst, const real* src, int64_t stride, 
 # ---------------------------------------------------------------------------------------
 def _c_refusal(n: Node) -> str | None:
     """Why the C generator has no code for `n`'s op (a reduction's rule may refuse one node)."""
-    rule = ops.c_rule(n)
-    if isinstance(rule, tuple):
-        return rule[1]
-    if ops.REGISTRY[n.op].kind == "reduction":
-        probe = rule(n, "dst", "x", width(n.inputs[0]))
-        if isinstance(probe, tuple):
-            return probe[1]
-    return None
+    ok, why = ops.c_fusable(n)
+    return None if ok else why
 
 
 def c_region_supported(region: Region) -> tuple[bool, str]:
@@ -362,7 +356,7 @@ class _Writer:
             if after:
                 self.row.append(f"for (int64_t j = 0; j < {after}; ++j) {var}[{before + wa} + j] = 0;")
         else:  # a row reduction
-            self.row.append(ops.c_rule(n)(n, var, self.at(ins[0]), width(n.inputs[0])))
+            self.row.append(ops.c_rule(n)(n, var, width(n.inputs[0]), *[self.at(v) for v in ins]))
 
     def write(self) -> CKernelSource:
         region = self.region
