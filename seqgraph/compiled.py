@@ -60,6 +60,7 @@ class Program:
     graphed: dict = field(default_factory=dict)  # loop name -> cuda_graphs.GraphedLoop
     key: tuple = ()
     loop_op: object = None  # the loops as one torch.library op, for torch.compile (custom_ops.py)
+    c_loops: object = None  # cpu backend: the CLoops running whole loops in C, or why the loops stay in Python
 
     def __deepcopy__(self, memo):  # generated code holds no parameters: copies share it
         return self
@@ -91,6 +92,10 @@ def get_program(cell: Cell, backend: str, unroll: int = 1) -> Program:
         from .kernels.backend import cpu_region_call
         region_call, pack = cpu_region_call, True
     src = generate(plan, cell.name or "cell", region_call=region_call, pack_weights=pack)
+    c_loops = None
+    if backend == "cpu":  # whole loops in C where every stage has C code (else the Python loops call the kernels)
+        from .kernels.c_loops import emit_c_loops
+        c_loops = emit_c_loops(src, plan)
     text = src.text()
     clib = src.globals.get("_clib")
     if clib is not None:  # the C compiler runs now, once per cell structure (then from the disk cache)
@@ -104,7 +109,13 @@ def get_program(cell: Cell, backend: str, unroll: int = 1) -> Program:
         text += "\n\n# ======== generated Triton kernels ========\n" + "\n".join(kernels)
     if clib is not None:
         text += "\n\n/* ======== generated C kernels (the _ck<n> calls above) ======== */\n" + clib.source()
-    prog = Program(plan, text, namespace, backend, time.perf_counter() - t0, key=key)
+    fns = namespace
+    if c_loops is not None and not isinstance(c_loops, str):
+        fns = dict(namespace)  # the wrappers fall back to the Python loops by their own names
+        for name in ("forward", "backward_plain", "backward_masked"):
+            if f"{name}_c" in namespace:
+                fns[name] = namespace[f"{name}_c"]
+    prog = Program(plan, text, fns, backend, time.perf_counter() - t0, key=key, c_loops=c_loops)
     if debug_level() >= 3:
         print(f"[seqgraph] generated source ({backend}):\n{text}", file=sys.stderr)
     prog.loop_op = custom_ops.loop_op(prog, key)  # registered now: never while being traced

@@ -394,16 +394,19 @@ def _last_dim_only(emit):
     return triton
 
 
-def _c_for(w: int, body: str) -> str:
-    return f"for (int64_t j = 0; j < {w}; ++j) {body}"
+def _c_for(w: int, body: str, sums: str = "") -> str:
+    """A column loop; `sums` names the accumulators it adds into (e.g. "m" or "mg, mgy"), which
+    lets it vectorise (OpenMP simd: the additions are reordered, as torch's own sums are)."""
+    simd = f'_Pragma("omp simd reduction(+:{sums})") ' if sums else ""
+    return f"{simd}for (int64_t j = 0; j < {w}; ++j) {body}"
 
 
 def _sum_c(n, dst, w, x):
-    return f"{{ real acc = 0; {_c_for(w, f'acc += {x};')} {dst}[0] = acc; }}"
+    return f"{{ real acc = 0; {_c_for(w, f'acc += {x};', 'acc')} {dst}[0] = acc; }}"
 
 
 def _mean_c(n, dst, w, x):
-    return f"{{ real acc = 0; {_c_for(w, f'acc += {x};')} {dst}[0] = acc / (real){w}; }}"
+    return f"{{ real acc = 0; {_c_for(w, f'acc += {x};', 'acc')} {dst}[0] = acc / (real){w}; }}"
 
 
 register("sum", kind="reduction", shape=_reduce_shape,
@@ -440,7 +443,7 @@ def _softmax_triton(n, a):
 
 def _softmax_c(n, dst, w, x):
     return ("{ real mx = -(real)INFINITY; " + _c_for(w, f"mx = sg_max(mx, {x});") + " real s = 0; "
-            + _c_for(w, f"{{ real e = sg_exp({x} - mx); {dst}[j] = e; s += e; }}") + " "
+            + _c_for(w, f"{{ real e = sg_exp({x} - mx); {dst}[j] = e; s += e; }}", "s") + " "
             + _c_for(w, f"{dst}[j] = {dst}[j] / s;") + " }")
 
 
@@ -495,10 +498,11 @@ def composite_vjp(out: Node, leaves: tuple, g: Node) -> tuple:
 def _layer_norm_grad_c(n, dst, w, g, x):
     # the row statistics again, then rstd * (g - mean(g) - y * mean(g * y)) with y = (x - mean) * rstd
     y = "((" + x + ") - m) * r"
-    return ("{ real m = 0; " + _c_for(w, f"m += {x};") + f" m = m / (real){w}; real v = 0; "
-            + _c_for(w, f"{{ real d = {x} - m; v += d * d; }}") + f" v = v / (real){w}; "
+    return ("{ real m = 0; " + _c_for(w, f"m += {x};", "m") + f" m = m / (real){w}; real v = 0; "
+            + _c_for(w, f"{{ real d = {x} - m; v += d * d; }}", "v") + f" v = v / (real){w}; "
             + f"real r = {_C_ONE} / SG_SQRT(v + {c_literal(n.attrs['eps'])}); real mg = 0, mgy = 0; "
-            + _c_for(w, f"{{ mg += {g}; mgy += ({g}) * ({y}); }}") + f" mg = mg / (real){w}; mgy = mgy / (real){w}; "
+            + _c_for(w, f"{{ mg += {g}; mgy += ({g}) * ({y}); }}", "mg, mgy")
+            + f" mg = mg / (real){w}; mgy = mgy / (real){w}; "
             + _c_for(w, f"{dst}[j] = r * (({g}) - mg - ({y}) * mgy);") + " }")
 
 
@@ -520,8 +524,8 @@ def _layer_norm_triton(n, a):
 
 def _layer_norm_c(n, dst, w, x):
     # as torch does: mean, then the biased variance of the centred row, then (x - mean) * rstd
-    return ("{ real m = 0; " + _c_for(w, f"m += {x};") + f" m = m / (real){w}; real v = 0; "
-            + _c_for(w, f"{{ real d = {x} - m; v += d * d; }}") + f" v = v / (real){w}; "
+    return ("{ real m = 0; " + _c_for(w, f"m += {x};", "m") + f" m = m / (real){w}; real v = 0; "
+            + _c_for(w, f"{{ real d = {x} - m; v += d * d; }}", "v") + f" v = v / (real){w}; "
             + f"real r = {_C_ONE} / SG_SQRT(v + {c_literal(n.attrs['eps'])}); "
             + _c_for(w, f"{dst}[j] = ({x} - m) * r;") + " }")
 

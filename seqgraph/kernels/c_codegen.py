@@ -86,6 +86,13 @@ static inline float sg_tanh(float x) {
 }
 #endif
 
+/* GCC's partial redundancy elimination turns long column loops (a chain of maxima over
+   slices, say) into a form its vectoriser gives up on; the loops have no redundancy for it to
+   remove, so it is off for these kernels */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-tree-pre")
+#endif
+
 /* a column loop: outputs never overlap inputs, and scratch arrays never overlap each other,
    so no iteration depends on another (the compiler need not check aliasing at run time) */
 #if defined(__clang__)

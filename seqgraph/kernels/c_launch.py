@@ -34,7 +34,7 @@ from .region import Region, bind_inputs
 
 # AVX-512 machines vectorise with 512-bit registers only when asked (gcc and clang prefer 256)
 DEFAULT_CFLAGS = "-O3 -march=native" + (" -mprefer-vector-width=512" if platform.machine() in ("x86_64", "AMD64") else "")
-_BASE_FLAGS = ["-shared", "-fPIC", "-std=gnu11", "-fno-math-errno", "-fno-trapping-math"]
+_BASE_FLAGS = ["-shared", "-fPIC", "-std=gnu11", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
 _DTYPES = {torch.float32: "float", torch.float64: "double"}
 _loaded: dict[str, ctypes.CDLL] = {}  # cache key -> the loaded library
 _compiler_ids: dict[str, str] = {}
@@ -87,9 +87,9 @@ def _generator_fingerprint() -> str:
     """A hash of the code that writes kernels (this package's generator and the op registry's
     emitters), so a changed generator never loads a library an older one built."""
     from ..compiler import ops
-    from . import c_codegen
+    from . import c_codegen, c_loops
     h = hashlib.sha256()
-    for mod in (c_codegen, ops):
+    for mod in (c_codegen, c_loops, ops):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()[:16]
 
@@ -273,6 +273,8 @@ class CLibrary:
         self._by_signature: dict[tuple, CKernel] = {}
         self.paths: dict[torch.dtype, Path] = {}
         self.compiled: dict[torch.dtype, bool] = {}  # dtype -> whether this process ran the compiler
+        self.loops: dict[str, str] = {}  # whole time loops (c_loops.py): function name -> source
+        self.loop_fns: dict[tuple[str, torch.dtype], object] = {}
 
     def add(self, region: Region) -> CKernel:
         """The kernel for `region` (one already added with the same structure is reused)."""
@@ -285,13 +287,29 @@ class CLibrary:
             self._by_signature[sig] = k
         return k
 
+    def add_loop(self, func_name: str, source: str) -> None:
+        """A whole time loop (written by c_loops.py) calling this library's kernels."""
+        self.loops[func_name] = source
+
+    def loop_fn(self, func_name: str, dtype: torch.dtype):
+        f = self.loop_fns.get((func_name, dtype))
+        if f is None:
+            self.load(dtype)
+            f = self.loop_fns[(func_name, dtype)]
+        return f
+
     def source(self) -> str:
-        return PRELUDE + "\n" + "\n".join(k.source for k in self.kernels)
+        text = PRELUDE + "\n" + "\n".join(k.source for k in self.kernels)
+        if self.loops:
+            from .c_loops import LOOP_PRELUDE
+            text += LOOP_PRELUDE + "\n" + "\n".join(self.loops.values())
+        return text
 
     def key(self, dtype: torch.dtype) -> str:
         cc = find_compiler() or "none"
         flags = cflags()
-        text = repr(([r for r in self._by_signature], _dtype_name(dtype), C_CODEGEN_VERSION, _generator_fingerprint(),
+        text = repr(([r for r in self._by_signature], sorted(self.loops.items()), _dtype_name(dtype),
+                     C_CODEGEN_VERSION, _generator_fingerprint(),
                      _compiler_id(cc),
                      flags, _BASE_FLAGS, _cpu_features() if "-march=native" in flags else platform.machine(),
                      sys.platform))
@@ -300,7 +318,7 @@ class CLibrary:
     def load(self, dtype: torch.dtype) -> None:
         """Compile (or find in the cache) the library for `dtype` and bind every kernel to it."""
         name = _dtype_name(dtype)
-        if not self.kernels:
+        if not self.kernels and not self.loops:
             return
         key = self.key(dtype)
         lib = _loaded.get(key)
@@ -317,6 +335,19 @@ class CLibrary:
             f.argtypes = _argtypes(k.gen)
             f.restype = ctypes.c_int
             k.fns[dtype] = f
+        if self.loops:
+            from .c_loops import blas_pointers
+            blas = blas_pointers(dtype)
+            if blas is None:
+                raise RuntimeError(f"the C loops of {self.name!r} need a BLAS (sgemm_/dgemm_) in libtorch_cpu; "
+                                   "none was found")
+            lib.sg_set_blas.argtypes = [ctypes.c_void_p] * 4
+            lib.sg_set_blas(*blas)
+            for fname in self.loops:
+                f = getattr(lib, fname)
+                f.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                f.restype = ctypes.c_int
+                self.loop_fns[(fname, dtype)] = f
         if debug_level() >= 3:
             print(f"[seqgraph] C kernels of {self.name!r} for {name} ({path}):\n{self.source()}", file=sys.stderr)
 

@@ -1,0 +1,584 @@
+"""Whole time loops in C for the `cpu` backend: one C function per loop variant, no Python per step.
+
+The generated Python loops (codegen_torch) pay the interpreter and the torch dispatcher a few
+microseconds per op and step; at small sizes that is most of the time. Here each loop of a
+plan (forward: masked or not, saving or not; backward: plain or masked) becomes one C function
+`int sg_loop_<variant>(T, B, mask, P, D)` in the program's CLibrary: per step it calls MKL's
+GEMM for each `gemm` stage (through function pointers found in libtorch_cpu, the weight packed
+once per call for float32, as oneDNN's LSTM does) and the fused region's own C function for
+each `fused` stage, and writes outputs, states and what backward saves straight into their
+(T, B, ...) buffers. `P` holds one pointer per tensor slot and `D` three strides per slot, so
+strided inputs work without copies. States and gradients carried to the next step live in
+double buffers. A thin generated Python wrapper per loop (`forward_c`, `backward_*_c`)
+allocates the buffers exactly as the Python loops do and runs the same pre- and post-loop
+code, so the weight gradients stay single large GEMMs after the loop.
+
+Plans with a stage no C code covers (a torch fallback, a matmul of per-example matrices), or
+without MKL's GEMM symbols, keep the Python loops; `loops_refusal` says why. Must not make
+planning decisions and must not change what a loop computes.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..compiler.codegen_torch import (Source, Store, all_saved, emit_backward_head, emit_backward_tail,
+                                      shape_tuple)
+from ..compiler.ir import Node
+from ..compiler.plan import Plan
+from .backend import _stage_region
+from .c_codegen import c_region_supported
+from .codegen import width
+
+LOOP_PRELUDE = r"""
+/* ---- whole time loops: BLAS through function pointers handed over by seqgraph ---- */
+typedef void (*sg_gemm_fn)(const char*, const char*, const int*, const int*, const int*, const real*,
+                           const real*, const int*, const real*, const int*, const real*, real*, const int*);
+typedef size_t (*sg_pack_size_fn)(int, int, int, int);
+typedef void (*sg_pack_fn)(int, int, int, int, int, int, float, const float*, int, float*);
+typedef void (*sg_compute_fn)(int, int, int, int, int, int, const float*, int, const float*, int, float,
+                              float*, int);
+static sg_gemm_fn sg_gemm;
+static sg_pack_size_fn sg_pack_size;
+static sg_pack_fn sg_pack;
+static sg_compute_fn sg_compute;
+
+/* gemm: sgemm_/dgemm_ (Fortran BLAS); the packed-B trio: MKL's cblas_sgemm_pack* (float only) */
+void sg_set_blas(void* gemm, void* pack_size, void* pack, void* compute) {
+    sg_gemm = (sg_gemm_fn)gemm;
+    sg_pack_size = (sg_pack_size_fn)pack_size;
+    sg_pack = (sg_pack_fn)pack;
+    sg_compute = (sg_compute_fn)compute;
+}
+
+/* A per-step weight W (N, K) as the GEMMs read it: `trans` = 1 when W is row-major with
+   leading dim `ld` (y = x W^T takes W transposed), 0 when W^T is (K, N) row-major with `ld`.
+   A W with neither layout is copied into `owned`. `packed` is MKL's packed form for B rows. */
+typedef struct { const real* w; int trans, ld; int64_t n, k; real* owned; void* packed; } sg_weight;
+
+static int sg_weight_init(sg_weight* g, int64_t B, int64_t N, int64_t K, const real* W, int64_t s0, int64_t s1) {
+    g->n = N; g->k = K; g->owned = 0; g->packed = 0;
+    if (s1 == 1 && s0 >= K) { g->w = W; g->trans = 1; g->ld = (int)s0; }
+    else if (s0 == 1 && s1 >= N) { g->w = W; g->trans = 0; g->ld = (int)s1; }
+    else {
+        g->owned = (real*)malloc(sizeof(real) * (size_t)(N * K));
+        if (g->owned == 0) return 1;
+        for (int64_t i = 0; i < N; ++i)
+            for (int64_t j = 0; j < K; ++j) g->owned[i * K + j] = W[i * s0 + j * s1];
+        g->w = g->owned; g->trans = 1; g->ld = (int)K;
+    }
+#ifndef SG_DOUBLE
+    if (sg_pack_size != 0 && sg_pack != 0 && sg_compute != 0) {
+        /* row-major (101), the B matrix (162), W^T as stored: transposed (112) or not (111) */
+        size_t bytes = sg_pack_size(162, (int)B, (int)N, (int)K);
+        g->packed = malloc(bytes);
+        if (g->packed == 0) return 1;
+        sg_pack(101, 162, g->trans ? 112 : 111, (int)B, (int)N, (int)K, 1.0f, g->w, g->ld, (float*)g->packed);
+    }
+#endif
+    return 0;
+}
+
+static void sg_weight_free(sg_weight* g) {
+    free(g->owned);
+    free(g->packed);
+}
+
+/* y (B, N) contiguous = x W^T; x rows `rs` apart, columns `cs` apart (gathered into `scratch`
+   (B, K) unless cs == 1) */
+static void sg_linear(int64_t B, const sg_weight* g, const real* x, int64_t rs, int64_t cs, real* y, real* scratch) {
+    int64_t K = g->k;
+    if (cs != 1 || rs < K) {
+        for (int64_t b = 0; b < B; ++b)
+            for (int64_t j = 0; j < K; ++j) scratch[b * K + j] = x[b * rs + j * cs];
+        x = scratch; rs = K;
+    }
+    int m = (int)B, n = (int)g->n, k = (int)K, lx = (int)rs;
+#ifndef SG_DOUBLE
+    if (g->packed != 0) {  /* row-major, A not transposed (111), B packed (151) */
+        sg_compute(101, 111, 151, m, n, k, x, lx, (const float*)g->packed, n, 0.0f, y, n);
+        return;
+    }
+#endif
+    /* column-major: y^T (N x B) = op(W) (N x K) x^T (K x B) */
+    const real one = 1, zero = 0;
+    sg_gemm(g->trans ? "T" : "N", "N", &n, &m, &k, &one, g->w, &g->ld, x, &lx, &zero, y, &n);
+}
+
+/* dst (B, w) contiguous = src (rows rs apart, columns cs apart; rs = 0 broadcasts one row);
+   on padded rows (mask[b] == 0) zero (mode 1) or prev's row (mode 2) */
+static void sg_store(int64_t B, int64_t w, const real* src, int64_t rs, int64_t cs, real* dst, int mode,
+                     const real* prev, int64_t prs, int64_t pcs, const unsigned char* mask) {
+    for (int64_t b = 0; b < B; ++b) {
+        int keep = mode == 0 || mask == 0 || mask[b] != 0;
+        const real* s = keep ? src + b * rs : prev + b * prs;
+        int64_t c = keep ? cs : pcs;
+        if (!keep && mode == 1)
+            for (int64_t j = 0; j < w; ++j) dst[b * w + j] = 0;
+        else
+            for (int64_t j = 0; j < w; ++j) dst[b * w + j] = s[j * c];
+    }
+}
+
+/* acc (rows ars apart, columns acs apart) += src (likewise) */
+static void sg_accum(int64_t B, int64_t w, real* acc, int64_t ars, int64_t acs, const real* src, int64_t rs, int64_t cs) {
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t j = 0; j < w; ++j) acc[b * ars + j * acs] += src[b * rs + j * cs];
+}
+"""
+
+
+@dataclass
+class _Loc:
+    """Where one value of the step lives: a pointer expression, its row and column strides."""
+    ptr: str
+    rs: str
+    cs: str
+
+
+class _LoopWriter:
+    """One loop variant as C: tensor slots (P, D), per-node workspace buffers, the step body."""
+
+    def __init__(self, lib, func_name: str, title: str):
+        self.lib, self.func_name, self.title = lib, func_name, title
+        self.slots: list[str] = []  # labels, index = slot number
+        self.ws = 0  # workspace columns per batch row
+        self.decl: list[str] = []  # before the loop
+        self.body: list[str] = []  # per step
+        self.after: list[str] = []  # after the loop
+        self.loc: dict[int, _Loc] = {}
+        self.weights: dict[int, str] = {}  # weight node id -> sg_weight variable
+        self.ncalls = {"gemm": 0, "region": 0}
+
+    def slot(self, label: str) -> int:
+        self.slots.append(label)
+        i = len(self.slots) - 1
+        self.decl.append(f"real* p{i} = (real*)P[{i}]; const int64_t* d{i} = D + {3 * i};  /* {label} */")
+        return i
+
+    def buffer(self, w: int, label: str) -> str:
+        off = self.ws
+        self.ws += max(1, w)
+        return f"(ws + B * {off})"
+
+    @staticmethod
+    def step_loc(i: int, n: Node, t: str = "t") -> _Loc:  # a (T, B, ...) slot at step t
+        return _Loc(f"p{i} + ({t}) * d{i}[0]", f"d{i}[1]", f"d{i}[2]" if width(n) > 1 else "1")
+
+    @staticmethod
+    def outer_loc(i: int, n: Node) -> _Loc:  # a slot without a time dim
+        if n.batched:
+            return _Loc(f"p{i}", f"d{i}[0]", f"d{i}[1]" if width(n) > 1 else "1")
+        if len(n.shape) == 2:
+            return _Loc(f"p{i}", f"d{i}[0]", f"d{i}[1]")
+        return _Loc(f"p{i}", "0", f"d{i}[0]" if width(n) > 1 else "1")
+
+    # -- the stages of one step ---------------------------------------------------------
+    def gemm(self, n: Node) -> str | None:
+        x, w = n.inputs
+        if n.op != "linear" or not (x.batched and len(x.shape) == 1 and not w.batched and len(w.shape) == 2):
+            return f"{n.op} %{n.id} is not a product of rows and a weight matrix"
+        if x.id not in self.loc or w.id not in self.loc:
+            return f"%{n.id} reads a value the C loop does not have"
+        if w.id not in self.weights:
+            g = self.weights[w.id] = f"W{w.id}"
+            lw = self.loc[w.id]
+            N, K = w.shape
+            self.decl.append(f"if (sg_weight_init(&{g}, B, {N}, {K}, {lw.ptr}, {lw.rs}, {lw.cs})) "
+                             f"{{ rc = 1; goto done; }}  /* the weight %{w.id} */")
+        lx = self.loc[x.id]
+        out = self.buffer(width(n), f"%{n.id}")
+        scratch = self.buffer(width(x), f"scratch of %{n.id}")
+        self.body.append(f"sg_linear(B, &{self.weights[w.id]}, {lx.ptr}, {lx.rs}, {lx.cs}, {out}, {scratch});"
+                         f"  /* %{n.id} linear{' ' + repr(n.name) if n.name else ''} */")
+        self.loc[n.id] = _Loc(out, str(width(n)), "1")
+        self.ncalls["gemm"] += 1
+        return None
+
+    def region(self, stage, live: set[int], stores: list[Store], masked: bool) -> str | None:
+        wiring = _stage_region(stage, live, stores)
+        if wiring is None:
+            return None
+        region, inputs, primary, targets, mine, plain, extra = wiring
+        ok, why = c_region_supported(region)
+        if not ok:
+            return why
+        kernel = self.lib.add(region)
+        args = ["B"]
+        for node, spec in zip(region.inputs, kernel.gen.inputs):
+            if spec.kind == "const":
+                continue
+            if node.id not in self.loc:
+                return f"the region reads %{node.id} {node.op}, which the C loop does not have"
+            lc = self.loc[node.id]
+            args += [lc.ptr, lc.rs, lc.cs] if spec.kind == "rows" else [lc.ptr, lc.cs] if spec.kind == "vector" \
+                else [lc.ptr, "1"]
+        for k, o in enumerate(region.outputs):
+            buf = targets[k] or self.buffer(width(o), f"%{o.id}")
+            args.append(buf)
+            if k < len(primary):
+                self.loc[o.id] = _Loc(buf, str(width(o)), "1")
+        args += ["mt", "1"] if kernel.gen.masked else ["0", "0"]
+        ops_used = ", ".join(n.op for n in stage.nodes)
+        self.body.append(f"if ({kernel.gen.func_name}({', '.join(args)})) {{ rc = 1; goto done; }}  /* {ops_used} */")
+        for st in mine:
+            st.done = True
+        self.ncalls["region"] += 1
+        return None
+
+    def store(self, st: Store) -> str | None:
+        if st.node.op == "const" or st.node.id not in self.loc or (st.prev is not None and st.prev.id not in self.loc):
+            return f"a store of %{st.node.id} {st.node.op} reads a value the C loop does not have"
+        s = self.loc[st.node.id]
+        mode = {"plain": 0, "zero": 1, "carry": 2}[st.mode]
+        p = self.loc[st.prev.id] if st.prev is not None else _Loc("0", "0", "0")
+        self.body.append(f"sg_store(B, {width(st.node)}, {s.ptr}, {s.rs}, {s.cs}, {st.target}, {mode}, "
+                         f"{p.ptr}, {p.rs}, {p.cs}, {'mt' if mode else '0'});  /* %{st.node.id} {st.mode} */")
+        return None
+
+    def stages(self, stages, live: set[int], stores: list[Store], masked: bool) -> str | None:
+        for s in stages:
+            if s.kind == "gemm":
+                for n in s.nodes:
+                    why = self.gemm(n)
+                    if why:
+                        return why
+            elif s.kind == "fused":
+                why = self.region(s, live, stores, masked)
+                if why:
+                    return f"a fused stage cannot be compiled to C: {why}"
+            else:
+                return f"a stage runs as torch code ({s.why})"
+        for st in stores:
+            if not st.done:
+                why = self.store(st)
+                if why:
+                    return why
+        return None
+
+    def write(self, reverse: bool) -> str:
+        loop = "for (int64_t t = T - 1; t >= 0; --t) {" if reverse else "for (int64_t t = 0; t < T; ++t) {"
+        lines = [f"/* {self.title}: per step {self.ncalls['gemm']} GEMM(s) and {self.ncalls['region']} fused "
+                 "region(s), nothing else */",
+                 f"int {self.func_name}(int64_t T, int64_t B, const unsigned char* mask, void** P, const int64_t* D) {{",
+                 "    int rc = 0;"]
+        # zeroed before anything can fail, so `done` frees each of them whatever happened
+        lines += [f"    sg_weight {g} = {{0}};" for g in self.weights.values()]
+        lines += [f"    real* ws = (real*)malloc(sizeof(real) * (size_t)(B * {max(1, self.ws)}));",
+                  "    if (ws == 0) { rc = 1; goto done; }"]
+        lines += ["    " + ln for ln in self.decl]
+        lines.append("    " + loop)
+        lines.append("        const unsigned char* mt = mask != 0 ? mask + t * B : 0; (void)mt;")
+        lines += ["        " + ln for ln in self.body]
+        lines.append("    }")
+        lines += ["    " + ln for ln in self.after]
+        lines.append("done:")
+        lines += [f"    sg_weight_free(&{g});" for g in self.weights.values()]
+        lines += ["    free(ws);", "    return rc;", "}"]
+        return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------
+# the loops of one plan
+# ---------------------------------------------------------------------------------------
+def _bind_reads(wr: _LoopWriter, plan: Plan) -> str | None:
+    for k, r in enumerate(plan.reads):
+        if r.dtype != "float":
+            return f"the loop reads %{r.id} {r.op}, which is not a float"
+        if len(r.shape) > 1 and not (not r.batched and len(r.shape) == 2):
+            return f"the loop reads %{r.id} {r.op} of per-example shape {r.shape}"
+        i = wr.slot(f"read r{k}: %{r.id} {r.op}")
+        wr.loc[r.id] = wr.step_loc(i, r) if plan.cls[r.id] == "hoisted" else wr.outer_loc(i, r)
+    return None
+
+
+def _carried(wr: _LoopWriter, var: str, i: int, n: Node) -> None:
+    """A value carried from step to step in `var` (pointer and strides), starting at slot i."""
+    wr.decl.append(f"real* {var} = p{i}; int64_t {var}_rs = d{i}[0], {var}_cs = "
+                   f"{f'd{i}[1]' if width(n) > 1 else '1'};")
+    wr.loc[n.id] = _Loc(var, f"{var}_rs", f"{var}_cs")
+
+
+def _double_buffer(wr: _LoopWriter, n: Node, label: str) -> str:
+    w = width(n)
+    base = wr.buffer(2 * w, label)
+    return f"({base} + (t & 1) * B * {w})"
+
+
+def forward_loop(plan: Plan, lib, masked: bool, save: bool, func_name: str) -> tuple[str | None, str]:
+    """(C source of one forward variant, "") or (None, why it cannot be written)."""
+    step = plan.step
+    title = f"forward loop{', masked' if masked else ''}{', saving for backward' if save else ''}"
+    wr = _LoopWriter(lib, func_name, title)
+    why = _bind_reads(wr, plan)
+    if why:
+        return None, why
+    for j, (p, _) in enumerate(step.states):
+        _carried(wr, f"sp{j}", wr.slot(f"initial state {j}: %{p.id}"), p)
+    outs = [wr.slot(f"output {k}: %{o.id}") for k, o in enumerate(step.outputs)]
+    fins = [wr.slot(f"final state {j}") for j in range(len(step.states))]
+    saved = all_saved(plan) if save else []
+    svs = [wr.slot(f"saved sv{k}: %{n.id}") for k, n in enumerate(saved)]
+    sss = [wr.slot(f"state sequence ss{j}") for j in range(len(step.states))] if save else []
+    stores = [Store(o, f"(p{outs[k]} + t * d{outs[k]}[0])", "zero" if masked else "plain")
+              for k, o in enumerate(step.outputs)]
+    nexts = []
+    for j, (p, q) in enumerate(step.states):
+        target = f"(p{sss[j]} + (t + 1) * d{sss[j]}[0])" if save else _double_buffer(wr, q, f"state {j}")
+        nexts.append(target)
+        stores.append(Store(q, target, "carry" if masked else "plain", prev=p))
+    stores += [Store(n, f"(p{svs[k]} + t * d{svs[k]}[0])") for k, n in enumerate(saved)]
+    live = {n.id for n in step.results} | {n.id for n in saved}
+    why = wr.stages(plan.stages, live, stores, masked)
+    if why:
+        return None, why
+    for j, (p, _) in enumerate(step.states):
+        wr.body.append(f"sp{j} = {nexts[j]}; sp{j}_rs = {width(p)}; sp{j}_cs = 1;")
+        wr.after.append(f"sg_store(B, {width(p)}, sp{j}, sp{j}_rs, sp{j}_cs, p{fins[j]}, 0, 0, 0, 0, 0);")
+    return wr.write(reverse=False), ""
+
+
+def backward_loop(plan: Plan, bwd, lib, masked: bool, func_name: str) -> tuple[str | None, str]:
+    """(C source of one backward variant, "") or (None, why it cannot be written)."""
+    from ..compiler.codegen_torch import backward_layout
+    step, d = plan.step, bwd.deriv
+    lay = backward_layout(plan, bwd)
+    wr = _LoopWriter(lib, func_name, f"backward loop{', masked' if masked else ''}")
+    why = _bind_reads(wr, plan)
+    if why:
+        return None, why
+    for n in backward_outer(bwd):
+        wr.loc[n.id] = wr.outer_loc(wr.slot(f"before the loop: %{n.id} {n.op}"), n)
+    for k, n in enumerate(lay.saved_all):
+        wr.loc[n.id] = wr.step_loc(wr.slot(f"saved sv{k}: %{n.id}"), n)
+    for j, (p, _) in enumerate(step.states):
+        wr.loc[p.id] = wr.step_loc(wr.slot(f"state sequence ss{j}"), p)
+    for k, g in enumerate(d.grad_out):
+        wr.loc[g.id] = wr.step_loc(wr.slot(f"output gradient go{k}"), g)
+    for j, g in enumerate(d.grad_next):
+        _carried(wr, f"gp{j}", wr.slot(f"final-state gradient gn{j}"), g)
+    drs = {k: wr.slot(f"read gradient dr{k}") for k, _ in lay.hoisted_grads + lay.accum}
+    sts = [wr.slot(f"stash st{k}: %{n.id}") for k, n in enumerate(lay.new_stash)]
+    gfs = [wr.slot(f"initial-state gradient {j}") for j in range(len(step.states))]
+    if masked:
+        i = wr.slot("the mask as floats")
+        wr.loc[d.mask.id] = _Loc(f"p{i} + t * d{i}[0]", f"d{i}[1]", "1")
+    stores = [Store(g, f"(p{drs[k]} + t * d{drs[k]}[0])") for k, g in lay.hoisted_grads]
+    stores += [Store(n, f"(p{sts[k]} + t * d{sts[k]}[0])") for k, n in enumerate(lay.new_stash)]
+    nexts = []
+    for j, g in enumerate(d.grad_prev):
+        w = width(step.states[j][0])
+        if g is None:  # no gradient reaches the previous state: it is zero
+            z = wr.buffer(w, f"zero gradient {j}")
+            wr.decl.append(f"memset({z}, 0, sizeof(real) * (size_t)(B * {w}));")
+            nexts.append(z)
+            continue
+        target = _double_buffer(wr, g, f"state gradient {j}")
+        nexts.append(target)
+        stores.append(Store(g, target))
+    live = {n.id for n in lay.new_stash} | {g.id for g in d.grad_prev if g is not None} \
+        | {g.id for g in d.grad_of.values()} | {i.id for n in bwd.post for i in n.inputs}
+    why = wr.stages(bwd.stages, live, stores, masked)
+    if why:
+        return None, why
+    for k, g in lay.accum:
+        if not g.batched or g.id not in wr.loc:
+            return None, f"the summed gradient %{g.id} is not a batched value of the loop"
+        s, a = wr.loc[g.id], drs[k]
+        wr.body.append(f"sg_accum(B, {width(g)}, p{a}, d{a}[0], {f'd{a}[1]' if width(g) > 1 else '1'}, "
+                       f"{s.ptr}, {s.rs}, {s.cs});  /* dr{k} += %{g.id} */")
+    for j, (p, _) in enumerate(step.states):
+        wr.body.append(f"gp{j} = {nexts[j]}; gp{j}_rs = {width(p)}; gp{j}_cs = 1;")
+        wr.after.append(f"sg_store(B, {width(p)}, gp{j}, gp{j}_rs, gp{j}_cs, p{gfs[j]}, 0, 0, 0, 0, 0);")
+    return wr.write(reverse=True), ""
+
+
+def backward_outer(bwd) -> list[Node]:
+    """The values computed before the backward loop (bwd.pre) that the loop reads."""
+    pre = {n.id for n in bwd.pre}
+    outer: dict[int, Node] = {}
+    for n in bwd.loop:
+        for i in n.inputs:
+            if i.id in pre:
+                outer.setdefault(i.id, i)
+    return list(outer.values())
+
+
+# ---------------------------------------------------------------------------------------
+# the Python side: wrappers in the generated module, and the runtime that calls C
+# ---------------------------------------------------------------------------------------
+FORWARD_VARIANTS = {(False, False): "fwd", (True, False): "fwd_masked", (False, True): "fwd_save",
+                    (True, True): "fwd_save_masked"}
+
+
+class CLoops:
+    """The loop functions of one program: `run(variant, T, B, mask, tensors)` calls one."""
+
+    def __init__(self, lib):
+        self.lib = lib
+        self.func_names: dict[str, str] = {}  # variant -> C function
+        self.calls = 0  # loops run in C (tests count them)
+
+    def run(self, variant: str, T: int, B: int, mask: torch.Tensor | None, tensors: list[torch.Tensor]) -> None:
+        fn = self.lib.loop_fn(self.func_names[variant], tensors[0].dtype)
+        n = len(tensors)
+        ptrs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in tensors])
+        strides = (ctypes.c_int64 * (3 * n))()
+        for i, t in enumerate(tensors):
+            for a, st in enumerate(t.stride()[:3]):
+                strides[3 * i + a] = st
+        m = mask.contiguous() if mask is not None else None
+        if fn(T, B, m.data_ptr() if m is not None else None, ptrs, strides):
+            raise MemoryError(f"the C loop {variant} of {self.lib.name!r} could not allocate its workspace")
+        self.calls += 1
+
+
+def loops_refusal(plan: Plan) -> str | None:
+    """Why the plan's loops cannot run as C functions, or None when they can."""
+    from .c_launch import CLibrary
+    return _generate(plan, CLibrary(), CLoops(CLibrary()), dry=True)
+
+
+def _generate(plan: Plan, lib, loops: CLoops, dry: bool = False) -> str | None:
+    sources = []
+    for (masked, save), variant in FORWARD_VARIANTS.items():
+        src, why = forward_loop(plan, lib, masked, save, f"sg_loop_{variant}")
+        if src is None:
+            return f"{variant}: {why}"
+        sources.append((variant, f"sg_loop_{variant}", src))
+    for masked in (False, True):
+        if not plan.backward_ok(masked):
+            continue
+        variant = "bwd_masked" if masked else "bwd_plain"
+        src, why = backward_loop(plan, plan.backward_plan(masked), lib, masked, f"sg_loop_{variant}")
+        if src is None:
+            return f"{variant}: {why}"
+        sources.append((variant, f"sg_loop_{variant}", src))
+    if blas_pointers(torch.float32) is None:
+        return "no BLAS with sgemm_/dgemm_ was found in libtorch_cpu"
+    if not dry:
+        for variant, name, src in sources:
+            lib.add_loop(name, src)
+            loops.func_names[variant] = name
+    return None
+
+
+def emit_c_loops(src: Source, plan: Plan) -> CLoops | str:
+    """Add the C loops to the program's CLibrary and their Python wrappers (`forward_c`,
+    `backward_plain_c`, `backward_masked_c`) to `src`; returns the CLoops, or why not."""
+    from .c_launch import CLibrary
+    why = loops_refusal(plan)
+    if why:
+        return why
+    lib = src.globals.setdefault("_clib", CLibrary())
+    loops = CLoops(lib)
+    why = _generate(plan, lib, loops)
+    if why:
+        return why
+    src.globals["_cloops"] = loops
+    _emit_forward_wrapper(src, plan)
+    for masked in (False, True):
+        if plan.backward_ok(masked):
+            _emit_backward_wrapper(src, plan, plan.backward_plan(masked), masked)
+    return loops
+
+
+def _emit_forward_wrapper(src: Source, plan: Plan) -> None:
+    step = plan.step
+    nr, ns, no = len(plan.reads), len(step.states), len(step.outputs)
+    saved = all_saved(plan)
+    src.emit("")
+    src.emit("def forward_c(T, B, mask, reads, states, save):")
+    src.indent += 1
+    src.emit('"""`forward` as one C function per variant (sg_loop_fwd* in the C source)."""')
+    src.emit("if B == 0:")
+    src.emit("    return forward(T, B, mask, reads, states, save)")
+    if nr:
+        src.emit(f"{', '.join(f'r{k}' for k in range(nr))}, = reads")
+    src.emit(f"{', '.join(f's{j}' for j in range(ns))}, = states" if ns else "pass")
+    floats = [k for k, r in enumerate(plan.reads) if r.dtype == "float"]
+    ref = "s0" if ns else f"r{floats[0]}"
+    for k, o in enumerate(step.outputs):
+        src.emit(f"out{k} = {ref}.new_empty({shape_tuple(o, 'T, B')})")
+    for j, (p, _) in enumerate(step.states):
+        src.emit(f"fin{j} = {ref}.new_empty({shape_tuple(p, 'B')})")
+    base = [f"r{k}" for k in range(nr)] + [f"s{j}" for j in range(ns)] + [f"out{k}" for k in range(no)] \
+        + [f"fin{j}" for j in range(ns)]
+    outs, fins = ", ".join(f"out{k}" for k in range(no)), ", ".join(f"fin{j}" for j in range(ns))
+    src.emit("if save:")
+    src.indent += 1
+    for k, n in enumerate(saved):
+        src.emit(f"sv{k} = {ref}.new_empty({shape_tuple(n, 'T, B')})", n)
+    for j, (p, _) in enumerate(step.states):
+        src.emit(f"ss{j} = {ref}.new_empty({shape_tuple(p, 'T + 1, B')}); ss{j}[0] = s{j}")
+    tensors = base + [f"sv{k}" for k in range(len(saved))] + [f"ss{j}" for j in range(ns)]
+    src.emit(f"_cloops.run('fwd_save_masked' if mask is not None else 'fwd_save', T, B, mask, [{', '.join(tensors)}])")
+    src.emit(f"return [{outs}], [{fins}], ([{', '.join(f'sv{k}' for k in range(len(saved)))}], "
+             f"[{', '.join(f'ss{j}' for j in range(ns))}])")
+    src.indent -= 1
+    src.emit(f"_cloops.run('fwd_masked' if mask is not None else 'fwd', T, B, mask, [{', '.join(base)}])")
+    src.emit(f"return [{outs}], [{fins}], None")
+    src.indent -= 1
+
+
+def _emit_backward_wrapper(src: Source, plan: Plan, bwd, masked: bool) -> None:
+    step = plan.step
+    nr, ns, no = len(plan.reads), len(step.states), len(step.outputs)
+    name = "backward_masked" if masked else "backward_plain"
+    src.emit("")
+    lay = emit_backward_head(src, plan, bwd, masked, suffix="_c")
+    src.emit("if B == 0:")
+    src.emit(f"    return {name}(T, mask, reads, saved, seqs, grad_outs, grad_finals)")
+    ref = "ss0" if ns else "go0"
+    drs = [k for k, _ in lay.hoisted_grads + lay.accum]
+    for k in drs:
+        src.emit(f"dr{k} = dr{k}.contiguous()")
+    for j, (p, _) in enumerate(step.states):
+        src.emit(f"gf{j} = {ref}.new_empty({shape_tuple(p, 'B')})")
+    tensors = [f"r{k}" for k in range(nr)] + [f"v{n.id}" for n in backward_outer(bwd)] \
+        + [f"sv{k}" for k in range(len(lay.saved_all))] + [f"ss{j}" for j in range(ns)] \
+        + [f"go{k}" for k in range(no)] + [f"gn{j}" for j in range(ns)] + [f"dr{k}" for k in drs] \
+        + [f"st{k}" for k in range(len(lay.new_stash))] + [f"gf{j}" for j in range(ns)]
+    if masked:
+        src.emit(f"fm = mask.to({ref}.dtype)")
+        tensors.append("fm")
+    src.emit(f"_cloops.run({'bwd_masked' if masked else 'bwd_plain'!r}, T, B, mask, [{', '.join(tensors)}])")
+    for j in range(ns):
+        src.emit(f"gn{j} = gf{j}")
+    emit_backward_tail(src, plan, bwd, lay)
+
+
+_BLAS: dict = {}
+
+
+def blas_pointers(dtype: torch.dtype) -> tuple | None:
+    """(gemm, pack_size, pack, compute) addresses in the BLAS torch links (MKL), or None."""
+    if dtype in _BLAS:
+        return _BLAS[dtype]
+    found = None
+    lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        path = os.path.join(lib_dir, name)
+        if not os.path.exists(path):
+            continue
+        lib = ctypes.CDLL(path)
+
+        def addr(sym):
+            f = getattr(lib, sym, None)
+            return ctypes.cast(f, ctypes.c_void_p).value if f is not None else None
+        gemm = addr("sgemm_" if dtype == torch.float32 else "dgemm_")
+        if gemm is not None:
+            packed = [addr(s) for s in ("cblas_sgemm_pack_get_size", "cblas_sgemm_pack", "cblas_sgemm_compute")]
+            if dtype != torch.float32 or None in packed:
+                packed = [None, None, None]
+            found = (gemm, *packed)
+        break
+    _BLAS[dtype] = found
+    return found
+
+
+__all__ = ["LOOP_PRELUDE", "CLoops", "emit_c_loops", "loops_refusal", "blas_pointers", "forward_loop",
+           "backward_loop"]

@@ -1,0 +1,149 @@
+"""Whole time loops in C (seqgraph/kernels/c_loops.py): which plans get them, that they really
+run (the CLoops call counter), and that they equal the reference and the Python loops they
+replace, on masks, float64, strided tensors and empty sequences.
+
+Tolerances: float64 to 1e-10 (values) and 1e-9 (gradients); float32 to 1e-5 and 1e-4."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+
+import seqgraph as sg
+from seqgraph.kernels.c_loops import CLoops, loops_refusal
+
+from backend_cases import BUILTIN, CASES, check_against_reference
+from strategies import build_cell, cell_recipes
+from zoo import make_inputs
+
+IN_PYTHON = {"zoo_attention"}  # a matmul of per-example matrices: its stages run as torch code
+
+
+def _compile(name, dtype=torch.float64):
+    rec = sg.Recurrence(CASES[name]()).to(dtype)
+    return rec, sg.compile(rec, backend="cpu")
+
+
+@pytest.mark.parametrize("name", sorted(set(CASES) - IN_PYTHON))
+def test_every_cell_without_torch_stages_runs_forward_and_backward_loops_in_c(name):
+    rec, comp = _compile(name)
+    loops = comp._program.c_loops
+    assert isinstance(loops, CLoops)
+    before = loops.calls
+    xs, ctx = make_inputs(rec.cell, 5, 3, dtype=torch.float64)
+    check_against_reference(rec, comp, xs, ctx, 1e-10, lengths=torch.tensor([5, 1, 3]))
+    assert loops.calls - before == 2  # the masked forward (saving) and the masked backward
+
+
+@pytest.mark.parametrize("name", sorted(IN_PYTHON))
+def test_a_plan_with_torch_stages_keeps_python_loops_and_says_why(name):
+    rec, comp = _compile(name)
+    why = comp._program.c_loops
+    assert isinstance(why, str) and "per-example shape" in why
+    assert why == loops_refusal(comp.plan())
+    xs, ctx = make_inputs(rec.cell, 4, 2, dtype=torch.float64)
+    check_against_reference(rec, comp, xs, ctx, 1e-10, lengths=torch.tensor([4, 2]))
+
+
+def test_unmasked_loops_in_float32_equal_the_reference():
+    rec = sg.Recurrence(BUILTIN["mufuru"]())
+    comp = sg.compile(rec, backend="cpu")
+    before = comp._program.c_loops.calls
+    xs, ctx = make_inputs(rec.cell, 6, 4, dtype=torch.float32)
+    check_against_reference(rec, comp, xs, ctx, 1e-5)
+    assert comp._program.c_loops.calls - before == 2
+
+
+def test_inference_runs_the_forward_loop_that_saves_nothing():
+    rec = sg.Recurrence(BUILTIN["gru"]())
+    comp = sg.compile(rec, backend="cpu")
+    x = torch.randn(7, 3, 3)
+    before = comp._program.c_loops.calls
+    with torch.no_grad():
+        o2, s2 = comp(x, lengths=torch.tensor([7, 0, 4]))
+        o1, s1 = rec(x, lengths=torch.tensor([7, 0, 4]))
+    torch.testing.assert_close(o2, o1, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(s2["h"], s1["h"], atol=1e-6, rtol=1e-6)
+    assert comp._program.c_loops.calls - before == 1
+
+
+def test_strided_inputs_and_initial_states_are_read_in_place():
+    rec = sg.Recurrence(BUILTIN["lstm"]()).double()
+    comp = sg.compile(rec, backend="cpu")
+    x = torch.randn(3, 5, 6, dtype=torch.float64).transpose(0, 1)[:, :, ::2]  # (5, 3, 3), strided columns
+    big = torch.randn(3, 10, dtype=torch.float64)
+    state = {"h": big[:, ::2], "c": big.t().contiguous().t()[:, 1::2]}
+    o2, s2 = comp(x, state)
+    o1, s1 = rec(x, state)
+    torch.testing.assert_close(o2, o1, atol=1e-12, rtol=1e-12)
+    for k in s1:
+        torch.testing.assert_close(s2[k], s1[k], atol=1e-12, rtol=1e-12)
+
+
+def _loop_inputs(comp, T, B, dtype=torch.float32):
+    """The reads and states the generated forward loops take, from the prologue on random data."""
+    fns = comp._program.fns
+    xs, ctx = make_inputs(comp.cell, T, B, dtype=dtype, requires_grad=False)
+    params = [p.detach() for p in comp.param_tensors().values()]
+    reads = fns["prologue"](T, B, list(xs), [], [], params)
+    states = [torch.randn(B, p.shape[0], dtype=dtype) for p, _ in comp.plan().step.states]
+    return reads, states
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided"])
+def test_the_c_forward_loop_equals_the_python_loop_for_any_weight_layout(layout):
+    rec = sg.Recurrence(BUILTIN["gru_seed_form"]())
+    comp = sg.compile(rec, backend="cpu")
+    T, B = 4, 3
+    reads, states = _loop_inputs(comp, T, B)
+    weights = [k for k, r in enumerate(reads) if r.dim() == 2 and not comp.plan().reads[k].batched]
+    assert len(weights) == 2  # the two recurrent GEMMs of the seed-form GRU
+    for k, r in enumerate(reads):  # every weight matrix the loop multiplies by
+        if r.dim() == 2 and not comp.plan().reads[k].batched:
+            if layout == "transposed":
+                reads[k] = r.t().contiguous().t()  # column-major: stride (1, N)
+            else:
+                big = torch.zeros(r.shape[0] * 2, r.shape[1] * 3)
+                big[::2, ::3] = r
+                reads[k] = big[::2, ::3]  # neither stride is 1: the loop copies it once
+    mask = torch.tensor([[True, True, False]] * T)
+    fns = comp._program.fns
+    c_out, c_fin, c_saved = fns["forward"](T, B, mask, reads, states, True)
+    p_out, p_fin, p_saved = fns["forward_c"].__globals__["forward"](T, B, mask, reads, states, True)
+    for a, b in zip(c_out + c_fin + c_saved[0] + c_saved[1], p_out + p_fin + p_saved[0] + p_saved[1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_empty_sequences_and_batches_equal_the_reference():
+    rec = sg.Recurrence(BUILTIN["lstm"]())
+    comp = sg.compile(rec, backend="cpu")
+    for T, B in [(0, 2), (3, 0)]:
+        x = torch.randn(T, B, 3, requires_grad=True)
+        o2, s2 = comp(x)
+        o1, s1 = rec(x)
+        assert o2.shape == o1.shape == (T, B, 5)
+        for k in s1:
+            torch.testing.assert_close(s2[k], s1[k])
+
+
+def test_the_source_shows_the_c_loops_and_their_wrappers():
+    comp = sg.compile(sg.Recurrence(BUILTIN["lstm"]()), backend="cpu")
+    src = comp.source()
+    for name in ("fwd", "fwd_masked", "fwd_save", "fwd_save_masked", "bwd_plain", "bwd_masked"):
+        assert f"int sg_loop_{name}(" in src
+    assert "def forward_c(" in src and "def backward_masked_c(" in src
+    assert "per step 1 GEMM(s) and 1 fused region(s), nothing else" in src
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cell_recipes(max_steps=5))
+def test_random_cells_run_in_c_loops_and_equal_the_reference(recipe):
+    cell, sizes = build_cell(recipe)
+    rec = sg.Recurrence(cell).double()
+    comp = sg.compile(rec, backend="cpu")
+    loops = comp._program.c_loops
+    before = loops.calls if isinstance(loops, CLoops) else None
+    xs = [torch.randn(4, 3, s, dtype=torch.float64, requires_grad=True) for s in sizes]
+    check_against_reference(rec, comp, xs, None, 1e-10, lengths=torch.tensor([4, 2, 0]))
+    if before is not None:
+        assert loops.calls - before == 2
+    else:
+        assert loops == loops_refusal(comp.plan())
