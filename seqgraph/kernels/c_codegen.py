@@ -28,6 +28,7 @@ from .region import Region
 
 C_CODEGEN_VERSION = 1  # bump when generated kernels change meaning: it is part of the cache key
 
+PARALLEL_WORK = 65536  # element operations per call (some 20 us on one core) before rows go to threads
 _STACK_LIMIT = 64 * 1024  # scratch elements kept on the stack; wider regions allocate once per call
 
 PRELUDE = r"""/* seqgraph generated C kernels; read them with model.source() */
@@ -91,6 +92,19 @@ static inline float sg_tanh(float x) {
    remove, so it is off for these kernels */
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-tree-pre")
+#endif
+
+/* the rows of a region split over threads: OpenMP when compiled with it (sharing torch's
+   libgomp, so torch.set_num_threads rules both), else one thread */
+#define SG_PRAGMA(x) _Pragma(#x)
+#ifdef _OPENMP
+#define SG_ROWS_PARALLEL(cond) SG_PRAGMA(omp parallel if(cond))
+#define SG_ROWS_FOR SG_PRAGMA(omp for schedule(static))
+#define SG_ATOMIC SG_PRAGMA(omp atomic write)
+#else
+#define SG_ROWS_PARALLEL(cond)
+#define SG_ROWS_FOR
+#define SG_ATOMIC
 #endif
 
 /* a column loop: outputs never overlap inputs, and scratch arrays never overlap each other,
@@ -394,21 +408,30 @@ class _Writer:
             self.params.append(f"real* out{k}")
         self.params += ["const unsigned char* mask", "int64_t ms"]
         ops_used = ", ".join(n.op for n in region.nodes)
+        work = sum(width(n) for n in region.nodes) + sum(width(o) for o in region.outputs)
         lines = [f"/* region {region.name!r}: {ops_used} */",
-                 f"int {self.func_name}({', '.join(self.params)}) {{"]
+                 f"int {self.func_name}({', '.join(self.params)}) {{",
+                 "    int failed = 0;",
+                 # rows are independent: split them over the threads (torch's OpenMP pool) when
+                 # there is enough work per call to pay for waking them
+                 f"    SG_ROWS_PARALLEL(B * {work} >= {PARALLEL_WORK})",
+                 "    {"]
         big = self.scratch > _STACK_LIMIT
         if big:
             lines.append(f"    real* ws = (real*)malloc(sizeof(real) * {self.scratch});")
-            lines.append("    if (ws == 0) return 1;  /* the caller raises MemoryError */")
+            lines.append("    if (ws == 0) { SG_ATOMIC failed = 1; }  /* the caller raises MemoryError */")
         else:
             lines.append(f"    real ws[{max(1, self.scratch)}];")
         lines += ["    " + ln for ln in self.pre]
+        lines.append("    SG_ROWS_FOR")
         lines.append("    for (int64_t b = 0; b < B; ++b) {")
+        if big:
+            lines.append("        if (ws == 0) continue;")
         lines += ["        " + ln for ln in self.row]
         lines.append("    }")
         if big:
             lines.append("    free(ws);")
-        lines += ["    return 0;", "}"]
+        lines += ["    }", "    return failed;", "}"]
         return CKernelSource("\n".join(lines) + "\n", self.func_name, tuple(self.specs),
                              tuple(o.shape for o in region.outputs), masked)
 

@@ -311,7 +311,7 @@ class CLibrary:
         text = repr(([r for r in self._by_signature], sorted(self.loops.items()), _dtype_name(dtype),
                      C_CODEGEN_VERSION, _generator_fingerprint(),
                      _compiler_id(cc),
-                     flags, _BASE_FLAGS, _cpu_features() if "-march=native" in flags else platform.machine(),
+                     flags, _BASE_FLAGS, openmp_flags(), _cpu_features() if "-march=native" in flags else platform.machine(),
                      sys.platform))
         return "c" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
@@ -352,6 +352,23 @@ class CLibrary:
             print(f"[seqgraph] C kernels of {self.name!r} for {name} ({path}):\n{self.source()}", file=sys.stderr)
 
 
+def openmp_flags() -> list[str]:
+    """["-fopenmp"] when torch runs on GNU OpenMP (libgomp in this process): the kernels then
+    split their rows over torch's own thread pool, sized by torch.set_num_threads. With any
+    other runtime a second pool would compete with torch's, so the kernels stay single-threaded."""
+    global _OPENMP
+    if _OPENMP is None:
+        try:
+            with open("/proc/self/maps") as f:
+                _OPENMP = ["-fopenmp"] if "libgomp" in f.read() else []
+        except OSError:
+            _OPENMP = []
+    return _OPENMP
+
+
+_OPENMP: list[str] | None = None
+
+
 def _build(source: str, path: Path, real: str) -> None:
     cc = find_compiler()
     if cc is None:
@@ -366,11 +383,14 @@ def _build(source: str, path: Path, real: str) -> None:
         os.replace(tmp, c_path)
     fd, tmp_so = tempfile.mkstemp(prefix=path.stem, suffix=".so.tmp", dir=path.parent)
     os.close(fd)
-    cmd = shlex.split(cc) + cflags() + _BASE_FLAGS + (["-DSG_DOUBLE"] if real == "double" else []) + \
-        ["-o", tmp_so, str(c_path), "-lm"]
+    base = shlex.split(cc) + cflags() + _BASE_FLAGS + (["-DSG_DOUBLE"] if real == "double" else [])
+    cmd = base + openmp_flags() + ["-o", tmp_so, str(c_path), "-lm"]
     if debug_level() >= 1:
         print(f"[seqgraph] {' '.join(cmd)}", file=sys.stderr)
     res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0 and openmp_flags():  # a compiler without OpenMP: one thread per kernel
+        cmd = base + ["-o", tmp_so, str(c_path), "-lm"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         os.unlink(tmp_so)
         raise RuntimeError(f"the C compiler failed on generated kernels ({c_path}); this is a seqgraph bug, "

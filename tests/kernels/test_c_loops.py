@@ -147,3 +147,15 @@ def test_random_cells_run_in_c_loops_and_equal_the_reference(recipe):
         assert loops.calls - before == 2
     else:
         assert loops == loops_refusal(comp.plan())
+
+
+def test_wide_regions_split_their_rows_over_threads_and_equal_the_reference():
+    from seqgraph.kernels.c_codegen import PARALLEL_WORK
+    rec = sg.Recurrence(sg.cells.lstm(8, 256, layer_norm=True)).double()
+    comp = sg.compile(rec, backend="cpu")
+    assert f">= {PARALLEL_WORK})" in comp.source()
+    regions = comp._program.fns["_clib"].kernels
+    B = 48
+    assert any(B * sum(n.size for n in k.region.nodes) >= PARALLEL_WORK for k in regions)  # threads take part
+    xs, ctx = make_inputs(rec.cell, 3, B, dtype=torch.float64)
+    check_against_reference(rec, comp, xs, ctx, 1e-10, lengths=torch.arange(B) % 4)
