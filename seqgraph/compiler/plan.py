@@ -45,6 +45,7 @@ class Plan:
     backward: dict[bool, BackwardPlan] = field(default_factory=dict)  # keyed by "masked"
     unroll: int = 1
     fusable: Fusable = triton_fusable  # what the backend's kernels compute inline
+    loops: str = "Python"  # how the backend runs the time loops (set by the backend's code generator)
 
     def backward_ok(self, masked: bool) -> bool:
         """Whether the symbolic backward exists (else autograd runs the reference loop)."""

@@ -48,6 +48,7 @@ def describe_plan(plan, T: int | None, B: int | None, itemsize: int = 4) -> str:
     for n in plan.hoisted_gemms():
         f = f", {gemm_flops(n, (T or 1) * Bv) / 1e9:.3f} GFLOP" if T and B else ""
         lines.append(f"  hoisted GEMM {_label(n)} = {_shape(n.inputs[0])} @ {_shape(n.inputs[1])}^T{f}")
+    lines.append(f"time loops: {plan.loops}")
     lines.append(f"per step: {len(plan.stages)} stage(s)")
     for s in plan.stages:
         lines.append(_stage_line(s, Bv, itemsize, bool(B)))

@@ -159,3 +159,11 @@ def test_wide_regions_split_their_rows_over_threads_and_equal_the_reference():
     assert any(B * sum(n.size for n in k.region.nodes) >= PARALLEL_WORK for k in regions)  # threads take part
     xs, ctx = make_inputs(rec.cell, 3, B, dtype=torch.float64)
     check_against_reference(rec, comp, xs, ctx, 1e-10, lengths=torch.arange(B) % 4)
+
+
+def test_the_plan_says_how_the_loops_run():
+    assert "time loops: C, one function per loop variant" in str(
+        sg.compile(sg.Recurrence(BUILTIN["lstm"]()), backend="cpu").plan())
+    python_loops = str(sg.compile(sg.Recurrence(CASES["zoo_attention"]()), backend="cpu").plan())
+    assert "time loops: Python, calling the C kernels (no C loop: " in python_loops
+    assert "time loops: Python" in str(sg.compile(sg.Recurrence(BUILTIN["lstm"]()), backend="torch").plan())
