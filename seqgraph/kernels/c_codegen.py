@@ -28,7 +28,7 @@ from .region import Region
 
 C_CODEGEN_VERSION = 1  # bump when generated kernels change meaning: it is part of the cache key
 
-PARALLEL_WORK = 65536  # element operations per call (some 20 us on one core) before rows go to threads
+PARALLEL_WORK = 16384  # element operations per call (some 5 us on one core) before rows go to threads
 _STACK_LIMIT = 64 * 1024  # scratch elements kept on the stack; wider regions allocate once per call
 
 PRELUDE = r"""/* seqgraph generated C kernels; read them with model.source() */
