@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .ir import Node
-from .ops import REGISTRY, make, select
+from .ops import REGISTRY, make, reshape, select
 
 
 @dataclass
@@ -68,8 +68,19 @@ def derive_backward(loop_nodes: list[Node], states: list[tuple[Node, Node]], out
     if mask is not None:
         deriv.leaves.add(mask.id)
 
+    scalar_mask: list[Node] = []  # the mask as a per-example scalar, for () values (made once)
+
+    def masked(g: Node, a, b) -> Node:
+        """select(mask, a, b) with the mask shaped to broadcast to g's shape, never beyond it."""
+        m = mask
+        if not g.shape:
+            if not scalar_mask:
+                scalar_mask.append(reshape(mask, ()))
+            m = scalar_mask[0]
+        return select(m, a, b)
+
     def seed(g: Node) -> Node:
-        return g if mask is None else select(mask, g, 0.0)
+        return g if mask is None else masked(g, g, 0.0)
 
     grads: dict[int, list[Node]] = {}
     for (_, nxt), g in zip(states, grad_next):
@@ -93,7 +104,7 @@ def derive_backward(loop_nodes: list[Node], states: list[tuple[Node, Node]], out
         g = _total(grads[prev.id]) if prev.id in grads else None
         if mask is not None:
             k = [p for p, _ in states].index(prev)
-            through = select(mask, 0.0, grad_next[k])
+            through = masked(grad_next[k], 0.0, grad_next[k])
             g = through if g is None else make("add", (g, through))
         deriv.grad_prev.append(g)
     for r in reads:

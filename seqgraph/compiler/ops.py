@@ -612,7 +612,7 @@ register("broadcast_to", kind="layout", shape=_broadcast_to_shape, torch=_broadc
          vjp=lambda n, g: (sum_to(g, n.inputs[0]),),
          triton=lambda n, a: a if n.shape[-1:] == n.inputs[0].shape[-1:] or not n.shape else
          f"({a} + tl.zeros_like(tl.where(cmask_{n.shape[-1]}, 0.0, 0.0)))",
-         c=(NOT_FUSED, "broadcast_to is a layout, handled by the C generator"))
+         c=lambda n, a: a)  # a row of one value read at column 0 (the C generator aliases it)
 
 
 # ---------------------------------------------------------------------------------------
@@ -725,7 +725,7 @@ register("reshape", kind="layout", shape=_reshape_shape,
          vjp=lambda n, g: (reshape(g, n.inputs[0].shape),),
          triton=lambda n, a: a if n.shape[-1:] == n.inputs[0].shape[-1:] and len(n.shape) <= 1
          else (NOT_FUSED, "reshape changes the row layout"),
-         c=(NOT_FUSED, "reshape is a layout, handled by the C generator"))
+         c=lambda n, a: a)  # the flattened row is unchanged (the C generator aliases it)
 
 
 def _transpose_shape(inputs, attrs):

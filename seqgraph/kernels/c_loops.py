@@ -308,9 +308,21 @@ def _double_buffer(wr: _LoopWriter, n: Node, label: str) -> str:
     return f"({base} + (t & 1) * B * {w})"
 
 
+def _multi_dim(plan: Plan) -> str | None:
+    """The C loops see every per-step value as rows of columns: a state, output or saved value
+    with a per-example matrix shape would need the strides of each of its dims."""
+    for n in [p for p, _ in plan.step.states] + list(plan.step.outputs) + all_saved(plan):
+        if len(n.shape) > 1:
+            return f"%{n.id} {n.op}{' ' + repr(n.name) if n.name else ''} has per-example shape {n.shape}"
+    return None
+
+
 def forward_loop(plan: Plan, lib, masked: bool, save: bool, func_name: str) -> tuple[str | None, str]:
     """(C source of one forward variant, "") or (None, why it cannot be written)."""
     step = plan.step
+    why = _multi_dim(plan)
+    if why:
+        return None, why
     title = f"forward loop{', masked' if masked else ''}{', saving for backward' if save else ''}"
     wr = _LoopWriter(lib, func_name, title)
     why = _bind_reads(wr, plan)
@@ -347,7 +359,7 @@ def backward_loop(plan: Plan, bwd, lib, masked: bool, func_name: str) -> tuple[s
     step, d = plan.step, bwd.deriv
     lay = backward_layout(plan, bwd)
     wr = _LoopWriter(lib, func_name, f"backward loop{', masked' if masked else ''}")
-    why = _bind_reads(wr, plan)
+    why = _multi_dim(plan) or _bind_reads(wr, plan)
     if why:
         return None, why
     for n in backward_outer(bwd):
@@ -457,8 +469,8 @@ def _generate(plan: Plan, lib, loops: CLoops, dry: bool = False) -> str | None:
         if src is None:
             return f"{variant}: {why}"
         sources.append((variant, f"sg_loop_{variant}", src))
-    if blas_pointers(torch.float32) is None:
-        return "no BLAS with sgemm_/dgemm_ was found in libtorch_cpu"
+    if blas_pointers(torch.float32) is None or blas_pointers(torch.float64) is None:
+        return "no BLAS with sgemm_ and dgemm_ was found in libtorch_cpu"
     if not dry:
         for variant, name, src in sources:
             lib.add_loop(name, src)

@@ -291,3 +291,20 @@ def test_cpu_backend_without_a_c_compiler_says_so(monkeypatch):
     monkeypatch.setenv("CC", "/nonexistent/cc")
     with pytest.raises(RuntimeError, match="C compiler"):
         sg.compile(sg.Recurrence(ZOO["gru_reset_after"]()), backend="cpu")
+
+
+def test_scalar_state_gradients_keep_the_state_shape_on_padded_steps():
+    x, h = sg.Input((), name="x"), sg.State((), name="h")
+    h_next = sg.tanh(x * h + 0.5)
+    rec = sg.Recurrence(sg.Cell(inputs=[x], states={h: h_next}, outputs=[h_next])).double()
+    comp = sg.compile(rec, backend="torch")
+    xs = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([4, 0, 2])
+    o1, s1 = rec(xs, {"h": h0}, lengths=lengths)
+    o2, s2 = comp(xs, {"h": h0}, lengths=lengths)
+    g1 = torch.autograd.grad(o1.sum() + s1["h"].sum(), [xs, h0])
+    g2 = torch.autograd.grad(o2.sum() + s2["h"].sum(), [xs, h0])
+    assert g2[1].shape == h0.shape
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b)

@@ -167,3 +167,36 @@ def test_the_plan_says_how_the_loops_run():
     python_loops = str(sg.compile(sg.Recurrence(CASES["zoo_attention"]()), backend="cpu").plan())
     assert "time loops: Python, calling the C kernels (no C loop: " in python_loops
     assert "time loops: Python" in str(sg.compile(sg.Recurrence(BUILTIN["lstm"]()), backend="torch").plan())
+
+
+def test_a_state_with_a_per_example_matrix_shape_keeps_the_python_loops():
+    from seqgraph.kernels.c_launch import CLibrary
+    from seqgraph.kernels.c_loops import forward_loop
+    x, h, g = sg.Input(3, name="x"), sg.State(4, name="h"), sg.State((2, 3), name="g")
+    h2 = sg.tanh(sg.Linear(3 + 4, 4)(sg.concat([x, h])))
+    comp = sg.compile(sg.Recurrence(sg.Cell(inputs=[x], states={h: h2, g: g}, outputs=[h2])), backend="cpu")
+    src, why = forward_loop(comp.plan(), CLibrary(), False, False, "sg_loop_probe")
+    assert src is None and "state 'g' has per-example shape (2, 3)" in why
+    assert "per-example shape (2, 3)" in loops_refusal(comp.plan())
+    g0 = torch.arange(12.0).reshape(2, 2, 3)
+    x = torch.randn(3, 2, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(comp(x, {"g": g0})[1]["g"], g0)
+
+
+def test_scalar_states_run_in_c_loops_and_equal_the_reference_with_masks():
+    x, h = sg.Input((), name="x"), sg.State((), name="h")
+    h_next = sg.tanh(x * h + 0.5)
+    rec = sg.Recurrence(sg.Cell(inputs=[x], states={h: h_next}, outputs=[h_next])).double()
+    comp = sg.compile(rec, backend="cpu")
+    assert isinstance(comp._program.c_loops, CLoops)
+    xs = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([4, 0, 2])
+    o1, s1 = rec(xs, {"h": h0}, lengths=lengths)
+    o2, s2 = comp(xs, {"h": h0}, lengths=lengths)
+    torch.testing.assert_close(o2, o1)
+    g1 = torch.autograd.grad(o1.sum() + s1["h"].sum(), [xs, h0])
+    g2 = torch.autograd.grad(o2.sum() + s2["h"].sum(), [xs, h0])
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b)
