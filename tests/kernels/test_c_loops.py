@@ -200,3 +200,15 @@ def test_scalar_states_run_in_c_loops_and_equal_the_reference_with_masks():
     g2 = torch.autograd.grad(o2.sum() + s2["h"].sum(), [xs, h0])
     for a, b in zip(g2, g1):
         torch.testing.assert_close(a, b)
+
+
+def test_one_thread_gives_the_same_results():
+    rec = sg.Recurrence(sg.cells.lstm(8, 256)).double()
+    comp = sg.compile(rec, backend="cpu")
+    xs, ctx = make_inputs(rec.cell, 3, 40, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        check_against_reference(rec, comp, xs, ctx, 1e-10, lengths=torch.arange(40) % 4)
+    finally:
+        torch.set_num_threads(threads)
