@@ -112,6 +112,10 @@ static void sg_linear(int64_t B, const sg_weight* g, const real* x, int64_t rs, 
    on padded rows (mask[b] == 0) zero (mode 1) or prev's row (mode 2) */
 static void sg_store(int64_t B, int64_t w, const real* src, int64_t rs, int64_t cs, real* dst, int mode,
                      const real* prev, int64_t prs, int64_t pcs, const unsigned char* mask) {
+    if (mode == 0 && cs == 1 && rs == w) {  /* one contiguous block */
+        memcpy(dst, src, sizeof(real) * (size_t)(B * w));
+        return;
+    }
     for (int64_t b = 0; b < B; ++b) {
         int keep = mode == 0 || mask == 0 || mask[b] != 0;
         const real* s = keep ? src + b * rs : prev + b * prs;
@@ -177,7 +181,7 @@ class _LoopWriter:
         return _Loc(f"p{i}", "0", f"d{i}[0]" if width(n) > 1 else "1")
 
     # -- the stages of one step ---------------------------------------------------------
-    def gemm(self, n: Node) -> str | None:
+    def gemm(self, n: Node, stores: list[Store]) -> str | None:
         x, w = n.inputs
         if n.op != "linear" or not (x.batched and len(x.shape) == 1 and not w.batched and len(w.shape) == 2):
             return f"{n.op} %{n.id} is not a product of rows and a weight matrix"
@@ -190,7 +194,10 @@ class _LoopWriter:
             self.decl.append(f"if (sg_weight_init(&{g}, B, {N}, {K}, {lw.ptr}, {lw.rs}, {lw.cs})) "
                              f"{{ rc = 1; goto done; }}  /* the weight %{w.id} */")
         lx = self.loc[x.id]
-        out = self.buffer(width(n), f"%{n.id}")
+        plain = next((st for st in stores if st.node.id == n.id and st.mode == "plain" and not st.done), None)
+        if plain is not None:  # the product goes straight into the buffer it is stored in
+            plain.done = True
+        out = plain.target if plain is not None else self.buffer(width(n), f"%{n.id}")
         scratch = self.buffer(width(x), f"scratch of %{n.id}")
         self.body.append(f"sg_linear(B, &{self.weights[w.id]}, {lx.ptr}, {lx.rs}, {lx.cs}, {out}, {scratch});"
                          f"  /* %{n.id} linear{' ' + repr(n.name) if n.name else ''} */")
@@ -243,7 +250,7 @@ class _LoopWriter:
         for s in stages:
             if s.kind == "gemm":
                 for n in s.nodes:
-                    why = self.gemm(n)
+                    why = self.gemm(n, stores)
                     if why:
                         return why
             elif s.kind == "fused":
