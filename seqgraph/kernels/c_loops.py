@@ -205,11 +205,11 @@ class _LoopWriter:
         self.ncalls["gemm"] += 1
         return None
 
-    def region(self, stage, live: set[int], stores: list[Store], masked: bool) -> str | None:
+    def region(self, stage, live: set[int], stores: list[Store]) -> str | None:
         wiring = _stage_region(stage, live, stores)
         if wiring is None:
             return None
-        region, inputs, primary, targets, mine, plain, extra = wiring
+        region, _, primary, targets, mine, _, _ = wiring
         ok, why = c_region_supported(region)
         if not ok:
             return why
@@ -246,7 +246,7 @@ class _LoopWriter:
                          f"{p.ptr}, {p.rs}, {p.cs}, {'mt' if mode else '0'});  /* %{st.node.id} {st.mode} */")
         return None
 
-    def stages(self, stages, live: set[int], stores: list[Store], masked: bool) -> str | None:
+    def stages(self, stages, live: set[int], stores: list[Store]) -> str | None:
         for s in stages:
             if s.kind == "gemm":
                 for n in s.nodes:
@@ -254,7 +254,7 @@ class _LoopWriter:
                     if why:
                         return why
             elif s.kind == "fused":
-                why = self.region(s, live, stores, masked)
+                why = self.region(s, live, stores)
                 if why:
                     return f"a fused stage cannot be compiled to C: {why}"
             else:
@@ -351,7 +351,7 @@ def forward_loop(plan: Plan, lib, masked: bool, save: bool, func_name: str) -> t
         stores.append(Store(q, target, "carry" if masked else "plain", prev=p))
     stores += [Store(n, f"(p{svs[k]} + t * d{svs[k]}[0])") for k, n in enumerate(saved)]
     live = {n.id for n in step.results} | {n.id for n in saved}
-    why = wr.stages(plan.stages, live, stores, masked)
+    why = wr.stages(plan.stages, live, stores)
     if why:
         return None, why
     for j, (p, _) in enumerate(step.states):
@@ -400,7 +400,7 @@ def backward_loop(plan: Plan, bwd, lib, masked: bool, func_name: str) -> tuple[s
         stores.append(Store(g, target))
     live = {n.id for n in lay.new_stash} | {g.id for g in d.grad_prev if g is not None} \
         | {g.id for g in d.grad_of.values()} | {i.id for n in bwd.post for i in n.inputs}
-    why = wr.stages(bwd.stages, live, stores, masked)
+    why = wr.stages(bwd.stages, live, stores)
     if why:
         return None, why
     for k, g in lay.accum:
