@@ -287,6 +287,12 @@ class CLibrary:
             self._by_signature[sig] = k
         return k
 
+    def drop_kernels(self, keep: int) -> None:
+        """Forget every kernel added after the first `keep` (their source was never built)."""
+        for k in self.kernels[keep:]:
+            del self._by_signature[k.region.signature()]
+        del self.kernels[keep:]
+
     def add_loop(self, func_name: str, source: str) -> None:
         """A whole time loop (written by c_loops.py) calling this library's kernels."""
         self.loops[func_name] = source

@@ -458,45 +458,48 @@ class CLoops:
 def loops_refusal(plan: Plan) -> str | None:
     """Why the plan's loops cannot run as C functions, or None when they can."""
     from .c_launch import CLibrary
-    return _generate(plan, CLibrary(), CLoops(CLibrary()), dry=True)
+    lib = CLibrary()
+    return _generate(plan, lib, CLoops(lib))
 
 
-def _generate(plan: Plan, lib, loops: CLoops, dry: bool = False) -> str | None:
-    sources = []
-    for (masked, save), variant in FORWARD_VARIANTS.items():
-        src, why = forward_loop(plan, lib, masked, save, f"sg_loop_{variant}")
-        if src is None:
-            return f"{variant}: {why}"
-        sources.append((variant, f"sg_loop_{variant}", src))
-    for masked in (False, True):
-        if not plan.backward_ok(masked):
-            continue
-        variant = "bwd_masked" if masked else "bwd_plain"
-        src, why = backward_loop(plan, plan.backward_plan(masked), lib, masked, f"sg_loop_{variant}")
-        if src is None:
-            return f"{variant}: {why}"
-        sources.append((variant, f"sg_loop_{variant}", src))
+def _generate(plan: Plan, lib, loops: CLoops) -> str | None:
+    """Write every loop variant into `lib` and name them in `loops`; or say why not, leaving
+    `lib` as it was."""
     if blas_pointers(torch.float32) is None or blas_pointers(torch.float64) is None:
         return "no BLAS with sgemm_ and dgemm_ was found in libtorch_cpu"
-    if not dry:
-        for variant, name, src in sources:
-            lib.add_loop(name, src)
-            loops.func_names[variant] = name
+    kept = len(lib.kernels)
+    sources = []
+    for variant, (src, why) in _variants(plan, lib):
+        if src is None:
+            lib.drop_kernels(kept)  # the regions written for loops that will not exist
+            return f"{variant}: {why}"
+        sources.append((variant, src))
+    for variant, src in sources:
+        lib.add_loop(f"sg_loop_{variant}", src)
+        loops.func_names[variant] = f"sg_loop_{variant}"
     return None
+
+
+def _variants(plan: Plan, lib):
+    """(variant, (source or None, why)) for each loop, written one at a time."""
+    for (masked, save), variant in FORWARD_VARIANTS.items():
+        yield variant, forward_loop(plan, lib, masked, save, f"sg_loop_{variant}")
+    for masked in (False, True):
+        if plan.backward_ok(masked):
+            variant = "bwd_masked" if masked else "bwd_plain"
+            yield variant, backward_loop(plan, plan.backward_plan(masked), lib, masked, f"sg_loop_{variant}")
 
 
 def emit_c_loops(src: Source, plan: Plan) -> CLoops | str:
     """Add the C loops to the program's CLibrary and their Python wrappers (`forward_c`,
     `backward_plain_c`, `backward_masked_c`) to `src`; returns the CLoops, or why not."""
     from .c_launch import CLibrary
-    why = loops_refusal(plan)
-    if why:
-        return why
-    lib = src.globals.setdefault("_clib", CLibrary())
+    lib = src.globals.get("_clib") or CLibrary()
     loops = CLoops(lib)
     why = _generate(plan, lib, loops)
     if why:
         return why
+    src.globals["_clib"] = lib
     src.globals["_cloops"] = loops
     _emit_forward_wrapper(src, plan)
     for masked in (False, True):
