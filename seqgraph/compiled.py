@@ -91,7 +91,7 @@ def get_program(cell: Cell, backend: str, unroll: int = 1) -> Program:
     elif backend == "cpu":
         from .kernels.backend import cpu_region_call
         region_call, pack = cpu_region_call, True
-    src = generate(plan, cell.name or "cell", region_call=region_call, pack_weights=pack)
+    src = generate(plan, cell.name or "cell", region_call=region_call, pack_weights=pack, cpu_gemm=backend == "cpu")
     c_loops = None
     if backend == "cpu":  # whole loops in C where every stage has C code (else the Python loops call the kernels)
         from .kernels.c_loops import emit_c_loops

@@ -31,6 +31,13 @@ class Source:
         self.lines: list[str] = []
         self.globals: dict[str, object] = {}
         self.indent = 0
+        # the hoisted products: torch's GEMM, or for the cpu backend (cpu_gemm) `_gemm`
+        # (kernels/cpu_gemm.py), which picks seqgraph's own GEMM or torch's per call
+        self.cpu_gemm = False
+        self.outside_loops = False  # set while the prologue is emitted
+
+    def gemm_call(self) -> bool:
+        return self.cpu_gemm and self.outside_loops
 
     def emit(self, line: str, node: Node | None = None) -> None:
         tag = f"  # %{node.id} {node.op}" + (f" '{node.name}'" if node.name else "") + f" @ {node.site}" if node else ""
@@ -91,7 +98,7 @@ def _torch_expr(n, ins, a, env, src) -> str:
         d = n.attrs["dim"] + (1 if n.batched else 0)
         return f"{a[0]}.narrow({d}, {n.attrs['start']}, {n.attrs['stop'] - n.attrs['start']})"
     if n.op == "linear":
-        return f"F.linear({a[0]}, {a[1]})"
+        return f"{'_gemm.linear' if src.gemm_call() else 'F.linear'}({a[0]}, {a[1]})"
     if n.op == "transpose" and not n.batched and len(n.shape) == 2:
         return f"{a[0]}.t()"
     if n.op == "layer_norm" and len(n.shape) == 1:
@@ -219,7 +226,9 @@ def emit_nodes(src: Source, nodes: list[Node], env: dict[int, str], live: set[in
             expr, wrote = f"_packed_linear({_arg(x, env)}, {_arg(w, env)}, {packed[w.id]}{o})", bool(out)
         elif n.id in folded:
             x, w, addend = folded[n.id]
-            if len(x.shape) == 1 and x.batched:  # rows: one addmm, written in place when stored
+            if len(x.shape) == 1 and x.batched and src.gemm_call() and not out:
+                expr, wrote = f"_gemm.addmm({_arg(addend, env)}, {_arg(x, env)}, {_arg(w, env)}.t())", False
+            elif len(x.shape) == 1 and x.batched:  # rows: one addmm, written in place when stored
                 o = f", out={out}" if out else ""
                 expr, wrote = f"torch.addmm({_arg(addend, env)}, {_arg(x, env)}, {_arg(w, env)}.t(){o})", bool(out)
             else:
@@ -299,13 +308,18 @@ def shape_tuple(n: Node, lead: str) -> str:
 
 
 def generate(plan: Plan, name: str = "cell", region_call: RegionCall | None = None,
-             pack_weights: bool | None = None) -> Source:
+             pack_weights: bool | None = None, cpu_gemm: bool = False) -> Source:
     """The whole module for `plan`. `region_call(src, stage, env, mask_var, live, stores)` may
     emit a fused stage itself (the kernel backends do) and return True; else torch lines are
     emitted. `pack_weights` (default: without a region_call) packs each per-step GEMM's weight
-    for MKL once per call, which only pays on the CPU."""
+    for MKL once per call, which only pays on the CPU. `cpu_gemm` sends the products outside
+    the loops through kernels/cpu_gemm.py (the cpu backend)."""
     pack = region_call is None if pack_weights is None else pack_weights
     src = Source()
+    src.cpu_gemm = cpu_gemm
+    if cpu_gemm:
+        from ..kernels import cpu_gemm as gemm_module
+        src.globals["_gemm"] = gemm_module
     src.emit(f"# seqgraph generated code for cell {name!r}; read it with model.source()")
     src.emit("import torch")
     src.emit("import torch.nn.functional as F")
@@ -366,7 +380,9 @@ def _emit_prologue(src: Source, plan: Plan) -> None:
     env = dict(rows)
     for n in plan.hoisted:
         env[n.id] = f"{_v(n)}_rows"
+    src.outside_loops = True
     emit_nodes(src, plan.hoisted, env, {r.id for r in plan.reads})
+    src.outside_loops = False
     outs = []
     for r in plan.reads:
         if plan.cls[r.id] == "hoisted":

@@ -1,7 +1,8 @@
 """Pass: hoist_loop_invariant_terms — add state-free terms of a sum before the loop.
 
 (x W_x + h W_h) + b becomes (x W_x + b) + h W_h: the first half is hoisted (computed for all
-steps at once), the second is one addmm per step. Only single-use inner sums are regrouped, and
+steps at once), the second is one addmm per step. Several invariant terms (the two biases of
+an LSTM) are summed first, once per call, so the hoisted sum is one addmm. Only single-use inner sums are regrouped, and
 only when the regrouped sum has the same shape. Must not change values (beyond the rounding
 of a reassociated float sum).
 """
@@ -41,8 +42,19 @@ def hoist_loop_invariant_terms(step: StepGraph) -> StepGraph:
         late = [t for t in ts if t not in early]
         if len(early) < 2 or not late:
             return out
-        acc = early[0]
-        for t in early[1:]:
+        # the invariant terms (biases) summed once per call, then added to the hoisted ones in
+        # one pass over all T*B rows: (x W + b_x) + b_h becomes x W + (b_x + b_h), which the
+        # torch code emits as one addmm
+        hoisted = [t for t in early if node_class(t, cls) == "hoisted"]
+        invariant = [t for t in early if t not in hoisted]
+        ordered = hoisted + invariant
+        if hoisted and len(invariant) > 1:
+            inv = invariant[0]
+            for t in invariant[1:]:
+                inv = make("add", (inv, t), site=n.site)
+            ordered = hoisted + [inv]
+        acc = ordered[0]
+        for t in ordered[1:]:
             acc = make("add", (acc, t), site=n.site)
         for t in late:
             acc = make("add", (acc, t), site=n.site, name=n.name)

@@ -87,9 +87,9 @@ def _generator_fingerprint() -> str:
     """A hash of the code that writes kernels (this package's generator and the op registry's
     emitters), so a changed generator never loads a library an older one built."""
     from ..compiler import ops
-    from . import c_codegen, c_loops
+    from . import c_codegen, c_loops, cpu_gemm
     h = hashlib.sha256()
-    for mod in (c_codegen, c_loops, ops):
+    for mod in (c_codegen, c_loops, cpu_gemm, ops):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()[:16]
 
@@ -351,7 +351,8 @@ class CLibrary:
             lib.sg_set_blas(*blas)
             for fname in self.loops:
                 f = getattr(lib, fname)
-                f.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                f.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                              ctypes.c_int64]
                 f.restype = ctypes.c_int
                 self.loop_fns[(fname, dtype)] = f
         if debug_level() >= 3:

@@ -3,11 +3,12 @@
 The generated Python loops (codegen_torch) pay the interpreter and the torch dispatcher a few
 microseconds per op and step; at small sizes that is most of the time. Here each loop of a
 plan (forward: masked or not, saving or not; backward: plain or masked) becomes one C function
-`int sg_loop_<variant>(T, B, mask, P, D)` in the program's CLibrary: per step it calls MKL's
-GEMM for each `gemm` stage (through function pointers found in libtorch_cpu, the weight packed
-once per call for float32, as oneDNN's LSTM does) and the fused region's own C function for
-each `fused` stage, and writes outputs, states and what backward saves straight into their
-(T, B, ...) buffers. `P` holds one pointer per tensor slot and `D` three strides per slot, so
+`int sg_loop_<variant>(T, B, mask, P, D, own)` in the program's CLibrary: per step it runs a
+GEMM for each `gemm` stage and the fused region's own C function for each `fused` stage. The
+GEMM is MKL's (through function pointers found in libtorch_cpu, the weight packed once per
+call for float32, as oneDNN's LSTM does) or, when `own` (float32, `cpu_gemm.per_step_gemm()`
+chose it for this CPU), seqgraph's own sg_mm on a weight packed once per call. Each loop
+writes outputs, states and what backward saves straight into their (T, B, ...) buffers. `P` holds one pointer per tensor slot and `D` three strides per slot, so
 strided inputs work without copies. States and gradients carried to the next step live in
 double buffers. A thin generated Python wrapper per loop (`forward_c`, `backward_*_c`)
 allocates the buffers exactly as the Python loops do and runs the same pre- and post-loop
@@ -32,6 +33,7 @@ from ..compiler.plan import Plan
 from .backend import _stage_region
 from .c_codegen import c_region_supported
 from .codegen import width
+from .cpu_gemm import SG_MM_SOURCE, per_step_gemm
 
 LOOP_PRELUDE = r"""
 /* ---- whole time loops: BLAS through function pointers handed over by seqgraph ---- */
@@ -45,6 +47,7 @@ static sg_gemm_fn sg_gemm;
 static sg_pack_size_fn sg_pack_size;
 static sg_pack_fn sg_pack;
 static sg_compute_fn sg_compute;
+""" + SG_MM_SOURCE + r"""
 
 /* gemm: sgemm_/dgemm_ (Fortran BLAS); the packed-B trio: MKL's cblas_sgemm_pack* (float only) */
 void sg_set_blas(void* gemm, void* pack_size, void* pack, void* compute) {
@@ -56,11 +59,19 @@ void sg_set_blas(void* gemm, void* pack_size, void* pack, void* compute) {
 
 /* A per-step weight W (N, K) as the GEMMs read it: `trans` = 1 when W is row-major with
    leading dim `ld` (y = x W^T takes W transposed), 0 when W^T is (K, N) row-major with `ld`.
-   A W with neither layout is copied into `owned`. `packed` is MKL's packed form for B rows. */
-typedef struct { const real* w; int trans, ld; int64_t n, k; real* owned; void* packed; } sg_weight;
+   A W with neither layout is copied into `owned`. `packed` is MKL's packed form for B rows;
+   `mm` is sg_mm's view of W when `own`. */
+typedef struct {
+    const real* w; int trans, ld, own; int64_t n, k; real* owned; void* packed;
+#ifndef SG_DOUBLE
+    sg_mm_b mm;  /* sg_mm's view of W when `own` */
+#endif
+} sg_weight;
 
-static int sg_weight_init(sg_weight* g, int64_t B, int64_t N, int64_t K, const real* W, int64_t s0, int64_t s1) {
-    g->n = N; g->k = K; g->owned = 0; g->packed = 0;
+/* own: the products run sg_mm (cpu_gemm.py) instead of MKL (float only) */
+static int sg_weight_init(sg_weight* g, int64_t B, int64_t N, int64_t K, const real* W, int64_t s0, int64_t s1,
+                          int64_t own) {
+    g->n = N; g->k = K; g->owned = 0; g->packed = 0; g->own = 0;
     if (s1 == 1 && s0 >= K) { g->w = W; g->trans = 1; g->ld = (int)s0; }
     else if (s0 == 1 && s1 >= N) { g->w = W; g->trans = 0; g->ld = (int)s1; }
     else {
@@ -71,6 +82,10 @@ static int sg_weight_init(sg_weight* g, int64_t B, int64_t N, int64_t K, const r
         g->w = g->owned; g->trans = 1; g->ld = (int)K;
     }
 #ifndef SG_DOUBLE
+    if (own) {
+        g->own = 1;
+        return sg_mm_prepare(&g->mm, N, K, g->w, g->trans ? g->ld : 1, g->trans ? 1 : g->ld);
+    }
     if (sg_pack_size != 0 && sg_pack != 0 && sg_compute != 0) {
         /* row-major (101), the B matrix (162), W^T as stored: transposed (112) or not (111) */
         size_t bytes = sg_pack_size(162, (int)B, (int)N, (int)K);
@@ -78,6 +93,8 @@ static int sg_weight_init(sg_weight* g, int64_t B, int64_t N, int64_t K, const r
         if (g->packed == 0) return 1;
         sg_pack(101, 162, g->trans ? 112 : 111, (int)B, (int)N, (int)K, 1.0f, g->w, g->ld, (float*)g->packed);
     }
+#else
+    (void)own;
 #endif
     return 0;
 }
@@ -85,6 +102,9 @@ static int sg_weight_init(sg_weight* g, int64_t B, int64_t N, int64_t K, const r
 static void sg_weight_free(sg_weight* g) {
     free(g->owned);
     free(g->packed);
+#ifndef SG_DOUBLE
+    if (g->own) sg_mm_release(&g->mm);
+#endif
 }
 
 /* y (B, N) contiguous = x W^T; x rows `rs` apart, columns `cs` apart (gathered into `scratch`
@@ -98,6 +118,10 @@ static void sg_linear(int64_t B, const sg_weight* g, const real* x, int64_t rs, 
     }
     int m = (int)B, n = (int)g->n, k = (int)K, lx = (int)rs;
 #ifndef SG_DOUBLE
+    if (g->own) {
+        sg_mm(B, g->n, K, x, rs, &g->mm, 0, y, g->n);
+        return;
+    }
     if (g->packed != 0) {  /* row-major, A not transposed (111), B packed (151) */
         sg_compute(101, 111, 151, m, n, k, x, lx, (const float*)g->packed, n, 0.0f, y, n);
         return;
@@ -191,7 +215,7 @@ class _LoopWriter:
             g = self.weights[w.id] = f"W{w.id}"
             lw = self.loc[w.id]
             N, K = w.shape
-            self.decl.append(f"if (sg_weight_init(&{g}, B, {N}, {K}, {lw.ptr}, {lw.rs}, {lw.cs})) "
+            self.decl.append(f"if (sg_weight_init(&{g}, B, {N}, {K}, {lw.ptr}, {lw.rs}, {lw.cs}, own)) "
                              f"{{ rc = 1; goto done; }}  /* the weight %{w.id} */")
         lx = self.loc[x.id]
         plain = next((st for st in stores if st.node.id == n.id and st.mode == "plain" and not st.done), None)
@@ -270,7 +294,8 @@ class _LoopWriter:
         loop = "for (int64_t t = T - 1; t >= 0; --t) {" if reverse else "for (int64_t t = 0; t < T; ++t) {"
         lines = [f"/* {self.title}: per step {self.ncalls['gemm']} GEMM(s) and {self.ncalls['region']} fused "
                  "region(s), nothing else */",
-                 f"int {self.func_name}(int64_t T, int64_t B, const unsigned char* mask, void** P, const int64_t* D) {{",
+                 f"int {self.func_name}(int64_t T, int64_t B, const unsigned char* mask, void** P, const int64_t* D, "
+                 "int64_t own) {",
                  "    int rc = 0;"]
         # zeroed before anything can fail, so `done` frees each of them whatever happened
         lines += [f"    sg_weight {g} = {{0}};" for g in self.weights.values()]
@@ -450,7 +475,8 @@ class CLoops:
             for a, st in enumerate(t.stride()[:3]):
                 strides[3 * i + a] = st
         m = mask.contiguous() if mask is not None else None
-        if fn(T, B, m.data_ptr() if m is not None else None, ptrs, strides):
+        own = int(tensors[0].dtype == torch.float32 and per_step_gemm() == "seqgraph")
+        if fn(T, B, m.data_ptr() if m is not None else None, ptrs, strides, own):
             raise MemoryError(f"the C loop {variant} of {self.lib.name!r} could not allocate its workspace")
         self.calls += 1
 
@@ -574,7 +600,6 @@ def _emit_backward_wrapper(src: Source, plan: Plan, bwd, masked: bool) -> None:
 
 
 _BLAS: dict = {}
-
 
 def blas_pointers(dtype: torch.dtype) -> tuple | None:
     """(gemm, pack_size, pack, compute) addresses in the BLAS torch links (MKL), or None."""

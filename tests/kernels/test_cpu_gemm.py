@@ -1,0 +1,134 @@
+"""seqgraph's own float32 GEMM (seqgraph/kernels/cpu_gemm.py) and the choice between it and MKL:
+sg_mm against torch.mm on every kind of tail (rows past a multiple of the register tile,
+columns past a multiple of the panel), strided and transposed operands, biases, chunked reads
+of a weight read in place; autograd through `linear`; the vendor and $SEQGRAPH_CPU_GEMM rule;
+and every built-in cell's C loops with either GEMM against the reference.
+
+Tolerances (float32): 1e-5 relative to the size of the sum, as torch's own GEMMs differ."""
+import pytest
+import torch
+
+import seqgraph as sg
+from seqgraph.kernels import cpu_gemm
+
+from backend_cases import BUILTIN, check_against_reference
+from zoo import make_inputs
+
+
+@pytest.fixture
+def own_gemm(monkeypatch):
+    monkeypatch.setenv("SEQGRAPH_CPU_GEMM", "seqgraph")
+
+
+def _close(got, want, K):
+    torch.testing.assert_close(got, want, atol=1e-5 * max(1, K) ** 0.5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (16, 512, 128), (5, 33, 7), (13, 200, 77), (9, 64, 1),
+                                   (64, 31, 300), (130, 96, 40), (7, 17, 2048)])
+def test_sg_mm_equals_torch_mm_for_any_tail_of_rows_and_columns(own_gemm, M, N, K):
+    x, w = torch.randn(M, K), torch.randn(N, K)
+    _close(cpu_gemm.linear(x, w), x @ w.t(), K)
+
+
+def test_the_avx2_build_of_sg_mm_equals_torch_mm(own_gemm, monkeypatch):
+    # without AVX-512 the kernel holds 6 rows x 16 columns in ymm registers: its own tails
+    monkeypatch.setenv("SEQGRAPH_CFLAGS", "-O2 -march=native -mno-avx512f")
+    for M, N, K in [(6, 16, 3), (11, 40, 9), (5, 15, 64)]:
+        x, w = torch.randn(M, K), torch.randn(N, K)
+        _close(cpu_gemm.linear(x, w), x @ w.t(), K)
+
+
+def test_sg_mm_reads_a_weight_stored_transposed_in_place(own_gemm):
+    x, wt = torch.randn(12, 50), torch.randn(50, 70)  # W^T row-major: the panels are read where they lie
+    _close(cpu_gemm._mm(x, wt), x @ wt, 50)
+
+
+def test_sg_mm_reads_strided_rows_and_column_slices(own_gemm):
+    big = torch.randn(20, 3, 90)
+    x = big[:, 1, 10:60]  # rows 270 apart
+    w = torch.randn(40, 100)[:, ::2]  # columns 2 apart: copied into panels
+    _close(cpu_gemm.linear(x, w), x @ w.t(), 50)
+    xt = torch.randn(50, 20).t()  # columns not adjacent: copied first
+    _close(cpu_gemm.linear(xt, w), xt @ w.t(), 50)
+
+
+def test_a_weight_read_in_place_that_spans_more_than_the_tlb_is_taken_in_chunks_of_k(own_gemm):
+    # W^T rows 4096 floats apart over K = 600: 9.8 MB > SG_MM_DIRECT_BYTES, so two chunks of K
+    # add into y; 40 columns are one full panel read in place and a tail panel copied
+    wt = torch.randn(600, 4096)[:, :40]
+    x = torch.randn(9, 600)
+    _close(cpu_gemm._mm(x, wt), x @ wt, 600)
+
+
+def test_the_bias_starts_the_accumulators_even_when_strided(own_gemm):
+    x, w = torch.randn(11, 20), torch.randn(45, 20)
+    b = torch.randn(90)[::2]
+    _close(cpu_gemm.linear(x, w, b), torch.addmm(b, x, w.t()), 20)
+
+
+def test_addmm_takes_a_matrix_addend(own_gemm):
+    x, w, acc = torch.randn(6, 8), torch.randn(10, 8), torch.randn(6, 10)
+    _close(cpu_gemm.addmm(acc, x, w.t()), torch.addmm(acc, x, w.t()), 8)
+
+
+def test_empty_operands_give_empty_or_bias_only_products(own_gemm):
+    assert cpu_gemm.linear(torch.randn(0, 4), torch.randn(3, 4)).shape == (0, 3)
+    b = torch.randn(3)
+    torch.testing.assert_close(cpu_gemm.linear(torch.randn(2, 0), torch.randn(3, 0), b), b.expand(2, 3))
+
+
+def test_linear_gradients_equal_torch(own_gemm):
+    x, w, b = (torch.randn(*s, requires_grad=True) for s in ((37, 19), (45, 19), (45,)))
+    g = torch.randn(37, 45)
+    got = torch.autograd.grad(cpu_gemm.linear(x, w, b), (x, w, b), g)
+    want = torch.autograd.grad(torch.nn.functional.linear(x, w, b), (x, w, b), g)
+    for a, e in zip(got, want):
+        _close(a, e, 45)
+
+
+def test_float64_takes_torch_gemm_unchanged(own_gemm):
+    x, w = torch.randn(5, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    assert not cpu_gemm.enabled(x, w)
+    assert torch.equal(cpu_gemm.linear(x, w), torch.nn.functional.linear(x, w))
+
+
+def test_the_gemm_is_chosen_by_cpu_vendor(monkeypatch):
+    monkeypatch.delenv("SEQGRAPH_CPU_GEMM", raising=False)
+    monkeypatch.setattr(cpu_gemm, "cpu_vendor", lambda: "GenuineIntel")
+    assert cpu_gemm.per_step_gemm() == "mkl"
+    monkeypatch.setattr(cpu_gemm, "cpu_vendor", lambda: "AuthenticAMD")
+    assert cpu_gemm.per_step_gemm() == "seqgraph"
+
+
+def test_the_environment_overrides_the_choice_and_a_bad_value_is_named(monkeypatch):
+    monkeypatch.setenv("SEQGRAPH_CPU_GEMM", "MKL")
+    assert cpu_gemm.per_step_gemm() == "mkl"
+    monkeypatch.setenv("SEQGRAPH_CPU_GEMM", "openblas")
+    with pytest.raises(ValueError, match="SEQGRAPH_CPU_GEMM must be one of seqgraph, mkl, got 'openblas'"):
+        cpu_gemm.per_step_gemm()
+
+
+@pytest.mark.parametrize("gemm", cpu_gemm.GEMMS)
+@pytest.mark.parametrize("name", sorted(BUILTIN))
+def test_c_loops_with_either_gemm_equal_the_reference_in_float32(monkeypatch, name, gemm):
+    monkeypatch.setenv("SEQGRAPH_CPU_GEMM", gemm)
+    rec = sg.Recurrence(BUILTIN[name]())
+    comp = sg.compile(rec, backend="cpu")
+    before = comp._program.c_loops.calls
+    xs, ctx = make_inputs(rec.cell, 6, 11, dtype=torch.float32)  # 11 rows: a full tile and a tail
+    check_against_reference(rec, comp, xs, ctx, 1e-5, lengths=torch.tensor([6, 1, 3, 6, 2, 5, 6, 4, 6, 6, 1]))
+    assert comp._program.c_loops.calls - before == 2
+
+
+def test_the_per_step_products_follow_the_gemm_choice_at_each_call(monkeypatch):
+    torch.manual_seed(0)
+    comp = sg.compile(sg.Recurrence(sg.cells.lstm(64, 96)), backend="cpu")
+    x = torch.randn(5, 9, 64)
+    outs = {}
+    for gemm in cpu_gemm.GEMMS:
+        monkeypatch.setenv("SEQGRAPH_CPU_GEMM", gemm)
+        with torch.no_grad():
+            outs[gemm] = comp(x)[0]
+    torch.testing.assert_close(outs["seqgraph"], outs["mkl"], atol=1e-5, rtol=1e-5)
+    assert not torch.equal(outs["seqgraph"], outs["mkl"])  # different kernels sum in different orders
