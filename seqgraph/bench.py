@@ -3,9 +3,9 @@
 `python -m seqgraph bench` times, for each cell and size, the forward pass and forward+backward
 of: torch.nn.LSTM/GRU (cuDNN on GPU, oneDNN on CPU) where the cell has one, the same cell as an
 eager PyTorch loop (plain torch ops, autograd), torch.compile of that loop (compile time
-reported apart), and seqgraph's compiled backends. It prints medians and ratios to the fastest
-peer, peak memory on CUDA, and with --out writes the table as a Markdown section named after
-the machine into docs/benchmarks.md. Timing is never a unit test; this module only measures.
+reported apart), and seqgraph's compiled backends, their runs taken in turn. It prints medians
+and ratios to the fastest peer, peak memory on CUDA, and with --out writes the table as a
+Markdown section named after the machine into docs/benchmarks.md. Timing is never a unit test; this module only measures.
 """
 from __future__ import annotations
 
@@ -104,17 +104,21 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def median_ms(fn: Callable, device, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
+def interleaved_medians_ms(fns: list[Callable], device, reps: int, warmup: int = 2) -> list[float]:
+    """The median time of each of `fns`, their runs taken in turn (run 1 of each, then run 2
+    of each, ...), so that a slow spell of a shared machine slows every peer alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    times = []
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[i].append(1e3 * (time.perf_counter() - t0))
+    return [statistics.median(t) for t in times]
 
 
 def peak_mib(fn: Callable, device) -> float | None:
@@ -136,17 +140,10 @@ def run_case(cell_name: str, size: str, device, dtype, reps: int, peers: set[str
     x = torch.randn(T, B, H, device=device, dtype=dtype, requires_grad=True)
     nstates = len(rec.cell.states)
     zeros = tuple(torch.zeros(B, H, device=device, dtype=dtype) for _ in range(nstates))
-    rows: list[dict] = []
+    entries: list[tuple] = []  # (label, fwd, compile_s), timed together at the end
 
     def add(label, fwd, compile_s=None):
-        def train():
-            out = fwd()
-            out.float().sum().backward()
-        with torch.no_grad():
-            f_ms = median_ms(fwd, device, reps)
-        fb_ms = median_ms(train, device, reps)
-        rows.append(dict(cell=cell_name, size=size, T=T, B=B, H=H, peer=label, fwd_ms=f_ms, fwdbwd_ms=fb_ms,
-                         peak_mib=peak_mib(train, device), compile_s=compile_s))
+        entries.append((label, fwd, compile_s))
 
     if "cudnn" in peers and cell_name in ("lstm", "gru"):
         ref = (torch.nn.LSTM if cell_name == "lstm" else torch.nn.GRU)(H, H).to(device=device, dtype=dtype)
@@ -168,8 +165,23 @@ def run_case(cell_name: str, size: str, device, dtype, reps: int, peers: set[str
         t0 = time.perf_counter()
         comp = sg.compile(rec, backend=backend)
         cold = time.perf_counter() - t0
-        add(f"seqgraph {backend}", lambda: comp(x)[0], compile_s=cold)
-    return rows
+        add(f"seqgraph {backend}", (lambda c: lambda: c(x)[0])(comp), compile_s=cold)
+
+    def no_grad(fwd):
+        def run():
+            with torch.no_grad():
+                return fwd()
+        return run
+
+    def train(fwd):
+        def run():
+            fwd().float().sum().backward()
+        return run
+    f_ms = interleaved_medians_ms([no_grad(f) for _, f, _ in entries], device, reps)
+    fb_ms = interleaved_medians_ms([train(f) for _, f, _ in entries], device, reps)
+    return [dict(cell=cell_name, size=size, T=T, B=B, H=H, peer=label, fwd_ms=f, fwdbwd_ms=fb,
+                 peak_mib=peak_mib(train(fwd), device), compile_s=cs)
+            for (label, fwd, cs), f, fb in zip(entries, f_ms, fb_ms)]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -192,7 +204,19 @@ def format_table(rows: list[dict]) -> str:
 def machine_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"CPU {cpu_model()}, {torch.get_num_threads()} threads"
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def write_section(path: str, title: str, body: str) -> None:

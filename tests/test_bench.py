@@ -1,0 +1,37 @@
+"""The benchmark harness (seqgraph/bench.py) measures what it says: its eager loops compute the
+same cells as seqgraph (same weights, same outputs), and a run yields one row per peer with
+the ratio column. Nothing here times anything."""
+import pytest
+import torch
+
+import seqgraph as sg
+from seqgraph import bench
+
+
+@pytest.mark.parametrize("name", bench.CELLS)
+def test_the_eager_loop_computes_the_same_cell_as_seqgraph(name):
+    torch.manual_seed(0)
+    rec = sg.Recurrence(bench.make_cell(name, 6, 6)).double()
+    params = {k: v.detach() for k, v in rec.param_tensors().items()}
+    x = torch.randn(5, 3, 6, dtype=torch.float64)
+    zeros = tuple(torch.zeros(3, 6, dtype=torch.float64) for _ in rec.cell.states)
+    want, _ = rec(x)
+    got, _ = bench.eager_loop(bench.eager_step(name, params))(x, zeros)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+def test_a_run_gives_one_row_per_peer_and_a_table_with_ratios(monkeypatch):
+    monkeypatch.setitem(bench.SIZES, "tiny", (3, 2, 4))
+    peers = {"cudnn", "eager", "seqgraph-torch", "seqgraph-cpu"}
+    rows = bench.run_case("lstm", "tiny", torch.device("cpu"), torch.float32, 1, peers)
+    assert [r["peer"] for r in rows] == ["torch.nn.LSTM", "eager loop", "seqgraph torch", "seqgraph cpu"]
+    assert all(r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 for r in rows)
+    table = bench.format_table(rows)
+    assert "| lstm | 3,2,4 | torch.nn.LSTM |" in table and "| 1.00x |" in table
+
+
+def test_interleaved_medians_run_each_function_in_turn():
+    calls = []
+    fns = [lambda: calls.append("a"), lambda: calls.append("b")]
+    medians = bench.interleaved_medians_ms(fns, torch.device("cpu"), reps=3, warmup=1)
+    assert len(medians) == 2 and calls == ["a", "b"] + ["a", "b"] * 3
