@@ -41,15 +41,17 @@ SG_MM_SOURCE = r"""
 typedef float sg_vf __attribute__((vector_size(4 * SG_VW), aligned(4)));
 
 /* W^T as panels of SG_NR columns: panel p's row k (W[p * SG_NR + c][k] for c < SG_NR) lies at
-   base + p * pstep + k * kstep. When W^T is row-major (s0 == 1) the panels are read where W
-   lies (base = W, pstep = SG_NR, kstep = s1) and only a last partial panel is copied, padded
+   base + p * pstep + k * kstep. When W^T is row-major (s0 == 1) with rows at most a page
+   apart, the panels are read where W lies (base = W, pstep = SG_NR, kstep = s1) and only a last partial panel is copied, padded
    with zeros, into `tail`; else every panel is copied into `own` (kstep = SG_NR). */
 typedef struct { const float* base; int64_t pstep, kstep, np, full; float* own; float* tail; } sg_mm_b;
 
 static int sg_mm_prepare(sg_mm_b* b, int64_t N, int64_t K, const float* W, int64_t s0, int64_t s1) {
     int64_t np = (N + SG_NR - 1) / SG_NR;
     b->np = np; b->own = 0; b->tail = 0;
-    int direct = s0 == 1;
+    /* in place only while a step of k stays within a page: one TLB miss per k would cost
+       about half the FMAs' time */
+    int direct = s0 == 1 && s1 * (int64_t)sizeof(float) <= 4096;
     b->full = direct ? N / SG_NR : np;  /* panels read from base; the rest is the tail */
     b->base = direct ? W : 0; b->pstep = direct ? SG_NR : K * SG_NR; b->kstep = direct ? s1 : SG_NR;
     int64_t copied = direct ? np - b->full : np;
