@@ -54,11 +54,17 @@ def test_sg_mm_reads_strided_rows_and_column_slices(own_gemm):
 
 
 def test_a_weight_read_in_place_that_spans_more_than_the_tlb_is_taken_in_chunks_of_k(own_gemm):
-    # W^T rows 4096 floats apart over K = 600: 9.8 MB > SG_MM_DIRECT_BYTES, so two chunks of K
-    # add into y; 40 columns are one full panel read in place and a tail panel copied
-    wt = torch.randn(600, 4096)[:, :40]
-    x = torch.randn(9, 600)
-    _close(cpu_gemm._mm(x, wt), x @ wt, 600)
+    # W^T rows 1024 floats (a page) apart over K = 2100: 8.6 MB > SG_MM_DIRECT_BYTES, so two
+    # chunks of K add into y; 40 columns are one full panel read in place and a tail panel copied
+    wt = torch.randn(2100, 1024)[:, :40]
+    x = torch.randn(9, 2100)
+    _close(cpu_gemm._mm(x, wt), x @ wt, 2100)
+
+
+def test_a_transposed_weight_with_rows_more_than_a_page_apart_is_packed(own_gemm):
+    wt = torch.randn(300, 4096)[:, :70]  # rows 16 KB apart
+    x = torch.randn(10, 300)
+    _close(cpu_gemm._mm(x, wt), x @ wt, 300)
 
 
 def test_the_bias_starts_the_accumulators_even_when_strided(own_gemm):
