@@ -12,7 +12,7 @@ the hoisted products (forward, and their input gradients in backward). The weigh
 gradients, one reduction over all T*B rows each, stay with torch's GEMM, which measured
 faster at that shape. `enabled`
 says whether a tensor takes this path: float32 on the CPU, and `per_step_gemm()` is
-"seqgraph" (by CPU vendor, or $SEQGRAPH_CPU_GEMM). Must not change what a product computes,
+"seqgraph" (on AMD CPUs, or by $SEQGRAPH_CPU_GEMM). Must not change what a product computes,
 only the order of its float additions.
 """
 from __future__ import annotations
@@ -229,16 +229,17 @@ def cpu_vendor() -> str:
 
 
 def per_step_gemm() -> str:
-    """Which float32 GEMM the cpu backend runs: "mkl" (measured fastest on Intel CPUs) or
-    "seqgraph" (SG_MM_SOURCE: on other CPUs MKL takes a generic code path, and this kernel
-    measured 1.2-2x faster than it on an AMD EPYC). $SEQGRAPH_CPU_GEMM overrides the choice
-    by vendor."""
+    """Which float32 GEMM the cpu backend runs: "seqgraph" (SG_MM_SOURCE) on AMD CPUs, where
+    MKL takes a generic code path and this kernel measured 1.2-2x faster than it (an EPYC);
+    "mkl" elsewhere: MKL's own on Intel CPUs, where it measured fastest, and torch's own GEMM
+    on CPUs where neither was measured (ARM, other x86 vendors). $SEQGRAPH_CPU_GEMM overrides
+    the choice by vendor."""
     forced = os.environ.get("SEQGRAPH_CPU_GEMM", "").strip().lower()
     if forced:
         if forced not in GEMMS:
             raise ValueError(f"SEQGRAPH_CPU_GEMM must be one of {', '.join(GEMMS)}, got {forced!r}")
         return forced
-    return "mkl" if cpu_vendor() == "GenuineIntel" else "seqgraph"
+    return "seqgraph" if cpu_vendor() == "AuthenticAMD" else "mkl"
 
 
 def _library():

@@ -105,6 +105,8 @@ def test_the_gemm_is_chosen_by_cpu_vendor(monkeypatch):
     assert cpu_gemm.per_step_gemm() == "mkl"
     monkeypatch.setattr(cpu_gemm, "cpu_vendor", lambda: "AuthenticAMD")
     assert cpu_gemm.per_step_gemm() == "seqgraph"
+    monkeypatch.setattr(cpu_gemm, "cpu_vendor", lambda: "")  # no /proc/cpuinfo, or an ARM CPU: not measured
+    assert cpu_gemm.per_step_gemm() == "mkl"
 
 
 def test_the_environment_overrides_the_choice_and_a_bad_value_is_named(monkeypatch):
