@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -332,7 +333,13 @@ class CLibrary:
         wrote = False
         if lib is None:
             if not path.exists():
-                _build(self.source(), path, name)
+                # the loops' GEMM library (once per machine) builds on the other core meanwhile
+                gemm = _start(_gemm_library) if self.loops and dtype == torch.float32 else None
+                try:
+                    _build(self.source(), path, name)
+                finally:
+                    if gemm is not None:
+                        gemm.join()
                 wrote = True
             lib = _loaded[key] = ctypes.CDLL(str(path))
         self.paths[dtype], self.compiled[dtype] = path, wrote
@@ -347,8 +354,10 @@ class CLibrary:
             if blas is None:
                 raise RuntimeError(f"the C loops of {self.name!r} need a BLAS (sgemm_/dgemm_) in libtorch_cpu; "
                                    "none was found")
-            lib.sg_set_blas.argtypes = [ctypes.c_void_p] * 4
-            lib.sg_set_blas(*blas)
+            from .cpu_gemm import mm_pointers
+            mm = mm_pointers() if dtype == torch.float32 else (None, None, None)
+            lib.sg_set_blas.argtypes = [ctypes.c_void_p] * 7
+            lib.sg_set_blas(*blas, *mm)
             for fname in self.loops:
                 f = getattr(lib, fname)
                 f.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
@@ -357,6 +366,20 @@ class CLibrary:
                 self.loop_fns[(fname, dtype)] = f
         if debug_level() >= 3:
             print(f"[seqgraph] C kernels of {self.name!r} for {name} ({path}):\n{self.source()}", file=sys.stderr)
+
+
+def _gemm_library() -> None:
+    from .cpu_gemm import _library
+    try:
+        _library()
+    except Exception:  # noqa: BLE001 - the load that needs it raises it again, in its own thread
+        pass
+
+
+def _start(fn) -> threading.Thread:
+    t = threading.Thread(target=fn, daemon=True)
+    t.start()
+    return t
 
 
 def openmp_flags() -> list[str]:

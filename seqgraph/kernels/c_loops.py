@@ -33,7 +33,7 @@ from ..compiler.plan import Plan
 from .backend import _stage_region
 from .c_codegen import c_region_supported
 from .codegen import width
-from .cpu_gemm import SG_MM_SOURCE, per_step_gemm
+from .cpu_gemm import SG_MM_API, per_step_gemm
 
 LOOP_PRELUDE = r"""
 /* ---- whole time loops: BLAS through function pointers handed over by seqgraph ---- */
@@ -47,10 +47,18 @@ static sg_gemm_fn sg_gemm;
 static sg_pack_size_fn sg_pack_size;
 static sg_pack_fn sg_pack;
 static sg_compute_fn sg_compute;
-""" + SG_MM_SOURCE + r"""
+""" + SG_MM_API + r"""
+static sg_mm_prepare_fn sg_mm_prepare;
+static sg_mm_release_fn sg_mm_release;
+static sg_mm_fn sg_mm;
 
-/* gemm: sgemm_/dgemm_ (Fortran BLAS); the packed-B trio: MKL's cblas_sgemm_pack* (float only) */
-void sg_set_blas(void* gemm, void* pack_size, void* pack, void* compute) {
+/* gemm: sgemm_/dgemm_ (Fortran BLAS); the packed-B trio: MKL's cblas_sgemm_pack* (float only);
+   seqgraph's own sg_mm trio (cpu_gemm.py's library; 0 for double) */
+void sg_set_blas(void* gemm, void* pack_size, void* pack, void* compute, void* mm_prepare, void* mm_release,
+                 void* mm) {
+    sg_mm_prepare = (sg_mm_prepare_fn)mm_prepare;
+    sg_mm_release = (sg_mm_release_fn)mm_release;
+    sg_mm = (sg_mm_fn)mm;
     sg_gemm = (sg_gemm_fn)gemm;
     sg_pack_size = (sg_pack_size_fn)pack_size;
     sg_pack = (sg_pack_fn)pack;
@@ -82,7 +90,7 @@ static int sg_weight_init(sg_weight* g, int64_t B, int64_t N, int64_t K, const r
         g->w = g->owned; g->trans = 1; g->ld = (int)K;
     }
 #ifndef SG_DOUBLE
-    if (own) {
+    if (own && sg_mm != 0) {
         g->own = 1;
         return sg_mm_prepare(&g->mm, N, K, g->w, g->trans ? g->ld : 1, g->trans ? 1 : g->ld);
     }

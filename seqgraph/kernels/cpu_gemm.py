@@ -7,13 +7,13 @@ RNN step (16 x 128 x 512) on one core. `SG_MM_SOURCE` is the textbook register-b
 kernel instead: the right-hand matrix packed into panels of SG_NR columns, each panel times
 SG_MR rows of the left one held in vector accumulators (GCC/Clang vector extensions: zmm
 registers with AVX-512, else ymm), panels and row blocks split over torch's OpenMP threads.
-The C loops compile it into every program; `linear` and `addmm` call it from Python for
-the hoisted products (forward, and their input gradients in backward). The weight
-gradients, one reduction over all T*B rows each, stay with torch's GEMM, which measured
-faster at that shape. `enabled`
-says whether a tensor takes this path: float32 on the CPU, and `per_step_gemm()` is
-"seqgraph" (on AMD CPUs, or by $SEQGRAPH_CPU_GEMM). Must not change what a product computes,
-only the order of its float additions.
+It is built once per machine and flags into its own library (`_library`). The C loops call
+it through function pointers (`SG_MM_API`, `mm_pointers`); `linear` and `addmm` call it
+from Python for the hoisted products (forward, and their input gradients in backward). The
+weight gradients, one reduction over all T*B rows each, stay with torch's GEMM, which
+measured faster at that shape. `enabled` says whether a tensor takes this path: float32 on
+the CPU, and `per_step_gemm()` is "seqgraph" (on AMD CPUs, or by $SEQGRAPH_CPU_GEMM). Must
+not change what a product computes, only the order of its float additions.
 """
 from __future__ import annotations
 
@@ -24,9 +24,18 @@ import sys
 
 import torch
 
+SG_MM_API = r"""
+/* ---- seqgraph's own float GEMM: y (M, N) = x (M, K) W^T (+ bias) ----
+   W^T as panels of SG_NR columns: panel p's row k (W[p * SG_NR + c][k] for c < SG_NR) lies at
+   base + p * pstep + k * kstep; panels from `full` on are in `tail`. */
+typedef struct { const float* base; int64_t pstep, kstep, np, full; float* own; float* tail; } sg_mm_b;
+typedef int (*sg_mm_prepare_fn)(sg_mm_b*, int64_t, int64_t, const float*, int64_t, int64_t);
+typedef void (*sg_mm_release_fn)(sg_mm_b*);
+typedef void (*sg_mm_fn)(int64_t, int64_t, int64_t, const float*, int64_t, const sg_mm_b*, const float*, float*,
+                         int64_t);
+"""
+
 SG_MM_SOURCE = r"""
-/* ---- seqgraph's own float GEMM: y (M, N) = x (M, K) W^T (+ bias), W (N, K) packed ---- */
-#ifndef SG_DOUBLE
 #if defined(__AVX512F__)
 #define SG_VW 16
 #define SG_MR 8
@@ -40,13 +49,11 @@ SG_MM_SOURCE = r"""
 #define SG_MM_DIRECT_BYTES 8388608
 typedef float sg_vf __attribute__((vector_size(4 * SG_VW), aligned(4)));
 
-/* W^T as panels of SG_NR columns: panel p's row k (W[p * SG_NR + c][k] for c < SG_NR) lies at
-   base + p * pstep + k * kstep. When W^T is row-major (s0 == 1) with rows at most a page
-   apart, the panels are read where W lies (base = W, pstep = SG_NR, kstep = s1) and only a last partial panel is copied, padded
-   with zeros, into `tail`; else every panel is copied into `own` (kstep = SG_NR). */
-typedef struct { const float* base; int64_t pstep, kstep, np, full; float* own; float* tail; } sg_mm_b;
-
-static int sg_mm_prepare(sg_mm_b* b, int64_t N, int64_t K, const float* W, int64_t s0, int64_t s1) {
+/* W prepared for sg_mm. When W^T is row-major (s0 == 1) with rows at most a page apart, the
+   panels are read where W lies (base = W, pstep = SG_NR, kstep = s1) and only a last partial
+   panel is copied, padded with zeros, into `tail`; else every panel is copied into `own`
+   (kstep = SG_NR). Returns 1 when memory runs out. */
+int sg_mm_prepare(sg_mm_b* b, int64_t N, int64_t K, const float* W, int64_t s0, int64_t s1) {
     int64_t np = (N + SG_NR - 1) / SG_NR;
     b->np = np; b->own = 0; b->tail = 0;
     /* in place only while a step of k stays within a page: one TLB miss per k would cost
@@ -80,7 +87,7 @@ static int sg_mm_prepare(sg_mm_b* b, int64_t N, int64_t K, const float* W, int64
     return 0;
 }
 
-static void sg_mm_release(sg_mm_b* b) {
+void sg_mm_release(sg_mm_b* b) {
     free(b->own);
     free(b->tail);
     b->own = b->tail = 0;
@@ -149,7 +156,7 @@ static void sg_mm_panel(int64_t M, int64_t K, const float* x, int64_t lx, const 
    padded bias (np * SG_NR values) when given. A W read in place is taken in chunks of K
    whose rows span at most SG_MM_DIRECT_BYTES (the TLB's reach), the later chunks adding
    into y. */
-static void sg_mm(int64_t M, int64_t N, int64_t K, const float* x, int64_t lx, const sg_mm_b* w,
+void sg_mm(int64_t M, int64_t N, int64_t K, const float* x, int64_t lx, const sg_mm_b* w,
                   const float* bias, float* y, int64_t ly) {
     int64_t np = w->np, nrb = (M + SG_MM_ROWS - 1) / SG_MM_ROWS, items = np * nrb;
     int par = items > 1 && 2.0 * (double)M * (double)N * (double)K >= SG_MM_PARALLEL_FLOPS;
@@ -176,7 +183,6 @@ static void sg_mm(int64_t M, int64_t N, int64_t K, const float* x, int64_t lx, c
         if (K == 0) break;
     }
 }
-#endif
 """
 
 MATMUL_SOURCE = r"""
@@ -184,7 +190,7 @@ MATMUL_SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 #define SG_PRAGMA(x) _Pragma(#x)
-""" + SG_MM_SOURCE + r"""
+""" + SG_MM_API + SG_MM_SOURCE + r"""
 /* y (M, N), rows ly apart = x (M, K), rows lx apart, columns adjacent, times W^T, W (N, K)
    with element (n, k) at n * s0 + k * s1, plus bias[n * bs] when bias is not null.
    Returns 1 when memory runs out. */
@@ -266,6 +272,12 @@ def _library():
     return lib
 
 
+def mm_pointers() -> tuple[int, int, int]:
+    """The addresses of sg_mm_prepare, sg_mm_release and sg_mm (building the library if needed)."""
+    lib = _library()
+    return tuple(ctypes.cast(getattr(lib, f), ctypes.c_void_p).value for f in ("sg_mm_prepare", "sg_mm_release", "sg_mm"))
+
+
 def enabled(*tensors: torch.Tensor) -> bool:
     """Whether products of these tensors take seqgraph's GEMM (float32 CPU tensors, when chosen;
     never inside torch.compile, which traces torch's own products and calls its own GEMM)."""
@@ -336,4 +348,4 @@ def addmm(addend: torch.Tensor, x: torch.Tensor, wt: torch.Tensor) -> torch.Tens
     return linear(x, w) + addend
 
 
-__all__ = ["SG_MM_SOURCE", "per_step_gemm", "cpu_vendor", "enabled", "linear", "addmm"]
+__all__ = ["SG_MM_API", "SG_MM_SOURCE", "mm_pointers", "per_step_gemm", "cpu_vendor", "enabled", "linear", "addmm"]
