@@ -70,7 +70,7 @@ void sg_set_blas(void* gemm, void* pack_size, void* pack, void* compute, void* m
    A W with neither layout is copied into `owned`. `packed` is MKL's packed form for B rows;
    `mm` is sg_mm's view of W when `own`. */
 typedef struct {
-    const real* w; int trans, ld, own; int64_t n, k; real* owned; void* packed;
+    const real* w; int trans, ld, own; int64_t ld64, n, k; real* owned; void* packed;  /* ld64: ld untruncated */
 #ifndef SG_DOUBLE
     sg_mm_b mm;  /* sg_mm's view of W when `own` */
 #endif
@@ -80,19 +80,20 @@ typedef struct {
 static int sg_weight_init(sg_weight* g, int64_t B, int64_t N, int64_t K, const real* W, int64_t s0, int64_t s1,
                           int64_t own) {
     g->n = N; g->k = K; g->owned = 0; g->packed = 0; g->own = 0;
-    if (s1 == 1 && s0 >= K) { g->w = W; g->trans = 1; g->ld = (int)s0; }
-    else if (s0 == 1 && s1 >= N) { g->w = W; g->trans = 0; g->ld = (int)s1; }
+    if (s1 == 1 && s0 >= K) { g->w = W; g->trans = 1; g->ld64 = s0; }
+    else if (s0 == 1 && s1 >= N) { g->w = W; g->trans = 0; g->ld64 = s1; }
     else {
         g->owned = (real*)malloc(sizeof(real) * (size_t)(N * K));
         if (g->owned == 0) return 1;
         for (int64_t i = 0; i < N; ++i)
             for (int64_t j = 0; j < K; ++j) g->owned[i * K + j] = W[i * s0 + j * s1];
-        g->w = g->owned; g->trans = 1; g->ld = (int)K;
+        g->w = g->owned; g->trans = 1; g->ld64 = K;
     }
+    g->ld = (int)g->ld64;
 #ifndef SG_DOUBLE
     if (own && sg_mm != 0) {
         g->own = 1;
-        return sg_mm_prepare(&g->mm, N, K, g->w, g->trans ? g->ld : 1, g->trans ? 1 : g->ld);
+        return sg_mm_prepare(&g->mm, N, K, g->w, g->trans ? g->ld64 : 1, g->trans ? 1 : g->ld64);
     }
     if (sg_pack_size != 0 && sg_pack != 0 && sg_compute != 0) {
         /* row-major (101), the B matrix (162), W^T as stored: transposed (112) or not (111) */

@@ -280,8 +280,9 @@ def mm_pointers() -> tuple[int, int, int]:
 
 def enabled(*tensors: torch.Tensor) -> bool:
     """Whether products of these tensors take seqgraph's GEMM (float32 CPU tensors, when chosen;
-    never inside torch.compile, which traces torch's own products and calls its own GEMM)."""
-    if torch.compiler.is_compiling():
+    never inside torch.compile, which traces torch's own products and calls its own GEMM, nor
+    under CPU autocast, which runs products in its own dtype)."""
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and \
         per_step_gemm() == "seqgraph"
@@ -321,6 +322,7 @@ class _Linear(torch.autograd.Function):
         return _mm(x, w.t(), b)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         dx = _mm(g, w) if ctx.needs_input_grad[0] else None
@@ -331,9 +333,12 @@ class _Linear(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, w, b) for rows x (M, K); seqgraph's GEMM where `enabled`, else torch's."""
+    """F.linear(x, w, b) for rows x (M, K); seqgraph's GEMM where `enabled` and the shapes
+    match exactly, else torch's (which broadcasts a bias or names the mismatch)."""
     ts = (x, w) if b is None else (x, w, b)
-    if x.dim() != 2 or w.dim() != 2 or (b is not None and b.dim() != 1) or not enabled(*ts):
+    exact = x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1] and \
+        (b is None or tuple(b.shape) == (w.shape[0],))
+    if not exact or not enabled(*ts):
         return torch.nn.functional.linear(x, w, b)
     return _Linear.apply(x, w, b)
 
@@ -343,7 +348,8 @@ def addmm(addend: torch.Tensor, x: torch.Tensor, wt: torch.Tensor) -> torch.Tens
     w = wt.t()
     if addend.dim() == 1:
         return linear(x, w, addend)
-    if not enabled(addend, x, wt) or x.dim() != 2:
+    exact = x.dim() == 2 and wt.dim() == 2 and tuple(addend.shape) == (x.shape[0], wt.shape[1])
+    if not exact or not enabled(addend, x, wt):
         return torch.addmm(addend, x, wt)
     return linear(x, w) + addend
 

@@ -140,3 +140,39 @@ def test_the_per_step_products_follow_the_gemm_choice_at_each_call(monkeypatch):
             outs[gemm] = comp(x)[0]
     torch.testing.assert_close(outs["seqgraph"], outs["mkl"], atol=1e-5, rtol=1e-5)
     assert not torch.equal(outs["seqgraph"], outs["mkl"])  # different kernels sum in different orders
+
+
+def test_mismatched_shapes_go_to_torch_which_names_them(own_gemm):
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        cpu_gemm.linear(torch.randn(4, 10), torch.randn(5, 8))
+    with pytest.raises(RuntimeError):
+        cpu_gemm.linear(torch.randn(4, 8), torch.randn(5, 8), torch.ones(7))
+
+
+def test_a_bias_or_addend_that_broadcasts_is_broadcast_as_torch_does(own_gemm):
+    x, w = torch.randn(4, 8), torch.randn(5, 8)
+    one = torch.full((1,), 100.0)
+    _close(cpu_gemm.linear(x, w, one), torch.nn.functional.linear(x, w, one), 8)
+    row = torch.randn(1, 5)
+    _close(cpu_gemm.addmm(row, x, w.t()), torch.addmm(row, x, w.t()), 8)
+
+
+def test_a_compiled_model_given_a_parameter_of_the_wrong_shape_raises(own_gemm):
+    comp = sg.compile(sg.Recurrence(sg.cells.lstm(8, 12)), backend="cpu")
+    p = next(v for v in comp.parameters() if tuple(v.shape) == (48, 8))  # the input weight
+    p.data = torch.randn(48, 6)
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        comp(torch.randn(3, 2, 8))
+
+
+def test_differentiating_the_gradient_of_linear_twice_raises(own_gemm):
+    x, w = torch.randn(6, 5, requires_grad=True), torch.randn(7, 5, requires_grad=True)
+    (gx,) = torch.autograd.grad(cpu_gemm.linear(x, w).pow(2).sum(), (x,), create_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        gx.sum().backward()
+
+
+def test_under_cpu_autocast_products_run_in_autocast_dtype(own_gemm):
+    x, w = torch.randn(6, 5), torch.randn(7, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_gemm.linear(x, w).dtype == torch.nn.functional.linear(x, w).dtype == torch.bfloat16
