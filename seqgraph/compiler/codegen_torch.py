@@ -603,7 +603,10 @@ def emit_backward_tail(src: Source, plan: Plan, bwd: BackwardPlan, lay: Backward
             grads.append(f"dr{k}")
         else:
             grads.append(env.get(g.id, _v(g)))
-    src.emit(f"return [{', '.join(grads)}], [{', '.join(f'gn{j}' for j in range(len(plan.step.states)))}]")
+    # a state the step never reads gets no gradient (None, as autograd gives) once a step has run
+    finals = [f"gn{j}" if d.grad_prev[j] is not None else f"(gn{j} if T == 0 else None)"
+              for j in range(len(plan.step.states))]
+    src.emit(f"return [{', '.join(grads)}], [{', '.join(finals)}]")
     src.indent -= 1
 
 

@@ -308,3 +308,28 @@ def test_scalar_state_gradients_keep_the_state_shape_on_padded_steps():
     assert g2[1].shape == h0.shape
     for a, b in zip(g2, g1):
         torch.testing.assert_close(a, b)
+
+
+def _unread_state_grads(module, T, lengths=None):
+    torch.manual_seed(0)
+    xs = torch.randn(T, 2, 3)
+    h0, b0 = torch.randn(2, 4, requires_grad=True), torch.randn(2, 4, requires_grad=True)
+    out, st = module(xs, state={"h": h0, "b": b0}, lengths=lengths)
+    loss = sum(o.sum() for o in out) + sum(v.sum() for v in st.values())
+    return torch.autograd.grad(loss, (h0, b0), allow_unused=True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("T,lengths", [(5, None), (5, [5, 2]), (0, None)])
+def test_an_initial_state_the_step_never_reads_gets_the_gradient_the_reference_gives(backend, T, lengths):
+    x, h, b = sg.Input(3, name="x"), sg.State(4, name="h"), sg.State(4, name="b")
+    cell = sg.Cell([x], {h: sg.tanh(sg.Linear(3, 4)(x) + sg.Linear(4, 4)(h)), b: sg.tanh(sg.Linear(3, 4)(x))})
+    rec = sg.Recurrence(cell)
+    lengths = torch.tensor(lengths) if lengths is not None else None
+    want = _unread_state_grads(rec, T, lengths)
+    got = _unread_state_grads(sg.compile(rec, backend=backend), T, lengths)
+    # unmasked and T > 0: b0 is never read, so None; masked, a padded row carries it; T = 0: b0 is b_T
+    assert [g is None for g in got] == [g is None for g in want] == [False, T > 0 and lengths is None]
+    for a, e in zip(got, want):
+        if e is not None:
+            torch.testing.assert_close(a, e)
