@@ -99,6 +99,8 @@ def _torch_expr(n, ins, a, env, src) -> str:
         return f"{a[0]}.narrow({d}, {n.attrs['start']}, {n.attrs['stop'] - n.attrs['start']})"
     if n.op == "linear":
         return f"{'_gemm.linear' if src.gemm_call() else 'F.linear'}({a[0]}, {a[1]})"
+    if n.op == "linear_wgrad" and src.cpu_gemm:
+        return f"_gemm.wgrad({a[0]}, {a[1]})"
     if n.op == "transpose" and not n.batched and len(n.shape) == 2:
         return f"{a[0]}.t()"
     if n.op == "layer_norm" and len(n.shape) == 1:

@@ -9,16 +9,18 @@ SG_MR rows of the left one held in vector accumulators (GCC/Clang vector extensi
 registers with AVX-512, else ymm), panels and row blocks split over torch's OpenMP threads.
 It is built once per machine and flags into its own library (`_library`). The C loops call
 it through function pointers (`SG_MM_API`, `mm_pointers`); `linear` and `addmm` call it
-from Python for the hoisted products (forward, and their input gradients in backward). The
-weight gradients, one reduction over all T*B rows each, stay with torch's GEMM, which
-measured faster at that shape. `enabled` says whether a tensor takes this path: float32 on
-the CPU, and `per_step_gemm()` is "seqgraph" (on AMD CPUs, or by $SEQGRAPH_CPU_GEMM). Must
-not change what a product computes, only the order of its float additions.
+from Python for the hoisted products (forward, and their input gradients in backward);
+`wgrad` runs `sg_matmul_tn` for the weight gradients, which reduce over all T*B rows of both
+operands and so pack both, a block of rows at a time. `enabled` says whether a tensor takes
+this path: float32 on the CPU, and `per_step_gemm()` is "seqgraph" (on AMD CPUs, or by
+$SEQGRAPH_CPU_GEMM). Must not change what a product computes, only the order of its float
+additions.
 """
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import sys
 
@@ -93,12 +95,13 @@ void sg_mm_release(sg_mm_b* b) {
     b->own = b->tail = 0;
 }
 
-/* rows 0..MR-1 of x (rows lx apart) times one panel (rows ks apart) into y (rows ly apart,
-   `nc` columns); the accumulators start at y (acc), else at the panel's bias (SG_NR values)
-   or at zero */
+/* rows 0..MR-1 of x (element (r, k) at x[r * lx + k * xk]) times one panel (rows ks apart)
+   into y (rows ly apart, `nc` columns); the accumulators start at y (acc), else at the
+   panel's bias (SG_NR values) or at zero */
 static inline __attribute__((always_inline)) void sg_mm_tile(int MR, int64_t K, const float* x, int64_t lx,
-                                                             const float* P, int64_t ks, const float* bias,
-                                                             float* y, int64_t ly, int nc, int acc) {
+                                                             int64_t xk, const float* P, int64_t ks,
+                                                             const float* bias, float* y, int64_t ly, int nc,
+                                                             int acc) {
     sg_vf a0[SG_MR], a1[SG_MR];
     sg_vf b0 = {0}, b1 = {0};
     if (bias != 0) { b0 = *(const sg_vf*)bias; b1 = *(const sg_vf*)(bias + SG_VW); }
@@ -114,7 +117,7 @@ static inline __attribute__((always_inline)) void sg_mm_tile(int MR, int64_t K, 
     for (int64_t k = 0; k < K; ++k) {
         sg_vf w0 = *(const sg_vf*)(P + k * ks), w1 = *(const sg_vf*)(P + k * ks + SG_VW);
         for (int r = 0; r < MR; ++r) {
-            float xv = x[r * lx + k];
+            float xv = x[r * lx + k * xk];
             a0[r] += xv * w0;
             a1[r] += xv * w1;
         }
@@ -134,12 +137,12 @@ static inline __attribute__((always_inline)) void sg_mm_tile(int MR, int64_t K, 
     }
 }
 
-#define SG_MM_TAIL(m) case m: sg_mm_tile(m, K, x + b * lx, lx, P, ks, bias, y + b * ly, ly, nc, acc); break;
+#define SG_MM_TAIL(m) case m: sg_mm_tile(m, K, x + b * lx, lx, 1, P, ks, bias, y + b * ly, ly, nc, acc); break;
 static void sg_mm_panel(int64_t M, int64_t K, const float* x, int64_t lx, const float* P, int64_t ks,
                         const float* bias, float* y, int64_t ly, int nc, int acc) {
     int64_t b = 0;
     for (; b + SG_MR <= M; b += SG_MR)
-        sg_mm_tile(SG_MR, K, x + b * lx, lx, P, ks, bias, y + b * ly, ly, nc, acc);
+        sg_mm_tile(SG_MR, K, x + b * lx, lx, 1, P, ks, bias, y + b * ly, ly, nc, acc);
     switch (M - b) {
 #if SG_MR > 7
         SG_MM_TAIL(7)
@@ -211,6 +214,80 @@ int sg_matmul(int64_t M, int64_t N, int64_t K, const float* x, int64_t lx, const
     sg_mm_release(&w);
     return 0;
 }
+
+/* ---- y (M, N) = a^T b: a (K, M), b (K, N), both row-major (rows la, lb apart) ----
+   A weight gradient: the reduction runs over the rows of both operands. Neither can be read in
+   place (a's columns are SG_MR adjacent values each a row apart, and rows are pages apart),
+   so each block of SG_TN_KC rows is packed first: a into panels of SG_MR columns, b into
+   panels of SG_NR, both k by k, zero-padded. The tiles then read both packs contiguously and
+   add into y from the second block on. Returns 1 when memory runs out. */
+#define SG_TN_KC 384
+#define SG_TN_TAIL(m) case m: sg_mm_tile(m, kk, A, 1, SG_MR, P, SG_NR, 0, y, ly, nc, acc); break;
+static void sg_tn_tile(int mr, int64_t kk, const float* A, const float* P, float* y, int64_t ly, int nc, int acc) {
+    switch (mr) {
+        SG_TN_TAIL(SG_MR)
+#if SG_MR > 7
+        SG_TN_TAIL(7)
+#endif
+#if SG_MR > 6
+        SG_TN_TAIL(6)
+#endif
+        SG_TN_TAIL(5) SG_TN_TAIL(4) SG_TN_TAIL(3) SG_TN_TAIL(2) SG_TN_TAIL(1)
+        default: break;
+    }
+}
+
+static void sg_tn_pack(int64_t kk, const float* src, int64_t ls, int w, int width, float* dst) {
+    for (int64_t k = 0; k < kk; ++k, src += ls, dst += width) {
+        for (int c = 0; c < w; ++c) dst[c] = src[c];
+        for (int c = w; c < width; ++c) dst[c] = 0.0f;
+    }
+}
+
+int sg_matmul_tn(int64_t M, int64_t N, int64_t K, const float* a, int64_t la, const float* b, int64_t lb,
+                 float* y, int64_t ly) {
+    if (M == 0 || N == 0) return 0;
+    if (K == 0) {
+        for (int64_t m = 0; m < M; ++m) memset(y + m * ly, 0, sizeof(float) * (size_t)N);
+        return 0;
+    }
+    int64_t nq = (M + SG_MR - 1) / SG_MR, np = (N + SG_NR - 1) / SG_NR;
+    int64_t kc = K < SG_TN_KC ? K : SG_TN_KC;
+    float* A = 0;
+    float* P = 0;
+    if (posix_memalign((void**)&A, 64, sizeof(float) * (size_t)(nq * SG_MR * kc)) != 0) return 1;
+    if (posix_memalign((void**)&P, 64, sizeof(float) * (size_t)(np * SG_NR * kc)) != 0) { free(A); return 1; }
+    int64_t qpi = SG_MM_ROWS / SG_MR;  /* a's panels per work item */
+    int64_t nrb = (nq + qpi - 1) / qpi, items = np * nrb;
+    int par = items > 1 && 2.0 * (double)M * (double)N * (double)K >= SG_MM_PARALLEL_FLOPS;
+    (void)par;
+    for (int64_t k0 = 0; k0 < K; k0 += kc) {
+        int64_t kk = K - k0 < kc ? K - k0 : kc;
+        int acc = k0 > 0;
+        SG_PRAGMA(omp parallel if(par))
+        {
+            SG_PRAGMA(omp for schedule(static) nowait)
+            for (int64_t q = 0; q < nq; ++q)
+                sg_tn_pack(kk, a + k0 * la + q * SG_MR, la, (int)(M - q * SG_MR < SG_MR ? M - q * SG_MR : SG_MR),
+                           SG_MR, A + q * SG_MR * kk);
+            SG_PRAGMA(omp for schedule(static))
+            for (int64_t p = 0; p < np; ++p)
+                sg_tn_pack(kk, b + k0 * lb + p * SG_NR, lb, (int)(N - p * SG_NR < SG_NR ? N - p * SG_NR : SG_NR),
+                           SG_NR, P + p * SG_NR * kk);
+            SG_PRAGMA(omp for schedule(static))
+            for (int64_t it = 0; it < items; ++it) {
+                int64_t p = it % np, q0 = (it / np) * qpi;
+                int nc = (int)(N - p * SG_NR < SG_NR ? N - p * SG_NR : SG_NR);
+                for (int64_t q = q0; q < q0 + qpi && q < nq; ++q)
+                    sg_tn_tile((int)(M - q * SG_MR < SG_MR ? M - q * SG_MR : SG_MR), kk, A + q * SG_MR * kk,
+                               P + p * SG_NR * kk, y + q * SG_MR * ly + p * SG_NR, ly, nc, acc);
+            }
+        }
+    }
+    free(A);
+    free(P);
+    return 0;
+}
 """
 
 GEMMS = ("seqgraph", "mkl")
@@ -268,6 +345,8 @@ def _library():
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.sg_matmul.argtypes = [i64, i64, i64, ptr, i64, ptr, i64, i64, ptr, i64, ptr, i64]
         lib.sg_matmul.restype = ctypes.c_int
+        lib.sg_matmul_tn.argtypes = [i64, i64, i64, ptr, i64, ptr, i64, ptr, i64]
+        lib.sg_matmul_tn.restype = ctypes.c_int
         _libs[env] = lib
     return lib
 
@@ -326,8 +405,7 @@ class _Linear(torch.autograd.Function):
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         dx = _mm(g, w) if ctx.needs_input_grad[0] else None
-        # g^T x reduces over all rows: MKL's GEMM measured faster than sg_mm at that shape
-        dw = g.t() @ x if ctx.needs_input_grad[1] else None
+        dw = wgrad(g, x) if ctx.needs_input_grad[1] else None
         db = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db
 
@@ -343,6 +421,26 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     return _Linear.apply(x, w, b)
 
 
+def wgrad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """g^T @ x summed over every leading index: g (..., N), x (..., K) -> (N, K), a weight
+    gradient; seqgraph's GEMM (sg_matmul_tn) where `enabled` and the leading dims match, else
+    torch's (which names a mismatch)."""
+    if g.dim() == 0 or x.dim() == 0 or g.shape[:-1] != x.shape[:-1] or not enabled(g, x):
+        return g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+    rows = math.prod(g.shape[:-1])
+    g, x = g.reshape(rows, g.shape[-1]), x.reshape(rows, x.shape[-1])
+    R, N = g.shape
+    K = x.shape[1]
+    if g.stride(1) != 1 or g.stride(0) < max(N, 1):
+        g = g.contiguous()
+    if x.stride(1) != 1 or x.stride(0) < max(K, 1):
+        x = x.contiguous()
+    y = torch.empty((N, K), dtype=torch.float32)
+    if _library().sg_matmul_tn(N, K, R, g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), y.data_ptr(), K):
+        raise MemoryError(f"seqgraph's CPU GEMM could not allocate its packed blocks for a {N}x{K} weight gradient")
+    return y
+
+
 def addmm(addend: torch.Tensor, x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     """torch.addmm(addend, x, wt) with wt = w.t(): rows x (M, K), a bias (N,) or rows (M, N)."""
     w = wt.t()
@@ -354,4 +452,4 @@ def addmm(addend: torch.Tensor, x: torch.Tensor, wt: torch.Tensor) -> torch.Tens
     return linear(x, w) + addend
 
 
-__all__ = ["SG_MM_API", "SG_MM_SOURCE", "mm_pointers", "per_step_gemm", "cpu_vendor", "enabled", "linear", "addmm"]
+__all__ = ["SG_MM_API", "SG_MM_SOURCE", "mm_pointers", "per_step_gemm", "cpu_vendor", "enabled", "linear", "addmm", "wgrad"]

@@ -93,6 +93,75 @@ def test_linear_gradients_equal_torch(own_gemm):
         _close(a, e, 45)
 
 
+class _CountingLibrary:
+    """cpu_gemm's library, counting the calls of one of its functions."""
+
+    def __init__(self, lib, name):
+        self.lib, self.name, self.calls = lib, name, 0
+
+    def __getattr__(self, attr):
+        fn = getattr(self.lib, attr)
+        if attr != self.name:
+            return fn
+
+        def counted(*args):
+            self.calls += 1
+            return fn(*args)
+        return counted
+
+
+@pytest.fixture
+def tn_calls(own_gemm, monkeypatch):
+    spy = _CountingLibrary(cpu_gemm._library(), "sg_matmul_tn")
+    monkeypatch.setattr(cpu_gemm, "_library", lambda: spy)
+    return spy
+
+
+# rows past a block of SG_TN_KC = 384 (one, two and three blocks), tails of both panels
+@pytest.mark.parametrize("R,N,K", [(1, 1, 1), (7, 5, 3), (385, 33, 17), (1000, 64, 40), (800, 512, 128),
+                                   (769, 9, 70), (40, 200, 33)])
+def test_wgrad_equals_torch_for_any_tail_and_any_number_of_row_blocks(tn_calls, R, N, K):
+    g, x = torch.randn(R, N), torch.randn(R, K)
+    _close(cpu_gemm.wgrad(g, x), g.t() @ x, R)
+    assert tn_calls.calls == 1
+
+
+def test_the_avx2_build_of_wgrad_equals_torch(own_gemm, monkeypatch):
+    monkeypatch.setenv("SEQGRAPH_CFLAGS", "-O2 -march=native -mno-avx512f")
+    for R, N, K in [(6, 16, 3), (400, 13, 17), (50, 7, 40)]:
+        g, x = torch.randn(R, N), torch.randn(R, K)
+        _close(cpu_gemm.wgrad(g, x), g.t() @ x, R)
+
+
+def test_wgrad_reads_strided_operands_and_sums_over_every_leading_dim(tn_calls):
+    g = torch.randn(5, 3, 40)[..., 2:31]  # column slice: rows 40 apart
+    x = torch.randn(5, 3, 21)
+    _close(cpu_gemm.wgrad(g, x), g.reshape(15, 29).t() @ x.reshape(15, 21), 15)
+    xt = torch.randn(21, 15).t()  # columns not adjacent: copied first
+    _close(cpu_gemm.wgrad(g.reshape(15, 29), xt), g.reshape(15, 29).t() @ xt, 15)
+    assert tn_calls.calls == 2
+
+
+def test_wgrad_of_no_rows_is_zero_and_mismatched_rows_are_named_by_torch(tn_calls):
+    assert torch.equal(cpu_gemm.wgrad(torch.randn(0, 4), torch.randn(0, 3)), torch.zeros(4, 3))
+    assert cpu_gemm.wgrad(torch.randn(5, 0), torch.randn(5, 3)).shape == (0, 3)
+    with pytest.raises(RuntimeError, match="size mismatch|shapes cannot be multiplied"):
+        cpu_gemm.wgrad(torch.randn(5, 4), torch.randn(6, 3))
+
+
+def test_compiled_weight_gradients_after_the_loop_take_wgrad(tn_calls):
+    rec = sg.Recurrence(sg.cells.lstm(6, 8))
+    m = sg.compile(rec, backend="cpu")
+    assert "_gemm.wgrad(" in m.source()
+    x = torch.randn(9, 3, 6, requires_grad=True)
+    wrt = [x] + list(rec.parameters())
+    got = torch.autograd.grad(m(x)[0].sum(), wrt)
+    want = torch.autograd.grad(rec(x)[0].sum(), wrt)
+    for a, e in zip(got, want):
+        _close(a, e, 27)
+    assert tn_calls.calls == 2  # the recurrent weight's after the loop, the input weight's in addmm's backward
+
+
 def test_float64_takes_torch_gemm_unchanged(own_gemm):
     x, w = torch.randn(5, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
     assert not cpu_gemm.enabled(x, w)
