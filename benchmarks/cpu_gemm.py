@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import torch
 
@@ -55,6 +56,15 @@ def main() -> None:
         reps = max(3, args.reps // 4) if M * N * K > 10**9 else args.reps
         t_ref, t_own = interleaved_medians_ms([ref, own], torch.device("cpu"), reps)
         print(f"| {what} | {M} x {N} x {K} | {t_ref * 1e3:.0f} us | {t_own * 1e3:.0f} us | {t_own / t_ref:.2f}x |")
+    # the rate of sg_mm's register tiles with every operand in cache: what the products could reach
+    x, w = torch.randn(512, 256), torch.randn(512, 256)
+    times = []
+    for _ in range(10 * args.reps):
+        t0 = time.perf_counter()
+        cpu_gemm.linear(x, w)
+        times.append(time.perf_counter() - t0)
+    print(f"\nin cache, 512 x 512 x 256 (sg_mm), best of {len(times)}: "
+          f"{2 * 512 * 512 * 256 / min(times) / 1e9:.0f} GFLOP/s")
 
 
 if __name__ == "__main__":

@@ -35,3 +35,17 @@ def test_interleaved_medians_run_each_function_in_turn():
     fns = [lambda: calls.append("a"), lambda: calls.append("b")]
     medians = bench.interleaved_medians_ms(fns, torch.device("cpu"), reps=3, warmup=1)
     assert len(medians) == 2 and calls == ["a", "b"] + ["a", "b"] * 3
+
+
+def test_the_cpu_gemm_benchmark_compares_the_same_products(monkeypatch):
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "cpu_gemm.py"
+    spec = importlib.util.spec_from_file_location("cpu_gemm_benchmark", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setenv("SEQGRAPH_CPU_GEMM", "seqgraph")
+    assert {kind for _, kind, *_ in script.PRODUCTS} == {"fwd", "wgrad"}
+    for kind in ("fwd", "wgrad"):
+        ref, own = script.pair(kind, 37, 20, 9)
+        torch.testing.assert_close(own(), ref(), rtol=1e-5, atol=1e-5)
