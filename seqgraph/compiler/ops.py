@@ -775,7 +775,8 @@ def _wgrad_shape(inputs, attrs):
 
 
 def _wgrad_torch(n, g, x):
-    return g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+    rows = math.prod(g.shape[:-1])  # not -1: a feature size of 0 leaves it ambiguous
+    return g.reshape(rows, g.shape[-1]).t() @ x.reshape(rows, x.shape[-1])
 
 
 register("linear_wgrad", kind="matmul", shape=_wgrad_shape, torch=_wgrad_torch,

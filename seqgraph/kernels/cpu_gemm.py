@@ -425,10 +425,11 @@ def wgrad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """g^T @ x summed over every leading index: g (..., N), x (..., K) -> (N, K), a weight
     gradient; seqgraph's GEMM (sg_matmul_tn) where `enabled` and the leading dims match, else
     torch's (which names a mismatch)."""
-    if g.dim() == 0 or x.dim() == 0 or g.shape[:-1] != x.shape[:-1] or not enabled(g, x):
-        return g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
-    rows = math.prod(g.shape[:-1])
-    g, x = g.reshape(rows, g.shape[-1]), x.reshape(rows, x.shape[-1])
+    if g.dim() == 0 or x.dim() == 0 or g.shape[:-1] != x.shape[:-1]:
+        return g.t() @ x  # torch names the mismatch
+    g, x = g.reshape(math.prod(g.shape[:-1]), g.shape[-1]), x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    if not enabled(g, x):
+        return g.t() @ x
     R, N = g.shape
     K = x.shape[1]
     if g.stride(1) != 1 or g.stride(0) < max(N, 1):

@@ -147,6 +147,14 @@ def test_wgrad_of_no_rows_is_zero_and_mismatched_rows_are_named_by_torch(tn_call
     assert cpu_gemm.wgrad(torch.randn(5, 0), torch.randn(5, 3)).shape == (0, 3)
     with pytest.raises(RuntimeError, match="size mismatch|shapes cannot be multiplied"):
         cpu_gemm.wgrad(torch.randn(5, 4), torch.randn(6, 3))
+    with pytest.raises(RuntimeError):  # as many rows in all, but not the same leading dims
+        cpu_gemm.wgrad(torch.randn(5, 3, 4), torch.randn(3, 5, 2))
+
+
+def test_wgrad_with_torch_gemm_keeps_an_empty_feature_dim(monkeypatch):
+    monkeypatch.setenv("SEQGRAPH_CPU_GEMM", "mkl")
+    assert cpu_gemm.wgrad(torch.randn(5, 0), torch.randn(5, 3)).shape == (0, 3)
+    assert cpu_gemm.wgrad(torch.randn(2, 5, 4), torch.randn(2, 5, 0)).shape == (4, 0)
 
 
 def test_compiled_weight_gradients_after_the_loop_take_wgrad(tn_calls):
