@@ -98,13 +98,16 @@ static inline float sg_tanh(float x) {
    libgomp, so torch.set_num_threads rules both), else one thread */
 #define SG_PRAGMA(x) _Pragma(#x)
 #ifdef _OPENMP
+#include <omp.h>
 #define SG_ROWS_PARALLEL(cond) SG_PRAGMA(omp parallel if(cond))
-#define SG_ROWS_FOR SG_PRAGMA(omp for schedule(static))
 #define SG_ATOMIC SG_PRAGMA(omp atomic write)
+static inline int64_t sg_num_threads(void) { return omp_get_num_threads(); }
+static inline int64_t sg_thread_num(void) { return omp_get_thread_num(); }
 #else
 #define SG_ROWS_PARALLEL(cond)
-#define SG_ROWS_FOR
 #define SG_ATOMIC
+static inline int64_t sg_num_threads(void) { return 1; }
+static inline int64_t sg_thread_num(void) { return 0; }
 #endif
 
 /* a column loop: outputs never overlap inputs, and scratch arrays never overlap each other,
@@ -409,29 +412,35 @@ class _Writer:
         self.params += ["const unsigned char* mask", "int64_t ms"]
         ops_used = ", ".join(n.op for n in region.nodes)
         work = sum(width(n) for n in region.nodes) + sum(width(o) for o in region.outputs)
-        lines = [f"/* region {region.name!r}: {ops_used} */",
-                 f"int {self.func_name}({', '.join(self.params)}) {{",
-                 "    int failed = 0;",
-                 # rows are independent: split them over the threads (torch's OpenMP pool) when
-                 # there is enough work per call to pay for waking them
-                 f"    SG_ROWS_PARALLEL(B * {work} >= {PARALLEL_WORK})",
-                 "    {"]
+        args = ", ".join(p.rsplit(" ", 1)[1].lstrip("*") for p in self.params)
+        lines = [f"/* region {region.name!r}: {ops_used}; rows b0 <= b < b1 of B (returns 1 when out of memory) */",
+                 f"static int {self.func_name}_rows(int64_t b0, int64_t b1, {', '.join(self.params)}) {{",
+                 "    (void)B;"]
         big = self.scratch > _STACK_LIMIT
         if big:
             lines.append(f"    real* ws = (real*)malloc(sizeof(real) * {self.scratch});")
-            lines.append("    if (ws == 0) { SG_ATOMIC failed = 1; }  /* the caller raises MemoryError */")
+            lines.append("    if (ws == 0) return 1;")
         else:
             lines.append(f"    real ws[{max(1, self.scratch)}];")
         lines += ["    " + ln for ln in self.pre]
-        lines.append("    SG_ROWS_FOR")
-        lines.append("    for (int64_t b = 0; b < B; ++b) {")
-        if big:
-            lines.append("        if (ws == 0) continue;")
+        lines.append("    for (int64_t b = b0; b < b1; ++b) {")
         lines += ["        " + ln for ln in self.row]
         lines.append("    }")
         if big:
             lines.append("    free(ws);")
-        lines += ["    }", "    return failed;", "}"]
+        lines += ["    return 0;", "}",
+                  f"/* region {region.name!r} over all B rows: rows are independent, so they are split over the",
+                  "   threads (torch's OpenMP pool) when a call has enough work to pay for waking them */",
+                  f"int {self.func_name}({', '.join(self.params)}) {{",
+                  f"    if (B * {work} < {PARALLEL_WORK}) return {self.func_name}_rows(0, B, {args});",
+                  "    int failed = 0;",
+                  "    SG_ROWS_PARALLEL(1)",
+                  "    {",
+                  "        int64_t nt = sg_num_threads(), id = sg_thread_num();",
+                  f"        if ({self.func_name}_rows(B * id / nt, B * (id + 1) / nt, {args})) {{ SG_ATOMIC failed = 1; }}",
+                  "    }",
+                  "    return failed;",
+                  "}"]
         return CKernelSource("\n".join(lines) + "\n", self.func_name, tuple(self.specs),
                              tuple(o.shape for o in region.outputs), masked)
 

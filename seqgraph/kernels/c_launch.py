@@ -361,7 +361,7 @@ class CLibrary:
             for fname in self.loops:
                 f = getattr(lib, fname)
                 f.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                              ctypes.c_int64]
+                              ctypes.c_int64, ctypes.c_int64]
                 f.restype = ctypes.c_int
                 self.loop_fns[(fname, dtype)] = f
         if debug_level() >= 3:

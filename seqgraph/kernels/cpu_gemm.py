@@ -49,6 +49,13 @@ SG_MM_SOURCE = r"""
 #define SG_MM_ROWS 64                /* rows per work item of the thread split */
 #define SG_MM_PARALLEL_FLOPS 262144  /* some 2.5 us on one core: below it, one thread */
 #define SG_MM_DIRECT_BYTES 8388608
+#ifdef _OPENMP
+#include <omp.h>
+/* a caller already on one of several threads (a C loop on its own rows) keeps the product */
+static inline int sg_in_parallel(void) { return omp_in_parallel(); }
+#else
+static inline int sg_in_parallel(void) { return 0; }
+#endif
 typedef float sg_vf __attribute__((vector_size(4 * SG_VW), aligned(4)));
 
 /* W prepared for sg_mm. When W^T is row-major (s0 == 1) with rows at most a page apart, the
@@ -162,7 +169,7 @@ static void sg_mm_panel(int64_t M, int64_t K, const float* x, int64_t lx, const 
 void sg_mm(int64_t M, int64_t N, int64_t K, const float* x, int64_t lx, const sg_mm_b* w,
                   const float* bias, float* y, int64_t ly) {
     int64_t np = w->np, nrb = (M + SG_MM_ROWS - 1) / SG_MM_ROWS, items = np * nrb;
-    int par = items > 1 && 2.0 * (double)M * (double)N * (double)K >= SG_MM_PARALLEL_FLOPS;
+    int par = items > 1 && 2.0 * (double)M * (double)N * (double)K >= SG_MM_PARALLEL_FLOPS && !sg_in_parallel();
     (void)par;
     int64_t chunk = K;
     if (w->own == 0 && w->kstep * (int64_t)sizeof(float) * K > SG_MM_DIRECT_BYTES) {

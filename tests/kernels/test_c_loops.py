@@ -1,6 +1,7 @@
 """Whole time loops in C (seqgraph/kernels/c_loops.py): which plans get them, that they really
 run (the CLoops call counter), and that they equal the reference and the Python loops they
-replace, on masks, float64, strided tensors and empty sequences.
+replace, on masks, float64, strided tensors and empty sequences, with the batch's rows in one
+loop or split over threads that each run the loop on their own rows.
 
 Tolerances: float64 to 1e-10 (values) and 1e-9 (gradients); float32 to 1e-5 and 1e-4."""
 import pytest
@@ -8,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 import seqgraph as sg
-from seqgraph.kernels.c_loops import CLoops, loops_refusal
+from seqgraph.kernels.c_loops import ROW_SPLIT_MAX_WEIGHT_BYTES, CLoops, loop_threads, loops_refusal
 
 from backend_cases import BUILTIN, CASES, check_against_reference
 from strategies import build_cell, cell_recipes
@@ -149,11 +150,12 @@ def test_random_cells_run_in_c_loops_and_equal_the_reference(recipe):
         assert loops == loops_refusal(comp.plan())
 
 
-def test_wide_regions_split_their_rows_over_threads_and_equal_the_reference():
+def test_wide_regions_split_their_rows_over_threads_and_equal_the_reference(monkeypatch):
     from seqgraph.kernels.c_codegen import PARALLEL_WORK
+    monkeypatch.setenv("SEQGRAPH_LOOP_SPLIT", "steps")  # one loop over the batch: each region call splits
     rec = sg.Recurrence(sg.cells.lstm(8, 256, layer_norm=True)).double()
     comp = sg.compile(rec, backend="cpu")
-    assert f">= {PARALLEL_WORK})" in comp.source()
+    assert f"< {PARALLEL_WORK}) return sg_region_" in comp.source()
     regions = comp._program.fns["_clib"].kernels
     B = 48
     assert any(B * sum(n.size for n in k.region.nodes) >= PARALLEL_WORK for k in regions)  # threads take part
@@ -212,3 +214,91 @@ def test_one_thread_gives_the_same_results():
         check_against_reference(rec, comp, xs, ctx, 1e-10, lengths=torch.arange(40) % 4)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def rows_split(monkeypatch, two_threads):
+    """Every loop call splits its rows over two threads, whatever the batch and weight sizes."""
+    monkeypatch.setenv("SEQGRAPH_LOOP_SPLIT", "rows")
+
+
+@pytest.mark.parametrize("name", sorted(set(CASES) - IN_PYTHON))
+def test_every_cell_equals_the_reference_with_its_rows_split_over_threads(name, rows_split):
+    rec, comp = _compile(name)
+    loops = comp._program.c_loops
+    xs, ctx = make_inputs(rec.cell, 5, 5, dtype=torch.float64)  # rows 0-1 on one thread, 2-4 on the other
+    check_against_reference(rec, comp, xs, ctx, 1e-10, lengths=torch.tensor([5, 1, 3, 0, 4]))
+    assert loops.last_threads == 2
+
+
+def test_unmasked_float32_loops_equal_the_reference_with_their_rows_split(rows_split):
+    rec = sg.Recurrence(BUILTIN["lstm_peephole_proj"]())
+    comp = sg.compile(rec, backend="cpu")
+    xs, ctx = make_inputs(rec.cell, 6, 9, dtype=torch.float32)
+    check_against_reference(rec, comp, xs, ctx, 1e-5)
+    assert comp._program.c_loops.last_threads == 2
+
+
+def test_strided_inputs_and_states_are_split_by_their_own_row_strides(rows_split):
+    rec = sg.Recurrence(BUILTIN["lstm"]()).double()
+    comp = sg.compile(rec, backend="cpu")
+    x = torch.randn(7, 5, 6, dtype=torch.float64).transpose(0, 1)[:, :, ::2]  # (5, 7, 3): batch stride 6
+    big = torch.randn(7, 10, dtype=torch.float64)
+    state = {"h": big[:, ::2], "c": big.t().contiguous().t()[:, 1::2]}  # row strides 10 and 1
+    lengths = torch.tensor([5, 2, 0, 4, 5, 1, 3])
+    o2, s2 = comp(x, state, lengths=lengths)
+    o1, s1 = rec(x, state, lengths=lengths)
+    assert comp._program.c_loops.last_threads == 2
+    torch.testing.assert_close(o2, o1, atol=1e-12, rtol=1e-12)
+    for k in s1:
+        torch.testing.assert_close(s2[k], s1[k], atol=1e-12, rtol=1e-12)
+
+
+def test_a_split_loop_gives_the_results_of_one_loop_over_the_whole_batch(monkeypatch, two_threads):
+    rec = sg.Recurrence(BUILTIN["mufuru"]())
+    comp = sg.compile(rec, backend="cpu")
+    x = torch.randn(6, 11, 3, requires_grad=True)
+    lengths = torch.arange(11) % 7
+    results = []
+    for mode in ("steps", "rows"):
+        monkeypatch.setenv("SEQGRAPH_LOOP_SPLIT", mode)
+        out, state = comp(x, lengths=lengths)
+        results.append([out, state["s"], *torch.autograd.grad(out.sum(), [x, *rec.parameters()])])
+        assert comp._program.c_loops.last_threads == (1 if mode == "steps" else 2)
+    for a, b in zip(*results):  # the same products and the same regions on the same rows
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_small_weights_and_enough_rows_split_the_rows_over_the_threads(two_threads, monkeypatch):
+    monkeypatch.delenv("SEQGRAPH_LOOP_SPLIT", raising=False)
+    assert loop_threads(16, 512 * 128 * 4) == 2  # the benchmark's LSTM at B=16 H=128
+    assert loop_threads(7, 512 * 128 * 4) == 1  # under 4 rows a thread
+    assert loop_threads(64, ROW_SPLIT_MAX_WEIGHT_BYTES + 4) == 1  # the weights would leave the cache
+    torch.set_num_threads(1)
+    assert loop_threads(64, 1024) == 1
+
+
+def test_the_split_can_be_forced_either_way(two_threads, monkeypatch):
+    monkeypatch.setenv("SEQGRAPH_LOOP_SPLIT", "rows")
+    assert loop_threads(3, 1 << 30) == 2 and loop_threads(1, 1024) == 1
+    monkeypatch.setenv("SEQGRAPH_LOOP_SPLIT", "steps")
+    assert loop_threads(64, 1024) == 1
+    monkeypatch.setenv("SEQGRAPH_LOOP_SPLIT", "diagonal")
+    with pytest.raises(ValueError, match="SEQGRAPH_LOOP_SPLIT must be one of auto, rows, steps, got 'diagonal'"):
+        loop_threads(64, 1024)
+
+
+def test_the_benchmark_lstm_runs_its_loops_split_over_two_threads(two_threads, monkeypatch):
+    monkeypatch.delenv("SEQGRAPH_LOOP_SPLIT", raising=False)
+    comp = sg.compile(sg.Recurrence(sg.cells.lstm(16, 128)), backend="cpu")
+    x = torch.randn(3, 16, 16, requires_grad=True)
+    comp(x)[0].sum().backward()
+    assert comp._program.c_loops.last_threads == 2
