@@ -99,12 +99,12 @@ static inline float sg_tanh(float x) {
 #define SG_PRAGMA(x) _Pragma(#x)
 #ifdef _OPENMP
 #include <omp.h>
-#define SG_ROWS_PARALLEL(cond) SG_PRAGMA(omp parallel if(cond))
+#define SG_ROWS_PARALLEL SG_PRAGMA(omp parallel)
 #define SG_ATOMIC SG_PRAGMA(omp atomic write)
 static inline int64_t sg_num_threads(void) { return omp_get_num_threads(); }
 static inline int64_t sg_thread_num(void) { return omp_get_thread_num(); }
 #else
-#define SG_ROWS_PARALLEL(cond)
+#define SG_ROWS_PARALLEL
 #define SG_ATOMIC
 static inline int64_t sg_num_threads(void) { return 1; }
 static inline int64_t sg_thread_num(void) { return 0; }
@@ -434,7 +434,7 @@ class _Writer:
                   f"int {self.func_name}({', '.join(self.params)}) {{",
                   f"    if (B * {work} < {PARALLEL_WORK}) return {self.func_name}_rows(0, B, {args});",
                   "    int failed = 0;",
-                  "    SG_ROWS_PARALLEL(1)",
+                  "    SG_ROWS_PARALLEL",
                   "    {",
                   "        int64_t nt = sg_num_threads(), id = sg_thread_num();",
                   f"        if ({self.func_name}_rows(B * id / nt, B * (id + 1) / nt, {args})) {{ SG_ATOMIC failed = 1; }}",

@@ -539,10 +539,7 @@ class CLoops:
         fn = self.lib.loop_fn(self.func_names[variant], tensors[0].dtype)
         n = len(tensors)
         ptrs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in tensors])
-        strides = (ctypes.c_int64 * (3 * n))()
-        for i, t in enumerate(tensors):
-            for a, st in enumerate(t.stride()[:3]):
-                strides[3 * i + a] = st
+        strides = (ctypes.c_int64 * (3 * n))(*[s for t in tensors for s in (t.stride() + (0, 0, 0))[:3]])
         m = mask.contiguous() if mask is not None else None
         own = int(tensors[0].dtype == torch.float32 and per_step_gemm() == "seqgraph")
         threads = loop_threads(B, self.step_weight_elems * tensors[0].element_size())
