@@ -55,8 +55,10 @@ def describe_plan(plan, T: int | None, B: int | None, itemsize: int = 4) -> str:
     for k, bwd in sorted(plan.backward.items()):
         lines.append(f"backward ({'masked' if k else 'unmasked'}): {len(bwd.pre)} node(s) before the loop, "
                      f"{len(bwd.stages)} stage(s) per step, {len(bwd.post)} node(s) after the loop")
-        lines.append("  saves per step: " + (", ".join(_label(n) for n in bwd.saved) or "nothing")
-                     + " (everything else the derivative reads is recomputed from these or is an input)")
+        lines.append("  saves per step: " + (", ".join(_label(n) for n in bwd.saved) or "nothing"))
+        if bwd.recomputed:
+            lines.append("  recomputes per step from those, instead of saving: "
+                         + ", ".join(_label(n) for n in bwd.recomputed))
         for s in bwd.stages:
             lines.append("  " + _stage_line(s, Bv, itemsize, bool(B)))
         wg = [n for n in bwd.post if n.op in ("linear_wgrad", "embedding_wgrad", "sum_to")]

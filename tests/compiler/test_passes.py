@@ -91,3 +91,76 @@ def test_hoist_loop_invariant_terms_sums_the_biases_once_before_adding_them_to_t
     biases = hoisted_adds[0].inputs[1]
     assert biases.op == "add" and [i.op for i in biases.inputs] == ["param", "param"]
     _same_values(before, after, cell)
+
+
+# -- rematerialize: forward values the backward step recomputes instead of saving --------
+def _chain_cell(length):
+    """y = (((h + 1) * 1.5) + 1) * 1.5 ... (`length` cheap ops from the state), and z = y * y, whose
+    derivative reads y."""
+    x, h = sg.Input(3, name="x"), sg.State(3, name="h")
+    y = h
+    for k in range(length):
+        y = y + 1.0 if k % 2 == 0 else y * 1.5
+    z = y * y
+    return sg.Cell([x], {h: sg.tanh(x + z)})
+
+
+def test_rematerialize_recomputes_the_layer_norms_of_a_layer_norm_lstm_from_saved_values():
+    from seqgraph.compiler.pipeline import compile_plan
+    plan = compile_plan(sg.cells.lstm(4, 6, layer_norm=True))
+    for masked in (False, True):
+        bwd = plan.backward_plan(masked)
+        assert not any(n.op == "layer_norm" for n in bwd.saved)
+        assert [n.op for n in bwd.recomputed].count("layer_norm") == 2
+        have = {n.id for n in bwd.saved} | {r.id for r in plan.reads} | {p.id for p, _ in plan.step.states} \
+            | {n.id for n in bwd.recomputed}
+        for n in bwd.recomputed:  # made from values the backward step has
+            assert all(i.op == "const" or i.id in have for i in n.inputs), n
+        assert bwd.loop[:len(bwd.recomputed)] == bwd.recomputed  # computed first in the backward step
+
+
+def test_rematerialize_keeps_values_made_by_transcendental_functions_saved():
+    from seqgraph.compiler.pipeline import compile_plan
+    bwd = compile_plan(sg.cells.lstm(4, 6, peephole=True)).backward_plan(False)
+    assert sorted(n.op for n in bwd.saved) == ["sigmoid", "sigmoid", "sigmoid", "tanh", "tanh"]
+    assert bwd.recomputed and {n.op for n in bwd.recomputed} <= {"add", "mul"}  # the new cell state
+
+
+def test_rematerialize_recomputes_a_chain_within_its_budget_and_saves_a_longer_one():
+    from seqgraph.compiler.pipeline import compile_plan
+    short = compile_plan(_chain_cell(3)).backward_plan(False)
+    assert [n.op for n in short.recomputed] == ["add", "mul", "add"]
+    assert not any(n.op in ("add", "mul") for n in short.saved)
+    long = compile_plan(_chain_cell(7)).backward_plan(False)
+    assert not long.recomputed and [n.op for n in long.saved].count("add") == 1  # y itself, saved
+
+
+def test_rematerialize_keeps_what_it_is_told_to_keep():
+    from seqgraph.compiler.ops import fusable
+    from seqgraph.compiler.rematerialize import rematerialize
+    x, h = sg.Input(3, name="x"), sg.State(3, name="h")
+    a = h * 2.0
+    cell = sg.Cell([x], {h: sg.tanh(a * a + x)})
+    loop = StepGraph.from_cell(cell).order()
+    (mul,) = [n for n in loop if n.id == a.id]
+    state = next(n for n in loop if n.op == "state")
+    assert rematerialize(loop, [mul], {state.id}, set(), fusable) == ([], [mul])
+    assert rematerialize(loop, [mul], {state.id}, {mul.id}, fusable) == ([mul], [])
+    assert rematerialize(loop, [mul], set(), set(), fusable) == ([mul], [])  # h is not at hand
+
+
+def test_recomputed_values_give_the_reference_gradients():
+    rec = sg.Recurrence(sg.cells.lstm(3, 5, layer_norm=True, peephole=True)).double()
+    x = torch.randn(6, 4, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([6, 2, 0, 5])
+    for backend in ("torch", "cpu"):
+        comp = sg.compile(rec, backend=backend)
+        assert comp.plan().backward_plan(True).recomputed
+        o1, s1 = rec(x, lengths=lengths)
+        o2, s2 = comp(x, lengths=lengths)
+        torch.testing.assert_close(o2, o1)
+        w = [x, *rec.parameters()]
+        g1 = torch.autograd.grad((o1 * o1).sum() + s1["c"].sum(), w)
+        g2 = torch.autograd.grad((o2 * o2).sum() + s2["c"].sum(), w)
+        for a, b in zip(g2, g1):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
