@@ -277,6 +277,19 @@ def test_a_split_loop_gives_the_results_of_one_loop_over_the_whole_batch(monkeyp
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(recipe=cell_recipes(max_steps=5))
+def test_random_cells_equal_the_reference_with_their_rows_split_over_threads(rows_split, recipe):
+    cell, sizes = build_cell(recipe)
+    rec = sg.Recurrence(cell).double()
+    comp = sg.compile(rec, backend="cpu")
+    xs = [torch.randn(4, 5, s, dtype=torch.float64, requires_grad=True) for s in sizes]
+    check_against_reference(rec, comp, xs, None, 1e-10, lengths=torch.tensor([4, 2, 0, 3, 1]))
+    loops = comp._program.c_loops
+    assert not isinstance(loops, CLoops) or loops.last_threads == 2
+
+
 def test_small_weights_and_enough_rows_split_the_rows_over_the_threads(two_threads, monkeypatch):
     monkeypatch.delenv("SEQGRAPH_LOOP_SPLIT", raising=False)
     assert loop_threads(16, 512 * 128 * 4) == 2  # the benchmark's LSTM at B=16 H=128
