@@ -104,9 +104,13 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def interleaved_medians_ms(fns: list[Callable], device, reps: int, warmup: int = 2) -> list[float]:
+def interleaved_medians_ms(fns: list[Callable], device, reps: int, warmup: int = 2, burst: int = 1) -> list[float]:
     """The median time of each of `fns`, their runs taken in turn (run 1 of each, then run 2
-    of each, ...), so that a slow spell of a shared machine slows every peer alike."""
+    of each, ...), so that a slow spell of a shared machine slows every peer alike.
+
+    With burst > 1 each turn is `burst` runs in a row, of which the first is not timed: the
+    median is then of back-to-back runs, which a machine that slows a call following other
+    work (a VM whose idle cores sleep) does not slow."""
     for fn in fns:
         for _ in range(warmup):
             fn()
@@ -114,10 +118,12 @@ def interleaved_medians_ms(fns: list[Callable], device, reps: int, warmup: int =
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
         for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[i].append(1e3 * (time.perf_counter() - t0))
+            for k in range(burst):
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+                if k > 0 or burst == 1:
+                    times[i].append(1e3 * (time.perf_counter() - t0))
     return [statistics.median(t) for t in times]
 
 
@@ -131,7 +137,7 @@ def peak_mib(fn: Callable, device) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def run_case(cell_name: str, size: str, device, dtype, reps: int, peers: set[str]) -> list[dict]:
+def run_case(cell_name: str, size: str, device, dtype, reps: int, peers: set[str], burst: int = 1) -> list[dict]:
     import seqgraph as sg
     T, B, H = SIZES[size]
     torch.manual_seed(0)
@@ -177,8 +183,8 @@ def run_case(cell_name: str, size: str, device, dtype, reps: int, peers: set[str
         def run():
             fwd().float().sum().backward()
         return run
-    f_ms = interleaved_medians_ms([no_grad(f) for _, f, _ in entries], device, reps)
-    fb_ms = interleaved_medians_ms([train(f) for _, f, _ in entries], device, reps)
+    f_ms = interleaved_medians_ms([no_grad(f) for _, f, _ in entries], device, reps, burst=burst)
+    fb_ms = interleaved_medians_ms([train(f) for _, f, _ in entries], device, reps, burst=burst)
     return [dict(cell=cell_name, size=size, T=T, B=B, H=H, peer=label, fwd_ms=f, fwdbwd_ms=fb,
                  peak_mib=peak_mib(train(fwd), device), compile_s=cs)
             for (label, fwd, cs), f, fb in zip(entries, f_ms, fb_ms)]
@@ -243,16 +249,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--burst", type=int, default=1,
+                    help="runs of a peer in a row per turn, the first untimed (default 1: strictly in turn)")
     ap.add_argument("--peers", default="cudnn,eager,torch.compile,seqgraph-torch,seqgraph-triton,seqgraph-cpu",
                     help="which columns to run")
     ap.add_argument("--out", default=None, help="Markdown file to write the table into (a section per machine)")
     args = ap.parse_args(argv)
+    if args.reps < 1 or args.burst < 1:
+        ap.error("--reps and --burst must be at least 1")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     peers = set(args.peers.split(","))
     rows = []
     for size in args.sizes.split(","):
         for cell in args.cells.split(","):
-            rs = run_case(cell, size, device, dtype, args.reps, peers)
+            rs = run_case(cell, size, device, dtype, args.reps, peers, args.burst)
             rows += rs
             for r in rs:
                 print(f"{cell:16s} {size:9s} {r['peer']:22s} fwd {r['fwd_ms']:9.2f} ms  fwd+bwd {r['fwdbwd_ms']:9.2f} ms",
@@ -262,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{title}\n{table}")
     if args.out:
         cmd = "python -m seqgraph bench " + " ".join(argv or [])
-        write_section(args.out, title, f"\nMedians of {args.reps} runs; command: `{cmd.strip()}`; "
+        runs = f"{args.reps} runs" if args.burst == 1 else f"{args.reps} bursts of {args.burst - 1} timed runs"
+        write_section(args.out, title, f"\nMedians of {runs}; command: `{cmd.strip()}`; "
                                        f"torch {torch.__version__}.\n\n{table}\n")
     return 0

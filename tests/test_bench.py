@@ -37,6 +37,25 @@ def test_interleaved_medians_run_each_function_in_turn():
     assert len(medians) == 2 and calls == ["a", "b"] + ["a", "b"] * 3
 
 
+def test_bursts_run_each_function_several_times_in_a_row_and_time_all_but_the_first(monkeypatch):
+    now, calls = [0.0], []
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+
+    def fn(name):
+        def run():  # the first run of a burst takes 1 s, the others 2 ms
+            now[0] += 1.0 if not calls or calls[-1] != name else 0.002
+            calls.append(name)
+        return run
+    medians = bench.interleaved_medians_ms([fn("a"), fn("b")], torch.device("cpu"), reps=2, warmup=0, burst=3)
+    assert calls == ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
+    assert medians == pytest.approx([2.0, 2.0])
+
+
+def test_the_harness_refuses_a_burst_below_one():
+    with pytest.raises(SystemExit):
+        bench.main(["--burst", "0", "--sizes", "small", "--cells", "lstm"])
+
+
 def test_the_cpu_gemm_benchmark_compares_the_same_products(monkeypatch):
     import importlib.util
     import pathlib
