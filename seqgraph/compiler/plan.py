@@ -15,7 +15,7 @@ from .derive_backward import StepDerivative, derive_backward
 from .hoist import classify
 from .ir import Node, topo_order
 from .ops import REGISTRY, fusable as triton_fusable
-from .rematerialize import rematerialize
+from .rematerialize import compared_values, rematerialize
 from .schedule import Fusable, Stage, schedule
 from .stepgraph import StepGraph
 
@@ -170,7 +170,8 @@ def _plan_backward(plan: Plan, masked: bool) -> BackwardPlan:
     used = {i.id for n in loop + post for i in n.inputs} | {n.id for n in stash}
     roots = {g.id for g in deriv.grad_prev if g is not None} | {g.id for g in deriv.grad_of.values()}
     saved = [n for n in plan.loop if n.id in used or n.id in roots]
-    saved, recomputed = rematerialize(plan.loop, saved, read_ids | prev_ids, roots | stash_ids.keys(), plan.fusable)
+    keep = roots | stash_ids.keys() | compared_values(nodes)
+    saved, recomputed = rematerialize(plan.loop, saved, read_ids | prev_ids, keep, plan.fusable)
     loop = recomputed + loop
     live_after = {n.id for n in stash} | roots
     stages = schedule(loop, live_after, plan.fusable)

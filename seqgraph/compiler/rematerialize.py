@@ -11,15 +11,27 @@ at most a few intermediate values nobody saved, is dropped from the saved list a
 recomputed with those intermediates. Examples: a layer norm of
 a saved pre-activation, the new cell state of an LSTM made from its saved gates. Values the
 after-loop reductions read directly, gradient roots and ops the backend's kernels cannot
-compute inline stay saved. Must not change what the derivative computes, only where its
-inputs come from.
+compute inline stay saved, and so do values a comparison of the derivative reads (the
+derivatives of maximum, minimum, relu and abs branch on exact equality or sign): a C or Triton
+compiler may fuse a multiply and an add into one rounding in one kernel and not in another,
+so a recomputed value can differ from the saved one in its last bit, which is harmless
+everywhere but at such a branch. Must not change what the derivative computes, only where
+its inputs come from.
 """
 from __future__ import annotations
 
 from .ir import Node
+from .schedule import node_fusable
 
 CHEAP = frozenset({"add", "sub", "mul", "neg", "select", "maximum", "minimum", "stop_gradient", "layer_norm",
                    "slice", "concat", "pad", "reshape", "broadcast_to"})
+
+BRANCHING = frozenset({"gt", "ge", "le", "sign"})  # piecewise constant: their value jumps at equality
+
+
+def compared_values(derivative: list[Node]) -> set[int]:
+    """Ids of the values the derivative's comparisons read: they must stay bit-exact."""
+    return {i.id for n in derivative if n.op in BRANCHING for i in n.inputs}
 
 
 def rematerialize(loop: list[Node], saved: list[Node], at_hand: set[int], keep: set[int],
@@ -28,7 +40,8 @@ def rematerialize(loop: list[Node], saved: list[Node], at_hand: set[int], keep: 
 
     loop: the forward loop's nodes in order; saved: the values the derivative reads from it;
     at_hand: ids the backward step has without saving (reads, previous states, constants);
-    keep: ids that must stay saved; fusable(node) -> (ok, why): what the backend fuses. A
+    keep: ids that must stay saved; fusable(node) -> (ok, why): what the backend's kernels
+    compute inline (a recomputed value must join the backward step's fused region). A
     saved value may be recomputed through at most `max_chain` cheap values nobody saved."""
     saved_ids = {n.id for n in saved}
     made: set[int] = set()  # recomputed so far
@@ -38,7 +51,7 @@ def rematerialize(loop: list[Node], saved: list[Node], at_hand: set[int], keep: 
         """The nodes (n last, inputs first) that recompute n from what is at hand, or None."""
         if n.op == "const" or n.id in at_hand or n.id in made:
             return []
-        if n.op not in CHEAP or not fusable(n)[0] or not n.inputs:
+        if n.op not in CHEAP or not node_fusable(n, fusable)[0] or not n.inputs:
             return None
         need: list[Node] = []
         for i in n.inputs:
@@ -69,4 +82,4 @@ def rematerialize(loop: list[Node], saved: list[Node], at_hand: set[int], keep: 
     return [n for n in saved if n.id in saved_ids], sorted(recomputed, key=lambda m: order[m.id])
 
 
-__all__ = ["rematerialize", "CHEAP"]
+__all__ = ["rematerialize", "compared_values", "CHEAP", "BRANCHING"]

@@ -164,3 +164,29 @@ def test_recomputed_values_give_the_reference_gradients():
         g2 = torch.autograd.grad((o2 * o2).sum() + s2["c"].sum(), w)
         for a, b in zip(g2, g1):
             torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_values_a_comparison_of_the_derivative_reads_stay_saved_and_ties_split_as_in_the_reference():
+    # a = h*w + x: recomputed, a compiler may fuse the multiply-add in one rounding where the
+    # forward kernel rounded twice; maximum(a, relu(a)) ties exactly wherever a > 0, and its
+    # derivative splits the gradient there only if it sees the very value the forward saw
+    from seqgraph.compiler.pipeline import compile_plan
+    H = 16
+    x, h = sg.Input(H, name="x"), sg.State(H, name="h")
+    w = sg.Parameter(H, name="w")
+    m = h * w
+    a = m + x
+    y = sg.maximum(a, sg.stop_gradient(sg.relu(a)))
+    cell = sg.Cell([x], {h: sg.tanh(0.5 * y + sg.tanh(m))}, [h])
+    bwd = compile_plan(cell).backward_plan(False)
+    assert a.id in {n.id for n in bwd.saved} and a.id not in {n.id for n in bwd.recomputed}
+    torch.manual_seed(0)
+    rec = sg.Recurrence(cell).double()
+    X = torch.randn(3, 4, H, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, H, dtype=torch.float64)
+    for backend in ("torch", "cpu"):
+        comp = sg.compile(rec, backend=backend)
+        g1 = torch.autograd.grad(rec(X, {"h": h0})[0].sum(), [X, *rec.parameters()])
+        g2 = torch.autograd.grad(comp(X, {"h": h0})[0].sum(), [X, *rec.parameters()])
+        for p, q in zip(g2, g1):
+            torch.testing.assert_close(p, q, atol=1e-10, rtol=1e-10)
