@@ -1,22 +1,21 @@
 """Pass: rematerialize — forward values the backward loop recomputes instead of reading saved.
 
 Every forward value the derivative reads would be written to a (T, B, ...) buffer by the
-forward loop and read back by the backward loop: two passes over memory per value and step.
-A value that a few cheap ops make from values the backward step has anyway (values still
-saved, the previous states, the per-step and invariant reads, constants) is cheaper to make
-again inside the backward step's fused region than to store and load. So, in forward order,
-each saved value that cheap ops (arithmetic, selects, layout ops and row normalisations: no
-transcendental function, no product) make from values at hand, saved or recomputed, through
-at most a few intermediate values nobody saved, is dropped from the saved list and
-recomputed with those intermediates. Examples: a layer norm of
-a saved pre-activation, the new cell state of an LSTM made from its saved gates. Values the
-after-loop reductions read directly, gradient roots and ops the backend's kernels cannot
-compute inline stay saved, and so do values a comparison of the derivative reads (the
-derivatives of maximum, minimum, relu and abs branch on exact equality or sign): a C or Triton
-compiler may fuse a multiply and an add into one rounding in one kernel and not in another,
-so a recomputed value can differ from the saved one in its last bit, which is harmless
-everywhere but at such a branch. Must not change what the derivative computes, only where
-its inputs come from.
+forward loop and read back by the backward loop: two passes over memory per value and step. A
+value that a few cheap ops make from values the backward step has anyway (values still saved,
+the previous states, the per-step and invariant reads, constants) is cheaper to make again
+inside the backward step's fused region than to store and load. So, in forward order, each
+saved value that cheap ops (arithmetic, selects, layout ops and row normalisations: no
+transcendental function, no product) make from values at hand, saved or recomputed, through at
+most a few intermediate values nobody saved, is dropped from the saved list and recomputed with
+those intermediates. Examples: a layer norm of a saved pre-activation, the new cell state of an
+LSTM made from its saved gates. Values the after-loop reductions read directly, gradient roots
+and ops the backend's kernels cannot compute inline stay saved, and so do values a comparison
+of the derivative reads (the derivatives of maximum, minimum, relu and abs branch on exact
+equality or sign): a C or Triton compiler may fuse a multiply and an add into one rounding in
+one kernel and not in another, so a recomputed value can differ from the saved one in its last
+bit, which is harmless everywhere but at such a branch. Must not change what the derivative
+computes, only where its inputs come from.
 """
 from __future__ import annotations
 

@@ -3,16 +3,16 @@
 The generated Python loops (codegen_torch) pay the interpreter and the torch dispatcher a few
 microseconds per op and step; at small sizes that is most of the time. Here each loop of a
 plan (forward: masked or not, saving or not; backward: plain or masked) becomes one C function
-`int sg_loop_<variant>(T, B, mask, P, D, own)` in the program's CLibrary: per step it runs a
+`int sg_loop_<variant>(T, B, mask, P, D, own, threads)` in the program's CLibrary: per step it runs a
 GEMM for each `gemm` stage and the fused region's own C function for each `fused` stage. The
 GEMM is MKL's (through function pointers found in libtorch_cpu, the weight packed once per
 call for float32, as oneDNN's LSTM does) or, when `own` (float32, `cpu_gemm.per_step_gemm()`
 chose it for this CPU), seqgraph's own sg_mm on a weight packed once per call. With several
 threads, each may run the whole loop on rows of the batch of its own (`sg_split_rows`;
-`loop_threads` decides per call). Each loop
-writes outputs, states and what backward saves straight into their (T, B, ...) buffers. `P` holds one pointer per tensor slot and `D` three strides per slot, so
-strided inputs work without copies. States and gradients carried to the next step live in
-double buffers. A thin generated Python wrapper per loop (`forward_c`, `backward_*_c`)
+`loop_threads` decides per call). Each loop writes outputs, states and what backward saves
+straight into their (T, B, ...) buffers. `P` holds one pointer per tensor slot and `D` three
+strides per slot, so strided inputs work without copies. States and gradients carried to the
+next step live in double buffers. A thin generated Python wrapper per loop (`forward_c`, `backward_*_c`)
 allocates the buffers exactly as the Python loops do and runs the same pre- and post-loop
 code, so the weight gradients stay single large GEMMs after the loop.
 
@@ -221,7 +221,6 @@ class _LoopWriter:
         self.lib, self.func_name, self.title = lib, func_name, title
         self.slots: list[str] = []  # labels, index = slot number
         self.rows_dims: list[int] = []  # per slot: the dim that steps one batch row, -1 for none
-        self.weight_elems = 0  # elements of the weights the GEMMs of one step read
         self.ws = 0  # workspace columns per batch row
         self.decl: list[str] = []  # before the loop
         self.body: list[str] = []  # per step
@@ -267,7 +266,6 @@ class _LoopWriter:
             g = self.weights[w.id] = f"W{w.id}"
             lw = self.loc[w.id]
             N, K = w.shape
-            self.weight_elems += N * K
             self.decl.append(f"if (sg_weight_init(&{g}, B, {N}, {K}, {lw.ptr}, {lw.rs}, {lw.cs}, own)) "
                              f"{{ rc = 1; goto done; }}  /* the weight %{w.id} */")
         lx = self.loc[x.id]
