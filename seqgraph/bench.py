@@ -4,7 +4,7 @@
 of: torch.nn.LSTM/GRU (cuDNN on GPU, oneDNN on CPU) where the cell has one, the same cell as an
 eager PyTorch loop (plain torch ops, autograd), torch.compile of that loop (compile time
 reported apart), and seqgraph's compiled backends, their runs taken in turn. It prints medians
-and ratios to the fastest peer, peak memory on CUDA, and with --out writes the table as a
+and ratios to the fastest peer, peak memory, and with --out writes the table as a
 Markdown section named after the machine into docs/benchmarks.md. Timing is never a unit test; this module only measures.
 """
 from __future__ import annotations
@@ -128,13 +128,27 @@ def interleaved_medians_ms(fns: list[Callable], device, reps: int, warmup: int =
 
 
 def peak_mib(fn: Callable, device) -> float | None:
-    if device.type != "cuda":
+    """The most memory one call of `fn` holds at once beyond what was allocated before it.
+
+    On CUDA, from the allocator's peak. On the CPU, which keeps no such statistic, from
+    torch.profiler's memory events: each op's own allocations net of its own frees, summed in
+    the order the ops started (a temporary that lives and dies inside one op is not seen)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        _sync(device)
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    if device.type != "cpu":
         return None
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    _sync(device)
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    held = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        held += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage  # frees outside ops: "[memory]"
+        peak = max(peak, held)
+    return peak / 2**20
 
 
 def run_case(cell_name: str, size: str, device, dtype, reps: int, peers: set[str], burst: int = 1) -> list[dict]:
@@ -200,7 +214,7 @@ def format_table(rows: list[dict]) -> str:
         peers = [r for r in rs if not r["peer"].startswith("seqgraph")] or rs
         best = min(r["fwdbwd_ms"] for r in peers)
         for r in rs:
-            pk = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+            pk = "" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
             cs = "" if r["compile_s"] is None else f"{r['compile_s']:.2f}"
             out.append(f"| {cell} | {r['T']},{r['B']},{r['H']} | {r['peer']} | {r['fwd_ms']:.2f} | "
                        f"{r['fwdbwd_ms']:.2f} | {r['fwdbwd_ms'] / best:.2f}x | {pk} | {cs} |")

@@ -51,6 +51,19 @@ def test_bursts_run_each_function_several_times_in_a_row_and_time_all_but_the_fi
     assert medians == pytest.approx([2.0, 2.0])
 
 
+def test_peak_memory_on_the_cpu_counts_what_is_held_at_once_not_what_was_ever_allocated():
+    def hold_four():  # four 1 MiB tensors alive together
+        kept = [torch.empty(1 << 18) for _ in range(4)]
+        return kept
+
+    def one_at_a_time():  # four 1 MiB tensors, each freed before the next
+        for _ in range(4):
+            torch.empty(1 << 18).fill_(1.0)
+    cpu = torch.device("cpu")
+    assert 3.9 < bench.peak_mib(hold_four, cpu) < 4.1
+    assert 0.9 < bench.peak_mib(one_at_a_time, cpu) < 1.1
+
+
 def test_the_harness_refuses_a_burst_below_one():
     with pytest.raises(SystemExit):
         bench.main(["--burst", "0", "--sizes", "small", "--cells", "lstm"])
