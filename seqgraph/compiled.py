@@ -136,6 +136,11 @@ def _loop(prog: Program, name: str, device: torch.device):
     return graphed
 
 
+def _stand_in(t: torch.Tensor) -> torch.Tensor:
+    """A tensor of t's shape, dtype and device whose one element every index reads."""
+    return t.new_zeros(()).expand(t.shape)
+
+
 class _Sequence(torch.autograd.Function):
     """The whole sequence, forward and backward, as one autograd node."""
 
@@ -146,7 +151,10 @@ class _Sequence(torch.autograd.Function):
         outs, finals, (saved, seqs) = _loop(prog, "forward", device)(T, B, mask, reads, states, True)
         ctx.prog, ctx.T, ctx.mask, ctx.nouts = prog, T, mask, len(outs)
         ctx.saved_values, ctx.seqs = saved, seqs  # intermediates: kept off the autograd graph
-        ctx.save_for_backward(*reads)
+        # a read the backward never looks at (the hoisted input projection of an LSTM, say) is
+        # kept as a one-element stand-in of its shape: its memory is freed after the forward
+        used = prog.plan.backward_plan(mask is not None).reads_used
+        ctx.save_for_backward(*[r if n.id in used else _stand_in(r) for n, r in zip(prog.plan.reads, reads)])
         return (*outs, *finals)
 
     @staticmethod

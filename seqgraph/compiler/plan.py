@@ -33,6 +33,7 @@ class BackwardPlan:
     saved: list[Node]  # forward loop values the derivative reads, saved as (T, B, ...)
     stages: list[Stage] = field(default_factory=list)
     recomputed: list[Node] = field(default_factory=list)  # forward values the backward step makes again (in loop)
+    reads_used: set[int] = field(default_factory=set)  # ids of the loop's reads whose values backward reads
 
 
 @dataclass
@@ -175,4 +176,5 @@ def _plan_backward(plan: Plan, masked: bool) -> BackwardPlan:
     loop = recomputed + loop
     live_after = {n.id for n in stash} | roots
     stages = schedule(loop, live_after, plan.fusable)
-    return BackwardPlan(deriv, pre, loop, post, stash, accumulate, saved, stages, recomputed)
+    reads_used = ({i.id for n in pre + loop + post for i in n.inputs} | {n.id for n in stash}) & read_ids
+    return BackwardPlan(deriv, pre, loop, post, stash, accumulate, saved, stages, recomputed, reads_used)

@@ -333,3 +333,22 @@ def test_an_initial_state_the_step_never_reads_gets_the_gradient_the_reference_g
     for a, e in zip(got, want):
         if e is not None:
             torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("lengths", [None, torch.tensor([4, 2])])
+def test_a_read_the_backward_never_looks_at_is_not_kept_for_it(backend, lengths):
+    # the LSTM's hoisted input projection, (T, B, 4H): only its gradient is written in backward
+    rec = sg.Recurrence(sg.cells.lstm(3, 5)).double()
+    comp = sg.compile(rec, backend=backend)
+    plan = comp.plan()
+    (hoisted,) = [k for k, r in enumerate(plan.reads) if plan.cls[r.id] == "hoisted"]
+    assert plan.reads[hoisted].id not in plan.backward_plan(lengths is not None).reads_used
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    out, _ = comp(x, lengths=lengths)
+    kept = out.grad_fn.saved_tensors[hoisted]
+    assert kept.shape == (4, 2, 20) and kept.untyped_storage().nbytes() == kept.element_size()
+    want = torch.autograd.grad(rec(x, lengths=lengths)[0].sum(), [x, *rec.parameters()])
+    got = torch.autograd.grad(out.sum(), [x, *rec.parameters()])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
