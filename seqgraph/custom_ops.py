@@ -46,6 +46,8 @@ def loop_op(program, key: tuple):
     # which reads get a gradient, per backward variant (keyed by "masked")
     has_grad = {m: [r.id in _grad_reads(plan, m) for r in plan.reads] for m in (False, True)}
 
+    from .compiled import _stand_in
+
     @torch.library.custom_op(f"seqgraph::{name}", mutates_args=())
     def forward(reads: list[torch.Tensor], states: list[torch.Tensor], mask: Optional[torch.Tensor],
                 T: int, B: int, save: bool) -> list[torch.Tensor]:
@@ -89,7 +91,11 @@ def loop_op(program, key: tuple):
         seqs = output[n_out + n_state + n_saved:]
         ctx.counts = (len(reads), len(saved))
         ctx.T, ctx.has_mask = T, mask is not None
-        ctx.save_for_backward(*reads, *saved, *seqs, *([mask] if mask is not None else []))
+        # as the eager autograd Function does: a read the backward never looks at is kept as a
+        # one-element stand-in of its shape, so the forward's copy of it can be freed
+        used = _reads_used(plan, mask is not None)
+        kept = [r if used is None or n.id in used else _stand_in(r) for n, r in zip(plan.reads, reads)]
+        ctx.save_for_backward(*kept, *saved, *seqs, *([mask] if mask is not None else []))
         ctx.like = [o for o in output[:n_out + n_state]]
 
     def backward(ctx, grads):
@@ -108,6 +114,12 @@ def loop_op(program, key: tuple):
     forward.register_autograd(backward, setup_context=setup_context)
     _REGISTERED[name] = forward
     return forward
+
+
+def _reads_used(plan, masked: bool) -> set[int] | None:
+    """Ids of the reads the backward variant looks at; None (keep them all) where the variant
+    has no generated backward."""
+    return plan.backward_plan(masked).reads_used if plan.backward_ok(masked) else None
 
 
 def _grad_reads(plan, masked: bool) -> set[int]:

@@ -55,3 +55,19 @@ def test_loop_op_passes_torch_library_opcheck(backend):
     states = [torch.randn(B, 4, requires_grad=True)]
     mask = torch.rand(T, B) > 0.3
     torch.library.opcheck(comp._program.loop_op, (reads, states, mask, T, B, True))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_loop_op_keeps_a_stand_in_for_a_read_its_backward_never_looks_at(backend):
+    comp = sg.compile(sg.Recurrence(sg.cells.lstm(3, 5)), backend=backend)
+    T, B = 4, 2
+    params = list(comp.param_tensors().values())
+    reads = comp._program.fns["prologue"](T, B, [torch.randn(T, B, 3)], [], [], params)
+    reads = [r.detach().requires_grad_() for r in reads]
+    states = [torch.zeros(B, 5, requires_grad=True) for _ in range(2)]
+    out = comp._program.loop_op(reads, states, None, T, B, True)
+    hoisted, weight = out[0].grad_fn.saved_tensors[:2]  # the (T, B, 4H) input projection; the recurrent weight
+    assert hoisted.shape == (T, B, 20) and hoisted.untyped_storage().nbytes() == hoisted.element_size()
+    assert weight.data_ptr() == reads[1].data_ptr()
+    out[0].sum().backward()
+    assert reads[0].grad.shape == (T, B, 20) and reads[0].grad.abs().sum() > 0
