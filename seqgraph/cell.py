@@ -11,6 +11,7 @@ from typing import Mapping, Sequence
 
 from .compiler.check import check_cell, check_graph
 from .compiler.ir import Node, format_graph
+from .dsl import _ChunkGroup
 from .errors import ShapeError, WiringError, describe, user_site
 
 
@@ -164,6 +165,7 @@ class Graph:
             raise WiringError(f"Graph {self.name or ''} (declared at {self.site}) takes {len(self.inputs)} "
                               f"inputs but was called with {len(args)} at {site}")
         env: dict[int, Node] = {}
+        groups: dict[int, _ChunkGroup] = {}  # id of an original chunk group -> this copy's
         for formal, actual in zip(self.inputs, args):
             if not isinstance(actual, Node):
                 raise TypeError(f"Graph called at {site} with a {type(actual).__name__}, expected nodes")
@@ -179,8 +181,18 @@ class Graph:
                 env[n.id] = n  # shared, not copied: that is how weights are tied
                 continue
             ins = tuple(env[i.id] for i in n.inputs)
-            batched = any(i.batched for i in ins)
-            env[n.id] = Node(n.op, ins, n.attrs, n.shape, batched, n.dtype, name=n.name, site=n.site, module=n.module)
+            batched = any(i.batched for i in ins) if ins else n.batched  # a Noise leaf keeps its own
+            attrs = n.attrs
+            if "group" in attrs:  # a chunk's pieces form a new group in each copy, for the checker
+                old = attrs["group"]
+                if id(old) not in groups:
+                    groups[id(old)] = _ChunkGroup(old.site)
+                attrs = {**attrs, "group": groups[id(old)]}
+            env[n.id] = Node(n.op, ins, attrs, n.shape, batched, n.dtype, name=n.name, site=n.site, module=n.module)
+            if "group" in attrs:
+                attrs["group"].pieces.append(env[n.id])
+        for g in groups.values():
+            g.pieces.sort(key=lambda piece: piece.attrs["piece"])
         outs = tuple(env[o.id] for o in self.outputs)
         return outs[0] if self.single_output else outs
 

@@ -218,6 +218,27 @@ def test_graph_called_on_a_parameter_stays_unbatched():
     assert node.batched is False and node.shape == (4,)
 
 
+def test_graph_with_dropout_draws_a_mask_per_example_where_it_is_inlined():
+    a = sg.Input(64, name="a")
+    g = sg.Graph([a], sg.dropout(a, 0.5))
+    x = sg.Input(64, name="x")
+    cell = sg.Cell(inputs=[x], outputs=[g(x)])
+    assert [n.batched for n in cell.order if n.op == "noise"] == [True]
+    out = run_once(cell, torch.ones(2, 64, dtype=DT))
+    assert not torch.equal(out[0], out[1])  # one mask for both rows: 2^-64
+
+
+def test_graph_with_chunk_pieces_can_be_called_twice_in_one_cell():
+    a = sg.Input(8, name="a")
+    p, q = sg.chunk(a, 2)
+    glu = sg.Graph([a], sg.tanh(p) * sg.sigmoid(q), name="glu")
+    x, y = sg.Input(8, name="x"), sg.Input(8, name="y")
+    cell = sg.Cell(inputs=[x, y], outputs=[glu(x) + glu(y)])
+    vx, vy = torch.randn(2, 8, dtype=DT), torch.randn(2, 8, dtype=DT)
+    want = sum(torch.tanh(v[:, :4]) * torch.sigmoid(v[:, 4:]) for v in (vx, vy))
+    torch.testing.assert_close(run_once(cell, vx, vy), want)
+
+
 def test_graph_body_is_not_changed_by_calls():
     g = squash_graph()
     before = [n.id for n in g.order]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .ir import Node
-from .ops import REGISTRY
+from .ops import REGISTRY, py_literal
 from .plan import BackwardPlan, Plan
 
 _ARITH = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
@@ -53,7 +53,7 @@ def _v(n: Node) -> str:
 
 def _arg(n: Node, env: dict[int, str]) -> str:
     if n.op == "const":
-        return repr(n.attrs["value"])
+        return py_literal(n.attrs["value"])
     return env.get(n.id, _v(n))
 
 
@@ -111,7 +111,7 @@ def _torch_expr(n, ins, a, env, src) -> str:
     fn = f"_rule{n.id}"
     rule = REGISTRY[n.op].torch
     src.globals[fn] = (lambda r, node: (lambda *xs: r(node, *xs)))(rule, n)
-    args = [env.get(i.id, _v(i)) if i.op != "const" else f"_c({i.attrs['value']!r}, {_anchor(env, ins)})"
+    args = [env.get(i.id, _v(i)) if i.op != "const" else f"_c({py_literal(i.attrs['value'])}, {_anchor(env, ins)})"
             for i in ins]
     return f"{fn}({', '.join(args)})"
 

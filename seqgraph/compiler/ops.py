@@ -196,9 +196,10 @@ def reshape(a, shape):
 # ---------------------------------------------------------------------------------------
 # leaves
 # ---------------------------------------------------------------------------------------
-def _float_literal(v: float) -> str:
+def py_literal(v: float) -> str:
+    """A number as a Python (and Triton) expression; inf and nan are not Python literals."""
     v = float(v)
-    return repr(v) if math.isfinite(v) else f"float('{v}')"  # inf and nan are not Python literals
+    return repr(v) if math.isfinite(v) else f"float('{v}')"
 
 
 def c_literal(v: float) -> str:
@@ -228,7 +229,7 @@ for _leaf in ("input", "state", "context", "param", "noise"):
 
 register("const", kind="leaf", shape=lambda i, a: ((), False, "float"),
          torch=lambda n: torch.tensor(n.attrs["value"]), vjp=None,
-         triton=lambda n: _float_literal(n.attrs["value"]), c=lambda n: c_literal(n.attrs["value"]),
+         triton=lambda n: py_literal(n.attrs["value"]), c=lambda n: c_literal(n.attrs["value"]),
          doc="a Python number")
 
 

@@ -232,15 +232,6 @@ class KernelSource:
     masked: bool  # whether any output is carried or zero-masked (reads the step mask)
 
 
-def _float_literal(v: float) -> str:
-    v = float(v)
-    if math.isnan(v):
-        return "float('nan')"
-    if math.isinf(v):
-        return "float('inf')" if v > 0 else "float('-inf')"
-    return repr(v)
-
-
 def _row_sum(x: str, w: int) -> str:
     return f"tl.sum(tl.where(cmask_{w}, {x}, 0.0), axis=1)[:, None]"
 
@@ -405,7 +396,7 @@ class _Writer:
         """An op on literals only is computed now, in float64."""
         vals = [torch.tensor(self.literals[x], dtype=torch.float64) for x in args]
         value = float(ops.REGISTRY[n.op].torch(n, *vals))
-        lit = _float_literal(value)
+        lit = ops.py_literal(value)
         self.literals[lit] = value
         return lit
 
@@ -461,7 +452,7 @@ class _Writer:
     def const_literal(self, n: Node) -> str:
         v = n.attrs["value"]
         # the registry's emitter writes repr(value), which is not Python for inf and nan
-        lit = ops.triton_expr(n, []) if math.isfinite(v) else _float_literal(v)
+        lit = ops.triton_expr(n, []) if math.isfinite(v) else ops.py_literal(v)
         self.literals[lit] = float(v)
         return lit
 

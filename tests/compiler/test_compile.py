@@ -352,3 +352,11 @@ def test_a_read_the_backward_never_looks_at_is_not_kept_for_it(backend, lengths)
     got = torch.autograd.grad(out.sum(), [x, *rec.parameters()])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_infinite_constants_compile_to_valid_code(backend):
+    x, h = sg.Input(4, name="x"), sg.State(4, name="h")
+    step = sg.tanh(sg.Linear(8, 4)(sg.concat([x, h])))
+    rec = sg.Recurrence(sg.Cell([x], {h: sg.minimum(step, float("inf")) + sg.maximum(h, float("-inf")) * 0.5})).double()
+    _compare(rec, sg.compile(rec, backend=backend))
