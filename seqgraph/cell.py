@@ -11,6 +11,7 @@ from typing import Mapping, Sequence
 
 from .compiler.check import check_cell, check_graph
 from .compiler.ir import Node, format_graph
+from .compiler.ops import const_key
 from .dsl import _ChunkGroup
 from .errors import ShapeError, WiringError, describe, user_site
 
@@ -122,7 +123,7 @@ class Cell:
         index = {n.id: k for k, n in enumerate(self.order)}
         rows = []
         for n in self.order:
-            attrs = tuple(sorted((k, v) for k, v in n.attrs.items()
+            attrs = tuple(sorted((k, const_key(v) if k == "value" else v) for k, v in n.attrs.items()
                                  if k not in ("group", "init", "piece") and not callable(v)))
             rows.append((n.op, tuple(index[i.id] for i in n.inputs), attrs, n.shape, n.batched, n.dtype))
         roles = (tuple(index[x.id] for x in self.inputs),

@@ -269,7 +269,7 @@ def indrnn(input_size: int, hidden_size: int, nonlinearity: str = "relu") -> sg.
     act = _activation(nonlinearity)
     x = sg.Input(input_size, name="x")
     h = sg.State(hidden_size, name="h")
-    u = sg.Parameter(hidden_size, name="u", init=lambda t: t.uniform_(0.0, 1.0))
+    u = sg.Parameter(hidden_size, name="u", init=sg.dsl._uniform(1.0, low=0.0))
     h_next = act(sg.Linear(input_size, hidden_size, name="ih")(x) + u * h)
     return sg.Cell(inputs=[x], states={h: h_next}, outputs=[h_next], name="indrnn")
 

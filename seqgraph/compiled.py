@@ -14,7 +14,6 @@ device. Must not change what a model computes.
 from __future__ import annotations
 
 import builtins
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,9 +24,10 @@ from torch import nn
 from . import cuda_graphs, custom_ops
 from .cell import Cell
 from .compiler.codegen_torch import generate
-from .compiler.pipeline import compile_plan, debug_level
+from .compiler.pipeline import compile_plan
 from .compiler.plan import Plan
 from .recurrence import Recurrence
+from .settings import debug_level, triton_interpreting
 
 BACKENDS = ("auto", "torch", "triton", "cpu", "reference")
 _C_DTYPES = (torch.float32, torch.float64)
@@ -193,6 +193,17 @@ class CompiledRecurrence(Recurrence):
                                       "(set $CC, or install gcc or clang); backend='torch' needs none")
             self._program = get_program(rec.cell, backend, unroll)
 
+    def __getstate__(self) -> dict:
+        # the generated code is not pickled: loading compiles it again (or takes it from the
+        # cache, which is keyed by the cell's structure)
+        state = self.__dict__.copy()
+        state["_program"] = self._program.backend
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._program = get_program(self.cell, state["_program"], self.unroll)
+
     def plan(self) -> Plan:
         """The compiled schedule; `print(model.plan().describe(T=100, B=64))` sizes it."""
         return self._program.plan
@@ -216,7 +227,7 @@ class CompiledRecurrence(Recurrence):
         if self.backend == "cpu" and (device.type != "cpu" or dtype not in _C_DTYPES):
             return get_program(self.cell, "torch", self.unroll)
         if self.backend == "triton" and (dtype == torch.float64 or (
-                device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))):
+                device.type == "cpu" and not triton_interpreting())):
             return get_program(self.cell, "torch", self.unroll)
         return self._program
 

@@ -8,6 +8,7 @@ module only builds graphs (seqgraph.compiler.interpret runs them).
 from __future__ import annotations
 
 import builtins
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -59,8 +60,22 @@ def Context(size: Size, name: str | None = None, dtype: str = "float") -> Node:
     return make("context", (), name=name, shape=_shape(size, "Context"), batched=True, dtype=dtype)
 
 
-def _uniform(bound: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda t: t.uniform_(-bound, bound)
+# initialisers are module-level functions (bound with partial), so a module pickles
+def _fill_uniform(low: float, high: float, t: torch.Tensor) -> torch.Tensor:
+    return t.uniform_(low, high)
+
+
+def _fill_value(value: float, t: torch.Tensor) -> torch.Tensor:
+    return t.fill_(value)
+
+
+def _fill_normal(t: torch.Tensor) -> torch.Tensor:
+    return t.normal_()
+
+
+def _uniform(bound: float, low: float | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Fills uniformly in [-bound, bound), or in [low, bound) when low is given."""
+    return functools.partial(_fill_uniform, -bound if low is None else low, bound)
 
 
 def Parameter(size: Size, name: str | None = None, init: Callable | str | float = "uniform") -> Node:
@@ -74,13 +89,13 @@ def _init_fn(init, shape):
     if callable(init):
         return init
     if init == "zeros":
-        return lambda t: t.zero_()
+        return functools.partial(_fill_value, 0.0)
     if init == "ones":
-        return lambda t: t.fill_(1.0)
+        return functools.partial(_fill_value, 1.0)
     if init == "uniform":
-        return _uniform(1.0 / math.sqrt(shape[-1]))
+        return _uniform(1.0 / math.sqrt(shape[-1] if shape else 1))
     if isinstance(init, (int, float)):
-        return lambda t: t.fill_(float(init))
+        return functools.partial(_fill_value, float(init))
     raise ValueError(f"unknown init {init!r}")
 
 
@@ -166,7 +181,9 @@ def split(a: Node, sizes: Sequence[int], dim: int = -1) -> tuple[Node, ...]:
 def chunk(a: Node, n: int, dim: int = -1) -> tuple[Node, ...]:
     """Cut `a` into `n` equal pieces along `dim` (like torch.chunk, but the size must divide)."""
     a = _node(a, "chunk")
-    d = ops.norm_dim_or_raise(dim, len(a.shape))
+    if not isinstance(n, int) or n < 1:
+        raise ShapeError(f"chunk (declared at {user_site()}): the number of pieces must be a positive int, got {n!r}")
+    d = ops.norm_dim_or_raise(dim, len(a.shape), "chunk")
     if a.shape[d] % n:
         raise ShapeError(f"chunk (declared at {user_site()}): {a.label()!r} has size {a.shape[d]} "
                          f"along dim {dim}, which does not divide into {n} equal pieces")
@@ -215,14 +232,14 @@ def reshape(a: Node, shape: Sequence[int], name: str | None = None) -> Node:
 def unsqueeze(a: Node, dim: int, name: str | None = None) -> Node:
     a = _node(a, "unsqueeze")
     shape = list(a.shape)
-    d = dim % (len(shape) + 1)
+    d = ops.norm_dim_or_raise(dim, len(shape) + 1, "unsqueeze")
     shape.insert(d, 1)
     return make("reshape", (a,), name=name, shape=tuple(shape))
 
 
 def squeeze(a: Node, dim: int, name: str | None = None) -> Node:
     a = _node(a, "squeeze")
-    d = ops.norm_dim_or_raise(dim, len(a.shape))
+    d = ops.norm_dim_or_raise(dim, len(a.shape), "squeeze")
     if a.shape[d] != 1:
         raise ShapeError(f"squeeze (declared at {user_site()}): dim {dim} of {a.label()!r} has size {a.shape[d]}, not 1")
     return make("reshape", (a,), name=name, shape=a.shape[:d] + a.shape[d + 1:])
@@ -340,7 +357,7 @@ class Embedding(Module):
     def __init__(self, num: int, dim: int, padding_idx: int | None = None, name: str | None = None):
         super().__init__(name)
         self.num, self.dim, self.padding_idx = int(num), int(dim), padding_idx
-        self.weight = self._param("weight", (self.num, self.dim), lambda t: t.normal_())
+        self.weight = self._param("weight", (self.num, self.dim), _fill_normal)
 
     def forward(self, idx):
         return self._make("embedding", (_node(idx, "Embedding"), self.weight), padding_idx=self.padding_idx)

@@ -207,7 +207,11 @@ class _RNNBase(nn.Module):
                 if h0 is not None:
                     state = {"h": h0[k]} if c0 is None else {"h": h0[k], "c": c0[k]}
                 seq = layer_in if direction == 0 else reverse_sequences(layer_in, lengths, mask=mask)
-                out, final = rec(seq, state, lengths=lengths, mask=mask)
+                # the weights as this module's attributes read now: a parametrized or reassigned
+                # weight (weight_norm, weight drop) is what the step computes with
+                names = self._torch_names[layer][direction]
+                with rec.reading({key: getattr(self, name) for key, name in names.items()}):
+                    out, final = rec(seq, state, lengths=lengths, mask=mask)
                 outs.append(out if direction == 0 else reverse_sequences(out, lengths, mask=mask))
                 h_n.append(final["h"])
                 if "c" in final:

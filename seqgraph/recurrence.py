@@ -9,6 +9,7 @@ override only that method. Nothing here knows about fusion or code generation.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Mapping
 
 import torch
@@ -58,8 +59,26 @@ class Recurrence(nn.Module):
 
     # -- parameters -------------------------------------------------------------------------
     def param_tensors(self) -> dict[str, torch.Tensor]:
-        """The cell's parameters by their keys (`gate.weight`)."""
+        """The cell's parameters by their keys (`gate.weight`); inside `reading(values)`, those
+        values instead."""
+        values = getattr(self, "_param_values", None)
+        if values is not None:
+            return values
         return {key: _get_nested(self.params, key) for key in self.cell.params}
+
+    @contextlib.contextmanager
+    def reading(self, values: dict[str, torch.Tensor]):
+        """Run calls inside the block with these tensors for the cell's parameters: an owner
+        whose weights are computed per access (torch.nn.utils.parametrize, weight drop) passes
+        them in this way."""
+        if set(values) != set(self.cell.params):
+            raise KeyError(f"reading() needs exactly the cell's parameters {sorted(self.cell.params)}, "
+                           f"got {sorted(values)}")
+        self._param_values = values
+        try:
+            yield self
+        finally:
+            self._param_values = None
 
     def forget(self) -> None:
         """Drop the remembered state: the next call starts from the initial states."""

@@ -23,6 +23,7 @@ import graphviz
 from .compiler.ir import Node, consumers, topo_order
 from .compiler.ops import REGISTRY
 from .errors import GraphError, Site
+from .settings import debug_level
 
 FORMATS = ("svg", "png", "pdf", "dot")
 HOPS = 2  # how far an error picture reaches from the failing node
@@ -442,7 +443,7 @@ def attach_error_picture(err: GraphError, write: bool = False, around: Iterable[
             return None
         source = error_dot(err, around).source
         err.dot = source
-        if not (write or os.environ.get("SEQGRAPH_DEBUG")):
+        if not (write or debug_level() >= 1):
             return None
         if getattr(err, "dot_path", None):  # already written and announced
             return err.dot_path

@@ -320,6 +320,28 @@ def test_layout_functions_work_on_per_example_dims():
         torch.testing.assert_close(g, w)
 
 
+@pytest.mark.parametrize("make", [lambda x: sg.unsqueeze(x, 3), lambda x: sg.unsqueeze(x, -4),
+                                  lambda x: sg.transpose(x, 0, 2), lambda x: sg.squeeze(x, 5),
+                                  lambda x: sg.chunk(x, 2, dim=2)])
+def test_a_dim_out_of_range_names_the_function_and_the_line(make):
+    x = sg.Input((2, 4), name="x")
+    with pytest.raises(sg.ShapeError, match=r"^\w+ \(declared at .*test_dsl.py:\d+.*\): dim -?\d+ is out of range"):
+        make(x)
+
+
+@pytest.mark.parametrize("n", [0, -1, 2.0])
+def test_chunk_into_no_pieces_is_a_shape_error(n):
+    with pytest.raises(sg.ShapeError, match=f"positive int, got {n!r}"):
+        sg.chunk(sg.Input(4, name="x"), n)
+
+
+def test_scalar_parameter_with_the_default_init_is_drawn_in_minus_one_to_one():
+    p = sg.Parameter((), name="p")
+    t = torch.empty(())
+    p.attrs["init"](t)
+    assert p.shape == () and -1.0 <= t.item() <= 1.0
+
+
 def test_where_mask_blends_two_values():
     m, a, b = sg.Input(3, name="m"), sg.Input(3, name="a"), sg.Input(3, name="b")
     vm = torch.rand(2, 3, dtype=DT)

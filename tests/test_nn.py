@@ -296,3 +296,38 @@ def test_mask_gives_the_same_result_as_lengths_with_batch_first():
     by_mask = mine(x, mask=mask)
     assert_close(by_mask[0], by_lengths[0])
     assert_close(by_mask[1], by_lengths[1])
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+def test_a_parametrized_weight_is_the_one_the_step_uses_and_trains(backend):
+    mine, ref = sg.nn.LSTM(I, H, backend=backend), torch.nn.LSTM(I, H)
+    ref.load_state_dict(mine.state_dict())
+    for m in (mine, ref):
+        torch.nn.utils.parametrizations.weight_norm(m, "weight_hh_l0")
+    x = torch.randn(T, B, I)
+    out_mine, out_ref = mine(x)[0], ref(x)[0]
+    torch.testing.assert_close(out_mine, out_ref)
+    out_mine.sum().backward()
+    out_ref.sum().backward()
+    for name in ("original0", "original1"):
+        torch.testing.assert_close(getattr(mine.parametrizations.weight_hh_l0, name).grad,
+                                   getattr(ref.parametrizations.weight_hh_l0, name).grad)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_weight_reassigned_after_construction_is_the_one_the_step_uses(backend):
+    mine, ref = sg.nn.GRU(I, H, backend=backend), torch.nn.GRU(I, H)
+    ref.load_state_dict(mine.state_dict())
+    for m in (mine, ref):
+        m.weight_hh_l0 = torch.nn.Parameter(torch.full((3 * H, H), 0.1))
+    x = torch.randn(T, B, I)
+    torch.testing.assert_close(mine(x)[0], ref(x)[0])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_module_saved_whole_with_torch_save_loads_and_gives_the_same_outputs(backend, tmp_path):
+    mine = sg.nn.GRU(I, H, num_layers=2, bidirectional=True, backend=backend)
+    torch.save(mine, tmp_path / "gru.pt")
+    loaded = torch.load(tmp_path / "gru.pt", weights_only=False)
+    x = torch.randn(T, B, I)
+    torch.testing.assert_close(loaded(x)[0], mine(x)[0], rtol=0, atol=0)

@@ -610,3 +610,14 @@ def test_names_that_cannot_be_state_dict_keys_are_refused_when_the_cell_is_built
     with pytest.raises(sg.WiringError, match=f"module name '{name}'"):
         h = sg.State(2, name="h")
         sg.Cell([x], {h: sg.Linear(4, 2, name=name)(sg.concat([x, h]))})
+
+
+@pytest.mark.parametrize("make", [lambda: sg.Recurrence(sg.cells.lstm(3, 5, peephole=True)),
+                                  lambda: sg.Recurrence(sg.cells.indrnn(3, 5)),
+                                  lambda: sg.Stack([sg.Recurrence(sg.cells.lstm(3, 5)), sg.Recurrence(sg.cells.gru(5, 4))])])
+def test_a_module_saved_whole_with_torch_save_loads_and_gives_the_same_outputs(make, tmp_path):
+    module = make()
+    x = torch.randn(4, 2, 3)
+    torch.save(module, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    torch.testing.assert_close(loaded(x)[0], module(x)[0], rtol=0, atol=0)

@@ -58,7 +58,7 @@ def register(name, *, kind, shape, torch, vjp, triton, c=None, doc=""):
     if kind not in KINDS:
         raise ValueError(f"op {name!r}: unknown kind {kind!r}")
     if missing or (vjp is None and kind != "leaf"):
-        raise ValueError(f"op {name!r} is missing rules: {missing or ['vjp']}")
+        raise ValueError(f"op {name!r} is missing rules: {missing + (['vjp'] if vjp is None and kind != 'leaf' else [])}")
     if name in REGISTRY:
         raise ValueError(f"op {name!r} registered twice")
     REGISTRY[name] = OpDef(name, kind, shape, torch, vjp, triton, c, doc)
@@ -179,14 +179,15 @@ def sum_to(g: Node, like: Node) -> Node:
 
 def transpose(a, d0=-2, d1=-1):
     r = len(a.shape)
-    return make("transpose", (a,), d0=norm_dim_or_raise(d0, r), d1=norm_dim_or_raise(d1, r))
+    return make("transpose", (a,), d0=norm_dim_or_raise(d0, r, "transpose"), d1=norm_dim_or_raise(d1, r, "transpose"))
 
 
-def norm_dim_or_raise(dim, rank):
+def norm_dim_or_raise(dim: int, rank: int, op: str) -> int:
+    """`dim` as an index in [0, rank), or a ShapeError naming `op` and the user's line."""
     try:
         return norm_dim(dim, rank)
     except ShapeProblem as e:
-        raise ShapeError(str(e)) from None
+        raise ShapeError(f"{op} (declared at {user_site()}): {e}") from None
 
 
 def reshape(a, shape):
@@ -196,6 +197,12 @@ def reshape(a, shape):
 # ---------------------------------------------------------------------------------------
 # leaves
 # ---------------------------------------------------------------------------------------
+def const_key(v: float) -> str:
+    """A constant's identity for caches and merging: 0.0 and -0.0 differ (1/x tells them apart),
+    and nan equals nan."""
+    return repr(float(v))
+
+
 def py_literal(v: float) -> str:
     """A number as a Python (and Triton) expression; inf and nan are not Python literals."""
     v = float(v)

@@ -8,10 +8,10 @@ Must not generate code.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 
+from ..settings import debug_level
 from .fuse_gate_matmuls import fuse_gate_matmuls
 from .hoist_loop_invariant_terms import hoist_loop_invariant_terms
 from .ir import format_graph
@@ -21,13 +21,6 @@ from .split_linear_over_concat import split_linear_over_concat
 from .stepgraph import StepGraph
 
 PASSES = [simplify, split_linear_over_concat, fuse_gate_matmuls, hoist_loop_invariant_terms, simplify]
-
-
-def debug_level() -> int:
-    try:
-        return int(os.environ.get("SEQGRAPH_DEBUG", "0") or 0)
-    except ValueError:
-        return 1
 
 
 def compile_plan(cell, unroll: int = 1, fusable=None) -> Plan:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .ir import Node
-from .ops import REGISTRY, make
+from .ops import REGISTRY, const_key, make
 from .stepgraph import StepGraph, clone, rewrite
 
 
@@ -58,7 +58,7 @@ def _fold(n: Node, ins: tuple) -> Node | None:
 
 def simplify(step: StepGraph) -> StepGraph:
     seen: dict[tuple, Node] = {}
-    consts: dict[float, Node] = {}
+    consts: dict[str, Node] = {}
     counts = {"cse": 0, "fold": 0, "identity": 0}
 
     def key_of(n: Node, ins: tuple) -> tuple:
@@ -67,7 +67,7 @@ def simplify(step: StepGraph) -> StepGraph:
         return (n.op, tuple(i.id for i in ins), attrs)
 
     def canon_const(c: Node) -> Node:
-        return consts.setdefault(c.attrs["value"], c)
+        return consts.setdefault(const_key(c.attrs["value"]), c)
 
     def visit(n: Node, ins: tuple) -> Node:
         ins = tuple(canon_const(i) if i.op == "const" else i for i in ins)

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from ..settings import debug_level, triton_interpreting
 from .codegen import CODEGEN_VERSION, KernelSource, generate
 from .region import Region, bind_inputs
 
@@ -30,15 +31,6 @@ except ImportError:  # pragma: no cover - triton ships with every supported Linu
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _loaded: dict[tuple[str, bool], object] = {}  # (cache key, interpreter on) -> the jitted kernel
-
-
-def debug_level() -> int:
-    """SEQGRAPH_DEBUG as a number (3: print generated kernels, 4: also their launches)."""
-    raw = os.environ.get("SEQGRAPH_DEBUG", "")
-    try:
-        return int(raw)
-    except ValueError:
-        return 1 if raw else 0
 
 
 def cache_dir() -> Path:
@@ -56,10 +48,6 @@ def cache_key(region: Region) -> str:
     version = triton.__version__ if triton is not None else "none"
     text = repr((region.signature(), version, CODEGEN_VERSION))
     return "k" + hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
 def _write_once(path: Path, source: str) -> bool:
@@ -172,7 +160,7 @@ class RegionKernel:
             batch = mask.shape[0]
         if device is None:
             device = mask.device if mask is not None else torch.device("cpu")
-        if device.type == "cpu" and not _interpreting():
+        if device.type == "cpu" and not triton_interpreting():
             raise RuntimeError("Triton kernels need CUDA tensors; set TRITON_INTERPRET=1 to run them on the CPU")
         dtype = out_dtype or first_dtype or torch.float32
         given = list(out) if out is not None else [None] * len(self._out_widths)
@@ -238,7 +226,7 @@ def compile_region(region: Region) -> RegionKernel:
     key = cache_key(region)
     path = cache_dir() / f"{key}.py"
     wrote = _write_once(path, gen.source)
-    mem = (key, _interpreting())
+    mem = (key, triton_interpreting())
     if mem not in _loaded:
         _loaded[mem] = _import(path, key)
     if debug_level() >= 3:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..compiler.ir import Node
+from ..compiler.ops import const_key
 
 
 @dataclass
@@ -29,10 +30,10 @@ class Region:
         index = {n.id: k for k, n in enumerate(self.inputs + self.nodes)}
         rows = []
         for n in self.inputs:
-            rows.append(("in", n.shape, n.batched, n.dtype, n.op == "const" and n.attrs["value"]))
+            rows.append(("in", n.shape, n.batched, n.dtype, ("const", const_key(n.attrs["value"])) if n.op == "const" else None))
         for n in self.nodes:
-            attrs = tuple(sorted((k, v) for k, v in n.attrs.items() if k not in ("group", "init", "piece")
-                                 and not callable(v)))
+            attrs = tuple(sorted((k, const_key(v) if k == "value" else v) for k, v in n.attrs.items()
+                                 if k not in ("group", "init", "piece") and not callable(v)))
             rows.append((n.op, tuple(index[i.id] for i in n.inputs), attrs, n.shape, n.batched))
         return (tuple(rows), tuple(index[o.id] for o in self.outputs), tuple(sorted(self.carry.items())),
                 tuple(sorted(self.zero_masked)))

@@ -360,3 +360,13 @@ def test_infinite_constants_compile_to_valid_code(backend):
     step = sg.tanh(sg.Linear(8, 4)(sg.concat([x, h])))
     rec = sg.Recurrence(sg.Cell([x], {h: sg.minimum(step, float("inf")) + sg.maximum(h, float("-inf")) * 0.5})).double()
     _compare(rec, sg.compile(rec, backend=backend))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "auto"])
+def test_a_compiled_module_saved_whole_loads_with_its_backend_and_outputs(backend, tmp_path):
+    comp = sg.compile(sg.Recurrence(sg.cells.mufuru(3, 5)), backend=backend)
+    x = torch.randn(4, 2, 3)
+    torch.save(comp, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert loaded.backend == backend and loaded.plan() is comp.plan()  # the cached program
+    torch.testing.assert_close(loaded(x)[0], comp(x)[0], rtol=0, atol=0)

@@ -466,3 +466,10 @@ def test_registering_an_op_without_a_c_emitter_fails():
         ops.register("not_an_op", kind="elementwise", shape=lambda i, a: ((), True, "float"),
                      torch=lambda n, x: x, vjp=lambda n, g: (g,), triton=lambda n, a: a)
     assert "not_an_op" not in REGISTRY
+
+
+def test_registering_an_op_without_a_c_emitter_or_a_vjp_names_both():
+    with pytest.raises(ValueError, match=r"missing rules: \['c', 'vjp'\]"):
+        ops.register("not_an_op", kind="elementwise", shape=lambda i, a: ((), True, "float"),
+                     torch=lambda n, x: x, vjp=None, triton=lambda n, a: a)
+    assert "not_an_op" not in REGISTRY

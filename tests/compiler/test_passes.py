@@ -1,4 +1,5 @@
 """Each compiler pass: structure first, then numbers against the reference."""
+import pytest
 import torch
 
 import seqgraph as sg
@@ -190,3 +191,17 @@ def test_values_a_comparison_of_the_derivative_reads_stay_saved_and_ties_split_a
         g2 = torch.autograd.grad(comp(X, {"h": h0})[0].sum(), [X, *rec.parameters()])
         for p, q in zip(g2, g1):
             torch.testing.assert_close(p, q, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+def test_zero_and_negative_zero_constants_stay_apart(backend):
+    # 1 / (0 * x) and 1 / (-0 * x) are +inf and -inf for positive x: merging the two zeros,
+    # or sharing compiled code between the two cells, would flip one sign
+    def run(zero):
+        x = sg.Input(3, name="x")
+        y = sg.Input(3, name="y")
+        cell = sg.Cell([x, y], outputs=[1.0 / (x * 0.0) + 1.0 / (y * zero)])
+        rec = sg.Recurrence(cell) if backend == "reference" else sg.compile(sg.Recurrence(cell), backend=backend)
+        return rec((torch.ones(1, 1, 3), torch.ones(1, 1, 3)))[0]
+    assert (run(0.0) == float("inf")).all()  # +inf + +inf
+    assert torch.isnan(run(-0.0)).all()  # +inf + -inf

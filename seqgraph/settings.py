@@ -1,0 +1,27 @@
+"""The environment switches that more than one module reads, parsed in one place.
+
+`SEQGRAPH_DEBUG` (0 off; 1 passes and timings, 2 the IR after each pass, 3 generated source, 4
+kernel launches; any other non-empty text counts as 1) and `TRITON_INTERPRET` (Triton's CPU
+interpreter). Switches that one module owns (the cache folder, C flags, the loop split, the
+CPU GEMM, CUDA graphs) are read there. This module only reads the environment; it must not
+cache a value, so a test or a user may change a switch between calls.
+"""
+from __future__ import annotations
+
+import os
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+def debug_level() -> int:
+    """SEQGRAPH_DEBUG as a number: 0 when unset, empty or "0"."""
+    raw = os.environ.get("SEQGRAPH_DEBUG", "").strip()
+    try:
+        return max(0, int(raw or 0))
+    except ValueError:
+        return 0 if raw.lower() in ("false", "no", "off") else 1
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, true, yes, on)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
