@@ -90,6 +90,8 @@ class Recurrence(nn.Module):
         T, B = xs[0].shape[0], xs[0].shape[1]
         dtype, device = self._float_dtype(xs), xs[0].device
         valid = self._check_mask(lengths, mask, T, B, device)
+        if valid is not None:  # padding is never read: a nan or an out-of-range token there stays out
+            xs = [v.masked_fill(~valid.view(T, B, *([1] * (v.dim() - 2))), 0) for v in xs]
         if state is None and self.remember and self._memory:
             state = self._memory
             kept = next(iter(state.values())).shape[0]

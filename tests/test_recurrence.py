@@ -621,3 +621,34 @@ def test_a_module_saved_whole_with_torch_save_loads_and_gives_the_same_outputs(m
     torch.save(module, tmp_path / "m.pt")
     loaded = torch.load(tmp_path / "m.pt", weights_only=False)
     torch.testing.assert_close(loaded(x)[0], module(x)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+def test_nan_in_the_padding_reaches_neither_outputs_nor_gradients(backend):
+    torch.manual_seed(0)
+    rec = sg.Recurrence(sg.cells.gru(3, 5))
+    module = rec if backend == "reference" else sg.compile(rec, backend=backend)
+    x = torch.randn(4, 2, 3)
+    clean = x.clone().requires_grad_()
+    x[2:, 1] = float("nan")
+    x.requires_grad_()
+    lengths = torch.tensor([4, 2])
+    out, final = module(x, lengths=lengths)
+    want_out, want_final = module(clean, lengths=lengths)
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(final["h"], want_final["h"])
+    grads = torch.autograd.grad(out.sum(), [x, *rec.parameters()])
+    want = torch.autograd.grad(want_out.sum(), [clean, *rec.parameters()])
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w)
+    assert (grads[0][2:, 1] == 0).all()
+
+
+def test_an_out_of_range_token_on_a_padded_step_is_never_looked_up():
+    tok, h = sg.Input(name="tok", dtype="long"), sg.State(4, name="h")
+    rec = sg.Recurrence(sg.Cell([tok], {h: sg.tanh(sg.Embedding(10, 4)(tok) + h)}))
+    tokens = torch.randint(10, (4, 2))
+    padded = tokens.clone()
+    padded[2:, 1] = -1
+    lengths = torch.tensor([4, 2])
+    torch.testing.assert_close(rec(padded, lengths=lengths)[0], rec(tokens, lengths=lengths)[0])

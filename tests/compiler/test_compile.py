@@ -370,3 +370,41 @@ def test_a_compiled_module_saved_whole_loads_with_its_backend_and_outputs(backen
     loaded = torch.load(tmp_path / "m.pt", weights_only=False)
     assert loaded.backend == backend and loaded.plan() is comp.plan()  # the cached program
     torch.testing.assert_close(loaded(x)[0], comp(x)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_create_graph_through_a_compiled_loop_is_refused_with_the_way_out(backend):
+    rec = sg.Recurrence(sg.cells.lstm(3, 5)).double()
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    out, _ = sg.compile(rec, backend=backend)(x)
+    with pytest.raises(RuntimeError, match=r"first-order backward only.*uncompiled"):
+        torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+
+
+def test_the_reference_recurrence_gives_second_order_gradients():
+    rec = sg.Recurrence(sg.cells.gru(2, 3)).double()
+    x = torch.randn(3, 2, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda v: rec(v)[0], (x,))
+
+
+def _final_changed_in_place(module, x, lengths):
+    out, fin = module(x, lengths=lengths)
+    fin["h"][0] = 0  # resetting a finished sequence's state, as a training loop does
+    return out, fin
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("lengths", [None, torch.tensor([4, 2])])
+def test_a_final_state_changed_in_place_changes_neither_outputs_nor_gradients(backend, lengths):
+    rec = sg.Recurrence(sg.cells.lstm(3, 5)).double()
+    comp = sg.compile(rec, backend=backend)
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        out, _ = _final_changed_in_place(comp, x, lengths)
+        torch.testing.assert_close(out, rec(x, lengths=lengths)[0])
+    got = _final_changed_in_place(comp, x, lengths)
+    want = _final_changed_in_place(rec, x, lengths)
+    gg = torch.autograd.grad(_loss(*got), [x, *rec.parameters()])
+    gw = torch.autograd.grad(_loss(*want), [x, *rec.parameters()])
+    for a, b in zip(gg, gw):
+        torch.testing.assert_close(a, b)
