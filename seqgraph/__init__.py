@@ -5,7 +5,8 @@
     h_next = sg.Tanh()(sg.Linear(8 + 16, 16)(sg.Concat()([x, h])))
     rnn = sg.Recurrence(sg.Cell(inputs=[x], states={h: h_next}, outputs=[h_next]))
 
-The public API is re-exported here; internals are free to move.
+The public API is re-exported here; internals are free to move. This module only
+re-exports: it must not define behaviour of its own (README.md runs the example above).
 """
 from .errors import GraphError, InputError, ShapeError, WiringError
 from .dsl import (CAdd, CMul, Concat, Context, Dropout, Embedding, Identity, Input, LayerNorm, Linear, Module,

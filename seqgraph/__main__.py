@@ -1,4 +1,6 @@
-"""Command line: `python -m seqgraph demo | bench | viz ...` (each subcommand lives in its own module)."""
+"""Command line: `python -m seqgraph demo | bench | viz ...` (each subcommand lives in its own module).
+
+This module only dispatches to them; it must not hold a subcommand's logic."""
 from __future__ import annotations
 
 import sys

@@ -163,7 +163,7 @@ class Graph:
         args = [xs] if isinstance(xs, Node) else list(xs)
         site = user_site()
         if len(args) != len(self.inputs):
-            raise WiringError(f"Graph {self.name or ''} (declared at {self.site}) takes {len(self.inputs)} "
+            raise WiringError(f"{self._shown()} (declared at {self.site}) takes {len(self.inputs)} "
                               f"inputs but was called with {len(args)} at {site}")
         env: dict[int, Node] = {}
         groups: dict[int, _ChunkGroup] = {}  # id of an original chunk group -> this copy's
@@ -171,7 +171,7 @@ class Graph:
             if not isinstance(actual, Node):
                 raise TypeError(f"Graph called at {site} with a {type(actual).__name__}, expected nodes")
             if actual.shape != formal.shape or actual.dtype != formal.dtype:
-                raise ShapeError(f"Graph {self.name or ''} (declared at {self.site}) expects input "
+                raise ShapeError(f"{self._shown()} (declared at {self.site}) expects input "
                                  f"{formal.name!r} of shape {formal.shape} {formal.dtype}, but got "
                                  f"{describe(actual)} of shape {actual.shape} {actual.dtype} at {site}", node=actual)
             env[formal.id] = actual
@@ -196,6 +196,9 @@ class Graph:
             g.pieces.sort(key=lambda piece: piece.attrs["piece"])
         outs = tuple(env[o.id] for o in self.outputs)
         return outs[0] if self.single_output else outs
+
+    def _shown(self) -> str:
+        return f"Graph {self.name!r}" if self.name else "Graph"
 
     def __repr__(self) -> str:
         return f"<sg.Graph {self.name or ''} inputs={len(self.inputs)} outputs={len(self.outputs)} nodes={len(self.order)}>"

@@ -6,7 +6,7 @@ program registers two opaque ops, `seqgraph::loop_<key>` (the forward loop) and
 `seqgraph::loop_<key>_backward`, with fake implementations that give output shapes from the
 plan, and an autograd rule that calls the backward op. The tracer then sees one node for the
 whole time loop, and nothing breaks the graph. Eager execution keeps the autograd Function in
-compiled.py; this module only registers and calls the ops.
+compiled.py; this module only registers and calls the ops, and must not generate code.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 `sg.Linear(I, H)(x)` and `sg.linear(...)`-style functions build the same nodes of the op
 registry; Python operators on nodes (`a + b`, `1 - z`, `-a`) do too. A module object owns
 parameter leaves, so calling it twice shares its weights. Nothing here runs a tensor: this
-module only builds graphs (seqgraph.compiler.interpret runs them).
+module only builds graphs and must not run them (seqgraph.compiler.interpret does).
 """
 from __future__ import annotations
 
@@ -57,6 +57,8 @@ def State(size: Size, name: str | None = None, init: str = "zeros") -> Node:
 
 def Context(size: Size, name: str | None = None, dtype: str = "float") -> Node:
     """An input that is the same at every step, given once per call as (B, *size)."""
+    if dtype not in ("float", "long"):
+        raise ValueError(f"Context dtype must be 'float' or 'long', got {dtype!r}")
     return make("context", (), name=name, shape=_shape(size, "Context"), batched=True, dtype=dtype)
 
 
@@ -333,7 +335,10 @@ class Linear(Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, name: str | None = None):
         super().__init__(name)
-        self.in_features, self.out_features = int(in_features), int(out_features)
+        for what, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"Linear (declared at {user_site()}): {what} must be a positive int, got {v!r}")
+        self.in_features, self.out_features = in_features, out_features
         bound = 1.0 / math.sqrt(self.in_features)
         self.weight = self._param("weight", (self.out_features, self.in_features), _uniform(bound))
         self.bias = self._param("bias", (self.out_features,), _uniform(bound)) if bias else None

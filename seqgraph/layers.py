@@ -274,7 +274,8 @@ class SequenceLoss(nn.Module):
 
     criterion: a function (input_rows, target_rows) -> per-row losses, e.g.
                nn.CrossEntropyLoss(reduction="none") (a torch loss that reduces is refused).
-    reduction: "mean" (over all real steps and their elements, as torch's "mean") or "sum".
+    reduction: "mean" (over all real steps and their elements, as torch's "mean": weighted by a
+               criterion's class `weight`, without its `ignore_index` rows) or "sum".
     forward(input, target, *, lengths=None, mask=None): input (T, B, ...), target (T, B, ...)
     (or (B, ...) with repeat_target: the same target at every step); batch_first swaps T, B.
 
@@ -315,10 +316,26 @@ class SequenceLoss(nn.Module):
             raise InputError(f"SequenceLoss: the criterion must return one loss per row ({rows_in.shape[0]} rows), "
                              f"got shape {tuple(losses.shape)}")
         total = losses.sum()
-        return total / max(losses.numel(), 1) if self.reduction == "mean" else total
+        if self.reduction == "sum":
+            return total
+        return total / _mean_denominator(self.criterion, rows_tgt, losses)
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}, repeat_target={self.repeat_target}"
+
+
+def _mean_denominator(criterion: Callable, target: torch.Tensor, losses: torch.Tensor):
+    """What torch's reduction="mean" divides by: for class indices with a criterion's `weight`
+    or `ignore_index` (CrossEntropyLoss, NLLLoss), the summed weights of the rows that count;
+    otherwise the number of losses (at least 1, so no real steps give a loss of 0)."""
+    weight, ignore = getattr(criterion, "weight", None), getattr(criterion, "ignore_index", None)
+    if target.dtype.is_floating_point or target.dtype == torch.bool or (weight is None and ignore is None) \
+            or target.shape != losses.shape:
+        return max(losses.numel(), 1)
+    counts = target != ignore if ignore is not None else torch.ones_like(target, dtype=torch.bool)
+    if weight is None:
+        return counts.sum()
+    return (weight[torch.where(counts, target, 0)] * counts).sum()
 
 
 __all__ = ["Stack", "stack", "Bidirectional", "Repeater", "reverse_sequences", "SequenceLoss"]

@@ -156,6 +156,14 @@ class _RNNBase(nn.Module):
         compact here, so there is nothing to do."""
 
     @property
+    def all_weights(self) -> list[list[torch.Tensor]]:
+        """torch.nn's all_weights: per layer and direction, [w_ih, w_hh, b_ih, b_hh] (biases if
+        any, then w_hr with a projection)."""
+        order = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+        return [[getattr(self, name) for stem in order for name in names.values() if name.startswith(stem + "_l")]
+                for name_row in self._torch_names for names in name_row]
+
+    @property
     def _directions(self) -> int:
         return 2 if self.bidirectional else 1
 
@@ -179,8 +187,12 @@ class _RNNBase(nn.Module):
                 raise InputError(f"sg.nn.{self.mode}: expected input to be 2-D (unbatched) or 3-D, got "
                                  f"{getattr(input, 'shape', type(input).__name__)}")
             unbatched = input.dim() == 2
-            if unbatched:
+            if unbatched:  # one sequence: lengths may be a number or (1,), the mask (T,) or (T, 1)
                 x = input.unsqueeze(1)
+                if lengths is not None and torch.as_tensor(lengths).dim() == 0:
+                    lengths = torch.as_tensor(lengths).reshape(1)
+                if isinstance(mask, torch.Tensor) and mask.dim() == 1:
+                    mask = mask.unsqueeze(1)
             else:
                 x = input.transpose(0, 1) if self.batch_first else input
             if mask is not None and self.batch_first and not unbatched:
@@ -210,6 +222,8 @@ class _RNNBase(nn.Module):
                 # the weights as this module's attributes read now: a parametrized or reassigned
                 # weight (weight_norm, weight drop) is what the step computes with
                 names = self._torch_names[layer][direction]
+                rec._shown_as = f"sg.nn.{self.mode}" + (f" (layer {layer}, reverse)" if direction else
+                                                        f" (layer {layer})" if self.num_layers > 1 else "")
                 with rec.reading({key: getattr(self, name) for key, name in names.items()}):
                     out, final = rec(seq, state, lengths=lengths, mask=mask)
                 outs.append(out if direction == 0 else reverse_sequences(out, lengths, mask=mask))
@@ -248,8 +262,8 @@ class _RNNBase(nn.Module):
         for name, v, size in pairs:
             want = (L, size) if unbatched else (L, B, size)
             if not isinstance(v, torch.Tensor) or tuple(v.shape) != want:
-                raise InputError(f"sg.nn.{self.mode}: expected {name} of shape {want}, got "
-                                 f"{tuple(getattr(v, 'shape', ()))}")
+                got_v = tuple(v.shape) if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
+                raise InputError(f"sg.nn.{self.mode}: expected {name} of shape {want}, got {got_v}")
             if v.dtype != x.dtype:
                 raise InputError(f"sg.nn.{self.mode}: {name} has dtype {v.dtype} but the input is {x.dtype}")
             got.append(v.unsqueeze(1) if unbatched else v)

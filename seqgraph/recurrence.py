@@ -5,7 +5,7 @@ validates every run-time argument with a clear message, builds initial states, s
 dropout noise, turns lengths into a (T, B) mask, and implements the masking, remember/forget
 and batch_first semantics once for every backend. The step loop itself is `_run_sequence`;
 the reference version here calls the interpreter step by step, and compiled backends
-override only that method. Nothing here knows about fusion or code generation.
+override only that method. Nothing here may know about fusion or code generation.
 """
 from __future__ import annotations
 
@@ -20,10 +20,16 @@ from .compiler.interpret import run_step
 from .errors import InputError
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INDEX_DTYPES = (torch.int64, torch.int32)  # what torch.nn.functional.embedding takes
 
 
 def _fmt(shape) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def _got(v) -> str:
+    """What came, for an error: a tensor's shape, or the type of anything else."""
+    return _fmt(v.shape) if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
 
 
 class Recurrence(nn.Module):
@@ -134,7 +140,8 @@ class Recurrence(nn.Module):
 
     # -- argument checks ------------------------------------------------------------------------
     def _where(self) -> str:
-        return f"{type(self).__name__}({self.cell.name or 'cell'})"
+        """How errors name this module: its class and cell, or the layer that runs it (sg.nn.LSTM)."""
+        return getattr(self, "_shown_as", None) or f"{type(self).__name__}({self.cell.name or 'cell'})"
 
     def _check_inputs(self, x) -> list[torch.Tensor]:
         n = len(self.cell.inputs)
@@ -154,12 +161,7 @@ class Recurrence(nn.Module):
             if v.dim() != want_rank or tuple(v.shape[2:]) != node.shape:
                 raise InputError(f"{self._where()}: input {node.name!r} (declared at {node.site}) expects shape "
                                  f"{expect}, got {_fmt(v.shape)}")
-            if node.dtype == "long" and (v.dtype.is_floating_point or v.dtype == torch.bool):
-                raise InputError(f"{self._where()}: input {node.name!r} (declared at {node.site}) holds integer "
-                                 f"indices, got dtype {v.dtype}")
-            if node.dtype == "float" and v.dtype not in _FLOATS:
-                raise InputError(f"{self._where()}: input {node.name!r} (declared at {node.site}) expects a "
-                                 f"floating-point tensor, got dtype {v.dtype}")
+            self._check_dtype("input", node, v)
             if self.batch_first:
                 v = v.transpose(0, 1)
             if ref is not None and tuple(v.shape[:2]) != ref:
@@ -167,6 +169,15 @@ class Recurrence(nn.Module):
             ref = tuple(v.shape[:2])
             xs.append(v)
         return xs
+
+    def _check_dtype(self, what: str, node, v: torch.Tensor) -> None:
+        """An index leaf takes what torch's embedding takes; a float leaf any floating dtype."""
+        if node.dtype == "long" and v.dtype not in _INDEX_DTYPES:
+            raise InputError(f"{self._where()}: {what} {node.name!r} (declared at {node.site}) holds integer "
+                             f"indices (torch.int64 or torch.int32), got dtype {v.dtype}")
+        if node.dtype == "float" and v.dtype not in _FLOATS:
+            raise InputError(f"{self._where()}: {what} {node.name!r} (declared at {node.site}) expects a "
+                             f"floating-point tensor, got dtype {v.dtype}")
 
     def _float_dtype(self, xs) -> torch.dtype:
         params = list(self.parameters())
@@ -222,8 +233,10 @@ class Recurrence(nn.Module):
             else:
                 if not isinstance(v, torch.Tensor) or tuple(v.shape) != (B,) + prev.shape:
                     raise InputError(f"{self._where()}: state {prev.name!r} (declared at {prev.site}) expects shape "
-                                     f"{_fmt((B,) + prev.shape)}, got {_fmt(getattr(v, 'shape', ()))}")
-                v = v.to(dtype)
+                                     f"{_fmt((B,) + prev.shape)}, got {_got(v)}")
+                if v.dtype != dtype:
+                    raise InputError(f"{self._where()}: state {prev.name!r} (declared at {prev.site}) has dtype "
+                                     f"{v.dtype} but the inputs are {dtype}; convert it (.to({dtype}))")
             out.append(v)
         return out
 
@@ -255,6 +268,7 @@ class Recurrence(nn.Module):
             if tuple(v.shape) != (B,) + c.shape:
                 raise InputError(f"{self._where()}: context {c.name!r} (declared at {c.site}) expects shape "
                                  f"{_fmt((B,) + c.shape)}, got {_fmt(v.shape)}")
+            self._check_dtype("context", c, v)
             out.append(v.to(dtype) if c.dtype == "float" else v)
         return out
 

@@ -348,3 +348,15 @@ def test_where_mask_blends_two_values():
     va, vb = torch.randn(2, 3, dtype=DT), torch.randn(2, 3, dtype=DT)
     got = run_once(sg.Cell(inputs=[m, a, b], outputs=[sg.where_mask(m, a, b)]), vm, va, vb)
     torch.testing.assert_close(got, vm * va + (1 - vm) * vb)
+
+
+def test_a_python_if_on_a_node_is_a_type_error_that_says_what_to_use():
+    x = sg.Input(4, name="x")
+    with pytest.raises(TypeError, match=r"node 'x' .* is a symbolic value.*sg.where_mask"):
+        bool(x)
+
+
+@pytest.mark.parametrize("args", [(4, 0), (0, 4), (4.5, 6), (True, 3), (4, -2)])
+def test_linear_sizes_must_be_positive_ints(args):
+    with pytest.raises(ValueError, match=r"Linear \(declared at .*test_dsl.py:\d+\): \w+_features must be a positive int"):
+        sg.Linear(*args)

@@ -361,3 +361,15 @@ def test_layers_accept_compiled_recurrences(kind):
     (g_c,) = torch.autograd.grad(out_c.pow(2).sum(), x)
     assert_close(out_c, out)
     assert_close(g_c, g_ref)
+
+
+@pytest.mark.parametrize("kw", [dict(ignore_index=0), dict(weight=torch.tensor([0.5, 2.0, 1.0, 0.1])),
+                                dict(weight=torch.tensor([0.5, 2.0, 1.0, 0.1]), ignore_index=1)])
+@pytest.mark.parametrize("crit", [torch.nn.CrossEntropyLoss, torch.nn.NLLLoss])
+def test_sequence_loss_mean_is_torchs_weighted_mean_over_the_real_steps(crit, kw):
+    torch.manual_seed(0)
+    lengths = torch.tensor([5, 3, 2])
+    valid = torch.arange(5)[:, None] < lengths
+    scores, target = torch.randn(5, 3, 4).log_softmax(-1), torch.randint(4, (5, 3))
+    got = sg.SequenceLoss(crit(reduction="none", **kw))(scores, target, lengths=lengths)
+    torch.testing.assert_close(got, crit(**kw)(scores[valid], target[valid]))

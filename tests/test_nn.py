@@ -331,3 +331,45 @@ def test_a_module_saved_whole_with_torch_save_loads_and_gives_the_same_outputs(b
     loaded = torch.load(tmp_path / "gru.pt", weights_only=False)
     x = torch.randn(T, B, I)
     torch.testing.assert_close(loaded(x)[0], mine(x)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kw", [dict(lengths=2), dict(lengths=torch.tensor(2)), dict(lengths=torch.tensor([2])),
+                                dict(mask=torch.tensor([True, True, False, False, False])),
+                                dict(mask=torch.tensor([[True], [True], [False], [False], [False]]))])
+def test_one_unbatched_sequence_takes_a_length_or_mask_of_its_own_shape(kw):
+    mine = sg.nn.LSTM(I, H)
+    ref = torch.nn.LSTM(I, H)
+    ref.load_state_dict(mine.state_dict())
+    x = torch.randn(T, I)
+    out, (h, c) = mine(x, **kw)
+    want, (wh, wc) = ref(x[:2])
+    torch.testing.assert_close(out[:2], want)
+    assert (out[2:] == 0).all()
+    torch.testing.assert_close((h, c), (wh, wc))
+
+
+def test_an_error_from_a_layer_names_the_sg_nn_class_and_layer():
+    mine = sg.nn.GRU(I, H, num_layers=2)
+    with pytest.raises(sg.InputError, match=rf"^sg.nn.GRU \(layer 0\): lengths must lie in \[0, {T}\]"):
+        mine(torch.randn(T, B, I), lengths=torch.tensor([T + 1, 1, 1]))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(num_layers=2, bidirectional=True), dict(bias=False), dict(proj_size=3)])
+def test_all_weights_lists_the_weights_in_torch_order(kw):
+    mine, ref = sg.nn.LSTM(I, H, **kw), torch.nn.LSTM(I, H, **kw)
+    ref.load_state_dict(mine.state_dict())
+    got, want = mine.all_weights, ref.all_weights
+    assert [len(row) for row in got] == [len(row) for row in want]
+    for a, b in zip(got, want):
+        for p, q in zip(a, b):
+            assert torch.equal(p, q)
+
+
+def test_gru_hx_given_as_a_tuple_names_what_came():
+    with pytest.raises(sg.InputError, match=r"expected hx of shape \(1, 3, 5\), got a tuple"):
+        sg.nn.GRU(I, H)(torch.randn(T, B, I), (torch.zeros(1, B, H),))
+
+
+def test_lstm_c0_missing_names_what_came():
+    with pytest.raises(sg.InputError, match=r"expected c_0 of shape \(1, 3, 5\), got a NoneType"):
+        sg.nn.LSTM(I, H)(torch.randn(T, B, I), (torch.zeros(1, B, H), None))

@@ -470,7 +470,9 @@ def attention():
      rf"context 'memory' \(declared at test_recurrence.py:\d+\) expects shape \({B}, {S}, {D}\), "
      rf"got \({B}, {S + 1}, {D}\)"),
     (_x(B, S, D), r"the cell has contexts \['memory', 'memory_mask'\]; pass a dict by name"),
-], ids=["missing_all", "missing_one", "unknown", "shape", "bare_tensor_for_two"])
+    ({"memory": _x(B, S, D).long(), "memory_mask": _x(B, S)},
+     r"context 'memory' \(declared at test_recurrence.py:\d+\) expects a floating-point tensor, got dtype torch.int64"),
+], ids=["missing_all", "missing_one", "unknown", "shape", "bare_tensor_for_two", "int_for_float"])
 def test_bad_context_raises_input_error(attention, context, text):
     with pytest.raises(sg.InputError, match=text):
         attention(_x(T, B, E), context=context)
@@ -652,3 +654,30 @@ def test_an_out_of_range_token_on_a_padded_step_is_never_looked_up():
     padded[2:, 1] = -1
     lengths = torch.tensor([4, 2])
     torch.testing.assert_close(rec(padded, lengths=lengths)[0], rec(tokens, lengths=lengths)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.bool, torch.float32])
+def test_token_input_of_a_dtype_embedding_cannot_index_is_an_input_error(dtype):
+    tok, h = sg.Input(name="tok", dtype="long"), sg.State(4, name="h")
+    rec = sg.Recurrence(sg.Cell([tok], {h: sg.tanh(sg.Embedding(10, 4)(tok) + h)}))
+    with pytest.raises(sg.InputError, match=rf"input 'tok' .* holds integer indices \(torch.int64 or torch.int32\), "
+                                            rf"got dtype {dtype}"):
+        rec(torch.zeros(3, 2, dtype=dtype))
+
+
+def test_token_context_of_a_float_dtype_is_an_input_error():
+    x, ids, h = sg.Input(4, name="x"), sg.Context(name="ids", size=1, dtype="long"), sg.State(4, name="h")
+    rec = sg.Recurrence(sg.Cell([x], {h: sg.tanh(x + h + sg.sum(sg.Embedding(10, 4)(ids), dim=0))}))
+    with pytest.raises(sg.InputError, match=r"context 'ids' .* holds integer indices .* got dtype torch.float32"):
+        rec(torch.zeros(3, 2, 4), context=torch.zeros(2, 1))
+
+
+def test_context_dtype_is_checked_when_declared():
+    with pytest.raises(ValueError, match="Context dtype must be 'float' or 'long', got 'int'"):
+        sg.Context(3, name="c", dtype="int")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float32])
+def test_an_initial_state_of_another_dtype_is_an_input_error(elman, dtype):
+    with pytest.raises(sg.InputError, match=rf"state 'h' .* has dtype {dtype} but the inputs are torch.float64"):
+        elman(_x(T, B, I), {"h": torch.zeros(B, H, dtype=dtype)})

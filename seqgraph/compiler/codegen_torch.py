@@ -40,7 +40,7 @@ class Source:
         return self.cpu_gemm and self.outside_loops
 
     def emit(self, line: str, node: Node | None = None) -> None:
-        tag = f"  # %{node.id} {node.op}" + (f" '{node.name}'" if node.name else "") + f" @ {node.site}" if node else ""
+        tag = f"  # %{node.id} {node.op}" + (f" '{node.name}'" if node.name else "") + f" @ {node.site}" if node is not None else ""
         self.lines.append("    " * self.indent + line + tag)
 
     def text(self) -> str:

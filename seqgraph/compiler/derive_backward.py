@@ -1,4 +1,4 @@
-"""Pass: derive_backward — the symbolic derivative of one step, built from the VJP rules.
+"""Planning step (called by plan.build_plan, not a graph pass): derive_backward — the symbolic derivative of one step, built from the VJP rules.
 
 Given the nodes computed inside the time loop, it builds a second graph of registry ops that
 maps the gradients arriving at a step (of its next states and its outputs) to the gradients

@@ -59,7 +59,9 @@ class Node:
         return self is other
 
     def __bool__(self) -> bool:
-        return True
+        raise TypeError(f"node {self.label()!r} (declared at {self.site}) is a symbolic value: Python's if, and, "
+                        "or and not cannot see what it will hold at run time; use sg.where_mask, sg.maximum "
+                        "or sg.minimum to choose between values, and `is None` to test for a missing node")
 
     def __iter__(self):
         raise TypeError(f"node {self.label()!r} (declared at {self.site}) is one symbolic value and cannot be iterated; "

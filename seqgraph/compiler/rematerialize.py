@@ -1,4 +1,4 @@
-"""Pass: rematerialize — forward values the backward loop recomputes instead of reading saved.
+"""Planning step (called by plan.build_plan, not a graph pass): rematerialize — forward values the backward loop recomputes instead of reading saved.
 
 Every forward value the derivative reads would be written to a (T, B, ...) buffer by the
 forward loop and read back by the backward loop: two passes over memory per value and step. A

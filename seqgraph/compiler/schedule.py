@@ -1,4 +1,4 @@
-"""Pass: schedule — cut the nodes of one step into an ordered list of stages.
+"""Planning step (called by plan.build_plan, not a graph pass): schedule — cut the nodes of one step into an ordered list of stages.
 
 A stage is a GEMM (a matrix product, run by torch: cuBLAS or oneDNN), a fused region (a
 maximal set of elementwise ops, last-dim reductions, slices and concats that one kernel

@@ -22,7 +22,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Sequence
@@ -30,7 +29,7 @@ from typing import Sequence
 import torch
 
 from .c_codegen import C_CODEGEN_VERSION, PRELUDE, CKernelSource, generate_c
-from .launch import cache_dir, debug_level
+from .launch import cache_dir, debug_level, temp_file_in_cache
 from .region import Region, bind_inputs
 
 # AVX-512 machines vectorise with 512-bit registers only when asked (gcc and clang prefer 256)
@@ -404,14 +403,13 @@ def _build(source: str, path: Path, real: str) -> None:
     if cc is None:
         raise CompilerMissing("the cpu backend compiles its kernels with a C compiler, and none was found "
                               "(set $CC, or install gcc or clang); backend='torch' needs none")
-    path.parent.mkdir(parents=True, exist_ok=True)
     c_path = path.with_suffix(".c")
     if not c_path.exists():
-        fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".c.tmp", dir=path.parent)
+        fd, tmp = temp_file_in_cache(path.parent, path.stem, ".c.tmp")
         with os.fdopen(fd, "w") as f:
             f.write(source)
         os.replace(tmp, c_path)
-    fd, tmp_so = tempfile.mkstemp(prefix=path.stem, suffix=".so.tmp", dir=path.parent)
+    fd, tmp_so = temp_file_in_cache(path.parent, path.stem, ".so.tmp")
     os.close(fd)
     base = shlex.split(cc) + cflags() + _BASE_FLAGS + (["-DSG_DOUBLE"] if real == "double" else [])
     cmd = base + openmp_flags() + ["-o", tmp_so, str(c_path), "-lm"]

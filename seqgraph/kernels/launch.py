@@ -38,6 +38,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SEQGRAPH_CACHE_DIR") or Path.home() / ".cache" / "seqgraph" / "kernels")
 
 
+class CacheNotWritable(OSError):
+    """The kernel cache folder cannot be created or written."""
+
+
+def temp_file_in_cache(folder: Path, prefix: str, suffix: str) -> tuple[int, str]:
+    """mkstemp in `folder` (created if missing), or CacheNotWritable saying which folder and how
+    to choose another."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    except OSError as e:
+        raise CacheNotWritable(f"seqgraph writes its generated kernels to {folder} and cannot: "
+                               f"{e.strerror or e}. Set SEQGRAPH_CACHE_DIR to a folder you can write "
+                               f"(it is now {os.environ.get('SEQGRAPH_CACHE_DIR', 'unset')!r})") from None
+
+
 def clear_memory_cache() -> None:
     """Forget the kernels imported by this process (the files on disk stay)."""
     _loaded.clear()
@@ -54,8 +70,7 @@ def _write_once(path: Path, source: str) -> bool:
     """Write `source` to `path` unless it is already there; True if this call wrote it."""
     if path.exists():
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_in_cache(path.parent, path.stem, ".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(source)
     os.replace(tmp, path)  # atomic: a concurrent process sees the whole file or none
@@ -234,4 +249,5 @@ def compile_region(region: Region) -> RegionKernel:
     return RegionKernel(region, gen, _loaded[mem], path, wrote)
 
 
-__all__ = ["RegionKernel", "compile_region", "cache_dir", "cache_key", "clear_memory_cache", "debug_level"]
+__all__ = ["RegionKernel", "compile_region", "cache_dir", "cache_key", "clear_memory_cache", "debug_level",
+           "CacheNotWritable", "temp_file_in_cache"]

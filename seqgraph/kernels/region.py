@@ -6,7 +6,8 @@ slices and concats along it. A region reads external values (`inputs`: tensors o
 (B, W) for batched values, (W,) or () for parameters and constants) and writes `outputs`.
 Masking is folded in: for a padded row, an output with a `carry` entry keeps the value of that
 input (a state keeps its previous value), and an output listed in `zero_masked` writes zero.
-This module only describes regions; code generation lives in codegen.py.
+This module only describes regions and must not generate code; that lives in codegen.py
+and c_codegen.py.
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from seqgraph.kernels.c_codegen import c_region_supported, generate_c
 from seqgraph.kernels.c_launch import CLibrary, CompilerMissing, clear_memory_cache
 from seqgraph.kernels.codegen import region_from_outputs
 from seqgraph.kernels.region import Region
+from seqgraph.kernels.launch import CacheNotWritable
 
 from regions import (CELL_REGIONS, RANDOM_STEPS, forward_nodes, lstm_region, lstm_step, lstm_step_inputs,
                      random_elementwise_region, random_inputs, random_region_inputs, reference,
@@ -367,6 +368,17 @@ def test_a_failing_compile_reports_the_compiler_output_and_the_file(tmp_path, mo
     with pytest.raises(RuntimeError, match=r"(?s)C compiler failed.*\.c.*definitely-not-a-flag"):
         lib.load(torch.float32)
     assert not list((tmp_path / "cpu").glob("*.so"))  # nothing half-written is left for a later load
+
+
+def test_a_cache_folder_that_cannot_be_written_says_which_and_how_to_choose_another(tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("SEQGRAPH_CACHE_DIR", str(tmp_path / "a_file" / "kernels"))
+    clear_memory_cache()  # a library this process built already is not built again
+    lib = CLibrary("t")
+    lib.add(lstm_step())
+    with pytest.raises(CacheNotWritable, match=r"writes its generated kernels to .*a_file/kernels/cpu and cannot: "
+                                               r".*Set SEQGRAPH_CACHE_DIR"):
+        lib.load(torch.float32)
 
 
 def test_float64_is_compiled_on_first_use():
