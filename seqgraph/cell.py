@@ -198,7 +198,7 @@ class Graph:
         return outs[0] if self.single_output else outs
 
     def _shown(self) -> str:
-        return f"Graph {self.name!r}" if self.name else "Graph"
+        return f"Graph {self.name}" if self.name else "Graph"
 
     def __repr__(self) -> str:
         return f"<sg.Graph {self.name or ''} inputs={len(self.inputs)} outputs={len(self.outputs)} nodes={len(self.order)}>"

@@ -250,6 +250,10 @@ class CompiledRecurrence(Recurrence):
         return self._program
 
     def _run_sequence(self, xs, states0, contexts, noises, valid, dtype, device):
+        if torch.jit.is_tracing():  # the tracer records tensor ops; the loops run generated code it cannot see
+            raise NotImplementedError(
+                "seqgraph: torch.jit.trace cannot record a compiled loop (its steps run generated code). Use "
+                "torch.compile (the loops are custom ops there), or trace the uncompiled module.")
         program = self._program_for(dtype, device)
         fns = program.fns
         T, B = xs[0].shape[0], xs[0].shape[1]
@@ -277,7 +281,7 @@ class CompiledRecurrence(Recurrence):
         return f"backend={self.backend!r}, unroll={self.unroll}, " + super().extra_repr()
 
 
-def compile(module, backend: str = "auto", unroll: int = 1):  # noqa: A001 - the library's verb
+def compile(module: Cell | nn.Module, backend: str = "auto", unroll: int = 1) -> nn.Module:  # noqa: A001 - the library's verb
     """Compile a Cell, a Recurrence, or every Recurrence inside a module.
 
     Returns a module with the reference runtime's interface and results. For a container

@@ -20,6 +20,7 @@ from .compiler.ops import lift, make
 from .errors import ShapeError, user_site
 
 Size = int | Sequence[int]
+Operand = Node | float  # a node, or a Python number that becomes a constant
 
 
 def _shape(size: Size, what: str) -> tuple:
@@ -133,17 +134,19 @@ sigmoid, tanh, relu, exp, log, sqrt = (_unary(o) for o in ("sigmoid", "tanh", "r
 abs = _unary("abs")  # noqa: A001 - mirrors torch.abs
 
 
-def stop_gradient(a, name: str | None = None) -> Node:
+def stop_gradient(a: Node, name: str | None = None) -> Node:
     """The value of `a`, through which no gradient flows (torch's detach); e.g. the shift of a
     numerically stable softmax, whose gradient is zero anyway."""
     return make("stop_gradient", (_node(a, "stop_gradient"),), name=name)
 
 
-def maximum(a, b, name: str | None = None) -> Node:
+def maximum(a: Operand, b: Operand, name: str | None = None) -> Node:
+    """The elementwise maximum (torch.maximum; nan wins); at a tie the gradient splits evenly."""
     return make("maximum", (_node(a, "maximum"), _node(b, "maximum")), name=name)
 
 
-def minimum(a, b, name: str | None = None) -> Node:
+def minimum(a: Operand, b: Operand, name: str | None = None) -> Node:
+    """The elementwise minimum (torch.minimum; nan wins); at a tie the gradient splits evenly."""
     return make("minimum", (_node(a, "minimum"), _node(b, "minimum")), name=name)
 
 
@@ -258,9 +261,11 @@ def dropout(a: Node, p: float, per_sequence: bool = False, name: str | None = No
     return make("mul", (a, make("mul", (keep, ops.const(1.0 / (1.0 - p))))), name=name)
 
 
-def where_mask(mask: Node, a, b) -> Node:
+def where_mask(mask: Node, a: Operand, b: Operand, name: str | None = None) -> Node:
     """mask * a + (1 - mask) * b for a 0/1 (or probability) mask: zoneout's blend."""
-    return mask * a + (1.0 - mask) * b
+    out = mask * a + (1.0 - mask) * b
+    out.name = name
+    return out
 
 
 # ---------------------------------------------------------------------------------------

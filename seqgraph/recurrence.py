@@ -10,7 +10,7 @@ override only that method. Nothing here may know about fusion or code generation
 from __future__ import annotations
 
 import contextlib
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -91,7 +91,10 @@ class Recurrence(nn.Module):
         self._memory = None
 
     # -- forward ------------------------------------------------------------------------------
-    def forward(self, x, state: Mapping[str, torch.Tensor] | None = None, *, lengths=None, mask=None, context=None):
+    def forward(self, x: torch.Tensor | Sequence[torch.Tensor], state: Mapping[str, torch.Tensor] | None = None, *,
+                lengths: torch.Tensor | Sequence[int] | None = None, mask: torch.Tensor | None = None,
+                context: torch.Tensor | Mapping[str, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
         xs = self._check_inputs(x)
         T, B = xs[0].shape[0], xs[0].shape[1]
         dtype, device = self._float_dtype(xs), xs[0].device

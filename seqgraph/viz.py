@@ -16,7 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence, Union
 
 import graphviz
 
@@ -24,6 +24,12 @@ from .compiler.ir import Node, consumers, topo_order
 from .compiler.ops import REGISTRY
 from .errors import GraphError, Site
 from .settings import debug_level
+
+if TYPE_CHECKING:  # for the annotations only: these modules import this one
+    from torch import nn
+
+    from .cell import Cell, Graph
+Drawable = Union["Cell", "Graph", "nn.Module", Node, Sequence[Node], graphviz.Digraph]
 
 FORMATS = ("svg", "png", "pdf", "dot")
 HOPS = 2  # how far an error picture reaches from the failing node
@@ -224,7 +230,7 @@ def _parts(obj) -> _Parts:
 # ---------------------------------------------------------------------------------------
 # to_dot
 # ---------------------------------------------------------------------------------------
-def to_dot(obj, unroll: int | None = None, compact: bool = False):
+def to_dot(obj: Drawable, unroll: int | None = None, compact: bool = False) -> graphviz.Digraph:
     """A `graphviz.Digraph` of `obj`; `.source` is the DOT text, `.pipe(format="svg")` renders.
 
     obj: an sg.Cell or sg.Graph; an sg.Recurrence (its cell); a compiled model (its plan's
@@ -468,7 +474,7 @@ _INSTALL = ("install Graphviz (Debian/Ubuntu: `apt-get install graphviz`, macOS:
             "so that `dot` is on PATH, or write the DOT source instead with a .dot file name")
 
 
-def render(obj, path: str | os.PathLike, unroll: int | None = None, compact: bool = False) -> str:
+def render(obj: Drawable, path: str | os.PathLike, unroll: int | None = None, compact: bool = False) -> str:
     """Draw `obj` (anything `to_dot` takes) to `path`, in the format its extension names:
     .svg, .png, .pdf (rendered by Graphviz's `dot`) or .dot (the source, no `dot` needed).
     Returns the path written."""

@@ -33,9 +33,9 @@ def fuse_gate_matmuls(step: StepGraph) -> StepGraph:
     users = consumers(order)
     groups: dict[int, list[Node]] = {}
     for n in order:
-        # a linear whose weight does not depend on the batch; its operand varies per step
-        if n.op == "linear" and cls[n.inputs[1].id] == "invariant" and not n.inputs[1].batched \
-                and cls[n.inputs[0].id] != "invariant":
+        # a linear whose weight is loop-invariant (linear's shape rule makes it unbatched); its
+        # operand varies per step
+        if n.op == "linear" and cls[n.inputs[1].id] == "invariant" and cls[n.inputs[0].id] != "invariant":
             groups.setdefault(n.inputs[0].id, []).append(n)
     plan: dict[int, tuple] = {}  # node id -> replacement recipe
     fused = 0

@@ -159,13 +159,6 @@ def region_problem(region: Region, refusal=_triton_refusal) -> str | None:
     return None
 
 
-def node_supported(node: Node) -> tuple[bool, str]:
-    """Whether a fused kernel can compute `node` from values it loads or computes (unlike
-    ops.fusable, this accepts slice, concat, pad and reshape, which the generator lays out)."""
-    why = row_problem(node)
-    return (why is None, why or "")
-
-
 def region_supported(region: Region) -> tuple[bool, str]:
     """Whether `compile_region` can fuse `region`, and if not, the reason (for the plan).
 
@@ -554,5 +547,5 @@ def generate(region: Region) -> KernelSource:
     return _Writer(region).write()
 
 
-__all__ = ["ArgSpec", "KernelSource", "CODEGEN_VERSION", "generate", "node_supported", "region_from_outputs",
+__all__ = ["ArgSpec", "KernelSource", "CODEGEN_VERSION", "generate", "region_from_outputs",
            "region_supported", "width"]

@@ -18,6 +18,7 @@ CASES = {
     "lstm_torch": (lambda: sg.cells.lstm(3, 5), "torch"),
     "gru_torch": (lambda: sg.cells.gru(3, 5), "torch"),
     "lstm_triton": (lambda: sg.cells.lstm(3, 5), "triton"),
+    "lstm_cpu": (lambda: sg.cells.lstm(3, 5), "cpu"),
 }
 
 

@@ -92,4 +92,8 @@ def test_compile_time_of_an_lstm_is_small():
     # a structural bound, not a benchmark: planning and code generation do not depend on T or B
     comp = sg.compile(sg.Recurrence(_nngraph_lstm(3, 7)))
     assert comp._program.compile_seconds < 5.0
+
+
+def test_an_nngraph_style_lstm_compiles_and_runs():
+    comp = sg.compile(sg.Recurrence(_nngraph_lstm(3, 7)))
     assert comp(torch.randn(2, 1, 3))[0].shape == (2, 1, 7)

@@ -222,7 +222,10 @@ def test_the_per_step_products_follow_the_gemm_choice_at_each_call(monkeypatch):
 def test_mismatched_shapes_go_to_torch_which_names_them(own_gemm):
     with pytest.raises(RuntimeError, match="cannot be multiplied"):
         cpu_gemm.linear(torch.randn(4, 10), torch.randn(5, 8))
-    with pytest.raises(RuntimeError):
+
+
+def test_a_bias_of_the_wrong_size_goes_to_torch_which_names_it(own_gemm):
+    with pytest.raises(RuntimeError, match=r"expanded size of the tensor \(5\) must match the existing size \(7\)"):
         cpu_gemm.linear(torch.randn(4, 8), torch.randn(5, 8), torch.ones(7))
 
 

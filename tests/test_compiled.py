@@ -1,4 +1,4 @@
-"""The torch backend against the reference interpreter: values, gradients, masking, state."""
+"""seqgraph/compiled.py: compiled modules against the reference interpreter (values, gradients, masking, state), and their interface."""
 import pytest
 import torch
 
@@ -408,3 +408,9 @@ def test_a_final_state_changed_in_place_changes_neither_outputs_nor_gradients(ba
     gw = torch.autograd.grad(_loss(*want), [x, *rec.parameters()])
     for a, b in zip(gg, gw):
         torch.testing.assert_close(a, b)
+
+
+def test_torch_jit_trace_of_a_compiled_loop_says_what_to_use_instead():
+    comp = sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="cpu")
+    with pytest.raises(NotImplementedError, match="torch.jit.trace cannot record a compiled loop.*torch.compile"):
+        torch.jit.trace(lambda x: comp(x)[0], (torch.randn(2, 1, 3),))

@@ -1,0 +1,40 @@
+"""Pass simplify: common subexpressions, folded constants, identities; values unchanged."""
+import pytest
+import torch
+
+import seqgraph as sg
+from seqgraph.compiler.simplify import simplify
+from seqgraph.compiler.stepgraph import StepGraph
+
+from pass_checks import same_values
+
+
+def _cell_with_redundancy():
+    x, h = sg.Input(4, name="x"), sg.State(4, name="h")
+    a = sg.tanh(x * 1.0 + h) + (2.0 * 3.0) * sg.tanh(x + h - 0.0)
+    return sg.Cell([x], {h: a})
+
+
+def test_simplify_merges_common_subexpressions_and_drops_identities():
+    cell = _cell_with_redundancy()
+    before = StepGraph.from_cell(cell)
+    after = simplify(before)
+    assert sum(n.op == "tanh" for n in after.order()) == 1
+    assert not any(n.op == "sub" for n in after.order())
+    consts = [n.attrs["value"] for n in after.order() if n.op == "const"]
+    assert consts == [6.0]
+    same_values(before, after, cell)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+def test_zero_and_negative_zero_constants_stay_apart(backend):
+    # 1 / (0 * x) and 1 / (-0 * x) are +inf and -inf for positive x: merging the two zeros,
+    # or sharing compiled code between the two cells, would flip one sign
+    def run(zero):
+        x = sg.Input(3, name="x")
+        y = sg.Input(3, name="y")
+        cell = sg.Cell([x, y], outputs=[1.0 / (x * 0.0) + 1.0 / (y * zero)])
+        rec = sg.Recurrence(cell) if backend == "reference" else sg.compile(sg.Recurrence(cell), backend=backend)
+        return rec((torch.ones(1, 1, 3), torch.ones(1, 1, 3)))[0]
+    assert (run(0.0) == float("inf")).all()  # +inf + +inf
+    assert torch.isnan(run(-0.0)).all()  # +inf + -inf
