@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compiler.codegen_torch import (Source, Store, all_saved, emit_backward_head, emit_backward_tail,
-                                      shape_tuple)
+from ..compiler.codegen_torch import Source, Store, all_saved, shape_tuple
+from ..compiler.codegen_torch_backward import backward_layout, emit_backward_head, emit_backward_tail
 from ..compiler.ir import Node
 from ..compiler.plan import Plan
 from .backend import _stage_region
@@ -451,7 +451,6 @@ def forward_loop(plan: Plan, lib, masked: bool, save: bool, func_name: str) -> t
 
 def backward_loop(plan: Plan, bwd, lib, masked: bool, func_name: str) -> tuple[str | None, str]:
     """(C source of one backward variant, "") or (None, why it cannot be written)."""
-    from ..compiler.codegen_torch import backward_layout
     step, d = plan.step, bwd.deriv
     lay = backward_layout(plan, bwd)
     wr = _LoopWriter(lib, func_name, f"backward loop{', masked' if masked else ''}")
