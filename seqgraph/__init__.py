@@ -6,7 +6,7 @@
     rnn = sg.Recurrence(sg.Cell(inputs=[x], states={h: h_next}, outputs=[h_next]))
 
 The public API is re-exported here; internals are free to move. This module only
-re-exports: it must not define behaviour of its own (README.md runs the example above).
+re-exports: it must not define behaviour of its own (tests/test_docs.py runs the example above).
 """
 from .errors import GraphError, InputError, ShapeError, WiringError
 from .dsl import (CAdd, CMul, Concat, Context, Dropout, Embedding, Identity, Input, LayerNorm, Linear, Module,

@@ -271,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.reps < 1 or args.burst < 1:
         ap.error("--reps and --burst must be at least 1")
+    for flag, given, known in (("--cells", args.cells, CELLS), ("--sizes", args.sizes, tuple(SIZES))):
+        unknown = [v for v in given.split(",") if v not in known]
+        if unknown:
+            ap.error(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     peers = set(args.peers.split(","))
     rows = []

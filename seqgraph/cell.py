@@ -41,12 +41,12 @@ def _name_leaves(order: list[Node]) -> None:
             taken.add(cand)
 
 
-def _check_name(name: str, node: Node, what: str) -> None:
+def _check_name(name: str, node: Node, what: str, subject: str | None = None) -> None:
     """Names become state_dict keys and attribute names: no dots, nothing torch.nn.Module owns."""
     import torch.nn as nn
     if "." in name or not name or hasattr(nn.Module, name):
         why = "contains a '.'" if "." in name else "is empty" if not name else "is taken by torch.nn.Module"
-        raise WiringError(f"{what} name {name!r} {why}; choose another name for {describe(node)}", node=node)
+        raise WiringError(f"{what} name {name!r} {why}; choose another name for {subject or describe(node)}", node=node)
 
 
 def _param_keys(order: list[Node]) -> dict[str, Node]:
@@ -66,7 +66,7 @@ def _param_keys(order: list[Node]) -> dict[str, Node]:
         else:
             if id(m) not in module_names:
                 base = m.name or type(m).__name__.lower()
-                _check_name(base, n, "module")
+                _check_name(base, n, "module", f"the {type(m).__name__} declared at {m.site}")
                 if base in used and m.name:
                     raise WiringError(f"two modules are named {base!r}: one declared at {used[base].site} "
                                       f"and one at {m.site}", node=n)
@@ -160,8 +160,11 @@ class Graph:
         self.params = _param_keys(self.order)
 
     def __call__(self, xs):
-        args = [xs] if isinstance(xs, Node) else list(xs)
         site = user_site()
+        if not isinstance(xs, (Node, list, tuple)):
+            raise TypeError(f"{self._shown()} (declared at {self.site}) is called on nodes, to build a graph; got a "
+                            f"{type(xs).__name__} at {site} (run tensors through sg.Recurrence or sg.Cell instead)")
+        args = [xs] if isinstance(xs, Node) else list(xs)
         if len(args) != len(self.inputs):
             raise WiringError(f"{self._shown()} (declared at {self.site}) takes {len(self.inputs)} "
                               f"inputs but was called with {len(args)} at {site}")

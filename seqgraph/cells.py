@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import seqgraph as sg
+from .layers import _layout_of
 
 MUFURU_OPS = ("keep", "replace", "mul", "diff", "forget", "sqrt_diff", "max", "min")
 
@@ -325,7 +326,7 @@ class NormStabilizer(nn.Module):
         self.module = module
         self.beta = float(beta)
         self.output = output
-        self.batch_first = getattr(module, "batch_first", False) if batch_first is None else batch_first
+        self.batch_first = _layout_of("sg.NormStabilizer", [module], batch_first)
         self.loss: torch.Tensor | None = None
 
     def forward(self, x, state: Mapping | None = None, *, lengths=None, mask=None, **kwargs):

@@ -211,6 +211,21 @@ class CompiledRecurrence(Recurrence):
                                       "(set $CC, or install gcc or clang); backend='torch' needs none")
             self._program = get_program(rec.cell, backend, unroll)
 
+    # train()/eval() on either the original or its compiled twin switch both: they are one
+    # model, with one set of parameters (as torch.compile's wrapper follows its module)
+    @property
+    def training(self) -> bool:
+        source = self.__dict__.get("_source")
+        return source.training if source is not None else self.__dict__.get("_training", True)
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        source = self.__dict__.get("_source")
+        if source is not None:
+            source.training = mode
+        else:  # during nn.Module.__init__, before the source is set
+            self.__dict__["_training"] = mode
+
     def __getstate__(self) -> dict:
         # the generated code is not pickled: loading compiles it again (or takes it from the
         # cache, which is keyed by the cell's structure)
@@ -238,16 +253,19 @@ class CompiledRecurrence(Recurrence):
         # "auto" picks per call: triton on CUDA, C kernels on the CPU (so .to("cuda") after
         # compiling just works). Triton kernels compute in float32 and need CUDA (or Triton's CPU
         # interpreter): float64, or CPU tensors without the interpreter, run the torch code. C
-        # kernels compute float32 and float64 CPU tensors; others run the torch code.
+        # kernels compute float32 and float64 CPU tensors; others run the torch code, and so does
+        # everything under CPU autocast, which picks each op's dtype where the kernels have one.
+        wanted = self._program.backend
         if self.backend == "auto":
             wanted = auto_backend(device, dtype)
-            return self._program if wanted == self._program.backend else get_program(self.cell, wanted, self.unroll)
-        if self.backend == "cpu" and (device.type != "cpu" or dtype not in _C_DTYPES):
-            return get_program(self.cell, "torch", self.unroll)
-        if self.backend == "triton" and (dtype == torch.float64 or (
+        elif self.backend == "cpu" and (device.type != "cpu" or dtype not in _C_DTYPES):
+            wanted = "torch"
+        elif self.backend == "triton" and (dtype == torch.float64 or (
                 device.type == "cpu" and not triton_interpreting())):
-            return get_program(self.cell, "torch", self.unroll)
-        return self._program
+            wanted = "torch"
+        if wanted == "cpu" and torch.is_autocast_enabled("cpu"):
+            wanted = "torch"
+        return self._program if wanted == self._program.backend else get_program(self.cell, wanted, self.unroll)
 
     def _run_sequence(self, xs, states0, contexts, noises, valid, dtype, device):
         if torch.jit.is_tracing():  # the tracer records tensor ops; the loops run generated code it cannot see
@@ -315,8 +333,8 @@ def compile(module: Cell | nn.Module, backend: str = "auto", unroll: int = 1) ->
 
 
 def _compile_one(rec: Recurrence, backend: str, unroll: int) -> Recurrence:
+    if isinstance(rec, CompiledRecurrence):  # recompiling starts from the original (backend="reference": it)
+        rec = rec._source
     if backend == "reference":
         return rec
-    if isinstance(rec, CompiledRecurrence):
-        rec = rec._source
     return CompiledRecurrence(rec, backend, unroll)

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 from .errors import InputError
 from .recurrence import Recurrence
@@ -31,6 +32,8 @@ def _valid_steps(T: int, B: int, lengths, mask, batch_first: bool, device, who: 
         lengths = torch.as_tensor(lengths, device=device)
         if lengths.dim() != 1 or lengths.shape[0] != B:
             raise InputError(f"{who}: lengths must have shape ({B},), got {tuple(lengths.shape)}")
+        if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+            raise InputError(f"{who}: lengths must be integers, got dtype {lengths.dtype}")
         if B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
             raise InputError(f"{who}: lengths must lie in [0, {T}] (T = {T})")
         return torch.arange(T, device=device).unsqueeze(1) < lengths.unsqueeze(0)
@@ -71,6 +74,9 @@ def reverse_sequences(x: torch.Tensor, lengths=None, batch_first: bool = False, 
     >>> sg.reverse_sequences(x, torch.tensor([3, 2])).T.tolist()
     [[3, 2, 1, 0], [5, 4, 0, 0]]
     """
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise InputError(f"reverse_sequences: x must be a tensor of shape {'(B, T, ...)' if batch_first else '(T, B, ...)'}"
+                         f", got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     xt = x.transpose(0, 1) if batch_first else x
     T, B = xt.shape[0], xt.shape[1]
     valid = _valid_steps(T, B, lengths, mask, batch_first, x.device, "reverse_sequences")
@@ -96,8 +102,32 @@ def _shift_within(x: torch.Tensor, valid: torch.Tensor | None, by: int) -> torch
     return out * exists.reshape(exists.shape + (1,) * (x.dim() - 2)).to(out.dtype)
 
 
+def _layout_of(who: str, modules: Sequence[nn.Module], batch_first: bool | None) -> bool:
+    """The batch_first of the wrapped modules. A wrapper passes its input to them as it came, so
+    its own batch_first (used for lengths, masks and reversal) must agree with theirs."""
+    known = {bool(m.batch_first) for m in modules if hasattr(m, "batch_first")}
+    if len(known) > 1:
+        raise ValueError(f"{who}: the wrapped modules disagree on batch_first; give them one layout")
+    inner = known.pop() if known else None
+    if batch_first is None:
+        return bool(inner)
+    if inner is not None and bool(batch_first) != inner:
+        raise ValueError(f"{who}(batch_first={batch_first}) wraps modules with batch_first={inner}: a wrapper cannot "
+                         f"change the layout its inner modules read; set batch_first on them instead "
+                         f"(e.g. sg.Recurrence(cell, batch_first={batch_first}))")
+    return bool(batch_first)
+
+
+def _padded(x, who: str):
+    """x, refused with a clear message if it is a PackedSequence (the layers need (T, B) steps)."""
+    if isinstance(x, PackedSequence):
+        raise InputError(f"{who} takes a padded tensor with lengths=, not a PackedSequence: unpack it with "
+                         f"torch.nn.utils.rnn.pad_packed_sequence (sg.nn.LSTM/GRU/RNN take PackedSequence)")
+    return x
+
+
 def _single_output(out, who: str) -> torch.Tensor:
-    if isinstance(out, (tuple, list)):
+    if isinstance(out, (tuple, list)) and not isinstance(out, PackedSequence):
         raise InputError(f"{who}: an inner module returned {len(out)} outputs; layers pass one output "
                          f"sequence on, so give the cell a single output")
     return out
@@ -120,6 +150,7 @@ class Stack(nn.Module):
             raise ValueError("sg.Stack needs at least one layer")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        _layout_of("sg.Stack", layers, None)
         self.layers = nn.ModuleList(layers)
         self.dropout = nn.Dropout(dropout) if dropout else None
 
@@ -174,6 +205,8 @@ def _fresh_copy(module: nn.Module) -> nn.Module:
         with torch.no_grad():
             for key, node in twin.cell.params.items():
                 node.attrs["init"](twin.param_tensors()[key])
+            for learned in twin.init.values():  # learned initial states start from zero, as new ones do
+                learned.zero_()
     return twin
 
 
@@ -199,7 +232,7 @@ class Bidirectional(nn.Module):
         self.bwd = bwd if bwd is not None else _fresh_copy(fwd)
         self.merge = merge
         self.lm = lm
-        self.batch_first = getattr(fwd, "batch_first", False) if batch_first is None else batch_first
+        self.batch_first = _layout_of("sg.Bidirectional", [self.fwd, self.bwd], batch_first)
 
     def forward(self, x, state=None, *, lengths=None, mask=None, **kwargs):
         if state is None:
@@ -207,6 +240,7 @@ class Bidirectional(nn.Module):
         if isinstance(state, dict) or len(state) != 2:
             raise InputError("sg.Bidirectional: state must be None or a pair (state_fwd, state_bwd)")
         bf = self.batch_first
+        x = _padded(x, "sg.Bidirectional")
         T, B = (x.shape[1], x.shape[0]) if bf else (x.shape[0], x.shape[1])
         valid = _valid_steps(T, B, lengths, mask, bf, x.device, "sg.Bidirectional")
         out_f, fin_f = self.fwd(x, state[0], lengths=lengths, mask=mask, **kwargs)
@@ -253,13 +287,20 @@ class Repeater(nn.Module):
             raise ValueError(f"steps must be >= 0, got {steps}")
         self.module = module
         self.steps = int(steps)
-        self.batch_first = getattr(module, "batch_first", False) if batch_first is None else batch_first
+        self.batch_first = _layout_of("sg.Repeater", [module], batch_first)
 
-    def forward(self, x: torch.Tensor, state=None, **kwargs):
+    def forward(self, x: torch.Tensor | Sequence[torch.Tensor], state=None, **kwargs):
+        """x: (B, *size), or a tuple of them for a cell with several inputs."""
         dim = 1 if self.batch_first else 0
-        shape = list(x.shape)
-        shape.insert(dim, self.steps)
-        return self.module(x.unsqueeze(dim).expand(shape), state, **kwargs)
+
+        def repeat(v: torch.Tensor) -> torch.Tensor:
+            if not isinstance(v, torch.Tensor) or isinstance(v, PackedSequence):
+                raise InputError(f"sg.Repeater: x must be a (B, *size) tensor or a tuple of them, got {type(v).__name__}")
+            shape = list(v.shape)
+            shape.insert(dim, self.steps)
+            return v.unsqueeze(dim).expand(shape)
+        xs = tuple(repeat(v) for v in x) if isinstance(x, (tuple, list)) else repeat(x)
+        return self.module(xs, state, **kwargs)
 
     def extra_repr(self) -> str:
         return f"steps={self.steps}"
@@ -316,7 +357,7 @@ class SequenceLoss(nn.Module):
             raise InputError(f"SequenceLoss: the criterion must return one loss per row ({rows_in.shape[0]} rows), "
                              f"got shape {tuple(losses.shape)}")
         total = losses.sum()
-        if self.reduction == "sum":
+        if self.reduction == "sum" or losses.numel() == 0:  # no real step: a loss of 0, not 0/0
             return total
         return total / _mean_denominator(self.criterion, rows_tgt, losses)
 

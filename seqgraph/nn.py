@@ -155,6 +155,14 @@ class _RNNBase(nn.Module):
         """Accepted for drop-in compatibility with torch.nn; there is no cuDNN weight buffer to
         compact here, so there is nothing to do."""
 
+    def recurrence(self, layer: int = 0, direction: int = 0) -> Recurrence:
+        """The sg.Recurrence (or its compiled twin) that runs one layer and direction: its
+        cell, plan(), source() and picture (sg.to_dot(lstm.recurrence(1)))."""
+        if not (0 <= layer < self.num_layers and 0 <= direction < self._directions):
+            raise IndexError(f"sg.nn.{self.mode} has {self.num_layers} layer(s) and {self._directions} direction(s); "
+                             f"got layer={layer}, direction={direction}")
+        return self._recs[layer][direction]
+
     @property
     def all_weights(self) -> list[list[torch.Tensor]]:
         """torch.nn's all_weights: per layer and direction, [w_ih, w_hh, b_ih, b_hh] (biases if
@@ -196,6 +204,10 @@ class _RNNBase(nn.Module):
             else:
                 x = input.transpose(0, 1) if self.batch_first else input
             if mask is not None and self.batch_first and not unbatched:
+                want = (input.shape[0], input.shape[1])  # (B, T), as the input is laid out
+                if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != want:
+                    raise InputError(f"sg.nn.{self.mode}: with batch_first=True, mask must be a bool tensor of shape "
+                                     f"{want} (B, T), got {tuple(getattr(mask, 'shape', ())) or type(mask).__name__}")
                 mask = mask.transpose(0, 1)
         if x.shape[-1] != self.input_size:
             raise InputError(f"sg.nn.{self.mode}: input.size(-1) must be equal to input_size. "

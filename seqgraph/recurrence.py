@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 from .cell import Cell
 from .compiler.interpret import run_step
@@ -86,6 +87,12 @@ class Recurrence(nn.Module):
         finally:
             self._param_values = None
 
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        if self._memory:  # the remembered state follows .to(), .double(), .cuda()
+            self._memory = {k: fn(v) for k, v in self._memory.items()}
+        return out
+
     def forget(self) -> None:
         """Drop the remembered state: the next call starts from the initial states."""
         self._memory = None
@@ -101,12 +108,14 @@ class Recurrence(nn.Module):
         valid = self._check_mask(lengths, mask, T, B, device)
         if valid is not None:  # padding is never read: a nan or an out-of-range token there stays out
             xs = [v.masked_fill(~valid.view(T, B, *([1] * (v.dim() - 2))), 0) for v in xs]
-        if state is None and self.remember and self._memory:
-            state = self._memory
-            kept = next(iter(state.values())).shape[0]
-            if kept != B:
-                raise InputError(f"remember=True carries states of batch size {kept} "
+        if self.remember and self._memory:  # states not given carry on from the last call
+            kept = next(iter(self._memory.values())).shape[0]
+            given = dict(state) if isinstance(state, Mapping) else None
+            if kept != B and (given is None or set(given) != set(self._memory)):
+                raise InputError(f"{self._where()}: remember=True carries states of batch size {kept} "
                                  f"but this call has batch size {B}; call forget() first")
+            if state is None or given is not None:
+                state = {**self._memory, **(given or {})}
         states0 = self._initial_states(state, B, dtype, device)
         contexts = self._check_contexts(context, B, dtype, device)
         noises = self._sample_noise(T, B, dtype, device)
@@ -148,6 +157,9 @@ class Recurrence(nn.Module):
 
     def _check_inputs(self, x) -> list[torch.Tensor]:
         n = len(self.cell.inputs)
+        if isinstance(x, PackedSequence):
+            raise InputError(f"{self._where()}: takes a padded (T, B, ...) tensor with lengths=, not a PackedSequence: "
+                             f"unpack it with torch.nn.utils.rnn.pad_packed_sequence (sg.nn.LSTM/GRU/RNN take one)")
         if isinstance(x, torch.Tensor):
             x = (x,)
         if not isinstance(x, (tuple, list)) or not all(isinstance(v, torch.Tensor) for v in x):

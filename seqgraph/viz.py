@@ -223,8 +223,27 @@ def _parts(obj) -> _Parts:
     if hasattr(obj, "order") and hasattr(obj, "outputs") and hasattr(obj, "params"):
         return _Parts(list(obj.order), list(obj.inputs), list(obj.outputs), list(getattr(obj, "states", [])),
                       dict(obj.params), getattr(obj, "name", None), getattr(obj, "site", None))
+    inside = _recurrences_in(obj)
+    hint = (f"; it holds recurrences, draw one of them: {', '.join(inside[:4])}" + (", ..." if len(inside) > 4 else "")
+            if inside else "")
     raise TypeError(f"sg.to_dot draws an sg.Cell, sg.Graph, sg.Recurrence, a compiled model or nodes; "
-                    f"got {type(obj).__name__}")
+                    f"got {type(obj).__name__}{hint}")
+
+
+def _recurrences_in(obj) -> list[str]:
+    """Where the recurrences inside a container module are, as expressions a user can draw."""
+    import torch.nn as nn
+    from .recurrence import Recurrence
+    if not isinstance(obj, nn.Module):
+        return []
+    def path(name: str) -> str:
+        return "model" + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in name.split(".") if p)
+    found = [path(name) for name, m in obj.named_modules() if name and isinstance(m, Recurrence)]
+    for name, m in obj.named_modules():  # sg.nn layers: one recurrence per layer and direction
+        if callable(getattr(m, "recurrence", None)) and hasattr(m, "num_layers"):
+            found += [f"{path(name)}.recurrence({i}{', 1' if j else ''})"
+                      for i in range(m.num_layers) for j in range(2 if m.bidirectional else 1)]
+    return found
 
 
 # ---------------------------------------------------------------------------------------
@@ -546,6 +565,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         attach_error_picture(e, write=True)
         print(f"seqgraph viz: {args.target} raised {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    except Exception as e:  # noqa: BLE001 - the user's factory: say what it raised, not where inside us
+        print(f"seqgraph viz: calling {args.target}() raised {type(e).__name__}: {e} "
+              f"(the factory is called with no arguments)", file=sys.stderr)
+        return 1
     try:
         if args.output is None:
             print(to_dot(obj, unroll=args.unroll, compact=args.compact).source)
@@ -553,5 +576,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(render(obj, args.output, unroll=args.unroll, compact=args.compact))
     except (ValueError, TypeError, GraphvizMissing) as e:
         print(f"seqgraph viz: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"seqgraph viz: cannot write {args.output!r}: {e.strerror or e}", file=sys.stderr)
         return 2
     return 0

@@ -81,3 +81,10 @@ def test_the_cpu_gemm_benchmark_compares_the_same_products(monkeypatch):
     for kind in ("fwd", "wgrad"):
         ref, own = script.pair(kind, 37, 20, 9)
         torch.testing.assert_close(own(), ref(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("flag", ["--cells", "--sizes"])
+def test_the_harness_names_an_unknown_cell_or_size_and_the_choices(flag, capsys):
+    with pytest.raises(SystemExit):
+        bench.main([flag, "nosuch"])
+    assert f"{flag}: unknown nosuch; choose from" in capsys.readouterr().err

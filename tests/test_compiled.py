@@ -414,3 +414,34 @@ def test_torch_jit_trace_of_a_compiled_loop_says_what_to_use_instead():
     comp = sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="cpu")
     with pytest.raises(NotImplementedError, match="torch.jit.trace cannot record a compiled loop.*torch.compile"):
         torch.jit.trace(lambda x: comp(x)[0], (torch.randn(2, 1, 3),))
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu", "torch"])
+def test_under_cpu_autocast_a_compiled_module_computes_what_the_reference_does(backend):
+    rec = sg.Recurrence(sg.cells.gru(3, 4))
+    comp = sg.compile(rec, backend=backend)
+    x = torch.randn(5, 2, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = comp(x)[0], rec(x)[0]
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=2e-2)  # bfloat16 products, grouped differently
+
+
+def test_eval_on_the_original_switches_its_compiled_twin_and_back():
+    rec = sg.Recurrence(sg.cells.lstm(3, 4, dropout=0.5))
+    comp = sg.compile(rec, backend="cpu")
+    rec.eval()
+    assert not comp.training
+    x = torch.randn(4, 2, 3)
+    torch.testing.assert_close(comp(x)[0], comp(x)[0])  # no dropout noise in evaluation
+    comp.train()
+    assert rec.training
+
+
+def test_compiling_a_container_with_backend_reference_takes_back_the_originals():
+    model = sg.Stack([sg.Recurrence(sg.cells.gru(3, 4)), sg.Recurrence(sg.cells.gru(4, 4))])
+    originals = list(model.layers)
+    sg.compile(model, backend="cpu")
+    assert all(isinstance(m, sg.CompiledRecurrence) for m in model.layers)
+    sg.compile(model, backend="reference")
+    assert list(model.layers) == originals

@@ -75,3 +75,21 @@ def test_demo_runs_and_reports_against_the_baseline(capsys):
     assert [line.split()[:2] for line in lines[1:4]] == [["step", "1"], ["step", "2"], ["step", "3"]]
     assert "baseline" in lines[-1] and "beat the trivial baseline" in lines[-1]
     assert (status == 0) == ("did NOT" not in lines[-1])
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--batch", "--every"])
+def test_demo_refuses_a_count_below_one(flag, capsys):
+    from seqgraph.demo import main
+    with pytest.raises(SystemExit):
+        main([flag, "0"])
+    assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_the_package_docstring_example_runs():
+    import textwrap
+
+    import seqgraph
+    code = textwrap.dedent("\n".join(line for line in seqgraph.__doc__.splitlines() if line.startswith("    ")))
+    namespace: dict = {}
+    exec(compile(code, "seqgraph/__init__.py docstring", "exec"), namespace)
+    assert isinstance(namespace["rnn"], seqgraph.Recurrence)

@@ -373,3 +373,71 @@ def test_sequence_loss_mean_is_torchs_weighted_mean_over_the_real_steps(crit, kw
     scores, target = torch.randn(5, 3, 4).log_softmax(-1), torch.randint(4, (5, 3))
     got = sg.SequenceLoss(crit(reduction="none", **kw))(scores, target, lengths=lengths)
     torch.testing.assert_close(got, crit(**kw)(scores[valid], target[valid]))
+
+
+# ---------------------------------------------------------------------------------------
+# layouts, packed sequences and argument checks of the wrappers
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [
+    lambda: sg.Bidirectional(sg.Recurrence(sg.cells.gru(I, H)), batch_first=True),
+    lambda: sg.Repeater(sg.Recurrence(sg.cells.gru(I, H)), 3, batch_first=True),
+    lambda: sg.NormStabilizer(sg.Recurrence(sg.cells.gru(I, H)), batch_first=True),
+])
+def test_a_wrapper_cannot_change_the_layout_its_inner_module_reads(make):
+    with pytest.raises(ValueError, match=r"batch_first=True\) wraps modules with batch_first=False.*set batch_first on them"):
+        make()
+
+
+def test_a_stack_of_layers_with_different_layouts_is_refused():
+    with pytest.raises(ValueError, match="sg.Stack: the wrapped modules disagree on batch_first"):
+        sg.Stack([sg.Recurrence(sg.cells.gru(I, H), batch_first=True), sg.Recurrence(sg.cells.gru(H, H))])
+
+
+def test_a_stack_of_sg_nn_layers_passes_a_packed_sequence_through():
+    torch.manual_seed(0)
+    first, second = sg.nn.GRU(I, H), sg.nn.GRU(H, H)
+    x = torch.randn(T, B, I)
+    packed = pack_padded_sequence(x, LENGTHS, enforce_sorted=False)
+    out, _ = sg.Stack([first, second])(packed)
+    want, _ = second(first(x, lengths=LENGTHS)[0], lengths=LENGTHS)
+    torch.testing.assert_close(pad_packed_sequence(out)[0], want[:int(LENGTHS.max())])
+
+
+@pytest.mark.parametrize("call", [lambda p: sg.Bidirectional(sg.Recurrence(sg.cells.gru(I, H)))(p),
+                                  lambda p: sg.Recurrence(sg.cells.gru(I, H))(p)])
+def test_a_packed_sequence_where_padded_steps_are_needed_says_how_to_unpack_it(call):
+    packed = pack_padded_sequence(torch.randn(T, B, I), LENGTHS, enforce_sorted=False)
+    with pytest.raises(sg.InputError, match="not a PackedSequence: unpack it with torch.nn.utils.rnn.pad_packed_sequence"):
+        call(packed)
+
+
+def test_a_repeater_feeds_every_input_of_a_multi_input_cell():
+    x, y, h = sg.Input(I, name="x"), sg.Input(2, name="y"), sg.State(H, name="h")
+    rec = sg.Recurrence(sg.Cell([x, y], {h: sg.tanh(sg.Linear(I + 2 + H, H)(sg.concat([x, y, h])))}))
+    a, b = torch.randn(B, I), torch.randn(B, 2)
+    out, _ = sg.Repeater(rec, 3)((a, b))
+    want, _ = rec((a.expand(3, B, I), b.expand(3, B, 2)))
+    torch.testing.assert_close(out, want)
+
+
+def test_reverse_sequences_refuses_float_lengths_and_a_tensor_without_a_batch_dim():
+    with pytest.raises(sg.InputError, match="lengths must be integers, got dtype torch.float32"):
+        sg.reverse_sequences(torch.randn(T, B), torch.tensor([2.5, 1.0, 3.0]))
+    with pytest.raises(sg.InputError, match=r"x must be a tensor of shape \(T, B, ...\), got \(5,\)"):
+        sg.reverse_sequences(torch.randn(T))
+
+
+def test_sequence_loss_with_no_real_step_is_zero_for_a_weighted_criterion_too():
+    none = torch.zeros(B, dtype=torch.long)
+    loss = sg.SequenceLoss(nn.CrossEntropyLoss(reduction="none"))(torch.randn(T, B, 4), torch.randint(4, (T, B)),
+                                                                  lengths=none)
+    assert loss.item() == 0.0
+
+
+def test_a_bidirectional_copy_starts_its_learned_initial_state_from_zero():
+    x, h = sg.Input(I, name="x"), sg.State(H, name="h", init="learned")
+    rec = sg.Recurrence(sg.Cell([x], {h: sg.tanh(sg.Linear(I + H, H)(sg.concat([x, h])))}))
+    with torch.no_grad():
+        rec.init["h"].fill_(3.0)
+    bi = sg.Bidirectional(rec)
+    assert (bi.bwd.init["h"] == 0).all() and (bi.fwd.init["h"] == 3.0).all()

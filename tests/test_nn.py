@@ -373,3 +373,19 @@ def test_gru_hx_given_as_a_tuple_names_what_came():
 def test_lstm_c0_missing_names_what_came():
     with pytest.raises(sg.InputError, match=r"expected c_0 of shape \(1, 3, 5\), got a NoneType"):
         sg.nn.LSTM(I, H)(torch.randn(T, B, I), (torch.zeros(1, B, H), None))
+
+
+def test_a_batch_first_mask_of_the_wrong_shape_names_the_users_layout():
+    mine = sg.nn.LSTM(I, H, batch_first=True)
+    with pytest.raises(sg.InputError, match=rf"with batch_first=True, mask must be a bool tensor of shape \({B}, {T}\) "
+                                            rf"\(B, T\), got \({T}, {B}\)"):
+        mine(torch.randn(B, T, I), mask=torch.ones(T, B, dtype=torch.bool))
+
+
+def test_recurrence_gives_the_module_that_runs_a_layer_and_direction():
+    mine = sg.nn.GRU(I, H, num_layers=2, bidirectional=True, backend="cpu")
+    rec = mine.recurrence(1, 1)
+    assert isinstance(rec, sg.CompiledRecurrence) and rec.plan() is not None
+    assert rec.param_tensors()["ih.weight"] is mine.weight_ih_l1_reverse
+    with pytest.raises(IndexError, match="has 2 layer"):
+        mine.recurrence(2)

@@ -379,6 +379,27 @@ def test_explicit_state_overrides_remembered_state():
     assert torch.equal(rec(x, zeros)[0], fresh)
 
 
+def test_a_partial_explicit_state_keeps_the_remembered_rest():
+    cell = lstm_operators_cell()
+    rec = randomize(sg.Recurrence(cell, remember=True))
+    x = torch.randn(T, B, I, dtype=DT)
+    _, fin = rec(x)
+    h0 = torch.zeros(B, H, dtype=DT)
+    got, _ = rec(x, {"h": h0})
+    ref = sg.Recurrence(cell).double()
+    ref.load_state_dict(rec.state_dict())
+    want, _ = ref(x, {"h": h0, "c": fin["c"]})
+    torch.testing.assert_close(got, want)
+
+
+def test_the_remembered_state_follows_a_dtype_conversion():
+    rec = sg.Recurrence(elman_cell(), remember=True)
+    rec(torch.randn(T, B, I))
+    rec.double()
+    out, fin = rec(torch.randn(T, B, I, dtype=DT))
+    assert out.dtype == fin["h"].dtype == DT
+
+
 def test_remember_with_a_new_batch_size_asks_for_forget():
     rec = randomize(sg.Recurrence(elman_cell(), remember=True))
     rec(torch.randn(T, B, I, dtype=DT))

@@ -378,3 +378,20 @@ def test_cell_shows_itself_as_svg_in_jupyter():
 
 def test_to_dot_and_render_are_exported():
     assert sg.to_dot is viz.to_dot and sg.render is viz.render
+
+
+def test_cli_reports_a_factory_that_needs_arguments(factory_file, tmp_path, capsys):
+    with open(factory_file, "a") as f:
+        f.write("\n\ndef make_sized(size):\n    return None\n")
+    assert viz.main([f"{factory_file}:make_sized"]) == 1
+    assert "calling" in (err := capsys.readouterr().err) and "TypeError" in err and "no arguments" in err
+
+
+def test_cli_reports_an_output_folder_that_does_not_exist(factory_file, tmp_path, capsys):
+    assert viz.main([f"{factory_file}:make_cell", "-o", str(tmp_path / "missing" / "cell.dot")]) == 2
+    assert "cannot write" in capsys.readouterr().err
+
+
+def test_drawing_a_container_names_the_recurrences_inside_it():
+    with pytest.raises(TypeError, match=r"draw one of them: model.recurrence\(0\), model.recurrence\(1\)"):
+        sg.to_dot(sg.nn.GRU(3, 4, num_layers=2))

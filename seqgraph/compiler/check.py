@@ -8,6 +8,8 @@ node and its file:line. This module must not run tensors or change the graph.
 """
 from __future__ import annotations
 
+import warnings
+
 from ..errors import GraphError, ShapeError, WiringError, describe
 from .ir import Node, topo_order
 
@@ -34,9 +36,13 @@ def _attach_picture(err, around) -> None:
 
 
 def _check_cell(inputs, states, outputs, contexts) -> list[Node]:
+    seen_inputs = set()
     for x in inputs:
         if not isinstance(x, Node) or x.op != "input":
             _fail(WiringError, f"inputs= must hold sg.Input nodes; got {_what(x)}", _node_or_none(x))
+        if x.id in seen_inputs:
+            _fail(WiringError, f"{describe(x)} appears twice in inputs= (each input is one tensor of the call)", x)
+        seen_inputs.add(x.id)
     seen_prev = set()
     for prev, nxt in states:
         if not isinstance(prev, Node) or prev.op != "state":
@@ -46,6 +52,9 @@ def _check_cell(inputs, states, outputs, contexts) -> list[Node]:
         seen_prev.add(prev.id)
         if not isinstance(nxt, Node):
             _fail(WiringError, f"the next value of {describe(prev)} must be a node; got {_what(nxt)}", prev)
+        if nxt is prev:
+            warnings.warn(f"{describe(prev)} is its own next value, so it never changes: a constant state "
+                          f"(if that is not meant, give states= its new value)", stacklevel=4)
         if nxt.shape != prev.shape or not nxt.batched or nxt.dtype != prev.dtype:
             b = "(B," if nxt.batched else "("
             _fail(ShapeError, f"{describe(prev)} has shape (B,{','.join(map(str, prev.shape))}) but its next value "

@@ -250,3 +250,33 @@ def test_graph_called_with_wrong_number_of_inputs():
 
 def test_every_checker_error_is_a_graph_error():
     assert issubclass(sg.ShapeError, sg.GraphError) and issubclass(sg.WiringError, sg.GraphError)
+
+
+def test_an_input_listed_twice_is_a_wiring_error():
+    x, at_x = sg.Input(3, name="x"), here()
+    h = sg.State(4, name="h")
+    with pytest.raises(sg.WiringError) as err:
+        sg.Cell(inputs=[x, x], states={h: sg.tanh(sg.Linear(7, 4)(sg.concat([x, h])))})
+    assert str(err.value).startswith(f"Input 'x' (declared at {at_x}) appears twice in inputs=")
+
+
+def test_a_state_that_is_its_own_next_value_warns_at_the_users_line():
+    x, h, c = sg.Input(3, name="x"), sg.State(4, name="h"), sg.State(4, name="c")
+    with pytest.warns(UserWarning, match=r"State 'c' .* is its own next value, so it never changes") as record:
+        sg.Cell([x], {h: sg.tanh(sg.Linear(7, 4)(sg.concat([x, h]))) + c, c: c}); at = here()
+    assert record[0].filename.endswith("test_check.py") and f"test_check.py:{record[0].lineno}" == at
+
+
+def test_a_module_name_with_a_dot_names_the_module_and_its_line():
+    x = sg.Input(3, name="x")
+    lin, at = sg.Linear(3, 4, name="enc.gate"), here()
+    with pytest.raises(sg.WiringError, match=rf"module name 'enc.gate' contains a '.'; choose another name for the Linear declared at {at}"):
+        sg.Cell([x], outputs=[lin(x)])
+
+
+def test_calling_a_graph_on_a_tensor_says_it_builds_graphs_from_nodes():
+    a = sg.Input(4, name="a")
+    g = sg.Graph([a], sg.tanh(a), name="squash")
+    import torch
+    with pytest.raises(TypeError, match=r"Graph squash .* is called on nodes, to build a graph; got a Tensor"):
+        g(torch.randn(2, 4))

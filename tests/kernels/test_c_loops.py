@@ -171,6 +171,7 @@ def test_the_plan_says_how_the_loops_run():
     assert "time loops: Python" in str(sg.compile(sg.Recurrence(BUILTIN["lstm"]()), backend="torch").plan())
 
 
+@pytest.mark.filterwarnings("ignore:State 'g' .* is its own next value")  # a constant state, on purpose
 def test_a_state_with_a_per_example_matrix_shape_keeps_the_python_loops():
     from seqgraph.kernels.c_launch import CLibrary
     from seqgraph.kernels.c_loops import forward_loop
