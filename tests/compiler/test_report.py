@@ -1,0 +1,22 @@
+"""seqgraph/compiler/report.py: plan.describe() and the FLOP counts it prints."""
+import seqgraph as sg
+from seqgraph.compiler.pipeline import compile_plan
+from seqgraph.compiler.report import gemm_flops
+
+
+def test_gemm_flops_counts_two_per_multiply_add_over_the_rows():
+    x = sg.Input(8, name="x")
+    y = sg.Linear(8, 16, bias=False)(x)
+    assert gemm_flops(y, rows=10) == 2 * 10 * 8 * 16
+
+
+def test_describe_sizes_the_hoisted_gemm_and_the_memory_for_given_t_and_b():
+    text = compile_plan(sg.cells.lstm(256, 256)).describe(T=20, B=64)
+    assert "seqgraph plan (unroll=1) for T=20, B=64" in text
+    assert f"{2 * 20 * 64 * 256 * 1024 / 1e9:.3f} GFLOP" in text  # the input projection, 0.671 GFLOP
+    assert "memory for backward at T=20, B=64: saved" in text
+
+
+def test_describe_without_sizes_still_lists_the_stages():
+    text = compile_plan(sg.cells.gru(3, 5)).describe(T=None, B=None)
+    assert "per step:" in text and "GFLOP" not in text

@@ -1,0 +1,41 @@
+"""seqgraph/cuda_graphs.py: which calls are replayed as CUDA graphs (replays need a GPU: tests/kernels)."""
+import pytest
+import torch
+
+from seqgraph import cuda_graphs
+
+
+def test_graphs_are_only_for_cuda_devices():
+    assert not cuda_graphs.enabled(torch.device("cpu"))
+
+
+def test_the_switch_turns_graphs_off_on_cuda(monkeypatch):
+    monkeypatch.setenv("SEQGRAPH_CUDA_GRAPHS", "0")
+    assert not cuda_graphs.enabled(torch.device("cuda"))
+    monkeypatch.setenv("SEQGRAPH_CUDA_GRAPHS", "1")
+    assert cuda_graphs.enabled(torch.device("cuda"))
+
+
+def test_a_nested_argument_tree_flattens_and_comes_back_whole():
+    a, b = torch.randn(2, 3), torch.randn(4)
+    tree = [1, (a, [b, None]), "x"]
+    leaves: list = []
+    spec = cuda_graphs._flatten(tree, leaves)
+    assert leaves[0] is a and leaves[1] is b
+    back = cuda_graphs._unflatten(spec, leaves)
+    assert back[0] == 1 and back[1][0] is a and back[1][1][0] is b and back[1][1][1] is None and back[2] == "x"
+
+
+def test_the_capture_key_tells_layouts_apart():
+    x = torch.randn(4, 6)
+    assert cuda_graphs._shape_key([x]) != cuda_graphs._shape_key([x.t()])
+    assert cuda_graphs._shape_key([x]) == cuda_graphs._shape_key([torch.randn(4, 6)])
+
+
+@pytest.mark.gpu
+def test_a_graphed_loop_replays_the_captured_call_on_new_values():
+    loop = cuda_graphs.GraphedLoop(lambda x: x * 2, "double")
+    for _ in range(3):
+        x = torch.randn(8, device="cuda")
+        torch.testing.assert_close(loop(x), x * 2)
+    assert loop.replays == 3 and len(loop.graphs) == 1

@@ -1,0 +1,42 @@
+"""seqgraph/errors.py: the user's creation site and how messages name a node."""
+import inspect
+import os
+
+import pytest
+
+import seqgraph as sg
+from seqgraph.errors import UNKNOWN_SITE, Site, describe, user_site
+
+
+def test_user_site_is_the_first_frame_outside_the_package():
+    site = user_site()
+    assert (os.path.basename(site.path), site.line) == ("test_errors.py", inspect.currentframe().f_lineno - 1)
+    assert site.function == "test_user_site_is_the_first_frame_outside_the_package"
+
+
+def test_a_node_records_the_line_that_made_it_not_a_line_inside_seqgraph():
+    x = sg.Input(3, name="x"); line = inspect.currentframe().f_lineno  # noqa: E702
+    assert str(x.site) == f"test_errors.py:{line}"
+
+
+def test_a_site_prints_as_file_and_line():
+    assert str(Site("/a/b/cell.py", 12, "make")) == "cell.py:12"
+    assert str(UNKNOWN_SITE) == "<unknown>:0"
+
+
+def test_describe_names_the_op_the_name_and_the_site():
+    lin = sg.Linear(3, 4, name="gate")
+    y = lin(sg.Input(3, name="x")); line = inspect.currentframe().f_lineno  # noqa: E702
+    assert describe(y) == f"Linear 'gate' (declared at test_errors.py:{line})"
+
+
+def test_a_graph_error_carries_the_offending_node():
+    x = sg.Input(3, name="x")
+    with pytest.raises(sg.ShapeError) as err:
+        sg.Linear(4, 2)(x)
+    assert err.value.node is x
+
+
+def test_the_error_classes_nest_as_documented():
+    assert issubclass(sg.ShapeError, sg.GraphError) and issubclass(sg.WiringError, sg.GraphError)
+    assert issubclass(sg.InputError, ValueError)
