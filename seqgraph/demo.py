@@ -45,11 +45,10 @@ def adding_batch(batch: int, steps: int = T, generator: torch.Generator | None =
     return x, lengths, target
 
 
-def build_model(cell: sg.Cell) -> torch.nn.Module:
-    """The compiled torch backend when this seqgraph has one, else the reference Recurrence."""
-    if hasattr(sg, "compile"):
-        return sg.compile(cell, backend="torch")
-    return sg.Recurrence(cell)
+def build_model(cell: sg.Cell, backend: str = "auto") -> torch.nn.Module:
+    """The cell compiled for `backend` ("auto": C kernels on a CPU with a C compiler, Triton on
+    a GPU, else the torch code), or the uncompiled reference Recurrence ("reference")."""
+    return sg.compile(cell, backend=backend) if backend != "reference" else sg.Recurrence(cell)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=64, help="sequences per batch (default 64)")
     parser.add_argument("--every", type=int, default=50, help="print the loss every N steps (default 50)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", default="auto", choices=["auto", "cpu", "torch", "triton", "reference"],
+                        help="how the cell runs (default auto)")
     args = parser.parse_args(argv)
     for flag in ("steps", "batch", "every"):
         if getattr(args, flag) < 1:
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     data = torch.Generator().manual_seed(args.seed)
     cell = make_cell()
-    rnn = build_model(cell)
+    rnn = build_model(cell, args.backend)
     readout = torch.nn.Linear(HIDDEN, 1)
     opt = torch.optim.Adam([*rnn.parameters(), *readout.parameters()], lr=1e-2)
 
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         _, final = rnn(x, lengths=lengths)  # final["h"]: each sequence's state at its own last step
         return readout(final["h"]).squeeze(-1)
 
-    print(f"adding problem, T={T}, lengths {T // 2}..{T}, batch {args.batch}; cell {cell!r}")
+    print(f"adding problem, T={T}, lengths {T // 2}..{T}, batch {args.batch}; cell {cell!r}; "
+          f"backend {args.backend}")
     start, running = time.time(), None
     for step in range(1, args.steps + 1):
         x, lengths, target = adding_batch(args.batch, generator=data)
