@@ -120,6 +120,10 @@ class Recurrence(nn.Module):
         contexts = self._check_contexts(context, B, dtype, device)
         noises = self._sample_noise(T, B, dtype, device)
         outs, finals = self._run_sequence(xs, states0, contexts, noises, valid, dtype, device)
+        if not torch.compiler.is_compiling():  # (the loop's custom op returns copies there)
+            # with no step to run a final state is its initial one: hand back a copy, never the caller's tensor
+            given = {s.untyped_storage().data_ptr() for s in states0 if s.numel()}
+            finals = [f.clone() if f.numel() and f.untyped_storage().data_ptr() in given else f for f in finals]
         final_state = {prev.name: v for (prev, _), v in zip(self.cell.states, finals)}
         if self.remember:
             self._memory = {k: v.detach() for k, v in final_state.items()}

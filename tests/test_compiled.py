@@ -445,3 +445,33 @@ def test_compiling_a_container_with_backend_reference_takes_back_the_originals()
     assert all(isinstance(m, sg.CompiledRecurrence) for m in model.layers)
     sg.compile(model, backend="reference")
     assert list(model.layers) == originals
+
+
+def _grads_of_inputs(module, X, H):
+    out, _ = module(X, {"h": H})
+    return torch.autograd.grad(out.sum(), [X, H])
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("op", [sg.maximum, sg.minimum])
+def test_the_losing_operand_of_maximum_gets_zero_even_from_an_infinite_gradient(backend, op):
+    x, h = sg.Input(2, name="x"), sg.State(2, name="h")
+    rec = sg.Recurrence(sg.Cell([x], {h: h * 0.5 + sg.tanh(x)}, outputs=[op(x, h) * float("inf")])).double()
+    X = torch.tensor([[[1.0, -2.0]], [[0.5, 3.0]]], dtype=torch.float64, requires_grad=True)
+    H = torch.tensor([[0.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    want = _grads_of_inputs(rec, X, H)
+    got = _grads_of_inputs(sg.compile(rec, backend=backend), X, H)
+    assert not any(torch.isnan(w).any() for w in want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, equal_nan=False)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_a_nan_operand_of_maximum_passes_the_whole_gradient_to_both_as_torch_does(backend):
+    x, h = sg.Input(2, name="x"), sg.State(2, name="h")
+    rec = sg.Recurrence(sg.Cell([x], {h: sg.tanh(x) + h * 0.5}, outputs=[sg.maximum(sg.sqrt(x), h)])).double()
+    X = torch.tensor([[[-1.0, 4.0]]], dtype=torch.float64, requires_grad=True)  # sqrt(-1) is nan
+    H = torch.tensor([[0.3, 0.3]], dtype=torch.float64, requires_grad=True)
+    want, got = _grads_of_inputs(rec, X, H), _grads_of_inputs(sg.compile(rec, backend=backend), X, H)
+    torch.testing.assert_close(got[1], want[1])
+    assert want[1][0, 0] == 1.0

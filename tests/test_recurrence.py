@@ -702,3 +702,12 @@ def test_context_dtype_is_checked_when_declared():
 def test_an_initial_state_of_another_dtype_is_an_input_error(elman, dtype):
     with pytest.raises(sg.InputError, match=rf"state 'h' .* has dtype {dtype} but the inputs are torch.float64"):
         elman(_x(T, B, I), {"h": torch.zeros(B, H, dtype=dtype)})
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_with_no_steps_the_final_state_is_a_copy_of_the_initial_one_not_the_same_tensor(compiled):
+    rec = sg.Recurrence(elman_cell()).double()
+    module = sg.compile(rec, backend="torch") if compiled else rec
+    h0 = torch.randn(B, H, dtype=DT)
+    _, fin = module(torch.randn(0, B, I, dtype=DT), {"h": h0})
+    assert torch.equal(fin["h"], h0) and fin["h"].data_ptr() != h0.data_ptr()

@@ -284,16 +284,27 @@ _binary("mul", torch.mul, lambda n, g: _bin_grads(n, mul(g, n.inputs[1]), mul(g,
 _binary("div", torch.div,
         lambda n, g: _bin_grads(n, div(g, n.inputs[1]), neg(div(mul(g, n), n.inputs[1]))),
         lambda n, a, b: f"({a} / {b})", _arith_c("div"))
-def _winner(first: Node, second: Node) -> Node:
-    """1 where `first` is strictly greater, 0.5 at a tie, 0 below: torch's rule for max/min."""
-    return mul(add(make("gt", (first, second)), make("ge", (first, second))), 0.5)
+def _share(g: Node, loses: Node, a: Node, b: Node) -> Node:
+    """torch's gradient for one operand of maximum/minimum: none where it `loses`, half at a tie
+    of a and b, all of g otherwise (a nan operand, compared false both ways, gets all of it).
+    Chosen with selects, never multiplied by a 0/1 factor: an infinite g must give 0, not nan."""
+    tie = mul(make("ge", (a, b)), make("le", (a, b)))
+    return select(loses, 0.0, select(tie, mul(g, 0.5), g))
 
 
-_binary("maximum", torch.maximum,
-        lambda n, g: _bin_grads(n, mul(g, _winner(*n.inputs)), mul(g, _winner(*reversed(n.inputs)))),
+def _max_vjp(n, g):
+    a, b = n.inputs
+    return _bin_grads(n, _share(g, make("gt", (b, a)), a, b), _share(g, make("gt", (a, b)), a, b))
+
+
+def _min_vjp(n, g):
+    a, b = n.inputs
+    return _bin_grads(n, _share(g, make("gt", (a, b)), a, b), _share(g, make("gt", (b, a)), a, b))
+
+
+_binary("maximum", torch.maximum, _max_vjp,
         lambda n, a, b: f"tl.maximum({a}, {b})", lambda n, a, b: f"sg_max({a}, {b})", doc="a tie splits the gradient equally, as in torch")
-_binary("minimum", torch.minimum,
-        lambda n, g: _bin_grads(n, mul(g, _winner(*reversed(n.inputs))), mul(g, _winner(*n.inputs))),
+_binary("minimum", torch.minimum, _min_vjp,
         lambda n, a, b: f"tl.minimum({a}, {b})", lambda n, a, b: f"sg_min({a}, {b})", doc="a tie splits the gradient equally, as in torch")
 # comparisons give 0/1 floats; their derivative is zero almost everywhere
 _binary("ge", lambda x, y: (x >= y).to(torch.promote_types(x.dtype, y.dtype)),
