@@ -33,6 +33,13 @@ def _got(v) -> str:
     return _fmt(v.shape) if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
 
 
+def _not_sharing(finals: list[torch.Tensor], initial: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The final states, each copied where it is (a view of) an initial state, as with no step to
+    run: the caller's own tensor is never handed back."""
+    given = {s.untyped_storage().data_ptr() for s in initial if s.numel()}
+    return [f.clone() if f.numel() and f.untyped_storage().data_ptr() in given else f for f in finals]
+
+
 class Recurrence(nn.Module):
     """Run `cell` over sequences.
 
@@ -93,6 +100,18 @@ class Recurrence(nn.Module):
             self._memory = {k: fn(v) for k, v in self._memory.items()}
         return out
 
+    def _with_memory(self, state, B: int):
+        """The states of this call under remember=True: the remembered ones, each replaced by the
+        caller's where given."""
+        kept = next(iter(self._memory.values())).shape[0]
+        given = dict(state) if isinstance(state, Mapping) else None
+        if kept != B and (given is None or set(given) != set(self._memory)):
+            raise InputError(f"{self._where()}: remember=True carries states of batch size {kept} "
+                             f"but this call has batch size {B}; call forget() first")
+        if state is None or given is not None:
+            return {**self._memory, **(given or {})}
+        return state  # not a dict: _initial_states names the mistake
+
     def forget(self) -> None:
         """Drop the remembered state: the next call starts from the initial states."""
         self._memory = None
@@ -108,22 +127,14 @@ class Recurrence(nn.Module):
         valid = self._check_mask(lengths, mask, T, B, device)
         if valid is not None:  # padding is never read: a nan or an out-of-range token there stays out
             xs = [v.masked_fill(~valid.view(T, B, *([1] * (v.dim() - 2))), 0) for v in xs]
-        if self.remember and self._memory:  # states not given carry on from the last call
-            kept = next(iter(self._memory.values())).shape[0]
-            given = dict(state) if isinstance(state, Mapping) else None
-            if kept != B and (given is None or set(given) != set(self._memory)):
-                raise InputError(f"{self._where()}: remember=True carries states of batch size {kept} "
-                                 f"but this call has batch size {B}; call forget() first")
-            if state is None or given is not None:
-                state = {**self._memory, **(given or {})}
+        if self.remember and self._memory:
+            state = self._with_memory(state, B)
         states0 = self._initial_states(state, B, dtype, device)
         contexts = self._check_contexts(context, B, dtype, device)
         noises = self._sample_noise(T, B, dtype, device)
         outs, finals = self._run_sequence(xs, states0, contexts, noises, valid, dtype, device)
         if not torch.compiler.is_compiling():  # (the loop's custom op returns copies there)
-            # with no step to run a final state is its initial one: hand back a copy, never the caller's tensor
-            given = {s.untyped_storage().data_ptr() for s in states0 if s.numel()}
-            finals = [f.clone() if f.numel() and f.untyped_storage().data_ptr() in given else f for f in finals]
+            finals = _not_sharing(finals, states0)
         final_state = {prev.name: v for (prev, _), v in zip(self.cell.states, finals)}
         if self.remember:
             self._memory = {k: v.detach() for k, v in final_state.items()}
