@@ -711,3 +711,16 @@ def test_with_no_steps_the_final_state_is_a_copy_of_the_initial_one_not_the_same
     h0 = torch.randn(B, H, dtype=DT)
     _, fin = module(torch.randn(0, B, I, dtype=DT), {"h": h0})
     assert torch.equal(fin["h"], h0) and fin["h"].data_ptr() != h0.data_ptr()
+
+
+def test_zeroing_rows_of_the_returned_final_state_restarts_them_at_the_next_call():
+    rec = randomize(sg.Recurrence(elman_cell(), remember=True))
+    x = torch.randn(T, B, I, dtype=DT)
+    _, fin = rec(x)
+    with torch.no_grad():
+        fin["h"][0] = 0
+    out, _ = rec(x)
+    ref = sg.Recurrence(elman_cell()).double()
+    ref.load_state_dict(rec.state_dict())
+    fresh, _ = ref(x[:, :1])
+    torch.testing.assert_close(out[:, 0], fresh[:, 0])
