@@ -307,7 +307,7 @@ class CLibrary:
     def source(self) -> str:
         text = PRELUDE + "\n" + "\n".join(k.source for k in self.kernels)
         if self.loops:
-            from .c_loops import LOOP_PRELUDE
+            from .c_loop_prelude import LOOP_PRELUDE
             text += LOOP_PRELUDE + "\n" + "\n".join(self.loops.values())
         return text
 
