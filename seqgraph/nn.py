@@ -4,8 +4,10 @@ Same constructor arguments, same forward(input, hx) and return values, PackedSeq
 out, and exactly torch's parameter names (weight_ih_l0, bias_hh_l1_reverse, weight_hr_l0, ...),
 so a torch state_dict loads with strict=True in both directions. The module owns those
 parameters itself; per layer and direction it builds an sg.Recurrence over a cell from
-seqgraph.cells whose parameter tree holds those same Parameter objects. Beyond torch,
-forward also takes lengths= (or mask=) for padded batches. This module maps torch's interface
+seqgraph.cells whose parameter tree holds those same Parameter objects, compiled for
+`backend` ("auto", the default: C kernels on the CPU, Triton on CUDA; "reference" runs the
+step-by-step interpreter, which also gives second-order gradients). Beyond torch, forward also
+takes lengths= (or mask=) for padded batches. This module maps torch's interface
 onto recurrences; it must not implement cell math (cells.py) or compilation (the backends).
 """
 from __future__ import annotations
@@ -57,7 +59,7 @@ class _RNNBase(nn.Module):
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, nonlinearity: str = "tanh", device=None, dtype=None,
-                 backend: str = "reference"):
+                 backend: str = "auto"):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
@@ -292,7 +294,7 @@ class _RNNBase(nn.Module):
         for flag, default in (("bias", True), ("batch_first", False), ("dropout", 0.0), ("bidirectional", False)):
             if getattr(self, flag) != default:
                 s += f", {flag}={getattr(self, flag)}"
-        if self.backend != "reference":
+        if self.backend != "auto":
             s += f", backend={self.backend!r}"
         return s
 
@@ -311,7 +313,7 @@ class RNN(_RNNBase):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 device=None, dtype=None, *, backend: str = "reference"):
+                 device=None, dtype=None, *, backend: str = "auto"):
         super().__init__("RNN", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          nonlinearity=nonlinearity, device=device, dtype=dtype, backend=backend)
 
@@ -321,7 +323,7 @@ class LSTM(_RNNBase):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
-                 device=None, dtype=None, *, backend: str = "reference"):
+                 device=None, dtype=None, *, backend: str = "auto"):
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          proj_size=proj_size, device=device, dtype=dtype, backend=backend)
 
@@ -331,7 +333,7 @@ class GRU(_RNNBase):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 device=None, dtype=None, *, backend: str = "reference"):
+                 device=None, dtype=None, *, backend: str = "auto"):
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          device=device, dtype=dtype, backend=backend)
 

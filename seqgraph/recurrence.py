@@ -298,7 +298,8 @@ class Recurrence(nn.Module):
             if tuple(v.shape) != (B,) + c.shape:
                 raise InputError(f"{self._where()}: context {c.name!r} (declared at {c.site}) expects shape "
                                  f"{_fmt((B,) + c.shape)}, got {_fmt(v.shape)}")
-            self._check_dtype("context", c, v)
+            if not (c.dtype == "float" and v.dtype == torch.bool):  # a bool mask is read as 0/1
+                self._check_dtype("context", c, v)
             out.append(v.to(dtype) if c.dtype == "float" else v)
         return out
 

@@ -459,8 +459,8 @@ def _shorten(s: str, n: int) -> str:
 
 
 def attach_error_picture(err: GraphError, write: bool = False, around: Iterable[Node] | None = None) -> str | None:
-    """Set `err.dot` to the DOT source of `error_dot(err)`. When SEQGRAPH_DEBUG is set (any
-    non-empty value) or write=True, also write it to a .dot file in $SEQGRAPH_DEBUG_DIR (or a
+    """Set `err.dot` to the DOT source of `error_dot(err)`. When SEQGRAPH_DEBUG is 1 or more
+    (settings.debug_level) or write=True, also write it to a .dot file in $SEQGRAPH_DEBUG_DIR (or a
     temporary folder), set `err.dot_path` and add the path to the message; returns that path.
     Never raises: a picture that cannot be made must not hide the error itself."""
     try:

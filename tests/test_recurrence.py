@@ -724,3 +724,14 @@ def test_zeroing_rows_of_the_returned_final_state_restarts_them_at_the_next_call
     ref.load_state_dict(rec.state_dict())
     fresh, _ = ref(x[:, :1])
     torch.testing.assert_close(out[:, 0], fresh[:, 0])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_bool_mask_given_as_a_float_context_is_read_as_zeros_and_ones(backend):
+    rec = randomize(sg.Recurrence(attention_cell()))
+    module = rec if backend == "reference" else sg.compile(rec, backend=backend)
+    y = torch.randn(T, B, E, dtype=DT)
+    mem, valid = _memory([S, 3, 1, 5])
+    want = module(y, context={"memory": mem, "memory_mask": valid})[0][0]
+    got = module(y, context={"memory": mem, "memory_mask": valid.bool()})[0][0]
+    torch.testing.assert_close(got, want)

@@ -36,7 +36,7 @@ def test_generated_code_matches_golden(name, monkeypatch):
     make, backend = CASES[name]
     text = normalise(sg.compile(sg.Recurrence(make()), backend=backend).source())
     path = os.path.join(GOLDEN, f"{name}.txt")
-    if os.environ.get("SEQGRAPH_UPDATE_GOLDEN"):
+    if os.environ.get("SEQGRAPH_UPDATE_GOLDEN") == "1":
         with open(path, "w") as f:
             f.write(text)
     with open(path) as f:
