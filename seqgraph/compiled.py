@@ -26,7 +26,7 @@ from .cell import Cell
 from .compiler.codegen_torch import generate
 from .compiler.pipeline import compile_plan
 from .compiler.plan import Plan
-from .recurrence import Recurrence
+from .recurrence import Recurrence, own_storage
 from .settings import debug_level, triton_interpreting
 
 BACKENDS = ("auto", "torch", "triton", "cpu", "reference")
@@ -136,15 +136,6 @@ def _loop(prog: Program, name: str, device: torch.device):
     return graphed
 
 
-def _own_storage(finals: list, others: list) -> list:
-    """The final states, each copied if it is a view into one of `others` (the last step of an
-    output, or of the state sequence backward reads), so that changing it in place changes
-    nothing else: nn.LSTM's h_n is never a view of its output either."""
-    taken = {o.untyped_storage().data_ptr() for o in others if isinstance(o, torch.Tensor) and o.numel()}
-    return [f.clone() if isinstance(f, torch.Tensor) and f.numel() and f.untyped_storage().data_ptr() in taken else f
-            for f in finals]
-
-
 def _stand_in(t: torch.Tensor) -> torch.Tensor:
     """A tensor of t's shape, dtype and device whose one element every index reads."""
     return t.new_zeros(()).expand(t.shape)
@@ -158,7 +149,7 @@ class _Sequence(torch.autograd.Function):
         reads, states = list(args[:nreads]), list(args[nreads:])
         device = args[0].device
         outs, finals, (saved, seqs) = _loop(prog, "forward", device)(T, B, mask, reads, states, True)
-        finals = _own_storage(finals, list(outs) + list(seqs))  # a user may change a final state in place
+        finals = own_storage(finals, list(outs) + list(seqs))  # a user may change a final state in place
         ctx.prog, ctx.T, ctx.mask, ctx.nouts = prog, T, mask, len(outs)
         ctx.saved_values, ctx.seqs = saved, seqs  # intermediates: kept off the autograd graph
         # a read the backward never looks at (the hoisted input projection of an LSTM, say) is
@@ -290,7 +281,7 @@ class CompiledRecurrence(Recurrence):
             return list(res[:n]), list(res[n:n + ns])
         if not need_grad:
             outs, finals, _ = _loop(program, "forward", device)(T, B, valid, reads, list(states0), False)
-            return outs, _own_storage(finals, outs)
+            return outs, own_storage(finals, outs)
         res = _Sequence.apply(program, T, B, valid, len(reads), *reads, *states0)
         n = len(step.outputs)
         return list(res[:n]), list(res[n:])

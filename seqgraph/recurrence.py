@@ -33,11 +33,12 @@ def _got(v) -> str:
     return _fmt(v.shape) if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
 
 
-def _not_sharing(finals: list[torch.Tensor], initial: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The final states, each copied where it is (a view of) an initial state, as with no step to
-    run: the caller's own tensor is never handed back."""
-    given = {s.untyped_storage().data_ptr() for s in initial if s.numel()}
-    return [f.clone() if f.numel() and f.untyped_storage().data_ptr() in given else f for f in finals]
+def own_storage(finals: list[torch.Tensor], others: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The final states, each copied where it shares memory with one of `others` (the caller's
+    initial state when no step ran; an output's last step; the state sequence backward reads),
+    so that changing a final state in place changes nothing else, as with nn.LSTM's h_n."""
+    taken = {o.untyped_storage().data_ptr() for o in others if o.numel()}
+    return [f.clone() if f.numel() and f.untyped_storage().data_ptr() in taken else f for f in finals]
 
 
 class Recurrence(nn.Module):
@@ -134,7 +135,7 @@ class Recurrence(nn.Module):
         noises = self._sample_noise(T, B, dtype, device)
         outs, finals = self._run_sequence(xs, states0, contexts, noises, valid, dtype, device)
         if not torch.compiler.is_compiling():  # (the loop's custom op returns copies there)
-            finals = _not_sharing(finals, states0)
+            finals = own_storage(finals, states0)
         final_state = {prev.name: v for (prev, _), v in zip(self.cell.states, finals)}
         if self.remember:
             self._memory = {k: v.detach() for k, v in final_state.items()}
