@@ -71,3 +71,15 @@ def test_loop_op_keeps_a_stand_in_for_a_read_its_backward_never_looks_at(backend
     assert weight.data_ptr() == reads[1].data_ptr()
     out[0].sum().backward()
     assert reads[0].grad.shape == (T, B, 20) and reads[0].grad.abs().sum() > 0
+
+
+def test_an_sg_nn_lstm_compiles_whole_with_torch_compile_and_matches_torch():
+    torch.manual_seed(0)
+    mine, ref = sg.nn.LSTM(3, 5, num_layers=2), torch.nn.LSTM(3, 5, num_layers=2)
+    ref.load_state_dict(mine.state_dict())
+    x = torch.randn(6, 4, 3, requires_grad=True)
+    out, _ = torch.compile(mine, backend="aot_eager", fullgraph=True)(x)
+    want, _ = ref(x)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    g, = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(g, torch.autograd.grad(want.sum(), x)[0], atol=1e-5, rtol=1e-5)

@@ -45,8 +45,19 @@ class CompilerMissing(RuntimeError):
 
 
 def find_compiler() -> str | None:
-    """The C compiler: $CC if set, else the first of cc, gcc, clang on PATH (None if none)."""
-    cc = os.environ.get("CC")
+    """The C compiler: $CC if set, else the first of cc, gcc, clang on PATH (None if none).
+    Remembered per ($CC, $PATH): the file system is searched once, not at every call (nor while
+    torch.compile traces a call, which cannot trace a file lookup)."""
+    key = (os.environ.get("CC"), os.environ.get("PATH"))
+    if key not in _found_compilers:
+        _found_compilers[key] = _search_compiler(key[0])
+    return _found_compilers[key]
+
+
+_found_compilers: dict[tuple, str | None] = {}
+
+
+def _search_compiler(cc: str | None) -> str | None:
     if cc:
         return shutil.which(shlex.split(cc)[0]) and cc
     for name in ("cc", "gcc", "clang"):
