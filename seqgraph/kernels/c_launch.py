@@ -94,13 +94,19 @@ def _cpu_features() -> str:
     return platform.processor() or platform.machine()
 
 
-def _generator_fingerprint() -> str:
-    """A hash of the code that writes kernels (this package's generator and the op registry's
-    emitters), so a changed generator never loads a library an older one built."""
+def generator_modules() -> tuple:
+    """Every module whose text ends up in a C library: the region and loop generators, the
+    loops' C runtime, seqgraph's GEMM and the op registry's emitters."""
     from ..compiler import ops
-    from . import c_codegen, c_loops, cpu_gemm
+    from . import c_codegen, c_loop_prelude, c_loops, cpu_gemm
+    return (c_codegen, c_loops, c_loop_prelude, cpu_gemm, ops)
+
+
+def _generator_fingerprint() -> str:
+    """A hash of the code that writes kernels, so a changed generator never loads a library an
+    older one built."""
     h = hashlib.sha256()
-    for mod in (c_codegen, c_loops, cpu_gemm, ops):
+    for mod in generator_modules():
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()[:16]
 

@@ -52,9 +52,17 @@ typedef struct {
 #endif
 } sg_weight;
 
-/* own: the products run sg_mm (cpu_gemm.py) instead of MKL (float only) */
+/* Packing W costs about as much as a few products with it, and pays back per row multiplied:
+   a call that multiplies fewer than SG_PACK_MIN_ROWS rows by W in all (steps x this thread's
+   rows: a decoder run one step at a time, a batch of one) uses W as it is. Measured (LSTM, 2
+   threads, docs/kernels.md): at B=1 packing never paid, at T=50 B=16 it saved 7-17%. */
+#ifndef SG_PACK_MIN_ROWS
+#define SG_PACK_MIN_ROWS 128
+#endif
+
+/* own: the products run sg_mm (cpu_gemm.py) instead of MKL (float only); T: the call's steps */
 static int sg_weight_init(sg_weight* g, int64_t B, int64_t N, int64_t K, const real* W, int64_t s0, int64_t s1,
-                          int64_t own) {
+                          int64_t own, int64_t T) {
     g->n = N; g->k = K; g->owned = 0; g->packed = 0; g->own = 0;
     if (s1 == 1 && s0 >= K) { g->w = W; g->trans = 1; g->ld64 = s0; }
     else if (s0 == 1 && s1 >= N) { g->w = W; g->trans = 0; g->ld64 = s1; }
@@ -67,6 +75,7 @@ static int sg_weight_init(sg_weight* g, int64_t B, int64_t N, int64_t K, const r
     }
     g->ld = (int)g->ld64;
 #ifndef SG_DOUBLE
+    if (T * B < SG_PACK_MIN_ROWS) return 0;
     if (own && sg_mm != 0) {
         g->own = 1;
         return sg_mm_prepare(&g->mm, N, K, g->w, g->trans ? g->ld64 : 1, g->trans ? 1 : g->ld64);
@@ -79,7 +88,7 @@ static int sg_weight_init(sg_weight* g, int64_t B, int64_t N, int64_t K, const r
         sg_pack(101, 162, g->trans ? 112 : 111, (int)B, (int)N, (int)K, 1.0f, g->w, g->ld, (float*)g->packed);
     }
 #else
-    (void)own;
+    (void)own; (void)T;
 #endif
     return 0;
 }

@@ -100,7 +100,7 @@ class _LoopWriter:
             g = self.weights[w.id] = f"W{w.id}"
             lw = self.loc[w.id]
             N, K = w.shape
-            self.decl.append(f"if (sg_weight_init(&{g}, B, {N}, {K}, {lw.ptr}, {lw.rs}, {lw.cs}, own)) "
+            self.decl.append(f"if (sg_weight_init(&{g}, B, {N}, {K}, {lw.ptr}, {lw.rs}, {lw.cs}, own, T)) "
                              f"{{ rc = 1; goto done; }}  /* the weight %{w.id} */")
         lx = self.loc[x.id]
         plain = next((st for st in stores if st.node.id == n.id and st.mode == "plain" and not st.done), None)

@@ -351,6 +351,20 @@ def test_the_library_key_changes_with_structure_dtype_and_flags(monkeypatch):
     assert key(lstm_step()) != base
 
 
+def test_the_library_key_covers_every_module_whose_text_the_library_holds(monkeypatch):
+    # a module missing here would let an edited generator load a library an older one built
+    import re
+    from pathlib import Path
+    covered = {Path(m.__file__).name for m in c_launch.generator_modules()}
+    kernels = Path(c_launch.__file__).parent
+    writers = {p.name for p in kernels.glob("*.py") if re.search(r'r"""\s*\n?\s*(/\*|#|static|typedef)', p.read_text())}
+    assert "c_loop_prelude.py" in covered and writers <= covered
+    before = c_launch._generator_fingerprint()
+    prelude = Path(c_launch.generator_modules()[2].__file__)
+    monkeypatch.setattr(Path, "read_bytes", lambda self, _orig=Path.read_bytes: _orig(self) + (b"x" if self == prelude else b""))
+    assert c_launch._generator_fingerprint() != before
+
+
 def test_a_missing_compiler_raises_compiler_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("SEQGRAPH_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "/nonexistent/cc")

@@ -53,6 +53,16 @@ def test_unmasked_loops_in_float32_equal_the_reference():
     assert comp._program.c_loops.calls - before == 2
 
 
+@pytest.mark.parametrize("lengths", [None, torch.tensor([40, 7, 33, 0])])
+def test_a_call_long_enough_to_pack_its_weights_equals_the_reference_in_float32(lengths):
+    # 40 steps x 4 rows reach SG_PACK_MIN_ROWS (128): the products run on packed weights, while
+    # the short calls of the other tests multiply by the weights as they are
+    rec = sg.Recurrence(BUILTIN["lstm"]())
+    comp = sg.compile(rec, backend="cpu")
+    xs, ctx = make_inputs(rec.cell, 40, 4, dtype=torch.float32)
+    check_against_reference(rec, comp, xs, ctx, 1e-5, lengths=lengths)
+
+
 def test_inference_runs_the_forward_loop_that_saves_nothing():
     rec = sg.Recurrence(BUILTIN["gru"]())
     comp = sg.compile(rec, backend="cpu")
