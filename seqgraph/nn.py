@@ -227,7 +227,8 @@ class _RNNBase(nn.Module):
         for layer, row in enumerate(self._recs):
             outs = []
             for direction, rec in enumerate(row):
-                rec.train(self.training)
+                if rec.training != self.training:
+                    rec.train(self.training)
                 k = layer * self._directions + direction
                 state = None
                 if h0 is not None:
@@ -236,8 +237,9 @@ class _RNNBase(nn.Module):
                 # the weights as this module's attributes read now: a parametrized or reassigned
                 # weight (weight_norm, weight drop) is what the step computes with
                 names = self._torch_names[layer][direction]
-                rec._shown_as = f"sg.nn.{self.mode}" + (f" (layer {layer}, reverse)" if direction else
-                                                        f" (layer {layer})" if self.num_layers > 1 else "")
+                shown = f"sg.nn.{self.mode}" + (f" (layer {layer}, reverse)" if direction else
+                                                 f" (layer {layer})" if self.num_layers > 1 else "")
+                object.__setattr__(rec, "_shown_as", shown)  # how its errors name it
                 with rec.reading({key: getattr(self, name) for key, name in names.items()}):
                     out, final = rec(seq, state, lengths=lengths, mask=mask)
                 outs.append(out if direction == 0 else reverse_sequences(out, lengths, mask=mask))

@@ -89,11 +89,11 @@ class Recurrence(nn.Module):
         if set(values) != set(self.cell.params):
             raise KeyError(f"reading() needs exactly the cell's parameters {sorted(self.cell.params)}, "
                            f"got {sorted(values)}")
-        self._param_values = values
+        object.__setattr__(self, "_param_values", values)  # a plain attribute: no nn.Module bookkeeping
         try:
             yield self
         finally:
-            self._param_values = None
+            object.__setattr__(self, "_param_values", None)
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
@@ -211,8 +211,8 @@ class Recurrence(nn.Module):
                              f"floating-point tensor, got dtype {v.dtype}")
 
     def _float_dtype(self, xs) -> torch.dtype:
-        params = list(self.parameters())
-        pdtype = params[0].dtype if params else None
+        first = next(self.parameters(), None)
+        pdtype = first.dtype if first is not None else None
         for node, v in zip(self.cell.inputs, xs):
             if node.dtype == "float":
                 if pdtype is not None and v.dtype != pdtype:
