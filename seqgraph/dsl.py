@@ -167,10 +167,7 @@ class _ChunkGroup:
 def split(a: Node, sizes: Sequence[int], dim: int = -1) -> tuple[Node, ...]:
     """Cut `a` along `dim` into pieces of the given sizes (which must add up to its size)."""
     a = _node(a, "split")
-    try:
-        d = ops.norm_dim(dim, len(a.shape))
-    except ops.ShapeProblem as e:
-        raise ShapeError(f"split (declared at {user_site()}): {e}") from None
+    d = ops.norm_dim_or_raise(dim, len(a.shape), "split")
     if builtins.sum(sizes) != a.shape[d] or any(s <= 0 for s in sizes):
         raise ShapeError(f"split (declared at {user_site()}): sizes {list(sizes)} do not add up to "
                          f"{a.shape[d]}, the size of dim {dim} of {a.label()!r}")
