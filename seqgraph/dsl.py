@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import functools
 import math
+import operator
 from typing import Callable, Sequence
 
 import torch
@@ -21,6 +22,19 @@ from .errors import ShapeError, user_site
 
 Size = int | Sequence[int]
 Operand = Node | float  # a node, or a Python number that becomes a constant
+
+
+def _count(v, what: str) -> int:
+    """v as a positive int: Python's or numpy's integers, not a bool, a float or a string; the
+    ValueError names `what` (e.g. "Linear (declared at cell.py:3): in_features")."""
+    if not isinstance(v, bool):
+        try:
+            n = operator.index(v)
+        except TypeError:
+            n = 0
+        if n >= 1:
+            return n
+    raise ValueError(f"{what} must be a positive int, got {v!r}")
 
 
 def _shape(size: Size, what: str) -> tuple:
@@ -183,8 +197,10 @@ def split(a: Node, sizes: Sequence[int], dim: int = -1) -> tuple[Node, ...]:
 def chunk(a: Node, n: int, dim: int = -1) -> tuple[Node, ...]:
     """Cut `a` into `n` equal pieces along `dim` (like torch.chunk, but the size must divide)."""
     a = _node(a, "chunk")
-    if not isinstance(n, int) or n < 1:
-        raise ShapeError(f"chunk (declared at {user_site()}): the number of pieces must be a positive int, got {n!r}")
+    try:
+        n = _count(n, f"chunk (declared at {user_site()}): the number of pieces")
+    except ValueError as e:
+        raise ShapeError(str(e)) from None
     d = ops.norm_dim_or_raise(dim, len(a.shape), "chunk")
     if a.shape[d] % n:
         raise ShapeError(f"chunk (declared at {user_site()}): {a.label()!r} has size {a.shape[d]} "
@@ -337,10 +353,9 @@ class Linear(Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, name: str | None = None):
         super().__init__(name)
-        for what, v in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"Linear (declared at {user_site()}): {what} must be a positive int, got {v!r}")
-        self.in_features, self.out_features = in_features, out_features
+        where = f"Linear (declared at {user_site()})"
+        self.in_features = _count(in_features, f"{where}: in_features")
+        self.out_features = _count(out_features, f"{where}: out_features")
         bound = 1.0 / math.sqrt(self.in_features)
         self.weight = self._param("weight", (self.out_features, self.in_features), _uniform(bound))
         self.bias = self._param("bias", (self.out_features,), _uniform(bound)) if bias else None

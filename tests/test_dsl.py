@@ -360,3 +360,10 @@ def test_a_python_if_on_a_node_is_a_type_error_that_says_what_to_use():
 def test_linear_sizes_must_be_positive_ints(args):
     with pytest.raises(ValueError, match=r"Linear \(declared at .*test_dsl.py:\d+\): \w+_features must be a positive int"):
         sg.Linear(*args)
+
+
+def test_sizes_and_piece_counts_may_be_numpy_integers():
+    import numpy as np  # a dependency of the package
+    lin = sg.Linear(np.int64(4), np.int32(3))
+    assert (lin.in_features, lin.out_features) == (4, 3) and type(lin.in_features) is int
+    assert len(sg.chunk(sg.Input(4, name="x"), np.int64(2))) == 2
