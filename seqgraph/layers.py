@@ -292,9 +292,10 @@ class Repeater(nn.Module):
     def forward(self, x: torch.Tensor | Sequence[torch.Tensor], state=None, **kwargs):
         """x: (B, *size), or a tuple of them for a cell with several inputs."""
         dim = 1 if self.batch_first else 0
+        x = _padded(x, "sg.Repeater")  # a PackedSequence is a tuple too: refuse it before unpacking tuples
 
         def repeat(v: torch.Tensor) -> torch.Tensor:
-            if not isinstance(v, torch.Tensor) or isinstance(v, PackedSequence):
+            if not isinstance(v, torch.Tensor):
                 raise InputError(f"sg.Repeater: x must be a (B, *size) tensor or a tuple of them, got {type(v).__name__}")
             shape = list(v.shape)
             shape.insert(dim, self.steps)

@@ -441,3 +441,9 @@ def test_a_bidirectional_copy_starts_its_learned_initial_state_from_zero():
         rec.init["h"].fill_(3.0)
     bi = sg.Bidirectional(rec)
     assert (bi.bwd.init["h"] == 0).all() and (bi.fwd.init["h"] == 3.0).all()
+
+
+def test_a_repeater_given_a_packed_sequence_says_how_to_unpack_it():
+    packed = pack_padded_sequence(torch.randn(T, B, I), LENGTHS, enforce_sorted=False)
+    with pytest.raises(sg.InputError, match="sg.Repeater takes a padded tensor with lengths=, not a PackedSequence"):
+        sg.Repeater(sg.Recurrence(sg.cells.gru(I, H)), 3)(packed)
