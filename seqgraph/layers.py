@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .errors import InputError
-from .recurrence import Recurrence
+from .recurrence import Recurrence, refuse_packed
 
 
 # ---------------------------------------------------------------------------------------
@@ -116,14 +116,6 @@ def _layout_of(who: str, modules: Sequence[nn.Module], batch_first: bool | None)
                          f"change the layout its inner modules read; set batch_first on them instead "
                          f"(e.g. sg.Recurrence(cell, batch_first={batch_first}))")
     return bool(batch_first)
-
-
-def _padded(x, who: str):
-    """x, refused with a clear message if it is a PackedSequence (the layers need (T, B) steps)."""
-    if isinstance(x, PackedSequence):
-        raise InputError(f"{who} takes a padded tensor with lengths=, not a PackedSequence: unpack it with "
-                         f"torch.nn.utils.rnn.pad_packed_sequence (sg.nn.LSTM/GRU/RNN take PackedSequence)")
-    return x
 
 
 def _single_output(out, who: str) -> torch.Tensor:
@@ -240,7 +232,7 @@ class Bidirectional(nn.Module):
         if isinstance(state, dict) or len(state) != 2:
             raise InputError("sg.Bidirectional: state must be None or a pair (state_fwd, state_bwd)")
         bf = self.batch_first
-        x = _padded(x, "sg.Bidirectional")
+        x = refuse_packed(x, "sg.Bidirectional")
         T, B = (x.shape[1], x.shape[0]) if bf else (x.shape[0], x.shape[1])
         valid = _valid_steps(T, B, lengths, mask, bf, x.device, "sg.Bidirectional")
         out_f, fin_f = self.fwd(x, state[0], lengths=lengths, mask=mask, **kwargs)
@@ -292,7 +284,7 @@ class Repeater(nn.Module):
     def forward(self, x: torch.Tensor | Sequence[torch.Tensor], state=None, **kwargs):
         """x: (B, *size), or a tuple of them for a cell with several inputs."""
         dim = 1 if self.batch_first else 0
-        x = _padded(x, "sg.Repeater")  # a PackedSequence is a tuple too: refuse it before unpacking tuples
+        x = refuse_packed(x, "sg.Repeater")  # a PackedSequence is a tuple too: refuse it before unpacking tuples
 
         def repeat(v: torch.Tensor) -> torch.Tensor:
             if not isinstance(v, torch.Tensor):

@@ -33,6 +33,15 @@ def _got(v) -> str:
     return _fmt(v.shape) if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
 
 
+def refuse_packed(x, who: str):
+    """x, refused with a clear message if it is a PackedSequence: recurrences and the layers over
+    them take padded (T, B, ...) tensors and lengths=."""
+    if isinstance(x, PackedSequence):
+        raise InputError(f"{who} takes a padded tensor with lengths=, not a PackedSequence: unpack it with "
+                         f"torch.nn.utils.rnn.pad_packed_sequence (sg.nn.LSTM/GRU/RNN take PackedSequence)")
+    return x
+
+
 def own_storage(finals: list[torch.Tensor], others: list[torch.Tensor]) -> list[torch.Tensor]:
     """The final states, each copied where it shares memory with one of `others` (the caller's
     initial state when no step ran; an output's last step; the state sequence backward reads),
@@ -173,9 +182,7 @@ class Recurrence(nn.Module):
 
     def _check_inputs(self, x) -> list[torch.Tensor]:
         n = len(self.cell.inputs)
-        if isinstance(x, PackedSequence):
-            raise InputError(f"{self._where()}: takes a padded (T, B, ...) tensor with lengths=, not a PackedSequence: "
-                             f"unpack it with torch.nn.utils.rnn.pad_packed_sequence (sg.nn.LSTM/GRU/RNN take one)")
+        refuse_packed(x, self._where())
         if isinstance(x, torch.Tensor):
             x = (x,)
         if not isinstance(x, (tuple, list)) or not all(isinstance(v, torch.Tensor) for v in x):
