@@ -179,6 +179,13 @@ static int sg_split_rows(sg_rows_fn fn, int64_t T, int64_t B, const unsigned cha
     return fn(T, B, mask, B, P, D, own, 0);
 }
 
+/* rows Bt <= b < B of dst (B, w) contiguous: prev's rows (rows prs apart, columns pcs apart),
+   or zeros when prev is 0 */
+static void sg_tail(int64_t Bt, int64_t B, int64_t w, real* dst, const real* prev, int64_t prs, int64_t pcs) {
+    for (int64_t b = Bt; b < B; ++b)
+        for (int64_t j = 0; j < w; ++j) dst[b * w + j] = prev != 0 ? prev[b * prs + j * pcs] : 0;
+}
+
 /* acc (rows ars apart, columns acs apart) += src (likewise) */
 static void sg_accum(int64_t B, int64_t w, real* acc, int64_t ars, int64_t acs, const real* src, int64_t rs, int64_t cs) {
     for (int64_t b = 0; b < B; ++b)

@@ -57,7 +57,9 @@ class _LoopWriter:
         self.rows_dims: list[int] = []  # per slot: the dim that steps one batch row, -1 for none
         self.ws = 0  # workspace columns per batch row
         self.decl: list[str] = []  # before the loop
-        self.body: list[str] = []  # per step
+        self.body: list[str] = []  # per step, on the step's first Bt rows (see write)
+        self.tail: list[str] = []  # per step, for the rows from Bt on: carry or zero what the step stores
+        self.advance: list[str] = []  # per step, last: the carried values move to the step's results
         self.after: list[str] = []  # after the loop
         self.loc: dict[int, _Loc] = {}
         self.weights: dict[int, str] = {}  # weight node id -> sg_weight variable
@@ -108,7 +110,7 @@ class _LoopWriter:
             plain.done = True
         out = plain.target if plain is not None else self.buffer(width(n), f"%{n.id}")
         scratch = self.buffer(width(x), f"scratch of %{n.id}")
-        self.body.append(f"sg_linear(B, &{self.weights[w.id]}, {lx.ptr}, {lx.rs}, {lx.cs}, {out}, {scratch});"
+        self.body.append(f"sg_linear(Bt, &{self.weights[w.id]}, {lx.ptr}, {lx.rs}, {lx.cs}, {out}, {scratch});"
                          f"  /* %{n.id} linear{' ' + repr(n.name) if n.name else ''} */")
         self.loc[n.id] = _Loc(out, str(width(n)), "1")
         self.ncalls["gemm"] += 1
@@ -142,7 +144,7 @@ class _LoopWriter:
         # on this thread's rows when the loop split the batch over threads, else over the
         # threads itself
         f, a = kernel.gen.func_name, ", ".join(args)
-        self.body.append(f"if (split ? {f}_rows(0, B, B, {a}) : {f}(B, {a})) {{ rc = 1; goto done; }}  /* {ops_used} */")
+        self.body.append(f"if (split ? {f}_rows(0, Bt, Bt, {a}) : {f}(Bt, {a})) {{ rc = 1; goto done; }}  /* {ops_used} */")
         for st in mine:
             st.done = True
         self.ncalls["region"] += 1
@@ -154,9 +156,20 @@ class _LoopWriter:
         s = self.loc[st.node.id]
         mode = {"plain": 0, "zero": 1, "carry": 2}[st.mode]
         p = self.loc[st.prev.id] if st.prev is not None else _Loc("0", "0", "0")
-        self.body.append(f"sg_store(B, {width(st.node)}, {s.ptr}, {s.rs}, {s.cs}, {st.target}, {mode}, "
+        self.body.append(f"sg_store(Bt, {width(st.node)}, {s.ptr}, {s.rs}, {s.cs}, {st.target}, {mode}, "
                          f"{p.ptr}, {p.rs}, {p.cs}, {'mt' if mode else '0'});  /* %{st.node.id} {st.mode} */")
         return None
+
+    def fill_tail(self, target: str, node: Node, prev: Node | None = None) -> None:
+        """Rows from Bt on skip the step; what the step stores for them is what a padded row
+        stores: `prev`'s row (a carried state, or the state gradient passing through) or zero
+        (outputs, saved values and gradients, so the sums over rows after the loop stay finite)."""
+        if prev is None:
+            self.tail.append(f"sg_tail(Bt, B, {width(node)}, {target}, 0, 0, 0);  /* %{node.id}: zero */")
+        else:
+            p = self.loc[prev.id]
+            self.tail.append(f"sg_tail(Bt, B, {width(node)}, {target}, {p.ptr}, {p.rs}, {p.cs});"
+                             f"  /* %{node.id}: %{prev.id}'s rows */")
 
     def stages(self, stages, live: set[int], stores: list[Store]) -> str | None:
         for s in stages:
@@ -193,7 +206,18 @@ class _LoopWriter:
         lines += ["    " + ln for ln in self.decl]
         lines.append("    " + loop)
         lines.append("        const unsigned char* mt = mask != 0 ? mask + t * mts : 0; (void)mt;")
-        lines += ["        " + ln for ln in self.body]
+        # rows from Bt on are padding at this step (a batch sorted by length ends in such rows):
+        # the step's products and regions skip them, and sg_tail gives them a padded row's values
+        lines.append("        int64_t Bt = B;")
+        lines.append("        if (mt != 0) while (Bt > 0 && mt[Bt - 1] == 0) --Bt;")
+        lines.append("        if (Bt > 0) {")
+        lines += ["            " + ln for ln in self.body]
+        lines.append("        }")
+        if self.tail:
+            lines.append("        if (Bt < B) {")
+            lines += ["            " + ln for ln in self.tail]
+            lines.append("        }")
+        lines += ["        " + ln for ln in self.advance]
         lines.append("    }")
         lines += ["    " + ln for ln in self.after]
         lines.append("done:")
@@ -277,8 +301,11 @@ def forward_loop(plan: Plan, lib, masked: bool, save: bool, func_name: str) -> t
     why = wr.stages(plan.stages, live, stores)
     if why:
         return None, why
+    if masked:
+        for st in stores:
+            wr.fill_tail(st.target, st.node, st.prev)
     for j, (p, _) in enumerate(step.states):
-        wr.body.append(f"sp{j} = {nexts[j]}; sp{j}_rs = {width(p)}; sp{j}_cs = 1;")
+        wr.advance.append(f"sp{j} = {nexts[j]}; sp{j}_rs = {width(p)}; sp{j}_cs = 1;")
         wr.after.append(f"sg_store(B, {width(p)}, sp{j}, sp{j}_rs, sp{j}_cs, p{fins[j]}, 0, 0, 0, 0, 0);")
     return wr.write(reverse=False), ""
 
@@ -310,7 +337,7 @@ def backward_loop(plan: Plan, bwd, lib, masked: bool, func_name: str) -> tuple[s
         wr.loc[d.mask.id] = _Loc(f"p{i} + t * d{i}[0]", f"d{i}[1]", "1")
     stores = [Store(g, f"(p{drs[k]} + t * d{drs[k]}[0])") for k, g in lay.hoisted_grads]
     stores += [Store(n, f"(p{sts[k]} + t * d{sts[k]}[0])") for k, n in enumerate(lay.new_stash)]
-    nexts = []
+    nexts, passes = [], {}
     for j, g in enumerate(d.grad_prev):
         w = width(step.states[j][0])
         if g is None:  # no gradient reaches the previous state: it is zero
@@ -321,6 +348,7 @@ def backward_loop(plan: Plan, bwd, lib, masked: bool, func_name: str) -> tuple[s
         target = _double_buffer(wr, g, f"state gradient {j}")
         nexts.append(target)
         stores.append(Store(g, target))
+        passes[len(stores) - 1] = d.grad_next[j]  # on a padded row the gradient passes through
     live = {n.id for n in lay.new_stash} | {g.id for g in d.grad_prev if g is not None} \
         | {g.id for g in d.grad_of.values()} | {i.id for n in bwd.post for i in n.inputs}
     why = wr.stages(bwd.stages, live, stores)
@@ -330,10 +358,13 @@ def backward_loop(plan: Plan, bwd, lib, masked: bool, func_name: str) -> tuple[s
         if not g.batched or g.id not in wr.loc:
             return None, f"the summed gradient %{g.id} is not a batched value of the loop"
         s, a = wr.loc[g.id], drs[k]
-        wr.body.append(f"sg_accum(B, {width(g)}, p{a}, d{a}[0], {f'd{a}[1]' if width(g) > 1 else '1'}, "
+        wr.body.append(f"sg_accum(Bt, {width(g)}, p{a}, d{a}[0], {f'd{a}[1]' if width(g) > 1 else '1'}, "
                        f"{s.ptr}, {s.rs}, {s.cs});  /* dr{k} += %{g.id} */")
+    if masked:
+        for k, st in enumerate(stores):
+            wr.fill_tail(st.target, st.node, passes.get(k))
     for j, (p, _) in enumerate(step.states):
-        wr.body.append(f"gp{j} = {nexts[j]}; gp{j}_rs = {width(p)}; gp{j}_cs = 1;")
+        wr.advance.append(f"gp{j} = {nexts[j]}; gp{j}_rs = {width(p)}; gp{j}_cs = 1;")
         wr.after.append(f"sg_store(B, {width(p)}, gp{j}, gp{j}_rs, gp{j}_cs, p{gfs[j]}, 0, 0, 0, 0, 0);")
     return wr.write(reverse=True), ""
 

@@ -34,6 +34,60 @@ def test_every_cell_without_torch_stages_runs_forward_and_backward_loops_in_c(na
     assert loops.calls - before == 2  # the masked forward (saving) and the masked backward
 
 
+# rows 3 and 4 end first; at step 2 every row is padding; row 2 pauses at steps 1-2, while the
+# rows after it are padding too (the loop skips it), and comes back at step 3
+GAPPED_MASK = torch.tensor([[1, 1, 1, 1, 0],
+                            [1, 1, 0, 0, 0],
+                            [0, 0, 0, 0, 0],
+                            [1, 0, 1, 0, 0],
+                            [1, 0, 0, 0, 0]], dtype=torch.bool)
+
+
+@pytest.mark.parametrize("name", sorted(set(CASES) - IN_PYTHON))
+@pytest.mark.parametrize("padding", ["lengths longest first", "mask with gaps"])
+def test_every_cell_equals_the_reference_when_the_last_rows_are_padding(name, padding):
+    rec, comp = _compile(name)
+    xs, ctx = make_inputs(rec.cell, 5, 5, dtype=torch.float64)
+    states = {p.name: torch.randn(5, *p.shape, dtype=torch.float64) for p, _ in rec.cell.states}
+    pad = {"lengths": torch.tensor([5, 4, 2, 1, 0])} if padding.startswith("lengths") else {"mask": GAPPED_MASK}
+    check_against_reference(rec, comp, xs, ctx, 1e-10, state=states, **pad)
+
+
+@pytest.mark.parametrize("split", ["steps", "rows"])
+def test_the_gradient_of_initial_states_passes_rows_the_loop_skips(split, monkeypatch, two_threads):
+    monkeypatch.setenv("SEQGRAPH_LOOP_SPLIT", split)
+    rec = sg.Recurrence(BUILTIN["lstm_layer_norm"]()).double()
+    comp = sg.compile(rec, backend="cpu")
+    x = torch.randn(6, 8, 3, dtype=torch.float64)
+    lengths = torch.tensor([6, 6, 5, 3, 6, 2, 1, 0])  # each thread's rows end in short ones
+    grads = []
+    for module in (rec, comp):
+        h0 = torch.randn(8, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        c0 = torch.randn(8, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        out, fin = module(x, {"h": h0, "c": c0}, lengths=lengths)
+        loss = (out * torch.linspace(0, 1, 5)).sum() + (fin["c"] ** 2).sum() + fin["h"].sum()
+        grads.append(torch.autograd.grad(loss, [h0, c0]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-10)
+    assert comp._program.c_loops.last_threads == (2 if split == "rows" else 1)
+
+
+def test_the_loop_skips_padded_rows_only_when_no_later_row_is_real():
+    # what the forward saves for backward shows which rows a step computed: the C loop writes
+    # zeros for the rows it skipped, and computed values for padded rows before a real one
+    rec = sg.Recurrence(BUILTIN["gru_seed_form"]())
+    comp = sg.compile(rec, backend="cpu")
+    T, B = 3, 2
+    reads, states = _loop_inputs(comp, T, B)
+    forward = comp._program.fns["forward"]
+    ends_padded = torch.tensor([[True, True], [True, False], [True, False]])
+    _, _, (saved, _) = forward(T, B, ends_padded, reads, states, True)
+    assert all((sv[1:, 1] == 0).all() and (sv[:, 0] != 0).any() for sv in saved)
+    starts_padded = ends_padded.flip(1)
+    _, _, (saved, _) = forward(T, B, starts_padded, reads, states, True)
+    assert all((sv[1:, 0] != 0).any() for sv in saved)
+
+
 @pytest.mark.parametrize("name", sorted(IN_PYTHON))
 def test_a_plan_with_torch_stages_keeps_python_loops_and_says_why(name):
     rec, comp = _compile(name)
@@ -119,8 +173,11 @@ def test_the_c_forward_loop_equals_the_python_loop_for_any_weight_layout(layout)
     fns = comp._program.fns
     c_out, c_fin, c_saved = fns["forward"](T, B, mask, reads, states, True)
     p_out, p_fin, p_saved = fns["forward_c"].__globals__["forward"](T, B, mask, reads, states, True)
-    for a, b in zip(c_out + c_fin + c_saved[0] + c_saved[1], p_out + p_fin + p_saved[0] + p_saved[1]):
+    for a, b in zip(c_out + c_fin, p_out + p_fin):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    # what backward reads: the saved values of real rows (the C loop skips the padded last row)
+    for a, b in zip(c_saved[0] + c_saved[1], p_saved[0] + p_saved[1]):
+        torch.testing.assert_close(a[:, :2], b[:, :2], atol=1e-6, rtol=1e-6)
 
 
 def test_empty_sequences_and_batches_equal_the_reference():
