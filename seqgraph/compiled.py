@@ -23,7 +23,7 @@ from torch import nn
 
 from . import cuda_graphs, custom_ops
 from .cell import Cell
-from .compiler.codegen_torch import generate
+from .compiler.codegen_torch import generate, real_step_rows
 from .compiler.pipeline import compile_plan
 from .compiler.plan import Plan
 from .recurrence import Recurrence, own_storage
@@ -269,7 +269,7 @@ class CompiledRecurrence(Recurrence):
         params = list(self.param_tensors().values())
         step = program.plan.step
         assert len(params) == len(step.params)
-        reads = fns["prologue"](T, B, list(xs), list(contexts), list(noises), params)
+        reads = fns["prologue"](T, B, list(xs), list(contexts), list(noises), params, real_step_rows(valid))
         need_grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in list(reads) + list(states0) if isinstance(t, torch.Tensor))
         if need_grad and not program.plan.backward_ok(valid is not None):

@@ -1,7 +1,7 @@
 """Code generation for the `torch` backend: the plan as straight-line Python over torch ops.
 
 It writes one Python module per plan with three functions: `prologue` (invariants once, hoisted
-nodes over all T*B rows; runs under ordinary autograd), `forward` (the time loop; fills the
+nodes over all T*B rows, or over the real steps of a padded batch only; runs under ordinary autograd), `forward` (the time loop; fills the
 outputs, the final states, and what the plan says to save) and `backward` (the reverse loop
 over the symbolic derivative, then the weight-gradient reductions as single large GEMMs over
 all steps; codegen_torch_backward.py writes it with the emitters here). Every value is a local
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
+
+import torch
 
 from .ir import Node
 from .ops import REGISTRY, py_literal
@@ -342,15 +344,59 @@ def generate(plan: Plan, name: str = "cell", region_call: RegionCall | None = No
         emit_backward(src, plan, bwd, masked, region_call, pack)
     src.globals["_c"] = _const_tensor
     src.globals["_pack"] = _pack_weight
+    src.globals["_real_rows"] = _real_rows
+    src.globals["_batch_rows"] = _batch_rows
+    src.globals["_all_rows"] = _all_rows
+    src.globals["_step_rows"] = real_step_rows
     src.globals["_packed_linear"] = _packed_linear
     return src
 
 
+# -- rows over all steps: all T*B, or only the real steps of a padded batch ----------------
+REAL_ROWS_BELOW = 0.6  # the share of real steps at or under which the work over all rows skips padding
+
+
+def real_step_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The rows t * B + b of a padded batch's real steps, for the prologue's hoisted nodes
+    (the input products) and the backward's reductions after the loop (the weight gradients)
+    to run on those rows only. None (all T*B rows) when more than 60% of the steps are real,
+    when the batch is not on the CPU (finding the rows would wait for the GPU and change a
+    CUDA graph's shapes), or under torch.compile (their count would be a data-dependent
+    shape). Gathering the real rows and scattering results back cost about what the products
+    save on a fraction of their rows (measured: docs/masking.md)."""
+    if mask is None or mask.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    flat = mask.reshape(-1)
+    real = flat.nonzero().squeeze(1)
+    return real if real.numel() <= REAL_ROWS_BELOW * flat.numel() else None
+
+
+def _real_rows(v: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """A per-step value as (T*B, ...) rows, or only its real `rows`."""
+    return v if rows is None else v.index_select(0, rows)
+
+
+def _batch_rows(v: torch.Tensor, T: int, rows: torch.Tensor | None) -> torch.Tensor:
+    """A (B, ...) value repeated for each step's rows, or for the real `rows` only (row t*B + b is b)."""
+    if rows is None:
+        return v.repeat(T, *([1] * (v.dim() - 1)))
+    return v.index_select(0, rows % v.shape[0])
+
+
+def _all_rows(v: torch.Tensor, rows: torch.Tensor | None, total: int) -> torch.Tensor:
+    """Hoisted real rows back as all T*B rows, the padding's rows zero."""
+    if rows is None:
+        return v
+    out = v.new_zeros((total,) + v.shape[1:])
+    out[rows] = v
+    return out
+
+
 def _emit_prologue(src: Source, plan: Plan) -> None:
     step = plan.step
-    src.emit("def prologue(T, B, xs, contexts, noises, params):")
+    src.emit("def prologue(T, B, xs, contexts, noises, params, rows=None):")
     src.indent += 1
-    src.emit('"""Invariants once per call, hoisted nodes over all T*B rows (ordinary autograd)."""')
+    src.emit('"""Invariants once per call, hoisted nodes over all T*B rows or the real `rows` (ordinary autograd)."""')
     names = lambda nodes: ", ".join(_v(n) for n in nodes) + ("," if len(nodes) == 1 else "")  # noqa: E731
     if step.inputs:
         src.emit(f"{names(step.inputs)} = xs")
@@ -364,12 +410,12 @@ def _emit_prologue(src: Source, plan: Plan) -> None:
     rows: dict[int, str] = {}
     for x in step.inputs:
         rows[x.id] = f"{_v(x)}_rows"
-        src.emit(f"{_v(x)}_rows = {_v(x)}.reshape({shape_tuple(x, 'T * B')})", x)
+        src.emit(f"{_v(x)}_rows = _real_rows({_v(x)}.reshape({shape_tuple(x, 'T * B')}), rows)", x)
     for nz in step.noises:
         if not nz.attrs["per_sequence"]:
             rows[nz.id] = f"{_v(nz)}_rows"
-            src.emit(f"{_v(nz)}_rows = {_v(nz)}.expand({shape_tuple(nz, 'T, B')[1:-1]}).reshape("
-                     f"{shape_tuple(nz, 'T * B')})", nz)
+            src.emit(f"{_v(nz)}_rows = _real_rows({_v(nz)}.expand({shape_tuple(nz, 'T, B')[1:-1]}).reshape("
+                     f"{shape_tuple(nz, 'T * B')}), rows)", nz)
         else:
             src.emit(f"{_v(nz)} = {_v(nz)}.expand({shape_tuple(nz, 'B')})", nz)
     env: dict[int, str] = {}
@@ -379,7 +425,7 @@ def _emit_prologue(src: Source, plan: Plan) -> None:
         for i in n.inputs:
             if i.batched and plan.cls[i.id] == "invariant" and i.id not in rows:
                 rows[i.id] = f"{_v(i)}_rows"
-                src.emit(f"{_v(i)}_rows = {_v(i)}.repeat({', '.join(['T'] + ['1'] * len(i.shape))})", i)
+                src.emit(f"{_v(i)}_rows = _batch_rows({_v(i)}, T, rows)", i)
     env = dict(rows)
     for n in plan.hoisted:
         env[n.id] = f"{_v(n)}_rows"
@@ -389,7 +435,7 @@ def _emit_prologue(src: Source, plan: Plan) -> None:
     outs = []
     for r in plan.reads:
         if plan.cls[r.id] == "hoisted":
-            outs.append(f"{env[r.id]}.reshape({shape_tuple(r, 'T, B')})")
+            outs.append(f"_all_rows({env[r.id]}, rows, T * B).reshape({shape_tuple(r, 'T, B')})")
         else:
             outs.append(_v(r))
     src.emit(f"return [{', '.join(outs)}]")

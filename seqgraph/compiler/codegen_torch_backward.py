@@ -78,6 +78,7 @@ def emit_backward_head(src: Source, plan: Plan, bwd: BackwardPlan, masked: bool,
         src.emit(f"{', '.join(f'go{k}' for k in range(no))}, = grad_outs")
     ref = "ss0" if ns else "go0"
     src.emit(f"B = {ref}.shape[1]")
+    src.emit(f"rows = {'_step_rows(mask)' if masked else 'None'}  # the rows the reductions after the loop sum")
     _bind_reads(src, plan, None)
     emit_nodes(src, bwd.pre, {}, {i.id for n in bwd.loop + bwd.post for i in n.inputs})
     for k, _ in lay.hoisted_grads:
@@ -90,13 +91,14 @@ def emit_backward_head(src: Source, plan: Plan, bwd: BackwardPlan, masked: bool,
 
 
 def emit_backward_tail(src: Source, plan: Plan, bwd: BackwardPlan, lay: BackwardLayout) -> None:
-    """After the loop: reductions over all T*B rows at once (weight gradients as one GEMM each),
-    then the gradients of the reads and of the initial states."""
+    """After the loop: reductions over all T*B rows at once, or over the real ones of a padded
+    batch, whose padding adds zero (weight gradients as one GEMM each), then the gradients of
+    the reads and of the initial states."""
     d = bwd.deriv
     env = {}
     for n in bwd.stash:
         env[n.id] = f"{_v(n)}_all"
-        src.emit(f"{_v(n)}_all = {lay.stash_expr[n.id]}.reshape({shape_tuple(n, 'T * B')})", n)
+        src.emit(f"{_v(n)}_all = _real_rows({lay.stash_expr[n.id]}.reshape({shape_tuple(n, 'T * B')}), rows)", n)
     emit_nodes(src, bwd.post, env, set())
     grads = []
     for k, r in enumerate(plan.reads):

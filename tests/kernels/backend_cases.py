@@ -36,14 +36,16 @@ def loss(outs, state):
 
 
 def check_against_reference(rec, comp, xs, ctx, tol, **kw):
-    """Outputs and final states within `tol`, gradients of every input and parameter within 10 tol."""
+    """Outputs and final states within `tol`, gradients of every input, context and parameter
+    within 10 tol."""
     o1, s1 = run(rec, xs, ctx, **kw)
     o2, s2 = run(comp, xs, ctx, **kw)
     for a, b in zip(o1, o2):
         torch.testing.assert_close(b, a, atol=tol, rtol=tol)
     for k in s1:
         torch.testing.assert_close(s2[k], s1[k], atol=tol, rtol=tol)
-    wrt = [x for x in xs if x.requires_grad] + list(rec.parameters())
+    ctx_leaves = [c for c in (ctx or {}).values() if c.requires_grad]
+    wrt = [x for x in xs if x.requires_grad] + ctx_leaves + list(rec.parameters())
     g1 = torch.autograd.grad(loss(o1, s1), wrt, allow_unused=True)
     g2 = torch.autograd.grad(loss(o2, s2), wrt, allow_unused=True)
     for a, b in zip(g1, g2):

@@ -1,0 +1,75 @@
+"""The generated torch code's rows over all steps: all T*B, or only the real steps of a padded
+batch (the prologue's hoisted products and the backward's weight gradients skip the padding)."""
+import os
+import sys
+
+import pytest
+import torch
+
+import seqgraph as sg
+import seqgraph.compiler.codegen_torch as codegen_torch
+from seqgraph.compiler.codegen_torch import real_step_rows
+
+from zoo import make_inputs
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "kernels"))
+from backend_cases import CASES, check_against_reference  # noqa: E402
+
+MOSTLY_PADDING = torch.tensor([5, 1, 0, 2])  # 8 real steps of 20
+
+
+def test_real_step_rows_lists_the_real_steps_of_a_mostly_padded_batch():
+    mask = torch.arange(5)[:, None] < MOSTLY_PADDING[None, :]  # (T, B)
+    rows = real_step_rows(mask)
+    assert rows.tolist() == [t * 4 + b for t in range(5) for b in range(4) if mask[t, b]]
+
+
+def test_real_step_rows_keeps_every_row_when_most_steps_are_real_or_there_is_no_mask():
+    mask = torch.arange(5)[:, None] < torch.tensor([5, 5, 4, 3])[None, :]  # 17 of 20 real
+    assert real_step_rows(mask) is None
+    assert real_step_rows(None) is None
+
+
+def test_real_step_rows_keeps_every_row_off_the_cpu():
+    # finding the rows would wait for the GPU and give a CUDA graph a data-dependent shape
+    mask = (torch.arange(5)[:, None] < MOSTLY_PADDING[None, :]).to("meta")
+    assert real_step_rows(mask) is None
+
+
+def _context_cell():
+    """A hoisted product that reads a per-sequence context (repeated for each real row) and
+    per-step dropout noise (drawn for every step, kept on the real rows)."""
+    x, ctx, h = sg.Input(3, name="x"), sg.Context(2, name="ctx"), sg.State(4, name="h")
+    pre = sg.Linear(5, 4)(sg.dropout(sg.concat([x, ctx]), 0.3))
+    return sg.Cell([x], {h: sg.tanh(pre + sg.Linear(4, 4)(h))})
+
+
+def test_the_prologue_on_the_real_rows_gives_the_full_prologues_rows_and_zero_padding():
+    rec = sg.Recurrence(sg.cells.lstm(3, 5)).double()
+    prologue = sg.compile(rec, backend="torch")._program.fns["prologue"]
+    T, B = 5, 4
+    x = torch.randn(T, B, 3, dtype=torch.float64)
+    params = list(rec.param_tensors().values())
+    mask = torch.arange(T)[:, None] < MOSTLY_PADDING[None, :]
+    full = prologue(T, B, [x], [], [], params)
+    real = prologue(T, B, [x], [], [], params, real_step_rows(mask))
+    hoisted = [k for k, r in enumerate(full) if r.dim() == 3]
+    assert hoisted
+    for k in hoisted:
+        torch.testing.assert_close(real[k][mask], full[k][mask])
+        assert (real[k][~mask] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("rows", ["real rows only", "all rows"])
+@pytest.mark.parametrize("name", sorted(CASES) + ["context_and_dropout"])
+def test_every_cell_equals_the_reference_with_mostly_padded_batches(name, rows, backend, monkeypatch):
+    # all rows: the same call with the real-rows path switched off, so both paths are checked
+    monkeypatch.setattr(codegen_torch, "REAL_ROWS_BELOW", 1.0 if rows == "real rows only" else -1.0)
+    cell = _context_cell() if name == "context_and_dropout" else CASES[name]()
+    rec = sg.Recurrence(cell).double()
+    comp = sg.compile(rec, backend=backend)
+    xs, ctx = make_inputs(rec.cell, 5, 4)
+    if name == "context_and_dropout":
+        ctx = {"ctx": torch.randn(4, 2, dtype=torch.float64, requires_grad=True)}
+    check_against_reference(rec, comp, xs, ctx, 1e-10, lengths=MOSTLY_PADDING)
