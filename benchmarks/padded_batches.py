@@ -6,6 +6,7 @@ kernels on a CPU):
 
   sg sorted      lengths longest first: each step's products skip the rows that have ended
   sg shuffled    the same lengths in random order: only the work over all steps skips padding
+  sg packed      a PackedSequence of the shuffled batch (sg.nn runs it longest first, as packed)
   sg no skip     the sorted batch with both kinds of skipping switched off (every row, every step)
   nn.LSTM padded / packed   oneDNN on the padded batch, and on a PackedSequence of it
 
@@ -27,7 +28,8 @@ def main(T: int = 50, B: int = 64, H: int = 256, reps: int = 11, lo: float = 0.0
     lstm.load_state_dict(ref.state_dict())
     x = torch.randn(T, B, H)
     lengths = torch.randint(max(1, int(lo * T)), T + 1, (B,)).sort(descending=True).values
-    shuffled = lengths[torch.randperm(B)]
+    perm = torch.randperm(B)
+    shuffled = lengths[perm]
     real_rows_below = codegen_torch.REAL_ROWS_BELOW
     every_step = torch.ones(T, B, dtype=torch.bool)  # a mask: the loop's trailing-row skip never fires
 
@@ -43,6 +45,10 @@ def main(T: int = 50, B: int = 64, H: int = 256, reps: int = 11, lo: float = 0.0
             out.sum().backward()
         return run
 
+    def seqgraph_packed():
+        out, _ = lstm(torch.nn.utils.rnn.pack_padded_sequence(x[:, perm], shuffled, enforce_sorted=False))
+        out.data.sum().backward()
+
     def torch_padded():
         out, _ = ref(x)
         (out * (torch.arange(T)[:, None] < lengths[None, :])[..., None]).sum().backward()
@@ -51,7 +57,7 @@ def main(T: int = 50, B: int = 64, H: int = 256, reps: int = 11, lo: float = 0.0
         out, _ = ref(torch.nn.utils.rnn.pack_padded_sequence(x, lengths))
         out.data.sum().backward()
 
-    peers = {"sg sorted": seqgraph_run(lengths), "sg shuffled": seqgraph_run(shuffled),
+    peers = {"sg sorted": seqgraph_run(lengths), "sg shuffled": seqgraph_run(shuffled), "sg packed": seqgraph_packed,
              "sg no skip": seqgraph_run(lengths, skip=False), "nn.LSTM padded": torch_padded,
              "nn.LSTM packed": torch_packed}
     try:

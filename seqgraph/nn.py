@@ -191,7 +191,9 @@ class _RNNBase(nn.Module):
             if lengths is not None or mask is not None:
                 raise InputError(f"sg.nn.{self.mode}: a PackedSequence carries its own lengths; "
                                  f"do not pass lengths/mask")
-            x, lengths = pad_packed_sequence(input, batch_first=False)
+            # padded in the packed (longest first) order, which lets each step skip the rows that
+            # have ended (docs/masking.md); hx and h_n are in the caller's order, as in torch
+            x, lengths = pad_packed_sequence(PackedSequence(input.data, input.batch_sizes), batch_first=False)
         else:
             if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
                 raise InputError(f"sg.nn.{self.mode}: expected input to be 2-D (unbatched) or 3-D, got "
@@ -221,6 +223,8 @@ class _RNNBase(nn.Module):
             lengths = torch.as_tensor(lengths).to(x.device)
         B = x.shape[1]
         h0, c0 = self._initial(hx, B, unbatched, x)
+        if packed and input.sorted_indices is not None:
+            h0, c0 = [None if v is None else v.index_select(1, input.sorted_indices) for v in (h0, c0)]
 
         layer_in = x
         h_n, c_n = [], []
@@ -254,7 +258,11 @@ class _RNNBase(nn.Module):
         h_n = torch.stack(h_n)
         c_n = torch.stack(c_n) if c_n else None
         if packed:
-            output = _repack(output, lengths, input)
+            output = PackedSequence(pack_padded_sequence(output, lengths.cpu(), enforce_sorted=True).data,
+                                    input.batch_sizes, input.sorted_indices, input.unsorted_indices)
+            if input.unsorted_indices is not None:
+                h_n = h_n.index_select(1, input.unsorted_indices)
+                c_n = None if c_n is None else c_n.index_select(1, input.unsorted_indices)
         elif unbatched:
             output, h_n = output.squeeze(1), h_n.squeeze(1)
             c_n = None if c_n is None else c_n.squeeze(1)
@@ -299,15 +307,6 @@ class _RNNBase(nn.Module):
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
         return s
-
-
-def _repack(output: torch.Tensor, lengths: torch.Tensor, like: PackedSequence) -> PackedSequence:
-    """Pack a (T, B, ...) output with the batch order and batch sizes of the input `like`."""
-    if like.sorted_indices is not None:
-        output = output.index_select(1, like.sorted_indices)
-        lengths = lengths.index_select(0, like.sorted_indices.to(lengths.device))
-    data = pack_padded_sequence(output, lengths.cpu(), enforce_sorted=True).data
-    return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
 
 
 class RNN(_RNNBase):

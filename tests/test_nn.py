@@ -125,6 +125,16 @@ def test_padded_input_with_lengths_matches_torch_packed(case):
         assert_close(a, b)
 
 
+def test_a_packed_sequence_runs_longest_first_so_steps_skip_ended_rows():
+    lstm = sg.nn.LSTM(3, 4, num_layers=2, bidirectional=True)
+    seen = []
+    for row in lstm._recs:
+        for rec in row:
+            rec.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw["lengths"].tolist()), with_kwargs=True)
+    lstm(pack_padded_sequence(torch.randn(5, 3, 3), LENGTHS, enforce_sorted=False))
+    assert seen == [[5, 4, 2]] * 4
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_packed_sequence_input_matches_torch(case):
     mode, L, bi, bf, bias, kw = case
