@@ -12,8 +12,9 @@ threads, each may run the whole loop on rows of the batch of its own (`sg_split_
 `loop_threads` decides per call). Each loop writes outputs, states and what backward saves
 straight into their (T, B, ...) buffers. `P` holds one pointer per tensor slot and `D` three
 strides per slot, so strided inputs work without copies. States and gradients carried to the
-next step live in double buffers. A thin generated Python wrapper per loop (`forward_c`, `backward_*_c`)
-allocates the buffers exactly as the Python loops do and runs the same pre- and post-loop
+next step live in double buffers. A masked loop skips, at each step, the rows at the end of the
+batch (or of its thread's rows) that are padding there, and `sg_tail` fills their rows. A
+thin generated Python wrapper per loop (`forward_c`, `backward_*_c`) allocates the buffers exactly as the Python loops do and runs the same pre- and post-loop
 code, so the weight gradients stay single large GEMMs after the loop.
 
 Plans with a stage no C code covers (a torch fallback, a matmul of per-example matrices), or
