@@ -96,7 +96,8 @@ def get_program(cell: Cell, backend: str, unroll: int = 1) -> Program:
     if backend == "cpu":  # whole loops in C where every stage has C code (else the Python loops call the kernels)
         from .kernels.c_loops import emit_c_loops
         c_loops = emit_c_loops(src, plan)
-        plan.loops = ("C, one function per loop variant (no Python per step)" if not isinstance(c_loops, str)
+        plan.loops = ("C, one function per loop variant (no Python per step; a masked step skips the rows "
+                      "that end the batch as padding)" if not isinstance(c_loops, str)
                       else f"Python, calling the C kernels (no C loop: {c_loops})")
     text = src.text()
     clib = src.globals.get("_clib")

@@ -1,14 +1,16 @@
 """Code generation for the `torch` backend: the plan as straight-line Python over torch ops.
 
 It writes one Python module per plan with three functions: `prologue` (invariants once, hoisted
-nodes over all T*B rows, or over the real steps of a padded batch only; runs under ordinary autograd), `forward` (the time loop; fills the
-outputs, the final states, and what the plan says to save) and `backward` (the reverse loop
-over the symbolic derivative, then the weight-gradient reductions as single large GEMMs over
-all steps; codegen_torch_backward.py writes it with the emitters here). Every value is a local
-`v<id>`; every line ends with a comment naming the node it came from and the user's file:line. Hot ops get a direct torch expression; any other op calls
-its registry torch rule, so the generated code can never disagree with the interpreter. A
-fused region can be emitted by another backend (`region_call`), which is how the Triton
-backend reuses this generator. Must not make planning decisions.
+nodes over all T*B rows, or over the real steps of a padded batch only; runs under ordinary
+autograd), `forward` (the time loop; fills the outputs, the final states, and what the plan
+says to save) and `backward` (the reverse loop over the symbolic derivative, then the
+weight-gradient reductions as single large GEMMs over all steps; codegen_torch_backward.py
+writes it with the emitters here). Every value is a local `v<id>`; every line ends with a
+comment naming the node it came from and the user's file:line. Hot ops get a direct torch
+expression; any other op calls its registry torch rule, so the generated code can never
+disagree with the interpreter. A fused region can be emitted by another backend
+(`region_call`), which is how the Triton backend reuses this generator. Must not make
+planning decisions.
 """
 from __future__ import annotations
 

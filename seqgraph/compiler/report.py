@@ -4,6 +4,7 @@ Must not change the plan; it only counts and prints.
 """
 from __future__ import annotations
 
+from .codegen_torch import REAL_ROWS_BELOW
 from .ir import Node
 from .ops import REGISTRY
 
@@ -44,7 +45,8 @@ def describe_plan(plan, T: int | None, B: int | None, itemsize: int = 4) -> str:
     lines.append("passes:")
     lines += [f"  - {note}" for note in plan.step.notes]
     lines.append(f"before the loop: {len(plan.invariant)} invariant node(s) once per call, "
-                 f"{len(plan.hoisted)} hoisted node(s) over all T*B rows")
+                 f"{len(plan.hoisted)} hoisted node(s) over all T*B rows (on the CPU, the real ones only when at "
+                 f"most {REAL_ROWS_BELOW:.0%} of a padded batch's steps are real)")
     for n in plan.hoisted_gemms():
         f = f", {gemm_flops(n, (T or 1) * Bv) / 1e9:.3f} GFLOP" if T and B else ""
         lines.append(f"  hoisted GEMM {_label(n)} = {_shape(n.inputs[0])} @ {_shape(n.inputs[1])}^T{f}")
@@ -62,8 +64,9 @@ def describe_plan(plan, T: int | None, B: int | None, itemsize: int = 4) -> str:
         for s in bwd.stages:
             lines.append("  " + _stage_line(s, Bv, itemsize, bool(B)))
         wg = [n for n in bwd.post if n.op in ("linear_wgrad", "embedding_wgrad", "sum_to")]
+        rows = "all T*B rows (or the real ones, as above)" if k else "all T*B rows"
         lines.append(f"  after the loop: {len(wg)} weight/bias gradient reduction(s), each one large "
-                     f"GEMM or sum over all T*B rows: " + ", ".join(f"{n.op}{_shape(n)}" for n in wg))
+                     f"GEMM or sum over {rows}: " + ", ".join(f"{n.op}{_shape(n)}" for n in wg))
         if T and B:
             saved = _bytes(bwd.saved, B, itemsize) * T
             stash = _bytes(bwd.stash, B, itemsize) * T
