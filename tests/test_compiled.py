@@ -310,6 +310,42 @@ def test_scalar_state_gradients_keep_the_state_shape_on_padded_steps():
         torch.testing.assert_close(a, b)
 
 
+def _sqrt_cell():
+    x, h = sg.Input(3, name="x"), sg.State(4, name="h")
+    return sg.Cell([x], {h: sg.sqrt(sg.abs(h)) * 0.5 + sg.Linear(3, 4)(x)})
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("real_rows_below", [0.6, -1.0], ids=["real rows only", "all rows"])
+def test_an_infinite_derivative_on_a_padded_row_leaves_every_gradient_finite(backend, real_rows_below, monkeypatch):
+    # row 1 never has a real step and starts at h = 0, where sqrt's derivative is infinite: the
+    # reference (autograd through torch.where) gets 0 * inf = nan there, and it spreads to the
+    # weights; a compiled backward drops the padded row's gradients, so every sequence gets
+    # the gradients it has alone
+    import seqgraph.compiler.codegen_torch as codegen_torch
+    monkeypatch.setattr(codegen_torch, "REAL_ROWS_BELOW", real_rows_below)
+    rec = sg.Recurrence(_sqrt_cell()).double()
+    comp = sg.compile(rec, backend=backend)
+    x = torch.randn(4, 3, 3, dtype=torch.float64)
+    h0 = torch.stack([torch.rand(4, dtype=torch.float64) + 0.5, torch.zeros(4, dtype=torch.float64),
+                      torch.rand(4, dtype=torch.float64) + 0.5]).requires_grad_()
+    lengths = torch.tensor([4, 0, 2])
+    out, fin = comp(x, {"h": h0}, lengths=lengths)
+    got = torch.autograd.grad(out.sum() + fin["h"].sum(), [h0, *rec.parameters()])
+    assert all(torch.isfinite(g).all() for g in got)
+    want_h0, want_w = torch.zeros_like(h0), [torch.zeros_like(p) for p in rec.parameters()]
+    for b in (0, 2):  # the real sequences, each alone through the reference
+        h0_b = h0[b:b + 1].detach().requires_grad_()
+        o, f = rec(x[:lengths[b], b:b + 1], {"h": h0_b})
+        g = torch.autograd.grad(o.sum() + f["h"].sum(), [h0_b, *rec.parameters()])
+        want_h0[b] = g[0][0]
+        want_w = [a + c for a, c in zip(want_w, g[1:])]
+    want_h0[1] = 1.0  # no step: the final state is the initial one
+    torch.testing.assert_close(got[0], want_h0)
+    for a, b in zip(got[1:], want_w):
+        torch.testing.assert_close(a, b)
+
+
 def _unread_state_grads(module, T, lengths=None):
     torch.manual_seed(0)
     xs = torch.randn(T, 2, 3)

@@ -90,10 +90,23 @@ def derive_backward(loop_nodes: list[Node], states: list[tuple[Node, Node]], out
 
     wanted = {n.id for n in reads} | {p.id for p, _ in states}
     in_loop = {n.id for n in loop_nodes}
+
+    # A padded row's gradients are zero times the step's derivatives there, which is nan where a
+    # derivative is infinite (sqrt at 0). Where gradients leave a row (to the previous state, to a
+    # read, into a sum over rows for a weight) a select, which drops a nan, makes them exactly 0.
+    def exits(n: Node) -> bool:
+        return mask is not None and any(not i.batched and i.dtype == "float" and i.id in wanted
+                                        for i in n.inputs)
+
+    def leaving(g: Node | None) -> Node | None:
+        return g if g is None or mask is None else masked(g, g, 0.0)
+
     for n in reversed(loop_nodes):
         if n.id not in grads or not n.inputs:
             continue
         g = _total(grads[n.id])
+        if exits(n):
+            g = masked(g, g, 0.0)
         gs = REGISTRY[n.op].vjp(n, g)
         for inp, gi in zip(n.inputs, gs):
             if gi is None or inp.dtype != "float":
@@ -101,7 +114,7 @@ def derive_backward(loop_nodes: list[Node], states: list[tuple[Node, Node]], out
             if inp.id in in_loop or inp.id in wanted:
                 grads.setdefault(inp.id, []).append(gi)
     for prev, _ in states:
-        g = _total(grads[prev.id]) if prev.id in grads else None
+        g = leaving(_total(grads[prev.id])) if prev.id in grads else None
         if mask is not None:
             k = [p for p, _ in states].index(prev)
             through = masked(grad_next[k], 0.0, grad_next[k])
@@ -109,5 +122,5 @@ def derive_backward(loop_nodes: list[Node], states: list[tuple[Node, Node]], out
         deriv.grad_prev.append(g)
     for r in reads:
         if r.id in grads:
-            deriv.grad_of[r.id] = _total(grads[r.id])
+            deriv.grad_of[r.id] = leaving(_total(grads[r.id])) if r.batched else _total(grads[r.id])
     return deriv
