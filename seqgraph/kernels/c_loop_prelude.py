@@ -157,21 +157,50 @@ typedef int (*sg_rows_fn)(int64_t, int64_t, const unsigned char*, int64_t, void*
    thread's rows, and the products see they are in a parallel region and stay on the thread
    (MKL by its own rule, sg_mm by omp_in_parallel). With threads <= 1 the loop runs once over
    all B rows, and its products and regions split each call over the threads themselves. */
+/* The real steps of rows < b, cum[b] for 0 <= b <= B, when every step's real rows come before
+   its padded ones (a batch sorted longest first); else (or when malloc fails) 0. */
+static int64_t* sg_real_steps_before(int64_t T, int64_t B, const unsigned char* mask) {
+    if (mask == 0) return 0;
+    for (int64_t t = 0; t < T; ++t)
+        for (int64_t b = 1; b < B; ++b)
+            if (mask[t * B + b] != 0 && mask[t * B + b - 1] == 0) return 0;
+    int64_t* cum = (int64_t*)calloc((size_t)(B + 1), sizeof(int64_t));
+    if (cum == 0) return 0;
+    for (int64_t t = 0; t < T; ++t)
+        for (int64_t b = 0; b < B; ++b) cum[b + 1] += mask[t * B + b] != 0;
+    for (int64_t b = 0; b < B; ++b) cum[b + 1] += cum[b];
+    return cum;
+}
+
+/* Where thread id of nt starts its block of rows: at B * id / nt, or, with cum (see above),
+   where the real steps before it reach id / nt of them all. A loop skips the rows that end a
+   step as padding, so with a batch sorted longest first equal blocks would leave the first
+   thread most of the work; blocks of equal real steps share it. */
+static int64_t sg_block_start(int64_t id, int64_t nt, int64_t B, const int64_t* cum) {
+    if (id >= nt) return B;
+    if (cum == 0 || cum[B] == 0) return B * id / nt;
+    int64_t b = 0;
+    while (b < B && cum[b] * nt < cum[B] * id) ++b;
+    return b;
+}
+
 static int sg_split_rows(sg_rows_fn fn, int64_t T, int64_t B, const unsigned char* mask, void** P,
                          const int64_t* D, int64_t own, int64_t threads, const signed char* rows_dim, int n) {
     if (threads > B) threads = B;
 #ifdef _OPENMP
     if (threads > 1) {
         int rc = 0;
+        int64_t* cum = sg_real_steps_before(T, B, mask);
         SG_PRAGMA(omp parallel num_threads(threads))
         {
             int64_t nt = sg_num_threads(), id = sg_thread_num();
-            int64_t b0 = B * id / nt, b1 = B * (id + 1) / nt;
+            int64_t b0 = sg_block_start(id, nt, B, cum), b1 = sg_block_start(id + 1, nt, B, cum);
             void* Q[n > 0 ? n : 1];
             for (int i = 0; i < n; ++i)
                 Q[i] = rows_dim[i] < 0 ? P[i] : (void*)((real*)P[i] + b0 * D[3 * i + rows_dim[i]]);
             if (b1 > b0 && fn(T, b1 - b0, mask != 0 ? mask + b0 : 0, B, Q, D, own, 1)) { SG_ATOMIC rc = 1; }
         }
+        free(cum);
         return rc;
     }
 #endif

@@ -54,12 +54,15 @@ def test_every_cell_equals_the_reference_when_the_last_rows_are_padding(name, pa
 
 
 @pytest.mark.parametrize("split", ["steps", "rows"])
-def test_the_gradient_of_initial_states_passes_rows_the_loop_skips(split, monkeypatch, two_threads):
+@pytest.mark.parametrize("lengths", [[6, 6, 5, 3, 6, 2, 1, 0],  # each thread's rows end in short ones
+                                     [6, 6, 6, 1, 1, 1, 1, 0]],  # longest first: threads split by real steps
+                         ids=["unsorted", "longest first"])
+def test_the_gradient_of_initial_states_passes_rows_the_loop_skips(split, lengths, monkeypatch, two_threads):
     monkeypatch.setenv("SEQGRAPH_LOOP_SPLIT", split)
     rec = sg.Recurrence(BUILTIN["lstm_layer_norm"]()).double()
     comp = sg.compile(rec, backend="cpu")
     x = torch.randn(6, 8, 3, dtype=torch.float64)
-    lengths = torch.tensor([6, 6, 5, 3, 6, 2, 1, 0])  # each thread's rows end in short ones
+    lengths = torch.tensor(lengths)
     grads = []
     for module in (rec, comp):
         h0 = torch.randn(8, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_()
