@@ -7,6 +7,7 @@ Tolerances: float64 to 1e-10 (values) and 1e-9 (gradients); float32 to 1e-5 and 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import seqgraph as sg
 from seqgraph.kernels.c_loops import ROW_SPLIT_MAX_WEIGHT_BYTES, CLoops, loop_threads, loops_refusal
@@ -218,6 +219,19 @@ def test_random_cells_run_in_c_loops_and_equal_the_reference(recipe):
         assert loops.calls - before == 2
     else:
         assert loops == loops_refusal(comp.plan())
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cell_recipes(max_steps=5), st.lists(st.lists(st.booleans(), min_size=3, max_size=3), min_size=4, max_size=4))
+def test_random_cells_equal_the_reference_under_any_mask(recipe, mask):
+    # any (T, B) mask: rows that end a step as padding are skipped there, padded rows before a
+    # real one are computed and dropped, and a mostly padded batch runs its hoisted products on
+    # the real rows only
+    cell, sizes = build_cell(recipe)
+    rec = sg.Recurrence(cell).double()
+    comp = sg.compile(rec, backend="cpu")
+    xs = [torch.randn(4, 3, s, dtype=torch.float64, requires_grad=True) for s in sizes]
+    check_against_reference(rec, comp, xs, None, 1e-10, mask=torch.tensor(mask))
 
 
 def test_wide_regions_split_their_rows_over_threads_and_equal_the_reference(monkeypatch):
