@@ -153,23 +153,39 @@ class Recurrence(nn.Module):
         return (outs[0] if len(outs) == 1 else tuple(outs)), final_state
 
     def _run_sequence(self, xs, states0, contexts, noises, valid, dtype, device):
-        """The reference loop: the interpreter once per step, masking folded in."""
+        """The reference loop: the interpreter once per step. A step with padding runs on its
+        real rows only (gathered, then scattered back): a padded row keeps its state, outputs
+        zero and gets no gradient from the step, so nothing the step would compute there (an
+        infinite derivative, say) can reach the real rows."""
         params = self.param_tensors()
-        T = xs[0].shape[0]
+        T, B = xs[0].shape[0], xs[0].shape[1]
         states = list(states0)
         outs: list[list[torch.Tensor]] = [[] for _ in self.cell.outputs]
+        full = [True] * T if valid is None else valid.all(1).tolist()  # one wait for the device, not T
         for t in range(T):
             step_noise = [n[t] if node.attrs["per_sequence"] is False else n
                           for node, n in zip(self.cell.noises, noises)]
-            o, nxt = run_step(self.cell, [x[t] for x in xs], states, contexts, step_noise, params,
-                              dtype=dtype, device=device)
-            if valid is not None:
-                m = valid[t]
-                nxt = [torch.where(_rows(m, s), n, s) for n, s in zip(nxt, states)]
-                o = [torch.where(_rows(m, v), v, torch.zeros((), dtype=v.dtype, device=device)) for v in o]
-            states = nxt
+            leaves = ([x[t] for x in xs], states, contexts, step_noise)
+            if full[t]:
+                o, states = run_step(self.cell, *leaves, params, dtype=dtype, device=device)
+            else:
+                rows = valid[t].nonzero().squeeze(1)
+                o = [torch.zeros((B,) + node.shape, dtype=torch.long if node.dtype == "long" else dtype,
+                                 device=device) for node in self.cell.outputs]
+                if rows.numel():
+                    real = [[v.index_select(0, rows) for v in group] for group in leaves]
+                    o_real, next_real = run_step(self.cell, *real, params, dtype=dtype, device=device)
+                    o = [z.index_copy(0, rows, v) for z, v in zip(o, o_real)]
+                    states = [s.index_copy(0, rows, v) for s, v in zip(states, next_real)]
             for lst, v in zip(outs, o):
                 lst.append(v)
+        if T and valid is not None and not any(full) and not valid.any():
+            # no real step at all: the outputs are zeros and the final states the initial ones,
+            # still part of the graph (with zero gradients) as in the compiled backends, so that
+            # a loss over them can call backward
+            link = sum(p.reshape(-1)[:0].sum() for p in params.values() if p.requires_grad)
+            if isinstance(link, torch.Tensor):
+                outs = [[v + link.to(v.dtype) if v.is_floating_point() else v for v in lst] for lst in outs]
         B = xs[0].shape[1]
         stacked = [torch.stack(lst) if lst else torch.zeros((0, B) + node.shape, dtype=dtype, device=device)
                    for lst, node in zip(outs, self.cell.outputs)]
@@ -328,11 +344,6 @@ class Recurrence(nn.Module):
 
     def _repr_svg_(self):  # Jupyter shows the cell's picture inline
         return self.cell._repr_svg_()
-
-
-def _rows(m: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A (B,) mask shaped to broadcast over a (B, ...) value."""
-    return m.reshape(m.shape + (1,) * (like.dim() - 1))
 
 
 def _register_nested(root: nn.Module, key: str, p: nn.Parameter) -> None:

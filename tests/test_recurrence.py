@@ -297,6 +297,26 @@ def test_all_padded_batch_returns_zeros_and_initial_states():
     assert torch.equal(h0.grad, torch.ones_like(h0))
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+def test_a_loss_over_a_batch_without_real_steps_can_backpropagate(backend):
+    rec = randomize(sg.Recurrence(elman_cell()))
+    module = sg.compile(rec, backend=backend)
+    out, fin = module(torch.randn(T, B, I, dtype=DT), lengths=torch.zeros(B, dtype=torch.long))
+    out.sum().backward()  # nothing was computed, yet the loss is part of the graph
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in rec.parameters())
+
+
+def test_the_reference_computes_a_padded_step_on_its_real_rows_only():
+    # a padded row would meet sqrt at 0 (infinite derivative): skipped, it cannot spoil a gradient
+    x, h = sg.Input(2, name="x"), sg.State(3, name="h")
+    rec = sg.Recurrence(sg.Cell([x], {h: sg.sqrt(sg.abs(h)) + sg.Linear(2, 3)(x)})).double()
+    h0 = torch.stack([torch.rand(3, dtype=DT) + 0.5, torch.zeros(3, dtype=DT)]).requires_grad_()
+    out, fin = rec(torch.randn(3, 2, 2, dtype=DT), {"h": h0}, lengths=torch.tensor([3, 0]))
+    (out.sum() + fin["h"].sum()).backward()
+    assert torch.equal(h0.grad[1], torch.ones(3, dtype=DT))
+    assert all(torch.isfinite(g).all() for g in [h0.grad] + [p.grad for p in rec.parameters()])
+
+
 def test_mask_equals_lengths():
     rec = randomize(sg.Recurrence(lstm_operators_cell()))
     x = torch.randn(T, B, I, dtype=DT)
