@@ -170,22 +170,30 @@ class Recurrence(nn.Module):
                 o, states = run_step(self.cell, *leaves, params, dtype=dtype, device=device)
             else:
                 rows = valid[t].nonzero().squeeze(1)
-                o = [torch.zeros((B,) + node.shape, dtype=torch.long if node.dtype == "long" else dtype,
-                                 device=device) for node in self.cell.outputs]
+                # noise drawn as one (1, ...) row (eval mode, p = 0) broadcasts to any rows
+                pick = [[v.index_select(0, rows) if v.dim() and v.shape[0] == B else v for v in group]
+                        for group in leaves]
+                if not rows.numel():  # nothing to compute; the outputs' dtypes from one row, unused
+                    pick = [[v[:1] if v.dim() and v.shape[0] == B else v for v in group] for group in leaves]
+                with torch.set_grad_enabled(torch.is_grad_enabled() and bool(rows.numel())):
+                    o_real, next_real = run_step(self.cell, *pick, params, dtype=dtype, device=device)
+                o = [v.new_zeros((B,) + v.shape[1:]) for v in o_real]
                 if rows.numel():
-                    real = [[v.index_select(0, rows) for v in group] for group in leaves]
-                    o_real, next_real = run_step(self.cell, *real, params, dtype=dtype, device=device)
                     o = [z.index_copy(0, rows, v) for z, v in zip(o, o_real)]
                     states = [s.index_copy(0, rows, v) for s, v in zip(states, next_real)]
             for lst, v in zip(outs, o):
                 lst.append(v)
         if T and valid is not None and not any(full) and not valid.any():
             # no real step at all: the outputs are zeros and the final states the initial ones,
-            # still part of the graph (with zero gradients) as in the compiled backends, so that
-            # a loss over them can call backward
-            link = sum(p.reshape(-1)[:0].sum() for p in params.values() if p.requires_grad)
+            # still in the graph with zero gradients, as in the compiled backends, so that a
+            # loss over them can call backward
+            leaves = [*params.values(), *xs, *contexts, *states0]
+            link = sum(v.reshape(-1)[:0].sum() for v in leaves if v.requires_grad)
             if isinstance(link, torch.Tensor):
                 outs = [[v + link.to(v.dtype) if v.is_floating_point() else v for v in lst] for lst in outs]
+                states = [v + link.to(v.dtype) for v in states]
+        # the final states are the caller's to change in place: not tensors autograd saved
+        states = [v.clone() if v.requires_grad else v for v in states]
         B = xs[0].shape[1]
         stacked = [torch.stack(lst) if lst else torch.zeros((0, B) + node.shape, dtype=dtype, device=device)
                    for lst, node in zip(outs, self.cell.outputs)]

@@ -306,6 +306,45 @@ def test_a_loss_over_a_batch_without_real_steps_can_backpropagate(backend):
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in rec.parameters())
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+def test_a_batch_without_real_steps_backpropagates_to_inputs_with_frozen_weights(backend):
+    rec = randomize(sg.Recurrence(elman_cell()))
+    for p in rec.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(T, B, I, dtype=DT, requires_grad=True)
+    out, fin = sg.compile(rec, backend=backend)(x, lengths=torch.zeros(B, dtype=torch.long))
+    (out.sum() + fin["h"].sum()).backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("cell", [lambda: sg.cells.lstm(I, H, dropout=0.25), lambda: sg.cells.lstm(I, H, zoneout=0.1)],
+                         ids=["dropout", "zoneout"])
+def test_noise_cells_in_eval_mode_run_padded_batches(cell):
+    rec = sg.Recurrence(cell()).double().eval()  # the noise is one (1, ...) row of ones
+    out, _ = rec(torch.randn(T, B, I, dtype=DT), lengths=LENGTHS)
+    want, _ = sg.compile(rec, backend="torch")(torch.randn(T, B, I, dtype=DT), lengths=LENGTHS)
+    assert out.shape == want.shape and torch.equal(out == 0, want == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_a_token_output_keeps_its_dtype_on_padded_steps(dtype):
+    tok, h = sg.Input((), name="tok", dtype="long"), sg.State(4, name="h")
+    h2 = sg.tanh(sg.Embedding(7, 4)(tok) + sg.Linear(4, 4)(h))
+    rec = sg.Recurrence(sg.Cell([tok], {h: h2}, [h2, tok]))
+    tokens = torch.randint(1, 7, (3, 2), dtype=dtype)
+    (_, echoed), _ = rec(tokens, lengths=torch.tensor([3, 1]))
+    assert echoed.dtype == dtype and echoed[:, 0].tolist() == tokens[:, 0].tolist() and echoed[1:, 1].tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("lengths", [None, torch.full((B,), T), LENGTHS], ids=["no mask", "full", "padded"])
+def test_a_final_state_changed_in_place_leaves_backward_working(lengths):
+    rec = randomize(sg.Recurrence(elman_cell()))
+    out, fin = rec(torch.randn(T, B, I, dtype=DT), lengths=lengths)
+    fin["h"].mul_(2)
+    out.sum().backward()
+    assert all(p.grad is not None for p in rec.parameters())
+
+
 def test_the_reference_computes_a_padded_step_on_its_real_rows_only():
     # a padded row would meet sqrt at 0 (infinite derivative): skipped, it cannot spoil a gradient
     x, h = sg.Input(2, name="x"), sg.State(3, name="h")
