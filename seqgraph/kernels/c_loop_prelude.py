@@ -13,6 +13,9 @@ from .cpu_gemm import SG_MM_API
 
 LOOP_PRELUDE = r"""
 /* ---- whole time loops: BLAS through function pointers handed over by seqgraph ---- */
+/* helpers off the hot path, compiled once instead of inlined (and vectorised) into each of the
+   six loop variants: inlined, they added a third to the C compiler's time for an LSTM */
+#define SG_COLD __attribute__((noinline))
 typedef void (*sg_gemm_fn)(const char*, const char*, const int*, const int*, const int*, const real*,
                            const real*, const int*, const real*, const int*, const real*, real*, const int*);
 typedef size_t (*sg_pack_size_fn)(int, int, int, int);
@@ -159,7 +162,7 @@ typedef int (*sg_rows_fn)(int64_t, int64_t, const unsigned char*, int64_t, void*
    all B rows, and its products and regions split each call over the threads themselves. */
 /* The real steps of rows < b, cum[b] for 0 <= b <= B, when every step's real rows come before
    its padded ones (a batch sorted longest first); else (or when malloc fails) 0. */
-static int64_t* sg_real_steps_before(int64_t T, int64_t B, const unsigned char* mask) {
+SG_COLD static int64_t* sg_real_steps_before(int64_t T, int64_t B, const unsigned char* mask) {
     if (mask == 0) return 0;
     for (int64_t t = 0; t < T; ++t)
         for (int64_t b = 1; b < B; ++b)
@@ -176,7 +179,7 @@ static int64_t* sg_real_steps_before(int64_t T, int64_t B, const unsigned char* 
    where the real steps before it reach id / nt of them all. A loop skips the rows that end a
    step as padding, so with a batch sorted longest first equal blocks would leave the first
    thread most of the work; blocks of equal real steps share it. */
-static int64_t sg_block_start(int64_t id, int64_t nt, int64_t B, const int64_t* cum) {
+SG_COLD static int64_t sg_block_start(int64_t id, int64_t nt, int64_t B, const int64_t* cum) {
     if (id >= nt) return B;
     if (cum == 0 || cum[B] == 0) return B * id / nt;
     int64_t b = 0;
@@ -210,7 +213,7 @@ static int sg_split_rows(sg_rows_fn fn, int64_t T, int64_t B, const unsigned cha
 
 /* rows Bt <= b < B of dst (B, w) contiguous: prev's rows (rows prs apart, columns pcs apart),
    or zeros when prev is 0 */
-static void sg_tail(int64_t Bt, int64_t B, int64_t w, real* dst, const real* prev, int64_t prs, int64_t pcs) {
+SG_COLD static void sg_tail(int64_t Bt, int64_t B, int64_t w, real* dst, const real* prev, int64_t prs, int64_t pcs) {
     for (int64_t b = Bt; b < B; ++b)
         for (int64_t j = 0; j < w; ++j) dst[b * w + j] = prev != 0 ? prev[b * prs + j * pcs] : 0;
 }
