@@ -194,7 +194,6 @@ class Recurrence(nn.Module):
                 states = [v + link.to(v.dtype) for v in states]
         # the final states are the caller's to change in place: not tensors autograd saved
         states = [v.clone() if v.requires_grad else v for v in states]
-        B = xs[0].shape[1]
         stacked = [torch.stack(lst) if lst else torch.zeros((0, B) + node.shape, dtype=dtype, device=device)
                    for lst, node in zip(outs, self.cell.outputs)]
         return stacked, states

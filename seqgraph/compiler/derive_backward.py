@@ -106,7 +106,7 @@ def derive_backward(loop_nodes: list[Node], states: list[tuple[Node, Node]], out
             continue
         g = _total(grads[n.id])
         if exits(n):
-            g = masked(g, g, 0.0)
+            g = leaving(g)
         gs = REGISTRY[n.op].vjp(n, g)
         for inp, gi in zip(n.inputs, gs):
             if gi is None or inp.dtype != "float":

@@ -14,8 +14,9 @@ straight into their (T, B, ...) buffers. `P` holds one pointer per tensor slot a
 strides per slot, so strided inputs work without copies. States and gradients carried to the
 next step live in double buffers. A masked loop skips, at each step, the rows at the end of the
 batch (or of its thread's rows) that are padding there, and `sg_tail` fills their rows. A
-thin generated Python wrapper per loop (`forward_c`, `backward_*_c`) allocates the buffers exactly as the Python loops do and runs the same pre- and post-loop
-code, so the weight gradients stay single large GEMMs after the loop.
+thin generated Python wrapper per loop (`forward_c`, `backward_*_c`) allocates the buffers
+exactly as the Python loops do and runs the same pre- and post-loop code, so the weight
+gradients stay single large GEMMs after the loop.
 
 Plans with a stage no C code covers (a torch fallback, a matmul of per-example matrices), or
 without MKL's GEMM symbols, keep the Python loops; `loops_refusal` says why. Must not make
