@@ -141,7 +141,9 @@ def peak_mib(fn: Callable, device) -> float | None:
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     if device.type != "cpu":
         return None
+    import os
     from torch.profiler import ProfilerActivity, profile
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # else every profile prints its stages to stderr
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     held = peak = 0
