@@ -223,6 +223,7 @@ class Recurrence(nn.Module):
                 raise InputError(f"{self._where()}: input {node.name!r} (declared at {node.site}) expects shape "
                                  f"{expect}, got {_fmt(v.shape)}")
             self._check_dtype("input", node, v)
+            self._check_device("input", node, v, x[0].device)
             if self.batch_first:
                 v = v.transpose(0, 1)
             if ref is not None and tuple(v.shape[:2]) != ref:
@@ -240,16 +241,30 @@ class Recurrence(nn.Module):
             raise InputError(f"{self._where()}: {what} {node.name!r} (declared at {node.site}) expects a "
                              f"floating-point tensor, got dtype {v.dtype}")
 
+    def _check_device(self, what: str, node, v: torch.Tensor, device: torch.device) -> None:
+        if v.device != device:
+            raise InputError(f"{self._where()}: {what} {node.name!r} (declared at {node.site}) is on {v.device} "
+                             f"but the inputs are on {device}; move it (.to({str(device)!r}))")
+
     def _float_dtype(self, xs) -> torch.dtype:
+        """The one floating dtype of the call: every float input's, which the parameters share."""
         first = next(self.parameters(), None)
         pdtype = first.dtype if first is not None else None
+        if first is not None and xs[0].device != first.device:
+            raise InputError(f"{self._where()}: the inputs are on {xs[0].device} but the parameters are on "
+                             f"{first.device}; move one of them (e.g. module.to({str(xs[0].device)!r}))")
+        seen = None  # (node, dtype) of the first float input
         for node, v in zip(self.cell.inputs, xs):
-            if node.dtype == "float":
-                if pdtype is not None and v.dtype != pdtype:
-                    raise InputError(f"{self._where()}: input {node.name!r} has dtype {v.dtype} but the parameters "
-                                     f"are {pdtype}; convert one of them (e.g. module.to({v.dtype}))")
-                return v.dtype
-        return pdtype or torch.get_default_dtype()
+            if node.dtype != "float":
+                continue
+            if seen is not None and v.dtype != seen[1]:
+                raise InputError(f"{self._where()}: inputs {seen[0].name!r} and {node.name!r} (declared at "
+                                 f"{node.site}) have dtypes {seen[1]} and {v.dtype}; give them one dtype")
+            if pdtype is not None and v.dtype != pdtype:
+                raise InputError(f"{self._where()}: input {node.name!r} has dtype {v.dtype} but the parameters "
+                                 f"are {pdtype}; convert one of them (e.g. module.to({v.dtype}))")
+            seen = seen or (node, v.dtype)
+        return seen[1] if seen else pdtype or torch.get_default_dtype()
 
     def _check_mask(self, lengths, mask, T, B, device):
         if lengths is not None and mask is not None:
@@ -298,6 +313,7 @@ class Recurrence(nn.Module):
                 if v.dtype != dtype:
                     raise InputError(f"{self._where()}: state {prev.name!r} (declared at {prev.site}) has dtype "
                                      f"{v.dtype} but the inputs are {dtype}; convert it (.to({dtype}))")
+                self._check_device("state", prev, v, device)
             out.append(v)
         return out
 
@@ -331,6 +347,7 @@ class Recurrence(nn.Module):
                                  f"{_fmt((B,) + c.shape)}, got {_fmt(v.shape)}")
             if not (c.dtype == "float" and v.dtype == torch.bool):  # a bool mask is read as 0/1
                 self._check_dtype("context", c, v)
+            self._check_device("context", c, v, device)
             out.append(v.to(dtype) if c.dtype == "float" else v)
         return out
 

@@ -794,3 +794,33 @@ def test_a_bool_mask_given_as_a_float_context_is_read_as_zeros_and_ones(backend)
     want = module(y, context={"memory": mem, "memory_mask": valid})[0][0]
     got = module(y, context={"memory": mem, "memory_mask": valid.bool()})[0][0]
     torch.testing.assert_close(got, want)
+
+
+def _two_input_cell():
+    a, b, s = sg.Input(2, name="a"), sg.Input(2, name="b"), sg.State(2, name="s")
+    return sg.Cell(inputs=[a, b], states={s: sg.tanh(a + b + s)})
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+def test_two_float_inputs_of_different_dtypes_are_an_input_error(backend):
+    rec = sg.compile(sg.Recurrence(_two_input_cell()), backend=backend)
+    with pytest.raises(sg.InputError, match=r"inputs 'a' and 'b' \(declared at test_recurrence.py:\d+\) have dtypes "
+                                            r"torch.float32 and torch.float64"):
+        rec((torch.randn(3, 2, 2), torch.randn(3, 2, 2, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+@pytest.mark.parametrize("where", ["input", "state"])
+def test_a_tensor_on_another_device_than_the_inputs_is_an_input_error(backend, where):
+    rec = sg.compile(sg.Recurrence(_two_input_cell()), backend=backend)
+    xs = [torch.randn(3, 2, 2), torch.randn(3, 2, 2, device="meta" if where == "input" else "cpu")]
+    state = {"s": torch.zeros(2, 2, device="meta")} if where == "state" else None
+    name = "b" if where == "input" else "s"
+    with pytest.raises(sg.InputError, match=rf"{where} '{name}' \(declared at .*\) is on meta but the inputs are on "
+                                            rf"cpu; move it"):
+        rec(xs, state)
+
+
+def test_inputs_on_another_device_than_the_parameters_are_an_input_error(elman):
+    with pytest.raises(sg.InputError, match=r"the inputs are on meta but the parameters are on cpu"):
+        elman(torch.randn(T, B, I, dtype=DT, device="meta"))
