@@ -152,6 +152,9 @@ class _Sequence(torch.autograd.Function):
         outs, finals, (saved, seqs) = _loop(prog, "forward", device)(T, B, mask, reads, states, True)
         finals = own_storage(finals, list(outs) + list(seqs))  # a user may change a final state in place
         ctx.prog, ctx.T, ctx.mask, ctx.nouts = prog, T, mask, len(outs)
+        # the backward runs under the forward's autocast (as torch.amp.custom_bwd does): the
+        # saved values have the dtypes autocast chose, which the weights may not share
+        ctx.autocast = (device.type, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
         ctx.saved_values, ctx.seqs = saved, seqs  # intermediates: kept off the autograd graph
         # a read the backward never looks at (the hoisted input projection of an LSTM, say) is
         # kept as a one-element stand-in of its shape: its memory is freed after the forward
@@ -167,8 +170,10 @@ class _Sequence(torch.autograd.Function):
         fn = _loop(ctx.prog, name, gouts[0].device if gouts else reads[0].device)
         if torch.is_grad_enabled():  # backward(create_graph=True): generated code autograd cannot see into
             raise RuntimeError(_SECOND_ORDER.format(backend=ctx.prog.backend))
-        dreads, dstates = fn(ctx.T, ctx.mask, reads, ctx.saved_values, ctx.seqs,
-                             [g.contiguous() for g in gouts], [g.contiguous() for g in gfinals])
+        kind, enabled, dtype = ctx.autocast
+        with torch.autocast(kind, dtype=dtype, enabled=enabled):
+            dreads, dstates = fn(ctx.T, ctx.mask, reads, ctx.saved_values, ctx.seqs,
+                                 [g.contiguous() for g in gouts], [g.contiguous() for g in gfinals])
         return (None, None, None, None, None, *dreads, *dstates)
 
 

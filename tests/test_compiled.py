@@ -488,6 +488,29 @@ def test_under_cpu_autocast_a_compiled_module_computes_what_the_reference_does(b
     torch.testing.assert_close(got, want, atol=1e-2, rtol=2e-2)  # bfloat16 products, grouped differently
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("inside", [False, True], ids=["backward_after_autocast", "backward_inside_autocast"])
+def test_under_cpu_autocast_a_compiled_module_has_the_reference_gradients(backend, masked, inside):
+    torch.manual_seed(0)
+    rec = sg.Recurrence(sg.cells.lstm(3, 4))
+    comp = sg.compile(rec, backend=backend)
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    lengths = torch.tensor([5, 3]) if masked else None
+    grads = []
+    for module in (comp, rec):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, fin = module(x, lengths=lengths)
+            loss = out.float().sum() + fin["c"].float().sum()
+            if inside:
+                grads.append(torch.autograd.grad(loss, [x, *rec.parameters()]))
+        if not inside:
+            grads.append(torch.autograd.grad(loss, [x, *rec.parameters()]))
+    for got, want in zip(*grads):
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)  # bfloat16 products
+
+
 def test_eval_on_the_original_switches_its_compiled_twin_and_back():
     rec = sg.Recurrence(sg.cells.lstm(3, 4, dropout=0.5))
     comp = sg.compile(rec, backend="cpu")

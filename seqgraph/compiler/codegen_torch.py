@@ -129,10 +129,12 @@ def _anchor(env, ins) -> str:
 
 def _pack_weight(w, rows: int):
     """On the CPU, a float32 weight reordered once per call for MKL's packed GEMM (the per-step
-    product then runs about 20% faster, as oneDNN's own LSTM does); None where that is unavailable."""
+    product then runs about 20% faster, as oneDNN's own LSTM does); None where that is unavailable
+    and under autocast, which MKL's packed product does not follow."""
     import torch
     mkl = getattr(torch.ops, "mkl", None)
-    if w.device.type != "cpu" or w.dtype != torch.float32 or rows <= 0 or w.requires_grad and torch.is_grad_enabled():
+    if w.device.type != "cpu" or w.dtype != torch.float32 or rows <= 0 or w.requires_grad and torch.is_grad_enabled() \
+            or torch.is_autocast_enabled("cpu"):
         return None
     try:
         w = w.contiguous()
