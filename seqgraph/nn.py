@@ -34,7 +34,9 @@ _TORCH_NAMES = {"ih.weight": "weight_ih", "hh.weight": "weight_hh", "ih.bias": "
 
 def _bind(rec: Recurrence, owner: nn.Module, names: dict[str, str]) -> Recurrence:
     """Make `rec` read the owner's torch-named Parameters: its `params` tree holds the very same
-    Parameter objects (so a compiled twin, which shares `params`, reads them too)."""
+    Parameter objects (so a compiled twin, which shares `params`, reads them too). A weight the
+    owner computes per access (weight_norm) or has deleted (weight drop) is left out: the
+    owner's forward passes every weight in with `rec.reading`."""
     if set(names) != set(rec.cell.params):
         raise AssertionError(f"cell parameters {sorted(rec.cell.params)} do not match {sorted(names)}")
     rec.params = nn.Module()
@@ -45,7 +47,9 @@ def _bind(rec: Recurrence, owner: nn.Module, names: dict[str, str]) -> Recurrenc
             if not hasattr(mod, part):
                 mod.add_module(part, nn.Module())
             mod = getattr(mod, part)
-        mod.register_parameter(leaf, getattr(owner, name))
+        p = getattr(owner, name, None)
+        if isinstance(p, nn.Parameter):
+            mod.register_parameter(leaf, p)
     return rec
 
 

@@ -325,6 +325,38 @@ def test_a_parametrized_weight_is_the_one_the_step_uses_and_trains(backend):
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_parametrized_module_converts_and_loads_its_state_dict_as_torch_nn_does(backend):
+    mine, ref = sg.nn.GRU(I, H, backend=backend), torch.nn.GRU(I, H)
+    ref.load_state_dict(mine.state_dict())
+    for m in (mine, ref):
+        torch.nn.utils.parametrizations.weight_norm(m, "weight_hh_l0")
+        m.double()
+    fresh = sg.nn.GRU(I, H, backend=backend, dtype=torch.float64)
+    torch.nn.utils.parametrizations.weight_norm(fresh, "weight_hh_l0")
+    fresh.load_state_dict(mine.state_dict())
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    torch.testing.assert_close(mine(x)[0], ref(x)[0])
+    torch.testing.assert_close(fresh(x)[0], ref(x)[0])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_weight_dropped_module_moves_before_and_after_its_first_call(backend):
+    # AWD-LSTM's WeightDrop: the Parameter is deleted, and a computed tensor set per call
+    mine, ref = sg.nn.LSTM(I, H, backend=backend), torch.nn.LSTM(I, H)
+    ref.load_state_dict(mine.state_dict())
+    x = torch.randn(T, B, I)
+    for m in (mine, ref):
+        raw = torch.nn.Parameter(m.weight_hh_l0.detach().clone())
+        del m._parameters["weight_hh_l0"]
+        m.register_parameter("weight_hh_raw", raw)
+        m.to("cpu")
+        m.weight_hh_l0 = m.weight_hh_raw * 0.5
+        m.double()
+        m.weight_hh_l0 = m.weight_hh_raw * 0.5
+    torch.testing.assert_close(mine(x.double())[0], ref(x.double())[0])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_a_weight_reassigned_after_construction_is_the_one_the_step_uses(backend):
     mine, ref = sg.nn.GRU(I, H, backend=backend), torch.nn.GRU(I, H)
     ref.load_state_dict(mine.state_dict())
