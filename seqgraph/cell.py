@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+import torch
+
 from .compiler.check import check_cell, check_graph
 from .compiler.ir import Node, format_graph
 from .compiler.ops import const_key
@@ -41,43 +43,74 @@ def _name_leaves(order: list[Node]) -> None:
             taken.add(cand)
 
 
-def _check_name(name: str, node: Node, what: str, subject: str | None = None) -> None:
-    """Names become state_dict keys and attribute names: no dots, nothing torch.nn.Module owns."""
+def _check_name(name: str, node: Node, what: str, subject: str | None = None, owner=None) -> None:
+    """Names become state_dict keys and attribute names: no dots, nothing torch.nn.Module (or
+    the container `owner` that holds them) owns."""
     import torch.nn as nn
-    if "." in name or not name or hasattr(nn.Module, name):
-        why = "contains a '.'" if "." in name else "is empty" if not name else "is taken by torch.nn.Module"
+    owner = owner or nn.Module
+    if "." in name or not name or hasattr(owner, name):
+        why = ("contains a '.'" if "." in name else "is empty" if not name
+               else f"is taken by torch.nn.{owner.__name__}")
         raise WiringError(f"{what} name {name!r} {why}; choose another name for {subject or describe(node)}", node=node)
 
 
 def _param_keys(order: list[Node]) -> dict[str, Node]:
-    """Stable, unique state_dict keys for every parameter leaf, in graph order."""
+    """Stable, unique state_dict keys for every parameter leaf, in graph order: a module's are
+    `<module name>.<its parameter>`, a free parameter's its own name. Names the user gave are
+    reserved before any is generated (`linear_1` skips a user's `linear_1`)."""
+    modules = list({id(n.module): n for n in order if n.op == "param" and n.module is not None}.values())
+    named: dict[str, Node] = {}  # a user-given module name -> a parameter node of that module
+    for n in modules:
+        m = n.module
+        if m.name:
+            _check_name(m.name, n, "module", f"the {type(m).__name__} declared at {m.site}")
+            if m.name in named:
+                raise WiringError(f"two modules are named {m.name!r}: one declared at {named[m.name].module.site} "
+                                  f"and one at {m.site}", node=n)
+            named[m.name] = n
     module_names: dict[int, str] = {}
-    used: dict[str, object] = {}
+    used = set(named)
+    for n in modules:
+        m = n.module
+        name = m.name
+        if not name:
+            base = type(m).__name__.lower()
+            _check_name(base, n, "module", f"the {type(m).__name__} declared at {m.site}")
+            name, k = base, 1
+            while name in used:
+                name, k = f"{base}_{k}", k + 1
+            used.add(name)
+        module_names[id(m)] = name
     params: dict[str, Node] = {}
     for n in order:
         if n.op != "param":
             continue
-        m = n.module
-        if m is None:
+        if n.module is None:
             key = n.name or f"param_{sum(1 for k in params if k.startswith('param_'))}"
             _check_name(key, n, "parameter")
             if key in params and params[key] is not n:
                 raise WiringError(f"two parameters are named {key!r}: {describe(params[key])} and {describe(n)}", node=n)
+            if key in used:
+                m = next(x.module for x in modules if module_names[id(x.module)] == key)
+                raise WiringError(f"parameter {key!r} has the name of the {type(m).__name__} declared at {m.site}, "
+                                  f"whose parameters are '{key}.*'; rename one of them", node=n)
         else:
-            if id(m) not in module_names:
-                base = m.name or type(m).__name__.lower()
-                _check_name(base, n, "module", f"the {type(m).__name__} declared at {m.site}")
-                if base in used and m.name:
-                    raise WiringError(f"two modules are named {base!r}: one declared at {used[base].site} "
-                                      f"and one at {m.site}", node=n)
-                name, k = base, 1
-                while name in used:
-                    name, k = f"{base}_{k}", k + 1
-                used[name] = m
-                module_names[id(m)] = name
-            key = f"{module_names[id(m)]}.{n.attrs['pname']}"
+            key = f"{module_names[id(n.module)]}.{n.attrs['pname']}"
         params[key] = n
     return params
+
+
+def _state_pairs(states, site: str) -> list[tuple[Node, Node]]:
+    """states= given as a sequence: (State, next value) pairs, or a clear error."""
+    pairs = []
+    for item in states if isinstance(states, (list, tuple)) else [states]:
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(v, Node) for v in item)):
+            shown = describe(item) if isinstance(item, Node) else type(item).__name__
+            raise WiringError(f"Cell declared at {site}: states= must be a dict from each sg.State to its next "
+                              f"value ({{h: h_next}}) or a list of (state, next value) pairs, got {shown}",
+                              node=item if isinstance(item, Node) else None)
+        pairs.append(tuple(item))
+    return pairs
 
 
 class Cell:
@@ -100,7 +133,7 @@ class Cell:
         elif isinstance(states, Mapping):
             pairs = list(states.items())
         else:
-            pairs = [tuple(p) for p in states]
+            pairs = _state_pairs(states, self.site)
         self.states = pairs
         self.outputs = _as_list(outputs, "outputs") if outputs is not None else [n for _, n in pairs]
         if not self.outputs and not pairs:
@@ -109,7 +142,7 @@ class Cell:
         _name_leaves(self.order)
         for n in self.order:  # a learned initial state becomes a parameter named after its state
             if n.op == "state" and n.attrs.get("init") == "learned":
-                _check_name(n.name, n, "learned State")
+                _check_name(n.name, n, "learned State", owner=torch.nn.ParameterDict)
         self.contexts = list(contexts) if contexts is not None else [n for n in self.order if n.op == "context"]
         self.noises = [n for n in self.order if n.op == "noise"]
         self.params = _param_keys(self.order)

@@ -127,6 +127,58 @@ def test_parameter_keys_come_from_module_names():
     assert "params.gate.weight" in rec.state_dict() and rec.params.gate.weight.shape == (4, 3)
 
 
+
+def test_generated_module_names_skip_a_name_the_user_gave_later_in_the_graph():
+    x = sg.Input(4, name="x")
+    y = sg.Linear(4, 4)(x) + sg.Linear(4, 4)(x) + sg.Linear(4, 4, name="linear_1")(x)
+    cell = sg.Cell(inputs=[x], outputs=[y])
+    assert list(cell.params) == ["linear.weight", "linear.bias", "linear_2.weight", "linear_2.bias",
+                                 "linear_1.weight", "linear_1.bias"]
+
+
+def test_two_modules_the_user_named_alike_are_a_wiring_error():
+    x = sg.Input(4, name="x")
+    y = sg.Linear(4, 4, name="gate")(x) + sg.Linear(4, 4, name="gate")(x)
+    with pytest.raises(sg.WiringError, match=r"two modules are named 'gate': one declared at test_dsl.py:\d+"):
+        sg.Cell(inputs=[x], outputs=[y])
+
+
+def test_a_parameter_named_like_a_module_is_a_wiring_error():
+    x = sg.Input(4, name="x")
+    y = sg.Linear(4, 4, name="gate")(x) * sg.Parameter(4, name="gate")
+    with pytest.raises(sg.WiringError, match=r"parameter 'gate' has the name of the Linear declared at "
+                                             r"test_dsl.py:\d+, whose parameters are 'gate.\*'"):
+        sg.Cell(inputs=[x], outputs=[y])
+
+
+@pytest.mark.parametrize("name", ["keys", "items", "update"])
+def test_a_learned_state_named_like_a_parameter_dict_method_is_a_wiring_error(name):
+    x, s = sg.Input(4, name="x"), sg.State(4, name=name, init="learned")
+    with pytest.raises(sg.WiringError, match=rf"learned State name '{name}' is taken by torch.nn.ParameterDict"):
+        sg.Cell(inputs=[x], states={s: sg.tanh(x + s)})
+
+
+def test_a_state_name_a_parameter_dict_owns_is_fine_without_a_learned_init():
+    x, s = sg.Input(4, name="x"), sg.State(4, name="keys")
+    rec = sg.Recurrence(sg.Cell(inputs=[x], states={s: sg.tanh(x + s)}))
+    assert set(rec(torch.randn(2, 1, 4))[1]) == {"keys"}
+
+
+@pytest.mark.parametrize("states", ["list_of_states", "one_state"])
+def test_states_given_as_states_not_pairs_say_what_states_takes(states):
+    x, h = sg.Input(4, name="x"), sg.State(4, name="h")
+    with pytest.raises(sg.WiringError, match=r"states= must be a dict from each sg.State to its next value "
+                                             r"\(\{h: h_next\}\) or a list of \(state, next value\) pairs, "
+                                             r"got State 'h'"):
+        sg.Cell(inputs=[x], states=[h] if states == "list_of_states" else h)
+
+
+def test_states_given_as_a_list_of_pairs_build_the_same_cell_as_a_dict():
+    x, h = sg.Input(4, name="x"), sg.State(4, name="h")
+    h_next = sg.tanh(x + h)
+    assert sg.Cell(inputs=[x], states=[(h, h_next)]).signature() == sg.Cell(inputs=[x], states={h: h_next}).signature()
+
+
 # ---------------------------------------------------------------------------------------
 # sharing
 # ---------------------------------------------------------------------------------------
