@@ -183,19 +183,19 @@ class Recurrence(nn.Module):
                     states = [s.index_copy(0, rows, v) for s, v in zip(states, next_real)]
             for lst, v in zip(outs, o):
                 lst.append(v)
-        if T and valid is not None and not any(full) and not valid.any():
+        stacked = [torch.stack(lst) if lst else torch.zeros((0, B) + node.shape, dtype=dtype, device=device)
+                   for lst, node in zip(outs, self.cell.outputs)]
+        if T == 0 or (valid is not None and not any(full) and not valid.any()):
             # no real step at all: the outputs are zeros and the final states the initial ones,
             # still in the graph with zero gradients, as in the compiled backends, so that a
             # loss over them can call backward
             leaves = [*params.values(), *xs, *contexts, *states0]
             link = sum(v.reshape(-1)[:0].sum() for v in leaves if v.requires_grad)
             if isinstance(link, torch.Tensor):
-                outs = [[v + link.to(v.dtype) if v.is_floating_point() else v for v in lst] for lst in outs]
+                stacked = [v + link.to(v.dtype) if v.is_floating_point() else v for v in stacked]
                 states = [v + link.to(v.dtype) for v in states]
         # the final states are the caller's to change in place: not tensors autograd saved
         states = [v.clone() if v.requires_grad else v for v in states]
-        stacked = [torch.stack(lst) if lst else torch.zeros((0, B) + node.shape, dtype=dtype, device=device)
-                   for lst, node in zip(outs, self.cell.outputs)]
         return stacked, states
 
     # -- argument checks ------------------------------------------------------------------------

@@ -307,6 +307,15 @@ def test_a_loss_over_a_batch_without_real_steps_can_backpropagate(backend):
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+def test_a_loss_over_a_sequence_of_no_steps_can_backpropagate(backend):
+    rec = randomize(sg.Recurrence(elman_cell()))
+    out, fin = sg.compile(rec, backend=backend)(torch.randn(0, B, I, dtype=DT))
+    assert out.requires_grad and fin["h"].requires_grad  # as in every backend
+    (out.sum() + fin["h"].sum()).backward()
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in rec.parameters())
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
 def test_a_batch_without_real_steps_backpropagates_to_inputs_with_frozen_weights(backend):
     rec = randomize(sg.Recurrence(elman_cell()))
     for p in rec.parameters():
