@@ -374,11 +374,19 @@ class Linear(Module):
 
 
 class Embedding(Module):
-    """Rows of a (num, dim) table for integer inputs; padding_idx rows read as zeros."""
+    """Rows of a (num, dim) table for integer inputs; padding_idx rows read as zeros. A
+    negative padding_idx counts from the end, as in torch.nn.Embedding."""
 
     def __init__(self, num: int, dim: int, padding_idx: int | None = None, name: str | None = None):
         super().__init__(name)
-        self.num, self.dim, self.padding_idx = int(num), int(dim), padding_idx
+        self.num, self.dim = int(num), int(dim)
+        if padding_idx is not None:
+            if isinstance(padding_idx, bool) or not isinstance(padding_idx, int) \
+                    or not -self.num <= padding_idx < self.num:
+                raise ValueError(f"Embedding declared at {self.site}: padding_idx must be an integer in "
+                                 f"[-{self.num}, {self.num}) (num = {self.num}), got {padding_idx!r}")
+            padding_idx %= self.num
+        self.padding_idx = padding_idx
         self.weight = self._param("weight", (self.num, self.dim), _fill_normal)
 
     def forward(self, idx):

@@ -179,6 +179,23 @@ def test_states_given_as_a_list_of_pairs_build_the_same_cell_as_a_dict():
     assert sg.Cell(inputs=[x], states=[(h, h_next)]).signature() == sg.Cell(inputs=[x], states={h: h_next}).signature()
 
 
+
+@pytest.mark.parametrize("padding_idx", [4, -1])
+def test_embedding_reads_its_padding_row_as_zeros_and_counts_a_negative_index_from_the_end(padding_idx):
+    tok, h = sg.Input((), dtype="long", name="tok"), sg.State(3, name="h")
+    emb = sg.Embedding(5, 3, padding_idx=padding_idx, name="emb")
+    rec = sg.Recurrence(sg.Cell(inputs=[tok], states={h: h + emb(tok)}))
+    assert emb.padding_idx == 4
+    out, _ = rec(torch.tensor([[4], [1]]))
+    assert torch.equal(out[0], torch.zeros(1, 3)) and torch.equal(out[1, 0], rec.params.emb.weight[1])
+
+
+@pytest.mark.parametrize("padding_idx", [5, -6, 1.0])
+def test_embedding_padding_idx_outside_the_table_is_refused(padding_idx):
+    with pytest.raises(ValueError, match=r"padding_idx must be an integer in \[-5, 5\) \(num = 5\)"):
+        sg.Embedding(5, 3, padding_idx=padding_idx)
+
+
 # ---------------------------------------------------------------------------------------
 # sharing
 # ---------------------------------------------------------------------------------------
