@@ -163,7 +163,8 @@ class _RNNBase(nn.Module):
 
     def recurrence(self, layer: int = 0, direction: int = 0) -> Recurrence:
         """The sg.Recurrence (or its compiled twin) that runs one layer and direction: its
-        cell, plan(), source() and picture (sg.to_dot(lstm.recurrence(1)))."""
+        cell, picture (sg.to_dot(lstm.recurrence(1))), and, unless backend="reference",
+        its plan() and source()."""
         if not (0 <= layer < self.num_layers and 0 <= direction < self._directions):
             raise IndexError(f"sg.nn.{self.mode} has {self.num_layers} layer(s) and {self._directions} direction(s); "
                              f"got layer={layer}, direction={direction}")
