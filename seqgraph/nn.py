@@ -109,7 +109,9 @@ class _RNNBase(nn.Module):
                     self.register_parameter(stem + sfx, nn.Parameter(torch.empty(shape, **factory)))
                 cell = self._make_cell(layer_in)
                 names = {k: _TORCH_NAMES[k] + sfx for k in cell.params}
-                row.append(_bind(Recurrence(cell), self, names))
+                with torch.device("meta"):  # its own parameters are replaced at once: no memory, no random draws
+                    rec = Recurrence(cell)
+                row.append(_bind(rec, self, names))
                 name_row.append(names)
             recs.append(row)
             torch_names.append(name_row)

@@ -431,3 +431,16 @@ def test_recurrence_gives_the_module_that_runs_a_layer_and_direction():
     assert rec.param_tensors()["ih.weight"] is mine.weight_ih_l1_reverse
     with pytest.raises(IndexError, match="has 2 layer"):
         mine.recurrence(2)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("kw", [{}, {"num_layers": 2, "bidirectional": True}], ids=["one_layer", "two_bidirectional"])
+def test_the_same_seed_gives_torch_nn_weights_and_leaves_the_generator_where_torch_nn_does(mode, kw):
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, mode)(I, H, **kw)
+    after_ref = torch.rand(3)
+    torch.manual_seed(0)
+    mine = getattr(sg.nn, mode)(I, H, **kw)
+    assert torch.equal(torch.rand(3), after_ref)
+    for (name, p), (name_ref, q) in zip(mine.named_parameters(), ref.named_parameters(), strict=True):
+        assert name == name_ref and torch.equal(p, q)
