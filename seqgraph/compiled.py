@@ -319,10 +319,13 @@ def compile(module: Cell | nn.Module, backend: str = "auto", unroll: int = 1) ->
         if isinstance(sub, _RNNBase):
             sub.use_backend(backend, unroll)
             found = True
-    for name, child in list(module.named_modules()):
+    twins: dict[int, Recurrence] = {}  # one twin per Recurrence, however many places hold it
+    for name, child in list(module.named_modules(remove_duplicate=False)):
         for cname, sub in list(child.named_children()):
             if isinstance(sub, Recurrence):
-                setattr(child, cname, _compile_one(sub, backend, unroll))
+                if id(sub) not in twins:
+                    twins[id(sub)] = _compile_one(sub, backend, unroll)
+                setattr(child, cname, twins[id(sub)])
                 found = True
     if not found:
         raise ValueError(f"{type(module).__name__} holds no sg.Recurrence to compile")

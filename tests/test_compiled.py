@@ -531,6 +531,15 @@ def test_compiling_a_container_with_backend_reference_takes_back_the_originals()
     assert list(model.layers) == originals
 
 
+def test_a_recurrence_held_in_two_places_becomes_one_compiled_twin_remembering_one_state():
+    shared = sg.Recurrence(sg.cells.gru(3, 4), remember=True)
+    model = torch.nn.ModuleDict({"a": shared, "b": torch.nn.Sequential(shared)})
+    sg.compile(model, backend="cpu")
+    assert isinstance(model["a"], sg.CompiledRecurrence) and model["b"][0] is model["a"]
+    _, fin = model["a"](torch.randn(2, 1, 3))
+    torch.testing.assert_close(model["b"][0]._memory["h"], fin["h"])
+
+
 def _grads_of_inputs(module, X, H):
     out, _ = module(X, {"h": H})
     return torch.autograd.grad(out.sum(), [X, H])
