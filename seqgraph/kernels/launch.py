@@ -2,7 +2,8 @@
 
 `compile_region(region)` asks codegen.py for the source, writes it once to the kernel cache
 directory ($SEQGRAPH_CACHE_DIR, default ~/.cache/seqgraph/kernels) as `<key>.py`, where the key
-hashes the region's signature, the Triton version and the generator's version, imports it
+hashes the region's signature, the Triton version and the generator's text (codegen.py and the
+op registry's emitters, so an edited emitter never loads a stale kernel), imports it
 (triton.jit reads real source files) and keeps the function in memory; another process, or a
 region of the same structure, reuses the file. `RegionKernel.__call__` checks and lays out the
 tensors, picks the block shape and launches one program per BLOCK_ROWS rows. This module must
@@ -10,6 +11,7 @@ not decide what is fused (codegen.py) nor cut graphs into regions (the compiler)
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -59,10 +61,22 @@ def clear_memory_cache() -> None:
     _loaded.clear()
 
 
+@functools.lru_cache(maxsize=1)
+def _generator_fingerprint() -> str:
+    """A hash of the code that writes Triton kernels: the generator and the op registry."""
+    from ..compiler import ops
+    from . import codegen
+    h = hashlib.sha256()
+    for mod in (codegen, ops):
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def cache_key(region: Region) -> str:
-    """The file name stem of `region`'s kernel: a hash of its structure and of the tool versions."""
+    """The file name stem of `region`'s kernel: a hash of its structure, the tool versions and
+    the generator's text."""
     version = triton.__version__ if triton is not None else "none"
-    text = repr((region.signature(), version, CODEGEN_VERSION))
+    text = repr((region.signature(), version, CODEGEN_VERSION, _generator_fingerprint()))
     return "k" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 

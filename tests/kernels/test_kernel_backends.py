@@ -48,3 +48,13 @@ def test_random_cells_run_with_kernels_and_equal_the_reference(backend):
         xs = [torch.randn(3, 2, s, requires_grad=True) for s in sizes]
         check_against_reference(rec, comp, xs, None, 1e-5, lengths=torch.tensor([3, 1]))
     check()
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+def test_a_layer_norm_whose_variance_overflows_gives_what_the_reference_gives(backend):
+    x, h = sg.Input(4, name="x"), sg.State(4, name="h")
+    rec = sg.Recurrence(sg.Cell(inputs=[x], states={h: sg.layer_norm(h + x)}))
+    h0 = torch.tensor([[3e19, -1e19, 1.0, 2.0], [3.0, -1.0, 1.0, 2.0]])  # squares overflow float32 in row 0
+    want, _ = rec(torch.zeros(2, 2, 4), {"h": h0})
+    got, _ = sg.compile(rec, backend=backend)(torch.zeros(2, 2, 4), {"h": h0})
+    torch.testing.assert_close(got, want, equal_nan=True)  # torch's float32 kernel: rstd 0, zeros

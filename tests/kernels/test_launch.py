@@ -211,6 +211,21 @@ def test_the_cache_key_changes_with_the_triton_version(monkeypatch):
     assert cache_key(region) != before
 
 
+def test_the_cache_key_changes_when_the_generator_or_an_op_emitter_is_edited(monkeypatch, tmp_path):
+    region = lstm()
+    before = cache_key(region)
+    edited = tmp_path / "ops.py"
+    edited.write_bytes(open(ops.__file__, "rb").read() + b"# an edited emitter\n")
+    monkeypatch.setattr(ops, "__file__", str(edited))
+    launch._generator_fingerprint.cache_clear()
+    try:
+        assert cache_key(region) != before
+    finally:
+        monkeypatch.undo()
+        launch._generator_fingerprint.cache_clear()
+    assert cache_key(region) == before
+
+
 def test_source_shows_this_regions_own_node_names():
     a, b = lstm(), lstm()
     assert compile_region(a).source != compile_region(b).source  # same file, their own node ids
