@@ -141,6 +141,9 @@ class Recurrence(nn.Module):
             state = self._with_memory(state, B)
         states0 = self._initial_states(state, B, dtype, device)
         contexts = self._check_contexts(context, B, dtype, device)
+        if valid is not None and contexts:  # nor the context of a sequence without one real step
+            live = valid.any(0)
+            contexts = [v.masked_fill(~live.view(B, *([1] * (v.dim() - 1))), 0) for v in contexts]
         noises = self._sample_noise(T, B, dtype, device)
         outs, finals = self._run_sequence(xs, states0, contexts, noises, valid, dtype, device)
         if not torch.compiler.is_compiling():  # (the loop's custom op returns copies there)

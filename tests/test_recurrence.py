@@ -735,6 +735,32 @@ def test_nan_in_the_padding_reaches_neither_outputs_nor_gradients(backend):
     assert (grads[0][2:, 1] == 0).all()
 
 
+def _context_cell(token: bool):
+    x, h = sg.Input(3, name="x"), sg.State(4, name="h")
+    c = sg.Context((), name="c", dtype="long") if token else sg.Context(4, name="c")
+    read = sg.Embedding(5, 4, name="table")(c) if token else sg.Linear(4, 4, name="table")(c)
+    h_next = sg.tanh(sg.Linear(4, 4)(h) + sg.Linear(3, 4)(x) + read)
+    return sg.Recurrence(sg.Cell([x], {h: h_next}, [h_next], contexts=[c])).double()
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+@pytest.mark.parametrize("token", [False, True], ids=["nan_context", "out_of_range_token"])
+def test_the_context_of_a_sequence_without_real_steps_is_never_read(backend, token):
+    torch.manual_seed(0)
+    rec = _context_cell(token)
+    module = rec if backend == "reference" else sg.compile(rec, backend=backend)
+    clean = torch.tensor([1, 0, 2]) if token else torch.randn(3, 4, dtype=DT)
+    bad = clean.clone()
+    bad[1] = -1 if token else float("nan")
+    x, lengths = torch.randn(5, 3, 3, dtype=DT), torch.tensor([5, 0, 3])
+    results = []
+    for c in (bad, clean):
+        out, fin = module(x, context=c, lengths=lengths)
+        results.append((out, fin["h"], *torch.autograd.grad(out.sum() + fin["h"].sum(), list(rec.parameters()))))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
 def test_an_out_of_range_token_on_a_padded_step_is_never_looked_up():
     tok, h = sg.Input(name="tok", dtype="long"), sg.State(4, name="h")
     rec = sg.Recurrence(sg.Cell([tok], {h: sg.tanh(sg.Embedding(10, 4)(tok) + h)}))
