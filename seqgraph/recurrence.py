@@ -88,7 +88,15 @@ class Recurrence(nn.Module):
         values = getattr(self, "_param_values", None)
         if values is not None:
             return values
-        return {key: _get_nested(self.params, key) for key in self.cell.params}
+        # where each parameter lives, found once per `params` tree (read on every call)
+        slots = self.__dict__.get("_param_slots")
+        if slots is None or slots[0] is not self._modules["params"]:
+            tree = self._modules["params"]
+            slots = (tree, [(key, _get_nested(tree, key.rpartition(".")[0]), key.rpartition(".")[2])
+                            for key in self.cell.params])
+            self.__dict__["_param_slots"] = slots
+        return {key: owner._parameters.get(leaf) if leaf in owner._parameters else getattr(owner, leaf)
+                for key, owner, leaf in slots[1]}
 
     @contextlib.contextmanager
     def reading(self, values: dict[str, torch.Tensor]):
@@ -383,8 +391,9 @@ def _register_nested(root: nn.Module, key: str, p: nn.Parameter) -> None:
     mod.register_parameter(leaf, p)
 
 
-def _get_nested(root: nn.Module, key: str) -> torch.Tensor:
+def _get_nested(root: nn.Module, key: str):
+    """root.a.b for key "a.b" (root itself for "")."""
     mod = root
-    for part in key.split("."):
+    for part in filter(None, key.split(".")):
         mod = getattr(mod, part)
     return mod

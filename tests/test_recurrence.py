@@ -859,3 +859,22 @@ def test_a_tensor_on_another_device_than_the_inputs_is_an_input_error(backend, w
 def test_inputs_on_another_device_than_the_parameters_are_an_input_error(elman):
     with pytest.raises(sg.InputError, match=r"the inputs are on meta but the parameters are on cpu"):
         elman(torch.randn(T, B, I, dtype=DT, device="meta"))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("how", ["setattr", "load_state_dict_assign"])
+def test_a_parameter_replaced_after_a_call_is_the_one_the_next_call_reads(backend, how):
+    rec = randomize(sg.Recurrence(elman_cell()))
+    module = sg.compile(rec, backend=backend)
+    x = torch.randn(T, B, I, dtype=DT)
+    module(x)
+    new = {k: torch.randn_like(v) for k, v in rec.state_dict().items()}
+    if how == "setattr":
+        for key, value in new.items():
+            owner, _, leaf = key.removeprefix("params.").rpartition(".")
+            setattr(rec.params.get_submodule(owner), leaf, torch.nn.Parameter(value))
+    else:
+        rec.load_state_dict(new, assign=True)
+    fresh = randomize(sg.Recurrence(elman_cell()))
+    fresh.load_state_dict(new)
+    torch.testing.assert_close(module(x)[0], fresh(x)[0])
