@@ -154,7 +154,10 @@ class _Sequence(torch.autograd.Function):
         ctx.prog, ctx.T, ctx.mask, ctx.nouts = prog, T, mask, len(outs)
         # the backward runs under the forward's autocast (as torch.amp.custom_bwd does): the
         # saved values have the dtypes autocast chose, which the weights may not share
-        ctx.autocast = (device.type, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+        try:
+            ctx.autocast = (device.type, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+        except RuntimeError:  # a device autocast does not know (meta)
+            ctx.autocast = ("cpu", False, torch.bfloat16)
         ctx.saved_values, ctx.seqs = saved, seqs  # intermediates: kept off the autograd graph
         # a read the backward never looks at (the hoisted input projection of an LSTM, say) is
         # kept as a one-element stand-in of its shape: its memory is freed after the forward

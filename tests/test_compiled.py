@@ -511,6 +511,14 @@ def test_under_cpu_autocast_a_compiled_module_has_the_reference_gradients(backen
         torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)  # bfloat16 products
 
 
+def test_a_compiled_module_on_the_meta_device_runs_forward_and_backward_for_shapes():
+    comp = sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="torch").to("meta")
+    x = torch.randn(5, 2, 3, device="meta", requires_grad=True)
+    out, _ = comp(x)
+    out.sum().backward()
+    assert out.shape == (5, 2, 4) and x.grad.shape == x.shape and x.grad.device.type == "meta"
+
+
 def test_eval_on_the_original_switches_its_compiled_twin_and_back():
     rec = sg.Recurrence(sg.cells.lstm(3, 4, dropout=0.5))
     comp = sg.compile(rec, backend="cpu")
