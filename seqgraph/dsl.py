@@ -1,7 +1,8 @@
 """The cell DSL: leaves, functions, operators and nngraph-style modules that build nodes.
 
-`sg.Linear(I, H)(x)` and `sg.linear(...)`-style functions build the same nodes of the op
-registry; Python operators on nodes (`a + b`, `1 - z`, `-a`) do too. A module object owns
+Modules (`sg.Linear(I, H)(x)`), functions (`sg.tanh(x)`, `sg.concat([x, h])`) and Python
+operators on nodes (`a + b`, `1 - z`, `-a`, `abs(a)`) build nodes of the op registry; Python,
+numpy and torch used on a node where they cannot work raise a TypeError naming what to use. A module object owns
 parameter leaves, so calling it twice shares its weights. Nothing here runs a tensor: this
 module only builds graphs and must not run them (seqgraph.compiler.interpret does).
 """
@@ -18,7 +19,7 @@ import torch
 from .compiler import ops
 from .compiler.ir import Node
 from .compiler.ops import lift, make
-from .errors import ShapeError, user_site
+from .errors import ShapeError, mention, user_site
 
 Size = int | Sequence[int]
 Operand = Node | float  # a node, or a Python number that becomes a constant
@@ -35,6 +36,17 @@ def _count(v, what: str) -> int:
         if n >= 1:
             return n
     raise ValueError(f"{what} must be a positive int, got {v!r}")
+
+
+def _index(v, what: str) -> int:
+    """v as an int (a dim or a position): a float or a bool is a TypeError naming `what` and the
+    user's line, not a failure at run time."""
+    if not isinstance(v, bool):
+        try:
+            return operator.index(v)
+        except TypeError:
+            pass
+    raise TypeError(f"{what} (at {user_site()}) must be an int, got {v!r}")
 
 
 def _shape(size: Size, what: str) -> tuple:
@@ -165,9 +177,11 @@ def minimum(a: Operand, b: Operand, name: str | None = None) -> Node:
 
 
 def concat(nodes: Sequence[Node], dim: int = -1, name: str | None = None) -> Node:
-    if isinstance(nodes, Node):
-        raise TypeError("sg.concat takes a list of nodes, e.g. sg.concat([x, h])")
-    return make("concat", tuple(_node(n, "concat") for n in nodes), name=name, dim=dim)
+    if isinstance(nodes, Node) or not isinstance(nodes, (list, tuple)):
+        why = " (a set has no order: the features would come in any order)" if isinstance(nodes, (set, frozenset)) else ""
+        raise TypeError(f"sg.concat takes a list of nodes, e.g. sg.concat([x, h]), got {type(nodes).__name__}"
+                        f"{why} (at {user_site()})")
+    return make("concat", tuple(_node(n, "concat") for n in nodes), name=name, dim=_index(dim, "sg.concat: dim"))
 
 
 class _ChunkGroup:
@@ -184,7 +198,7 @@ def split(a: Node, sizes: Sequence[int], dim: int = -1) -> tuple[Node, ...]:
     d = ops.norm_dim_or_raise(dim, len(a.shape), "split")
     if builtins.sum(sizes) != a.shape[d] or any(s <= 0 for s in sizes):
         raise ShapeError(f"split (declared at {user_site()}): sizes {list(sizes)} do not add up to "
-                         f"{a.shape[d]}, the size of dim {dim} of {a.label()!r}")
+                         f"{a.shape[d]}, the size of dim {dim} of {mention(a)}")
     group = _ChunkGroup(user_site())
     start = 0
     for k, s in enumerate(sizes):
@@ -203,18 +217,19 @@ def chunk(a: Node, n: int, dim: int = -1) -> tuple[Node, ...]:
         raise ShapeError(str(e)) from None
     d = ops.norm_dim_or_raise(dim, len(a.shape), "chunk")
     if a.shape[d] % n:
-        raise ShapeError(f"chunk (declared at {user_site()}): {a.label()!r} has size {a.shape[d]} "
+        raise ShapeError(f"chunk (declared at {user_site()}): {mention(a)} has size {a.shape[d]} "
                          f"along dim {dim}, which does not divide into {n} equal pieces")
     return split(a, [a.shape[d] // n] * n, dim=dim)
 
 
 def narrow(a: Node, dim: int, start: int, length: int, name: str | None = None) -> Node:
     """The part [start, start+length) of `a` along `dim` (the rest may be left unused)."""
+    dim, start, length = (_index(v, f"sg.narrow: {w}") for v, w in ((dim, "dim"), (start, "start"), (length, "length")))
     return make("slice", (_node(a, "narrow"),), name=name, dim=dim, start=start, stop=start + length)
 
 
 def softmax(a: Node, dim: int = -1, name: str | None = None) -> Node:
-    return make("softmax", (_node(a, "softmax"),), name=name, dim=dim)
+    return make("softmax", (_node(a, "softmax"),), name=name, dim=_index(dim, "sg.softmax: dim"))
 
 
 def layer_norm(a: Node, eps: float = 1e-5, name: str | None = None) -> Node:
@@ -223,11 +238,11 @@ def layer_norm(a: Node, eps: float = 1e-5, name: str | None = None) -> Node:
 
 
 def sum(a: Node, dim: int = -1, keepdim: bool = False, name: str | None = None) -> Node:  # noqa: A001
-    return make("sum", (_node(a, "sum"),), name=name, dim=dim, keepdim=keepdim)
+    return make("sum", (_node(a, "sum"),), name=name, dim=_index(dim, "sg.sum: dim"), keepdim=bool(keepdim))
 
 
 def mean(a: Node, dim: int = -1, keepdim: bool = False, name: str | None = None) -> Node:
-    return make("mean", (_node(a, "mean"),), name=name, dim=dim, keepdim=keepdim)
+    return make("mean", (_node(a, "mean"),), name=name, dim=_index(dim, "sg.mean: dim"), keepdim=bool(keepdim))
 
 
 def matmul(a: Node, b: Node, name: str | None = None) -> Node:
@@ -237,7 +252,7 @@ def matmul(a: Node, b: Node, name: str | None = None) -> Node:
 
 
 def transpose(a: Node, d0: int = -2, d1: int = -1, name: str | None = None) -> Node:
-    node = ops.transpose(_node(a, "transpose"), d0, d1)
+    node = ops.transpose(_node(a, "transpose"), _index(d0, "sg.transpose: d0"), _index(d1, "sg.transpose: d1"))
     node.name = name
     return node
 
@@ -259,7 +274,7 @@ def squeeze(a: Node, dim: int, name: str | None = None) -> Node:
     a = _node(a, "squeeze")
     d = ops.norm_dim_or_raise(dim, len(a.shape), "squeeze")
     if a.shape[d] != 1:
-        raise ShapeError(f"squeeze (declared at {user_site()}): dim {dim} of {a.label()!r} has size {a.shape[d]}, not 1")
+        raise ShapeError(f"squeeze (declared at {user_site()}): dim {dim} of {mention(a)} has size {a.shape[d]}, not 1")
     return make("reshape", (a,), name=name, shape=a.shape[:d] + a.shape[d + 1:])
 
 
@@ -288,10 +303,7 @@ def _binop(op, swap=False):
     def f(self, other):
         if isinstance(other, Module):
             raise other._not_a_node()
-        try:
-            other = lift(other)
-        except TypeError:
-            return NotImplemented
+        other = lift(other)  # a tensor, array or list: a TypeError saying what to use instead
         return make(op, (other, self) if swap else (self, other))
     return f
 
@@ -302,6 +314,15 @@ Node.__mul__, Node.__rmul__ = _binop("mul"), _binop("mul", swap=True)
 Node.__truediv__, Node.__rtruediv__ = _binop("div"), _binop("div", swap=True)
 Node.__matmul__ = _binop("matmul")
 Node.__neg__ = lambda self: make("neg", (self,))
+Node.__abs__ = lambda self: make("abs", (self,))
+
+
+def _no_pow(self, other, *_):
+    raise TypeError(f"node {self.label()!r} (declared at {self.site}): ** is not an op of the DSL (at {user_site()}); "
+                    "write h * h for a square, sg.sqrt(h) for a root, sg.exp(p * sg.log(h)) for other powers")
+
+
+Node.__pow__ = Node.__rpow__ = _no_pow
 
 
 # ---------------------------------------------------------------------------------------
@@ -322,7 +343,16 @@ class Module:
     def params(self) -> dict[str, Node]:
         return {k: v for k, v in vars(self).items() if isinstance(v, Node) and v.op == "param"}
 
-    def __call__(self, x):
+    def __call__(self, *args):
+        name = type(self).__name__
+        if not args:
+            raise TypeError(f"{name} (declared at {self.site}) was called with no node (at {user_site()}); "
+                            f"nngraph's {name}()() input idiom is sg.Input(size, name=...) here")
+        if len(args) > 1:
+            raise TypeError(f"{name} (declared at {self.site}) takes one node, or one list of nodes for a table "
+                            f"module, but got {len(args)} arguments (at {user_site()}); pass a list, e.g. "
+                            f"sg.Concat()([x, h]), or concat first: sg.Linear(...)(sg.concat([x, h]))")
+        (x,) = args
         if isinstance(x, Module):
             raise TypeError(f"{type(self).__name__} (declared at {self.site}) was called on the module "
                             f"{type(x).__name__}, not on a node; did you forget a second set of parentheses, "
@@ -365,8 +395,9 @@ class Linear(Module):
         if not x.shape or x.shape[-1] != self.in_features:
             nm = f" '{self.name}'" if self.name else ""
             got = x.shape[-1] if x.shape else "no feature dim"
-            err = ShapeError(f"Linear{nm} (declared at {self.site}) expects {self.in_features} input "
-                             f"features but its input {x.label()!r} has {got}", node=x)
+            err = ShapeError(f"Linear{nm} (declared at {self.site}), called at {user_site()}, expects "
+                             f"{self.in_features} input features but its input {mention(x)} has {got}; a "
+                             f"Linear has one input size: use another Linear, or concat the inputs first", node=x)
             ops._attach_picture(err)
             raise err
         y = self._make("linear", (x, self.weight))
@@ -379,7 +410,8 @@ class Embedding(Module):
 
     def __init__(self, num: int, dim: int, padding_idx: int | None = None, name: str | None = None):
         super().__init__(name)
-        self.num, self.dim = int(num), int(dim)
+        where = f"Embedding (declared at {self.site})"
+        self.num, self.dim = _count(num, f"{where}: num"), _count(dim, f"{where}: dim")
         if padding_idx is not None:
             if isinstance(padding_idx, bool) or not isinstance(padding_idx, int) \
                     or not -self.num <= padding_idx < self.num:
@@ -398,6 +430,7 @@ class LayerNorm(Module):
 
     def __init__(self, size: int, eps: float = 1e-5, affine: bool = True, name: str | None = None):
         super().__init__(name)
+        size = _count(size, f"LayerNorm (declared at {self.site}): size")
         self.eps = eps
         self.weight = self._param("weight", (size,), "ones") if affine else None
         self.bias = self._param("bias", (size,), "zeros") if affine else None
@@ -422,7 +455,9 @@ ReLU = _elementwise_module("ReLU", "relu")
 
 def _list_of_nodes(xs, who):
     if isinstance(xs, Node) or not isinstance(xs, (list, tuple)):
-        raise TypeError(f"{who} takes a list of nodes, e.g. {who}()([a, b])")
+        raise TypeError(f"{who} takes a list of nodes, e.g. {who}()([a, b]), got {type(xs).__name__} (at {user_site()})")
+    if not xs:
+        raise ShapeError(f"{who} (at {user_site()}) needs at least one operand, got an empty list")
     return [_node(x, who) for x in xs]
 
 
@@ -468,4 +503,4 @@ class Dropout(Module):
         self.p, self.per_sequence = p, per_sequence
 
     def forward(self, x):
-        return dropout(x, self.p, per_sequence=self.per_sequence)
+        return dropout(x, self.p, per_sequence=self.per_sequence, name=self.name)

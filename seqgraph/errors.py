@@ -1,8 +1,9 @@
 """Errors raised when a graph is built, checked or run, and the user's creation site.
 
-Every error seqgraph raises about a graph is a `GraphError`; its message names the node,
-its op and the file:line where the user created it. This module only formats and finds
-sites: it must not import torch or know about ops.
+Every error seqgraph raises about a graph's shapes or wiring is a `GraphError`; its message
+names the node, its op and the file:line where the user created it (Python misused on a node,
+`torch.tanh(h)` or `h > 0`, is a TypeError that says what to write instead). This module only
+formats and finds sites: it must not import torch or know about ops.
 """
 from __future__ import annotations
 
@@ -68,3 +69,9 @@ def describe(node) -> str:
     label = node.display_op()
     name = f" '{node.name}'" if node.name else ""
     return f"{label}{name} (declared at {node.site})"
+
+
+def mention(node) -> str:
+    """How a message refers to an operand: `'x'` when the user named it, else what made it and
+    where (`Linear (declared at mycell.py:12)`), never an internal label such as `add_22`."""
+    return repr(node.name) if node.name else describe(node)

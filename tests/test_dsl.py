@@ -436,3 +436,101 @@ def test_sizes_and_piece_counts_may_be_numpy_integers():
     lin = sg.Linear(np.int64(4), np.int32(3))
     assert (lin.in_features, lin.out_features) == (4, 3) and type(lin.in_features) is int
     assert len(sg.chunk(sg.Input(4, name="x"), np.int64(2))) == 2
+
+
+# ---------------------------------------------------------------------------------------
+# Python, numpy and torch misused on nodes: a TypeError where the mistake is, saying what to write
+# ---------------------------------------------------------------------------------------
+def _xh():
+    return sg.Input(4, name="x"), sg.State(4, name="h")
+
+
+@pytest.mark.parametrize("mistake,hint", [
+    (lambda x, h: torch.tanh(h), r"torch's tanh cannot run on node 'h' .* here sg.tanh"),
+    (lambda x, h: torch.cat([x, h]), r"torch's cat cannot run on .* here sg.concat"),
+    (lambda x, h: torch.nn.Linear(4, 4)(h), r"torch's linear cannot run on node 'h' .* here sg.Linear"),
+    (lambda x, h: torch.zeros(4) + h, r"got Tensor: a tensor is not part of a step.s graph"),
+    (lambda x, h: h + torch.zeros(4), r"got Tensor: a tensor is not part of a step.s graph"),
+    (lambda x, h: sg.tanh(torch.zeros(4)), r"got Tensor: a tensor is not part of a step's graph; use sg.Parameter"),
+    (lambda x, h: sg.Linear(8, 4)([x, h]), r"got list: combine a list of nodes first \(sg.concat"),
+    (lambda x, h: sg.Concat()(x, h), r"takes one node, or one list of nodes .* got 2 arguments .* pass a list"),
+    (lambda x, h: sg.Identity()(), r"nngraph's Identity\(\)\(\) input idiom is sg.Input"),
+    (lambda x, h: h == 0, r"node 'h' .* is a symbolic value: == cannot see"),
+    (lambda x, h: h != 0, r"!= cannot see"),
+    (lambda x, h: h > 0, r"> cannot see .* use sg.where_mask, sg.maximum"),
+    (lambda x, h: max(x, h), r"is a symbolic value: [<>] cannot see"),
+    (lambda x, h: len(h), r"not a sequence .* node.shape"),
+    (lambda x, h: h[0], r"cannot be indexed .* sg.narrow"),
+    (lambda x, h: h ** 2, r"\*\* is not an op of the DSL .* h \* h"),
+    (lambda x, h: sg.concat({x, h}), r"got set \(a set has no order"),
+    (lambda x, h: sg.narrow(h, 0, 0, 4 / 2), r"sg.narrow: length .* must be an int, got 2.0"),
+    (lambda x, h: sg.softmax(h, dim=0.5), r"sg.softmax: dim .* must be an int, got 0.5"),
+], ids=["torch_tanh", "torch_cat", "torch_module", "tensor_plus_node", "node_plus_tensor", "tensor_operand",
+        "module_on_list", "two_arguments", "nngraph_input_idiom", "eq", "ne", "gt", "python_max", "len", "index",
+        "pow", "concat_of_a_set", "float_length", "float_dim"])
+def test_a_python_mistake_on_a_node_is_a_type_error_saying_what_to_write(mistake, hint):
+    x, h = _xh()
+    with pytest.raises(TypeError, match=hint) as err:
+        mistake(x, h)
+    assert "test_dsl.py:" in str(err.value)
+
+
+@pytest.mark.parametrize("fn", ["sum", "dot", "tanh", "mean"])
+def test_numpy_functions_on_a_node_refuse_instead_of_building_object_arrays(fn):
+    np = pytest.importorskip("numpy")
+    x, h = _xh()
+    with pytest.raises(TypeError):
+        getattr(np, fn)(x, h) if fn == "dot" else getattr(np, fn)(h)
+
+
+def test_numpy_array_times_a_node_refuses():
+    np = pytest.importorskip("numpy")
+    _, h = _xh()
+    with pytest.raises(TypeError, match="expected a seqgraph node or a Python number, got ndarray"):
+        np.ones(4) * h
+
+
+def test_nodes_still_compare_by_identity_and_key_dicts():
+    x, h = _xh()
+    assert x == x and x != h and {h: 1}[h] == 1 and h in [x, h]
+
+
+def test_abs_of_a_node_is_sg_abs():
+    _, h = _xh()
+    assert abs(h).op == "abs"
+
+
+@pytest.mark.parametrize("module", [sg.CAdd, sg.CMul])
+def test_a_table_module_on_an_empty_list_is_a_shape_error(module):
+    with pytest.raises(sg.ShapeError, match=r"needs at least one operand, got an empty list"):
+        module()([])
+
+
+@pytest.mark.parametrize("make,text", [
+    (lambda: sg.Embedding(10.9, 4), r"Embedding \(declared at test_dsl.py:\d+\): num must be a positive int, got 10.9"),
+    (lambda: sg.Embedding(0, 4), r"num must be a positive int, got 0"),
+    (lambda: sg.LayerNorm(0), r"LayerNorm \(declared at test_dsl.py:\d+\): size must be a positive int, got 0"),
+], ids=["float_rows", "no_rows", "empty_layer_norm"])
+def test_module_sizes_are_checked_when_declared(make, text):
+    with pytest.raises(ValueError, match=text):
+        make()
+
+
+def test_a_named_dropout_module_names_its_node():
+    _, h = _xh()
+    assert sg.Dropout(0.5, name="drop")(h).name == "drop"
+
+
+def test_an_unnamed_operand_is_named_by_what_made_it_not_an_internal_label():
+    x = sg.Input(24, name="x")
+    with pytest.raises(sg.ShapeError, match=r"Linear \(declared at test_dsl.py:\d+\) has size 50 along dim -1"):
+        sg.chunk(sg.Linear(24, 50)(x), 3)
+
+
+def test_a_linear_reused_on_another_size_names_its_declaration_and_the_call():
+    x, y = sg.Input(8, name="x"), sg.Input(16, name="y")
+    shared = sg.Linear(16, 16, name="shared")
+    shared(y)
+    with pytest.raises(sg.ShapeError, match=r"Linear 'shared' \(declared at test_dsl.py:(\d+)\), called at "
+                                            r"test_dsl.py:(\d+), expects 16 input features but its input 'x' has 8"):
+        shared(x)

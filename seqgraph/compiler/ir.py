@@ -55,8 +55,58 @@ class Node:
     def __hash__(self) -> int:
         return self.id
 
-    def __eq__(self, other) -> bool:  # identity; `==` on values is not an op in the DSL
-        return self is other
+    def __eq__(self, other) -> bool:  # identity between nodes; `==` on values is not an op in the DSL
+        if isinstance(other, Node):
+            return self is other
+        raise self._symbolic("==")
+
+    def __ne__(self, other) -> bool:
+        if isinstance(other, Node):
+            return self is not other
+        raise self._symbolic("!=")
+
+    def _symbolic(self, what: str) -> TypeError:
+        return TypeError(f"node {self.label()!r} (declared at {self.site}) is a symbolic value: {what} cannot see "
+                         f"what it will hold at run time (at {user_site()}); use sg.where_mask, sg.maximum, "
+                         "sg.minimum or sg.relu to compute with comparisons, and `is` to test identity")
+
+    def __lt__(self, other):
+        raise self._symbolic("<")
+
+    def __le__(self, other):
+        raise self._symbolic("<=")
+
+    def __gt__(self, other):
+        raise self._symbolic(">")
+
+    def __ge__(self, other):
+        raise self._symbolic(">=")
+
+    def __len__(self) -> int:
+        raise TypeError(f"node {self.label()!r} (declared at {self.site}) is one symbolic value, not a sequence "
+                        f"(len at {user_site()}); its per-example shape is node.shape")
+
+    def __getitem__(self, key):
+        raise TypeError(f"node {self.label()!r} (declared at {self.site}) cannot be indexed (at {user_site()}); "
+                        "use sg.narrow(node, dim, start, length), sg.chunk or sg.split to take parts of it")
+
+    # numpy and torch functions cannot run on a symbolic value: they say so, naming the sg
+    # function to use, instead of building object arrays or failing deep inside torch
+    __array_ufunc__ = None
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError(f"node {self.label()!r} (declared at {self.site}) is symbolic; numpy cannot compute with "
+                        f"it (at {user_site()}): use the sg functions (sg.sum, sg.tanh, sg.maximum, ...)")
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func)).strip("_")
+        node = next((a for a in list(args) + list((kwargs or {}).values()) if isinstance(a, Node)), None)
+        where = f"node {node.label()!r} (declared at {node.site})" if node is not None else "a seqgraph node"
+        hint = {"cat": "sg.concat", "linear": "sg.Linear", "add": "+", "mul": "*", "sub": "-", "div": "/",
+                "matmul": "sg.matmul"}.get(name, f"sg.{name}")
+        raise TypeError(f"torch's {name} cannot run on {where}, a symbolic value (at {user_site()}): build the "
+                        f"step with seqgraph's own functions and modules, here {hint}")
 
     def __bool__(self) -> bool:
         raise TypeError(f"node {self.label()!r} (declared at {self.site}) is a symbolic value: Python's if, and, "

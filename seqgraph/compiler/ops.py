@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..errors import ShapeError, user_site
+from ..errors import ShapeError, mention, user_site
 from .ir import LEAF_OPS, Node
 
 
@@ -89,7 +89,7 @@ def _attach_picture(err) -> None:
 
 def _describe_operand(n: Node) -> str:
     b = "B," if n.batched else ""
-    return f"{n.label()} ({b}{','.join(map(str, n.shape))})"
+    return f"{mention(n)} ({b}{','.join(map(str, n.shape))})"
 
 
 # ---------------------------------------------------------------------------------------
@@ -146,7 +146,13 @@ def lift(x) -> Node:
     if isinstance(x, Node):
         return x
     if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise TypeError(f"expected a seqgraph node or a Python number, got {type(x).__name__}")
+        hint = {"Tensor": ": a tensor is not part of a step's graph; use sg.Parameter for a trained one, "
+                          "sg.Context for one given with each call, or a Python number",
+                "list": ": combine a list of nodes first (sg.concat([...]) side by side, or a sum)",
+                "tuple": ": combine the nodes first (sg.concat([...]) side by side, or a sum)"}
+        kind = "Tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"expected a seqgraph node or a Python number, got {kind}{hint.get(kind, '')} "
+                        f"(at {user_site()})")
     return const(x)
 
 

@@ -152,8 +152,10 @@ def test_linear_feature_mismatch_names_module_line_and_input():
     gate, at_gate = sg.Linear(128, 32, name="gate_i"), here()
     with pytest.raises(sg.ShapeError) as err:
         gate(x)
-    assert str(err.value) == (f"Linear 'gate_i' (declared at {at_gate}) expects 128 input features "
-                              "but its input 'x' has 64")
+    at_call = f"{at_gate.rsplit(':', 1)[0]}:{int(at_gate.rsplit(':', 1)[1]) + 2}"
+    assert str(err.value) == (f"Linear 'gate_i' (declared at {at_gate}), called at {at_call}, expects 128 input "
+                              f"features but its input 'x' has 64; a Linear has one "
+                              "input size: use another Linear, or concat the inputs first")
 
 
 def test_operand_shape_mismatch_names_op_line_and_operands():
@@ -163,7 +165,7 @@ def test_operand_shape_mismatch_names_op_line_and_operands():
         at_add = here(1)
         x + h
     assert str(err.value) == (f"add (declared at {at_add}): cannot broadcast shapes (4,) and (5,) "
-                              "[operands: x (B,4), h (B,5)]")
+                              "[operands: 'x' (B,4), 'h' (B,5)]")
 
 
 def test_chunk_that_does_not_divide():
