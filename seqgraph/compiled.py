@@ -246,6 +246,15 @@ class CompiledRecurrence(Recurrence):
         with the node and user line it came from."""
         return self._program.source
 
+    def backend_for(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> str:
+        """The backend a call with tensors of this dtype and device runs ("cpu", "triton" or
+        "torch"; by default those of the parameters): "auto" picks per call, and a backend that
+        cannot run a dtype or device (float16 on the CPU, say) runs the torch code instead."""
+        p = next(iter(self.param_tensors().values()), None)
+        dtype = dtype or (p.dtype if p is not None else torch.get_default_dtype())
+        device = torch.device(device) if device is not None else (p.device if p is not None else torch.device("cpu"))
+        return self._program_for(dtype, device).backend
+
     def _repr_svg_(self):  # Jupyter shows the compiled plan inline
         return self.plan().to_dot().pipe(format="svg").decode()
 

@@ -519,6 +519,15 @@ def test_a_compiled_module_on_the_meta_device_runs_forward_and_backward_for_shap
     assert out.shape == (5, 2, 4) and x.grad.shape == x.shape and x.grad.device.type == "meta"
 
 
+def test_backend_for_says_which_backend_a_call_runs():
+    comp = sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="auto")
+    assert comp.backend_for() == "cpu" and comp.backend_for(torch.float64) == "cpu"
+    assert comp.backend_for(torch.float16) == "torch" and comp.backend_for(device="meta") == "torch"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert comp.backend_for() == "torch"
+    assert sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="torch").backend_for() == "torch"
+
+
 def test_eval_on_the_original_switches_its_compiled_twin_and_back():
     rec = sg.Recurrence(sg.cells.lstm(3, 4, dropout=0.5))
     comp = sg.compile(rec, backend="cpu")

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -432,10 +433,14 @@ def _build(source: str, path: Path, real: str) -> None:
     cmd = base + openmp_flags() + ["-o", tmp_so, str(c_path), "-lm"]
     if debug_level() >= 1:
         print(f"[seqgraph] {' '.join(cmd)}", file=sys.stderr)
+    started = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0 and openmp_flags():  # a compiler without OpenMP: one thread per kernel
         cmd = base + ["-o", tmp_so, str(c_path), "-lm"]
         res = subprocess.run(cmd, capture_output=True, text=True)
+    if debug_level() >= 1:
+        print(f"[seqgraph] C compiler took {time.perf_counter() - started:.2f} s for {path.name} "
+              f"(cached in {path.parent} for later calls and processes)", file=sys.stderr)
     if res.returncode != 0:
         os.unlink(tmp_so)
         raise RuntimeError(f"the C compiler failed on generated kernels ({c_path}); this is a seqgraph bug, "
