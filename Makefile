@@ -2,8 +2,11 @@
 PY        ?= python3
 VENV      := .venv
 BIN       := $(VENV)/bin
-# The CPU build of torch (the machine's wheel cache serves it; never a multi-GB CUDA build).
+# torch 2.13.0: our machines' wheel cache serves its CPU build. Elsewhere PyPI's Linux wheel is
+# the multi-GB CUDA build: `make test TORCH_INDEX=https://download.pytorch.org/whl/cpu` takes
+# the CPU build from PyTorch's index instead.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
 .PHONY: demo test bench viz-dot clean
@@ -12,7 +15,7 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/pip install -q --disable-pip-version-check $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[test]"
 	touch $@
 
