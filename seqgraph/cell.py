@@ -147,6 +147,10 @@ class Cell:
         self.noises = [n for n in self.order if n.op == "noise"]
         self.params = _param_keys(self.order)
 
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"a Cell (declared at {self.site}) is the graph of one step and does not run by itself: "
+                        "run it over sequences with sg.Recurrence(cell)(x), or compile it with sg.compile(cell)")
+
     @property
     def state_names(self) -> list[str]:
         return [p.name for p, _ in self.states]

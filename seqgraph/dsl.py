@@ -55,9 +55,11 @@ def _shape(size: Size, what: str) -> tuple:
     if isinstance(size, int):
         size = (size,)
     try:
-        shape = tuple(int(s) for s in size)
+        if any(isinstance(s, bool) for s in size):
+            raise TypeError
+        shape = tuple(operator.index(s) for s in size)
     except TypeError:
-        raise TypeError(f"{what}: size must be an int or a tuple of ints, got {size!r}") from None
+        raise TypeError(f"{what} (at {user_site()}): size must be an int or a tuple of ints, got {size!r}") from None
     if any(s <= 0 for s in shape):
         raise ValueError(f"{what}: sizes must be positive, got {shape}")
     return shape
@@ -177,6 +179,8 @@ def minimum(a: Operand, b: Operand, name: str | None = None) -> Node:
 
 
 def concat(nodes: Sequence[Node], dim: int = -1, name: str | None = None) -> Node:
+    """The nodes side by side along `dim`, a per-example dim (the batch is never counted:
+    -1, the last, is the feature dim), e.g. sg.concat([x, h])."""
     if isinstance(nodes, Node) or not isinstance(nodes, (list, tuple)):
         why = " (a set has no order: the features would come in any order)" if isinstance(nodes, (set, frozenset)) else ""
         raise TypeError(f"sg.concat takes a list of nodes, e.g. sg.concat([x, h]), got {type(nodes).__name__}"
@@ -195,7 +199,10 @@ class _ChunkGroup:
 def split(a: Node, sizes: Sequence[int], dim: int = -1) -> tuple[Node, ...]:
     """Cut `a` along `dim` into pieces of the given sizes (which must add up to its size)."""
     a = _node(a, "split")
-    d = ops.norm_dim_or_raise(dim, len(a.shape), "split")
+    if not isinstance(sizes, (list, tuple)):
+        raise TypeError(f"sg.split (at {user_site()}) takes a list of piece sizes, e.g. sg.split(h, [2, 6]), got "
+                        f"{sizes!r}; for n equal pieces use sg.chunk(h, n)")
+    d = ops.norm_dim_or_raise(_index(dim, "sg.split: dim"), len(a.shape), "split")
     if builtins.sum(sizes) != a.shape[d] or any(s <= 0 for s in sizes):
         raise ShapeError(f"split (declared at {user_site()}): sizes {list(sizes)} do not add up to "
                          f"{a.shape[d]}, the size of dim {dim} of {mention(a)}")
@@ -229,6 +236,7 @@ def narrow(a: Node, dim: int, start: int, length: int, name: str | None = None) 
 
 
 def softmax(a: Node, dim: int = -1, name: str | None = None) -> Node:
+    """Softmax along `dim`, a per-example dim (the batch is never counted)."""
     return make("softmax", (_node(a, "softmax"),), name=name, dim=_index(dim, "sg.softmax: dim"))
 
 
@@ -238,10 +246,12 @@ def layer_norm(a: Node, eps: float = 1e-5, name: str | None = None) -> Node:
 
 
 def sum(a: Node, dim: int = -1, keepdim: bool = False, name: str | None = None) -> Node:  # noqa: A001
+    """The sum along `dim`, a per-example dim (one value per example: the batch is never summed)."""
     return make("sum", (_node(a, "sum"),), name=name, dim=_index(dim, "sg.sum: dim"), keepdim=bool(keepdim))
 
 
 def mean(a: Node, dim: int = -1, keepdim: bool = False, name: str | None = None) -> Node:
+    """The mean along `dim`, a per-example dim (the batch is never averaged over)."""
     return make("mean", (_node(a, "mean"),), name=name, dim=_index(dim, "sg.mean: dim"), keepdim=bool(keepdim))
 
 
@@ -252,6 +262,7 @@ def matmul(a: Node, b: Node, name: str | None = None) -> Node:
 
 
 def transpose(a: Node, d0: int = -2, d1: int = -1, name: str | None = None) -> Node:
+    """Swap per-example dims d0 and d1 (the batch stays first)."""
     node = ops.transpose(_node(a, "transpose"), _index(d0, "sg.transpose: d0"), _index(d1, "sg.transpose: d1"))
     node.name = name
     return node
@@ -263,6 +274,7 @@ def reshape(a: Node, shape: Sequence[int], name: str | None = None) -> Node:
 
 
 def unsqueeze(a: Node, dim: int, name: str | None = None) -> Node:
+    """A new per-example dim of size 1 at `dim`."""
     a = _node(a, "unsqueeze")
     shape = list(a.shape)
     d = ops.norm_dim_or_raise(dim, len(shape) + 1, "unsqueeze")
@@ -271,6 +283,7 @@ def unsqueeze(a: Node, dim: int, name: str | None = None) -> Node:
 
 
 def squeeze(a: Node, dim: int, name: str | None = None) -> Node:
+    """Drop the per-example dim `dim`, which must have size 1."""
     a = _node(a, "squeeze")
     d = ops.norm_dim_or_raise(dim, len(a.shape), "squeeze")
     if a.shape[d] != 1:
@@ -283,6 +296,9 @@ def dropout(a: Node, p: float, per_sequence: bool = False, name: str | None = No
     step, or one mask per sequence with per_sequence=True, as in Gal's Bayesian RNNs); the
     identity in evaluation."""
     a = _node(a, "dropout")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise ValueError(f"sg.dropout (at {user_site()}): p, the probability of zeroing an element, must be in "
+                         f"[0, 1), got {p!r}")
     if p == 0:
         return a
     keep = Noise(a.shape, p, per_sequence=per_sequence)
@@ -462,6 +478,8 @@ def _list_of_nodes(xs, who):
 
 
 class Concat(Module):
+    """nngraph's JoinTable: Concat(dim)([a, b]) puts nodes side by side along a per-example dim
+    (counted from 0 without the batch; -1, the default, is the feature dim)."""
     def __init__(self, dim: int = -1, name: str | None = None):
         super().__init__(name)
         self.dim = dim
@@ -493,11 +511,13 @@ class CMul(Module):
 
 
 class Identity(Module):
+    """Its input, unchanged (inputs of a step are declared with sg.Input, not nn.Identity()())."""
     def forward(self, x):
         return x
 
 
 class Dropout(Module):
+    """sg.dropout as a module: Dropout(p)(x)."""
     def __init__(self, p: float, per_sequence: bool = False, name: str | None = None):
         super().__init__(name)
         self.p, self.per_sequence = p, per_sequence

@@ -66,7 +66,9 @@ class Recurrence(nn.Module):
     def __init__(self, cell: Cell, batch_first: bool = False, remember: bool = False):
         super().__init__()
         if not isinstance(cell, Cell):
-            raise TypeError(f"sg.Recurrence takes an sg.Cell, got {type(cell).__name__}")
+            hint = (f"; call it to build the cell, e.g. {cell.__module__.replace('seqgraph.', 'sg.')}."
+                    f"{cell.__name__}(input_size, hidden_size)" if callable(cell) and hasattr(cell, "__name__") else "")
+            raise TypeError(f"sg.Recurrence takes an sg.Cell, got {type(cell).__name__}{hint}")
         self.cell = cell
         self.batch_first = batch_first
         self.remember = remember

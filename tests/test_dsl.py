@@ -534,3 +534,15 @@ def test_a_linear_reused_on_another_size_names_its_declaration_and_the_call():
     with pytest.raises(sg.ShapeError, match=r"Linear 'shared' \(declared at test_dsl.py:(\d+)\), called at "
                                             r"test_dsl.py:(\d+), expects 16 input features but its input 'x' has 8"):
         shared(x)
+
+
+@pytest.mark.parametrize("mistake,error,text", [
+    (lambda: sg.Recurrence(sg.cells.lstm), TypeError, r"got function; call it to build the cell, e.g. sg.cells.lstm\("),
+    (lambda: sg.cells.gru(3, 4)(torch.zeros(2, 3)), TypeError, r"is the graph of one step .* sg.Recurrence\(cell\)\(x\)"),
+    (lambda: sg.Input(4.0), TypeError, r"Input \(at test_dsl.py:\d+\): size must be an int or a tuple of ints, got 4.0"),
+    (lambda: sg.split(sg.Input(4), 2), TypeError, r"takes a list of piece sizes, .* for n equal pieces use sg.chunk"),
+    (lambda: sg.dropout(sg.Input(4), 1.0), ValueError, r"sg.dropout \(at test_dsl.py:\d+\): p, the probability"),
+], ids=["cell_function_not_called", "cell_called_on_a_tensor", "float_size", "split_by_an_int", "dropout_of_one"])
+def test_api_misuse_names_the_call_and_the_fix(mistake, error, text):
+    with pytest.raises(error, match=text):
+        mistake()

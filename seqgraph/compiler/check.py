@@ -18,6 +18,17 @@ def _fail(cls, msg, node=None, edge=None):
     raise cls(msg, node=node, edge=edge)
 
 
+def _twin(n: Node, listed: dict) -> str:
+    """When the cell lists another leaf of the same kind and name, the likely mistake: a value
+    of another cell (built by an earlier call of the same function) used in this one."""
+    other = listed.get((n.op, n.name))
+    if other is None or other is n:
+        return ""
+    return (f"; the one listed (declared at {other.site}) is a different node of the same name, so this one "
+            f"comes in with a value of another graph, such as a node kept from an earlier call of the "
+            f"function that builds the cell")
+
+
 def check_cell(inputs: list[Node], states: list[tuple[Node, Node]], outputs: list[Node],
                contexts: list[Node] | None) -> list[Node]:
     """Check one step of a recurrence; returns its nodes in topological order. A failure
@@ -74,13 +85,15 @@ def _check_cell(inputs, states, outputs, contexts) -> list[Node]:
             _fail(WiringError, f"{describe(x)} is not used by any output or next state", x)
     declared_inputs = {x.id for x in inputs}
     declared_ctx = None if contexts is None else {c.id for c in contexts}
+    listed = {(x.op, x.name): x for x in list(inputs) + [p for p, _ in states] + list(contexts or [])}
     for n in order:
         if n.op == "input" and n.id not in declared_inputs:
-            _fail(WiringError, f"{describe(n)} is used but not listed in inputs=[...]", n)
+            _fail(WiringError, f"{describe(n)} is used but not listed in inputs=[...]{_twin(n, listed)}", n)
         if n.op == "state" and n.id not in seen_prev:
-            _fail(WiringError, f"{describe(n)} is read but has no next value; add it to states={{prev: next}}", n)
+            _fail(WiringError, f"{describe(n)} is read but has no next value; add it to states={{prev: next}}"
+                               f"{_twin(n, listed)}", n)
         if n.op == "context" and declared_ctx is not None and n.id not in declared_ctx:
-            _fail(WiringError, f"{describe(n)} is used but not listed in contexts=[...]", n)
+            _fail(WiringError, f"{describe(n)} is used but not listed in contexts=[...]{_twin(n, listed)}", n)
     if contexts is not None:
         for c in contexts:
             if c.id not in reached:

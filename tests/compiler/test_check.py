@@ -282,3 +282,15 @@ def test_calling_a_graph_on_a_tensor_says_it_builds_graphs_from_nodes():
     import torch
     with pytest.raises(TypeError, match=r"Graph squash .* is called on nodes, to build a graph; got a Tensor"):
         g(torch.randn(2, 4))
+
+
+def test_a_value_of_another_cell_with_a_leaf_of_the_same_name_says_so():
+    def make(prev=None):
+        x, h = sg.Input(4, name="x"), sg.State(4, name="h")
+        v = sg.tanh(sg.Linear(4, 4)(x) + h)
+        return sg.Cell(inputs=[x], states={h: v if prev is None else v + prev}), v
+    _, first = make()
+    with pytest.raises(sg.WiringError, match=r"Input 'x' .* is used but not listed in inputs=\[...\]; the one listed "
+                                             r"\(declared at .*\) is a different node of the same name, so this one "
+                                             r"comes in with a value of another graph"):
+        make(first)
