@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
+import traceback
 from typing import TYPE_CHECKING, Iterable, Sequence, Union
 
 import graphviz
@@ -566,8 +567,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"seqgraph viz: {args.target} raised {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - the user's factory: say what it raised, not where inside us
-        print(f"seqgraph viz: calling {args.target}() raised {type(e).__name__}: {e} "
-              f"(the factory is called with no arguments)", file=sys.stderr)
+        if e.__traceback__.tb_next is None:  # the call itself failed: the factory wants arguments
+            where = " (the factory is called with no arguments)"
+        else:
+            path = os.path.abspath(args.target.rpartition(":")[0])
+            mine = [f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == path]
+            where = f" at {os.path.basename(path)}:{mine[-1].lineno}" if mine else ""
+        print(f"seqgraph viz: calling {args.target}() raised {type(e).__name__}: {e}{where}", file=sys.stderr)
         return 1
     try:
         if args.output is None:

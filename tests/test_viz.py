@@ -387,6 +387,15 @@ def test_cli_reports_a_factory_that_needs_arguments(factory_file, tmp_path, caps
     assert "calling" in (err := capsys.readouterr().err) and "TypeError" in err and "no arguments" in err
 
 
+def test_cli_reports_an_error_inside_the_factory_at_the_users_line(factory_file, capsys):
+    with open(factory_file, "a") as f:
+        f.write("\n\ndef make_typo():\n    return sg.tanh([1, 2])\n")
+    assert viz.main([f"{factory_file}:make_typo"]) == 1
+    err = capsys.readouterr().err
+    assert "TypeError" in err and err.rstrip().endswith(f"at mycell.py:{len(_FACTORY.splitlines()) + 4}")
+    assert "no arguments" not in err
+
+
 def test_cli_reports_an_output_folder_that_does_not_exist(factory_file, tmp_path, capsys):
     assert viz.main([f"{factory_file}:make_cell", "-o", str(tmp_path / "missing" / "cell.dot")]) == 2
     assert "cannot write" in capsys.readouterr().err
