@@ -18,34 +18,12 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .errors import InputError
-from .recurrence import Recurrence, refuse_packed
+from .recurrence import Recurrence, refuse_packed, valid_steps
 
 
 # ---------------------------------------------------------------------------------------
 # index helpers for padded batches
 # ---------------------------------------------------------------------------------------
-def _valid_steps(T: int, B: int, lengths, mask, batch_first: bool, device, who: str) -> torch.Tensor | None:
-    """A (T, B) bool tensor of real steps, or None when every step is real."""
-    if lengths is not None and mask is not None:
-        raise InputError(f"{who}: give lengths or mask, not both")
-    if lengths is not None:
-        lengths = torch.as_tensor(lengths, device=device)
-        if lengths.dim() != 1 or lengths.shape[0] != B:
-            raise InputError(f"{who}: lengths must have shape ({B},), got {tuple(lengths.shape)}")
-        if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
-            raise InputError(f"{who}: lengths must be integers, got dtype {lengths.dtype}")
-        if B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
-            raise InputError(f"{who}: lengths must lie in [0, {T}] (T = {T})")
-        return torch.arange(T, device=device).unsqueeze(1) < lengths.unsqueeze(0)
-    if mask is not None:
-        mask = mask.transpose(0, 1) if batch_first else mask
-        if tuple(mask.shape) != (T, B) or mask.dtype != torch.bool:
-            want = f"({B}, {T})" if batch_first else f"({T}, {B})"
-            raise InputError(f"{who}: mask must be a bool tensor of shape {want}, got {tuple(mask.shape)} {mask.dtype}")
-        return mask.to(device)
-    return None
-
-
 def _ranks(valid: torch.Tensor):
     """For a (T, B) mask: each step's rank among its sequence's real steps, the number of real
     steps per sequence, and the position of the r-th real step (rows r >= n are unused)."""
@@ -79,7 +57,7 @@ def reverse_sequences(x: torch.Tensor, lengths=None, batch_first: bool = False, 
                          f", got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     xt = x.transpose(0, 1) if batch_first else x
     T, B = xt.shape[0], xt.shape[1]
-    valid = _valid_steps(T, B, lengths, mask, batch_first, x.device, "reverse_sequences")
+    valid = valid_steps(T, B, lengths, mask, batch_first, x.device, "reverse_sequences")
     if valid is None:
         out = xt.flip(0)
     else:
@@ -234,7 +212,7 @@ class Bidirectional(nn.Module):
         bf = self.batch_first
         x = refuse_packed(x, "sg.Bidirectional")
         T, B = (x.shape[1], x.shape[0]) if bf else (x.shape[0], x.shape[1])
-        valid = _valid_steps(T, B, lengths, mask, bf, x.device, "sg.Bidirectional")
+        valid = valid_steps(T, B, lengths, mask, bf, x.device, "sg.Bidirectional")
         out_f, fin_f = self.fwd(x, state[0], lengths=lengths, mask=mask, **kwargs)
         out_f = _single_output(out_f, "sg.Bidirectional fwd")
         x_rev = reverse_sequences(x, batch_first=bf, mask=None if valid is None else _layout(valid, bf))
@@ -340,7 +318,7 @@ class SequenceLoss(nn.Module):
             target = target.transpose(0, 1)
         if tuple(target.shape[:2]) != (T, B):
             raise InputError(f"SequenceLoss: input has (T, B) = {(T, B)} but target has {tuple(target.shape[:2])}")
-        valid = _valid_steps(T, B, lengths, mask, self.batch_first, input.device, "SequenceLoss")
+        valid = valid_steps(T, B, lengths, mask, self.batch_first, input.device, "SequenceLoss")
         if valid is None:
             rows_in, rows_tgt = input.reshape((T * B,) + input.shape[2:]), target.reshape((T * B,) + target.shape[2:])
         else:

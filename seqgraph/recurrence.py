@@ -42,6 +42,32 @@ def refuse_packed(x, who: str):
     return x
 
 
+def valid_steps(T: int, B: int, lengths, mask, batch_first: bool, device, who: str) -> torch.Tensor | None:
+    """A (T, B) bool tensor of the real steps given by `lengths` (B,) or `mask` ((B, T) with
+    batch_first), or None when every step is real; an InputError naming `who` otherwise."""
+    if lengths is not None and mask is not None:
+        raise InputError(f"{who}: give lengths or mask, not both")
+    if lengths is not None:
+        lengths = torch.as_tensor(lengths)
+        if lengths.dim() != 1 or lengths.shape[0] != B:
+            raise InputError(f"{who}: lengths must have shape ({B},) (one per sequence), got {_fmt(lengths.shape)}")
+        if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+            raise InputError(f"{who}: lengths must be integers, got dtype {lengths.dtype}")
+        if B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
+            bad = int(lengths.min()) if int(lengths.min()) < 0 else int(lengths.max())
+            raise InputError(f"{who}: lengths must lie in [0, {T}] (T = {T}), got {bad}")
+        return torch.arange(T, device=device).unsqueeze(1) < lengths.to(device).unsqueeze(0)
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != ((B, T) if batch_first else (T, B)):
+            shape = _fmt(getattr(mask, "shape", ()))
+            want = f"({B}, {T})" if batch_first else f"({T}, {B})"
+            raise InputError(f"{who}: mask must be a bool tensor of shape {want}, got {shape}")
+        if mask.dtype != torch.bool:
+            raise InputError(f"{who}: mask must have dtype torch.bool, got {mask.dtype}")
+        return (mask.transpose(0, 1) if batch_first else mask).to(device)
+    return None
+
+
 def own_storage(finals: list[torch.Tensor], others: list[torch.Tensor]) -> list[torch.Tensor]:
     """The final states, each copied where it shares memory with one of `others` (the caller's
     initial state when no step ran; an output's last step; the state sequence backward reads),
@@ -280,27 +306,7 @@ class Recurrence(nn.Module):
         return seen[1] if seen else pdtype or torch.get_default_dtype()
 
     def _check_mask(self, lengths, mask, T, B, device):
-        if lengths is not None and mask is not None:
-            raise InputError(f"{self._where()}: give lengths or mask, not both")
-        if lengths is not None:
-            lengths = torch.as_tensor(lengths)
-            if lengths.dim() != 1 or lengths.shape[0] != B:
-                raise InputError(f"{self._where()}: lengths must have shape ({B},) (one per sequence), got {_fmt(lengths.shape)}")
-            if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
-                raise InputError(f"{self._where()}: lengths must be integers, got dtype {lengths.dtype}")
-            if B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
-                bad = int(lengths.min()) if int(lengths.min()) < 0 else int(lengths.max())
-                raise InputError(f"{self._where()}: lengths must lie in [0, {T}] (T = {T}), got {bad}")
-            return torch.arange(T, device=device).unsqueeze(1) < lengths.to(device).unsqueeze(0)
-        if mask is not None:
-            if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != ((B, T) if self.batch_first else (T, B)):
-                shape = _fmt(getattr(mask, "shape", ()))
-                want = f"({B}, {T})" if self.batch_first else f"({T}, {B})"
-                raise InputError(f"{self._where()}: mask must be a bool tensor of shape {want}, got {shape}")
-            if mask.dtype != torch.bool:
-                raise InputError(f"{self._where()}: mask must have dtype torch.bool, got {mask.dtype}")
-            return (mask.transpose(0, 1) if self.batch_first else mask).to(device)
-        return None
+        return valid_steps(T, B, lengths, mask, self.batch_first, device, self._where())
 
     def _initial_states(self, state, B, dtype, device) -> list[torch.Tensor]:
         names = self.cell.state_names
