@@ -585,3 +585,22 @@ def test_a_nan_operand_of_maximum_passes_the_whole_gradient_to_both_as_torch_doe
     want, got = _grads_of_inputs(rec, X, H), _grads_of_inputs(sg.compile(rec, backend=backend), X, H)
     torch.testing.assert_close(got[1], want[1])
     assert want[1][0, 0] == 1.0
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_a_recurrence_loaded_in_a_fresh_process_compiles_to_its_own_results(backend, monkeypatch):
+    import itertools
+    import pickle
+
+    from seqgraph.compiler import ir
+    monkeypatch.setattr(ir, "_ids", itertools.count(10**6))
+    rec = sg.Recurrence(sg.cells.gru(3, 4))
+    blob = pickle.dumps(rec)
+    monkeypatch.setattr(ir, "_ids", itertools.count(10**6))  # a new process counts node ids from the start
+    built = [sg.cells.lstm(3, 4), sg.cells.rnn(3, 4)]  # built there first: they take the ids the file's nodes had
+    sg.compiled.clear_cache()
+    loaded = pickle.loads(blob)
+    ids = [n.id for n in loaded.cell.order]
+    assert len(set(ids)) == len(ids) and min(ids) > max(n.id for c in built for n in c.order)
+    x = torch.randn(5, 2, 3)
+    torch.testing.assert_close(sg.compile(loaded, backend=backend)(x)[0], loaded(x)[0])

@@ -33,6 +33,17 @@ class Node:
         self.site = site if site is not None else user_site()
         self.module = module  # the sg.Module whose call made this node, if any
 
+    # -- pickling and copying -------------------------------------------------------
+    # ids are unique within one process (the passes key their maps by them): a node loaded
+    # from a file or copied takes a fresh one, never the id some node built here already has
+    def __getstate__(self) -> dict:
+        return {k: getattr(self, k) for k in self.__slots__ if k != "id"}
+
+    def __setstate__(self, state: dict) -> None:
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+        self.id = next(_ids)
+
     # -- naming -------------------------------------------------------------------
     def named(self, name: str) -> "Node":
         """Give this node a name used in errors, pictures and generated code."""
