@@ -10,6 +10,7 @@ override only that method. Nothing here may know about fusion or code generation
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Mapping, Sequence
 
 import torch
@@ -40,6 +41,9 @@ def refuse_packed(x, who: str):
         raise InputError(f"{who} takes a padded tensor with lengths=, not a PackedSequence: unpack it with "
                          f"torch.nn.utils.rnn.pad_packed_sequence (sg.nn.LSTM/GRU/RNN take PackedSequence)")
     return x
+
+
+_reading = threading.local()  # per thread: {id(recurrence): the values its reading() block gives}
 
 
 def valid_steps(T: int, B: int, lengths, mask, batch_first: bool, device, who: str) -> torch.Tensor | None:
@@ -113,7 +117,7 @@ class Recurrence(nn.Module):
     def param_tensors(self) -> dict[str, torch.Tensor]:
         """The cell's parameters by their keys (`gate.weight`); inside `reading(values)`, those
         values instead."""
-        values = getattr(self, "_param_values", None)
+        values = getattr(_reading, "values", {}).get(id(self))
         if values is not None:
             return values
         # where each parameter lives, found once per `params` tree (read on every call)
@@ -130,15 +134,21 @@ class Recurrence(nn.Module):
     def reading(self, values: dict[str, torch.Tensor]):
         """Run calls inside the block with these tensors for the cell's parameters: an owner
         whose weights are computed per access (torch.nn.utils.parametrize, weight drop) passes
-        them in this way."""
+        them in this way. The values belong to the calling thread: threads sharing one module
+        each read their own."""
         if set(values) != set(self.cell.params):
             raise KeyError(f"reading() needs exactly the cell's parameters {sorted(self.cell.params)}, "
                            f"got {sorted(values)}")
-        object.__setattr__(self, "_param_values", values)  # a plain attribute: no nn.Module bookkeeping
+        mine = _reading.__dict__.setdefault("values", {})
+        before = mine.get(id(self))
+        mine[id(self)] = values
         try:
             yield self
         finally:
-            object.__setattr__(self, "_param_values", None)
+            if before is None:
+                del mine[id(self)]
+            else:
+                mine[id(self)] = before
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)

@@ -878,3 +878,30 @@ def test_a_parameter_replaced_after_a_call_is_the_one_the_next_call_reads(backen
     fresh = randomize(sg.Recurrence(elman_cell()))
     fresh.load_state_dict(new)
     torch.testing.assert_close(module(x)[0], fresh(x)[0])
+
+
+def test_values_given_with_reading_belong_to_the_calling_thread():
+    import threading
+    rec = randomize(sg.Recurrence(elman_cell()))
+    given = {k: torch.zeros_like(v) for k, v in rec.param_tensors().items()}
+    inside, done, seen = threading.Event(), threading.Event(), {}
+
+    def other_thread():
+        with rec.reading(given):
+            seen["inside"] = rec.param_tensors()
+            inside.set()
+            done.wait(10)
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    inside.wait(10)
+    try:
+        assert seen["inside"] is given
+        assert all(v is p for v, p in zip(rec.param_tensors().values(), rec.parameters()))  # not the other's
+    finally:
+        done.set()
+        t.join()
+    with rec.reading(given):
+        with rec.reading(dict(given)) as again:
+            assert again.param_tensors() is not given
+        assert rec.param_tensors() is given  # a nested block gives the outer values back
