@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import builtins
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -70,17 +71,30 @@ _CACHE: dict[tuple, Program] = {}
 STATS = {"compiles": 0, "cache_hits": 0}
 
 
+_COMPILING = threading.RLock()  # one compile at a time: the C compiler and torch.library are not re-entrant
+
+
 def clear_cache() -> None:
     """Forget every compiled program (the next compile of each cell starts afresh)."""
     _CACHE.clear()
 
 
 def get_program(cell: Cell, backend: str, unroll: int = 1) -> Program:
+    """The program of `cell` for `backend`: from the cache, or compiled once (threads asking
+    for the same program at once wait for the one compile)."""
     key = (cell.signature(), backend, unroll)
     prog = _CACHE.get(key)
-    if prog is not None:
-        STATS["cache_hits"] += 1
-        return prog
+    if prog is None:
+        with _COMPILING:
+            prog = _CACHE.get(key)
+            if prog is None:
+                prog = _CACHE[key] = _compile_program(cell, backend, unroll, key)
+                return prog
+    STATS["cache_hits"] += 1
+    return prog
+
+
+def _compile_program(cell: Cell, backend: str, unroll: int, key: tuple) -> Program:
     t0 = time.perf_counter()
     from .compiler.ops import c_fusable
     plan = compile_plan(cell, unroll, c_fusable if backend == "cpu" else None)
@@ -123,7 +137,6 @@ def get_program(cell: Cell, backend: str, unroll: int = 1) -> Program:
         print(f"[seqgraph] generated source ({backend}):\n{text}", file=sys.stderr)
     prog.loop_op = custom_ops.loop_op(prog, key)  # registered now: never while being traced
     STATS["compiles"] += 1
-    _CACHE[key] = prog
     return prog
 
 

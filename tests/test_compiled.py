@@ -604,3 +604,29 @@ def test_a_recurrence_loaded_in_a_fresh_process_compiles_to_its_own_results(back
     assert len(set(ids)) == len(ids) and min(ids) > max(n.id for c in built for n in c.order)
     x = torch.randn(5, 2, 3)
     torch.testing.assert_close(sg.compile(loaded, backend=backend)(x)[0], loaded(x)[0])
+
+
+def test_threads_compiling_one_cell_at_once_share_one_compile():
+    import threading
+    clear_cache()
+    before = STATS["compiles"]
+    errors, outs = [], []
+    start = threading.Barrier(4)
+
+    def first_use():
+        try:
+            start.wait(10)
+            comp = sg.compile(sg.Recurrence(sg.cells.gru(5, 7)), backend="cpu")
+            out, _ = comp(torch.ones(3, 2, 5))
+            out.sum().backward()
+            outs.append(out.shape)
+        except Exception as e:  # noqa: BLE001 - collected and reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=first_use) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(outs) == 4
+    assert STATS["compiles"] - before == 1

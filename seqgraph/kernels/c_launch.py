@@ -340,7 +340,12 @@ class CLibrary:
         return "c" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
     def load(self, dtype: torch.dtype) -> None:
-        """Compile (or find in the cache) the library for `dtype` and bind every kernel to it."""
+        """Compile (or find in the cache) the library for `dtype` and bind every kernel to it
+        (one thread at a time: a second thread asking for the same library finds it built)."""
+        with _LOADING:
+            self._load(dtype)
+
+    def _load(self, dtype: torch.dtype) -> None:
         name = _dtype_name(dtype)
         if not self.kernels and not self.loops:
             return
@@ -383,6 +388,9 @@ class CLibrary:
                 self.loop_fns[(fname, dtype)] = f
         if debug_level() >= 3:
             print(f"[seqgraph] C kernels of {self.name!r} for {name} ({path}):\n{self.source()}", file=sys.stderr)
+
+
+_LOADING = threading.RLock()
 
 
 def _gemm_library() -> None:
