@@ -171,16 +171,21 @@ class _Sequence(torch.autograd.Function):
             ctx.autocast = (device.type, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
         except RuntimeError:  # a device autocast does not know (meta)
             ctx.autocast = ("cpu", False, torch.bfloat16)
-        ctx.saved_values, ctx.seqs = saved, seqs  # intermediates: kept off the autograd graph
         # a read the backward never looks at (the hoisted input projection of an LSTM, say) is
         # kept as a one-element stand-in of its shape: its memory is freed after the forward
         used = prog.plan.backward_plan(mask is not None).reads_used
-        ctx.save_for_backward(*[r if n.id in used else _stand_in(r) for n, r in zip(prog.plan.reads, reads)])
+        # everything backward reads goes through save_for_backward, so that saved-tensor hooks
+        # (checkpoint(use_reentrant=False), save_on_cpu) see and may free or move all of it
+        ctx.counts = (len(reads), len(saved))
+        ctx.save_for_backward(*[r if n.id in used else _stand_in(r) for n, r in zip(prog.plan.reads, reads)],
+                              *saved, *seqs)
         return (*outs, *finals)
 
     @staticmethod
     def backward(ctx, *grads):
-        reads = list(ctx.saved_tensors)
+        nr, ns = ctx.counts
+        kept = list(ctx.saved_tensors)
+        reads, saved, seqs = kept[:nr], kept[nr:nr + ns], kept[nr + ns:]
         gouts, gfinals = list(grads[:ctx.nouts]), list(grads[ctx.nouts:])
         name = "backward_masked" if ctx.mask is not None else "backward_plain"
         fn = _loop(ctx.prog, name, gouts[0].device if gouts else reads[0].device)
@@ -188,7 +193,7 @@ class _Sequence(torch.autograd.Function):
             raise RuntimeError(_SECOND_ORDER.format(backend=ctx.prog.backend))
         kind, enabled, dtype = ctx.autocast
         with torch.autocast(kind, dtype=dtype, enabled=enabled):
-            dreads, dstates = fn(ctx.T, ctx.mask, reads, ctx.saved_values, ctx.seqs,
+            dreads, dstates = fn(ctx.T, ctx.mask, reads, saved, seqs,
                                  [g.contiguous() for g in gouts], [g.contiguous() for g in gfinals])
         return (None, None, None, None, None, *dreads, *dstates)
 

@@ -630,3 +630,30 @@ def test_threads_compiling_one_cell_at_once_share_one_compile():
         t.join()
     assert not errors and len(outs) == 4
     assert STATS["compiles"] - before == 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_everything_backward_keeps_passes_through_saved_tensor_hooks(backend):
+    # so that checkpoint(use_reentrant=False) and save_on_cpu can free or move it
+    T, B, H = 20, 3, 8
+    comp = sg.compile(sg.Recurrence(sg.cells.lstm(4, H)), backend=backend)
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or len(packed) - 1,
+                                                  lambda k: packed[k]):
+        out, _ = comp(torch.randn(T, B, 4, requires_grad=True))
+    per_step_values = 5 * T * B * H + 2 * (T + 1) * B * H  # i, f, g, o, tanh(c) and the h, c sequences
+    assert sum(t.numel() for t in packed) >= per_step_values
+    out.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_checkpointed_compiled_module_gives_the_gradients_of_the_plain_one(backend, reentrant):
+    from torch.utils.checkpoint import checkpoint
+    comp = sg.compile(sg.Recurrence(sg.cells.lstm(4, 8)), backend=backend)
+    x = torch.randn(20, 3, 4, requires_grad=True)
+    lengths = torch.tensor([20, 7, 1])
+    out = checkpoint(lambda v: comp(v, lengths=lengths)[0], x, use_reentrant=reentrant)
+    out.sum().backward()
+    want = torch.autograd.grad(comp(x, lengths=lengths)[0].sum(), x)[0]
+    torch.testing.assert_close(x.grad, want)
