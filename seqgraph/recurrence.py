@@ -165,7 +165,11 @@ class Recurrence(nn.Module):
             raise InputError(f"{self._where()}: remember=True carries states of batch size {kept} "
                              f"but this call has batch size {B}; call forget() first")
         if state is None or given is not None:
-            return {**self._memory, **(given or {})}
+            # a state remembered under torch.inference_mode cannot be saved for a backward:
+            # outside that mode the call starts from a normal copy of it
+            memory = {k: v.clone() if v.is_inference() and not torch.is_inference_mode_enabled() else v
+                      for k, v in self._memory.items()}
+            return {**memory, **(given or {})}
         return state  # not a dict: _initial_states names the mistake
 
     def forget(self) -> None:

@@ -905,3 +905,18 @@ def test_values_given_with_reading_belong_to_the_calling_thread():
         with rec.reading(dict(given)) as again:
             assert again.param_tensors() is not given
         assert rec.param_tensors() is given  # a nested block gives the outer values back
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+def test_a_state_remembered_under_inference_mode_starts_a_training_call(backend):
+    rec = randomize(sg.Recurrence(elman_cell(), remember=True))
+    module = sg.compile(rec, backend=backend)
+    x = torch.randn(T, B, I, dtype=DT)
+    with torch.inference_mode():
+        _, first = module(x)
+    out, _ = module(x)
+    out.sum().backward()
+    plain = sg.Recurrence(elman_cell()).double()
+    plain.load_state_dict(rec.state_dict())
+    want, _ = plain(x, {"h": first["h"].clone()})
+    torch.testing.assert_close(out, want)
