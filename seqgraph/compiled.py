@@ -27,7 +27,7 @@ from .cell import Cell
 from .compiler.codegen_torch import generate, real_step_rows
 from .compiler.pipeline import compile_plan
 from .compiler.plan import Plan
-from .recurrence import Recurrence, own_storage
+from .recurrence import Recurrence, functorch_wrapped, own_storage
 from .settings import debug_level, triton_interpreting
 
 BACKENDS = ("auto", "torch", "triton", "cpu", "reference")
@@ -299,10 +299,13 @@ class CompiledRecurrence(Recurrence):
             raise NotImplementedError(
                 "seqgraph: torch.jit.trace cannot record a compiled loop (its steps run generated code). Use "
                 "torch.compile (the loops are custom ops there), or trace the uncompiled module.")
+        params = list(self.param_tensors().values())
+        if any(functorch_wrapped(t) for t in [*xs, *states0, *contexts, *params]):
+            # torch.func (grad, vmap) transforms plain torch ops, not generated loops: the reference loop
+            return Recurrence._run_sequence(self, xs, states0, contexts, noises, valid, dtype, device)
         program = self._program_for(dtype, device)
         fns = program.fns
         T, B = xs[0].shape[0], xs[0].shape[1]
-        params = list(self.param_tensors().values())
         step = program.plan.step
         assert len(params) == len(step.params)
         reads = fns["prologue"](T, B, list(xs), list(contexts), list(noises), params, real_step_rows(valid))

@@ -657,3 +657,22 @@ def test_a_checkpointed_compiled_module_gives_the_gradients_of_the_plain_one(bac
     out.sum().backward()
     want = torch.autograd.grad(comp(x, lengths=lengths)[0].sum(), x)[0]
     torch.testing.assert_close(x.grad, want)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+def test_torch_func_grad_over_functional_call_gives_the_autograd_gradients(backend):
+    from torch.func import functional_call, grad
+    rec = sg.Recurrence(sg.cells.lstm(4, 8)).double()
+    module = sg.compile(rec, backend=backend)
+    x = torch.randn(7, 3, 4, dtype=torch.float64)
+    params = {k: v.detach().clone() for k, v in rec.named_parameters()}
+
+    def loss(p):
+        out, _ = functional_call(module, p, (x,), {"lengths": torch.tensor([7, 2, 5])})
+        return (out ** 2).sum()
+
+    got = grad(loss)(params)
+    out, _ = rec(x, lengths=torch.tensor([7, 2, 5]))
+    want = torch.autograd.grad((out ** 2).sum(), list(rec.parameters()))
+    for (name, _), w in zip(rec.named_parameters(), want):
+        torch.testing.assert_close(got[name], w)
