@@ -83,8 +83,9 @@ def own_storage(finals: list[torch.Tensor], others: list[torch.Tensor]) -> list[
 
 
 def functorch_wrapped(t: torch.Tensor) -> bool:
-    """Whether `t` is a tensor of a torch.func transform (grad, vmap, jacrev) being traced."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+    """Whether `t` is a tensor of a torch.func transform (grad, vmap, jacrev) being traced
+    (never inside torch.compile, whose tracer cannot call the check and has its own path)."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 class Recurrence(nn.Module):
