@@ -103,7 +103,7 @@ def _param_keys(order: list[Node]) -> dict[str, Node]:
 def _state_pairs(states, site: str) -> list[tuple[Node, Node]]:
     """states= given as a sequence: (State, next value) pairs, or a clear error."""
     pairs = []
-    for item in states if isinstance(states, (list, tuple)) else [states]:
+    for item in [states] if isinstance(states, Node) or not hasattr(states, "__iter__") else states:
         if not (isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(v, Node) for v in item)):
             shown = describe(item) if isinstance(item, Node) else type(item).__name__
             raise WiringError(f"Cell declared at {site}: states= must be a dict from each sg.State to its next "

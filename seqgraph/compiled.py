@@ -355,7 +355,7 @@ def compile(module: Cell | nn.Module, backend: str = "auto", unroll: int = 1) ->
     twins: dict[int, Recurrence] = {}  # one twin per Recurrence, however many places hold it
     for name, child in list(module.named_modules(remove_duplicate=False)):
         for cname, sub in list(child.named_children()):
-            if isinstance(sub, Recurrence):
+            if isinstance(sub, Recurrence) and not any(sub is t for t in twins.values()):
                 if id(sub) not in twins:
                     twins[id(sub)] = _compile_one(sub, backend, unroll)
                 setattr(child, cname, twins[id(sub)])

@@ -79,7 +79,7 @@ def Input(size: Size = (), name: str | None = None, dtype: str = "float") -> Nod
 def State(size: Size, name: str | None = None, init: str = "zeros") -> Node:
     """The value of a state at the previous step; its next value is given in `sg.Cell(states=)`.
     init: "zeros" or "learned" (a trained initial value shared by every sequence)."""
-    if init not in ("zeros", "learned"):
+    if not isinstance(init, str) or init not in ("zeros", "learned"):
         raise ValueError(f"State init must be 'zeros' or 'learned', got {init!r}")
     return make("state", (), name=name, shape=_shape(size, "State"), batched=True, init=init)
 
@@ -117,6 +117,9 @@ def Parameter(size: Size, name: str | None = None, init: Callable | str | float 
 
 
 def _init_fn(init, shape):
+    if isinstance(init, Node):
+        raise ValueError(f"unknown init {init!r}: an init fills a tensor once (\"zeros\", \"ones\", \"uniform\", a number "
+                         "or a function), it is not a node")
     if callable(init):
         return init
     if init == "zeros":
@@ -181,10 +184,11 @@ def minimum(a: Operand, b: Operand, name: str | None = None) -> Node:
 def concat(nodes: Sequence[Node], dim: int = -1, name: str | None = None) -> Node:
     """The nodes side by side along `dim`, a per-example dim (the batch is never counted:
     -1, the last, is the feature dim), e.g. sg.concat([x, h])."""
-    if isinstance(nodes, Node) or not isinstance(nodes, (list, tuple)):
+    if isinstance(nodes, (Node, set, frozenset, dict, str)) or not hasattr(nodes, "__iter__"):
         why = " (a set has no order: the features would come in any order)" if isinstance(nodes, (set, frozenset)) else ""
         raise TypeError(f"sg.concat takes a list of nodes, e.g. sg.concat([x, h]), got {type(nodes).__name__}"
                         f"{why} (at {user_site()})")
+    nodes = list(nodes)  # a generator, map or dict.values() in its order
     return make("concat", tuple(_node(n, "concat") for n in nodes), name=name, dim=_index(dim, "sg.concat: dim"))
 
 

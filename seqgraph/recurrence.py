@@ -104,8 +104,8 @@ class Recurrence(nn.Module):
     def __init__(self, cell: Cell, batch_first: bool = False, remember: bool = False):
         super().__init__()
         if not isinstance(cell, Cell):
-            hint = (f"; call it to build the cell, e.g. {cell.__module__.replace('seqgraph.', 'sg.')}."
-                    f"{cell.__name__}(input_size, hidden_size)" if callable(cell) and hasattr(cell, "__name__") else "")
+            hint = (f"; call it to build the cell, e.g. sg.cells.{cell.__name__}(input_size, hidden_size)"
+                    if getattr(cell, "__module__", None) == "seqgraph.cells" else "")
             raise TypeError(f"sg.Recurrence takes an sg.Cell, got {type(cell).__name__}{hint}")
         self.cell = cell
         self.batch_first = batch_first
@@ -128,15 +128,14 @@ class Recurrence(nn.Module):
         values = getattr(_reading, "values", {}).get(id(self))
         if values is not None:
             return values
-        # where each parameter lives, found once per `params` tree (read on every call)
-        slots = self.__dict__.get("_param_slots")
-        if slots is None or slots[0] is not self._modules["params"]:
-            tree = self._modules["params"]
-            slots = (tree, [(key, _get_nested(tree, key.rpartition(".")[0]), key.rpartition(".")[2])
-                            for key in self.cell.params])
-            self.__dict__["_param_slots"] = slots
-        return {key: owner._parameters.get(leaf) if leaf in owner._parameters else getattr(owner, leaf)
-                for key, owner, leaf in slots[1]}
+        # each key's path split once; the walk reads nn.Module's dicts directly (no __getattr__),
+        # so a module or Parameter replaced since the last call is the one read
+        paths = self.__dict__.get("_param_paths")
+        if paths is None:
+            paths = self.__dict__["_param_paths"] = [(key, *key.rsplit(".", 1)) if "." in key else (key, "", key)
+                                                     for key in self.cell.params]
+        tree = self._modules["params"]
+        return {key: _read_param(tree, owner, leaf) for key, owner, leaf in paths}
 
     @contextlib.contextmanager
     def reading(self, values: dict[str, torch.Tensor]):
@@ -200,8 +199,9 @@ class Recurrence(nn.Module):
         states0 = self._initial_states(state, B, dtype, device)
         contexts = self._check_contexts(context, B, dtype, device)
         if valid is not None and contexts:  # nor the context of a sequence without one real step
-            live = valid.any(0)
-            contexts = [v.masked_fill(~live.view(B, *([1] * (v.dim() - 1))), 0) for v in contexts]
+            live = valid.any(0)  # (asking whether all are live would wait for a GPU: there, always zeroed)
+            if valid.device.type != "cpu" or not bool(live.all()):
+                contexts = [v.masked_fill(~live.view(B, *([1] * (v.dim() - 1))), 0) for v in contexts]
         noises = self._sample_noise(T, B, dtype, device)
         outs, finals = self._run_sequence(xs, states0, contexts, noises, valid, dtype, device)
         if not torch.compiler.is_compiling():  # (the loop's custom op returns copies there)
@@ -309,7 +309,7 @@ class Recurrence(nn.Module):
 
     def _float_dtype(self, xs) -> torch.dtype:
         """The one floating dtype of the call: every float input's, which the parameters share."""
-        first = next(self.parameters(), None)
+        first = next(iter(self.param_tensors().values()), None)  # what this call reads (reading() values too)
         pdtype = first.dtype if first is not None else None
         if first is not None and xs[0].device != first.device:
             raise InputError(f"{self._where()}: the inputs are on {xs[0].device} but the parameters are on "
@@ -421,9 +421,10 @@ def _register_nested(root: nn.Module, key: str, p: nn.Parameter) -> None:
     mod.register_parameter(leaf, p)
 
 
-def _get_nested(root: nn.Module, key: str):
-    """root.a.b for key "a.b" (root itself for "")."""
+def _read_param(root: nn.Module, owner: str, leaf: str) -> torch.Tensor:
+    """root.<owner>.<leaf>, through the modules' own dicts where the value lives there."""
     mod = root
-    for part in filter(None, key.split(".")):
-        mod = getattr(mod, part)
-    return mod
+    for part in owner.split(".") if owner else ():
+        mod = mod._modules[part] if part in mod._modules else getattr(mod, part)
+    p = mod._parameters.get(leaf)
+    return p if p is not None else getattr(mod, leaf)

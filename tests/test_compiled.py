@@ -676,3 +676,12 @@ def test_torch_func_grad_over_functional_call_gives_the_autograd_gradients(backe
     want = torch.autograd.grad((out ** 2).sum(), list(rec.parameters()))
     for (name, _), w in zip(rec.named_parameters(), want):
         torch.testing.assert_close(got[name], w)
+
+
+def test_a_container_reached_twice_and_its_recurrence_held_directly_share_one_twin():
+    rec = sg.Recurrence(sg.cells.rnn(3, 4), remember=True)
+    block = torch.nn.ModuleList([rec])
+    model = torch.nn.Module()
+    model.direct, model.a, model.b = rec, block, block
+    sg.compile(model, backend="torch")
+    assert isinstance(model.direct, sg.CompiledRecurrence) and model.direct is model.a[0] is model.b[0]

@@ -546,3 +546,42 @@ def test_a_linear_reused_on_another_size_names_its_declaration_and_the_call():
 def test_api_misuse_names_the_call_and_the_fix(mistake, error, text):
     with pytest.raises(error, match=text):
         mistake()
+
+
+def test_numpy_scalars_are_constants_like_python_numbers():
+    np = pytest.importorskip("numpy")
+    _, h = _xh()
+    for scalar in (np.float32(0.5), np.int64(2)):
+        node = h * scalar
+        assert node.op == "mul" and node.inputs[1].op == "const"
+        assert node.inputs[1].attrs["value"] == float(scalar)
+
+
+def test_concat_takes_any_ordered_iterable_and_cell_states_any_iterable_of_pairs():
+    x, h = _xh()
+    assert sg.concat(n for n in (x, h)).shape == (8,)
+    assert sg.concat({"a": x, "b": h}.values()).shape == (8,)
+    cell = sg.Cell(inputs=[x], states=zip([h], [sg.tanh(x + h)]))
+    assert cell.state_names == ["h"]
+
+
+@pytest.mark.parametrize("make", [lambda x: sg.State(4, init=x), lambda x: sg.Parameter(4, init=x)],
+                         ids=["state", "parameter"])
+def test_a_node_given_as_an_init_is_a_value_error_about_the_init(make):
+    x, _ = _xh()
+    with pytest.raises(ValueError, match=r"init"):
+        make(x)
+
+
+def test_a_torch_function_without_an_sg_twin_points_at_the_docs():
+    _, h = _xh()
+    with pytest.raises(TypeError, match=r"torch's zeros_like cannot run on node 'h' .* see docs/dsl.md"):
+        torch.zeros_like(h)
+
+
+def test_a_node_pickled_by_an_older_seqgraph_loads_with_a_fresh_id():
+    x, _ = _xh()
+    old_state = (None, {k: getattr(x, k) for k in type(x).__slots__})  # how slots pickled before
+    loaded = type(x).__new__(type(x))
+    loaded.__setstate__(old_state)
+    assert loaded.name == "x" and loaded.shape == (4,) and loaded.id != x.id

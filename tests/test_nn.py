@@ -444,3 +444,13 @@ def test_the_same_seed_gives_torch_nn_weights_and_leaves_the_generator_where_tor
     assert torch.equal(torch.rand(3), after_ref)
     for (name, p), (name_ref, q) in zip(mine.named_parameters(), ref.named_parameters(), strict=True):
         assert name == name_ref and torch.equal(p, q)
+
+
+def test_functional_call_on_a_meta_copy_with_real_weights_runs():
+    import copy
+    from torch.func import functional_call
+    mine = sg.nn.LSTM(I, H)
+    weights = {k: v.detach().clone() for k, v in mine.named_parameters()}
+    x = torch.randn(T, B, I)
+    out = functional_call(copy.deepcopy(mine).to("meta"), weights, (x,))[0]
+    torch.testing.assert_close(out, mine(x)[0])

@@ -4,6 +4,7 @@ masking, remember/forget, initial states, argument errors, no_grad memory and dr
 All numbers in float64 with random weights and inputs."""
 from __future__ import annotations
 
+import copy
 import gc
 import weakref
 
@@ -920,3 +921,18 @@ def test_a_state_remembered_under_inference_mode_starts_a_training_call(backend)
     plain.load_state_dict(rec.state_dict())
     want, _ = plain(x, {"h": first["h"].clone()})
     torch.testing.assert_close(out, want)
+
+
+def test_a_parameter_module_replaced_after_a_call_is_the_one_the_next_call_reads():
+    rec = randomize(sg.Recurrence(elman_cell()))
+    x = torch.randn(T, B, I, dtype=DT)
+    rec(x)
+    owner = next(name for name, _ in rec.params.named_children())
+    fresh = copy.deepcopy(getattr(rec.params, owner))
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.mul_(2.0)
+    setattr(rec.params, owner, fresh)
+    twin = randomize(sg.Recurrence(elman_cell()))
+    twin.load_state_dict(rec.state_dict())
+    torch.testing.assert_close(rec(x)[0], twin(x)[0])

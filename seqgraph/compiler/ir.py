@@ -17,6 +17,12 @@ from ..errors import Site, user_site
 _ids = itertools.count()
 
 
+# the sg functions whose names match torch's (a torch function on a node names its sg twin)
+_SG_FUNCTIONS = frozenset({"sigmoid", "tanh", "relu", "exp", "log", "sqrt", "abs", "maximum", "minimum", "softmax",
+                           "sum", "mean", "matmul", "transpose", "reshape", "unsqueeze", "squeeze", "layer_norm",
+                           "dropout", "split", "chunk", "narrow"})
+
+
 class Node:
     __slots__ = ("id", "op", "inputs", "attrs", "shape", "batched", "dtype", "name", "site", "module")
 
@@ -39,9 +45,12 @@ class Node:
     def __getstate__(self) -> dict:
         return {k: getattr(self, k) for k in self.__slots__ if k != "id"}
 
-    def __setstate__(self, state: dict) -> None:
+    def __setstate__(self, state) -> None:
+        if isinstance(state, tuple):  # pickled by an older seqgraph: (None, {slot: value})
+            state = state[1]
         for k, v in state.items():
-            object.__setattr__(self, k, v)
+            if k != "id":
+                object.__setattr__(self, k, v)
         self.id = next(_ids)
 
     # -- naming -------------------------------------------------------------------
@@ -115,9 +124,13 @@ class Node:
         node = next((a for a in list(args) + list((kwargs or {}).values()) if isinstance(a, Node)), None)
         where = f"node {node.label()!r} (declared at {node.site})" if node is not None else "a seqgraph node"
         hint = {"cat": "sg.concat", "linear": "sg.Linear", "add": "+", "mul": "*", "sub": "-", "div": "/",
-                "matmul": "sg.matmul"}.get(name, f"sg.{name}")
+                "matmul": "sg.matmul", "max": "sg.maximum", "min": "sg.minimum", "where": "sg.where_mask",
+                "embedding": "sg.Embedding"}.get(name)
+        if hint is None and name in _SG_FUNCTIONS:
+            hint = f"sg.{name}"
+        hint = f"here {hint}" if hint else "see docs/dsl.md for the ops there are"
         raise TypeError(f"torch's {name} cannot run on {where}, a symbolic value (at {user_site()}): build the "
-                        f"step with seqgraph's own functions and modules, here {hint}")
+                        f"step with seqgraph's own functions and modules; {hint}")
 
     def __bool__(self) -> bool:
         raise TypeError(f"node {self.label()!r} (declared at {self.site}) is a symbolic value: Python's if, and, "

@@ -20,6 +20,7 @@ expression (indexed by `j`) of each operand row, and return statements (kernels/
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -145,6 +146,8 @@ def const(value: float) -> Node:
 def lift(x) -> Node:
     if isinstance(x, Node):
         return x
+    if isinstance(x, numbers.Real) and not isinstance(x, bool) and type(x).__name__ != "bool_":
+        return const(float(x))  # Python's numbers and numpy's scalars
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         hint = {"Tensor": ": a tensor is not part of a step's graph; use sg.Parameter for a trained one, "
                           "sg.Context for one given with each call, or a Python number",
