@@ -27,7 +27,7 @@ from .cell import Cell
 from .compiler.codegen_torch import generate, real_step_rows
 from .compiler.pipeline import compile_plan
 from .compiler.plan import Plan
-from .recurrence import Recurrence, functorch_wrapped, own_storage
+from .recurrence import Recurrence, functorch_active, own_storage
 from .settings import debug_level, triton_interpreting
 
 BACKENDS = ("auto", "torch", "triton", "cpu", "reference")
@@ -300,7 +300,7 @@ class CompiledRecurrence(Recurrence):
                 "seqgraph: torch.jit.trace cannot record a compiled loop (its steps run generated code). Use "
                 "torch.compile (the loops are custom ops there), or trace the uncompiled module.")
         params = list(self.param_tensors().values())
-        if any(functorch_wrapped(t) for t in [*xs, *states0, *contexts, *params]):
+        if functorch_active():
             # torch.func (grad, vmap) transforms plain torch ops, not generated loops: the reference loop
             return Recurrence._run_sequence(self, xs, states0, contexts, noises, valid, dtype, device)
         program = self._program_for(dtype, device)

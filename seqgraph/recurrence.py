@@ -76,16 +76,16 @@ def own_storage(finals: list[torch.Tensor], others: list[torch.Tensor]) -> list[
     """The final states, each copied where it shares memory with one of `others` (the caller's
     initial state when no step ran; an output's last step; the state sequence backward reads),
     so that changing a final state in place changes nothing else, as with nn.LSTM's h_n."""
-    if any(functorch_wrapped(t) for t in finals + others):  # torch.func's tensors show no storage
+    if functorch_active():  # torch.func's tensors show no storage
         return [f.clone() for f in finals]
     taken = {o.untyped_storage().data_ptr() for o in others if o.numel()}
     return [f.clone() if f.numel() and f.untyped_storage().data_ptr() in taken else f for f in finals]
 
 
-def functorch_wrapped(t: torch.Tensor) -> bool:
-    """Whether `t` is a tensor of a torch.func transform (grad, vmap, jacrev) being traced
-    (never inside torch.compile, whose tracer cannot call the check and has its own path)."""
-    return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t)
+def functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev) is tracing this call (never asked
+    inside torch.compile, whose tracer cannot call the check and has its own path)."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
 class Recurrence(nn.Module):
