@@ -17,6 +17,7 @@ import builtins
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -37,7 +38,26 @@ _C_DTYPES = (torch.float32, torch.float64)
 def cpu_backend_available() -> bool:
     """Whether the `cpu` backend can build its kernels here (it needs a C compiler)."""
     from .kernels.c_launch import find_compiler
-    return find_compiler() is not None
+    return find_compiler() is not None and _C_BROKEN is None
+
+
+_C_BROKEN: str | None = None  # why the C compiler could not build kernels here, once it failed
+
+
+def _auto_program(cell: Cell, wanted: str, unroll: int) -> Program:
+    """get_program for backend="auto": where the C compiler is present but cannot build the
+    kernels (no libc headers, say), the torch code, with one warning, instead of an error."""
+    global _C_BROKEN
+    if wanted != "cpu":
+        return get_program(cell, wanted, unroll)
+    try:
+        return get_program(cell, wanted, unroll)
+    except RuntimeError as e:
+        _C_BROKEN = str(e).splitlines()[0]
+        warnings.warn(f"seqgraph: the C compiler could not build the cpu backend's kernels, so backend='auto' "
+                      f"runs the torch code from now on ({_C_BROKEN}; backend='cpu' shows the whole error)",
+                      RuntimeWarning, stacklevel=3)
+        return get_program(cell, "torch", unroll)
 
 
 def auto_backend(device: torch.device, dtype: torch.dtype | None = None) -> str:
@@ -221,9 +241,10 @@ class CompiledRecurrence(Recurrence):
         if backend == "auto":  # planned for where the parameters are now; re-chosen per call
             p = next(iter(rec.parameters()), None)
             where = p.device if p is not None else torch.device("cpu")
-            self._program = get_program(rec.cell, auto_backend(where, p.dtype if p is not None else None), unroll)
+            self._program = _auto_program(rec.cell, auto_backend(where, p.dtype if p is not None else None), unroll)
         else:
-            if backend == "cpu" and not cpu_backend_available():
+            from .kernels.c_launch import find_compiler
+            if backend == "cpu" and find_compiler() is None:  # (a compiler that fails says why when it runs)
                 from .kernels.c_launch import CompilerMissing
                 raise CompilerMissing("backend='cpu' builds its kernels with a C compiler and none was found "
                                       "(set $CC, or install gcc or clang); backend='torch' needs none")
@@ -292,7 +313,11 @@ class CompiledRecurrence(Recurrence):
             wanted = "torch"
         if wanted == "cpu" and torch.is_autocast_enabled("cpu"):
             wanted = "torch"
-        return self._program if wanted == self._program.backend else get_program(self.cell, wanted, self.unroll)
+        if wanted == self._program.backend:
+            return self._program
+        if self.backend == "auto":
+            return _auto_program(self.cell, wanted, self.unroll)
+        return get_program(self.cell, wanted, self.unroll)
 
     def _run_sequence(self, xs, states0, contexts, noises, valid, dtype, device):
         if torch.jit.is_tracing():  # the tracer records tensor ops; the loops run generated code it cannot see

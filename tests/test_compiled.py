@@ -685,3 +685,20 @@ def test_a_container_reached_twice_and_its_recurrence_held_directly_share_one_tw
     model.direct, model.a, model.b = rec, block, block
     sg.compile(model, backend="torch")
     assert isinstance(model.direct, sg.CompiledRecurrence) and model.direct is model.a[0] is model.b[0]
+
+
+def test_auto_runs_the_torch_code_with_a_warning_when_the_c_compiler_cannot_build(monkeypatch, tmp_path):
+    import seqgraph.compiled as compiled
+    monkeypatch.setenv("CC", "false")  # present, but builds nothing (as gcc without libc headers)
+    monkeypatch.setenv("SEQGRAPH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(compiled, "_C_BROKEN", None)
+    clear_cache()
+    rec = sg.Recurrence(sg.cells.lstm(5, 7))
+    with pytest.warns(RuntimeWarning, match="the C compiler could not build the cpu backend's kernels"):
+        comp = sg.compile(rec, backend="auto")
+    assert comp.backend_for() == "torch"
+    x = torch.randn(4, 2, 5)
+    torch.testing.assert_close(comp(x)[0], rec(x)[0])
+    with pytest.raises(RuntimeError, match="the C compiler failed on generated kernels"):
+        sg.compile(sg.Recurrence(sg.cells.lstm(5, 7)), backend="cpu")
+    clear_cache()

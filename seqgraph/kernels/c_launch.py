@@ -451,8 +451,9 @@ def _build(source: str, path: Path, real: str) -> None:
               f"(cached in {path.parent} for later calls and processes)", file=sys.stderr)
     if res.returncode != 0:
         os.unlink(tmp_so)
-        raise RuntimeError(f"the C compiler failed on generated kernels ({c_path}); this is a seqgraph bug, "
-                           f"please report it with that file:\n{' '.join(cmd)}\n{res.stderr[-4000:]}")
+        raise RuntimeError(f"the C compiler failed on generated kernels ({c_path}); if it builds other C programs, "
+                           f"this is a seqgraph bug: please report it with that file (backend='torch' needs no "
+                           f"compiler):\n{' '.join(cmd)}\n{res.stderr[-4000:]}")
     os.replace(tmp_so, path)  # atomic: a concurrent process sees the whole library or none
 
 
