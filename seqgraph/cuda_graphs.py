@@ -11,6 +11,7 @@ eagerly, and says why once. Must not change what a loop computes.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from typing import Callable
 
@@ -38,9 +39,12 @@ def _unflatten(spec, leaves):
 
 
 def _shape_key(tree) -> tuple:
+    """What a captured graph depends on: the layout, and the device of every tensor, and the
+    autocast state (a graph captured under autocast computes in its dtype)."""
     leaves: list = []
     spec = _flatten(tree, leaves)
-    return repr(spec), tuple((tuple(t.shape), t.dtype, t.stride()) for t in leaves)
+    autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+    return repr(spec), tuple((tuple(t.shape), t.dtype, t.stride(), t.device) for t in leaves), autocast
 
 
 def enabled(device: torch.device) -> bool:
@@ -57,8 +61,13 @@ class GraphedLoop:
         self.graphs: dict = {}
         self.failed: set = set()
         self.replays = 0
+        self.lock = threading.Lock()  # one replay at a time: the static buffers are shared
 
     def __call__(self, *args):
+        with self.lock:
+            return self._call(args)
+
+    def _call(self, args):
         key = _shape_key(args)
         if key in self.failed:
             return self.fn(*args)
@@ -86,6 +95,10 @@ class GraphedLoop:
     def _capture(self, args):
         leaves: list = []
         spec = _flatten(args, leaves)
+        with torch.cuda.device(leaves[0].device):  # streams and the graph on the tensors' own GPU
+            return self._capture_here(spec, leaves)
+
+    def _capture_here(self, spec, leaves):
         static_in = [t.clone() for t in leaves]
         static_args = _unflatten(spec, static_in)
         stream = torch.cuda.Stream()

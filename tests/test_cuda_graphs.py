@@ -39,3 +39,8 @@ def test_a_graphed_loop_replays_the_captured_call_on_new_values():
         x = torch.randn(8, device="cuda")
         torch.testing.assert_close(loop(x), x * 2)
     assert loop.replays == 3 and len(loop.graphs) == 1
+
+
+def test_a_graph_is_keyed_by_the_tensors_devices():
+    from seqgraph.cuda_graphs import _shape_key
+    assert _shape_key((torch.zeros(2, 3),)) != _shape_key((torch.zeros(2, 3, device="meta"),))
