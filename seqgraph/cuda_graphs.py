@@ -62,6 +62,7 @@ class GraphedLoop:
         self.failed: set = set()
         self.replays = 0
         self.lock = threading.Lock()  # one replay at a time: the static buffers are shared
+        self.seen: dict = {}  # layout key -> calls so far, for layouts not captured yet
 
     def __call__(self, *args):
         with self.lock:
@@ -71,8 +72,17 @@ class GraphedLoop:
         key = _shape_key(args)
         if key in self.failed:
             return self.fn(*args)
-        entry = self.graphs.get(key)
-        if entry is None:
+        entry = self.graphs.pop(key, None)
+        if entry is not None:
+            self.graphs[key] = entry  # most recently used last: the first is evicted first
+        else:
+            # a layout seen once runs eagerly: capturing costs a warm-up, a sync and a cache
+            # flush, which sequence lengths that change every call would pay every call
+            self.seen[key] = self.seen.pop(key, 0) + 1
+            if len(self.seen) > 64:
+                self.seen.pop(next(iter(self.seen)))
+            if self.seen[key] < 2:
+                return self.fn(*args)
             try:
                 entry = self._capture(args)
             except Exception as e:  # capture is an optimisation: never let it change results

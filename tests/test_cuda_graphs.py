@@ -38,9 +38,30 @@ def test_a_graphed_loop_replays_the_captured_call_on_new_values():
     for _ in range(3):
         x = torch.randn(8, device="cuda")
         torch.testing.assert_close(loop(x), x * 2)
-    assert loop.replays == 3 and len(loop.graphs) == 1
+    assert loop.replays == 2 and len(loop.graphs) == 1  # the first call runs eagerly
 
 
 def test_a_graph_is_keyed_by_the_tensors_devices():
     from seqgraph.cuda_graphs import _shape_key
     assert _shape_key((torch.zeros(2, 3),)) != _shape_key((torch.zeros(2, 3, device="meta"),))
+
+
+def test_a_layout_is_captured_the_second_time_it_comes_and_the_least_recent_goes_first(monkeypatch):
+    captured = []
+
+    class Replayable:
+        def replay(self):
+            pass
+
+    def capture(args):
+        captured.append(tuple(args[0].shape))
+        static = args[0].clone()
+        return Replayable(), [static], ("T", 0), [static]
+
+    loop = cuda_graphs.GraphedLoop(lambda x: x * 2, "double", max_graphs=2)
+    monkeypatch.setattr(loop, "_capture", capture)
+    a, b, c = torch.zeros(2), torch.zeros(3), torch.zeros(4)
+    for x in (a, a, b, b, a, c, c):
+        loop(x)
+    assert captured == [(2,), (3,), (4,)]  # each on its second call; a, used again, outlives b
+    assert sorted(key[1][0][0] for key in loop.graphs) == [(2,), (4,)]

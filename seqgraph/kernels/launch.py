@@ -214,7 +214,8 @@ class RegionKernel:
                 raise ValueError(f"the mask of region {self.region.name!r} must have shape ({batch},), "
                                  f"got {tuple(mask.shape)}")
             m = mask.view(torch.uint8) if mask.dtype == torch.bool else (mask != 0).view(torch.uint8)
-            args += (m if m.device == device else m.to(device), m.stride(0))
+            m = m if m.device == device else m.to(device)  # (a copy is contiguous: its own stride)
+            args += (m, m.stride(0))
         else:
             args += (outs[0], 0)  # never read: HAS_MASK is off
         args.append(batch)
