@@ -132,7 +132,7 @@ class Recurrence(nn.Module):
         # so a module or Parameter replaced since the last call is the one read
         paths = self.__dict__.get("_param_paths")
         if paths is None:
-            paths = self.__dict__["_param_paths"] = [(key, *key.rsplit(".", 1)) if "." in key else (key, "", key)
+            paths = self.__dict__["_param_paths"] = [(key, tuple(key.split(".")[:-1]), key.split(".")[-1])
                                                      for key in self.cell.params]
         tree = self._modules["params"]
         return {key: _read_param(tree, owner, leaf) for key, owner, leaf in paths}
@@ -421,10 +421,10 @@ def _register_nested(root: nn.Module, key: str, p: nn.Parameter) -> None:
     mod.register_parameter(leaf, p)
 
 
-def _read_param(root: nn.Module, owner: str, leaf: str) -> torch.Tensor:
-    """root.<owner>.<leaf>, through the modules' own dicts where the value lives there."""
+def _read_param(root: nn.Module, owner: tuple, leaf: str) -> torch.Tensor:
+    """root.<owner...>.<leaf>, through the modules' own dicts where the value lives there."""
     mod = root
-    for part in owner.split(".") if owner else ():
+    for part in owner:
         mod = mod._modules[part] if part in mod._modules else getattr(mod, part)
     p = mod._parameters.get(leaf)
     return p if p is not None else getattr(mod, leaf)
