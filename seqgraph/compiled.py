@@ -48,11 +48,11 @@ def _auto_program(cell: Cell, wanted: str, unroll: int) -> Program:
     """get_program for backend="auto": where the C compiler is present but cannot build the
     kernels (no libc headers, say), the torch code, with one warning, instead of an error."""
     global _C_BROKEN
-    if wanted != "cpu":
-        return get_program(cell, wanted, unroll)
     try:
         return get_program(cell, wanted, unroll)
     except RuntimeError as e:
+        if wanted != "cpu":
+            raise
         _C_BROKEN = str(e).splitlines()[0]
         warnings.warn(f"seqgraph: the C compiler could not build the cpu backend's kernels, so backend='auto' "
                       f"runs the torch code from now on ({_C_BROKEN}; backend='cpu' shows the whole error)",
