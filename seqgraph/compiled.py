@@ -333,7 +333,7 @@ class CompiledRecurrence(Recurrence):
         T, B = xs[0].shape[0], xs[0].shape[1]
         step = program.plan.step
         assert len(params) == len(step.params)
-        reads = fns["prologue"](T, B, list(xs), list(contexts), list(noises), params, real_step_rows(valid))
+        reads = fns["prologue"](T, B, list(xs), list(contexts), list(noises), params, real_step_rows(valid), valid)
         need_grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in list(reads) + list(states0) if isinstance(t, torch.Tensor))
         if need_grad and not program.plan.backward_ok(valid is not None):

@@ -347,10 +347,12 @@ def test_an_infinite_derivative_on_a_padded_row_leaves_every_gradient_finite(bac
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
-def test_an_infinite_value_on_a_padded_row_of_a_mostly_padded_batch_stays_out_of_the_weight_gradients(backend):
+@pytest.mark.parametrize("real_rows_below", [0.6, -1.0], ids=["real rows only", "all rows"])
+def test_an_infinite_value_on_a_padded_row_stays_out_of_the_weight_gradients(backend, real_rows_below, monkeypatch):
     # 1/s is infinite on row 0 (no real step, s = 0) and p's gradient sums g * (1/s) over rows:
-    # in a mostly padded batch the weight gradients sum the real rows only (with most steps
-    # real a compiled backward still meets 0 * inf there: docs/masking.md)
+    # the sums after the loop read the real rows only, or all rows with the padding's set to 0
+    import seqgraph.compiler.codegen_torch as codegen_torch
+    monkeypatch.setattr(codegen_torch, "REAL_ROWS_BELOW", real_rows_below)
     x, s = sg.Input(3, name="x"), sg.State(2, name="s")
     p = sg.Parameter(2, name="p")
     s2 = sg.tanh(sg.Linear(3, 2)(x)) + p * (1.0 / s)
@@ -365,6 +367,65 @@ def test_an_infinite_value_on_a_padded_row_of_a_mostly_padded_batch_stays_out_of
     for a, b in zip(*grads):
         assert torch.isfinite(b).all()
         torch.testing.assert_close(b, a)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("real_rows_below", [0.6, -1.0], ids=["real rows only", "all rows"])
+def test_an_infinite_state_carried_on_padded_rows_stays_out_of_the_weight_gradients(backend, real_rows_below,
+                                                                                  monkeypatch):
+    # row 1 has no real step and an infinite initial state: the reference never multiplies it by
+    # the recurrent weight; a compiled weight gradient sums over its padded rows, zeroed first
+    import seqgraph.compiler.codegen_torch as codegen_torch
+    monkeypatch.setattr(codegen_torch, "REAL_ROWS_BELOW", real_rows_below)
+    torch.manual_seed(0)
+    rec = sg.Recurrence(sg.cells.lstm(3, 4)).double()
+    xs = torch.randn(4, 3, 3, dtype=torch.float64)
+    h0 = torch.randn(3, 4, dtype=torch.float64)
+    h0[1] = float("inf")
+    lengths = torch.tensor([4, 0, 2])
+    grads = []
+    for module in (rec, sg.compile(rec, backend=backend)):
+        out, _ = module(xs, {"h": h0}, lengths=lengths)
+        grads.append(torch.autograd.grad(out.sum(), list(rec.parameters())))
+    for want, got in zip(*grads):
+        assert torch.isfinite(want).all()
+        torch.testing.assert_close(got, want)
+
+
+def _pole_cell(op):
+    x, h = sg.Input(3, name="x"), sg.State(4, name="h")
+    lin = sg.Linear(3, 3)
+    hoisted = {"log": lambda: sg.log(x),  # padded x is 0: log(0) = -inf
+               "sqrt": lambda: sg.sqrt(sg.abs(lin(x))),  # 0 with a zero bias: an infinite derivative
+               "div": lambda: x / lin(x)}[op]()  # 0 / 0
+    return sg.Cell([x], {h: sg.tanh(sg.Linear(3, 4)(hoisted) + h * 0.5)})
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("real_rows_below", [0.6, -1.0], ids=["real rows only", "all rows"])
+@pytest.mark.parametrize("op", ["log", "sqrt", "div"])
+def test_a_pole_of_a_hoisted_op_on_a_padded_row_stays_out_of_the_gradients(op, backend, real_rows_below,
+                                                                             monkeypatch):
+    # the prologue computes a padded row's hoisted values too, where the inputs are 0: there
+    # log, sqrt and a divisor are fed 1, so no 0 * inf reaches the weights' gradients
+    import seqgraph.compiler.codegen_torch as codegen_torch
+    monkeypatch.setattr(codegen_torch, "REAL_ROWS_BELOW", real_rows_below)
+    torch.manual_seed(0)
+    rec = sg.Recurrence(_pole_cell(op)).double()
+    with torch.no_grad():
+        for name, p in rec.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+    xs = torch.rand(4, 3, 3, dtype=torch.float64) + 0.5
+    lengths = torch.tensor([4, 0, 2])
+    grads = []
+    for module in (rec, sg.compile(rec, backend=backend)):
+        x = xs.clone().requires_grad_()
+        out, fin = module(x, lengths=lengths)
+        grads.append(torch.autograd.grad(out.sum() + fin["h"].sum(), [x, *rec.parameters()]))
+    for want, got in zip(*grads):
+        assert torch.isfinite(want).all()
+        torch.testing.assert_close(got, want)
 
 
 def _unread_state_grads(module, T, lengths=None):

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from .ir import Node
-from .ops import REGISTRY, py_literal
+from .ops import POLES, REGISTRY, py_literal
 from .plan import Plan
 
 _ARITH = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
@@ -351,6 +351,7 @@ def generate(plan: Plan, name: str = "cell", region_call: RegionCall | None = No
     src.globals["_real_rows"] = _real_rows
     src.globals["_batch_rows"] = _batch_rows
     src.globals["_all_rows"] = _all_rows
+    src.globals["_unless_finite"] = _unless_finite
     src.globals["_step_rows"] = real_step_rows
     src.globals["_packed_linear"] = _packed_linear
     return src
@@ -375,9 +376,14 @@ def real_step_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
     return real if real.numel() <= REAL_ROWS_BELOW * flat.numel() else None
 
 
-def _real_rows(v: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """A per-step value as (T*B, ...) rows, or only its real `rows`."""
-    return v if rows is None else v.index_select(0, rows)
+def _real_rows(v: torch.Tensor, rows: torch.Tensor | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A per-step value as (T*B, ...) rows, or only its real `rows`; given the (T, B) `mask`
+    (and all rows), the padding's rows are 0 (a where: an infinite or nan value there is dropped)."""
+    if rows is not None:
+        return v.index_select(0, rows)
+    if mask is None:
+        return v
+    return torch.where(mask.reshape((-1,) + (1,) * (v.dim() - 1)) != 0, v, 0.0)
 
 
 def _batch_rows(v: torch.Tensor, T: int, rows: torch.Tensor | None) -> torch.Tensor:
@@ -385,6 +391,17 @@ def _batch_rows(v: torch.Tensor, T: int, rows: torch.Tensor | None) -> torch.Ten
     if rows is None:
         return v.repeat(T, *([1] * (v.dim() - 1)))
     return v.index_select(0, rows % v.shape[0])
+
+
+def _unless_finite(mask: torch.Tensor | None, final: torch.Tensor) -> torch.Tensor | None:
+    """The mask, or None where a state's padded rows are known finite. A padded step carries the
+    state: before a later real step, the state that step reads; after the last, the final state
+    (which alone can be infinite while the reference's gradients are not). On the CPU that is
+    checked; elsewhere the check would wait for the device, so the rows are always zeroed."""
+    if mask is None or (final.device.type == "cpu" and not torch.compiler.is_compiling()
+                        and bool(torch.isfinite(final).all())):
+        return None
+    return mask
 
 
 def _all_rows(v: torch.Tensor, rows: torch.Tensor | None, total: int) -> torch.Tensor:
@@ -398,9 +415,12 @@ def _all_rows(v: torch.Tensor, rows: torch.Tensor | None, total: int) -> torch.T
 
 def _emit_prologue(src: Source, plan: Plan) -> None:
     step = plan.step
-    src.emit("def prologue(T, B, xs, contexts, noises, params, rows=None):")
+    src.emit("def prologue(T, B, xs, contexts, noises, params, rows=None, mask=None):")
     src.indent += 1
     src.emit('"""Invariants once per call, hoisted nodes over all T*B rows or the real `rows` (ordinary autograd)."""')
+    poles = [n for n in plan.hoisted if n.op in POLES and n.inputs[POLES[n.op]].batched]
+    if poles:  # padded rows (all rows computed) feed 1 to an op's pole: see ops.POLES
+        src.emit("real = mask.reshape(-1) != 0 if rows is None and mask is not None else None")
     names = lambda nodes: ", ".join(_v(n) for n in nodes) + ("," if len(nodes) == 1 else "")  # noqa: E731
     if step.inputs:
         src.emit(f"{names(step.inputs)} = xs")
@@ -434,7 +454,7 @@ def _emit_prologue(src: Source, plan: Plan) -> None:
     for n in plan.hoisted:
         env[n.id] = f"{_v(n)}_rows"
     src.outside_loops = True
-    emit_nodes(src, plan.hoisted, env, {r.id for r in plan.reads})
+    _emit_guarded(src, plan.hoisted, env, {r.id for r in plan.reads}, {n.id for n in poles})
     src.outside_loops = False
     outs = []
     for r in plan.reads:
@@ -444,6 +464,29 @@ def _emit_prologue(src: Source, plan: Plan) -> None:
             outs.append(_v(r))
     src.emit(f"return [{', '.join(outs)}]")
     src.indent -= 1
+
+
+def _emit_guarded(src: Source, nodes: list[Node], env: dict[int, str], live: set[int], poles: set[int]) -> None:
+    """emit_nodes, with the operand of each op in `poles` replaced by 1 on the padding's rows
+    (`real` false) before it: in runs between those ops, so products still fold into adds."""
+    start = 0
+    for k, n in enumerate(nodes + [None]):
+        if n is not None and n.id not in poles:
+            continue
+        later = {i.id for m in nodes[k:] for i in m.inputs}
+        emit_nodes(src, nodes[start:k], env, live | later)
+        if n is not None:
+            a = n.inputs[POLES[n.op]]
+            guarded = f"{env.get(a.id, _v(a))}_off_pad{n.id}"
+            src.emit(f"{guarded} = {env.get(a.id, _v(a))} if real is None else torch.where("
+                     f"real.reshape({(-1,) + (1,) * len(a.shape)}), {env.get(a.id, _v(a))}, 1.0)", n)
+            saved, env[a.id] = env.get(a.id), guarded
+            emit_nodes(src, [n], env, live | later)
+            if saved is None:
+                del env[a.id]
+            else:
+                env[a.id] = saved
+        start = k + 1
 
 
 def _bind_reads(src: Source, plan: Plan, t: str | None) -> None:

@@ -98,7 +98,16 @@ def emit_backward_tail(src: Source, plan: Plan, bwd: BackwardPlan, lay: Backward
     env = {}
     for n in bwd.stash:
         env[n.id] = f"{_v(n)}_all"
-        src.emit(f"{_v(n)}_all = _real_rows({lay.stash_expr[n.id]}.reshape({shape_tuple(n, 'T * B')}), rows)", n)
+        # a padded row's value may be infinite where the reference never computes it (1 / s of a
+        # state that is 0): summed against that row's zero gradient it would give 0 * inf = nan
+        if d.mask is None or _zero_on_padding(n, d.mask):
+            mask = ""
+        elif n.id in lay.prev_index:  # a padded row carries a state a real step made or reads
+            mask = f", _unless_finite(mask, ss{lay.prev_index[n.id]}[T])"
+        else:
+            mask = ", mask"
+        src.emit(f"{_v(n)}_all = _real_rows({lay.stash_expr[n.id]}.reshape({shape_tuple(n, 'T * B')}), rows{mask})",
+                 n)
     emit_nodes(src, bwd.post, env, set())
     grads = []
     for k, r in enumerate(plan.reads):
@@ -114,6 +123,17 @@ def emit_backward_tail(src: Source, plan: Plan, bwd: BackwardPlan, lay: Backward
               for j in range(len(plan.step.states))]
     src.emit(f"return [{', '.join(grads)}], [{', '.join(finals)}]")
     src.indent -= 1
+
+
+def _zero_on_padding(n: Node, mask: Node) -> bool:
+    """Whether n is exactly 0 on padded rows: a gradient the derivative selects there, or a
+    concat or sum of such."""
+    if n.op in ("concat", "add"):
+        return all(_zero_on_padding(i, mask) for i in n.inputs)
+    if n.op != "select" or n.inputs[2].op != "const" or n.inputs[2].attrs["value"] != 0.0:
+        return False
+    m = n.inputs[0]
+    return m is mask or (m.op == "reshape" and m.inputs[0] is mask)
 
 
 def emit_backward(src: Source, plan: Plan, bwd: BackwardPlan, masked: bool, region_call, pack: bool) -> None:

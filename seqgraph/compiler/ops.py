@@ -380,6 +380,11 @@ _unary("sign", torch.sign, lambda n, g: (None,),
        lambda n, a: f"((({a}) > 0).to(tl.float32) - (({a}) < 0).to(tl.float32))", lambda n, a: f"sg_sign({a})")
 _unary("sqrt", torch.sqrt, lambda n, g: (div(mul(g, 0.5), n),), lambda n, a: f"tl.sqrt({a})", lambda n, a: f"SG_SQRT({a})")
 
+# The operand at which an op's value or derivative is infinite for a finite value (at 0): a
+# compiled prologue, which computes padded rows too, feeds those rows 1 there instead (their
+# results are dropped, and 0 * inf would be nan in a weight's gradient summed over rows).
+POLES = {"log": 0, "sqrt": 0, "div": 1}
+
 
 # ---------------------------------------------------------------------------------------
 # reductions (over one per-example dim, or a gradient back to an operand's shape)
