@@ -14,6 +14,7 @@ device. Must not change what a model computes.
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import sys
 import threading
 import time
@@ -69,6 +70,18 @@ def auto_backend(device: torch.device, dtype: torch.dtype | None = None) -> str:
     if device.type == "cpu" and (dtype is None or dtype in _C_DTYPES) and cpu_backend_available():
         return "cpu"
     return "torch"
+
+
+def why_auto_runs_torch(device: torch.device, dtype: torch.dtype | None) -> str:
+    """Why backend="auto" runs the torch code for CPU tensors of `dtype` (auto_backend's reasons)."""
+    from .kernels.c_launch import find_compiler
+    if dtype is not None and dtype not in _C_DTYPES:
+        return f"the C kernels compute float32 and float64, not {str(dtype).replace('torch.', '')}"
+    if find_compiler() is None:
+        return "no C compiler was found (set $CC, or install gcc or clang)"
+    if _C_BROKEN is not None:
+        return f"the C compiler could not build the kernels: {_C_BROKEN}"
+    return "under CPU autocast, which picks each op's dtype"
 
 
 @dataclass
@@ -127,6 +140,9 @@ def _compile_program(cell: Cell, backend: str, unroll: int, key: tuple) -> Progr
         region_call, pack = cpu_region_call, True
     src = generate(plan, cell.name or "cell", region_call=region_call, pack_weights=pack, cpu_gemm=backend == "cpu")
     c_loops = None
+    plan.loops = {"torch": "Python, torch code per step (the torch backend)",
+                  "triton": "Python, one Triton kernel launch per fused region and step (on a GPU, the loops "
+                            "are captured as CUDA graphs)"}.get(backend, plan.loops)
     if backend == "cpu":  # whole loops in C where every stage has C code (else the Python loops call the kernels)
         from .kernels.c_loops import emit_c_loops
         c_loops = emit_c_loops(src, plan)
@@ -277,22 +293,34 @@ class CompiledRecurrence(Recurrence):
         self._program = get_program(self.cell, state["_program"], self.unroll)
 
     def plan(self) -> Plan:
-        """The compiled schedule; `print(model.plan().describe(T=100, B=64))` sizes it."""
-        return self._program.plan
+        """The compiled schedule that a call with the parameters' dtype and device runs;
+        `print(model.plan().describe(T=100, B=64))` sizes it. Where backend="auto" runs the
+        torch code on the CPU, the plan's time-loop line says why."""
+        program, dtype, device = self._current_program()
+        plan = program.plan
+        if self.backend == "auto" and program.backend == "torch" and device.type == "cpu":
+            why = why_auto_runs_torch(device, dtype)
+            plan = dataclasses.replace(plan, loops=f"{plan.loops}; backend='auto' runs the torch code because {why}")
+        return plan
 
     def source(self) -> str:
-        """The generated code (and, for the triton backend, its kernels), each line tagged
-        with the node and user line it came from."""
-        return self._program.source
+        """The generated code that a call with the parameters' dtype and device runs (and, for
+        the triton backend, its kernels), each line tagged with the node and user line it came from."""
+        return self._current_program()[0].source
 
     def backend_for(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> str:
         """The backend a call with tensors of this dtype and device runs ("cpu", "triton" or
         "torch"; by default those of the parameters): "auto" picks per call, and a backend that
         cannot run a dtype or device (float16 on the CPU, say) runs the torch code instead."""
+        return self._current_program(dtype, device)[0].backend
+
+    def _current_program(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        """(program, dtype, device) of a call with tensors of this dtype and device (by default
+        those of the parameters)."""
         p = next(iter(self.param_tensors().values()), None)
         dtype = dtype or (p.dtype if p is not None else torch.get_default_dtype())
         device = torch.device(device) if device is not None else (p.device if p is not None else torch.device("cpu"))
-        return self._program_for(dtype, device).backend
+        return self._program_for(dtype, device), dtype, device
 
     def _repr_svg_(self):  # Jupyter shows the compiled plan inline
         return self.plan().to_dot().pipe(format="svg").decode()

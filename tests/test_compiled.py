@@ -760,6 +760,28 @@ def test_auto_runs_the_torch_code_with_a_warning_when_the_c_compiler_cannot_buil
     assert comp.backend_for() == "torch"
     x = torch.randn(4, 2, 5)
     torch.testing.assert_close(comp(x)[0], rec(x)[0])
+    assert "backend='auto' runs the torch code because the C compiler could not build the kernels" in str(comp.plan())
     with pytest.raises(RuntimeError, match="the C compiler failed on generated kernels"):
         sg.compile(sg.Recurrence(sg.cells.lstm(5, 7)), backend="cpu")
     clear_cache()
+
+
+def _loops_line(comp) -> str:
+    return next(ln for ln in str(comp.plan()).splitlines() if ln.startswith("time loops:"))
+
+
+def test_the_plan_says_why_auto_runs_the_torch_code_without_a_c_compiler(monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    comp = sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="auto")
+    assert comp.backend_for() == "torch"
+    assert "Python, torch code per step" in _loops_line(comp) and "no C compiler was found" in _loops_line(comp)
+
+
+def test_the_plan_is_the_one_a_call_with_the_parameters_dtype_runs():
+    comp = sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="auto")
+    assert _loops_line(comp).startswith("time loops: C, one function per loop variant")
+    comp.half()
+    assert "the C kernels compute float32 and float64, not float16" in _loops_line(comp)
+    assert "sg_loop" not in comp.source()
+    assert _loops_line(sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="torch")) == \
+        "time loops: Python, torch code per step (the torch backend)"
