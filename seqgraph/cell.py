@@ -198,9 +198,11 @@ class Graph:
 
     def __call__(self, xs):
         site = user_site()
+        hint = ("to run it on tensors, make it a cell without states and run one step: "
+                "sg.Recurrence(sg.Cell(inputs, states={}, outputs=[...]))((x1, x2)) with inputs (1, B, size)")
         if not isinstance(xs, (Node, list, tuple)):
             raise TypeError(f"{self._shown()} (declared at {self.site}) is called on nodes, to build a graph; got a "
-                            f"{type(xs).__name__} at {site} (run tensors through sg.Recurrence or sg.Cell instead)")
+                            f"{type(xs).__name__} at {site} ({hint})")
         args = [xs] if isinstance(xs, Node) else list(xs)
         if len(args) != len(self.inputs):
             raise WiringError(f"{self._shown()} (declared at {self.site}) takes {len(self.inputs)} "
@@ -209,7 +211,8 @@ class Graph:
         groups: dict[int, _ChunkGroup] = {}  # id of an original chunk group -> this copy's
         for formal, actual in zip(self.inputs, args):
             if not isinstance(actual, Node):
-                raise TypeError(f"Graph called at {site} with a {type(actual).__name__}, expected nodes")
+                raise TypeError(f"{self._shown()} (declared at {self.site}) is called on nodes, to build a graph; got "
+                                f"a {type(actual).__name__} among its inputs at {site} ({hint})")
             if actual.shape != formal.shape or actual.dtype != formal.dtype:
                 raise ShapeError(f"{self._shown()} (declared at {self.site}) expects input "
                                  f"{formal.name!r} of shape {formal.shape} {formal.dtype}, but got "

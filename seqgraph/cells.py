@@ -11,13 +11,16 @@ This module only declares cells: it must not run steps or know about backends.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 import seqgraph as sg
+from .errors import InputError
 from .layers import _layout_of
+from .recurrence import valid_steps
 
 MUFURU_OPS = ("keep", "replace", "mul", "diff", "forget", "sqrt_diff", "max", "min")
 
@@ -26,6 +29,13 @@ def _activation(nonlinearity: str, allowed: Sequence[str] = ("tanh", "relu")) ->
     if nonlinearity not in allowed:
         raise ValueError(f"nonlinearity must be one of {list(allowed)}, got {nonlinearity!r}")
     return {"tanh": sg.tanh, "relu": sg.relu, "sigmoid": sg.sigmoid}[nonlinearity]
+
+
+def _check_flags(who: str, **flags) -> None:
+    """A switch given a number (a Torch7 port's rho or p in its place, say) is refused, not taken as true."""
+    for name, value in flags.items():
+        if not (isinstance(value, numbers.Integral) and value in (0, 1)):  # bools, and 0 / 1 as torch.nn takes
+            raise TypeError(f"sg.cells.{who}: {name} must be True or False, got {value!r}")
 
 
 def _keep_mask(size: int, p: float, name: str, per_sequence: bool = False):
@@ -52,13 +62,14 @@ def _zoneout(prev, new, p: float, name: str):
 # ---------------------------------------------------------------------------------------
 # Elman RNN and Torch7's nn.Recurrent
 # ---------------------------------------------------------------------------------------
-def rnn(input_size: int, hidden_size: int, nonlinearity: str = "tanh", bias: bool = True) -> sg.Cell:
+def rnn(input_size: int, hidden_size: int, *, nonlinearity: str = "tanh", bias: bool = True) -> sg.Cell:
     """The Elman RNN of torch.nn.RNN: h' = act(W_ih x + b_ih + W_hh h + b_hh).
 
     >>> cell = sg.cells.rnn(3, 5, nonlinearity="relu")
     >>> sorted(cell.params)
     ['hh.bias', 'hh.weight', 'ih.bias', 'ih.weight']
     """
+    _check_flags("rnn", bias=bias)
     act = _activation(nonlinearity)
     x = sg.Input(input_size, name="x")
     h = sg.State(hidden_size, name="h")
@@ -93,6 +104,11 @@ def recurrent(start: int | sg.Module, input_module: sg.Module, feedback_module: 
     if input_size is None or hidden_size is None:
         raise ValueError("recurrent: cannot tell the input and state sizes from these modules; "
                          "pass input_size= and hidden_size=")
+    for name, f in (("transfer", transfer), ("merge", merge)):
+        if f is not None and not callable(f):
+            raise TypeError(f"sg.cells.recurrent: {name} must be a module or a function, got {f!r} (Torch7's "
+                            f"nn.Recurrent(start, input, feedback, transfer, rho, merge) takes rho fifth; here "
+                            f"there is no rho: a Recurrence runs whole sequences, call it on windows to truncate)")
     transfer = transfer if transfer is not None else sg.Sigmoid()
     merge = merge if merge is not None else sg.CAdd()
     if isinstance(start, int):
@@ -115,7 +131,7 @@ def recurrent(start: int | sg.Module, input_module: sg.Module, feedback_module: 
 # ---------------------------------------------------------------------------------------
 # LSTM family
 # ---------------------------------------------------------------------------------------
-def lstm(input_size: int, hidden_size: int, bias: bool = True, peephole: bool = False, proj_size: int = 0,
+def lstm(input_size: int, hidden_size: int, *, bias: bool = True, peephole: bool = False, proj_size: int = 0,
          layer_norm: bool = False, dropout: float = 0.0, zoneout: float = 0.0) -> sg.Cell:
     """An LSTM step; gate order i, f, g, o as in torch.nn.LSTM. The defaults give Torch7's
     FastLSTM (= torch.nn.LSTM's cell):
@@ -136,6 +152,7 @@ def lstm(input_size: int, hidden_size: int, bias: bool = True, peephole: bool = 
                 ("zoneout_h", "zoneout_c"); evaluation uses the expectation.
     States are "h" (size proj_size or hidden_size) and "c"; the output is h'.
     """
+    _check_flags("lstm", bias=bias, peephole=peephole, layer_norm=layer_norm)
     if proj_size < 0 or (proj_size and proj_size >= hidden_size):
         raise ValueError(f"proj_size must be 0 (no projection) or in (0, hidden_size={hidden_size}), "
                          f"got {proj_size}")
@@ -173,7 +190,7 @@ def lstm(input_size: int, hidden_size: int, bias: bool = True, peephole: bool = 
 # ---------------------------------------------------------------------------------------
 # GRU family
 # ---------------------------------------------------------------------------------------
-def gru(input_size: int, hidden_size: int, bias: bool = True, reset_after: bool = True) -> sg.Cell:
+def gru(input_size: int, hidden_size: int, *, bias: bool = True, reset_after: bool = True) -> sg.Cell:
     """A GRU step; gate order r, z, n as in torch.nn.GRU.
 
         r = sigmoid(W_ir x + W_hr h + b_r);   z = sigmoid(W_iz x + W_hz h + b_z)
@@ -183,6 +200,7 @@ def gru(input_size: int, hidden_size: int, bias: bool = True, reset_after: bool 
     With reset_after=False the recurrent weights are split: "hh" (r and z, 2H rows) and
     "hh_n" (no bias), because W_hn must wait for r.
     """
+    _check_flags("gru", bias=bias, reset_after=reset_after)
     H = hidden_size
     x = sg.Input(input_size, name="x")
     h = sg.State(H, name="h")
@@ -264,7 +282,7 @@ def mufuru(input_size: int, hidden_size: int, ops: Sequence[str] = MUFURU_OPS) -
     return sg.Cell(inputs=[x], states={s: s_next}, outputs=[s_next], name="mufuru")
 
 
-def indrnn(input_size: int, hidden_size: int, nonlinearity: str = "relu") -> sg.Cell:
+def indrnn(input_size: int, hidden_size: int, *, nonlinearity: str = "relu") -> sg.Cell:
     """The independently recurrent network (Li et al. 2018): h' = act(W x + b + u * h), with a
     recurrent weight vector "u" (one weight per unit, initialised in [0, 1))."""
     act = _activation(nonlinearity)
@@ -279,23 +297,24 @@ def indrnn(input_size: int, hidden_size: int, nonlinearity: str = "relu") -> sg.
 # norm stabilizer
 # ---------------------------------------------------------------------------------------
 def norm_stabilizer_loss(seq: torch.Tensor, beta: float = 1.0, *, lengths=None, mask=None,
-                         batch_first: bool = False) -> torch.Tensor:
+                         batch_first: bool = False, reduction: str = "mean") -> torch.Tensor:
     """Krueger & Memisevic's norm-stabilising penalty of a state sequence (T, B, *size):
     beta * mean over sequences of [mean over t of (||h_t|| - ||h_{t-1}||)^2], where t runs
     over consecutive real steps of each sequence (padded steps, given by lengths or mask,
-    are skipped; a sequence with fewer than two real steps adds 0)."""
+    are skipped; a sequence with fewer than two real steps adds 0). reduction="sum" sums
+    over steps and sequences instead: the gradient Torch7's nn.NormStabilizer(beta) trained
+    with, whatever T and B (its printed loss divided by T, its gradient did not)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"norm_stabilizer_loss: reduction must be 'mean' or 'sum', got {reduction!r}")
+    if not isinstance(seq, torch.Tensor) or seq.dim() < 2:
+        raise InputError(f"norm_stabilizer_loss: seq must be a tensor ({'B, T' if batch_first else 'T, B'}, ...), "
+                         f"got {getattr(seq, 'shape', type(seq).__name__)}")
     if batch_first:
         seq = seq.transpose(0, 1)
-        if mask is not None:
-            mask = mask.transpose(0, 1)
     T, B = seq.shape[0], seq.shape[1]
-    if lengths is not None and mask is not None:
-        raise sg.InputError("norm_stabilizer_loss: give lengths or mask, not both")
-    if lengths is not None:
-        mask = torch.arange(T, device=seq.device).unsqueeze(1) < torch.as_tensor(lengths, device=seq.device)
-    elif mask is None:
+    mask = valid_steps(T, B, lengths, mask, batch_first, seq.device, "norm_stabilizer_loss")
+    if mask is None:
         mask = torch.ones(T, B, dtype=torch.bool, device=seq.device)
-    mask = mask.to(seq.device)
     # norms of the real steps, packed to the front of each column so consecutive real steps are adjacent
     norms = seq.reshape(T, B, -1).norm(dim=-1)
     order = torch.where(mask, torch.arange(T, device=seq.device).unsqueeze(1), T).argsort(dim=0)
@@ -303,6 +322,8 @@ def norm_stabilizer_loss(seq: torch.Tensor, beta: float = 1.0, *, lengths=None, 
     n = mask.sum(0)
     pair = torch.arange(1, T, device=seq.device).unsqueeze(1) < n.unsqueeze(0)  # (T-1, B)
     sq = (norms[1:] - norms[:-1]).pow(2) * pair
+    if reduction == "sum":
+        return beta * sq.sum()
     per_seq = sq.sum(0) / (n - 1).clamp(min=1)
     return beta * per_seq.mean() if B else seq.new_zeros(())
 
@@ -321,10 +342,14 @@ class NormStabilizer(nn.Module):
     `norm_stabilizer_loss` (Torch7's nn.NormStabilizer, as a wrapper rather than a step module).
     """
 
-    def __init__(self, module: nn.Module, beta: float = 1.0, output: int = 0, batch_first: bool | None = None):
+    def __init__(self, module: nn.Module, beta: float = 1.0, output: int = 0, batch_first: bool | None = None,
+                 reduction: str = "mean"):
         super().__init__()
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"sg.NormStabilizer: reduction must be 'mean' or 'sum', got {reduction!r}")
         self.module = module
         self.beta = float(beta)
+        self.reduction = reduction
         self.output = output
         self.batch_first = _layout_of("sg.NormStabilizer", [module], batch_first)
         self.loss: torch.Tensor | None = None
@@ -332,11 +357,12 @@ class NormStabilizer(nn.Module):
     def forward(self, x, state: Mapping | None = None, *, lengths=None, mask=None, **kwargs):
         out, final = self.module(x, state, lengths=lengths, mask=mask, **kwargs)
         seq = out[self.output] if isinstance(out, (tuple, list)) else out
-        self.loss = norm_stabilizer_loss(seq, self.beta, lengths=lengths, mask=mask, batch_first=self.batch_first)
+        self.loss = norm_stabilizer_loss(seq, self.beta, lengths=lengths, mask=mask, batch_first=self.batch_first,
+                                         reduction=self.reduction)
         return out, final
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta}, output={self.output}"
+        return f"beta={self.beta}, output={self.output}, reduction={self.reduction!r}"
 
 
 __all__ = ["rnn", "recurrent", "lstm", "gru", "mufuru", "indrnn", "NormStabilizer", "norm_stabilizer_loss",

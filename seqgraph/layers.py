@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from .cell import Cell
 from .errors import InputError
 from .recurrence import Recurrence, refuse_packed, valid_steps
 
@@ -118,6 +119,11 @@ class Stack(nn.Module):
         super().__init__()
         if not layers:
             raise ValueError("sg.Stack needs at least one layer")
+        for k, layer in enumerate(layers):
+            if not isinstance(layer, nn.Module):
+                hint = ": wrap a cell in sg.Recurrence(cell) first" if isinstance(layer, Cell) else ""
+                raise TypeError(f"sg.Stack: layer {k} must be a torch.nn.Module (a sg.Recurrence, say), "
+                                f"got {type(layer).__name__}{hint}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         _layout_of("sg.Stack", layers, None)
@@ -155,6 +161,9 @@ def stack(cell_fn: Callable, input_size: int, hidden_sizes: Sequence[int], dropo
     >>> model = sg.stack(sg.cells.lstm, 8, [16, 16], dropout=0.1)
     >>> out, finals = model(torch.randn(5, 2, 8), lengths=torch.tensor([5, 3]))
     """
+    if isinstance(hidden_sizes, (int, str)) or not isinstance(hidden_sizes, Sequence):
+        raise TypeError(f"sg.stack: hidden_sizes must be a list with one size per layer, got {hidden_sizes!r} "
+                        f"(for one layer: [{hidden_sizes!r}])")
     layers, size = [], input_size
     for hidden in hidden_sizes:
         rec = Recurrence(cell_fn(size, hidden, **cell_kwargs), batch_first=batch_first)
@@ -264,13 +273,20 @@ class Repeater(nn.Module):
         dim = 1 if self.batch_first else 0
         x = refuse_packed(x, "sg.Repeater")  # a PackedSequence is a tuple too: refuse it before unpacking tuples
 
-        def repeat(v: torch.Tensor) -> torch.Tensor:
+        cell = getattr(self.module, "cell", None)
+        ranks = [1 + len(i.shape) for i in cell.inputs] if isinstance(cell, Cell) else None
+
+        def repeat(v: torch.Tensor, k: int = 0) -> torch.Tensor:
             if not isinstance(v, torch.Tensor):
                 raise InputError(f"sg.Repeater: x must be a (B, *size) tensor or a tuple of them, got {type(v).__name__}")
+            if ranks is not None and k < len(ranks) and v.dim() != ranks[k]:
+                want = "(B, " + ", ".join(map(str, cell.inputs[k].shape)) + ")"
+                raise InputError(f"sg.Repeater: input {k} must be {want}, one input with no time dim that every one "
+                                 f"of the {self.steps} steps reads, got shape {tuple(v.shape)}")
             shape = list(v.shape)
             shape.insert(dim, self.steps)
             return v.unsqueeze(dim).expand(shape)
-        xs = tuple(repeat(v) for v in x) if isinstance(x, (tuple, list)) else repeat(x)
+        xs = tuple(repeat(v, k) for k, v in enumerate(x)) if isinstance(x, (tuple, list)) else repeat(x)
         return self.module(xs, state, **kwargs)
 
     def extra_repr(self) -> str:
@@ -287,7 +303,10 @@ class SequenceLoss(nn.Module):
     criterion: a function (input_rows, target_rows) -> per-row losses, e.g.
                nn.CrossEntropyLoss(reduction="none") (a torch loss that reduces is refused).
     reduction: "mean" (over all real steps and their elements, as torch's "mean": weighted by a
-               criterion's class `weight`, without its `ignore_index` rows) or "sum".
+               criterion's class `weight`, without its `ignore_index` rows), "sum", or
+               "sum_over_steps": the sum over steps of each step's mean over its real rows,
+               which is Torch7's SequencerCriterion around a criterion that averages over the
+               batch (its default), with MaskZeroCriterion's padded rows left out.
     forward(input, target, *, lengths=None, mask=None): input (T, B, ...), target (T, B, ...)
     (or (B, ...) with repeat_target: the same target at every step); batch_first swaps T, B.
 
@@ -298,8 +317,8 @@ class SequenceLoss(nn.Module):
     def __init__(self, criterion: Callable, reduction: str = "mean", repeat_target: bool = False,
                  batch_first: bool = False):
         super().__init__()
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if reduction not in ("mean", "sum", "sum_over_steps"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'sum_over_steps', got {reduction!r}")
         if getattr(criterion, "reduction", "none") != "none":
             raise ValueError(f"SequenceLoss needs per-row losses to drop padded steps: build the criterion with "
                              f"reduction='none' (got reduction={criterion.reduction!r})")
@@ -327,6 +346,11 @@ class SequenceLoss(nn.Module):
         if losses.dim() == 0 or losses.shape[0] != rows_in.shape[0]:
             raise InputError(f"SequenceLoss: the criterion must return one loss per row ({rows_in.shape[0]} rows), "
                              f"got shape {tuple(losses.shape)}")
+        if self.reduction == "sum_over_steps":
+            steps = torch.arange(T, device=input.device).repeat_interleave(B)  # of each row t * B + b
+            if valid is not None:
+                steps = steps[valid.reshape(-1)]
+            return _sum_of_step_means(self.criterion, rows_tgt, losses, steps, T)
         total = losses.sum()
         if self.reduction == "sum" or losses.numel() == 0:  # no real step: a loss of 0, not 0/0
             return total
@@ -334,6 +358,31 @@ class SequenceLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}, repeat_target={self.repeat_target}"
+
+
+def _sum_of_step_means(criterion: Callable, target: torch.Tensor, losses: torch.Tensor, steps: torch.Tensor,
+                       T: int) -> torch.Tensor:
+    """The sum over steps of each step's mean loss (the mean as _mean_denominator's, per step;
+    a step without a real row adds 0). `steps`: the step of each row of `losses`."""
+    if losses.numel() == 0:  # no real step: a loss of 0
+        return losses.sum()
+    per_row = losses.reshape(losses.shape[0], -1)
+    weights = _row_weights(criterion, target, losses).to(per_row.dtype)
+    total = per_row.new_zeros(T).index_add(0, steps, per_row.sum(1))
+    count = per_row.new_zeros(T).index_add(0, steps, weights)
+    return (total / torch.where(count > 0, count, 1.0)).sum()
+
+
+def _row_weights(criterion: Callable, target: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    """How much each row counts in torch's mean: its elements, or, for class indices with a
+    criterion's `weight` or `ignore_index`, its class weight (0 if ignored)."""
+    weight, ignore = getattr(criterion, "weight", None), getattr(criterion, "ignore_index", None)
+    rows = losses.shape[0]
+    if target.dtype.is_floating_point or target.dtype == torch.bool or (weight is None and ignore is None) \
+            or target.shape != losses.shape:
+        return torch.full((rows,), losses[0].numel() if rows else 1, device=losses.device)
+    counts = target != ignore if ignore is not None else torch.ones_like(target, dtype=torch.bool)
+    return counts.to(losses.dtype) if weight is None else weight[torch.where(counts, target, 0)] * counts
 
 
 def _mean_denominator(criterion: Callable, target: torch.Tensor, losses: torch.Tensor):

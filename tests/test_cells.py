@@ -201,6 +201,17 @@ def test_lstm_rejects_projection_not_smaller_than_hidden():
         sg.cells.lstm(I, H, proj_size=H)
 
 
+def test_torch7_positional_arguments_are_refused_not_taken_as_flags():
+    # Torch7's nn.GRU(I, H, rho, p): here flags are keyword-only, and a flag must be a bool
+    with pytest.raises(TypeError, match="positional"):
+        sg.cells.gru(I, H, 9999, 0.25)
+    with pytest.raises(TypeError, match="reset_after must be True or False, got 0.25"):
+        sg.cells.gru(I, H, reset_after=0.25)
+    with pytest.raises(TypeError, match="merge must be a module or a function, got 5 .*takes rho fifth"):
+        sg.cells.recurrent(H, sg.Linear(I, H), sg.Linear(H, H), sg.Tanh(), 5)
+    assert sg.cells.lstm(I, H, bias=0).params.keys() == sg.cells.lstm(I, H, bias=False).params.keys()
+
+
 def test_lstm_layer_norm_refuses_bias_false():
     with pytest.raises(ValueError, match="layer_norm"):
         sg.cells.lstm(I, H, layer_norm=True, bias=False)
@@ -366,6 +377,27 @@ def test_norm_stabilizer_loss_skips_padded_steps():
         norms = seq[:n, b].norm(dim=-1)
         per_seq.append(((norms[1:] - norms[:-1]) ** 2).mean() if n > 1 else torch.tensor(0.0))
     assert_close(sg.cells.norm_stabilizer_loss(padded, lengths=lengths), torch.stack(per_seq).mean())
+
+
+def test_norm_stabilizer_sum_trains_with_torch7s_gradient():
+    # Torch7's gradient of h[t]: beta * d/dh of sum over t and rows of (||h_t|| - ||h_t-1||)^2, not divided by T
+    seq = torch.randn(T, B, H, dtype=torch.float64, requires_grad=True)
+    got = torch.autograd.grad(sg.cells.norm_stabilizer_loss(seq, beta=0.5, reduction="sum"), seq)[0]
+    norms = seq.norm(dim=-1)
+    want = torch.autograd.grad(0.5 * ((norms[1:] - norms[:-1]) ** 2).sum(), seq)[0]
+    assert_close(got, want)
+    ns = sg.NormStabilizer(sg.Recurrence(sg.cells.gru(I, H)), beta=0.5, reduction="sum")
+    out, _ = ns(torch.randn(T, B, I))
+    assert_close(ns.loss, sg.cells.norm_stabilizer_loss(out, beta=0.5, reduction="sum"))
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"lengths": torch.tensor([T + 1, 1, 1])}, r"lengths must lie in \[0, 4\]"),
+    ({"mask": torch.ones(B, T, dtype=torch.bool)}, r"mask must be a bool tensor of shape \(4, 3\)"),
+    ({"reduction": "total"}, "reduction must be 'mean' or 'sum'")])
+def test_norm_stabilizer_loss_refuses_bad_lengths_masks_and_reductions(bad, match):
+    with pytest.raises((sg.InputError, ValueError), match=match):
+        sg.cells.norm_stabilizer_loss(torch.randn(T, B, H), **bad)
 
 
 def test_norm_stabilizer_wraps_a_recurrence_and_exposes_its_loss():

@@ -242,6 +242,21 @@ def test_repeater_gradient_sums_over_steps():
     assert torch.autograd.gradcheck(lambda v: sg.Repeater(rec, 3)(v)[0], (x,))
 
 
+def test_a_repeater_given_a_sequence_says_it_wants_one_step_of_input():
+    with pytest.raises(sg.InputError, match=r"input 0 must be \(B, 4\), one input with no time dim"):
+        sg.Repeater(sg.Recurrence(sg.cells.gru(I, H)), 3)(torch.randn(T, B, I))
+
+
+def test_a_stack_of_a_cell_says_to_wrap_it_in_a_recurrence():
+    with pytest.raises(TypeError, match=r"layer 0 must be a torch.nn.Module .*wrap a cell in sg.Recurrence"):
+        sg.Stack([sg.cells.gru(I, H)])
+
+
+def test_stack_of_one_size_asks_for_a_list():
+    with pytest.raises(TypeError, match=r"hidden_sizes must be a list with one size per layer, got 6 \(for one layer: \[6\]\)"):
+        sg.stack(sg.cells.lstm, I, 6)
+
+
 # ---------------------------------------------------------------------------------------
 # SequenceLoss
 # ---------------------------------------------------------------------------------------
@@ -285,6 +300,35 @@ def test_repeated_target_loss_applies_one_target_at_every_step():
     crit = nn.CrossEntropyLoss(reduction="none")
     loss = sg.SequenceLoss(crit, reduction="sum", repeat_target=True)(logits, target)
     assert_close(loss, sum(crit(logits[t], target).sum() for t in range(T)))
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "class_weights"])
+def test_sum_over_steps_is_torch7s_sequencer_criterion_of_a_batch_mean(weighted):
+    # Torch7: SequencerCriterion sums criterion(output_t, target_t); the criterion averages over
+    # the batch (MaskZeroCriterion: over the step's real rows); a step with none adds nothing
+    C = 5
+    logits, target = torch.randn(T, B, C, dtype=torch.float64), torch.randint(C, (T, B))
+    kw = {"weight": torch.rand(C, dtype=torch.float64)} if weighted else {}
+    lengths = torch.tensor([T, 2, 0, 1])[:B]
+    got = sg.SequenceLoss(nn.CrossEntropyLoss(reduction="none", **kw), reduction="sum_over_steps")(
+        logits, target, lengths=lengths)
+    real = torch.arange(T).unsqueeze(1) < lengths
+    want = sum(nn.CrossEntropyLoss(**kw)(logits[t][real[t]], target[t][real[t]]) for t in range(T) if real[t].any())
+    assert_close(got, want)
+
+
+def test_sum_over_steps_of_elementwise_losses_averages_each_steps_elements():
+    x, y = torch.randn(T, B, 3), torch.randn(T, B, 3)
+    got = sg.SequenceLoss(nn.MSELoss(reduction="none"), reduction="sum_over_steps")(x, y)
+    assert_close(got, sum(nn.functional.mse_loss(x[t], y[t]) for t in range(T)))
+
+
+def test_sum_over_steps_without_a_real_step_is_zero():
+    loss = sg.SequenceLoss(nn.MSELoss(reduction="none"), reduction="sum_over_steps")
+    x = torch.randn(T, B, 3, requires_grad=True)
+    got = loss(x, torch.randn(T, B, 3), lengths=torch.zeros(B, dtype=torch.long))
+    got.backward()
+    assert got.item() == 0.0 and (x.grad == 0).all()
 
 
 def test_sequence_loss_refuses_a_criterion_that_reduces():

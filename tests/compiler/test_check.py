@@ -282,6 +282,8 @@ def test_calling_a_graph_on_a_tensor_says_it_builds_graphs_from_nodes():
     import torch
     with pytest.raises(TypeError, match=r"Graph squash .* is called on nodes, to build a graph; got a Tensor"):
         g(torch.randn(2, 4))
+    with pytest.raises(TypeError, match=r"got a Tensor among its inputs .*make it a cell without states"):
+        g([torch.randn(2, 4)])
 
 
 def test_a_value_of_another_cell_with_a_leaf_of_the_same_name_says_so():
