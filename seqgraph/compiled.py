@@ -29,7 +29,7 @@ from .cell import Cell
 from .compiler.codegen_torch import generate, real_step_rows
 from .compiler.pipeline import compile_plan
 from .compiler.plan import Plan
-from .recurrence import Recurrence, functorch_active, own_storage
+from .recurrence import Recurrence, forward_ad_active, functorch_active, own_storage
 from .settings import debug_level, triton_interpreting
 
 BACKENDS = ("auto", "torch", "triton", "cpu", "reference")
@@ -265,6 +265,14 @@ class CompiledRecurrence(Recurrence):
                 raise CompilerMissing("backend='cpu' builds its kernels with a C compiler and none was found "
                                       "(set $CC, or install gcc or clang); backend='torch' needs none")
             self._program = get_program(rec.cell, backend, unroll)
+        self._build_torch_fallback()
+
+    def _build_torch_fallback(self) -> None:
+        """Build the torch program now (about 10 ms), which calls in another dtype (bfloat16,
+        float16), under autocast, or on another device run: a first such call inside
+        torch.compile must find it built, since compiling cannot be traced."""
+        if self._program.backend != "torch" and self.backend != "reference":
+            get_program(self.cell, "torch", self.unroll)
 
     # train()/eval() on either the original or its compiled twin switch both: they are one
     # model, with one set of parameters (as torch.compile's wrapper follows its module)
@@ -291,6 +299,7 @@ class CompiledRecurrence(Recurrence):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._program = get_program(self.cell, state["_program"], self.unroll)
+        self._build_torch_fallback()
 
     def plan(self) -> Plan:
         """The compiled schedule that a call with the parameters' dtype and device runs;
@@ -353,8 +362,8 @@ class CompiledRecurrence(Recurrence):
                 "seqgraph: torch.jit.trace cannot record a compiled loop (its steps run generated code). Use "
                 "torch.compile (the loops are custom ops there), or trace the uncompiled module.")
         params = list(self.param_tensors().values())
-        if functorch_active():
-            # torch.func (grad, vmap) transforms plain torch ops, not generated loops: the reference loop
+        if functorch_active() or forward_ad_active():
+            # torch.func (grad, vmap) and forward-mode AD transform plain torch ops, not generated loops
             return Recurrence._run_sequence(self, xs, states0, contexts, noises, valid, dtype, device)
         program = self._program_for(dtype, device)
         fns = program.fns
@@ -407,7 +416,7 @@ def compile(module: Cell | nn.Module, backend: str = "auto", unroll: int = 1) ->
             found = True
     twins: dict[int, Recurrence] = {}  # one twin per Recurrence, however many places hold it
     for name, child in list(module.named_modules(remove_duplicate=False)):
-        for cname, sub in list(child.named_children()):
+        for cname, sub in list(child._modules.items()):  # every name, even one module under two names
             if isinstance(sub, Recurrence) and not any(sub is t for t in twins.values()):
                 if id(sub) not in twins:
                     twins[id(sub)] = _compile_one(sub, backend, unroll)

@@ -70,6 +70,8 @@ class _RNNBase(nn.Module):
         if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
             raise ValueError("dropout should be a number in range [0, 1] representing the probability of an "
                              "element being zeroed")
+        if not isinstance(input_size, int) or isinstance(input_size, bool) or input_size <= 0:
+            raise ValueError(f"input_size must be a positive integer, got {input_size!r}")
         if not isinstance(hidden_size, int) or hidden_size <= 0:
             raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
         if not isinstance(num_layers, int) or num_layers <= 0:
@@ -185,6 +187,10 @@ class _RNNBase(nn.Module):
         return 2 if self.bidirectional else 1
 
     # -- forward --------------------------------------------------------------------------
+    def _weight_like(self) -> torch.Tensor:
+        """The first layer's input weight, a Parameter or (functional code's) a plain tensor."""
+        return getattr(self, "weight_ih_l0")
+
     def forward(self, input, hx=None, *, lengths=None, mask=None):
         """torch.nn's forward: input (T, B, I) ((B, T, I) with batch_first), (T, I) unbatched,
         or a PackedSequence; hx as torch.nn (h_0, or (h_0, c_0) for LSTM), zeros if None.
@@ -223,7 +229,7 @@ class _RNNBase(nn.Module):
         if x.shape[-1] != self.input_size:
             raise InputError(f"sg.nn.{self.mode}: input.size(-1) must be equal to input_size. "
                              f"Expected {self.input_size}, got {x.shape[-1]}")
-        p = next(self.parameters())
+        p = self._weight_like()
         if x.dtype != p.dtype:
             raise InputError(f"sg.nn.{self.mode}: input has dtype {x.dtype} but the parameters are {p.dtype}")
         if lengths is not None:

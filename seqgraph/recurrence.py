@@ -88,6 +88,12 @@ def functorch_active() -> bool:
     return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
+def forward_ad_active() -> bool:
+    """Whether forward-mode AD (torch.autograd.forward_ad.dual_level) is open: the generated
+    loops' autograd Function has no forward derivative, so the reference loop runs."""
+    return torch.autograd.forward_ad._current_level >= 0 and not torch.compiler.is_compiling()
+
+
 class Recurrence(nn.Module):
     """Run `cell` over sequences.
 

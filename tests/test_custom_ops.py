@@ -83,3 +83,24 @@ def test_an_sg_nn_lstm_compiles_whole_with_torch_compile_and_matches_torch():
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     g, = torch.autograd.grad(out.sum(), x)
     torch.testing.assert_close(g, torch.autograd.grad(want.sum(), x)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["bfloat16", "autocast"])
+def test_a_first_call_in_another_dtype_compiles_whole_inside_torch_compile(how):
+    # the float32 C program is built with the layer; a first bfloat16 or autocast call runs the
+    # torch program, which must already exist: compiling one cannot be traced
+    sg.compiled.clear_cache()
+    torch.manual_seed(0)
+    mine, x = sg.nn.LSTM(3, 5), torch.randn(6, 4, 3)
+    ref = sg.nn.LSTM(3, 5, backend="reference")
+    ref.load_state_dict(mine.state_dict())
+    if how == "bfloat16":
+        mine, ref, x = mine.bfloat16(), ref.bfloat16(), x.bfloat16()
+        out, _ = torch.compile(mine, backend="aot_eager", fullgraph=True)(x)
+        want, _ = ref(x)
+    else:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = torch.compile(mine, backend="aot_eager", fullgraph=True)(x)
+            want, _ = ref(x)
+    assert out.dtype == want.dtype
+    torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)

@@ -258,6 +258,29 @@ def test_compiled_backend_matches_torch_lstm():
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("size", [0, 4.0, True])
+def test_an_input_size_that_is_not_a_positive_int_is_refused_by_name(size):
+    with pytest.raises(ValueError, match=f"input_size must be a positive integer, got {size!r}"):
+        sg.nn.LSTM(size, H)
+
+
+def test_weights_held_as_plain_tensors_run_and_get_gradients_as_in_torch():
+    # functional / meta-learning code swaps each Parameter for a plain tensor attribute
+    torch.manual_seed(0)
+    ref, mine = torch.nn.GRU(I, H).double(), sg.nn.GRU(I, H).double()
+    mine.load_state_dict(ref.state_dict())
+    for m in (ref, mine):
+        for name in list(m._parameters):
+            t = m._parameters.pop(name).detach().clone().requires_grad_()
+            setattr(m, name, t)
+    x = torch.randn(5, 3, I, dtype=torch.float64)
+    (o1, _), (o2, _) = ref(x), mine(x)
+    torch.testing.assert_close(o2, o1)
+    g1 = torch.autograd.grad(o1.sum(), [ref.weight_hh_l0])
+    g2 = torch.autograd.grad(o2.sum(), [mine.weight_hh_l0])
+    torch.testing.assert_close(g2, g1)
+
+
 def test_projection_not_smaller_than_hidden_is_refused():
     with pytest.raises(ValueError, match="proj_size"):
         sg.nn.LSTM(I, H, proj_size=H)
