@@ -63,9 +63,9 @@ def valid_steps(T: int, B: int, lengths, mask, batch_first: bool, device, who: s
         return torch.arange(T, device=device).unsqueeze(1) < lengths.to(device).unsqueeze(0)
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != ((B, T) if batch_first else (T, B)):
-            shape = _fmt(getattr(mask, "shape", ()))
+            got = f"shape {_fmt(mask.shape)}" if isinstance(mask, torch.Tensor) else f"a {type(mask).__name__}"
             want = f"({B}, {T})" if batch_first else f"({T}, {B})"
-            raise InputError(f"{who}: mask must be a bool tensor of shape {want}, got {shape}")
+            raise InputError(f"{who}: mask must be a bool tensor of shape {want}, got {got}")
         if mask.dtype != torch.bool:
             raise InputError(f"{who}: mask must have dtype torch.bool, got {mask.dtype}")
         return (mask.transpose(0, 1) if batch_first else mask).to(device)

@@ -429,6 +429,28 @@ def test_a_pole_of_a_hoisted_op_on_a_padded_row_stays_out_of_the_gradients(op, b
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("form", ["log(c) * p", "sqrt(c * p)", "p / c", "Linear(log(c))"])
+def test_a_pole_of_a_context_only_value_on_a_sequence_without_steps_stays_out_of_the_gradients(form, backend):
+    # a sequence with no real step has its contexts zeroed; the reference never runs its row,
+    # the prologue computes context-only values for every row: a pole there is fed 1
+    torch.manual_seed(0)
+    x, h, c = sg.Input(3, name="x"), sg.State(3, name="h"), sg.Context(3, name="c")
+    p = sg.Parameter(3, name="p", init="ones")
+    term = {"log(c) * p": lambda: sg.log(c) * p, "sqrt(c * p)": lambda: sg.sqrt(c * p),
+            "p / c": lambda: p / c, "Linear(log(c))": lambda: sg.Linear(3, 3, name="lc")(sg.log(c))}[form]()
+    cell = sg.Cell([x], {h: sg.tanh(sg.Linear(3, 3)(x) + 0.5 * h + 0.1 * term)}, contexts=[c])
+    rec = sg.Recurrence(cell).double()
+    xs, ctx = torch.randn(4, 3, 3, dtype=torch.float64), torch.rand(3, 3, dtype=torch.float64) + 0.5
+    grads = []
+    for module in (rec, sg.compile(rec, backend=backend)):
+        out, fin = module(xs, context={"c": ctx}, lengths=torch.tensor([4, 0, 2]))
+        grads.append(torch.autograd.grad(out.sum() + fin["h"].sum(), list(rec.parameters())))
+    for want, got in zip(*grads):
+        assert torch.isfinite(want).all()
+        torch.testing.assert_close(got, want)
+
+
 def _unread_state_grads(module, T, lengths=None):
     torch.manual_seed(0)
     xs = torch.randn(T, 2, 3)

@@ -394,7 +394,7 @@ def test_batch_first_transposes_inputs_outputs_and_mask():
 
 def test_batch_first_rejects_a_time_major_mask():
     rec = sg.Recurrence(elman_cell(), batch_first=True).double()
-    with pytest.raises(sg.InputError, match=rf"mask must be a bool tensor of shape \({B}, {T}\), got \({T}, {B}\)"):
+    with pytest.raises(sg.InputError, match=rf"mask must be a bool tensor of shape \({B}, {T}\), got shape \({T}, {B}\)"):
         rec(torch.randn(B, T, I, dtype=DT), mask=torch.ones(T, B, dtype=torch.bool))
 
 
@@ -530,7 +530,8 @@ def _x(*shape, dtype=DT):
                                                              r"\(one per sequence\), got \(2\)"),
     (lambda r: r(_x(T, B, I), lengths=torch.full((B,), 2.0)), r"lengths must be integers, got dtype torch.float32"),
     (lambda r: r(_x(T, B, I), mask=torch.ones(B, T, dtype=torch.bool)), rf"mask must be a bool tensor of shape "
-                                                                        rf"\({T}, {B}\), got \({B}, {T}\)"),
+                                                                        rf"\({T}, {B}\), got shape \({B}, {T}\)"),
+    (lambda r: r(_x(T, B, I), mask=[[True] * B] * T), rf"mask must be a bool tensor of shape \({T}, {B}\), got a list"),
     (lambda r: r(_x(T, B, I), mask=torch.ones(T, B)), r"mask must have dtype torch.bool, got torch.float32"),
     (lambda r: r(_x(T, B, I), lengths=torch.full((B,), T), mask=torch.ones(T, B, dtype=torch.bool)),
      r"give lengths or mask, not both"),
@@ -539,7 +540,7 @@ def _x(*shape, dtype=DT):
                                                     rf"shape \({B}, {H}\), got \({B}, {H + 1}\)"),
     (lambda r: r(_x(T, B, I), context=_x(B, 3)), r"context given but the cell declares no sg.Context"),
 ], ids=["rank", "features", "float_dtype", "int_for_float", "input_count", "length_too_big", "length_negative",
-        "lengths_shape", "lengths_float", "mask_shape", "mask_dtype", "lengths_and_mask", "unknown_state",
+        "lengths_shape", "lengths_float", "mask_shape", "mask_list", "mask_dtype", "lengths_and_mask", "unknown_state",
         "state_shape", "context_not_declared"])
 def test_bad_argument_raises_input_error_naming_expected_and_got(elman, call, text):
     with pytest.raises(sg.InputError, match=text):

@@ -421,6 +421,9 @@ def _emit_prologue(src: Source, plan: Plan) -> None:
     poles = [n for n in plan.hoisted if n.op in POLES and n.inputs[POLES[n.op]].batched]
     if poles:  # padded rows (all rows computed) feed 1 to an op's pole: see ops.POLES
         src.emit("real = mask.reshape(-1) != 0 if rows is None and mask is not None else None")
+    invariant_poles = {n.id for n in plan.invariant if n.op in POLES and n.inputs[POLES[n.op]].batched}
+    if invariant_poles:  # so do the zeroed contexts of a sequence without a real step
+        src.emit("live = mask.any(0) if mask is not None else None  # the sequences with a real step")
     names = lambda nodes: ", ".join(_v(n) for n in nodes) + ("," if len(nodes) == 1 else "")  # noqa: E731
     if step.inputs:
         src.emit(f"{names(step.inputs)} = xs")
@@ -444,7 +447,10 @@ def _emit_prologue(src: Source, plan: Plan) -> None:
             src.emit(f"{_v(nz)} = {_v(nz)}.expand({shape_tuple(nz, 'B')})", nz)
     env: dict[int, str] = {}
     for n in plan.invariant:
-        src.emit(f"{_v(n)} = {torch_expr(n, env, src)[0]}", n)
+        if n.id in invariant_poles:
+            _emit_off_padding(src, n, env, "live", lambda: src.emit(f"{_v(n)} = {torch_expr(n, env, src)[0]}", n))
+        else:
+            src.emit(f"{_v(n)} = {torch_expr(n, env, src)[0]}", n)
     for n in plan.hoisted:
         for i in n.inputs:
             if i.batched and plan.cls[i.id] == "invariant" and i.id not in rows:
@@ -476,17 +482,23 @@ def _emit_guarded(src: Source, nodes: list[Node], env: dict[int, str], live: set
         later = {i.id for m in nodes[k:] for i in m.inputs}
         emit_nodes(src, nodes[start:k], env, live | later)
         if n is not None:
-            a = n.inputs[POLES[n.op]]
-            guarded = f"{env.get(a.id, _v(a))}_off_pad{n.id}"
-            src.emit(f"{guarded} = {env.get(a.id, _v(a))} if real is None else torch.where("
-                     f"real.reshape({(-1,) + (1,) * len(a.shape)}), {env.get(a.id, _v(a))}, 1.0)", n)
-            saved, env[a.id] = env.get(a.id), guarded
-            emit_nodes(src, [n], env, live | later)
-            if saved is None:
-                del env[a.id]
-            else:
-                env[a.id] = saved
+            _emit_off_padding(src, n, env, "real", lambda: emit_nodes(src, [n], env, live | later))
         start = k + 1
+
+
+def _emit_off_padding(src: Source, n: Node, env: dict[int, str], rows: str, emit_node) -> None:
+    """Emit n (by `emit_node`) with the operand at its pole (ops.POLES) replaced by 1 on the
+    rows where `rows` (a variable: a bool per row, or None for all rows real) is false."""
+    a = n.inputs[POLES[n.op]]
+    name = env.get(a.id, _v(a))
+    src.emit(f"{name}_off{n.id} = {name} if {rows} is None else torch.where({rows}.reshape("
+             f"{(-1,) + (1,) * len(a.shape)}), {name}, 1.0)", n)
+    env[a.id] = f"{name}_off{n.id}"
+    emit_node()
+    if name == _v(a):
+        del env[a.id]
+    else:
+        env[a.id] = name
 
 
 def _bind_reads(src: Source, plan: Plan, t: str | None) -> None:
