@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ..compiler.codegen_torch import Source, Store, all_saved, shape_tuple
-from ..compiler.codegen_torch_backward import backward_layout, emit_backward_head, emit_backward_tail
+from ..compiler.codegen_torch_backward import backward_layout, emit_backward_head, emit_backward_tail, summed_stash
 from ..compiler.ir import Node
 from ..compiler.plan import Plan
 from .backend import _stage_region
@@ -332,13 +332,20 @@ def backward_loop(plan: Plan, bwd, lib, masked: bool, func_name: str) -> tuple[s
         _carried(wr, f"gp{j}", wr.slot(f"final-state gradient gn{j}", ROWS), g)
     drs = {k: wr.slot(f"read gradient dr{k}", STEP_ROWS) for k, _ in lay.hoisted_grads}
     drs.update({k: wr.slot(f"summed read gradient dr{k}", ROWS) for k, _ in lay.accum})
-    sts = [wr.slot(f"stash st{k}: %{n.id}", STEP_ROWS) for k, n in enumerate(lay.new_stash)]
+    summed = set() if masked else summed_stash(bwd, lay)
+    sts = [wr.slot(f"summed stash st{k}: %{n.id}" if n.id in summed else f"stash st{k}: %{n.id}",
+                   ROWS if n.id in summed else STEP_ROWS) for k, n in enumerate(lay.new_stash)]
+    sums = {}  # stash k -> the step's scratch row block it is written to, then added into st{k}
+    for k, n in enumerate(lay.new_stash):
+        if n.id in summed:
+            sums[k] = wr.buffer(width(n), f"stash {k} of this step")
     gfs = [wr.slot(f"initial-state gradient {j}", ROWS) for j in range(len(step.states))]
     if masked:
         i = wr.slot("the mask as floats", STEP_ROWS)
         wr.loc[d.mask.id] = _Loc(f"p{i} + t * d{i}[0]", f"d{i}[1]", "1")
     stores = [Store(g, f"(p{drs[k]} + t * d{drs[k]}[0])") for k, g in lay.hoisted_grads]
-    stores += [Store(n, f"(p{sts[k]} + t * d{sts[k]}[0])") for k, n in enumerate(lay.new_stash)]
+    stores += [Store(n, sums[k] if k in sums else f"(p{sts[k]} + t * d{sts[k]}[0])")
+               for k, n in enumerate(lay.new_stash)]
     nexts, passes = [], {}
     for j, g in enumerate(d.grad_prev):
         w = width(step.states[j][0])
@@ -362,6 +369,9 @@ def backward_loop(plan: Plan, bwd, lib, masked: bool, func_name: str) -> tuple[s
         s, a = wr.loc[g.id], drs[k]
         wr.body.append(f"sg_accum(Bt, {width(g)}, p{a}, d{a}[0], {f'd{a}[1]' if width(g) > 1 else '1'}, "
                        f"{s.ptr}, {s.rs}, {s.cs});  /* dr{k} += %{g.id} */")
+    for k, buf in sums.items():
+        w = width(lay.new_stash[k])
+        wr.body.append(f"sg_accum(Bt, {w}, p{sts[k]}, d{sts[k]}[0], 1, {buf}, {w}, 1);  /* st{k} += %{lay.new_stash[k].id} */")
     if masked:
         for k, st in enumerate(stores):
             wr.fill_tail(st.target, st.node, passes.get(k))
@@ -539,7 +549,8 @@ def _emit_backward_wrapper(src: Source, plan: Plan, bwd, masked: bool) -> None:
     nr, ns, no = len(plan.reads), len(step.states), len(step.outputs)
     name = "backward_masked" if masked else "backward_plain"
     src.emit("")
-    lay = emit_backward_head(src, plan, bwd, masked, suffix="_c")
+    summed = set() if masked else summed_stash(bwd, backward_layout(plan, bwd))
+    lay = emit_backward_head(src, plan, bwd, masked, suffix="_c", summed=summed)
     src.emit("if B == 0:")
     src.emit(f"    return {name}(T, mask, reads, saved, seqs, grad_outs, grad_finals)")
     ref = "ss0" if ns else "go0"
@@ -558,7 +569,7 @@ def _emit_backward_wrapper(src: Source, plan: Plan, bwd, masked: bool) -> None:
     src.emit(f"_cloops.run({'bwd_masked' if masked else 'bwd_plain'!r}, T, B, mask, [{', '.join(tensors)}])")
     for j in range(ns):
         src.emit(f"gn{j} = gf{j}")
-    emit_backward_tail(src, plan, bwd, lay)
+    emit_backward_tail(src, plan, bwd, lay, summed)
 
 
 _BLAS: dict = {}

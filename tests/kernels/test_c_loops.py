@@ -332,6 +332,22 @@ def test_unmasked_float32_loops_equal_the_reference_with_their_rows_split(rows_s
     assert comp._program.c_loops.last_threads == 2
 
 
+SUMMED = ["indrnn", "lstm_layer_norm", "lstm_peephole_proj", "zoo_peephole_ln"]
+
+
+@pytest.mark.parametrize("split", ["rows", "steps"])
+@pytest.mark.parametrize("name", SUMMED)
+def test_weight_gradients_summed_over_steps_inside_the_loop_equal_the_reference(name, split, monkeypatch,
+                                                                                 two_threads):
+    # an unmasked loop adds a per-step vector's rows into a (B, w) sum for a weight's gradient
+    monkeypatch.setenv("SEQGRAPH_LOOP_SPLIT", split)
+    rec, comp = _compile(name)
+    assert "summed stash" in comp.source()
+    xs, ctx = make_inputs(rec.cell, 6, 5, dtype=torch.float64)
+    check_against_reference(rec, comp, xs, ctx, 1e-10)
+    assert comp._program.c_loops.last_threads == (2 if split == "rows" else 1)
+
+
 def test_strided_inputs_and_states_are_split_by_their_own_row_strides(rows_split):
     rec = sg.Recurrence(BUILTIN["lstm"]()).double()
     comp = sg.compile(rec, backend="cpu")
