@@ -12,7 +12,7 @@ carried input or zero (masking folded in, as in the Triton kernels), so a padded
 one branch. The C type `real` is float or double: one source serves both, compiled twice.
 
 The transcendental functions are written out (`sg_exp`, `sg_sigmoid`, `sg_tanh` in PRELUDE) so
-that the compiler can vectorise them without -ffast-math; in float they are within 2 ulp of
+that the compiler can vectorise them without -ffast-math; in float they are within 3 ulp of
 the correctly rounded result over the whole range (inf, nan and denormals included), and in
 double they call libm. This module only writes source text and says what it cannot fuse;
 compiling, caching and calling are c_launch.py's job.
