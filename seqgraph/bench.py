@@ -4,8 +4,9 @@
 of: torch.nn.LSTM/GRU (cuDNN on GPU, oneDNN on CPU) where the cell has one, the same cell as an
 eager PyTorch loop (plain torch ops, autograd), torch.compile of that loop (compile time
 reported apart), and seqgraph's compiled backends, their runs taken in turn. It prints medians
-and ratios to the fastest peer, peak memory, and with --out writes the table as a
-Markdown section named after the machine into docs/benchmarks.md. Timing is never a unit test; this module only measures.
+and ratios to the fastest peer, peak memory, and with --out FILE writes the table as a
+Markdown section named after the machine into FILE (docs/benchmarks.md holds ours). Timing is
+never a unit test; this module only measures.
 """
 from __future__ import annotations
 
@@ -258,6 +259,9 @@ def write_section(path: str, title: str, body: str) -> None:
         f.write(text.rstrip("\n") + "\n")
 
 
+PEERS = ("cudnn", "eager", "torch.compile", "seqgraph-torch", "seqgraph-triton", "seqgraph-cpu")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m seqgraph bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cells", default=",".join(CELLS), help=f"comma list of {CELLS}")
@@ -267,8 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--burst", type=int, default=1,
                     help="runs of a peer in a row per turn, the first untimed (default 1: strictly in turn)")
-    ap.add_argument("--peers", default="cudnn,eager,torch.compile,seqgraph-torch,seqgraph-triton,seqgraph-cpu",
-                    help="which columns to run")
+    ap.add_argument("--peers", default=",".join(PEERS),
+                    help=f"comma list of {list(PEERS)} (seqgraph-triton on CUDA only, seqgraph-cpu on the CPU only; "
+                         f"torch.nn's LSTM and GRU are the cudnn column)")
     ap.add_argument("--out", default=None, help="Markdown file to write the table into (a section per machine)")
     args = ap.parse_args(argv)
     if args.reps < 1 or args.burst < 1:
@@ -277,8 +282,27 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [v for v in given.split(",") if v not in known]
         if unknown:
             ap.error(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    unknown = [v for v in args.peers.split(",") if v not in PEERS]
+    if unknown:
+        ap.error(f"--peers: unknown {', '.join(unknown)}; choose from {', '.join(PEERS)}")
+    try:
+        device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    except RuntimeError as e:
+        ap.error(f"--device: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: this machine has no CUDA device torch can use")
+    if device.type not in ("cpu", "cuda"):
+        ap.error(f"--device: the benchmark runs on cpu or cuda, not {device.type}")
     peers = set(args.peers.split(","))
+    runnable = peers - {"seqgraph-cpu" if device.type == "cuda" else "seqgraph-triton"}
+    if not runnable:
+        ap.error(f"--peers: none of {args.peers} runs on {device.type}")
+    if args.out:  # refused now, not after the whole run
+        try:
+            with open(args.out, "a"):
+                pass
+        except OSError as e:
+            ap.error(f"--out: cannot write {args.out!r}: {e.strerror or e}")
     rows = []
     for size in args.sizes.split(","):
         for cell in args.cells.split(","):

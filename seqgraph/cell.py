@@ -178,8 +178,8 @@ class Cell:
         return format_graph(self.order)
 
     def _repr_svg_(self):  # Jupyter shows the picture inline
-        from .viz import to_dot
-        return to_dot(self).pipe(format="svg").decode()
+        from .viz import svg_or_none, to_dot
+        return svg_or_none(to_dot(self))
 
 
 class Graph:
@@ -247,5 +247,5 @@ class Graph:
         return f"<sg.Graph {self.name or ''} inputs={len(self.inputs)} outputs={len(self.outputs)} nodes={len(self.order)}>"
 
     def _repr_svg_(self):
-        from .viz import to_dot
-        return to_dot(self).pipe(format="svg").decode()
+        from .viz import svg_or_none, to_dot
+        return svg_or_none(to_dot(self))

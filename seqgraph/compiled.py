@@ -332,7 +332,8 @@ class CompiledRecurrence(Recurrence):
         return self._program_for(dtype, device), dtype, device
 
     def _repr_svg_(self):  # Jupyter shows the compiled plan inline
-        return self.plan().to_dot().pipe(format="svg").decode()
+        from .viz import svg_or_none
+        return svg_or_none(self.plan().to_dot())
 
     def _program_for(self, dtype: torch.dtype, device: torch.device) -> Program:
         # "auto" picks per call: triton on CUDA, C kernels on the CPU (so .to("cuda") after

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -69,7 +70,8 @@ class GraphvizMissing(RuntimeError):
 # ---------------------------------------------------------------------------------------
 def _text(*lines: str) -> str:
     """A DOT label from lines of user text: backslashes kept literal, never read as HTML."""
-    return graphviz.nohtml("\\n".join(str(s).replace("\\", "\\\\").replace("\n", "\\n") for s in lines if s))
+    return graphviz.nohtml("\\n".join(str(s).replace("\\", "\\\\").replace("\n", "\\n").replace("&", "&amp;")
+                                      for s in lines if s))
 
 
 def _shape_text(node: Node) -> str:
@@ -170,7 +172,9 @@ def _edge_look(src: Node) -> dict:
 
 
 def _new_digraph(name: str, **graph_attr) -> graphviz.Digraph:
-    dot = graphviz.Digraph(name=name)
+    # the graph's DOT id is never shown: the user's name, as an identifier DOT always accepts
+    ident = re.sub(r"\W", "_", name, flags=re.ASCII)
+    dot = graphviz.Digraph(name=ident if ident[:1].isalpha() else f"g_{ident}")
     dot.attr(rankdir="TB", nodesep="0.25", ranksep="0.35", fontname="Helvetica", **graph_attr)
     dot.attr("node", fontname="Helvetica", fontsize="11", margin="0.08,0.04", color=_INK)
     dot.attr("edge", fontname="Helvetica", fontsize="9", color=_INK, arrowsize="0.7")
@@ -202,11 +206,11 @@ class _Parts:
         """(source, edge attrs) for each operand of `node`, reading through folded pieces."""
         out = []
         for i in node.inputs:
-            if i.id in self.folded:
-                src = i.inputs[0]
-                out.append((src, dict(_edge_look(src), label=_op_detail(i)[len("slice "):])))
-            else:
-                out.append((i, _edge_look(i)))
+            src, pieces = i, []
+            while src.id in self.folded:  # a piece of a piece: "[2:4] of [0:4]"
+                pieces.append(_op_detail(src)[len("slice "):])
+                src = src.inputs[0]
+            out.append((src, dict(_edge_look(src), label=" of ".join(pieces)) if pieces else _edge_look(src)))
         return out
 
     def output_label(self, k: int) -> str:
@@ -515,30 +519,48 @@ def render(obj: Drawable, path: str | os.PathLike, unroll: int | None = None, co
         data = dot.pipe(format=fmt)
     except graphviz.ExecutableNotFound:
         raise GraphvizMissing(f"sg.render: Graphviz's `dot` could not be run; {_INSTALL}") from None
+    except graphviz.CalledProcessError as e:  # a seqgraph bug: the DOT it wrote was refused
+        err = (e.stderr or b"").decode(errors="replace").strip()
+        raise RuntimeError(f"sg.render: Graphviz's `dot` refused the picture of {path!r} ({err}); please "
+                           f"report it with the cell's code") from None
     with open(path, "wb") as f:
         f.write(data)
     return path
+
+
+def svg_or_none(dot: graphviz.Digraph) -> str | None:
+    """The picture as SVG text for Jupyter's display, or None (Jupyter then shows the text
+    repr) where Graphviz's `dot` is missing or fails."""
+    try:
+        return dot.pipe(format="svg").decode()
+    except (graphviz.ExecutableNotFound, graphviz.CalledProcessError):
+        return None
+
+
+class _TargetError(ValueError):
+    """The viz command's target names no file or no function in it."""
 
 
 def _load_factory(target: str):
     """Import `path/to/file.py:function` by path and return the function."""
     path, sep, func = target.rpartition(":")
     if not sep or not path or not func:
-        raise ValueError(f"expected path/to/file.py:function, got {target!r}")
+        raise _TargetError(f"expected path/to/file.py:function, got {target!r}")
     if not os.path.isfile(path):
-        raise ValueError(f"no such file: {path}")
+        raise _TargetError(f"no such file: {path}")
     name = "_seqgraph_viz_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, os.path.abspath(path))
     module = importlib.util.module_from_spec(spec)
     folder = os.path.dirname(os.path.abspath(path))
     sys.path.insert(0, folder)  # so the user's file can import its neighbours
+    sys.modules[name] = module  # as an import does (dataclasses look their module up there)
     try:
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(folder)
     factory = getattr(module, func, None)
     if not callable(factory):
-        raise ValueError(f"{path} has no function {func!r}")
+        raise _TargetError(f"{path} has no function {func!r}")
     return factory
 
 
@@ -555,25 +577,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-o", "--output", default=None,
                         help="file to write (.svg, .png, .pdf or .dot); default: DOT source on stdout")
     args = parser.parse_args(list(argv) if argv is not None else None)
+    doing = f"importing {args.target.rpartition(':')[0]}"
     try:
         factory = _load_factory(args.target)
-    except ValueError as e:
-        print(f"seqgraph viz: {e}", file=sys.stderr)
-        return 2
-    try:
+        doing = f"calling {args.target}()"
         obj = factory()
     except GraphError as e:
         attach_error_picture(e, write=True)
-        print(f"seqgraph viz: {args.target} raised {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"seqgraph viz: {doing} raised {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    except Exception as e:  # noqa: BLE001 - the user's factory: say what it raised, not where inside us
-        if e.__traceback__.tb_next is None:  # the call itself failed: the factory wants arguments
-            where = " (the factory is called with no arguments)"
-        else:
-            path = os.path.abspath(args.target.rpartition(":")[0])
-            mine = [f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == path]
-            where = f" at {os.path.basename(path)}:{mine[-1].lineno}" if mine else ""
-        print(f"seqgraph viz: calling {args.target}() raised {type(e).__name__}: {e}{where}", file=sys.stderr)
+    except _TargetError as e:
+        print(f"seqgraph viz: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - the user's file or factory: say what it raised, not where inside us
+        path = os.path.abspath(args.target.rpartition(":")[0])
+        tb = traceback.extract_tb(e.__traceback__)
+        mine = [f for f in tb if os.path.abspath(f.filename) == path]
+        if isinstance(e, SyntaxError) and e.filename and os.path.abspath(e.filename) == path:
+            where = f" at {os.path.basename(path)}:{e.lineno}"
+        elif mine:
+            where = f" at {os.path.basename(path)}:{mine[-1].lineno}"
+        else:  # the call itself failed: the factory wants arguments
+            where = " (the factory is called with no arguments)" if e.__traceback__.tb_next is None else ""
+        print(f"seqgraph viz: {doing} raised {type(e).__name__}: {e}{where}", file=sys.stderr)
         return 1
     try:
         if args.output is None:
@@ -583,6 +609,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, GraphvizMissing) as e:
         print(f"seqgraph viz: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        print(f"seqgraph viz: {e}", file=sys.stderr)
+        return 1
     except OSError as e:
         print(f"seqgraph viz: cannot write {args.output!r}: {e.strerror or e}", file=sys.stderr)
         return 2

@@ -88,3 +88,20 @@ def test_the_harness_names_an_unknown_cell_or_size_and_the_choices(flag, capsys)
     with pytest.raises(SystemExit):
         bench.main([flag, "nosuch"])
     assert f"{flag}: unknown nosuch; choose from" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--peers", "eagr"], "--peers: unknown eagr; choose from cudnn, eager"),
+    (["--peers", "seqgraph-triton", "--device", "cpu"], "--peers: none of seqgraph-triton runs on cpu"),
+    (["--device", "tpu"], "--device:"),
+    (["--device", "meta"], "the benchmark runs on cpu or cuda, not meta")])
+def test_the_harness_refuses_peers_and_devices_it_cannot_run_before_running(args, says, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(args + ["--cells", "lstm", "--sizes", "small"])
+    assert says in capsys.readouterr().err
+
+
+def test_the_harness_refuses_an_output_file_it_cannot_write_before_running(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--out", str(tmp_path / "no_such_folder" / "b.md"), "--cells", "lstm", "--sizes", "small"])
+    assert "--out: cannot write" in capsys.readouterr().err

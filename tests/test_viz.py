@@ -404,3 +404,65 @@ def test_cli_reports_an_output_folder_that_does_not_exist(factory_file, tmp_path
 def test_drawing_a_container_names_the_recurrences_inside_it():
     with pytest.raises(TypeError, match=r"draw one of them: model.recurrence\(0\), model.recurrence\(1\)"):
         sg.to_dot(sg.nn.GRU(3, 4, num_layers=2))
+
+
+@pytest.mark.parametrize("name", ["<b>bold</b>", "end\\", "two words", "7up"])
+def test_any_cell_name_makes_a_picture_graphviz_accepts(name):
+    x, h = sg.Input(I, name="x"), sg.State(H, name="h")
+    cell = sg.Cell(inputs=[x], states={h: sg.tanh(sg.Linear(I + H, H)(sg.concat([x, h])))}, name=name)
+    for kw in ({}, {"unroll": 2}, {"unroll": 2, "compact": True}):
+        assert "</svg>" in viz.to_dot(cell, **kw).pipe(format="svg").decode()
+
+
+def test_a_name_with_an_html_entity_is_shown_as_typed():
+    x = sg.Input(I, name="a&lt;b")
+    svg = viz.to_dot(sg.Graph(inputs=[x], outputs=[sg.relu(x)])).pipe(format="svg").decode()
+    assert "a&amp;lt;b" in svg
+
+
+def test_a_chunk_of_a_chunk_piece_draws_edges_from_the_drawn_node():
+    x, h = sg.Input(4, name="x"), sg.State(4, name="h")
+    a, b = sg.chunk(sg.Linear(8, 8, name="gates")(sg.concat([x, h])), 2)
+    a1, a2 = sg.chunk(a, 2)
+    cell = sg.Cell(inputs=[x], states={h: sg.tanh(b) * sg.concat([a2, a1])})
+    for kw in ({}, {"unroll": 2}):
+        layout = _layout(viz.to_dot(cell, **kw))
+        drawn = {o["_gvid"] for o in _nodes(layout)}
+        assert all(e["tail"] in drawn and e["head"] in drawn for e in layout["edges"])
+        assert len(_nodes(layout)) == len([o for o in _nodes(layout) if o.get("label") != "\\N"])
+    assert 'label="[0:2] of [0:4]"' in viz.to_dot(cell).source
+
+
+def test_without_graphviz_jupyter_falls_back_to_the_text_repr(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert _lstm()._repr_svg_() is None
+    assert sg.Recurrence(_lstm())._repr_svg_() is None
+    assert sg.compile(sg.Recurrence(_lstm()), backend="torch")._repr_svg_() is None
+
+
+def test_cli_reports_an_error_while_importing_the_file(tmp_path, capsys):
+    (tmp_path / "broken.py").write_text("import seqgraph as sg\nx = sg.Input(3) + sg.Input(4)\n")
+    assert viz.main([f"{tmp_path / 'broken.py'}:f"]) == 1
+    err = capsys.readouterr().err
+    assert "importing" in err and "raised ShapeError" in err
+    (tmp_path / "syntax.py").write_text("def f(:\n")
+    assert viz.main([f"{tmp_path / 'syntax.py'}:f"]) == 1
+    assert "raised SyntaxError" in (err := capsys.readouterr().err) and "at syntax.py:1" in err
+
+
+def test_cli_draws_a_factory_from_a_file_with_dataclasses(tmp_path):
+    (tmp_path / "dc.py").write_text(textwrap.dedent("""
+        from __future__ import annotations
+        from dataclasses import dataclass
+        import seqgraph as sg
+
+        @dataclass
+        class Sizes:
+            i: int
+            h: int
+
+        def make_cell():
+            s = Sizes(3, 4)
+            return sg.cells.gru(s.i, s.h)
+    """))
+    assert viz.main([f"{tmp_path / 'dc.py'}:make_cell", "-o", str(tmp_path / "dc.dot")]) == 0
