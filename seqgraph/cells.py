@@ -1,12 +1,14 @@
 """The cell library: the standard recurrent cells, each written in the seqgraph DSL.
 
-Every function here returns an `sg.Cell` (one step) built from the same public pieces a user
-has (`sg.Linear`, `sg.chunk`, `sg.sigmoid`, ...), so each one doubles as an example of how to
-declare a cell. Input and recurrent projections are always separate `sg.Linear` modules named
-"ih" and "hh" (keys "ih.weight", "ih.bias", "hh.weight", "hh.bias", gate order as in torch.nn),
-which is what lets the compiler hoist the input projection out of the time loop and what lets
-`sg.nn` map torch.nn's state_dict onto these cells. `NormStabilizer` (the norm-stabilising
-regulariser of Krueger & Memisevic) is here too, as a wrapper around any recurrence.
+Every cell function here returns an `sg.Cell` (one step) built from the same public pieces a
+user has (`sg.Linear`, `sg.chunk`, `sg.sigmoid`, ...), so each one doubles as an example of how
+to declare a cell. The torch.nn-style cells (rnn, lstm, gru) keep input and recurrent
+projections as separate `sg.Linear` modules named "ih" and "hh" (keys "ih.weight", "ih.bias",
+"hh.weight", "hh.bias", gate order as in torch.nn; gru(reset_after=False) adds "hh_n"), which
+is what lets `sg.nn` map torch.nn's state_dict onto them; the compiler hoists any input
+projection out of the time loop whatever its name. `NormStabilizer` and
+`norm_stabilizer_loss` (the norm-stabilising regulariser of Krueger & Memisevic, a wrapper
+and a loss) are here too.
 This module only declares cells: it must not run steps or know about backends.
 """
 from __future__ import annotations

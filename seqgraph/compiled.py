@@ -72,7 +72,7 @@ def auto_backend(device: torch.device, dtype: torch.dtype | None = None) -> str:
     return "torch"
 
 
-def why_auto_runs_torch(device: torch.device, dtype: torch.dtype | None) -> str:
+def why_auto_runs_torch(dtype: torch.dtype | None) -> str:
     """Why backend="auto" runs the torch code for CPU tensors of `dtype` (auto_backend's reasons)."""
     from .kernels.c_launch import find_compiler
     if dtype is not None and dtype not in _C_DTYPES:
@@ -308,7 +308,7 @@ class CompiledRecurrence(Recurrence):
         program, dtype, device = self._current_program()
         plan = program.plan
         if self.backend == "auto" and program.backend == "torch" and device.type == "cpu":
-            why = why_auto_runs_torch(device, dtype)
+            why = why_auto_runs_torch(dtype)
             plan = dataclasses.replace(plan, loops=f"{plan.loops}; backend='auto' runs the torch code because {why}")
         return plan
 

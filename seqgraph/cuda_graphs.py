@@ -2,8 +2,9 @@
 
 On a GPU the generated forward and backward loops issue a few kernels per step, and at small
 batch the CPU cannot issue them as fast as the GPU runs them. `GraphedLoop` captures one loop
-function for fixed shapes (T, B, dtype, masked or not) into a CUDA graph on its first call and
-replays it afterwards: inputs are copied into the graph's static buffers, the graph replays,
+function for fixed shapes (T, B, dtype, masked or not) into a CUDA graph the second time it
+sees them (a first call runs eagerly, so shapes seen once cost no capture) and replays it
+afterwards: inputs are copied into the graph's static buffers, the graph replays,
 and every tensor that leaves is cloned, so a second call never overwrites what a first call
 returned (two forwards before one backward stay correct). A loop that cannot be captured runs
 eagerly, and says why once. Must not change what a loop computes.

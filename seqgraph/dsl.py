@@ -226,7 +226,7 @@ def chunk(a: Node, n: int, dim: int = -1) -> tuple[Node, ...]:
         n = _count(n, f"chunk (declared at {user_site()}): the number of pieces")
     except ValueError as e:
         raise ShapeError(str(e)) from None
-    d = ops.norm_dim_or_raise(dim, len(a.shape), "chunk")
+    d = ops.norm_dim_or_raise(_index(dim, "sg.chunk: dim"), len(a.shape), "chunk")
     if a.shape[d] % n:
         raise ShapeError(f"chunk (declared at {user_site()}): {mention(a)} has size {a.shape[d]} "
                          f"along dim {dim}, which does not divide into {n} equal pieces")

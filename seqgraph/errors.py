@@ -29,12 +29,14 @@ class Site:
 UNKNOWN_SITE = Site("<unknown>", 0)
 
 
-def user_site() -> Site:
-    """The innermost caller frame that is not inside the seqgraph package."""
+def user_site(also_skip: tuple[str, ...] = ()) -> Site:
+    """The innermost caller frame that is not inside the seqgraph package (nor in the modules
+    named in `also_skip`, e.g. numpy's, for a call that reached us through them)."""
     frame = sys._getframe(1)
     while frame is not None:
         path = os.path.abspath(frame.f_code.co_filename)
-        if not path.startswith(_PACKAGE_DIR + os.sep):
+        module = frame.f_globals.get("__name__") or ""
+        if not path.startswith(_PACKAGE_DIR + os.sep) and not module.startswith(also_skip):
             return Site(path, frame.f_lineno, frame.f_code.co_name)
         frame = frame.f_back
     return UNKNOWN_SITE

@@ -29,14 +29,14 @@ def _compare(rec, comp, T=5, B=3, dtype=torch.float64, tol=1e-10, **kw):
     wrt = [x for x in xs if x.requires_grad] + list(rec.parameters()) + ([ctx["memory"]] if ctx else [])
     o1, s1 = _run(rec, xs, ctx, **kw)
     o2, s2 = _run(comp, xs, ctx, **kw)
-    for a, b in zip(o1 if isinstance(o1, tuple) else (o1,), o2 if isinstance(o2, tuple) else (o2,)):
+    for a, b in zip(o1 if isinstance(o1, tuple) else (o1,), o2 if isinstance(o2, tuple) else (o2,), strict=True):
         torch.testing.assert_close(b, a, atol=tol, rtol=tol)
     assert s1.keys() == s2.keys()
     for k in s1:
         torch.testing.assert_close(s2[k], s1[k], atol=tol, rtol=tol)
     g1 = _grads(_loss(o1, s1), wrt)
     g2 = _grads(_loss(o2, s2), wrt)
-    for a, b in zip(g1, g2):
+    for a, b in zip(g1, g2, strict=True):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(b, a, atol=tol, rtol=tol)
@@ -159,13 +159,13 @@ def _compare_simple(cell, x, **kw):
     o1, s1 = rec(x, **kw)
     o2, s2 = comp(x, **kw)
     o1, o2 = (o1 if isinstance(o1, tuple) else (o1,)), (o2 if isinstance(o2, tuple) else (o2,))
-    for a, b in zip(o1, o2):
+    for a, b in zip(o1, o2, strict=True):
         torch.testing.assert_close(b, a)
     loss1 = sum((o * o).sum() for o in o1) + sum(v.sum() for v in s1.values())
     loss2 = sum((o * o).sum() for o in o2) + sum(v.sum() for v in s2.values())
     wrt = [x] + list(rec.parameters())
     for a, b in zip(torch.autograd.grad(loss1, wrt, allow_unused=True),
-                    torch.autograd.grad(loss2, wrt, allow_unused=True)):
+                    torch.autograd.grad(loss2, wrt, allow_unused=True), strict=True):
         torch.testing.assert_close(b, a)
     return s1, s2
 
@@ -246,16 +246,23 @@ def test_debug_levels_print_passes_ir_and_generated_source(monkeypatch, capsys):
         assert words in capsys.readouterr().err
 
 
-def test_a_backward_the_plan_cannot_derive_falls_back_to_autograd_over_the_reference(monkeypatch):
-    from seqgraph.compiler import plan as plan_module
+@pytest.fixture
+def fresh_programs():
+    """An empty program cache, emptied again after the test whatever happened (a test that
+    patches the planner must not leave its programs for the next)."""
     from seqgraph.compiled import clear_cache
-    monkeypatch.setattr(plan_module, "_REDUCERS", set())  # pretend no weight gradient can be reduced
     clear_cache()
+    yield
+    clear_cache()
+
+
+def test_a_backward_the_plan_cannot_derive_falls_back_to_autograd_over_the_reference(monkeypatch, fresh_programs):
+    from seqgraph.compiler import plan as plan_module
+    monkeypatch.setattr(plan_module, "_REDUCERS", set())  # pretend no weight gradient can be reduced
     rec = sg.Recurrence(ZOO["gru_reset_after"]()).double()
     comp = sg.compile(rec)
     assert "falls back to autograd" in comp.plan().describe()
     _compare(rec, comp, lengths=torch.tensor([5, 2, 0]))
-    clear_cache()
 
 
 def test_a_deep_copy_of_a_compiled_module_has_its_own_parameters_and_shares_the_code():

@@ -432,7 +432,7 @@ def test_linear_sizes_must_be_positive_ints(args):
 
 
 def test_sizes_and_piece_counts_may_be_numpy_integers():
-    import numpy as np  # a dependency of the package
+    import numpy as np  # in the test extras
     lin = sg.Linear(np.int64(4), np.int32(3))
     assert (lin.in_features, lin.out_features) == (4, 3) and type(lin.in_features) is int
     assert len(sg.chunk(sg.Input(4, name="x"), np.int64(2))) == 2
@@ -465,9 +465,10 @@ def _xh():
     (lambda x, h: sg.concat({x, h}), r"got set \(a set has no order"),
     (lambda x, h: sg.narrow(h, 0, 0, 4 / 2), r"sg.narrow: length .* must be an int, got 2.0"),
     (lambda x, h: sg.softmax(h, dim=0.5), r"sg.softmax: dim .* must be an int, got 0.5"),
+    (lambda x, h: sg.chunk(h, 2, dim=0.0), r"sg.chunk: dim .* must be an int, got 0.0"),
 ], ids=["torch_tanh", "torch_cat", "torch_module", "tensor_plus_node", "node_plus_tensor", "tensor_operand",
         "module_on_list", "two_arguments", "nngraph_input_idiom", "eq", "ne", "gt", "python_max", "len", "index",
-        "pow", "concat_of_a_set", "float_length", "float_dim"])
+        "pow", "concat_of_a_set", "float_length", "float_dim", "float_chunk_dim"])
 def test_a_python_mistake_on_a_node_is_a_type_error_saying_what_to_write(mistake, hint):
     x, h = _xh()
     with pytest.raises(TypeError, match=hint) as err:
@@ -475,12 +476,15 @@ def test_a_python_mistake_on_a_node_is_a_type_error_saying_what_to_write(mistake
     assert "test_dsl.py:" in str(err.value)
 
 
-@pytest.mark.parametrize("fn", ["sum", "dot", "tanh", "mean"])
-def test_numpy_functions_on_a_node_refuse_instead_of_building_object_arrays(fn):
+@pytest.mark.parametrize("fn, says", [("sum", "numpy's sum .*here sg.sum"), ("dot", "numpy cannot compute"),
+                                      ("tanh", "numpy's tanh .*here sg.tanh"), ("mean", "numpy cannot compute"),
+                                      ("maximum", "numpy's maximum .*here sg.maximum")])
+def test_numpy_functions_on_a_node_refuse_saying_what_to_write(fn, says):
     np = pytest.importorskip("numpy")
     x, h = _xh()
-    with pytest.raises(TypeError):
-        getattr(np, fn)(x, h) if fn == "dot" else getattr(np, fn)(h)
+    with pytest.raises(TypeError, match=says) as err:
+        getattr(np, fn)(x, h) if fn in ("dot", "maximum") else getattr(np, fn)(h)
+    assert "test_dsl.py:" in str(err.value)
 
 
 def test_numpy_array_times_a_node_refuses():

@@ -1,11 +1,12 @@
 """Code generation for the `torch` backend: the plan as straight-line Python over torch ops.
 
-It writes one Python module per plan with three functions: `prologue` (invariants once, hoisted
-nodes over all T*B rows, or over the real steps of a padded batch only; runs under ordinary
-autograd), `forward` (the time loop; fills the outputs, the final states, and what the plan
-says to save) and `backward` (the reverse loop over the symbolic derivative, then the
-weight-gradient reductions as single large GEMMs over all steps; codegen_torch_backward.py
-writes it with the emitters here). Every value is a local `v<id>`; every line ends with a
+It writes one Python module per plan with these functions: `prologue` (invariants once,
+hoisted nodes over all T*B rows, or over the real steps of a padded batch only; runs under
+ordinary autograd), `forward` (the time loop; fills the outputs, the final states, and what the
+plan says to save) and `backward_plain` / `backward_masked` (the reverse loop over the symbolic
+derivative, then the weight-gradient reductions as single large GEMMs over all steps;
+codegen_torch_backward.py writes them with the emitters here). The cpu backend adds `*_c`
+wrappers that run whole loops in C (kernels/c_loops.py). Every value is a local `v<id>`; every line ends with a
 comment naming the node it came from and the user's file:line. Hot ops get a direct torch
 expression; any other op calls its registry torch rule, so the generated code can never
 disagree with the interpreter. A fused region can be emitted by another backend
@@ -131,7 +132,6 @@ def _pack_weight(w, rows: int):
     """On the CPU, a float32 weight reordered once per call for MKL's packed GEMM (the per-step
     product then runs about 20% faster, as oneDNN's own LSTM does); None where that is unavailable
     and under autocast, which MKL's packed product does not follow."""
-    import torch
     mkl = getattr(torch.ops, "mkl", None)
     if w.device.type != "cpu" or w.dtype != torch.float32 or rows <= 0 or w.requires_grad and torch.is_grad_enabled() \
             or torch.is_autocast_enabled("cpu"):
@@ -145,7 +145,6 @@ def _pack_weight(w, rows: int):
 
 def _packed_linear(x, w, packed, addend=None, out=None):
     """x @ w.T (+ addend), through the packed weight when there is one."""
-    import torch
     if packed is None:
         if addend is None:
             return torch.mm(x, w.t(), out=out) if out is not None else torch.mm(x, w.t())
@@ -160,7 +159,6 @@ def _packed_linear(x, w, packed, addend=None, out=None):
 
 
 def _const_tensor(value: float, like):
-    import torch
     if like is None:
         return torch.tensor(value)
     # torch.full, not torch.tensor: no host-to-device copy, so it can sit inside a CUDA graph

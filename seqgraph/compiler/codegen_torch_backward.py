@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .codegen_torch import (RegionCall, Source, Store, _bind_reads, _unbind_steps, _v, all_saved, emit_nodes,
+from .codegen_torch import (Source, Store, _bind_reads, _unbind_steps, _v, all_saved, emit_nodes,
                             emit_stages, emit_time_loop, emit_weight_packing, shape_tuple)
 from .ir import Node
 from .plan import BackwardPlan, Plan
@@ -177,7 +177,7 @@ def emit_backward(src: Source, plan: Plan, bwd: BackwardPlan, masked: bool, regi
     for k in range(len(lay.new_stash)):
         src.emit(f"st{k}_ = st{k}.unbind(0)")
     packed = emit_weight_packing(src, bwd.stages) if pack else {}
-    saved_all, saved_index, prev_index = lay.saved_all, lay.saved_index, lay.prev_index
+    saved_all, saved_index = lay.saved_all, lay.saved_index
     hoisted_grads, accum, new_stash = lay.hoisted_grads, lay.accum, lay.new_stash
     def body():
         if masked:

@@ -3,8 +3,8 @@
 Given the nodes computed inside the time loop, it builds a second graph of registry ops that
 maps the gradients arriving at a step (of its next states and its outputs) to the gradients
 of everything the step read: the previous states, the hoisted per-step values and the
-loop-invariant values. Because it is made of ordinary ops, the torch and Triton backends
-compile it exactly like a forward step. Masking is part of the graph: on a padded row the
+loop-invariant values. Because it is made of ordinary ops, every backend (torch, Triton, C)
+compiles it exactly like a forward step. Masking is part of the graph: on a padded row the
 incoming gradient is dropped and the state's gradient passes through unchanged. Gradients
 of chunk pieces are reassembled with one concat, not a sum of zero-padded pieces. This pass
 must not decide where nodes run (schedule.py) nor generate code.

@@ -65,9 +65,8 @@ def fuse_gate_matmuls(step: StepGraph) -> StepGraph:
         x_id, start, stop = replaced[n.id]
         if x_id not in built:
             members, biases = plan[x_id]
-            x = ins[0] if n.op == "linear" else None
-            if x is None:  # a bias-add visited first cannot happen: linears come before their adds
-                raise AssertionError("fused bias before its linear")
+            assert n.op == "linear", "a fused bias-add is visited after its linear (topological order)"
+            x = ins[0]
             w = members[0].inputs[1] if len(members) == 1 else make(
                 "concat", tuple(m.inputs[1] for m in members), dim=0, site=members[0].site, name="fused_weight")
             y = make("linear", (x, w), site=members[0].site, name=_group_name(members))

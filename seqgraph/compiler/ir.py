@@ -23,6 +23,17 @@ _SG_FUNCTIONS = frozenset({"sigmoid", "tanh", "relu", "exp", "log", "sqrt", "abs
                            "dropout", "split", "chunk", "narrow"})
 
 
+def _hint(name: str) -> str:
+    """What to write instead of torch's or numpy's function `name` on a node."""
+    hint = {"cat": "sg.concat", "concatenate": "sg.concat", "linear": "sg.Linear", "add": "+", "mul": "*",
+            "multiply": "*", "sub": "-", "subtract": "-", "div": "/", "divide": "/", "true_divide": "/",
+            "negative": "-x", "absolute": "sg.abs", "matmul": "sg.matmul", "max": "sg.maximum",
+            "min": "sg.minimum", "where": "sg.where_mask", "embedding": "sg.Embedding"}.get(name)
+    if hint is None and name in _SG_FUNCTIONS:
+        hint = f"sg.{name}"
+    return f"here {hint}" if hint else "see docs/dsl.md for the ops there are"
+
+
 class Node:
     __slots__ = ("id", "op", "inputs", "attrs", "shape", "batched", "dtype", "name", "site", "module")
 
@@ -112,7 +123,15 @@ class Node:
 
     # numpy and torch functions cannot run on a symbolic value: they say so, naming the sg
     # function to use, instead of building object arrays or failing deep inside torch
-    __array_ufunc__ = None
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        if any(type(i).__name__ == "ndarray" for i in inputs):  # np.ones(4) * h
+            raise TypeError(f"expected a seqgraph node or a Python number, got ndarray (at {user_site(('numpy',))}): "
+                            "an array is not part of a step's graph; use sg.Parameter for a trained one, "
+                            "sg.Context for one given with each call, or a Python number")
+        name = "sum" if (ufunc.__name__, method) == ("add", "reduce") else ufunc.__name__
+        raise TypeError(f"numpy's {name} cannot run on node {self.label()!r} (declared at {self.site}), a "
+                        f"symbolic value (at {user_site(('numpy',))}): build the step with seqgraph's own "
+                        f"functions; {_hint(name)}")
 
     def __array__(self, *args, **kwargs):
         raise TypeError(f"node {self.label()!r} (declared at {self.site}) is symbolic; numpy cannot compute with "
@@ -123,14 +142,8 @@ class Node:
         name = getattr(func, "__name__", str(func)).strip("_")
         node = next((a for a in list(args) + list((kwargs or {}).values()) if isinstance(a, Node)), None)
         where = f"node {node.label()!r} (declared at {node.site})" if node is not None else "a seqgraph node"
-        hint = {"cat": "sg.concat", "linear": "sg.Linear", "add": "+", "mul": "*", "sub": "-", "div": "/",
-                "matmul": "sg.matmul", "max": "sg.maximum", "min": "sg.minimum", "where": "sg.where_mask",
-                "embedding": "sg.Embedding"}.get(name)
-        if hint is None and name in _SG_FUNCTIONS:
-            hint = f"sg.{name}"
-        hint = f"here {hint}" if hint else "see docs/dsl.md for the ops there are"
         raise TypeError(f"torch's {name} cannot run on {where}, a symbolic value (at {user_site()}): build the "
-                        f"step with seqgraph's own functions and modules; {hint}")
+                        f"step with seqgraph's own functions and modules; {_hint(name)}")
 
     def __bool__(self) -> bool:
         raise TypeError(f"node {self.label()!r} (declared at {self.site}) is a symbolic value: Python's if, and, "

@@ -71,9 +71,6 @@ class Plan:
     def step_gemms(self) -> list[Node]:
         return [n for s in self.stages if s.kind == "gemm" for n in s.nodes]
 
-    def fused_stages(self) -> list[Stage]:
-        return [s for s in self.stages if s.kind == "fused"]
-
     def describe(self, T: int | None = None, B: int | None = None, itemsize: int = 4) -> str:
         from .report import describe_plan
         return describe_plan(self, T, B, itemsize)

@@ -1,6 +1,7 @@
 """Planning step (called by plan.build_plan, not a graph pass): schedule — cut the nodes of one step into an ordered list of stages.
 
-A stage is a GEMM (a matrix product, run by torch: cuBLAS or oneDNN), a fused region (a
+A stage is a GEMM (a matrix product: torch's cuBLAS or MKL call, or the cpu backend's C loops
+calling MKL or seqgraph's own GEMM), a fused region (a
 maximal set of elementwise ops, last-dim reductions, slices and concats that one kernel
 computes row by row) or a torch fallback (an op no kernel fuses yet, e.g. a reduction over a
 non-last dim; the plan says why). Regions are found by depth: a node's depth is the number of

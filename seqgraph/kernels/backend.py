@@ -7,7 +7,9 @@ whether it can fuse it, and if so compiles the kernel and emits one call line; i
 returns False and the stage is emitted as torch code (the reason is kept on the stage, so
 `plan()` shows it). The kernel writes the stage's stores itself: saved values straight into
 their (T, B, ...) buffers, outputs zeroed and states carried on padded rows, so no copy or
-`where` follows it. GEMMs stay with torch (cuBLAS, MKL). Must not make planning decisions.
+`where` follows it. GEMMs are not regions: torch runs them here (cuBLAS, MKL), and the cpu
+backend's whole C loops call MKL or seqgraph's GEMM (c_loops.py). Must not make planning
+decisions.
 """
 from __future__ import annotations
 

@@ -17,7 +17,6 @@ the registry.
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -444,8 +443,7 @@ class _Writer:
 
     def const_literal(self, n: Node) -> str:
         v = n.attrs["value"]
-        # the registry's emitter writes repr(value), which is not Python for inf and nan
-        lit = ops.triton_expr(n, []) if math.isfinite(v) else ops.py_literal(v)
+        lit = ops.py_literal(v)  # what the registry's emitter writes, inf and nan included
         self.literals[lit] = float(v)
         return lit
 

@@ -100,7 +100,7 @@ def test_unused_chunk_piece_names_the_chunk_line():
 
 def test_unused_split_piece_is_reported_like_a_chunk_piece():
     x = sg.Input(6, name="x")
-    (a, b, c), at_split = sg.split(x, [1, 2, 3]), here()
+    (_, b, c), at_split = sg.split(x, [1, 2, 3]), here()
     with pytest.raises(sg.WiringError, match=f"piece 0 of the chunk/split declared at {at_split} is never used "
                                              r"\(pieces used: 2 of 3\)"):
         sg.Cell(inputs=[x], outputs=[sg.concat([b, c])])

@@ -40,14 +40,15 @@ def check_against_reference(rec, comp, xs, ctx, tol, **kw):
     within 10 tol."""
     o1, s1 = run(rec, xs, ctx, **kw)
     o2, s2 = run(comp, xs, ctx, **kw)
-    for a, b in zip(o1, o2):
+    for a, b in zip(o1, o2, strict=True):
         torch.testing.assert_close(b, a, atol=tol, rtol=tol)
+    assert s1.keys() == s2.keys()
     for k in s1:
         torch.testing.assert_close(s2[k], s1[k], atol=tol, rtol=tol)
     ctx_leaves = [c for c in (ctx or {}).values() if c.requires_grad]
     wrt = [x for x in xs if x.requires_grad] + ctx_leaves + list(rec.parameters())
     g1 = torch.autograd.grad(loss(o1, s1), wrt, allow_unused=True)
     g2 = torch.autograd.grad(loss(o2, s2), wrt, allow_unused=True)
-    for a, b in zip(g1, g2):
+    for a, b in zip(g1, g2, strict=True):
         if a is not None:
             torch.testing.assert_close(b, a, atol=tol * 10, rtol=tol * 10)

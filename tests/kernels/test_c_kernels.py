@@ -18,7 +18,6 @@ from seqgraph.kernels import c_launch
 from seqgraph.kernels.c_codegen import c_region_supported, generate_c
 from seqgraph.kernels.c_launch import CLibrary, CompilerMissing, clear_memory_cache
 from seqgraph.kernels.codegen import region_from_outputs
-from seqgraph.kernels.region import Region
 from seqgraph.kernels.launch import CacheNotWritable
 
 from regions import (CELL_REGIONS, RANDOM_STEPS, forward_nodes, lstm_region, lstm_step, lstm_step_inputs,

@@ -7,12 +7,11 @@ import torch
 
 import seqgraph as sg
 from seqgraph.compiler import ops
-from seqgraph.compiler.ops import REGISTRY, make
+from seqgraph.compiler.ops import make
 from seqgraph.kernels.codegen import generate, region_from_outputs, region_supported, row_problem
 from seqgraph.kernels.launch import compile_region
-from seqgraph.kernels.region import Region
 
-from regions import CELL_REGIONS, forward_nodes, grad_leaf, lstm_region, random_inputs, reference, vjp_region, \
+from regions import CELL_REGIONS, forward_nodes, lstm_region, random_inputs, reference, vjp_region, \
     backward_region
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CUDA when present, else the interpreter

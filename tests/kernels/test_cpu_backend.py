@@ -47,7 +47,7 @@ def test_one_library_serves_every_sequence_length_and_batch_size():
     assert lib.paths == before  # nothing rebuilt
 
 
-def test_the_plan_names_the_fused_stages_the_c_kernels_compute():
+def test_the_source_calls_one_c_kernel_per_fused_stage_and_the_packed_gemm():
     comp = sg.compile(sg.Recurrence(BUILTIN["lstm"]()), backend="cpu")
     src = comp.source()
     assert src.count("_ck0.fast(") == 1 and "int sg_region_0(" in src
