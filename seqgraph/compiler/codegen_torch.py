@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from .ir import Node
-from .ops import POLES, REGISTRY, py_literal
+from .ops import REGISTRY, py_literal
 from .plan import Plan
 
 _ARITH = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
@@ -416,10 +416,10 @@ def _emit_prologue(src: Source, plan: Plan) -> None:
     src.emit("def prologue(T, B, xs, contexts, noises, params, rows=None, mask=None):")
     src.indent += 1
     src.emit('"""Invariants once per call, hoisted nodes over all T*B rows or the real `rows` (ordinary autograd)."""')
-    poles = [n for n in plan.hoisted if n.op in POLES and n.inputs[POLES[n.op]].batched]
-    if poles:  # padded rows (all rows computed) feed 1 to an op's pole: see ops.POLES
+    poles = [n for n in plan.hoisted if _pole_operand(n) is not None]
+    if poles:  # padded rows (all rows computed) feed 1 to an op's pole: see OpDef.pole
         src.emit("real = mask.reshape(-1) != 0 if rows is None and mask is not None else None")
-    invariant_poles = {n.id for n in plan.invariant if n.op in POLES and n.inputs[POLES[n.op]].batched}
+    invariant_poles = {n.id for n in plan.invariant if _pole_operand(n) is not None}
     if invariant_poles:  # so do the zeroed contexts of a sequence without a real step
         src.emit("live = mask.any(0) if mask is not None else None  # the sequences with a real step")
     names = lambda nodes: ", ".join(_v(n) for n in nodes) + ("," if len(nodes) == 1 else "")  # noqa: E731
@@ -484,10 +484,16 @@ def _emit_guarded(src: Source, nodes: list[Node], env: dict[int, str], live: set
         start = k + 1
 
 
+def _pole_operand(n: Node) -> Node | None:
+    """The batched operand at n's pole (OpDef.pole), if n has one."""
+    k = REGISTRY[n.op].pole
+    return n.inputs[k] if k is not None and n.inputs[k].batched else None
+
+
 def _emit_off_padding(src: Source, n: Node, env: dict[int, str], rows: str, emit_node) -> None:
-    """Emit n (by `emit_node`) with the operand at its pole (ops.POLES) replaced by 1 on the
+    """Emit n (by `emit_node`) with the operand at its pole (OpDef.pole) replaced by 1 on the
     rows where `rows` (a variable: a bool per row, or None for all rows real) is false."""
-    a = n.inputs[POLES[n.op]]
+    a = _pole_operand(n)
     name = env.get(a.id, _v(a))
     src.emit(f"{name}_off{n.id} = {name} if {rows} is None else torch.where({rows}.reshape("
              f"{(-1,) + (1,) * len(a.shape)}), {name}, 1.0)", n)

@@ -48,13 +48,17 @@ class OpDef:
     triton: object  # (node, *arg_strings) -> str, or (NOT_FUSED, reason)
     c: object  # elementwise: (node, *element_strings) -> str; reduction: (node, dst, w, *xs) -> str; or (NOT_FUSED, reason)
     doc: str = ""
+    # The operand at which the op's value or derivative is infinite for a finite value (at 0),
+    # or None. A compiled prologue, which computes padded rows too, feeds those rows 1 there
+    # (their results are dropped, and 0 * inf would be nan in a weight's gradient).
+    pole: Optional[int] = None
 
 
 REGISTRY: dict[str, OpDef] = {}
 KINDS = {"leaf", "elementwise", "reduction", "layout", "matmul", "gather"}
 
 
-def register(name, *, kind, shape, torch, vjp, triton, c=None, doc=""):
+def register(name, *, kind, shape, torch, vjp, triton, c=None, doc="", pole=None):
     missing = [k for k, v in (("shape", shape), ("torch", torch), ("triton", triton), ("c", c)) if v is None]
     if kind not in KINDS:
         raise ValueError(f"op {name!r}: unknown kind {kind!r}")
@@ -62,7 +66,7 @@ def register(name, *, kind, shape, torch, vjp, triton, c=None, doc=""):
         raise ValueError(f"op {name!r} is missing rules: {missing + (['vjp'] if vjp is None and kind != 'leaf' else [])}")
     if name in REGISTRY:
         raise ValueError(f"op {name!r} registered twice")
-    REGISTRY[name] = OpDef(name, kind, shape, torch, vjp, triton, c, doc)
+    REGISTRY[name] = OpDef(name, kind, shape, torch, vjp, triton, c, doc, pole)
 
 
 def make(op: str, inputs, *, name=None, site=None, module=None, **attrs) -> Node:
@@ -264,14 +268,14 @@ def _binary_shape(inputs, attrs):
     return broadcast_shapes(a.shape, b.shape), a.batched or b.batched, "float"
 
 
-def _unary(name, fn, vjp, tri, c, doc=""):
+def _unary(name, fn, vjp, tri, c, doc="", pole=None):
     register(name, kind="elementwise", shape=_unary_shape, torch=lambda n, x: fn(x), vjp=vjp,
-             triton=tri, c=c, doc=doc)
+             triton=tri, c=c, doc=doc, pole=pole)
 
 
-def _binary(name, fn, vjp, tri, c, doc=""):
+def _binary(name, fn, vjp, tri, c, doc="", pole=None):
     register(name, kind="elementwise", shape=_binary_shape,
-             torch=lambda n, x, y: fn(*_aligned(n, (x, y))), vjp=vjp, triton=tri, c=c, doc=doc)
+             torch=lambda n, x, y: fn(*_aligned(n, (x, y))), vjp=vjp, triton=tri, c=c, doc=doc, pole=pole)
 
 
 def _bin_grads(n, ga, gb):
@@ -292,7 +296,7 @@ _binary("mul", torch.mul, lambda n, g: _bin_grads(n, mul(g, n.inputs[1]), mul(g,
         lambda n, a, b: f"({a} * {b})", _arith_c("mul"))
 _binary("div", torch.div,
         lambda n, g: _bin_grads(n, div(g, n.inputs[1]), neg(div(mul(g, n), n.inputs[1]))),
-        lambda n, a, b: f"({a} / {b})", _arith_c("div"))
+        lambda n, a, b: f"({a} / {b})", _arith_c("div"), pole=1)
 def _share(g: Node, loses: Node, a: Node, b: Node) -> Node:
     """torch's gradient for one operand of maximum/minimum: none where it `loses`, half at a tie
     of a and b, all of g otherwise (a nan operand, compared false both ways, gets all of it).
@@ -374,16 +378,13 @@ _binary("tanh_grad", lambda g, y: torch.ops.aten.tanh_backward(*torch.broadcast_
 _unary("relu", torch.relu, lambda n, g: (mul(g, make("gt", (n.inputs[0], const(0.0)))),),
        lambda n, a: f"tl.maximum({a}, 0.0)", lambda n, a: f"sg_relu({a})")
 _unary("exp", torch.exp, lambda n, g: (mul(g, n),), lambda n, a: f"tl.exp({a})", lambda n, a: f"sg_exp({a})")
-_unary("log", torch.log, lambda n, g: (div(g, n.inputs[0]),), lambda n, a: f"tl.log({a})", lambda n, a: f"SG_LOG({a})")
+_unary("log", torch.log, lambda n, g: (div(g, n.inputs[0]),), lambda n, a: f"tl.log({a})", lambda n, a: f"SG_LOG({a})",
+       pole=0)
 _unary("abs", torch.abs, lambda n, g: (mul(g, make("sign", n.inputs)),), lambda n, a: f"tl.abs({a})", lambda n, a: f"SG_ABS({a})")
 _unary("sign", torch.sign, lambda n, g: (None,),
        lambda n, a: f"((({a}) > 0).to(tl.float32) - (({a}) < 0).to(tl.float32))", lambda n, a: f"sg_sign({a})")
-_unary("sqrt", torch.sqrt, lambda n, g: (div(mul(g, 0.5), n),), lambda n, a: f"tl.sqrt({a})", lambda n, a: f"SG_SQRT({a})")
-
-# The operand at which an op's value or derivative is infinite for a finite value (at 0): a
-# compiled prologue, which computes padded rows too, feeds those rows 1 there instead (their
-# results are dropped, and 0 * inf would be nan in a weight's gradient summed over rows).
-POLES = {"log": 0, "sqrt": 0, "div": 1}
+_unary("sqrt", torch.sqrt, lambda n, g: (div(mul(g, 0.5), n),), lambda n, a: f"tl.sqrt({a})", lambda n, a: f"SG_SQRT({a})",
+       pole=0)
 
 
 # ---------------------------------------------------------------------------------------
