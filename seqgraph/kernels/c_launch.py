@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import re
 import os
 import platform
 import shlex
@@ -333,7 +334,10 @@ class CLibrary:
     def key(self, dtype: torch.dtype) -> str:
         cc = find_compiler() or "none"
         flags = cflags()
-        text = repr(([r for r in self._by_signature], sorted(self.loops.items()), _dtype_name(dtype),
+        # the loops' text without its comments, which name node ids and the user's lines: a
+        # program of the same structure, built in any order or from any file, has one key
+        loops = sorted((name, re.sub(r"/\*.*?\*/", "", text, flags=re.S)) for name, text in self.loops.items())
+        text = repr(([r for r in self._by_signature], loops, _dtype_name(dtype),
                      C_CODEGEN_VERSION, _generator_fingerprint(),
                      _compiler_id(cc),
                      flags, _BASE_FLAGS, openmp_flags(), _cpu_features() if "-march=native" in flags else platform.machine(),

@@ -101,7 +101,7 @@ class _LoopWriter:
         if x.id not in self.loc or w.id not in self.loc:
             return f"%{n.id} reads a value the C loop does not have"
         if w.id not in self.weights:
-            g = self.weights[w.id] = f"W{w.id}"
+            g = self.weights[w.id] = f"W{len(self.weights)}"  # not the node id: the text must not depend on it
             lw = self.loc[w.id]
             N, K = w.shape
             self.decl.append(f"if (sg_weight_init(&{g}, B, {N}, {K}, {lw.ptr}, {lw.rs}, {lw.cs}, own, T)) "

@@ -416,3 +416,18 @@ def test_the_benchmark_lstm_runs_its_loops_split_over_two_threads(two_threads, m
     x = torch.randn(3, 16, 16, requires_grad=True)
     comp(x)[0].sum().backward()
     assert comp._program.c_loops.last_threads == 2
+
+
+def test_the_library_key_depends_on_the_cells_structure_not_on_node_ids_or_lines():
+    # a second process builds cells in another order (other node ids) or from another file: it
+    # must find the library the first one wrote
+    from seqgraph.compiled import clear_cache, get_program
+    keys = []
+    for others in (0, 3):
+        clear_cache()
+        for _ in range(others):
+            sg.cells.gru(5, 7)  # moves the node ids on
+        lib = get_program(sg.cells.lstm(5, 7, peephole=True), "cpu").fns["_clib"]
+        keys.append(lib.key(torch.float32))
+    clear_cache()
+    assert keys[0] == keys[1]
