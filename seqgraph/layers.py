@@ -373,30 +373,31 @@ def _sum_of_step_means(criterion: Callable, target: torch.Tensor, losses: torch.
     return (total / torch.where(count > 0, count, 1.0)).sum()
 
 
+def _class_weighted(criterion: Callable, target: torch.Tensor, losses: torch.Tensor) -> bool:
+    """Whether torch's mean of this criterion divides by class weights: CrossEntropyLoss and
+    NLLLoss with class-index targets (their `weight`, and 0 for `ignore_index` rows)."""
+    return isinstance(criterion, (nn.CrossEntropyLoss, nn.NLLLoss)) and not target.dtype.is_floating_point \
+        and target.dtype != torch.bool and target.shape == losses.shape
+
+
 def _row_weights(criterion: Callable, target: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
-    """How much each row counts in torch's mean: its elements, or, for class indices with a
-    criterion's `weight` or `ignore_index`, its class weight (0 if ignored)."""
-    weight, ignore = getattr(criterion, "weight", None), getattr(criterion, "ignore_index", None)
+    """How much each row counts in torch's mean, (rows,): its elements, or its targets' class
+    weights (see _class_weighted)."""
     rows = losses.shape[0]
-    if target.dtype.is_floating_point or target.dtype == torch.bool or (weight is None and ignore is None) \
-            or target.shape != losses.shape:
-        return torch.full((rows,), losses[0].numel() if rows else 1, device=losses.device)
-    counts = target != ignore if ignore is not None else torch.ones_like(target, dtype=torch.bool)
-    return counts.to(losses.dtype) if weight is None else weight[torch.where(counts, target, 0)] * counts
+    if not _class_weighted(criterion, target, losses):
+        return losses.new_full((rows,), losses[0].numel() if rows else 1)
+    counts = target != criterion.ignore_index
+    w = counts.to(losses.dtype) if criterion.weight is None else criterion.weight[torch.where(counts, target, 0)] * counts
+    return w.reshape(rows, -1).sum(1)
 
 
 def _mean_denominator(criterion: Callable, target: torch.Tensor, losses: torch.Tensor):
-    """What torch's reduction="mean" divides by: for class indices with a criterion's `weight`
-    or `ignore_index` (CrossEntropyLoss, NLLLoss), the summed weights of the rows that count;
-    otherwise the number of losses (at least 1, so no real steps give a loss of 0)."""
-    weight, ignore = getattr(criterion, "weight", None), getattr(criterion, "ignore_index", None)
-    if target.dtype.is_floating_point or target.dtype == torch.bool or (weight is None and ignore is None) \
-            or target.shape != losses.shape:
+    """What torch's reduction="mean" divides by: the summed row weights of a class-weighted
+    criterion (0 when every row is ignored, as in torch), else the number of losses (at least
+    1, so no real steps give a loss of 0)."""
+    if not _class_weighted(criterion, target, losses):
         return max(losses.numel(), 1)
-    counts = target != ignore if ignore is not None else torch.ones_like(target, dtype=torch.bool)
-    if weight is None:
-        return counts.sum()
-    return (weight[torch.where(counts, target, 0)] * counts).sum()
+    return _row_weights(criterion, target, losses).sum()
 
 
 __all__ = ["Stack", "stack", "Bidirectional", "Repeater", "reverse_sequences", "SequenceLoss"]

@@ -13,6 +13,7 @@ onto recurrences; it must not implement cell math (cells.py) or compilation (the
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import torch
@@ -70,12 +71,10 @@ class _RNNBase(nn.Module):
         if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
             raise ValueError("dropout should be a number in range [0, 1] representing the probability of an "
                              "element being zeroed")
-        if not isinstance(input_size, int) or isinstance(input_size, bool) or input_size <= 0:
-            raise ValueError(f"input_size must be a positive integer, got {input_size!r}")
-        if not isinstance(hidden_size, int) or hidden_size <= 0:
-            raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
-        if not isinstance(num_layers, int) or num_layers <= 0:
-            raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
+        for name, size in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+            if not isinstance(size, numbers.Integral) or isinstance(size, bool) or size <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {size!r}")
+        input_size, hidden_size, num_layers = int(input_size), int(hidden_size), int(num_layers)
         if proj_size < 0:
             raise ValueError("proj_size should be a positive integer or zero to disable projections")
         if proj_size >= hidden_size:

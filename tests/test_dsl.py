@@ -561,6 +561,16 @@ def test_numpy_scalars_are_constants_like_python_numbers():
         assert node.inputs[1].attrs["value"] == float(scalar)
 
 
+@pytest.mark.parametrize("op, expr", [("mul", lambda s, h: s * h), ("add", lambda s, h: s + h),
+                                      ("sub", lambda s, h: s - h), ("div", lambda s, h: s / h)])
+def test_a_numpy_scalar_on_the_left_of_a_node_is_a_constant_too(op, expr):
+    np = pytest.importorskip("numpy")
+    _, h = _xh()
+    node = expr(np.sqrt(2.0), h)  # numpy asks the node's __array_ufunc__ first
+    assert node.op == op and node.inputs[0].op == "const" and node.inputs[1] is h
+    assert node.inputs[0].attrs["value"] == float(np.sqrt(2.0))
+
+
 def test_concat_takes_any_ordered_iterable_and_cell_states_any_iterable_of_pairs():
     x, h = _xh()
     assert sg.concat(n for n in (x, h)).shape == (8,)

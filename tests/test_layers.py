@@ -317,6 +317,36 @@ def test_sum_over_steps_is_torch7s_sequencer_criterion_of_a_batch_mean(weighted)
     assert_close(got, want)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum_over_steps"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "class_weights"])
+def test_class_index_targets_with_extra_dims_reduce_as_torch_does(reduction, weighted):
+    C, D = 5, 2
+    logits = torch.randn(T, B, C, D, dtype=torch.float64)
+    target = torch.randint(C, (T, B, D))
+    kw = {"weight": torch.rand(C, dtype=torch.float64)} if weighted else {}
+    lengths = torch.tensor([T, 2, 3])[:B]
+    got = sg.SequenceLoss(nn.CrossEntropyLoss(reduction="none", **kw), reduction=reduction)(
+        logits, target, lengths=lengths)
+    real = torch.arange(T).unsqueeze(1) < lengths
+    crit = nn.CrossEntropyLoss(**kw)
+    want = crit(logits[real], target[real]) if reduction == "mean" else \
+        sum(crit(logits[t][real[t]], target[t][real[t]]) for t in range(T))
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum_over_steps"])
+def test_a_weighted_criterion_that_averages_over_rows_is_not_divided_by_its_weights(reduction):
+    # MultiMarginLoss's weight scales each loss; its mean divides by the number of rows
+    C = 4
+    logits, target = torch.randn(T, B, C, dtype=torch.float64), torch.randint(C, (T, B))
+    w = torch.rand(C, dtype=torch.float64)
+    got = sg.SequenceLoss(nn.MultiMarginLoss(weight=w, reduction="none"), reduction=reduction)(logits, target)
+    crit = nn.MultiMarginLoss(weight=w)
+    want = crit(logits.flatten(0, 1), target.flatten()) if reduction == "mean" else \
+        sum(crit(logits[t], target[t]) for t in range(T))
+    assert_close(got, want)
+
+
 def test_sum_over_steps_of_elementwise_losses_averages_each_steps_elements():
     x, y = torch.randn(T, B, 3), torch.randn(T, B, 3)
     got = sg.SequenceLoss(nn.MSELoss(reduction="none"), reduction="sum_over_steps")(x, y)

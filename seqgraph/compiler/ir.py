@@ -10,6 +10,7 @@ builds and orders nodes; it must not run them (see interpret.py) nor know any op
 from __future__ import annotations
 
 import itertools
+import operator
 from typing import Iterable, Sequence
 
 from ..errors import Site, user_site
@@ -21,6 +22,11 @@ _ids = itertools.count()
 _SG_FUNCTIONS = frozenset({"sigmoid", "tanh", "relu", "exp", "log", "sqrt", "abs", "maximum", "minimum", "softmax",
                            "sum", "mean", "matmul", "transpose", "reshape", "unsqueeze", "squeeze", "layer_norm",
                            "dropout", "split", "chunk", "narrow"})
+
+
+_OPERATOR_UFUNCS = {"add": operator.add, "subtract": operator.sub, "multiply": operator.mul,
+                    "true_divide": operator.truediv, "divide": operator.truediv, "power": operator.pow,
+                    "matmul": operator.matmul}
 
 
 def _hint(name: str) -> str:
@@ -124,6 +130,11 @@ class Node:
     # numpy and torch functions cannot run on a symbolic value: they say so, naming the sg
     # function to use, instead of building object arrays or failing deep inside torch
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        if method == "__call__" and ufunc.__name__ in _OPERATOR_UFUNCS and len(inputs) == 2 and not kwargs \
+                and not any(type(i).__name__ == "ndarray" for i in inputs):
+            # np.float64(0.5) * h: numpy's scalar asks us; the Python operator on its value does it
+            a, b = (i if isinstance(i, Node) or not hasattr(i, "item") else i.item() for i in inputs)
+            return _OPERATOR_UFUNCS[ufunc.__name__](a, b)
         if any(type(i).__name__ == "ndarray" for i in inputs):  # np.ones(4) * h
             raise TypeError(f"expected a seqgraph node or a Python number, got ndarray (at {user_site(('numpy',))}): "
                             "an array is not part of a step's graph; use sg.Parameter for a trained one, "
