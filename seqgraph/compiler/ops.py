@@ -52,13 +52,17 @@ class OpDef:
     # or None. A compiled prologue, which computes padded rows too, feeds those rows 1 there
     # (their results are dropped, and 0 * inf would be nan in a weight's gradient).
     pole: Optional[int] = None
+    cheap: bool = False  # a few flops a value: the backward recomputes it rather than save it (rematerialize)
+    piecewise_constant: bool = False  # a comparison: its value jumps at equality, so what it reads stays bit-exact
+    sums_rows: bool = False  # a sum over the batch's rows: a derivative may run it once after the time loop
 
 
 REGISTRY: dict[str, OpDef] = {}
 KINDS = {"leaf", "elementwise", "reduction", "layout", "matmul", "gather"}
 
 
-def register(name, *, kind, shape, torch, vjp, triton, c=None, doc="", pole=None):
+def register(name, *, kind, shape, torch, vjp, triton, c=None, doc="", pole=None, cheap=False,
+             piecewise_constant=False, sums_rows=False):
     missing = [k for k, v in (("shape", shape), ("torch", torch), ("triton", triton), ("c", c)) if v is None]
     if kind not in KINDS:
         raise ValueError(f"op {name!r}: unknown kind {kind!r}")
@@ -66,7 +70,7 @@ def register(name, *, kind, shape, torch, vjp, triton, c=None, doc="", pole=None
         raise ValueError(f"op {name!r} is missing rules: {missing + (['vjp'] if vjp is None and kind != 'leaf' else [])}")
     if name in REGISTRY:
         raise ValueError(f"op {name!r} registered twice")
-    REGISTRY[name] = OpDef(name, kind, shape, torch, vjp, triton, c, doc, pole)
+    REGISTRY[name] = OpDef(name, kind, shape, torch, vjp, triton, c, doc, pole, cheap, piecewise_constant, sums_rows)
 
 
 def make(op: str, inputs, *, name=None, site=None, module=None, **attrs) -> Node:
@@ -268,14 +272,14 @@ def _binary_shape(inputs, attrs):
     return broadcast_shapes(a.shape, b.shape), a.batched or b.batched, "float"
 
 
-def _unary(name, fn, vjp, tri, c, doc="", pole=None):
+def _unary(name, fn, vjp, tri, c, doc="", **flags):
     register(name, kind="elementwise", shape=_unary_shape, torch=lambda n, x: fn(x), vjp=vjp,
-             triton=tri, c=c, doc=doc, pole=pole)
+             triton=tri, c=c, doc=doc, **flags)
 
 
-def _binary(name, fn, vjp, tri, c, doc="", pole=None):
+def _binary(name, fn, vjp, tri, c, doc="", **flags):
     register(name, kind="elementwise", shape=_binary_shape,
-             torch=lambda n, x, y: fn(*_aligned(n, (x, y))), vjp=vjp, triton=tri, c=c, doc=doc, pole=pole)
+             torch=lambda n, x, y: fn(*_aligned(n, (x, y))), vjp=vjp, triton=tri, c=c, doc=doc, **flags)
 
 
 def _bin_grads(n, ga, gb):
@@ -290,10 +294,11 @@ def _arith_c(op):
     return lambda n, a, b: f"({a} {_ARITH_C[op]} {b})"
 
 
-_binary("add", torch.add, lambda n, g: _bin_grads(n, g, g), lambda n, a, b: f"({a} + {b})", _arith_c("add"))
-_binary("sub", torch.sub, lambda n, g: _bin_grads(n, g, neg(g)), lambda n, a, b: f"({a} - {b})", _arith_c("sub"))
+_binary("add", torch.add, lambda n, g: _bin_grads(n, g, g), lambda n, a, b: f"({a} + {b})", _arith_c("add"), cheap=True)
+_binary("sub", torch.sub, lambda n, g: _bin_grads(n, g, neg(g)), lambda n, a, b: f"({a} - {b})", _arith_c("sub"),
+        cheap=True)
 _binary("mul", torch.mul, lambda n, g: _bin_grads(n, mul(g, n.inputs[1]), mul(g, n.inputs[0])),
-        lambda n, a, b: f"({a} * {b})", _arith_c("mul"))
+        lambda n, a, b: f"({a} * {b})", _arith_c("mul"), cheap=True)
 _binary("div", torch.div,
         lambda n, g: _bin_grads(n, div(g, n.inputs[1]), neg(div(mul(g, n), n.inputs[1]))),
         lambda n, a, b: f"({a} / {b})", _arith_c("div"), pole=1)
@@ -316,19 +321,21 @@ def _min_vjp(n, g):
 
 
 _binary("maximum", torch.maximum, _max_vjp,
-        lambda n, a, b: f"tl.maximum({a}, {b})", lambda n, a, b: f"sg_max({a}, {b})", doc="a tie splits the gradient equally, as in torch")
+        lambda n, a, b: f"tl.maximum({a}, {b})", lambda n, a, b: f"sg_max({a}, {b})",
+        doc="a tie splits the gradient equally, as in torch", cheap=True)
 _binary("minimum", torch.minimum, _min_vjp,
-        lambda n, a, b: f"tl.minimum({a}, {b})", lambda n, a, b: f"sg_min({a}, {b})", doc="a tie splits the gradient equally, as in torch")
+        lambda n, a, b: f"tl.minimum({a}, {b})", lambda n, a, b: f"sg_min({a}, {b})",
+        doc="a tie splits the gradient equally, as in torch", cheap=True)
 # comparisons give 0/1 floats; their derivative is zero almost everywhere
 _binary("ge", lambda x, y: (x >= y).to(torch.promote_types(x.dtype, y.dtype)),
         lambda n, g: (None, None), lambda n, a, b: f"(({a}) >= ({b})).to(tl.float32)",
-        lambda n, a, b: f"((real)(({a}) >= ({b})))")
+        lambda n, a, b: f"((real)(({a}) >= ({b})))", piecewise_constant=True)
 _binary("le", lambda x, y: (x <= y).to(torch.promote_types(x.dtype, y.dtype)),
         lambda n, g: (None, None), lambda n, a, b: f"(({a}) <= ({b})).to(tl.float32)",
-        lambda n, a, b: f"((real)(({a}) <= ({b})))")
+        lambda n, a, b: f"((real)(({a}) <= ({b})))", piecewise_constant=True)
 _binary("gt", lambda x, y: (x > y).to(torch.promote_types(x.dtype, y.dtype)),
         lambda n, g: (None, None), lambda n, a, b: f"(({a}) > ({b})).to(tl.float32)",
-        lambda n, a, b: f"((real)(({a}) > ({b})))")
+        lambda n, a, b: f"((real)(({a}) > ({b})))", piecewise_constant=True)
 
 def _select_shape(inputs, attrs):
     _floats(inputs)
@@ -347,12 +354,12 @@ register("select", kind="elementwise", shape=_select_shape,
                            sum_to(select(n.inputs[0], 0.0, g), n.inputs[2])),
          triton=lambda n, m, a, b: f"tl.where({m} > 0, {a}, {b})",
          c=lambda n, m, a, b: f"(({m}) > 0 ? ({a}) : ({b}))",
-         doc="a where m > 0, else b (m is a 0/1 mask: masking of padded steps)")
+         doc="a where m > 0, else b (m is a 0/1 mask: masking of padded steps)", cheap=True)
 
 
-_unary("neg", torch.neg, lambda n, g: (neg(g),), lambda n, a: f"(-{a})", lambda n, a: f"(-{a})")
+_unary("neg", torch.neg, lambda n, g: (neg(g),), lambda n, a: f"(-{a})", lambda n, a: f"(-{a})", cheap=True)
 _unary("stop_gradient", torch.Tensor.detach, lambda n, g: (None,), lambda n, a: a, lambda n, a: a,
-       doc="the value itself, with no gradient flowing back through it (torch's detach)")
+       doc="the value itself, with no gradient flowing back through it (torch's detach)", cheap=True)
 _unary("sigmoid", torch.sigmoid, lambda n, g: (make("sigmoid_grad", (g, n)),),
        lambda n, a: f"tl.sigmoid({a})", lambda n, a: f"sg_sigmoid({a})")
 _unary("tanh", torch.tanh, lambda n, g: (make("tanh_grad", (g, n)),),
@@ -382,7 +389,8 @@ _unary("log", torch.log, lambda n, g: (div(g, n.inputs[0]),), lambda n, a: f"tl.
        pole=0)
 _unary("abs", torch.abs, lambda n, g: (mul(g, make("sign", n.inputs)),), lambda n, a: f"tl.abs({a})", lambda n, a: f"SG_ABS({a})")
 _unary("sign", torch.sign, lambda n, g: (None,),
-       lambda n, a: f"((({a}) > 0).to(tl.float32) - (({a}) < 0).to(tl.float32))", lambda n, a: f"sg_sign({a})")
+       lambda n, a: f"((({a}) > 0).to(tl.float32) - (({a}) < 0).to(tl.float32))", lambda n, a: f"sg_sign({a})",
+       piecewise_constant=True)
 _unary("sqrt", torch.sqrt, lambda n, g: (div(mul(g, 0.5), n),), lambda n, a: f"tl.sqrt({a})", lambda n, a: f"SG_SQRT({a})",
        pole=0)
 
@@ -567,7 +575,7 @@ def _layer_norm_c(n, dst, w, x):
 register("layer_norm", kind="reduction", shape=_layer_norm_shape,
          torch=lambda n, x: F.layer_norm(x, n.shape[-1:], eps=n.attrs["eps"]),
          vjp=_layer_norm_vjp, triton=_layer_norm_triton, c=_layer_norm_c,
-         doc="normalises the last dim to zero mean and unit variance (no affine part)")
+         doc="normalises the last dim to zero mean and unit variance (no affine part)", cheap=True)
 
 
 def _sum_to_shape(inputs, attrs):
@@ -623,7 +631,7 @@ def _sum_to_c(n, dst, w, x):
 
 register("sum_to", kind="reduction", shape=_sum_to_shape, torch=_sum_to_torch, vjp=_sum_to_vjp,
          triton=_sum_to_triton, c=_sum_to_c,
-         doc="sums a gradient back to an operand's shape; to an unbatched shape it sums the batch too")
+         doc="sums a gradient back to an operand's shape; to an unbatched shape it sums the batch too", sums_rows=True)
 
 
 def _broadcast_to_shape(inputs, attrs):
@@ -646,7 +654,7 @@ register("broadcast_to", kind="layout", shape=_broadcast_to_shape, torch=_broadc
          vjp=lambda n, g: (sum_to(g, n.inputs[0]),),
          triton=lambda n, a: a if n.shape[-1:] == n.inputs[0].shape[-1:] or not n.shape else
          f"({a} + tl.zeros_like(tl.where(cmask_{n.shape[-1]}, 0.0, 0.0)))",
-         c=lambda n, a: a)  # a row of one value read at column 0 (the C generator aliases it)
+         c=lambda n, a: a, cheap=True)  # a row of one value read at column 0 (the C generator aliases it)
 
 
 # ---------------------------------------------------------------------------------------
@@ -687,7 +695,7 @@ def _concat_vjp(n, g):
 register("concat", kind="layout", shape=_concat_shape,
          torch=lambda n, *xs: torch.cat(xs, _tdim(n, n.attrs["dim"])), vjp=_concat_vjp,
          triton=lambda n, *a: (NOT_FUSED, "concat is a store layout, handled by the kernel generator"),
-         c=(NOT_FUSED, "concat is a layout, handled by the C generator"))
+         c=(NOT_FUSED, "concat is a layout, handled by the C generator"), cheap=True)
 
 
 def _slice_shape(inputs, attrs):
@@ -712,7 +720,7 @@ register("slice", kind="layout", shape=_slice_shape,
          torch=lambda n, x: x.narrow(_tdim(n, n.attrs["dim"]), n.attrs["start"], n.attrs["stop"] - n.attrs["start"]),
          vjp=_slice_vjp,
          triton=lambda n, a: (NOT_FUSED, "slice is a load layout, handled by the kernel generator"),
-         c=(NOT_FUSED, "slice is a layout, handled by the C generator"))
+         c=(NOT_FUSED, "slice is a layout, handled by the C generator"), cheap=True)
 
 
 def _pad_shape(inputs, attrs):
@@ -735,7 +743,7 @@ register("pad", kind="layout", shape=_pad_shape, torch=_pad_torch,
                                 stop=n.attrs["before"] + n.inputs[0].shape[n.attrs["dim"]]),),
          triton=lambda n, a: (NOT_FUSED, "pad is a store layout, handled by the kernel generator"),
          c=(NOT_FUSED, "pad is a layout, handled by the C generator"),
-         doc="zeros around a value along one dim (the derivative of slice)")
+         doc="zeros around a value along one dim (the derivative of slice)", cheap=True)
 
 
 def _reshape_shape(inputs, attrs):
@@ -759,7 +767,7 @@ register("reshape", kind="layout", shape=_reshape_shape,
          vjp=lambda n, g: (reshape(g, n.inputs[0].shape),),
          triton=lambda n, a: a if n.shape[-1:] == n.inputs[0].shape[-1:] and len(n.shape) <= 1
          else (NOT_FUSED, "reshape changes the row layout"),
-         c=lambda n, a: a)  # the flattened row is unchanged (the C generator aliases it)
+         c=lambda n, a: a, cheap=True)  # the flattened row is unchanged (the C generator aliases it)
 
 
 def _transpose_shape(inputs, attrs):
@@ -818,7 +826,7 @@ register("linear_wgrad", kind="matmul", shape=_wgrad_shape, torch=_wgrad_torch,
                            make("linear", (n.inputs[0], transpose(g, 0, 1)))),
          triton=lambda n, *a: (NOT_FUSED, "matrix products run through torch (cuBLAS/oneDNN)"),
          c=(NOT_FUSED, "matrix products run through torch (MKL/oneDNN)"),
-         doc="sum over batch (and leading dims) of g^T x: the weight gradient of linear")
+         doc="sum over batch (and leading dims) of g^T x: the weight gradient of linear", sums_rows=True)
 
 
 def _matmul_shape(inputs, attrs):
@@ -886,7 +894,7 @@ register("embedding_wgrad", kind="gather",
          vjp=lambda n, g: (make("embedding", (n.inputs[1], g), padding_idx=n.attrs.get("padding_idx")), None),
          triton=lambda n, *a: (NOT_FUSED, "scatter-adds run through torch"),
          c=(NOT_FUSED, "scatter-adds run through torch"),
-         doc="the table gradient of embedding (index_add over the batch)")
+         doc="the table gradient of embedding (index_add over the batch)", sums_rows=True)
 
 
 def triton_expr(node: Node, args: list[str]):

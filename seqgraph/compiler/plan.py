@@ -20,7 +20,6 @@ from .rematerialize import compared_values, rematerialize
 from .schedule import Fusable, Stage, schedule
 from .stepgraph import StepGraph
 
-_REDUCERS = {"sum_to", "linear_wgrad", "embedding_wgrad"}
 
 
 @dataclass
@@ -153,7 +152,7 @@ def _plan_backward(plan: Plan, masked: bool) -> BackwardPlan:
                 where[n.id] = "step"
     post = [n for n in nodes if where[n.id] == "post"]
     for n in post:
-        if n.op not in _REDUCERS | {"add"}:
+        if not REGISTRY[n.op].sums_rows and n.op != "add":
             raise NotImplementedError(f"the derivative reduces over steps through {n.op!r}, which the "
                                       f"compiler cannot move after the loop")
     stash_ids: dict[int, Node] = {}

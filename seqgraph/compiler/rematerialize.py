@@ -5,7 +5,7 @@ forward loop and read back by the backward loop: two passes over memory per valu
 value that a few cheap ops make from values the backward step has anyway (values still saved,
 the previous states, the per-step and invariant reads, constants) is cheaper to make again
 inside the backward step's fused region than to store and load. So, in forward order, each
-saved value that cheap ops (arithmetic, selects, layout ops and row normalisations: no
+saved value that cheap ops (OpDef.cheap: arithmetic, selects, layout ops and row normalisations: no
 transcendental function, no product) make from values at hand, saved or recomputed, through at
 most a few intermediate values nobody saved, is dropped from the saved list and recomputed with
 those intermediates. Examples: a layer norm of a saved pre-activation, the new cell state of an
@@ -20,17 +20,14 @@ computes, only where its inputs come from.
 from __future__ import annotations
 
 from .ir import Node
+from .ops import REGISTRY
 from .schedule import node_fusable
-
-CHEAP = frozenset({"add", "sub", "mul", "neg", "select", "maximum", "minimum", "stop_gradient", "layer_norm",
-                   "slice", "concat", "pad", "reshape", "broadcast_to"})
-
-BRANCHING = frozenset({"gt", "ge", "le", "sign"})  # piecewise constant: their value jumps at equality
 
 
 def compared_values(derivative: list[Node]) -> set[int]:
-    """Ids of the values the derivative's comparisons read: they must stay bit-exact."""
-    return {i.id for n in derivative if n.op in BRANCHING for i in n.inputs}
+    """Ids of the values the derivative's comparisons (OpDef.piecewise_constant) read: they
+    must stay bit-exact."""
+    return {i.id for n in derivative if REGISTRY[n.op].piecewise_constant for i in n.inputs}
 
 
 def rematerialize(loop: list[Node], saved: list[Node], at_hand: set[int], keep: set[int],
@@ -50,7 +47,7 @@ def rematerialize(loop: list[Node], saved: list[Node], at_hand: set[int], keep: 
         """The nodes (n last, inputs first) that recompute n from what is at hand, or None."""
         if n.op == "const" or n.id in at_hand or n.id in made:
             return []
-        if n.op not in CHEAP or not node_fusable(n, fusable)[0] or not n.inputs:
+        if not REGISTRY[n.op].cheap or not node_fusable(n, fusable)[0] or not n.inputs:
             return None
         need: list[Node] = []
         for i in n.inputs:
@@ -81,4 +78,4 @@ def rematerialize(loop: list[Node], saved: list[Node], at_hand: set[int], keep: 
     return [n for n in saved if n.id in saved_ids], sorted(recomputed, key=lambda m: order[m.id])
 
 
-__all__ = ["rematerialize", "compared_values", "CHEAP", "BRANCHING"]
+__all__ = ["rematerialize", "compared_values"]
