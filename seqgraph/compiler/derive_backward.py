@@ -70,7 +70,7 @@ def derive_backward(loop_nodes: list[Node], states: list[tuple[Node, Node]], out
 
     scalar_mask: list[Node] = []  # the mask as a per-example scalar, for () values (made once)
 
-    def masked(g: Node, a, b) -> Node:
+    def by_mask(g: Node, a, b) -> Node:
         """select(mask, a, b) with the mask shaped to broadcast to g's shape, never beyond it."""
         m = mask
         if not g.shape:
@@ -79,14 +79,15 @@ def derive_backward(loop_nodes: list[Node], states: list[tuple[Node, Node]], out
             m = scalar_mask[0]
         return select(m, a, b)
 
-    def seed(g: Node) -> Node:
-        return g if mask is None else masked(g, g, 0.0)
+    def real_rows_only(g: Node | None) -> Node | None:
+        """g on real rows, exactly 0 on padded ones (a select: it drops a nan there)."""
+        return g if g is None or mask is None else by_mask(g, g, 0.0)
 
     grads: dict[int, list[Node]] = {}
     for (_, nxt), g in zip(states, grad_next):
-        grads.setdefault(nxt.id, []).append(seed(g))
+        grads.setdefault(nxt.id, []).append(real_rows_only(g))
     for o, g in zip(outputs, grad_out):
-        grads.setdefault(o.id, []).append(seed(g))
+        grads.setdefault(o.id, []).append(real_rows_only(g))
 
     wanted = {n.id for n in reads} | {p.id for p, _ in states}
     in_loop = {n.id for n in loop_nodes}
@@ -98,15 +99,12 @@ def derive_backward(loop_nodes: list[Node], states: list[tuple[Node, Node]], out
         return mask is not None and any(not i.batched and i.dtype == "float" and i.id in wanted
                                         for i in n.inputs)
 
-    def leaving(g: Node | None) -> Node | None:
-        return g if g is None or mask is None else masked(g, g, 0.0)
-
     for n in reversed(loop_nodes):
         if n.id not in grads or not n.inputs:
             continue
         g = _total(grads[n.id])
         if exits(n):
-            g = leaving(g)
+            g = real_rows_only(g)
         gs = REGISTRY[n.op].vjp(n, g)
         for inp, gi in zip(n.inputs, gs):
             if gi is None or inp.dtype != "float":
@@ -114,13 +112,13 @@ def derive_backward(loop_nodes: list[Node], states: list[tuple[Node, Node]], out
             if inp.id in in_loop or inp.id in wanted:
                 grads.setdefault(inp.id, []).append(gi)
     for prev, _ in states:
-        g = leaving(_total(grads[prev.id])) if prev.id in grads else None
+        g = real_rows_only(_total(grads[prev.id])) if prev.id in grads else None
         if mask is not None:
             k = [p for p, _ in states].index(prev)
-            through = masked(grad_next[k], 0.0, grad_next[k])
+            through = by_mask(grad_next[k], 0.0, grad_next[k])
             g = through if g is None else make("add", (g, through))
         deriv.grad_prev.append(g)
     for r in reads:
         if r.id in grads:
-            deriv.grad_of[r.id] = leaving(_total(grads[r.id])) if r.batched else _total(grads[r.id])
+            deriv.grad_of[r.id] = real_rows_only(_total(grads[r.id])) if r.batched else _total(grads[r.id])
     return deriv
