@@ -88,12 +88,8 @@ def test_plan_picture_draws_each_fused_region_as_a_cluster():
     assert "GEMM" in dot
 
 
-def test_compile_time_of_an_lstm_is_small():
-    # a structural bound, not a benchmark: planning and code generation do not depend on T or B
-    comp = sg.compile(sg.Recurrence(_nngraph_lstm(3, 7)))
-    assert comp._program.compile_seconds < 5.0
-
-
-def test_an_nngraph_style_lstm_compiles_and_runs():
-    comp = sg.compile(sg.Recurrence(_nngraph_lstm(3, 7)))
-    assert comp(torch.randn(2, 1, 3))[0].shape == (2, 1, 7)
+def test_an_nngraph_style_lstm_compiles_and_equals_the_reference():
+    rec = sg.Recurrence(_nngraph_lstm(3, 7)).double()
+    comp = sg.compile(rec)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    torch.testing.assert_close(comp(x)[0], rec(x)[0])
