@@ -76,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         _, final = rnn(x, lengths=lengths)  # final["h"]: each sequence's state at its own last step
         return readout(final["h"]).squeeze(-1)
 
+    runs = rnn.backend_for() if hasattr(rnn, "backend_for") else "reference"
     print(f"adding problem, T={T}, lengths {T // 2}..{T}, batch {args.batch}; cell {cell!r}; "
-          f"backend {args.backend}")
+          f"backend {args.backend}" + (f" (runs {runs})" if runs != args.backend else ""))
     start, running = time.time(), None
     for step in range(1, args.steps + 1):
         x, lengths, target = adding_batch(args.batch, generator=data)

@@ -128,10 +128,13 @@ def plan_dot(plan):
             node(c, n)
     with dot.subgraph(name="cluster_step") as c:
         c.attr(label="per step", style="solid")
+        fused = [s for s in plan.stages if s.kind == "fused"]
         for k, s in enumerate(plan.stages):
             if s.kind == "fused":
+                number = next(j for j, t in enumerate(fused) if t is s) + 1
                 with c.subgraph(name=f"cluster_fused_{k}") as f:
-                    f.attr(label=f"fused kernel {k}", style="filled", fillcolor=colours[k % len(colours)])
+                    f.attr(label=f"fused kernel {number} of {len(fused)}", style="filled",
+                           fillcolor=colours[k % len(colours)])
                     for n in s.nodes:
                         node(f, n)
             else:
