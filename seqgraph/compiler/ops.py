@@ -4,8 +4,9 @@ Each `register(...)` call gives an op its kind, its shape rule, its torch refere
 interpreter and the torch backend run), its vector-Jacobian product written with the same
 node builders (so a derivative is itself a graph that every backend can compile), its
 Triton emitter and its C emitter (each an expression over operand strings, or `NOT_FUSED`
-with the reason). Registration fails if a rule is missing. Tests, the checker, the compiler passes and both
-code generators iterate this one table. This module must not know about cells, time or
+with the reason), and the properties the passes ask about (`pole`, `cheap`,
+`piecewise_constant`, `sums_rows`: see OpDef). Registration fails if a rule is missing. Tests,
+the checker, the compiler passes and every code generator iterate this one table. This module must not know about cells, time or
 modules: it speaks only of one node and its operands.
 
 Conventions. A value at run time has shape (B, *node.shape) when `node.batched`, else
