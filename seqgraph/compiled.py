@@ -419,9 +419,10 @@ def compile(module: Cell | nn.Module, backend: str = "auto", unroll: int = 1) ->
     for name, child in list(module.named_modules(remove_duplicate=False)):
         for cname, sub in list(child._modules.items()):  # every name, even one module under two names
             if isinstance(sub, Recurrence) and not any(sub is t for t in twins.values()):
-                if id(sub) not in twins:
-                    twins[id(sub)] = _compile_one(sub, backend, unroll)
-                setattr(child, cname, twins[id(sub)])
+                source = sub._source if isinstance(sub, CompiledRecurrence) else sub  # r and compile(r): one twin
+                if id(source) not in twins:
+                    twins[id(source)] = _compile_one(sub, backend, unroll)
+                setattr(child, cname, twins[id(source)])
                 found = True
     if not found:
         raise ValueError(f"{type(module).__name__} holds no sg.Recurrence to compile")

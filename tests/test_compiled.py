@@ -661,6 +661,13 @@ def test_a_recurrence_under_two_names_of_one_parent_becomes_one_twin_under_both(
     assert isinstance(pair[0], sg.CompiledRecurrence) and pair[1] is pair[0]
 
 
+def test_a_recurrence_and_its_compiled_twin_in_one_container_become_one_twin():
+    rec = sg.Recurrence(sg.cells.gru(3, 4), remember=True)
+    model = torch.nn.ModuleList([rec, sg.compile(rec, backend="torch")])
+    sg.compile(model, backend="cpu")
+    assert isinstance(model[0], sg.CompiledRecurrence) and model[1] is model[0]
+
+
 def _grads_of_inputs(module, X, H):
     out, _ = module(X, {"h": H})
     return torch.autograd.grad(out.sum(), [X, H])
