@@ -223,6 +223,13 @@ static void sg_accum(int64_t B, int64_t w, real* acc, int64_t ars, int64_t acs, 
     for (int64_t b = 0; b < B; ++b)
         for (int64_t j = 0; j < w; ++j) acc[b * ars + j * acs] += src[b * rs + j * cs];
 }
+/* the same on the real rows only (m[b] != 0): a padded row's value, which may be nan, is left out */
+static void sg_accum_real(int64_t B, int64_t w, real* acc, int64_t ars, const real* src, int64_t rs,
+                          const unsigned char* m) {
+    for (int64_t b = 0; b < B; ++b)
+        if (m[b])
+            for (int64_t j = 0; j < w; ++j) acc[b * ars + j] += src[b * rs + j];
+}
 """
 
 

@@ -332,7 +332,7 @@ def backward_loop(plan: Plan, bwd, lib, masked: bool, func_name: str) -> tuple[s
         _carried(wr, f"gp{j}", wr.slot(f"final-state gradient gn{j}", ROWS), g)
     drs = {k: wr.slot(f"read gradient dr{k}", STEP_ROWS) for k, _ in lay.hoisted_grads}
     drs.update({k: wr.slot(f"summed read gradient dr{k}", ROWS) for k, _ in lay.accum})
-    summed = set() if masked else summed_stash(bwd, lay)
+    summed = summed_stash(bwd, lay)
     sts = [wr.slot(f"summed stash st{k}: %{n.id}" if n.id in summed else f"stash st{k}: %{n.id}",
                    ROWS if n.id in summed else STEP_ROWS) for k, n in enumerate(lay.new_stash)]
     sums = {}  # stash k -> the step's scratch row block it is written to, then added into st{k}
@@ -369,9 +369,10 @@ def backward_loop(plan: Plan, bwd, lib, masked: bool, func_name: str) -> tuple[s
         s, a = wr.loc[g.id], drs[k]
         wr.body.append(f"sg_accum(Bt, {width(g)}, p{a}, d{a}[0], {f'd{a}[1]' if width(g) > 1 else '1'}, "
                        f"{s.ptr}, {s.rs}, {s.cs});  /* dr{k} += %{g.id} */")
-    for k, buf in sums.items():
-        w = width(lay.new_stash[k])
-        wr.body.append(f"sg_accum(Bt, {w}, p{sts[k]}, d{sts[k]}[0], 1, {buf}, {w}, 1);  /* st{k} += %{lay.new_stash[k].id} */")
+    for k, buf in sums.items():  # a padded row adds nothing (the reference never computes it)
+        w, n = width(lay.new_stash[k]), lay.new_stash[k]
+        wr.body.append(f"sg_accum_real(Bt, {w}, p{sts[k]}, d{sts[k]}[0], {buf}, {w}, mt);  /* st{k} += %{n.id} */"
+                       if masked else f"sg_accum(Bt, {w}, p{sts[k]}, d{sts[k]}[0], 1, {buf}, {w}, 1);  /* st{k} += %{n.id} */")
     if masked:
         for k, st in enumerate(stores):
             wr.fill_tail(st.target, st.node, passes.get(k))
@@ -549,7 +550,7 @@ def _emit_backward_wrapper(src: Source, plan: Plan, bwd, masked: bool) -> None:
     nr, ns, no = len(plan.reads), len(step.states), len(step.outputs)
     name = "backward_masked" if masked else "backward_plain"
     src.emit("")
-    summed = set() if masked else summed_stash(bwd, backward_layout(plan, bwd))
+    summed = summed_stash(bwd, backward_layout(plan, bwd))
     lay = emit_backward_head(src, plan, bwd, masked, suffix="_c", summed=summed)
     src.emit("if B == 0:")
     src.emit(f"    return {name}(T, mask, reads, saved, seqs, grad_outs, grad_finals)")

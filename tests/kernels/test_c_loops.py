@@ -335,16 +335,18 @@ def test_unmasked_float32_loops_equal_the_reference_with_their_rows_split(rows_s
 SUMMED = ["indrnn", "lstm_layer_norm", "lstm_peephole_proj", "zoo_peephole_ln"]
 
 
+@pytest.mark.parametrize("lengths", [None, [6, 0, 3, 6, 1]], ids=["unmasked", "masked"])
 @pytest.mark.parametrize("split", ["rows", "steps"])
 @pytest.mark.parametrize("name", SUMMED)
-def test_weight_gradients_summed_over_steps_inside_the_loop_equal_the_reference(name, split, monkeypatch,
+def test_weight_gradients_summed_over_steps_inside_the_loop_equal_the_reference(name, split, lengths, monkeypatch,
                                                                                  two_threads):
-    # an unmasked loop adds a per-step vector's rows into a (B, w) sum for a weight's gradient
+    # the loop adds a per-step vector's real rows into a (B, w) sum for a weight's gradient
     monkeypatch.setenv("SEQGRAPH_LOOP_SPLIT", split)
     rec, comp = _compile(name)
     assert "summed stash" in comp.source()
     xs, ctx = make_inputs(rec.cell, 6, 5, dtype=torch.float64)
-    check_against_reference(rec, comp, xs, ctx, 1e-10)
+    kw = {} if lengths is None else {"lengths": torch.tensor(lengths)}
+    check_against_reference(rec, comp, xs, ctx, 1e-10, **kw)
     assert comp._program.c_loops.last_threads == (2 if split == "rows" else 1)
 
 
