@@ -356,6 +356,23 @@ def test_an_infinite_derivative_on_a_padded_row_leaves_every_gradient_finite(bac
         torch.testing.assert_close(a, b)
 
 
+def _out_and_final_sum(result):
+    out, fin = result
+    return out.sum() + fin["h"].sum()
+
+
+def _assert_finite_reference_gradients(rec, backend, loss_of, xs, wrt_input=False):
+    """loss_of(module, xs) through the reference and the compiled backend: the reference's
+    gradients (of the parameters, and of xs with wrt_input) are finite and the backend's equal them."""
+    grads = []
+    for module in (rec, sg.compile(rec, backend=backend)):
+        x = xs.clone().requires_grad_(wrt_input)
+        grads.append(torch.autograd.grad(loss_of(module, x), ([x] if wrt_input else []) + list(rec.parameters())))
+    for want, got in zip(*grads, strict=True):
+        assert torch.isfinite(want).all()
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
 @pytest.mark.parametrize("real_rows_below", [0.6, -1.0], ids=["real rows only", "all rows"])
 def test_an_infinite_value_on_a_padded_row_stays_out_of_the_weight_gradients(backend, real_rows_below, monkeypatch):
@@ -370,13 +387,7 @@ def test_an_infinite_value_on_a_padded_row_stays_out_of_the_weight_gradients(bac
     xs = torch.randn(3, 6, 3, dtype=torch.float64)
     s0 = torch.tensor([[0.0, 0.0]] + [[1.0, 2.0]] * 5, dtype=torch.float64)
     lengths = torch.tensor([0, 3, 1, 3, 2, 0])  # 9 of 18 steps real
-    grads = []
-    for module in (rec, sg.compile(rec, backend=backend)):
-        out, _ = module(xs, {"s": s0}, lengths=lengths)
-        grads.append(torch.autograd.grad(out.sum(), list(rec.parameters())))
-    for a, b in zip(*grads):
-        assert torch.isfinite(b).all()
-        torch.testing.assert_close(b, a)
+    _assert_finite_reference_gradients(rec, backend, lambda m, x: m(x, {"s": s0}, lengths=lengths)[0].sum(), xs)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
@@ -393,13 +404,7 @@ def test_an_infinite_state_carried_on_padded_rows_stays_out_of_the_weight_gradie
     h0 = torch.randn(3, 4, dtype=torch.float64)
     h0[1] = float("inf")
     lengths = torch.tensor([4, 0, 2])
-    grads = []
-    for module in (rec, sg.compile(rec, backend=backend)):
-        out, _ = module(xs, {"h": h0}, lengths=lengths)
-        grads.append(torch.autograd.grad(out.sum(), list(rec.parameters())))
-    for want, got in zip(*grads):
-        assert torch.isfinite(want).all()
-        torch.testing.assert_close(got, want)
+    _assert_finite_reference_gradients(rec, backend, lambda m, x: m(x, {"h": h0}, lengths=lengths)[0].sum(), xs)
 
 
 def _pole_cell(op):
@@ -428,14 +433,8 @@ def test_a_pole_of_a_hoisted_op_on_a_padded_row_stays_out_of_the_gradients(op, b
                 p.zero_()
     xs = torch.rand(4, 3, 3, dtype=torch.float64) + 0.5
     lengths = torch.tensor([4, 0, 2])
-    grads = []
-    for module in (rec, sg.compile(rec, backend=backend)):
-        x = xs.clone().requires_grad_()
-        out, fin = module(x, lengths=lengths)
-        grads.append(torch.autograd.grad(out.sum() + fin["h"].sum(), [x, *rec.parameters()]))
-    for want, got in zip(*grads):
-        assert torch.isfinite(want).all()
-        torch.testing.assert_close(got, want)
+    _assert_finite_reference_gradients(rec, backend, lambda m, x: _out_and_final_sum(m(x, lengths=lengths)), xs,
+                                       wrt_input=True)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
@@ -451,13 +450,8 @@ def test_a_pole_of_a_context_only_value_on_a_sequence_without_steps_stays_out_of
     cell = sg.Cell([x], {h: sg.tanh(sg.Linear(3, 3)(x) + 0.5 * h + 0.1 * term)}, contexts=[c])
     rec = sg.Recurrence(cell).double()
     xs, ctx = torch.randn(4, 3, 3, dtype=torch.float64), torch.rand(3, 3, dtype=torch.float64) + 0.5
-    grads = []
-    for module in (rec, sg.compile(rec, backend=backend)):
-        out, fin = module(xs, context={"c": ctx}, lengths=torch.tensor([4, 0, 2]))
-        grads.append(torch.autograd.grad(out.sum() + fin["h"].sum(), list(rec.parameters())))
-    for want, got in zip(*grads):
-        assert torch.isfinite(want).all()
-        torch.testing.assert_close(got, want)
+    _assert_finite_reference_gradients(
+        rec, backend, lambda m, x: _out_and_final_sum(m(x, context={"c": ctx}, lengths=torch.tensor([4, 0, 2]))), xs)
 
 
 def _unread_state_grads(module, T, lengths=None):
