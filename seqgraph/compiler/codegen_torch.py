@@ -6,8 +6,8 @@ ordinary autograd), `forward` (the time loop; fills the outputs, the final state
 plan says to save) and `backward_plain` / `backward_masked` (the reverse loop over the symbolic
 derivative, then the weight-gradient reductions as single large GEMMs over all steps;
 codegen_torch_backward.py writes them with the emitters here). The cpu backend adds `*_c`
-wrappers that run whole loops in C (kernels/c_loops.py). Every value is a local `v<id>`; every line ends with a
-comment naming the node it came from and the user's file:line. Hot ops get a direct torch
+wrappers that run whole loops in C (kernels/c_loops.py). Every value is a local `v<id>`;
+every line ends with a comment naming the node it came from and the user's file:line. Hot ops get a direct torch
 expression; any other op calls its registry torch rule, so the generated code can never
 disagree with the interpreter. A fused region can be emitted by another backend
 (`region_call`), which is how the Triton backend reuses this generator. Must not make
