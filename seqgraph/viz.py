@@ -203,14 +203,17 @@ class _Parts:
         return [n for n in self.order if n.id not in self.folded]
 
     def in_edges(self, node: Node) -> list[tuple[Node, dict]]:
-        """(source, edge attrs) for each operand of `node`, reading through folded pieces."""
+        """(source, edge attrs) for each operand of `node`, reading through folded pieces; the
+        operands of an op whose order matters (1 - z, concat) are numbered #1, #2, ..."""
+        numbered = len(node.inputs) > 1 and not REGISTRY[node.op].commutative and node.op != "linear"
         out = []
-        for i in node.inputs:
+        for k, i in enumerate(node.inputs):
             src, pieces = i, []
             while src.id in self.folded:  # a piece of a piece: "[2:4] of [0:4]"
                 pieces.append(_op_detail(src)[len("slice "):])
                 src = src.inputs[0]
-            out.append((src, dict(_edge_look(src), label=" of ".join(pieces)) if pieces else _edge_look(src)))
+            label = " ".join(([f"#{k + 1}"] if numbered else []) + ([" of ".join(pieces)] if pieces else []))
+            out.append((src, dict(_edge_look(src), label=label) if label else _edge_look(src)))
         return out
 
     def output_label(self, k: int) -> str:

@@ -430,7 +430,7 @@ def test_a_chunk_of_a_chunk_piece_draws_edges_from_the_drawn_node():
         drawn = {o["_gvid"] for o in _nodes(layout)}
         assert all(e["tail"] in drawn and e["head"] in drawn for e in layout["edges"])
         assert len(_nodes(layout)) == len([o for o in _nodes(layout) if o.get("label") != "\\N"])
-    assert 'label="[0:2] of [0:4]"' in viz.to_dot(cell).source
+    assert 'label="#2 [0:2] of [0:4]"' in viz.to_dot(cell).source  # concat's second operand
 
 
 def test_without_graphviz_jupyter_falls_back_to_the_text_repr(tmp_path, monkeypatch):
@@ -466,3 +466,12 @@ def test_cli_draws_a_factory_from_a_file_with_dataclasses(tmp_path):
             return sg.cells.gru(s.i, s.h)
     """))
     assert viz.main([f"{tmp_path / 'dc.py'}:make_cell", "-o", str(tmp_path / "dc.dot")]) == 0
+
+
+def test_operands_are_numbered_where_their_order_matters():
+    x, z = sg.Input(I, name="x"), sg.Input(I, name="z")
+    g = sg.Graph(inputs=[x, z], outputs=[(1.0 - z) * sg.tanh(x) + z / x])
+    edges = {(e["tail"], e["head"]): e.get("label") for e in _layout(viz.to_dot(g))["edges"]}
+    names = {o["_gvid"]: o["label"].split("\\n")[0] for o in _nodes(_layout(viz.to_dot(g)))}
+    labelled = sorted((names[t], names[h], lab) for (t, h), lab in edges.items() if lab)
+    assert labelled == [("1", "sub", "#1"), ("x", "div", "#2"), ("z", "div", "#1"), ("z", "sub", "#2")]

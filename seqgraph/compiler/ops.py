@@ -5,7 +5,7 @@ interpreter and the torch backend run), its vector-Jacobian product written with
 node builders (so a derivative is itself a graph that every backend can compile), its
 Triton emitter and its C emitter (each an expression over operand strings, or `NOT_FUSED`
 with the reason), and the properties the passes ask about (`pole`, `cheap`,
-`piecewise_constant`, `sums_rows`: see OpDef). Registration fails if a rule is missing. Tests,
+`piecewise_constant`, `sums_rows`, `commutative`: see OpDef). Registration fails if a rule is missing. Tests,
 the checker, the compiler passes and every code generator iterate this one table. This module must not know about cells, time or
 modules: it speaks only of one node and its operands.
 
@@ -56,6 +56,7 @@ class OpDef:
     cheap: bool = False  # a few flops a value: the backward recomputes it rather than save it (rematerialize)
     piecewise_constant: bool = False  # a comparison: its value jumps at equality, so what it reads stays bit-exact
     sums_rows: bool = False  # a sum over the batch's rows: a derivative may run it once after the time loop
+    commutative: bool = False  # its operands may be swapped (pictures number the operands of the others)
 
 
 REGISTRY: dict[str, OpDef] = {}
@@ -63,7 +64,7 @@ KINDS = {"leaf", "elementwise", "reduction", "layout", "matmul", "gather"}
 
 
 def register(name, *, kind, shape, torch, vjp, triton, c=None, doc="", pole=None, cheap=False,
-             piecewise_constant=False, sums_rows=False):
+             piecewise_constant=False, sums_rows=False, commutative=False):
     missing = [k for k, v in (("shape", shape), ("torch", torch), ("triton", triton), ("c", c)) if v is None]
     if kind not in KINDS:
         raise ValueError(f"op {name!r}: unknown kind {kind!r}")
@@ -71,7 +72,8 @@ def register(name, *, kind, shape, torch, vjp, triton, c=None, doc="", pole=None
         raise ValueError(f"op {name!r} is missing rules: {missing + (['vjp'] if vjp is None and kind != 'leaf' else [])}")
     if name in REGISTRY:
         raise ValueError(f"op {name!r} registered twice")
-    REGISTRY[name] = OpDef(name, kind, shape, torch, vjp, triton, c, doc, pole, cheap, piecewise_constant, sums_rows)
+    REGISTRY[name] = OpDef(name, kind, shape, torch, vjp, triton, c, doc, pole, cheap, piecewise_constant, sums_rows,
+                           commutative)
 
 
 def make(op: str, inputs, *, name=None, site=None, module=None, **attrs) -> Node:
@@ -295,11 +297,12 @@ def _arith_c(op):
     return lambda n, a, b: f"({a} {_ARITH_C[op]} {b})"
 
 
-_binary("add", torch.add, lambda n, g: _bin_grads(n, g, g), lambda n, a, b: f"({a} + {b})", _arith_c("add"), cheap=True)
+_binary("add", torch.add, lambda n, g: _bin_grads(n, g, g), lambda n, a, b: f"({a} + {b})", _arith_c("add"), cheap=True,
+        commutative=True)
 _binary("sub", torch.sub, lambda n, g: _bin_grads(n, g, neg(g)), lambda n, a, b: f"({a} - {b})", _arith_c("sub"),
         cheap=True)
 _binary("mul", torch.mul, lambda n, g: _bin_grads(n, mul(g, n.inputs[1]), mul(g, n.inputs[0])),
-        lambda n, a, b: f"({a} * {b})", _arith_c("mul"), cheap=True)
+        lambda n, a, b: f"({a} * {b})", _arith_c("mul"), cheap=True, commutative=True)
 _binary("div", torch.div,
         lambda n, g: _bin_grads(n, div(g, n.inputs[1]), neg(div(mul(g, n), n.inputs[1]))),
         lambda n, a, b: f"({a} / {b})", _arith_c("div"), pole=1)
@@ -323,10 +326,10 @@ def _min_vjp(n, g):
 
 _binary("maximum", torch.maximum, _max_vjp,
         lambda n, a, b: f"tl.maximum({a}, {b})", lambda n, a, b: f"sg_max({a}, {b})",
-        doc="a tie splits the gradient equally, as in torch", cheap=True)
+        doc="a tie splits the gradient equally, as in torch", cheap=True, commutative=True)
 _binary("minimum", torch.minimum, _min_vjp,
         lambda n, a, b: f"tl.minimum({a}, {b})", lambda n, a, b: f"sg_min({a}, {b})",
-        doc="a tie splits the gradient equally, as in torch", cheap=True)
+        doc="a tie splits the gradient equally, as in torch", cheap=True, commutative=True)
 # comparisons give 0/1 floats; their derivative is zero almost everywhere
 _binary("ge", lambda x, y: (x >= y).to(torch.promote_types(x.dtype, y.dtype)),
         lambda n, g: (None, None), lambda n, a, b: f"(({a}) >= ({b})).to(tl.float32)",
