@@ -118,6 +118,9 @@ def emit_backward_tail(src: Source, plan: Plan, bwd: BackwardPlan, lay: Backward
     env = {}
     for n in bwd.stash:
         env[n.id] = f"{_v(n)}_all"
+        if n.id in summed:  # already summed over the steps (real rows only) by the C loop: (B, w)
+            src.emit(f"{_v(n)}_all = {lay.stash_expr[n.id]}", n)
+            continue
         # a padded row's value may be infinite where the reference never computes it (1 / s of a
         # state that is 0): summed against that row's zero gradient it would give 0 * inf = nan
         if d.mask is None or _zero_on_padding(n, d.mask):
@@ -126,9 +129,6 @@ def emit_backward_tail(src: Source, plan: Plan, bwd: BackwardPlan, lay: Backward
             mask = f", _unless_finite(mask, ss{lay.prev_index[n.id]}[T])"
         else:
             mask = ", mask"
-        if n.id in summed:  # already summed over the steps by the C loop: (B, w)
-            src.emit(f"{_v(n)}_all = {lay.stash_expr[n.id]}", n)
-            continue
         src.emit(f"{_v(n)}_all = _real_rows({lay.stash_expr[n.id]}.reshape({shape_tuple(n, 'T * B')}), rows{mask})",
                  n)
     emit_nodes(src, bwd.post, env, set())
