@@ -112,15 +112,19 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
-def get_program(cell: Cell, backend: str, unroll: int = 1) -> Program:
+def get_program(cell: Cell, backend: str, unroll: int = 1, purpose: str = "") -> Program:
     """The program of `cell` for `backend`: from the cache, or compiled once (threads asking
-    for the same program at once wait for the one compile)."""
+    for the same program at once wait for the one compile). `purpose` says in SEQGRAPH_DEBUG's
+    output why a program the user did not name is compiled."""
     key = (cell.signature(), backend, unroll)
     prog = _CACHE.get(key)
     if prog is None:
         with _COMPILING:
             prog = _CACHE.get(key)
             if prog is None:
+                if debug_level() >= 1:
+                    print(f"[seqgraph] compiling {cell.name or 'cell'!r} for backend={backend!r}"
+                          f"{f' (unroll={unroll})' if unroll > 1 else ''}{purpose}", file=sys.stderr)
                 prog = _CACHE[key] = _compile_program(cell, backend, unroll, key)
                 return prog
     STATS["cache_hits"] += 1
@@ -272,7 +276,8 @@ class CompiledRecurrence(Recurrence):
         float16), under autocast, or on another device run: a first such call inside
         torch.compile must find it built, since compiling cannot be traced."""
         if self._program.backend != "torch" and self.backend != "reference":
-            get_program(self.cell, "torch", self.unroll)
+            get_program(self.cell, "torch", self.unroll,
+                        purpose=": the torch code that calls in other dtypes, devices or autocast run")
 
     # train()/eval() on either the original or its compiled twin switch both: they are one
     # model, with one set of parameters (as torch.compile's wrapper follows its module)

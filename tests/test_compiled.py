@@ -246,6 +246,14 @@ def test_debug_levels_print_passes_ir_and_generated_source(monkeypatch, capsys):
         assert words in capsys.readouterr().err
 
 
+def test_debug_output_says_which_backend_each_compile_is_for(monkeypatch, capsys, fresh_programs):
+    monkeypatch.setenv("SEQGRAPH_DEBUG", "1")
+    sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="triton")
+    err = capsys.readouterr().err
+    assert "compiling 'gru' for backend='triton'" in err
+    assert "compiling 'gru' for backend='torch': the torch code that calls in other dtypes" in err
+
+
 @pytest.fixture
 def fresh_programs():
     """An empty program cache, emptied again after the test whatever happened (a test that
