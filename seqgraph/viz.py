@@ -35,6 +35,7 @@ Drawable = Union["Cell", "Graph", "nn.Module", Node, Sequence[Node], graphviz.Di
 
 FORMATS = ("svg", "png", "pdf", "dot")
 HOPS = 2  # how far an error picture reaches from the failing node
+_MAX_LISTED = 8  # lines of a compact picture's parameters node
 
 # One palette, so that every picture (and the legend in docs/pictures.md) agrees.
 _INK = "#334155"
@@ -374,36 +375,53 @@ def _unrolled(parts: _Parts, steps: int) -> graphviz.Digraph:
 
 
 def _compact(parts: _Parts, steps: int) -> graphviz.Digraph:
+    """Each step one box. However many parameters and states the cell has, the picture keeps
+    one parameters node (listing them) with an edge into each step, and one bundled edge of
+    states between steps, from one initial-state node and into one final-state node."""
     dot = _new_digraph(parts.name or "seqgraph")
     _title(dot, parts, f"unrolled over {steps} steps" if steps > 1 else "")
     shared = [n for n in parts.order if _shared(n)]
+    params = [n for n in shared if n.op == "param"]
+    if params:
+        listed = [f"{parts.keys.get(n.id) or _param_key(n)} {_shape_text(n)}" for n in params]
+        more = [f"... and {len(listed) - _MAX_LISTED} more"] if len(listed) > _MAX_LISTED else []
+        dot.node("params", label=_text(f"{len(params)} parameters" if len(params) > 1 else "parameter",
+                                       *listed[:_MAX_LISTED], *more),
+                 tooltip=_text(", ".join(listed)), **_LEAF_LOOK["param"])
     for n in shared:
-        add_node(dot, n, key=parts.keys.get(n.id))
-    _carry_nodes(dot, parts, steps)
-    inner = len(parts.visible())
+        if n.op != "param":
+            add_node(dot, n)
+    names = [prev.label() for prev, _ in parts.states]
+    carried = _text(*(", ".join(names[i:i + 4]) for i in range(0, len(names), 4)))
     with dot.subgraph(name="steps") as row:
         row.attr(rank="same")
-        for k in range(len(parts.states)):
-            row.node(f"init_{k}")
-            row.node(f"final_{k}")
+        if names:
+            row.node("init", label=_text("initial state", *(
+                f"{prev.label()} {_shape_text(prev)} {prev.attrs.get('init', 'zeros')}" for prev, _ in parts.states)),
+                **dict(_LEAF_LOOK["state"], style="filled,bold"))
+            row.node("final", label=_text("final state", *names, f"after step {steps - 1}"),
+                     tooltip=_text("the final_state the recurrence returns"),
+                     **dict(_SINK_LOOK["next"], style="filled,bold"))
         for t in range(steps):
-            row.node(f"step_{t}", label=_text(f"step {t}", f"{parts.name or 'cell'}: {inner} nodes"),
+            row.node(f"step_{t}", label=_text(f"step {t}", f"{parts.name or 'cell'}: {len(parts.visible())} nodes"),
                      tooltip=_text(f"cell declared at {_site_text(parts.site)}"), **_SINK_LOOK["step"])
     for t in range(steps):
         for x in parts.inputs:
             dot.node(f"s{t}_n{x.id}", label=_text(f"{x.label()}[{t}]", _shape_text(x)), **_LEAF_LOOK["input"],
                      tooltip=_text(f"Input {x.label()} at {_site_text(x.site)}"))
             dot.edge(f"s{t}_n{x.id}", f"step_{t}", **_edge_look(x))
+        if params:
+            dot.edge("params", f"step_{t}", **_edge_look(params[0]))
         for n in shared:
-            dot.edge(node_id(n), f"step_{t}", **_edge_look(n))
-        for k, (prev, _) in enumerate(parts.states):
-            src = f"init_{k}" if t == 0 else f"step_{t - 1}"
-            dot.edge(src, f"step_{t}", label=_text(prev.label()), **_NEXT_EDGE)
+            if n.op != "param":
+                dot.edge(node_id(n), f"step_{t}", **_edge_look(n))
+        if names:
+            dot.edge("init" if t == 0 else f"step_{t - 1}", f"step_{t}", label=carried, **_NEXT_EDGE)
         for k, o in enumerate(parts.outputs):
             dot.node(f"s{t}_out_{k}", label=_text(f"{parts.output_label(k)} [t={t}]"), **_SINK_LOOK["output"])
             dot.edge(f"step_{t}", f"s{t}_out_{k}", color="#1d4ed8")
-    for k, (prev, _) in enumerate(parts.states):
-        dot.edge(f"step_{steps - 1}", f"final_{k}", label=_text(prev.label()), **_NEXT_EDGE)
+    if names:
+        dot.edge(f"step_{steps - 1}", "final", label=carried, **_NEXT_EDGE)
     return dot
 
 

@@ -150,12 +150,25 @@ def test_compact_unrolled_picture_has_one_box_per_step():
     cell = _cell_with_context_and_noise()
     k = 3
     layout = _layout(viz.to_dot(cell, unroll=k, compact=True))
-    shared = [n for n in cell.order if _is_shared(n)]
-    S, O, X = len(cell.states), len(cell.outputs), len(cell.inputs)
+    shared = [n for n in cell.order if _is_shared(n) and n.op != "param"]
+    O, X = len(cell.outputs), len(cell.inputs)
     steps = [o for o in _nodes(layout) if o["name"].startswith("step_")]
     assert len(steps) == k
-    assert len(_nodes(layout)) == k + len(shared) + k * (X + O) + 2 * S
-    assert len(layout["edges"]) == k * (X + len(shared) + O) + S * (k + 1)
+    # one parameters node, one initial and one final state node
+    assert len(_nodes(layout)) == k + 1 + len(shared) + k * (X + O) + 2
+    assert len(layout["edges"]) == k * (X + 1 + len(shared) + O) + (k + 1)
+
+
+def test_compact_picture_bundles_many_states_and_parameters():
+    x = sg.Input(I, name="x")
+    hs = [sg.State(H, name=f"h{k}") for k in range(5)]
+    below, nxt = x, {}
+    for k, h in enumerate(hs):
+        below = nxt[h] = sg.tanh(sg.Linear(below.shape[-1] + H, H, name=f"layer{k}")(sg.concat([below, h])))
+    src = viz.to_dot(sg.Cell(inputs=[x], states=nxt), unroll=2, compact=True).source
+    assert src.count(" -> step_1") == 3  # x[1], the parameters, and the states of step 0
+    assert "10 parameters" in src and "... and 2 more" in src
+    assert 'label="h0, h1, h2, h3\\nh4"' in src
 
 
 def test_tooltips_carry_the_users_file_and_line():
