@@ -311,6 +311,15 @@ def dropout(a: Node, p: float, per_sequence: bool = False, name: str | None = No
 
 def where_mask(mask: Node, a: Operand, b: Operand, name: str | None = None) -> Node:
     """mask * a + (1 - mask) * b for a 0/1 (or probability) mask: zoneout's blend."""
+    mask, a, b = _node(mask, "where_mask"), lift(a), lift(b)
+    try:
+        ops.broadcast_shapes(ops.broadcast_shapes(mask.shape, a.shape), b.shape)
+    except ops.ShapeProblem:
+        err = ShapeError(f"where_mask (declared at {user_site()}): the mask, a and b must broadcast together; got "
+                         f"mask {mention(mask)} {mask.shape}, a {mention(a)} {a.shape}, b {mention(b)} {b.shape}",
+                         node=mask)
+        ops._attach_picture(err)
+        raise err from None
     out = mask * a + (1.0 - mask) * b
     out.name = name
     return out
@@ -415,9 +424,11 @@ class Linear(Module):
         if not x.shape or x.shape[-1] != self.in_features:
             nm = f" '{self.name}'" if self.name else ""
             got = x.shape[-1] if x.shape else "no feature dim"
+            hint = ("it holds integer ids: look them up with sg.Embedding(num, dim) first" if x.dtype == "long"
+                    else "a Linear has one input size: use another Linear, or concat the inputs first")
             err = ShapeError(f"Linear{nm} (declared at {self.site}), called at {user_site()}, expects "
-                             f"{self.in_features} input features but its input {mention(x)} has {got}; a "
-                             f"Linear has one input size: use another Linear, or concat the inputs first", node=x)
+                             f"{self.in_features} input features but its input {mention(x)} has {got}; {hint}",
+                             node=x)
             ops._attach_picture(err)
             raise err
         y = self._make("linear", (x, self.weight))

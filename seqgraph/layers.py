@@ -97,6 +97,26 @@ def _layout_of(who: str, modules: Sequence[nn.Module], batch_first: bool | None)
     return bool(batch_first)
 
 
+def _feature_sizes(module: nn.Module) -> tuple[int | None, int | None]:
+    """(input features, output features) of a layer when its cell says (one input, one
+    output, each a vector per step); None where it does not (any other module)."""
+    cell = getattr(module, "cell", None)
+    if cell is None:
+        return None, None
+    ins, outs = list(getattr(cell, "inputs", ())), list(getattr(cell, "outputs", ()))
+    size_in = ins[0].shape[-1] if len(ins) == 1 and len(ins[0].shape) == 1 and ins[0].dtype == "float" else None
+    size_out = outs[0].shape[-1] if len(outs) == 1 and len(outs[0].shape) == 1 else None
+    return size_in, size_out
+
+
+def _check_one_output(module: nn.Module, who: str) -> None:
+    """Layers pass one output sequence on: a cell with several outputs is refused when built."""
+    outs = getattr(getattr(module, "cell", None), "outputs", None)
+    if outs is not None and len(outs) != 1:
+        raise ValueError(f"{who}: its cell has {len(outs)} outputs; layers pass one output sequence on, so give "
+                         f"the cell a single output")
+
+
 def _single_output(out, who: str) -> torch.Tensor:
     if isinstance(out, (tuple, list)) and not isinstance(out, PackedSequence):
         raise InputError(f"{who}: an inner module returned {len(out)} outputs; layers pass one output "
@@ -127,6 +147,13 @@ class Stack(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         _layout_of("sg.Stack", layers, None)
+        for k, layer in enumerate(layers):
+            _check_one_output(layer, f"sg.Stack layer {k}")
+        for k in range(1, len(layers)):
+            gives, takes = _feature_sizes(layers[k - 1])[1], _feature_sizes(layers[k])[0]
+            if None not in (gives, takes) and gives != takes:
+                raise ValueError(f"sg.Stack: layer {k - 1} outputs {gives} features per step but layer {k} takes "
+                                 f"{takes}; each layer's input size must be the previous layer's output size")
         self.layers = nn.ModuleList(layers)
         self.dropout = nn.Dropout(dropout) if dropout else None
 
@@ -209,6 +236,15 @@ class Bidirectional(nn.Module):
             raise ValueError(f"merge must be 'concat', 'sum' or a function, got {merge!r}")
         self.fwd = fwd
         self.bwd = bwd if bwd is not None else _fresh_copy(fwd)
+        _check_one_output(self.fwd, "sg.Bidirectional fwd")
+        _check_one_output(self.bwd, "sg.Bidirectional bwd")
+        (in_f, out_f), (in_b, out_b) = _feature_sizes(self.fwd), _feature_sizes(self.bwd)
+        if None not in (in_f, in_b) and in_f != in_b:
+            raise ValueError(f"sg.Bidirectional: both directions read the same sequence, but fwd takes {in_f} "
+                             f"features per step and bwd {in_b}")
+        if merge == "sum" and None not in (out_f, out_b) and out_f != out_b:
+            raise ValueError(f"sg.Bidirectional: merge='sum' adds the two outputs, but fwd outputs {out_f} "
+                             f"features per step and bwd {out_b}; use merge='concat' or cells of one size")
         self.merge = merge
         self.lm = lm
         self.batch_first = _layout_of("sg.Bidirectional", [self.fwd, self.bwd], batch_first)
@@ -234,6 +270,9 @@ class Bidirectional(nn.Module):
         if self.merge == "concat":
             out = torch.cat([out_f, out_b], dim=-1)
         elif self.merge == "sum":
+            if out_f.shape != out_b.shape:
+                raise InputError(f"sg.Bidirectional: merge='sum' adds the two outputs, but fwd gave "
+                                 f"{tuple(out_f.shape)} and bwd {tuple(out_b.shape)}")
             out = out_f + out_b
         else:
             out = self.merge(out_f, out_b)

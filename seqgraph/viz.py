@@ -59,7 +59,7 @@ _SINK_LOOK = {
 _ERROR_LOOK = dict(color="red", fillcolor="#fee2e2", fontcolor="#991b1b", penwidth="2.5")
 _DEFAULT_ATTRS = {"keepdim": False, "eps": 1e-5}
 # attrs that are bookkeeping, not something a reader of the picture needs
-_HIDDEN_ATTRS = {"group", "piece", "init", "shape", "batched", "dtype", "pname", "value", "p", "per_sequence"}
+_HIDDEN_ATTRS = {"failed", "group", "piece", "init", "shape", "batched", "dtype", "pname", "value", "p", "per_sequence"}
 
 
 class GraphvizMissing(RuntimeError):
@@ -76,6 +76,8 @@ def _text(*lines: str) -> str:
 
 
 def _shape_text(node: Node) -> str:
+    if node.attrs.get("failed"):  # the op a ShapeError stopped from being built
+        return "(shape error)"
     dims = (["B"] if node.batched else []) + [str(s) for s in node.shape]
     text = "(" + ",".join(dims) + ")"
     return text + " long" if node.dtype == "long" else text

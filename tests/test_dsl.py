@@ -540,6 +540,19 @@ def test_a_linear_reused_on_another_size_names_its_declaration_and_the_call():
         shared(x)
 
 
+def test_where_mask_names_itself_and_its_three_operands_when_they_do_not_broadcast():
+    x, h = sg.Input(4, name="x"), sg.State(8, name="h")
+    with pytest.raises(sg.ShapeError, match=r"where_mask \(declared at test_dsl.py:\d+\): .* got mask 'x' \(4,\), "
+                                            r"a 'h' \(8,\), b 'h' \(8,\)"):
+        sg.where_mask(x, h, h)
+
+
+def test_a_linear_on_integer_ids_points_to_embedding():
+    tokens = sg.Input(name="tok", dtype="long")
+    with pytest.raises(sg.ShapeError, match=r"input 'tok' has no feature dim; it holds integer ids: .*sg.Embedding"):
+        sg.Linear(1, 4)(tokens)
+
+
 @pytest.mark.parametrize("mistake,error,text", [
     (lambda: sg.Recurrence(sg.cells.lstm), TypeError, r"got function; call it to build the cell, e.g. sg.cells.lstm\("),
     (lambda: sg.cells.gru(3, 4)(torch.zeros(2, 3)), TypeError, r"is the graph of one step .* sg.Recurrence\(cell\)\(x\)"),

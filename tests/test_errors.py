@@ -37,6 +37,13 @@ def test_a_graph_error_carries_the_offending_node():
     assert err.value.node is x
 
 
+def test_a_shape_error_of_an_op_carries_the_op_that_could_not_be_built_with_all_its_operands():
+    a, b = sg.Input(8, name="a"), sg.Input(6, name="b")
+    with pytest.raises(sg.ShapeError) as err:
+        a + b
+    assert err.value.node.op == "add" and err.value.node.inputs == (a, b)
+
+
 def test_the_error_classes_nest_as_documented():
     assert issubclass(sg.ShapeError, sg.GraphError) and issubclass(sg.WiringError, sg.GraphError)
     assert issubclass(sg.InputError, ValueError)

@@ -223,6 +223,41 @@ def test_bidirectional_rejects_unknown_merge():
         sg.Bidirectional(sg.Recurrence(sg.cells.gru(I, H)), merge="mean")
 
 
+def test_bidirectional_with_sum_refuses_directions_of_two_output_sizes_when_built():
+    with pytest.raises(ValueError, match=r"merge='sum' adds the two outputs, but fwd outputs 6 features per step and bwd 3"):
+        sg.Bidirectional(sg.Recurrence(sg.cells.gru(I, H)), sg.Recurrence(sg.cells.gru(I, 3)), merge="sum")
+
+
+def test_bidirectional_refuses_directions_that_read_two_input_sizes():
+    with pytest.raises(ValueError, match=r"fwd takes 4 features per step and bwd 5"):
+        sg.Bidirectional(sg.Recurrence(sg.cells.gru(I, H)), sg.Recurrence(sg.cells.gru(5, H)))
+
+
+class _Sized(torch.nn.Module):
+    """A layer seqgraph knows nothing about: a Linear over each step, returning (out, None)."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.lin = torch.nn.Linear(n_in, n_out)
+
+    def forward(self, x, state=None, **kwargs):
+        return self.lin(x), None
+
+
+def test_bidirectional_sum_of_outputs_that_do_not_match_says_what_each_direction_gave():
+    bi = sg.Bidirectional(_Sized(I, H), _Sized(I, 3), merge="sum")
+    with pytest.raises(sg.InputError, match=r"fwd gave \(5, 2, 6\) and bwd \(5, 2, 3\)"):
+        bi(torch.randn(5, 2, I))
+
+
+def test_bidirectional_refuses_a_cell_with_two_outputs_when_built():
+    x, h = sg.Input(I, name="x"), sg.State(H, name="h")
+    nh = sg.tanh(sg.Linear(I + H, H)(sg.concat([x, h])))
+    two = sg.Cell(inputs=[x], states={h: nh}, outputs=[nh, sg.sigmoid(nh)])
+    with pytest.raises(ValueError, match="sg.Bidirectional fwd: its cell has 2 outputs"):
+        sg.Bidirectional(sg.Recurrence(two))
+
+
 # ---------------------------------------------------------------------------------------
 # Repeater
 # ---------------------------------------------------------------------------------------
@@ -250,6 +285,11 @@ def test_a_repeater_given_a_sequence_says_it_wants_one_step_of_input():
 def test_a_stack_of_a_cell_says_to_wrap_it_in_a_recurrence():
     with pytest.raises(TypeError, match=r"layer 0 must be a torch.nn.Module .*wrap a cell in sg.Recurrence"):
         sg.Stack([sg.cells.gru(I, H)])
+
+
+def test_a_stack_whose_layer_sizes_do_not_chain_says_which_layers_when_built():
+    with pytest.raises(ValueError, match=r"layer 0 outputs 6 features per step but layer 1 takes 5"):
+        sg.Stack([sg.Recurrence(sg.cells.gru(I, H)), sg.Recurrence(sg.cells.gru(5, 3))])
 
 
 def test_stack_of_one_size_asks_for_a_list():

@@ -242,6 +242,18 @@ def _broken_chunk():
     sg.Cell(inputs=[x], states={h: sg.tanh(a)})
 
 
+def test_error_picture_of_a_failed_op_draws_the_op_in_red_with_every_operand():
+    a = sg.Linear(I, 8, name="a")(sg.Input(I, name="x"))
+    b = sg.Linear(H, 6, name="b")(sg.State(H, name="h"))
+    with pytest.raises(sg.ShapeError) as info:
+        a + b
+    src = viz.error_dot(info.value).source
+    failed = next(ln for ln in src.splitlines() if ln.strip().startswith(viz.node_id(info.value.node) + " "))
+    assert "color=red" in failed and "(shape error)" in failed
+    assert f"{viz.node_id(a)} -> {viz.node_id(info.value.node)}" in src
+    assert f"{viz.node_id(b)} -> {viz.node_id(info.value.node)}" in src
+
+
 def test_error_picture_draws_the_failing_node_in_red():
     with pytest.raises(sg.GraphError) as info:
         _broken_chunk()

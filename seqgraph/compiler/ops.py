@@ -87,8 +87,10 @@ def make(op: str, inputs, *, name=None, site=None, module=None, **attrs) -> Node
         label = type(module).__name__ if module is not None else op
         nm = f" '{name}'" if name else ""
         operands = ", ".join(_describe_operand(i) for i in inputs)
-        err = ShapeError(f"{label}{nm} (declared at {site}): {e} [operands: {operands}]",
-                         node=inputs[0] if inputs else None)
+        # the node that could not be built, for the error picture: the op, red, with all its operands
+        failed = Node(op, inputs, dict(attrs, failed=True), (), any(i.batched for i in inputs),
+                      name=name, site=site, module=module) if inputs else None
+        err = ShapeError(f"{label}{nm} (declared at {site}): {e} [operands: {operands}]", node=failed)
         _attach_picture(err)
         raise err from None
     return Node(op, inputs, attrs, shape, batched, dtype, name=name, site=site, module=module)
