@@ -84,11 +84,13 @@ def State(size: Size, name: str | None = None, init: str = "zeros") -> Node:
     return make("state", (), name=name, shape=_shape(size, "State"), batched=True, init=init)
 
 
-def Context(size: Size, name: str | None = None, dtype: str = "float") -> Node:
-    """An input that is the same at every step, given once per call as (B, *size)."""
+def Context(size: Size = (), name: str | None = None, dtype: str = "float") -> Node:
+    """An input that is the same at every step, given once per call as (B, *size) (no size:
+    one value per sequence, e.g. a class id with dtype="long")."""
     if dtype not in ("float", "long"):
         raise ValueError(f"Context dtype must be 'float' or 'long', got {dtype!r}")
-    return make("context", (), name=name, shape=_shape(size, "Context"), batched=True, dtype=dtype)
+    shape = () if size == () else _shape(size, "Context")
+    return make("context", (), name=name, shape=shape, batched=True, dtype=dtype)
 
 
 # initialisers are module-level functions (bound with partial), so a module pickles

@@ -19,7 +19,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .cell import Cell
 from .compiler.interpret import run_step
-from .errors import InputError
+from .errors import InputError, describe
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX_DTYPES = (torch.int64, torch.int32)  # what torch.nn.functional.embedding takes
@@ -208,6 +208,9 @@ class Recurrence(nn.Module):
             live = valid.any(0)  # (asking whether all are live would wait for a GPU: there, always zeroed)
             if valid.device.type != "cpu" or not bool(live.all()):
                 contexts = [v.masked_fill(~live.view(B, *([1] * (v.dim() - 1))), 0) for v in contexts]
+        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):  # (traced: the lookup's own check)
+            self._check_ids("input", self.cell.inputs, xs)
+            self._check_ids("context", self.cell.contexts, contexts)
         noises = self._sample_noise(T, B, dtype, device)
         outs, finals = self._run_sequence(xs, states0, contexts, noises, valid, dtype, device)
         if not torch.compiler.is_compiling():  # (the loop's custom op returns copies there)
@@ -278,8 +281,14 @@ class Recurrence(nn.Module):
         if not isinstance(x, (tuple, list)) or not all(isinstance(v, torch.Tensor) for v in x):
             raise InputError(f"{self._where()}: x must be a tensor or a tuple of {n} tensors, got {type(x).__name__}")
         if len(x) != n:
-            raise InputError(f"{self._where()}: the cell has {n} inputs {[i.name for i in self.cell.inputs]} "
-                             f"but forward got {len(x)} tensors")
+            names = [i.name for i in self.cell.inputs]
+            # Torch7's Sequencer took a table of steps: alike tensors with no time dim
+            per_step = n == 1 and len({(v.shape, v.dtype) for v in x}) == 1 \
+                and x[0].dim() == 1 + len(self.cell.inputs[0].shape)
+            hint = ("a list of one tensor per step? stack them into one: torch.stack(steps)" if per_step
+                    else "pass one tensor per input, in order")
+            raise InputError(f"{self._where()}: the cell has {n} input{'s' if n != 1 else ''} {names} "
+                             f"but forward got {len(x)} tensors; {hint}")
         xs = []
         layout = "(B, T, " if self.batch_first else "(T, B, "
         ref = None
@@ -298,6 +307,21 @@ class Recurrence(nn.Module):
             ref = tuple(v.shape[:2])
             xs.append(v)
         return xs
+
+    def _check_ids(self, what: str, leaves, values: list[torch.Tensor]) -> None:
+        """Token inputs (or contexts) that an Embedding reads hold ids of its table's rows
+        where they are read (padding was zeroed): else an InputError saying where."""
+        for node, v in zip(leaves, values):
+            if node.dtype != "long":
+                continue
+            for table in (n for n in self.cell.order if n.op == "embedding" and n.inputs[0] is node):
+                num = table.inputs[1].shape[0]
+                bad = (v < 0) | (v >= num)
+                if v.numel() and bool(bad.any()):
+                    first = tuple(bad.nonzero()[0].tolist())  # inputs (t, b, ...), time-major here; contexts (b, ...)
+                    at = f"step {first[0]} of sequence {first[1]}" if what == "input" else f"sequence {first[0]}"
+                    raise InputError(f"{self._where()}: {what} {node.name!r} holds id {int(v[first])} at {at}, "
+                                     f"but {describe(table)} has {num} rows (ids 0 to {num - 1})")
 
     def _check_dtype(self, what: str, node, v: torch.Tensor) -> None:
         """An index leaf takes what torch's embedding takes; a float leaf any floating dtype."""
@@ -394,6 +418,9 @@ class Recurrence(nn.Module):
                                  f"{_fmt((B,) + c.shape)}, got {_fmt(v.shape)}")
             if not (c.dtype == "float" and v.dtype == torch.bool):  # a bool mask is read as 0/1
                 self._check_dtype("context", c, v)
+                if c.dtype == "float" and v.dtype != dtype:  # as a state's: the call computes in one dtype
+                    raise InputError(f"{self._where()}: context {c.name!r} (declared at {c.site}) has dtype "
+                                     f"{v.dtype} but the inputs are {dtype}; convert it (.to({dtype}))")
             self._check_device("context", c, v, device)
             out.append(v.to(dtype) if c.dtype == "float" else v)
         return out

@@ -547,6 +547,11 @@ def test_where_mask_names_itself_and_its_three_operands_when_they_do_not_broadca
         sg.where_mask(x, h, h)
 
 
+def test_a_context_without_a_size_holds_one_value_per_sequence():
+    label = sg.Context(name="label", dtype="long")
+    assert label.shape == () and label.batched and label.dtype == "long"
+
+
 def test_a_linear_on_integer_ids_points_to_embedding():
     tokens = sg.Input(name="tok", dtype="long")
     with pytest.raises(sg.ShapeError, match=r"input 'tok' has no feature dim; it holds integer ids: .*sg.Embedding"):

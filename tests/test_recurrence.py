@@ -521,7 +521,8 @@ def _x(*shape, dtype=DT):
     (lambda r: r(_x(T, B, I, dtype=torch.float32)), r"input 'x' has dtype torch.float32 but the parameters are "
                                                     r"torch.float64"),
     (lambda r: r(_x(T, B, I, dtype=torch.int64)), r"expects a floating-point tensor, got dtype torch.int64"),
-    (lambda r: r((_x(T, B, I), _x(T, B, I))), r"the cell has 1 inputs \['x'\] but forward got 2 tensors"),
+    (lambda r: r((_x(T, B, I), _x(T, B, I))), r"the cell has 1 input \['x'\] but forward got 2 tensors; pass one tensor per input"),
+    (lambda r: r([_x(B, I) for _ in range(T)]), r"forward got 6 tensors; a list of one tensor per step\? .*torch.stack"),
     (lambda r: r(_x(T, B, I), lengths=torch.tensor([T + 1, 1, 1, 1])), rf"lengths must lie in \[0, {T}\] "
                                                                        rf"\(T = {T}\), got {T + 1}"),
     (lambda r: r(_x(T, B, I), lengths=torch.tensor([-1, 1, 1, 1])), rf"lengths must lie in \[0, {T}\] "
@@ -539,7 +540,7 @@ def _x(*shape, dtype=DT):
     (lambda r: r(_x(T, B, I), {"h": _x(B, H + 1)}), rf"state 'h' \(declared at test_recurrence.py:\d+\) expects "
                                                     rf"shape \({B}, {H}\), got \({B}, {H + 1}\)"),
     (lambda r: r(_x(T, B, I), context=_x(B, 3)), r"context given but the cell declares no sg.Context"),
-], ids=["rank", "features", "float_dtype", "int_for_float", "input_count", "length_too_big", "length_negative",
+], ids=["rank", "features", "float_dtype", "int_for_float", "input_count", "list_of_steps", "length_too_big", "length_negative",
         "lengths_shape", "lengths_float", "mask_shape", "mask_list", "mask_dtype", "lengths_and_mask", "unknown_state",
         "state_shape", "context_not_declared"])
 def test_bad_argument_raises_input_error_naming_expected_and_got(elman, call, text):
@@ -773,6 +774,24 @@ def test_an_out_of_range_token_on_a_padded_step_is_never_looked_up():
     torch.testing.assert_close(rec(padded, lengths=lengths)[0], rec(tokens, lengths=lengths)[0])
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_an_out_of_range_token_on_a_real_step_is_an_input_error_naming_step_and_sequence(backend):
+    tok, h = sg.Input(name="tok", dtype="long"), sg.State(4, name="h")
+    rec = sg.Recurrence(sg.Cell([tok], {h: sg.tanh(sg.Embedding(10, 4, name="emb")(tok) + h)}))
+    module = rec if backend == "reference" else sg.compile(rec, backend=backend)
+    tokens = torch.randint(10, (4, 3))
+    tokens[2, 1] = 10
+    with pytest.raises(sg.InputError, match=r"input 'tok' holds id 10 at step 2 of sequence 1, but Embedding 'emb' "
+                                            r"\(declared at test_recurrence.py:\d+\) has 10 rows \(ids 0 to 9\)"):
+        module(tokens)
+
+
+def test_an_out_of_range_token_context_is_an_input_error_naming_the_sequence():
+    rec = _context_cell(token=True)
+    with pytest.raises(sg.InputError, match=r"context 'c' holds id 5 at sequence 2, but Embedding 'table'"):
+        rec(torch.randn(5, 3, 3, dtype=DT), context=torch.tensor([1, 0, 5]))
+
+
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.bool, torch.float32])
 def test_token_input_of_a_dtype_embedding_cannot_index_is_an_input_error(dtype):
     tok, h = sg.Input(name="tok", dtype="long"), sg.State(4, name="h")
@@ -787,6 +806,12 @@ def test_token_context_of_a_float_dtype_is_an_input_error():
     rec = sg.Recurrence(sg.Cell([x], {h: sg.tanh(x + h + sg.sum(sg.Embedding(10, 4)(ids), dim=0))}))
     with pytest.raises(sg.InputError, match=r"context 'ids' .* holds integer indices .* got dtype torch.float32"):
         rec(torch.zeros(3, 2, 4), context=torch.zeros(2, 1))
+
+
+def test_a_float_context_of_another_dtype_is_an_input_error():
+    rec = _context_cell(token=False)
+    with pytest.raises(sg.InputError, match=r"context 'c' .* has dtype torch.float32 but the inputs are torch.float64"):
+        rec(torch.randn(5, 3, 3, dtype=DT), context=torch.randn(3, 4))
 
 
 def test_context_dtype_is_checked_when_declared():
