@@ -39,6 +39,28 @@ def _bytes(nodes: list[Node], B: int, itemsize: int) -> int:
     return sum(n.size * (B if n.batched else 1) * itemsize for n in nodes)
 
 
+def _flops_text(flops: float) -> str:
+    """FLOPs in the unit that shows them: 0.671 GFLOP, 2.10 MFLOP, 384 FLOP."""
+    for scale, unit in ((1e9, "GFLOP"), (1e6, "MFLOP"), (1e3, "kFLOP")):
+        if flops >= scale:
+            return f"{flops / scale:.3g} {unit}"
+    return f"{flops:.0f} FLOP"
+
+
+def _bytes_text(n: float) -> str:
+    """Bytes in the binary unit that shows them: 5.86 MiB, 1.3 KiB, 96 B."""
+    for scale, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def _gemm_text(n: Node) -> str:
+    """A product with its operands: `%25 linear 'ih'(B,32) = (B,4) @ (32,4)^T`."""
+    a, b = n.inputs[:2]
+    return f"{_label(n)} = {_shape(a)} @ {_shape(b)}" + ("^T" if n.op == "linear" else "")
+
+
 def describe_plan(plan, T: int | None, B: int | None, itemsize: int = 4) -> str:
     Bv = B or 1
     lines = [f"seqgraph plan (unroll={plan.unroll})" + (f" for T={T}, B={B}" if T and B else "")]
@@ -48,8 +70,8 @@ def describe_plan(plan, T: int | None, B: int | None, itemsize: int = 4) -> str:
                  f"{len(plan.hoisted)} hoisted node(s) over all T*B rows (on the CPU, the real ones only when at "
                  f"most {REAL_ROWS_BELOW:.0%} of a padded batch's steps are real)")
     for n in plan.hoisted_gemms():
-        f = f", {gemm_flops(n, (T or 1) * Bv) / 1e9:.3f} GFLOP" if T and B else ""
-        lines.append(f"  hoisted GEMM {_label(n)} = {_shape(n.inputs[0])} @ {_shape(n.inputs[1])}^T{f}")
+        f = f", {_flops_text(gemm_flops(n, (T or 1) * Bv))}" if T and B else ""
+        lines.append(f"  hoisted GEMM {_gemm_text(n)}{f}")
     lines.append(f"time loops: {plan.loops}")
     lines.append(f"per step: {len(plan.stages)} stage(s)")
     for s in plan.stages:
@@ -71,12 +93,12 @@ def describe_plan(plan, T: int | None, B: int | None, itemsize: int = 4) -> str:
             saved = _bytes(bwd.saved, B, itemsize) * T
             stash = _bytes(bwd.stash, B, itemsize) * T
             states = sum(p.size for p, _ in plan.step.states) * B * itemsize * (T + 1)
-            lines.append(f"  memory for backward at T={T}, B={B}: saved {saved / 2**20:.2f} MiB + state "
-                         f"sequence {states / 2**20:.2f} MiB + gradient stash {stash / 2**20:.2f} MiB")
+            lines.append(f"  memory for backward at T={T}, B={B}: saved {_bytes_text(saved)} + state "
+                         f"sequence {_bytes_text(states)} + gradient stash {_bytes_text(stash)}")
     if T and B:
         hoist = _bytes(plan.reads, B, itemsize) * T
-        lines.append(f"memory: hoisted values read by the loop {hoist / 2**20:.2f} MiB; outputs "
-                     f"{_bytes(plan.step.outputs, B, itemsize) * T / 2**20:.2f} MiB")
+        lines.append(f"memory: hoisted values read by the loop {_bytes_text(hoist)}; outputs "
+                     f"{_bytes_text(_bytes(plan.step.outputs, B, itemsize) * T)}")
     return "\n".join(lines)
 
 
@@ -84,11 +106,11 @@ def _stage_line(s, B: int, itemsize: int, sized: bool) -> str:
     ops = ", ".join(n.op + (f"'{n.name}'" if n.name and n.op in ("linear", "matmul") else "") for n in s.nodes)
     if s.kind == "gemm":
         f = sum(gemm_flops(n, B) for n in s.nodes)
-        extra = f", {f / 1e6:.2f} MFLOP/step" if sized else ""
-        return f"  GEMM: {ops}{extra}"
+        extra = f", {_flops_text(f)}/step" if sized else ""
+        return f"  GEMM: {'; '.join(_gemm_text(n) for n in s.nodes)}{extra}"
     if s.kind == "fused":
         io = _bytes(s.inputs, B, itemsize) + _bytes(s.outputs, B, itemsize)
-        extra = f", {io / 1024:.1f} KiB moved/step" if sized else ""
+        extra = f", {_bytes_text(io)} moved/step" if sized else ""
         return f"  fused region ({len(s.nodes)} ops, {len(s.inputs)} in, {len(s.outputs)} out{extra}): {ops}"
     return f"  torch fallback ({s.why}): {ops}"
 

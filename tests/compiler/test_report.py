@@ -13,10 +13,21 @@ def test_gemm_flops_counts_two_per_multiply_add_over_the_rows():
 def test_describe_sizes_the_hoisted_gemm_and_the_memory_for_given_t_and_b():
     text = compile_plan(sg.cells.lstm(256, 256)).describe(T=20, B=64)
     assert "seqgraph plan (unroll=1) for T=20, B=64" in text
-    assert f"{2 * 20 * 64 * 256 * 1024 / 1e9:.3f} GFLOP" in text  # the input projection, 0.671 GFLOP
+    assert f"{2 * 20 * 64 * 256 * 1024 / 1e6:.3g} MFLOP" in text  # the input projection, 671 MFLOP
     assert "memory for backward at T=20, B=64: saved" in text
 
 
 def test_describe_without_sizes_still_lists_the_stages():
     text = compile_plan(sg.cells.gru(3, 5)).describe(T=None, B=None)
     assert "per step:" in text and "GFLOP" not in text
+
+
+def test_describe_shows_small_amounts_in_units_that_show_them():
+    text = compile_plan(sg.cells.lstm(4, 8)).describe(T=5, B=3)
+    assert "0.000" not in text and "0.00 MiB" not in text
+    assert f"{2 * 5 * 3 * 4 * 32 / 1e3:.3g} kFLOP" in text  # the hoisted input projection
+
+
+def test_describe_shows_each_gemm_of_a_step_with_its_operands():
+    text = compile_plan(sg.cells.lstm(4, 8)).describe(T=5, B=3)
+    assert "GEMM: %" in text and "= (B,8) @ (32,8)^T" in text  # the recurrent product, forward
