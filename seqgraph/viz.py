@@ -605,9 +605,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         factory = _load_factory(args.target)
         doing = f"calling {args.target}()"
         obj = factory()
-    except GraphError as e:
-        attach_error_picture(e, write=True)
+    except GraphError as e:  # the picture asked for is the error's: written to -o when given
+        if args.output is None:
+            attach_error_picture(e, write=True)
         print(f"seqgraph viz: {doing} raised {type(e).__name__}: {e}", file=sys.stderr)
+        if args.output is not None:
+            try:
+                print(f"seqgraph viz: the error's picture: {render(error_dot(e), args.output)}", file=sys.stderr)
+            except (ValueError, GraphvizMissing, RuntimeError, OSError) as why:
+                print(f"seqgraph viz: could not draw the error's picture to {args.output!r}: {why}", file=sys.stderr)
         return 1
     except _TargetError as e:
         print(f"seqgraph viz: {e}", file=sys.stderr)

@@ -386,6 +386,14 @@ def test_cli_writes_the_error_picture_of_a_broken_factory(factory_file, tmp_path
     assert "ShapeError" in err and "picture of the failing node: " + str(tmp_path / "debug") in err
 
 
+def test_cli_writes_the_error_picture_of_a_broken_factory_where_o_says(factory_file, tmp_path, capsys):
+    out = tmp_path / "broken.dot"
+    assert viz.main([f"{factory_file}:make_broken", "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "ShapeError" in err and f"the error's picture: {out}" in err
+    assert "color=red" in out.read_text()
+
+
 def test_python_m_seqgraph_viz_runs_the_cli(factory_file, tmp_path):
     out = tmp_path / "cell.dot"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
