@@ -302,8 +302,9 @@ def norm_stabilizer_loss(seq: torch.Tensor, beta: float = 1.0, *, lengths=None, 
                          batch_first: bool = False, reduction: str = "mean") -> torch.Tensor:
     """Krueger & Memisevic's norm-stabilising penalty of a state sequence (T, B, *size):
     beta * mean over sequences of [mean over t of (||h_t|| - ||h_{t-1}||)^2], where t runs
-    over consecutive real steps of each sequence (padded steps, given by lengths or mask,
-    are skipped; a sequence with fewer than two real steps adds 0). reduction="sum" sums
+    over consecutive real steps of each sequence (n real steps give n - 1 differences, the
+    mean divides by n - 1; padded steps, given by lengths or mask, are skipped; a sequence
+    with fewer than two real steps adds 0). reduction="sum" sums
     over steps and sequences instead: the gradient Torch7's nn.NormStabilizer(beta) trained
     with, whatever T and B (its printed loss divided by T, its gradient did not)."""
     if reduction not in ("mean", "sum"):
