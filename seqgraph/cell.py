@@ -57,7 +57,27 @@ def _check_name(name: str, node: Node, what: str, subject: str | None = None, ow
 def _param_keys(order: list[Node]) -> dict[str, Node]:
     """Stable, unique state_dict keys for every parameter leaf, in graph order: a module's are
     `<module name>.<its parameter>`, a free parameter's its own name. Names the user gave are
-    reserved before any is generated (`linear_1` skips a user's `linear_1`)."""
+    reserved before any is generated (`linear_1` skips a user's `linear_1`). The parameters of
+    a cell inlined with `scope=` are keyed within their scope and prefixed by it
+    (`layer1.ih.weight`)."""
+    scopes: dict[str, list[Node]] = {}
+    for n in order:
+        if n.op == "param":
+            scopes.setdefault(n.attrs.get("scope", ""), []).append(n)
+    if set(scopes) == {""} or not scopes:
+        return _keys_in_one_scope(order)
+    keys: dict[str, Node] = {}
+    for scope, nodes in scopes.items():
+        for key, n in _keys_in_one_scope(nodes).items():
+            full = f"{scope}.{key}" if scope else key
+            if full in keys or any(k.startswith(full + ".") or full.startswith(k + ".") for k in keys):
+                raise WiringError(f"parameter key {full!r} is taken twice: by {describe(keys.get(full, n))} and "
+                                  f"{describe(n)}; give the inlined cell another scope", node=n)
+            keys[full] = n
+    return keys
+
+
+def _keys_in_one_scope(order: list[Node]) -> dict[str, Node]:
     modules = list({id(n.module): n for n in order if n.op == "param" and n.module is not None}.values())
     named: dict[str, Node] = {}  # a user-given module name -> a parameter node of that module
     for n in modules:
@@ -66,7 +86,8 @@ def _param_keys(order: list[Node]) -> dict[str, Node]:
             _check_name(m.name, n, "module", f"the {type(m).__name__} declared at {m.site}")
             if m.name in named:
                 raise WiringError(f"two modules are named {m.name!r}: one declared at {named[m.name].module.site} "
-                                  f"and one at {m.site}", node=n)
+                                  f"and one at {m.site} (two cells inlined into one? give each call its own "
+                                  f"scope: cell(x, state, scope='layer1'))", node=n)
             named[m.name] = n
     module_names: dict[int, str] = {}
     used = set(named)
@@ -113,6 +134,49 @@ def _state_pairs(states, site: str) -> list[tuple[Node, Node]]:
     return pairs
 
 
+def _shown_state(state: dict) -> str:
+    return "{" + ", ".join(f"{k!r}: {type(v).__name__}" for k, v in state.items()) + "}"
+
+
+def _join_scope(outer: str, inner: str | None) -> str:
+    return f"{outer}.{inner}" if inner else outer
+
+
+def _inline(order: list[Node], formals: list[Node], actuals: list[Node], shown: str, declared, site,
+            params: dict[int, Node] | None = None) -> dict[int, Node]:
+    """Copy `order` with each formal leaf replaced by its actual node: {original id: copy}.
+    Parameters, constants and contexts are shared, not copied (that is how weights are tied),
+    unless `params` maps a parameter to its stand-in; each chunk group gets a group of its own."""
+    env: dict[int, Node] = {}
+    groups: dict[int, _ChunkGroup] = {}  # id of an original chunk group -> this copy's
+    for formal, actual in zip(formals, actuals, strict=True):
+        if actual.shape != formal.shape or actual.dtype != formal.dtype:
+            raise ShapeError(f"{shown} (declared at {declared}) expects {formal.op} "
+                             f"{formal.name!r} of shape {formal.shape} {formal.dtype}, but got "
+                             f"{describe(actual)} of shape {actual.shape} {actual.dtype} at {site}", node=actual)
+        env[formal.id] = actual
+    for n in order:
+        if n.id in env:
+            continue
+        if n.op in ("param", "const", "context"):
+            env[n.id] = (params or {}).get(n.id, n)
+            continue
+        ins = tuple(env[i.id] for i in n.inputs)
+        batched = any(i.batched for i in ins) if ins else n.batched  # a Noise leaf keeps its own
+        attrs = n.attrs
+        if "group" in attrs:  # a chunk's pieces form a new group in each copy, for the checker
+            old = attrs["group"]
+            if id(old) not in groups:
+                groups[id(old)] = _ChunkGroup(old.site)
+            attrs = {**attrs, "group": groups[id(old)]}
+        env[n.id] = Node(n.op, ins, attrs, n.shape, batched, n.dtype, name=n.name, site=n.site, module=n.module)
+        if "group" in attrs:
+            attrs["group"].pieces.append(env[n.id])
+    for g in groups.values():
+        g.pieces.sort(key=lambda piece: piece.attrs["piece"])
+    return env
+
+
 class Cell:
     """One step of a recurrence.
 
@@ -147,9 +211,48 @@ class Cell:
         self.noises = [n for n in self.order if n.op == "noise"]
         self.params = _param_keys(self.order)
 
-    def __call__(self, *args, **kwargs):
-        raise TypeError(f"a Cell (declared at {self.site}) is the graph of one step and does not run by itself: "
-                        "run it over sequences with sg.Recurrence(cell)(x), or compile it with sg.compile(cell)")
+    def __call__(self, x, state: Mapping[str, Node] | None = None, *, scope: str | None = None):
+        """Inline one step of this cell into the graph being built (a cell inside a bigger
+        cell, as nngraph nested gModules): `outs, next_state = cell(x, {"h": h, "c": c})`.
+        x: a node per input (a list when there are several); state: a node per state, by name.
+        Returns the outputs (one node, or a tuple) and the next states by name. Without
+        `scope` the copy shares this cell's parameters, keyed as in the cell (a cell called
+        twice is one set of weights); `scope="layer1"` gives it parameters of its own, keyed
+        `layer1.<key>` (the same scope again shares them)."""
+        site = user_site()
+        if not isinstance(x, (Node, list, tuple)) or not all(isinstance(v, Node) for v in
+                                                           ([x] if isinstance(x, Node) else x)):
+            raise TypeError(f"a Cell (declared at {self.site}) is the graph of one step and does not run by itself: "
+                            "run it over sequences with sg.Recurrence(cell)(x), or compile it with sg.compile(cell); "
+                            "called on nodes, cell(x, state) inlines one step into a bigger cell")
+        xs = [x] if isinstance(x, Node) else list(x)
+        state = dict(state or {})
+        names = self.state_names
+        if set(state) != set(names) or not all(isinstance(v, Node) for v in state.values()):
+            raise WiringError(f"{self._shown()} (declared at {self.site}), called at {site}, needs a node for each of "
+                              f"its states {names} by name; got {_shown_state(state)}")
+        if len(xs) != len(self.inputs):
+            raise WiringError(f"{self._shown()} (declared at {self.site}) takes {len(self.inputs)} "
+                              f"input(s) but was called with {len(xs)} at {site}")
+        if scope is not None:
+            _check_name(scope, None, "scope", f"the cell called at {site}")
+        formals = self.inputs + [prev for prev, _ in self.states]
+        env = _inline(self.order, formals, xs + [state[n] for n in names], self._shown(), self.site, site,
+                      self._scoped_params(scope) if scope is not None else None)
+        outs = tuple(env[o.id] for o in self.outputs)
+        return (outs[0] if len(outs) == 1 else outs), {p.name: env[q.id] for p, q in self.states}
+
+    def _scoped_params(self, scope: str) -> dict[int, Node]:
+        """This cell's parameters in `scope`: new leaves, the same ones for every call with it."""
+        made = self.__dict__.setdefault("_scopes", {})
+        if scope not in made:
+            made[scope] = {n.id: Node("param", (), dict(n.attrs, scope=_join_scope(scope, n.attrs.get("scope"))),
+                                      n.shape, False, n.dtype, name=n.name, site=n.site, module=n.module)
+                           for n in self.params.values()}
+        return made[scope]
+
+    def _shown(self) -> str:
+        return f"Cell {self.name!r}" if self.name else "Cell"
 
     @property
     def state_names(self) -> list[str]:
@@ -161,7 +264,7 @@ class Cell:
         rows = []
         for n in self.order:
             attrs = tuple(sorted((k, const_key(v) if k == "value" else v) for k, v in n.attrs.items()
-                                 if k not in ("group", "init", "piece") and not callable(v)))
+                                 if k not in ("group", "init", "piece", "scope") and not callable(v)))
             rows.append((n.op, tuple(index[i.id] for i in n.inputs), attrs, n.shape, n.batched, n.dtype))
         roles = (tuple(index[x.id] for x in self.inputs),
                  tuple((index[p.id], index[q.id]) for p, q in self.states),
@@ -207,36 +310,11 @@ class Graph:
         if len(args) != len(self.inputs):
             raise WiringError(f"{self._shown()} (declared at {self.site}) takes {len(self.inputs)} "
                               f"inputs but was called with {len(args)} at {site}")
-        env: dict[int, Node] = {}
-        groups: dict[int, _ChunkGroup] = {}  # id of an original chunk group -> this copy's
-        for formal, actual in zip(self.inputs, args):
-            if not isinstance(actual, Node):
-                raise TypeError(f"{self._shown()} (declared at {self.site}) is called on nodes, to build a graph; got "
-                                f"a {type(actual).__name__} among its inputs at {site} ({hint})")
-            if actual.shape != formal.shape or actual.dtype != formal.dtype:
-                raise ShapeError(f"{self._shown()} (declared at {self.site}) expects input "
-                                 f"{formal.name!r} of shape {formal.shape} {formal.dtype}, but got "
-                                 f"{describe(actual)} of shape {actual.shape} {actual.dtype} at {site}", node=actual)
-            env[formal.id] = actual
-        for n in self.order:
-            if n.id in env:
-                continue
-            if n.op in ("param", "const", "context"):
-                env[n.id] = n  # shared, not copied: that is how weights are tied
-                continue
-            ins = tuple(env[i.id] for i in n.inputs)
-            batched = any(i.batched for i in ins) if ins else n.batched  # a Noise leaf keeps its own
-            attrs = n.attrs
-            if "group" in attrs:  # a chunk's pieces form a new group in each copy, for the checker
-                old = attrs["group"]
-                if id(old) not in groups:
-                    groups[id(old)] = _ChunkGroup(old.site)
-                attrs = {**attrs, "group": groups[id(old)]}
-            env[n.id] = Node(n.op, ins, attrs, n.shape, batched, n.dtype, name=n.name, site=n.site, module=n.module)
-            if "group" in attrs:
-                attrs["group"].pieces.append(env[n.id])
-        for g in groups.values():
-            g.pieces.sort(key=lambda piece: piece.attrs["piece"])
+        if not all(isinstance(a, Node) for a in args):
+            bad = next(a for a in args if not isinstance(a, Node))
+            raise TypeError(f"{self._shown()} (declared at {self.site}) is called on nodes, to build a graph; got "
+                            f"a {type(bad).__name__} among its inputs at {site} ({hint})")
+        env = _inline(self.order, self.inputs, args, self._shown(), self.site, site)
         outs = tuple(env[o.id] for o in self.outputs)
         return outs[0] if self.single_output else outs
 

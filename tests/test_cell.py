@@ -1,0 +1,88 @@
+"""seqgraph/cell.py: a Cell called on nodes inlines one step of it into a bigger cell."""
+import pytest
+import torch
+
+import seqgraph as sg
+
+I, H, T, B = 4, 6, 5, 3
+
+
+def _two_layer_cell(scopes=("layer1", "layer2")):
+    """Two built-in LSTM cells, one feeding the other, as one cell of four states."""
+    x = sg.Input(I, name="x")
+    h1, c1, h2, c2 = (sg.State(H, name=n) for n in ("h1", "c1", "h2", "c2"))
+    o1, s1 = sg.cells.lstm(I, H)(x, {"h": h1, "c": c1}, scope=scopes[0])
+    o2, s2 = sg.cells.lstm(H, H)(o1, {"h": h2, "c": c2}, scope=scopes[1])
+    return sg.Cell(inputs=[x], states={h1: s1["h"], c1: s1["c"], h2: s2["h"], c2: s2["c"]}, outputs=[o2])
+
+
+def _copy_stack_weights(rec, stack):
+    with torch.no_grad():
+        for k, layer in enumerate(stack.layers):
+            for key, t in layer.param_tensors().items():
+                rec.param_tensors()[f"layer{k + 1}.{key}"].copy_(t)
+
+
+def test_scoped_cells_inside_a_cell_key_their_parameters_by_scope():
+    assert sorted(_two_layer_cell().params) == sorted(
+        f"layer{k}.{m}.{p}" for k in (1, 2) for m in ("ih", "hh") for p in ("weight", "bias"))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_two_lstm_cells_inlined_into_one_cell_equal_a_stack_of_two_layers(backend):
+    torch.manual_seed(0)
+    rec = sg.Recurrence(_two_layer_cell())
+    stack = sg.stack(sg.cells.lstm, I, [H, H])
+    _copy_stack_weights(rec, stack)
+    module = rec if backend == "reference" else sg.compile(rec, backend=backend)
+    xs, lengths = torch.randn(T, B, I), torch.tensor([5, 2, 4])
+    got, final = module(xs, lengths=lengths)
+    want, finals = stack(xs, lengths=lengths)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(final["h2"], finals[1]["h"])
+
+
+def test_a_cell_called_twice_without_scope_is_one_set_of_weights():
+    inner = sg.cells.rnn(H, H)
+    x, h1, h2 = sg.Input(H, name="x"), sg.State(H, name="h1"), sg.State(H, name="h2")
+    a, na = inner(x, {"h": h1})
+    b, nb = inner(a, {"h": h2})
+    outer = sg.Cell(inputs=[x], states={h1: na["h"], h2: nb["h"]}, outputs=[b])
+    assert sorted(outer.params) == sorted(inner.params)
+
+
+def test_the_same_scope_twice_shares_its_weights_and_another_scope_has_its_own():
+    inner = sg.cells.rnn(H, H)
+    x, h1, h2, h3 = sg.Input(H, name="x"), *(sg.State(H, name=f"h{k}") for k in (1, 2, 3))
+    a, na = inner(x, {"h": h1}, scope="tied")
+    b, nb = inner(a, {"h": h2}, scope="tied")
+    c, nc = inner(b, {"h": h3}, scope="own")
+    outer = sg.Cell(inputs=[x], states={h1: na["h"], h2: nb["h"], h3: nc["h"]}, outputs=[c])
+    assert sorted(outer.params) == sorted(f"{s}.{k}" for s in ("tied", "own") for k in inner.params)
+
+
+def test_two_distinct_cells_without_scopes_say_to_give_each_a_scope():
+    x, h1, h2 = sg.Input(I, name="x"), sg.State(H, name="h1"), sg.State(H, name="h2")
+    a, na = sg.cells.rnn(I, H)(x, {"h": h1})
+    b, nb = sg.cells.rnn(H, H)(a, {"h": h2})
+    with pytest.raises(sg.WiringError, match=r"two modules are named 'ih'.*give each call its own scope"):
+        sg.Cell(inputs=[x], states={h1: na["h"], h2: nb["h"]})
+
+
+def test_a_cell_called_on_nodes_needs_every_state_by_name():
+    x, h = sg.Input(I, name="x"), sg.State(H, name="h")
+    with pytest.raises(sg.WiringError, match=r"needs a node for each of its states \['h', 'c'\] by name; "
+                                             r"got \{'h': Node\}"):
+        sg.cells.lstm(I, H)(x, {"h": h})
+
+
+def test_a_cell_called_on_a_node_of_the_wrong_size_names_the_leaf():
+    x, h = sg.Input(I + 1, name="x"), sg.State(H, name="h")
+    with pytest.raises(sg.ShapeError, match=r"Cell 'rnn_tanh' .* expects input 'x' of shape \(4,\) float, but got Input 'x' .* of shape \(5,\)"):
+        sg.cells.rnn(I, H)(x, {"h": h})
+
+
+def test_a_scope_with_a_dot_is_refused():
+    x, h = sg.Input(I, name="x"), sg.State(H, name="h")
+    with pytest.raises(sg.WiringError, match=r"scope name 'a.b' contains a '.'"):
+        sg.cells.rnn(I, H)(x, {"h": h}, scope="a.b")
