@@ -68,7 +68,8 @@ def valid_steps(T: int, B: int, lengths, mask, batch_first: bool, device, who: s
             raise InputError(f"{who}: mask must be a bool tensor of shape {want}, got {got}")
         if mask.dtype != torch.bool:
             raise InputError(f"{who}: mask must have dtype torch.bool, got {mask.dtype}")
-        return (mask.transpose(0, 1) if batch_first else mask).to(device)
+        # a copy: the caller may refill the same buffer for the next call before this one's backward
+        return (mask.transpose(0, 1) if batch_first else mask).to(device).clone(memory_format=torch.contiguous_format)
     return None
 
 

@@ -852,3 +852,20 @@ def test_the_plan_is_the_one_a_call_with_the_parameters_dtype_runs():
     assert "sg_loop" not in comp.source()
     assert _loops_line(sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="torch")) == \
         "time loops: Python, torch code per step (the torch backend)"
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_a_mask_buffer_refilled_before_backward_leaves_the_gradients_of_each_call_alone(backend):
+    torch.manual_seed(0)
+    rec = sg.Recurrence(sg.cells.gru(3, 4)).double()
+    xs = [torch.randn(5, 3, 3, dtype=torch.float64) for _ in range(2)]
+    masks = [torch.rand(5, 3) < p for p in (0.4, 0.8)]
+
+    def grads(module, reuse):
+        buf, loss = torch.empty(5, 3, dtype=torch.bool), 0
+        for x, m in zip(xs, masks):
+            loss = loss + module(x, mask=buf.copy_(m) if reuse else m)[0].pow(2).sum()
+        return torch.autograd.grad(loss, list(rec.parameters()))
+
+    for got, want in zip(grads(sg.compile(rec, backend=backend), True), grads(rec, False), strict=True):
+        torch.testing.assert_close(got, want)
