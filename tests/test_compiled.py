@@ -869,3 +869,16 @@ def test_a_mask_buffer_refilled_before_backward_leaves_the_gradients_of_each_cal
 
     for got, want in zip(grads(sg.compile(rec, backend=backend), True), grads(rec, False), strict=True):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_a_token_output_keeps_its_dtype_and_exact_ids_when_compiled(backend, dtype):
+    tok, x, h = sg.Input(name="tok", dtype="long"), sg.Input(2, name="x"), sg.State(2, name="h")
+    h2 = sg.tanh(x + h)
+    rec = sg.Recurrence(sg.Cell([tok, x], {h: h2}, [h2, tok]))
+    tokens = torch.tensor([[2**24 + 1, 5], [2**24 + 2, 7], [1, 3]], dtype=dtype)  # not all exact in float32
+    xs, lengths = (tokens, torch.randn(3, 2, 2)), torch.tensor([3, 1])
+    (_, want), _ = rec(xs, lengths=lengths)
+    (_, got), _ = sg.compile(rec, backend=backend)(xs, lengths=lengths)
+    assert got.dtype == want.dtype == dtype and torch.equal(got, want)
