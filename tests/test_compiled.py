@@ -446,7 +446,25 @@ def test_a_pole_of_a_hoisted_op_on_a_padded_row_stays_out_of_the_gradients(op, b
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
-@pytest.mark.parametrize("form", ["log(c) * p", "sqrt(c * p)", "p / c", "Linear(log(c))"])
+@pytest.mark.parametrize("real_rows_below", [0.6, -1.0], ids=["real rows only", "all rows"])
+def test_an_exp_that_overflows_only_on_a_padded_row_stays_out_of_the_gradients(backend, real_rows_below,
+                                                                                 monkeypatch):
+    # exp(1000 - 300 x) is tiny for the real x >= 5 and inf at the padding's x = 0
+    import seqgraph.compiler.codegen_torch as codegen_torch
+    monkeypatch.setattr(codegen_torch, "REAL_ROWS_BELOW", real_rows_below)
+    x, h = sg.Input(1, name="x"), sg.State(2, name="h")
+    cell = sg.Cell([x], {h: sg.tanh(sg.Linear(2, 2)(h) + sg.exp(sg.Linear(1, 2, name="lin")(x)))})
+    rec = sg.Recurrence(cell).double()
+    with torch.no_grad():
+        rec.params.lin.weight.fill_(-300.0)
+        rec.params.lin.bias.fill_(1000.0)
+    xs = 5.0 + torch.rand(5, 4, 1, dtype=torch.float64)
+    _assert_finite_reference_gradients(
+        rec, backend, lambda m, x: _out_and_final_sum(m(x, lengths=torch.tensor([5, 5, 5, 2]))), xs, wrt_input=True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("form", ["log(c) * p", "sqrt(c * p)", "p / c", "Linear(log(c))", "Linear(exp(c))"])
 def test_a_pole_of_a_context_only_value_on_a_sequence_without_steps_stays_out_of_the_gradients(form, backend):
     # a sequence with no real step has its contexts zeroed; the reference never runs its row,
     # the prologue computes context-only values for every row: a pole there is fed 1
@@ -454,7 +472,8 @@ def test_a_pole_of_a_context_only_value_on_a_sequence_without_steps_stays_out_of
     x, h, c = sg.Input(3, name="x"), sg.State(3, name="h"), sg.Context(3, name="c")
     p = sg.Parameter(3, name="p", init="ones")
     term = {"log(c) * p": lambda: sg.log(c) * p, "sqrt(c * p)": lambda: sg.sqrt(c * p),
-            "p / c": lambda: p / c, "Linear(log(c))": lambda: sg.Linear(3, 3, name="lc")(sg.log(c))}[form]()
+            "p / c": lambda: p / c, "Linear(log(c))": lambda: sg.Linear(3, 3, name="lc")(sg.log(c)),
+            "Linear(exp(c))": lambda: sg.Linear(3, 3, name="lc")(sg.exp(1000.0 * (1.0 - c)))}[form]()
     cell = sg.Cell([x], {h: sg.tanh(sg.Linear(3, 3)(x) + 0.5 * h + 0.1 * term)}, contexts=[c])
     rec = sg.Recurrence(cell).double()
     xs, ctx = torch.randn(4, 3, 3, dtype=torch.float64), torch.rand(3, 3, dtype=torch.float64) + 0.5

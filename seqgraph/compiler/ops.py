@@ -49,9 +49,10 @@ class OpDef:
     triton: object  # (node, *arg_strings) -> str, or (NOT_FUSED, reason)
     c: object  # elementwise: (node, *element_strings) -> str; reduction: (node, dst, w, *xs) -> str; or (NOT_FUSED, reason)
     doc: str = ""
-    # The operand at which the op's value or derivative is infinite for a finite value (at 0),
-    # or None. A compiled prologue, which computes padded rows too, feeds those rows 1 there
-    # (their results are dropped, and 0 * inf would be nan in a weight's gradient).
+    # The operand at which the op's value or derivative is infinite for a finite value (at 0,
+    # or a large one that overflows: exp), or None. A compiled prologue, which computes padded
+    # rows too, feeds those rows 1 there (their results are dropped, and 0 * inf would be nan
+    # in a weight's gradient).
     pole: Optional[int] = None
     cheap: bool = False  # a few flops a value: the backward recomputes it rather than save it (rematerialize)
     piecewise_constant: bool = False  # a comparison: its value jumps at equality, so what it reads stays bit-exact
@@ -390,7 +391,8 @@ _binary("tanh_grad", lambda g, y: torch.ops.aten.tanh_backward(*torch.broadcast_
         lambda n, g, y: f"({g} * (1.0 - {y} * {y}))", lambda n, g, y: f"({g} * ({_C_ONE} - {y} * {y}))", doc="g * (1 - y^2): tanh's derivative given y")
 _unary("relu", torch.relu, lambda n, g: (mul(g, make("gt", (n.inputs[0], const(0.0)))),),
        lambda n, a: f"tl.maximum({a}, 0.0)", lambda n, a: f"sg_relu({a})")
-_unary("exp", torch.exp, lambda n, g: (mul(g, n),), lambda n, a: f"tl.exp({a})", lambda n, a: f"sg_exp({a})")
+_unary("exp", torch.exp, lambda n, g: (mul(g, n),), lambda n, a: f"tl.exp({a})", lambda n, a: f"sg_exp({a})",
+       pole=0)
 _unary("log", torch.log, lambda n, g: (div(g, n.inputs[0]),), lambda n, a: f"tl.log({a})", lambda n, a: f"SG_LOG({a})",
        pole=0)
 _unary("abs", torch.abs, lambda n, g: (mul(g, make("sign", n.inputs)),), lambda n, a: f"tl.abs({a})", lambda n, a: f"SG_ABS({a})")
