@@ -86,8 +86,8 @@ def _keys_in_one_scope(order: list[Node]) -> dict[str, Node]:
             _check_name(m.name, n, "module", f"the {type(m).__name__} declared at {m.site}")
             if m.name in named:
                 raise WiringError(f"two modules are named {m.name!r}: one declared at {named[m.name].module.site} "
-                                  f"and one at {m.site} (two cells inlined into one? give each call its own "
-                                  f"scope: cell(x, state, scope='layer1'))", node=n)
+                                  f"and one at {m.site}; rename one (two cells inlined into one cell: give each "
+                                  f"call its own scope, cell(x, state, scope='layer1'))", node=n)
             named[m.name] = n
     module_names: dict[int, str] = {}
     used = set(named)
