@@ -38,12 +38,6 @@ BACKENDS = ("auto", "torch", "triton", "cpu", "reference")
 _C_DTYPES = (torch.float32, torch.float64)
 
 
-def cpu_backend_available() -> bool:
-    """Whether the `cpu` backend can build its kernels here (it needs a C compiler)."""
-    from .kernels.c_launch import find_compiler
-    return find_compiler() is not None and _C_BROKEN is None
-
-
 _C_BROKEN: str | None = None  # why the C compiler could not build kernels here, once it failed
 
 
@@ -67,23 +61,30 @@ def auto_backend(device: torch.device, dtype: torch.dtype | None = None) -> str:
     """What backend="auto" runs for tensors on `device` of `dtype`: Triton kernels on CUDA, C
     kernels on the CPU (with a C compiler), the torch code otherwise and for dtypes the
     kernels do not compute (float64 on CUDA, half precision on the CPU)."""
-    if device.type == "cuda":
-        return "torch" if dtype == torch.float64 else "triton"
-    if device.type == "cpu" and (dtype is None or dtype in _C_DTYPES) and cpu_backend_available():
-        return "cpu"
-    return "torch"
+    return _auto_choice(device, dtype)[0]
 
 
 def why_auto_runs_torch(dtype: torch.dtype | None) -> str:
-    """Why backend="auto" runs the torch code for CPU tensors of `dtype` (auto_backend's reasons)."""
-    from .kernels.c_launch import find_compiler
+    """Why backend="auto" runs the torch code for CPU tensors of `dtype`."""
+    return _auto_choice(torch.device("cpu"), dtype, autocast=True)[1]
+
+
+def _auto_choice(device: torch.device, dtype: torch.dtype | None, autocast: bool = False) -> tuple[str, str]:
+    """(backend, why) of backend="auto" for tensors on `device` of `dtype`; `autocast` says
+    whether CPU autocast is the reason left when nothing else is (the caller checks it)."""
+    if device.type == "cuda":
+        return ("torch", "Triton computes float32 and half precision, not float64") if dtype == torch.float64 \
+            else ("triton", "")
+    if device.type != "cpu":
+        return "torch", f"seqgraph's kernels run on CPUs and CUDA GPUs, not {device.type}"
     if dtype is not None and dtype not in _C_DTYPES:
-        return f"the C kernels compute float32 and float64, not {str(dtype).replace('torch.', '')}"
+        return "torch", f"the C kernels compute float32 and float64, not {str(dtype).replace('torch.', '')}"
+    from .kernels.c_launch import find_compiler
     if find_compiler() is None:
-        return "no C compiler was found (set $CC, or install gcc or clang)"
+        return "torch", "no C compiler was found (set $CC, or install gcc or clang)"
     if _C_BROKEN is not None:
-        return f"the C compiler could not build the kernels: {_C_BROKEN}"
-    return "under CPU autocast, which picks each op's dtype"
+        return "torch", f"the C compiler could not build the kernels: {_C_BROKEN}"
+    return ("torch", "under CPU autocast, which picks each op's dtype") if autocast else ("cpu", "")
 
 
 @dataclass
