@@ -48,33 +48,37 @@ def _check_name(name: str, node: Node, what: str, subject: str | None = None, ow
     the container `owner` that holds them) owns."""
     import torch.nn as nn
     owner = owner or nn.Module
-    if "." in name or not name or hasattr(owner, name):
+    if "." in name or not name or hasattr(owner, name) or name in _module_attributes():
         why = ("contains a '.'" if "." in name else "is empty" if not name
                else f"is taken by torch.nn.{owner.__name__}")
         raise WiringError(f"{what} name {name!r} {why}; choose another name for {subject or describe(node)}", node=node)
 
 
+def _module_attributes() -> set[str]:
+    """What every torch.nn.Module instance sets on itself (`training`, `_parameters`, ...)."""
+    import torch.nn as nn
+    return set(vars(nn.Module()))
+
+
 def _param_keys(order: list[Node]) -> dict[str, Node]:
-    """Stable, unique state_dict keys for every parameter leaf, in graph order: a module's are
-    `<module name>.<its parameter>`, a free parameter's its own name. Names the user gave are
-    reserved before any is generated (`linear_1` skips a user's `linear_1`). The parameters of
-    a cell inlined with `scope=` are keyed within their scope and prefixed by it
-    (`layer1.ih.weight`)."""
-    scopes: dict[str, list[Node]] = {}
-    for n in order:
-        if n.op == "param":
-            scopes.setdefault(n.attrs.get("scope", ""), []).append(n)
-    if set(scopes) == {""} or not scopes:
+    """Stable, unique state_dict keys for every parameter leaf, in graph order (compiled code
+    binds parameters by position): a module's are `<module name>.<its parameter>`, a free
+    parameter's its own name. Names the user gave are reserved before any is generated
+    (`linear_1` skips a user's `linear_1`). The parameters of a cell or graph inlined with
+    `scope=` carry their key (`layer1.ih.weight`, see _scoped_params)."""
+    params = [n for n in order if n.op == "param"]
+    keyed = {n.attrs["key"]: n for n in params if "key" in n.attrs}
+    if not keyed:
         return _keys_in_one_scope(order)
-    keys: dict[str, Node] = {}
-    for scope, nodes in scopes.items():
-        for key, n in _keys_in_one_scope(nodes).items():
-            full = f"{scope}.{key}" if scope else key
-            if full in keys or any(k.startswith(full + ".") or full.startswith(k + ".") for k in keys):
-                raise WiringError(f"parameter key {full!r} is taken twice: by {describe(keys.get(full, n))} and "
-                                  f"{describe(n)}; give the inlined cell another scope", node=n)
-            keys[full] = n
-    return keys
+    keys = _keys_in_one_scope([n for n in params if "key" not in n.attrs])
+    for key, n in keyed.items():
+        clash = next((k for k in keys if k == key or k.startswith(key + ".") or key.startswith(k + ".")), None)
+        if clash is not None:
+            raise WiringError(f"parameter key {key!r} of {describe(n)} clashes with {clash!r} of "
+                              f"{describe(keys[clash])}; give the inlined cell another scope", node=n)
+        keys[key] = n
+    position = {n.id: k for k, n in enumerate(params)}
+    return dict(sorted(keys.items(), key=lambda item: position[item[1].id]))
 
 
 def _keys_in_one_scope(order: list[Node]) -> dict[str, Node]:
@@ -135,25 +139,39 @@ def _state_pairs(states, site: str) -> list[tuple[Node, Node]]:
 
 
 def _shown_state(state: dict) -> str:
+    """`{'h': Node, 'c': Tensor}`: what a call was given, for an error message."""
     return "{" + ", ".join(f"{k!r}: {type(v).__name__}" for k, v in state.items()) + "}"
 
 
-def _join_scope(outer: str, inner: str | None) -> str:
-    return f"{outer}.{inner}" if inner else outer
+def _scoped_params(owner, scope: str | None, site) -> dict[int, Node] | None:
+    """The stand-ins of `owner`'s (a Cell's or Graph's) parameters in `scope`, by the id of the
+    parameter they stand for: new leaves keyed `<scope>.<key>`, made once per scope and then
+    shared by every call with it (None without a scope: the parameters themselves)."""
+    if scope is None:
+        return None
+    if not isinstance(scope, str):
+        raise TypeError(f"scope must be a name (a str), got {type(scope).__name__} at {site}")
+    _check_name(scope, None, "scope", f"the call at {site}")
+    made = owner._scopes.setdefault(scope, {})  # by key: a copied or unpickled owner keeps its own
+    for key, n in owner.params.items():
+        if key not in made:
+            made[key] = Node("param", (), {**n.attrs, "key": f"{scope}.{key}"}, n.shape, False, n.dtype,
+                             name=n.name, site=n.site, module=n.module)
+    return {n.id: made[key] for key, n in owner.params.items()}
 
 
-def _inline(order: list[Node], formals: list[Node], actuals: list[Node], shown: str, declared, site,
-            params: dict[int, Node] | None = None) -> dict[int, Node]:
-    """Copy `order` with each formal leaf replaced by its actual node: {original id: copy}.
-    Parameters, constants and contexts are shared, not copied (that is how weights are tied),
-    unless `params` maps a parameter to its stand-in; each chunk group gets a group of its own."""
+def _inline(order: list[Node], bound: dict[Node, Node], who: str, params: dict[int, Node] | None = None
+            ) -> dict[int, Node]:
+    """Copy `order` with each formal leaf replaced by the node `bound` gives it: {original id:
+    copy}. Parameters, constants and contexts are shared, not copied (that is how weights are
+    tied), unless `params` maps a parameter to its stand-in; each chunk group gets a group of
+    its own. `who` names the call in a shape error."""
     env: dict[int, Node] = {}
     groups: dict[int, _ChunkGroup] = {}  # id of an original chunk group -> this copy's
-    for formal, actual in zip(formals, actuals, strict=True):
+    for formal, actual in bound.items():
         if actual.shape != formal.shape or actual.dtype != formal.dtype:
-            raise ShapeError(f"{shown} (declared at {declared}) expects {formal.op} "
-                             f"{formal.name!r} of shape {formal.shape} {formal.dtype}, but got "
-                             f"{describe(actual)} of shape {actual.shape} {actual.dtype} at {site}", node=actual)
+            raise ShapeError(f"{who} expects {formal.op} {formal.name!r} of shape {formal.shape} {formal.dtype}, "
+                             f"but got {describe(actual)} of shape {actual.shape} {actual.dtype}", node=actual)
         env[formal.id] = actual
     for n in order:
         if n.id in env:
@@ -210,6 +228,7 @@ class Cell:
         self.contexts = list(contexts) if contexts is not None else [n for n in self.order if n.op == "context"]
         self.noises = [n for n in self.order if n.op == "noise"]
         self.params = _param_keys(self.order)
+        self._scopes: dict[str, dict[str, Node]] = {}  # scope -> parameter key -> its stand-in there
 
     def __call__(self, x, state: Mapping[str, Node] | None = None, *, scope: str | None = None):
         """Inline one step of this cell into the graph being built (a cell inside a bigger
@@ -218,38 +237,33 @@ class Cell:
         Returns the outputs (one node, or a tuple) and the next states by name. Without
         `scope` the copy shares this cell's parameters, keyed as in the cell (a cell called
         twice is one set of weights); `scope="layer1"` gives it parameters of its own, keyed
-        `layer1.<key>` (the same scope again shares them)."""
+        `layer1.<the cell's key>` (the same scope again shares them)."""
         site = user_site()
-        if not isinstance(x, (Node, list, tuple)) or not all(isinstance(v, Node) for v in
-                                                           ([x] if isinstance(x, Node) else x)):
+        xs = [x] if isinstance(x, Node) else list(x) if isinstance(x, (list, tuple)) else None
+        if xs is None or not all(isinstance(v, Node) for v in xs):
             raise TypeError(f"a Cell (declared at {self.site}) is the graph of one step and does not run by itself: "
                             "run it over sequences with sg.Recurrence(cell)(x), or compile it with sg.compile(cell); "
                             "called on nodes, cell(x, state) inlines one step into a bigger cell")
-        xs = [x] if isinstance(x, Node) else list(x)
-        state = dict(state or {})
-        names = self.state_names
-        if set(state) != set(names) or not all(isinstance(v, Node) for v in state.values()):
-            raise WiringError(f"{self._shown()} (declared at {self.site}), called at {site}, needs a node for each of "
-                              f"its states {names} by name; got {_shown_state(state)}")
+        state = self._state_nodes(state, site)
         if len(xs) != len(self.inputs):
             raise WiringError(f"{self._shown()} (declared at {self.site}) takes {len(self.inputs)} "
                               f"input(s) but was called with {len(xs)} at {site}")
-        if scope is not None:
-            _check_name(scope, None, "scope", f"the cell called at {site}")
         formals = self.inputs + [prev for prev, _ in self.states]
-        env = _inline(self.order, formals, xs + [state[n] for n in names], self._shown(), self.site, site,
-                      self._scoped_params(scope) if scope is not None else None)
+        env = _inline(self.order, dict(zip(formals, xs + [state[n] for n in self.state_names])),
+                      f"{self._shown()} (declared at {self.site}), called at {site},",
+                      _scoped_params(self, scope, site))
         outs = tuple(env[o.id] for o in self.outputs)
         return (outs[0] if len(outs) == 1 else outs), {p.name: env[q.id] for p, q in self.states}
 
-    def _scoped_params(self, scope: str) -> dict[int, Node]:
-        """This cell's parameters in `scope`: new leaves, the same ones for every call with it."""
-        made = self.__dict__.setdefault("_scopes", {})
-        if scope not in made:
-            made[scope] = {n.id: Node("param", (), dict(n.attrs, scope=_join_scope(scope, n.attrs.get("scope"))),
-                                      n.shape, False, n.dtype, name=n.name, site=n.site, module=n.module)
-                           for n in self.params.values()}
-        return made[scope]
+    def _state_nodes(self, state, site) -> dict[str, Node]:
+        """`state` of a call on nodes: a node for each state, by name."""
+        names = self.state_names
+        given = dict(state) if isinstance(state, Mapping) else {} if state is None and not names else None
+        if given is None or set(given) != set(names) or not all(isinstance(v, Node) for v in given.values()):
+            got = _shown_state(given) if given is not None else type(state).__name__
+            raise WiringError(f"{self._shown()} (declared at {self.site}), called at {site}, needs a dict with a "
+                              f"node for each of its states {names}, by name; got {got}")
+        return given
 
     def _shown(self) -> str:
         return f"Cell {self.name!r}" if self.name else "Cell"
@@ -264,7 +278,7 @@ class Cell:
         rows = []
         for n in self.order:
             attrs = tuple(sorted((k, const_key(v) if k == "value" else v) for k, v in n.attrs.items()
-                                 if k not in ("group", "init", "piece", "scope") and not callable(v)))
+                                 if k not in ("group", "init", "piece", "key") and not callable(v)))
             rows.append((n.op, tuple(index[i.id] for i in n.inputs), attrs, n.shape, n.batched, n.dtype))
         roles = (tuple(index[x.id] for x in self.inputs),
                  tuple((index[p.id], index[q.id]) for p, q in self.states),
@@ -298,8 +312,11 @@ class Graph:
         self.order = check_graph(self.inputs, self.outputs)
         _name_leaves(self.order)
         self.params = _param_keys(self.order)
+        self._scopes: dict[str, dict[str, Node]] = {}  # scope -> parameter key -> its stand-in there
 
-    def __call__(self, xs):
+    def __call__(self, xs, *, scope: str | None = None):
+        """Inline a copy into the graph being built; without `scope` it shares this graph's
+        parameters, with `scope="name"` it has its own, keyed `name.<key>`."""
         site = user_site()
         hint = ("to run it on tensors, make it a cell without states and run one step: "
                 "sg.Recurrence(sg.Cell(inputs, states={}, outputs=[...]))((x1, x2)) with inputs (1, B, size)")
@@ -314,7 +331,8 @@ class Graph:
             bad = next(a for a in args if not isinstance(a, Node))
             raise TypeError(f"{self._shown()} (declared at {self.site}) is called on nodes, to build a graph; got "
                             f"a {type(bad).__name__} among its inputs at {site} ({hint})")
-        env = _inline(self.order, self.inputs, args, self._shown(), self.site, site)
+        env = _inline(self.order, dict(zip(self.inputs, args)), f"{self._shown()} (declared at {self.site}), called "
+                      f"at {site},", _scoped_params(self, scope, site))
         outs = tuple(env[o.id] for o in self.outputs)
         return outs[0] if self.single_output else outs
 

@@ -97,13 +97,20 @@ def _layout_of(who: str, modules: Sequence[nn.Module], batch_first: bool | None)
     return bool(batch_first)
 
 
+def _recurrence_cell(module: nn.Module) -> Cell | None:
+    """The cell of an sg.Recurrence (compiled, or inside torch.compile's wrapper); None for any
+    other module, whose cell-like attributes layers do not read."""
+    module = getattr(module, "_orig_mod", module)
+    return module.cell if isinstance(module, Recurrence) else None
+
+
 def _feature_sizes(module: nn.Module) -> tuple[int | None, int | None]:
-    """(input features, output features) of a layer when its cell says (one input, one
-    output, each a vector per step); None where it does not (any other module)."""
-    cell = getattr(module, "cell", None)
+    """(input features, output features) of a Recurrence layer when its cell says (one input,
+    one output, each a vector per step); None where it does not (any other module)."""
+    cell = _recurrence_cell(module)
     if cell is None:
         return None, None
-    ins, outs = list(getattr(cell, "inputs", ())), list(getattr(cell, "outputs", ()))
+    ins, outs = cell.inputs, cell.outputs
     size_in = ins[0].shape[-1] if len(ins) == 1 and len(ins[0].shape) == 1 and ins[0].dtype == "float" else None
     size_out = outs[0].shape[-1] if len(outs) == 1 and len(outs[0].shape) == 1 else None
     return size_in, size_out
@@ -111,9 +118,9 @@ def _feature_sizes(module: nn.Module) -> tuple[int | None, int | None]:
 
 def _check_one_output(module: nn.Module, who: str) -> None:
     """Layers pass one output sequence on: a cell with several outputs is refused when built."""
-    outs = getattr(getattr(module, "cell", None), "outputs", None)
-    if outs is not None and len(outs) != 1:
-        raise ValueError(f"{who}: its cell has {len(outs)} outputs; layers pass one output sequence on, so give "
+    cell = _recurrence_cell(module)
+    if cell is not None and len(cell.outputs) != 1:
+        raise ValueError(f"{who}: its cell has {len(cell.outputs)} outputs; layers pass one output sequence on, so give "
                          f"the cell a single output")
 
 

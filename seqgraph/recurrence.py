@@ -313,7 +313,7 @@ class Recurrence(nn.Module):
         """Token inputs (or contexts) that an Embedding reads hold ids of its table's rows
         where they are read (padding was zeroed): else an InputError saying where."""
         for node, v in zip(leaves, values):
-            if node.dtype != "long":
+            if node.dtype != "long" or v.device.type != "cpu":  # (on a GPU the lookup's own check: no extra wait)
                 continue
             for table in (n for n in self.cell.order if n.op == "embedding" and n.inputs[0] is node):
                 num = table.inputs[1].shape[0]
@@ -419,9 +419,11 @@ class Recurrence(nn.Module):
                                  f"{_fmt((B,) + c.shape)}, got {_fmt(v.shape)}")
             if not (c.dtype == "float" and v.dtype == torch.bool):  # a bool mask is read as 0/1
                 self._check_dtype("context", c, v)
-                if c.dtype == "float" and v.dtype != dtype:  # as a state's: the call computes in one dtype
+                # as a state's: the call computes in one dtype (autocast picks each op's own)
+                if c.dtype == "float" and v.dtype != dtype and not torch.is_autocast_enabled(device.type):
                     raise InputError(f"{self._where()}: context {c.name!r} (declared at {c.site}) has dtype "
-                                     f"{v.dtype} but the inputs are {dtype}; convert it (.to({dtype}))")
+                                     f"{v.dtype} but this call computes in {dtype} (its inputs' and "
+                                     f"parameters' dtype); convert it (.to({dtype}))")
             self._check_device("context", c, v, device)
             out.append(v.to(dtype) if c.dtype == "float" else v)
         return out

@@ -71,9 +71,24 @@ def test_two_distinct_cells_without_scopes_say_to_give_each_a_scope():
 
 def test_a_cell_called_on_nodes_needs_every_state_by_name():
     x, h = sg.Input(I, name="x"), sg.State(H, name="h")
-    with pytest.raises(sg.WiringError, match=r"needs a node for each of its states \['h', 'c'\] by name; "
-                                             r"got \{'h': Node\}"):
+    with pytest.raises(sg.WiringError, match=r"needs a dict with a node for each of its states \['h', 'c'\], by "
+                                             r"name; got \{'h': Node\}"):
         sg.cells.lstm(I, H)(x, {"h": h})
+
+
+@pytest.mark.parametrize("state,got", [(lambda h: h, "got Node"), (lambda h: [h], "got list")])
+def test_a_cell_called_with_a_state_that_is_not_a_dict_says_so(state, got):
+    x, h = sg.Input(I, name="x"), sg.State(H, name="h")
+    with pytest.raises(sg.WiringError, match=rf"needs a dict with a node for each of its states \['h'\], by name; {got}"):
+        sg.cells.rnn(I, H)(x, state(h))
+
+
+def test_a_scope_that_is_not_a_name_or_is_taken_by_torch_modules_is_refused():
+    x, h = sg.Input(I, name="x"), sg.State(H, name="h")
+    with pytest.raises(TypeError, match="scope must be a name"):
+        sg.cells.rnn(I, H)(x, {"h": h}, scope=1)
+    with pytest.raises(sg.WiringError, match=r"scope name 'training' is taken by torch.nn.Module"):
+        sg.cells.rnn(I, H)(x, {"h": h}, scope="training")
 
 
 def test_a_cell_called_on_a_node_of_the_wrong_size_names_the_leaf():
@@ -86,3 +101,65 @@ def test_a_scope_with_a_dot_is_refused():
     x, h = sg.Input(I, name="x"), sg.State(H, name="h")
     with pytest.raises(sg.WiringError, match=r"scope name 'a.b' contains a '.'"):
         sg.cells.rnn(I, H)(x, {"h": h}, scope="a.b")
+
+
+def _inner(ih="ih", hh="hh"):
+    x, h = sg.Input(H, name="x"), sg.State(H, name="h")
+    return sg.Cell([x], {h: sg.tanh(sg.Linear(H, H, name=hh)(h) + sg.Linear(H, H, name=ih)(x))}, name="inner")
+
+
+def _two_inner(call_a, call_b):
+    x, h1, h2 = sg.Input(H, name="x"), sg.State(H, name="h1"), sg.State(H, name="h2")
+    a, na = call_a(x, h1)
+    b, nb = call_b(a, h2)
+    return sg.Cell([x], {h2: nb["h"], h1: na["h"]}, [b])
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_a_scoped_cell_and_a_hand_named_twin_share_a_compiled_program_with_the_right_weights(backend):
+    from seqgraph.compiled import clear_cache
+    inner = _inner()
+    scoped = _two_inner(lambda x, h: inner(x, {"h": h}, scope="a"), lambda x, h: inner(x, {"h": h}, scope="b"))
+    by_hand = _two_inner(lambda x, h: _inner("a_ih", "a_hh")(x, {"h": h}),
+                         lambda x, h: _inner("b_ih", "b_hh")(x, {"h": h}))
+    clear_cache()
+    sg.compile(sg.Recurrence(by_hand), backend=backend)(torch.randn(T, B, H))  # its program is cached first
+    torch.manual_seed(0)
+    rec = sg.Recurrence(scoped)
+    for p in rec.parameters():
+        torch.nn.init.normal_(p)
+    xs = torch.randn(T, B, H)
+    torch.testing.assert_close(sg.compile(rec, backend=backend)(xs)[0], rec(xs)[0])
+
+
+def test_a_scoped_key_names_the_parameter_the_cells_own_key_names():
+    x, h1, h2 = sg.Input(H, name="x"), sg.State(H, name="h1"), sg.State(H, name="h2")
+    inner = sg.Cell([x], {h1: sg.tanh(sg.Linear(H, H)(x) + h1), h2: sg.sigmoid(sg.Linear(H, H)(x) + h2)})
+    X, a, b = sg.Input(H, name="X"), sg.State(H, name="a"), sg.State(H, name="b")
+    _, nxt = inner(X, {"h1": a, "h2": b}, scope="s")
+    outer = sg.Cell([X], {b: nxt["h2"], a: nxt["h1"]})  # the outer graph meets h2's Linear first
+    for key, node in inner.params.items():
+        mine = outer.params[f"s.{key}"]
+        assert (mine.module, mine.attrs["pname"]) == (node.module, node.attrs["pname"])
+
+
+@pytest.mark.parametrize("copy_cell", [lambda c: __import__("copy").deepcopy(c),
+                                       lambda c: __import__("pickle").loads(__import__("pickle").dumps(c))],
+                         ids=["deepcopy", "pickle"])
+def test_a_copied_cell_still_gives_a_used_scope_weights_of_its_own(copy_cell):
+    inner = sg.cells.rnn(I, H)
+    inner(sg.Input(I, name="x"), {"h": sg.State(H, name="h")}, scope="a")
+    twin = copy_cell(inner)
+    x, h1, h2 = sg.Input(I, name="x"), sg.State(H, name="h1"), sg.State(H, name="h2")
+    _, s1 = twin(x, {"h": h1}, scope="a")
+    _, s2 = twin(x, {"h": h2})
+    assert sorted(sg.Cell([x], {h1: s1["h"], h2: s2["h"]}).params) == sorted(
+        [f"a.{k}" for k in twin.params] + list(twin.params))
+
+
+def test_a_graph_called_with_a_scope_has_weights_of_its_own():
+    u = sg.Input(H, name="u")
+    squash = sg.Graph([u], sg.tanh(sg.Linear(H, H, name="squash")(u)))
+    p, q = sg.Input(H, name="p"), sg.State(H, name="q")
+    cell = sg.Cell([p], {q: squash(p, scope="left") + squash(q, scope="right")})
+    assert sorted(cell.params) == ["left.squash.bias", "left.squash.weight", "right.squash.bias", "right.squash.weight"]

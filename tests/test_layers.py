@@ -250,6 +250,27 @@ def test_bidirectional_sum_of_outputs_that_do_not_match_says_what_each_direction
         bi(torch.randn(5, 2, I))
 
 
+class _OneOfTwo(torch.nn.Module):
+    """A layer of its own that keeps a two-output cell as `.cell` and returns one sequence."""
+
+    def __init__(self):
+        super().__init__()
+        x, h = sg.Input(I, name="x"), sg.State(H, name="h")
+        nh = sg.tanh(sg.Linear(I + H, H)(sg.concat([x, h])))
+        self.rec = sg.Recurrence(sg.Cell([x], {h: nh}, [nh, sg.sigmoid(nh)]))
+        self.cell = self.rec.cell
+
+    def forward(self, x, state=None, **kwargs):
+        (a, b), final = self.rec(x, state, **kwargs)
+        return a * b, final
+
+
+def test_layers_check_only_recurrences_and_take_a_layer_of_its_own_with_a_cell_attribute():
+    out, _ = sg.Stack([_OneOfTwo(), sg.Recurrence(sg.cells.gru(H, H))])(torch.randn(T, B, I))
+    assert out.shape == (T, B, H)
+    assert sg.Bidirectional(_OneOfTwo())(torch.randn(T, B, I))[0].shape == (T, B, 2 * H)
+
+
 def test_bidirectional_refuses_a_cell_with_two_outputs_when_built():
     x, h = sg.Input(I, name="x"), sg.State(H, name="h")
     nh = sg.tanh(sg.Linear(I + H, H)(sg.concat([x, h])))

@@ -810,8 +810,16 @@ def test_token_context_of_a_float_dtype_is_an_input_error():
 
 def test_a_float_context_of_another_dtype_is_an_input_error():
     rec = _context_cell(token=False)
-    with pytest.raises(sg.InputError, match=r"context 'c' .* has dtype torch.float32 but the inputs are torch.float64"):
+    with pytest.raises(sg.InputError, match=r"context 'c' .* has dtype torch.float32 but this call computes in "
+                                            r"torch.float64"):
         rec(torch.randn(5, 3, 3, dtype=DT), context=torch.randn(3, 4))
+
+
+def test_a_context_of_another_dtype_is_taken_under_autocast():
+    rec = _context_cell(token=False).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = rec(torch.randn(5, 3, 3), context=torch.randn(3, 4, dtype=torch.bfloat16))
+    assert out.shape == (5, 3, 4)
 
 
 def test_context_dtype_is_checked_when_declared():

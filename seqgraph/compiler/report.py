@@ -39,20 +39,24 @@ def _bytes(nodes: list[Node], B: int, itemsize: int) -> int:
     return sum(n.size * (B if n.batched else 1) * itemsize for n in nodes)
 
 
+def _amount(value: float, units: tuple[tuple[float, str], ...], base: str) -> str:
+    """`value` in the largest unit it reaches, three significant digits (all of them from 1000
+    of the largest unit up: 34400 GFLOP, never 3.44e+04)."""
+    for scale, unit in units:
+        if value >= scale:
+            text = f"{value / scale:.3g}"
+            return f"{value / scale:.0f} {unit}" if "e" in text else f"{text} {unit}"
+    return f"{value:.0f} {base}"
+
+
 def _flops_text(flops: float) -> str:
-    """FLOPs in the unit that shows them: 0.671 GFLOP, 2.10 MFLOP, 384 FLOP."""
-    for scale, unit in ((1e9, "GFLOP"), (1e6, "MFLOP"), (1e3, "kFLOP")):
-        if flops >= scale:
-            return f"{flops / scale:.3g} {unit}"
-    return f"{flops:.0f} FLOP"
+    """FLOPs in the unit that shows them: 671 MFLOP, 2.1 kFLOP, 384 FLOP."""
+    return _amount(flops, ((1e9, "GFLOP"), (1e6, "MFLOP"), (1e3, "kFLOP")), "FLOP")
 
 
 def _bytes_text(n: float) -> str:
     """Bytes in the binary unit that shows them: 5.86 MiB, 1.3 KiB, 96 B."""
-    for scale, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n:.0f} B"
+    return _amount(n, ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")), "B")
 
 
 def _gemm_text(n: Node) -> str:

@@ -238,8 +238,8 @@ def test_graph_called_with_wrong_shape():
     with pytest.raises(sg.ShapeError) as err:
         at_call = here(1)
         g(z)
-    assert str(err.value) == (f"Graph g (declared at {at_g}) expects input 'a' of shape (4,) float, but got "
-                              f"Input 'z' (declared at {at_z}) of shape (5,) float at {at_call}")
+    assert str(err.value) == (f"Graph g (declared at {at_g}), called at {at_call}, expects input 'a' of shape (4,) "
+                              f"float, but got Input 'z' (declared at {at_z}) of shape (5,) float")
 
 
 def test_graph_called_with_wrong_number_of_inputs():

@@ -31,3 +31,9 @@ def test_describe_shows_small_amounts_in_units_that_show_them():
 def test_describe_shows_each_gemm_of_a_step_with_its_operands():
     text = compile_plan(sg.cells.lstm(4, 8)).describe(T=5, B=3)
     assert "GEMM: %" in text and "= (B,8) @ (32,8)^T" in text  # the recurrent product, forward
+
+
+def test_large_and_rounded_amounts_are_written_without_exponents():
+    from seqgraph.compiler.report import _bytes_text, _flops_text
+    assert (_flops_text(3.44e13), _flops_text(999.6e6), _bytes_text(1023.7 * 1024)) == (
+        "34400 GFLOP", "1000 MFLOP", "1024 KiB")
