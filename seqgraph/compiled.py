@@ -27,11 +27,9 @@ from torch import nn
 from . import cuda_graphs, custom_ops
 from .cell import Cell
 from .compiler.codegen_torch import generate, real_step_rows
-from .compiler.interpret import evaluate
-from .compiler.ir import topo_order
 from .compiler.pipeline import compile_plan
 from .compiler.plan import Plan
-from .recurrence import Recurrence, forward_ad_active, functorch_active, own_storage
+from .recurrence import Recurrence, forward_ad_active, functorch_active, own_storage, token_output
 from .settings import debug_level, triton_interpreting
 
 BACKENDS = ("auto", "torch", "triton", "cpu", "reference")
@@ -241,20 +239,6 @@ class _Sequence(torch.autograd.Function):
         return (None, None, None, None, None, *dreads, *dstates)
 
 
-def _token_output(o, cell: Cell, xs, contexts, valid, dtype, device) -> torch.Tensor:
-    """An integer output (a token input passed on, a piece of one): the interpreter over all
-    T*B rows at once (it reads no state), exact where a float buffer would round ids above
-    2**24; zero on padded steps, as every output is."""
-    T, B = xs[0].shape[0], xs[0].shape[1]
-    leaves = {x.id: v.reshape((T * B,) + v.shape[2:]) for x, v in zip(cell.inputs, xs)}
-    leaves.update({c.id: v.unsqueeze(0).expand((T,) + v.shape).reshape((T * B,) + v.shape[1:])
-                   for c, v in zip(cell.contexts, contexts)})
-    value = evaluate(topo_order([o]), leaves, dtype=dtype, device=device)[o.id].reshape((T, B) + o.shape)
-    if valid is not None:
-        value = value.masked_fill(~valid.view((T, B) + (1,) * len(o.shape)), 0)
-    return value
-
-
 _SECOND_ORDER = ("seqgraph: a compiled loop ({backend} backend) has a first-order backward only, and "
                  "backward(create_graph=True) asks for one that can be differentiated again (a "
                  "gradient penalty, Hessian-vector products). Run that module uncompiled "
@@ -383,7 +367,7 @@ class CompiledRecurrence(Recurrence):
         outs, finals = self._run_loops(xs, states0, contexts, noises, valid, dtype, device)
         for k, o in enumerate(self.cell.outputs):
             if o.dtype == "long" and outs[k].is_floating_point():  # the loops write every output as a float
-                outs[k] = _token_output(o, self.cell, xs, contexts, valid, dtype, device)
+                outs[k] = token_output(o, self.cell, xs, contexts, valid, dtype, device)
         return outs, finals
 
     def _run_loops(self, xs, states0, contexts, noises, valid, dtype, device):

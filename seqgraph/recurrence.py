@@ -18,7 +18,8 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .cell import Cell
-from .compiler.interpret import run_step
+from .compiler.interpret import evaluate, run_step
+from .compiler.ir import topo_order
 from .errors import InputError, describe
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -71,6 +72,20 @@ def valid_steps(T: int, B: int, lengths, mask, batch_first: bool, device, who: s
         # a copy: the caller may refill the same buffer for the next call before this one's backward
         return (mask.transpose(0, 1) if batch_first else mask).to(device).clone(memory_format=torch.contiguous_format)
     return None
+
+
+def token_output(o, cell: Cell, xs, contexts, valid, dtype, device) -> torch.Tensor:
+    """An integer output (a token input passed on, a piece of one): the interpreter over all
+    T*B rows at once (it reads no state), exact where a float buffer would round ids above
+    2**24; zero on padded steps, as every output is."""
+    T, B = xs[0].shape[0], xs[0].shape[1]
+    leaves = {x.id: v.reshape((T * B,) + v.shape[2:]) for x, v in zip(cell.inputs, xs)}
+    leaves.update({c.id: v.unsqueeze(0).expand((T,) + v.shape).reshape((T * B,) + v.shape[1:])
+                   for c, v in zip(cell.contexts, contexts)})
+    value = evaluate(topo_order([o]), leaves, dtype=dtype, device=device)[o.id].reshape((T, B) + o.shape)
+    if valid is not None:
+        value = value.masked_fill(~valid.view((T, B) + (1,) * len(o.shape)), 0)
+    return value
 
 
 def own_storage(finals: list[torch.Tensor], others: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -254,7 +269,8 @@ class Recurrence(nn.Module):
                     states = [s.index_copy(0, rows, v) for s, v in zip(states, next_real)]
             for lst, v in zip(outs, o):
                 lst.append(v)
-        stacked = [torch.stack(lst) if lst else torch.zeros((0, B) + node.shape, dtype=dtype, device=device)
+        stacked = [torch.stack(lst) if lst else token_output(node, self.cell, xs, contexts, valid, dtype, device)
+                   if node.dtype == "long" else torch.zeros((0, B) + node.shape, dtype=dtype, device=device)
                    for lst, node in zip(outs, self.cell.outputs)]
         if T == 0 or (valid is not None and not any(full) and not valid.any()):
             # no real step at all: the outputs are zeros and the final states the initial ones,
