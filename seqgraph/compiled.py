@@ -374,11 +374,12 @@ class CompiledRecurrence(Recurrence):
         if torch.jit.is_tracing():  # the tracer records tensor ops; the loops run generated code it cannot see
             raise NotImplementedError(
                 "seqgraph: torch.jit.trace cannot record a compiled loop (its steps run generated code). Use "
-                "torch.compile (the loops are custom ops there), or trace the uncompiled module.")
+                "torch.export or torch.compile (the loops are custom ops there, and T stays free). Tracing the "
+                "uncompiled module records the example's T steps only.")
         params = list(self.param_tensors().values())
         if functorch_active() or forward_ad_active():
             # torch.func (grad, vmap) and forward-mode AD transform plain torch ops, not generated loops
-            return Recurrence._run_sequence(self, xs, states0, contexts, noises, valid, dtype, device)
+            return Recurrence._reference_loop(self, xs, states0, contexts, noises, valid, dtype, device)
         program = self._program_for(dtype, device)
         fns = program.fns
         T, B = xs[0].shape[0], xs[0].shape[1]
@@ -389,7 +390,7 @@ class CompiledRecurrence(Recurrence):
             t.requires_grad for t in list(reads) + list(states0) if isinstance(t, torch.Tensor))
         if need_grad and not program.plan.backward_ok(valid is not None):
             # the plan could not derive this backward: run the reference loop under autograd
-            return Recurrence._run_sequence(self, xs, states0, contexts, noises, valid, dtype, device)
+            return Recurrence._reference_loop(self, xs, states0, contexts, noises, valid, dtype, device)
         if torch.compiler.is_compiling():  # one opaque op for the whole loop (see custom_ops.py)
             res = program.loop_op(list(reads), list(states0), valid, T, B, need_grad)
             n, ns = len(step.outputs), len(step.states)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from typing import Mapping, Sequence
 
 import torch
@@ -239,6 +240,13 @@ class Recurrence(nn.Module):
         return (outs[0] if len(outs) == 1 else tuple(outs)), final_state
 
     def _run_sequence(self, xs, states0, contexts, noises, valid, dtype, device):
+        if torch.jit.is_tracing():  # the Python loop over T is unrolled into the trace
+            warnings.warn(f"seqgraph: torch.jit.trace of {self._where()} records the example's {xs[0].shape[0]} "
+                          f"steps: the traced module runs that many steps whatever T it is given (ONNX export "
+                          f"too). torch.export keeps T free.", RuntimeWarning, stacklevel=2)
+        return self._reference_loop(xs, states0, contexts, noises, valid, dtype, device)
+
+    def _reference_loop(self, xs, states0, contexts, noises, valid, dtype, device):
         """The reference loop: the interpreter once per step. A step with padding runs on its
         real rows only (gathered, then scattered back): a padded row keeps its state, outputs
         zero and gets no gradient from the step, so nothing the step would compute there (an

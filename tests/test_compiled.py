@@ -591,6 +591,19 @@ def test_torch_jit_trace_of_a_compiled_loop_says_what_to_use_instead():
         torch.jit.trace(lambda x: comp(x)[0], (torch.randn(2, 1, 3),))
 
 
+def test_torch_jit_trace_of_the_reference_warns_that_it_records_the_examples_steps():
+    class Outputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rec = sg.Recurrence(sg.cells.gru(3, 4))
+
+        def forward(self, x):
+            return self.rec(x)[0]
+
+    with pytest.warns(RuntimeWarning, match=r"records the example's 2 steps: the traced module runs that many steps"):
+        torch.jit.trace(Outputs(), (torch.randn(2, 1, 3),), check_trace=False)
+
+
 @pytest.mark.parametrize("backend", ["auto", "cpu", "torch"])
 def test_under_cpu_autocast_a_compiled_module_computes_what_the_reference_does(backend):
     rec = sg.Recurrence(sg.cells.gru(3, 4))

@@ -100,8 +100,9 @@ def describe_plan(plan, T: int | None, B: int | None, itemsize: int = 4) -> str:
             lines.append(f"  memory for backward at T={T}, B={B}: saved {_bytes_text(saved)} + state "
                          f"sequence {_bytes_text(states)} + gradient stash {_bytes_text(stash)}")
     if T and B:
-        hoist = _bytes(plan.reads, B, itemsize) * T
-        lines.append(f"memory: hoisted values read by the loop {_bytes_text(hoist)}; outputs "
+        # a value hoisted over all steps is T of them; an invariant (a weight) is one
+        hoist = sum(_bytes([r], B, itemsize) * (T if plan.cls[r.id] == "hoisted" else 1) for r in plan.reads)
+        lines.append(f"memory: values read by the loop {_bytes_text(hoist)}; outputs "
                      f"{_bytes_text(_bytes(plan.step.outputs, B, itemsize) * T)}")
     return "\n".join(lines)
 

@@ -37,3 +37,9 @@ def test_large_and_rounded_amounts_are_written_without_exponents():
     from seqgraph.compiler.report import _bytes_text, _flops_text
     assert (_flops_text(3.44e13), _flops_text(999.6e6), _bytes_text(1023.7 * 1024)) == (
         "34400 GFLOP", "1000 MFLOP", "1024 KiB")
+
+
+def test_memory_counts_a_hoisted_value_once_per_step_and_a_weight_once():
+    text = compile_plan(sg.cells.lstm(128, 128)).describe(T=50, B=16)
+    hoisted, weight = 50 * 16 * 512 * 4, 512 * 128 * 4  # the input projection over all steps, weight_hh
+    assert f"values read by the loop {(hoisted + weight) / 2**20:.3g} MiB" in text
