@@ -59,7 +59,9 @@ def valid_steps(T: int, B: int, lengths, mask, batch_first: bool, device, who: s
             raise InputError(f"{who}: lengths must have shape ({B},) (one per sequence), got {_fmt(lengths.shape)}")
         if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
             raise InputError(f"{who}: lengths must be integers, got dtype {lengths.dtype}")
-        if B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
+        if torch.compiler.is_compiling():  # a traced graph checks on the device, without reading the values
+            torch._assert_async(((lengths >= 0) & (lengths <= T)).all(), f"{who}: lengths must lie in [0, {T}]")
+        elif B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
             bad = int(lengths.min()) if int(lengths.min()) < 0 else int(lengths.max())
             raise InputError(f"{who}: lengths must lie in [0, {T}] (T = {T}), got {bad}")
         return torch.arange(T, device=device).unsqueeze(1) < lengths.to(device).unsqueeze(0)
@@ -197,8 +199,9 @@ class Recurrence(nn.Module):
         if state is None or given is not None:
             # a state remembered under torch.inference_mode cannot be saved for a backward:
             # outside that mode the call starts from a normal copy of it
-            memory = {k: v.clone() if v.is_inference() and not torch.is_inference_mode_enabled() else v
-                      for k, v in self._memory.items()}
+            # (torch.compile cannot ask, and its graphs never run in inference mode)
+            fresh = torch.compiler.is_compiling() or torch.is_inference_mode_enabled()
+            memory = {k: v.clone() if not fresh and v.is_inference() else v for k, v in self._memory.items()}
             return {**memory, **(given or {})}
         return state  # not a dict: _initial_states names the mistake
 

@@ -33,15 +33,33 @@ def test_whole_graph_compiles_without_breaks_and_matches_eager(backend):
         torch.testing.assert_close(a, b)
 
 
-def test_compiled_with_lengths_matches_eager():
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_compiled_with_lengths_matches_eager_in_one_graph(backend):
     torch.manual_seed(0)
-    model = _Model("torch")
+    model = _Model(backend)
     x = torch.randn(6, 4, 3, requires_grad=True)
     lengths = torch.tensor([6, 2, 0, 5])
     expected = _grads(model, x, lengths=lengths)
-    compiled = torch.compile(model, backend="aot_eager")
-    for a, b in zip(_grads(compiled, x, lengths=lengths), expected):
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for a, b in zip(_grads(compiled, x, lengths=lengths), expected, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_lengths_out_of_range_inside_torch_compile_raise_on_the_device():
+    compiled = torch.compile(_Model("cpu"), backend="aot_eager", fullgraph=True)
+    with pytest.raises(RuntimeError, match=r"lengths must lie in \[0, 6\]"):
+        compiled(torch.randn(6, 4, 3), lengths=torch.tensor([7, 2, 0, 5]))
+
+
+def test_remember_inside_torch_compile_carries_the_state_in_one_graph_per_call():
+    torch.manual_seed(0)
+    eager = sg.compile(sg.Recurrence(sg.cells.gru(3, 4), remember=True), backend="cpu")
+    traced = sg.compile(sg.Recurrence(sg.cells.gru(3, 4), remember=True), backend="cpu")
+    traced.load_state_dict(eager.state_dict())
+    step = torch.compile(lambda m, x: m(x)[0], backend="aot_eager", fullgraph=True)
+    for _ in range(3):
+        x = torch.randn(5, 2, 3)
+        torch.testing.assert_close(step(traced, x), eager(x)[0])
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
