@@ -591,6 +591,7 @@ def test_torch_jit_trace_of_a_compiled_loop_says_what_to_use_instead():
         torch.jit.trace(lambda x: comp(x)[0], (torch.randn(2, 1, 3),))
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
 def test_torch_jit_trace_of_the_reference_warns_that_it_records_the_examples_steps():
     class Outputs(torch.nn.Module):
         def __init__(self):
