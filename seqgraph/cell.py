@@ -67,18 +67,25 @@ def _param_keys(order: list[Node]) -> dict[str, Node]:
     (`linear_1` skips a user's `linear_1`). The parameters of a cell or graph inlined with
     `scope=` carry their key (`layer1.ih.weight`, see _scoped_params)."""
     params = [n for n in order if n.op == "param"]
-    keyed = {n.attrs["key"]: n for n in params if "key" in n.attrs}
+    keyed = [n for n in params if "key" in n.attrs]
     if not keyed:
         return _keys_in_one_scope(order)
     keys = _keys_in_one_scope([n for n in params if "key" not in n.attrs])
-    for key, n in keyed.items():
+    for n in keyed:
+        key = n.attrs["key"]
         clash = next((k for k in keys if k == key or k.startswith(key + ".") or key.startswith(k + ".")), None)
         if clash is not None:
-            raise WiringError(f"parameter key {key!r} of {describe(n)} clashes with {clash!r} of "
-                              f"{describe(keys[clash])}; give the inlined cell another scope", node=n)
+            raise WiringError(f"parameter key {key!r} of {_owner_text(n)} clashes with {clash!r} of "
+                              f"{_owner_text(keys[clash])}; give each inlined cell a scope of its own", node=n)
         keys[key] = n
     position = {n.id: k for k, n in enumerate(params)}
     return dict(sorted(keys.items(), key=lambda item: position[item[1].id]))
+
+
+def _owner_text(param: Node) -> str:
+    """`the Linear declared at cell.py:12`: what a parameter belongs to, for an error message."""
+    m = param.module
+    return f"the {type(m).__name__} declared at {m.site}" if m is not None else describe(param)
 
 
 def _keys_in_one_scope(order: list[Node]) -> dict[str, Node]:
@@ -152,7 +159,8 @@ def _scoped_params(owner, scope: str | None, site) -> dict[int, Node] | None:
     if not isinstance(scope, str):
         raise TypeError(f"scope must be a name (a str), got {type(scope).__name__} at {site}")
     _check_name(scope, None, "scope", f"the call at {site}")
-    made = owner._scopes.setdefault(scope, {})  # by key: a copied or unpickled owner keeps its own
+    # by key, so a copied or unpickled owner keeps its own (one pickled before scopes has none yet)
+    made = owner.__dict__.setdefault("_scopes", {}).setdefault(scope, {})
     for key, n in owner.params.items():
         if key not in made:
             made[key] = Node("param", (), {**n.attrs, "key": f"{scope}.{key}"}, n.shape, False, n.dtype,

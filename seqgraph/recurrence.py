@@ -60,7 +60,8 @@ def valid_steps(T: int, B: int, lengths, mask, batch_first: bool, device, who: s
         if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
             raise InputError(f"{who}: lengths must be integers, got dtype {lengths.dtype}")
         if torch.compiler.is_compiling():  # a traced graph checks on the device, without reading the values
-            torch._assert_async(((lengths >= 0) & (lengths <= T)).all(), f"{who}: lengths must lie in [0, {T}]")
+            # (a message naming T would make the traced graph specialise on it)
+            torch._assert_async(((lengths >= 0) & (lengths <= T)).all(), f"{who}: lengths must lie in [0, T]")
         elif B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
             bad = int(lengths.min()) if int(lengths.min()) < 0 else int(lengths.max())
             raise InputError(f"{who}: lengths must lie in [0, {T}] (T = {T}), got {bad}")
@@ -225,8 +226,9 @@ class Recurrence(nn.Module):
         states0 = self._initial_states(state, B, dtype, device)
         contexts = self._check_contexts(context, B, dtype, device)
         if valid is not None and contexts:  # nor the context of a sequence without one real step
-            live = valid.any(0)  # (asking whether all are live would wait for a GPU: there, always zeroed)
-            if valid.device.type != "cpu" or not bool(live.all()):
+            # asking whether all are live would wait for a GPU, or break a traced graph: there, always zeroed
+            live = valid.any(0)
+            if valid.device.type != "cpu" or torch.compiler.is_compiling() or not bool(live.all()):
                 contexts = [v.masked_fill(~live.view(B, *([1] * (v.dim() - 1))), 0) for v in contexts]
         if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):  # (traced: the lookup's own check)
             self._check_ids("input", self.cell.inputs, xs)

@@ -163,3 +163,33 @@ def test_a_graph_called_with_a_scope_has_weights_of_its_own():
     p, q = sg.Input(H, name="p"), sg.State(H, name="q")
     cell = sg.Cell([p], {q: squash(p, scope="left") + squash(q, scope="right")})
     assert sorted(cell.params) == ["left.squash.bias", "left.squash.weight", "right.squash.bias", "right.squash.weight"]
+
+
+def test_two_different_cells_in_one_scope_are_refused_when_built():
+    x, h1, h2 = sg.Input(I, name="x"), sg.State(H, name="h1"), sg.State(H, name="h2")
+    a, na = sg.cells.rnn(I, H)(x, {"h": h1}, scope="s")
+    b, nb = sg.cells.rnn(H, H)(a, {"h": h2}, scope="s")
+    with pytest.raises(sg.WiringError, match=r"parameter key 's.ih.weight' of the Linear declared at .* clashes with "
+                                             r"'s.ih.weight' .*give each inlined cell a scope of its own"):
+        sg.Cell([x], {h1: na["h"], h2: nb["h"]})
+
+
+def test_two_composites_of_one_factory_inlined_without_scopes_are_refused_when_built():
+    def composite():
+        x, h = sg.Input(H, name="x"), sg.State(H, name="h")
+        _, nxt = sg.cells.rnn(H, H)(x, {"h": h}, scope="inner")
+        return sg.Cell([x], {h: nxt["h"]})
+
+    x, a, b = sg.Input(H, name="x"), sg.State(H, name="a"), sg.State(H, name="b")
+    _, na = composite()(x, {"h": a})
+    _, nb = composite()(na["h"], {"h": b})
+    with pytest.raises(sg.WiringError, match=r"'inner.ih.weight' .* clashes"):
+        sg.Cell([x], {a: na["h"], b: nb["h"]})
+
+
+def test_a_cell_pickled_before_scopes_existed_can_still_be_inlined_with_one():
+    inner = sg.cells.rnn(I, H)
+    del inner.__dict__["_scopes"]  # what an older seqgraph pickled
+    x, h = sg.Input(I, name="x"), sg.State(H, name="h")
+    _, nxt = inner(x, {"h": h}, scope="a")
+    assert sorted(sg.Cell([x], {h: nxt["h"]}).params) == sorted(f"a.{k}" for k in inner.params)

@@ -47,7 +47,7 @@ def test_compiled_with_lengths_matches_eager_in_one_graph(backend):
 
 def test_lengths_out_of_range_inside_torch_compile_raise_on_the_device():
     compiled = torch.compile(_Model("cpu"), backend="aot_eager", fullgraph=True)
-    with pytest.raises(RuntimeError, match=r"lengths must lie in \[0, 6\]"):
+    with pytest.raises(RuntimeError, match=r"lengths must lie in \[0, T\]"):
         compiled(torch.randn(6, 4, 3), lengths=torch.tensor([7, 2, 0, 5]))
 
 
@@ -122,3 +122,34 @@ def test_a_first_call_in_another_dtype_compiles_whole_inside_torch_compile(how):
             want, _ = ref(x)
     assert out.dtype == want.dtype
     torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
+
+
+def _counting_backend():
+    """A torch.compile backend that counts the graphs it is given and runs them as traced."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return backend, graphs
+
+
+def test_lengths_inside_a_dynamic_torch_compile_keep_one_graph_for_every_t():
+    model = _Model("cpu")
+    backend, graphs = _counting_backend()
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=True)
+    for T in range(3, 13):
+        x = torch.randn(T, 4, 3)
+        lengths = torch.tensor([T, T - 1, 1, 0])
+        torch.testing.assert_close(compiled(x, lengths=lengths), model(x, lengths=lengths))
+    assert len(graphs) == 1
+
+
+def test_a_cell_with_a_context_and_lengths_traces_as_one_graph():
+    torch.manual_seed(0)
+    x, h, c = sg.Input(3, name="x"), sg.State(4, name="h"), sg.Context(4, name="c")
+    cell = sg.Cell([x], {h: sg.tanh(sg.Linear(3, 4)(x) + h * c)})
+    rec = sg.compile(sg.Recurrence(cell), backend="cpu")
+    step = torch.compile(lambda xs, ctx, n: rec(xs, lengths=n, context=ctx)[0], backend="aot_eager", fullgraph=True)
+    xs, ctx, lengths = torch.randn(5, 3, 3), torch.randn(3, 4), torch.tensor([5, 0, 2])
+    torch.testing.assert_close(step(xs, ctx, lengths), rec(xs, lengths=lengths, context=ctx)[0])

@@ -43,7 +43,7 @@ def _amount(value: float, units: tuple[tuple[float, str], ...], base: str) -> st
     """`value` in the largest unit it reaches, three significant digits (all of them from 1000
     of the largest unit up: 34400 GFLOP, never 3.44e+04)."""
     for scale, unit in units:
-        if value >= scale:
+        if value >= scale or f"{value / scale:.3g}" == "1":  # 999.7 MFLOP reads 1 GFLOP
             text = f"{value / scale:.3g}"
             return f"{value / scale:.0f} {unit}" if "e" in text else f"{text} {unit}"
     return f"{value:.0f} {base}"

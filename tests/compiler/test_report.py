@@ -35,8 +35,8 @@ def test_describe_shows_each_gemm_of_a_step_with_its_operands():
 
 def test_large_and_rounded_amounts_are_written_without_exponents():
     from seqgraph.compiler.report import _bytes_text, _flops_text
-    assert (_flops_text(3.44e13), _flops_text(999.6e6), _bytes_text(1023.7 * 1024)) == (
-        "34400 GFLOP", "1000 MFLOP", "1024 KiB")
+    assert (_flops_text(3.44e13), _flops_text(999.6e6), _bytes_text(1023.7 * 1024), _flops_text(998e6)) == (
+        "34400 GFLOP", "1 GFLOP", "1 MiB", "998 MFLOP")
 
 
 def test_memory_counts_a_hoisted_value_once_per_step_and_a_weight_once():
