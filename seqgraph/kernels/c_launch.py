@@ -32,7 +32,8 @@ from typing import Sequence
 import torch
 
 from .c_codegen import C_CODEGEN_VERSION, PRELUDE, CKernelSource, generate_c
-from .launch import cache_dir, debug_level, temp_file_in_cache
+from ..settings import debug_level
+from .cache import cache_dir, temp_file_in_cache
 from .region import Region, bind_inputs
 
 # AVX-512 machines vectorise with 512-bit registers only when asked (gcc and clang prefer 256)
@@ -295,6 +296,7 @@ class CLibrary:
         self.compiled: dict[torch.dtype, bool] = {}  # dtype -> whether this process ran the compiler
         self.loops: dict[str, str] = {}  # whole time loops (c_loops.py): function name -> source
         self.loop_fns: dict[tuple[str, torch.dtype], object] = {}
+        self.keys: dict[torch.dtype, str] = {}  # dtype -> the key of its loaded library
 
     def add(self, region: Region) -> CKernel:
         """The kernel for `region` (one already added with the same structure is reused)."""
@@ -316,6 +318,18 @@ class CLibrary:
     def add_loop(self, func_name: str, source: str) -> None:
         """A whole time loop (written by c_loops.py) calling this library's kernels."""
         self.loops[func_name] = source
+
+    def bind_own_gemm(self, dtype: torch.dtype) -> None:
+        """Give this library's float32 loops seqgraph's GEMM (cpu_gemm.py), built now if no
+        load chose it: a call asked for it after $SEQGRAPH_CPU_GEMM changed."""
+        key = self.keys[dtype]
+        if key in _OWN_GEMM_BOUND:
+            return
+        with _LOADING:
+            from .c_loops import blas_pointers
+            from .cpu_gemm import mm_pointers
+            _loaded[key].sg_set_blas(*blas_pointers(dtype), *mm_pointers())
+            _OWN_GEMM_BOUND.add(key)
 
     def loop_fn(self, func_name: str, dtype: torch.dtype):
         f = self.loop_fns.get((func_name, dtype))
@@ -358,10 +372,11 @@ class CLibrary:
         lib = _loaded.get(key)
         path = cache_dir() / "cpu" / f"{key}.so"
         wrote = False
+        own = dtype == torch.float32 and _own_gemm_chosen()
         if lib is None:
             if not path.exists():
-                # the loops' GEMM library (once per machine) builds on the other core meanwhile
-                gemm = _start(_gemm_library) if self.loops and dtype == torch.float32 else None
+                # the loops' GEMM library (once per machine, where chosen) builds on the other core meanwhile
+                gemm = _start(_gemm_library) if self.loops and own else None
                 try:
                     _build(self.source(), path, name)
                 finally:
@@ -382,9 +397,13 @@ class CLibrary:
                 raise RuntimeError(f"the C loops of {self.name!r} need a BLAS (sgemm_/dgemm_) in libtorch_cpu; "
                                    "none was found")
             from .cpu_gemm import mm_pointers
-            mm = mm_pointers() if dtype == torch.float32 else (None, None, None)
+            own = own or key in _OWN_GEMM_BOUND  # (never unbind it for another program's loops)
+            mm = mm_pointers() if own else (None, None, None)
             lib.sg_set_blas.argtypes = [ctypes.c_void_p] * 7
             lib.sg_set_blas(*blas, *mm)
+            if own:
+                _OWN_GEMM_BOUND.add(key)
+            self.keys[dtype] = key
             for fname in self.loops:
                 f = getattr(lib, fname)
                 f.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
@@ -396,6 +415,12 @@ class CLibrary:
 
 
 _LOADING = threading.RLock()
+_OWN_GEMM_BOUND: set[str] = set()  # keys of loaded libraries whose loops have seqgraph's GEMM
+
+
+def _own_gemm_chosen() -> bool:
+    from .cpu_gemm import per_step_gemm
+    return per_step_gemm() == "seqgraph"
 
 
 def _gemm_library() -> None:

@@ -417,6 +417,8 @@ class CLoops:
         strides = (ctypes.c_int64 * (3 * n))(*[s for t in tensors for s in (t.stride() + (0, 0, 0))[:3]])
         m = mask.contiguous() if mask is not None else None
         own = int(tensors[0].dtype == torch.float32 and per_step_gemm() == "seqgraph")
+        if own:
+            self.lib.bind_own_gemm(tensors[0].dtype)
         threads = loop_threads(B, self.step_weight_elems * tensors[0].element_size())
         if fn(T, B, m.data_ptr() if m is not None else None, ptrs, strides, own, threads):
             raise MemoryError(f"the C loop {variant} of {self.lib.name!r} could not allocate its workspace")

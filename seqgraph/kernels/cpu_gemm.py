@@ -338,7 +338,7 @@ def _library():
     lib = _libs.get(env)
     if lib is None:
         from . import c_launch
-        from .launch import cache_dir
+        from .cache import cache_dir
         cc = c_launch.find_compiler()
         if cc is None:
             raise c_launch.CompilerMissing("seqgraph's CPU GEMM needs a C compiler (set $CC, or install gcc)")

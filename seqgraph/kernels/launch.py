@@ -16,13 +16,13 @@ import hashlib
 import importlib.util
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from ..settings import debug_level, triton_interpreting
+from .cache import CacheNotWritable, cache_dir, temp_file_in_cache  # noqa: F401 - CacheNotWritable for callers
 from .codegen import CODEGEN_VERSION, KernelSource, generate
 from .region import Region, bind_inputs
 
@@ -33,27 +33,6 @@ except ImportError:  # pragma: no cover - triton ships with every supported Linu
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _loaded: dict[tuple[str, bool], object] = {}  # (cache key, interpreter on) -> the jitted kernel
-
-
-def cache_dir() -> Path:
-    """Where generated kernel files live: $SEQGRAPH_CACHE_DIR or ~/.cache/seqgraph/kernels."""
-    return Path(os.environ.get("SEQGRAPH_CACHE_DIR") or Path.home() / ".cache" / "seqgraph" / "kernels")
-
-
-class CacheNotWritable(OSError):
-    """The kernel cache folder cannot be created or written."""
-
-
-def temp_file_in_cache(folder: Path, prefix: str, suffix: str) -> tuple[int, str]:
-    """mkstemp in `folder` (created if missing), or CacheNotWritable saying which folder and how
-    to choose another."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        return tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
-    except OSError as e:
-        raise CacheNotWritable(f"seqgraph writes its generated kernels to {folder} and cannot: "
-                               f"{e.strerror or e}. Set SEQGRAPH_CACHE_DIR to a folder you can write "
-                               f"(it is now {os.environ.get('SEQGRAPH_CACHE_DIR', 'unset')!r})") from None
 
 
 def clear_memory_cache() -> None:

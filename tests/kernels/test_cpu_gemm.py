@@ -206,17 +206,21 @@ def test_c_loops_with_either_gemm_equal_the_reference_in_float32(monkeypatch, na
     assert comp._program.c_loops.calls - before == 2
 
 
-def test_the_per_step_products_follow_the_gemm_choice_at_each_call(monkeypatch):
+@pytest.mark.parametrize("order", [cpu_gemm.GEMMS, cpu_gemm.GEMMS[::-1]], ids=["seqgraph first", "mkl first"])
+def test_the_per_step_products_follow_the_gemm_choice_at_each_call(monkeypatch, order):
+    # loaded for MKL, a library binds seqgraph's GEMM when a later call first asks for it
     torch.manual_seed(0)
-    comp = sg.compile(sg.Recurrence(sg.cells.lstm(64, 96)), backend="cpu")
+    comp = sg.compile(sg.Recurrence(sg.cells.lstm(64, 96 if order[0] == "seqgraph" else 88)), backend="cpu")
     x = torch.randn(5, 9, 64)
     outs = {}
-    for gemm in cpu_gemm.GEMMS:
+    for gemm in order:
         monkeypatch.setenv("SEQGRAPH_CPU_GEMM", gemm)
         with torch.no_grad():
             outs[gemm] = comp(x)[0]
     torch.testing.assert_close(outs["seqgraph"], outs["mkl"], atol=1e-5, rtol=1e-5)
     assert not torch.equal(outs["seqgraph"], outs["mkl"])  # different kernels sum in different orders
+    from seqgraph.kernels.c_launch import _OWN_GEMM_BOUND
+    assert comp._program.c_loops.lib.keys[torch.float32] in _OWN_GEMM_BOUND
 
 
 def test_mismatched_shapes_go_to_torch_which_names_them(own_gemm):
