@@ -248,7 +248,8 @@ def mufuru(input_size: int, hidden_size: int, ops: Sequence[str] = MUFURU_OPS) -
     with ops from keep (s), replace (v), mul (s*v), diff (s-v), forget (0),
     sqrt_diff (0.25*sqrt(|s-v|)), max, min. The softmax is spelled out elementwise (max,
     exp, division) so the compiler can fuse it. Layout: "ih" rows are [r, v, p_1..p_J],
-    "hh" rows [r, p_1..p_J], and "hv" (no bias) reads r * s.
+    "hh" rows [r, p_1..p_J], and "hv" (no bias) reads r * s. Ops that never read v (keep and
+    forget only) need no r or v: then "ih" and "hh" rows are [p_1..p_J], and there is no "hv".
     """
     ops = tuple(ops)
     unknown = [o for o in ops if o not in MUFURU_OPS]
@@ -259,10 +260,17 @@ def mufuru(input_size: int, hidden_size: int, ops: Sequence[str] = MUFURU_OPS) -
     H, J = hidden_size, len(ops)
     x = sg.Input(input_size, name="x")
     s = sg.State(H, name="s")
-    xr, xv, *xp = sg.chunk(sg.Linear(input_size, (2 + J) * H, name="ih")(x), 2 + J)
-    sr, *sp = sg.chunk(sg.Linear(H, (1 + J) * H, name="hh")(s), 1 + J)
-    r = sg.sigmoid(xr + sr)
-    v = sg.tanh(xv + sg.Linear(H, H, bias=False, name="hv")(r * s))
+    gates = 2 if any(o not in ("keep", "forget") for o in ops) else 0  # r and v, when an op reads v
+    ih = sg.Linear(input_size, (gates + J) * H, name="ih")(x)
+    hh = sg.Linear(H, (gates // 2 + J) * H, name="hh")(s)
+    xs, ss = (sg.chunk(ih, gates + J), sg.chunk(hh, gates // 2 + J)) if gates + J > 1 else ((ih,), (hh,))
+    v = None
+    if gates:
+        (xr, xv, *xp), (sr, *sp) = xs, ss
+        r = sg.sigmoid(xr + sr)
+        v = sg.tanh(xv + sg.Linear(H, H, bias=False, name="hv")(r * s))
+    else:
+        xp, sp = list(xs), list(ss)
 
     logits = [a + b for a, b in zip(xp, sp)]
     top = logits[0]

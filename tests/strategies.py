@@ -161,6 +161,11 @@ def _constant(op: str, c: float, a):
     return c / (1.0 + a * a)
 
 
+def _positive_init(t):
+    """Parameters in [0.5, 1.5): a module-level function, so a built cell pickles."""
+    return t.uniform_(0.5, 1.5)
+
+
 def build_cell(recipe: CellRecipe) -> tuple[sg.Cell, list[int]]:
     """The sg.Cell a recipe describes, and its input sizes (in the order forward() takes them).
     A recipe with a `breakage` raises the sg.GraphError the checker gives for it."""
@@ -181,7 +186,7 @@ def build_cell(recipe: CellRecipe) -> tuple[sg.Cell, list[int]]:
         elif step.kind == "constant":
             pool.append(_constant(step.arg[0], step.arg[1], a))
         elif step.kind == "param":
-            p = sg.Parameter(a.shape, init=lambda t: t.uniform_(0.5, 1.5))
+            p = sg.Parameter(a.shape, init=_positive_init)
             pool.append(a * p if step.arg == "mul" else a + p)
         elif step.kind == "concat":
             pool.append(sg.concat([a, pool[step.args[1]]]))

@@ -267,21 +267,26 @@ def mufuru_reference(P, ops):
            "sqrt_diff": lambda s, v: 0.25 * torch.sqrt(torch.abs(s - v)), "max": torch.maximum, "min": torch.minimum}
     J = len(ops)
 
+    gates = 0 if set(ops) <= {"keep", "forget"} else 2  # no op reads v: no r, no v
+
     def step(xt, st):
         (s,) = st
-        gx = lin(P, "ih", xt).reshape(-1, 2 + J, H)
-        gs = lin(P, "hh", s).reshape(-1, 1 + J, H)
-        r = torch.sigmoid(gx[:, 0] + gs[:, 0])  # eq. 1
-        v = torch.tanh(gx[:, 1] + (s * r) @ P["hv.weight"].T)  # eq. 2
-        p = torch.softmax(gx[:, 2:] + gs[:, 1:], dim=1)  # eqs. 3-4, per unit over the ops
+        gx = lin(P, "ih", xt).reshape(-1, gates + J, H)
+        gs = lin(P, "hh", s).reshape(-1, gates // 2 + J, H)
+        v = None
+        if gates:
+            r = torch.sigmoid(gx[:, 0] + gs[:, 0])  # eq. 1
+            v = torch.tanh(gx[:, 1] + (s * r) @ P["hv.weight"].T)  # eq. 2
+        p = torch.softmax(gx[:, gates:] + gs[:, gates // 2:], dim=1)  # eqs. 3-4, per unit over the ops
         s2 = sum(p[:, j] * fns[op](s, v) for j, op in enumerate(ops))  # eq. 5
         return s2, (s2,)
 
     return step
 
 
-@pytest.mark.parametrize("ops", [sg.cells.MUFURU_OPS, ("keep", "replace"), ("mul", "forget", "max")],
-                         ids=["all", "gru-like", "subset"])
+@pytest.mark.parametrize("ops", [sg.cells.MUFURU_OPS, ("keep", "replace"), ("mul", "forget", "max"),
+                                 ("keep", "forget"), ("keep",)],
+                         ids=["all", "gru-like", "subset", "learned decay, no candidate", "keep only"])
 def test_mufuru_matches_published_equations(ops):
     rec = sg.Recurrence(sg.cells.mufuru(I, H, ops=ops))
     x, s0 = torch.randn(T, B, I), torch.randn(B, H)
@@ -289,6 +294,11 @@ def test_mufuru_matches_published_equations(ops):
     ref, (s,) = run_reference(mufuru_reference(params_of(rec), ops), x, (s0,))
     assert_close(out, ref)
     assert_close(final["s"], s)
+
+
+def test_mufuru_whose_ops_never_read_the_candidate_has_no_candidate_weights():
+    assert sorted(sg.cells.mufuru(I, H, ops=("forget", "keep")).params) == [
+        "hh.bias", "hh.weight", "ih.bias", "ih.weight"]
 
 
 @pytest.mark.parametrize("ops", [("keep", "jump"), (), ("keep", "keep"), ("forget",)])
