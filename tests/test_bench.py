@@ -105,3 +105,21 @@ def test_the_harness_refuses_an_output_file_it_cannot_write_before_running(tmp_p
     with pytest.raises(SystemExit):
         bench.main(["--out", str(tmp_path / "no_such_folder" / "b.md"), "--cells", "lstm", "--sizes", "small"])
     assert "--out: cannot write" in capsys.readouterr().err
+
+
+def test_the_step_calls_script_prints_a_row_per_module(capsys):
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "step_calls.py"
+    spec = importlib.util.spec_from_file_location("step_calls", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    threads = torch.get_num_threads()
+    try:
+        script.main(B=2, H=4, threads=1, reps=1, calls=2)
+    finally:
+        torch.set_num_threads(threads)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "us per" not in line]
+    backend = sg.compile(sg.Recurrence(sg.cells.lstm(4, 4))).backend_for()
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| sg.Recurrence (reference)", f"| sg.compile ({backend})", "| torch.nn.LSTMCell"]
