@@ -257,6 +257,8 @@ def mufuru(input_size: int, hidden_size: int, ops: Sequence[str] = MUFURU_OPS) -
         raise ValueError(f"mufuru ops must be distinct names from {list(MUFURU_OPS)}, got {list(ops)}")
     if all(o == "forget" for o in ops):
         raise ValueError("mufuru needs at least one op other than 'forget' (the state would always be 0)")
+    if ops == ("keep",):
+        raise ValueError("mufuru with 'keep' alone never changes its state; add another op (e.g. 'forget')")
     H, J = hidden_size, len(ops)
     x = sg.Input(input_size, name="x")
     s = sg.State(H, name="s")

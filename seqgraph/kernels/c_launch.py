@@ -326,6 +326,9 @@ class CLibrary:
         if key in _OWN_GEMM_BOUND:
             return
         with _LOADING:
+            if key not in _loaded:  # forgotten (clear_memory_cache): loading it again binds the GEMM now
+                self._load(dtype)
+                return
             from .c_loops import blas_pointers
             from .cpu_gemm import mm_pointers
             _loaded[key].sg_set_blas(*blas_pointers(dtype), *mm_pointers())
@@ -490,6 +493,7 @@ def _build(source: str, path: Path, real: str) -> None:
 def clear_memory_cache() -> None:
     """Forget the libraries loaded by this process (the files on disk stay)."""
     _loaded.clear()
+    _OWN_GEMM_BOUND.clear()
 
 
 __all__ = ["CKernel", "CLibrary", "CompilerMissing", "find_compiler", "cflags", "clear_memory_cache"]

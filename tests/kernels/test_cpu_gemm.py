@@ -260,3 +260,16 @@ def test_under_cpu_autocast_products_run_in_autocast_dtype(own_gemm):
     x, w = torch.randn(6, 5), torch.randn(7, 5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert cpu_gemm.linear(x, w).dtype == torch.nn.functional.linear(x, w).dtype == torch.bfloat16
+
+
+def test_a_library_forgotten_by_clear_memory_cache_binds_seqgraphs_gemm_when_a_call_asks(monkeypatch):
+    from seqgraph.kernels import c_launch
+    monkeypatch.setenv("SEQGRAPH_CPU_GEMM", "mkl")
+    rec = sg.Recurrence(sg.cells.gru(5, 7))
+    comp = sg.compile(rec, backend="cpu")
+    x = torch.randn(4, 3, 5)
+    comp(x)
+    c_launch.clear_memory_cache()
+    monkeypatch.setenv("SEQGRAPH_CPU_GEMM", "seqgraph")
+    torch.testing.assert_close(comp(x)[0], rec(x)[0], atol=1e-5, rtol=1e-5)
+    assert comp._program.c_loops.lib.keys[torch.float32] in c_launch._OWN_GEMM_BOUND
