@@ -262,17 +262,15 @@ def mufuru(input_size: int, hidden_size: int, ops: Sequence[str] = MUFURU_OPS) -
     H, J = hidden_size, len(ops)
     x = sg.Input(input_size, name="x")
     s = sg.State(H, name="s")
-    gates = 2 if any(o not in ("keep", "forget") for o in ops) else 0  # r and v, when an op reads v
-    ih = sg.Linear(input_size, (gates + J) * H, name="ih")(x)
-    hh = sg.Linear(H, (gates // 2 + J) * H, name="hh")(s)
-    xs, ss = (sg.chunk(ih, gates + J), sg.chunk(hh, gates // 2 + J)) if gates + J > 1 else ((ih,), (hh,))
+    # r and v, when an op reads v; without them J >= 2 (keep or forget alone is refused above)
+    gates = 2 if any(o not in ("keep", "forget") for o in ops) else 0
+    xp = list(sg.chunk(sg.Linear(input_size, (gates + J) * H, name="ih")(x), gates + J))
+    sp = list(sg.chunk(sg.Linear(H, (gates // 2 + J) * H, name="hh")(s), gates // 2 + J))
     v = None
     if gates:
-        (xr, xv, *xp), (sr, *sp) = xs, ss
+        (xr, xv, *xp), (sr, *sp) = xp, sp
         r = sg.sigmoid(xr + sr)
         v = sg.tanh(xv + sg.Linear(H, H, bias=False, name="hv")(r * s))
-    else:
-        xp, sp = list(xs), list(ss)
 
     logits = [a + b for a, b in zip(xp, sp)]
     top = logits[0]

@@ -74,7 +74,8 @@ def valid_steps(T: int, B: int, lengths, mask, batch_first: bool, device, who: s
         if mask.dtype != torch.bool:
             raise InputError(f"{who}: mask must have dtype torch.bool, got {mask.dtype}")
         # a copy: the caller may refill the same buffer for the next call before this one's backward
-        return (mask.transpose(0, 1) if batch_first else mask).to(device).clone(memory_format=torch.contiguous_format)
+        return (mask.transpose(0, 1) if batch_first else mask).to(device, copy=True,
+                                                                   memory_format=torch.contiguous_format)
     return None
 
 
@@ -282,9 +283,11 @@ class Recurrence(nn.Module):
                     states = [s.index_copy(0, rows, v) for s, v in zip(states, next_real)]
             for lst, v in zip(outs, o):
                 lst.append(v)
-        stacked = [torch.stack(lst) if lst else token_output(node, self.cell, xs, contexts, valid, dtype, device)
-                   if node.dtype == "long" else torch.zeros((0, B) + node.shape, dtype=dtype, device=device)
-                   for lst, node in zip(outs, self.cell.outputs)]
+        def no_steps(node):  # T = 0: an empty output of the node's own dtype
+            if node.dtype == "long":
+                return token_output(node, self.cell, xs, contexts, valid, dtype, device)
+            return torch.zeros((0, B) + node.shape, dtype=dtype, device=device)
+        stacked = [torch.stack(lst) if lst else no_steps(node) for lst, node in zip(outs, self.cell.outputs)]
         if T == 0 or (valid is not None and not any(full) and not valid.any()):
             # no real step at all: the outputs are zeros and the final states the initial ones,
             # still in the graph with zero gradients, as in the compiled backends, so that a
