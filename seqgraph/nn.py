@@ -255,7 +255,8 @@ class _RNNBase(nn.Module):
                 names = self._torch_names[layer][direction]
                 shown = f"sg.nn.{self.mode}" + (f" (layer {layer}, reverse)" if direction else
                                                  f" (layer {layer})" if self.num_layers > 1 else "")
-                object.__setattr__(rec, "_shown_as", shown)  # how its errors name it
+                object.__setattr__(rec, "_shown_as", shown)  # how its errors name it, and its weights
+                object.__setattr__(rec, "_param_shown", names)
                 with rec.reading({key: getattr(self, name) for key, name in names.items()}):
                     out, final = rec(seq, state, lengths=lengths, mask=mask)
                 outs.append(out if direction == 0 else reverse_sequences(out, lengths, mask=mask))

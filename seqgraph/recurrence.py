@@ -372,11 +372,13 @@ class Recurrence(nn.Module):
 
     def _float_dtype(self, xs) -> torch.dtype:
         """The one floating dtype of the call: every float input's, which the parameters share."""
-        first = next(iter(self.param_tensors().values()), None)  # what this call reads (reading() values too)
+        params = self.param_tensors()  # what this call reads (reading() values too)
+        first = next(iter(params.values()), None)
         pdtype = first.dtype if first is not None else None
         if first is not None and xs[0].device != first.device:
             raise InputError(f"{self._where()}: the inputs are on {xs[0].device} but the parameters are on "
                              f"{first.device}; move one of them (e.g. module.to({str(xs[0].device)!r}))")
+        self._check_params(params)
         seen = None  # (node, dtype) of the first float input
         for node, v in zip(self.cell.inputs, xs):
             if node.dtype != "float":
@@ -389,6 +391,29 @@ class Recurrence(nn.Module):
                                  f"are {pdtype}; convert one of them (e.g. module.to({v.dtype}))")
             seen = seen or (node, v.dtype)
         return seen[1] if seen else pdtype or torch.get_default_dtype()
+
+    def _check_params(self, params: dict[str, torch.Tensor]) -> None:
+        """Every parameter (and learned initial state) has its declared shape and the first
+        one's dtype and device: one replaced since the cell was built (tied, loaded, computed
+        by a parametrization) could otherwise be read past its end by the C loops."""
+        if torch.jit.is_tracing():  # (reading a parameter's shape there records it as a constant, which fails)
+            return
+        shown = self.__dict__.get("_param_shown", {})  # an owner's names for them (sg.nn: weight_hh_l0)
+        keyed = [(f"parameter {shown.get(key, key)!r}", node, params[key]) for key, node in self.cell.params.items()]
+        keyed += [(f"learned initial state {prev.name!r}", prev, self.init[prev.name])
+                  for prev, _ in self.cell.states if prev.attrs.get("init") == "learned"]
+        for what, node, v in keyed:
+            if not isinstance(v, torch.Tensor):
+                raise InputError(f"{self._where()}: {what} (declared at {node.site}) must be a tensor, "
+                                 f"got {type(v).__name__}")
+            if v.shape != node.shape:
+                raise InputError(f"{self._where()}: {what} (declared at {node.site}) must have shape "
+                                 f"{tuple(node.shape)}, got {tuple(v.shape)}")
+            first_what, _, first = keyed[0]
+            if v.dtype != first.dtype or v.device != first.device:
+                raise InputError(f"{self._where()}: {what} (declared at {node.site}) is {v.dtype} on {v.device} "
+                                 f"but {first_what} is {first.dtype} on {first.device}; give every "
+                                 f"parameter one dtype and device (module.to(...))")
 
     def _check_mask(self, lengths, mask, T, B, device):
         return valid_steps(T, B, lengths, mask, self.batch_first, device, self._where())

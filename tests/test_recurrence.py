@@ -570,6 +570,34 @@ def test_bad_context_raises_input_error(attention, context, text):
         attention(_x(T, B, E), context=context)
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+@pytest.mark.parametrize("shape", [(4 * H, H + 1), (4 * H, H - 1), (H, 4 * H)])
+def test_a_parameter_replaced_by_one_of_another_shape_is_refused_naming_both_shapes(backend, shape):
+    rec = sg.Recurrence(sg.cells.lstm(I, H))
+    run = sg.compile(rec, backend=backend)
+    rec.params.hh.weight = torch.nn.Parameter(torch.randn(*shape))  # the C loops would read past its end
+    with pytest.raises(sg.InputError, match=rf"parameter 'hh.weight' \(declared at test_recurrence.py:\d+\) "
+                                            rf"must have shape \({4 * H}, {H}\), got \({shape[0]}, {shape[1]}\)"):
+        run(_x(T, B, I).float())
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+def test_a_parameter_of_another_dtype_than_the_rest_is_refused(backend):
+    rec = sg.Recurrence(sg.cells.gru(I, H))
+    run = sg.compile(rec, backend=backend)
+    rec.params.hh.bias = torch.nn.Parameter(rec.params.hh.bias.double())
+    with pytest.raises(sg.InputError, match=r"parameter 'hh.bias' \(declared at .*\) is torch.float64 on cpu but "
+                                            r"parameter 'ih.weight' is torch.float32 on cpu"):
+        run(_x(T, B, I).float())
+
+
+def test_sg_nn_names_a_replaced_weight_by_its_attribute():
+    lstm = sg.nn.LSTM(I, H)
+    lstm.weight_hh_l0 = torch.nn.Parameter(torch.randn(4 * H, H + 1))
+    with pytest.raises(sg.InputError, match=r"parameter 'weight_hh_l0' .* must have shape"):
+        lstm(_x(T, B, I).float())
+
+
 def test_input_error_is_a_value_error():
     assert issubclass(sg.InputError, ValueError)
 
