@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import seqgraph as sg
-from .errors import InputError
+from .errors import InputError, user_site
 from .layers import _layout_of
 from .recurrence import valid_steps
 
@@ -38,6 +38,20 @@ def _check_flags(who: str, **flags) -> None:
     for name, value in flags.items():
         if not (isinstance(value, numbers.Integral) and value in (0, 1)):  # bools, and 0 / 1 as torch.nn takes
             raise TypeError(f"sg.cells.{who}: {name} must be True or False, got {value!r}")
+
+
+def _check_sizes(who: str, **sizes) -> None:
+    """Sizes are positive ints, named by their argument when not."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"sg.cells.{who} (at {user_site()}): {name} must be a positive int, got {value!r}")
+
+
+def _check_probabilities(who: str, **ps) -> None:
+    """Dropout-like probabilities are numbers in [0, 1), named by their argument when not."""
+    for name, value in ps.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+            raise ValueError(f"sg.cells.{who} (at {user_site()}): {name} is a probability in [0, 1), got {value!r}")
 
 
 def _keep_mask(size: int, p: float, name: str, per_sequence: bool = False):
@@ -72,6 +86,7 @@ def rnn(input_size: int, hidden_size: int, *, nonlinearity: str = "tanh", bias: 
     ['hh.bias', 'hh.weight', 'ih.bias', 'ih.weight']
     """
     _check_flags("rnn", bias=bias)
+    _check_sizes("rnn", input_size=input_size, hidden_size=hidden_size)
     act = _activation(nonlinearity)
     x = sg.Input(input_size, name="x")
     h = sg.State(hidden_size, name="h")
@@ -155,6 +170,8 @@ def lstm(input_size: int, hidden_size: int, *, bias: bool = True, peephole: bool
     States are "h" (size proj_size or hidden_size) and "c"; the output is h'.
     """
     _check_flags("lstm", bias=bias, peephole=peephole, layer_norm=layer_norm)
+    _check_sizes("lstm", input_size=input_size, hidden_size=hidden_size)
+    _check_probabilities("lstm", dropout=dropout, zoneout=zoneout)
     if proj_size < 0 or (proj_size and proj_size >= hidden_size):
         raise ValueError(f"proj_size must be 0 (no projection) or in (0, hidden_size={hidden_size}), "
                          f"got {proj_size}")
@@ -203,6 +220,7 @@ def gru(input_size: int, hidden_size: int, *, bias: bool = True, reset_after: bo
     "hh_n" (no bias), because W_hn must wait for r.
     """
     _check_flags("gru", bias=bias, reset_after=reset_after)
+    _check_sizes("gru", input_size=input_size, hidden_size=hidden_size)
     H = hidden_size
     x = sg.Input(input_size, name="x")
     h = sg.State(H, name="h")
@@ -251,6 +269,7 @@ def mufuru(input_size: int, hidden_size: int, ops: Sequence[str] = MUFURU_OPS) -
     "hh" rows [r, p_1..p_J], and "hv" (no bias) reads r * s. Ops that never read v (keep and
     forget only) need no r or v: then "ih" and "hh" rows are [p_1..p_J], and there is no "hv".
     """
+    _check_sizes("mufuru", input_size=input_size, hidden_size=hidden_size)
     ops = tuple(ops)
     unknown = [o for o in ops if o not in MUFURU_OPS]
     if unknown or not ops or len(set(ops)) != len(ops):
@@ -295,6 +314,7 @@ def mufuru(input_size: int, hidden_size: int, ops: Sequence[str] = MUFURU_OPS) -
 def indrnn(input_size: int, hidden_size: int, *, nonlinearity: str = "relu") -> sg.Cell:
     """The independently recurrent network (Li et al. 2018): h' = act(W x + b + u * h), with a
     recurrent weight vector "u" (one weight per unit, initialised in [0, 1))."""
+    _check_sizes("indrnn", input_size=input_size, hidden_size=hidden_size)
     act = _activation(nonlinearity)
     x = sg.Input(input_size, name="x")
     h = sg.State(hidden_size, name="h")

@@ -51,8 +51,8 @@ def _index(v, what: str) -> int:
 
 def _shape(size: Size, what: str) -> tuple:
     if isinstance(size, bool):
-        raise TypeError(f"{what}: size must be an int or a tuple of ints, got {size!r}")
-    if isinstance(size, int):
+        raise TypeError(f"{what} (at {user_site()}): size must be an int or a tuple of ints, got {size!r}")
+    if hasattr(size, "__index__"):  # an int, numpy's too
         size = (size,)
     try:
         if any(isinstance(s, bool) for s in size):
@@ -61,8 +61,13 @@ def _shape(size: Size, what: str) -> tuple:
     except TypeError:
         raise TypeError(f"{what} (at {user_site()}): size must be an int or a tuple of ints, got {size!r}") from None
     if any(s <= 0 for s in shape):
-        raise ValueError(f"{what}: sizes must be positive, got {shape}")
+        raise ValueError(f"{what} (at {user_site()}): sizes must be positive, got {shape}")
     return shape
+
+
+def _no_size(size) -> bool:
+    """Whether `size` is the empty tuple (an Input or Context of one value per example)."""
+    return isinstance(size, tuple) and size == ()
 
 
 # ---------------------------------------------------------------------------------------
@@ -72,7 +77,7 @@ def Input(size: Size = (), name: str | None = None, dtype: str = "float") -> Nod
     """A per-step input: at run time a (T, B, *size) tensor (integer tokens: dtype="long")."""
     if dtype not in ("float", "long"):
         raise ValueError(f"Input dtype must be 'float' or 'long', got {dtype!r}")
-    shape = () if size == () else _shape(size, "Input")
+    shape = () if _no_size(size) else _shape(size, "Input")
     return make("input", (), name=name, shape=shape, batched=True, dtype=dtype)
 
 
@@ -89,7 +94,7 @@ def Context(size: Size = (), name: str | None = None, dtype: str = "float") -> N
     one value per sequence, e.g. a class id with dtype="long")."""
     if dtype not in ("float", "long"):
         raise ValueError(f"Context dtype must be 'float' or 'long', got {dtype!r}")
-    shape = () if size == () else _shape(size, "Context")
+    shape = () if _no_size(size) else _shape(size, "Context")
     return make("context", (), name=name, shape=shape, batched=True, dtype=dtype)
 
 
@@ -111,36 +116,57 @@ def _uniform(bound: float, low: float | None = None) -> Callable[[torch.Tensor],
     return functools.partial(_fill_uniform, -bound if low is None else low, bound)
 
 
-def Parameter(size: Size, name: str | None = None, init: Callable | str | float = "uniform") -> Node:
+def Parameter(size: Size, name: str | None = None, init: Callable | str | float | torch.Tensor = "uniform") -> Node:
     """A free trainable tensor (no batch dim) such as peephole weights. `init`: "zeros",
-    "ones", "uniform" (±1/sqrt(last dim)), a number, or a function that fills a tensor."""
+    "ones", "uniform" (±1/sqrt(last dim)), a number, a tensor of this shape (copied), or a
+    function that fills the tensor it is given in place or returns the values."""
     shape = _shape(size, "Parameter")
     return make("param", (), name=name, shape=shape, batched=False, init=_init_fn(init, shape))
 
 
+def _call_init(fn: Callable, t: torch.Tensor) -> torch.Tensor:
+    """fn(t), taking what it returns when that is not t itself (torch.ones_like, say)."""
+    out = fn(t)
+    if isinstance(out, torch.Tensor) and out is not t:
+        if tuple(out.shape) != tuple(t.shape):
+            raise ValueError(f"the init function {getattr(fn, '__name__', fn)!r} returned a tensor of shape "
+                             f"{tuple(out.shape)} for a parameter of shape {tuple(t.shape)}")
+        t.copy_(out)
+    return t
+
+
+def _copy_values(values: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return t.copy_(values)
+
+
 def _init_fn(init, shape):
+    accepted = (f"an init is \"zeros\", \"ones\", \"uniform\", a number, a tensor of shape {shape} or a "
+                f"function that fills (or returns) a tensor")
     if isinstance(init, Node):
-        raise ValueError(f"unknown init {init!r}: an init fills a tensor once (\"zeros\", \"ones\", \"uniform\", a number "
-                         "or a function), it is not a node")
+        raise ValueError(f"unknown init {init!r} (at {user_site()}): it fills a tensor once, it is not a node; {accepted}")
+    if isinstance(init, torch.Tensor):
+        if tuple(init.shape) != tuple(shape):
+            raise ValueError(f"init tensor (at {user_site()}) has shape {tuple(init.shape)} but the parameter's is {shape}")
+        return functools.partial(_copy_values, init.detach().clone())
     if callable(init):
-        return init
+        return functools.partial(_call_init, init)
     if init == "zeros":
         return functools.partial(_fill_value, 0.0)
     if init == "ones":
         return functools.partial(_fill_value, 1.0)
     if init == "uniform":
         return _uniform(1.0 / math.sqrt(shape[-1] if shape else 1))
-    if isinstance(init, (int, float)):
+    if isinstance(init, (int, float)) and not isinstance(init, bool):
         return functools.partial(_fill_value, float(init))
-    raise ValueError(f"unknown init {init!r}")
+    raise ValueError(f"unknown init {init!r} (at {user_site()}); {accepted}")
 
 
 def Noise(size: Size, p: float, per_sequence: bool = False, name: str | None = None) -> Node:
     """A keep-mask for dropout-like regularisers: in training each element is 1 with
     probability 1-p, else 0 (one draw per step, or once per sequence with per_sequence=True);
     in evaluation it is the constant 1-p, its expectation."""
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"Noise probability must be in [0, 1), got {p}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"Noise (at {user_site()}): the probability p must be a number in [0, 1), got {p!r}")
     return make("noise", (), name=name, shape=_shape(size, "Noise"), batched=True, p=float(p),
                 per_sequence=bool(per_sequence))
 
@@ -208,6 +234,7 @@ def split(a: Node, sizes: Sequence[int], dim: int = -1) -> tuple[Node, ...]:
     if not isinstance(sizes, (list, tuple)):
         raise TypeError(f"sg.split (at {user_site()}) takes a list of piece sizes, e.g. sg.split(h, [2, 6]), got "
                         f"{sizes!r}; for n equal pieces use sg.chunk(h, n)")
+    sizes = [_index(v, "sg.split: a piece size") for v in sizes]
     d = ops.norm_dim_or_raise(_index(dim, "sg.split: dim"), len(a.shape), "split")
     if builtins.sum(sizes) != a.shape[d] or any(s <= 0 for s in sizes):
         raise ShapeError(f"split (declared at {user_site()}): sizes {list(sizes)} do not add up to "
@@ -276,14 +303,17 @@ def transpose(a: Node, d0: int = -2, d1: int = -1, name: str | None = None) -> N
 
 def reshape(a: Node, shape: Sequence[int], name: str | None = None) -> Node:
     """A new per-example shape with the same number of elements (the batch dim stays)."""
-    return make("reshape", (_node(a, "reshape"),), name=name, shape=tuple(shape))
+    if not isinstance(shape, (list, tuple)):
+        raise TypeError(f"sg.reshape (at {user_site()}) takes the new per-example shape as a tuple of ints, "
+                        f"e.g. sg.reshape(x, (2, 4)), got {shape!r}")
+    return make("reshape", (_node(a, "reshape"),), name=name, shape=tuple(_index(v, "sg.reshape: a size") for v in shape))
 
 
 def unsqueeze(a: Node, dim: int, name: str | None = None) -> Node:
     """A new per-example dim of size 1 at `dim`."""
     a = _node(a, "unsqueeze")
     shape = list(a.shape)
-    d = ops.norm_dim_or_raise(dim, len(shape) + 1, "unsqueeze")
+    d = ops.norm_dim_or_raise(_index(dim, "sg.unsqueeze: dim"), len(shape) + 1, "unsqueeze")
     shape.insert(d, 1)
     return make("reshape", (a,), name=name, shape=tuple(shape))
 
@@ -291,7 +321,7 @@ def unsqueeze(a: Node, dim: int, name: str | None = None) -> Node:
 def squeeze(a: Node, dim: int, name: str | None = None) -> Node:
     """Drop the per-example dim `dim`, which must have size 1."""
     a = _node(a, "squeeze")
-    d = ops.norm_dim_or_raise(dim, len(a.shape), "squeeze")
+    d = ops.norm_dim_or_raise(_index(dim, "sg.squeeze: dim"), len(a.shape), "squeeze")
     if a.shape[d] != 1:
         raise ShapeError(f"squeeze (declared at {user_site()}): dim {dim} of {mention(a)} has size {a.shape[d]}, not 1")
     return make("reshape", (a,), name=name, shape=a.shape[:d] + a.shape[d + 1:])
@@ -463,13 +493,17 @@ class LayerNorm(Module):
 
     def __init__(self, size: int, eps: float = 1e-5, affine: bool = True, name: str | None = None):
         super().__init__(name)
-        size = _count(size, f"LayerNorm (declared at {self.site}): size")
+        self.size = _count(size, f"LayerNorm (declared at {self.site}): size")
         self.eps = eps
-        self.weight = self._param("weight", (size,), "ones") if affine else None
-        self.bias = self._param("bias", (size,), "zeros") if affine else None
+        self.weight = self._param("weight", (self.size,), "ones") if affine else None
+        self.bias = self._param("bias", (self.size,), "zeros") if affine else None
 
     def forward(self, x):
-        y = self._make("layer_norm", (_node(x, "LayerNorm"),), eps=float(self.eps))
+        x = _node(x, "LayerNorm")
+        if not x.shape or x.shape[-1] != self.size:
+            raise ShapeError(f"LayerNorm (declared at {self.site}) normalises {self.size} features but {mention(x)} has "
+                             f"{x.shape[-1] if x.shape else 'no feature dim'} (at {user_site()})")
+        y = self._make("layer_norm", (x,), eps=float(self.eps))
         if self.weight is not None:
             y = self._make("add", (self._make("mul", (y, self.weight)), self.bias))
         return y
@@ -499,7 +533,7 @@ class Concat(Module):
     (counted from 0 without the batch; -1, the default, is the feature dim)."""
     def __init__(self, dim: int = -1, name: str | None = None):
         super().__init__(name)
-        self.dim = dim
+        self.dim = _index(dim, "Concat: dim")
 
     def forward(self, xs):
         return self._make("concat", tuple(_list_of_nodes(xs, "Concat")), dim=self.dim)

@@ -436,6 +436,57 @@ def test_sizes_and_piece_counts_may_be_numpy_integers():
     lin = sg.Linear(np.int64(4), np.int32(3))
     assert (lin.in_features, lin.out_features) == (4, 3) and type(lin.in_features) is int
     assert len(sg.chunk(sg.Input(4, name="x"), np.int64(2))) == 2
+    assert sg.Input(np.int64(3)).shape == (3,) and sg.Context(np.int32(2)).shape == (2,)
+
+
+@pytest.mark.parametrize("make,says", [
+    (lambda x: sg.split(x, [2.0, 2.0]), r"sg.split: a piece size \(at test_dsl.py:\d+\) must be an int, got 2.0"),
+    (lambda x: sg.Concat(dim=1.5)([x, x]), r"Concat: dim \(at test_dsl.py:\d+\) must be an int, got 1.5"),
+    (lambda x: sg.unsqueeze(x, 0.0), r"sg.unsqueeze: dim \(at test_dsl.py:\d+\) must be an int"),
+    (lambda x: sg.squeeze(sg.unsqueeze(x, 0), 0.0), r"sg.squeeze: dim \(at test_dsl.py:\d+\) must be an int"),
+    (lambda x: sg.reshape(x, 4), r"sg.reshape \(at test_dsl.py:\d+\) takes the new per-example shape as a tuple"),
+    (lambda x: sg.reshape(x, (2, 2.0)), r"sg.reshape: a size \(at test_dsl.py:\d+\) must be an int"),
+], ids=["split", "concat", "unsqueeze", "squeeze", "reshape_int", "reshape_float"])
+def test_a_float_or_bare_int_where_a_dim_or_shape_belongs_is_refused_at_the_line(make, says):
+    x, _ = _xh()
+    with pytest.raises(TypeError, match=says):
+        make(x)
+
+
+@pytest.mark.parametrize("size", [1, 5])
+def test_layer_norm_of_another_size_than_its_input_is_a_shape_error(size):
+    x, _ = _xh()
+    with pytest.raises(sg.ShapeError, match=rf"LayerNorm \(declared at test_dsl.py:\d+\) normalises {size} features "
+                                            rf"but 'x' has 4"):
+        sg.LayerNorm(size)(x)
+
+
+@pytest.mark.parametrize("p", ["0.5", 1.0, -0.1, True])
+def test_a_noise_probability_that_is_not_a_number_in_zero_one_is_refused_at_the_line(p):
+    with pytest.raises(ValueError, match=r"Noise \(at test_dsl.py:\d+\): the probability p must be a number in \[0, 1\)"):
+        sg.Noise(3, p)
+
+
+@pytest.mark.parametrize("init,expected", [(torch.ones_like, 1.0), (lambda t: torch.full_like(t, 3.0), 3.0),
+                                           (torch.full((4,), 2.0), 2.0)], ids=["ones_like", "lambda", "tensor"])
+def test_a_parameter_init_may_return_its_values_or_be_a_tensor(init, expected):
+    x, h = _xh()
+    gain = sg.Parameter(4, name="gain", init=init)
+    rec = sg.Recurrence(sg.Cell(inputs=[x], states={h: sg.tanh(x * gain + h)}))
+    assert torch.equal(rec.params.gain, torch.full((4,), expected))
+
+
+def test_an_init_returning_another_shape_is_refused_naming_both():
+    x, h = _xh()
+    gain = sg.Parameter(4, name="gain", init=lambda t: torch.ones(3))
+    with pytest.raises(ValueError, match=r"returned a tensor of shape \(3,\) for a parameter of shape \(4,\)"):
+        sg.Recurrence(sg.Cell(inputs=[x], states={h: sg.tanh(x * gain + h)}))
+
+
+@pytest.mark.parametrize("init", ["normal", torch.ones(3)], ids=["unknown_name", "tensor_of_another_shape"])
+def test_an_unknown_init_names_the_line_and_what_is_accepted(init):
+    with pytest.raises(ValueError, match=r"\(at test_dsl.py:\d+\)"):
+        sg.Parameter(4, init=init)
 
 
 # ---------------------------------------------------------------------------------------
