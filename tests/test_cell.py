@@ -1,4 +1,4 @@
-"""seqgraph/cell.py: a Cell called on nodes inlines one step of it into a bigger cell."""
+"""seqgraph/cell.py: what building a Cell refuses, and a Cell called on nodes inlining one step of it into a bigger cell."""
 import pytest
 import torch
 
@@ -193,3 +193,27 @@ def test_a_cell_pickled_before_scopes_existed_can_still_be_inlined_with_one():
     x, h = sg.Input(I, name="x"), sg.State(H, name="h")
     _, nxt = inner(x, {"h": h}, scope="a")
     assert sorted(sg.Cell([x], {h: nxt["h"]}).params) == sorted(f"a.{k}" for k in inner.params)
+
+
+@pytest.mark.parametrize("contexts,says", [
+    (lambda x, m: [x], r"contexts= must hold sg.Context nodes .*; got Input 'x'"),
+    (lambda x, m: [torch.zeros(2)], r"contexts= must hold sg.Context nodes .*; got a Tensor"),
+    (lambda x, m: [m, m], r"Context 'memory' .* appears twice in contexts="),
+], ids=["an_input", "a_tensor", "twice"])
+def test_contexts_must_be_distinct_context_nodes(contexts, says):
+    x, h, memory = sg.Input(4, name="x"), sg.State(4, name="h"), sg.Context(4, name="memory")
+    with pytest.raises(sg.WiringError, match=says):
+        sg.Cell(inputs=[x], states={h: sg.tanh(x + h + memory)}, contexts=contexts(x, memory))
+
+
+def test_one_context_node_may_be_given_without_a_list():
+    x, h, memory = sg.Input(4, name="x"), sg.State(4, name="h"), sg.Context(4, name="memory")
+    cell = sg.Cell(inputs=[x], states={h: sg.tanh(x + h + memory)}, contexts=memory)
+    assert cell.contexts == [memory]
+
+
+def test_a_cell_without_inputs_is_refused_where_it_is_built():
+    h = sg.State(4, name="h")
+    with pytest.raises(sg.WiringError, match=r"Cell declared at test_cell.py:\d+ has no inputs: it needs at least one "
+                                             r"sg.Input"):
+        sg.Cell(inputs=[], states={h: sg.tanh(h)})

@@ -54,6 +54,14 @@ def _check_cell(inputs, states, outputs, contexts) -> list[Node]:
         if x.id in seen_inputs:
             _fail(WiringError, f"{describe(x)} appears twice in inputs= (each input is one tensor of the call)", x)
         seen_inputs.add(x.id)
+    seen_ctx = set()
+    for c in contexts or []:
+        if not isinstance(c, Node) or c.op != "context":
+            _fail(WiringError, f"contexts= must hold sg.Context nodes (inputs that are the same at every step); "
+                               f"got {_what(c)}", _node_or_none(c))
+        if c.id in seen_ctx:
+            _fail(WiringError, f"{describe(c)} appears twice in contexts=", c)
+        seen_ctx.add(c.id)
     seen_prev = set()
     for prev, nxt in states:
         if not isinstance(prev, Node) or prev.op != "state":
