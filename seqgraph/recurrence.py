@@ -267,7 +267,7 @@ class Recurrence(nn.Module):
                           for node, n in zip(self.cell.noises, noises)]
             leaves = ([x[t] for x in xs], states, contexts, step_noise)
             if full[t]:
-                o, states = run_step(self.cell, *leaves, params, dtype=dtype, device=device)
+                o, states = _batch_rows(run_step(self.cell, *leaves, params, dtype=dtype, device=device), B)
             else:
                 rows = valid[t].nonzero().squeeze(1)
                 # noise drawn as one (1, ...) row (eval mode, p = 0) broadcasts to any rows
@@ -276,7 +276,8 @@ class Recurrence(nn.Module):
                 if not rows.numel():  # nothing to compute; the outputs' dtypes from one row, unused
                     pick = [[v[:1] if v.dim() and v.shape[0] == B else v for v in group] for group in leaves]
                 with torch.set_grad_enabled(torch.is_grad_enabled() and bool(rows.numel())):
-                    o_real, next_real = run_step(self.cell, *pick, params, dtype=dtype, device=device)
+                    o_real, next_real = _batch_rows(run_step(self.cell, *pick, params, dtype=dtype, device=device),
+                                                    max(rows.numel(), 1))
                 o = [v.new_zeros((B,) + v.shape[1:]) for v in o_real]
                 if rows.numel():
                     o = [z.index_copy(0, rows, v) for z, v in zip(o, o_real)]
@@ -502,6 +503,15 @@ class Recurrence(nn.Module):
 
     def _repr_svg_(self):  # Jupyter shows the cell's picture inline
         return self.cell._repr_svg_()
+
+
+def _batch_rows(step: tuple[list, list], rows: int) -> tuple[list, list]:
+    """A step's outputs and next states, each with `rows` rows: a value that meets the batch
+    only through noise drawn as one row (evaluation mode) comes out with one row, and is the
+    same for every row."""
+    def fit(vs):
+        return [v.expand((rows,) + v.shape[1:]) if v.dim() and v.shape[0] == 1 != rows else v for v in vs]
+    return fit(step[0]), fit(step[1])
 
 
 def _register_nested(root: nn.Module, key: str, p: nn.Parameter) -> None:

@@ -670,6 +670,18 @@ def test_eval_mode_is_deterministic_and_equals_no_dropout():
     torch.testing.assert_close(first, plain(x)[0][0])
 
 
+@pytest.mark.parametrize("lengths", [None, torch.tensor([T, 2, 0, 4])], ids=["full", "padded"])
+def test_an_output_meeting_the_batch_only_through_noise_has_every_row_in_eval_mode(lengths):
+    x, h = sg.Input(I, name="x"), sg.State(H, name="h")
+    bias = sg.dropout(sg.Parameter(2, name="bias"), 0.3)  # batched only through its keep-mask
+    cell = sg.Cell(inputs=[x], states={h: sg.tanh(sg.Linear(I + H, H)(sg.concat([x, h])))}, outputs=[h, bias])
+    rec = sg.Recurrence(cell).double().eval()
+    (_, out), _ = rec(torch.randn(T, B, I, dtype=DT), lengths=lengths)
+    (_, compiled), _ = sg.compile(rec, backend="torch")(torch.randn(T, B, I, dtype=DT), lengths=lengths)
+    assert out.shape == (T, B, 2)
+    torch.testing.assert_close(out, compiled)
+
+
 def test_training_mode_draws_noise():
     rec = randomize(sg.Recurrence(_dropout_lstm(0.3))).train()
     x = torch.randn(T, B, I, dtype=DT)
