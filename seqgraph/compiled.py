@@ -295,6 +295,18 @@ class CompiledRecurrence(Recurrence):
         else:  # during nn.Module.__init__, before the source is set
             self.__dict__["_training"] = mode
 
+    # remember=True: the twins carry one remembered state (forget() on either drops it)
+    @property
+    def _memory(self):
+        source = self.__dict__.get("_source")
+        return source._memory if source is not None else None
+
+    @_memory.setter
+    def _memory(self, value) -> None:
+        source = self.__dict__.get("_source")
+        if source is not None:
+            source._memory = value
+
     def __getstate__(self) -> dict:
         # the generated code is not pickled: loading compiles it again (or takes it from the
         # cache, which is keyed by the cell's structure)

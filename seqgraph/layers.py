@@ -10,6 +10,8 @@ sequence within its own real steps. This module must not build cells or know abo
 """
 from __future__ import annotations
 
+import contextlib
+
 import copy
 from typing import Callable, Sequence
 
@@ -174,10 +176,30 @@ class Stack(nn.Module):
         for k, (layer, s) in enumerate(zip(self.layers, state)):
             if k and self.dropout is not None:
                 x = self.dropout(x)
-            x, final = layer(x, s, lengths=lengths, mask=mask)
+            with _naming_errors(f"sg.Stack layer {k}"):
+                x, final = layer(x, s, lengths=lengths, mask=mask)
             x = _single_output(x, f"sg.Stack layer {k}")
             finals.append(final)
         return x, finals
+
+    def forget(self) -> None:
+        """Drop the state every remember=True layer carries: the next call starts afresh."""
+        _forget_all(self.layers)
+
+
+@contextlib.contextmanager
+def _naming_errors(who: str):
+    """An InputError raised inside says which layer or direction of a wrapper it came from."""
+    try:
+        yield
+    except InputError as e:
+        raise InputError(f"{who}: {e}") from None
+
+
+def _forget_all(modules) -> None:
+    for m in modules:
+        if callable(getattr(m, "forget", None)):
+            m.forget()
 
 
 def _output_size(module: nn.Module) -> int:
@@ -209,6 +231,19 @@ def stack(cell_fn: Callable, input_size: int, hidden_sizes: Sequence[int], dropo
 # ---------------------------------------------------------------------------------------
 # bidirectional
 # ---------------------------------------------------------------------------------------
+def _first_sequence(x, batch_first: bool) -> torch.Tensor:
+    """The (T, B, ...) tensor (or the first of a tuple, for a cell of several inputs) that gives
+    a call its steps and batch size; anything else is an InputError saying what was expected."""
+    parts = list(x) if isinstance(x, tuple) else [x]
+    if parts and all(isinstance(v, torch.Tensor) and v.dim() >= 2 for v in parts):
+        return parts[0]
+    got = ", ".join(f"a tensor of shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+                    for v in parts) or "an empty tuple"
+    hint = "; stack a list of steps with torch.stack" if isinstance(x, list) else ""
+    raise InputError(f"sg.Bidirectional: x must be a tensor {'(B, T, ...)' if batch_first else '(T, B, ...)'} "
+                     f"(or a tuple of them, one per input of the cell), got {got}{hint}")
+
+
 def _fresh_copy(module: nn.Module) -> nn.Module:
     """A copy with its own parameters, re-initialised where we know how."""
     twin = copy.deepcopy(module)
@@ -241,8 +276,18 @@ class Bidirectional(nn.Module):
         super().__init__()
         if not (merge in ("concat", "sum") or callable(merge)):
             raise ValueError(f"merge must be 'concat', 'sum' or a function, got {merge!r}")
+        for what, m in (("fwd", fwd), ("bwd", bwd)):
+            if not isinstance(m, nn.Module) and not (what == "bwd" and m is None):
+                hint = ": wrap a cell in sg.Recurrence(cell) first" if isinstance(m, Cell) else ""
+                raise TypeError(f"sg.Bidirectional: {what} must be a torch.nn.Module (a sg.Recurrence, say), "
+                                f"got {type(m).__name__}{hint}")
         self.fwd = fwd
         self.bwd = bwd if bwd is not None else _fresh_copy(fwd)
+        if getattr(self.bwd, "remember", False):
+            raise ValueError("sg.Bidirectional: the backward direction reads each call's sequences from their end, "
+                             "so it cannot carry its state into the next call (remember=True"
+                             + (", copied from fwd" if bwd is None else "") + "); give bwd= a module without "
+                             "remember (the forward direction may remember)")
         _check_one_output(self.fwd, "sg.Bidirectional fwd")
         _check_one_output(self.bwd, "sg.Bidirectional bwd")
         (in_f, out_f), (in_b, out_b) = _feature_sizes(self.fwd), _feature_sizes(self.bwd)
@@ -263,14 +308,18 @@ class Bidirectional(nn.Module):
             raise InputError("sg.Bidirectional: state must be None or a pair (state_fwd, state_bwd)")
         bf = self.batch_first
         x = refuse_packed(x, "sg.Bidirectional")
-        T, B = (x.shape[1], x.shape[0]) if bf else (x.shape[0], x.shape[1])
-        valid = valid_steps(T, B, lengths, mask, bf, x.device, "sg.Bidirectional")
-        out_f, fin_f = self.fwd(x, state[0], lengths=lengths, mask=mask, **kwargs)
+        first = _first_sequence(x, bf)
+        T, B = (first.shape[1], first.shape[0]) if bf else (first.shape[0], first.shape[1])
+        valid = valid_steps(T, B, lengths, mask, bf, first.device, "sg.Bidirectional")
+        with _naming_errors("sg.Bidirectional (forward direction)"):
+            out_f, fin_f = self.fwd(x, state[0], lengths=lengths, mask=mask, **kwargs)
         out_f = _single_output(out_f, "sg.Bidirectional fwd")
-        x_rev = reverse_sequences(x, batch_first=bf, mask=None if valid is None else _layout(valid, bf))
-        out_b, fin_b = self.bwd(x_rev, state[1], lengths=lengths, mask=mask, **kwargs)
-        out_b = reverse_sequences(_single_output(out_b, "sg.Bidirectional bwd"), batch_first=bf,
-                                  mask=None if valid is None else _layout(valid, bf))
+        mirror = None if valid is None else _layout(valid, bf)
+        x_rev = tuple(reverse_sequences(v, batch_first=bf, mask=mirror) for v in x) if isinstance(x, tuple) else \
+            reverse_sequences(x, batch_first=bf, mask=mirror)
+        with _naming_errors("sg.Bidirectional (backward direction)"):
+            out_b, fin_b = self.bwd(x_rev, state[1], lengths=lengths, mask=mask, **kwargs)
+        out_b = reverse_sequences(_single_output(out_b, "sg.Bidirectional bwd"), batch_first=bf, mask=mirror)
         if self.lm:
             out_f = self._time_major(_shift_within(self._time_major(out_f), valid, 1))
             out_b = self._time_major(_shift_within(self._time_major(out_b), valid, -1))
@@ -284,6 +333,10 @@ class Bidirectional(nn.Module):
         else:
             out = self.merge(out_f, out_b)
         return out, (fin_f, fin_b)
+
+    def forget(self) -> None:
+        """Drop the state a remember=True forward direction carries."""
+        _forget_all([self.fwd, self.bwd])
 
     def _time_major(self, x):
         return x.transpose(0, 1) if self.batch_first else x

@@ -703,6 +703,17 @@ def test_a_recurrence_and_its_compiled_twin_in_one_container_become_one_twin():
     assert isinstance(model[0], sg.CompiledRecurrence) and model[1] is model[0]
 
 
+def test_a_recurrence_and_its_compiled_twin_carry_one_remembered_state():
+    rec = sg.Recurrence(sg.cells.gru(3, 4), remember=True)
+    fast = sg.compile(rec, backend="cpu")
+    x = torch.randn(2, 1, 3)
+    first, _ = fast(x)
+    _, fin = rec(x)  # continues where the twin stopped
+    torch.testing.assert_close(fast._memory["h"], fin["h"])
+    rec.forget()  # and forgetting either forgets both
+    torch.testing.assert_close(fast(x)[0], first)
+
+
 def _grads_of_inputs(module, X, H):
     out, _ = module(X, {"h": H})
     return torch.autograd.grad(out.sum(), [X, H])

@@ -282,6 +282,68 @@ def test_bidirectional_refuses_a_cell_with_two_outputs_when_built():
 # ---------------------------------------------------------------------------------------
 # Repeater
 # ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("x,says", [
+    (lambda: torch.randn(T, B, I).tolist(), r"x must be a tensor \(T, B, \.\.\.\) .*got list; stack a list of steps"),
+    (lambda: None, r"x must be a tensor \(T, B, \.\.\.\) .*got NoneType"),
+    (lambda: torch.randn(I), r"x must be a tensor \(T, B, \.\.\.\) .*got a tensor of shape \(4,\)"),
+], ids=["list", "none", "1d"])
+def test_bidirectional_says_what_x_it_expected(x, says):
+    with pytest.raises(sg.InputError, match=says):
+        sg.Bidirectional(sg.Recurrence(sg.cells.gru(I, H)))(x())
+
+
+def test_bidirectional_runs_a_cell_of_two_inputs_given_a_tuple():
+    a, b, h = sg.Input(I, name="a"), sg.Input(2, name="b"), sg.State(H, name="h")
+    rec = sg.Recurrence(sg.Cell(inputs=[a, b], states={h: sg.tanh(sg.Linear(I + 2 + H, H)(sg.concat([a, b, h])))}))
+    bi = sg.Bidirectional(rec)
+    xa, xb = torch.randn(T, B, I), torch.randn(T, B, 2)
+    out, _ = bi((xa, xb), lengths=LENGTHS)
+    rev = [sg.reverse_sequences(v, LENGTHS) for v in (xa, xb)]
+    assert_close(out[..., H:], sg.reverse_sequences(bi.bwd(tuple(rev), lengths=LENGTHS)[0], LENGTHS))
+
+
+@pytest.mark.parametrize("fwd", [lambda: sg.cells.gru(I, H), lambda: None], ids=["cell", "none"])
+def test_bidirectional_of_something_else_than_a_module_is_refused_when_built(fwd):
+    with pytest.raises(TypeError, match=r"sg.Bidirectional: fwd must be a torch.nn.Module"):
+        sg.Bidirectional(fwd())
+
+
+def test_bidirectional_refuses_a_backward_direction_that_remembers():
+    with pytest.raises(ValueError, match=r"backward direction .* cannot carry its state into the next call "
+                                         r"\(remember=True, copied from fwd\)"):
+        sg.Bidirectional(sg.Recurrence(sg.cells.gru(I, H), remember=True))
+
+
+def test_bidirectional_forget_drops_the_forward_directions_memory():
+    bi = sg.Bidirectional(sg.Recurrence(sg.cells.gru(I, H), remember=True), sg.Recurrence(sg.cells.gru(I, H)))
+    x = torch.randn(T, B, I)
+    first, _ = bi(x)
+    bi(x)
+    bi.forget()
+    assert_close(bi(x)[0], first)
+
+
+def test_stack_forget_drops_every_layers_memory():
+    layers = [sg.Recurrence(sg.cells.gru(I, H), remember=True), sg.Recurrence(sg.cells.gru(H, H), remember=True)]
+    stack = sg.Stack(layers)
+    x = torch.randn(T, B, I)
+    first, _ = stack(x)
+    stack(x)
+    stack.forget()
+    assert all(layer._memory is None for layer in layers)
+    assert_close(stack(x)[0], first)
+
+
+def test_an_error_inside_a_stack_or_bidirectional_names_the_layer_or_direction():
+    stack = sg.stack(sg.cells.lstm, I, [H, H])
+    bad = {"h": torch.zeros(B, H), "c": torch.zeros(B, H + 1)}
+    with pytest.raises(sg.InputError, match=r"^sg.Stack layer 1: Recurrence\(lstm\): state 'c'"):
+        stack(torch.randn(T, B, I), [None, bad])
+    bi = sg.Bidirectional(sg.Recurrence(sg.cells.lstm(I, H)))
+    with pytest.raises(sg.InputError, match=r"^sg.Bidirectional \(backward direction\): Recurrence\(lstm\): state 'c'"):
+        bi(torch.randn(T, B, I), (None, bad))
+
+
 def test_repeater_presents_the_same_input_at_every_step():
     rec = sg.Recurrence(sg.cells.gru(I, H))
     x = torch.randn(B, I)
