@@ -347,11 +347,11 @@ def norm_stabilizer_loss(seq: torch.Tensor, beta: float = 1.0, *, lengths=None, 
     if mask is None:
         mask = torch.ones(T, B, dtype=torch.bool, device=seq.device)
     # norms of the real steps, packed to the front of each column so consecutive real steps are adjacent
-    norms = seq.reshape(T, B, -1).norm(dim=-1)
+    norms = (seq.flatten(2) if seq.dim() > 2 else seq.unsqueeze(-1)).norm(dim=-1)
     order = torch.where(mask, torch.arange(T, device=seq.device).unsqueeze(1), T).argsort(dim=0)
     norms = norms.gather(0, order)
     n = mask.sum(0)
-    pair = torch.arange(1, T, device=seq.device).unsqueeze(1) < n.unsqueeze(0)  # (T-1, B)
+    pair = torch.arange(1, max(T, 1), device=seq.device).unsqueeze(1) < n.unsqueeze(0)  # (T-1, B)
     sq = (norms[1:] - norms[:-1]).pow(2) * pair
     if reduction == "sum":
         return beta * sq.sum()
@@ -382,12 +382,23 @@ class NormStabilizer(nn.Module):
         self.beta = float(beta)
         self.reduction = reduction
         self.output = output
+        outputs = getattr(getattr(module, "cell", None), "outputs", None)
+        if isinstance(output, bool) or not isinstance(output, numbers.Integral) or output < 0 or (
+                outputs is not None and output >= len(outputs)):
+            raise ValueError("sg.NormStabilizer: output picks one of the module's outputs"
+                             + (f" (it has {len(outputs)})" if outputs is not None else "") + f", got {output!r}")
         self.batch_first = _layout_of("sg.NormStabilizer", [module], batch_first)
         self.loss: torch.Tensor | None = None
 
     def forward(self, x, state: Mapping | None = None, *, lengths=None, mask=None, **kwargs):
         out, final = self.module(x, state, lengths=lengths, mask=mask, **kwargs)
-        seq = out[self.output] if isinstance(out, (tuple, list)) else out
+        if isinstance(out, (tuple, list)):
+            seq = out[self.output]
+        elif self.output == 0:
+            seq = out
+        else:
+            raise InputError(f"sg.NormStabilizer: output={self.output} picks one of several outputs, but the module "
+                             f"returned one")
         self.loss = norm_stabilizer_loss(seq, self.beta, lengths=lengths, mask=mask, batch_first=self.batch_first,
                                          reduction=self.reduction)
         return out, final

@@ -344,6 +344,8 @@ class CompiledRecurrence(Recurrence):
     def _current_program(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         """(program, dtype, device) of a call with tensors of this dtype and device (by default
         those of the parameters)."""
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype (torch.float32, say), got {dtype!r}")
         p = next(iter(self.param_tensors().values()), None)
         dtype = dtype or (p.dtype if p is not None else torch.get_default_dtype())
         device = torch.device(device) if device is not None else (p.device if p is not None else torch.device("cpu"))

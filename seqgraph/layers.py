@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 
 import copy
+import numbers
 from typing import Callable, Sequence
 
 import torch
@@ -153,8 +154,8 @@ class Stack(nn.Module):
                 hint = ": wrap a cell in sg.Recurrence(cell) first" if isinstance(layer, Cell) else ""
                 raise TypeError(f"sg.Stack: layer {k} must be a torch.nn.Module (a sg.Recurrence, say), "
                                 f"got {type(layer).__name__}{hint}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"sg.Stack: dropout must be a number in [0, 1), got {dropout!r}")
         _layout_of("sg.Stack", layers, None)
         for k, layer in enumerate(layers):
             _check_one_output(layer, f"sg.Stack layer {k}")
@@ -361,8 +362,8 @@ class Repeater(nn.Module):
 
     def __init__(self, module: nn.Module, steps: int, batch_first: bool | None = None):
         super().__init__()
-        if steps < 0:
-            raise ValueError(f"steps must be >= 0, got {steps}")
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+            raise ValueError(f"sg.Repeater: steps must be an int >= 0, got {steps!r}")
         self.module = module
         self.steps = int(steps)
         self.batch_first = _layout_of("sg.Repeater", [module], batch_first)
@@ -418,6 +419,9 @@ class SequenceLoss(nn.Module):
         super().__init__()
         if reduction not in ("mean", "sum", "sum_over_steps"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'sum_over_steps', got {reduction!r}")
+        if isinstance(criterion, type):
+            raise TypeError(f"SequenceLoss takes a criterion object, e.g. {criterion.__name__}(reduction='none'), "
+                            f"not the class {criterion.__name__}")
         if getattr(criterion, "reduction", "none") != "none":
             raise ValueError(f"SequenceLoss needs per-row losses to drop padded steps: build the criterion with "
                              f"reduction='none' (got reduction={criterion.reduction!r})")
@@ -427,10 +431,18 @@ class SequenceLoss(nn.Module):
         self.batch_first = batch_first
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, *, lengths=None, mask=None) -> torch.Tensor:
+        layout = "(B, T, ...)" if self.batch_first else "(T, B, ...)"
+        if not isinstance(input, torch.Tensor) or input.dim() < 2:
+            raise InputError(f"SequenceLoss: input must be a tensor {layout}, got {_shape_or_type(input)}")
+        if not isinstance(target, torch.Tensor):
+            raise InputError(f"SequenceLoss: target must be a tensor, got {type(target).__name__}")
         if self.batch_first:
             input = input.transpose(0, 1)
         T, B = input.shape[0], input.shape[1]
         if self.repeat_target:
+            if target.dim() == 0 or target.shape[0] != B:
+                raise InputError(f"SequenceLoss: with repeat_target=True the target is one per sequence, (B, ...) "
+                                 f"with B = {B}, got {tuple(target.shape)}")
             target = target.unsqueeze(0).expand((T,) + tuple(target.shape))
         elif self.batch_first:
             target = target.transpose(0, 1)
@@ -441,7 +453,13 @@ class SequenceLoss(nn.Module):
             rows_in, rows_tgt = input.reshape((T * B,) + input.shape[2:]), target.reshape((T * B,) + target.shape[2:])
         else:
             rows_in, rows_tgt = input[valid], target[valid]
-        losses = self.criterion(rows_in, rows_tgt)
+        try:
+            losses = self.criterion(rows_in, rows_tgt)
+        except (RuntimeError, ValueError, IndexError) as e:
+            raise InputError(f"SequenceLoss: the criterion failed on the real steps' rows, input "
+                             f"{tuple(rows_in.shape)} and target {tuple(rows_tgt.shape)}"
+                             + (" (the target repeated at every step)" if self.repeat_target else "")
+                             + f": {str(e).splitlines()[0]}") from e
         if losses.dim() == 0 or losses.shape[0] != rows_in.shape[0]:
             raise InputError(f"SequenceLoss: the criterion must return one loss per row ({rows_in.shape[0]} rows), "
                              f"got shape {tuple(losses.shape)}")
@@ -457,6 +475,10 @@ class SequenceLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}, repeat_target={self.repeat_target}"
+
+
+def _shape_or_type(v) -> str:
+    return f"shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
 
 
 def _sum_of_step_means(criterion: Callable, target: torch.Tensor, losses: torch.Tensor, steps: torch.Tensor,

@@ -207,7 +207,10 @@ class _RNNBase(nn.Module):
             # have ended (docs/masking.md); hx and h_n are in the caller's order, as in torch
             x, lengths = pad_packed_sequence(PackedSequence(input.data, input.batch_sizes), batch_first=False)
         else:
-            if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
+            if not isinstance(input, torch.Tensor):
+                raise InputError(f"sg.nn.{self.mode}: expected input to be a tensor (or a PackedSequence), got "
+                                 f"{type(input).__name__}")
+            if input.dim() not in (2, 3):
                 raise InputError(f"sg.nn.{self.mode}: expected input to be 2-D (unbatched) or 3-D, got "
                                  f"{getattr(input, 'shape', type(input).__name__)}")
             unbatched = input.dim() == 2

@@ -54,11 +54,20 @@ def valid_steps(T: int, B: int, lengths, mask, batch_first: bool, device, who: s
     if lengths is not None and mask is not None:
         raise InputError(f"{who}: give lengths or mask, not both")
     if lengths is not None:
-        lengths = torch.as_tensor(lengths)
+        try:
+            lengths = torch.as_tensor(lengths)
+        except (TypeError, ValueError, RuntimeError):
+            raise InputError(f"{who}: lengths must be a tensor or list of {B} ints (one per sequence), "
+                             f"got {type(lengths).__name__} {lengths!r:.40}") from None
         if lengths.dim() != 1 or lengths.shape[0] != B:
-            raise InputError(f"{who}: lengths must have shape ({B},) (one per sequence), got {_fmt(lengths.shape)}")
-        if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+            swapped = lengths.dim() == 1 and lengths.shape[0] == T != B
+            hint = (f"; x is read as {'(B, T, ...) (batch_first=True)' if batch_first else '(T, B, ...)'}: is it "
+                    f"{'time-major' if batch_first else 'batch-first'}?") if swapped else ""
+            raise InputError(f"{who}: lengths must have shape ({B},) (one per sequence), got {_fmt(lengths.shape)}{hint}")
+        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
             raise InputError(f"{who}: lengths must be integers, got dtype {lengths.dtype}")
+        if lengths.dtype in (torch.uint16, torch.uint32, torch.uint64):  # (types torch's min and max do not take)
+            lengths = lengths.to(torch.int64)
         if torch.compiler.is_compiling():  # a traced graph checks on the device, without reading the values
             # (a message naming T would make the traced graph specialise on it)
             torch._assert_async(((lengths >= 0) & (lengths <= T)).all(), f"{who}: lengths must lie in [0, T]")
@@ -313,7 +322,9 @@ class Recurrence(nn.Module):
         if isinstance(x, torch.Tensor):
             x = (x,)
         if not isinstance(x, (tuple, list)) or not all(isinstance(v, torch.Tensor) for v in x):
-            raise InputError(f"{self._where()}: x must be a tensor or a tuple of {n} tensors, got {type(x).__name__}")
+            got = type(x).__name__ if not isinstance(x, (tuple, list)) else \
+                f"a {type(x).__name__} of " + ", ".join(type(v).__name__ for v in x)
+            raise InputError(f"{self._where()}: x must be a tensor or a tuple of {n} tensors, got {got}")
         if len(x) != n:
             names = [i.name for i in self.cell.inputs]
             # Torch7's Sequencer took a table of steps: alike tensors with no time dim
@@ -325,7 +336,7 @@ class Recurrence(nn.Module):
                              f"but forward got {len(x)} tensors; {hint}")
         xs = []
         layout = "(B, T, " if self.batch_first else "(T, B, "
-        ref = None
+        ref = None  # (T, B) and the input that gave them
         for node, v in zip(self.cell.inputs, x):
             want_rank = 2 + len(node.shape)
             expect = layout + ", ".join(map(str, node.shape)) + ")" if node.shape else layout[:-2] + ")"
@@ -336,9 +347,10 @@ class Recurrence(nn.Module):
             self._check_device("input", node, v, x[0].device)
             if self.batch_first:
                 v = v.transpose(0, 1)
-            if ref is not None and tuple(v.shape[:2]) != ref:
-                raise InputError(f"{self._where()}: inputs disagree on (T, B): {ref} and {tuple(v.shape[:2])}")
-            ref = tuple(v.shape[:2])
+            if ref is not None and tuple(v.shape[:2]) != ref[0]:
+                raise InputError(f"{self._where()}: inputs {ref[1]!r} and {node.name!r} disagree on (T, B): "
+                                 f"{ref[0]} and {tuple(v.shape[:2])}")
+            ref = ref or (tuple(v.shape[:2]), node.name)
             xs.append(v)
         return xs
 

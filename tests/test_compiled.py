@@ -656,6 +656,12 @@ def test_backend_for_says_which_backend_a_call_runs():
     assert sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="torch").backend_for() == "torch"
 
 
+def test_backend_for_a_dtype_named_by_a_string_asks_for_a_torch_dtype():
+    comp = sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="auto")
+    with pytest.raises(TypeError, match=r"dtype must be a torch.dtype \(torch.float32, say\), got 'float32'"):
+        comp.backend_for("float32")
+
+
 def test_eval_on_the_original_switches_its_compiled_twin_and_back():
     rec = sg.Recurrence(sg.cells.lstm(3, 4, dropout=0.5))
     comp = sg.compile(rec, backend="cpu")

@@ -10,6 +10,7 @@ import seqgraph as sg
 
 T, B, I, H = 5, 3, 4, 6
 LENGTHS = torch.tensor([5, 2, 4])
+CE = nn.CrossEntropyLoss(reduction="none")
 
 
 def assert_close(a, b, tol=1e-5):
@@ -344,6 +345,30 @@ def test_an_error_inside_a_stack_or_bidirectional_names_the_layer_or_direction()
         bi(torch.randn(T, B, I), (None, bad))
 
 
+@pytest.mark.parametrize("steps", [2.7, "3", -1, True])
+def test_repeater_steps_must_be_an_int(steps):
+    with pytest.raises(ValueError, match=r"sg.Repeater: steps must be an int >= 0"):
+        sg.Repeater(sg.Recurrence(sg.cells.gru(I, H)), steps=steps)
+
+
+@pytest.mark.parametrize("dropout", ["0.1", 1.0, -0.5])
+def test_stack_dropout_must_be_a_number_in_zero_one(dropout):
+    with pytest.raises(ValueError, match=r"sg.Stack: dropout must be a number in \[0, 1\)"):
+        sg.Stack([sg.Recurrence(sg.cells.gru(I, H))], dropout=dropout)
+
+
+def test_norm_stabilizer_refuses_an_output_the_module_does_not_have():
+    with pytest.raises(ValueError, match=r"output picks one of the module's outputs \(it has 1\), got 1"):
+        sg.NormStabilizer(sg.Recurrence(sg.cells.lstm(I, H)), output=1)
+
+
+@pytest.mark.parametrize("T_, B_", [(T, 0), (0, B)], ids=["no_sequences", "no_steps"])
+def test_norm_stabilizer_of_an_empty_batch_is_zero(T_, B_):
+    ns = sg.NormStabilizer(sg.Recurrence(sg.cells.lstm(I, H)))
+    ns(torch.randn(T_, B_, I))
+    assert ns.loss.item() == 0.0
+
+
 def test_repeater_presents_the_same_input_at_every_step():
     rec = sg.Recurrence(sg.cells.gru(I, H))
     x = torch.randn(B, I)
@@ -482,6 +507,24 @@ def test_sum_over_steps_without_a_real_step_is_zero():
     got = loss(x, torch.randn(T, B, 3), lengths=torch.zeros(B, dtype=torch.long))
     got.backward()
     assert got.item() == 0.0 and (x.grad == 0).all()
+
+
+@pytest.mark.parametrize("call,says", [
+    (lambda: sg.SequenceLoss(CE, repeat_target=True)(torch.randn(T, B, 4), torch.randint(4, (T, B))),
+     rf"with repeat_target=True the target is one per sequence, \(B, \.\.\.\) with B = {B}, got \({T}, {B}\)"),
+    (lambda: sg.SequenceLoss(CE, repeat_target=True)(torch.randn(B, B, 4), torch.randint(4, (B, B))),
+     r"the criterion failed on the real steps' rows, input \(9, 4\) and target \(9, 3\) \(the target repeated"),
+    (lambda: sg.SequenceLoss(CE)(torch.randn(T), torch.randint(4, (T,))), r"input must be a tensor \(T, B, \.\.\.\), got shape"),
+    (lambda: sg.SequenceLoss(CE)(torch.randn(T, B, 4), [1, 2]), r"target must be a tensor, got list"),
+], ids=["repeat_per_step_target", "repeat_square", "1d_input", "list_target"])
+def test_sequence_loss_says_what_it_expected(call, says):
+    with pytest.raises(sg.InputError, match=says):
+        call()
+
+
+def test_sequence_loss_given_a_criterion_class_asks_for_an_object():
+    with pytest.raises(TypeError, match=r"takes a criterion object, e.g. CrossEntropyLoss\(reduction='none'\)"):
+        sg.SequenceLoss(nn.CrossEntropyLoss)
 
 
 def test_sequence_loss_refuses_a_criterion_that_reduces():

@@ -286,6 +286,12 @@ def test_projection_not_smaller_than_hidden_is_refused():
         sg.nn.LSTM(I, H, proj_size=H)
 
 
+def test_a_numpy_array_is_asked_to_be_a_tensor():
+    import numpy as np  # in the test extras
+    with pytest.raises(sg.InputError, match=r"sg.nn.LSTM: expected input to be a tensor \(or a PackedSequence\), got ndarray"):
+        sg.nn.LSTM(3, 4)(np.zeros((5, 2, 3), np.float32))
+
+
 def test_wrong_input_size_is_an_input_error():
     with pytest.raises(sg.InputError, match="input_size"):
         sg.nn.GRU(I, H)(torch.randn(T, B, I + 1))

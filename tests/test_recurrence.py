@@ -540,9 +540,14 @@ def _x(*shape, dtype=DT):
     (lambda r: r(_x(T, B, I), {"h": _x(B, H + 1)}), rf"state 'h' \(declared at test_recurrence.py:\d+\) expects "
                                                     rf"shape \({B}, {H}\), got \({B}, {H + 1}\)"),
     (lambda r: r(_x(T, B, I), context=_x(B, 3)), r"context given but the cell declares no sg.Context"),
+    (lambda r: r(_x(T, B, I), lengths=torch.full((B,), 2 + 0j)), r"lengths must be integers, got dtype torch.complex64"),
+    (lambda r: r(_x(T, B, I), lengths="52"), rf"lengths must be a tensor or list of {B} ints \(one per sequence\), got str"),
+    (lambda r: r(_x(T, B, I), lengths=torch.ones(T, dtype=torch.int64)),
+     rf"lengths must have shape \({B},\) .*got \({T}\); x is read as \(T, B, \.\.\.\): is it batch-first\?"),
+    (lambda r: r((_x(T, B, I), None)), r"x must be a tensor or a tuple of 1 tensors, got a tuple of Tensor, NoneType"),
 ], ids=["rank", "features", "float_dtype", "int_for_float", "input_count", "list_of_steps", "length_too_big", "length_negative",
         "lengths_shape", "lengths_float", "mask_shape", "mask_list", "mask_dtype", "lengths_and_mask", "unknown_state",
-        "state_shape", "context_not_declared"])
+        "state_shape", "context_not_declared", "lengths_complex", "lengths_str", "lengths_of_t", "tuple_with_none"])
 def test_bad_argument_raises_input_error_naming_expected_and_got(elman, call, text):
     with pytest.raises(sg.InputError, match=text):
         call(elman)
@@ -596,6 +601,19 @@ def test_sg_nn_names_a_replaced_weight_by_its_attribute():
     lstm.weight_hh_l0 = torch.nn.Parameter(torch.randn(4 * H, H + 1))
     with pytest.raises(sg.InputError, match=r"parameter 'weight_hh_l0' .* must have shape"):
         lstm(_x(T, B, I).float())
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+def test_lengths_of_unsigned_dtypes_torch_cannot_reduce_work(elman, dtype):
+    lengths, x = torch.tensor([T, 2, 0, 4]), _x(T, B, I)
+    torch.testing.assert_close(elman(x, lengths=lengths.to(dtype))[0], elman(x, lengths=lengths)[0])
+
+
+def test_two_inputs_that_disagree_on_steps_are_named():
+    a, b, h = sg.Input(I, name="a"), sg.Input(2, name="b"), sg.State(H, name="h")
+    rec = sg.Recurrence(sg.Cell(inputs=[a, b], states={h: sg.tanh(sg.Linear(I + 2 + H, H)(sg.concat([a, b, h])))}))
+    with pytest.raises(sg.InputError, match=rf"inputs 'a' and 'b' disagree on \(T, B\): \({T}, {B}\) and \({T - 1}, {B}\)"):
+        rec((torch.randn(T, B, I), torch.randn(T - 1, B, 2)))
 
 
 def test_input_error_is_a_value_error():

@@ -1,4 +1,6 @@
 """seqgraph/compiler/report.py: plan.describe() and the FLOP counts it prints."""
+import pytest
+
 import seqgraph as sg
 from seqgraph.compiler.pipeline import compile_plan
 from seqgraph.compiler.report import gemm_flops
@@ -43,3 +45,9 @@ def test_memory_counts_a_hoisted_value_once_per_step_and_a_weight_once():
     text = compile_plan(sg.cells.lstm(128, 128)).describe(T=50, B=16)
     hoisted, weight = 50 * 16 * 512 * 4, 512 * 128 * 4  # the input projection over all steps, weight_hh
     assert f"values read by the loop {(hoisted + weight) / 2**20:.3g} MiB" in text
+
+
+@pytest.mark.parametrize("T,B", [(-1, 3), (5, 2.5)])
+def test_describe_refuses_a_size_that_is_not_a_count(T, B):
+    with pytest.raises(ValueError, match=r"describe: [TB] must be a number of"):
+        compile_plan(sg.cells.lstm(4, 8)).describe(T=T, B=B)
