@@ -245,8 +245,13 @@ def test_a_compiled_model_given_a_parameter_of_the_wrong_shape_raises(own_gemm):
     comp = sg.compile(sg.Recurrence(sg.cells.lstm(8, 12)), backend="cpu")
     p = next(v for v in comp.parameters() if tuple(v.shape) == (48, 8))  # the input weight
     p.data = torch.randn(48, 6)
-    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+    with pytest.raises(sg.InputError, match=r"parameter 'ih.weight' .* must have shape \(48, 8\), got \(48, 6\)"):
         comp(torch.randn(3, 2, 8))
+
+
+def test_linear_of_operands_that_do_not_fit_is_torchs_error(own_gemm):
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        cpu_gemm.linear(torch.randn(3, 8), torch.randn(48, 6))
 
 
 def test_differentiating_the_gradient_of_linear_twice_raises(own_gemm):
