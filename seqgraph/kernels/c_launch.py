@@ -33,7 +33,7 @@ import torch
 
 from .c_codegen import C_CODEGEN_VERSION, PRELUDE, CKernelSource, generate_c
 from ..settings import debug_level
-from .cache import cache_dir, temp_file_in_cache
+from .cache import cache_dir, library_is_whole, share_library, temp_file_in_cache
 from .region import Region, bind_inputs
 
 # AVX-512 machines vectorise with 512-bit registers only when asked (gcc and clang prefer 256)
@@ -377,7 +377,7 @@ class CLibrary:
         wrote = False
         own = dtype == torch.float32 and _own_gemm_chosen()
         if lib is None:
-            if not path.exists():
+            def build():
                 # the loops' GEMM library (once per machine, where chosen) builds on the other core meanwhile
                 gemm = _start(_gemm_library) if self.loops and own else None
                 try:
@@ -385,8 +385,8 @@ class CLibrary:
                 finally:
                     if gemm is not None:
                         gemm.join()
-                wrote = True
-            lib = _loaded[key] = ctypes.CDLL(str(path))
+            lib, wrote = cached_library(path, build)
+            _loaded[key] = lib
         self.paths[dtype], self.compiled[dtype] = path, wrote
         for k in self.kernels:
             f = getattr(lib, k.gen.func_name)
@@ -457,17 +457,32 @@ def openmp_flags() -> list[str]:
 _OPENMP: list[str] | None = None
 
 
+def cached_library(path: Path, build) -> tuple[ctypes.CDLL, bool]:
+    """The library at `path`, built first by `build()` where it is missing, cut short or does not
+    load (a damaged cache file is rebuilt, not reported on every run); and whether it was built."""
+    built = False
+    if not library_is_whole(path):
+        build()
+        built = True
+    try:
+        return ctypes.CDLL(str(path)), built
+    except OSError:
+        if built:
+            raise
+        build()
+        return ctypes.CDLL(str(path)), True
+
+
 def _build(source: str, path: Path, real: str) -> None:
     cc = find_compiler()
     if cc is None:
         raise CompilerMissing("the cpu backend compiles its kernels with a C compiler, and none was found "
                               "(set $CC, or install gcc or clang); backend='torch' needs none")
-    c_path = path.with_suffix(".c")
-    if not c_path.exists():
-        fd, tmp = temp_file_in_cache(path.parent, path.stem, ".c.tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(source)
-        os.replace(tmp, c_path)
+    c_path = path.with_suffix(".c")  # written afresh (a damaged copy would not compile); atomic, as the library
+    fd, tmp = temp_file_in_cache(path.parent, path.stem, ".c.tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(source)
+    os.replace(tmp, c_path)
     fd, tmp_so = temp_file_in_cache(path.parent, path.stem, ".so.tmp")
     os.close(fd)
     base = shlex.split(cc) + cflags() + _BASE_FLAGS + (["-DSG_DOUBLE"] if real == "double" else [])
@@ -487,6 +502,7 @@ def _build(source: str, path: Path, real: str) -> None:
         raise RuntimeError(f"the C compiler failed on generated kernels ({c_path}); if it builds other C programs, "
                            f"this is a seqgraph bug: please report it with that file (backend='torch' needs no "
                            f"compiler):\n{' '.join(cmd)}\n{res.stderr[-4000:]}")
+    share_library(tmp_so)
     os.replace(tmp_so, path)  # atomic: a concurrent process sees the whole library or none
 
 

@@ -346,9 +346,7 @@ def _library():
                                    c_launch.openmp_flags(), c_launch._cpu_features(), sys.platform))
                              .encode()).hexdigest()[:24]
         path = cache_dir() / "cpu" / f"gemm{key}.so"
-        if not path.exists():
-            c_launch._build(MATMUL_SOURCE, path, "float")
-        lib = ctypes.CDLL(str(path))
+        lib, _ = c_launch.cached_library(path, lambda: c_launch._build(MATMUL_SOURCE, path, "float"))
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.sg_matmul.argtypes = [i64, i64, i64, ptr, i64, ptr, i64, i64, ptr, i64, ptr, i64]
         lib.sg_matmul.restype = ctypes.c_int

@@ -63,19 +63,31 @@ def _write_once(path: Path, source: str) -> bool:
     """Write `source` to `path` unless it is already there; True if this call wrote it."""
     if path.exists():
         return False
+    _write(path, source)
+    return True
+
+
+def _write(path: Path, source: str) -> None:
     fd, tmp = temp_file_in_cache(path.parent, path.stem, ".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(source)
     os.replace(tmp, path)  # atomic: a concurrent process sees the whole file or none
-    return True
 
 
-def _import(path: Path, key: str):
+def _import(path: Path, key: str, source: str):
+    """The KERNEL of the cached file; a file that does not import (cut short, emptied) is
+    written again from `source` rather than failing every later run."""
     name = f"seqgraph_kernels_{key}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.KERNEL
+    for attempt in (1, 2):
+        try:
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module.KERNEL
+        except (SyntaxError, AttributeError, NameError, ImportError):
+            if attempt == 2:
+                raise
+            _write(path, source)
 
 
 class RegionKernel:
@@ -237,7 +249,7 @@ def compile_region(region: Region) -> RegionKernel:
     wrote = _write_once(path, gen.source)
     mem = (key, triton_interpreting())
     if mem not in _loaded:
-        _loaded[mem] = _import(path, key)
+        _loaded[mem] = _import(path, key, gen.source)
     if debug_level() >= 3:
         print(f"[seqgraph] kernel for region {region.name!r} ({path}):\n{gen.source}", file=sys.stderr)
     return RegionKernel(region, gen, _loaded[mem], path, wrote)
