@@ -316,7 +316,12 @@ class CompiledRecurrence(Recurrence):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._program = get_program(self.cell, state["_program"], self.unroll)
+        if self.backend == "auto":  # chosen again here: this machine may lack the saving one's C compiler
+            p = next(iter(self.param_tensors().values()), None)
+            where = auto_backend(p.device, p.dtype) if p is not None else auto_backend(torch.device("cpu"))
+            self._program = _auto_program(self.cell, where, self.unroll)
+        else:
+            self._program = get_program(self.cell, state["_program"], self.unroll)
         self._build_torch_fallback()
 
     def plan(self) -> Plan:

@@ -71,7 +71,7 @@ def valid_steps(T: int, B: int, lengths, mask, batch_first: bool, device, who: s
         if torch.compiler.is_compiling():  # a traced graph checks on the device, without reading the values
             # (a message naming T would make the traced graph specialise on it)
             torch._assert_async(((lengths >= 0) & (lengths <= T)).all(), f"{who}: lengths must lie in [0, T]")
-        elif B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
+        elif B and not lengths.is_meta and (int(lengths.min()) < 0 or int(lengths.max()) > T):
             bad = int(lengths.min()) if int(lengths.min()) < 0 else int(lengths.max())
             raise InputError(f"{who}: lengths must lie in [0, {T}] (T = {T}), got {bad}")
         return torch.arange(T, device=device).unsqueeze(1) < lengths.to(device).unsqueeze(0)
@@ -195,7 +195,9 @@ class Recurrence(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
-        if self._memory:  # the remembered state follows .to(), .double(), .cuda()
+        if self._memory and next(iter(self._memory.values())).is_meta:
+            self._memory = None  # a state remembered on "meta" holds no values to carry (to_empty() after a dry run)
+        elif self._memory:  # the remembered state follows .to(), .double(), .cuda()
             self._memory = {k: fn(v) for k, v in self._memory.items()}
         return out
 
@@ -246,7 +248,7 @@ class Recurrence(nn.Module):
         noises = self._sample_noise(T, B, dtype, device)
         outs, finals = self._run_sequence(xs, states0, contexts, noises, valid, dtype, device)
         if not torch.compiler.is_compiling():  # (the loop's custom op returns copies there)
-            finals = own_storage(finals, states0)
+            finals = own_storage(finals, states0 + xs + contexts)  # (a state whose next value is an input)
         final_state = {prev.name: v for (prev, _), v in zip(self.cell.states, finals)}
         if self.remember:
             self._memory = {k: v.detach() for k, v in final_state.items()}
@@ -270,7 +272,8 @@ class Recurrence(nn.Module):
         T, B = xs[0].shape[0], xs[0].shape[1]
         states = list(states0)
         outs: list[list[torch.Tensor]] = [[] for _ in self.cell.outputs]
-        full = [True] * T if valid is None else valid.all(1).tolist()  # one wait for the device, not T
+        # one wait for the device, not T; "meta" tensors have shapes only: every step runs on all rows
+        full = [True] * T if valid is None or valid.is_meta else valid.all(1).tolist()
         for t in range(T):
             step_noise = [n[t] if node.attrs["per_sequence"] is False else n
                           for node, n in zip(self.cell.noises, noises)]

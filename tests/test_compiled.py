@@ -656,6 +656,23 @@ def test_backend_for_says_which_backend_a_call_runs():
     assert sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="torch").backend_for() == "torch"
 
 
+def test_an_auto_model_saved_whole_loads_where_no_c_compiler_is(tmp_path):
+    import os
+    import subprocess
+    import sys
+    torch.save(sg.nn.LSTM(3, 5), tmp_path / "lstm.pt")  # backend="auto": the C kernels here
+    code = ("import sys, torch, seqgraph as sg\n"
+            "m = torch.load(sys.argv[1], weights_only=False)\n"
+            "m(torch.randn(2, 1, 3))\n"
+            "print(m.recurrence(0).backend_for())\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, CC="/nonexistent/cc", SEQGRAPH_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=root)
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "lstm.pt")], capture_output=True, text=True,
+                         env=env, cwd=root, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "torch"
+
+
 def test_backend_for_a_dtype_named_by_a_string_asks_for_a_torch_dtype():
     comp = sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="auto")
     with pytest.raises(TypeError, match=r"dtype must be a torch.dtype \(torch.float32, say\), got 'float32'"):

@@ -616,6 +616,32 @@ def test_two_inputs_that_disagree_on_steps_are_named():
         rec((torch.randn(T, B, I), torch.randn(T - 1, B, 2)))
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+def test_a_final_state_that_is_an_input_is_a_copy_of_it(backend):
+    x, prev = sg.Input(I, name="x"), sg.State(I, name="prev")
+    rec = sg.Recurrence(sg.Cell(inputs=[x], states={prev: x}, outputs=[x - prev]), remember=True)
+    xs = torch.randn(T, B, I)
+    _, final = sg.compile(rec, backend=backend)(xs)
+    final["prev"].zero_()  # the caller's to change: the input stays as it was
+    assert final["prev"].untyped_storage().data_ptr() != xs.untyped_storage().data_ptr() and xs[-1].abs().sum() > 0
+
+
+def test_a_state_remembered_on_meta_is_dropped_by_to_empty():
+    rec = sg.Recurrence(sg.cells.gru(I, H), remember=True).to("meta")
+    rec(torch.randn(T, B, I, device="meta"))  # a dry run for shapes
+    rec.to_empty(device="cpu")
+    assert rec._memory is None
+
+
+@pytest.mark.parametrize("kw", [dict(lengths=torch.tensor([T, 2, 0, 4])), dict(mask=torch.ones(T, B, dtype=torch.bool))],
+                         ids=["lengths", "mask"])
+def test_the_reference_gives_shapes_on_meta_with_padding(kw):
+    rec = sg.Recurrence(sg.cells.gru(I, H)).to("meta")
+    kw = {k: v.to("meta") for k, v in kw.items()}
+    out, final = rec(torch.randn(T, B, I, device="meta"), **kw)
+    assert out.shape == (T, B, H) and out.is_meta and final["h"].shape == (B, H)
+
+
 def test_input_error_is_a_value_error():
     assert issubclass(sg.InputError, ValueError)
 
