@@ -164,14 +164,18 @@ class Recurrence(nn.Module):
         values = getattr(_reading, "values", {}).get(id(self))
         if values is not None:
             return values
-        # each key's path split once; the walk reads nn.Module's dicts directly (no __getattr__),
-        # so a module or Parameter replaced since the last call is the one read
+        # the walk reads nn.Module's dicts directly (no __getattr__), so a module or Parameter
+        # replaced since the last call is the one read
+        tree = self._modules["params"]
+        return {key: _read_param(tree, owner, leaf) for key, owner, leaf in self._paths()}
+
+    def _paths(self) -> list[tuple[str, tuple, str]]:
+        """(key, owner path, leaf name) of each parameter, each key split once."""
         paths = self.__dict__.get("_param_paths")
         if paths is None:
             paths = self.__dict__["_param_paths"] = [(key, tuple(key.split(".")[:-1]), key.split(".")[-1])
                                                      for key in self.cell.params]
-        tree = self._modules["params"]
-        return {key: _read_param(tree, owner, leaf) for key, owner, leaf in paths}
+        return paths
 
     @contextlib.contextmanager
     def reading(self, values: dict[str, torch.Tensor]):
@@ -321,7 +325,8 @@ class Recurrence(nn.Module):
 
     def _check_inputs(self, x) -> list[torch.Tensor]:
         n = len(self.cell.inputs)
-        refuse_packed(x, self._where())
+        if isinstance(x, PackedSequence):  # (the message names the module: built only for a refusal)
+            refuse_packed(x, self._where())
         if isinstance(x, torch.Tensor):
             x = (x,)
         if not isinstance(x, (tuple, list)) or not all(isinstance(v, torch.Tensor) for v in x):
@@ -341,9 +346,8 @@ class Recurrence(nn.Module):
         layout = "(B, T, " if self.batch_first else "(T, B, "
         ref = None  # (T, B) and the input that gave them
         for node, v in zip(self.cell.inputs, x):
-            want_rank = 2 + len(node.shape)
-            expect = layout + ", ".join(map(str, node.shape)) + ")" if node.shape else layout[:-2] + ")"
-            if v.dim() != want_rank or tuple(v.shape[2:]) != node.shape:
+            if v.dim() != 2 + len(node.shape) or tuple(v.shape[2:]) != node.shape:
+                expect = layout + ", ".join(map(str, node.shape)) + ")" if node.shape else layout[:-2] + ")"
                 raise InputError(f"{self._where()}: input {node.name!r} (declared at {node.site}) expects shape "
                                  f"{expect}, got {_fmt(v.shape)}")
             self._check_dtype("input", node, v)
@@ -432,6 +436,8 @@ class Recurrence(nn.Module):
                                  f"parameter one dtype and device (module.to(...))")
 
     def _check_mask(self, lengths, mask, T, B, device):
+        if lengths is None and mask is None:  # every step real (the common call: no name to build)
+            return None
         return valid_steps(T, B, lengths, mask, self.batch_first, device, self._where())
 
     def _initial_states(self, state, B, dtype, device) -> list[torch.Tensor]:
