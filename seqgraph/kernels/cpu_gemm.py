@@ -368,8 +368,10 @@ def enabled(*tensors: torch.Tensor) -> bool:
     under CPU autocast, which runs products in its own dtype)."""
     if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and \
-        per_step_gemm() == "seqgraph"
+    for t in tensors:  # (a loop and is_cpu: every hoisted product of a one-step call asks)
+        if not t.is_cpu or t.dtype != torch.float32:
+            return False
+    return per_step_gemm() == "seqgraph"
 
 
 def _call(x: torch.Tensor, w_n_k: tuple, N: int, bias: torch.Tensor | None) -> torch.Tensor:
