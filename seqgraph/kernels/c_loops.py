@@ -409,12 +409,13 @@ class CLoops:
         self.calls = 0  # loops run in C (tests count them)
         self.last_threads = 0  # the threads the last call asked for (1: one loop over the whole batch)
         self.step_weight_elems = 0  # elements of the weights one step's products read
+        self._strides: dict[tuple, ctypes.Array] = {}  # the tensors' strides -> the `D` array of a call
 
     def run(self, variant: str, T: int, B: int, mask: torch.Tensor | None, tensors: list[torch.Tensor]) -> None:
         fn = self.lib.loop_fn(self.func_names[variant], tensors[0].dtype)
         n = len(tensors)
         ptrs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in tensors])
-        strides = (ctypes.c_int64 * (3 * n))(*[s for t in tensors for s in (t.stride() + (0, 0, 0))[:3]])
+        strides = self._strides_array(tuple([t.stride() for t in tensors]))
         m = mask.contiguous() if mask is not None else None
         own = int(tensors[0].dtype == torch.float32 and per_step_gemm() == "seqgraph")
         if own:
@@ -424,6 +425,21 @@ class CLoops:
             raise MemoryError(f"the C loop {variant} of {self.lib.name!r} could not allocate its workspace")
         self.calls += 1
         self.last_threads = threads
+
+    STRIDE_ARRAYS_KEPT = 64  # layouts remembered (T and B set the strides of fresh buffers: one per shape)
+
+    def _strides_array(self, strides: tuple[tuple[int, ...], ...]) -> ctypes.Array:
+        """`D` for tensors of these strides: three per tensor (zeros past its rank), built once
+        per layout. A call one step at a time sees the same layout every call, and building
+        the ctypes array took longer than the step's C loop. The C side only reads it, so
+        threads may share one."""
+        arr = self._strides.get(strides)
+        if arr is None:
+            if len(self._strides) >= self.STRIDE_ARRAYS_KEPT:
+                self._strides.clear()
+            flat = [s for st in strides for s in (st + (0, 0, 0))[:3]]
+            arr = self._strides[strides] = (ctypes.c_int64 * len(flat))(*flat)
+        return arr
 
 
 def loops_refusal(plan: Plan) -> str | None:
