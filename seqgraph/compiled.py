@@ -77,12 +77,25 @@ def _auto_choice(device: torch.device, dtype: torch.dtype | None, autocast: bool
         return "torch", f"seqgraph's kernels run on CPUs and CUDA GPUs, not {device.type}"
     if dtype is not None and dtype not in _C_DTYPES:
         return "torch", f"the C kernels compute float32 and float64, not {str(dtype).replace('torch.', '')}"
-    from .kernels.c_launch import find_compiler
-    if find_compiler() is None:
+    if _find_compiler() is None:
         return "torch", "no C compiler was found (set $CC, or install gcc or clang)"
     if _C_BROKEN is not None:
         return "torch", f"the C compiler could not build the kernels: {_C_BROKEN}"
     return ("torch", "under CPU autocast, which picks each op's dtype") if autocast else ("cpu", "")
+
+
+_c_launch = None  # seqgraph.kernels.c_launch, once a call on the CPU has asked for it
+
+
+def _find_compiler() -> str | None:
+    """kernels.c_launch.find_compiler(). The C machinery is imported on first use (a program
+    that never runs on the CPU never loads it), once: backend="auto" asks at every CPU call,
+    and an import statement there was a microsecond or two of a one-step call."""
+    global _c_launch
+    if _c_launch is None:
+        from .kernels import c_launch
+        _c_launch = c_launch
+    return _c_launch.find_compiler()
 
 
 @dataclass
