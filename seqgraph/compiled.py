@@ -109,6 +109,11 @@ class Program:
     key: tuple = ()
     loop_op: object = None  # the loops as one torch.library op, for torch.compile (custom_ops.py)
     c_loops: object = None  # cpu backend: the CLoops running whole loops in C, or why the loops stay in Python
+    # the forward loop returns each final state in a buffer of its own: the C loops' wrappers
+    # allocate them (where B == 0 they run the Python loop, but empty tensors are never
+    # copied), so own_storage has nothing to do; the Python loops' last state may be an
+    # output's last step
+    finals_owned: bool = False
 
     def __deepcopy__(self, memo):  # generated code holds no parameters: copies share it
         return self
@@ -181,12 +186,13 @@ def _compile_program(cell: Cell, backend: str, unroll: int, key: tuple) -> Progr
     if clib is not None:
         text += "\n\n/* ======== generated C kernels (the _ck<n> calls above) ======== */\n" + clib.source()
     fns = namespace
-    if c_loops is not None and not isinstance(c_loops, str):
+    in_c = c_loops is not None and not isinstance(c_loops, str)
+    if in_c:
         fns = dict(namespace)  # the wrappers fall back to the Python loops by their own names
         for name in ("forward", "backward_plain", "backward_masked"):
             if f"{name}_c" in namespace:
                 fns[name] = namespace[f"{name}_c"]
-    prog = Program(plan, text, fns, backend, time.perf_counter() - t0, key=key, c_loops=c_loops)
+    prog = Program(plan, text, fns, backend, time.perf_counter() - t0, key=key, c_loops=c_loops, finals_owned=in_c)
     if debug_level() >= 3:
         print(f"[seqgraph] generated source ({backend}):\n{text}", file=sys.stderr)
     prog.loop_op = custom_ops.loop_op(prog, key)  # registered now: never while being traced
@@ -429,7 +435,7 @@ class CompiledRecurrence(Recurrence):
             return list(res[:n]), list(res[n:n + ns])
         if not need_grad:
             outs, finals, _ = _loop(program, "forward", device)(T, B, valid, reads, list(states0), False)
-            return outs, own_storage(finals, outs)
+            return outs, finals if program.finals_owned else own_storage(finals, outs)
         res = _Sequence.apply(program, T, B, valid, len(reads), *reads, *states0)
         n = len(step.outputs)
         return list(res[:n]), list(res[n:])
