@@ -451,13 +451,24 @@ def wgrad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def addmm(addend: torch.Tensor, x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     """torch.addmm(addend, x, wt) with wt = w.t(): rows x (M, K), a bias (N,) or rows (M, N)."""
-    w = wt.t()
     if addend.dim() == 1:
-        return linear(x, w, addend)
+        return _bias_addmm(addend, x, wt)
+    w = wt.t()
     exact = x.dim() == 2 and wt.dim() == 2 and tuple(addend.shape) == (x.shape[0], wt.shape[1])
     if not exact or not enabled(addend, x, wt):
         return torch.addmm(addend, x, wt)
     return linear(x, w) + addend
+
+
+
+def _bias_addmm(bias: torch.Tensor, x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """linear(x, wt.t(), bias). Where torch's GEMM runs it, torch.addmm(bias, x, wt) itself:
+    what F.linear runs for rows x and a bias (aten's linear is addmm(bias, x, weight.t())),
+    without the two transposed views on the way (a hoisted product of every one-step call)."""
+    exact = x.dim() == 2 and wt.dim() == 2 and x.shape[1] == wt.shape[0] and tuple(bias.shape) == (wt.shape[1],)
+    if exact and not enabled(x, wt, bias):
+        return torch.addmm(bias, x, wt)
+    return linear(x, wt.t(), bias)
 
 
 __all__ = ["SG_MM_API", "SG_MM_SOURCE", "mm_pointers", "per_step_gemm", "cpu_vendor", "enabled", "linear", "addmm", "wgrad"]
