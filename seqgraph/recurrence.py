@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -441,13 +441,13 @@ class Recurrence(nn.Module):
         return valid_steps(T, B, lengths, mask, self.batch_first, device, self._where())
 
     def _initial_states(self, state, B, dtype, device) -> list[torch.Tensor]:
-        names = self.cell.state_names
         if state is not None and not isinstance(state, Mapping):
-            raise InputError(f"{self._where()}: state must be a dict from state name to tensor (states: {names}), "
-                             f"got {type(state).__name__}")
+            raise InputError(f"{self._where()}: state must be a dict from state name to tensor (states: "
+                             f"{self.cell.state_names}), got {type(state).__name__}")
         state = dict(state or {})
-        unknown = sorted(set(state) - set(names))
-        if unknown:
+        names = self.cell.state_names
+        if any(k not in names for k in state):
+            unknown = sorted(set(state) - set(names))
             raise InputError(f"{self._where()}: unknown state name(s) {unknown}; the cell's states are {names}")
         out = []
         for prev, _ in self.cell.states:
@@ -458,13 +458,14 @@ class Recurrence(nn.Module):
                 else:
                     v = torch.zeros((B,) + prev.shape, dtype=dtype, device=device)
             else:
-                if not isinstance(v, torch.Tensor) or tuple(v.shape) != (B,) + prev.shape:
+                if not isinstance(v, torch.Tensor) or v.shape != (B, *prev.shape):
                     raise InputError(f"{self._where()}: state {prev.name!r} (declared at {prev.site}) expects shape "
                                      f"{_fmt((B,) + prev.shape)}, got {_got(v)}")
                 if v.dtype != dtype:
                     raise InputError(f"{self._where()}: state {prev.name!r} (declared at {prev.site}) has dtype "
                                      f"{v.dtype} but the inputs are {dtype}; convert it (.to({dtype}))")
-                self._check_device("state", prev, v, device)
+                if v.device != device:
+                    self._check_device("state", prev, v, device)
             out.append(v)
         return out
 
