@@ -329,7 +329,7 @@ class Recurrence(nn.Module):
             refuse_packed(x, self._where())
         if isinstance(x, torch.Tensor):
             x = (x,)
-        if not isinstance(x, (tuple, list)) or not all(isinstance(v, torch.Tensor) for v in x):
+        elif not isinstance(x, (tuple, list)) or not all(isinstance(v, torch.Tensor) for v in x):
             got = type(x).__name__ if not isinstance(x, (tuple, list)) else \
                 f"a {type(x).__name__} of " + ", ".join(type(v).__name__ for v in x)
             raise InputError(f"{self._where()}: x must be a tensor or a tuple of {n} tensors, got {got}")
@@ -345,19 +345,22 @@ class Recurrence(nn.Module):
         xs = []
         layout = "(B, T, " if self.batch_first else "(T, B, "
         ref = None  # (T, B) and the input that gave them
+        device = x[0].device
         for node, v in zip(self.cell.inputs, x):
-            if v.dim() != 2 + len(node.shape) or tuple(v.shape[2:]) != node.shape:
+            if v.dim() != 2 + len(node.shape) or v.shape[2:] != node.shape:
                 expect = layout + ", ".join(map(str, node.shape)) + ")" if node.shape else layout[:-2] + ")"
                 raise InputError(f"{self._where()}: input {node.name!r} (declared at {node.site}) expects shape "
                                  f"{expect}, got {_fmt(v.shape)}")
             self._check_dtype("input", node, v)
-            self._check_device("input", node, v, x[0].device)
+            if v.device != device:
+                self._check_device("input", node, v, device)
             if self.batch_first:
                 v = v.transpose(0, 1)
-            if ref is not None and tuple(v.shape[:2]) != ref[0]:
+            lead = tuple(v.shape[:2])
+            if ref is not None and lead != ref[0]:
                 raise InputError(f"{self._where()}: inputs {ref[1]!r} and {node.name!r} disagree on (T, B): "
-                                 f"{ref[0]} and {tuple(v.shape[:2])}")
-            ref = ref or (tuple(v.shape[:2]), node.name)
+                                 f"{ref[0]} and {lead}")
+            ref = ref or (lead, node.name)
             xs.append(v)
         return xs
 
