@@ -45,7 +45,16 @@ def refuse_packed(x, who: str):
     return x
 
 
-_reading = threading.local()  # per thread: {id(recurrence): the values its reading() block gives}
+class _Reading(threading.local):
+    """Per thread: `values`, {id(recurrence): the values its reading() block gives}. Every
+    call looks there, so each thread starts with an empty dict (a missing attribute of a
+    threading.local costs a caught AttributeError per look)."""
+
+    def __init__(self):
+        self.values: dict[int, dict[str, torch.Tensor]] = {}
+
+
+_reading = _Reading()
 
 
 def valid_steps(T: int, B: int, lengths, mask, batch_first: bool, device, who: str) -> torch.Tensor | None:
@@ -161,7 +170,7 @@ class Recurrence(nn.Module):
     def param_tensors(self) -> dict[str, torch.Tensor]:
         """The cell's parameters by their keys (`gate.weight`); inside `reading(values)`, those
         values instead."""
-        values = getattr(_reading, "values", {}).get(id(self))
+        values = _reading.values.get(id(self))
         if values is not None:
             return values
         # the walk reads nn.Module's dicts directly (no __getattr__), so a module or Parameter
@@ -186,7 +195,7 @@ class Recurrence(nn.Module):
         if set(values) != set(self.cell.params):
             raise KeyError(f"reading() needs exactly the cell's parameters {sorted(self.cell.params)}, "
                            f"got {sorted(values)}")
-        mine = _reading.__dict__.setdefault("values", {})
+        mine = _reading.values
         before = mine.get(id(self))
         mine[id(self)] = values
         try:
