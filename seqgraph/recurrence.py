@@ -240,6 +240,7 @@ class Recurrence(nn.Module):
                 lengths: torch.Tensor | Sequence[int] | None = None, mask: torch.Tensor | None = None,
                 context: torch.Tensor | Mapping[str, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+        compiling = torch.compiler.is_compiling()  # (asked once: every call asks it here three times)
         xs = self._check_inputs(x)
         T, B = xs[0].shape[0], xs[0].shape[1]
         dtype, device = self._float_dtype(xs), xs[0].device
@@ -253,14 +254,14 @@ class Recurrence(nn.Module):
         if valid is not None and contexts:  # nor the context of a sequence without one real step
             # asking whether all are live would wait for a GPU, or break a traced graph: there, always zeroed
             live = valid.any(0)
-            if valid.device.type != "cpu" or torch.compiler.is_compiling() or not bool(live.all()):
+            if valid.device.type != "cpu" or compiling or not bool(live.all()):
                 contexts = [v.masked_fill(~live.view(B, *([1] * (v.dim() - 1))), 0) for v in contexts]
-        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):  # (traced: the lookup's own check)
+        if not (compiling or torch.jit.is_tracing()):  # (traced: the lookup's own check)
             self._check_ids("input", self.cell.inputs, xs)
             self._check_ids("context", self.cell.contexts, contexts)
         noises = self._sample_noise(T, B, dtype, device)
         outs, finals = self._run_sequence(xs, states0, contexts, noises, valid, dtype, device)
-        if not torch.compiler.is_compiling():  # (the loop's custom op returns copies there)
+        if not compiling:  # (the loop's custom op returns copies there)
             finals = own_storage(finals, states0 + xs + contexts)  # (a state whose next value is an input)
         final_state = {prev.name: v for (prev, _), v in zip(self.cell.states, finals)}
         if self.remember:
@@ -453,7 +454,7 @@ class Recurrence(nn.Module):
         return valid_steps(T, B, lengths, mask, self.batch_first, device, self._where())
 
     def _initial_states(self, state, B, dtype, device) -> list[torch.Tensor]:
-        if state is not None and not isinstance(state, Mapping):
+        if state is not None and not isinstance(state, (dict, Mapping)):  # (a dict first: no ABC check)
             raise InputError(f"{self._where()}: state must be a dict from state name to tensor (states: "
                              f"{self.cell.state_names}), got {type(state).__name__}")
         state = dict(state or {})
