@@ -460,7 +460,6 @@ def addmm(addend: torch.Tensor, x: torch.Tensor, wt: torch.Tensor) -> torch.Tens
     return linear(x, w) + addend
 
 
-
 def _bias_addmm(bias: torch.Tensor, x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     """linear(x, wt.t(), bias). Where torch's GEMM runs it, torch.addmm(bias, x, wt) itself:
     what F.linear runs for rows x and a bias (aten's linear is addmm(bias, x, weight.t())),
