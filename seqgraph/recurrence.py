@@ -428,25 +428,43 @@ class Recurrence(nn.Module):
     def _check_params(self, params: dict[str, torch.Tensor]) -> None:
         """Every parameter (and learned initial state) has its declared shape and the first
         one's dtype and device: one replaced since the cell was built (tied, loaded, computed
-        by a parametrization) could otherwise be read past its end by the C loops."""
+        by a parametrization) could otherwise be read past its end by the C loops. (Every call
+        asks: the messages are built only for a refusal.)"""
         if torch.jit.is_tracing():  # (reading a parameter's shape there records it as a constant, which fails)
             return
+        values = list(params.values()) + [self.init[prev.name] for prev in self._learned_states()]
+        nodes = list(self.cell.params.values()) + self._learned_states()
+        first = values[0] if values else None
+        for k, (node, v) in enumerate(zip(nodes, values)):
+            if not isinstance(v, torch.Tensor) or v.shape != node.shape or v.dtype != first.dtype \
+                    or v.device != first.device:
+                self._refuse_param(k, nodes, values)
+
+    def _learned_states(self) -> list:
+        learned = self.__dict__.get("_learned")
+        if learned is None:
+            learned = self.__dict__["_learned"] = [prev for prev, _ in self.cell.states
+                                                   if prev.attrs.get("init") == "learned"]
+        return learned
+
+    def _refuse_param(self, k: int, nodes: list, values: list) -> None:
+        """The InputError for values[k], which _check_params found wrong."""
         shown = self.__dict__.get("_param_shown", {})  # an owner's names for them (sg.nn: weight_hh_l0)
-        keyed = [(f"parameter {shown.get(key, key)!r}", node, params[key]) for key, node in self.cell.params.items()]
-        keyed += [(f"learned initial state {prev.name!r}", prev, self.init[prev.name])
-                  for prev, _ in self.cell.states if prev.attrs.get("init") == "learned"]
-        for what, node, v in keyed:
-            if not isinstance(v, torch.Tensor):
-                raise InputError(f"{self._where()}: {what} (declared at {node.site}) must be a tensor, "
-                                 f"got {type(v).__name__}")
-            if v.shape != node.shape:
-                raise InputError(f"{self._where()}: {what} (declared at {node.site}) must have shape "
-                                 f"{tuple(node.shape)}, got {tuple(v.shape)}")
-            first_what, _, first = keyed[0]
-            if v.dtype != first.dtype or v.device != first.device:
-                raise InputError(f"{self._where()}: {what} (declared at {node.site}) is {v.dtype} on {v.device} "
-                                 f"but {first_what} is {first.dtype} on {first.device}; give every "
-                                 f"parameter one dtype and device (module.to(...))")
+        keys = list(self.cell.params)
+
+        def what(i):
+            return (f"parameter {shown.get(keys[i], keys[i])!r}" if i < len(keys)
+                    else f"learned initial state {nodes[i].name!r}")
+        node, v, first = nodes[k], values[k], values[0]
+        if not isinstance(v, torch.Tensor):
+            raise InputError(f"{self._where()}: {what(k)} (declared at {node.site}) must be a tensor, "
+                             f"got {type(v).__name__}")
+        if v.shape != node.shape:
+            raise InputError(f"{self._where()}: {what(k)} (declared at {node.site}) must have shape "
+                             f"{tuple(node.shape)}, got {tuple(v.shape)}")
+        raise InputError(f"{self._where()}: {what(k)} (declared at {node.site}) is {v.dtype} on {v.device} "
+                         f"but {what(0)} is {first.dtype} on {first.device}; give every "
+                         f"parameter one dtype and device (module.to(...))")
 
     def _check_mask(self, lengths, mask, T, B, device):
         if lengths is None and mask is None:  # every step real (the common call: no name to build)
