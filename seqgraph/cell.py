@@ -228,9 +228,7 @@ class Cell:
         self.outputs = _as_list(outputs, "outputs") if outputs is not None else [n for _, n in pairs]
         if not self.outputs and not pairs:
             raise WiringError(f"Cell declared at {self.site} has no outputs and no states")
-        if not self.inputs:
-            raise WiringError(f"Cell declared at {self.site} has no inputs: it needs at least one sg.Input, from "
-                              f"which a call takes its steps and batch size (T, B)")
+
         contexts = None if contexts is None else _as_list(contexts, "contexts")
         self.order = check_cell(self.inputs, pairs, self.outputs, contexts)
         _name_leaves(self.order)

@@ -50,8 +50,7 @@ def _check_sizes(who: str, **sizes) -> None:
 def _check_probabilities(who: str, **ps) -> None:
     """Dropout-like probabilities are numbers in [0, 1), named by their argument when not."""
     for name, value in ps.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
-            raise ValueError(f"sg.cells.{who} (at {user_site()}): {name} is a probability in [0, 1), got {value!r}")
+        sg.dsl.probability(value, f"sg.cells.{who}", f"{name}, a probability,")
 
 
 def _keep_mask(size: int, p: float, name: str, per_sequence: bool = False):

@@ -334,7 +334,10 @@ class CompiledRecurrence(Recurrence):
         return state
 
     def __setstate__(self, state: dict) -> None:
+        memory = state.pop("_memory", None)  # (pickled before the twins shared one remembered state)
         self.__dict__.update(state)
+        if memory is not None and self._source._memory is None:
+            self._source._memory = memory
         if self.backend == "auto":  # chosen again here: this machine may lack the saving one's C compiler
             p = next(iter(self.param_tensors().values()), None)
             where = auto_backend(p.device, p.dtype) if p is not None else auto_backend(torch.device("cpu"))

@@ -52,8 +52,10 @@ def _index(v, what: str) -> int:
 def _shape(size: Size, what: str) -> tuple:
     if isinstance(size, bool):
         raise TypeError(f"{what} (at {user_site()}): size must be an int or a tuple of ints, got {size!r}")
-    if hasattr(size, "__index__"):  # an int, numpy's too
-        size = (size,)
+    try:  # one int, numpy's too
+        size = (operator.index(size),)
+    except TypeError:
+        pass
     try:
         if any(isinstance(s, bool) for s in size):
             raise TypeError
@@ -63,6 +65,18 @@ def _shape(size: Size, what: str) -> tuple:
     if any(s <= 0 for s in shape):
         raise ValueError(f"{what} (at {user_site()}): sizes must be positive, got {shape}")
     return shape
+
+
+def probability(p, who: str, what: str = "the probability p") -> float:
+    """p as a float in [0, 1): a Python or numpy number, or a one-element tensor; not a bool or a
+    string. The ValueError names `who`, `what` and the user's line."""
+    try:
+        value = None if isinstance(p, (bool, str)) else float(p)
+    except (TypeError, ValueError, RuntimeError):
+        value = None
+    if value is None or not 0.0 <= value < 1.0:
+        raise ValueError(f"{who} (at {user_site()}): {what} must be a number in [0, 1), got {p!r}")
+    return value
 
 
 def _no_size(size) -> bool:
@@ -127,7 +141,7 @@ def Parameter(size: Size, name: str | None = None, init: Callable | str | float 
 def _call_init(fn: Callable, t: torch.Tensor) -> torch.Tensor:
     """fn(t), taking what it returns when that is not t itself (torch.ones_like, say)."""
     out = fn(t)
-    if isinstance(out, torch.Tensor) and out is not t:
+    if isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
         if tuple(out.shape) != tuple(t.shape):
             raise ValueError(f"the init function {getattr(fn, '__name__', fn)!r} returned a tensor of shape "
                              f"{tuple(out.shape)} for a parameter of shape {tuple(t.shape)}")
@@ -165,8 +179,7 @@ def Noise(size: Size, p: float, per_sequence: bool = False, name: str | None = N
     """A keep-mask for dropout-like regularisers: in training each element is 1 with
     probability 1-p, else 0 (one draw per step, or once per sequence with per_sequence=True);
     in evaluation it is the constant 1-p, its expectation."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-        raise ValueError(f"Noise (at {user_site()}): the probability p must be a number in [0, 1), got {p!r}")
+    p = probability(p, "Noise")
     return make("noise", (), name=name, shape=_shape(size, "Noise"), batched=True, p=float(p),
                 per_sequence=bool(per_sequence))
 
@@ -332,9 +345,7 @@ def dropout(a: Node, p: float, per_sequence: bool = False, name: str | None = No
     step, or one mask per sequence with per_sequence=True, as in Gal's Bayesian RNNs); the
     identity in evaluation."""
     a = _node(a, "dropout")
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
-        raise ValueError(f"sg.dropout (at {user_site()}): p, the probability of zeroing an element, must be in "
-                         f"[0, 1), got {p!r}")
+    p = probability(p, "sg.dropout", "p, the probability of zeroing an element,")
     if p == 0:
         return a
     keep = Noise(a.shape, p, per_sequence=per_sequence)

@@ -11,7 +11,6 @@ sequence within its own real steps. This module must not build cells or know abo
 from __future__ import annotations
 
 import contextlib
-
 import copy
 import numbers
 from typing import Callable, Sequence
@@ -240,9 +239,8 @@ def _first_sequence(x, batch_first: bool) -> torch.Tensor:
         return parts[0]
     got = ", ".join(f"a tensor of shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
                     for v in parts) or "an empty tuple"
-    hint = "; stack a list of steps with torch.stack" if isinstance(x, list) else ""
     raise InputError(f"sg.Bidirectional: x must be a tensor {'(B, T, ...)' if batch_first else '(T, B, ...)'} "
-                     f"(or a tuple of them, one per input of the cell), got {got}{hint}")
+                     f"(or a tuple of them, one per input of the cell), got {got}")
 
 
 def _fresh_copy(module: nn.Module) -> nn.Module:
@@ -309,6 +307,8 @@ class Bidirectional(nn.Module):
             raise InputError("sg.Bidirectional: state must be None or a pair (state_fwd, state_bwd)")
         bf = self.batch_first
         x = refuse_packed(x, "sg.Bidirectional")
+        if isinstance(x, list):  # one tensor per input of the cell, as a Recurrence takes it
+            x = tuple(x)
         first = _first_sequence(x, bf)
         T, B = (first.shape[1], first.shape[0]) if bf else (first.shape[0], first.shape[1])
         valid = valid_steps(T, B, lengths, mask, bf, first.device, "sg.Bidirectional")
@@ -455,11 +455,12 @@ class SequenceLoss(nn.Module):
             rows_in, rows_tgt = input[valid], target[valid]
         try:
             losses = self.criterion(rows_in, rows_tgt)
-        except (RuntimeError, ValueError, IndexError) as e:
-            raise InputError(f"SequenceLoss: the criterion failed on the real steps' rows, input "
-                             f"{tuple(rows_in.shape)} and target {tuple(rows_tgt.shape)}"
-                             + (" (the target repeated at every step)" if self.repeat_target else "")
-                             + f": {str(e).splitlines()[0]}") from e
+        except Exception as e:  # the criterion's own error, which sees rows, not sequences: say which
+            if hasattr(e, "add_note"):  # (Python 3.11+)
+                e.add_note(f"in sg.SequenceLoss, called on the real steps' rows: input {tuple(rows_in.shape)} and "
+                           f"target {tuple(rows_tgt.shape)}"
+                           + (" (the target repeated at every step)" if self.repeat_target else ""))
+            raise
         if losses.dim() == 0 or losses.shape[0] != rows_in.shape[0]:
             raise InputError(f"SequenceLoss: the criterion must return one loss per row ({rows_in.shape[0]} rows), "
                              f"got shape {tuple(losses.shape)}")

@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import PackedSequence
 from .cell import Cell
 from .compiler.interpret import evaluate, run_step
 from .compiler.ir import topo_order
-from .errors import InputError, describe
+from .errors import InputError, WiringError, describe
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX_DTYPES = (torch.int64, torch.int32)  # what torch.nn.functional.embedding takes
@@ -152,6 +152,9 @@ class Recurrence(nn.Module):
             hint = (f"; call it to build the cell, e.g. sg.cells.{cell.__name__}(input_size, hidden_size)"
                     if getattr(cell, "__module__", None) == "seqgraph.cells" else "")
             raise TypeError(f"sg.Recurrence takes an sg.Cell, got {type(cell).__name__}{hint}")
+        if not cell.inputs:  # (a cell without inputs may still be inlined into a bigger one)
+            raise WiringError(f"sg.Recurrence: the cell declared at {cell.site} has no inputs, and a call takes its "
+                              f"steps and batch size (T, B) from the per-step inputs: give it at least one sg.Input")
         self.cell = cell
         self.batch_first = batch_first
         self.remember = remember
@@ -160,7 +163,10 @@ class Recurrence(nn.Module):
         for key, node in cell.params.items():
             t = torch.empty(node.shape)
             with torch.no_grad():
-                node.attrs["init"](t)
+                try:
+                    node.attrs["init"](t)
+                except ValueError as e:
+                    raise ValueError(f"parameter {key!r} (declared at {node.site}): {e}") from None
             _register_nested(self.params, key, nn.Parameter(t))
         self.init = nn.ParameterDict({
             prev.name: nn.Parameter(torch.zeros(prev.shape))
@@ -197,7 +203,7 @@ class Recurrence(nn.Module):
                            f"got {sorted(values)}")
         mine = _reading.values
         before = mine.get(id(self))
-        mine[id(self)] = values
+        mine[id(self)] = {key: values[key] for key in self.cell.params}  # in the cell's order, as the loops read them
         try:
             yield self
         finally:
@@ -288,12 +294,16 @@ class Recurrence(nn.Module):
         outs: list[list[torch.Tensor]] = [[] for _ in self.cell.outputs]
         # one wait for the device, not T; "meta" tensors have shapes only: every step runs on all rows
         full = [True] * T if valid is None or valid.is_meta else valid.all(1).tolist()
+        # noise drawn as one row (evaluation mode) gives a value that meets the batch only through it one row
+        one_row = B != 1 and any((n.shape[0] if node.attrs["per_sequence"] else n.shape[1]) == 1
+                                 for node, n in zip(self.cell.noises, noises))
+        fit = _batch_rows if one_row else (lambda step, rows: step)
         for t in range(T):
             step_noise = [n[t] if node.attrs["per_sequence"] is False else n
                           for node, n in zip(self.cell.noises, noises)]
             leaves = ([x[t] for x in xs], states, contexts, step_noise)
             if full[t]:
-                o, states = _batch_rows(run_step(self.cell, *leaves, params, dtype=dtype, device=device), B)
+                o, states = fit(run_step(self.cell, *leaves, params, dtype=dtype, device=device), B)
             else:
                 rows = valid[t].nonzero().squeeze(1)
                 # noise drawn as one (1, ...) row (eval mode, p = 0) broadcasts to any rows
@@ -302,8 +312,8 @@ class Recurrence(nn.Module):
                 if not rows.numel():  # nothing to compute; the outputs' dtypes from one row, unused
                     pick = [[v[:1] if v.dim() and v.shape[0] == B else v for v in group] for group in leaves]
                 with torch.set_grad_enabled(torch.is_grad_enabled() and bool(rows.numel())):
-                    o_real, next_real = _batch_rows(run_step(self.cell, *pick, params, dtype=dtype, device=device),
-                                                    max(rows.numel(), 1))
+                    o_real, next_real = fit(run_step(self.cell, *pick, params, dtype=dtype, device=device),
+                                            max(rows.numel(), 1))
                 o = [v.new_zeros((B,) + v.shape[1:]) for v in o_real]
                 if rows.numel():
                     o = [z.index_copy(0, rows, v) for z, v in zip(o, o_real)]
@@ -357,7 +367,7 @@ class Recurrence(nn.Module):
         ref = None  # (T, B) and the input that gave them
         device = x[0].device
         for node, v in zip(self.cell.inputs, x):
-            if v.dim() != 2 + len(node.shape) or v.shape[2:] != node.shape:
+            if v.dim() != 2 + len(node.shape) or tuple(v.shape[2:]) != node.shape:
                 expect = layout + ", ".join(map(str, node.shape)) + ")" if node.shape else layout[:-2] + ")"
                 raise InputError(f"{self._where()}: input {node.name!r} (declared at {node.site}) expects shape "
                                  f"{expect}, got {_fmt(v.shape)}")
@@ -561,9 +571,9 @@ class Recurrence(nn.Module):
 def _batch_rows(step: tuple[list, list], rows: int) -> tuple[list, list]:
     """A step's outputs and next states, each with `rows` rows: a value that meets the batch
     only through noise drawn as one row (evaluation mode) comes out with one row, and is the
-    same for every row."""
+    same for every row (copied out: a final state is the caller's to change, row by row)."""
     def fit(vs):
-        return [v.expand((rows,) + v.shape[1:]) if v.dim() and v.shape[0] == 1 != rows else v for v in vs]
+        return [v.expand((rows,) + v.shape[1:]).clone() if v.dim() and v.shape[0] == 1 != rows else v for v in vs]
     return fit(step[0]), fit(step[1])
 
 

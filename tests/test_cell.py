@@ -212,8 +212,18 @@ def test_one_context_node_may_be_given_without_a_list():
     assert cell.contexts == [memory]
 
 
-def test_a_cell_without_inputs_is_refused_where_it_is_built():
+def test_a_recurrence_of_a_cell_without_inputs_is_refused_where_it_is_built():
     h = sg.State(4, name="h")
-    with pytest.raises(sg.WiringError, match=r"Cell declared at test_cell.py:\d+ has no inputs: it needs at least one "
-                                             r"sg.Input"):
-        sg.Cell(inputs=[], states={h: sg.tanh(h)})
+    cell = sg.Cell(inputs=[], states={h: sg.tanh(h)})
+    with pytest.raises(sg.WiringError, match=r"sg.Recurrence: the cell declared at test_cell.py:\d+ has no inputs"):
+        sg.Recurrence(cell)
+
+
+def test_a_cell_without_inputs_inlines_into_a_cell_with_inputs():
+    s = sg.State(4, name="s")
+    inner = sg.Cell(inputs=[], states={s: sg.tanh(sg.Linear(4, 4, name="mix")(s))})
+    x, h = sg.Input(4, name="x"), sg.State(4, name="h")
+    _, nxt = inner([], {"s": h})
+    rec = sg.Recurrence(sg.Cell(inputs=[x], states={h: nxt["s"] + x}))
+    out, _ = rec(torch.zeros(3, 2, 4))
+    assert out.shape == (3, 2, 4)

@@ -425,8 +425,8 @@ def test_norm_stabilizer_wraps_a_recurrence_and_exposes_its_loss():
 @pytest.mark.parametrize("make,says", [
     (lambda: sg.cells.lstm(3, 0), r"sg.cells.lstm \(at test_cells.py:\d+\): hidden_size must be a positive int, got 0"),
     (lambda: sg.cells.gru(2.5, 4), r"sg.cells.gru \(at test_cells.py:\d+\): input_size must be a positive int"),
-    (lambda: sg.cells.lstm(3, 4, dropout=1.0), r"sg.cells.lstm \(at test_cells.py:\d+\): dropout is a probability"),
-    (lambda: sg.cells.lstm(3, 4, zoneout="0.1"), r"sg.cells.lstm \(at test_cells.py:\d+\): zoneout is a probability"),
+    (lambda: sg.cells.lstm(3, 4, dropout=1.0), r"sg.cells.lstm \(at test_cells.py:\d+\): dropout, a probability, must be a number in \[0, 1\)"),
+    (lambda: sg.cells.lstm(3, 4, zoneout="0.1"), r"sg.cells.lstm \(at test_cells.py:\d+\): zoneout, a probability, must be a number"),
     (lambda: sg.stack(sg.cells.gru, 3, [4, 0]), r"sg.cells.gru \(at test_cells.py:\d+\): hidden_size must be a positive"),
 ], ids=["lstm_hidden_0", "gru_float_input", "dropout_1", "zoneout_str", "stack_size_0"])
 def test_a_bad_size_or_probability_names_the_cell_the_argument_and_the_line(make, says):

@@ -656,6 +656,19 @@ def test_backend_for_says_which_backend_a_call_runs():
     assert sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="torch").backend_for() == "torch"
 
 
+def test_a_twin_pickled_with_a_memory_of_its_own_hands_it_to_its_source():
+    # before the twins shared one remembered state, the twin pickled its own
+    rec = sg.Recurrence(sg.cells.gru(3, 4), remember=True)
+    fast = sg.compile(rec, backend="cpu")
+    fast(torch.randn(2, 1, 3))
+    state = fast.__getstate__()
+    memory = state["_source"]._memory
+    state["_source"]._memory, state["_memory"] = None, memory
+    loaded = sg.CompiledRecurrence.__new__(sg.CompiledRecurrence)
+    loaded.__setstate__(state)
+    assert loaded._memory is memory and loaded._source._memory is memory
+
+
 def test_an_auto_model_saved_whole_loads_where_no_c_compiler_is(tmp_path):
     import os
     import subprocess
@@ -731,8 +744,10 @@ def test_a_recurrence_and_its_compiled_twin_carry_one_remembered_state():
     fast = sg.compile(rec, backend="cpu")
     x = torch.randn(2, 1, 3)
     first, _ = fast(x)
-    _, fin = rec(x)  # continues where the twin stopped
-    torch.testing.assert_close(fast._memory["h"], fin["h"])
+    second, _ = rec(x)  # continues where the twin stopped
+    fresh = sg.Recurrence(sg.cells.gru(3, 4))
+    fresh.load_state_dict(rec.state_dict())
+    torch.testing.assert_close(second, fresh(x, fresh(x)[1])[0])
     rec.forget()  # and forgetting either forgets both
     torch.testing.assert_close(fast(x)[0], first)
 

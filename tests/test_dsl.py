@@ -476,10 +476,25 @@ def test_a_parameter_init_may_return_its_values_or_be_a_tensor(init, expected):
     assert torch.equal(rec.params.gain, torch.full((4,), expected))
 
 
+def test_an_init_filling_a_view_and_returning_it_is_taken_as_it_filled():
+    x, h = _xh()
+    gain = sg.Parameter(4, name="gain", init=lambda t: t.view(2, 2).fill_(2.0))
+    rec = sg.Recurrence(sg.Cell(inputs=[x], states={h: sg.tanh(x * gain + h)}))
+    assert torch.equal(rec.params.gain, torch.full((4,), 2.0))
+
+
+def test_sizes_and_probabilities_may_be_numpy_scalars_but_not_arrays():
+    import numpy as np  # in the test extras
+    assert sg.Parameter(np.array([2, 3])).shape == (2, 3)
+    assert sg.cells.lstm(3, 4, dropout=np.float32(0.25)) is not None
+    assert sg.Noise(3, torch.tensor(0.5)).attrs["p"] == 0.5
+
+
 def test_an_init_returning_another_shape_is_refused_naming_both():
     x, h = _xh()
     gain = sg.Parameter(4, name="gain", init=lambda t: torch.ones(3))
-    with pytest.raises(ValueError, match=r"returned a tensor of shape \(3,\) for a parameter of shape \(4,\)"):
+    with pytest.raises(ValueError, match=r"parameter 'gain' \(declared at test_dsl.py:\d+\): the init function .* returned "
+                                         r"a tensor of shape \(3,\) for a parameter of shape \(4,\)"):
         sg.Recurrence(sg.Cell(inputs=[x], states={h: sg.tanh(x * gain + h)}))
 
 

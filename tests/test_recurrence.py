@@ -642,6 +642,26 @@ def test_the_reference_gives_shapes_on_meta_with_padding(kw):
     assert out.shape == (T, B, H) and out.is_meta and final["h"].shape == (B, H)
 
 
+def test_reading_values_in_another_order_are_matched_by_key():
+    rec = randomize(sg.Recurrence(sg.cells.gru(I, H)))
+    values = dict(reversed(list(rec.param_tensors().items())))
+    x = _x(T, B, I)
+    expected, _ = rec(x)
+    for backend in ("reference", "torch", "cpu"):
+        run = sg.compile(rec, backend=backend)
+        with rec.reading(values):
+            torch.testing.assert_close(run(x)[0], expected)
+
+
+def test_a_final_state_meeting_the_batch_only_through_eval_noise_has_rows_of_its_own():
+    x, h = sg.Input(I, name="x"), sg.State(2, name="h")
+    cell = sg.Cell(inputs=[x], states={h: sg.dropout(sg.Parameter(2, name="bias"), 0.3)}, outputs=[sg.Linear(I, 2)(x)])
+    rec = sg.Recurrence(cell).double().eval()
+    _, final = rec(_x(T, B, I))
+    final["h"][0].zero_()  # the caller's to change, row by row
+    assert final["h"][1].abs().sum() > 0
+
+
 def test_input_error_is_a_value_error():
     assert issubclass(sg.InputError, ValueError)
 
@@ -1015,15 +1035,16 @@ def test_values_given_with_reading_belong_to_the_calling_thread():
     t.start()
     inside.wait(10)
     try:
-        assert seen["inside"] is given
+        assert all(seen["inside"][k] is v for k, v in given.items())
         assert all(v is p for v, p in zip(rec.param_tensors().values(), rec.parameters()))  # not the other's
     finally:
         done.set()
         t.join()
+    other = {k: torch.ones_like(v) for k, v in given.items()}
     with rec.reading(given):
-        with rec.reading(dict(given)) as again:
-            assert again.param_tensors() is not given
-        assert rec.param_tensors() is given  # a nested block gives the outer values back
+        with rec.reading(other) as again:
+            assert all(v is other[k] for k, v in again.param_tensors().items())
+        assert all(v is given[k] for k, v in rec.param_tensors().items())  # a nested block gives the outer values back
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])

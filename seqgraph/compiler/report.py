@@ -67,7 +67,7 @@ def _gemm_text(n: Node) -> str:
 
 def describe_plan(plan, T: int | None, B: int | None, itemsize: int = 4) -> str:
     for name, v in (("T", T), ("B", B)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+        if v is not None and (isinstance(v, bool) or not hasattr(v, "__index__") or v < 0):
             raise ValueError(f"describe: {name} must be a number of {'steps' if name == 'T' else 'sequences'} "
                              f"(an int >= 0), got {v!r}")
     Bv = B or 1

@@ -42,9 +42,21 @@ def share_library(path: str) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)  # (the only way to read it is to set it)
-    os.umask(mask)
-    return mask
+    """The process's umask, from /proc where there is one: reading it through os.umask means
+    setting it for a moment, which races with threads creating files (two libraries build at
+    once); elsewhere, the umask this module found when imported."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _UMASK_AT_IMPORT
+
+
+_UMASK_AT_IMPORT = os.umask(0o022)
+os.umask(_UMASK_AT_IMPORT)
 
 
 def library_is_whole(path: Path) -> bool:

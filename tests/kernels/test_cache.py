@@ -66,7 +66,7 @@ def test_a_damaged_cached_c_library_is_rebuilt(tmp_path, damage):
         lib.unlink()
     run = _run_in_fresh_process(code, tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert lib.read_bytes() == data or len(lib.read_bytes()) > len(data) // 2
+    assert len(lib.read_bytes()) == len(data)  # built again whole
 
 
 def test_a_damaged_cached_triton_kernel_is_written_again(tmp_path):
