@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import functools
 import math
+import numbers
 import operator
 from typing import Callable, Sequence
 
@@ -154,24 +155,26 @@ def _copy_values(values: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def _init_fn(init, shape):
-    accepted = (f"an init is \"zeros\", \"ones\", \"uniform\", a number, a tensor of shape {shape} or a "
+    accepted = (f"an init is \"zeros\", \"ones\", \"uniform\", a number, a tensor or array of shape {shape} or a "
                 f"function that fills (or returns) a tensor")
     if isinstance(init, Node):
         raise ValueError(f"unknown init {init!r} (at {user_site()}): it fills a tensor once, it is not a node; {accepted}")
-    if isinstance(init, torch.Tensor):
-        if tuple(init.shape) != tuple(shape):
-            raise ValueError(f"init tensor (at {user_site()}) has shape {tuple(init.shape)} but the parameter's is {shape}")
-        return functools.partial(_copy_values, init.detach().clone())
-    if callable(init):
-        return functools.partial(_call_init, init)
-    if init == "zeros":
-        return functools.partial(_fill_value, 0.0)
-    if init == "ones":
-        return functools.partial(_fill_value, 1.0)
-    if init == "uniform":
-        return _uniform(1.0 / math.sqrt(shape[-1] if shape else 1))
-    if isinstance(init, (int, float)) and not isinstance(init, bool):
+    if isinstance(init, str):
+        if init in ("zeros", "ones"):
+            return functools.partial(_fill_value, 0.0 if init == "zeros" else 1.0)
+        if init == "uniform":
+            return _uniform(1.0 / math.sqrt(shape[-1] if shape else 1))
+    elif isinstance(init, numbers.Real) and not isinstance(init, bool):
         return functools.partial(_fill_value, float(init))
+    elif isinstance(init, torch.Tensor) or hasattr(init, "__array__"):  # a tensor, or a numpy array
+        values = torch.as_tensor(init).detach().clone()
+        if values.dim() == 0:
+            return functools.partial(_fill_value, float(values))
+        if tuple(values.shape) != tuple(shape):
+            raise ValueError(f"init tensor (at {user_site()}) has shape {tuple(values.shape)} but the parameter's is {shape}")
+        return functools.partial(_copy_values, values)
+    elif callable(init):
+        return functools.partial(_call_init, init)
     raise ValueError(f"unknown init {init!r} (at {user_site()}); {accepted}")
 
 
@@ -316,7 +319,7 @@ def transpose(a: Node, d0: int = -2, d1: int = -1, name: str | None = None) -> N
 
 def reshape(a: Node, shape: Sequence[int], name: str | None = None) -> Node:
     """A new per-example shape with the same number of elements (the batch dim stays)."""
-    if not isinstance(shape, (list, tuple)):
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__") or getattr(shape, "ndim", 1) != 1:
         raise TypeError(f"sg.reshape (at {user_site()}) takes the new per-example shape as a tuple of ints, "
                         f"e.g. sg.reshape(x, (2, 4)), got {shape!r}")
     return make("reshape", (_node(a, "reshape"),), name=name, shape=tuple(_index(v, "sg.reshape: a size") for v in shape))

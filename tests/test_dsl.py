@@ -2,6 +2,7 @@
 sg.Graph inlining, and the broadcasting rules (dims never include the batch)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -483,9 +484,18 @@ def test_an_init_filling_a_view_and_returning_it_is_taken_as_it_filled():
     assert torch.equal(rec.params.gain, torch.full((4,), 2.0))
 
 
-def test_sizes_and_probabilities_may_be_numpy_scalars_but_not_arrays():
-    import numpy as np  # in the test extras
-    assert sg.Parameter(np.array([2, 3])).shape == (2, 3)
+@pytest.mark.parametrize("init,expected", [(np.ones(4), 1.0), (np.float32(0.5), 0.5), (torch.tensor(0.25), 0.25)],
+                         ids=["array", "numpy_scalar", "tensor_scalar"])
+def test_a_parameter_init_may_be_a_numpy_array_or_a_scalar_of_numpy_or_torch(init, expected):
+    x, h = _xh()
+    gain = sg.Parameter(4, name="gain", init=init)
+    rec = sg.Recurrence(sg.Cell(inputs=[x], states={h: sg.tanh(x * gain + h)}))
+    assert torch.equal(rec.params.gain, torch.full((4,), expected))
+
+
+def test_sizes_and_probabilities_may_be_numpy_or_torch_values():
+    assert sg.Parameter(np.array([2, 3])).shape == (2, 3) and sg.Input(torch.tensor([2, 3])).shape == (2, 3)
+    assert sg.reshape(sg.Input(8), np.array([2, 4])).shape == (2, 4)
     assert sg.cells.lstm(3, 4, dropout=np.float32(0.25)) is not None
     assert sg.Noise(3, torch.tensor(0.5)).attrs["p"] == 0.5
 
