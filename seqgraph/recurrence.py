@@ -113,12 +113,20 @@ def token_output(o, cell: Cell, xs, contexts, valid, dtype, device) -> torch.Ten
 
 def own_storage(finals: list[torch.Tensor], others: list[torch.Tensor]) -> list[torch.Tensor]:
     """The final states, each copied where it shares memory with one of `others` (the caller's
-    initial state when no step ran; an output's last step; the state sequence backward reads),
-    so that changing a final state in place changes nothing else, as with nn.LSTM's h_n."""
+    initial state when no step ran; an output's last step; the state sequence backward reads)
+    or with another final state (two states of one next value), so that changing a final state
+    in place changes nothing else, as with nn.LSTM's h_n."""
     if functorch_active():  # torch.func's tensors show no storage
         return [f.clone() for f in finals]
     taken = {o.untyped_storage().data_ptr() for o in others if o.numel()}
-    return [f.clone() if f.numel() and f.untyped_storage().data_ptr() in taken else f for f in finals]
+    owned = []
+    for f in finals:
+        if f.numel():
+            if f.untyped_storage().data_ptr() in taken:
+                f = f.clone()
+            taken.add(f.untyped_storage().data_ptr())
+        owned.append(f)
+    return owned
 
 
 def functorch_active() -> bool:
@@ -247,6 +255,10 @@ class Recurrence(nn.Module):
                 context: torch.Tensor | Mapping[str, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
         compiling = torch.compiler.is_compiling()  # (asked once: every call asks it here three times)
+        if self.remember and functorch_active():
+            raise InputError(f"{self._where()}: remember=True keeps each call's final state for the next call, "
+                             f"and under a torch.func transform (grad, vmap, jacrev) that state would be "
+                             f"the transform's own tensor; pass state= and take the final state instead")
         xs = self._check_inputs(x)
         T, B = xs[0].shape[0], xs[0].shape[1]
         dtype, device = self._float_dtype(xs), xs[0].device

@@ -626,6 +626,35 @@ def test_a_final_state_that_is_an_input_is_a_copy_of_it(backend):
     assert final["prev"].untyped_storage().data_ptr() != xs.untyped_storage().data_ptr() and xs[-1].abs().sum() > 0
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+def test_two_states_of_one_next_value_come_back_as_two_tensors(backend):
+    x, h, g = sg.Input(I, name="x"), sg.State(H, name="h"), sg.State(H, name="g")
+    v = sg.tanh(sg.Linear(I + 2 * H, H)(sg.concat([x, h, g])))
+    rec = sg.Recurrence(sg.Cell(inputs=[x], states={h: v, g: v}))
+    with torch.no_grad():
+        _, final = sg.compile(rec, backend=backend)(torch.randn(T, B, I))
+    final["h"].zero_()
+    assert final["g"].abs().sum() > 0
+
+
+def test_remember_under_a_torch_func_transform_is_refused():
+    rec = sg.Recurrence(sg.cells.gru(I, H), remember=True)
+    params = dict(rec.named_parameters())
+
+    def loss(p, x):
+        return torch.func.functional_call(rec, p, (x,))[0].sum()
+    with pytest.raises(sg.InputError, match=r"remember=True keeps each call's final state .* torch.func transform"):
+        torch.func.grad(loss)(params, torch.randn(T, B, I))
+
+
+def test_a_dry_run_on_meta_goes_through_an_embedding():
+    tok, h = sg.Input(name="tok", dtype="long"), sg.State(H, name="h")
+    cell = sg.Cell(inputs=[tok], states={h: sg.tanh(sg.Embedding(10, H)(tok) + h)})
+    rec = sg.Recurrence(cell).to("meta")
+    out, _ = rec(torch.zeros(T, B, dtype=torch.long, device="meta"))
+    assert out.shape == (T, B, H) and out.is_meta
+
+
 def test_a_state_remembered_on_meta_is_dropped_by_to_empty():
     rec = sg.Recurrence(sg.cells.gru(I, H), remember=True).to("meta")
     rec(torch.randn(T, B, I, device="meta"))  # a dry run for shapes

@@ -869,7 +869,7 @@ def _embedding_shape(inputs, attrs):
 def _embedding_torch(n, idx, w):
     pad = n.attrs.get("padding_idx")
     num = w.shape[0]
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num):
+    if idx.numel() and not idx.is_meta and (int(idx.min()) < 0 or int(idx.max()) >= num):  # (meta: no values)
         raise IndexError(f"Embedding '{n.label()}' (declared at {n.site}) has {num} rows but got index "
                          f"{int(idx.min()) if int(idx.min()) < 0 else int(idx.max())}")
     out = F.embedding(idx, w)
