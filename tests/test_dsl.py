@@ -471,26 +471,24 @@ def test_a_noise_probability_that_is_not_a_number_in_zero_one_is_refused_at_the_
 @pytest.mark.parametrize("init,expected", [(torch.ones_like, 1.0), (lambda t: torch.full_like(t, 3.0), 3.0),
                                            (torch.full((4,), 2.0), 2.0)], ids=["ones_like", "lambda", "tensor"])
 def test_a_parameter_init_may_return_its_values_or_be_a_tensor(init, expected):
+    assert torch.equal(_gain_after_init(init), torch.full((4,), expected))
+
+
+def _gain_after_init(init) -> torch.Tensor:
+    """The value a parameter 'gain' of 4 features starts from, given `init`."""
     x, h = _xh()
     gain = sg.Parameter(4, name="gain", init=init)
-    rec = sg.Recurrence(sg.Cell(inputs=[x], states={h: sg.tanh(x * gain + h)}))
-    assert torch.equal(rec.params.gain, torch.full((4,), expected))
+    return sg.Recurrence(sg.Cell(inputs=[x], states={h: sg.tanh(x * gain + h)})).params.gain
 
 
 def test_an_init_filling_a_view_and_returning_it_is_taken_as_it_filled():
-    x, h = _xh()
-    gain = sg.Parameter(4, name="gain", init=lambda t: t.view(2, 2).fill_(2.0))
-    rec = sg.Recurrence(sg.Cell(inputs=[x], states={h: sg.tanh(x * gain + h)}))
-    assert torch.equal(rec.params.gain, torch.full((4,), 2.0))
+    assert torch.equal(_gain_after_init(lambda t: t.view(2, 2).fill_(2.0)), torch.full((4,), 2.0))
 
 
 @pytest.mark.parametrize("init,expected", [(np.ones(4), 1.0), (np.float32(0.5), 0.5), (torch.tensor(0.25), 0.25)],
                          ids=["array", "numpy_scalar", "tensor_scalar"])
 def test_a_parameter_init_may_be_a_numpy_array_or_a_scalar_of_numpy_or_torch(init, expected):
-    x, h = _xh()
-    gain = sg.Parameter(4, name="gain", init=init)
-    rec = sg.Recurrence(sg.Cell(inputs=[x], states={h: sg.tanh(x * gain + h)}))
-    assert torch.equal(rec.params.gain, torch.full((4,), expected))
+    assert torch.equal(_gain_after_init(init), torch.full((4,), expected))
 
 
 def test_sizes_and_probabilities_may_be_numpy_or_torch_values():
@@ -501,11 +499,9 @@ def test_sizes_and_probabilities_may_be_numpy_or_torch_values():
 
 
 def test_an_init_returning_another_shape_is_refused_naming_both():
-    x, h = _xh()
-    gain = sg.Parameter(4, name="gain", init=lambda t: torch.ones(3))
     with pytest.raises(ValueError, match=r"parameter 'gain' \(declared at test_dsl.py:\d+\): the init function .* returned "
                                          r"a tensor of shape \(3,\) for a parameter of shape \(4,\)"):
-        sg.Recurrence(sg.Cell(inputs=[x], states={h: sg.tanh(x * gain + h)}))
+        _gain_after_init(lambda t: torch.ones(3))
 
 
 @pytest.mark.parametrize("init", ["normal", torch.ones(3)], ids=["unknown_name", "tensor_of_another_shape"])
