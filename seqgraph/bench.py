@@ -11,6 +11,7 @@ never a unit test; this module only measures.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -214,13 +215,19 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         groups.setdefault((r["cell"], r["size"]), []).append(r)
     for (cell, size), rs in groups.items():
-        peers = [r for r in rs if not r["peer"].startswith("seqgraph")] or rs
-        best = min(r["fwdbwd_ms"] for r in peers)
+        # the fastest peer that is not seqgraph; a cell without one in the run (no cuDNN version,
+        # no eager loop asked for) against torch.nn.LSTM of the same size where the run has it
+        peers, against = [r for r in rs if not r["peer"].startswith("seqgraph")], ""
+        if not peers:
+            peers = [r for r in rows if r["size"] == size and r["peer"] == "torch.nn.LSTM"]
+            against = " of nn.LSTM"
+        best = min((r["fwdbwd_ms"] for r in peers), default=None)
         for r in rs:
             pk = "" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
             cs = "" if r["compile_s"] is None else f"{r['compile_s']:.2f}"
+            ratio = f"{r['fwdbwd_ms'] / best:.2f}x{against}" if best else ""
             out.append(f"| {cell} | {r['T']},{r['B']},{r['H']} | {r['peer']} | {r['fwd_ms']:.2f} | "
-                       f"{r['fwdbwd_ms']:.2f} | {r['fwdbwd_ms'] / best:.2f}x | {pk} | {cs} |")
+                       f"{r['fwdbwd_ms']:.2f} | {ratio} | {pk} | {cs} |")
     return "\n".join(out)
 
 
@@ -247,6 +254,8 @@ def write_section(path: str, title: str, body: str) -> None:
     try:
         text = open(path).read()
     except FileNotFoundError:
+        text = ""
+    if not text.strip():  # a new (or empty) file starts with a title
         text = "# Benchmarks\n\nWritten by `python -m seqgraph bench --out docs/benchmarks.md`.\n"
     head = f"## {title}\n"
     if head in text:
@@ -263,28 +272,28 @@ PEERS = ("cudnn", "eager", "torch.compile", "seqgraph-torch", "seqgraph-triton",
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m seqgraph bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cells", default=",".join(CELLS), help=f"comma list of {CELLS}")
+    ap = argparse.ArgumentParser(prog="python -m seqgraph bench", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--cells", default=",".join(CELLS), help=f"comma list of {list(CELLS)}")
     ap.add_argument("--sizes", default="fastrnns,small,medium", help=f"comma list of {list(SIZES)}")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=5, help="turns of every peer; the median is reported")
     ap.add_argument("--burst", type=int, default=1,
-                    help="runs of a peer in a row per turn, the first untimed (default 1: strictly in turn)")
+                    help="runs of a peer in a row per turn, the first untimed (1: strictly in turn)")
     ap.add_argument("--peers", default=",".join(PEERS),
                     help=f"comma list of {list(PEERS)} (seqgraph-triton on CUDA only, seqgraph-cpu on the CPU only; "
                          f"torch.nn's LSTM and GRU are the cudnn column)")
     ap.add_argument("--out", default=None, help="Markdown file to write the table into (a section per machine)")
     args = ap.parse_args(argv)
-    if args.reps < 1 or args.burst < 1:
-        ap.error("--reps and --burst must be at least 1")
-    for flag, given, known in (("--cells", args.cells, CELLS), ("--sizes", args.sizes, tuple(SIZES))):
+    for flag in ("reps", "burst"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    for flag, given, known in (("--cells", args.cells, CELLS), ("--sizes", args.sizes, tuple(SIZES)),
+                               ("--peers", args.peers, PEERS)):
         unknown = [v for v in given.split(",") if v not in known]
         if unknown:
-            ap.error(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
-    unknown = [v for v in args.peers.split(",") if v not in PEERS]
-    if unknown:
-        ap.error(f"--peers: unknown {', '.join(unknown)}; choose from {', '.join(PEERS)}")
+            ap.error(f"{flag}: unknown {', '.join(repr(v) for v in unknown)}; choose from {', '.join(known)}")
     try:
         device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     except RuntimeError as e:
@@ -297,16 +306,19 @@ def main(argv: list[str] | None = None) -> int:
     runnable = peers - {"seqgraph-cpu" if device.type == "cuda" else "seqgraph-triton"}
     if not runnable:
         ap.error(f"--peers: none of {args.peers} runs on {device.type}")
-    if args.out:  # refused now, not after the whole run
-        try:
-            with open(args.out, "a"):
-                pass
-        except OSError as e:
-            ap.error(f"--out: cannot write {args.out!r}: {e.strerror or e}")
+    if args.out:  # refused now, not after the whole run (and without creating the file)
+        folder = os.path.dirname(os.path.abspath(args.out))
+        if os.path.isdir(args.out) or not os.path.isdir(folder) or not os.access(
+                args.out if os.path.exists(args.out) else folder, os.W_OK):
+            ap.error(f"--out: cannot write {args.out!r} (a writable file, or a new one in an existing folder)")
+    from .kernels.c_launch import CompilerMissing
     rows = []
     for size in args.sizes.split(","):
         for cell in args.cells.split(","):
-            rs = run_case(cell, size, device, dtype, args.reps, peers, args.burst)
+            try:
+                rs = run_case(cell, size, device, dtype, args.reps, peers, args.burst)
+            except CompilerMissing as e:  # (not found until the cpu backend is built)
+                ap.error(f"--peers seqgraph-cpu: {e}")
             rows += rs
             for r in rs:
                 print(f"{cell:16s} {size:9s} {r['peer']:22s} fwd {r['fwd_ms']:9.2f} ms  fwd+bwd {r['fwdbwd_ms']:9.2f} ms",

@@ -64,11 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("steps", "batch", "every"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if not 0 <= args.seed < 2**63:
+        parser.error(f"--seed must lie in [0, 2**63), got {args.seed}")
 
     torch.manual_seed(args.seed)
     data = torch.Generator().manual_seed(args.seed)
     cell = make_cell()
-    rnn = build_model(cell, args.backend)
+    from .kernels.c_launch import CompilerMissing
+    try:
+        rnn = build_model(cell, args.backend)
+    except CompilerMissing as e:
+        parser.error(f"--backend {args.backend}: {e}")
     readout = torch.nn.Linear(HIDDEN, 1)
     opt = torch.optim.Adam([*rnn.parameters(), *readout.parameters()], lr=1e-2)
 

@@ -594,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m seqgraph viz",
                                      description="Draw a seqgraph cell, graph or model with Graphviz.")
     parser.add_argument("target", help="path/to/file.py:function, a function that takes no arguments "
-                                       "and returns an sg.Cell, sg.Graph or model")
+                                       "and returns an sg.Cell, sg.Graph or sg.Recurrence (compiled or not)")
     parser.add_argument("--unroll", type=int, default=None, metavar="K", help="draw K steps of the recurrence")
     parser.add_argument("--compact", action="store_true", help="one box per step")
     parser.add_argument("-o", "--output", default=None,

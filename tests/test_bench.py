@@ -87,11 +87,13 @@ def test_the_cpu_gemm_benchmark_compares_the_same_products(monkeypatch):
 def test_the_harness_names_an_unknown_cell_or_size_and_the_choices(flag, capsys):
     with pytest.raises(SystemExit):
         bench.main([flag, "nosuch"])
-    assert f"{flag}: unknown nosuch; choose from" in capsys.readouterr().err
+    assert f"{flag}: unknown 'nosuch'; choose from" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, says", [
-    (["--peers", "eagr"], "--peers: unknown eagr; choose from cudnn, eager"),
+    (["--peers", "eagr"], "--peers: unknown 'eagr'; choose from cudnn, eager"),
+    (["--peers", "eager,"], "--peers: unknown ''; choose from"),
+    (["--reps", "0"], "--reps must be at least 1, got 0"),
     (["--peers", "seqgraph-triton", "--device", "cpu"], "--peers: none of seqgraph-triton runs on cpu"),
     (["--device", "tpu"], "--device:"),
     (["--device", "meta"], "the benchmark runs on cpu or cuda, not meta")])
@@ -123,3 +125,21 @@ def test_the_step_calls_script_prints_a_row_per_module(capsys):
     backend = sg.compile(sg.Recurrence(sg.cells.lstm(4, 4))).backend_for()
     assert [r.split(" | ")[0] for r in rows] == [
         "| sg.Recurrence (reference)", f"| sg.compile ({backend})", "| torch.nn.LSTMCell"]
+
+
+def _row(cell, peer, ms):
+    return dict(cell=cell, size="small", T=2, B=1, H=3, peer=peer, fwd_ms=ms, fwdbwd_ms=ms, peak_mib=None, compile_s=None)
+
+
+def test_a_cell_without_a_peer_of_its_own_is_compared_with_nn_lstm_of_its_size_or_not_at_all():
+    with_lstm = bench.format_table([_row("lstm", "torch.nn.LSTM", 2.0), _row("mufuru", "seqgraph cpu", 3.0)])
+    assert "| mufuru | 2,1,3 | seqgraph cpu | 3.00 | 3.00 | 1.50x of nn.LSTM |" in with_lstm
+    alone = bench.format_table([_row("mufuru", "seqgraph cpu", 3.0)])
+    assert "| mufuru | 2,1,3 | seqgraph cpu | 3.00 | 3.00 |  |" in alone  # never 1.00x against itself
+
+
+def test_a_new_or_empty_output_file_gets_a_title(tmp_path):
+    out = tmp_path / "b.md"
+    out.write_text("")
+    bench.write_section(str(out), "machine", "\n| table |\n")
+    assert out.read_text().startswith("# Benchmarks\n") and "## machine\n" in out.read_text()

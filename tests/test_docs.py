@@ -85,6 +85,22 @@ def test_demo_refuses_a_count_below_one(flag, capsys):
     assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
 
 
+def test_demo_refuses_a_seed_torch_cannot_take(capsys):
+    from seqgraph.demo import main
+    with pytest.raises(SystemExit):
+        main(["--seed", str(2**70)])
+    assert "--seed must lie in [0, 2**63)" in capsys.readouterr().err
+
+
+def test_demo_on_the_cpu_backend_without_a_c_compiler_says_so_in_one_line(monkeypatch, tmp_path, capsys):
+    from seqgraph.demo import main
+    monkeypatch.setenv("CC", str(tmp_path / "no_such_cc"))
+    monkeypatch.setenv("SEQGRAPH_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit):
+        main(["--backend", "cpu", "--steps", "1"])
+    assert "--backend cpu: backend='cpu' builds its kernels with a C compiler and none was found" in capsys.readouterr().err
+
+
 def test_the_package_docstring_example_runs():
     import textwrap
 
