@@ -600,6 +600,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-o", "--output", default=None,
                         help="file to write (.svg, .png, .pdf or .dot); default: DOT source on stdout")
     args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.output is not None:  # refused before the user's file is imported and its factory run
+        fmt = os.path.splitext(args.output)[1].lower().lstrip(".")
+        if fmt not in FORMATS:
+            parser.error(f"-o {args.output!r}: cannot tell the format; end the name with one of "
+                         f"{', '.join('.' + f for f in FORMATS)}")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+            parser.error(f"-o {args.output!r}: its folder does not exist")
     doing = f"importing {args.target.rpartition(':')[0]}"
     try:
         factory = _load_factory(args.target)

@@ -429,9 +429,13 @@ def test_cli_reports_an_error_inside_the_factory_at_the_users_line(factory_file,
     assert "no arguments" not in err
 
 
-def test_cli_reports_an_output_folder_that_does_not_exist(factory_file, tmp_path, capsys):
-    assert viz.main([f"{factory_file}:make_cell", "-o", str(tmp_path / "missing" / "cell.dot")]) == 2
-    assert "cannot write" in capsys.readouterr().err
+@pytest.mark.parametrize("output,says", [("missing/cell.dot", "its folder does not exist"),
+                                         ("cell.txt", "cannot tell the format; end the name with one of .svg")])
+def test_cli_refuses_an_output_it_cannot_write_before_running_the_factory(factory_file, tmp_path, capsys, output, says):
+    with pytest.raises(SystemExit) as exit_:
+        viz.main([f"{factory_file}:make_broken", "-o", str(tmp_path / output)])  # (the factory is never called)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and says in err and "ShapeError" not in err
 
 
 def test_drawing_a_container_names_the_recurrences_inside_it():
