@@ -228,7 +228,6 @@ class Cell:
         self.outputs = _as_list(outputs, "outputs") if outputs is not None else [n for _, n in pairs]
         if not self.outputs and not pairs:
             raise WiringError(f"Cell declared at {self.site} has no outputs and no states")
-
         contexts = None if contexts is None else _as_list(contexts, "contexts")
         self.order = check_cell(self.inputs, pairs, self.outputs, contexts)
         _name_leaves(self.order)

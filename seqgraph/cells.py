@@ -43,8 +43,7 @@ def _check_flags(who: str, **flags) -> None:
 def _check_sizes(who: str, **sizes) -> None:
     """Sizes are positive ints, named by their argument when not."""
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"sg.cells.{who} (at {user_site()}): {name} must be a positive int, got {value!r}")
+        sg.dsl._count(value, f"sg.cells.{who} (at {user_site()}): {name}")
 
 
 def _check_probabilities(who: str, **ps) -> None:

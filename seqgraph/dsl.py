@@ -183,7 +183,7 @@ def Noise(size: Size, p: float, per_sequence: bool = False, name: str | None = N
     probability 1-p, else 0 (one draw per step, or once per sequence with per_sequence=True);
     in evaluation it is the constant 1-p, its expectation."""
     p = probability(p, "Noise")
-    return make("noise", (), name=name, shape=_shape(size, "Noise"), batched=True, p=float(p),
+    return make("noise", (), name=name, shape=_shape(size, "Noise"), batched=True, p=p,
                 per_sequence=bool(per_sequence))
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .cell import Cell
+from .dsl import probability
 from .errors import InputError
 from .recurrence import Recurrence, refuse_packed, valid_steps
 
@@ -153,8 +154,7 @@ class Stack(nn.Module):
                 hint = ": wrap a cell in sg.Recurrence(cell) first" if isinstance(layer, Cell) else ""
                 raise TypeError(f"sg.Stack: layer {k} must be a torch.nn.Module (a sg.Recurrence, say), "
                                 f"got {type(layer).__name__}{hint}")
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"sg.Stack: dropout must be a number in [0, 1), got {dropout!r}")
+        dropout = probability(dropout, "sg.Stack", "dropout")
         _layout_of("sg.Stack", layers, None)
         for k, layer in enumerate(layers):
             _check_one_output(layer, f"sg.Stack layer {k}")

@@ -354,7 +354,7 @@ def test_repeater_steps_must_be_an_int(steps):
 
 @pytest.mark.parametrize("dropout", ["0.1", 1.0, -0.5])
 def test_stack_dropout_must_be_a_number_in_zero_one(dropout):
-    with pytest.raises(ValueError, match=r"sg.Stack: dropout must be a number in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"sg.Stack \(at test_layers.py:\d+\): dropout must be a number in \[0, 1\)"):
         sg.Stack([sg.Recurrence(sg.cells.gru(I, H))], dropout=dropout)
 
 
