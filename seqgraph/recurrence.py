@@ -135,6 +135,12 @@ def functorch_active() -> bool:
     return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
+def _in_backward() -> bool:
+    """Whether this runs inside a backward pass (a checkpointed forward run again, a hook)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
 def forward_ad_active() -> bool:
     """Whether forward-mode AD (torch.autograd.forward_ad.dual_level) is open: the generated
     loops' autograd Function has no forward derivative, so the reference loop runs."""
@@ -259,6 +265,13 @@ class Recurrence(nn.Module):
             raise InputError(f"{self._where()}: remember=True keeps each call's final state for the next call, "
                              f"and under a torch.func transform (grad, vmap, jacrev) that state would be "
                              f"the transform's own tensor; pass state= and take the final state instead")
+        if self.remember and _in_backward():
+            raise InputError(f"{self._where()}: remember=True, and this call runs during a backward pass: "
+                             f"activation checkpointing (torch.utils.checkpoint) running the forward again? "
+                             f"That second run would start from the state the first run stored, not from the "
+                             f"one it started from, and give wrong gradients. Around a checkpoint carry the "
+                             f"state yourself: remember=False, out, final = rnn(x, state), then "
+                             f"state = {{k: v.detach() for k, v in final.items()}}")
         xs = self._check_inputs(x)
         T, B = xs[0].shape[0], xs[0].shape[1]
         dtype, device = self._float_dtype(xs), xs[0].device

@@ -1104,3 +1104,23 @@ def test_a_parameter_module_replaced_after_a_call_is_the_one_the_next_call_reads
     twin = randomize(sg.Recurrence(elman_cell()))
     twin.load_state_dict(rec.state_dict())
     torch.testing.assert_close(rec(x)[0], twin(x)[0])
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_remember_under_activation_checkpointing_is_refused(backend, reentrant):
+    # the checkpoint's second run would start from the state its first run stored: wrong gradients
+    rec = sg.compile(sg.Recurrence(sg.cells.gru(I, H), remember=True), backend=backend)
+    x = torch.randn(T, B, I, requires_grad=True)
+    out = torch.utils.checkpoint.checkpoint(lambda v: rec(v)[0], x, use_reentrant=reentrant)
+    with pytest.raises(sg.InputError, match=r"remember=True, and this call runs during a backward pass"):
+        out.sum().backward()
+
+
+def test_a_checkpointed_layer_that_is_given_its_state_gets_the_gradients_of_an_uncheckpointed_one():
+    rec = sg.Recurrence(sg.cells.gru(I, H))
+    x, h0 = torch.randn(T, B, I, requires_grad=True), torch.randn(B, H)
+    torch.utils.checkpoint.checkpoint(lambda v: rec(v, {"h": h0})[0], x, use_reentrant=False).sum().backward()
+    checkpointed, x.grad = x.grad, None
+    rec(x, {"h": h0})[0].sum().backward()
+    assert torch.allclose(checkpointed, x.grad)
