@@ -265,7 +265,7 @@ class Recurrence(nn.Module):
             raise InputError(f"{self._where()}: remember=True keeps each call's final state for the next call, "
                              f"and under a torch.func transform (grad, vmap, jacrev) that state would be "
                              f"the transform's own tensor; pass state= and take the final state instead")
-        if self.remember and _in_backward():
+        if self.remember and not compiling and _in_backward():
             raise InputError(f"{self._where()}: remember=True, and this call runs during a backward pass: "
                              f"activation checkpointing (torch.utils.checkpoint) running the forward again? "
                              f"That second run would start from the state the first run stored, not from the "
