@@ -324,17 +324,22 @@ def indrnn(input_size: int, hidden_size: int, *, nonlinearity: str = "relu") -> 
 # ---------------------------------------------------------------------------------------
 # norm stabilizer
 # ---------------------------------------------------------------------------------------
+NORM_STABILIZER_REDUCTIONS = ("mean", "sum", "sum_over_steps")
+
+
 def norm_stabilizer_loss(seq: torch.Tensor, beta: float = 1.0, *, lengths=None, mask=None,
                          batch_first: bool = False, reduction: str = "mean") -> torch.Tensor:
     """Krueger & Memisevic's norm-stabilising penalty of a state sequence (T, B, *size):
     beta * mean over sequences of [mean over t of (||h_t|| - ||h_{t-1}||)^2], where t runs
     over consecutive real steps of each sequence (n real steps give n - 1 differences, the
     mean divides by n - 1; padded steps, given by lengths or mask, are skipped; a sequence
-    with fewer than two real steps adds 0). reduction="sum" sums
-    over steps and sequences instead: the gradient Torch7's nn.NormStabilizer(beta) trained
-    with, whatever T and B (its printed loss divided by T, its gradient did not)."""
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"norm_stabilizer_loss: reduction must be 'mean' or 'sum', got {reduction!r}")
+    with fewer than two real steps adds 0). reduction="sum" sums over steps and sequences
+    instead; "sum_over_steps" takes each step's mean over the sequences that have a difference
+    there and sums those over steps: the gradient Torch7's nn.NormStabilizer(beta) trained
+    with (its printed loss was that divided by T; its gradient was not)."""
+    if reduction not in NORM_STABILIZER_REDUCTIONS:
+        raise ValueError(f"norm_stabilizer_loss: reduction must be one of {NORM_STABILIZER_REDUCTIONS}, "
+                         f"got {reduction!r}")
     if not isinstance(seq, torch.Tensor) or seq.dim() < 2:
         raise InputError(f"norm_stabilizer_loss: seq must be a tensor ({'B, T' if batch_first else 'T, B'}, ...), "
                          f"got {getattr(seq, 'shape', type(seq).__name__)}")
@@ -353,6 +358,8 @@ def norm_stabilizer_loss(seq: torch.Tensor, beta: float = 1.0, *, lengths=None, 
     sq = (norms[1:] - norms[:-1]).pow(2) * pair
     if reduction == "sum":
         return beta * sq.sum()
+    if reduction == "sum_over_steps":
+        return beta * (sq.sum(1) / pair.sum(1).clamp(min=1)).sum()
     per_seq = sq.sum(0) / (n - 1).clamp(min=1)
     return beta * per_seq.mean() if B else seq.new_zeros(())
 
@@ -374,8 +381,9 @@ class NormStabilizer(nn.Module):
     def __init__(self, module: nn.Module, beta: float = 1.0, output: int = 0, batch_first: bool | None = None,
                  reduction: str = "mean"):
         super().__init__()
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"sg.NormStabilizer: reduction must be 'mean' or 'sum', got {reduction!r}")
+        if reduction not in NORM_STABILIZER_REDUCTIONS:
+            raise ValueError(f"sg.NormStabilizer: reduction must be one of {NORM_STABILIZER_REDUCTIONS}, "
+                             f"got {reduction!r}")
         self.module = module
         self.beta = float(beta)
         self.reduction = reduction

@@ -389,8 +389,7 @@ def test_norm_stabilizer_loss_skips_padded_steps():
     assert_close(sg.cells.norm_stabilizer_loss(padded, lengths=lengths), torch.stack(per_seq).mean())
 
 
-def test_norm_stabilizer_sum_trains_with_torch7s_gradient():
-    # Torch7's gradient of h[t]: beta * d/dh of sum over t and rows of (||h_t|| - ||h_t-1||)^2, not divided by T
+def test_norm_stabilizer_sum_is_the_sum_over_steps_and_sequences():
     seq = torch.randn(T, B, H, dtype=torch.float64, requires_grad=True)
     got = torch.autograd.grad(sg.cells.norm_stabilizer_loss(seq, beta=0.5, reduction="sum"), seq)[0]
     norms = seq.norm(dim=-1)
@@ -401,10 +400,35 @@ def test_norm_stabilizer_sum_trains_with_torch7s_gradient():
     assert_close(ns.loss, sg.cells.norm_stabilizer_loss(out, beta=0.5, reduction="sum"))
 
 
+def test_norm_stabilizer_sum_over_steps_trains_with_torch7s_gradient():
+    # Element-Research rnn's NormStabilizer.lua: dL/dh_t = beta * 2 (n_t - n_t-1) / n_t * h_t / B
+    # (plus the same with t+1), the batch mean's gradient summed over steps, not divided by T
+    beta = 0.5
+    seq = torch.randn(T, B, H, dtype=torch.float64, requires_grad=True)
+    got = torch.autograd.grad(sg.cells.norm_stabilizer_loss(seq, beta, reduction="sum_over_steps"), seq)[0]
+    h = seq.detach()
+    n = h.norm(dim=-1, keepdim=True)
+    want = torch.zeros_like(h)
+    for t in range(T):
+        if t > 0:
+            want[t] += beta * 2 * (n[t] - n[t - 1]) / n[t] * h[t] / B
+        if t < T - 1:
+            want[t] += beta * 2 * (n[t] - n[t + 1]) / n[t] * h[t] / B
+    assert_close(got, want)
+
+
+def test_norm_stabilizer_sum_over_steps_averages_each_step_over_the_sequences_that_reach_it():
+    seq, lengths = torch.randn(T, B, H, dtype=torch.float64), torch.tensor([T, 2, 1])
+    norms = seq.norm(dim=-1)
+    sq = (norms[1:] - norms[:-1]) ** 2  # the k-th difference of each sequence
+    want = sq[0, :2].mean() + sq[1:T - 1, 0].sum()  # the first difference: two sequences; later ones: one
+    assert_close(sg.cells.norm_stabilizer_loss(seq, lengths=lengths, reduction="sum_over_steps"), want)
+
+
 @pytest.mark.parametrize("bad, match", [
     ({"lengths": torch.tensor([T + 1, 1, 1])}, r"lengths must lie in \[0, 4\]"),
     ({"mask": torch.ones(B, T, dtype=torch.bool)}, r"mask must be a bool tensor of shape \(4, 3\)"),
-    ({"reduction": "total"}, "reduction must be 'mean' or 'sum'")])
+    ({"reduction": "total"}, r"reduction must be one of \('mean', 'sum', 'sum_over_steps'\)")])
 def test_norm_stabilizer_loss_refuses_bad_lengths_masks_and_reductions(bad, match):
     with pytest.raises((sg.InputError, ValueError), match=match):
         sg.cells.norm_stabilizer_loss(torch.randn(T, B, H), **bad)
