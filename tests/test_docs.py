@@ -67,6 +67,17 @@ def test_python_blocks_run_in_order(path, tmp_path, monkeypatch, capsys):
         exec(compile(source, str(path), "exec"), namespace)
 
 
+STANDALONE = [ROOT / "docs" / "coming-from-torch7.md"]  # pages that promise each block runs on its own
+
+
+@pytest.mark.parametrize("path", STANDALONE, ids=_id)
+def test_every_python_block_of_a_standalone_page_runs_alone(path, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for lang, start, code in code_blocks(path):
+        if lang == "python":
+            exec(compile("\n" * (start - 1) + code, str(path), "exec"), {"__name__": f"doc:{_id(path)}"})
+
+
 def test_demo_runs_and_reports_against_the_baseline(capsys):
     from seqgraph.demo import main
     status = main(["--steps", "3", "--batch", "8", "--every", "1"])
