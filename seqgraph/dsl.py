@@ -126,6 +126,13 @@ def _fill_normal(t: torch.Tensor) -> torch.Tensor:
     return t.normal_()
 
 
+def _fill_normal_but_row(row: int, t: torch.Tensor) -> torch.Tensor:
+    """Normal values, with row `row` zero (torch.nn.Embedding's padding row)."""
+    t.normal_()
+    t[row].zero_()
+    return t
+
+
 def _uniform(bound: float, low: float | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """Fills uniformly in [-bound, bound), or in [low, bound) when low is given."""
     return functools.partial(_fill_uniform, -bound if low is None else low, bound)
@@ -482,8 +489,9 @@ class Linear(Module):
 
 
 class Embedding(Module):
-    """Rows of a (num, dim) table for integer inputs; padding_idx rows read as zeros. A
-    negative padding_idx counts from the end, as in torch.nn.Embedding."""
+    """Rows of a (num, dim) table for integer inputs. As in torch.nn.Embedding, the padding_idx
+    row starts at zeros and gets no gradient (so it stays the padding vector unless you set
+    it), and a negative padding_idx counts from the end."""
 
     def __init__(self, num: int, dim: int, padding_idx: int | None = None, name: str | None = None):
         super().__init__(name)
@@ -496,7 +504,8 @@ class Embedding(Module):
                                  f"[-{self.num}, {self.num}) (num = {self.num}), got {padding_idx!r}")
             padding_idx %= self.num
         self.padding_idx = padding_idx
-        self.weight = self._param("weight", (self.num, self.dim), _fill_normal)
+        init = _fill_normal if padding_idx is None else functools.partial(_fill_normal_but_row, padding_idx)
+        self.weight = self._param("weight", (self.num, self.dim), init)
 
     def forward(self, idx):
         return self._make("embedding", (_node(idx, "Embedding"), self.weight), padding_idx=self.padding_idx)

@@ -182,13 +182,35 @@ def test_states_given_as_a_list_of_pairs_build_the_same_cell_as_a_dict():
 
 
 @pytest.mark.parametrize("padding_idx", [4, -1])
-def test_embedding_reads_its_padding_row_as_zeros_and_counts_a_negative_index_from_the_end(padding_idx):
+def test_embedding_padding_row_starts_at_zeros_and_a_negative_index_counts_from_the_end(padding_idx):
     tok, h = sg.Input((), dtype="long", name="tok"), sg.State(3, name="h")
     emb = sg.Embedding(5, 3, padding_idx=padding_idx, name="emb")
     rec = sg.Recurrence(sg.Cell(inputs=[tok], states={h: h + emb(tok)}))
     assert emb.padding_idx == 4
+    assert torch.equal(rec.params.emb.weight[4], torch.zeros(3)) and rec.params.emb.weight[:4].abs().sum() > 0
     out, _ = rec(torch.tensor([[4], [1]]))
     assert torch.equal(out[0], torch.zeros(1, 3)) and torch.equal(out[1, 0], rec.params.emb.weight[1])
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+def test_embedding_reads_a_padding_row_it_was_given_and_gives_it_no_gradient_as_torch_does(backend):
+    tok, h = sg.Input((), dtype="long", name="tok"), sg.State(3, name="h")
+    rec = sg.Recurrence(sg.Cell(inputs=[tok], states={h: sg.tanh(h + sg.Embedding(5, 3, padding_idx=0, name="emb")(tok))}))
+    theirs = torch.nn.Embedding(5, 3, padding_idx=0)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.randn(5, 3))  # a padding vector of the user's own (torch reads it)
+        rec.params.emb.weight.copy_(theirs.weight)
+    ids = torch.tensor([[0, 2], [3, 0], [0, 0]])
+    out, _ = sg.compile(rec, backend=backend)(ids)
+    h_, want = torch.zeros(2, 3), []
+    for t in range(3):
+        h_ = torch.tanh(h_ + theirs(ids[t]))
+        want.append(h_)
+    torch.testing.assert_close(out, torch.stack(want))
+    g, = torch.autograd.grad(out.sum(), rec.params.emb.weight)
+    gt, = torch.autograd.grad(torch.stack(want).sum(), theirs.weight)
+    torch.testing.assert_close(g, gt)
+    assert torch.equal(g[0], torch.zeros(3))
 
 
 @pytest.mark.parametrize("padding_idx", [5, -6, 1.0])

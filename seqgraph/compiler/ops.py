@@ -872,8 +872,8 @@ def _embedding_torch(n, idx, w):
     if idx.numel() and not idx.is_meta and (int(idx.min()) < 0 or int(idx.max()) >= num):  # (meta: no values)
         raise IndexError(f"Embedding '{n.label()}' (declared at {n.site}) has {num} rows but got index "
                          f"{int(idx.min()) if int(idx.min()) < 0 else int(idx.max())}")
-    out = F.embedding(idx, w)
-    if pad is not None:
+    out = F.embedding(idx, w, padding_idx=pad)  # (padding_idx: that row gets no gradient)
+    if pad is not None and n.attrs.get("zero_padding"):
         out = out * (idx != pad).unsqueeze(-1).to(out.dtype)
     return out
 
@@ -883,7 +883,8 @@ register("embedding", kind="gather", shape=_embedding_shape, torch=_embedding_to
                                       padding_idx=n.attrs.get("padding_idx"))),
          triton=lambda n, *a: (NOT_FUSED, "lookups run through torch"),
          c=(NOT_FUSED, "lookups run through torch"),
-         doc="rows of a table; the padding_idx row reads as zeros and gets no gradient")
+         doc="rows of a table; the padding_idx row gets no gradient (as torch.nn.Embedding), and with "
+             "zero_padding it reads as zeros (the derivative of embedding_wgrad)")
 
 
 def _embedding_wgrad_torch(n, g, idx):
@@ -899,7 +900,8 @@ def _embedding_wgrad_torch(n, g, idx):
 register("embedding_wgrad", kind="gather",
          shape=lambda i, a: ((a["num"], i[0].shape[-1]), False, "float"),
          torch=_embedding_wgrad_torch,
-         vjp=lambda n, g: (make("embedding", (n.inputs[1], g), padding_idx=n.attrs.get("padding_idx")), None),
+         vjp=lambda n, g: (make("embedding", (n.inputs[1], g), padding_idx=n.attrs.get("padding_idx"),
+                                zero_padding=True), None),
          triton=lambda n, *a: (NOT_FUSED, "scatter-adds run through torch"),
          c=(NOT_FUSED, "scatter-adds run through torch"),
          doc="the table gradient of embedding (index_add over the batch)", sums_rows=True)

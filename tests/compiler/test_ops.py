@@ -142,10 +142,10 @@ def _reduction(fn):
     return cases
 
 
-def _embedding_ref(pad):
+def _embedding_ref(pad, zero_padding=False):
     def ref(idx, w):
         out = w[idx]
-        if pad is not None:
+        if pad is not None and zero_padding:
             out = out * (idx != pad).unsqueeze(-1).to(out.dtype)
         return out
     return ref
@@ -267,7 +267,11 @@ CASES: dict[str, list[Case]] = {
     "embedding": [Case([X(dtype="long", make=indices(7)), P(7, 4)], {"padding_idx": None},
                        ref=_embedding_ref(None), id="tokens"),
                   Case([X(5, dtype="long", make=indices(7)), P(7, 4)], {"padding_idx": 2},
-                       ref=_embedding_ref(2), id="padding_idx")],
+                       ref=_embedding_ref(2), id="padding_idx",
+                       # the padding row's gradient is zero by definition (as torch's), not the derivative
+                       smooth=False),
+                  Case([X(5, dtype="long", make=indices(7)), P(7, 4)], {"padding_idx": 2, "zero_padding": True},
+                       ref=_embedding_ref(2, zero_padding=True), id="zero_padding")],
     "embedding_wgrad": [Case([X(4), X(dtype="long", make=indices(6))], {"num": 6, "padding_idx": None},
                              ref=_embedding_wgrad_ref(6, None), id="tokens"),
                         Case([X(5, 4), X(5, dtype="long", make=indices(6))], {"num": 6, "padding_idx": 1},
