@@ -570,6 +570,26 @@ def test_a_python_mistake_on_a_node_is_a_type_error_saying_what_to_write(mistake
     assert "test_dsl.py:" in str(err.value)
 
 
+def test_a_torch_module_reading_a_tensor_method_of_a_node_says_what_a_node_is():
+    x, h = _xh()
+    with pytest.raises(AttributeError, match=r"node 'x' .* is a symbolic value, not a tensor, and has no method .dim. "
+                                             r"\(at .*test_dsl.py:\d+\): torch modules") as err:
+        torch.nn.GRUCell(4, 4)(x, h)
+    assert "test_dsl.py:" in str(err.value).split("declared at", 1)[1]
+
+
+@pytest.mark.parametrize("method, hint", [("chunk", "sg.chunk"), ("sigmoid", "sg.sigmoid"), ("view", "sg.reshape")])
+def test_a_tensor_method_on_a_node_names_the_sg_function(method, hint):
+    _, h = _xh()
+    with pytest.raises(AttributeError, match=rf"has no method '{method}' .*test_dsl.py.* here {hint}"):
+        getattr(h, method)
+
+
+def test_a_node_lacks_other_attributes_plainly():
+    x, _ = _xh()
+    assert not hasattr(x, "no_such_thing") and not hasattr(x, "__no_such_dunder__")
+
+
 @pytest.mark.parametrize("fn, says", [("sum", "numpy's sum .*here sg.sum"), ("dot", "numpy cannot compute"),
                                       ("tanh", "numpy's tanh .*here sg.tanh"), ("mean", "numpy cannot compute"),
                                       ("maximum", "numpy's maximum .*here sg.maximum")])

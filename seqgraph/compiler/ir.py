@@ -156,6 +156,18 @@ class Node:
         raise TypeError(f"torch's {name} cannot run on {where}, a symbolic value (at {user_site()}): build the "
                         f"step with seqgraph's own functions and modules; {_hint(name)}")
 
+    def __getattr__(self, name: str):
+        # called only for a name the node does not have: a tensor's method (x.dim() inside a
+        # torch module called on a node) says what a node is instead of a bare AttributeError
+        import torch
+        if name.startswith("__") or name in Node.__slots__ or not hasattr(torch.Tensor, name):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        hint = {"view": "here sg.reshape", "unsqueeze": "here sg.unsqueeze"}.get(name) or _hint(name)
+        raise AttributeError(f"node {self.label()!r} (declared at {self.site}) is a symbolic value, not a tensor, "
+                             f"and has no method {name!r} (at {user_site(('torch',))}): torch modules and tensor "
+                             f"methods cannot run on a node; build the step with seqgraph's functions and "
+                             f"modules, {hint}")
+
     def __bool__(self) -> bool:
         raise TypeError(f"node {self.label()!r} (declared at {self.site}) is a symbolic value: Python's if, and, "
                         "or and not cannot see what it will hold at run time; use sg.where_mask, sg.maximum "
