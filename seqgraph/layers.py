@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import numbers
 from typing import Callable, Sequence
 
@@ -107,9 +108,28 @@ def _recurrence_cell(module: nn.Module) -> Cell | None:
     return module.cell if isinstance(module, Recurrence) else None
 
 
+def _check_takes_lengths(module: nn.Module, who: str) -> None:
+    """Layers call each module as module(x, state, lengths=, mask=): one whose forward takes
+    neither (torch.nn.GRU, say) is refused when built, not at its first call."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):  # a forward Python cannot describe: its first call will say
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params) or {"lengths", "mask"} <= {p.name for p in params}:
+        return
+    hint = f"sg.nn.{type(module).__name__} (torch.nn's interface, with lengths=) or " \
+        if type(module).__name__ in ("RNN", "LSTM", "GRU") else ""
+    raise TypeError(f"{who} ({type(module).__module__}.{type(module).__qualname__}) has a forward without "
+                    f"lengths= and mask=, which layers pass to each module; use {hint}an sg.Recurrence")
+
+
 def _feature_sizes(module: nn.Module) -> tuple[int | None, int | None]:
     """(input features, output features) of a Recurrence layer when its cell says (one input,
-    one output, each a vector per step); None where it does not (any other module)."""
+    one output, each a vector per step) or of an sg.nn layer; None where it does not (any other
+    module)."""
+    from .nn import _RNNBase
+    if isinstance(module, _RNNBase):
+        return module.input_size, (module.proj_size or module.hidden_size) * (2 if module.bidirectional else 1)
     cell = _recurrence_cell(module)
     if cell is None:
         return None, None
@@ -157,6 +177,7 @@ class Stack(nn.Module):
         dropout = probability(dropout, "sg.Stack", "dropout")
         _layout_of("sg.Stack", layers, None)
         for k, layer in enumerate(layers):
+            _check_takes_lengths(layer, f"sg.Stack: layer {k}")
             _check_one_output(layer, f"sg.Stack layer {k}")
         for k in range(1, len(layers)):
             gives, takes = _feature_sizes(layers[k - 1])[1], _feature_sizes(layers[k])[0]
@@ -210,9 +231,10 @@ def _output_size(module: nn.Module) -> int:
 
 
 def stack(cell_fn: Callable, input_size: int, hidden_sizes: Sequence[int], dropout: float = 0.0,
-          batch_first: bool = False, **cell_kwargs) -> Stack:
+          batch_first: bool = False, remember: bool = False, **cell_kwargs) -> Stack:
     """rnnlib's makeRecurrent{cellfn, inputsize, hids}: one sg.Recurrence per hidden size,
-    each cell made by cell_fn(in_size, hidden_size, **cell_kwargs) and fed by the previous one.
+    each cell made by cell_fn(in_size, hidden_size, **cell_kwargs) and fed by the previous one;
+    `remember` makes every layer carry its state into the next call (truncated BPTT).
 
     >>> model = sg.stack(sg.cells.lstm, 8, [16, 16], dropout=0.1)
     >>> out, finals = model(torch.randn(5, 2, 8), lengths=torch.tensor([5, 3]))
@@ -222,7 +244,14 @@ def stack(cell_fn: Callable, input_size: int, hidden_sizes: Sequence[int], dropo
                         f"(for one layer: [{hidden_sizes!r}])")
     layers, size = [], input_size
     for hidden in hidden_sizes:
-        rec = Recurrence(cell_fn(size, hidden, **cell_kwargs), batch_first=batch_first)
+        try:
+            cell = cell_fn(size, hidden, **cell_kwargs)
+        except TypeError as e:
+            if not cell_kwargs or "keyword argument" not in str(e):
+                raise
+            raise TypeError(f"sg.stack: {e}; sg.stack takes dropout, batch_first and remember, and hands every "
+                            f"other keyword ({', '.join(cell_kwargs)}) to the cell function") from None
+        rec = Recurrence(cell, batch_first=batch_first, remember=remember)
         size = _output_size(rec)
         layers.append(rec)
     return Stack(layers, dropout=dropout)
@@ -280,6 +309,9 @@ class Bidirectional(nn.Module):
                 hint = ": wrap a cell in sg.Recurrence(cell) first" if isinstance(m, Cell) else ""
                 raise TypeError(f"sg.Bidirectional: {what} must be a torch.nn.Module (a sg.Recurrence, say), "
                                 f"got {type(m).__name__}{hint}")
+        _check_takes_lengths(fwd, "sg.Bidirectional: fwd")
+        if bwd is not None:
+            _check_takes_lengths(bwd, "sg.Bidirectional: bwd")
         self.fwd = fwd
         self.bwd = bwd if bwd is not None else _fresh_copy(fwd)
         if getattr(self.bwd, "remember", False):
@@ -403,7 +435,10 @@ class SequenceLoss(nn.Module):
     criterion: a function (input_rows, target_rows) -> per-row losses, e.g.
                nn.CrossEntropyLoss(reduction="none") (a torch loss that reduces is refused).
     reduction: "mean" (over all real steps and their elements, as torch's "mean": weighted by a
-               criterion's class `weight`, without its `ignore_index` rows), "sum", or
+               criterion's class `weight`, without its `ignore_index` rows; seqgraph reads
+               those from an nn.CrossEntropyLoss or nn.NLLLoss object, so a plain function
+               calling F.cross_entropy(..., weight=, ignore_index=) gets every row counted
+               once), "sum", or
                "sum_over_steps": the sum over steps of each step's mean over its real rows,
                which is Torch7's SequencerCriterion around a criterion that averages over the
                batch (its default), with MaskZeroCriterion's padded rows left out.

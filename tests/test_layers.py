@@ -695,3 +695,42 @@ def test_a_repeater_given_a_packed_sequence_says_how_to_unpack_it():
     packed = pack_padded_sequence(torch.randn(T, B, I), LENGTHS, enforce_sorted=False)
     with pytest.raises(sg.InputError, match="sg.Repeater takes a padded tensor with lengths=, not a PackedSequence"):
         sg.Repeater(sg.Recurrence(sg.cells.gru(I, H)), 3)(packed)
+
+
+@pytest.mark.parametrize("build", [lambda m: sg.Stack([m]), lambda m: sg.Bidirectional(m)], ids=["stack", "bidirectional"])
+def test_a_torch_rnn_that_takes_no_lengths_is_refused_when_built(build):
+    with pytest.raises(TypeError, match=r"\(torch.nn.modules.rnn.GRU\) has a forward without lengths= and mask=.* "
+                                        r"use sg.nn.GRU"):
+        build(torch.nn.GRU(I, H))
+
+
+def test_a_module_that_takes_keywords_is_accepted_as_a_layer():
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rec = sg.Recurrence(sg.cells.gru(I, H))
+
+        def forward(self, x, state=None, **kwargs):
+            return self.rec(x, state, **kwargs)
+    out, _ = sg.Stack([Wrapped()])(torch.randn(T, B, I), lengths=torch.tensor([T] * B))
+    assert out.shape == (T, B, H)
+
+
+def test_stack_checks_the_sizes_of_sg_nn_layers_when_built():
+    with pytest.raises(ValueError, match=r"layer 0 outputs 14 features per step but layer 1 takes 7"):
+        sg.Stack([sg.nn.LSTM(I, H + 1, bidirectional=True), sg.nn.LSTM(H + 1, H)])
+
+
+def test_stack_function_makes_every_layer_remember_when_asked():
+    model = sg.stack(sg.cells.gru, I, [H, H], remember=True)
+    assert all(layer.remember for layer in model.layers)
+    model(torch.randn(T, B, I))
+    first = model.layers[1]._memory["h"].clone()
+    out, _ = model(torch.randn(T, B, I))
+    assert not torch.equal(model.layers[1]._memory["h"], first)
+
+
+def test_stack_function_names_itself_for_a_keyword_the_cell_function_does_not_take():
+    with pytest.raises(TypeError, match=r"sg.stack: .*unexpected keyword argument 'remeber'; sg.stack takes dropout, "
+                                        r"batch_first and remember"):
+        sg.stack(sg.cells.lstm, I, [H], remeber=True)
