@@ -80,6 +80,19 @@ def probability(p, who: str, what: str = "the probability p") -> float:
     return value
 
 
+def _epsilon(eps, who: str) -> float:
+    """eps as a float >= 0; the ValueError names `who` and the user's line (torch's habit
+    F.layer_norm(x, normalized_shape) puts a shape where eps goes)."""
+    try:
+        value = None if isinstance(eps, (bool, str)) else float(eps)
+    except (TypeError, ValueError, RuntimeError):
+        value = None
+    if value is None or not 0.0 <= value < float("inf"):
+        raise ValueError(f"{who} (at {user_site()}): eps must be a number >= 0, got {eps!r} (the size "
+                         f"normalised is the last dim of the node, not an argument)")
+    return value
+
+
 def _no_size(size) -> bool:
     """Whether `size` is the empty tuple (an Input or Context of one value per example)."""
     return isinstance(size, tuple) and size == ()
@@ -298,7 +311,7 @@ def softmax(a: Node, dim: int = -1, name: str | None = None) -> Node:
 
 def layer_norm(a: Node, eps: float = 1e-5, name: str | None = None) -> Node:
     """Normalise the last dim to zero mean and unit variance (use sg.LayerNorm for a gain and bias)."""
-    return make("layer_norm", (_node(a, "layer_norm"),), name=name, eps=float(eps))
+    return make("layer_norm", (_node(a, "layer_norm"),), name=name, eps=_epsilon(eps, "sg.layer_norm"))
 
 
 def sum(a: Node, dim: int = -1, keepdim: bool = False, name: str | None = None) -> Node:  # noqa: A001
@@ -517,7 +530,7 @@ class LayerNorm(Module):
     def __init__(self, size: int, eps: float = 1e-5, affine: bool = True, name: str | None = None):
         super().__init__(name)
         self.size = _count(size, f"LayerNorm (declared at {self.site}): size")
-        self.eps = eps
+        self.eps = _epsilon(eps, "LayerNorm")
         self.weight = self._param("weight", (self.size,), "ones") if affine else None
         self.bias = self._param("bias", (self.size,), "zeros") if affine else None
 
@@ -526,7 +539,7 @@ class LayerNorm(Module):
         if not x.shape or x.shape[-1] != self.size:
             raise ShapeError(f"LayerNorm (declared at {self.site}) normalises {self.size} features but {mention(x)} has "
                              f"{x.shape[-1] if x.shape else 'no feature dim'} (at {user_site()})")
-        y = self._make("layer_norm", (x,), eps=float(self.eps))
+        y = self._make("layer_norm", (x,), eps=self.eps)
         if self.weight is not None:
             y = self._make("add", (self._make("mul", (y, self.weight)), self.bias))
         return y

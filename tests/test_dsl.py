@@ -634,6 +634,15 @@ def test_module_sizes_are_checked_when_declared(make, text):
         make()
 
 
+@pytest.mark.parametrize("make", [lambda h: sg.layer_norm(h, (8,)), lambda h: sg.LayerNorm(8, eps=(8,)),
+                                  lambda h: sg.LayerNorm(8, eps=-1.0)], ids=["shape_as_eps", "module", "negative"])
+def test_a_layer_norm_eps_that_is_not_a_number_is_refused_where_written(make):
+    _, h = sg.Input(4), sg.State(8, name="h")
+    with pytest.raises(ValueError, match=r"(LayerNorm|sg.layer_norm) \(at test_dsl.py:\d+\): eps must be a number >= 0, "
+                                         r"got .* the last dim of the node"):
+        make(h)
+
+
 def test_a_named_dropout_module_names_its_node():
     _, h = _xh()
     assert sg.Dropout(0.5, name="drop")(h).name == "drop"
