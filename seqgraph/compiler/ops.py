@@ -389,12 +389,14 @@ _binary("sigmoid_grad", lambda g, y: torch.ops.aten.sigmoid_backward(*torch.broa
 _binary("tanh_grad", lambda g, y: torch.ops.aten.tanh_backward(*torch.broadcast_tensors(g, y)),
         lambda n, g: composite_vjp(_tanh_grad_composite(*n.inputs), n.inputs, g),
         lambda n, g, y: f"({g} * (1.0 - {y} * {y}))", lambda n, g, y: f"({g} * ({_C_ONE} - {y} * {y}))", doc="g * (1 - y^2): tanh's derivative given y")
-_unary("relu", torch.relu, lambda n, g: (mul(g, make("gt", (n.inputs[0], const(0.0)))),),
+# relu's derivative selects: an infinite g below 0 gives 0 (as torch's), where a 0/1 factor gave nan
+_unary("relu", torch.relu, lambda n, g: (select(make("gt", (n.inputs[0], const(0.0))), g, 0.0),),
        lambda n, a: f"tl.maximum({a}, 0.0)", lambda n, a: f"sg_relu({a})")
 _unary("exp", torch.exp, lambda n, g: (mul(g, n),), lambda n, a: f"tl.exp({a})", lambda n, a: f"sg_exp({a})",
        pole=0)
 _unary("log", torch.log, lambda n, g: (div(g, n.inputs[0]),), lambda n, a: f"tl.log({a})", lambda n, a: f"SG_LOG({a})",
        pole=0)
+# abs's derivative multiplies by sign(x): at x = 0 an infinite g gives nan, as torch's does
 _unary("abs", torch.abs, lambda n, g: (mul(g, make("sign", n.inputs)),), lambda n, a: f"tl.abs({a})", lambda n, a: f"SG_ABS({a})")
 _unary("sign", torch.sign, lambda n, g: (None,),
        lambda n, a: f"((({a}) > 0).to(tl.float32) - (({a}) < 0).to(tl.float32))", lambda n, a: f"sg_sign({a})",

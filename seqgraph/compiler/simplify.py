@@ -8,6 +8,8 @@ rewritten graph keeps only what its results need. Must not change any value.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .ir import Node
@@ -23,15 +25,24 @@ def _same_type(a: Node, n: Node) -> bool:
     return a.shape == n.shape and a.batched == n.batched and a.dtype == n.dtype
 
 
+def _is_zero(n: Node, negative: bool) -> bool:
+    """Whether n is the constant -0.0 (negative) or +0.0."""
+    v = _const_value(n)
+    return v == 0.0 and (math.copysign(1.0, v) < 0) == negative
+
+
 def _identity(n: Node, ins: tuple) -> Node | None:
     """The operand that `n` equals, when `n` is an identity."""
     if n.op in ("mul", "div") and _const_value(ins[1]) == 1.0 and _same_type(ins[0], n):
         return ins[0]
     if n.op == "mul" and _const_value(ins[0]) == 1.0 and _same_type(ins[1], n):
         return ins[1]
-    if n.op in ("add", "sub") and _const_value(ins[1]) == 0.0 and _same_type(ins[0], n):
+    # x + (-0.0) and x - 0.0 are x, bit for bit; x + 0.0 is not (-0.0 + 0.0 is +0.0)
+    if n.op == "add" and _is_zero(ins[1], negative=True) and _same_type(ins[0], n):
         return ins[0]
-    if n.op == "add" and _const_value(ins[0]) == 0.0 and _same_type(ins[1], n):
+    if n.op == "sub" and _is_zero(ins[1], negative=False) and _same_type(ins[0], n):
+        return ins[0]
+    if n.op == "add" and _is_zero(ins[0], negative=True) and _same_type(ins[1], n):
         return ins[1]
     if n.op == "slice" and n.attrs["start"] == 0 and n.attrs["stop"] == ins[0].shape[n.attrs["dim"]]:
         return ins[0]

@@ -477,3 +477,17 @@ def test_registering_an_op_without_a_c_emitter_or_a_vjp_names_both():
         ops.register("not_an_op", kind="elementwise", shape=lambda i, a: ((), True, "float"),
                      torch=lambda n, x: x, vjp=None, triton=lambda n, a: a)
     assert "not_an_op" not in REGISTRY
+
+
+@pytest.mark.parametrize("op, fn", [("relu", torch.relu), ("maximum", lambda x: torch.maximum(x, torch.zeros_like(x)))])
+def test_an_infinite_gradient_where_the_op_passes_none_gives_zero_as_torch_does(op, fn):
+    # the derivative selects, never multiplies by a 0/1 factor: inf * 0 would be nan
+    x = ops.make("input", (), shape=(3,), batched=True, dtype="float")
+    g = ops.make("input", (), shape=(3,), batched=True, dtype="float")
+    y = ops.make(op, (x,) if op == "relu" else (x, ops.const(0.0)))
+    dx = REGISTRY[op].vjp(y, g)[0]
+    xv, gv = torch.tensor([[-1.0, 2.0, 0.5]], dtype=DT), torch.tensor([[float("inf"), 1.0, 1.0]], dtype=DT)
+    got = _run(dx, [x, g], [xv, gv])[dx.id]
+    xt = xv.clone().requires_grad_()
+    want, = torch.autograd.grad(fn(xt), xt, gv)
+    assert torch.equal(got, want)

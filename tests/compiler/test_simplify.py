@@ -38,3 +38,19 @@ def test_zero_and_negative_zero_constants_stay_apart(backend):
         return rec((torch.ones(1, 1, 3), torch.ones(1, 1, 3)))[0]
     assert (run(0.0) == float("inf")).all()  # +inf + +inf
     assert torch.isnan(run(-0.0)).all()  # +inf + -inf
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_adding_plus_zero_is_kept_since_it_turns_minus_zero_into_plus_zero(backend):
+    x = sg.Input(3, name="x")
+    rec = sg.Recurrence(sg.Cell([x], outputs=[1.0 / ((x * -0.0) + 0.0)]))  # -0 + 0 = +0: +inf
+    xs = torch.ones(1, 1, 3)
+    assert torch.equal(sg.compile(rec, backend=backend)(xs)[0], rec(xs)[0])
+    assert (rec(xs)[0] == float("inf")).all()
+
+
+def test_adding_minus_zero_and_subtracting_plus_zero_are_dropped():
+    x, h = sg.Input(4, name="x"), sg.State(4, name="h")
+    cell = sg.Cell([x], {h: sg.tanh((x + -0.0) - 0.0 + h)})
+    after = simplify(StepGraph.from_cell(cell))
+    assert [n.op for n in after.order() if n.inputs] == ["add", "tanh"]
