@@ -571,7 +571,8 @@ def _layer_norm_triton(n, a):
     mean = f"(tl.sum(tl.where(cmask_{w}, {a}, 0.0), axis=1)[:, None] / {float(w)})"
     xc = f"tl.where(cmask_{w}, {a} - {mean}, 0.0)"
     var = f"(tl.sum({xc} * {xc}, axis=1)[:, None] / {float(w)})"
-    return f"({xc} / tl.sqrt({var} + {n.attrs['eps']!r}))"
+    # times the reciprocal, as the C kernel and the Triton generator's split rows (from_row_stats) do
+    return f"({xc} * (1.0 / tl.sqrt({var} + {n.attrs['eps']!r})))"
 
 
 def _layer_norm_c(n, dst, w, x):
