@@ -11,12 +11,13 @@ eagerly, and says why once. Must not change what a loop computes.
 """
 from __future__ import annotations
 
-import os
 import threading
 import warnings
 from typing import Callable
 
 import torch
+
+from .settings import switched_on
 
 
 def _flatten(tree, leaves: list):
@@ -49,7 +50,7 @@ def _shape_key(tree) -> tuple:
 
 
 def enabled(device: torch.device) -> bool:
-    return device.type == "cuda" and os.environ.get("SEQGRAPH_CUDA_GRAPHS", "1") != "0"
+    return device.type == "cuda" and switched_on("SEQGRAPH_CUDA_GRAPHS", True)
 
 
 class GraphedLoop:

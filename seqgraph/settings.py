@@ -1,16 +1,25 @@
 """The environment switches that more than one module reads, parsed in one place.
 
 `SEQGRAPH_DEBUG` (0 off; 1 passes and timings, 2 the IR after each pass, 3 generated source, 4
-kernel launches; any other non-empty text counts as 1) and `TRITON_INTERPRET` (Triton's CPU
-interpreter). Switches that one module owns (the cache folder, C flags, the loop split, the
-CPU GEMM, CUDA graphs) are read there. This module only reads the environment; it must not
-cache a value, so a test or a user may change a switch between calls.
+kernel launches; false, no and off count as 0, any other non-empty text as 1), `TRITON_INTERPRET`
+(Triton's CPU interpreter) and how any on/off switch reads (`switched_on`). Switches that one
+module owns (the cache folder, C flags, the loop split, the CPU GEMM, CUDA graphs) are read
+there. This module only reads the environment; it must not cache a value, so a test or a user
+may change a switch between calls.
 """
 from __future__ import annotations
 
 import os
 
 _TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def switched_on(name: str, default: bool) -> bool:
+    """An on/off environment switch: 1, true, yes, on or 0, false, no, off (any case); unset,
+    empty or anything else gives `default`."""
+    raw = os.environ.get(name, "").strip().lower()
+    return True if raw in _TRUE else False if raw in _FALSE else default
 
 
 def debug_level() -> int:
@@ -24,4 +33,4 @@ def debug_level() -> int:
 
 def triton_interpreting() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, true, yes, on)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
+    return switched_on("TRITON_INTERPRET", False)

@@ -9,11 +9,11 @@ def test_graphs_are_only_for_cuda_devices():
     assert not cuda_graphs.enabled(torch.device("cpu"))
 
 
-def test_the_switch_turns_graphs_off_on_cuda(monkeypatch):
-    monkeypatch.setenv("SEQGRAPH_CUDA_GRAPHS", "0")
-    assert not cuda_graphs.enabled(torch.device("cuda"))
-    monkeypatch.setenv("SEQGRAPH_CUDA_GRAPHS", "1")
-    assert cuda_graphs.enabled(torch.device("cuda"))
+@pytest.mark.parametrize("raw, on", [("0", False), ("off", False), ("False", False), ("no", False), ("1", True),
+                                     ("", True), ("yes", True)])
+def test_the_switch_turns_graphs_off_on_cuda(monkeypatch, raw, on):
+    monkeypatch.setenv("SEQGRAPH_CUDA_GRAPHS", raw)
+    assert cuda_graphs.enabled(torch.device("cuda")) is on
 
 
 def test_a_nested_argument_tree_flattens_and_comes_back_whole():
