@@ -516,7 +516,7 @@ def test_a_parameter_init_may_be_a_numpy_array_or_a_scalar_of_numpy_or_torch(ini
 def test_sizes_and_probabilities_may_be_numpy_or_torch_values():
     assert sg.Parameter(np.array([2, 3])).shape == (2, 3) and sg.Input(torch.tensor([2, 3])).shape == (2, 3)
     assert sg.reshape(sg.Input(8), np.array([2, 4])).shape == (2, 4)
-    assert sg.cells.lstm(3, 4, dropout=np.float32(0.25)) is not None
+    assert {n.attrs["p"] for n in sg.cells.lstm(3, 4, dropout=np.float32(0.25)).order if n.op == "noise"} == {0.25}
     assert sg.Noise(3, torch.tensor(0.5)).attrs["p"] == 0.5
 
 

@@ -24,75 +24,6 @@ def _close(got, want, K):
     torch.testing.assert_close(got, want, atol=1e-5 * max(1, K) ** 0.5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (16, 512, 128), (5, 33, 7), (13, 200, 77), (9, 64, 1),
-                                   (64, 31, 300), (130, 96, 40), (7, 17, 2048)])
-def test_sg_mm_equals_torch_mm_for_any_tail_of_rows_and_columns(own_gemm, M, N, K):
-    x, w = torch.randn(M, K), torch.randn(N, K)
-    _close(cpu_gemm.linear(x, w), x @ w.t(), K)
-
-
-def test_the_avx2_build_of_sg_mm_equals_torch_mm(own_gemm, monkeypatch):
-    # without AVX-512 the kernel holds 6 rows x 16 columns in ymm registers: its own tails
-    monkeypatch.setenv("SEQGRAPH_CFLAGS", "-O2 -march=native -mno-avx512f")
-    for M, N, K in [(6, 16, 3), (11, 40, 9), (5, 15, 64)]:
-        x, w = torch.randn(M, K), torch.randn(N, K)
-        _close(cpu_gemm.linear(x, w), x @ w.t(), K)
-
-
-def test_sg_mm_reads_a_weight_stored_transposed_in_place(own_gemm):
-    x, wt = torch.randn(12, 50), torch.randn(50, 70)  # W^T row-major: the panels are read where they lie
-    _close(cpu_gemm._mm(x, wt), x @ wt, 50)
-
-
-def test_sg_mm_reads_strided_rows_and_column_slices(own_gemm):
-    big = torch.randn(20, 3, 90)
-    x = big[:, 1, 10:60]  # rows 270 apart
-    w = torch.randn(40, 100)[:, ::2]  # columns 2 apart: copied into panels
-    _close(cpu_gemm.linear(x, w), x @ w.t(), 50)
-    xt = torch.randn(50, 20).t()  # columns not adjacent: copied first
-    _close(cpu_gemm.linear(xt, w), xt @ w.t(), 50)
-
-
-def test_a_weight_read_in_place_that_spans_more_than_the_tlb_is_taken_in_chunks_of_k(own_gemm):
-    # W^T rows 1024 floats (a page) apart over K = 2100: 8.6 MB > SG_MM_DIRECT_BYTES, so two
-    # chunks of K add into y; 40 columns are one full panel read in place and a tail panel copied
-    wt = torch.randn(2100, 1024)[:, :40]
-    x = torch.randn(9, 2100)
-    _close(cpu_gemm._mm(x, wt), x @ wt, 2100)
-
-
-def test_a_transposed_weight_with_rows_more_than_a_page_apart_is_packed(own_gemm):
-    wt = torch.randn(300, 4096)[:, :70]  # rows 16 KB apart
-    x = torch.randn(10, 300)
-    _close(cpu_gemm._mm(x, wt), x @ wt, 300)
-
-
-def test_the_bias_starts_the_accumulators_even_when_strided(own_gemm):
-    x, w = torch.randn(11, 20), torch.randn(45, 20)
-    b = torch.randn(90)[::2]
-    _close(cpu_gemm.linear(x, w, b), torch.addmm(b, x, w.t()), 20)
-
-
-def test_addmm_takes_a_matrix_addend(own_gemm):
-    x, w, acc = torch.randn(6, 8), torch.randn(10, 8), torch.randn(6, 10)
-    _close(cpu_gemm.addmm(acc, x, w.t()), torch.addmm(acc, x, w.t()), 8)
-
-
-def test_empty_operands_give_empty_or_bias_only_products(own_gemm):
-    assert cpu_gemm.linear(torch.randn(0, 4), torch.randn(3, 4)).shape == (0, 3)
-    b = torch.randn(3)
-    torch.testing.assert_close(cpu_gemm.linear(torch.randn(2, 0), torch.randn(3, 0), b), b.expand(2, 3))
-
-
-def test_linear_gradients_equal_torch(own_gemm):
-    x, w, b = (torch.randn(*s, requires_grad=True) for s in ((37, 19), (45, 19), (45,)))
-    g = torch.randn(37, 45)
-    got = torch.autograd.grad(cpu_gemm.linear(x, w, b), (x, w, b), g)
-    want = torch.autograd.grad(torch.nn.functional.linear(x, w, b), (x, w, b), g)
-    for a, e in zip(got, want):
-        _close(a, e, 45)
-
-
 class _CountingLibrary:
     """cpu_gemm's library, counting the calls of one of its functions."""
 
@@ -110,11 +41,98 @@ class _CountingLibrary:
         return counted
 
 
-@pytest.fixture
-def tn_calls(own_gemm, monkeypatch):
-    spy = _CountingLibrary(cpu_gemm._library(), "sg_matmul_tn")
+def _spy(monkeypatch, name: str) -> "_CountingLibrary":
+    """Count the calls of the library's `name` from now on (a test whose products fell back to
+    torch would otherwise compare torch with itself)."""
+    spy = _CountingLibrary(cpu_gemm._library(), name)
     monkeypatch.setattr(cpu_gemm, "_library", lambda: spy)
     return spy
+
+
+@pytest.fixture
+def mm_calls(own_gemm, monkeypatch):
+    return _spy(monkeypatch, "sg_matmul")
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (16, 512, 128), (5, 33, 7), (13, 200, 77), (9, 64, 1),
+                                   (64, 31, 300), (130, 96, 40), (7, 17, 2048)])
+def test_sg_mm_equals_torch_mm_for_any_tail_of_rows_and_columns(mm_calls, M, N, K):
+    x, w = torch.randn(M, K), torch.randn(N, K)
+    _close(cpu_gemm.linear(x, w), x @ w.t(), K)
+    assert mm_calls.calls == 1
+
+
+def test_the_avx2_build_of_sg_mm_equals_torch_mm(own_gemm, monkeypatch):
+    # without AVX-512 the kernel holds 6 rows x 16 columns in ymm registers: its own tails
+    monkeypatch.setenv("SEQGRAPH_CFLAGS", "-O2 -march=native -mno-avx512f")
+    calls = _spy(monkeypatch, "sg_matmul")  # (the library built with these flags)
+    for M, N, K in [(6, 16, 3), (11, 40, 9), (5, 15, 64)]:
+        x, w = torch.randn(M, K), torch.randn(N, K)
+        _close(cpu_gemm.linear(x, w), x @ w.t(), K)
+    assert calls.calls == 3
+
+
+def test_sg_mm_reads_a_weight_stored_transposed_in_place(own_gemm):
+    x, wt = torch.randn(12, 50), torch.randn(50, 70)  # W^T row-major: the panels are read where they lie
+    _close(cpu_gemm._mm(x, wt), x @ wt, 50)
+
+
+def test_sg_mm_reads_strided_rows_and_column_slices(mm_calls):
+    big = torch.randn(20, 3, 90)
+    x = big[:, 1, 10:60]  # rows 270 apart
+    w = torch.randn(40, 100)[:, ::2]  # columns 2 apart: copied into panels
+    _close(cpu_gemm.linear(x, w), x @ w.t(), 50)
+    xt = torch.randn(50, 20).t()  # columns not adjacent: copied first
+    _close(cpu_gemm.linear(xt, w), xt @ w.t(), 50)
+    assert mm_calls.calls == 2
+
+
+def test_a_weight_read_in_place_that_spans_more_than_the_tlb_is_taken_in_chunks_of_k(own_gemm):
+    # W^T rows 1024 floats (a page) apart over K = 2100: 8.6 MB > SG_MM_DIRECT_BYTES, so two
+    # chunks of K add into y; 40 columns are one full panel read in place and a tail panel copied
+    wt = torch.randn(2100, 1024)[:, :40]
+    x = torch.randn(9, 2100)
+    _close(cpu_gemm._mm(x, wt), x @ wt, 2100)
+
+
+def test_a_transposed_weight_with_rows_more_than_a_page_apart_is_packed(own_gemm):
+    wt = torch.randn(300, 4096)[:, :70]  # rows 16 KB apart
+    x = torch.randn(10, 300)
+    _close(cpu_gemm._mm(x, wt), x @ wt, 300)
+
+
+def test_the_bias_starts_the_accumulators_even_when_strided(mm_calls):
+    x, w = torch.randn(11, 20), torch.randn(45, 20)
+    b = torch.randn(90)[::2]
+    _close(cpu_gemm.linear(x, w, b), torch.addmm(b, x, w.t()), 20)
+    assert mm_calls.calls == 1
+
+
+def test_addmm_takes_a_matrix_addend(mm_calls):
+    x, w, acc = torch.randn(6, 8), torch.randn(10, 8), torch.randn(6, 10)
+    _close(cpu_gemm.addmm(acc, x, w.t()), torch.addmm(acc, x, w.t()), 8)
+    assert mm_calls.calls == 1
+
+
+def test_empty_operands_give_empty_or_bias_only_products(own_gemm):
+    assert cpu_gemm.linear(torch.randn(0, 4), torch.randn(3, 4)).shape == (0, 3)
+    b = torch.randn(3)
+    torch.testing.assert_close(cpu_gemm.linear(torch.randn(2, 0), torch.randn(3, 0), b), b.expand(2, 3))
+
+
+def test_linear_gradients_equal_torch(mm_calls):
+    x, w, b = (torch.randn(*s, requires_grad=True) for s in ((37, 19), (45, 19), (45,)))
+    g = torch.randn(37, 45)
+    got = torch.autograd.grad(cpu_gemm.linear(x, w, b), (x, w, b), g)
+    assert mm_calls.calls >= 2  # the product and the input gradient (the weight's is sg_matmul_tn)
+    want = torch.autograd.grad(torch.nn.functional.linear(x, w, b), (x, w, b), g)
+    for a, e in zip(got, want):
+        _close(a, e, 45)
+
+
+@pytest.fixture
+def tn_calls(own_gemm, monkeypatch):
+    return _spy(monkeypatch, "sg_matmul_tn")
 
 
 # rows past a block of SG_TN_KC = 384 (one, two and three blocks), tails of both panels
