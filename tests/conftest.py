@@ -1,8 +1,8 @@
 import os
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import settings  # noqa: E402
+import pytest
+import torch
+from hypothesis import settings
 
 # In CI, property tests draw the same examples every run (a red CI is then reproducible);
 # on a developer's machine they explore new ones.
