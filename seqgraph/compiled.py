@@ -146,7 +146,7 @@ def get_program(cell: Cell, backend: str, unroll: int = 1, purpose: str = "") ->
                           f"{f' (unroll={unroll})' if unroll > 1 else ''}{purpose}", file=sys.stderr)
                 prog = _CACHE[key] = _compile_program(cell, backend, unroll, key)
                 return prog
-    STATS["cache_hits"] += 1
+    STATS["cache_hits"] += 1  # (no lock: torch.compile traces this, and a count tests read, not a decision)
     return prog
 
 
@@ -205,8 +205,8 @@ def _loop(prog: Program, name: str, device: torch.device):
     if not cuda_graphs.enabled(device):
         return prog.fns[name]
     graphed = prog.graphed.get(name)
-    if graphed is None:
-        graphed = prog.graphed[name] = cuda_graphs.GraphedLoop(prog.fns[name], name)
+    if graphed is None:  # (two threads may both build one; both use the one kept)
+        graphed = prog.graphed.setdefault(name, cuda_graphs.GraphedLoop(prog.fns[name], name))
     return graphed
 
 

@@ -218,7 +218,7 @@ def _node(x, fn: str) -> Node:
 
 
 def _unary(op):
-    def f(a, name: str | None = None) -> Node:
+    def f(a: Operand, name: str | None = None) -> Node:
         return make(op, (_node(a, op),), name=name)
     f.__name__ = op
     f.__doc__ = f"Elementwise {op}."

@@ -46,7 +46,8 @@ def _gather_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(0, shaped)
 
 
-def reverse_sequences(x: torch.Tensor, lengths=None, batch_first: bool = False, *, mask=None) -> torch.Tensor:
+def reverse_sequences(x: torch.Tensor, lengths: torch.Tensor | Sequence[int] | None = None, batch_first: bool = False, *,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
     """Reverse each sequence of a padded batch within its own real steps (Torch7's
     SeqReverseSequence, made length-aware): padded steps stay where they are, untouched.
 

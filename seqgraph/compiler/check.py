@@ -3,18 +3,19 @@
 Shapes are already inferred node by node as the user builds them (ops.make raises there,
 at the user's line). What only the whole graph can tell is checked here: every declared
 input is used, every state read has a next value of its shape, nothing undeclared leaks in,
-every chunk/split piece is used, names are unique. Each failure is a GraphError naming the
-node and its file:line. This module must not run tensors or change the graph.
+every chunk/split piece is used, and the names of inputs, states and contexts are unique. Each
+failure is a GraphError naming the node and its file:line. This module must not run tensors or change the graph.
 """
 from __future__ import annotations
 
 import warnings
+from typing import NoReturn
 
 from ..errors import GraphError, ShapeError, WiringError, describe
 from .ir import Node, topo_order
 
 
-def _fail(cls, msg, node=None, edge=None):
+def _fail(cls, msg, node=None, edge=None) -> NoReturn:
     raise cls(msg, node=node, edge=edge)
 
 
@@ -123,7 +124,7 @@ def check_graph(inputs: list[Node], outputs: list[Node]) -> list[Node]:
 def _check_graph(inputs, outputs) -> list[Node]:
     for x in inputs:
         if not isinstance(x, Node) or x.op not in ("input", "context"):
-            _fail(WiringError, f"Graph inputs must be sg.Input nodes; got {_what(x)}", _node_or_none(x))
+            _fail(WiringError, f"Graph inputs must be sg.Input or sg.Context nodes; got {_what(x)}", _node_or_none(x))
     for o in outputs:
         if not isinstance(o, Node):
             _fail(WiringError, f"Graph outputs must be nodes; got {_what(o)}")

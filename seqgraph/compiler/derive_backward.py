@@ -6,7 +6,7 @@ of everything the step read: the previous states, the hoisted per-step values an
 loop-invariant values. Because it is made of ordinary ops, every backend (torch, Triton, C)
 compiles it exactly like a forward step. Masking is part of the graph: on a padded row the
 incoming gradient is dropped and the state's gradient passes through unchanged. Gradients
-of chunk pieces are reassembled with one concat, not a sum of zero-padded pieces. This pass
+of chunk pieces are reassembled with one concat, not a sum of zero-padded pieces. This module
 must not decide where nodes run (schedule.py) nor generate code.
 """
 from __future__ import annotations

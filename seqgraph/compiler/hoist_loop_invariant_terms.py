@@ -15,9 +15,7 @@ from .stepgraph import StepGraph, clone, rewrite
 
 
 def hoist_loop_invariant_terms(step: StepGraph) -> StepGraph:
-    """Reassociate sums so that terms computable before the loop are added before it:
-    (x W_x + h W_h) + b  becomes  (x W_x + b) + h W_h, whose first half is hoisted and whose
-    second half is one addmm per step. Only single-use inner sums are regrouped."""
+    """The step with its sums regrouped, state-free terms first (see the module docstring)."""
     order = step.order()
     cls = classify(order)
     users = consumers(order)

@@ -37,7 +37,10 @@ def evaluate(order: Sequence[Node], leaves: Mapping[int, torch.Tensor], *, dtype
             try:
                 env[n.id] = REGISTRY[n.op].torch(n, *(env[i.id] for i in n.inputs))
             except (RuntimeError, IndexError) as e:
-                raise type(e)(f"while executing {n!r}: {e}") from e
+                if not hasattr(e, "add_note"):  # Python 3.10: a new exception of the same type says it
+                    raise type(e)(f"while executing {n!r}: {e}") from e
+                e.add_note(f"while executing {n!r}")  # the error itself, kept whole, with the node
+                raise
         if wanted is not None:
             for i in n.inputs:
                 if last_use.get(i.id) == k and i.id not in keep:

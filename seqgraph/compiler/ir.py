@@ -222,11 +222,11 @@ def consumers(order: Sequence[Node]) -> dict[int, list[Node]]:
 
 
 def format_graph(order: Sequence[Node]) -> str:
-    """One line per node: `%12 = sigmoid(%10) : (B,64)  # gate_i @ cell.py:7` (for debug dumps)."""
+    """One line per node: `%12 = sigmoid(%10) : (B,64) float  # gate_i @ cell.py:7` (for debug dumps)."""
     lines = []
     for n in order:
         args = ", ".join(f"%{i.id}" for i in n.inputs)
-        attrs = {k: v for k, v in n.attrs.items() if k not in ("init", "module", "group", "shape", "batched", "dtype")}
+        attrs = {k: v for k, v in n.attrs.items() if k not in ("init", "group", "shape", "batched", "dtype")}
         a = f" {attrs}" if attrs else ""
         b = "B," if n.batched else ""
         nm = f"{n.name} " if n.name else ""

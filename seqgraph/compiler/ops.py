@@ -5,9 +5,10 @@ interpreter and the torch backend run), its vector-Jacobian product written with
 node builders (so a derivative is itself a graph that every backend can compile), its
 Triton emitter and its C emitter (each an expression over operand strings, or `NOT_FUSED`
 with the reason), and the properties the passes ask about (`pole`, `cheap`,
-`piecewise_constant`, `sums_rows`, `commutative`: see OpDef). Registration fails if a rule is missing. Tests,
-the checker, the compiler passes and every code generator iterate this one table. This module must not know about cells, time or
-modules: it speaks only of one node and its operands.
+`piecewise_constant`, `sums_rows`, `commutative`: see OpDef). Registration fails if a rule is
+missing. The tests, the interpreter, the compiler passes and the code generators read this one
+table (the generators place slices, concats and aliases themselves, by layout). This module
+must not know about cells, time or modules: it speaks only of one node and its operands.
 
 Conventions. A value at run time has shape (B, *node.shape) when `node.batched`, else
 node.shape. Dims in attrs are non-negative and count the per-example dims (batch excluded).
@@ -160,17 +161,15 @@ def const(value: float) -> Node:
 def lift(x) -> Node:
     if isinstance(x, Node):
         return x
-    if isinstance(x, numbers.Real) and not isinstance(x, bool) and type(x).__name__ != "bool_":
-        return const(float(x))  # Python's numbers and numpy's scalars
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        hint = {"Tensor": ": a tensor is not part of a step's graph; use sg.Parameter for a trained one, "
-                          "sg.Context for one given with each call, or a Python number",
-                "list": ": combine a list of nodes first (sg.concat([...]) side by side, or a sum)",
-                "tuple": ": combine the nodes first (sg.concat([...]) side by side, or a sum)"}
-        kind = "Tensor" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise TypeError(f"expected a seqgraph node or a Python number, got {kind}{hint.get(kind, '')} "
-                        f"(at {user_site()})")
-    return const(x)
+    if isinstance(x, numbers.Real) and not isinstance(x, bool):
+        return const(float(x))  # Python's numbers and numpy's scalars (numpy's bool_ is not Real)
+    hint = {"Tensor": ": a tensor is not part of a step's graph; use sg.Parameter for a trained one, "
+                      "sg.Context for one given with each call, or a Python number",
+            "list": ": combine a list of nodes first (sg.concat([...]) side by side, or a sum)",
+            "tuple": ": combine the nodes first (sg.concat([...]) side by side, or a sum)"}
+    kind = "Tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+    raise TypeError(f"expected a seqgraph node or a Python number, got {kind}{hint.get(kind, '')} "
+                    f"(at {user_site()})")
 
 
 def add(a, b):
@@ -816,7 +815,7 @@ register("linear", kind="matmul", shape=_linear_shape,
          vjp=lambda n, g: (make("linear", (g, transpose(n.inputs[1], 0, 1))),
                            make("linear_wgrad", (g, n.inputs[0]))),
          triton=lambda n, *a: (NOT_FUSED, "matrix products run through torch (cuBLAS/oneDNN)"),
-         c=(NOT_FUSED, "matrix products run through torch (MKL/oneDNN)"),
+         c=(NOT_FUSED, "matrix products run as GEMM stages (MKL, oneDNN or seqgraph's own GEMM)"),
          doc="x @ W.T for a weight W of shape (out, in)")
 
 
@@ -836,7 +835,7 @@ register("linear_wgrad", kind="matmul", shape=_wgrad_shape, torch=_wgrad_torch,
          vjp=lambda n, g: (make("linear", (n.inputs[1], g)),
                            make("linear", (n.inputs[0], transpose(g, 0, 1)))),
          triton=lambda n, *a: (NOT_FUSED, "matrix products run through torch (cuBLAS/oneDNN)"),
-         c=(NOT_FUSED, "matrix products run through torch (MKL/oneDNN)"),
+         c=(NOT_FUSED, "matrix products run as GEMM stages (MKL, oneDNN or seqgraph's own GEMM)"),
          doc="sum over batch (and leading dims) of g^T x: the weight gradient of linear", sums_rows=True)
 
 
@@ -856,7 +855,7 @@ register("matmul", kind="matmul", shape=_matmul_shape,
          vjp=lambda n, g: _bin_grads(n, make("matmul", (g, transpose(n.inputs[1]))),
                                      make("matmul", (transpose(n.inputs[0]), g))),
          triton=lambda n, *a: (NOT_FUSED, "matrix products run through torch (cuBLAS/oneDNN)"),
-         c=(NOT_FUSED, "matrix products run through torch (MKL/oneDNN)"),
+         c=(NOT_FUSED, "matrix products run as GEMM stages (MKL, oneDNN or seqgraph's own GEMM)"),
          doc="batched matrix product over the last two per-example dims")
 
 
@@ -929,7 +928,8 @@ def c_fusable(node: Node) -> tuple[bool, str]:
     if isinstance(rule, tuple):
         return False, rule[1]
     if REGISTRY[node.op].kind == "reduction":
-        probe = rule(node, "dst", node.inputs[0].size, *["x"] * len(node.inputs))
+        width = node.inputs[0].shape[-1] if node.inputs[0].shape else 1
+        probe = rule(node, "dst", width, *["x"] * len(node.inputs))
         if isinstance(probe, tuple):
             return False, probe[1]
     return True, ""

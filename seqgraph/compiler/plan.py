@@ -4,7 +4,7 @@
 before the loop (invariants once, hoisted nodes for all T*B rows as big GEMMs), the loop
 (stages of the step; the saved values; the state sequence) and the backward loop (the
 derivative's stages, what it reads, and the weight-gradient reductions done once after the
-loop as single large GEMMs). `Plan.describe(T, B)` prints it with FLOPs, bytes and a memory
+loop as single large GEMMs). `Plan.describe(T, B)` writes it out with FLOPs, bytes and a memory
 estimate. This module decides layout only and must not generate code; code generation
 reads the plan.
 """

@@ -1,8 +1,9 @@
 """Pass: simplify — common subexpressions, constant folding and algebraic identities.
 
 Two nodes with the same op, inputs and attributes become one; ops whose operands are all
-constants become a constant; `x * 1`, `x + 0`, `x - 0`, `x / 1`, a full-range slice, a
-one-piece concat, a reshape to the same shape and a select on a constant mask disappear.
+constants become a constant; `x * 1`, `x + (-0.0)`, `x - 0`, `x / 1`, a full-range slice, a
+one-piece concat, a reshape or broadcast_to to the same shape, a pad of nothing and a select
+on a constant mask disappear (`x + 0.0` stays: it turns -0.0 into +0.0).
 Noise leaves are never merged (two dropouts draw two masks). Dead nodes vanish because a
 rewritten graph keeps only what its results need. Must not change any value.
 """

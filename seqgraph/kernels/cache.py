@@ -62,7 +62,8 @@ os.umask(_UMASK_AT_IMPORT)
 def library_is_whole(path: Path) -> bool:
     """Whether the ELF library at `path` is as long as its header says (a copy cut short, by a
     full disk or an interrupted copy of the folder, would kill the process that maps it with
-    SIGBUS). Libraries of other formats (macOS's) are taken as they are."""
+    SIGBUS). On macOS, whose libraries are not ELF, any file of 4 bytes or more passes; elsewhere
+    a file that is not ELF does not."""
     try:
         with open(path, "rb") as f:
             head = f.read(64)
