@@ -176,7 +176,9 @@ class Stack(nn.Module):
                 raise TypeError(f"sg.Stack: layer {k} must be a torch.nn.Module (a sg.Recurrence, say), "
                                 f"got {type(layer).__name__}{hint}")
         dropout = probability(dropout, "sg.Stack", "dropout")
-        _layout_of("sg.Stack", layers, None)
+        layout = _layout_of("sg.Stack", layers, None)
+        if any(hasattr(m, "batch_first") for m in layers):  # wrappers around the stack read it
+            self.batch_first = layout
         for k, layer in enumerate(layers):
             _check_takes_lengths(layer, f"sg.Stack: layer {k}")
             _check_one_output(layer, f"sg.Stack layer {k}")

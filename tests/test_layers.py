@@ -734,3 +734,14 @@ def test_stack_function_names_itself_for_a_keyword_the_cell_function_does_not_ta
     with pytest.raises(TypeError, match=r"sg.stack: .*unexpected keyword argument 'remeber'; sg.stack takes dropout, "
                                         r"batch_first and remember"):
         sg.stack(sg.cells.lstm, I, [H], remeber=True)
+
+
+def test_wrappers_of_a_batch_first_stack_read_its_layout():
+    torch.manual_seed(0)
+    fwd, bwd = (sg.Recurrence(sg.cells.gru(I, H), batch_first=True) for _ in range(2))
+    x, lengths = torch.randn(B, T, I), torch.tensor([T, 2, 4])
+    want, _ = sg.Bidirectional(fwd, bwd)(x, lengths=lengths)
+    got, _ = sg.Bidirectional(sg.Stack([fwd]), sg.Stack([bwd]))(x, lengths=lengths)
+    torch.testing.assert_close(got, want)
+    once = torch.randn(B, I)
+    torch.testing.assert_close(sg.Repeater(sg.Stack([fwd]), 3)(once)[0], sg.Repeater(fwd, 3)(once)[0])
