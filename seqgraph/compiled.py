@@ -28,6 +28,7 @@ from . import cuda_graphs, custom_ops
 from .cell import Cell
 from .compiler.codegen_torch import generate, real_step_rows
 from .compiler.pipeline import compile_plan
+from .compiler.ir import Node
 from .compiler.plan import Plan
 from .recurrence import Recurrence, forward_ad_active, functorch_active, own_storage, token_output
 from .settings import debug_level, triton_interpreting
@@ -114,6 +115,8 @@ class Program:
     # copied), so own_storage has nothing to do; the Python loops' last state may be an
     # output's last step
     finals_owned: bool = False
+    # per output, then per next state: (indices of the loop's reads, of the states) it reads
+    depends: tuple = ()
 
     def __deepcopy__(self, memo):  # generated code holds no parameters: copies share it
         return self
@@ -192,12 +195,54 @@ def _compile_program(cell: Cell, backend: str, unroll: int, key: tuple) -> Progr
         for name in ("forward", "backward_plain", "backward_masked"):
             if f"{name}_c" in namespace:
                 fns[name] = namespace[f"{name}_c"]
-    prog = Program(plan, text, fns, backend, time.perf_counter() - t0, key=key, c_loops=c_loops, finals_owned=in_c)
+    prog = Program(plan, text, fns, backend, time.perf_counter() - t0, key=key, c_loops=c_loops, finals_owned=in_c,
+                   depends=result_dependencies(plan))
     if debug_level() >= 3:
         print(f"[seqgraph] generated source ({backend}):\n{text}", file=sys.stderr)
     prog.loop_op = custom_ops.loop_op(prog, key)  # registered now: never while being traced
     STATS["compiles"] += 1
     return prog
+
+
+def result_dependencies(plan: Plan) -> tuple:
+    """For each output of the step, then each next state: (the indices of the loop's reads,
+    the indices of the states) that it reads within one step."""
+    read_at = {r.id: k for k, r in enumerate(plan.reads)}
+    state_at = {p.id: j for j, (p, _) in enumerate(plan.step.states)}
+    memo: dict[int, tuple[frozenset, frozenset]] = {}
+
+    def deps(n: Node) -> tuple[frozenset, frozenset]:
+        if n.id not in memo:
+            if n.id in read_at:
+                memo[n.id] = (frozenset([read_at[n.id]]), frozenset())
+            elif n.id in state_at:
+                memo[n.id] = (frozenset(), frozenset([state_at[n.id]]))
+            else:
+                parts = [deps(i) for i in n.inputs]
+                memo[n.id] = (frozenset().union(*(r for r, _ in parts)), frozenset().union(*(s for _, s in parts)))
+        return memo[n.id]
+    for n in plan.step.order():  # (in order: no deep recursion)
+        deps(n)
+    return tuple(deps(n) for n in plan.step.results)
+
+
+def _without_gradient(prog: Program, reads: list, states: list) -> list[int]:
+    """The positions among outputs + final states of the results that read nothing requiring
+    grad, at any step: autograd must see them as constants, as the reference gives them."""
+    needs = [isinstance(r, torch.Tensor) and r.requires_grad for r in reads]
+    carries = [s.requires_grad for s in states]
+    n_out = len(prog.depends) - len(states)
+
+    def reads_grad(k: int) -> bool:
+        rs, ss = prog.depends[k]
+        return any(needs[i] for i in rs) or any(carries[j] for j in ss)
+    changed = True
+    while changed:  # a state carries a gradient once its next value reads one, at some step
+        changed = False
+        for j in range(len(states)):
+            if not carries[j] and reads_grad(n_out + j):
+                carries[j] = changed = True
+    return [k for k in range(n_out) if not reads_grad(k)] + [n_out + j for j in range(len(states)) if not carries[j]]
 
 
 def _loop(prog: Program, name: str, device: torch.device):
@@ -222,8 +267,12 @@ class _Sequence(torch.autograd.Function):
     def forward(ctx, prog, T, B, mask, nreads, *args):
         reads, states = list(args[:nreads]), list(args[nreads:])
         device = args[0].device
+        constant = _without_gradient(prog, reads, states)
         outs, finals, (saved, seqs) = _loop(prog, "forward", device)(T, B, mask, reads, states, True)
         finals = own_storage(finals, list(outs) + list(seqs))  # a user may change a final state in place
+        if constant:
+            results = list(outs) + list(finals)
+            ctx.mark_non_differentiable(*[results[k] for k in constant])
         ctx.prog, ctx.T, ctx.mask, ctx.nouts = prog, T, mask, len(outs)
         # the backward runs under the forward's autocast (as torch.amp.custom_bwd does): the
         # saved values have the dtypes autocast chose, which the weights may not share

@@ -965,3 +965,25 @@ def test_a_token_output_keeps_its_dtype_and_exact_ids_when_compiled(backend, dty
         (_, want), _ = rec(xs, lengths=lengths)
         (_, got), _ = sg.compile(rec, backend=backend)(xs, lengths=lengths)
         assert got.dtype == want.dtype == dtype and torch.equal(got, want)
+
+
+def _gradient_paths_cell():
+    # y reads only x; h reads a weight; g reads h one step late; c is a context passed along
+    x, h, g, c = sg.Input(3, name="x"), sg.State(3, name="h"), sg.State(3, name="g"), sg.Context(3, name="c")
+    k = sg.State(3, name="k")
+    cell = sg.Cell(inputs=[x], states={h: sg.tanh(sg.Linear(3, 3)(x)), g: h, k: c},
+                   outputs=[sg.tanh(x), g], contexts=[c])
+    return sg.Recurrence(cell)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("x_grad", [False, True])
+def test_results_that_read_nothing_requiring_grad_do_not_require_grad_as_in_the_reference(backend, x_grad):
+    rec = _gradient_paths_cell()
+    xs = torch.randn(4, 2, 3, requires_grad=x_grad)
+    context = {"c": torch.randn(2, 3)}
+    (y_ref, g_ref), f_ref = rec(xs, context=context)
+    (y, g), f = sg.compile(rec, backend=backend)(xs, context=context)
+    assert (y.requires_grad, g.requires_grad) == (y_ref.requires_grad, g_ref.requires_grad) == (x_grad, True)
+    assert {k: v.requires_grad for k, v in f.items()} == {k: v.requires_grad for k, v in f_ref.items()} \
+        == {"h": True, "g": True, "k": False}
