@@ -197,6 +197,9 @@ def _compile_program(cell: Cell, backend: str, unroll: int, key: tuple) -> Progr
                 fns[name] = namespace[f"{name}_c"]
     prog = Program(plan, text, fns, backend, time.perf_counter() - t0, key=key, c_loops=c_loops, finals_owned=in_c,
                    depends=result_dependencies(plan))
+    if debug_level() >= 1:
+        print(f"[seqgraph] compiled {cell.name or 'cell'!r} for backend={backend!r} in {prog.compile_seconds:.2f} s",
+              file=sys.stderr)
     if debug_level() >= 3:
         print(f"[seqgraph] generated source ({backend}):\n{text}", file=sys.stderr)
     prog.loop_op = custom_ops.loop_op(prog, key)  # registered now: never while being traced

@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 
 from .derive_backward import StepDerivative, derive_backward
 from .hoist import classify
-from .ir import Node, topo_order
+from .ir import Node, consumers, topo_order
 from .ops import REGISTRY, fusable as triton_fusable
 from .rematerialize import compared_values, rematerialize
 from .schedule import Fusable, Stage, schedule
 from .stepgraph import StepGraph
-
 
 
 @dataclass
@@ -86,10 +85,7 @@ def _slices_into_loop(order: list[Node], cls: dict[int, str], results: set[int])
     """A hoisted slice read only inside the loop (a gate's piece of the input projection) is
     taken inside the loop instead: the loop then reads one (T, B, W) tensor, not one per piece,
     and its gradient is one tensor too (not a zero-filled copy per piece)."""
-    users: dict[int, list[Node]] = {}
-    for n in order:
-        for i in n.inputs:
-            users.setdefault(i.id, []).append(n)
+    users = consumers(order)
     for n in reversed(order):
         if n.op == "slice" and cls[n.id] == "hoisted" and n.batched and \
                 all(cls[u.id] == "step" for u in users.get(n.id, [])) and (users.get(n.id) or n.id in results):

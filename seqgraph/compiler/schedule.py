@@ -13,10 +13,9 @@ ops.c_fusable for the C kernels). Must not change the graph.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from .ir import Node
 from typing import Callable
 
+from .ir import Node, consumers
 from .ops import REGISTRY, fusable as triton_fusable
 
 Fusable = Callable[[Node], "tuple[bool, str]"]
@@ -59,10 +58,7 @@ def schedule(nodes: list[Node], live_after: set[int], fusable: Fusable = triton_
         depth[n.id] = d if ok else d + 1
     # a fused node that reads only values from outside the step (a slice of the hoisted
     # input projection, say) joins the region of its first consumer instead of opening one
-    users: dict[int, list[Node]] = {}
-    for n in nodes:
-        for i in n.inputs:
-            users.setdefault(i.id, []).append(n)
+    users = consumers(nodes)
     for n in reversed(nodes):
         us = users.get(n.id, [])
         if kind[n.id][0] == "fused" and us and all(i.id not in inside for i in n.inputs) \
