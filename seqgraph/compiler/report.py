@@ -99,7 +99,7 @@ def describe_plan(plan, T: int | None, B: int | None, itemsize: int = 4) -> str:
                      f"GEMM or sum over {rows}: " + ", ".join(f"{n.op}{_shape(n)}" for n in wg))
         if T and B:
             saved = _bytes(bwd.saved, B, itemsize) * T
-            stash = _bytes(bwd.stash, B, itemsize) * T
+            stash = _stash_bytes(plan, bwd, T, B, itemsize)
             states = sum(p.size for p, _ in plan.step.states) * B * itemsize * (T + 1)
             lines.append(f"  memory for backward at T={T}, B={B}: saved {_bytes_text(saved)} + state "
                          f"sequence {_bytes_text(states)} + gradient stash {_bytes_text(stash)}")
@@ -109,6 +109,16 @@ def describe_plan(plan, T: int | None, B: int | None, itemsize: int = 4) -> str:
         lines.append(f"memory: values read by the loop {_bytes_text(hoist)}; outputs "
                      f"{_bytes_text(_bytes(plan.step.outputs, B, itemsize) * T)}")
     return "\n".join(lines)
+
+
+def _stash_bytes(plan, bwd, T: int, B: int, itemsize: int) -> int:
+    """The buffers the backward allocates only for its reductions after the loop: not the
+    stashed values it reads where they already are (the state sequence, a read's gradient),
+    and (B, w) for those the C loops sum over the steps as they go."""
+    from .codegen_torch_backward import backward_layout, summed_stash
+    lay = backward_layout(plan, bwd)
+    summed = summed_stash(bwd, lay) if plan.loops.startswith("C,") else set()
+    return sum(_bytes([n], B, itemsize) * (1 if n.id in summed else T) for n in lay.new_stash)
 
 
 def _stage_line(s, B: int, itemsize: int, sized: bool) -> str:

@@ -51,3 +51,20 @@ def test_memory_counts_a_hoisted_value_once_per_step_and_a_weight_once():
 def test_describe_refuses_a_size_that_is_not_a_count(T, B):
     with pytest.raises(ValueError, match=r"describe: [TB] must be a number of"):
         compile_plan(sg.cells.lstm(4, 8)).describe(T=T, B=B)
+
+
+def _backward_memory_lines(cell, backend):
+    text = sg.compile(sg.Recurrence(cell), backend=backend).plan().describe(T=10, B=2)
+    return [line for line in text.splitlines() if "memory for backward" in line]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_the_gradient_stash_counts_no_buffer_the_backward_reads_where_it_already_is(backend):
+    # an LSTM's stash is the state sequence and the input projection's gradient: nothing new
+    unmasked, _ = _backward_memory_lines(sg.cells.lstm(4, 8), backend)
+    assert unmasked.endswith("gradient stash 0 B")
+
+
+def test_the_gradient_stash_of_the_c_loops_is_one_row_sum_per_peephole_weight():
+    unmasked, _ = _backward_memory_lines(sg.cells.lstm(4, 8, peephole=True), "cpu")
+    assert unmasked.endswith(f"gradient stash {3 * 2 * 8 * 4} B")  # three (B, 8) sums, not (T, B, 8) each
