@@ -435,6 +435,11 @@ class Module:
         return make("param", (), name=pname, module=self, site=self.site, shape=shape, batched=False,
                     init=_init_fn(init, shape), pname=pname)
 
+    def _failed(self, op: str, inputs: tuple) -> Node:
+        """The node this module could not build, for an error picture: drawn red, with its operands."""
+        return Node(op, inputs, {"failed": True}, (), any(i.batched for i in inputs), name=self.name, site=self.site,
+                    module=self)
+
     def params(self) -> dict[str, Node]:
         return {k: v for k, v in vars(self).items() if isinstance(v, Node) and v.op == "param"}
 
@@ -494,7 +499,7 @@ class Linear(Module):
                     else "a Linear has one input size: use another Linear, or concat the inputs first")
             err = ShapeError(f"Linear{nm} (declared at {self.site}), called at {user_site()}, expects "
                              f"{self.in_features} input features but its input {mention(x)} has {got}; {hint}",
-                             node=x)
+                             node=self._failed("linear", (x, self.weight)))
             ops._attach_picture(err)
             raise err
         y = self._make("linear", (x, self.weight))
@@ -537,8 +542,12 @@ class LayerNorm(Module):
     def forward(self, x):
         x = _node(x, "LayerNorm")
         if not x.shape or x.shape[-1] != self.size:
-            raise ShapeError(f"LayerNorm (declared at {self.site}) normalises {self.size} features but {mention(x)} has "
-                             f"{x.shape[-1] if x.shape else 'no feature dim'} (at {user_site()})")
+            nm = f" '{self.name}'" if self.name else ""
+            err = ShapeError(f"LayerNorm{nm} (declared at {self.site}) normalises {self.size} features but {mention(x)} "
+                             f"has {x.shape[-1] if x.shape else 'no feature dim'} (at {user_site()})",
+                             node=self._failed("layer_norm", (x,)))
+            ops._attach_picture(err)
+            raise err
         y = self._make("layer_norm", (x,), eps=self.eps)
         if self.weight is not None:
             y = self._make("add", (self._make("mul", (y, self.weight)), self.bias))

@@ -30,11 +30,21 @@ def test_describe_names_the_op_the_name_and_the_site():
     assert describe(y) == f"Linear 'gate' (declared at test_errors.py:{line})"
 
 
-def test_a_graph_error_carries_the_offending_node():
+def test_a_linear_given_the_wrong_size_carries_the_linear_it_could_not_build_reading_its_input():
     x = sg.Input(3, name="x")
+    lin = sg.Linear(4, 2, name="gate")
     with pytest.raises(sg.ShapeError) as err:
-        sg.Linear(4, 2)(x)
-    assert err.value.node is x
+        lin(x)
+    assert err.value.node.op == "linear" and err.value.node.name == "gate"
+    assert err.value.node.inputs == (x, lin.weight) and "color=red" in err.value.dot
+
+
+def test_a_layer_norm_of_the_wrong_size_names_itself_and_carries_a_picture():
+    h = sg.State(8, name="h")
+    with pytest.raises(sg.ShapeError, match=r"LayerNorm 'ln' \(declared at .*\) normalises 6 features but 'h' has 8") \
+            as err:
+        sg.LayerNorm(6, name="ln")(h)
+    assert err.value.node.op == "layer_norm" and err.value.node.inputs == (h,) and "color=red" in err.value.dot
 
 
 def test_a_shape_error_of_an_op_carries_the_op_that_could_not_be_built_with_all_its_operands():
