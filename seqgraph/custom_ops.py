@@ -76,7 +76,9 @@ def loop_op(program, key: tuple):
                                                            [g.contiguous() for g in grad_outs],
                                                            [g.contiguous() for g in grad_finals])
         kept = [g.contiguous() for g, keep in zip(dreads, has_grad[mask is not None]) if keep]
-        return kept + [g.clone() for g in dstates]
+        # a state the step never reads gets None from the loop: zeros of its shape here, since a
+        # custom op returns tensors only
+        return kept + [g.clone() if g is not None else torch.zeros_like(gf) for g, gf in zip(dstates, grad_finals)]
 
     @backward_op.register_fake
     def _(reads, saved, seqs, mask, grad_outs, grad_finals, T):

@@ -112,8 +112,10 @@ def _recurrence_cell(module: nn.Module) -> Cell | None:
 def _check_takes_lengths(module: nn.Module, who: str) -> None:
     """Layers call each module as module(x, state, lengths=, mask=): one whose forward takes
     neither (torch.nn.GRU, say) is refused when built, not at its first call."""
+    # a module may define __call__ instead of forward
+    entry = module.__call__ if type(module).forward is nn.Module.forward else module.forward
     try:
-        params = inspect.signature(module.forward).parameters.values()
+        params = inspect.signature(entry).parameters.values()
     except (TypeError, ValueError):  # a forward Python cannot describe: its first call will say
         return
     if any(p.kind is p.VAR_KEYWORD for p in params) or {"lengths", "mask"} <= {p.name for p in params}:
@@ -317,7 +319,7 @@ class Bidirectional(nn.Module):
             _check_takes_lengths(bwd, "sg.Bidirectional: bwd")
         self.fwd = fwd
         self.bwd = bwd if bwd is not None else _fresh_copy(fwd)
-        if getattr(self.bwd, "remember", False):
+        if any(getattr(m, "remember", False) for m in self.bwd.modules()):  # (a Stack of them too)
             raise ValueError("sg.Bidirectional: the backward direction reads each call's sequences from their end, "
                              "so it cannot carry its state into the next call (remember=True"
                              + (", copied from fwd" if bwd is None else "") + "); give bwd= a module without "

@@ -153,3 +153,14 @@ def test_a_cell_with_a_context_and_lengths_traces_as_one_graph():
     step = torch.compile(lambda xs, ctx, n: rec(xs, lengths=n, context=ctx)[0], backend="aot_eager", fullgraph=True)
     xs, ctx, lengths = torch.randn(5, 3, 3), torch.randn(3, 4), torch.tensor([5, 0, 2])
     torch.testing.assert_close(step(xs, ctx, lengths), rec(xs, lengths=lengths, context=ctx)[0])
+
+
+def test_a_state_nothing_reads_gets_zero_gradient_inside_torch_compile():
+    x, h, k, c = sg.Input(3, name="x"), sg.State(3, name="h"), sg.State(3, name="k"), sg.Context(3, name="c")
+    cell = sg.Cell(inputs=[x], states={h: sg.tanh(sg.Linear(3, 3)(x) + h), k: c * 2.0}, outputs=[h], contexts=[c])
+    rec = sg.compile(sg.Recurrence(cell), backend="torch")
+    xs, cv = torch.randn(4, 2, 3, requires_grad=True), torch.randn(2, 3)
+    rec(xs, context=cv)[0].sum().backward()
+    eager, xs.grad = xs.grad, None
+    torch.compile(lambda v: rec(v, context=cv)[0], backend="aot_eager")(xs).sum().backward()
+    torch.testing.assert_close(xs.grad, eager)

@@ -745,3 +745,20 @@ def test_wrappers_of_a_batch_first_stack_read_its_layout():
     torch.testing.assert_close(got, want)
     once = torch.randn(B, I)
     torch.testing.assert_close(sg.Repeater(sg.Stack([fwd]), 3)(once)[0], sg.Repeater(fwd, 3)(once)[0])
+
+
+def test_a_module_that_defines_call_instead_of_forward_is_accepted_as_a_layer():
+    class Called(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rec = sg.Recurrence(sg.cells.gru(I, H))
+
+        def __call__(self, x, state=None, lengths=None, mask=None):
+            return self.rec(x, state, lengths=lengths, mask=mask)
+    out, _ = sg.Stack([Called()])(torch.randn(T, B, I), lengths=torch.tensor([T, 2, 1]))
+    assert out.shape == (T, B, H)
+
+
+def test_bidirectional_refuses_a_backward_stack_whose_layers_remember():
+    with pytest.raises(ValueError, match=r"cannot carry its state into the next call \(remember=True, copied from fwd\)"):
+        sg.Bidirectional(sg.stack(sg.cells.gru, I, [H], remember=True))
