@@ -186,6 +186,21 @@ class Recurrence(nn.Module):
             prev.name: nn.Parameter(torch.zeros(prev.shape))
             for prev, _ in cell.states if prev.attrs.get("init") == "learned"})
 
+    # state_dict layout version: 2 reads an Embedding's padding row as stored (torch.nn.Embedding's
+    # rule); version 1 read it as zeros whatever it held, so its checkpoints hold a random row
+    _version = 2
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        if local_metadata.get("version", 2) < 2:  # a checkpoint of version 1: its padding rows read as zeros
+            for key, node in self.cell.params.items():
+                pads = {u.attrs["padding_idx"] for u in self.cell.order
+                        if u.op == "embedding" and u.inputs[1] is node and u.attrs.get("padding_idx") is not None}
+                name = f"{prefix}params.{key}"
+                if pads and name in state_dict:
+                    state_dict[name] = state_dict[name].clone()  # (load_state_dict's own copy of the dict)
+                    state_dict[name][sorted(pads)] = 0
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
     # -- parameters -------------------------------------------------------------------------
     def param_tensors(self) -> dict[str, torch.Tensor]:
         """The cell's parameters by their keys (`gate.weight`); inside `reading(values)`, those

@@ -2,6 +2,8 @@
 sg.Graph inlining, and the broadcasting rules (dims never include the batch)."""
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import pytest
 import torch
@@ -740,3 +742,19 @@ def test_a_node_pickled_by_an_older_seqgraph_loads_with_a_fresh_id():
     loaded = type(x).__new__(type(x))
     loaded.__setstate__(old_state)
     assert loaded.name == "x" and loaded.shape == (4,) and loaded.id != x.id
+
+
+def test_a_checkpoint_of_version_1_keeps_its_outputs_its_padding_row_read_as_zeros_again():
+    # version 1 read an Embedding's padding row as zeros whatever it held (its init was random)
+    tok, h = sg.Input((), dtype="long", name="tok"), sg.State(3, name="h")
+    rec = sg.Recurrence(sg.Cell(inputs=[tok], states={h: h + sg.Embedding(5, 3, padding_idx=0, name="emb")(tok)}))
+    state = rec.state_dict()
+    state["params.emb.weight"] = state["params.emb.weight"].clone()  # (not a view of the parameter)
+    state["params.emb.weight"][0] = torch.tensor([1.5, -0.3, -2.2])
+    old = collections.OrderedDict(state)
+    old._metadata = collections.OrderedDict((k, {"version": 1}) for k in state._metadata)
+    rec.load_state_dict(old)
+    assert torch.equal(rec.params.emb.weight[0], torch.zeros(3))
+    assert torch.equal(old["params.emb.weight"][0], torch.tensor([1.5, -0.3, -2.2]))  # the caller's dict untouched
+    rec.load_state_dict(state)  # a checkpoint of this version loads as stored
+    assert torch.equal(rec.params.emb.weight[0], torch.tensor([1.5, -0.3, -2.2]))
