@@ -296,7 +296,7 @@ class Cell:
         return tuple(rows), roles
 
     def __repr__(self) -> str:
-        return (f"<sg.Cell {self.name or ''} inputs={[x.name for x in self.inputs]} "
+        return (f"<sg.Cell{' ' + self.name if self.name else ''} inputs={[x.name for x in self.inputs]} "
                 f"states={self.state_names} outputs={len(self.outputs)} nodes={len(self.order)}>")
 
     def dump(self) -> str:
@@ -349,7 +349,7 @@ class Graph:
         return f"Graph {self.name}" if self.name else "Graph"
 
     def __repr__(self) -> str:
-        return f"<sg.Graph {self.name or ''} inputs={len(self.inputs)} outputs={len(self.outputs)} nodes={len(self.order)}>"
+        return f"<sg.Graph{' ' + self.name if self.name else ''} inputs={len(self.inputs)} outputs={len(self.outputs)} nodes={len(self.order)}>"
 
     def _repr_svg_(self):
         from .viz import svg_or_none, to_dot

@@ -140,11 +140,13 @@ def plan_dot(plan):
     import graphviz
 
     dot = graphviz.Digraph("plan", graph_attr={"rankdir": "TB", "fontname": "Helvetica", "compound": "true"},
-                           node_attr={"fontname": "Helvetica", "fontsize": "10", "shape": "box", "style": "rounded"})
+                           node_attr={"fontname": "Helvetica", "fontsize": "10", "shape": "box", "style": "rounded"},
+                           edge_attr={"fontname": "Helvetica", "fontsize": "9"})
     saved = set()
     for bwd in plan.backward.values():
         saved |= {n.id for n in bwd.saved}
-    colours = ["#fde2c4", "#d5e8d4", "#dae8fc", "#e1d5e7", "#fff2cc", "#f8cecc"]
+    # fused clusters: pale, none of them the torch fallbacks' pink nor the GEMMs' yellow
+    colours = ["#fde2c4", "#d5e8d4", "#dae8fc", "#e1d5e7", "#d0f0f0", "#e6e6e6"]
     drawn: set[int] = set()
 
     from ..viz import add_node  # the same look as the cell pictures
@@ -180,7 +182,7 @@ def plan_dot(plan):
                         node(f, n)
             else:
                 for n in s.nodes:
-                    node(c, n, **({"fillcolor": "#f4cccc", "style": "filled"} if s.kind == "torch" else {}))
+                    node(c, n, **({"fillcolor": "#f4cccc", "style": "rounded,filled"} if s.kind == "torch" else {}))
     for n in plan.step.order():
         if n.id not in drawn:
             node(dot, n)
@@ -188,5 +190,5 @@ def plan_dot(plan):
         for i in n.inputs:
             dot.edge(f"n{i.id}", f"n{n.id}")
     for p, q in plan.step.states:
-        dot.edge(f"n{q.id}", f"n{p.id}", style="dashed", color="#1f77b4", constraint="false", label="next")
+        dot.edge(f"n{q.id}", f"n{p.id}", style="dashed", color="#1f77b4", constraint="false", label=f"next {p.name}")
     return dot
