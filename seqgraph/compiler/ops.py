@@ -327,10 +327,10 @@ def _min_vjp(n, g):
 
 
 _binary("maximum", torch.maximum, _max_vjp,
-        lambda n, a, b: f"tl.maximum({a}, {b})", lambda n, a, b: f"sg_max({a}, {b})",
+        lambda n, a, b: f"tl.maximum({a}, {b}, propagate_nan=tl.PropagateNan.ALL)", lambda n, a, b: f"sg_max({a}, {b})",
         doc="a tie splits the gradient equally, as in torch", cheap=True, commutative=True)
 _binary("minimum", torch.minimum, _min_vjp,
-        lambda n, a, b: f"tl.minimum({a}, {b})", lambda n, a, b: f"sg_min({a}, {b})",
+        lambda n, a, b: f"tl.minimum({a}, {b}, propagate_nan=tl.PropagateNan.ALL)", lambda n, a, b: f"sg_min({a}, {b})",
         doc="a tie splits the gradient equally, as in torch", cheap=True, commutative=True)
 # comparisons give 0/1 floats; their derivative is zero almost everywhere
 _binary("ge", lambda x, y: (x >= y).to(torch.promote_types(x.dtype, y.dtype)),
@@ -368,8 +368,15 @@ _unary("stop_gradient", torch.Tensor.detach, lambda n, g: (None,), lambda n, a: 
        doc="the value itself, with no gradient flowing back through it (torch's detach)", cheap=True)
 _unary("sigmoid", torch.sigmoid, lambda n, g: (make("sigmoid_grad", (g, n)),),
        lambda n, a: f"tl.sigmoid({a})", lambda n, a: f"sg_sigmoid({a})")
-_unary("tanh", torch.tanh, lambda n, g: (make("tanh_grad", (g, n)),),
-       lambda n, a: f"(2.0 * tl.sigmoid(2.0 * {a}) - 1.0)", lambda n, a: f"sg_tanh({a})")
+def _tanh_triton(n, a):
+    # 2 sigmoid(2x) - 1 cancels near 0 (tanh(1e-8) came out 0): there, tanh's odd Taylor
+    # polynomial, whose first dropped term is below float32's rounding for |x| < 0.125
+    x2 = f"({a} * {a})"
+    small = f"{a} * (1.0 + {x2} * (-0.3333333333333333 + {x2} * (0.13333333333333333 + {x2} * -0.05396825396825397)))"
+    return f"tl.where(tl.abs({a}) < 0.125, {small}, 2.0 * tl.sigmoid(2.0 * {a}) - 1.0)"
+
+
+_unary("tanh", torch.tanh, lambda n, g: (make("tanh_grad", (g, n)),), _tanh_triton, lambda n, a: f"sg_tanh({a})")
 
 
 def _sigmoid_grad_composite(g, y):
@@ -390,7 +397,7 @@ _binary("tanh_grad", lambda g, y: torch.ops.aten.tanh_backward(*torch.broadcast_
         lambda n, g, y: f"({g} * (1.0 - {y} * {y}))", lambda n, g, y: f"({g} * ({_C_ONE} - {y} * {y}))", doc="g * (1 - y^2): tanh's derivative given y")
 # relu's derivative selects: an infinite g below 0 gives 0 (as torch's), where a 0/1 factor gave nan
 _unary("relu", torch.relu, lambda n, g: (select(make("gt", (n.inputs[0], const(0.0))), g, 0.0),),
-       lambda n, a: f"tl.maximum({a}, 0.0)", lambda n, a: f"sg_relu({a})")
+       lambda n, a: f"tl.maximum({a}, 0.0, propagate_nan=tl.PropagateNan.ALL)", lambda n, a: f"sg_relu({a})")
 _unary("exp", torch.exp, lambda n, g: (mul(g, n),), lambda n, a: f"tl.exp({a})", lambda n, a: f"sg_exp({a})",
        pole=0)
 _unary("log", torch.log, lambda n, g: (div(g, n.inputs[0]),), lambda n, a: f"tl.log({a})", lambda n, a: f"SG_LOG({a})",

@@ -150,3 +150,21 @@ def test_the_lstm_gate_gradient_is_assembled_from_padded_pieces():
     h_next, c_next = forward.outputs
     region = backward_region([h_next, c_next], [xproj, rec, bias, c], wrt=[xproj, c])
     assert any(n.op == "pad" for n in region.nodes)
+
+
+@pytest.mark.parametrize("op", ["maximum", "minimum", "relu"])
+def test_a_nan_operand_gives_nan_as_torch_does(op):
+    # Triton's tl.maximum/minimum return the other operand of a nan unless asked to propagate it
+    x = sg.Input(4, name="x")
+    y = sg.relu(x) if op == "relu" else getattr(sg, op)(x, 0.5)
+    kernel = compile_region(region_from_outputs([y], [x]))
+    xv = torch.tensor([[float("nan"), 2.0, -1.0, 0.25]], device=DEVICE)
+    want = torch.relu(xv) if op == "relu" else getattr(torch, op)(xv, torch.tensor(0.5, device=DEVICE))
+    torch.testing.assert_close(kernel([xv])[0], want, equal_nan=True)
+
+
+def test_tanh_keeps_its_relative_accuracy_near_zero():
+    x = sg.Input(6, name="x")
+    kernel = compile_region(region_from_outputs([sg.tanh(x)], [x]))
+    xv = torch.tensor([[1e-8, -1e-6, 1e-4, 0.1, 0.124, -0.126]], device=DEVICE)
+    torch.testing.assert_close(kernel([xv])[0], torch.tanh(xv), rtol=2e-7, atol=0)
