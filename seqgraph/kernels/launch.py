@@ -31,7 +31,7 @@ try:
 except ImportError:  # pragma: no cover - triton ships with every supported Linux torch
     triton = None
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)  # (float64 would be computed in float32)
 _loaded: dict[tuple[str, bool], object] = {}  # (cache key, interpreter on) -> the jitted kernel
 
 
@@ -150,7 +150,8 @@ class RegionKernel:
             if not isinstance(t, torch.Tensor):
                 self._fail(k, f"must be a tensor, got {type(t).__name__}", TypeError)
             if t.dtype not in _FLOATS:
-                self._fail(k, f"has dtype {t.dtype}; fused kernels take floating-point tensors", TypeError)
+                self._fail(k, f"has dtype {t.dtype}; fused kernels take float32, float16 or bfloat16 tensors (they "
+                              f"compute in float32; the torch backend runs float64)", TypeError)
             if device is None:
                 device = t.device
             elif t.device != device:

@@ -64,6 +64,12 @@ def test_half_precision_inputs_compute_in_float32_and_store_their_dtype(dtype, t
         torch.testing.assert_close(g.float().cpu(), w, atol=tol, rtol=tol)
 
 
+def test_a_float64_input_is_refused_since_the_kernel_would_round_it_to_float32():
+    x = sg.Input(5, name="x")
+    with pytest.raises(TypeError, match=r"has dtype torch.float64; fused kernels take float32, float16 or bfloat16"):
+        compile_region(region_from_outputs([sg.tanh(x)], [x]))(on_device([torch.randn(3, 5, dtype=torch.float64)]))
+
+
 def test_out_dtype_overrides_the_dtype_of_the_first_batched_input():
     region = lstm()
     vals = [v.to(torch.bfloat16) for v in lstm_inputs(3)]
