@@ -395,8 +395,9 @@ _binary("sigmoid_grad", lambda g, y: torch.ops.aten.sigmoid_backward(*torch.broa
 _binary("tanh_grad", lambda g, y: torch.ops.aten.tanh_backward(*torch.broadcast_tensors(g, y)),
         lambda n, g: composite_vjp(_tanh_grad_composite(*n.inputs), n.inputs, g),
         lambda n, g, y: f"({g} * (1.0 - {y} * {y}))", lambda n, g, y: f"({g} * ({_C_ONE} - {y} * {y}))", doc="g * (1 - y^2): tanh's derivative given y")
-# relu's derivative selects: an infinite g below 0 gives 0 (as torch's), where a 0/1 factor gave nan
-_unary("relu", torch.relu, lambda n, g: (select(make("gt", (n.inputs[0], const(0.0))), g, 0.0),),
+# relu's derivative selects, as torch's threshold_backward: 0 where x <= 0 (an infinite g there
+# gives 0, where a 0/1 factor gave nan), g elsewhere, a nan x included
+_unary("relu", torch.relu, lambda n, g: (select(make("le", (n.inputs[0], const(0.0))), 0.0, g),),
        lambda n, a: f"tl.maximum({a}, 0.0, propagate_nan=tl.PropagateNan.ALL)", lambda n, a: f"sg_relu({a})")
 _unary("exp", torch.exp, lambda n, g: (mul(g, n),), lambda n, a: f"tl.exp({a})", lambda n, a: f"sg_exp({a})",
        pole=0)

@@ -82,7 +82,7 @@ static inline float sg_tanh(float x) {
     float a2 = a * a;
     float small = a + a * a2 * (-0.333333333f + a2 * (0.133333333f + a2 * -0.053968254f));
     float t = a < 0.2f ? small : big;
-    t = x < 0.0f ? -t : t;
+    t = copysignf(t, x);  /* (x < 0 ? -t : t gave +0 for -0) */
     return x != x ? x : t;
 }
 #endif

@@ -479,6 +479,16 @@ def test_registering_an_op_without_a_c_emitter_or_a_vjp_names_both():
     assert "not_an_op" not in REGISTRY
 
 
+def test_relu_passes_the_gradient_of_a_nan_input_as_torch_does():
+    x = ops.make("input", (), shape=(2,), batched=True, dtype="float")
+    g = ops.make("input", (), shape=(2,), batched=True, dtype="float")
+    dx = REGISTRY["relu"].vjp(ops.make("relu", (x,)), g)[0]
+    xv, gv = torch.tensor([[float("nan"), 2.0]], dtype=DT), torch.ones(1, 2, dtype=DT)
+    xt = xv.clone().requires_grad_()
+    want, = torch.autograd.grad(torch.relu(xt), xt, gv)  # threshold_backward: g unless x <= 0
+    assert torch.equal(_run(dx, [x, g], [xv, gv])[dx.id], want)
+
+
 @pytest.mark.parametrize("op, fn", [("relu", torch.relu), ("maximum", lambda x: torch.maximum(x, torch.zeros_like(x)))])
 def test_an_infinite_gradient_where_the_op_passes_none_gives_zero_as_torch_does(op, fn):
     # the derivative selects, never multiplies by a 0/1 factor: inf * 0 would be nan

@@ -132,6 +132,14 @@ def test_float32_transcendentals_are_within_3_ulp_over_their_whole_range(op):
     assert err.max() <= 3, f"{op}: {err.max():.2f} ulp at x = {xs[fin][err.argmax()]}"
 
 
+@pytest.mark.parametrize("op", ["tanh", "sigmoid", "exp"])
+def test_the_sign_of_a_zero_result_is_torchs(op):
+    x = sg.Input(1, name="x")
+    xs = torch.tensor([[0.0], [-0.0], [-1e-30]])
+    (got,) = kernel_for(region_from_outputs([getattr(sg, op)(x)], [x]))([xs])
+    assert torch.equal(torch.signbit(got), torch.signbit(getattr(torch, op)(xs)))  # tanh(-0.0) is -0.0
+
+
 def test_nan_goes_through_max_min_relu_and_sign_as_in_torch():
     x, y = sg.Input(4, name="x"), sg.Input(4, name="y")
     region = region_from_outputs([sg.maximum(x, y), sg.minimum(x, y), sg.relu(x), make("sign", (x,))], [x, y])
