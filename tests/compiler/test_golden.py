@@ -23,12 +23,13 @@ CASES = {
 
 
 def normalise(source: str) -> str:
-    """Number node ids (7+ digits here) by first appearance; drop file:line sites and the
-    kernel files' hashes (they change with any edit of the generator's text)."""
+    """Number node ids (7+ digits here, not a float's fraction) by first appearance; drop
+    file:line sites and the kernel files' hashes (they change with any edit of the generator's
+    text)."""
     source = re.sub(r" @ \S+:\d+( \(in [^)]*\))?", "", source)
     source = re.sub(r"\bk[0-9a-f]{24}\.py\b", "k<hash>.py", source)
     names: dict[str, str] = {}
-    return re.sub(r"\d{7,}", lambda m: names.setdefault(m.group(0), str(len(names))), source)
+    return re.sub(r"(?<![.\d])\d{7,}", lambda m: names.setdefault(m.group(0), str(len(names))), source)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
