@@ -33,7 +33,7 @@ import torch
 
 from .c_codegen import C_CODEGEN_VERSION, PRELUDE, CKernelSource, generate_c
 from ..settings import debug_level
-from .cache import cache_dir, library_is_whole, share_library, temp_file_in_cache
+from .cache import CacheNotWritable, cache_dir, library_is_whole, share_library, temp_file_in_cache
 from .region import Region, bind_inputs
 
 # AVX-512 machines vectorise with 512-bit registers only when asked (gcc and clang prefer 256)
@@ -418,6 +418,15 @@ class CLibrary:
 
 
 _LOADING = threading.RLock()
+
+
+def _fresh_lock_after_fork() -> None:
+    """A child forked while another thread held the lock would wait for it forever."""
+    global _LOADING
+    _LOADING = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_fresh_lock_after_fork)
 _OWN_GEMM_BOUND: set[str] = set()  # keys of loaded libraries whose loops have seqgraph's GEMM
 
 
@@ -480,11 +489,31 @@ def _build(source: str, path: Path, real: str) -> None:
                               "(set $CC, or install gcc or clang); backend='torch' needs none")
     c_path = path.with_suffix(".c")  # written afresh (a damaged copy would not compile); atomic, as the library
     fd, tmp = temp_file_in_cache(path.parent, path.stem, ".c.tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(source)
-    os.replace(tmp, c_path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(source)
+        os.replace(tmp, c_path)
+    except OSError as e:  # a full disk, a folder deleted meanwhile: no half-written file is left
+        _remove(tmp)
+        raise CacheNotWritable(f"seqgraph could not write {c_path}: {e.strerror or e}. Free space there, or set "
+                               f"SEQGRAPH_CACHE_DIR to another folder") from None
     fd, tmp_so = temp_file_in_cache(path.parent, path.stem, ".so.tmp")
     os.close(fd)
+    try:
+        _compile_library(cc, c_path, tmp_so, path, real)
+    finally:
+        _remove(tmp_so)  # (renamed into place, removed by a failed link, or left by an interrupt)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _compile_library(cc: str, c_path: Path, tmp_so: str, path: Path, real: str) -> None:
+    """Run the C compiler on `c_path` into `tmp_so`, then move it to `path` whole."""
     base = shlex.split(cc) + cflags() + _BASE_FLAGS + (["-DSG_DOUBLE"] if real == "double" else [])
     cmd = base + openmp_flags() + ["-o", tmp_so, str(c_path), "-lm"]
     if debug_level() >= 1:
@@ -498,12 +527,15 @@ def _build(source: str, path: Path, real: str) -> None:
         print(f"[seqgraph] C compiler took {time.perf_counter() - started:.2f} s for {path.name} "
               f"(cached in {path.parent} for later calls and processes)", file=sys.stderr)
     if res.returncode != 0:
-        os.unlink(tmp_so)
         raise RuntimeError(f"the C compiler failed on generated kernels ({c_path}); if it builds other C programs, "
                            f"this is a seqgraph bug: please report it with that file (backend='torch' needs no "
                            f"compiler):\n{' '.join(cmd)}\n{res.stderr[-4000:]}")
     share_library(tmp_so)
-    os.replace(tmp_so, path)  # atomic: a concurrent process sees the whole library or none
+    try:
+        os.replace(tmp_so, path)  # atomic: a concurrent process sees the whole library or none
+    except OSError as e:  # the folder deleted meanwhile, a full disk
+        raise CacheNotWritable(f"seqgraph could not move its new library into {path.parent}: {e.strerror or e} "
+                               f"(was the folder deleted while it compiled? the next compile builds it again)") from None
 
 
 def clear_memory_cache() -> None:

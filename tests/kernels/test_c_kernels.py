@@ -424,3 +424,28 @@ def test_debug_level_3_prints_the_generated_c(monkeypatch, capsys, tmp_path):
 def test_cflags_default_to_o3_march_native(monkeypatch):
     monkeypatch.delenv("SEQGRAPH_CFLAGS", raising=False)
     assert c_launch.cflags()[:2] == ["-O3", "-march=native"]
+
+
+def test_a_build_that_fails_at_link_time_says_the_compilers_error_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEQGRAPH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("SEQGRAPH_CFLAGS", "-O1 -lno_such_library_seqgraph")  # compiles, then cannot link
+    clear_memory_cache()
+    lib = CLibrary("test")
+    lib.add(lstm_step())
+    with pytest.raises(RuntimeError, match=r"(?s)the C compiler failed on generated kernels .*cannot find -lno_such_library_seqgraph"):
+        lib.load(torch.float32)
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_library_that_cannot_be_moved_into_the_cache_is_cache_not_writable(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEQGRAPH_CACHE_DIR", str(tmp_path))
+    clear_memory_cache()
+    lib = CLibrary("test")
+    lib.add(lstm_step())
+
+    def no_space(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(c_launch.os, "replace", no_space)
+    with pytest.raises(CacheNotWritable, match=r"could not write .*No space left on device"):
+        lib.load(torch.float32)
+    assert not list(tmp_path.rglob("*.tmp"))
