@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import os
 import sys
 import threading
 import time
@@ -127,6 +128,15 @@ STATS = {"compiles": 0, "cache_hits": 0}
 
 
 _COMPILING = threading.RLock()  # one compile at a time: the C compiler and torch.library are not re-entrant
+
+
+def _fresh_lock_after_fork() -> None:
+    """A child forked while another thread compiled would wait for that compile forever."""
+    global _COMPILING
+    _COMPILING = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_fresh_lock_after_fork)
 
 
 def clear_cache() -> None:

@@ -249,12 +249,12 @@ class Recurrence(nn.Module):
             self._memory = {k: fn(v) for k, v in self._memory.items()}
         return out
 
-    def _with_memory(self, state, B: int):
-        """The states of this call under remember=True: the remembered ones, each replaced by the
-        caller's where given."""
-        kept = next(iter(self._memory.values())).shape[0]
+    def _with_memory(self, remembered: dict, state, B: int):
+        """The states of this call under remember=True: the `remembered` ones (read once by the
+        caller: another thread may forget() meanwhile), each replaced by the caller's where given."""
+        kept = next(iter(remembered.values())).shape[0]
         given = dict(state) if isinstance(state, Mapping) else None
-        if kept != B and (given is None or set(given) != set(self._memory)):
+        if kept != B and (given is None or set(given) != set(remembered)):
             raise InputError(f"{self._where()}: remember=True carries states of batch size {kept} "
                              f"but this call has batch size {B}; call forget() first")
         if state is None or given is not None:
@@ -262,7 +262,7 @@ class Recurrence(nn.Module):
             # outside that mode the call starts from a normal copy of it
             # (torch.compile cannot ask, and its graphs never run in inference mode)
             fresh = torch.compiler.is_compiling() or torch.is_inference_mode_enabled()
-            memory = {k: v.clone() if not fresh and v.is_inference() else v for k, v in self._memory.items()}
+            memory = {k: v.clone() if not fresh and v.is_inference() else v for k, v in remembered.items()}
             return {**memory, **(given or {})}
         return state  # not a dict: _initial_states names the mistake
 
@@ -293,8 +293,9 @@ class Recurrence(nn.Module):
         valid = self._check_mask(lengths, mask, T, B, device)
         if valid is not None:  # padding is never read: a nan or an out-of-range token there stays out
             xs = [v.masked_fill(~valid.view(T, B, *([1] * (v.dim() - 2))), 0) for v in xs]
-        if self.remember and self._memory:
-            state = self._with_memory(state, B)
+        remembered = self._memory if self.remember else None
+        if remembered:
+            state = self._with_memory(remembered, state, B)
         states0 = self._initial_states(state, B, dtype, device)
         contexts = self._check_contexts(context, B, dtype, device)
         if valid is not None and contexts:  # nor the context of a sequence without one real step

@@ -1,4 +1,7 @@
 """seqgraph/compiled.py: compiled modules against the reference interpreter (values, gradients, masking, state), and their interface."""
+import os
+import threading
+
 import pytest
 import torch
 
@@ -987,3 +990,28 @@ def test_results_that_read_nothing_requiring_grad_do_not_require_grad_as_in_the_
     assert (y.requires_grad, g.requires_grad) == (y_ref.requires_grad, g_ref.requires_grad) == (x_grad, True)
     assert {k: v.requires_grad for k, v in f.items()} == {k: v.requires_grad for k, v in f_ref.items()} \
         == {"h": True, "g": True, "k": False}
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
+def test_a_child_forked_while_another_thread_compiles_can_compile():
+    from seqgraph import compiled
+    from seqgraph.kernels import c_launch
+    held, done = threading.Event(), threading.Event()
+
+    def compiling():  # stands for a compile in progress: both locks held while the main thread forks
+        with compiled._COMPILING, c_launch._LOADING:
+            held.set()
+            done.wait(10)
+    t = threading.Thread(target=compiling)
+    t.start()
+    held.wait(10)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: no thread will ever release the parent's locks here
+            ok = compiled._COMPILING.acquire(timeout=5) and c_launch._LOADING.acquire(timeout=5)
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        done.set()
+        t.join()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
