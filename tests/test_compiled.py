@@ -1,6 +1,6 @@
 """seqgraph/compiled.py: compiled modules against the reference interpreter (values, gradients, masking, state), and their interface."""
+import contextlib
 import os
-import threading
 
 import pytest
 import torch
@@ -8,6 +8,7 @@ import torch
 import seqgraph as sg
 from seqgraph.compiled import STATS, clear_cache
 
+from threads import entered_in_another_thread
 from zoo import ZOO, make_inputs
 
 
@@ -996,22 +997,15 @@ def test_results_that_read_nothing_requiring_grad_do_not_require_grad_as_in_the_
 def test_a_child_forked_while_another_thread_compiles_can_compile():
     from seqgraph import compiled
     from seqgraph.kernels import c_launch
-    held, done = threading.Event(), threading.Event()
 
+    @contextlib.contextmanager
     def compiling():  # stands for a compile in progress: both locks held while the main thread forks
         with compiled._COMPILING, c_launch._LOADING:
-            held.set()
-            done.wait(10)
-    t = threading.Thread(target=compiling)
-    t.start()
-    held.wait(10)
-    try:
+            yield
+    with entered_in_another_thread(compiling):
         pid = os.fork()
         if pid == 0:  # the child: no thread will ever release the parent's locks here
             ok = compiled._COMPILING.acquire(timeout=5) and c_launch._LOADING.acquire(timeout=5)
             os._exit(0 if ok else 1)
         _, status = os.waitpid(pid, 0)
-    finally:
-        done.set()
-        t.join()
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

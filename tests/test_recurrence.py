@@ -14,6 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import seqgraph as sg
 
+from threads import entered_in_another_thread
+
 DT = torch.float64
 I, H, T, B = 3, 5, 6, 4
 
@@ -1049,26 +1051,11 @@ def test_a_parameter_replaced_after_a_call_is_the_one_the_next_call_reads(backen
 
 
 def test_values_given_with_reading_belong_to_the_calling_thread():
-    import threading
     rec = randomize(sg.Recurrence(elman_cell()))
     given = {k: torch.zeros_like(v) for k, v in rec.param_tensors().items()}
-    inside, done, seen = threading.Event(), threading.Event(), {}
-
-    def other_thread():
-        with rec.reading(given):
-            seen["inside"] = rec.param_tensors()
-            inside.set()
-            done.wait(10)
-
-    t = threading.Thread(target=other_thread)
-    t.start()
-    inside.wait(10)
-    try:
-        assert all(seen["inside"][k] is v for k, v in given.items())
+    with entered_in_another_thread(lambda: rec.reading(given), lambda r: r.param_tensors()) as seen_there:
+        assert all(seen_there[k] is v for k, v in given.items())
         assert all(v is p for v, p in zip(rec.param_tensors().values(), rec.parameters()))  # not the other's
-    finally:
-        done.set()
-        t.join()
     other = {k: torch.ones_like(v) for k, v in given.items()}
     with rec.reading(given):
         with rec.reading(other) as again:
