@@ -29,8 +29,7 @@ from . import cuda_graphs, custom_ops
 from .cell import Cell
 from .compiler.codegen_torch import generate, real_step_rows
 from .compiler.pipeline import compile_plan
-from .compiler.ir import Node
-from .compiler.plan import Plan
+from .compiler.plan import Plan, result_dependencies
 from .recurrence import Recurrence, forward_ad_active, functorch_active, own_storage, token_output
 from .settings import debug_level, triton_interpreting
 
@@ -215,28 +214,6 @@ def _compile_program(cell: Cell, backend: str, unroll: int, key: tuple) -> Progr
     prog.loop_op = custom_ops.loop_op(prog, key)  # registered now: never while being traced
     STATS["compiles"] += 1
     return prog
-
-
-def result_dependencies(plan: Plan) -> tuple:
-    """For each output of the step, then each next state: (the indices of the loop's reads,
-    the indices of the states) that it reads within one step."""
-    read_at = {r.id: k for k, r in enumerate(plan.reads)}
-    state_at = {p.id: j for j, (p, _) in enumerate(plan.step.states)}
-    memo: dict[int, tuple[frozenset, frozenset]] = {}
-
-    def deps(n: Node) -> tuple[frozenset, frozenset]:
-        if n.id not in memo:
-            if n.id in read_at:
-                memo[n.id] = (frozenset([read_at[n.id]]), frozenset())
-            elif n.id in state_at:
-                memo[n.id] = (frozenset(), frozenset([state_at[n.id]]))
-            else:
-                parts = [deps(i) for i in n.inputs]
-                memo[n.id] = (frozenset().union(*(r for r, _ in parts)), frozenset().union(*(s for _, s in parts)))
-        return memo[n.id]
-    for n in plan.step.order():  # (in order: no deep recursion)
-        deps(n)
-    return tuple(deps(n) for n in plan.step.results)
 
 
 def _without_gradient(prog: Program, reads: list, states: list) -> list[int]:

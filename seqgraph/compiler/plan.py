@@ -114,6 +114,28 @@ def build_plan(step: StepGraph, unroll: int = 1, fusable: Fusable = triton_fusab
     return Plan(step, cls, invariant, hoisted, reads, loop, stages, unroll=unroll, fusable=fusable)
 
 
+def result_dependencies(plan: Plan) -> tuple:
+    """For each output of the step, then each next state: (the indices of the loop's reads,
+    the indices of the states) that it reads within one step."""
+    read_at = {r.id: k for k, r in enumerate(plan.reads)}
+    state_at = {p.id: j for j, (p, _) in enumerate(plan.step.states)}
+    memo: dict[int, tuple[frozenset, frozenset]] = {}
+
+    def deps(n: Node) -> tuple[frozenset, frozenset]:
+        if n.id not in memo:
+            if n.id in read_at:
+                memo[n.id] = (frozenset([read_at[n.id]]), frozenset())
+            elif n.id in state_at:
+                memo[n.id] = (frozenset(), frozenset([state_at[n.id]]))
+            else:
+                parts = [deps(i) for i in n.inputs]
+                memo[n.id] = (frozenset().union(*(r for r, _ in parts)), frozenset().union(*(s for _, s in parts)))
+        return memo[n.id]
+    for n in plan.step.order():  # (in order: no deep recursion)
+        deps(n)
+    return tuple(deps(n) for n in plan.step.results)
+
+
 def derivative_nodes_roots(d: StepDerivative) -> list[Node]:
     return [g for g in d.grad_prev if g is not None] + list(d.grad_of.values())
 
