@@ -68,13 +68,19 @@ def _shape(size: Size, what: str) -> tuple:
     return shape
 
 
+def _real_number(x) -> float | None:
+    """x as a float when it is a Python or numpy number or a one-element tensor; None for a
+    bool, a string or anything else."""
+    try:
+        return None if isinstance(x, (bool, str)) else float(x)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
 def probability(p, who: str, what: str = "the probability p") -> float:
     """p as a float in [0, 1): a Python or numpy number, or a one-element tensor; not a bool or a
     string. The ValueError names `who`, `what` and the user's line."""
-    try:
-        value = None if isinstance(p, (bool, str)) else float(p)
-    except (TypeError, ValueError, RuntimeError):
-        value = None
+    value = _real_number(p)
     if value is None or not 0.0 <= value < 1.0:
         raise ValueError(f"{who} (at {user_site()}): {what} must be a number in [0, 1), got {p!r}")
     return value
@@ -83,10 +89,7 @@ def probability(p, who: str, what: str = "the probability p") -> float:
 def _epsilon(eps, who: str) -> float:
     """eps as a float >= 0; the ValueError names `who` and the user's line (torch's habit
     F.layer_norm(x, normalized_shape) puts a shape where eps goes)."""
-    try:
-        value = None if isinstance(eps, (bool, str)) else float(eps)
-    except (TypeError, ValueError, RuntimeError):
-        value = None
+    value = _real_number(eps)
     if value is None or not 0.0 <= value < float("inf"):
         raise ValueError(f"{who} (at {user_site()}): eps must be a number >= 0, got {eps!r} (the size "
                          f"normalised is the last dim of the node, not an argument)")
@@ -436,9 +439,8 @@ class Module:
                     init=_init_fn(init, shape), pname=pname)
 
     def _failed(self, op: str, inputs: tuple) -> Node:
-        """The node this module could not build, for an error picture: drawn red, with its operands."""
-        return Node(op, inputs, {"failed": True}, (), any(i.batched for i in inputs), name=self.name, site=self.site,
-                    module=self)
+        """The node this module could not build (ops.failed_node), named and placed as its own."""
+        return ops.failed_node(op, inputs, name=self.name, site=self.site, module=self)
 
     def params(self) -> dict[str, Node]:
         return {k: v for k, v in vars(self).items() if isinstance(v, Node) and v.op == "param"}

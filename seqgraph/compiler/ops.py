@@ -89,13 +89,18 @@ def make(op: str, inputs, *, name=None, site=None, module=None, **attrs) -> Node
         label = type(module).__name__ if module is not None else op
         nm = f" '{name}'" if name else ""
         operands = ", ".join(_describe_operand(i) for i in inputs)
-        # the node that could not be built, for the error picture: the op, red, with all its operands
-        failed = Node(op, inputs, dict(attrs, failed=True), (), any(i.batched for i in inputs),
-                      name=name, site=site, module=module) if inputs else None
+        failed = failed_node(op, inputs, attrs, name=name, site=site, module=module) if inputs else None
         err = ShapeError(f"{label}{nm} (declared at {site}): {e} [operands: {operands}]", node=failed)
         _attach_picture(err)
         raise err from None
     return Node(op, inputs, attrs, shape, batched, dtype, name=name, site=site, module=module)
+
+
+def failed_node(op: str, inputs: tuple, attrs: dict | None = None, *, name=None, site=None, module=None) -> Node:
+    """The node that could not be built, for an error picture: the op, drawn red, with all its
+    operands (it has no shape)."""
+    return Node(op, inputs, dict(attrs or {}, failed=True), (), any(i.batched for i in inputs),
+                name=name, site=site, module=module)
 
 
 def _attach_picture(err) -> None:
