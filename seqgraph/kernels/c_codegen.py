@@ -119,6 +119,13 @@ static inline int64_t sg_thread_num(void) { return 0; }
 #else
 #define SG_ONE_COPY
 #endif
+/* a region's row function is shared by the library's two halves (compiled apart, on two cores)
+   but not exported from it */
+#if defined(__GNUC__)
+#define SG_SHARED __attribute__((visibility("hidden")))
+#else
+#define SG_SHARED
+#endif
 
 /* a column loop: outputs never overlap inputs, and scratch arrays never overlap each other,
    so no iteration depends on another (the compiler need not check aliasing at run time) */
@@ -176,6 +183,7 @@ class CKernelSource:
 
     source: str  # the function (PRELUDE not included)
     func_name: str
+    declaration: str  # the prototypes of its two functions, for the library's other half
     inputs: tuple[ArgSpec, ...]  # one per region input, in order
     out_shapes: tuple[tuple[int, ...], ...]  # per-example shape of each output
     masked: bool  # whether any output is carried or zero-masked (reads the step mask)
@@ -424,7 +432,7 @@ class _Writer:
         work = sum(width(n) for n in region.nodes) + sum(width(o) for o in region.outputs)
         args = ", ".join(p.rsplit(" ", 1)[1].lstrip("*") for p in self.params)
         lines = [f"/* region {region.name!r}: {ops_used}; rows b0 <= b < b1 of B (returns 1 when out of memory) */",
-                 f"static SG_ONE_COPY int {self.func_name}_rows(int64_t b0, int64_t b1, {', '.join(self.params)}) {{",
+                 f"SG_SHARED SG_ONE_COPY int {self.func_name}_rows(int64_t b0, int64_t b1, {', '.join(self.params)}) {{",
                  "    (void)B;"]
         big = self.scratch > _STACK_LIMIT
         if big:
@@ -451,7 +459,9 @@ class _Writer:
                   "    }",
                   "    return failed;",
                   "}"]
-        return CKernelSource("\n".join(lines) + "\n", self.func_name, tuple(self.specs),
+        declaration = (f"SG_SHARED int {self.func_name}_rows(int64_t b0, int64_t b1, {', '.join(self.params)});\n"
+                       f"int {self.func_name}({', '.join(self.params)});\n")
+        return CKernelSource("\n".join(lines) + "\n", self.func_name, declaration, tuple(self.specs),
                              tuple(o.shape for o in region.outputs), masked)
 
 

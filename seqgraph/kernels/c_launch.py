@@ -2,8 +2,9 @@
 
 A `CLibrary` gathers the regions of one compiled program (forward and backward variants;
 regions of the same structure share one function) and builds them into one shared library
-per dtype with the system C compiler, so a whole LSTM costs one compiler run (about 1 s with
-its whole loops at H=512 on our 2-core machine; 0.2 s for a single small region).
+per dtype with the system C compiler: a whole LSTM costs one compiler run on each of two
+halves of its source at once and a link (about 0.45 s with its whole loops at H=512 on our
+2-core machine, 0.8 s on one core; 0.2 s for a single small region).
 The library is written once to the kernel cache ($SEQGRAPH_CACHE_DIR/cpu, next to the Triton
 kernels) as `<key>.so` with its source `<key>.c`, where the key hashes the regions'
 structure, the dtype, the generator's version, the compiler's version, the flags and (for
@@ -342,11 +343,35 @@ class CLibrary:
         return f
 
     def source(self) -> str:
-        text = PRELUDE + "\n" + "\n".join(k.source for k in self.kernels)
-        if self.loops:
-            from .c_loop_prelude import LOOP_PRELUDE
-            text += LOOP_PRELUDE + "\n" + "\n".join(self.loops.values())
-        return text
+        """The library's C text. A library of more than one function is written in two halves
+        that the build compiles at once, one per core (-DSG_HALF=0 and 1; without SG_HALF the
+        file compiles whole): the loops with the runtime they share stay in one half."""
+        halves = self._halves()
+        if halves is None:
+            return PRELUDE + "\n" + "".join(k.source for k in self.kernels)
+        text = [PRELUDE, "\n/* ---- every region's functions, for calls from the other half ---- */\n"]
+        text += [k.gen.declaration for k in self.kernels]
+        for half, kernels in enumerate(halves):
+            text.append(f"\n#if !defined(SG_HALF) || SG_HALF == {half}\n")
+            text.append("\n".join(k.source for k in kernels))
+            if half == 1 and self.loops:
+                from .c_loop_prelude import LOOP_PRELUDE
+                text.append(LOOP_PRELUDE + "\n" + "\n".join(self.loops.values()))
+            text.append(f"#endif  /* half {half} */\n")
+        return "".join(text)
+
+    def _halves(self) -> tuple[list[CKernel], list[CKernel]] | None:
+        """The kernels of each half, balanced by the length of their text (a fair measure of
+        the compiler's time); the loops count in half 1. None for a single function."""
+        if len(self.kernels) + bool(self.loops) < 2:
+            return None
+        load = [0, sum(len(text) for text in self.loops.values())]
+        half_of = {}
+        for k in sorted(self.kernels, key=lambda k: -len(k.source)):
+            half_of[k.gen.func_name] = h = 0 if load[0] <= load[1] else 1
+            load[h] += len(k.source)
+        return ([k for k in self.kernels if half_of[k.gen.func_name] == 0],
+                [k for k in self.kernels if half_of[k.gen.func_name] == 1])
 
     def key(self, dtype: torch.dtype) -> str:
         cc = find_compiler() or "none"
@@ -381,7 +406,7 @@ class CLibrary:
                 # the loops' GEMM library (once per machine, where chosen) builds on the other core meanwhile
                 gemm = _start(_gemm_library) if self.loops and own else None
                 try:
-                    _build(self.source(), path, name)
+                    _build(self.source(), path, name, halves=2 if self._halves() else 1)
                 finally:
                     if gemm is not None:
                         gemm.join()
@@ -482,7 +507,9 @@ def cached_library(path: Path, build) -> tuple[ctypes.CDLL, bool]:
         return ctypes.CDLL(str(path)), True
 
 
-def _build(source: str, path: Path, real: str) -> None:
+def _build(source: str, path: Path, real: str, halves: int = 1) -> None:
+    """Compile `source` into the library at `path` (its text kept beside it as `<key>.c`);
+    `halves=2` when the text is written in two halves that may compile at once."""
     cc = find_compiler()
     if cc is None:
         raise CompilerMissing("the cpu backend compiles its kernels with a C compiler, and none was found "
@@ -497,12 +524,23 @@ def _build(source: str, path: Path, real: str) -> None:
         _remove(tmp)
         raise CacheNotWritable(f"seqgraph could not write {c_path}: {e.strerror or e}. Free space there, or set "
                                f"SEQGRAPH_CACHE_DIR to another folder") from None
-    fd, tmp_so = temp_file_in_cache(path.parent, path.stem, ".so.tmp")
-    os.close(fd)
+    temps = []
+    for suffix in [".so.tmp"] + [f".{h}.o.tmp" for h in range(halves if _cores() > 1 else 1)]:
+        fd, name = temp_file_in_cache(path.parent, path.stem, suffix)
+        os.close(fd)
+        temps.append(name)
     try:
-        _compile_library(cc, c_path, tmp_so, path, real)
+        _compile_library(cc, c_path, temps[0], temps[1:] if len(temps) > 2 else [], path, real)
     finally:
-        _remove(tmp_so)  # (renamed into place, removed by a failed link, or left by an interrupt)
+        for name in temps:
+            _remove(name)  # (renamed into place, removed by a failed build, or left by an interrupt)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _remove(path: str) -> None:
@@ -512,17 +550,14 @@ def _remove(path: str) -> None:
         pass
 
 
-def _compile_library(cc: str, c_path: Path, tmp_so: str, path: Path, real: str) -> None:
-    """Run the C compiler on `c_path` into `tmp_so`, then move it to `path` whole."""
+def _compile_library(cc: str, c_path: Path, tmp_so: str, objects: list[str], path: Path, real: str) -> None:
+    """Run the C compiler on `c_path` into `tmp_so` (each half into its object in `objects` at
+    once, then one link, where there are objects), then move it to `path` whole."""
     base = shlex.split(cc) + cflags() + _BASE_FLAGS + (["-DSG_DOUBLE"] if real == "double" else [])
-    cmd = base + openmp_flags() + ["-o", tmp_so, str(c_path), "-lm"]
-    if debug_level() >= 1:
-        print(f"[seqgraph] {' '.join(cmd)}", file=sys.stderr)
     started = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    cmd, res = _run_compiler(base + openmp_flags(), c_path, tmp_so, objects)
     if res.returncode != 0 and openmp_flags():  # a compiler without OpenMP: one thread per kernel
-        cmd = base + ["-o", tmp_so, str(c_path), "-lm"]
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        cmd, res = _run_compiler(base, c_path, tmp_so, objects)
     if debug_level() >= 1:
         print(f"[seqgraph] C compiler took {time.perf_counter() - started:.2f} s for {path.name} "
               f"(cached in {path.parent} for later calls and processes)", file=sys.stderr)
@@ -536,6 +571,40 @@ def _compile_library(cc: str, c_path: Path, tmp_so: str, path: Path, real: str) 
     except OSError as e:  # the folder deleted meanwhile, a full disk
         raise CacheNotWritable(f"seqgraph could not move its new library into {path.parent}: {e.strerror or e} "
                                f"(was the folder deleted while it compiled? the next compile builds it again)") from None
+
+
+def _run_compiler(base: list[str], c_path: Path, tmp_so: str, objects: list[str]) -> tuple[list[str], subprocess.CompletedProcess]:
+    """One compiler run over the whole file, or one per half at once and a link: the command
+    that failed (or the last) and its result."""
+    if not objects:
+        return _run(base + ["-o", tmp_so, str(c_path), "-lm"])
+    cmds = [base + [f"-DSG_HALF={h}", "-c", "-o", obj, str(c_path)] for h, obj in enumerate(objects)]
+    for cmd in cmds:
+        if debug_level() >= 1:
+            print(f"[seqgraph] {' '.join(cmd)}", file=sys.stderr)
+    procs = []
+    try:
+        for cmd in cmds:
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        results = []
+        for cmd, p in zip(cmds, procs):
+            out, err = p.communicate()
+            results.append(subprocess.CompletedProcess(cmd, p.returncode, out, err))
+    finally:  # an interrupt (or a compiler that did not start) leaves no compiler running
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for cmd, res in zip(cmds, results):
+        if res.returncode != 0:
+            return cmd, res
+    return _run(base + ["-o", tmp_so] + objects + ["-lm"])
+
+
+def _run(cmd: list[str]) -> tuple[list[str], subprocess.CompletedProcess]:
+    if debug_level() >= 1:
+        print(f"[seqgraph] {' '.join(cmd)}", file=sys.stderr)
+    return cmd, subprocess.run(cmd, capture_output=True, text=True)
 
 
 def clear_memory_cache() -> None:

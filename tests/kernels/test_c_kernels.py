@@ -1,6 +1,7 @@
 """The C kernels of the cpu backend: structure of the source, what is fused, numbers against the
 reference interpreter (float32 to 1e-5, float64 to 1e-12), the transcendental functions over
 their whole range, layouts, masking, argument errors, the library cache and debug output."""
+import ctypes
 import re
 import subprocess
 import sys
@@ -447,5 +448,104 @@ def test_a_library_that_cannot_be_moved_into_the_cache_is_cache_not_writable(tmp
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(c_launch.os, "replace", no_space)
     with pytest.raises(CacheNotWritable, match=r"could not write .*No space left on device"):
+        lib.load(torch.float32)
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------
+# a library of several functions compiles in two halves, one per core
+# ---------------------------------------------------------------------------------------
+def two_kernel_library():
+    lib = CLibrary("test")
+    return lib, lib.add(lstm_step()), lib.add(lstm_step(hidden=7))
+
+
+def compiler_runs(monkeypatch):
+    """The command lines of every compiler run started from now on (subprocess.run starts
+    its process through Popen too)."""
+    runs = []
+    real_popen = c_launch.subprocess.Popen
+
+    def popen(cmd, *args, **kwargs):
+        if "-o" in cmd:  # (not the compiler's --version)
+            runs.append(cmd)
+        return real_popen(cmd, *args, **kwargs)
+    monkeypatch.setattr(c_launch.subprocess, "Popen", popen)
+    return runs
+
+
+def build_two_kernels_on(cores, tmp_path, monkeypatch):
+    """A two-kernel library built afresh by a machine of `cores` cores, and the compiler runs."""
+    monkeypatch.setenv("SEQGRAPH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(c_launch, "_cores", lambda: cores)
+    clear_memory_cache()
+    runs = compiler_runs(monkeypatch)
+    lib, small, large = two_kernel_library()
+    lib.load(torch.float32)
+    return runs, small, large
+
+
+def test_a_library_of_several_functions_compiles_its_halves_at_once_then_links_them(tmp_path, monkeypatch):
+    runs, small, large = build_two_kernels_on(2, tmp_path, monkeypatch)
+    halves = [next(a for a in cmd if a.startswith("-DSG_HALF=")) for cmd in runs if "-c" in cmd]
+    assert sorted(halves) == ["-DSG_HALF=0", "-DSG_HALF=1"] and len(runs) == 3  # two halves and a link
+    for kernel, hidden in ((small, 6), (large, 7)):
+        vals = lstm_step_inputs(4, hidden)
+        for got, want in zip(kernel(vals), reference(kernel.region, vals)):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_each_half_holds_some_of_the_functions_and_the_loops_stay_together():
+    lib, small, large = two_kernel_library()
+    first, second = lib._halves()
+    assert {k.gen.func_name for k in first} | {k.gen.func_name for k in second} == {"sg_region_0", "sg_region_1"}
+    assert len(first) == len(second) == 1
+    lib.add_loop("sg_loop_test", "int sg_loop_test(void) {\n" + "    /* a long loop */\n" * 1000 + "    return 0;\n}\n")
+    first, second = lib._halves()
+    assert [k.gen.func_name for k in first] == ["sg_region_0", "sg_region_1"] and second == []  # the loops outweigh both
+    text = lib.source()
+    assert text.index("#if !defined(SG_HALF) || SG_HALF == 1") < text.index("sg_loop_test")
+
+
+def test_the_cached_source_compiles_whole_without_sg_half(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEQGRAPH_CACHE_DIR", str(tmp_path))
+    clear_memory_cache()
+    lib, _, _ = two_kernel_library()
+    lib.load(torch.float32)
+    c_path = lib.paths[torch.float32].with_suffix(".c")
+    whole = tmp_path / "whole.so"
+    cmd = c_launch.shlex.split(c_launch.find_compiler()) + c_launch._BASE_FLAGS + ["-o", str(whole), str(c_path), "-lm"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    built = ctypes.CDLL(str(whole))
+    assert built.sg_region_0 and built.sg_region_1
+
+
+def test_a_single_core_compiles_the_library_in_one_run(tmp_path, monkeypatch):
+    runs, small, _ = build_two_kernels_on(1, tmp_path, monkeypatch)
+    assert len(runs) == 1 and "-c" not in runs[0] and not any(a.startswith("-DSG_HALF") for a in runs[0])
+    vals = lstm_step_inputs(3)
+    torch.testing.assert_close(small(vals)[0], reference(small.region, vals)[0], atol=1e-5, rtol=1e-4)
+
+
+def test_a_half_that_fails_to_compile_reports_the_compilers_error_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEQGRAPH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(c_launch, "_cores", lambda: 2)
+    clear_memory_cache()
+    lib, _, _ = two_kernel_library()
+    lib.kernels[1].source += "this is not C;\n"
+    with pytest.raises(RuntimeError, match=r"(?s)the C compiler failed on generated kernels .*-DSG_HALF=\d.*this is not C"):
+        lib.load(torch.float32)
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("*.so"))
+
+
+def test_halves_that_fail_to_link_say_the_linkers_error_and_leave_no_temporary_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEQGRAPH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("SEQGRAPH_CFLAGS", "-O1 -lno_such_library_seqgraph")  # compiles, then cannot link
+    monkeypatch.setattr(c_launch, "_cores", lambda: 2)
+    clear_memory_cache()
+    lib, _, _ = two_kernel_library()
+    with pytest.raises(RuntimeError, match=r"(?s)the C compiler failed on generated kernels .*cannot find -lno_such_library_seqgraph"):
         lib.load(torch.float32)
     assert not list(tmp_path.rglob("*.tmp"))
