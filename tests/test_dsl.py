@@ -587,6 +587,18 @@ def test_a_tensor_method_on_a_node_names_the_sg_function(method, hint):
         getattr(h, method)
 
 
+@pytest.mark.parametrize("method, hint", [("size", r"node.shape: its shape per example, without the batch dimension"),
+                                          ("dim", r"len\(node.shape\)"), ("numel", "node.elements")])
+def test_asking_a_node_its_size_as_of_a_tensor_names_the_per_example_shape(method, hint):
+    _, h = _xh()
+    with pytest.raises(AttributeError, match=rf"has no method '{method}' .*test_dsl.py.* here {hint}"):
+        getattr(h, method)(-1)
+
+
+def test_a_node_counts_its_elements_per_example():
+    assert sg.Input((3, 4), name="x").elements == 12
+
+
 def test_a_node_lacks_other_attributes_plainly():
     x, _ = _xh()
     assert not hasattr(x, "no_such_thing") and not hasattr(x, "__no_such_dunder__")

@@ -162,7 +162,11 @@ class Node:
         import torch
         if name.startswith("__") or name in Node.__slots__ or not hasattr(torch.Tensor, name):
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        hint = {"view": "here sg.reshape", "unsqueeze": "here sg.unsqueeze"}.get(name) or _hint(name)
+        hint = {"view": "here sg.reshape", "unsqueeze": "here sg.unsqueeze",
+                "size": "here node.shape: its shape per example, without the batch dimension (node.shape[-1] "
+                        "is its number of features)",
+                "dim": "here len(node.shape): its number of dimensions per example, without the batch",
+                "numel": "here node.elements: its number of elements per example"}.get(name) or _hint(name)
         raise AttributeError(f"node {self.label()!r} (declared at {self.site}) is a symbolic value, not a tensor, "
                              f"and has no method {name!r} (at {user_site(('torch',))}): torch modules and tensor "
                              f"methods cannot run on a node; build the step with seqgraph's functions and "
@@ -178,7 +182,8 @@ class Node:
                         "use sg.chunk(node, n) or sg.split(node, sizes) to take it apart")
 
     @property
-    def size(self) -> int:
+    def elements(self) -> int:
+        """The number of elements per example (the product of `shape`)."""
         n = 1
         for s in self.shape:
             n *= s

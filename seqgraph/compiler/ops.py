@@ -776,11 +776,11 @@ def _reshape_shape(inputs, attrs):
         raise ShapeProblem("reshape takes at most one -1")
     if -1 in shape:
         rest = math.prod(s for s in shape if s != -1)
-        if rest == 0 or a.size % rest:
+        if rest == 0 or a.elements % rest:
             raise ShapeProblem(f"cannot reshape {a.shape} to {tuple(attrs['shape'])}")
-        shape[shape.index(-1)] = a.size // rest
-    if math.prod(shape) != a.size:
-        raise ShapeProblem(f"cannot reshape {a.shape} ({a.size} elements) to {tuple(shape)}")
+        shape[shape.index(-1)] = a.elements // rest
+    if math.prod(shape) != a.elements:
+        raise ShapeProblem(f"cannot reshape {a.shape} ({a.elements} elements) to {tuple(shape)}")
     attrs["shape"] = tuple(shape)
     return tuple(shape), a.batched, a.dtype
 

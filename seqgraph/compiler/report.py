@@ -28,15 +28,15 @@ def gemm_flops(n: Node, rows: int) -> int:
         return 2 * rows * lead * w.shape[0] * w.shape[1]
     if n.op == "linear_wgrad":
         g, x = n.inputs
-        return 2 * rows * (g.size // g.shape[-1]) * g.shape[-1] * x.shape[-1]
+        return 2 * rows * (g.elements // g.shape[-1]) * g.shape[-1] * x.shape[-1]
     if n.op == "matmul":
         a, b = n.inputs
-        return 2 * rows * (n.size // n.shape[-1]) * a.shape[-1] * n.shape[-1]
+        return 2 * rows * (n.elements // n.shape[-1]) * a.shape[-1] * n.shape[-1]
     return 0
 
 
 def _bytes(nodes: list[Node], B: int, itemsize: int) -> int:
-    return sum(n.size * (B if n.batched else 1) * itemsize for n in nodes)
+    return sum(n.elements * (B if n.batched else 1) * itemsize for n in nodes)
 
 
 def _amount(value: float, units: tuple[tuple[float, str], ...], base: str) -> str:
@@ -100,7 +100,7 @@ def describe_plan(plan, T: int | None, B: int | None, itemsize: int = 4) -> str:
         if T and B:
             saved = _bytes(bwd.saved, B, itemsize) * T
             stash = _stash_bytes(plan, bwd, T, B, itemsize)
-            states = sum(p.size for p, _ in plan.step.states) * B * itemsize * (T + 1)
+            states = sum(p.elements for p, _ in plan.step.states) * B * itemsize * (T + 1)
             lines.append(f"  memory for backward at T={T}, B={B}: saved {_bytes_text(saved)} + state "
                          f"sequence {_bytes_text(states)} + gradient stash {_bytes_text(stash)}")
     if T and B:

@@ -40,7 +40,7 @@ _SUMS = ("sum", "mean", "sum_to")
 # ---------------------------------------------------------------------------------------
 def width(node: Node) -> int:
     """Columns of one example of `node`: its per-example shape flattened (1 for a 0-d value)."""
-    return node.size
+    return node.elements
 
 
 def _row_shaped(node: Node) -> bool:

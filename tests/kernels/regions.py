@@ -238,7 +238,7 @@ def random_elementwise_region(width, steps, n_out):
     for name, i, j in steps:
         a, b = pool[i % len(pool)], pool[j % len(pool)]
         if name == "recut":  # concat of two slices: the value gets a column break
-            if width < 2 or a.size != width or b.size != width or a.batched != b.batched:
+            if width < 2 or a.elements != width or b.elements != width or a.batched != b.batched:
                 continue
             k = 1 + i % (width - 1)
             pool.append(sg.concat([sg.narrow(a, -1, 0, k), sg.narrow(b, -1, k, width - k)]))

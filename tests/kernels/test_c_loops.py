@@ -242,7 +242,7 @@ def test_wide_regions_split_their_rows_over_threads_and_equal_the_reference(monk
     assert f"< {PARALLEL_WORK}) return sg_region_" in comp.source()
     regions = comp._program.fns["_clib"].kernels
     B = 48
-    assert any(B * sum(n.size for n in k.region.nodes) >= PARALLEL_WORK for k in regions)  # threads take part
+    assert any(B * sum(n.elements for n in k.region.nodes) >= PARALLEL_WORK for k in regions)  # threads take part
     xs, ctx = make_inputs(rec.cell, 3, B, dtype=torch.float64)
     check_against_reference(rec, comp, xs, ctx, 1e-10, lengths=torch.arange(B) % 4)
 
