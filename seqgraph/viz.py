@@ -260,7 +260,8 @@ def _recurrences_in(obj) -> list[str]:
 # ---------------------------------------------------------------------------------------
 # to_dot
 # ---------------------------------------------------------------------------------------
-def to_dot(obj: Drawable, unroll: int | None = None, compact: bool = False) -> graphviz.Digraph:
+def to_dot(obj: Drawable, unroll: int | None = None, compact: bool = False,
+           backward: bool = False) -> graphviz.Digraph:
     """A `graphviz.Digraph` of `obj`; `.source` is the DOT text, `.pipe(format="svg")` renders.
 
     obj: an sg.Cell or sg.Graph; an sg.Recurrence (its cell); a compiled model (its plan's
@@ -268,7 +269,8 @@ def to_dot(obj: Drawable, unroll: int | None = None, compact: bool = False) -> g
     depend on); or an existing Digraph (returned as is).
     unroll=k draws k steps, one cluster each, parameters (and contexts) once outside them;
     compact=True draws each step as one box. With unroll or compact a compiled model is drawn
-    from its cell, since its plan is the same at every step.
+    from its cell, since its plan is the same at every step. backward=True draws a compiled
+    model's backward plan: its fused kernels per step and the reductions after the loop.
 
         import seqgraph as sg
         x, h = sg.Input(4, name="x"), sg.State(8, name="h")
@@ -280,6 +282,12 @@ def to_dot(obj: Drawable, unroll: int | None = None, compact: bool = False) -> g
     if unroll is not None and (isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1):
         raise ValueError(f"unroll must be a positive number of steps, got {unroll!r}")
     plan = getattr(obj, "plan", None)
+    if backward:
+        if not callable(plan) or unroll is not None or compact:
+            raise ValueError("backward=True draws the backward plan of a compiled model (sg.compile(...)), "
+                             f"without unroll or compact; got {type(obj).__name__}"
+                             + (" with unroll/compact" if callable(plan) else ""))
+        return plan().to_dot(backward=True)
     if callable(plan) and unroll is None and not compact:
         picture = getattr(plan(), "to_dot", None)
         if callable(picture):
@@ -521,7 +529,8 @@ _INSTALL = ("install Graphviz (Debian/Ubuntu: `apt-get install graphviz`, macOS:
             "so that `dot` is on PATH, or write the DOT source instead with a .dot file name")
 
 
-def render(obj: Drawable, path: str | os.PathLike, unroll: int | None = None, compact: bool = False) -> str:
+def render(obj: Drawable, path: str | os.PathLike, unroll: int | None = None, compact: bool = False,
+           backward: bool = False) -> str:
     """Draw `obj` (anything `to_dot` takes) to `path`, in the format its extension names:
     .svg, .png, .pdf (rendered by Graphviz's `dot`) or .dot (the source, no `dot` needed).
     Returns the path written."""
@@ -530,7 +539,7 @@ def render(obj: Drawable, path: str | os.PathLike, unroll: int | None = None, co
     if fmt not in FORMATS:
         raise ValueError(f"sg.render: cannot tell the format of {path!r}; end the name with one of "
                          f"{', '.join('.' + f for f in FORMATS)}")
-    dot = to_dot(obj, unroll=unroll, compact=compact)
+    dot = to_dot(obj, unroll=unroll, compact=compact, backward=backward)
     if fmt == "dot":
         with open(path, "w", encoding="utf-8") as f:
             f.write(dot.source)
@@ -588,7 +597,7 @@ def _load_factory(target: str):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m seqgraph viz path/to/cell.py:make_cell [--unroll K] [--compact] [-o out.svg]`:
+    """`python -m seqgraph viz path/to/cell.py:make_cell [--unroll K] [--compact] [--backward] [-o out.svg]`:
     call the factory (no arguments; it returns a Cell, Graph or module) and draw what it
     returns; without -o the DOT source goes to stdout."""
     parser = argparse.ArgumentParser(prog="python -m seqgraph viz",
@@ -597,6 +606,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        "and returns an sg.Cell, sg.Graph or sg.Recurrence (compiled or not)")
     parser.add_argument("--unroll", type=int, default=None, metavar="K", help="draw K steps of the recurrence")
     parser.add_argument("--compact", action="store_true", help="one box per step")
+    parser.add_argument("--backward", action="store_true", help="a compiled model's backward plan")
     parser.add_argument("-o", "--output", default=None,
                         help="file to write (.svg, .png, .pdf or .dot); default: DOT source on stdout")
     args = parser.parse_args(list(argv) if argv is not None else None)
@@ -639,9 +649,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         if args.output is None:
-            print(to_dot(obj, unroll=args.unroll, compact=args.compact).source)
+            print(to_dot(obj, unroll=args.unroll, compact=args.compact, backward=args.backward).source)
         else:
-            print(render(obj, args.output, unroll=args.unroll, compact=args.compact))
+            print(render(obj, args.output, unroll=args.unroll, compact=args.compact, backward=args.backward))
     except (ValueError, TypeError, GraphvizMissing) as e:
         print(f"seqgraph viz: {e}", file=sys.stderr)
         return 2

@@ -347,6 +347,9 @@ _FACTORY = textwrap.dedent("""
         x, h = sg.Input(3, name="x"), sg.State(4, name="h")
         return sg.Cell(inputs=[x], states={h: sg.tanh(sg.Linear(7, 4, name="step")(sg.concat([x, h])))})
 
+    def make_compiled():
+        return sg.compile(sg.Recurrence(make_cell()), backend="torch")
+
     def make_broken():
         x, h = sg.Input(3, name="x"), sg.State(4, name="h")
         return sg.Cell(inputs=[x], states={h: sg.tanh(sg.Linear(7, 2)(sg.concat([x, h])))})
@@ -372,6 +375,17 @@ def test_cli_prints_compact_dot_source_without_output_file(factory_file, capsys)
     assert viz.main([f"{factory_file}:make_cell", "--unroll", "2", "--compact"]) == 0
     src = capsys.readouterr().out
     assert src.startswith("digraph") and "step_0 -> step_1" in src
+
+
+def test_cli_draws_the_backward_plan_of_a_compiled_model(factory_file, capsys):
+    assert viz.main([f"{factory_file}:make_compiled", "--backward"]) == 0
+    src = capsys.readouterr().out
+    assert src.startswith("digraph plan_backward") and "per step, from the last to the first" in src
+
+
+def test_cli_refuses_backward_for_a_cell(factory_file, capsys):
+    assert viz.main([f"{factory_file}:make_cell", "--backward"]) == 2
+    assert "backward=True draws the backward plan of a compiled model" in capsys.readouterr().err
 
 
 def test_cli_reports_a_missing_function(factory_file, capsys):

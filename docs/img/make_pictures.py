@@ -44,7 +44,9 @@ def main() -> None:
     sg.render(lstm_cell(), os.path.join(out, "lstm_cell.svg"))
     sg.render(gru_cell(), os.path.join(out, "gru_unrolled_3.svg"), unroll=3)
     sg.render(gru_cell(), os.path.join(out, "gru_compact_3.svg"), unroll=3, compact=True)
-    sg.render(sg.compile(sg.Recurrence(lstm_cell()), backend="torch"), os.path.join(out, "lstm_plan.svg"))
+    fast = sg.compile(sg.Recurrence(lstm_cell()), backend="torch")
+    sg.render(fast, os.path.join(out, "lstm_plan.svg"))
+    sg.render(fast, os.path.join(out, "lstm_plan_backward.svg"), backward=True)
     try:
         broken_cell()
     except sg.GraphError as err:

@@ -76,9 +76,9 @@ class Plan:
     def __str__(self) -> str:
         return self.describe()
 
-    def to_dot(self):
+    def to_dot(self, backward: bool = False):
         from .report import plan_dot
-        return plan_dot(self)
+        return plan_dot(self, backward)
 
 
 def _slices_into_loop(order: list[Node], cls: dict[int, str], results: set[int]) -> None:

@@ -134,19 +134,25 @@ def _stage_line(s, B: int, itemsize: int, sized: bool) -> str:
     return f"  torch fallback ({s.why}): {ops}"
 
 
-def plan_dot(plan):
+def plan_dot(plan, backward: bool = False):
     """The compiled plan as a picture: hoisted part, per-step part with each fused region a
-    coloured cluster, GEMMs marked, saved values marked."""
+    coloured cluster, GEMMs marked, saved values marked. backward=True draws the backward of
+    an unpadded call instead: what runs once before its loop, each step's stages (its fused
+    kernels recompute what `recomputed` names), and the weight-gradient reductions after it."""
     import graphviz
 
-    dot = graphviz.Digraph("plan", graph_attr={"rankdir": "TB", "fontname": "Helvetica", "compound": "true"},
+    dot = graphviz.Digraph("plan_backward" if backward else "plan",
+                           graph_attr={"rankdir": "TB", "fontname": "Helvetica", "compound": "true"},
                            node_attr={"fontname": "Helvetica", "fontsize": "10", "shape": "box", "style": "rounded"},
                            edge_attr={"fontname": "Helvetica", "fontsize": "9"})
-    saved = set()
-    for bwd in plan.backward.values():
-        saved |= {n.id for n in bwd.saved}
-    # fused clusters: pale, none of them the torch fallbacks' pink nor the GEMMs' yellow
-    colours = ["#fde2c4", "#d5e8d4", "#dae8fc", "#e1d5e7", "#d0f0f0", "#e6e6e6"]
+    saved, read_only = set(), set()  # read_only: values the backward reads and does not compute
+    if backward:
+        bwd = plan.backward_plan(False)
+        saved = {n.id for n in bwd.saved}
+        read_only = saved - {n.id for n in bwd.pre + bwd.loop + bwd.post}
+    else:
+        for b in plan.backward.values():
+            saved |= {n.id for n in b.saved}
     drawn: set[int] = set()
 
     from ..viz import add_node  # the same look as the cell pictures
@@ -157,7 +163,7 @@ def plan_dot(plan):
             return
         drawn.add(n.id)
         attrs = {}
-        if REGISTRY[n.op].kind == "matmul":
+        if (REGISTRY[n.op].kind == "matmul" or n.op == "linear_wgrad") and n.id not in read_only:
             attrs.update(shape="box3d", style="filled", fillcolor="#ffd966",
                          label=f"GEMM {n.op}{' ' + repr(n.name) if n.name else ''}\\n{_shape(n)}")
         if n.id in saved:
@@ -165,24 +171,16 @@ def plan_dot(plan):
         attrs.update(extra)
         add_node(g, n, key=keys.get(n.id), **attrs)
 
+    if backward:
+        _draw_backward(dot, bwd, node)
+        return dot
     with dot.subgraph(name="cluster_before") as c:
         c.attr(label="before the loop (once per call, all T steps)", style="dashed")
         for n in plan.invariant + plan.hoisted:
             node(c, n)
     with dot.subgraph(name="cluster_step") as c:
         c.attr(label="per step", style="solid")
-        fused = [s for s in plan.stages if s.kind == "fused"]
-        for k, s in enumerate(plan.stages):
-            if s.kind == "fused":
-                number = next(j for j, t in enumerate(fused) if t is s) + 1
-                with c.subgraph(name=f"cluster_fused_{k}") as f:
-                    f.attr(label=f"fused kernel {number} of {len(fused)}", style="filled",
-                           fillcolor=colours[k % len(colours)])
-                    for n in s.nodes:
-                        node(f, n)
-            else:
-                for n in s.nodes:
-                    node(c, n, **({"fillcolor": "#f4cccc", "style": "rounded,filled"} if s.kind == "torch" else {}))
+        _draw_stages(c, plan.stages, node)
     for n in plan.step.order():
         if n.id not in drawn:
             node(dot, n)
@@ -192,3 +190,55 @@ def plan_dot(plan):
     for p, q in plan.step.states:
         dot.edge(f"n{q.id}", f"n{p.id}", style="dashed", color="#1f77b4", constraint="false", label=f"next {p.name}")
     return dot
+
+
+# fused clusters: pale, none of them the torch fallbacks' pink nor the GEMMs' yellow
+_CLUSTER_COLOURS = ["#fde2c4", "#d5e8d4", "#dae8fc", "#e1d5e7", "#d0f0f0", "#e6e6e6"]
+
+
+def _draw_stages(c, stages, node, extra=lambda n: {}) -> None:
+    """Each fused stage a coloured cluster "fused kernel k of n"; GEMMs and torch fallbacks plain."""
+    fused = [s for s in stages if s.kind == "fused"]
+    for k, s in enumerate(stages):
+        if s.kind == "fused":
+            number = next(j for j, t in enumerate(fused) if t is s) + 1
+            with c.subgraph(name=f"cluster_fused_{k}") as f:
+                f.attr(label=f"fused kernel {number} of {len(fused)}", style="filled",
+                       fillcolor=_CLUSTER_COLOURS[k % len(_CLUSTER_COLOURS)])
+                for n in s.nodes:
+                    node(f, n, **extra(n))
+        else:
+            for n in s.nodes:
+                node(c, n, **extra(n), **({"fillcolor": "#f4cccc", "style": "rounded,filled"} if s.kind == "torch" else {}))
+
+
+def _draw_backward(dot, bwd, node) -> None:
+    """The backward's three parts as clusters; the values it reads (saved forward values, the
+    gradients arriving at each step, parameters) drawn outside them; each state's gradient
+    passed back to the step before as a dashed edge."""
+    recomputed = {n.id for n in bwd.recomputed}
+    mark = lambda n: {"xlabel": "recomputed", "fontcolor": "#7f6000"} if n.id in recomputed else {}  # noqa: E731
+    with dot.subgraph(name="cluster_before") as c:
+        c.attr(label="before the backward loop (once per call)", style="dashed")
+        for n in bwd.pre:
+            node(c, n)
+    with dot.subgraph(name="cluster_step") as c:
+        c.attr(label="per step, from the last to the first", style="solid")
+        _draw_stages(c, bwd.stages, node, mark)
+        for n in bwd.loop:
+            node(c, n, **mark(n))
+    with dot.subgraph(name="cluster_after") as c:
+        c.attr(label="after the loop (all T steps at once)", style="dashed")
+        for n in bwd.post:
+            node(c, n)
+    computed = bwd.pre + bwd.loop + bwd.post
+    for n in computed:
+        for i in n.inputs:
+            node(dot, i)
+            dot.edge(f"n{i.id}", f"n{n.id}")
+    deriv = bwd.deriv
+    for leaf, g in zip(deriv.grad_next, deriv.grad_prev):
+        if g is not None:
+            node(dot, leaf)
+            dot.edge(f"n{g.id}", f"n{leaf.id}", style="dashed", color="#1f77b4", constraint="false",
+                     label="to the step before")

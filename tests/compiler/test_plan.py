@@ -1,4 +1,5 @@
 """Structure of compiled plans: what is hoisted, what runs per step, what backward saves."""
+import pytest
 import torch
 
 import seqgraph as sg
@@ -86,6 +87,42 @@ def test_plan_picture_draws_each_fused_region_as_a_cluster():
     dot = sg.to_dot(comp).source
     assert dot.count("subgraph cluster_fused_") == 2
     assert "GEMM" in dot
+
+
+def _backward_picture(cell, backend="cpu"):
+    comp = sg.compile(sg.Recurrence(cell), backend=backend)
+    return comp, sg.to_dot(comp, backward=True).source
+
+
+def test_backward_picture_draws_each_fused_kernel_of_the_backward_step_as_a_cluster():
+    comp, dot = _backward_picture(sg.cells.lstm(4, 6, layer_norm=True))
+    bwd = comp.plan().backward_plan(False)
+    assert dot.count("subgraph cluster_fused_") == sum(s.kind == "fused" for s in bwd.stages) >= 1
+    assert "per step, from the last to the first" in dot and "after the loop (all T steps at once)" in dot
+
+
+def test_backward_picture_marks_recomputed_and_saved_values_and_draws_no_saved_product_as_a_gemm():
+    comp, dot = _backward_picture(sg.cells.lstm(4, 6, layer_norm=True))
+    bwd = comp.plan().backward_plan(False)
+    assert bwd.recomputed and dot.count('xlabel=recomputed') == len(bwd.recomputed)
+    assert dot.count("xlabel=saved") == len(bwd.saved)
+    saved_product = next(n for n in bwd.saved if n.op == "linear")  # the layer norm's pre-norm input
+    line = next(ln for ln in dot.splitlines() if ln.strip().startswith(f"n{saved_product.id} "))
+    assert "box3d" not in line
+
+
+def test_backward_picture_draws_the_weight_gradient_gemm_after_the_loop_and_the_state_gradient_passed_back():
+    _, dot = _backward_picture(sg.cells.gru(4, 6))
+    after = dot[dot.index("subgraph cluster_after"):]
+    assert "GEMM linear_wgrad" in after[:after.index("}")]
+    assert "to the step before" in dot
+
+
+def test_backward_picture_is_only_of_a_compiled_model():
+    with pytest.raises(ValueError, match=r"backward=True draws the backward plan of a compiled model .*got Recurrence"):
+        sg.to_dot(sg.Recurrence(sg.cells.gru(4, 6)), backward=True)
+    with pytest.raises(ValueError, match="without unroll or compact"):
+        sg.to_dot(sg.compile(sg.Recurrence(sg.cells.gru(4, 6))), backward=True, unroll=2)
 
 
 def test_an_nngraph_style_lstm_compiles_and_equals_the_reference():
