@@ -164,16 +164,22 @@ def _scoped_params(owner, scope: str | None, site) -> dict[int, Node] | None:
     for key, n in owner.params.items():
         if key not in made:
             made[key] = Node("param", (), {**n.attrs, "key": f"{scope}.{key}"}, n.shape, False, n.dtype,
-                             name=n.name, site=n.site, module=n.module)
+                             name=_scoped_name(scope, n.name), site=n.site, module=n.module)
     return {n.id: made[key] for key, n in owner.params.items()}
 
 
-def _inline(order: list[Node], bound: dict[Node, Node], who: str, params: dict[int, Node] | None = None
-            ) -> dict[int, Node]:
+def _scoped_name(scope: str | None, name: str | None) -> str | None:
+    """A copied node's name in `scope` (`layer1.h_next`), so that errors, pictures and
+    generated code tell apart the nodes of two scoped copies of one cell."""
+    return f"{scope}.{name}" if scope is not None and name else name
+
+
+def _inline(order: list[Node], bound: dict[Node, Node], who: str, params: dict[int, Node] | None = None,
+            scope: str | None = None) -> dict[int, Node]:
     """Copy `order` with each formal leaf replaced by the node `bound` gives it: {original id:
     copy}. Parameters, constants and contexts are shared, not copied (that is how weights are
     tied), unless `params` maps a parameter to its stand-in; each chunk group gets a group of
-    its own. `who` names the call in a shape error."""
+    its own. `who` names the call in a shape error; the copies' names are in `scope`."""
     env: dict[int, Node] = {}
     groups: dict[int, _ChunkGroup] = {}  # id of an original chunk group -> this copy's
     for formal, actual in bound.items():
@@ -195,7 +201,8 @@ def _inline(order: list[Node], bound: dict[Node, Node], who: str, params: dict[i
             if id(old) not in groups:
                 groups[id(old)] = _ChunkGroup(old.site)
             attrs = {**attrs, "group": groups[id(old)]}
-        env[n.id] = Node(n.op, ins, attrs, n.shape, batched, n.dtype, name=n.name, site=n.site, module=n.module)
+        env[n.id] = Node(n.op, ins, attrs, n.shape, batched, n.dtype, name=_scoped_name(scope, n.name), site=n.site,
+                         module=n.module)
         if "group" in attrs:
             attrs["group"].pieces.append(env[n.id])
     for g in groups.values():
@@ -260,7 +267,7 @@ class Cell:
         formals = self.inputs + [prev for prev, _ in self.states]
         env = _inline(self.order, dict(zip(formals, xs + [state[n] for n in self.state_names])),
                       f"{self._shown()} (declared at {self.site}), called at {site},",
-                      _scoped_params(self, scope, site))
+                      _scoped_params(self, scope, site), scope)
         outs = tuple(env[o.id] for o in self.outputs)
         return (outs[0] if len(outs) == 1 else outs), {p.name: env[q.id] for p, q in self.states}
 
@@ -341,7 +348,7 @@ class Graph:
             raise TypeError(f"{self._shown()} (declared at {self.site}) is called on nodes, to build a graph; got "
                             f"a {type(bad).__name__} among its inputs at {site} ({hint})")
         env = _inline(self.order, dict(zip(self.inputs, args)), f"{self._shown()} (declared at {self.site}), called "
-                      f"at {site},", _scoped_params(self, scope, site))
+                      f"at {site},", _scoped_params(self, scope, site), scope)
         outs = tuple(env[o.id] for o in self.outputs)
         return outs[0] if self.single_output else outs
 

@@ -28,6 +28,17 @@ def test_scoped_cells_inside_a_cell_key_their_parameters_by_scope():
         f"layer{k}.{m}.{p}" for k in (1, 2) for m in ("ih", "hh") for p in ("weight", "bias"))
 
 
+def test_the_nodes_of_a_scoped_copy_are_named_in_its_scope():
+    named = {n.name for n in _two_layer_cell().order if n.name and n.op not in ("input", "state")}
+    assert {"layer1.ih", "layer2.ih", "layer1.hh", "layer2.hh"} <= named
+    assert all(name.startswith(("layer1.", "layer2.")) for name in named)
+
+
+def test_the_picture_of_a_cell_with_scoped_copies_tells_their_nodes_apart():
+    source = sg.to_dot(_two_layer_cell()).source
+    assert "layer1.ih" in source and "layer2.ih" in source
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_two_lstm_cells_inlined_into_one_cell_equal_a_stack_of_two_layers(backend):
     torch.manual_seed(0)
