@@ -264,12 +264,7 @@ class _Sequence(torch.autograd.Function):
             results = list(outs) + list(finals)
             ctx.mark_non_differentiable(*[results[k] for k in constant])
         ctx.prog, ctx.T, ctx.mask, ctx.nouts = prog, T, mask, len(outs)
-        # the backward runs under the forward's autocast (as torch.amp.custom_bwd does): the
-        # saved values have the dtypes autocast chose, which the weights may not share
-        try:
-            ctx.autocast = (device.type, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
-        except RuntimeError:  # a device autocast does not know (meta)
-            ctx.autocast = ("cpu", False, torch.bfloat16)
+        ctx.autocast = autocast_state(device)
         # a read the backward never looks at (the hoisted input projection of an LSTM, say) is
         # kept as a one-element stand-in of its shape: its memory is freed after the forward
         used = prog.plan.backward_plan(mask is not None).reads_used
@@ -290,11 +285,26 @@ class _Sequence(torch.autograd.Function):
         fn = _loop(ctx.prog, name, gouts[0].device if gouts else reads[0].device)
         if torch.is_grad_enabled():  # backward(create_graph=True): generated code autograd cannot see into
             raise RuntimeError(_SECOND_ORDER.format(backend=ctx.prog.backend))
-        kind, enabled, dtype = ctx.autocast
-        with torch.autocast(kind, dtype=dtype, enabled=enabled):
+        with autocast_as(ctx.autocast):
             dreads, dstates = fn(ctx.T, ctx.mask, reads, saved, seqs,
                                  [g.contiguous() for g in gouts], [g.contiguous() for g in gfinals])
         return (None, None, None, None, None, *dreads, *dstates)
+
+
+def autocast_state(device: torch.device) -> tuple[str, bool, torch.dtype]:
+    """The autocast of a forward on `device`, for its backward to run under (as
+    torch.amp.custom_bwd does): the saved values have the dtypes autocast chose, which the
+    weights may not share."""
+    try:
+        return device.type, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
+    except RuntimeError:  # a device autocast does not know (meta)
+        return "cpu", False, torch.bfloat16
+
+
+def autocast_as(state: tuple[str, bool, torch.dtype]):
+    """A context running code under the autocast `autocast_state` recorded."""
+    kind, enabled, dtype = state
+    return torch.autocast(kind, dtype=dtype, enabled=enabled)
 
 
 _SECOND_ORDER = ("seqgraph: a compiled loop ({backend} backend) has a first-order backward only, and "
@@ -472,7 +482,8 @@ class CompiledRecurrence(Recurrence):
             # the plan could not derive this backward: run the reference loop under autograd
             return Recurrence._reference_loop(self, xs, states0, contexts, noises, valid, dtype, device)
         if torch.compiler.is_compiling():  # one opaque op for the whole loop (see custom_ops.py)
-            res = program.loop_op(list(reads), list(states0), valid, T, B, need_grad)
+            _, cast, cast_dtype = autocast_state(device)  # the op runs it (the tracer records none around it)
+            res = program.loop_op(list(reads), list(states0), valid, T, B, need_grad, cast_dtype if cast else None)
             n, ns = len(step.outputs), len(step.states)
             return list(res[:n]), list(res[n:n + ns])
         if not need_grad:

@@ -46,14 +46,17 @@ def loop_op(program, key: tuple):
     # which reads get a gradient, per backward variant (keyed by "masked")
     has_grad = {m: [r.id in _grad_reads(plan, m) for r in plan.reads] for m in (False, True)}
 
-    from .compiled import _stand_in
+    from .compiled import _stand_in, autocast_as
 
     @torch.library.custom_op(f"seqgraph::{name}", mutates_args=())
     def forward(reads: list[torch.Tensor], states: list[torch.Tensor], mask: Optional[torch.Tensor],
-                T: int, B: int, save: bool) -> list[torch.Tensor]:
+                T: int, B: int, save: bool, autocast: Optional[torch.dtype]) -> list[torch.Tensor]:
         from .compiled import _loop
         device = (states or reads)[0].device
-        outs, finals, rest = _loop(program, "forward", device)(T, B, mask, list(reads), list(states), save)
+        # the op runs opaque to the tracer, which records no autocast around it: the caller's
+        # autocast dtype (None: off) comes as an argument
+        with autocast_as((device.type, autocast is not None, autocast or torch.bfloat16)):
+            outs, finals, rest = _loop(program, "forward", device)(T, B, mask, list(reads), list(states), save)
         result = list(outs) + [f.clone() for f in finals]  # finals may view the state sequence
         if save:
             saved, seqs = rest
@@ -61,38 +64,39 @@ def loop_op(program, key: tuple):
         return result
 
     @forward.register_fake
-    def _(reads, states, mask, T, B, save):
+    def _(reads, states, mask, T, B, save, autocast):
         ref = states[0] if states else next(r for r in reads if r.is_floating_point())
         return [ref.new_empty(s) for s in _shapes(plan, T, B, save)]
 
     @torch.library.custom_op(f"seqgraph::{name}_backward", mutates_args=())
     def backward_op(reads: list[torch.Tensor], saved: list[torch.Tensor], seqs: list[torch.Tensor],
                     mask: Optional[torch.Tensor], grad_outs: list[torch.Tensor], grad_finals: list[torch.Tensor],
-                    T: int) -> list[torch.Tensor]:
+                    T: int, autocast: Optional[torch.dtype]) -> list[torch.Tensor]:
         from .compiled import _loop
         fn_name = "backward_masked" if mask is not None else "backward_plain"
         device = (seqs or grad_outs)[0].device
-        dreads, dstates = _loop(program, fn_name, device)(T, mask, list(reads), list(saved), list(seqs),
-                                                           [g.contiguous() for g in grad_outs],
-                                                           [g.contiguous() for g in grad_finals])
+        with autocast_as((device.type, autocast is not None, autocast or torch.bfloat16)):  # the forward's
+            dreads, dstates = _loop(program, fn_name, device)(T, mask, list(reads), list(saved), list(seqs),
+                                                               [g.contiguous() for g in grad_outs],
+                                                               [g.contiguous() for g in grad_finals])
         kept = [g.contiguous() for g, keep in zip(dreads, has_grad[mask is not None]) if keep]
         # a state the step never reads gets None from the loop: zeros of its shape here, since a
         # custom op returns tensors only
         return kept + [g.clone() if g is not None else torch.zeros_like(gf) for g, gf in zip(dstates, grad_finals)]
 
     @backward_op.register_fake
-    def _(reads, saved, seqs, mask, grad_outs, grad_finals, T):
+    def _(reads, saved, seqs, mask, grad_outs, grad_finals, T, autocast):
         kept = [r.new_empty(r.shape) for r, keep in zip(reads, has_grad[mask is not None]) if keep]
         return kept + [g.new_empty(g.shape) for g in grad_finals]
 
     def setup_context(ctx, inputs, output):
-        reads, states, mask, T, B, save = inputs
+        reads, states, mask, T, B, save, autocast = inputs
         if not save:
             raise RuntimeError("seqgraph: a loop run without saving cannot be differentiated")
         saved = output[n_out + n_state:n_out + n_state + n_saved]
         seqs = output[n_out + n_state + n_saved:]
         ctx.counts = (len(reads), len(saved))
-        ctx.T, ctx.has_mask = T, mask is not None
+        ctx.T, ctx.has_mask, ctx.autocast = T, mask is not None, autocast
         # as the eager autograd Function does: a read the backward never looks at is kept as a
         # one-element stand-in of its shape, so the forward's copy of it can be freed
         used = _reads_used(plan, mask is not None)
@@ -107,11 +111,11 @@ def loop_op(program, key: tuple):
         seqs = tensors[nr + ns:nr + ns + n_state]
         mask = tensors[-1] if ctx.has_mask else None
         firsts = [g if g is not None else torch.zeros_like(like) for g, like in zip(grads[:n_out + n_state], ctx.like)]
-        res = backward_op(reads, saved, seqs, mask, firsts[:n_out], firsts[n_out:], ctx.T)
+        res = backward_op(reads, saved, seqs, mask, firsts[:n_out], firsts[n_out:], ctx.T, ctx.autocast)
         keeps = has_grad[mask is not None]
         it = iter(res[:sum(keeps)])
         dreads = [next(it) if keep else None for keep in keeps]
-        return dreads, list(res[sum(keeps):]), None, None, None, None
+        return dreads, list(res[sum(keeps):]), None, None, None, None, None
 
     forward.register_autograd(backward, setup_context=setup_context)
     _REGISTERED[name] = forward
