@@ -185,3 +185,27 @@ def test_a_state_nothing_reads_gets_zero_gradient_inside_torch_compile():
     eager, xs.grad = xs.grad, None
     torch.compile(lambda v: rec(v, context=cv)[0], backend="aot_eager")(xs).sum().backward()
     torch.testing.assert_close(xs.grad, eager)
+
+
+def _token_cell():
+    tok, h = sg.Input(name="tok", dtype="long"), sg.State(5, name="h")
+    h_next = sg.tanh(sg.Linear(4 + 5, 5)(sg.concat([sg.Embedding(11, 4, name="vocab")(tok), h])))
+    return sg.Cell(inputs=[tok], states={h: h_next})
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_a_cell_reading_token_ids_traces_as_one_graph(backend):
+    torch.manual_seed(0)
+    rec = sg.compile(sg.Recurrence(_token_cell()), backend=backend)
+    counting, graphs = _counting_backend()
+    step = torch.compile(lambda t: rec(t)[0], backend=counting, fullgraph=True)
+    tokens = torch.randint(0, 11, (6, 3))
+    torch.testing.assert_close(step(tokens), rec(tokens)[0])
+    assert len(graphs) == 1
+
+
+def test_a_token_id_out_of_range_inside_torch_compile_raises_naming_the_embedding():
+    rec = sg.compile(sg.Recurrence(_token_cell()), backend="cpu")
+    step = torch.compile(lambda t: rec(t)[0], backend="aot_eager", fullgraph=True)
+    with pytest.raises(RuntimeError, match=r"Embedding 'vocab' \(declared at test_custom_ops.py:\d+\) has 11 rows"):
+        step(torch.tensor([[3, 11], [0, 1]]))

@@ -881,10 +881,17 @@ def _embedding_shape(inputs, attrs):
     return idx.shape + (w.shape[1],), idx.batched, "float"
 
 
+def _index_error_text(n, num: int) -> str:
+    """The message of an index out of range (str() of the site: the tracer formats no dataclass)."""
+    return f"Embedding '{n.label()}' (declared at {str(n.site)}) has {num} rows and got an index outside them"
+
+
 def _embedding_torch(n, idx, w):
     pad = n.attrs.get("padding_idx")
     num = w.shape[0]
-    if idx.numel() and not idx.is_meta and (int(idx.min()) < 0 or int(idx.max()) >= num):  # (meta: no values)
+    if torch.compiler.is_compiling():  # a traced graph checks on the device, without reading the values
+        torch._assert_async(((idx >= 0) & (idx < num)).all(), _index_error_text(n, num))
+    elif idx.numel() and not idx.is_meta and (int(idx.min()) < 0 or int(idx.max()) >= num):  # (meta: no values)
         raise IndexError(f"Embedding '{n.label()}' (declared at {n.site}) has {num} rows but got index "
                          f"{int(idx.min()) if int(idx.min()) < 0 else int(idx.max())}")
     out = F.embedding(idx, w, padding_idx=pad)  # (padding_idx: that row gets no gradient)
