@@ -285,6 +285,8 @@ class _Sequence(torch.autograd.Function):
         fn = _loop(ctx.prog, name, gouts[0].device if gouts else reads[0].device)
         if torch.is_grad_enabled():  # backward(create_graph=True): generated code autograd cannot see into
             raise RuntimeError(_SECOND_ORDER.format(backend=ctx.prog.backend))
+        if any(g is not None and _batched(g) for g in grads):
+            raise NotImplementedError(_BATCHED_GRADS.format(backend=ctx.prog.backend))
         with autocast_as(ctx.autocast):
             dreads, dstates = fn(ctx.T, ctx.mask, reads, saved, seqs,
                                  [g.contiguous() for g in gouts], [g.contiguous() for g in gfinals])
@@ -306,6 +308,19 @@ def autocast_as(state: tuple[str, bool, torch.dtype]):
     kind, enabled, dtype = state
     return torch.autocast(kind, dtype=dtype, enabled=enabled)
 
+
+def _batched(t: torch.Tensor) -> bool:
+    """Whether `t` is a batch of tensors under vmap (torch.func's, or the older one that
+    is_grads_batched runs the backward under)."""
+    functorch = torch._C._functorch
+    return functorch.is_batchedtensor(t) or functorch.is_legacy_batchedtensor(t)
+
+
+_BATCHED_GRADS = ("seqgraph: a compiled loop's backward ({backend} backend) runs generated code on one "
+                  "gradient at a time, and got a batch of them (torch.autograd.grad(..., is_grads_batched=True), "
+                  "torch.autograd.functional.jacobian(..., vectorize=True), gradcheck(check_batched_grad=True)). "
+                  "Ask for one gradient per backward (is_grads_batched=False, vectorize=False), or use "
+                  "torch.func.jacrev / vmap over the module, which run its reference loop")
 
 _SECOND_ORDER = ("seqgraph: a compiled loop ({backend} backend) has a first-order backward only, and "
                  "backward(create_graph=True) asks for one that can be differentiated again (a "

@@ -62,6 +62,11 @@ def valid_steps(T: int, B: int, lengths, mask, batch_first: bool, device, who: s
     batch_first), or None when every step is real; an InputError naming `who` otherwise."""
     if lengths is not None and mask is not None:
         raise InputError(f"{who}: give lengths or mask, not both")
+    for name, v in (("lengths", lengths), ("mask", mask)):
+        if isinstance(v, torch.Tensor) and functorch_active() and torch._C._functorch.is_batchedtensor(v):
+            raise InputError(f"{who}: {name}= is batched by torch.func.vmap; the steps to run must be one "
+                             f"(T, B) pattern per call, not one per vmapped example. Give {name} outside "
+                             f"vmap's in_dims (shared by every example), or loop over the examples")
     if lengths is not None:
         try:
             lengths = torch.as_tensor(lengths)

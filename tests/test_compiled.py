@@ -560,6 +560,29 @@ def test_create_graph_through_a_compiled_loop_is_refused_with_the_way_out(backen
         torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("how", ["is_grads_batched", "vectorized_jacobian"])
+def test_batched_gradients_through_a_compiled_loop_are_refused_with_the_way_out(backend, how):
+    rec = sg.Recurrence(sg.cells.lstm(3, 5)).double()
+    fast = sg.compile(rec, backend=backend)
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(NotImplementedError, match=r"one gradient at a time.*is_grads_batched=False, vectorize=False"):
+        if how == "is_grads_batched":
+            out = fast(x)[0]
+            torch.autograd.grad(out, x, torch.randn((3,) + out.shape, dtype=torch.float64), is_grads_batched=True)
+        else:
+            torch.autograd.functional.jacobian(lambda v: fast(v)[0], x, vectorize=True)
+
+
+def test_the_way_out_of_batched_gradients_gives_the_references_jacobian():
+    rec = sg.Recurrence(sg.cells.gru(2, 3)).double()
+    x = torch.randn(3, 2, 2, dtype=torch.float64)
+    want = torch.autograd.functional.jacobian(lambda v: rec(v)[0], x)
+    fast = sg.compile(rec, backend="cpu")
+    torch.testing.assert_close(torch.autograd.functional.jacobian(lambda v: fast(v)[0], x), want)
+    torch.testing.assert_close(torch.func.jacrev(lambda v: fast(v)[0])(x), want)
+
+
 def test_the_reference_recurrence_gives_second_order_gradients():
     rec = sg.Recurrence(sg.cells.gru(2, 3)).double()
     x = torch.randn(3, 2, 2, dtype=torch.float64, requires_grad=True)

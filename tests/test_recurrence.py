@@ -649,6 +649,22 @@ def test_remember_under_a_torch_func_transform_is_refused():
         torch.func.grad(loss)(params, torch.randn(T, B, I))
 
 
+@pytest.mark.parametrize("kind", ["lengths", "mask"])
+def test_lengths_or_a_mask_batched_by_vmap_are_refused_naming_the_way_out(kind):
+    rec = sg.Recurrence(sg.cells.gru(I, H))
+    xs, lengths = torch.randn(3, T, B, I), torch.randint(0, T + 1, (3, B))
+    per_example = lengths if kind == "lengths" else torch.arange(T)[None, :, None] < lengths[:, None, :]
+    with pytest.raises(sg.InputError, match=rf"{kind}= is batched by torch.func.vmap.*outside vmap's in_dims"):
+        torch.func.vmap(lambda x, v: rec(x, **{kind: v})[0])(xs, per_example)
+
+
+def test_lengths_shared_by_every_vmapped_example_run_each_example_with_them():
+    rec = sg.Recurrence(sg.cells.gru(I, H))
+    xs, lengths = torch.randn(3, T, B, I), torch.randint(0, T + 1, (B,))
+    got = torch.func.vmap(lambda x: rec(x, lengths=lengths)[0])(xs)
+    torch.testing.assert_close(got, torch.stack([rec(x, lengths=lengths)[0] for x in xs]))
+
+
 def test_a_dry_run_on_meta_goes_through_an_embedding():
     tok, h = sg.Input(name="tok", dtype="long"), sg.State(H, name="h")
     cell = sg.Cell(inputs=[tok], states={h: sg.tanh(sg.Embedding(10, H)(tok) + h)})
