@@ -46,7 +46,7 @@ def loop_op(program, key: tuple):
     # which reads get a gradient, per backward variant (keyed by "masked")
     has_grad = {m: [r.id in _grad_reads(plan, m) for r in plan.reads] for m in (False, True)}
 
-    from .compiled import _stand_in, autocast_as
+    from .compiled import _stand_in, _without_gradient, autocast_as
 
     @torch.library.custom_op(f"seqgraph::{name}", mutates_args=())
     def forward(reads: list[torch.Tensor], states: list[torch.Tensor], mask: Optional[torch.Tensor],
@@ -103,6 +103,9 @@ def loop_op(program, key: tuple):
         kept = [r if used is None or n.id in used else _stand_in(r) for n, r in zip(plan.reads, reads)]
         ctx.save_for_backward(*kept, *saved, *seqs, *([mask] if mask is not None else []))
         ctx.like = [o for o in output[:n_out + n_state]]
+        constant = _without_gradient(program, reads, states)  # as the eager autograd Function marks them
+        if constant:
+            ctx.mark_non_differentiable(*[output[k] for k in constant])
 
     def backward(ctx, grads):
         tensors = list(ctx.saved_tensors)

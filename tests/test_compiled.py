@@ -1005,12 +1005,16 @@ def _gradient_paths_cell():
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("x_grad", [False, True])
-def test_results_that_read_nothing_requiring_grad_do_not_require_grad_as_in_the_reference(backend, x_grad):
+@pytest.mark.parametrize("traced", [False, True])
+def test_results_that_read_nothing_requiring_grad_do_not_require_grad_as_in_the_reference(backend, x_grad, traced):
     rec = _gradient_paths_cell()
     xs = torch.randn(4, 2, 3, requires_grad=x_grad)
     context = {"c": torch.randn(2, 3)}
     (y_ref, g_ref), f_ref = rec(xs, context=context)
-    (y, g), f = sg.compile(rec, backend=backend)(xs, context=context)
+    comp = sg.compile(rec, backend=backend)
+    run = torch.compile(lambda v: comp(v, context=context), backend="aot_eager", fullgraph=True) if traced \
+        else (lambda v: comp(v, context=context))  # traced: the loop's custom op marks them
+    (y, g), f = run(xs)
     assert (y.requires_grad, g.requires_grad) == (y_ref.requires_grad, g_ref.requires_grad) == (x_grad, True)
     assert {k: v.requires_grad for k, v in f.items()} == {k: v.requires_grad for k, v in f_ref.items()} \
         == {"h": True, "g": True, "k": False}
