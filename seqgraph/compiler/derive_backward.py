@@ -79,9 +79,16 @@ def derive_backward(loop_nodes: list[Node], states: list[tuple[Node, Node]], out
             m = scalar_mask[0]
         return select(m, a, b)
 
+    made: dict[int, Node] = {}  # id of g -> its select, made once
+
     def real_rows_only(g: Node | None) -> Node | None:
-        """g on real rows, exactly 0 on padded ones (a select: it drops a nan there)."""
-        return g if g is None or mask is None else by_mask(g, g, 0.0)
+        """g on real rows, exactly 0 on padded ones (a select: it drops a nan there). One node
+        per g: the gradient leaving to a weight and to a read is then one value, stored once."""
+        if g is None or mask is None:
+            return g
+        if g.id not in made:
+            made[g.id] = by_mask(g, g, 0.0)
+        return made[g.id]
 
     grads: dict[int, list[Node]] = {}
     for (_, nxt), g in zip(states, grad_next):

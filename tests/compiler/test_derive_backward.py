@@ -57,3 +57,15 @@ def test_the_gradients_of_disjoint_chunk_pieces_are_one_concat_not_a_sum_of_padd
     deriv = derive_backward(loop, [(h, nxt)], [], [x], masked=False)
     g = deriv.grad_of[x.id]
     assert g.op == "concat" and not any(n.op == "add" and "pad" in {i.op for i in n.inputs} for n in topo_order([g]))
+
+
+def test_under_a_mask_the_gradient_leaving_to_a_weight_and_to_a_read_is_one_value():
+    # an LSTM's gate gradient goes to the hoisted input projection (a read) and to the
+    # recurrent weight's sum over rows: one masked node, so the backward stores it once
+    plan = sg.compile(sg.Recurrence(sg.cells.lstm(3, 4)), backend="torch").plan()
+    bwd = plan.backward_plan(True)
+    hoisted = next(r for r in plan.reads if r.batched)
+    gate_grad = bwd.deriv.grad_of[hoisted.id]
+    wgrad = next(n for n in bwd.post if n.op == "linear_wgrad")
+    assert gate_grad.op == "select" and wgrad.inputs[0] is gate_grad
+    assert [n for n in bwd.stash if n.op == "select"] == [gate_grad]
