@@ -57,13 +57,23 @@ class _Reading(threading.local):
 _reading = _Reading()
 
 
+def _batched_by_vmap(t: torch.Tensor) -> bool:
+    """Whether vmap batches `t` at some level (under vmap(grad(f)) the batch is wrapped in grad's)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
 def valid_steps(T: int, B: int, lengths, mask, batch_first: bool, device, who: str) -> torch.Tensor | None:
     """A (T, B) bool tensor of the real steps given by `lengths` (B,) or `mask` ((B, T) with
     batch_first), or None when every step is real; an InputError naming `who` otherwise."""
     if lengths is not None and mask is not None:
         raise InputError(f"{who}: give lengths or mask, not both")
     for name, v in (("lengths", lengths), ("mask", mask)):
-        if isinstance(v, torch.Tensor) and functorch_active() and torch._C._functorch.is_batchedtensor(v):
+        if isinstance(v, torch.Tensor) and functorch_active() and _batched_by_vmap(v):
             raise InputError(f"{who}: {name}= is batched by torch.func.vmap; the steps to run must be one "
                              f"(T, B) pattern per call, not one per vmapped example. Give {name} outside "
                              f"vmap's in_dims (shared by every example), or loop over the examples")

@@ -658,6 +658,17 @@ def test_lengths_or_a_mask_batched_by_vmap_are_refused_naming_the_way_out(kind):
         torch.func.vmap(lambda x, v: rec(x, **{kind: v})[0])(xs, per_example)
 
 
+def test_per_example_lengths_under_vmap_of_grad_are_refused_too():
+    rec = sg.Recurrence(sg.cells.gru(I, H))
+    params = dict(rec.named_parameters())
+    xs, lengths = torch.randn(3, T, B, I), torch.randint(0, T + 1, (3, B))
+
+    def loss(p, x, n):  # per-example gradients: grad's wrapper hides vmap's batch inside it
+        return torch.func.functional_call(rec, p, (x,), {"lengths": n})[0].sum()
+    with pytest.raises(sg.InputError, match=r"lengths= is batched by torch.func.vmap"):
+        torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, xs, lengths)
+
+
 def test_lengths_shared_by_every_vmapped_example_run_each_example_with_them():
     rec = sg.Recurrence(sg.cells.gru(I, H))
     xs, lengths = torch.randn(3, T, B, I), torch.randint(0, T + 1, (B,))

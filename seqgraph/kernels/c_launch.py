@@ -348,28 +348,34 @@ class CLibrary:
         file compiles whole): the loops with the runtime they share stay in one half."""
         halves = self._halves()
         if halves is None:
-            return PRELUDE + "\n" + "".join(k.source for k in self.kernels)
+            return PRELUDE + "\n" + "".join(k.source for k in self.kernels) + self._loops_text()
         text = [PRELUDE, "\n/* ---- every region's functions, for calls from the other half ---- */\n"]
         text += [k.gen.declaration for k in self.kernels]
         for half, kernels in enumerate(halves):
             text.append(f"\n#if !defined(SG_HALF) || SG_HALF == {half}\n")
             text.append("\n".join(k.source for k in kernels))
-            if half == 1 and self.loops:
-                from .c_loop_prelude import LOOP_PRELUDE
-                text.append(LOOP_PRELUDE + "\n" + "\n".join(self.loops.values()))
+            if half == 1:
+                text.append(self._loops_text())
             text.append(f"#endif  /* half {half} */\n")
         return "".join(text)
 
+    def _loops_text(self) -> str:
+        if not self.loops:
+            return ""
+        from .c_loop_prelude import LOOP_PRELUDE
+        return LOOP_PRELUDE + "\n" + "\n".join(self.loops.values())
+
     def _halves(self) -> tuple[list[CKernel], list[CKernel]] | None:
         """The kernels of each half, balanced by the length of their text (a fair measure of
-        the compiler's time); the loops count in half 1. None for a single function."""
+        the compiler's time) without comments, which name the user's lines: every program of
+        one key splits alike. The loops count in half 1. None for a single function."""
         if len(self.kernels) + bool(self.loops) < 2:
             return None
-        load = [0, sum(len(text) for text in self.loops.values())]
+        load = [0, sum(_code_length(text) for text in self.loops.values())]
         half_of = {}
-        for k in sorted(self.kernels, key=lambda k: -len(k.source)):
+        for k in sorted(self.kernels, key=lambda k: (-_code_length(k.source), k.gen.func_name)):
             half_of[k.gen.func_name] = h = 0 if load[0] <= load[1] else 1
-            load[h] += len(k.source)
+            load[h] += _code_length(k.source)
         return ([k for k in self.kernels if half_of[k.gen.func_name] == 0],
                 [k for k in self.kernels if half_of[k.gen.func_name] == 1])
 
@@ -378,7 +384,7 @@ class CLibrary:
         flags = cflags()
         # the loops' text without its comments, which name node ids and the user's lines: a
         # program of the same structure, built in any order or from any file, has one key
-        loops = sorted((name, re.sub(r"/\*.*?\*/", "", text, flags=re.S)) for name, text in self.loops.items())
+        loops = sorted((name, _without_comments(text)) for name, text in self.loops.items())
         text = repr(([r for r in self._by_signature], loops, _dtype_name(dtype),
                      C_CODEGEN_VERSION, _generator_fingerprint(),
                      _compiler_id(cc),
@@ -440,6 +446,14 @@ class CLibrary:
                 self.loop_fns[(fname, dtype)] = f
         if debug_level() >= 3:
             print(f"[seqgraph] C kernels of {self.name!r} for {name} ({path}):\n{self.source()}", file=sys.stderr)
+
+
+def _without_comments(text: str) -> str:
+    return re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+
+
+def _code_length(text: str) -> int:
+    return len(_without_comments(text))
 
 
 _LOADING = threading.RLock()
@@ -514,26 +528,39 @@ def _build(source: str, path: Path, real: str, halves: int = 1) -> None:
     if cc is None:
         raise CompilerMissing("the cpu backend compiles its kernels with a C compiler, and none was found "
                               "(set $CC, or install gcc or clang); backend='torch' needs none")
-    c_path = path.with_suffix(".c")  # written afresh (a damaged copy would not compile); atomic, as the library
-    fd, tmp = temp_file_in_cache(path.parent, path.stem, ".c.tmp")
+    # compiled from a private copy (another process may write the shared `<key>.c` meanwhile,
+    # and each half's compiler reads the file), which then becomes `<key>.c`, atomically
+    c_path = path.with_suffix(".c")
+    fd, tmp_c = temp_file_in_cache(path.parent, path.stem, ".c.tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(source)
-        os.replace(tmp, c_path)
     except OSError as e:  # a full disk, a folder deleted meanwhile: no half-written file is left
-        _remove(tmp)
+        _remove(tmp_c)
         raise CacheNotWritable(f"seqgraph could not write {c_path}: {e.strerror or e}. Free space there, or set "
                                f"SEQGRAPH_CACHE_DIR to another folder") from None
-    temps = []
-    for suffix in [".so.tmp"] + [f".{h}.o.tmp" for h in range(halves if _cores() > 1 else 1)]:
-        fd, name = temp_file_in_cache(path.parent, path.stem, suffix)
-        os.close(fd)
-        temps.append(name)
+    temps = [tmp_c]
     try:
-        _compile_library(cc, c_path, temps[0], temps[1:] if len(temps) > 2 else [], path, real)
+        tmp_so = _temp_name(path, ".so.tmp", temps)
+        objects = [_temp_name(path, f".{h}.o.tmp", temps) for h in range(halves)] if halves > 1 and _cores() > 1 else []
+        try:
+            _compile_library(cc, tmp_c, tmp_so, objects, path, real)
+        finally:  # the text beside the library, or beside the error that names it
+            try:
+                os.replace(tmp_c, c_path)
+            except OSError:  # (for reading only: the library does not need it)
+                pass
     finally:
         for name in temps:
             _remove(name)  # (renamed into place, removed by a failed build, or left by an interrupt)
+
+
+def _temp_name(path: Path, suffix: str, temps: list[str]) -> str:
+    """A fresh temporary file name beside `path`, listed in `temps` for removal."""
+    fd, name = temp_file_in_cache(path.parent, path.stem, suffix)
+    os.close(fd)
+    temps.append(name)
+    return name
 
 
 def _cores() -> int:
@@ -550,21 +577,22 @@ def _remove(path: str) -> None:
         pass
 
 
-def _compile_library(cc: str, c_path: Path, tmp_so: str, objects: list[str], path: Path, real: str) -> None:
+def _compile_library(cc: str, c_path: str, tmp_so: str, objects: list[str], path: Path, real: str) -> None:
     """Run the C compiler on `c_path` into `tmp_so` (each half into its object in `objects` at
     once, then one link, where there are objects), then move it to `path` whole."""
     base = shlex.split(cc) + cflags() + _BASE_FLAGS + (["-DSG_DOUBLE"] if real == "double" else [])
     started = time.perf_counter()
     cmd, res = _run_compiler(base + openmp_flags(), c_path, tmp_so, objects)
-    if res.returncode != 0 and openmp_flags():  # a compiler without OpenMP: one thread per kernel
-        cmd, res = _run_compiler(base, c_path, tmp_so, objects)
+    if res.returncode != 0 and openmp_flags() and _OPENMP_ERROR.search(res.stderr):
+        cmd, res = _run_compiler(base, c_path, tmp_so, objects)  # a compiler without OpenMP: one thread per kernel
     if debug_level() >= 1:
         print(f"[seqgraph] C compiler took {time.perf_counter() - started:.2f} s for {path.name} "
               f"(cached in {path.parent} for later calls and processes)", file=sys.stderr)
     if res.returncode != 0:
-        raise RuntimeError(f"the C compiler failed on generated kernels ({c_path}); if it builds other C programs, "
+        c_file = str(path.with_suffix(".c"))  # where the text is kept (compiled from a private copy)
+        raise RuntimeError(f"the C compiler failed on generated kernels ({c_file}); if it builds other C programs, "
                            f"this is a seqgraph bug: please report it with that file (backend='torch' needs no "
-                           f"compiler):\n{' '.join(cmd)}\n{res.stderr[-4000:]}")
+                           f"compiler):\n{' '.join(cmd).replace(c_path, c_file)}\n{res.stderr[-4000:].replace(c_path, c_file)}")
     share_library(tmp_so)
     try:
         os.replace(tmp_so, path)  # atomic: a concurrent process sees the whole library or none
@@ -573,12 +601,15 @@ def _compile_library(cc: str, c_path: Path, tmp_so: str, objects: list[str], pat
                                f"(was the folder deleted while it compiled? the next compile builds it again)") from None
 
 
-def _run_compiler(base: list[str], c_path: Path, tmp_so: str, objects: list[str]) -> tuple[list[str], subprocess.CompletedProcess]:
+_OPENMP_ERROR = re.compile(r"openmp|omp\.h|gomp|libomp", re.I)  # what a compiler without OpenMP says
+
+
+def _run_compiler(base: list[str], c_path: str, tmp_so: str, objects: list[str]) -> tuple[list[str], subprocess.CompletedProcess]:
     """One compiler run over the whole file, or one per half at once and a link: the command
     that failed (or the last) and its result."""
     if not objects:
-        return _run(base + ["-o", tmp_so, str(c_path), "-lm"])
-    cmds = [base + [f"-DSG_HALF={h}", "-c", "-o", obj, str(c_path)] for h, obj in enumerate(objects)]
+        return _run(base + ["-o", tmp_so, "-x", "c", str(c_path), "-x", "none", "-lm"])
+    cmds = [base + [f"-DSG_HALF={h}", "-x", "c", "-c", "-o", obj, str(c_path)] for h, obj in enumerate(objects)]
     for cmd in cmds:
         if debug_level() >= 1:
             print(f"[seqgraph] {' '.join(cmd)}", file=sys.stderr)
@@ -593,7 +624,7 @@ def _run_compiler(base: list[str], c_path: Path, tmp_so: str, objects: list[str]
     finally:  # an interrupt (or a compiler that did not start) leaves no compiler running
         for p in procs:
             if p.poll() is None:
-                p.kill()
+                p.terminate()  # (not kill: the compiler then removes its own temporary files)
                 p.wait()
     for cmd, res in zip(cmds, results):
         if res.returncode != 0:

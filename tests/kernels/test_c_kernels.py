@@ -447,7 +447,7 @@ def test_a_library_that_cannot_be_moved_into_the_cache_is_cache_not_writable(tmp
     def no_space(src, dst):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(c_launch.os, "replace", no_space)
-    with pytest.raises(CacheNotWritable, match=r"could not write .*No space left on device"):
+    with pytest.raises(CacheNotWritable, match=r"could not move its new library into .*No space left on device"):
         lib.load(torch.float32)
     assert not list(tmp_path.rglob("*.tmp"))
 
@@ -549,3 +549,58 @@ def test_halves_that_fail_to_link_say_the_linkers_error_and_leave_no_temporary_f
     with pytest.raises(RuntimeError, match=r"(?s)the C compiler failed on generated kernels .*cannot find -lno_such_library_seqgraph"):
         lib.load(torch.float32)
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_library_of_loops_alone_keeps_its_loops_in_its_source():
+    lib = CLibrary("test")
+    lib.add_loop("sg_loop_test", "int sg_loop_test(void) { return 0; }\n")
+    assert lib._halves() is None and "int sg_loop_test(void)" in lib.source()
+
+
+def test_the_halves_do_not_depend_on_the_comments_that_name_the_users_lines():
+    lib, small, large = two_kernel_library()
+    before = [[k.gen.func_name for k in half] for half in lib._halves()]
+    small.source += "/* " + "a long file name and line " * 200 + " */\n"  # as if built from another file
+    assert [[k.gen.func_name for k in half] for half in lib._halves()] == before
+
+
+def test_a_failure_that_is_not_about_openmp_is_not_retried_without_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEQGRAPH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(c_launch, "openmp_flags", lambda: ["-fopenmp"])
+    clear_memory_cache()
+    runs = []
+
+    def failing(base, c_path, tmp_so, objects):
+        runs.append(base)
+        return base, subprocess.CompletedProcess(base, 1, "", "error: multiple definition of sg_region_0_rows")
+    monkeypatch.setattr(c_launch, "_run_compiler", failing)
+    lib, _, _ = two_kernel_library()
+    with pytest.raises(RuntimeError, match="multiple definition"):
+        lib.load(torch.float32)
+    assert len(runs) == 1  # a library without OpenMP is never cached under the OpenMP key for it
+
+
+def test_a_compiler_without_openmp_builds_the_library_without_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEQGRAPH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(c_launch, "openmp_flags", lambda: ["-fopenmp"])
+    clear_memory_cache()
+    real, runs = c_launch._run_compiler, []
+
+    def no_openmp(base, c_path, tmp_so, objects):
+        runs.append("-fopenmp" in base)
+        if "-fopenmp" in base:
+            return base, subprocess.CompletedProcess(base, 1, "", "clang: error: unsupported option '-fopenmp'")
+        return real(base, c_path, tmp_so, objects)
+    monkeypatch.setattr(c_launch, "_run_compiler", no_openmp)
+    lib, small, _ = two_kernel_library()
+    lib.load(torch.float32)
+    assert runs == [True, False]
+    vals = lstm_step_inputs(3)
+    torch.testing.assert_close(small(vals)[0], reference(small.region, vals)[0], atol=1e-5, rtol=1e-4)
+
+
+def test_the_build_reads_a_private_copy_of_the_source_and_keeps_it_beside_the_library(tmp_path, monkeypatch):
+    runs, _, _ = build_two_kernels_on(2, tmp_path, monkeypatch)
+    compiled_from = {a for cmd in runs if "-c" in cmd for a in cmd if a.endswith(".c.tmp")}
+    assert len(compiled_from) == 1  # both halves read one private file, never the shared <key>.c
+    assert [p.suffix for p in sorted((tmp_path / "cpu").iterdir())] == [".c", ".so"]
