@@ -164,7 +164,7 @@ def _scoped_params(owner, scope: str | None, site) -> dict[int, Node] | None:
     for key, n in owner.params.items():
         if key not in made:
             made[key] = Node("param", (), {**n.attrs, "key": f"{scope}.{key}"}, n.shape, False, n.dtype,
-                             name=_scoped_name(scope, n.name), site=n.site, module=n.module)
+                             name=f"{scope}.{key}", site=n.site, module=n.module)  # (its key: names say which)
     return {n.id: made[key] for key, n in owner.params.items()}
 
 

@@ -284,10 +284,12 @@ def to_dot(obj: Drawable, unroll: int | None = None, compact: bool = False,
     plan = getattr(obj, "plan", None)
     if backward:
         if not callable(plan) or unroll is not None or compact:
+            inside = _recurrences_in(obj) if not callable(plan) else []
             raise ValueError("backward=True draws the backward plan of a compiled model (sg.compile(...)), "
                              f"without unroll or compact; got {type(obj).__name__}"
-                             + (" with unroll/compact" if callable(plan) else ""))
-        return plan().to_dot(backward=True)
+                             + (" with unroll/compact" if callable(plan) else "")
+                             + (f"; it holds recurrences, draw one of them: {', '.join(inside[:4])}" if inside else ""))
+        return _backward_picture(plan())
     if callable(plan) and unroll is None and not compact:
         picture = getattr(plan(), "to_dot", None)
         if callable(picture):
@@ -303,6 +305,16 @@ def to_dot(obj: Drawable, unroll: int | None = None, compact: bool = False,
     if unroll is not None:
         return _unrolled(parts, unroll)
     return _single(parts)
+
+
+def _backward_picture(plan) -> graphviz.Digraph:
+    """The backward plan's picture, or a ValueError where no backward was generated."""
+    try:
+        plan.backward_plan(False)
+    except NotImplementedError as why:
+        raise ValueError(f"this model has no generated backward to draw: it trains through autograd over "
+                         f"the reference loop, because {why}") from None
+    return plan.to_dot(backward=True)
 
 
 def _title(dot: graphviz.Digraph, parts: _Parts, extra: str = "") -> None:

@@ -32,6 +32,8 @@ def test_the_nodes_of_a_scoped_copy_are_named_in_its_scope():
     named = {n.name for n in _two_layer_cell().order if n.name and n.op not in ("input", "state")}
     assert {"layer1.ih", "layer2.ih", "layer1.hh", "layer2.hh"} <= named
     assert all(name.startswith(("layer1.", "layer2.")) for name in named)
+    params = {n.name for n in _two_layer_cell().order if n.op == "param"}
+    assert params == set(_two_layer_cell().params)  # a scoped copy's parameter is named by its key
 
 
 def test_the_picture_of_a_cell_with_scoped_copies_tells_their_nodes_apart():

@@ -164,7 +164,7 @@ class Node:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         hint = {"view": "here sg.reshape", "unsqueeze": "here sg.unsqueeze",
                 "size": "here node.shape: its shape per example, without the batch dimension (node.shape[-1] "
-                        "is its number of features)",
+                        "is its number of features, node.elements its number of elements)",
                 "dim": "here len(node.shape): its number of dimensions per example, without the batch",
                 "numel": "here node.elements: its number of elements per example"}.get(name) or _hint(name)
         raise AttributeError(f"node {self.label()!r} (declared at {self.site}) is a symbolic value, not a tensor, "

@@ -118,6 +118,26 @@ def test_backward_picture_draws_the_weight_gradient_gemm_after_the_loop_and_the_
     assert "to the step before" in dot
 
 
+def test_backward_picture_of_a_model_without_a_generated_backward_says_why(monkeypatch):
+    import dataclasses
+    from seqgraph.compiler.ops import REGISTRY
+    sg.compiled.clear_cache()
+    for op in ("sum_to", "linear_wgrad", "embedding_wgrad"):  # pretend no weight gradient can be reduced
+        monkeypatch.setitem(REGISTRY, op, dataclasses.replace(REGISTRY[op], sums_rows=False))
+    comp = sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="torch")
+    try:
+        with pytest.raises(ValueError, match=r"no generated backward to draw: it trains through autograd over the "
+                                             r"reference loop, because the derivative reduces over steps"):
+            sg.to_dot(comp, backward=True)
+    finally:
+        sg.compiled.clear_cache()
+
+
+def test_backward_picture_of_an_sg_nn_layer_names_the_recurrences_to_draw():
+    with pytest.raises(ValueError, match=r"draw one of them: model.recurrence\(0\)"):
+        sg.to_dot(sg.nn.LSTM(3, 4), backward=True)
+
+
 def test_backward_picture_is_only_of_a_compiled_model():
     with pytest.raises(ValueError, match=r"backward=True draws the backward plan of a compiled model .*got Recurrence"):
         sg.to_dot(sg.Recurrence(sg.cells.gru(4, 6)), backward=True)
