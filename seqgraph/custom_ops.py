@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-_REGISTERED: dict[str, object] = {}
+_REGISTERED: dict[str, tuple[object, object]] = {}  # op name -> (the program it runs, the op)
 
 
 def _shapes(plan, T, B, save: bool):
@@ -36,9 +36,13 @@ def _saved_nodes(plan):
 
 def loop_op(program, key: tuple):
     """The forward custom op of `program` (registered on first use)."""
-    name = "loop_" + hashlib.sha1(repr(key).encode()).hexdigest()[:16]
-    if name in _REGISTERED:
-        return _REGISTERED[name]
+    base = "loop_" + hashlib.sha1(repr(key).encode()).hexdigest()[:16]
+    name, generation = base, 0
+    while name in _REGISTERED:  # a program made again after clear_cache() gets an op of its own
+        if _REGISTERED[name][0] is program:  # (torch.library cannot take an op back)
+            return _REGISTERED[name][1]
+        generation += 1
+        name = f"{base}_{generation}"
     plan = program.plan
     step = plan.step
     n_out, n_state = len(step.outputs), len(step.states)
@@ -121,7 +125,7 @@ def loop_op(program, key: tuple):
         return dreads, list(res[sum(keeps):]), None, None, None, None, None
 
     forward.register_autograd(backward, setup_context=setup_context)
-    _REGISTERED[name] = forward
+    _REGISTERED[name] = (program, forward)
     return forward
 
 

@@ -209,3 +209,14 @@ def test_a_token_id_out_of_range_inside_torch_compile_raises_naming_the_embeddin
     step = torch.compile(lambda t: rec(t)[0], backend="aot_eager", fullgraph=True)
     with pytest.raises(RuntimeError, match=r"Embedding 'vocab' \(declared at test_custom_ops.py:\d+\) has 11 rows"):
         step(torch.tensor([[3, 11], [0, 1]]))
+
+
+def test_a_program_made_again_after_clear_cache_gets_a_loop_op_of_its_own():
+    # an op registered for a dropped program of the same structure would run that program
+    first = sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="torch")
+    sg.compiled.clear_cache()
+    again = sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="torch")
+    assert again._program is not first._program and again._program.loop_op is not first._program.loop_op
+    x = torch.randn(5, 2, 3)
+    traced = torch.compile(lambda v: again(v)[0], backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(traced(x), again(x)[0])
