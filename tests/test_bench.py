@@ -143,3 +143,17 @@ def test_a_new_or_empty_output_file_gets_a_title(tmp_path):
     out.write_text("")
     bench.write_section(str(out), "machine", "\n| table |\n")
     assert out.read_text().startswith("# Benchmarks\n") and "## machine\n" in out.read_text()
+
+
+def test_the_real_rows_threshold_script_prints_a_row_per_share_and_restores_the_threshold(capsys):
+    import importlib.util
+    import pathlib
+    from seqgraph.compiler import codegen_torch
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "real_rows_threshold.py"
+    spec = importlib.util.spec_from_file_location("real_rows_threshold", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    kept = codegen_torch.REAL_ROWS_BELOW
+    script.main(T=6, B=4, H=4, reps=1)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "%" in line]
+    assert len(rows) == len(script.SHARES) and codegen_torch.REAL_ROWS_BELOW == kept
