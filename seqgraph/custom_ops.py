@@ -50,16 +50,14 @@ def loop_op(program, key: tuple):
     # which reads get a gradient, per backward variant (keyed by "masked")
     has_grad = {m: [r.id in _grad_reads(plan, m) for r in plan.reads] for m in (False, True)}
 
-    from .compiled import _stand_in, _without_gradient, autocast_as
+    from .compiled import _stand_in, _without_gradient
 
     @torch.library.custom_op(f"seqgraph::{name}", mutates_args=())
     def forward(reads: list[torch.Tensor], states: list[torch.Tensor], mask: Optional[torch.Tensor],
                 T: int, B: int, save: bool, autocast: Optional[torch.dtype]) -> list[torch.Tensor]:
         from .compiled import _loop
         device = (states or reads)[0].device
-        # the op runs opaque to the tracer, which records no autocast around it: the caller's
-        # autocast dtype (None: off) comes as an argument
-        with autocast_as((device.type, autocast is not None, autocast or torch.bfloat16)):
+        with _under(device, autocast):
             outs, finals, rest = _loop(program, "forward", device)(T, B, mask, list(reads), list(states), save)
         result = list(outs) + [f.clone() for f in finals]  # finals may view the state sequence
         if save:
@@ -79,7 +77,7 @@ def loop_op(program, key: tuple):
         from .compiled import _loop
         fn_name = "backward_masked" if mask is not None else "backward_plain"
         device = (seqs or grad_outs)[0].device
-        with autocast_as((device.type, autocast is not None, autocast or torch.bfloat16)):  # the forward's
+        with _under(device, autocast):  # the forward's
             dreads, dstates = _loop(program, fn_name, device)(T, mask, list(reads), list(saved), list(seqs),
                                                                [g.contiguous() for g in grad_outs],
                                                                [g.contiguous() for g in grad_finals])
@@ -127,6 +125,13 @@ def loop_op(program, key: tuple):
     forward.register_autograd(backward, setup_context=setup_context)
     _REGISTERED[name] = (program, forward)
     return forward
+
+
+def _under(device: torch.device, autocast: Optional[torch.dtype]):
+    """Autocast to `autocast` on `device` (None: off). The ops run opaque to the tracer, which
+    records no autocast around them: the caller's autocast dtype comes as an argument."""
+    from .compiled import autocast_as
+    return autocast_as((device.type, autocast is not None, autocast or torch.bfloat16))
 
 
 def _reads_used(plan, masked: bool) -> set[int] | None:

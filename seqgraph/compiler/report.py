@@ -1,4 +1,5 @@
-"""Reading a plan: the text of `model.plan()` (with FLOPs, bytes and a memory estimate) and its picture.
+"""Reading a plan: the text of `model.plan()` (with FLOPs, bytes and a memory estimate) and its
+pictures, forward and backward.
 
 Must not change the plan; it only counts and prints.
 """
