@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-_REGISTERED: dict[str, tuple[object, object]] = {}  # op name -> (the program it runs, the op)
+_REGISTERED: dict[str, object] = {}  # op name -> the op
+_CURRENT: dict[str, object] = {}  # op name -> the program it runs now (the last one made for its key)
 
 
 def _shapes(plan, T, B, save: bool):
@@ -34,21 +35,34 @@ def _saved_nodes(plan):
     return all_saved(plan)
 
 
+class _OpInfo:
+    """What the ops read of a program's plan, worked out once per program."""
+
+    def __init__(self, program):
+        plan = program.plan
+        self.n_out, self.n_state = len(plan.step.outputs), len(plan.step.states)
+        self.n_saved = len(_saved_nodes(plan))
+        # which reads get a gradient, per backward variant (keyed by "masked")
+        self.has_grad = {m: [r.id in _grad_reads(plan, m) for r in plan.reads] for m in (False, True)}
+
+
+def _current(name: str):
+    """(the program op `name` runs, its _OpInfo)."""
+    program = _CURRENT[name]
+    info = program.__dict__.get("_op_info")
+    if info is None:
+        info = program.__dict__["_op_info"] = _OpInfo(program)
+    return program, info
+
+
 def loop_op(program, key: tuple):
-    """The forward custom op of `program` (registered on first use)."""
-    base = "loop_" + hashlib.sha1(repr(key).encode()).hexdigest()[:16]
-    name, generation = base, 0
-    while name in _REGISTERED:  # a program made again after clear_cache() gets an op of its own
-        if _REGISTERED[name][0] is program:  # (torch.library cannot take an op back)
-            return _REGISTERED[name][1]
-        generation += 1
-        name = f"{base}_{generation}"
-    plan = program.plan
-    step = plan.step
-    n_out, n_state = len(step.outputs), len(step.states)
-    n_saved = len(_saved_nodes(plan))
-    # which reads get a gradient, per backward variant (keyed by "masked")
-    has_grad = {m: [r.id in _grad_reads(plan, m) for r in plan.reads] for m in (False, True)}
+    """The forward custom op of `program`: one per key, registered on first use. A program made
+    again for the same key (after clear_cache()) takes the op over, so the op's name stays the
+    one a file saved by torch.export names, and the dropped program is freed."""
+    name = "loop_" + hashlib.sha1(repr(key).encode()).hexdigest()[:16]
+    _CURRENT[name] = program
+    if name in _REGISTERED:
+        return _REGISTERED[name]
 
     from .compiled import _stand_in, _without_gradient
 
@@ -56,6 +70,7 @@ def loop_op(program, key: tuple):
     def forward(reads: list[torch.Tensor], states: list[torch.Tensor], mask: Optional[torch.Tensor],
                 T: int, B: int, save: bool, autocast: Optional[torch.dtype]) -> list[torch.Tensor]:
         from .compiled import _loop
+        program, _ = _current(name)
         device = (states or reads)[0].device
         with _under(device, autocast):
             outs, finals, rest = _loop(program, "forward", device)(T, B, mask, list(reads), list(states), save)
@@ -68,62 +83,67 @@ def loop_op(program, key: tuple):
     @forward.register_fake
     def _(reads, states, mask, T, B, save, autocast):
         ref = states[0] if states else next(r for r in reads if r.is_floating_point())
-        return [ref.new_empty(s) for s in _shapes(plan, T, B, save)]
+        return [ref.new_empty(s) for s in _shapes(_current(name)[0].plan, T, B, save)]
 
     @torch.library.custom_op(f"seqgraph::{name}_backward", mutates_args=())
     def backward_op(reads: list[torch.Tensor], saved: list[torch.Tensor], seqs: list[torch.Tensor],
                     mask: Optional[torch.Tensor], grad_outs: list[torch.Tensor], grad_finals: list[torch.Tensor],
                     T: int, autocast: Optional[torch.dtype]) -> list[torch.Tensor]:
         from .compiled import _loop
+        program, info = _current(name)
         fn_name = "backward_masked" if mask is not None else "backward_plain"
         device = (seqs or grad_outs)[0].device
         with _under(device, autocast):  # the forward's
             dreads, dstates = _loop(program, fn_name, device)(T, mask, list(reads), list(saved), list(seqs),
                                                                [g.contiguous() for g in grad_outs],
                                                                [g.contiguous() for g in grad_finals])
-        kept = [g.contiguous() for g, keep in zip(dreads, has_grad[mask is not None]) if keep]
+        kept = [g.contiguous() for g, keep in zip(dreads, info.has_grad[mask is not None]) if keep]
         # a state the step never reads gets None from the loop: zeros of its shape here, since a
         # custom op returns tensors only
         return kept + [g.clone() if g is not None else torch.zeros_like(gf) for g, gf in zip(dstates, grad_finals)]
 
     @backward_op.register_fake
     def _(reads, saved, seqs, mask, grad_outs, grad_finals, T, autocast):
-        kept = [r.new_empty(r.shape) for r, keep in zip(reads, has_grad[mask is not None]) if keep]
+        keeps = _current(name)[1].has_grad[mask is not None]
+        kept = [r.new_empty(r.shape) for r, keep in zip(reads, keeps) if keep]
         return kept + [g.new_empty(g.shape) for g in grad_finals]
 
     def setup_context(ctx, inputs, output):
         reads, states, mask, T, B, save, autocast = inputs
         if not save:
             raise RuntimeError("seqgraph: a loop run without saving cannot be differentiated")
-        saved = output[n_out + n_state:n_out + n_state + n_saved]
-        seqs = output[n_out + n_state + n_saved:]
-        ctx.counts = (len(reads), len(saved))
-        ctx.T, ctx.has_mask, ctx.autocast = T, mask is not None, autocast
+        program, info = _current(name)
+        first_saved = info.n_out + info.n_state
+        saved = output[first_saved:first_saved + info.n_saved]
+        seqs = output[first_saved + info.n_saved:]
+        ctx.counts = (len(reads), len(saved), info.n_state)
+        ctx.T, ctx.has_mask, ctx.autocast, ctx.has_grad = T, mask is not None, autocast, info.has_grad
         # as the eager autograd Function does: a read the backward never looks at is kept as a
         # one-element stand-in of its shape, so the forward's copy of it can be freed
-        used = _reads_used(plan, mask is not None)
-        kept = [r if used is None or n.id in used else _stand_in(r) for n, r in zip(plan.reads, reads)]
+        used = _reads_used(program.plan, mask is not None)
+        kept = [r if used is None or n.id in used else _stand_in(r) for n, r in zip(program.plan.reads, reads)]
         ctx.save_for_backward(*kept, *saved, *seqs, *([mask] if mask is not None else []))
-        ctx.like = [o for o in output[:n_out + n_state]]
+        ctx.like = [o for o in output[:first_saved]]
         constant = _without_gradient(program, reads, states)  # as the eager autograd Function marks them
         if constant:
             ctx.mark_non_differentiable(*[output[k] for k in constant])
 
     def backward(ctx, grads):
         tensors = list(ctx.saved_tensors)
-        nr, ns = ctx.counts
+        nr, ns, n_state = ctx.counts
         reads, saved = tensors[:nr], tensors[nr:nr + ns]
         seqs = tensors[nr + ns:nr + ns + n_state]
         mask = tensors[-1] if ctx.has_mask else None
-        firsts = [g if g is not None else torch.zeros_like(like) for g, like in zip(grads[:n_out + n_state], ctx.like)]
+        firsts = [g if g is not None else torch.zeros_like(like) for g, like in zip(grads[:len(ctx.like)], ctx.like)]
+        n_out = len(ctx.like) - n_state
         res = backward_op(reads, saved, seqs, mask, firsts[:n_out], firsts[n_out:], ctx.T, ctx.autocast)
-        keeps = has_grad[mask is not None]
+        keeps = ctx.has_grad[mask is not None]
         it = iter(res[:sum(keeps)])
         dreads = [next(it) if keep else None for keep in keeps]
         return dreads, list(res[sum(keeps):]), None, None, None, None, None
 
     forward.register_autograd(backward, setup_context=setup_context)
-    _REGISTERED[name] = (program, forward)
+    _REGISTERED[name] = forward
     return forward
 
 

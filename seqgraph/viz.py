@@ -241,15 +241,17 @@ def _parts(obj) -> _Parts:
                     f"got {type(obj).__name__}{hint}")
 
 
-def _recurrences_in(obj) -> list[str]:
-    """Where the recurrences inside a container module are, as expressions a user can draw."""
+def _recurrences_in(obj, compiled: bool = False) -> list[str]:
+    """Where the recurrences inside a container module are, as expressions a user can draw
+    (`compiled`: each wrapped in sg.compile(...) where it is not compiled yet)."""
     import torch.nn as nn
     from .recurrence import Recurrence
     if not isinstance(obj, nn.Module):
         return []
     def path(name: str) -> str:
         return "model" + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in name.split(".") if p)
-    found = [path(name) for name, m in obj.named_modules() if name and isinstance(m, Recurrence)]
+    found = [f"sg.compile({path(name)})" if compiled and not callable(getattr(m, "plan", None)) else path(name)
+             for name, m in obj.named_modules() if name and isinstance(m, Recurrence)]
     for name, m in obj.named_modules():  # sg.nn layers: one recurrence per layer and direction
         if callable(getattr(m, "recurrence", None)) and hasattr(m, "num_layers"):
             found += [f"{path(name)}.recurrence({i}{', 1' if j else ''})"
@@ -284,11 +286,8 @@ def to_dot(obj: Drawable, unroll: int | None = None, compact: bool = False,
     plan = getattr(obj, "plan", None)
     if backward:
         if not callable(plan) or unroll is not None or compact:
-            inside = _recurrences_in(obj) if not callable(plan) else []
             raise ValueError("backward=True draws the backward plan of a compiled model (sg.compile(...)), "
-                             f"without unroll or compact; got {type(obj).__name__}"
-                             + (" with unroll/compact" if callable(plan) else "")
-                             + (f"; it holds recurrences, draw one of them: {', '.join(inside[:4])}" if inside else ""))
+                             f"without unroll or compact; got {type(obj).__name__}" + _backward_hint(obj, plan))
         return _backward_picture(plan())
     if callable(plan) and unroll is None and not compact:
         picture = getattr(plan(), "to_dot", None)
@@ -305,6 +304,17 @@ def to_dot(obj: Drawable, unroll: int | None = None, compact: bool = False,
     if unroll is not None:
         return _unrolled(parts, unroll)
     return _single(parts)
+
+
+def _backward_hint(obj, plan) -> str:
+    """What to draw instead, for a model backward=True cannot draw."""
+    if callable(plan):
+        return " with unroll/compact"
+    if hasattr(obj, "cell"):  # an uncompiled Recurrence: it trains through autograd, step by step
+        return "; compile it first: sg.to_dot(sg.compile(model), backward=True)"
+    inside = _recurrences_in(obj, compiled=True)
+    return (f"; it holds recurrences, draw one of them: {', '.join(inside[:4])}" + (", ..." if len(inside) > 4 else "")
+            if inside else "")
 
 
 def _backward_picture(plan) -> graphviz.Digraph:

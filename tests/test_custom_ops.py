@@ -211,12 +211,31 @@ def test_a_token_id_out_of_range_inside_torch_compile_raises_naming_the_embeddin
         step(torch.tensor([[3, 11], [0, 1]]))
 
 
-def test_a_program_made_again_after_clear_cache_gets_a_loop_op_of_its_own():
-    # an op registered for a dropped program of the same structure would run that program
+def test_a_program_made_again_after_clear_cache_takes_over_its_keys_loop_op(monkeypatch):
+    # the op keeps its name (a torch.export file names it) and runs the new program, whose plan
+    # may differ (here the registry changed: no generated backward), and the old one is freed
+    import dataclasses
+    import gc
+    import weakref
+    from seqgraph.compiler.ops import REGISTRY
     first = sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="torch")
+    dropped = weakref.ref(first._program)
     sg.compiled.clear_cache()
-    again = sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="torch")
-    assert again._program is not first._program and again._program.loop_op is not first._program.loop_op
-    x = torch.randn(5, 2, 3)
-    traced = torch.compile(lambda v: again(v)[0], backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(traced(x), again(x)[0])
+    for op in ("sum_to", "linear_wgrad", "embedding_wgrad"):
+        monkeypatch.setitem(REGISTRY, op, dataclasses.replace(REGISTRY[op], sums_rows=False))
+    try:
+        again = sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="torch")
+        assert again._program.loop_op is first._program.loop_op
+        del first
+        gc.collect()
+        assert dropped() is None
+        T, B = 5, 2
+        x = torch.randn(T, B, 3)
+        params = list(again.param_tensors().values())
+        reads = [r.detach() for r in again._program.fns["prologue"](T, B, [x], [], [], params)]
+        args = (reads, [torch.zeros(B, 4)], None, T, B, False, None)  # (this plan has no generated backward)
+        torch.library.opcheck(again._program.loop_op, args)
+        with torch.no_grad():
+            torch.testing.assert_close(again._program.loop_op(*args)[0], again(x)[0])
+    finally:
+        sg.compiled.clear_cache()

@@ -23,6 +23,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -543,13 +544,25 @@ def _build(source: str, path: Path, real: str, halves: int = 1) -> None:
     try:
         tmp_so = _temp_name(path, ".so.tmp", temps)
         objects = [_temp_name(path, f".{h}.o.tmp", temps) for h in range(halves)] if halves > 1 and _cores() > 1 else []
+        failed = _compile_library(cc, tmp_c, tmp_so, objects, path, real)
+        try:  # the text beside the library, or beside the error that names it
+            os.replace(tmp_c, c_path)
+            shown = str(c_path)
+        except OSError:  # (for reading only: a failed build keeps its private copy to name instead)
+            shown = tmp_c
+            if failed:
+                temps.remove(tmp_c)
+        if failed:
+            cmd, stderr = failed
+            raise RuntimeError(f"the C compiler failed on generated kernels ({shown}); if it builds other C programs, "
+                               f"this is a seqgraph bug: please report it with that file (backend='torch' needs no "
+                               f"compiler):\n{' '.join(cmd).replace(tmp_c, shown)}\n{stderr[-4000:].replace(tmp_c, shown)}")
+        share_library(tmp_so)
         try:
-            _compile_library(cc, tmp_c, tmp_so, objects, path, real)
-        finally:  # the text beside the library, or beside the error that names it
-            try:
-                os.replace(tmp_c, c_path)
-            except OSError:  # (for reading only: the library does not need it)
-                pass
+            os.replace(tmp_so, path)  # atomic: a concurrent process sees the whole library or none
+        except OSError as e:  # the folder deleted meanwhile, a full disk
+            raise CacheNotWritable(f"seqgraph could not move its new library into {path.parent}: {e.strerror or e} "
+                                   f"(was the folder deleted while it compiled? the next compile builds it again)") from None
     finally:
         for name in temps:
             _remove(name)  # (renamed into place, removed by a failed build, or left by an interrupt)
@@ -577,65 +590,64 @@ def _remove(path: str) -> None:
         pass
 
 
-def _compile_library(cc: str, c_path: str, tmp_so: str, objects: list[str], path: Path, real: str) -> None:
+def _compile_library(cc: str, c_path: str, tmp_so: str, objects: list[str], path: Path,
+                     real: str) -> tuple[list[str], str] | None:
     """Run the C compiler on `c_path` into `tmp_so` (each half into its object in `objects` at
-    once, then one link, where there are objects), then move it to `path` whole."""
+    once, then one link, where there are objects): None, or the failed command and its errors."""
     base = shlex.split(cc) + cflags() + _BASE_FLAGS + (["-DSG_DOUBLE"] if real == "double" else [])
+    shown = str(path.with_suffix(".c"))  # (debug output names the file kept, not the private copy)
     started = time.perf_counter()
-    cmd, res = _run_compiler(base + openmp_flags(), c_path, tmp_so, objects)
-    if res.returncode != 0 and openmp_flags() and _OPENMP_ERROR.search(res.stderr):
-        cmd, res = _run_compiler(base, c_path, tmp_so, objects)  # a compiler without OpenMP: one thread per kernel
+    cmd, res = _run_compiler(base + openmp_flags(), c_path, tmp_so, objects, shown)
+    about_openmp = _OPENMP_ERROR.search(res.stderr.replace(str(path.parent), ""))  # (not the folder's name)
+    if res.returncode != 0 and openmp_flags() and about_openmp:
+        cmd, res = _run_compiler(base, c_path, tmp_so, objects, shown)  # a compiler without OpenMP: one thread per kernel
     if debug_level() >= 1:
         print(f"[seqgraph] C compiler took {time.perf_counter() - started:.2f} s for {path.name} "
               f"(cached in {path.parent} for later calls and processes)", file=sys.stderr)
-    if res.returncode != 0:
-        c_file = str(path.with_suffix(".c"))  # where the text is kept (compiled from a private copy)
-        raise RuntimeError(f"the C compiler failed on generated kernels ({c_file}); if it builds other C programs, "
-                           f"this is a seqgraph bug: please report it with that file (backend='torch' needs no "
-                           f"compiler):\n{' '.join(cmd).replace(c_path, c_file)}\n{res.stderr[-4000:].replace(c_path, c_file)}")
-    share_library(tmp_so)
-    try:
-        os.replace(tmp_so, path)  # atomic: a concurrent process sees the whole library or none
-    except OSError as e:  # the folder deleted meanwhile, a full disk
-        raise CacheNotWritable(f"seqgraph could not move its new library into {path.parent}: {e.strerror or e} "
-                               f"(was the folder deleted while it compiled? the next compile builds it again)") from None
+    return (cmd, res.stderr) if res.returncode != 0 else None
 
 
 _OPENMP_ERROR = re.compile(r"openmp|omp\.h|gomp|libomp", re.I)  # what a compiler without OpenMP says
 
 
-def _run_compiler(base: list[str], c_path: str, tmp_so: str, objects: list[str]) -> tuple[list[str], subprocess.CompletedProcess]:
+def _run_compiler(base: list[str], c_path: str, tmp_so: str, objects: list[str],
+                  shown: str) -> tuple[list[str], subprocess.CompletedProcess]:
     """One compiler run over the whole file, or one per half at once and a link: the command
     that failed (or the last) and its result."""
     if not objects:
-        return _run(base + ["-o", tmp_so, "-x", "c", str(c_path), "-x", "none", "-lm"])
-    cmds = [base + [f"-DSG_HALF={h}", "-x", "c", "-c", "-o", obj, str(c_path)] for h, obj in enumerate(objects)]
-    for cmd in cmds:
-        if debug_level() >= 1:
-            print(f"[seqgraph] {' '.join(cmd)}", file=sys.stderr)
+        return _run_at_once([base + ["-o", tmp_so, "-x", "c", c_path, "-x", "none", "-lm"]], c_path, shown)
+    halves = [base + [f"-DSG_HALF={h}", "-x", "c", "-c", "-o", obj, c_path] for h, obj in enumerate(objects)]
+    cmd, res = _run_at_once(halves, c_path, shown)
+    if res.returncode != 0:
+        return cmd, res
+    return _run_at_once([base + ["-o", tmp_so] + objects + ["-lm"]], c_path, shown)
+
+
+def _run_at_once(cmds: list[list[str]], c_path: str, shown: str) -> tuple[list[str], subprocess.CompletedProcess]:
+    """Run the commands at once, each in a session of its own: an interrupt here ends them and
+    their children (gcc's cc1 and as), which then remove their own temporary files. The first
+    failed command and its result, or the last one's."""
+    if debug_level() >= 1:
+        for cmd in cmds:
+            print(f"[seqgraph] {' '.join(cmd).replace(c_path, shown)}", file=sys.stderr)
     procs = []
     try:
         for cmd in cmds:
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          start_new_session=True))
         results = []
         for cmd, p in zip(cmds, procs):
             out, err = p.communicate()
             results.append(subprocess.CompletedProcess(cmd, p.returncode, out, err))
-    finally:  # an interrupt (or a compiler that did not start) leaves no compiler running
+    finally:
         for p in procs:
             if p.poll() is None:
-                p.terminate()  # (not kill: the compiler then removes its own temporary files)
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)  # (not SIGKILL: then they cannot clean up)
+                except (OSError, AttributeError):  # (gone meanwhile; no process groups here)
+                    p.terminate()
                 p.wait()
-    for cmd, res in zip(cmds, results):
-        if res.returncode != 0:
-            return cmd, res
-    return _run(base + ["-o", tmp_so] + objects + ["-lm"])
-
-
-def _run(cmd: list[str]) -> tuple[list[str], subprocess.CompletedProcess]:
-    if debug_level() >= 1:
-        print(f"[seqgraph] {' '.join(cmd)}", file=sys.stderr)
-    return cmd, subprocess.run(cmd, capture_output=True, text=True)
+    return next(((r.args, r) for r in results if r.returncode != 0), (results[-1].args, results[-1]))
 
 
 def clear_memory_cache() -> None:

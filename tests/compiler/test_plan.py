@@ -138,6 +138,14 @@ def test_backward_picture_of_an_sg_nn_layer_names_the_recurrences_to_draw():
         sg.to_dot(sg.nn.LSTM(3, 4), backward=True)
 
 
+def test_backward_picture_of_an_uncompiled_recurrence_says_to_compile_it_and_a_container_what_to_draw():
+    rec = sg.Recurrence(sg.cells.gru(3, 4))
+    with pytest.raises(ValueError, match=r"compile it first: sg.to_dot\(sg.compile\(model\), backward=True\)"):
+        sg.to_dot(rec, backward=True)
+    with pytest.raises(ValueError, match=r"draw one of them: sg.compile\(model\[0\]\), model\[1\]$"):
+        sg.to_dot(torch.nn.Sequential(rec, sg.compile(sg.Recurrence(sg.cells.gru(4, 4)))), backward=True)
+
+
 def test_backward_picture_is_only_of_a_compiled_model():
     with pytest.raises(ValueError, match=r"backward=True draws the backward plan of a compiled model .*got Recurrence"):
         sg.to_dot(sg.Recurrence(sg.cells.gru(4, 6)), backward=True)

@@ -570,7 +570,7 @@ def test_a_failure_that_is_not_about_openmp_is_not_retried_without_it(tmp_path, 
     clear_memory_cache()
     runs = []
 
-    def failing(base, c_path, tmp_so, objects):
+    def failing(base, *rest):
         runs.append(base)
         return base, subprocess.CompletedProcess(base, 1, "", "error: multiple definition of sg_region_0_rows")
     monkeypatch.setattr(c_launch, "_run_compiler", failing)
@@ -586,11 +586,11 @@ def test_a_compiler_without_openmp_builds_the_library_without_it(tmp_path, monke
     clear_memory_cache()
     real, runs = c_launch._run_compiler, []
 
-    def no_openmp(base, c_path, tmp_so, objects):
+    def no_openmp(base, *rest):
         runs.append("-fopenmp" in base)
         if "-fopenmp" in base:
             return base, subprocess.CompletedProcess(base, 1, "", "clang: error: unsupported option '-fopenmp'")
-        return real(base, c_path, tmp_so, objects)
+        return real(base, *rest)
     monkeypatch.setattr(c_launch, "_run_compiler", no_openmp)
     lib, small, _ = two_kernel_library()
     lib.load(torch.float32)
@@ -604,3 +604,35 @@ def test_the_build_reads_a_private_copy_of_the_source_and_keeps_it_beside_the_li
     compiled_from = {a for cmd in runs if "-c" in cmd for a in cmd if a.endswith(".c.tmp")}
     assert len(compiled_from) == 1  # both halves read one private file, never the shared <key>.c
     assert [p.suffix for p in sorted((tmp_path / "cpu").iterdir())] == [".c", ".so"]
+
+
+def test_a_failed_build_whose_source_cannot_be_kept_as_key_c_names_the_copy_it_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEQGRAPH_CACHE_DIR", str(tmp_path))
+    clear_memory_cache()
+    lib, _, _ = two_kernel_library()
+    lib.kernels[1].source += "this is not C;\n"
+    c_file = (tmp_path / "cpu" / lib.key(torch.float32)).with_suffix(".c")
+    c_file.mkdir(parents=True)  # <key>.c cannot be replaced by the text
+    with pytest.raises(RuntimeError, match=r"failed on generated kernels \((.*\.c\.tmp)\)") as err:
+        lib.load(torch.float32)
+    kept = re.search(r"\((.*\.c\.tmp)\)", str(err.value)).group(1)
+    assert "this is not C" in open(kept).read()
+
+
+def test_a_cache_folder_named_for_openmp_does_not_make_every_failure_retried_without_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEQGRAPH_CACHE_DIR", str(tmp_path / "openmp_gomp"))
+    monkeypatch.setattr(c_launch, "openmp_flags", lambda: ["-fopenmp"])
+    clear_memory_cache()
+    runs = compiler_runs(monkeypatch)
+    lib, _, _ = two_kernel_library()
+    lib.kernels[1].source += "this is not C;\n"
+    with pytest.raises(RuntimeError, match="this is not C"):
+        lib.load(torch.float32)
+    assert all("-fopenmp" in cmd for cmd in runs)
+
+
+def test_debug_output_names_the_source_file_kept_not_the_private_copy(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SEQGRAPH_DEBUG", "1")
+    build_two_kernels_on(2, tmp_path, monkeypatch)
+    err = capsys.readouterr().err
+    assert ".c.tmp" not in err and re.search(r"-DSG_HALF=0 .*\.c\b", err)
