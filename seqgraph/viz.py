@@ -234,11 +234,14 @@ def _parts(obj) -> _Parts:
     if hasattr(obj, "order") and hasattr(obj, "outputs") and hasattr(obj, "params"):
         return _Parts(list(obj.order), list(obj.inputs), list(obj.outputs), list(getattr(obj, "states", [])),
                       dict(obj.params), getattr(obj, "name", None), getattr(obj, "site", None))
-    inside = _recurrences_in(obj)
-    hint = (f"; it holds recurrences, draw one of them: {', '.join(inside[:4])}" + (", ..." if len(inside) > 4 else "")
-            if inside else "")
     raise TypeError(f"sg.to_dot draws an sg.Cell, sg.Graph, sg.Recurrence, a compiled model or nodes; "
-                    f"got {type(obj).__name__}{hint}")
+                    f"got {type(obj).__name__}{_draw_one_of(_recurrences_in(obj))}")
+
+
+def _draw_one_of(inside: list[str]) -> str:
+    """The hint naming a container's recurrences (the first four) to draw instead."""
+    return (f"; it holds recurrences, draw one of them: {', '.join(inside[:4])}" + (", ..." if len(inside) > 4 else "")
+            if inside else "")
 
 
 def _recurrences_in(obj, compiled: bool = False) -> list[str]:
@@ -312,9 +315,7 @@ def _backward_hint(obj, plan) -> str:
         return " with unroll/compact"
     if hasattr(obj, "cell"):  # an uncompiled Recurrence: it trains through autograd, step by step
         return "; compile it first: sg.to_dot(sg.compile(model), backward=True)"
-    inside = _recurrences_in(obj, compiled=True)
-    return (f"; it holds recurrences, draw one of them: {', '.join(inside[:4])}" + (", ..." if len(inside) > 4 else "")
-            if inside else "")
+    return _draw_one_of(_recurrences_in(obj, compiled=True))
 
 
 def _backward_picture(plan) -> graphviz.Digraph:
