@@ -216,11 +216,14 @@ def _compile_program(cell: Cell, backend: str, unroll: int, key: tuple) -> Progr
     return prog
 
 
-def _without_gradient(prog: Program, reads: list, states: list) -> list[int]:
+def _without_gradient(prog: Program, reads: list, states: list, T: int, mask) -> list[int]:
     """The positions among outputs + final states of the results that read nothing requiring
-    grad, at any step: autograd must see them as constants, as the reference gives them."""
+    grad, at any step: autograd must see them as constants, as the reference gives them. A
+    final state is its last step's next value when every sequence has a real step; else it
+    may be the initial value, so it requires grad where that does (also where a traced call
+    cannot look at the mask)."""
     needs = [isinstance(r, torch.Tensor) and r.requires_grad for r in reads]
-    carries = [s.requires_grad for s in states]
+    carries = [s.requires_grad for s in states]  # the state requires grad at some step
     n_out = len(prog.depends) - len(states)
 
     def reads_grad(k: int) -> bool:
@@ -232,7 +235,10 @@ def _without_gradient(prog: Program, reads: list, states: list) -> list[int]:
         for j in range(len(states)):
             if not carries[j] and reads_grad(n_out + j):
                 carries[j] = changed = True
-    return [k for k in range(n_out) if not reads_grad(k)] + [n_out + j for j in range(len(states)) if not carries[j]]
+    last_step = T > 0 and (mask is None or (type(mask) is torch.Tensor and mask.device.type == "cpu"  # (values to read)
+                                            and not torch.compiler.is_compiling() and bool(mask.any(0).all())))
+    final = [reads_grad(n_out + j) if last_step else carries[j] for j in range(len(states))]
+    return [k for k in range(n_out) if not reads_grad(k)] + [n_out + j for j in range(len(states)) if not final[j]]
 
 
 def _loop(prog: Program, name: str, device: torch.device):
@@ -257,7 +263,7 @@ class _Sequence(torch.autograd.Function):
     def forward(ctx, prog, T, B, mask, nreads, *args):
         reads, states = list(args[:nreads]), list(args[nreads:])
         device = args[0].device
-        constant = _without_gradient(prog, reads, states)
+        constant = _without_gradient(prog, reads, states, T, mask)
         outs, finals, (saved, seqs) = _loop(prog, "forward", device)(T, B, mask, reads, states, True)
         finals = own_storage(finals, list(outs) + list(seqs))  # a user may change a final state in place
         if constant:

@@ -124,7 +124,7 @@ def loop_op(program, key: tuple):
         kept = [r if used is None or n.id in used else _stand_in(r) for n, r in zip(program.plan.reads, reads)]
         ctx.save_for_backward(*kept, *saved, *seqs, *([mask] if mask is not None else []))
         ctx.like = [o for o in output[:first_saved]]
-        constant = _without_gradient(program, reads, states)  # as the eager autograd Function marks them
+        constant = _without_gradient(program, reads, states, T, mask)  # as the eager autograd Function marks them
         if constant:
             ctx.mark_non_differentiable(*[output[k] for k in constant])
 

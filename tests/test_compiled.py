@@ -1020,6 +1020,31 @@ def test_results_that_read_nothing_requiring_grad_do_not_require_grad_as_in_the_
         == {"h": True, "g": True, "k": False}
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("lengths", [None, [4, 0], [4, 2]], ids=["no mask", "an empty sequence", "all have steps"])
+@pytest.mark.parametrize("traced", [False, True])
+def test_a_final_state_requires_grad_from_its_initial_value_only_where_it_can_be_that(backend, lengths, traced):
+    # k's next value is a context: its final value is the initial one only for an empty sequence
+    rec = _gradient_paths_cell()
+    xs, context = torch.randn(4, 2, 3), {"c": torch.randn(2, 3)}
+    state = {"k": torch.randn(2, 3, requires_grad=True)}
+    kw = {} if lengths is None else {"lengths": torch.tensor(lengths)}
+    _, f_ref = rec(xs, state, context=context, **kw)
+    comp = sg.compile(rec, backend=backend)
+    run = torch.compile(lambda v: comp(v, state, context=context, **kw), backend="aot_eager", fullgraph=True) \
+        if traced else (lambda v: comp(v, state, context=context, **kw))
+    _, f = run(xs)
+    assert f_ref["k"].requires_grad == (lengths == [4, 0])
+    if traced and lengths is not None:  # a traced call cannot look at the mask: the safe side
+        assert f["k"].requires_grad
+    else:
+        assert f["k"].requires_grad == f_ref["k"].requires_grad
+    if f["k"].requires_grad:  # the empty sequence's final k is its initial one; the other's is not
+        f["k"].sum().backward()
+        assert state["k"].grad[0].abs().sum() == 0
+        assert torch.equal(state["k"].grad[1], torch.ones(3) if lengths == [4, 0] else torch.zeros(3))
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
 def test_a_child_forked_while_another_thread_compiles_can_compile():
     from seqgraph import compiled
