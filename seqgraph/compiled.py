@@ -30,7 +30,8 @@ from .cell import Cell
 from .compiler.codegen_torch import generate, real_step_rows
 from .compiler.pipeline import compile_plan
 from .compiler.plan import Plan, result_dependencies
-from .recurrence import Recurrence, forward_ad_active, functorch_active, own_storage, token_output
+from .recurrence import (Recurrence, batched_by_vmap, forward_ad_active, functorch_active, own_storage,
+                         token_output)
 from .settings import debug_level, triton_interpreting
 
 BACKENDS = ("auto", "torch", "triton", "cpu", "reference")
@@ -291,7 +292,7 @@ class _Sequence(torch.autograd.Function):
         fn = _loop(ctx.prog, name, gouts[0].device if gouts else reads[0].device)
         if torch.is_grad_enabled():  # backward(create_graph=True): generated code autograd cannot see into
             raise RuntimeError(_SECOND_ORDER.format(backend=ctx.prog.backend))
-        if any(g is not None and _batched(g) for g in grads):
+        if any(g is not None and batched_by_vmap(g) for g in grads):
             raise NotImplementedError(_BATCHED_GRADS.format(backend=ctx.prog.backend))
         with autocast_as(ctx.autocast):
             dreads, dstates = fn(ctx.T, ctx.mask, reads, saved, seqs,
@@ -313,13 +314,6 @@ def autocast_as(state: tuple[str, bool, torch.dtype]):
     """A context running code under the autocast `autocast_state` recorded."""
     kind, enabled, dtype = state
     return torch.autocast(kind, dtype=dtype, enabled=enabled)
-
-
-def _batched(t: torch.Tensor) -> bool:
-    """Whether `t` is a batch of tensors under vmap (torch.func's, or the older one that
-    is_grads_batched runs the backward under)."""
-    functorch = torch._C._functorch
-    return functorch.is_batchedtensor(t) or functorch.is_legacy_batchedtensor(t)
 
 
 _BATCHED_GRADS = ("seqgraph: a compiled loop's backward ({backend} backend) runs generated code on one "

@@ -57,9 +57,12 @@ class _Reading(threading.local):
 _reading = _Reading()
 
 
-def _batched_by_vmap(t: torch.Tensor) -> bool:
-    """Whether vmap batches `t` at some level (under vmap(grad(f)) the batch is wrapped in grad's)."""
+def batched_by_vmap(t: torch.Tensor) -> bool:
+    """Whether vmap batches `t` at some level: torch.func's (under vmap(grad(f)) the batch is
+    wrapped in grad's), or the older one that is_grads_batched runs a backward under."""
     functorch = torch._C._functorch
+    if functorch.is_legacy_batchedtensor(t):
+        return True
     while functorch.is_functorch_wrapped_tensor(t):
         if functorch.is_batchedtensor(t):
             return True
@@ -73,7 +76,7 @@ def valid_steps(T: int, B: int, lengths, mask, batch_first: bool, device, who: s
     if lengths is not None and mask is not None:
         raise InputError(f"{who}: give lengths or mask, not both")
     for name, v in (("lengths", lengths), ("mask", mask)):
-        if isinstance(v, torch.Tensor) and functorch_active() and _batched_by_vmap(v):
+        if isinstance(v, torch.Tensor) and functorch_active() and batched_by_vmap(v):
             raise InputError(f"{who}: {name}= is batched by torch.func.vmap; the steps to run must be one "
                              f"(T, B) pattern per call, not one per vmapped example. Give {name} outside "
                              f"vmap's in_dims (shared by every example), or loop over the examples")
