@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .ir import Node
+from .ir import Node, sites_from
 from .ops import REGISTRY, make, reshape, select
 
 
@@ -92,9 +92,11 @@ def derive_backward(loop_nodes: list[Node], states: list[tuple[Node, Node]], out
 
     grads: dict[int, list[Node]] = {}
     for (_, nxt), g in zip(states, grad_next):
-        grads.setdefault(nxt.id, []).append(real_rows_only(g))
+        with sites_from(nxt):
+            grads.setdefault(nxt.id, []).append(real_rows_only(g))
     for o, g in zip(outputs, grad_out):
-        grads.setdefault(o.id, []).append(real_rows_only(g))
+        with sites_from(o):
+            grads.setdefault(o.id, []).append(real_rows_only(g))
 
     wanted = {n.id for n in reads} | {p.id for p, _ in states}
     in_loop = {n.id for n in loop_nodes}
@@ -109,23 +111,26 @@ def derive_backward(loop_nodes: list[Node], states: list[tuple[Node, Node]], out
     for n in reversed(loop_nodes):
         if n.id not in grads or not n.inputs:
             continue
-        g = _total(grads[n.id])
-        if exits(n):
-            g = real_rows_only(g)
-        gs = REGISTRY[n.op].vjp(n, g)
+        with sites_from(n):  # the derivative's nodes name the user line of the value they differentiate
+            g = _total(grads[n.id])
+            if exits(n):
+                g = real_rows_only(g)
+            gs = REGISTRY[n.op].vjp(n, g)
         for inp, gi in zip(n.inputs, gs):
             if gi is None or inp.dtype != "float":
                 continue
             if inp.id in in_loop or inp.id in wanted:
                 grads.setdefault(inp.id, []).append(gi)
     for prev, _ in states:
-        g = real_rows_only(_total(grads[prev.id])) if prev.id in grads else None
-        if mask is not None:
-            k = [p for p, _ in states].index(prev)
-            through = by_mask(grad_next[k], 0.0, grad_next[k])
-            g = through if g is None else make("add", (g, through))
+        with sites_from(prev):
+            g = real_rows_only(_total(grads[prev.id])) if prev.id in grads else None
+            if mask is not None:
+                k = [p for p, _ in states].index(prev)
+                through = by_mask(grad_next[k], 0.0, grad_next[k])
+                g = through if g is None else make("add", (g, through))
         deriv.grad_prev.append(g)
     for r in reads:
         if r.id in grads:
-            deriv.grad_of[r.id] = real_rows_only(_total(grads[r.id])) if r.batched else _total(grads[r.id])
+            with sites_from(r):
+                deriv.grad_of[r.id] = real_rows_only(_total(grads[r.id])) if r.batched else _total(grads[r.id])
     return deriv

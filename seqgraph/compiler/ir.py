@@ -9,13 +9,34 @@ builds and orders nodes; it must not run them (see interpret.py) nor know any op
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import operator
-from typing import Iterable, Sequence
+import threading
+from typing import Iterable, Iterator, Sequence
 
 from ..errors import Site, user_site
 
 _ids = itertools.count()
+_deriving = threading.local()  # .site: the site nodes made now take (sites_from), else None
+
+
+@contextlib.contextmanager
+def sites_from(node: "Node") -> Iterator[None]:
+    """Nodes made inside the block without a site of their own take `node`'s: a derivative's
+    nodes are tagged with the user line of the value they differentiate, not with the line
+    that happened to start the compile."""
+    before = getattr(_deriving, "site", None)
+    _deriving.site = node.site
+    try:
+        yield
+    finally:
+        _deriving.site = before
+
+
+def default_site() -> Site:
+    """The site of a node made now without one: sites_from's, else the user's calling line."""
+    return getattr(_deriving, "site", None) or user_site()
 
 
 # the sg functions whose names match torch's (a torch function on a node names its sg twin)
@@ -53,7 +74,7 @@ class Node:
         self.batched = bool(batched)
         self.dtype = dtype
         self.name = name
-        self.site = site if site is not None else user_site()
+        self.site = site if site is not None else default_site()
         self.module = module  # the sg.Module whose call made this node, if any
 
     # -- pickling and copying -------------------------------------------------------

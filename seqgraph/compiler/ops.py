@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ShapeError, mention, user_site
-from .ir import LEAF_OPS, Node
+from .ir import LEAF_OPS, Node, default_site
 
 
 class ShapeProblem(Exception):
@@ -82,7 +82,7 @@ def make(op: str, inputs, *, name=None, site=None, module=None, **attrs) -> Node
     """Build a node of `op`, inferring its shape; a bad operand raises ShapeError here."""
     d = REGISTRY[op]
     inputs = tuple(inputs)
-    site = site or user_site()
+    site = site or default_site()
     try:
         shape, batched, dtype = d.shape(inputs, attrs)
     except ShapeProblem as e:

@@ -69,3 +69,15 @@ def test_under_a_mask_the_gradient_leaving_to_a_weight_and_to_a_read_is_one_valu
     wgrad = next(n for n in bwd.post if n.op == "linear_wgrad")
     assert gate_grad.op == "select" and wgrad.inputs[0] is gate_grad
     assert [n for n in bwd.stash if n.op == "select"] == [gate_grad]
+
+
+def test_each_derivative_node_names_the_user_line_of_the_value_it_differentiates():
+    x, h, w = sg.Input(3, name="x"), sg.State(3, name="h"), sg.Parameter(3, name="w")
+    pre = x + h * w
+    nxt = sg.tanh(pre)  # built on a line of its own
+    loop = [n for n in topo_order([nxt]) if n.inputs]
+    deriv = derive_backward(loop, [(h, nxt)], [], [x, w], masked=False)
+    made = [n for n in topo_order([deriv.grad_prev[0], deriv.grad_of[w.id]]) if n.op != "input" and n.inputs]
+    tanh_grads = [n for n in made if n.op == "tanh_grad"]
+    assert tanh_grads and all(n.site == nxt.site for n in tanh_grads)
+    assert {n.site for n in made} <= {pre.site, nxt.site, pre.inputs[1].site}
