@@ -118,6 +118,7 @@ class Program:
     finals_owned: bool = False
     # per output, then per next state: (indices of the loop's reads, of the states) it reads
     depends: tuple = ()
+    cell: Cell | None = None  # the cell it was generated from: its names and user lines are in `source`
 
     def __deepcopy__(self, memo):  # generated code holds no parameters: copies share it
         return self
@@ -163,8 +164,9 @@ def get_program(cell: Cell, backend: str, unroll: int = 1, purpose: str = "") ->
     return prog
 
 
-def _compile_program(cell: Cell, backend: str, unroll: int, key: tuple) -> Program:
-    t0 = time.perf_counter()
+def _generate_program(cell: Cell, backend: str, unroll: int):
+    """(plan, generated module, its text with the kernels' text appended, the C loops or why
+    not) of `cell` for `backend`: everything but building the kernels and running the text."""
     from .compiler.ops import c_fusable
     plan = compile_plan(cell, unroll, c_fusable if backend == "cpu" else None)
     region_call, pack = None, None
@@ -186,18 +188,26 @@ def _compile_program(cell: Cell, backend: str, unroll: int, key: tuple) -> Progr
                       "that end the batch as padding)" if not isinstance(c_loops, str)
                       else f"Python, calling the C kernels (no C loop: {c_loops})")
     text = src.text()
+    kernels = [f"# ---- {name}: {k.path.name} ----\n{k.source}" for name, k in src.globals.items()
+               if name.startswith("_kernel")]
+    shown = text
+    if kernels:
+        shown += "\n\n# ======== generated Triton kernels ========\n" + "\n".join(kernels)
+    clib = src.globals.get("_clib")
+    if clib is not None:
+        clib.name = cell.name or "cell"
+        shown += "\n\n/* ======== generated C kernels (the _ck<n> calls above) ======== */\n" + clib.source()
+    return plan, src, text, shown, c_loops
+
+
+def _compile_program(cell: Cell, backend: str, unroll: int, key: tuple) -> Program:
+    t0 = time.perf_counter()
+    plan, src, text, shown, c_loops = _generate_program(cell, backend, unroll)
     clib = src.globals.get("_clib")
     if clib is not None:  # the C compiler runs now, once per cell structure (then from the disk cache)
-        clib.name = cell.name or "cell"
         clib.load(torch.float32)
     namespace = dict(src.globals)
     exec(builtins.compile(text, f"<seqgraph {backend} {cell.name or 'cell'}>", "exec"), namespace)
-    kernels = [f"# ---- {name}: {k.path.name} ----\n{k.source}" for name, k in src.globals.items()
-               if name.startswith("_kernel")]
-    if kernels:
-        text += "\n\n# ======== generated Triton kernels ========\n" + "\n".join(kernels)
-    if clib is not None:
-        text += "\n\n/* ======== generated C kernels (the _ck<n> calls above) ======== */\n" + clib.source()
     fns = namespace
     in_c = c_loops is not None and not isinstance(c_loops, str)
     if in_c:
@@ -205,16 +215,27 @@ def _compile_program(cell: Cell, backend: str, unroll: int, key: tuple) -> Progr
         for name in ("forward", "backward_plain", "backward_masked"):
             if f"{name}_c" in namespace:
                 fns[name] = namespace[f"{name}_c"]
-    prog = Program(plan, text, fns, backend, time.perf_counter() - t0, key=key, c_loops=c_loops, finals_owned=in_c,
-                   depends=result_dependencies(plan))
+    prog = Program(plan, shown, fns, backend, time.perf_counter() - t0, key=key, c_loops=c_loops, finals_owned=in_c,
+                   depends=result_dependencies(plan), cell=cell)
     if debug_level() >= 1:
         print(f"[seqgraph] compiled {cell.name or 'cell'!r} for backend={backend!r} in {prog.compile_seconds:.2f} s",
               file=sys.stderr)
     if debug_level() >= 3:
-        print(f"[seqgraph] generated source ({backend}):\n{text}", file=sys.stderr)
+        print(f"[seqgraph] generated source ({backend}):\n{shown}", file=sys.stderr)
     prog.loop_op = custom_ops.loop_op(prog, key)  # registered now: never while being traced
     STATS["compiles"] += 1
     return prog
+
+
+def _as_named_by(cell: Cell, program: Program) -> tuple[Plan, str]:
+    """(plan, source) of `program` as `cell` names its nodes and lines. Cells of one structure
+    share one program, generated from the first of them; another's `plan()` and `source()`
+    generate the same code again under its own names and user lines (nothing is built)."""
+    if program.cell is None or program.cell is cell:
+        return program.plan, program.source
+    plan, _, _, shown, _ = _generate_program(cell, program.backend, program.key[2] if program.key else 1)
+    plan.loops = program.plan.loops  # (the program's: the same choice, made where it was built)
+    return plan, shown
 
 
 def _without_gradient(prog: Program, reads: list, states: list, T: int, mask) -> list[int]:
@@ -395,6 +416,7 @@ class CompiledRecurrence(Recurrence):
         # cache, which is keyed by the cell's structure)
         state = self.__dict__.copy()
         state["_program"] = self._program.backend
+        state.pop("_named_programs", None)  # (generated again when asked)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -415,7 +437,7 @@ class CompiledRecurrence(Recurrence):
         `print(model.plan().describe(T=100, B=64))` sizes it. Where backend="auto" runs the
         torch code on the CPU, the plan's time-loop line says why."""
         program, dtype, device = self._current_program()
-        plan = program.plan
+        plan = self._named(program)[0]
         if self.backend == "auto" and program.backend == "torch" and device.type == "cpu":
             why = why_auto_runs_torch(dtype)
             plan = dataclasses.replace(plan, loops=f"{plan.loops}; backend='auto' runs the torch code because {why}")
@@ -423,8 +445,18 @@ class CompiledRecurrence(Recurrence):
 
     def source(self) -> str:
         """The generated code that a call with the parameters' dtype and device runs (and, for
-        the triton backend, its kernels), each line tagged with the node and user line it came from."""
-        return self._current_program()[0].source
+        the triton backend, its kernels), each line tagged with the node and user line it came
+        from. Models of one structure share one program; each shows it under its own names."""
+        return self._named(self._current_program()[0])[1]
+
+    def _named(self, program: Program) -> tuple[Plan, str]:
+        """`program`'s (plan, source) under this model's node names (generated once per program)."""
+        if program.cell is None or program.cell is self.cell:
+            return program.plan, program.source
+        named = self.__dict__.setdefault("_named_programs", {})
+        if program.key not in named:
+            named[program.key] = _as_named_by(self.cell, program)
+        return named[program.key]
 
     def backend_for(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> str:
         """The backend a call with tensors of this dtype and device runs ("cpu", "triton" or

@@ -1,5 +1,7 @@
 """seqgraph/compiled.py: compiled modules against the reference interpreter (values, gradients, masking, state), and their interface."""
 import contextlib
+import copy
+import re
 import os
 
 import pytest
@@ -547,7 +549,7 @@ def test_a_compiled_module_saved_whole_loads_with_its_backend_and_outputs(backen
     x = torch.randn(4, 2, 3)
     torch.save(comp, tmp_path / "m.pt")
     loaded = torch.load(tmp_path / "m.pt", weights_only=False)
-    assert loaded.backend == backend and loaded.plan() is comp.plan()  # the cached program
+    assert loaded.backend == backend and loaded._program is comp._program  # the cached program
     torch.testing.assert_close(loaded(x)[0], comp(x)[0], rtol=0, atol=0)
 
 
@@ -961,6 +963,31 @@ def test_the_plan_is_the_one_a_call_with_the_parameters_dtype_runs():
     assert "sg_loop" not in comp.source()
     assert _loops_line(sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="torch")) == \
         "time loops: Python, torch code per step (the torch backend)"
+
+
+def _named_cell(prefix: str) -> sg.Cell:
+    x, h = sg.Input(4, name=f"{prefix}_x"), sg.State(6, name="h")
+    h_next = sg.Tanh()(sg.Linear(10, 6, name=f"{prefix}_linear")(sg.Concat()([x, h])))
+    return sg.Cell(inputs=[x], states={h: h_next}, outputs=[h_next], name=prefix)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_a_second_model_of_one_structure_shows_its_own_names_in_source_and_plan(backend):
+    first, second = sg.compile(_named_cell("first"), backend=backend), sg.compile(_named_cell("second"), backend=backend)
+    assert second._program is first._program  # one program serves both
+    shown = second.source() + second.plan().describe(T=3, B=2)
+    assert "second_linear" in shown and "first_linear" not in shown
+    assert "first_linear" in first.source() and "second_linear" not in first.source()
+    assert _loops_line(second) == _loops_line(first)
+
+
+def test_a_deep_copied_model_shows_the_same_source_up_to_its_nodes_numbers():
+    comp = sg.compile(_named_cell("kept"), backend="torch")
+    copied = copy.deepcopy(comp)
+
+    def numbered_alike(text):
+        return re.sub(r"\b[vp]\d+|%\d+", "N", text)
+    assert copied.cell is not comp.cell and numbered_alike(copied.source()) == numbered_alike(comp.source())
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
