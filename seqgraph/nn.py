@@ -1,4 +1,5 @@
-"""Drop-in replacements for torch.nn.RNN, torch.nn.LSTM and torch.nn.GRU built on seqgraph cells.
+"""Drop-in replacements for torch.nn.RNN, LSTM and GRU (and their one-step RNNCell, LSTMCell
+and GRUCell) built on seqgraph cells.
 
 Same constructor arguments, same forward(input, hx) and return values, PackedSequence in and
 out, and exactly torch's parameter names (weight_ih_l0, bias_hh_l1_reverse, weight_hr_l0, ...),
@@ -355,4 +356,148 @@ class GRU(_RNNBase):
                          device=device, dtype=dtype, backend=backend)
 
 
-__all__ = ["RNN", "LSTM", "GRU"]
+class _CellBase(nn.Module):
+    """Shared machinery of sg.nn.RNNCell / LSTMCell / GRUCell (torch.nn.RNNCellBase's
+    interface): one step, forward(input, hx) on a Recurrence of one step."""
+
+    def __init__(self, mode: str, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
+                 device=None, dtype=None, backend: str = "auto"):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+        for name, size in (("input_size", input_size), ("hidden_size", hidden_size)):
+            if not isinstance(size, numbers.Integral) or isinstance(size, bool) or size <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {size!r}")
+        if mode == "RNN" and nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        self.mode, self.input_size, self.hidden_size = mode, int(input_size), int(hidden_size)
+        self.bias, self.nonlinearity, self.backend = bias, nonlinearity, backend
+        gates = {"RNN": 1, "LSTM": 4, "GRU": 3}[mode]
+        factory = {"device": device, "dtype": dtype}
+        shapes = {"weight_ih": (gates * self.hidden_size, self.input_size),
+                  "weight_hh": (gates * self.hidden_size, self.hidden_size)}
+        if bias:
+            shapes.update(bias_ih=(gates * self.hidden_size,), bias_hh=(gates * self.hidden_size,))
+        for name, shape in shapes.items():
+            self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
+        if mode == "LSTM":
+            cell = cells.lstm(self.input_size, self.hidden_size, bias=bias)
+        elif mode == "GRU":
+            cell = cells.gru(self.input_size, self.hidden_size, bias=bias)
+        else:
+            cell = cells.rnn(self.input_size, self.hidden_size, nonlinearity=nonlinearity, bias=bias)
+        self._names = {k: _TORCH_NAMES[k] for k in cell.params}
+        with torch.device("meta"):  # its own parameters are replaced at once
+            rec = Recurrence(cell)
+        self._set_rec(_bind(rec, self, self._names))
+        self.register_load_state_dict_post_hook(_rebind_after_load)
+        self.reset_parameters()
+        if backend != "reference":
+            self.use_backend(backend)
+
+    def use_backend(self, backend: str, unroll: int = 1) -> None:
+        """Run the step with a compiled backend (parameters stay shared)."""
+        from .compiled import compile as sg_compile
+        self._set_rec(sg_compile(self._rec, backend=backend, unroll=unroll))
+        self.backend = backend
+
+    def _set_rec(self, rec: Recurrence) -> None:
+        """Run the step with `rec`: not a submodule (its parameters are this module's, under
+        torch's names); its errors name this module and those names."""
+        object.__setattr__(rec, "_shown_as", f"sg.nn.{self.mode}Cell")
+        object.__setattr__(rec, "_param_shown", self._names)
+        object.__setattr__(self, "_rec", rec)
+
+    def _rebind(self) -> None:
+        _bind(self._rec, self, self._names)
+        if getattr(self._rec, "_source", None) is not None:
+            _bind(self._rec._source, self, self._names)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._rebind()
+        return out
+
+    reset_parameters = _RNNBase.reset_parameters
+
+    def recurrence(self) -> Recurrence:
+        """The sg.Recurrence (or its compiled twin) that runs the step: its cell, picture,
+        and, unless backend="reference", its plan() and source()."""
+        return self._rec
+
+    def forward(self, input: torch.Tensor, hx=None):
+        """torch.nn's cell forward: input (B, input_size) or (input_size,) unbatched; hx as
+        torch.nn (h, or (h, c) for LSTMCell), zeros if None. Returns h' (or (h', c'))."""
+        who = f"sg.nn.{self.mode}Cell"
+        if not isinstance(input, torch.Tensor):
+            raise InputError(f"{who}: expected input to be a tensor, got {type(input).__name__}")
+        if input.dim() not in (1, 2):
+            raise InputError(f"{who}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        unbatched = input.dim() == 1
+        x = input.unsqueeze(0) if unbatched else input
+        if x.shape[1] != self.input_size:
+            raise InputError(f"{who}: input has inconsistent input_size: got {x.shape[1]} expected {self.input_size}")
+        state = None
+        if hx is not None:
+            if self.mode == "LSTM":
+                if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                    raise InputError(f"{who}: hx must be a tuple (h, c), got {type(hx).__name__}")
+                pairs = (("h", hx[0]), ("c", hx[1]))
+            else:
+                pairs = (("h", hx),)
+            state = {}
+            want = (self.hidden_size,) if unbatched else (x.shape[0], self.hidden_size)
+            for name, v in pairs:
+                what = "hx" if self.mode != "LSTM" else f"hx[{0 if name == 'h' else 1}]"
+                if not isinstance(v, torch.Tensor) or tuple(v.shape) != want:
+                    got = tuple(v.shape) if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
+                    raise InputError(f"{who}: expected {what} of shape {want} (as the "
+                                     f"{'unbatched ' if unbatched else ''}input), got {got}")
+                state[name] = v.unsqueeze(0) if unbatched else v
+        if self._rec.training != self.training:
+            self._rec.train(self.training)
+        with self._rec.reading({key: getattr(self, name) for key, name in self._names.items()}):
+            _, final = self._rec(x.unsqueeze(0), state)
+        h = final["h"].squeeze(0) if unbatched else final["h"]
+        if self.mode != "LSTM":
+            return h
+        c = final["c"].squeeze(0) if unbatched else final["c"]
+        return h, c
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if not self.bias:
+            s += ", bias=False"
+        if self.mode == "RNN" and self.nonlinearity != "tanh":
+            s += f", nonlinearity={self.nonlinearity!r}"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
+        return s
+
+
+class RNNCell(_CellBase):
+    """torch.nn.RNNCell on seqgraph: h' = act(W_ih x + b_ih + W_hh h + b_hh), one step."""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
+                 device=None, dtype=None, *, backend: str = "auto"):
+        super().__init__("RNN", input_size, hidden_size, bias, nonlinearity, device=device, dtype=dtype,
+                         backend=backend)
+
+
+class LSTMCell(_CellBase):
+    """torch.nn.LSTMCell on seqgraph (gate order i, f, g, o), one step: returns (h', c')."""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
+                 backend: str = "auto"):
+        super().__init__("LSTM", input_size, hidden_size, bias, device=device, dtype=dtype, backend=backend)
+
+
+class GRUCell(_CellBase):
+    """torch.nn.GRUCell on seqgraph (gate order r, z, n), one step."""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
+                 backend: str = "auto"):
+        super().__init__("GRU", input_size, hidden_size, bias, device=device, dtype=dtype, backend=backend)
+
+
+__all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]

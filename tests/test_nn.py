@@ -483,3 +483,110 @@ def test_functional_call_on_a_meta_copy_with_real_weights_runs():
     x = torch.randn(T, B, I)
     out = functional_call(copy.deepcopy(mine).to("meta"), weights, (x,))[0]
     torch.testing.assert_close(out, mine(x)[0])
+
+
+# -- one-step cells: sg.nn.RNNCell / LSTMCell / GRUCell against torch.nn's -----------------------
+CELL_CASES = [("LSTMCell", {}), ("LSTMCell", {"bias": False}), ("GRUCell", {}), ("GRUCell", {"bias": False}),
+              ("RNNCell", {}), ("RNNCell", {"nonlinearity": "relu"}), ("RNNCell", {"bias": False})]
+
+
+def _cell_pair(mode, kw, backend="auto"):
+    ref = getattr(torch.nn, mode)(I, H, dtype=torch.float64, **kw)
+    mine = getattr(sg.nn, mode)(I, H, dtype=torch.float64, backend=backend, **kw)
+    mine.load_state_dict(ref.state_dict(), strict=True)
+    return ref, mine
+
+
+def _as_tuple(v):
+    return v if isinstance(v, tuple) else (v,)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
+@pytest.mark.parametrize("mode,kw", CELL_CASES, ids=[f"{m}-{'-'.join(f'{k}={v}' for k, v in kw.items())}"
+                                                     for m, kw in CELL_CASES])
+def test_cell_steps_and_gradients_equal_torch_nn_cells_with_copied_weights(mode, kw, backend):
+    ref, mine = _cell_pair(mode, kw, backend)
+    torch.manual_seed(0)
+    x = torch.randn(B, I, dtype=torch.float64, requires_grad=True)
+    hx = tuple(torch.randn(B, H, dtype=torch.float64, requires_grad=True) for _ in range(2 if mode == "LSTMCell" else 1))
+    given = hx if mode == "LSTMCell" else hx[0]
+    want, got = _as_tuple(ref(x, given)), _as_tuple(mine(x, given))
+    for a, b in zip(want, got, strict=True):
+        torch.testing.assert_close(b, a)
+    weights = torch.linspace(0.5, 1.5, H, dtype=torch.float64)
+    wrt = [x, *hx]
+    g_want = torch.autograd.grad(sum((v * weights).sum() for v in want), wrt + list(ref.parameters()))
+    g_got = torch.autograd.grad(sum((v * weights).sum() for v in got), wrt + list(mine.parameters()))
+    for a, b in zip(g_want, g_got, strict=True):
+        torch.testing.assert_close(b, a)
+
+
+@pytest.mark.parametrize("mode", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_a_cell_without_hx_starts_from_zeros_and_takes_unbatched_input(mode):
+    ref, mine = _cell_pair(mode, {})
+    x = torch.randn(I, dtype=torch.float64)
+    for a, b in zip(_as_tuple(ref(x)), _as_tuple(mine(x)), strict=True):
+        assert b.shape == (H,)
+        torch.testing.assert_close(b, a)
+    hx = (torch.randn(H, dtype=torch.float64), torch.randn(H, dtype=torch.float64))
+    given = hx if mode == "LSTMCell" else hx[0]
+    for a, b in zip(_as_tuple(ref(x, given)), _as_tuple(mine(x, given)), strict=True):
+        torch.testing.assert_close(b, a)
+
+
+def test_cells_run_a_decoder_loop_feeding_their_state_back():
+    ref, mine = _cell_pair("LSTMCell", {})
+    x = torch.randn(7, B, I, dtype=torch.float64)
+    s_ref = s_mine = None
+    for t in range(7):
+        s_ref, s_mine = ref(x[t], s_ref), mine(x[t], s_mine)
+    torch.testing.assert_close(s_mine[0], s_ref[0])
+    torch.testing.assert_close(s_mine[1], s_ref[1])
+
+
+def test_a_cells_state_dict_loads_into_torch_nn_and_back_strictly():
+    mine = sg.nn.GRUCell(I, H)
+    ref = torch.nn.GRUCell(I, H)
+    ref.load_state_dict(mine.state_dict(), strict=True)
+    assert set(mine.state_dict()) == {"weight_ih", "weight_hh", "bias_ih", "bias_hh"}
+    x = torch.randn(B, I)
+    torch.testing.assert_close(mine(x), ref(x))
+
+
+def test_a_converted_cell_runs_in_its_new_dtype():
+    mine = sg.nn.LSTMCell(I, H).double()
+    h, c = mine(torch.randn(B, I, dtype=torch.float64))
+    assert h.dtype == c.dtype == torch.float64
+
+
+def test_sg_compile_of_a_module_holding_a_cell_switches_its_backend():
+    holder = torch.nn.Sequential(sg.nn.GRUCell(I, H, backend="reference"))
+    assert sg.compile(holder, backend="torch") is holder
+    assert holder[0].backend == "torch" and holder[0].recurrence().backend == "torch"
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda c: c(torch.randn(2, 3, I)), "Expected input to be 1D or 2D, got 3D"),
+    (lambda c: c(torch.randn(B, I + 1)), f"got {I + 1} expected {I}"),
+    (lambda c: c(torch.randn(B, I), torch.zeros(B, H)), "hx must be a tuple"),
+    (lambda c: c(torch.randn(B, I), (torch.zeros(B, H + 1), torch.zeros(B, H))), rf"hx\[0\] of shape \({B}, {H}\)"),
+    (lambda c: c(torch.randn(I), (torch.zeros(B, H), torch.zeros(B, H))), rf"hx\[0\] of shape \({H},\) \(as the unbatched"),
+    (lambda c: c([1.0] * I), "expected input to be a tensor, got list"),
+])
+def test_a_cells_bad_input_is_refused_naming_what_was_expected(call, message):
+    with pytest.raises(sg.InputError, match=message):
+        call(sg.nn.LSTMCell(I, H))
+
+
+def test_a_cells_repr_names_its_sizes_and_flags():
+    assert repr(sg.nn.RNNCell(I, H, bias=False, nonlinearity="relu")) == f"RNNCell({I}, {H}, bias=False, nonlinearity='relu')"
+
+
+def test_a_deep_copied_cell_steps_with_its_own_weights():
+    cell = sg.nn.LSTMCell(I, H)
+    twin = copy.deepcopy(cell)
+    with torch.no_grad():
+        twin.weight_ih.add_(1.0)
+    x = torch.randn(B, I)
+    assert twin.recurrence().params.ih.weight is twin.weight_ih
+    assert not torch.allclose(twin(x)[0], cell(x)[0])
