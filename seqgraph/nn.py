@@ -407,11 +407,18 @@ class _CellBase(nn.Module):
         object.__setattr__(rec, "_shown_as", f"sg.nn.{self.mode}Cell")
         object.__setattr__(rec, "_param_shown", self._names)
         object.__setattr__(self, "_rec", rec)
+        self._note_bound()
+
+    def _note_bound(self) -> None:
+        """Remember the Parameters the step's tree holds: while this module's are those same
+        objects, a call reads them from the tree without passing them in (`_rec.reading`)."""
+        self.__dict__["_bound"] = tuple((name, self._parameters.get(name)) for name in self._names.values())
 
     def _rebind(self) -> None:
         _bind(self._rec, self, self._names)
         if getattr(self._rec, "_source", None) is not None:
             _bind(self._rec._source, self, self._names)
+        self._note_bound()
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
@@ -454,10 +461,15 @@ class _CellBase(nn.Module):
                     raise InputError(f"{who}: expected {what} of shape {want} (as the "
                                      f"{'unbatched ' if unbatched else ''}input), got {got}")
                 state[name] = v.unsqueeze(0) if unbatched else v
-        if self._rec.training != self.training:
-            self._rec.train(self.training)
-        with self._rec.reading({key: getattr(self, name) for key, name in self._names.items()}):
-            _, final = self._rec(x.unsqueeze(0), state)
+        rec = self._rec
+        if rec.training != self.training:
+            rec.train(self.training)
+        own = self._parameters
+        if all(p is not None and own.get(name) is p for name, p in self._bound):
+            _, final = rec.forward(x.unsqueeze(0), state)  # (rec is no submodule: no hooks of its own)
+        else:  # a weight reassigned, or computed per access (a parametrization): passed in as read now
+            with rec.reading({key: getattr(self, name) for key, name in self._names.items()}):
+                _, final = rec.forward(x.unsqueeze(0), state)
         h = final["h"].squeeze(0) if unbatched else final["h"]
         if self.mode != "LSTM":
             return h

@@ -501,12 +501,20 @@ class Recurrence(nn.Module):
         asks: the messages are built only for a refusal.)"""
         if torch.jit.is_tracing():  # (reading a parameter's shape there records it as a constant, which fails)
             return
-        values = list(params.values()) + [self.init[prev.name] for prev in self._learned_states()]
-        nodes = list(self.cell.params.values()) + self._learned_states()
-        first = values[0] if values else None
+        learned = self._learned_states()
+        values = list(params.values())
+        if learned:
+            values += [self.init[prev.name] for prev in learned]
+        if not values:
+            return
+        nodes = self.__dict__.get("_checked_nodes")
+        if nodes is None:
+            nodes = self.__dict__["_checked_nodes"] = list(self.cell.params.values()) + learned
+        first = values[0]
+        dtype, device = getattr(first, "dtype", None), getattr(first, "device", None)
         for k, (node, v) in enumerate(zip(nodes, values)):
-            if not isinstance(v, torch.Tensor) or v.shape != node.shape or v.dtype != first.dtype \
-                    or v.device != first.device:
+            if not isinstance(v, torch.Tensor) or v.shape != node.shape or v.dtype is not dtype \
+                    or v.device != device:
                 self._refuse_param(k, nodes, values)
 
     def _learned_states(self) -> list:

@@ -14,17 +14,34 @@ import os
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
+# os.environ's own store (CPython on POSIX: bytes to bytes, kept in step by every write through
+# os.environ): a one-step call reads several switches, and os.environ.get of an unset name
+# raises and catches a KeyError inside, a microsecond or more each
+_STORE = getattr(os.environ, "_data", None) if os.name == "posix" else None
+_KEYS: dict[str, object] = {}
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """os.environ.get(name, default), read afresh at every call, without its cost for an unset name."""
+    if _STORE is None:
+        return os.environ.get(name, default)
+    key = _KEYS.get(name)
+    if key is None:
+        key = _KEYS[name] = os.environ.encodekey(name)
+    raw = _STORE.get(key)
+    return default if raw is None else os.environ.decodevalue(raw)
+
 
 def switched_on(name: str, default: bool) -> bool:
     """An on/off environment switch: 1, true, yes, on or 0, false, no, off (any case); unset,
     empty or anything else gives `default`."""
-    raw = os.environ.get(name, "").strip().lower()
+    raw = env(name, "").strip().lower()
     return True if raw in _TRUE else False if raw in _FALSE else default
 
 
 def debug_level() -> int:
     """SEQGRAPH_DEBUG as a number: 0 when unset, empty or "0"."""
-    raw = os.environ.get("SEQGRAPH_DEBUG", "").strip()
+    raw = env("SEQGRAPH_DEBUG", "").strip()
     try:
         return max(0, int(raw or 0))
     except ValueError:

@@ -590,3 +590,22 @@ def test_a_deep_copied_cell_steps_with_its_own_weights():
     x = torch.randn(B, I)
     assert twin.recurrence().params.ih.weight is twin.weight_ih
     assert not torch.allclose(twin(x)[0], cell(x)[0])
+
+
+def test_a_cell_steps_with_a_weight_reassigned_after_it_was_made():
+    ref, mine = _cell_pair("GRUCell", {})
+    new = torch.nn.Parameter(torch.randn(3 * H, H, dtype=torch.float64))
+    ref.weight_hh, mine.weight_hh = new, new
+    x, h = torch.randn(B, I, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64)
+    torch.testing.assert_close(mine(x, h), ref(x, h))
+
+
+def test_a_cell_steps_with_a_weight_norm_parametrized_weight():
+    ref, mine = _cell_pair("LSTMCell", {})
+    for m in (ref, mine):
+        torch.nn.utils.parametrizations.weight_norm(m, "weight_hh")
+    x = torch.randn(B, I, dtype=torch.float64)
+    hx = (torch.randn(B, H, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64))
+    torch.testing.assert_close(mine(x, hx)[0], ref(x, hx)[0])
+    mine(x, hx)[0].sum().backward()
+    assert mine.parametrizations.weight_hh.original0.grad is not None

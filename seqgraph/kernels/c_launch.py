@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 
 from .c_codegen import C_CODEGEN_VERSION, PRELUDE, CKernelSource, generate_c
-from ..settings import debug_level
+from ..settings import debug_level, env
 from .cache import CacheNotWritable, cache_dir, library_is_whole, share_library, temp_file_in_cache
 from .region import Region, bind_inputs
 
@@ -54,7 +54,7 @@ def find_compiler() -> str | None:
     """The C compiler: $CC if set, else the first of cc, gcc, clang on PATH (None if none).
     Remembered per ($CC, $PATH): the file system is searched once, not at every call (nor while
     torch.compile traces a call, which cannot trace a file lookup)."""
-    key = (os.environ.get("CC"), os.environ.get("PATH"))
+    key = (env("CC"), env("PATH"))
     if key not in _found_compilers:
         _found_compilers[key] = _search_compiler(key[0])
     return _found_compilers[key]

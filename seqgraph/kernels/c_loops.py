@@ -34,6 +34,7 @@ from ..compiler.codegen_torch import Source, Store, all_saved, shape_tuple
 from ..compiler.codegen_torch_backward import backward_layout, emit_backward_head, emit_backward_tail, summed_stash
 from ..compiler.ir import Node
 from ..compiler.plan import Plan
+from ..settings import env
 from .backend import _stage_region
 from .c_codegen import c_region_supported
 from .codegen import width
@@ -484,7 +485,7 @@ def loop_threads(B: int, weight_bytes: int) -> int:
     took, own rows against split calls: H=128 B=8..32 0.89-0.91x, H=256 B=8..16 0.90-0.93x,
     B=64 1.00x; H=512 (4 MB of weights) B=8..64 1.02-1.37x. $SEQGRAPH_LOOP_SPLIT ("rows" or
     "steps") overrides the choice."""
-    mode = os.environ.get("SEQGRAPH_LOOP_SPLIT", "auto").strip().lower() or "auto"
+    mode = env("SEQGRAPH_LOOP_SPLIT", "auto").strip().lower() or "auto"
     if mode not in LOOP_SPLITS:
         raise ValueError(f"SEQGRAPH_LOOP_SPLIT must be one of {', '.join(LOOP_SPLITS)}, got {mode!r}")
     n = torch.get_num_threads()

@@ -26,6 +26,8 @@ import sys
 
 import torch
 
+from ..settings import env
+
 SG_MM_API = r"""
 /* ---- seqgraph's own float GEMM: y (M, N) = x (M, K) W^T (+ bias) ----
    W^T as panels of SG_NR columns: panel p's row k (W[p * SG_NR + c][k] for c < SG_NR) lies at
@@ -324,7 +326,7 @@ def per_step_gemm() -> str:
     "mkl" elsewhere: MKL's own on Intel CPUs, where it measured fastest, and torch's own GEMM
     on CPUs where neither was measured (ARM, other x86 vendors). $SEQGRAPH_CPU_GEMM overrides
     the choice by vendor."""
-    forced = os.environ.get("SEQGRAPH_CPU_GEMM", "").strip().lower()
+    forced = env("SEQGRAPH_CPU_GEMM", "").strip().lower()
     if forced:
         if forced not in GEMMS:
             raise ValueError(f"SEQGRAPH_CPU_GEMM must be one of {', '.join(GEMMS)}, got {forced!r}")

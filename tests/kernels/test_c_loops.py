@@ -97,7 +97,7 @@ def test_a_plan_with_torch_stages_keeps_python_loops_and_says_why(name):
     rec, comp = _compile(name)
     why = comp._program.c_loops
     assert isinstance(why, str) and "per-example shape" in why
-    assert why == loops_refusal(comp.plan())
+    assert why == loops_refusal(comp._program.plan)
     xs, ctx = make_inputs(rec.cell, 4, 2, dtype=torch.float64)
     check_against_reference(rec, comp, xs, ctx, 1e-10, lengths=torch.tensor([4, 2]))
 
@@ -218,7 +218,7 @@ def test_random_cells_run_in_c_loops_and_equal_the_reference(recipe):
     if before is not None:
         assert loops.calls - before == 2
     else:
-        assert loops == loops_refusal(comp.plan())
+        assert loops == loops_refusal(comp._program.plan)
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
