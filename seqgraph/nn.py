@@ -25,7 +25,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from . import cells
 from .errors import InputError
 from .layers import reverse_sequences
-from .recurrence import Recurrence
+from .recurrence import Recurrence, check_lengths_shape
 
 BACKENDS = ("reference", "torch", "triton", "cpu", "auto")
 
@@ -235,9 +235,11 @@ class _RNNBase(nn.Module):
         p = self._weight_like()
         if x.dtype != p.dtype:
             raise InputError(f"sg.nn.{self.mode}: input has dtype {x.dtype} but the parameters are {p.dtype}")
+        B = x.shape[1]
         if lengths is not None:
             lengths = torch.as_tensor(lengths).to(x.device)
-        B = x.shape[1]
+            if not packed:  # (checked here: the layers read x time-major, whatever the caller's layout)
+                check_lengths_shape(lengths, x.shape[0], B, self.batch_first and not unbatched, f"sg.nn.{self.mode}")
         h0, c0 = self._initial(hx, B, unbatched, x)
         if packed and input.sorted_indices is not None:
             h0, c0 = [None if v is None else v.index_select(1, input.sorted_indices) for v in (h0, c0)]

@@ -28,7 +28,8 @@ _INDEX_DTYPES = (torch.int64, torch.int32)  # what torch.nn.functional.embedding
 
 
 def _fmt(shape) -> str:
-    return "(" + ", ".join(str(s) for s in shape) + ")"
+    """A tensor's shape as Python writes a tuple: (3, 8), (8,), ()."""
+    return str(tuple(int(s) for s in shape))
 
 
 def _got(v) -> str:
@@ -70,6 +71,15 @@ def batched_by_vmap(t: torch.Tensor) -> bool:
     return False
 
 
+def check_lengths_shape(lengths: torch.Tensor, T: int, B: int, batch_first: bool, who: str) -> None:
+    """An InputError unless `lengths` is (B,); it names x's layout when the length is T's."""
+    if lengths.dim() != 1 or lengths.shape[0] != B:
+        swapped = lengths.dim() == 1 and lengths.shape[0] == T != B
+        hint = (f"; x is read as {'(B, T, ...) (batch_first=True)' if batch_first else '(T, B, ...)'}: is it "
+                f"{'time-major' if batch_first else 'batch-first'}?") if swapped else ""
+        raise InputError(f"{who}: lengths must have shape ({B},) (one per sequence), got {_fmt(lengths.shape)}{hint}")
+
+
 def valid_steps(T: int, B: int, lengths, mask, batch_first: bool, device, who: str) -> torch.Tensor | None:
     """A (T, B) bool tensor of the real steps given by `lengths` (B,) or `mask` ((B, T) with
     batch_first), or None when every step is real; an InputError naming `who` otherwise."""
@@ -86,11 +96,7 @@ def valid_steps(T: int, B: int, lengths, mask, batch_first: bool, device, who: s
         except (TypeError, ValueError, RuntimeError):
             raise InputError(f"{who}: lengths must be a tensor or list of {B} ints (one per sequence), "
                              f"got {type(lengths).__name__} {lengths!r:.40}") from None
-        if lengths.dim() != 1 or lengths.shape[0] != B:
-            swapped = lengths.dim() == 1 and lengths.shape[0] == T != B
-            hint = (f"; x is read as {'(B, T, ...) (batch_first=True)' if batch_first else '(T, B, ...)'}: is it "
-                    f"{'time-major' if batch_first else 'batch-first'}?") if swapped else ""
-            raise InputError(f"{who}: lengths must have shape ({B},) (one per sequence), got {_fmt(lengths.shape)}{hint}")
+        check_lengths_shape(lengths, T, B, batch_first, who)
         if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
             raise InputError(f"{who}: lengths must be integers, got dtype {lengths.dtype}")
         if lengths.dtype in (torch.uint16, torch.uint32, torch.uint64):  # (types torch's min and max do not take)

@@ -530,7 +530,7 @@ def _x(*shape, dtype=DT):
     (lambda r: r(_x(T, B, I), lengths=torch.tensor([-1, 1, 1, 1])), rf"lengths must lie in \[0, {T}\] "
                                                                     rf"\(T = {T}\), got -1"),
     (lambda r: r(_x(T, B, I), lengths=torch.tensor([1, 2])), rf"lengths must have shape \({B},\) "
-                                                             r"\(one per sequence\), got \(2\)"),
+                                                             r"\(one per sequence\), got \(2,\)"),
     (lambda r: r(_x(T, B, I), lengths=torch.full((B,), 2.0)), r"lengths must be integers, got dtype torch.float32"),
     (lambda r: r(_x(T, B, I), mask=torch.ones(B, T, dtype=torch.bool)), rf"mask must be a bool tensor of shape "
                                                                         rf"\({T}, {B}\), got shape \({B}, {T}\)"),
@@ -545,7 +545,7 @@ def _x(*shape, dtype=DT):
     (lambda r: r(_x(T, B, I), lengths=torch.full((B,), 2 + 0j)), r"lengths must be integers, got dtype torch.complex64"),
     (lambda r: r(_x(T, B, I), lengths="52"), rf"lengths must be a tensor or list of {B} ints \(one per sequence\), got str"),
     (lambda r: r(_x(T, B, I), lengths=torch.ones(T, dtype=torch.int64)),
-     rf"lengths must have shape \({B},\) .*got \({T}\); x is read as \(T, B, \.\.\.\): is it batch-first\?"),
+     rf"lengths must have shape \({B},\) .*got \({T},\); x is read as \(T, B, \.\.\.\): is it batch-first\?"),
     (lambda r: r((_x(T, B, I), None)), r"x must be a tensor or a tuple of 1 tensors, got a tuple of Tensor, NoneType"),
 ], ids=["rank", "features", "float_dtype", "int_for_float", "input_count", "list_of_steps", "length_too_big", "length_negative",
         "lengths_shape", "lengths_float", "mask_shape", "mask_list", "mask_dtype", "lengths_and_mask", "unknown_state",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import operator
+import sys
 import threading
 from typing import Iterable, Iterator, Sequence
 
@@ -48,6 +49,31 @@ _SG_FUNCTIONS = frozenset({"sigmoid", "tanh", "relu", "exp", "log", "sqrt", "abs
 _OPERATOR_UFUNCS = {"add": operator.add, "subtract": operator.sub, "multiply": operator.mul,
                     "true_divide": operator.truediv, "divide": operator.truediv, "power": operator.pow,
                     "matmul": operator.matmul}
+
+
+def _calling_torch_module() -> str | None:
+    """The class name of the torch.nn module whose forward called torch on a node, if one did
+    (torch.nn.LayerNorm(4)(x) reaches us through F.layer_norm)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        me = frame.f_locals.get("self")
+        if me is not None and type(me).__module__.startswith("torch.nn.modules"):
+            return type(me).__name__
+        frame = frame.f_back
+    return None
+
+
+def _module_hint(module: str) -> str:
+    """What to write instead of torch.nn's module `module` on a node: its sg twin, if any."""
+    import seqgraph
+    twin = getattr(seqgraph, module, None)
+    if isinstance(twin, type):
+        return f"here sg.{module}"
+    recurrent = {"LSTM": "lstm", "GRU": "gru", "RNN": "rnn", "LSTMCell": "lstm", "GRUCell": "gru", "RNNCell": "rnn"}
+    if module in recurrent:  # a recurrent module inside a step: its cell, or the layer around the whole model
+        return (f"a step is one cell: here sg.cells.{recurrent[module]}(...) builds it (sg.nn.{module} is "
+                f"torch.nn's {module} on seqgraph, for tensors)")
+    return "see docs/dsl.md for the modules there are"
 
 
 def _hint(name: str) -> str:
@@ -174,8 +200,10 @@ class Node:
         name = getattr(func, "__name__", str(func)).strip("_")
         node = next((a for a in list(args) + list((kwargs or {}).values()) if isinstance(a, Node)), None)
         where = f"node {node.label()!r} (declared at {node.site})" if node is not None else "a seqgraph node"
-        raise TypeError(f"torch's {name} cannot run on {where}, a symbolic value (at {user_site()}): build the "
-                        f"step with seqgraph's own functions and modules; {_hint(name)}")
+        module = _calling_torch_module()
+        what, hint = (f"torch.nn.{module}", _module_hint(module)) if module else (f"torch's {name}", _hint(name))
+        raise TypeError(f"{what} cannot run on {where}, a symbolic value (at {user_site(('torch',))}): build the "
+                        f"step with seqgraph's own functions and modules; {hint}")
 
     def __getattr__(self, name: str):
         # called only for a name the node does not have: a tensor's method (x.dim() inside a
@@ -183,6 +211,11 @@ class Node:
         import torch
         if name.startswith("__") or name in Node.__slots__ or not hasattr(torch.Tensor, name):
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        module = _calling_torch_module()
+        if module is not None:
+            raise AttributeError(f"torch.nn.{module} cannot run on node {self.label()!r} (declared at {self.site}), "
+                                 f"a symbolic value (at {user_site(('torch',))}): build the step with seqgraph's own "
+                                 f"functions and modules; {_module_hint(module)}")
         hint = {"view": "here sg.reshape", "unsqueeze": "here sg.unsqueeze",
                 "size": "here node.shape: its shape per example, without the batch dimension (node.shape[-1] "
                         "is its number of features, node.elements its number of elements)",
