@@ -303,8 +303,10 @@ class Cell:
         return tuple(rows), roles
 
     def __repr__(self) -> str:
-        return (f"<sg.Cell{' ' + self.name if self.name else ''} inputs={[x.name for x in self.inputs]} "
-                f"states={self.state_names} outputs={len(self.outputs)} nodes={len(self.order)}>")
+        def sized(nodes):  # name: per-example shape (as Python writes a tuple)
+            return "{" + ", ".join(f"{n.name}: {tuple(n.shape)}" for n in nodes) + "}"
+        return (f"<sg.Cell{' ' + self.name if self.name else ''} inputs={sized(self.inputs)} "
+                f"states={sized([p for p, _ in self.states])} outputs={len(self.outputs)} nodes={len(self.order)}>")
 
     def dump(self) -> str:
         """The graph as text, one node per line."""

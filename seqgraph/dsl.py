@@ -465,6 +465,14 @@ class Module:
     def forward(self, x):  # pragma: no cover - every module defines it
         raise NotImplementedError(type(self).__name__)
 
+    def __repr__(self) -> str:
+        args = [a for a in (self.extra_repr(), f"name={self.name!r}" if self.name else "") if a]
+        return f"sg.{type(self).__name__}({', '.join(args)})"
+
+    def extra_repr(self) -> str:
+        """The constructor's arguments that differ from the defaults, as torch.nn modules print them."""
+        return ""
+
     def _not_a_node(self) -> TypeError:
         name = type(self).__name__
         return TypeError(f"{name} (declared at {self.site}) is a module, not a node; did you forget a second "
@@ -507,6 +515,9 @@ class Linear(Module):
         y = self._make("linear", (x, self.weight))
         return y if self.bias is None else self._make("add", (y, self.bias))
 
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}" + (", bias=False" if self.bias is None else "")
+
 
 class Embedding(Module):
     """Rows of a (num, dim) table for integer inputs. As in torch.nn.Embedding, the padding_idx
@@ -529,6 +540,9 @@ class Embedding(Module):
 
     def forward(self, idx):
         return self._make("embedding", (_node(idx, "Embedding"), self.weight), padding_idx=self.padding_idx)
+
+    def extra_repr(self) -> str:
+        return f"{self.num}, {self.dim}" + (f", padding_idx={self.padding_idx}" if self.padding_idx is not None else "")
 
 
 class LayerNorm(Module):
@@ -554,6 +568,10 @@ class LayerNorm(Module):
         if self.weight is not None:
             y = self._make("add", (self._make("mul", (y, self.weight)), self.bias))
         return y
+
+    def extra_repr(self) -> str:
+        return f"{self.size}" + (f", eps={self.eps}" if self.eps != 1e-5 else "") + \
+            (", affine=False" if self.weight is None else "")
 
 
 def _elementwise_module(cls_name: str, op: str):
@@ -584,6 +602,9 @@ class Concat(Module):
 
     def forward(self, xs):
         return self._make("concat", tuple(_list_of_nodes(xs, "Concat")), dim=self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}" if self.dim != -1 else ""
 
 
 class CAdd(Module):
@@ -622,3 +643,6 @@ class Dropout(Module):
 
     def forward(self, x):
         return dropout(x, self.p, per_sequence=self.per_sequence, name=self.name)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}" + (", per_sequence=True" if self.per_sequence else "")

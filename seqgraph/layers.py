@@ -163,9 +163,11 @@ def _single_output(out, who: str) -> torch.Tensor:
 class Stack(nn.Module):
     """Recurrence-like layers run one after the other (rnnlib's list of hidden sizes).
 
-    forward(x, state=None, *, lengths=None, mask=None) -> (output, [final_state per layer])
-    state: None or a list with one initial state (or None) per layer. Dropout with
-    probability `dropout` is applied between layers (not after the last), like torch.nn.LSTM.
+    forward(x, state=None, *, lengths=None, mask=None, **kwargs) -> (output, [final_state per layer])
+    state: None or a list with one initial state (or None) per layer; kwargs (e.g. context=,
+    an attention memory) go to every layer. Dropout with probability `dropout` is applied
+    between layers (not after the last), like torch.nn.LSTM. `remember` reads and sets it on
+    every layer that has it.
     """
 
     def __init__(self, layers: Sequence[nn.Module], dropout: float = 0.0):
@@ -192,7 +194,7 @@ class Stack(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.dropout = nn.Dropout(dropout) if dropout else None
 
-    def forward(self, x, state: Sequence | None = None, *, lengths=None, mask=None):
+    def forward(self, x, state: Sequence | None = None, *, lengths=None, mask=None, **kwargs):
         if state is None:
             state = [None] * len(self.layers)
         if isinstance(state, dict) or len(state) != len(self.layers):
@@ -203,7 +205,7 @@ class Stack(nn.Module):
             if k and self.dropout is not None:
                 x = self.dropout(x)
             with _naming_errors(f"sg.Stack layer {k}"):
-                x, final = layer(x, s, lengths=lengths, mask=mask)
+                x, final = layer(x, s, lengths=lengths, mask=mask, **kwargs)
             x = _single_output(x, f"sg.Stack layer {k}")
             finals.append(final)
         return x, finals
@@ -211,6 +213,20 @@ class Stack(nn.Module):
     def forget(self) -> None:
         """Drop the state every remember=True layer carries: the next call starts afresh."""
         _forget_all(self.layers)
+
+    @property
+    def remember(self) -> bool:
+        """Whether the layers carry their final states into the next call (all of them do)."""
+        kept = [m.remember for m in self.layers if hasattr(m, "remember")]
+        return bool(kept) and all(kept)
+
+    @remember.setter
+    def remember(self, on: bool) -> None:
+        layers = [m for m in self.layers if hasattr(m, "remember")]
+        if not layers:
+            raise AttributeError("sg.Stack: none of its layers has remember (an sg.Recurrence has)")
+        for m in layers:
+            m.remember = bool(on)
 
 
 @contextlib.contextmanager
@@ -256,6 +272,11 @@ def stack(cell_fn: Callable, input_size: int, hidden_sizes: Sequence[int], dropo
                 raise
             raise TypeError(f"sg.stack: {e}; sg.stack takes dropout, batch_first and remember, and hands every "
                             f"other keyword ({', '.join(cell_kwargs)}) to the cell function") from None
+        if not isinstance(cell, Cell):
+            made = f"an instance of {type(cell).__module__}.{type(cell).__qualname__}"
+            raise TypeError(f"sg.stack: cell_fn(input_size, hidden_size) must return an sg.Cell (sg.cells.lstm, "
+                            f"say, or a function of yours that builds one), but {getattr(cell_fn, '__name__', cell_fn)!r} "
+                            f"returned {made}")
         rec = Recurrence(cell, batch_first=batch_first, remember=remember)
         size = _output_size(rec)
         layers.append(rec)

@@ -25,7 +25,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from . import cells
 from .errors import InputError
 from .layers import reverse_sequences
-from .recurrence import Recurrence, check_lengths_shape
+from .recurrence import ParamTree, Recurrence, check_lengths_shape
 
 BACKENDS = ("reference", "torch", "triton", "cpu", "auto")
 
@@ -41,13 +41,13 @@ def _bind(rec: Recurrence, owner: nn.Module, names: dict[str, str]) -> Recurrenc
     owner's forward passes every weight in with `rec.reading`."""
     if set(names) != set(rec.cell.params):
         raise AssertionError(f"cell parameters {sorted(rec.cell.params)} do not match {sorted(names)}")
-    rec.params = nn.Module()
+    rec.params = ParamTree()
     for key, name in names.items():
         *path, leaf = key.split(".")
         mod = rec.params
         for part in path:
             if not hasattr(mod, part):
-                mod.add_module(part, nn.Module())
+                mod.add_module(part, ParamTree())
             mod = getattr(mod, part)
         p = getattr(owner, name, None)
         if isinstance(p, nn.Parameter):
@@ -168,7 +168,11 @@ class _RNNBase(nn.Module):
     def recurrence(self, layer: int = 0, direction: int = 0) -> Recurrence:
         """The sg.Recurrence (or its compiled twin) that runs one layer and direction: its
         cell, picture (sg.to_dot(lstm.recurrence(1))), and, unless backend="reference",
-        its plan() and source()."""
+        its plan() and source(). direction: 0 forward, 1 reverse (bidirectional layers)."""
+        for name, v in (("layer", layer), ("direction", direction)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"sg.nn.{self.mode}.recurrence: {name} must be an int"
+                                f"{' (0 forward, 1 reverse)' if name == 'direction' else ''}, got {v!r}")
         if not (0 <= layer < self.num_layers and 0 <= direction < self._directions):
             raise IndexError(f"sg.nn.{self.mode} has {self.num_layers} layer(s) and {self._directions} direction(s); "
                              f"got layer={layer}, direction={direction}")

@@ -197,7 +197,7 @@ class Recurrence(nn.Module):
         self.batch_first = batch_first
         self.remember = remember
         self._memory: dict[str, torch.Tensor] | None = None
-        self.params = nn.Module()
+        self.params = ParamTree()
         for key, node in cell.params.items():
             t = torch.empty(node.shape)
             with torch.no_grad():
@@ -637,6 +637,16 @@ class Recurrence(nn.Module):
     def extra_repr(self) -> str:
         return f"cell={self.cell!r}, batch_first={self.batch_first}, remember={self.remember}"
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("plan", "source"):  # (asked of the reference: getattr(rec, "plan", None) stays None)
+                raise AttributeError(f"{self._where()} runs the reference interpreter and has no {name}(): "
+                                     f"sg.compile(module) returns its compiled twin, which has (an sg.nn layer "
+                                     f"or cell: backend='auto', or use_backend('auto'))") from None
+            raise
+
     def _repr_svg_(self):  # Jupyter shows the cell's picture inline
         return self.cell._repr_svg_()
 
@@ -650,12 +660,20 @@ def _batch_rows(step: tuple[list, list], rows: int) -> tuple[list, list]:
     return fit(step[0]), fit(step[1])
 
 
+class ParamTree(nn.Module):
+    """A level of a cell's parameter tree (`rec.params.ih.weight`): a module that holds
+    Parameters and runs nothing; it prints their shapes."""
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}: {tuple(p.shape)}" for name, p in self._parameters.items() if p is not None)
+
+
 def _register_nested(root: nn.Module, key: str, p: nn.Parameter) -> None:
     *path, leaf = key.split(".")
     mod = root
     for part in path:
         if not hasattr(mod, part) or not isinstance(getattr(mod, part), nn.Module):
-            mod.add_module(part, nn.Module())
+            mod.add_module(part, ParamTree())
         mod = getattr(mod, part)
     mod.register_parameter(leaf, p)
 

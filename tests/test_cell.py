@@ -240,3 +240,7 @@ def test_a_cell_without_inputs_inlines_into_a_cell_with_inputs():
     rec = sg.Recurrence(sg.Cell(inputs=[x], states={h: nxt["s"] + x}))
     out, _ = rec(torch.zeros(3, 2, 4))
     assert out.shape == (3, 2, 4)
+
+
+def test_a_cell_prints_the_sizes_of_its_inputs_and_states():
+    assert repr(sg.cells.lstm(4, 8)) == "<sg.Cell lstm inputs={x: (4,)} states={h: (8,), c: (8,)} outputs=1 nodes=25>"

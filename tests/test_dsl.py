@@ -772,3 +772,16 @@ def test_a_checkpoint_of_version_1_keeps_its_outputs_its_padding_row_read_as_zer
     assert torch.equal(old["params.emb.weight"][0], torch.tensor([1.5, -0.3, -2.2]))  # the caller's dict untouched
     rec.load_state_dict(state)  # a checkpoint of this version loads as stored
     assert torch.equal(rec.params.emb.weight[0], torch.tensor([1.5, -0.3, -2.2]))
+
+
+@pytest.mark.parametrize("module,text", [
+    (lambda: sg.Linear(3, 4, name="gate"), "sg.Linear(3, 4, name='gate')"),
+    (lambda: sg.Linear(3, 4, bias=False), "sg.Linear(3, 4, bias=False)"),
+    (lambda: sg.Embedding(10, 4, padding_idx=0), "sg.Embedding(10, 4, padding_idx=0)"),
+    (lambda: sg.LayerNorm(5, eps=1e-3, affine=False), "sg.LayerNorm(5, eps=0.001, affine=False)"),
+    (lambda: sg.Concat(0), "sg.Concat(dim=0)"),
+    (lambda: sg.Dropout(0.25, per_sequence=True), "sg.Dropout(p=0.25, per_sequence=True)"),
+    (lambda: sg.Tanh(), "sg.Tanh()"),
+], ids=["linear", "linear_no_bias", "embedding", "layer_norm", "concat", "dropout", "tanh"])
+def test_a_module_prints_its_sizes_and_flags(module, text):
+    assert repr(module()) == text

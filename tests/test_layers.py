@@ -762,3 +762,40 @@ def test_a_module_that_defines_call_instead_of_forward_is_accepted_as_a_layer():
 def test_bidirectional_refuses_a_backward_stack_whose_layers_remember():
     with pytest.raises(ValueError, match=r"cannot carry its state into the next call \(remember=True, copied from fwd\)"):
         sg.Bidirectional(sg.stack(sg.cells.gru, I, [H], remember=True))
+
+
+def _attending_cell(input_size: int, hidden: int, S: int = 3, D: int = 2) -> sg.Cell:
+    x, h = sg.Input(input_size, name="x"), sg.State(hidden, name="h")
+    memory = sg.Context((S, D), name="memory")
+    scores = sg.sum(sg.tanh(sg.Linear(D, hidden, name="keys")(memory) + sg.Linear(hidden, hidden, name="q")(h)), dim=-1)
+    read = sg.sum(sg.unsqueeze(sg.softmax(scores), -1) * memory, dim=0)
+    h_next = sg.tanh(sg.Linear(input_size + hidden + D, hidden, name="cell")(sg.concat([x, h, read])))
+    return sg.Cell(inputs=[x], states={h: h_next}, outputs=[h_next], contexts=[memory])
+
+
+def test_a_stack_passes_context_to_every_layer():
+    torch.manual_seed(0)
+    first, second = sg.Recurrence(_attending_cell(3, 4)), sg.Recurrence(_attending_cell(4, 4))
+    x, memory = torch.randn(5, 2, 3), torch.randn(2, 3, 2)
+    out, finals = sg.Stack([first, second])(x, context=memory)
+    want, _ = second(first(x, context=memory)[0], context=memory)
+    torch.testing.assert_close(out, want)
+    assert len(finals) == 2
+
+
+def test_remember_set_on_a_stack_carries_every_layers_state_to_the_next_call():
+    st = sg.stack(sg.cells.gru, 3, [5, 5])
+    assert st.remember is False
+    st.remember = True
+    assert st.remember and all(layer.remember for layer in st.layers)
+    x = torch.randn(4, 2, 3)
+    first, _ = st(x)
+    second, _ = st(x)
+    assert not torch.allclose(first, second)
+    st.forget()
+    torch.testing.assert_close(st(x)[0], first)
+
+
+def test_stack_names_a_cell_function_that_returns_no_cell():
+    with pytest.raises(TypeError, match=r"must return an sg.Cell .* 'LSTM' returned an instance of torch.nn"):
+        sg.stack(torch.nn.LSTM, 4, [8])

@@ -609,3 +609,8 @@ def test_a_cell_steps_with_a_weight_norm_parametrized_weight():
     torch.testing.assert_close(mine(x, hx)[0], ref(x, hx)[0])
     mine(x, hx)[0].sum().backward()
     assert mine.parametrizations.weight_hh.original0.grad is not None
+
+
+def test_recurrence_of_a_layer_names_the_directions_for_a_direction_that_is_no_int():
+    with pytest.raises(TypeError, match=r"direction must be an int \(0 forward, 1 reverse\), got 'backward'"):
+        sg.nn.LSTM(I, H, bidirectional=True).recurrence(0, "backward")

@@ -1138,3 +1138,16 @@ def test_a_checkpointed_layer_that_is_given_its_state_gets_the_gradients_of_an_u
     checkpointed, x.grad = x.grad, None
     rec(x, {"h": h0})[0].sum().backward()
     assert torch.allclose(checkpointed, x.grad)
+
+
+def test_a_recurrence_prints_its_parameters_shapes():
+    text = repr(sg.Recurrence(sg.cells.gru(4, 8)))
+    assert "(ih): ParamTree(weight: (24, 4), bias: (24,))" in text and "states={h: (8,)}" in text
+
+
+@pytest.mark.parametrize("name", ["plan", "source"])
+def test_asking_an_uncompiled_recurrence_for_its_plan_names_sg_compile(name):
+    rec = sg.Recurrence(sg.cells.gru(4, 8))
+    assert getattr(rec, name, None) is None
+    with pytest.raises(AttributeError, match=rf"reference interpreter and has no {name}\(\): sg.compile\(module\)"):
+        getattr(rec, name)()
