@@ -10,7 +10,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     usage = ("usage: python -m seqgraph demo [--steps N] [--batch B] [--every N] [--seed S] [--backend NAME]\n"
              "       python -m seqgraph bench [--help]\n"
-             "       python -m seqgraph viz path/to/cell.py:make_cell [--unroll K] [--compact] [-o out.svg]\n"
+             "       python -m seqgraph viz path/to/cell.py:make_cell [--unroll K] [--compact] [--backward] [-o out.svg]\n"
              "       python -m seqgraph --version\n"
              "each subcommand's --help says more")
     if not argv:

@@ -189,7 +189,9 @@ def run_case(cell_name: str, size: str, device, dtype, reps: int, peers: set[str
         t0 = time.perf_counter()
         comp = sg.compile(rec, backend=backend)
         cold = time.perf_counter() - t0
-        add(f"seqgraph {backend}", (lambda c: lambda: c(x)[0])(comp), compile_s=cold)
+        runs = comp.backend_for(dtype, device)  # (the cpu backend runs bfloat16 as the torch code)
+        label = f"seqgraph {backend}" + (f" (runs {runs})" if runs != backend else "")
+        add(label, (lambda c: lambda: c(x)[0])(comp), compile_s=cold)
 
     def no_grad(fwd):
         def run():
@@ -249,16 +251,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def write_section(path: str, title: str, body: str) -> None:
-    """Replace (or append) the section `## title` of a Markdown file."""
+def write_section(path: str, title: str, body: str) -> bool:
+    """Replace (or append) the section `## title` of a Markdown file; True when it replaced one."""
     try:
         text = open(path).read()
     except FileNotFoundError:
         text = ""
     if not text.strip():  # a new (or empty) file starts with a title
-        text = "# Benchmarks\n\nWritten by `python -m seqgraph bench --out docs/benchmarks.md`.\n"
+        text = f"# Benchmarks\n\nWritten by `python -m seqgraph bench --out {path}`.\n"
     head = f"## {title}\n"
-    if head in text:
+    replaced = head in text
+    if replaced:
         start = text.index(head)
         nxt = text.find("\n## ", start + len(head))
         text = text[:start] + head + body + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
@@ -266,6 +269,7 @@ def write_section(path: str, title: str, body: str) -> None:
         text = text.rstrip("\n") + "\n\n" + head + body
     with open(path, "w") as f:
         f.write(text.rstrip("\n") + "\n")
+    return replaced
 
 
 PEERS = ("cudnn", "eager", "torch.compile", "seqgraph-torch", "seqgraph-triton", "seqgraph-cpu")
@@ -276,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--cells", default=",".join(CELLS), help=f"comma list of {list(CELLS)}")
     ap.add_argument("--sizes", default="fastrnns,small,medium", help=f"comma list of {list(SIZES)}")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where every peer runs: cpu, or cuda (the default where torch sees a GPU)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--reps", type=int, default=5, help="turns of every peer; the median is reported")
     ap.add_argument("--burst", type=int, default=1,
@@ -329,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         cmd = "python -m seqgraph bench " + " ".join(argv or [])
         runs = f"{args.reps} runs" if args.burst == 1 else f"{args.reps} bursts of {args.burst - 1} timed runs"
-        write_section(args.out, title, f"\nMedians of {runs}; command: `{cmd.strip()}`; "
-                                       f"torch {torch.__version__}.\n\n{table}\n")
+        replaced = write_section(args.out, title, f"\nMedians of {runs}; command: `{cmd.strip()}`; "
+                                                  f"torch {torch.__version__}.\n\n{table}\n")
+        print(f"{'replaced' if replaced else 'wrote'} the section '## {title}' of {args.out}"
+              + (" (the rows of its earlier run are gone: one run writes one whole section)" if replaced else ""))
     return 0

@@ -50,7 +50,7 @@ def _auto_program(cell: Cell, wanted: str, unroll: int) -> Program:
     except RuntimeError as e:
         if wanted != "cpu":
             raise
-        _C_BROKEN = str(e).splitlines()[0]
+        _C_BROKEN = str(e).splitlines()[0].rstrip(":. ")
         warnings.warn(f"seqgraph: the C compiler could not build the cpu backend's kernels, so backend='auto' "
                       f"runs the torch code from now on ({_C_BROKEN}; backend='cpu' shows the whole error)",
                       RuntimeWarning, stacklevel=3)
@@ -80,7 +80,7 @@ def _auto_choice(device: torch.device, dtype: torch.dtype | None, autocast: bool
     if dtype is not None and dtype not in _C_DTYPES:
         return "torch", f"the C kernels compute float32 and float64, not {str(dtype).replace('torch.', '')}"
     if _find_compiler() is None:
-        return "torch", "no C compiler was found (set $CC, or install gcc or clang)"
+        return "torch", f"no C compiler was found: {_c_launch.why_no_compiler()}"
     if _C_BROKEN is not None:
         return "torch", f"the C compiler could not build the kernels: {_C_BROKEN}"
     return ("torch", "under CPU autocast, which picks each op's dtype") if autocast else ("cpu", "")
@@ -364,15 +364,18 @@ class CompiledRecurrence(Recurrence):
         self.unroll = unroll
         self.train(rec.training)
         if backend == "auto":  # planned for where the parameters are now; re-chosen per call
+            if os.environ.get("CC") and _find_compiler() is None:  # (unset, no compiler is no mistake of the user's)
+                warnings.warn(f"seqgraph: backend='auto' runs the torch code on the CPU: {_c_launch.why_no_compiler()}",
+                              RuntimeWarning, stacklevel=3)
             p = next(iter(rec.parameters()), None)
             where = p.device if p is not None else torch.device("cpu")
             self._program = _auto_program(rec.cell, auto_backend(where, p.dtype if p is not None else None), unroll)
         else:
             from .kernels.c_launch import find_compiler
             if backend == "cpu" and find_compiler() is None:  # (a compiler that fails says why when it runs)
-                from .kernels.c_launch import CompilerMissing
-                raise CompilerMissing("backend='cpu' builds its kernels with a C compiler and none was found "
-                                      "(set $CC, or install gcc or clang); backend='torch' needs none")
+                from .kernels.c_launch import CompilerMissing, why_no_compiler
+                raise CompilerMissing(f"backend='cpu' builds its kernels with a C compiler: {why_no_compiler()}; "
+                                      f"backend='torch' needs none")
             self._program = get_program(rec.cell, backend, unroll)
         self._build_torch_fallback()
 

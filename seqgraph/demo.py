@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=400, help="training steps (default 400)")
     parser.add_argument("--batch", type=int, default=64, help="sequences per batch (default 64)")
     parser.add_argument("--every", type=int, default=50, help="print the loss every N steps (default 50)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the weights (default 0)")
     parser.add_argument("--backend", default="auto", choices=["auto", "cpu", "torch", "triton", "reference"],
                         help="how the cell runs (default auto)")
     args = parser.parse_args(argv)

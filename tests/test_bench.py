@@ -142,8 +142,22 @@ def test_a_cell_without_a_peer_of_its_own_is_compared_with_nn_lstm_of_its_size_o
 def test_a_new_or_empty_output_file_gets_a_title(tmp_path):
     out = tmp_path / "b.md"
     out.write_text("")
-    bench.write_section(str(out), "machine", "\n| table |\n")
+    assert bench.write_section(str(out), "machine", "\n| table |\n") is False
     assert out.read_text().startswith("# Benchmarks\n") and "## machine\n" in out.read_text()
+    assert f"--out {out}`" in out.read_text()  # the command that wrote this file
+
+
+def test_a_second_run_on_one_machine_replaces_its_section_and_says_so(tmp_path):
+    out = tmp_path / "b.md"
+    bench.write_section(str(out), "machine", "\n| first |\n")
+    assert bench.write_section(str(out), "machine", "\n| second |\n") is True
+    assert "| second |" in out.read_text() and "| first |" not in out.read_text()
+
+
+def test_a_seqgraph_peer_that_runs_the_torch_code_for_the_dtype_says_so(monkeypatch):
+    monkeypatch.setitem(bench.SIZES, "small", (3, 2, 4))
+    rows = bench.run_case("gru", "small", torch.device("cpu"), torch.bfloat16, 1, {"seqgraph-cpu"})
+    assert [r["peer"] for r in rows] == ["seqgraph cpu (runs torch)"]
 
 
 def test_the_real_rows_threshold_script_prints_a_row_per_share_and_restores_the_threshold(capsys):

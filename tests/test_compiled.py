@@ -305,7 +305,8 @@ def test_auto_backend_runs_the_c_kernels_on_the_cpu():
 def test_auto_backend_runs_the_torch_code_where_there_is_no_c_compiler(monkeypatch):
     monkeypatch.setenv("CC", "/nonexistent/cc")
     rec = sg.Recurrence(ZOO["gru_reset_after"]())
-    comp = sg.compile(rec)
+    with pytest.warns(RuntimeWarning, match="backend='auto' runs the torch code on the CPU"):
+        comp = sg.compile(rec)
     assert comp._program.backend == "torch"
     x = torch.randn(3, 2, 3)
     torch.testing.assert_close(comp(x)[0], rec(x)[0])
@@ -950,9 +951,28 @@ def _loops_line(comp) -> str:
 
 def test_the_plan_says_why_auto_runs_the_torch_code_without_a_c_compiler(monkeypatch):
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    comp = sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="auto")
+    with pytest.warns(RuntimeWarning, match=r"backend='auto' runs the torch code on the CPU: \$CC is '/nonexistent/cc', "
+                                            r"which was not found"):
+        comp = sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="auto")
     assert comp.backend_for() == "torch"
-    assert "Python, torch code per step" in _loops_line(comp) and "no C compiler was found" in _loops_line(comp)
+    assert "Python, torch code per step" in _loops_line(comp) and "no C compiler was found: $CC is" in _loops_line(comp)
+
+
+def test_without_cc_and_without_a_compiler_on_path_the_message_says_to_install_one(monkeypatch):
+    from seqgraph.kernels.c_launch import why_no_compiler
+    monkeypatch.delenv("CC", raising=False)
+    assert why_no_compiler() == "none of cc, gcc, clang is on PATH (install one, or set $CC)"
+
+
+def test_a_failed_build_under_seqgraph_cflags_names_those_flags(monkeypatch, tmp_path):
+    monkeypatch.setenv("SEQGRAPH_CFLAGS", "-Ofast-bogus")
+    monkeypatch.setenv("SEQGRAPH_CACHE_DIR", str(tmp_path))
+    clear_cache()
+    try:
+        with pytest.raises(RuntimeError, match=r"\$SEQGRAPH_CFLAGS is '-Ofast-bogus': check those flags first"):
+            sg.compile(sg.Recurrence(sg.cells.gru(3, 5)), backend="cpu")
+    finally:
+        clear_cache()
 
 
 def test_the_plan_is_the_one_a_call_with_the_parameters_dtype_runs():
@@ -986,7 +1006,7 @@ def test_a_deep_copied_model_shows_the_same_source_up_to_its_nodes_numbers():
     copied = copy.deepcopy(comp)
 
     def numbered_alike(text):
-        return re.sub(r"\b[vp]\d+|%\d+", "N", text)
+        return re.sub(r"\b(_rule|[vp])\d+|%\d+", "N", text)
     assert copied.cell is not comp.cell and numbered_alike(copied.source()) == numbered_alike(comp.source())
 
 

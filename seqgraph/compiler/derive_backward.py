@@ -63,7 +63,10 @@ def derive_backward(loop_nodes: list[Node], states: list[tuple[Node, Node]], out
     loop reads from outside (hoisted per-step values and invariants) whose gradients are wanted."""
     grad_next = [_grad_leaf(p, f"grad_next_{p.name}") for p, _ in states]
     grad_out = [_grad_leaf(o, f"grad_out_{k}") for k, o in enumerate(outputs)]
-    mask = make("input", (), name="mask", shape=(1,), batched=True, dtype="float") if masked else None
+    # the mask leaf is the whole step's, tagged with where the first state was declared
+    anchor = states[0][0] if states else outputs[0] if outputs else None
+    mask = make("input", (), name="mask", shape=(1,), batched=True, dtype="float",
+                site=anchor.site if anchor is not None else None) if masked else None
     deriv = StepDerivative(grad_next, grad_out, mask, [], leaves={n.id for n in grad_next + grad_out})
     if mask is not None:
         deriv.leaves.add(mask.id)

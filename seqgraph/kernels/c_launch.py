@@ -63,6 +63,14 @@ def find_compiler() -> str | None:
 _found_compilers: dict[tuple, str | None] = {}
 
 
+def why_no_compiler() -> str:
+    """Why find_compiler() found none, and what to do: for messages."""
+    cc = env("CC")
+    if cc:
+        return f"$CC is {cc!r}, which was not found: point it at a C compiler, or unset it to use cc, gcc or clang"
+    return "none of cc, gcc, clang is on PATH (install one, or set $CC)"
+
+
 def _search_compiler(cc: str | None) -> str | None:
     if cc:
         return shutil.which(shlex.split(cc)[0]) and cc
@@ -527,8 +535,8 @@ def _build(source: str, path: Path, real: str, halves: int = 1) -> None:
     `halves=2` when the text is written in two halves that may compile at once."""
     cc = find_compiler()
     if cc is None:
-        raise CompilerMissing("the cpu backend compiles its kernels with a C compiler, and none was found "
-                              "(set $CC, or install gcc or clang); backend='torch' needs none")
+        raise CompilerMissing(f"the cpu backend compiles its kernels with a C compiler: {why_no_compiler()}; "
+                              f"backend='torch' needs none")
     # compiled from a private copy (another process may write the shared `<key>.c` meanwhile,
     # and each half's compiler reads the file), which then becomes `<key>.c`, atomically
     c_path = path.with_suffix(".c")
@@ -554,9 +562,14 @@ def _build(source: str, path: Path, real: str, halves: int = 1) -> None:
                 temps.remove(tmp_c)
         if failed:
             cmd, stderr = failed
-            raise RuntimeError(f"the C compiler failed on generated kernels ({shown}); if it builds other C programs, "
-                               f"this is a seqgraph bug: please report it with that file (backend='torch' needs no "
-                               f"compiler):\n{' '.join(cmd).replace(tmp_c, shown)}\n{stderr[-4000:].replace(tmp_c, shown)}")
+            flags = env("SEQGRAPH_CFLAGS")
+            suspect = (f"$SEQGRAPH_CFLAGS is {flags!r}: check those flags first (unset, it is "
+                       f"{DEFAULT_CFLAGS!r}); if the compiler builds other C programs with them, "
+                       if flags is not None else "if it builds other C programs, ")
+            raise RuntimeError(f"the C compiler failed on generated kernels ({shown}); {suspect}this is a seqgraph "
+                               f"bug: please report it with that file (backend='torch' needs no compiler). "
+                               f"The command and its errors:\n{' '.join(cmd).replace(tmp_c, shown)}\n"
+                               f"{stderr[-4000:].replace(tmp_c, shown)}")
         share_library(tmp_so)
         try:
             os.replace(tmp_so, path)  # atomic: a concurrent process sees the whole library or none
