@@ -55,6 +55,19 @@ def _bind(rec: Recurrence, owner: nn.Module, names: dict[str, str]) -> Recurrenc
     return rec
 
 
+def _bound(owner: nn.Module, names: dict[str, str]) -> tuple:
+    """(torch name, Parameter) of each weight a step's tree was just given by `_bind`."""
+    return tuple((name, owner._parameters.get(name)) for name in names.values())
+
+
+def _reads_own(owner: nn.Module, bound: tuple | None) -> bool:
+    """Whether the owner still has exactly the Parameters its step's tree holds: then a call
+    reads them there, without passing them in (`Recurrence.reading`, which a weight replaced
+    since, or computed per access by a parametrization, needs)."""
+    own = owner._parameters
+    return bound is not None and all(p is not None and own.get(name) is p for name, p in bound)
+
+
 def _rebind_after_load(module: nn.Module, incompatible_keys) -> None:
     module._rebind()
 
@@ -122,6 +135,7 @@ class _RNNBase(nn.Module):
         # _recs[layer][direction] may be swapped for a compiled twin (same interface and params).
         self._recs = recs
         self._torch_names = torch_names
+        self._note_bound()
         self.register_load_state_dict_post_hook(_rebind_after_load)
         self.reset_parameters()
         if backend != "reference":
@@ -141,6 +155,10 @@ class _RNNBase(nn.Module):
                 _bind(rec, self, names)
                 if getattr(rec, "_source", None) is not None:  # a compiled twin: rebind its origin too
                     _bind(rec._source, self, names)
+        self._note_bound()
+
+    def _note_bound(self) -> None:
+        self.__dict__["_bound"] = [[_bound(self, names) for names in row] for row in self._torch_names]
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
@@ -267,8 +285,12 @@ class _RNNBase(nn.Module):
                                                  f" (layer {layer})" if self.num_layers > 1 else "")
                 object.__setattr__(rec, "_shown_as", shown)  # how its errors name it, and its weights
                 object.__setattr__(rec, "_param_shown", names)
-                with rec.reading({key: getattr(self, name) for key, name in names.items()}):
+                bound = self.__dict__.get("_bound")
+                if _reads_own(self, bound[layer][direction] if bound else None):
                     out, final = rec(seq, state, lengths=lengths, mask=mask)
+                else:
+                    with rec.reading({key: getattr(self, name) for key, name in names.items()}):
+                        out, final = rec(seq, state, lengths=lengths, mask=mask)
                 outs.append(out if direction == 0 else reverse_sequences(out, lengths, mask=mask))
                 h_n.append(final["h"])
                 if "c" in final:
@@ -416,9 +438,7 @@ class _CellBase(nn.Module):
         self._note_bound()
 
     def _note_bound(self) -> None:
-        """Remember the Parameters the step's tree holds: while this module's are those same
-        objects, a call reads them from the tree without passing them in (`_rec.reading`)."""
-        self.__dict__["_bound"] = tuple((name, self._parameters.get(name)) for name in self._names.values())
+        self.__dict__["_bound"] = _bound(self, self._names)
 
     def _rebind(self) -> None:
         _bind(self._rec, self, self._names)
@@ -470,12 +490,11 @@ class _CellBase(nn.Module):
         rec = self._rec
         if rec.training != self.training:
             rec.train(self.training)
-        own = self._parameters
-        if all(p is not None and own.get(name) is p for name, p in self._bound):
-            _, final = rec.forward(x.unsqueeze(0), state)  # (rec is no submodule: no hooks of its own)
+        if _reads_own(self, self.__dict__.get("_bound")):
+            _, final = rec(x.unsqueeze(0), state)
         else:  # a weight reassigned, or computed per access (a parametrization): passed in as read now
             with rec.reading({key: getattr(self, name) for key, name in self._names.items()}):
-                _, final = rec.forward(x.unsqueeze(0), state)
+                _, final = rec(x.unsqueeze(0), state)
         h = final["h"].squeeze(0) if unbatched else final["h"]
         if self.mode != "LSTM":
             return h

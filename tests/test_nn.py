@@ -614,3 +614,21 @@ def test_a_cell_steps_with_a_weight_norm_parametrized_weight():
 def test_recurrence_of_a_layer_names_the_directions_for_a_direction_that_is_no_int():
     with pytest.raises(TypeError, match=r"direction must be an int \(0 forward, 1 reverse\), got 'backward'"):
         sg.nn.LSTM(I, H, bidirectional=True).recurrence(0, "backward")
+
+
+@pytest.mark.parametrize("mode,args", [("LSTM", (torch.randn(T, B, I),)), ("LSTMCell", (torch.randn(B, I),))])
+def test_functional_call_runs_the_weights_it_is_given_as_torch_nn_does(mode, args):
+    from torch.func import functional_call
+    ref, mine = getattr(torch.nn, mode)(I, H), getattr(sg.nn, mode)(I, H)
+    mine.load_state_dict(ref.state_dict())
+    given = {k: torch.randn_like(v) for k, v in ref.named_parameters()}
+    torch.testing.assert_close(functional_call(mine, given, args)[0], functional_call(ref, given, args)[0])
+    torch.testing.assert_close(mine(*args)[0], ref(*args)[0])  # and its own weights again after
+
+
+def test_a_layer_runs_a_weight_reassigned_after_it_was_made():
+    ref, mine = make_pair("GRU", 2, False, False, True, {})
+    new = torch.nn.Parameter(torch.randn(3 * H, H))
+    ref.weight_hh_l1, mine.weight_hh_l1 = new, new
+    x = torch.randn(T, B, I)
+    torch.testing.assert_close(mine(x)[0], ref(x)[0])
