@@ -11,7 +11,7 @@ re-exports: it must not define behaviour of its own (tests/test_docs.py runs the
 from .errors import GraphError, InputError, ShapeError, WiringError
 from .dsl import (CAdd, CMul, Concat, Context, Dropout, Embedding, Identity, Input, LayerNorm, Linear, Module,
                   Noise, Parameter, ReLU, Sigmoid, State, Tanh, abs, chunk, concat, dropout, exp, layer_norm, log,
-                  matmul, maximum, mean, minimum, narrow, relu, reshape, sigmoid, softmax, split, sqrt, squeeze, stop_gradient,
+                  matmul, maximum, mean, minimum, narrow, relu, reshape, sigmoid, sign, softmax, split, sqrt, squeeze, stop_gradient,
                   sum, tanh, transpose, unsqueeze, where_mask)
 from .cell import Cell, Graph
 from .recurrence import Recurrence

@@ -245,8 +245,12 @@ def _mufuru_op(op: str, s, v):
         return s * v
     if op == "diff":
         return s - v
-    if op == "sqrt_diff":
-        return 0.25 * sg.sqrt(sg.abs(s - v))
+    if op == "sqrt_diff":  # 0.25 * sqrt(|s - v|), whose derivative is infinite where s == v (tanh
+        # saturates to exactly 1 in float32, and s follows it): there 0 (a subgradient), so no nan
+        # reaches the weights; elsewhere the value and derivative are sqrt's exactly
+        d = sg.abs(s - v)
+        apart = sg.sign(d)  # 1 where s != v, else 0
+        return 0.25 * apart * sg.sqrt(d + (1.0 - apart))
     if op == "max":
         return sg.maximum(s, v)
     if op == "min":

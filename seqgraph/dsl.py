@@ -230,6 +230,8 @@ def _unary(op):
 
 sigmoid, tanh, relu, exp, log, sqrt = (_unary(o) for o in ("sigmoid", "tanh", "relu", "exp", "log", "sqrt"))
 abs = _unary("abs")  # noqa: A001 - mirrors torch.abs
+sign = _unary("sign")
+sign.__doc__ = "Elementwise sign: -1, 0 or 1 (0 at nan, as torch.sign); its derivative is 0."
 
 
 def stop_gradient(a: Node, name: str | None = None) -> Node:

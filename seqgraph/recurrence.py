@@ -153,6 +153,14 @@ def own_storage(finals: list[torch.Tensor], others: list[torch.Tensor]) -> list[
     return owned
 
 
+def autocasting(device: torch.device) -> bool:
+    """Whether autocast is on for `device`'s type (False for a type autocast does not know: meta)."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:
+        return False
+
+
 def functorch_active() -> bool:
     """Whether a torch.func transform (grad, vmap, jacrev) is tracing this call (never asked
     inside torch.compile, whose tracer cannot call the check and has its own path)."""
@@ -314,6 +322,8 @@ class Recurrence(nn.Module):
         xs = self._check_inputs(x)
         T, B = xs[0].shape[0], xs[0].shape[1]
         dtype, device = self._float_dtype(xs), xs[0].device
+        if any(v.dtype != dtype and v.is_floating_point() for v in xs):  # (autocast: inputs of another dtype)
+            xs = [v.to(dtype) if v.is_floating_point() else v for v in xs]
         valid = self._check_mask(lengths, mask, T, B, device)
         if valid is not None:  # padding is never read: a nan or an out-of-range token there stays out
             xs = [v.masked_fill(~valid.view(T, B, *([1] * (v.dim() - 2))), 0) for v in xs]
@@ -479,7 +489,9 @@ class Recurrence(nn.Module):
                              f"but the inputs are on {device}; move it (.to({str(device)!r}))")
 
     def _float_dtype(self, xs) -> torch.dtype:
-        """The one floating dtype of the call: every float input's, which the parameters share."""
+        """The one floating dtype of the call: every float input's, which the parameters share.
+        Under autocast, the parameters' (float inputs of another dtype are cast to it, as an
+        autocast op casts its operands; autocast then picks each op's own dtype)."""
         params = self.param_tensors()  # what this call reads (reading() values too)
         first = next(iter(params.values()), None)
         pdtype = first.dtype if first is not None else None
@@ -487,6 +499,8 @@ class Recurrence(nn.Module):
             raise InputError(f"{self._where()}: the inputs are on {xs[0].device} but the parameters are on "
                              f"{first.device}; move one of them (e.g. module.to({str(xs[0].device)!r}))")
         self._check_params(params)
+        if pdtype is not None and autocasting(xs[0].device):
+            return pdtype
         seen = None  # (node, dtype) of the first float input
         for node, v in zip(self.cell.inputs, xs):
             if node.dtype != "float":
@@ -576,8 +590,10 @@ class Recurrence(nn.Module):
                     raise InputError(f"{self._where()}: state {prev.name!r} (declared at {prev.site}) expects shape "
                                      f"{_fmt((B,) + prev.shape)}, got {_got(v)}")
                 if v.dtype != dtype:
-                    raise InputError(f"{self._where()}: state {prev.name!r} (declared at {prev.site}) has dtype "
-                                     f"{v.dtype} but the inputs are {dtype}; convert it (.to({dtype}))")
+                    if not (v.is_floating_point() and autocasting(device)):
+                        raise InputError(f"{self._where()}: state {prev.name!r} (declared at {prev.site}) has dtype "
+                                         f"{v.dtype} but the inputs are {dtype}; convert it (.to({dtype}))")
+                    v = v.to(dtype)  # (autocast casts an op's operands to the dtype it computes in)
                 if v.device != device:
                     self._check_device("state", prev, v, device)
             out.append(v)
@@ -614,7 +630,7 @@ class Recurrence(nn.Module):
             if not (c.dtype == "float" and v.dtype == torch.bool):  # a bool mask is read as 0/1
                 self._check_dtype("context", c, v)
                 # as a state's: the call computes in one dtype (autocast picks each op's own)
-                if c.dtype == "float" and v.dtype != dtype and not torch.is_autocast_enabled(device.type):
+                if c.dtype == "float" and v.dtype != dtype and not autocasting(device):
                     raise InputError(f"{self._where()}: context {c.name!r} (declared at {c.site}) has dtype "
                                      f"{v.dtype} but this call computes in {dtype} (its inputs' and "
                                      f"parameters' dtype); convert it (.to({dtype}))")

@@ -296,6 +296,36 @@ def test_mufuru_matches_published_equations(ops):
     assert_close(final["s"], s)
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+def test_mufuru_gradients_stay_finite_where_the_state_equals_its_candidate(backend):
+    rec = sg.Recurrence(sg.cells.mufuru(1, 1))
+    with torch.no_grad():
+        for p in rec.parameters():
+            p.fill_(1.0)
+    module = rec if backend == "reference" else sg.compile(rec, backend=backend)
+    x = torch.full((3, 1, 1), 20.0)  # tanh saturates to exactly 1.0 = s: sqrt_diff at |s - v| = 0
+    out, _ = module(x, {"s": torch.ones(1, 1)})
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+    for name, p in rec.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+
+
+def test_sqrt_diff_keeps_sqrts_value_and_derivative_where_state_and_candidate_differ():
+    s, v = sg.State(3, name="s"), sg.Input(3, name="v")
+    nxt = sg.cells._mufuru_op("sqrt_diff", s, v)
+    cell = sg.Cell(inputs=[v], states={s: nxt}, outputs=[nxt])
+    sv = torch.tensor([[0.5, -2.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    vv = torch.tensor([[[0.25, 1.0, 0.0]]], dtype=torch.float64, requires_grad=True)
+    out, _ = sg.Recurrence(cell).double()(vv, {"s": sv})
+    want = 0.25 * torch.sqrt(torch.abs(sv - vv[0]))
+    assert_close(out[0], want)
+    g_out = torch.autograd.grad(out[0, 0, :2].sum(), sv, retain_graph=True)[0]
+    g_want = torch.autograd.grad(want[0, :2].sum(), sv)[0]  # (torch's is nan at column 2 even so)
+    assert_close(g_out[:, :2], g_want[:, :2])
+    assert torch.autograd.grad(out[0, 0, 2], sv)[0][0, 2] == 0  # the subgradient where they meet
+
+
 def test_mufuru_whose_ops_never_read_the_candidate_has_no_candidate_weights():
     assert sorted(sg.cells.mufuru(I, H, ops=("forget", "keep")).params) == [
         "hh.bias", "hh.weight", "ih.bias", "ih.weight"]

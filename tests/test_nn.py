@@ -632,3 +632,12 @@ def test_a_layer_runs_a_weight_reassigned_after_it_was_made():
     ref.weight_hh_l1, mine.weight_hh_l1 = new, new
     x = torch.randn(T, B, I)
     torch.testing.assert_close(mine(x)[0], ref(x)[0])
+
+
+def test_under_autocast_a_layer_takes_bfloat16_input_and_hx_as_torch_nn_does():
+    mine = sg.nn.GRU(I, H)
+    x, h0 = torch.randn(T, B, I, dtype=torch.bfloat16), torch.randn(1, B, H, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, h_n = mine(x, h0)
+    torch.testing.assert_close(out, mine(x.float(), h0.float())[0], atol=2e-2, rtol=2e-2)
+    assert h_n.shape == (1, B, H)

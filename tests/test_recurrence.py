@@ -1151,3 +1151,24 @@ def test_asking_an_uncompiled_recurrence_for_its_plan_names_sg_compile(name):
     assert getattr(rec, name, None) is None
     with pytest.raises(AttributeError, match=rf"reference interpreter and has no {name}\(\): sg.compile\(module\)"):
         getattr(rec, name)()
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+def test_under_autocast_inputs_and_states_of_another_float_dtype_are_cast_as_autocast_casts_operands(backend):
+    torch.manual_seed(0)
+    rec = sg.Recurrence(sg.cells.gru(3, 4))
+    module = rec if backend == "reference" else sg.compile(rec, backend=backend)
+    x = torch.randn(5, 2, 3, dtype=torch.bfloat16, requires_grad=True)  # as an autocast op before it gives
+    h0 = torch.randn(2, 4, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, final = module(x, {"h": h0})
+        want, want_final = rec(x.float(), {"h": h0.float()})
+    torch.testing.assert_close(out, want, atol=1e-2, rtol=2e-2)  # bfloat16 products, grouped differently
+    torch.testing.assert_close(final["h"], want_final["h"], atol=1e-2, rtol=2e-2)
+    out.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.bfloat16
+
+
+def test_outside_autocast_an_input_of_another_dtype_is_still_an_input_error():
+    with pytest.raises(sg.InputError, match=r"input 'x' has dtype torch.bfloat16 but the parameters are torch.float32"):
+        sg.Recurrence(sg.cells.gru(3, 4))(torch.randn(5, 2, 3, dtype=torch.bfloat16))
