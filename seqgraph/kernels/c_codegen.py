@@ -12,9 +12,8 @@ carried input or zero (masking folded in, as in the Triton kernels), so a padded
 one branch. The C type `real` is float or double: one source serves both, compiled twice.
 
 The transcendental functions are written out (`sg_exp`, `sg_sigmoid`, `sg_tanh` in PRELUDE) so
-that the compiler can vectorise them without -ffast-math; in float they are within 3 ulp of
-the correctly rounded result over the whole range (inf, nan and denormals included), and in
-double they call libm. This module only writes source text and says what it cannot fuse;
+that the compiler can vectorise them without -ffast-math: within 3 ulp of the correctly
+rounded result over the whole range (inf, nan and denormals included), in float and double. This module only writes source text and says what it cannot fuse;
 compiling, caching and calling are c_launch.py's job.
 """
 from __future__ import annotations
@@ -42,8 +41,50 @@ typedef double real;
 #define SG_LOG log
 #define SG_SQRT sqrt
 #define SG_ABS fabs
-static inline double sg_exp(double x) { return exp(x); }
-static inline double sg_tanh(double x) { return tanh(x); }
+/* exp(r) - 1 and 2^n for x = n ln2 + r, |r| <= ln2/2 (Cody-Waite, ln2's high part exact in
+   n * hi): the degree-13 Taylor polynomial is within 1e-17 there. 2^n comes in two factors so
+   that denormal results and overflow to inf come out right. Branch free: loops vectorise. */
+static inline double sg_expm1_parts(double x, double* s1, double* s2, double* n_out) {
+    double n = floor(x * 1.4426950408889634 + 0.5);
+    double r = x - n * 6.93147180369123816490e-01;
+    r = r - n * 1.90821492927058770002e-10;
+    double p = 1.0 / 6227020800.0;
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    int64_t k = (int64_t)n;
+    int64_t k1 = k >> 1, k2 = k - (k >> 1);
+    int64_t b1 = (k1 + 1023) << 52, b2 = (k2 + 1023) << 52;
+    memcpy(s1, &b1, 8);
+    memcpy(s2, &b2, 8);
+    *n_out = n;
+    return p * r * r + r;
+}
+static inline double sg_exp(double x) {
+    double xc = x < -746.0 ? -746.0 : (x > 710.0 ? 710.0 : x);
+    double s1, s2, n;
+    double q = sg_expm1_parts(xc, &s1, &s2, &n);
+    double y = (1.0 + q) * s1 * s2;
+    return x != x ? x : y;
+}
+/* tanh(|x|) = -u / (2 + u), u = expm1(-2|x|): accurate near 0 too (u is the polynomial's own
+   value there, without 1 added and taken away); 1 from |x| = 20 on. */
+static inline double sg_tanh(double x) {
+    double a = fabs(x);
+    double s1, s2, n;
+    double q = sg_expm1_parts(-2.0 * (a > 20.0 ? 20.0 : a), &s1, &s2, &n);
+    double u = n == 0.0 ? q : (1.0 + q) * s1 * s2 - 1.0;
+    double t = copysign(-u / (2.0 + u), x);
+    return x != x ? x : t;
+}
 #else
 typedef float real;
 #define SG_LOG logf
