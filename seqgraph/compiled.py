@@ -230,9 +230,8 @@ def _compile_program(cell: Cell, backend: str, unroll: int, key: tuple) -> Progr
 def _as_named_by(cell: Cell, program: Program) -> tuple[Plan, str]:
     """(plan, source) of `program` as `cell` names its nodes and lines. Cells of one structure
     share one program, generated from the first of them; another's `plan()` and `source()`
-    generate the same code again under its own names and user lines (nothing is built)."""
-    if program.cell is None or program.cell is cell:
-        return program.plan, program.source
+    generate the same code again under its own names and user lines (nothing is built; node
+    numbers, and the region names made from them, are the cell's own)."""
     plan, _, _, shown, _ = _generate_program(cell, program.backend, program.key[2] if program.key else 1)
     plan.loops = program.plan.loops  # (the program's: the same choice, made where it was built)
     return plan, shown
@@ -355,7 +354,7 @@ class CompiledRecurrence(Recurrence):
     def __init__(self, rec: Recurrence, backend: str = "torch", unroll: int = 1):
         nn.Module.__init__(self)
         self.cell = rec.cell
-        self.batch_first, self.remember = rec.batch_first, rec.remember
+        self.batch_first = rec.batch_first
         self._memory = None
         object.__setattr__(self, "_source", rec)  # not a submodule: its parameters are ours already
         self.params = rec.params  # the same Parameter objects: nothing to keep in sync
@@ -402,6 +401,18 @@ class CompiledRecurrence(Recurrence):
         else:  # during nn.Module.__init__, before the source is set
             self.__dict__["_training"] = mode
 
+    # remember: one switch for the twins (set on either, as a stack sets it on its layers)
+    @property
+    def remember(self) -> bool:
+        source = self.__dict__.get("_source")
+        return source.remember if source is not None else False
+
+    @remember.setter
+    def remember(self, on: bool) -> None:
+        source = self.__dict__.get("_source")
+        if source is not None:
+            source.remember = on
+
     # remember=True: the twins carry one remembered state (forget() on either drops it)
     @property
     def _memory(self):
@@ -424,7 +435,10 @@ class CompiledRecurrence(Recurrence):
 
     def __setstate__(self, state: dict) -> None:
         memory = state.pop("_memory", None)  # (pickled before the twins shared one remembered state)
+        remember = state.pop("remember", None)  # (pickled before the twins shared one switch)
         self.__dict__.update(state)
+        if remember is not None:
+            self._source.remember = remember
         if memory is not None and self._source._memory is None:
             self._source._memory = memory
         if self.backend == "auto":  # chosen again here: this machine may lack the saving one's C compiler

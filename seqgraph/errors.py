@@ -30,16 +30,21 @@ UNKNOWN_SITE = Site("<unknown>", 0)
 
 
 def user_site(also_skip: tuple[str, ...] = ()) -> Site:
-    """The innermost caller frame that is not inside the seqgraph package (nor in the modules
-    named in `also_skip`, e.g. numpy's, for a call that reached us through them)."""
+    """The innermost caller frame that is not inside the seqgraph package (nor in the packages
+    named in `also_skip`, e.g. numpy, for a call that reached us through them)."""
     frame = sys._getframe(1)
     while frame is not None:
         path = os.path.abspath(frame.f_code.co_filename)
         module = frame.f_globals.get("__name__") or ""
-        if not path.startswith(_PACKAGE_DIR + os.sep) and not module.startswith(also_skip):
+        if not path.startswith(_PACKAGE_DIR + os.sep) and not in_package(module, also_skip):
             return Site(path, frame.f_lineno, frame.f_code.co_name)
         frame = frame.f_back
     return UNKNOWN_SITE
+
+
+def in_package(module: str, packages: tuple[str, ...]) -> bool:
+    """Whether `module` is one of `packages` or inside one ("torch.nn" is in torch; "torchhelpers" is not)."""
+    return any(module == p or module.startswith(p + ".") for p in packages)
 
 
 class GraphError(Exception):

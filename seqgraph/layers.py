@@ -216,16 +216,16 @@ class Stack(nn.Module):
 
     @property
     def remember(self) -> bool:
-        """Whether the layers carry their final states into the next call (all of them do)."""
-        kept = [m.remember for m in self.layers if hasattr(m, "remember")]
-        return bool(kept) and all(kept)
+        """Whether every layer carries its final state into the next call."""
+        return all(getattr(m, "remember", False) for m in self.layers)
 
     @remember.setter
     def remember(self, on: bool) -> None:
-        layers = [m for m in self.layers if hasattr(m, "remember")]
-        if not layers:
-            raise AttributeError("sg.Stack: none of its layers has remember (an sg.Recurrence has)")
-        for m in layers:
+        lacking = [f"layer {k} ({type(m).__name__})" for k, m in enumerate(self.layers) if not hasattr(m, "remember")]
+        if lacking:
+            raise AttributeError(f"sg.Stack: {', '.join(lacking)} cannot remember its state between calls (an "
+                                 f"sg.Recurrence can); pass each layer's final state back in instead")
+        for m in self.layers:
             m.remember = bool(on)
 
 

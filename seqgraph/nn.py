@@ -25,7 +25,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from . import cells
 from .errors import InputError
 from .layers import reverse_sequences
-from .recurrence import ParamTree, Recurrence, autocasting, check_lengths_shape
+from .recurrence import ParamTree, Recurrence, autocasting, check_lengths_shape, register_nested
 
 BACKENDS = ("reference", "torch", "triton", "cpu", "auto")
 
@@ -43,15 +43,9 @@ def _bind(rec: Recurrence, owner: nn.Module, names: dict[str, str]) -> Recurrenc
         raise AssertionError(f"cell parameters {sorted(rec.cell.params)} do not match {sorted(names)}")
     rec.params = ParamTree()
     for key, name in names.items():
-        *path, leaf = key.split(".")
-        mod = rec.params
-        for part in path:
-            if not hasattr(mod, part):
-                mod.add_module(part, ParamTree())
-            mod = getattr(mod, part)
         p = getattr(owner, name, None)
         if isinstance(p, nn.Parameter):
-            mod.register_parameter(leaf, p)
+            register_nested(rec.params, key, p)
     return rec
 
 

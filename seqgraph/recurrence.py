@@ -213,7 +213,7 @@ class Recurrence(nn.Module):
                     node.attrs["init"](t)
                 except ValueError as e:
                     raise ValueError(f"parameter {key!r} (declared at {node.site}): {e}") from None
-            _register_nested(self.params, key, nn.Parameter(t))
+            register_nested(self.params, key, nn.Parameter(t))
         self.init = nn.ParameterDict({
             prev.name: nn.Parameter(torch.zeros(prev.shape))
             for prev, _ in cell.states if prev.attrs.get("init") == "learned"})
@@ -684,7 +684,8 @@ class ParamTree(nn.Module):
         return ", ".join(f"{name}: {tuple(p.shape)}" for name, p in self._parameters.items() if p is not None)
 
 
-def _register_nested(root: nn.Module, key: str, p: nn.Parameter) -> None:
+def register_nested(root: nn.Module, key: str, p: nn.Parameter) -> None:
+    """root.<key> = p, making the ParamTree levels on the way (a key such as "gate.weight")."""
     *path, leaf = key.split(".")
     mod = root
     for part in path:

@@ -11,25 +11,31 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
-# os.environ's own store (CPython on POSIX: bytes to bytes, kept in step by every write through
-# os.environ): a one-step call reads several switches, and os.environ.get of an unset name
-# raises and catches a KeyError inside, a microsecond or more each
-_STORE = getattr(os.environ, "_data", None) if os.name == "posix" else None
-_KEYS: dict[str, object] = {}
+_KEYS: dict[str, object] = {}  # name -> os.environ's key for it (bytes on POSIX)
 
 
 def env(name: str, default: str | None = None) -> str | None:
-    """os.environ.get(name, default), read afresh at every call, without its cost for an unset name."""
-    if _STORE is None:
-        return os.environ.get(name, default)
+    """os.environ.get(name, default), read afresh at every call. On POSIX CPython it reads
+    os.environ's own store (kept in step by every write through os.environ): a one-step call
+    reads several switches, and os.environ.get of an unset name raises and catches a KeyError
+    inside, a microsecond or more each. Under torch.compile (whose tracer would guard on the
+    store's size) or with os.environ replaced (a test's dict), os.environ.get itself."""
+    environ = os.environ
+    if torch.compiler.is_compiling():
+        return environ.get(name, default)
+    store = getattr(environ, "_data", None)
+    if store is None or os.name != "posix":
+        return environ.get(name, default)
     key = _KEYS.get(name)
     if key is None:
-        key = _KEYS[name] = os.environ.encodekey(name)
-    raw = _STORE.get(key)
-    return default if raw is None else os.environ.decodevalue(raw)
+        key = _KEYS[name] = environ.encodekey(name)
+    raw = store.get(key)
+    return default if raw is None else environ.decodevalue(raw)
 
 
 def switched_on(name: str, default: bool) -> bool:

@@ -1108,3 +1108,12 @@ def test_a_child_forked_while_another_thread_compiles_can_compile():
             os._exit(0 if ok else 1)
         _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def test_remember_set_on_either_twin_is_the_others_too():
+    rec = sg.Recurrence(sg.cells.gru(2, 3))
+    twin = sg.compile(rec, backend="torch")
+    twin.remember = True
+    assert rec.remember and sg.compile(rec, backend="cpu").remember
+    rec.remember = False
+    assert not twin.remember

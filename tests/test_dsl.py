@@ -785,3 +785,19 @@ def test_a_checkpoint_of_version_1_keeps_its_outputs_its_padding_row_read_as_zer
 ], ids=["linear", "linear_no_bias", "embedding", "layer_norm", "concat", "dropout", "tanh"])
 def test_a_module_prints_its_sizes_and_flags(module, text):
     assert repr(module()) == text
+
+
+def test_a_torch_function_in_a_helper_module_of_the_users_names_the_helpers_line(tmp_path, monkeypatch):
+    (tmp_path / "torchhelpers.py").write_text("import torch\n\ndef squash(node):\n    return torch.tanh(node)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import torchhelpers
+    with pytest.raises(TypeError, match=r"torch's tanh cannot run .* \(at torchhelpers.py:4\)"):
+        torchhelpers.squash(sg.Input(4, name="x"))
+
+
+def test_a_torch_function_inside_a_users_module_is_not_blamed_on_the_torch_container_around_it():
+    class Step(torch.nn.Module):
+        def forward(self, _):
+            return torch.tanh(sg.Input(4, name="x"))
+    with pytest.raises(TypeError, match=r"torch's tanh cannot run .* here sg.tanh"):
+        torch.nn.Sequential(Step())(None)

@@ -799,3 +799,18 @@ def test_remember_set_on_a_stack_carries_every_layers_state_to_the_next_call():
 def test_stack_names_a_cell_function_that_returns_no_cell():
     with pytest.raises(TypeError, match=r"must return an sg.Cell .* 'LSTM' returned an instance of torch.nn"):
         sg.stack(torch.nn.LSTM, 4, [8])
+
+
+def test_a_stacks_remember_survives_switching_its_layers_backend():
+    st = sg.stack(sg.cells.lstm, 3, [4, 4])
+    sg.compile(st, backend="cpu")
+    st.remember = True
+    sg.compile(st, backend="torch")
+    assert st.remember and all(layer.remember for layer in st.layers)
+
+
+def test_a_stack_with_a_layer_that_cannot_remember_says_which():
+    st = sg.Stack([sg.Recurrence(sg.cells.lstm(3, 4)), sg.nn.LSTM(4, 4)])
+    assert st.remember is False
+    with pytest.raises(AttributeError, match=r"layer 1 \(LSTM\) cannot remember its state between calls"):
+        st.remember = True

@@ -641,3 +641,11 @@ def test_under_autocast_a_layer_takes_bfloat16_input_and_hx_as_torch_nn_does():
         out, h_n = mine(x, h0)
     torch.testing.assert_close(out, mine(x.float(), h0.float())[0], atol=2e-2, rtol=2e-2)
     assert h_n.shape == (1, B, H)
+
+
+def test_a_cell_loaded_with_assign_steps_with_the_loaded_weights():
+    ref, mine = torch.nn.LSTMCell(I, H), sg.nn.LSTMCell(I, H)
+    mine.load_state_dict(ref.state_dict(), assign=True)
+    x = torch.randn(B, I)
+    torch.testing.assert_close(mine(x)[0], ref(x)[0])
+    assert mine.recurrence().params.ih.weight is mine.weight_ih

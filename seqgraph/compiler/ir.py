@@ -16,10 +16,14 @@ import sys
 import threading
 from typing import Iterable, Iterator, Sequence
 
-from ..errors import Site, user_site
+from ..errors import Site, in_package, user_site
 
 _ids = itertools.count()
-_deriving = threading.local()  # .site: the site nodes made now take (sites_from), else None
+class _Deriving(threading.local):
+    site: Site | None = None  # the site nodes made now take (sites_from), else None
+
+
+_deriving = _Deriving()
 
 
 @contextlib.contextmanager
@@ -27,7 +31,7 @@ def sites_from(node: "Node") -> Iterator[None]:
     """Nodes made inside the block without a site of their own take `node`'s: a derivative's
     nodes are tagged with the user line of the value they differentiate, not with the line
     that happened to start the compile."""
-    before = getattr(_deriving, "site", None)
+    before = _deriving.site
     _deriving.site = node.site
     try:
         yield
@@ -37,7 +41,7 @@ def sites_from(node: "Node") -> Iterator[None]:
 
 def default_site() -> Site:
     """The site of a node made now without one: sites_from's, else the user's calling line."""
-    return getattr(_deriving, "site", None) or user_site()
+    return _deriving.site or user_site()
 
 
 # the sg functions whose names match torch's (a torch function on a node names its sg twin)
@@ -53,11 +57,14 @@ _OPERATOR_UFUNCS = {"add": operator.add, "subtract": operator.sub, "multiply": o
 
 def _calling_torch_module() -> str | None:
     """The class name of the torch.nn module whose forward called torch on a node, if one did
-    (torch.nn.LayerNorm(4)(x) reaches us through F.layer_norm)."""
-    frame = sys._getframe(2)
-    while frame is not None:
+    (torch.nn.LayerNorm(4)(x) reaches us through F.layer_norm): looked for among the torch
+    frames between this error and the user's code, never beyond it."""
+    frame = sys._getframe(1)
+    while frame is not None and in_package(frame.f_globals.get("__name__") or "", ("seqgraph",)):
+        frame = frame.f_back
+    while frame is not None and in_package(frame.f_globals.get("__name__") or "", ("torch",)):
         me = frame.f_locals.get("self")
-        if me is not None and type(me).__module__.startswith("torch.nn.modules"):
+        if me is not None and in_package(type(me).__module__, ("torch.nn.modules",)):
             return type(me).__name__
         frame = frame.f_back
     return None
