@@ -578,10 +578,10 @@ def compile(module: Cell | nn.Module, backend: str = "auto", unroll: int = 1) ->
         return _compile_one(module, backend, unroll)
     if not isinstance(module, nn.Module):
         raise TypeError(f"sg.compile takes an sg.Cell or a torch.nn.Module, got {type(module).__name__}")
-    from .nn import _CellBase, _RNNBase
+    from .nn import _Owner
     found = False
     for sub in module.modules():
-        if isinstance(sub, (_RNNBase, _CellBase)):
+        if isinstance(sub, _Owner):  # sg.nn's layers and cells
             sub.use_backend(backend, unroll)
             found = True
     twins: dict[int, Recurrence] = {}  # one twin per Recurrence, however many places hold it

@@ -66,7 +66,74 @@ def _rebind_after_load(module: nn.Module, incompatible_keys) -> None:
     module._rebind()
 
 
-class _RNNBase(nn.Module):
+def _check_common(backend: str, sizes: dict[str, object]) -> None:
+    """The constructor arguments every sg.nn module takes: a backend and positive sizes."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    for name, size in sizes.items():
+        if not isinstance(size, numbers.Integral) or isinstance(size, bool) or size <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {size!r}")
+
+
+class _Owner(nn.Module):
+    """What sg.nn's layers and cells share: they own their Parameters under torch.nn's names,
+    and per layer and direction an sg.Recurrence (`_recs[layer][direction]`, not a submodule)
+    whose parameter tree holds those same Parameters (`_torch_names[layer][direction]`: cell
+    key -> torch name)."""
+
+    def _own(self, recs: list[list[Recurrence]], torch_names: list[list[dict[str, str]]]) -> None:
+        self._recs, self._torch_names = recs, torch_names
+        self._note_bound()
+        self.register_load_state_dict_post_hook(_rebind_after_load)
+
+    def use_backend(self, backend: str, unroll: int = 1) -> None:
+        """Run every layer and direction with a compiled backend (parameters stay shared)."""
+        from .compiled import compile as sg_compile
+        self._recs = [[sg_compile(rec, backend=backend, unroll=unroll) for rec in row] for row in self._recs]
+        self.backend = backend
+
+    def _rebind(self) -> None:
+        """Point every recurrence at this module's current Parameter objects (after something
+        replaced them: load_state_dict(assign=True), or conversions that swap parameters)."""
+        for row, name_row in zip(self._recs, self._torch_names):
+            for rec, names in zip(row, name_row):
+                _bind(rec, self, names)
+                if getattr(rec, "_source", None) is not None:  # a compiled twin: rebind its origin too
+                    _bind(rec._source, self, names)
+        self._note_bound()
+
+    def _note_bound(self) -> None:
+        self.__dict__["_bound"] = [[_bound(self, names) for names in row] for row in self._torch_names]
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._rebind()
+        return out
+
+    def reset_parameters(self) -> None:
+        """torch.nn's initialisation: every parameter uniform in ±1/sqrt(hidden_size)."""
+        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0.0
+        with torch.no_grad():
+            for p in self.parameters():
+                p.uniform_(-bound, bound)
+
+    def _run(self, layer: int, direction: int, shown: str, *args, **kwargs):
+        """Call the recurrence of one layer and direction, its weights read as this module's
+        attributes now: from its tree while they are the very Parameters it holds, else passed
+        in (a weight replaced since, or computed per access: weight_norm, weight drop)."""
+        rec, names = self._recs[layer][direction], self._torch_names[layer][direction]
+        if rec.training != self.training:
+            rec.train(self.training)
+        object.__setattr__(rec, "_shown_as", shown)  # how its errors name it, and its weights
+        object.__setattr__(rec, "_param_shown", names)
+        bound = self.__dict__.get("_bound")
+        if _reads_own(self, bound[layer][direction] if bound else None):
+            return rec(*args, **kwargs)
+        with rec.reading({key: getattr(self, name) for key, name in names.items()}):
+            return rec(*args, **kwargs)
+
+
+class _RNNBase(_Owner):
     """Shared machinery of sg.nn.RNN / LSTM / GRU (torch.nn.RNNBase's interface)."""
 
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
@@ -74,14 +141,10 @@ class _RNNBase(nn.Module):
                  proj_size: int = 0, nonlinearity: str = "tanh", device=None, dtype=None,
                  backend: str = "auto"):
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+        _check_common(backend, {"input_size": input_size, "hidden_size": hidden_size, "num_layers": num_layers})
         if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
             raise ValueError("dropout should be a number in range [0, 1] representing the probability of an "
                              "element being zeroed")
-        for name, size in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
-            if not isinstance(size, numbers.Integral) or isinstance(size, bool) or size <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {size!r}")
         input_size, hidden_size, num_layers = int(input_size), int(hidden_size), int(num_layers)
         if proj_size < 0:
             raise ValueError("proj_size should be a positive integer or zero to disable projections")
@@ -127,37 +190,10 @@ class _RNNBase(nn.Module):
         # A plain list, not submodules: the recurrences share this module's Parameters, and as
         # children they would list them again in state_dict under other names. An entry
         # _recs[layer][direction] may be swapped for a compiled twin (same interface and params).
-        self._recs = recs
-        self._torch_names = torch_names
-        self._note_bound()
-        self.register_load_state_dict_post_hook(_rebind_after_load)
+        self._own(recs, torch_names)
         self.reset_parameters()
         if backend != "reference":
             self.use_backend(backend)
-
-    def use_backend(self, backend: str, unroll: int = 1) -> None:
-        """Run every layer and direction with a compiled backend (parameters stay shared)."""
-        from .compiled import compile as sg_compile
-        self._recs = [[sg_compile(rec, backend=backend, unroll=unroll) for rec in row] for row in self._recs]
-        self.backend = backend
-
-    def _rebind(self) -> None:
-        """Point every recurrence at this module's current Parameter objects (after something
-        replaced them: load_state_dict(assign=True), or conversions that swap parameters)."""
-        for row, name_row in zip(self._recs, self._torch_names):
-            for rec, names in zip(row, name_row):
-                _bind(rec, self, names)
-                if getattr(rec, "_source", None) is not None:  # a compiled twin: rebind its origin too
-                    _bind(rec._source, self, names)
-        self._note_bound()
-
-    def _note_bound(self) -> None:
-        self.__dict__["_bound"] = [[_bound(self, names) for names in row] for row in self._torch_names]
-
-    def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
-        self._rebind()
-        return out
 
     def _make_cell(self, layer_in: int):
         if self.mode == "LSTM":
@@ -165,13 +201,6 @@ class _RNNBase(nn.Module):
         if self.mode == "GRU":
             return cells.gru(layer_in, self.hidden_size, bias=self.bias)
         return cells.rnn(layer_in, self.hidden_size, nonlinearity=self.nonlinearity, bias=self.bias)
-
-    def reset_parameters(self) -> None:
-        """torch.nn's initialisation: every parameter uniform in ±1/sqrt(hidden_size)."""
-        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0.0
-        with torch.no_grad():
-            for p in self.parameters():
-                p.uniform_(-bound, bound)
 
     def flatten_parameters(self) -> None:
         """Accepted for drop-in compatibility with torch.nn; there is no cuDNN weight buffer to
@@ -264,27 +293,15 @@ class _RNNBase(nn.Module):
         h_n, c_n = [], []
         for layer, row in enumerate(self._recs):
             outs = []
-            for direction, rec in enumerate(row):
-                if rec.training != self.training:
-                    rec.train(self.training)
+            for direction in range(len(row)):
                 k = layer * self._directions + direction
                 state = None
                 if h0 is not None:
                     state = {"h": h0[k]} if c0 is None else {"h": h0[k], "c": c0[k]}
                 seq = layer_in if direction == 0 else reverse_sequences(layer_in, lengths, mask=mask)
-                # the weights as this module's attributes read now: a parametrized or reassigned
-                # weight (weight_norm, weight drop) is what the step computes with
-                names = self._torch_names[layer][direction]
                 shown = f"sg.nn.{self.mode}" + (f" (layer {layer}, reverse)" if direction else
                                                  f" (layer {layer})" if self.num_layers > 1 else "")
-                object.__setattr__(rec, "_shown_as", shown)  # how its errors name it, and its weights
-                object.__setattr__(rec, "_param_shown", names)
-                bound = self.__dict__.get("_bound")
-                if _reads_own(self, bound[layer][direction] if bound else None):
-                    out, final = rec(seq, state, lengths=lengths, mask=mask)
-                else:
-                    with rec.reading({key: getattr(self, name) for key, name in names.items()}):
-                        out, final = rec(seq, state, lengths=lengths, mask=mask)
+                out, final = self._run(layer, direction, shown, seq, state, lengths=lengths, mask=mask)
                 outs.append(out if direction == 0 else reverse_sequences(out, lengths, mask=mask))
                 h_n.append(final["h"])
                 if "c" in final:
@@ -378,18 +395,14 @@ class GRU(_RNNBase):
                          device=device, dtype=dtype, backend=backend)
 
 
-class _CellBase(nn.Module):
+class _CellBase(_Owner):
     """Shared machinery of sg.nn.RNNCell / LSTMCell / GRUCell (torch.nn.RNNCellBase's
     interface): one step, forward(input, hx) on a Recurrence of one step."""
 
     def __init__(self, mode: str, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
                  device=None, dtype=None, backend: str = "auto"):
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-        for name, size in (("input_size", input_size), ("hidden_size", hidden_size)):
-            if not isinstance(size, numbers.Integral) or isinstance(size, bool) or size <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {size!r}")
+        _check_common(backend, {"input_size": input_size, "hidden_size": hidden_size})
         if mode == "RNN" and nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
         self.mode, self.input_size, self.hidden_size = mode, int(input_size), int(hidden_size)
@@ -408,49 +421,18 @@ class _CellBase(nn.Module):
             cell = cells.gru(self.input_size, self.hidden_size, bias=bias)
         else:
             cell = cells.rnn(self.input_size, self.hidden_size, nonlinearity=nonlinearity, bias=bias)
-        self._names = {k: _TORCH_NAMES[k] for k in cell.params}
+        names = {k: _TORCH_NAMES[k] for k in cell.params}
         with torch.device("meta"):  # its own parameters are replaced at once
             rec = Recurrence(cell)
-        self._set_rec(_bind(rec, self, self._names))
-        self.register_load_state_dict_post_hook(_rebind_after_load)
+        self._own([[_bind(rec, self, names)]], [[names]])
         self.reset_parameters()
         if backend != "reference":
             self.use_backend(backend)
 
-    def use_backend(self, backend: str, unroll: int = 1) -> None:
-        """Run the step with a compiled backend (parameters stay shared)."""
-        from .compiled import compile as sg_compile
-        self._set_rec(sg_compile(self._rec, backend=backend, unroll=unroll))
-        self.backend = backend
-
-    def _set_rec(self, rec: Recurrence) -> None:
-        """Run the step with `rec`: not a submodule (its parameters are this module's, under
-        torch's names); its errors name this module and those names."""
-        object.__setattr__(rec, "_shown_as", f"sg.nn.{self.mode}Cell")
-        object.__setattr__(rec, "_param_shown", self._names)
-        object.__setattr__(self, "_rec", rec)
-        self._note_bound()
-
-    def _note_bound(self) -> None:
-        self.__dict__["_bound"] = _bound(self, self._names)
-
-    def _rebind(self) -> None:
-        _bind(self._rec, self, self._names)
-        if getattr(self._rec, "_source", None) is not None:
-            _bind(self._rec._source, self, self._names)
-        self._note_bound()
-
-    def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
-        self._rebind()
-        return out
-
-    reset_parameters = _RNNBase.reset_parameters
-
     def recurrence(self) -> Recurrence:
         """The sg.Recurrence (or its compiled twin) that runs the step: its cell, picture,
         and, unless backend="reference", its plan() and source()."""
-        return self._rec
+        return self._recs[0][0]
 
     def forward(self, input: torch.Tensor, hx=None):
         """torch.nn's cell forward: input (B, input_size) or (input_size,) unbatched; hx as
@@ -481,14 +463,7 @@ class _CellBase(nn.Module):
                     raise InputError(f"{who}: expected {what} of shape {want} (as the "
                                      f"{'unbatched ' if unbatched else ''}input), got {got}")
                 state[name] = v.unsqueeze(0) if unbatched else v
-        rec = self._rec
-        if rec.training != self.training:
-            rec.train(self.training)
-        if _reads_own(self, self.__dict__.get("_bound")):
-            _, final = rec(x.unsqueeze(0), state)
-        else:  # a weight reassigned, or computed per access (a parametrization): passed in as read now
-            with rec.reading({key: getattr(self, name) for key, name in self._names.items()}):
-                _, final = rec(x.unsqueeze(0), state)
+        _, final = self._run(0, 0, who, x.unsqueeze(0), state)
         h = final["h"].squeeze(0) if unbatched else final["h"]
         if self.mode != "LSTM":
             return h
