@@ -222,11 +222,12 @@ class Stack(nn.Module):
     @remember.setter
     def remember(self, on: bool) -> None:
         lacking = [f"layer {k} ({type(m).__name__})" for k, m in enumerate(self.layers) if not hasattr(m, "remember")]
-        if lacking:
+        if lacking and on:  # (switching it off asks nothing of them)
             raise AttributeError(f"sg.Stack: {', '.join(lacking)} cannot remember its state between calls (an "
                                  f"sg.Recurrence can); pass each layer's final state back in instead")
         for m in self.layers:
-            m.remember = bool(on)
+            if hasattr(m, "remember"):
+                m.remember = bool(on)
 
 
 @contextlib.contextmanager

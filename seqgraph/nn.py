@@ -25,7 +25,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from . import cells
 from .errors import InputError
 from .layers import reverse_sequences
-from .recurrence import ParamTree, Recurrence, autocasting, check_lengths_shape, register_nested
+from .recurrence import ParamTree, Recurrence, autocast_casts, check_lengths_shape, register_nested
 
 BACKENDS = ("reference", "torch", "triton", "cpu", "auto")
 
@@ -278,7 +278,7 @@ class _RNNBase(_Owner):
             raise InputError(f"sg.nn.{self.mode}: input.size(-1) must be equal to input_size. "
                              f"Expected {self.input_size}, got {x.shape[-1]}")
         p = self._weight_like()
-        if x.dtype != p.dtype and not (x.is_floating_point() and autocasting(x.device)):
+        if x.dtype != p.dtype and not autocast_casts(x.dtype, p.dtype, x.device):
             raise InputError(f"sg.nn.{self.mode}: input has dtype {x.dtype} but the parameters are {p.dtype}")
         B = x.shape[1]
         if lengths is not None:
@@ -344,7 +344,7 @@ class _RNNBase(_Owner):
             if not isinstance(v, torch.Tensor) or tuple(v.shape) != want:
                 got_v = tuple(v.shape) if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
                 raise InputError(f"sg.nn.{self.mode}: expected {name} of shape {want}, got {got_v}")
-            if v.dtype != x.dtype and not (v.is_floating_point() and autocasting(x.device)):
+            if v.dtype != x.dtype and not autocast_casts(v.dtype, self._weight_like().dtype, x.device):
                 raise InputError(f"sg.nn.{self.mode}: {name} has dtype {v.dtype} but the input is {x.dtype}")
             got.append(v.unsqueeze(1) if unbatched else v)
         return got[0], (got[1] if len(got) > 1 else None)

@@ -153,8 +153,15 @@ def own_storage(finals: list[torch.Tensor], others: list[torch.Tensor]) -> list[
     return owned
 
 
-def autocasting(device: torch.device) -> bool:
-    """Whether autocast is on for `device`'s type (False for a type autocast does not know: meta)."""
+_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_casts(given: torch.dtype, wanted: torch.dtype, device: torch.device) -> bool:
+    """Whether autocast is on for `device`'s type and casts between these dtypes (float32 and
+    half precision; never float64, nor a type autocast does not know: meta): a tensor of
+    dtype `given` is then taken where `wanted` is, cast as an autocast op casts its operands."""
+    if given not in _AUTOCAST_DTYPES or wanted not in _AUTOCAST_DTYPES:
+        return False
     try:
         return torch.is_autocast_enabled(device.type)
     except RuntimeError:
@@ -499,8 +506,9 @@ class Recurrence(nn.Module):
             raise InputError(f"{self._where()}: the inputs are on {xs[0].device} but the parameters are on "
                              f"{first.device}; move one of them (e.g. module.to({str(xs[0].device)!r}))")
         self._check_params(params)
-        if pdtype is not None and autocasting(xs[0].device):
-            return pdtype
+        if pdtype is not None and all(autocast_casts(v.dtype, pdtype, v.device) for node, v in zip(self.cell.inputs, xs)
+                                      if node.dtype == "float" and v.dtype != pdtype):
+            return pdtype  # (every float input has it, or autocast casts it to it)
         seen = None  # (node, dtype) of the first float input
         for node, v in zip(self.cell.inputs, xs):
             if node.dtype != "float":
@@ -590,7 +598,7 @@ class Recurrence(nn.Module):
                     raise InputError(f"{self._where()}: state {prev.name!r} (declared at {prev.site}) expects shape "
                                      f"{_fmt((B,) + prev.shape)}, got {_got(v)}")
                 if v.dtype != dtype:
-                    if not (v.is_floating_point() and autocasting(device)):
+                    if not autocast_casts(v.dtype, dtype, device):
                         raise InputError(f"{self._where()}: state {prev.name!r} (declared at {prev.site}) has dtype "
                                          f"{v.dtype} but the inputs are {dtype}; convert it (.to({dtype}))")
                     v = v.to(dtype)  # (autocast casts an op's operands to the dtype it computes in)
@@ -630,7 +638,7 @@ class Recurrence(nn.Module):
             if not (c.dtype == "float" and v.dtype == torch.bool):  # a bool mask is read as 0/1
                 self._check_dtype("context", c, v)
                 # as a state's: the call computes in one dtype (autocast picks each op's own)
-                if c.dtype == "float" and v.dtype != dtype and not autocasting(device):
+                if c.dtype == "float" and v.dtype != dtype and not autocast_casts(v.dtype, dtype, device):
                     raise InputError(f"{self._where()}: context {c.name!r} (declared at {c.site}) has dtype "
                                      f"{v.dtype} but this call computes in {dtype} (its inputs' and "
                                      f"parameters' dtype); convert it (.to({dtype}))")

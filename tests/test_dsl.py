@@ -801,3 +801,13 @@ def test_a_torch_function_inside_a_users_module_is_not_blamed_on_the_torch_conta
             return torch.tanh(sg.Input(4, name="x"))
     with pytest.raises(TypeError, match=r"torch's tanh cannot run .* here sg.tanh"):
         torch.nn.Sequential(Step())(None)
+
+
+def test_sign_is_minus_one_zero_or_one_with_a_zero_derivative():
+    x = sg.Input(4, name="x")
+    rec = sg.Recurrence(sg.Cell(inputs=[x], states={}, outputs=[sg.sign(x)])).double()
+    xs = torch.tensor([[[-2.0, 0.0, 3.0, -0.0]]], dtype=torch.float64, requires_grad=True)
+    out, _ = rec(xs)
+    assert out.tolist() == [[[-1.0, 0.0, 1.0, 0.0]]]
+    (g,) = torch.autograd.grad(out.sum(), xs)
+    assert torch.equal(g, torch.zeros_like(xs))

@@ -814,3 +814,10 @@ def test_a_stack_with_a_layer_that_cannot_remember_says_which():
     assert st.remember is False
     with pytest.raises(AttributeError, match=r"layer 1 \(LSTM\) cannot remember its state between calls"):
         st.remember = True
+
+
+def test_switching_remember_off_on_a_stack_asks_nothing_of_layers_that_cannot_remember():
+    first = sg.Recurrence(sg.cells.lstm(3, 4), remember=True)
+    st = sg.Stack([first, sg.nn.LSTM(4, 4)])
+    st.remember = False
+    assert first.remember is False

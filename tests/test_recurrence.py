@@ -1172,3 +1172,22 @@ def test_under_autocast_inputs_and_states_of_another_float_dtype_are_cast_as_aut
 def test_outside_autocast_an_input_of_another_dtype_is_still_an_input_error():
     with pytest.raises(sg.InputError, match=r"input 'x' has dtype torch.bfloat16 but the parameters are torch.float32"):
         sg.Recurrence(sg.cells.gru(3, 4))(torch.randn(5, 2, 3, dtype=torch.bfloat16))
+
+
+def test_under_autocast_a_float64_input_is_still_an_input_error_as_autocast_never_casts_float64():
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(sg.InputError, match=r"input 'x' has dtype torch.float64 but the parameters are torch.float32"):
+            sg.Recurrence(sg.cells.gru(3, 4))(torch.randn(5, 2, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+def test_under_autocast_a_state_that_is_a_raw_linear_output_runs(backend):
+    x, h = sg.Input(3, name="x"), sg.State(4, name="h")
+    h_next = sg.Linear(7, 4)(sg.concat([x, h]))  # the product itself is the next state
+    rec = sg.Recurrence(sg.Cell(inputs=[x], states={h: h_next}, outputs=[h_next]))
+    module = rec if backend == "reference" else sg.compile(rec, backend=backend)
+    xs = torch.randn(5, 2, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = module(xs)
+        want, _ = rec(xs)
+    torch.testing.assert_close(out.float(), want.float(), atol=2e-2, rtol=2e-2)

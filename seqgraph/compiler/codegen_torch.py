@@ -146,6 +146,9 @@ def _pack_weight(w, rows: int):
 def _packed_linear(x, w, packed, addend=None, out=None):
     """x @ w.T (+ addend), through the packed weight when there is one."""
     if packed is None:
+        if out is not None and torch.is_autocast_enabled(x.device.type):  # (out= is not autocast's: it would
+            # meet a bfloat16 operand with the float32 weight); the product in autocast's dtype, then stored
+            return out.copy_(torch.mm(x, w.t()) if addend is None else torch.addmm(addend, x, w.t()))
         if addend is None:
             return torch.mm(x, w.t(), out=out) if out is not None else torch.mm(x, w.t())
         return torch.addmm(addend, x, w.t(), out=out) if out is not None else torch.addmm(addend, x, w.t())
