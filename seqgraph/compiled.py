@@ -32,7 +32,7 @@ from .compiler.pipeline import compile_plan
 from .compiler.plan import Plan, result_dependencies
 from .recurrence import (Recurrence, batched_by_vmap, forward_ad_active, functorch_active, own_storage,
                          token_output)
-from .settings import debug_level, triton_interpreting
+from .settings import debug_level, env, triton_interpreting
 
 BACKENDS = ("auto", "torch", "triton", "cpu", "reference")
 _C_DTYPES = (torch.float32, torch.float64)
@@ -363,7 +363,7 @@ class CompiledRecurrence(Recurrence):
         self.unroll = unroll
         self.train(rec.training)
         if backend == "auto":  # planned for where the parameters are now; re-chosen per call
-            if os.environ.get("CC") and _find_compiler() is None:  # (unset, no compiler is no mistake of the user's)
+            if env("CC") and _find_compiler() is None:  # (unset, no compiler is no mistake of the user's)
                 warnings.warn(f"seqgraph: backend='auto' runs the torch code on the CPU: {_c_launch.why_no_compiler()}",
                               RuntimeWarning, stacklevel=3)
             p = next(iter(rec.parameters()), None)
