@@ -341,11 +341,7 @@ class Bidirectional(nn.Module):
             _check_takes_lengths(bwd, "sg.Bidirectional: bwd")
         self.fwd = fwd
         self.bwd = bwd if bwd is not None else _fresh_copy(fwd)
-        if any(getattr(m, "remember", False) for m in self.bwd.modules()):  # (a Stack of them too)
-            raise ValueError("sg.Bidirectional: the backward direction reads each call's sequences from their end, "
-                             "so it cannot carry its state into the next call (remember=True"
-                             + (", copied from fwd" if bwd is None else "") + "); give bwd= a module without "
-                             "remember (the forward direction may remember)")
+        self._refuse_remembering_bwd(ValueError, ", copied from fwd" if bwd is None else "")
         _check_one_output(self.fwd, "sg.Bidirectional fwd")
         _check_one_output(self.bwd, "sg.Bidirectional bwd")
         (in_f, out_f), (in_b, out_b) = _feature_sizes(self.fwd), _feature_sizes(self.bwd)
@@ -359,7 +355,16 @@ class Bidirectional(nn.Module):
         self.lm = lm
         self.batch_first = _layout_of("sg.Bidirectional", [self.fwd, self.bwd], batch_first)
 
+    def _refuse_remembering_bwd(self, error: type, origin: str = "") -> None:
+        """Raise `error` when the backward direction (or a layer inside it) has remember=True:
+        when built, and at every call (it may be switched on later, bwd.remember = True)."""
+        if any(getattr(m, "remember", False) for m in self.bwd.modules()):  # (a Stack of them too)
+            raise error(f"sg.Bidirectional: the backward direction reads each call's sequences from their end, "
+                        f"so it cannot carry its state into the next call (remember=True{origin}); give bwd= a "
+                        f"module without remember (the forward direction may remember)")
+
     def forward(self, x, state=None, *, lengths=None, mask=None, **kwargs):
+        self._refuse_remembering_bwd(InputError)
         if state is None:
             state = (None, None)
         if isinstance(state, dict) or len(state) != 2:

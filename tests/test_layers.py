@@ -821,3 +821,10 @@ def test_switching_remember_off_on_a_stack_asks_nothing_of_layers_that_cannot_re
     st = sg.Stack([first, sg.nn.LSTM(4, 4)])
     st.remember = False
     assert first.remember is False
+
+
+def test_a_backward_direction_switched_to_remember_after_it_was_built_is_refused_at_the_call():
+    bi = sg.Bidirectional(sg.Recurrence(sg.cells.gru(3, 4)))
+    bi.bwd.remember = True
+    with pytest.raises(sg.InputError, match=r"backward direction .* cannot carry its state into the next call"):
+        bi(torch.randn(5, 2, 3))
