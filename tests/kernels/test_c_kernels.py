@@ -116,17 +116,25 @@ def _special_values():
     return torch.cat([wide, near_zero, edges])
 
 
-@pytest.mark.parametrize("op", ["exp", "sigmoid", "tanh"])
-def test_float32_transcendentals_are_within_3_ulp_over_their_whole_range(op):
+def _c_unary(op: str, xs: torch.Tensor) -> torch.Tensor:
+    """The C kernel of the one-op region sg.<op>(x), run on the values xs (one per row)."""
     x = sg.Input(1, name="x")
-    region = region_from_outputs([getattr(sg, op)(x)], [x])
-    xs = _special_values()
-    (got,) = kernel_for(region)([xs[:, None]])
-    got = got[:, 0]
-    exact = getattr(torch, op)(xs.double())
-    want = exact.float()  # the correctly rounded answer, with float32's overflow and underflow
+    (got,) = kernel_for(region_from_outputs([getattr(sg, op)(x)], [x]))([xs[:, None]])
+    return got[:, 0]
+
+
+def _assert_same_specials(got: torch.Tensor, want: torch.Tensor) -> None:
     assert torch.equal(torch.isnan(got), torch.isnan(want))
     assert torch.equal(torch.isinf(got), torch.isinf(want))
+
+
+@pytest.mark.parametrize("op", ["exp", "sigmoid", "tanh"])
+def test_float32_transcendentals_are_within_3_ulp_over_their_whole_range(op):
+    xs = _special_values()
+    got = _c_unary(op, xs)
+    exact = getattr(torch, op)(xs.double())
+    want = exact.float()  # the correctly rounded answer, with float32's overflow and underflow
+    _assert_same_specials(got, want)
     fin = torch.isfinite(want)
     ulp = torch.finfo(torch.float32).eps * exact[fin].abs().clamp_min(torch.finfo(torch.float32).tiny)
     err = (got[fin].double() - exact[fin]).abs() / ulp
@@ -144,17 +152,13 @@ def _special_values_double():
 
 @pytest.mark.parametrize("op", ["exp", "sigmoid", "tanh"])
 def test_float64_transcendentals_are_within_3_ulp_of_torchs_over_their_whole_range(op):
-    x = sg.Input(1, name="x")
-    region = region_from_outputs([getattr(sg, op)(x)], [x])
     xs = _special_values_double()
-    (got,) = kernel_for(region)([xs[:, None]])
-    got = got[:, 0]
+    got = _c_unary(op, xs)
     want = getattr(torch, op)(xs)  # libm's, within about an ulp of exact
     if op == "sigmoid":  # (torch's rounds to 0 where the result is denormal: below -709)
         e = torch.exp(-xs.abs())
         want = torch.where(xs < 0, e / (1 + e), 1 / (1 + e))
-    assert torch.equal(torch.isnan(got), torch.isnan(want))
-    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    _assert_same_specials(got, want)
     fin = torch.isfinite(want) & (want.abs() >= torch.finfo(torch.float64).tiny)  # (denormals: absolute below)
     ulp = torch.finfo(torch.float64).eps * want[fin].abs()
     err = (got[fin] - want[fin]).abs() / ulp
