@@ -19,6 +19,8 @@ from typing import Iterable, Iterator, Sequence
 from ..errors import Site, in_package, user_site
 
 _ids = itertools.count()
+
+
 class _Deriving(threading.local):
     site: Site | None = None  # the site nodes made now take (sites_from), else None
 
@@ -81,6 +83,12 @@ def _module_hint(module: str) -> str:
         return (f"a step is one cell: here sg.cells.{recurrent[module]}(...) builds it (sg.nn.{module} is "
                 f"torch.nn's {module} on seqgraph, for tensors)")
     return "see docs/dsl.md for the modules there are"
+
+
+def _refused_in_torch(what: str, where: str, hint: str) -> str:
+    """The message for torch code (`what`: a function, or a torch.nn module) run on a node."""
+    return (f"{what} cannot run on {where}, a symbolic value (at {user_site(('torch',))}): build the step with "
+            f"seqgraph's own functions and modules; {hint}")
 
 
 def _hint(name: str) -> str:
@@ -209,8 +217,7 @@ class Node:
         where = f"node {node.label()!r} (declared at {node.site})" if node is not None else "a seqgraph node"
         module = _calling_torch_module()
         what, hint = (f"torch.nn.{module}", _module_hint(module)) if module else (f"torch's {name}", _hint(name))
-        raise TypeError(f"{what} cannot run on {where}, a symbolic value (at {user_site(('torch',))}): build the "
-                        f"step with seqgraph's own functions and modules; {hint}")
+        raise TypeError(_refused_in_torch(what, where, hint))
 
     def __getattr__(self, name: str):
         # called only for a name the node does not have: a tensor's method (x.dim() inside a
@@ -220,9 +227,8 @@ class Node:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         module = _calling_torch_module()
         if module is not None:
-            raise AttributeError(f"torch.nn.{module} cannot run on node {self.label()!r} (declared at {self.site}), "
-                                 f"a symbolic value (at {user_site(('torch',))}): build the step with seqgraph's own "
-                                 f"functions and modules; {_module_hint(module)}")
+            raise AttributeError(_refused_in_torch(f"torch.nn.{module}", f"node {self.label()!r} (declared at "
+                                                   f"{self.site})", _module_hint(module)))
         hint = {"view": "here sg.reshape", "unsqueeze": "here sg.unsqueeze",
                 "size": "here node.shape: its shape per example, without the batch dimension (node.shape[-1] "
                         "is its number of features, node.elements its number of elements)",
