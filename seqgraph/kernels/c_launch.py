@@ -1,10 +1,11 @@
 """Compile, cache and call the C kernels of the `cpu` backend.
 
-A `CLibrary` gathers the regions of one compiled program (forward and backward variants;
-regions of the same structure share one function) and builds them into one shared library
-per dtype with the system C compiler: a whole LSTM costs one compiler run on each of two
-halves of its source at once and a link (about 0.45 s with its whole loops at H=512 on our
-2-core machine, 0.8 s on one core; 0.2 s for a single small region).
+A `CLibrary` gathers the regions and whole loops of one compiled program (forward and
+backward variants; regions of the same structure share one function) and builds them with
+the system C compiler into shared libraries per dtype and part (the unmasked loops, the
+masked ones, the regions only the Python loops call), each when first needed: an LSTM's
+unmasked loops cost one compiler run on each of two halves of their source at once and a
+link (about 0.4-0.5 s at H=512 on our 2-core machine; 0.2 s for a single small region).
 The library is written once to the kernel cache ($SEQGRAPH_CACHE_DIR/cpu, next to the Triton
 kernels) as `<key>.so` with its source `<key>.c`, where the key hashes the regions'
 structure, the dtype, the generator's version, the compiler's version, the flags and (for
@@ -157,7 +158,7 @@ class CKernel:
     def fn(self, dtype: torch.dtype):
         f = self.fns.get(dtype)
         if f is None:
-            self.library.load(dtype)
+            self.library.load(dtype, self.library.part_of(self))
             f = self.fns[dtype]
         return f
 
@@ -295,18 +296,31 @@ def _argtypes(gen: CKernelSource) -> list:
     return types
 
 
+# A library is built in parts, each a shared library of its own, compiled when first needed: the
+# whole loops over unmasked batches (when the program compiles), the masked loops (by the first
+# call with lengths or a mask: a program that never meets padding never compiles them, and they
+# are about 40% of an LSTM's C text) and the kernels no loop calls (the Python loops': when the
+# program has no C loops, as it compiles; else when one is first called, which is never in a
+# call of one or more rows).
+LOOPS, MASKED_LOOPS, STEPS = "loops", "masked loops", "steps"
+_PART_WHEN = {LOOPS: "compiled with the program", MASKED_LOOPS: "compiled by the first call with lengths or a mask",
+              STEPS: "compiled when one of them is first called"}
+
+
 class CLibrary:
-    """The C kernels of one program, built into one shared library per dtype on first use."""
+    """The C kernels and whole loops of one program, built per dtype and part (above) on first use."""
 
     def __init__(self, name: str = "cell"):
         self.name = name
         self.kernels: list[CKernel] = []
         self._by_signature: dict[tuple, CKernel] = {}
-        self.paths: dict[torch.dtype, Path] = {}
-        self.compiled: dict[torch.dtype, bool] = {}  # dtype -> whether this process ran the compiler
         self.loops: dict[str, str] = {}  # whole time loops (c_loops.py): function name -> source
+        self.loop_parts: dict[str, str] = {}  # function name -> LOOPS or MASKED_LOOPS
         self.loop_fns: dict[tuple[str, torch.dtype], object] = {}
-        self.keys: dict[torch.dtype, str] = {}  # dtype -> the key of its loaded library
+        # per (dtype, part) built: the file, whether this process ran the compiler, the cache key
+        self.paths: dict[tuple[torch.dtype, str], Path] = {}
+        self.compiled: dict[tuple[torch.dtype, str], bool] = {}
+        self.keys: dict[tuple[torch.dtype, str], str] = {}
 
     def add(self, region: Region) -> CKernel:
         """The kernel for `region` (one already added with the same structure is reused)."""
@@ -325,19 +339,39 @@ class CLibrary:
             del self._by_signature[k.region.signature()]
         del self.kernels[keep:]
 
-    def add_loop(self, func_name: str, source: str) -> None:
-        """A whole time loop (written by c_loops.py) calling this library's kernels."""
+    def add_loop(self, func_name: str, source: str, masked: bool = False) -> None:
+        """A whole time loop (written by c_loops.py) calling this library's kernels; a masked
+        one is built with the other masked loops, apart."""
         self.loops[func_name] = source
+        self.loop_parts[func_name] = MASKED_LOOPS if masked else LOOPS
 
-    def bind_own_gemm(self, dtype: torch.dtype) -> None:
+    def first_part(self) -> str:
+        """The part built when the program compiles."""
+        return LOOPS if any(p == LOOPS for p in self.loop_parts.values()) else STEPS
+
+    def part_of(self, kernel: CKernel) -> str:
+        """The part whose library binds `kernel`: that of the loops calling it (the unmasked
+        loops' where both kinds do), or STEPS where no loop does."""
+        callers = {self.loop_parts[f] for f, text in self.loops.items() if _calls(text, kernel)}
+        return STEPS if not callers else LOOPS if LOOPS in callers else MASKED_LOOPS
+
+    def part(self, part: str) -> tuple[list[CKernel], dict[str, str]]:
+        """The kernels and loops built into `part`: its loops and every kernel they call (a
+        kernel both kinds of loops call is built into each), or the kernels no loop calls."""
+        loops = {f: text for f, text in self.loops.items() if self.loop_parts[f] == part}
+        if part == STEPS:
+            return [k for k in self.kernels if self.part_of(k) == STEPS], loops
+        return [k for k in self.kernels if any(_calls(text, k) for text in loops.values())], loops
+
+    def bind_own_gemm(self, dtype: torch.dtype, part: str = LOOPS) -> None:
         """Give this library's float32 loops seqgraph's GEMM (cpu_gemm.py), built now if no
         load chose it: a call asked for it after $SEQGRAPH_CPU_GEMM changed."""
-        key = self.keys[dtype]
+        key = self.keys[(dtype, part)]
         if key in _OWN_GEMM_BOUND:
             return
         with _LOADING:
             if key not in _loaded:  # forgotten (clear_memory_cache): loading it again binds the GEMM now
-                self._load(dtype)
+                self._load(dtype, part)
                 return
             from .c_loops import blas_pointers
             from .cpu_gemm import mm_pointers
@@ -347,71 +381,89 @@ class CLibrary:
     def loop_fn(self, func_name: str, dtype: torch.dtype):
         f = self.loop_fns.get((func_name, dtype))
         if f is None:
-            self.load(dtype)
+            self.load(dtype, self.loop_parts[func_name])
             f = self.loop_fns[(func_name, dtype)]
         return f
 
     def source(self) -> str:
-        """The library's C text. A library of more than one function is written in two halves
-        that the build compiles at once, one per core (-DSG_HALF=0 and 1; without SG_HALF the
-        file compiles whole): the loops with the runtime they share stay in one half."""
-        halves = self._halves()
+        """The library's C text as `model.source()` shows it: each part's file, under a line
+        that says when it is compiled."""
+        parts = [p for p in (LOOPS, MASKED_LOOPS, STEPS) if any(self.part(p))]
+        if len(parts) == 1:
+            return self.part_source(parts[0])
+        from .c_loop_prelude import LOOP_PRELUDE
+        first, shown = self.first_part(), []
+        for k, p in enumerate(parts):
+            text = self.part_source(p)
+            if k:  # each file starts with the same runtime: shown once
+                text = text.replace(PRELUDE, "/* (the prelude of the first part) */\n", 1)
+                text = text.replace(LOOP_PRELUDE, "/* (the loops' runtime of the first part) */\n", 1)
+            when = "compiled with the program" if p == first else _PART_WHEN[p]
+            shown.append(f"/* ======== part {p!r}: {when} ======== */\n{text}")
+        return "\n".join(shown)
+
+    def part_source(self, part: str) -> str:
+        """The C file of one part. One of more than one function is written in two halves that
+        the build compiles at once, one per core (-DSG_HALF=0 and 1; without SG_HALF the file
+        compiles whole): the loops with the runtime they share stay in one half."""
+        kernels, loops = self.part(part)
+        halves = self._halves(part)
         if halves is None:
-            return PRELUDE + "\n" + "".join(k.source for k in self.kernels) + self._loops_text()
+            return PRELUDE + "\n" + "".join(k.source for k in kernels) + _loops_text(loops)
         text = [PRELUDE, "\n/* ---- every region's functions, for calls from the other half ---- */\n"]
-        text += [k.gen.declaration for k in self.kernels]
-        for half, kernels in enumerate(halves):
+        text += [k.gen.declaration for k in kernels]
+        for half, in_half in enumerate(halves):
             text.append(f"\n#if !defined(SG_HALF) || SG_HALF == {half}\n")
-            text.append("\n".join(k.source for k in kernels))
+            text.append("\n".join(k.source for k in in_half))
             if half == 1:
-                text.append(self._loops_text())
+                text.append(_loops_text(loops))
             text.append(f"#endif  /* half {half} */\n")
         return "".join(text)
 
-    def _loops_text(self) -> str:
-        if not self.loops:
-            return ""
-        from .c_loop_prelude import LOOP_PRELUDE
-        return LOOP_PRELUDE + "\n" + "\n".join(self.loops.values())
-
-    def _halves(self) -> tuple[list[CKernel], list[CKernel]] | None:
-        """The kernels of each half, balanced by the length of their text (a fair measure of
-        the compiler's time) without comments, which name the user's lines: every program of
-        one key splits alike. The loops count in half 1. None for a single function."""
-        if len(self.kernels) + bool(self.loops) < 2:
+    def _halves(self, part: str) -> tuple[list[CKernel], list[CKernel]] | None:
+        """The kernels of each half of `part`, balanced by the length of their text (a fair
+        measure of the compiler's time) without comments, which name the user's lines: every
+        program of one key splits alike. The loops count in half 1. None for a single function."""
+        kernels, loops = self.part(part)
+        if len(kernels) + bool(loops) < 2:
             return None
-        load = [0, sum(_code_length(text) for text in self.loops.values())]
+        load = [0, sum(_code_length(text) for text in loops.values())]
         half_of = {}
-        for k in sorted(self.kernels, key=lambda k: (-_code_length(k.source), k.gen.func_name)):
+        for k in sorted(kernels, key=lambda k: (-_code_length(k.source), k.gen.func_name)):
             half_of[k.gen.func_name] = h = 0 if load[0] <= load[1] else 1
             load[h] += _code_length(k.source)
-        return ([k for k in self.kernels if half_of[k.gen.func_name] == 0],
-                [k for k in self.kernels if half_of[k.gen.func_name] == 1])
+        return ([k for k in kernels if half_of[k.gen.func_name] == 0],
+                [k for k in kernels if half_of[k.gen.func_name] == 1])
 
-    def key(self, dtype: torch.dtype) -> str:
+    def key(self, dtype: torch.dtype, part: str | None = None) -> str:
+        """The cache key of one part's library (by default the part built with the program)."""
+        part = part or self.first_part()
+        kernels, loops = self.part(part)
         cc = find_compiler() or "none"
         flags = cflags()
         # the loops' text without its comments, which name node ids and the user's lines: a
         # program of the same structure, built in any order or from any file, has one key
-        loops = sorted((name, _without_comments(text)) for name, text in self.loops.items())
-        text = repr(([r for r in self._by_signature], loops, _dtype_name(dtype),
+        loops = sorted((name, _without_comments(text)) for name, text in loops.items())
+        text = repr(([(k.gen.func_name, k.region.signature()) for k in kernels], loops, _dtype_name(dtype),
                      C_CODEGEN_VERSION, _generator_fingerprint(),
                      _compiler_id(cc),
                      flags, _BASE_FLAGS, openmp_flags(), _cpu_features() if "-march=native" in flags else platform.machine(),
                      sys.platform))
         return "c" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
-    def load(self, dtype: torch.dtype) -> None:
-        """Compile (or find in the cache) the library for `dtype` and bind every kernel to it
-        (one thread at a time: a second thread asking for the same library finds it built)."""
+    def load(self, dtype: torch.dtype, part: str | None = None) -> None:
+        """Compile (or find in the cache) one part's library for `dtype` (by default the part
+        built with the program) and bind its kernels and loops to it (one thread at a time: a
+        second thread asking for the same library finds it built)."""
         with _LOADING:
-            self._load(dtype)
+            self._load(dtype, part or self.first_part())
 
-    def _load(self, dtype: torch.dtype) -> None:
+    def _load(self, dtype: torch.dtype, part: str) -> None:
         name = _dtype_name(dtype)
-        if not self.kernels and not self.loops:
+        kernels, loops = self.part(part)
+        if not kernels and not loops:
             return
-        key = self.key(dtype)
+        key = self.key(dtype, part)
         lib = _loaded.get(key)
         path = cache_dir() / "cpu" / f"{key}.so"
         wrote = False
@@ -419,21 +471,23 @@ class CLibrary:
         if lib is None:
             def build():
                 # the loops' GEMM library (once per machine, where chosen) builds on the other core meanwhile
-                gemm = _start(_gemm_library) if self.loops and own else None
+                gemm = _start(_gemm_library) if loops and own else None
                 try:
-                    _build(self.source(), path, name, halves=2 if self._halves() else 1)
+                    _build(self.part_source(part), path, name, halves=2 if self._halves(part) else 1)
                 finally:
                     if gemm is not None:
                         gemm.join()
             lib, wrote = cached_library(path, build)
             _loaded[key] = lib
-        self.paths[dtype], self.compiled[dtype] = path, wrote
-        for k in self.kernels:
+        self.paths[(dtype, part)], self.compiled[(dtype, part)] = path, wrote
+        for k in kernels:
+            if self.part_of(k) != part:
+                continue  # (another part's kernel, built here too for this part's loops)
             f = getattr(lib, k.gen.func_name)
             f.argtypes = _argtypes(k.gen)
             f.restype = ctypes.c_int
             k.fns[dtype] = f
-        if self.loops:
+        if loops:
             from .c_loops import blas_pointers
             blas = blas_pointers(dtype)
             if blas is None:
@@ -446,15 +500,28 @@ class CLibrary:
             lib.sg_set_blas(*blas, *mm)
             if own:
                 _OWN_GEMM_BOUND.add(key)
-            self.keys[dtype] = key
-            for fname in self.loops:
+            self.keys[(dtype, part)] = key
+            for fname in loops:
                 f = getattr(lib, fname)
                 f.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                               ctypes.c_int64, ctypes.c_int64]
                 f.restype = ctypes.c_int
                 self.loop_fns[(fname, dtype)] = f
         if debug_level() >= 3:
-            print(f"[seqgraph] C kernels of {self.name!r} for {name} ({path}):\n{self.source()}", file=sys.stderr)
+            print(f"[seqgraph] C kernels of {self.name!r} ({part}) for {name} ({path}):\n{self.part_source(part)}",
+                  file=sys.stderr)
+
+
+def _calls(loop_text: str, kernel: CKernel) -> bool:
+    """Whether a loop's text calls `kernel` (its threaded wrapper, `sg_region_<n>(`)."""
+    return re.search(rf"\b{kernel.gen.func_name}\(", loop_text) is not None
+
+
+def _loops_text(loops: dict[str, str]) -> str:
+    if not loops:
+        return ""
+    from .c_loop_prelude import LOOP_PRELUDE
+    return LOOP_PRELUDE + "\n" + "\n".join(loops.values())
 
 
 def _without_comments(text: str) -> str:

@@ -3,7 +3,8 @@
 The generated Python loops (codegen_torch) pay the interpreter and the torch dispatcher a few
 microseconds per op and step; at small sizes that is most of the time. Here each loop of a
 plan (forward: masked or not, saving or not; backward: plain or masked) becomes one C function
-`int sg_loop_<variant>(T, B, mask, P, D, own, threads)` in the program's CLibrary: per step it runs a
+`int sg_loop_<variant>(T, B, mask, P, D, own, threads)` in the program's CLibrary (the masked
+variants in a part of it built by the first call that needs one): per step it runs a
 GEMM for each `gemm` stage and the fused region's own C function for each `fused` stage. The
 GEMM is MKL's (through function pointers found in libtorch_cpu, the weight packed once per
 call for float32, as oneDNN's LSTM does) or, when `own` (float32, `cpu_gemm.per_step_gemm()`
@@ -413,14 +414,15 @@ class CLoops:
         self._strides: dict[tuple, ctypes.Array] = {}  # the tensors' strides -> the `D` array of a call
 
     def run(self, variant: str, T: int, B: int, mask: torch.Tensor | None, tensors: list[torch.Tensor]) -> None:
-        fn = self.lib.loop_fn(self.func_names[variant], tensors[0].dtype)
+        name = self.func_names[variant]
+        fn = self.lib.loop_fn(name, tensors[0].dtype)
         n = len(tensors)
         ptrs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in tensors])
         strides = self._strides_array(tuple([t.stride() for t in tensors]))
         m = mask.contiguous() if mask is not None else None
         own = int(tensors[0].dtype == torch.float32 and per_step_gemm() == "seqgraph")
         if own:
-            self.lib.bind_own_gemm(tensors[0].dtype)
+            self.lib.bind_own_gemm(tensors[0].dtype, self.lib.loop_parts[name])
         threads = loop_threads(B, self.step_weight_elems * tensors[0].element_size())
         if fn(T, B, m.data_ptr() if m is not None else None, ptrs, strides, own, threads):
             raise MemoryError(f"the C loop {variant} of {self.lib.name!r} could not allocate its workspace")
@@ -463,7 +465,7 @@ def _generate(plan: Plan, lib, loops: CLoops) -> str | None:
             return f"{variant}: {why}"
         sources.append((variant, src))
     for variant, src in sources:
-        lib.add_loop(f"sg_loop_{variant}", src)
+        lib.add_loop(f"sg_loop_{variant}", src, masked="masked" in variant)
         loops.func_names[variant] = f"sg_loop_{variant}"
     loops.step_weight_elems = sum(n.inputs[1].shape[0] * n.inputs[1].shape[1]
                                   for s in plan.stages if s.kind == "gemm" for n in s.nodes)

@@ -365,7 +365,7 @@ def test_a_library_is_compiled_once_and_loaded_by_a_fresh_process(tmp_path):
         lib = CLibrary("t")
         k = lib.add(lstm_step())
         lib.load(torch.float32)
-        print(lib.compiled[torch.float32], lib.paths[torch.float32])
+        print(lib.compiled[(torch.float32, "steps")], lib.paths[(torch.float32, "steps")])
         k(lstm_step_inputs(3))
     """)
     here = str(__import__("pathlib").Path(__file__).parent)
@@ -532,14 +532,28 @@ def test_a_library_of_several_functions_compiles_its_halves_at_once_then_links_t
 
 def test_each_half_holds_some_of_the_functions_and_the_loops_stay_together():
     lib, small, large = two_kernel_library()
-    first, second = lib._halves()
+    first, second = lib._halves(c_launch.STEPS)
     assert {k.gen.func_name for k in first} | {k.gen.func_name for k in second} == {"sg_region_0", "sg_region_1"}
     assert len(first) == len(second) == 1
-    lib.add_loop("sg_loop_test", "int sg_loop_test(void) {\n" + "    /* a long loop */\n" * 1000 + "    return 0;\n}\n")
-    first, second = lib._halves()
+    calls = "    sg_region_0(0); sg_region_1(0);\n"
+    lib.add_loop("sg_loop_test", "int sg_loop_test(void) {\n" + calls + "    x = x + 1;\n" * 1000 + "    return 0;\n}\n")
+    first, second = lib._halves(c_launch.LOOPS)
     assert [k.gen.func_name for k in first] == ["sg_region_0", "sg_region_1"] and second == []  # the loops outweigh both
-    text = lib.source()
+    text = lib.part_source(c_launch.LOOPS)
     assert text.index("#if !defined(SG_HALF) || SG_HALF == 1") < text.index("sg_loop_test")
+
+
+def test_the_masked_loops_and_the_kernels_only_they_call_are_a_part_of_their_own():
+    lib, small, large = two_kernel_library()
+    lib.add_loop("sg_loop_fwd", "int sg_loop_fwd(void) { return sg_region_0(0); }\n")
+    lib.add_loop("sg_loop_fwd_masked", "int sg_loop_fwd_masked(void) { return sg_region_0(0) + sg_region_1(0); }\n",
+                 masked=True)
+    assert lib.first_part() == c_launch.LOOPS
+    assert [lib.part_of(k) for k in (small, large)] == [c_launch.LOOPS, c_launch.MASKED_LOOPS]
+    kernels, loops = lib.part(c_launch.MASKED_LOOPS)
+    assert kernels == [small, large] and list(loops) == ["sg_loop_fwd_masked"]  # the shared one is built in both
+    assert lib.part(c_launch.STEPS) == ([], {})
+    assert "part 'masked loops': compiled by the first call with lengths or a mask" in lib.source()
 
 
 def test_the_cached_source_compiles_whole_without_sg_half(tmp_path, monkeypatch):
@@ -547,7 +561,7 @@ def test_the_cached_source_compiles_whole_without_sg_half(tmp_path, monkeypatch)
     clear_memory_cache()
     lib, _, _ = two_kernel_library()
     lib.load(torch.float32)
-    c_path = lib.paths[torch.float32].with_suffix(".c")
+    c_path = lib.paths[(torch.float32, c_launch.STEPS)].with_suffix(".c")
     whole = tmp_path / "whole.so"
     cmd = c_launch.shlex.split(c_launch.find_compiler()) + c_launch._BASE_FLAGS + ["-o", str(whole), str(c_path), "-lm"]
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -588,14 +602,14 @@ def test_halves_that_fail_to_link_say_the_linkers_error_and_leave_no_temporary_f
 def test_a_library_of_loops_alone_keeps_its_loops_in_its_source():
     lib = CLibrary("test")
     lib.add_loop("sg_loop_test", "int sg_loop_test(void) { return 0; }\n")
-    assert lib._halves() is None and "int sg_loop_test(void)" in lib.source()
+    assert lib._halves(c_launch.LOOPS) is None and "int sg_loop_test(void)" in lib.source()
 
 
 def test_the_halves_do_not_depend_on_the_comments_that_name_the_users_lines():
     lib, small, large = two_kernel_library()
-    before = [[k.gen.func_name for k in half] for half in lib._halves()]
+    before = [[k.gen.func_name for k in half] for half in lib._halves(c_launch.STEPS)]
     small.source += "/* " + "a long file name and line " * 200 + " */\n"  # as if built from another file
-    assert [[k.gen.func_name for k in half] for half in lib._halves()] == before
+    assert [[k.gen.func_name for k in half] for half in lib._halves(c_launch.STEPS)] == before
 
 
 def test_a_failure_that_is_not_about_openmp_is_not_retried_without_it(tmp_path, monkeypatch):

@@ -47,6 +47,37 @@ def test_one_library_serves_every_sequence_length_and_batch_size():
     assert lib.paths == before  # nothing rebuilt
 
 
+def fresh_lstm(tmp_path, monkeypatch):
+    """An LSTM compiled in an empty kernel cache, no program or library in memory."""
+    from seqgraph.kernels.c_launch import clear_memory_cache
+    monkeypatch.setenv("SEQGRAPH_CACHE_DIR", str(tmp_path))
+    sg.compiled.clear_cache()
+    clear_memory_cache()
+    rec = sg.Recurrence(sg.cells.lstm(3, 5))
+    comp = sg.compile(rec, backend="cpu")
+    return rec, comp, comp._program.c_loops.lib
+
+
+def test_a_program_compiles_its_unmasked_loops_alone_and_its_masked_ones_at_the_first_masked_call(tmp_path, monkeypatch):
+    rec, comp, lib = fresh_lstm(tmp_path, monkeypatch)
+    assert set(lib.paths) == {(torch.float32, "loops")}
+    xs, ctx = make_inputs(rec.cell, 4, 3, dtype=torch.float32)
+    check_against_reference(rec, comp, xs, ctx, 1e-5)
+    assert set(lib.paths) == {(torch.float32, "loops")}  # no padding: nothing more was built
+    check_against_reference(rec, comp, xs, ctx, 1e-5, lengths=torch.tensor([4, 1, 2]))
+    assert set(lib.paths) == {(torch.float32, "loops"), (torch.float32, "masked loops")}
+    assert len(list(tmp_path.rglob("*.so"))) == 2
+
+
+def test_a_call_of_no_rows_builds_no_kernel(tmp_path, monkeypatch):
+    rec, comp, lib = fresh_lstm(tmp_path, monkeypatch)
+    x = torch.randn(4, 0, 3, requires_grad=True)
+    out, state = comp(x)
+    (out.sum() + state["c"].sum()).backward()
+    assert out.shape == (4, 0, 5) and state["h"].shape == (0, 5) and x.grad.shape == x.shape
+    assert set(lib.paths) == {(torch.float32, "loops")}
+
+
 def test_the_source_calls_one_c_kernel_per_fused_stage_and_the_packed_gemm():
     comp = sg.compile(sg.Recurrence(BUILTIN["lstm"]()), backend="cpu")
     src = comp.source()

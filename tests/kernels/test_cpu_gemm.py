@@ -238,7 +238,7 @@ def test_the_per_step_products_follow_the_gemm_choice_at_each_call(monkeypatch, 
     torch.testing.assert_close(outs["seqgraph"], outs["mkl"], atol=1e-5, rtol=1e-5)
     assert not torch.equal(outs["seqgraph"], outs["mkl"])  # different kernels sum in different orders
     from seqgraph.kernels.c_launch import _OWN_GEMM_BOUND
-    assert comp._program.c_loops.lib.keys[torch.float32] in _OWN_GEMM_BOUND
+    assert comp._program.c_loops.lib.keys[(torch.float32, "loops")] in _OWN_GEMM_BOUND
 
 
 def test_mismatched_shapes_go_to_torch_which_names_them(own_gemm):
@@ -295,4 +295,4 @@ def test_a_library_forgotten_by_clear_memory_cache_binds_seqgraphs_gemm_when_a_c
     c_launch.clear_memory_cache()
     monkeypatch.setenv("SEQGRAPH_CPU_GEMM", "seqgraph")
     torch.testing.assert_close(comp(x)[0], rec(x)[0], atol=1e-5, rtol=1e-5)
-    assert comp._program.c_loops.lib.keys[torch.float32] in c_launch._OWN_GEMM_BOUND
+    assert comp._program.c_loops.lib.keys[(torch.float32, "loops")] in c_launch._OWN_GEMM_BOUND
