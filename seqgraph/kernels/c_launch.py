@@ -423,11 +423,12 @@ class CLibrary:
     def _halves(self, part: str) -> tuple[list[CKernel], list[CKernel]] | None:
         """The kernels of each half of `part`, balanced by the length of their text (a fair
         measure of the compiler's time) without comments, which name the user's lines: every
-        program of one key splits alike. The loops count in half 1. None for a single function."""
+        program of one key splits alike. The loops and their runtime count in half 1. None for a
+        single function."""
         kernels, loops = self.part(part)
         if len(kernels) + bool(loops) < 2:
             return None
-        load = [0, sum(_code_length(text) for text in loops.values())]
+        load = [0, _code_length(_loops_text(loops))]
         half_of = {}
         for k in sorted(kernels, key=lambda k: (-_code_length(k.source), k.gen.func_name)):
             half_of[k.gen.func_name] = h = 0 if load[0] <= load[1] else 1
