@@ -41,12 +41,17 @@ _C_DTYPES = (torch.float32, torch.float64)
 _C_BROKEN: str | None = None  # why the C compiler could not build kernels here, once it failed
 
 
-def _auto_program(cell: Cell, wanted: str, unroll: int) -> Program:
+def _auto_program(cell: Cell, wanted: str, unroll: int, part: tuple | None = None) -> Program:
     """get_program for backend="auto": where the C compiler is present but cannot build the
-    kernels (no libc headers, say), the torch code, with one warning, instead of an error."""
+    kernels (no libc headers, say), the torch code, with one warning, instead of an error.
+    `part` = (dtype, part name): the part of the C code a call needs, built now (a part not
+    built with the program, such as the masked loops, falls back alike)."""
     global _C_BROKEN
     try:
-        return get_program(cell, wanted, unroll)
+        program = get_program(cell, wanted, unroll)
+        if part is not None:
+            program.c_loops.lib.load(*part)
+        return program
     except RuntimeError as e:
         if wanted != "cpu":
             raise
@@ -517,6 +522,19 @@ class CompiledRecurrence(Recurrence):
             return _auto_program(self.cell, wanted, self.unroll)
         return get_program(self.cell, wanted, self.unroll)
 
+    def _with_part_built(self, program: Program, dtype: torch.dtype, masked: bool) -> Program:
+        """backend="auto" on the CPU: `program` with the C loops this call runs built (the
+        masked ones, or those of a dtype not called before, are built by their first call), or
+        the torch program where the C compiler fails on them, as where it fails as the program
+        compiles. (Inside torch.compile the loops' op builds them when it runs.)"""
+        loops = program.c_loops
+        if loops is None or isinstance(loops, str):
+            return program  # (the Python loops: their kernels were built with the program)
+        part = (dtype, _c_launch.MASKED_LOOPS if masked else _c_launch.LOOPS)  # (imported: auto asked for the compiler)
+        if part in loops.lib.paths:
+            return program
+        return _auto_program(self.cell, "cpu", self.unroll, part)
+
     def _run_sequence(self, xs, states0, contexts, noises, valid, dtype, device):
         outs, finals = self._run_loops(xs, states0, contexts, noises, valid, dtype, device)
         for k, o in enumerate(self.cell.outputs):
@@ -535,6 +553,8 @@ class CompiledRecurrence(Recurrence):
             # torch.func (grad, vmap) and forward-mode AD transform plain torch ops, not generated loops
             return Recurrence._reference_loop(self, xs, states0, contexts, noises, valid, dtype, device)
         program = self._program_for(dtype, device)
+        if self.backend == "auto" and program.backend == "cpu" and not torch.compiler.is_compiling():
+            program = self._with_part_built(program, dtype, valid is not None)
         fns = program.fns
         T, B = xs[0].shape[0], xs[0].shape[1]
         step = program.plan.step

@@ -945,6 +945,31 @@ def test_auto_runs_the_torch_code_with_a_warning_when_the_c_compiler_cannot_buil
     clear_cache()
 
 
+def test_auto_runs_the_torch_code_with_a_warning_when_the_c_compiler_cannot_build_the_masked_loops(monkeypatch, tmp_path):
+    import seqgraph.compiled as compiled
+    from seqgraph.kernels.c_launch import clear_memory_cache, find_compiler
+    wrapper = tmp_path / "cc-without-masks"  # builds every C file but the masked loops'
+    wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do [ -f "$a" ] && grep -q sg_loop_fwd_masked "$a" && exit 1; done\n'
+                       f'exec {find_compiler()} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    monkeypatch.setenv("SEQGRAPH_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(compiled, "_C_BROKEN", None)
+    clear_cache()
+    clear_memory_cache()
+    rec = sg.Recurrence(sg.cells.lstm(5, 7))
+    comp = sg.compile(rec, backend="auto")
+    x = torch.randn(4, 2, 5)
+    torch.testing.assert_close(comp(x)[0], rec(x)[0])
+    assert comp.backend_for() == "cpu"
+    lengths = torch.tensor([4, 2])
+    with pytest.warns(RuntimeWarning, match="the C compiler could not build the cpu backend's kernels"):
+        out, _ = comp(x, lengths=lengths)
+    torch.testing.assert_close(out, rec(x, lengths=lengths)[0])
+    assert comp.backend_for() == "torch"
+    clear_cache()
+
+
 def _loops_line(comp) -> str:
     return next(ln for ln in str(comp.plan()).splitlines() if ln.startswith("time loops:"))
 

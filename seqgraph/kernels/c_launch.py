@@ -17,6 +17,7 @@ into regions (the compiler).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import re
@@ -257,7 +258,7 @@ def _fast_caller(kernel: CKernel):
     lines.append(f"    dt = {ref}.dtype if dtype is None else dtype" if ref else
                  "    dt = torch.float32 if dtype is None else dtype")
     lines.append(f"    B = {rows[0]}.shape[0] if B is None else B" if rows else "    B = mask.shape[0] if B is None else B")
-    lines.append("    fn = fns.get(dt) or kernel.fn(dt)")
+    lines.append("    fn = fns.get(dt) or (kernel.fn(dt) if B else None)  # (no rows: nothing to build)")
     no = len(kernel._out_widths)
     lines.append(f"    o = out if out is not None else {[None] * no!r}")
     args = ["B"]
@@ -584,18 +585,46 @@ _OPENMP: list[str] | None = None
 
 def cached_library(path: Path, build) -> tuple[ctypes.CDLL, bool]:
     """The library at `path`, built first by `build()` where it is missing, cut short or does not
-    load (a damaged cache file is rebuilt, not reported on every run); and whether it was built."""
+    load (a damaged cache file is rebuilt, not reported on every run); and whether it was built.
+    Processes that need one library at once (workers forked after compiling, ranks of one job)
+    build it once: the others wait for that build, then load its file."""
     built = False
     if not library_is_whole(path):
-        build()
-        built = True
+        with _building(path):
+            if not library_is_whole(path):
+                build()
+                built = True
     try:
         return ctypes.CDLL(str(path)), built
     except OSError:
         if built:
             raise
-        build()
+        with _building(path):
+            build()
         return ctypes.CDLL(str(path)), True
+
+
+@contextlib.contextmanager
+def _building(path: Path):
+    """Hold `<key>.lock` beside the library while building it (an advisory lock, which the
+    system releases if the process dies). Without POSIX locks, or where the cache folder
+    cannot be written, nothing is held: each process then builds on its own, as before."""
+    try:
+        import fcntl
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # read-only: another user of a shared cache may lock it too (the umask gives it 0644)
+        fd = os.open(path.with_suffix(".lock"), os.O_RDONLY | os.O_CREAT, 0o666)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # (a file system without locks)
+            pass
+        yield
+    finally:
+        os.close(fd)  # (which releases the lock)
 
 
 def _build(source: str, path: Path, real: str, halves: int = 1) -> None:

@@ -376,7 +376,7 @@ def test_a_library_is_compiled_once_and_loaded_by_a_fresh_process(tmp_path):
     wrote1, path1 = first.stdout.split()
     wrote2, path2 = second.stdout.split()
     assert (wrote1, wrote2) == ("True", "False") and path1 == path2
-    assert sorted(p.suffix for p in (tmp_path / "cpu").iterdir()) == [".c", ".so"]
+    assert sorted(p.suffix for p in (tmp_path / "cpu").iterdir()) == [".c", ".lock", ".so"]  # (the build's lock stays)
 
 
 def test_the_library_key_changes_with_structure_dtype_and_flags(monkeypatch):
@@ -651,7 +651,7 @@ def test_the_build_reads_a_private_copy_of_the_source_and_keeps_it_beside_the_li
     runs, _, _ = build_two_kernels_on(2, tmp_path, monkeypatch)
     compiled_from = {a for cmd in runs if "-c" in cmd for a in cmd if a.endswith(".c.tmp")}
     assert len(compiled_from) == 1  # both halves read one private file, never the shared <key>.c
-    assert [p.suffix for p in sorted((tmp_path / "cpu").iterdir())] == [".c", ".so"]
+    assert [p.suffix for p in sorted((tmp_path / "cpu").iterdir())] == [".c", ".lock", ".so"]
 
 
 def test_a_failed_build_whose_source_cannot_be_kept_as_key_c_names_the_copy_it_kept(tmp_path, monkeypatch):

@@ -5,6 +5,9 @@ comparisons it shares with the triton backend are in test_kernel_backends.py.
 Tolerances: float32 to 1e-5 (values) and 1e-4 (gradients, summed over steps); float64 to 1e-10
 and 1e-9. Half-precision CPU tensors run the torch backend's code (the kernels compute float32
 and float64 only)."""
+import multiprocessing
+import sys
+
 import pytest
 import torch
 
@@ -66,16 +69,35 @@ def test_a_program_compiles_its_unmasked_loops_alone_and_its_masked_ones_at_the_
     assert set(lib.paths) == {(torch.float32, "loops")}  # no padding: nothing more was built
     check_against_reference(rec, comp, xs, ctx, 1e-5, lengths=torch.tensor([4, 1, 2]))
     assert set(lib.paths) == {(torch.float32, "loops"), (torch.float32, "masked loops")}
-    assert len(list(tmp_path.rglob("*.so"))) == 2
+    assert {p.name for p in tmp_path.rglob("c*.so")} == {p.name for p in lib.paths.values()}
 
 
-def test_a_call_of_no_rows_builds_no_kernel(tmp_path, monkeypatch):
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_call_of_no_rows_builds_no_kernel(tmp_path, monkeypatch, grad, masked):
     rec, comp, lib = fresh_lstm(tmp_path, monkeypatch)
-    x = torch.randn(4, 0, 3, requires_grad=True)
-    out, state = comp(x)
-    (out.sum() + state["c"].sum()).backward()
-    assert out.shape == (4, 0, 5) and state["h"].shape == (0, 5) and x.grad.shape == x.shape
+    x = torch.randn(4, 0, 3, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        out, state = comp(x, lengths=torch.zeros(0, dtype=torch.long) if masked else None)
+    if grad:
+        (out.sum() + state["c"].sum()).backward()
+        assert x.grad.shape == x.shape
+    assert out.shape == (4, 0, 5) and state["h"].shape == (0, 5)
     assert set(lib.paths) == {(torch.float32, "loops")}
+
+
+def _first_masked_call_builds(comp):
+    x = torch.randn(4, 3, 3)
+    comp(x, lengths=torch.tensor([4, 1, 2]))
+    return comp._program.c_loops.lib.compiled[(torch.float32, "masked loops")]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="forks worker processes")
+def test_workers_forked_after_compiling_build_the_masked_loops_once(tmp_path, monkeypatch):
+    rec, comp, lib = fresh_lstm(tmp_path, monkeypatch)
+    with multiprocessing.get_context("fork").Pool(3) as pool:
+        built = pool.map(_first_masked_call_builds, [comp] * 3)
+    assert sorted(built) == [False, False, True]  # one built it; the others waited and loaded its file
 
 
 def test_the_source_calls_one_c_kernel_per_fused_stage_and_the_packed_gemm():
