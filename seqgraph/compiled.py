@@ -267,6 +267,25 @@ def _without_gradient(prog: Program, reads: list, states: list, T: int, mask) ->
     return [k for k in range(n_out) if not reads_grad(k)] + [n_out + j for j in range(len(states)) if not final[j]]
 
 
+SORT_BELOW = 0.9  # run a masked batch longest first when that leaves at most this share of the rows to compute
+
+
+def longest_first(valid: torch.Tensor | None) -> torch.Tensor | None:
+    """The order, longest first, in which the C loops run a padded batch's rows, or None to run
+    them as given. Each step of a masked C loop computes the rows up to its last real one (the
+    padding after it is skipped, docs/masking.md), so a shuffled batch computes most of its
+    padding and the same batch sorted longest first almost none. Sorting is chosen when it
+    leaves at most SORT_BELOW of the rows the given order computes, on CPU tensors outside
+    torch.compile (where the count would be a data-dependent decision)."""
+    if valid is None or valid.shape[1] < 2 or valid.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    order = valid.sum(0).argsort(descending=True, stable=True)
+    rank = torch.arange(1, valid.shape[1] + 1)
+    given = int((valid * rank).amax(1).sum())
+    sorted_ = int((valid.index_select(1, order) * rank).amax(1).sum())
+    return order if sorted_ < SORT_BELOW * given else None
+
+
 def _loop(prog: Program, name: str, device: torch.device):
     """The generated loop `name`, captured as CUDA graphs on a GPU (see cuda_graphs.py)."""
     if not cuda_graphs.enabled(device):
@@ -555,6 +574,27 @@ class CompiledRecurrence(Recurrence):
         program = self._program_for(dtype, device)
         if self.backend == "auto" and program.backend == "cpu" and not torch.compiler.is_compiling():
             program = self._with_part_built(program, dtype, valid is not None)
+        order = longest_first(valid) if program.finals_owned else None  # (the C loops)
+        if order is not None:
+            return self._run_in_order(order, program, params, xs, states0, contexts, noises, valid, dtype, device)
+        return self._run_program(program, params, xs, states0, contexts, noises, valid, dtype, device)
+
+    def _run_in_order(self, order, program, params, xs, states0, contexts, noises, valid, dtype, device):
+        """The loops run on the batch's rows in `order`, and the results come back in the
+        caller's (index_select both ways: autograd takes the gradients back alike)."""
+        B = order.numel()
+        back = torch.empty_like(order)
+        back[order] = torch.arange(B, device=order.device)
+        xs = [x.index_select(1, order) for x in xs]
+        states0 = [s.index_select(0, order) for s in states0]
+        contexts = [c.index_select(0, order) for c in contexts]
+        noises = [n.index_select(d, order) if n.shape[d] == B else n  # (eval mode's noise is one row)
+                  for node, n in zip(self.cell.noises, noises) for d in [0 if node.attrs["per_sequence"] else 1]]
+        outs, finals = self._run_program(program, params, xs, states0, contexts, noises, valid.index_select(1, order),
+                                         dtype, device)
+        return [o.index_select(1, back) for o in outs], [f.index_select(0, back) for f in finals]
+
+    def _run_program(self, program, params, xs, states0, contexts, noises, valid, dtype, device):
         fns = program.fns
         T, B = xs[0].shape[0], xs[0].shape[1]
         step = program.plan.step

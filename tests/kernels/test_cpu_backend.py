@@ -86,6 +86,32 @@ def test_a_call_of_no_rows_builds_no_kernel(tmp_path, monkeypatch, grad, masked)
     assert set(lib.paths) == {(torch.float32, "loops")}
 
 
+SHUFFLED = torch.tensor([2, 6, 1, 0, 6, 3])  # lengths in no order: the C loops run them longest first
+
+
+def test_longest_first_sorts_a_shuffled_batch_and_leaves_a_sorted_one_as_it_is():
+    from seqgraph.compiled import longest_first
+    mask = torch.arange(6)[:, None] < SHUFFLED[None, :]
+    assert SHUFFLED[longest_first(mask)].tolist() == [6, 6, 3, 2, 1, 0]
+    ordered = SHUFFLED.sort(descending=True).values
+    assert longest_first(torch.arange(6)[:, None] < ordered[None, :]) is None
+    assert longest_first(torch.ones(6, 6, dtype=torch.bool)) is None  # no padding: nothing to skip
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_shuffled_padded_batch_run_longest_first_equals_the_reference(name, monkeypatch):
+    rec = sg.Recurrence(CASES[name]())  # (training mode: dropout noise follows its rows too)
+    comp = sg.compile(rec, backend="cpu")
+    orders = []
+    run_in_order = sg.CompiledRecurrence._run_in_order
+    monkeypatch.setattr(sg.CompiledRecurrence, "_run_in_order",
+                        lambda self, order, *a: orders.append(order) or run_in_order(self, order, *a))
+    xs, ctx = make_inputs(rec.cell, 6, 6, dtype=torch.float32)
+    check_against_reference(rec, comp, xs, ctx, 1e-5, lengths=SHUFFLED)
+    in_c = comp._program.finals_owned  # (the Python loops, such as an attention cell's, run the rows as given)
+    assert len(orders) == (1 if in_c else 0)
+
+
 def _first_masked_call_builds(comp):
     x = torch.randn(4, 3, 3)
     comp(x, lengths=torch.tensor([4, 1, 2]))
