@@ -5,7 +5,7 @@ An LSTM fwd+bwd on a batch whose lengths are drawn uniformly from [lo * T, T], t
 kernels on a CPU):
 
   sg sorted      lengths longest first: each step's products skip the rows that have ended
-  sg shuffled    the same lengths in random order: only the work over all steps skips padding
+  sg shuffled    the same lengths in random order (the C loops run them longest first)
   sg packed      a PackedSequence of the shuffled batch (sg.nn runs it longest first, as packed)
   sg no skip     the sorted batch with both kinds of skipping switched off (every row, every step)
   nn.LSTM padded / packed   oneDNN on the padded batch, and on a PackedSequence of it

@@ -75,6 +75,13 @@ def _check_common(backend: str, sizes: dict[str, object]) -> None:
             raise ValueError(f"{name} must be a positive integer, got {size!r}")
 
 
+def _check_features(who: str, input: torch.Tensor, shapes: str) -> None:
+    """Token ids (an embedding forgotten in front) are named as such, before a size check reads
+    their shape as a batch of features."""
+    if not input.is_floating_point():
+        raise InputError(f"{who}: input has dtype {input.dtype} (shape {tuple(input.shape)}); it takes "
+                         f"floating-point features, {shapes}: token ids go through an nn.Embedding first")
+
 class _Owner(nn.Module):
     """What sg.nn's layers and cells share: they own their Parameters under torch.nn's names,
     and per layer and direction an sg.Recurrence (`_recs[layer][direction]`, not a submodule)
@@ -256,6 +263,7 @@ class _RNNBase(_Owner):
             if not isinstance(input, torch.Tensor):
                 raise InputError(f"sg.nn.{self.mode}: expected input to be a tensor (or a PackedSequence), got "
                                  f"{type(input).__name__}")
+            _check_features(f"sg.nn.{self.mode}", input, f"(T, B, {self.input_size}) or unbatched (T, {self.input_size})")
             if input.dim() not in (2, 3):
                 raise InputError(f"sg.nn.{self.mode}: expected input to be 2-D (unbatched) or 3-D, got "
                                  f"{getattr(input, 'shape', type(input).__name__)}")
@@ -440,6 +448,7 @@ class _CellBase(_Owner):
         who = f"sg.nn.{self.mode}Cell"
         if not isinstance(input, torch.Tensor):
             raise InputError(f"{who}: expected input to be a tensor, got {type(input).__name__}")
+        _check_features(who, input, f"(B, {self.input_size}) or unbatched ({self.input_size},)")
         if input.dim() not in (1, 2):
             raise InputError(f"{who}: Expected input to be 1D or 2D, got {input.dim()}D instead")
         unbatched = input.dim() == 1

@@ -649,3 +649,11 @@ def test_a_cell_loaded_with_assign_steps_with_the_loaded_weights():
     x = torch.randn(B, I)
     torch.testing.assert_close(mine(x)[0], ref(x)[0])
     assert mine.recurrence().params.ih.weight is mine.weight_ih
+
+
+@pytest.mark.parametrize("module, tokens", [(lambda: sg.nn.LSTM(4, 5), (6, 3)), (lambda: sg.nn.GRU(4, 5), (6, 3, 4)),
+                                            (lambda: sg.nn.LSTMCell(4, 5), (3,))])
+def test_token_ids_given_for_features_are_named_as_such(module, tokens):
+    ids = torch.randint(0, 10, tokens)  # an embedding forgotten in front
+    with pytest.raises(sg.InputError, match=r"input has dtype torch.int64 .*floating-point features.*nn.Embedding"):
+        module()(ids)

@@ -128,13 +128,18 @@ def _anchor(env, ins) -> str:
     return "None"
 
 
-def _pack_weight(w, rows: int):
+PACK_MIN_ROWS = 128  # rows a call multiplies by a weight in all (steps x batch) for packing it to pay
+
+
+def _pack_weight(w, rows: int, steps: int = 1):
     """On the CPU, a float32 weight reordered once per call for MKL's packed GEMM (the per-step
-    product then runs about 20% faster, as oneDNN's own LSTM does); None where that is unavailable
-    and under autocast, which MKL's packed product does not follow."""
+    product then runs about 20% faster, as oneDNN's own LSTM does); None where that is unavailable,
+    under autocast, which MKL's packed product does not follow, and where the call multiplies
+    fewer than PACK_MIN_ROWS rows by it in all (a decoder run one step at a time: reordering
+    costs as much as a few products, as the C loops' SG_PACK_MIN_ROWS says)."""
     mkl = getattr(torch.ops, "mkl", None)
     if w.device.type != "cpu" or w.dtype != torch.float32 or rows <= 0 or w.requires_grad and torch.is_grad_enabled() \
-            or torch.is_autocast_enabled("cpu"):
+            or torch.is_autocast_enabled("cpu") or rows * steps < PACK_MIN_ROWS:
         return None
     try:
         w = w.contiguous()
@@ -308,7 +313,7 @@ def emit_weight_packing(src: Source, stages) -> dict[int, str]:
                     and n.inputs[1].id not in packed:
                 w = n.inputs[1]
                 packed[w.id] = f"p{w.id}"
-                src.emit(f"p{w.id} = _pack(v{w.id}, B)  # packed weight of %{n.id}")
+                src.emit(f"p{w.id} = _pack(v{w.id}, B, T)  # packed weight of %{n.id}")
     return packed
 
 
