@@ -6,6 +6,7 @@ kernels on a CPU):
 
   sg sorted      lengths longest first: each step's products skip the rows that have ended
   sg shuffled    the same lengths in random order (the C loops run them longest first)
+  sg as given    the shuffled batch run in its own order (seqgraph.compiled.SORT_BELOW off)
   sg packed      a PackedSequence of the shuffled batch (sg.nn runs it longest first, as packed)
   sg no skip     the sorted batch with both kinds of skipping switched off (every row, every step)
   nn.LSTM padded / packed   oneDNN on the padded batch, and on a PackedSequence of it
@@ -17,6 +18,7 @@ import sys
 import torch
 
 import seqgraph as sg
+import seqgraph.compiled as compiled
 import seqgraph.compiler.codegen_torch as codegen_torch
 from seqgraph.bench import interleaved_medians_ms
 
@@ -45,6 +47,14 @@ def main(T: int = 50, B: int = 64, H: int = 256, reps: int = 11, lo: float = 0.0
             out.sum().backward()
         return run
 
+    def seqgraph_as_given():
+        sort_below = compiled.SORT_BELOW
+        compiled.SORT_BELOW = -1.0  # (never sorts)
+        try:
+            seqgraph_run(shuffled)()
+        finally:
+            compiled.SORT_BELOW = sort_below
+
     def seqgraph_packed():
         out, _ = lstm(torch.nn.utils.rnn.pack_padded_sequence(x[:, perm], shuffled, enforce_sorted=False))
         out.data.sum().backward()
@@ -57,7 +67,8 @@ def main(T: int = 50, B: int = 64, H: int = 256, reps: int = 11, lo: float = 0.0
         out, _ = ref(torch.nn.utils.rnn.pack_padded_sequence(x, lengths))
         out.data.sum().backward()
 
-    peers = {"sg sorted": seqgraph_run(lengths), "sg shuffled": seqgraph_run(shuffled), "sg packed": seqgraph_packed,
+    peers = {"sg sorted": seqgraph_run(lengths), "sg shuffled": seqgraph_run(shuffled),
+             "sg as given": seqgraph_as_given, "sg packed": seqgraph_packed,
              "sg no skip": seqgraph_run(lengths, skip=False), "nn.LSTM padded": torch_padded,
              "nn.LSTM packed": torch_packed}
     try:
