@@ -283,7 +283,7 @@ def longest_first(valid: torch.Tensor | None) -> torch.Tensor | None:
     rank = torch.arange(1, valid.shape[1] + 1)
     given = int((valid * rank).amax(1).sum())
     sorted_ = int((valid.index_select(1, order) * rank).amax(1).sum())
-    return order if sorted_ < SORT_BELOW * given else None
+    return order if sorted_ <= SORT_BELOW * given and sorted_ < given else None
 
 
 def _loop(prog: Program, name: str, device: torch.device):

@@ -258,6 +258,7 @@ class _RNNBase(_Owner):
                                  f"do not pass lengths/mask")
             # padded in the packed (longest first) order, which lets each step skip the rows that
             # have ended (docs/masking.md); hx and h_n are in the caller's order, as in torch
+            _check_features(f"sg.nn.{self.mode}", input.data, f"a PackedSequence of ({self.input_size},) rows")
             x, lengths = pad_packed_sequence(PackedSequence(input.data, input.batch_sizes), batch_first=False)
         else:
             if not isinstance(input, torch.Tensor):

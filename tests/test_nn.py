@@ -657,3 +657,9 @@ def test_token_ids_given_for_features_are_named_as_such(module, tokens):
     ids = torch.randint(0, 10, tokens)  # an embedding forgotten in front
     with pytest.raises(sg.InputError, match=r"input has dtype torch.int64 .*floating-point features.*nn.Embedding"):
         module()(ids)
+
+
+def test_a_packed_sequence_of_token_ids_is_named_as_such():
+    ids = pack_padded_sequence(torch.randint(0, 10, (6, 3)), torch.tensor([6, 4, 2]))
+    with pytest.raises(sg.InputError, match=r"input has dtype torch.int64 .*PackedSequence.*nn.Embedding"):
+        sg.nn.LSTM(4, 5)(ids)

@@ -96,6 +96,8 @@ def test_longest_first_sorts_a_shuffled_batch_and_leaves_a_sorted_one_as_it_is()
     ordered = SHUFFLED.sort(descending=True).values
     assert longest_first(torch.arange(6)[:, None] < ordered[None, :]) is None
     assert longest_first(torch.ones(6, 6, dtype=torch.bool)) is None  # no padding: nothing to skip
+    exactly_90 = torch.arange(5)[:, None] < torch.tensor([4, 5])[None, :]  # 10 rows computed as given, 9 sorted
+    assert longest_first(exactly_90).tolist() == [1, 0]
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
