@@ -89,15 +89,18 @@ def test_a_call_of_no_rows_builds_no_kernel(tmp_path, monkeypatch, grad, masked)
 SHUFFLED = torch.tensor([2, 6, 1, 0, 6, 3])  # lengths in no order: the C loops run them longest first
 
 
-def test_longest_first_sorts_a_shuffled_batch_and_leaves_a_sorted_one_as_it_is():
+def test_longest_first_sorts_a_shuffled_batch_and_leaves_a_sorted_one_as_it_is(monkeypatch):
+    from seqgraph import compiled
     from seqgraph.compiled import longest_first
     mask = torch.arange(6)[:, None] < SHUFFLED[None, :]
     assert SHUFFLED[longest_first(mask)].tolist() == [6, 6, 3, 2, 1, 0]
     ordered = SHUFFLED.sort(descending=True).values
     assert longest_first(torch.arange(6)[:, None] < ordered[None, :]) is None
     assert longest_first(torch.ones(6, 6, dtype=torch.bool)) is None  # no padding: nothing to skip
-    exactly_90 = torch.arange(5)[:, None] < torch.tensor([4, 5])[None, :]  # 10 rows computed as given, 9 sorted
-    assert longest_first(exactly_90).tolist() == [1, 0]
+    ninety = torch.arange(5)[:, None] < torch.tensor([4, 5])[None, :]  # 10 rows computed as given, 9 sorted
+    assert longest_first(ninety) is None  # (the gathers would cost more than the loops save)
+    monkeypatch.setattr(compiled, "SORT_BELOW", 0.9)
+    assert longest_first(ninety).tolist() == [1, 0]  # (at the threshold itself: sorted)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
