@@ -82,6 +82,7 @@ def _check_features(who: str, input: torch.Tensor, shapes: str) -> None:
         raise InputError(f"{who}: input has dtype {input.dtype} (shape {tuple(input.shape)}); it takes "
                          f"floating-point features, {shapes}: token ids go through an nn.Embedding first")
 
+
 class _Owner(nn.Module):
     """What sg.nn's layers and cells share: they own their Parameters under torch.nn's names,
     and per layer and direction an sg.Recurrence (`_recs[layer][direction]`, not a submodule)
