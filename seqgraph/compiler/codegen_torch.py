@@ -128,18 +128,21 @@ def _anchor(env, ins) -> str:
     return "None"
 
 
-PACK_MIN_ROWS = 128  # rows a call multiplies by a weight in all (steps x batch) for packing it to pay
+# a call packs a weight when it multiplies at least PACK_MIN_ROWS rows by it in all (steps x
+# batch), over at least PACK_MIN_STEPS steps: one reorder costs one to fourteen products' saving
+# (1-core Xeon: W 128x64 at B=16 14 steps, at B=256 3; W 1024x256 at B=64 1.2)
+PACK_MIN_ROWS, PACK_MIN_STEPS = 128, 4
 
 
 def _pack_weight(w, rows: int, steps: int = 1):
     """On the CPU, a float32 weight reordered once per call for MKL's packed GEMM (the per-step
     product then runs about 20% faster, as oneDNN's own LSTM does); None where that is unavailable,
     under autocast, which MKL's packed product does not follow, and where the call multiplies
-    fewer than PACK_MIN_ROWS rows by it in all (a decoder run one step at a time: reordering
-    costs as much as a few products, as the C loops' SG_PACK_MIN_ROWS says)."""
+    too few rows by it, or over too few steps, to pay for the reorder (a decoder run one step at
+    a time; the C loops' SG_PACK_MIN_ROWS is the same rule for their own packing)."""
     mkl = getattr(torch.ops, "mkl", None)
     if w.device.type != "cpu" or w.dtype != torch.float32 or rows <= 0 or w.requires_grad and torch.is_grad_enabled() \
-            or torch.is_autocast_enabled("cpu") or rows * steps < PACK_MIN_ROWS:
+            or torch.is_autocast_enabled("cpu") or rows * steps < PACK_MIN_ROWS or steps < PACK_MIN_STEPS:
         return None
     try:
         w = w.contiguous()

@@ -94,9 +94,10 @@ def test_zero_padding_in_hoisted_reads_gives_the_references_gradients(backend):
 
 
 def test_a_weight_is_packed_only_for_a_call_that_multiplies_enough_rows_by_it():
-    from seqgraph.compiler.codegen_torch import PACK_MIN_ROWS, _pack_weight
+    from seqgraph.compiler.codegen_torch import PACK_MIN_ROWS, PACK_MIN_STEPS, _pack_weight
     w = torch.randn(8, 4)
     assert _pack_weight(w, 16, 1) is None  # a decoder's one step: reordering would cost more than it saves
-    packed = _pack_weight(w, 16, PACK_MIN_ROWS // 16)
+    assert _pack_weight(w, 256, PACK_MIN_STEPS - 1) is None  # enough rows, too few steps
+    packed = _pack_weight(w, 16, max(PACK_MIN_STEPS, PACK_MIN_ROWS // 16))
     if getattr(torch.ops.mkl, "_mkl_reorder_linear_weight", None) is not None:
         assert packed is not None and packed[0].shape == w.shape
