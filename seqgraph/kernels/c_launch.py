@@ -348,7 +348,7 @@ class CLibrary:
 
     def first_part(self) -> str:
         """The part built when the program compiles."""
-        return LOOPS if any(p == LOOPS for p in self.loop_parts.values()) else STEPS
+        return LOOPS if LOOPS in self.loop_parts.values() else STEPS
 
     def part_of(self, kernel: CKernel) -> str:
         """The part whose library binds `kernel`: that of the loops calling it (the unmasked
