@@ -4,9 +4,10 @@ Each region becomes one C function that walks the batch row by row. Within a row
 is an array of its columns (the per-example shape flattened): region inputs are read in place
 through their row pointers, computed values live in a scratch array on the stack, a slice is a
 pointer into its operand (no copy), a reshape or a broadcast from one column is the same
-pointer, and a concat or a pad writes its pieces at their offsets. Elementwise ops are one loop
-over the columns each (`for j < w: v[j] = <expr>`), written from the op registry's C emitters
-and vectorised by the C compiler; row reductions (sum, mean, softmax, layer_norm) use the
+pointer, a pad writes its pieces at their offsets, and a concat of values computed in the row
+has them computed straight into its array (into the output's row when it is stored as it is).
+Elementwise ops are one loop over the columns each (`for j < w: v[j] = <expr>`), written from
+the op registry's C emitters and vectorised by the C compiler; row reductions (sum, mean, softmax, layer_norm) use the
 registry's statement emitters. Stores come last, row by row: `if (keep)` the value, else the
 carried input or zero (masking folded in, as in the Triton kernels), so a padded row costs
 one branch. The C type `real` is float or double: one source serves both, compiled twice.
@@ -273,6 +274,9 @@ class _Writer:
         self.item_of: dict[int, int] = {}  # computed node id -> index of its item
         self.items: list[_Item] = []
         self.arrays: set[int] = set()  # computed nodes whose columns are kept in scratch
+        self.placed: dict[int, str] = {}  # computed node id -> its array, at an offset of another
+        self.in_place: dict[int, Node] = {}  # concats whose parts were computed straight into them
+        self.stored_as: dict[int, int] = {}  # concat id -> the output whose row is its array
         self.scratch = 0
         self.params: list[str] = ["int64_t B"]
         self.specs: list[ArgSpec] = []
@@ -376,6 +380,40 @@ class _Writer:
             if it.kind == "stmt":
                 self.arrays.add(it.nodes[0].id)
 
+    def _concats_in_place(self) -> None:
+        """A concat of values computed in this row (each in an array of its own) gets them
+        computed straight into its own array: each part's array is the concat's at the part's
+        offset, so the concat copies nothing. A concat that is also an output stored as it is
+        (no mask to fold in) is computed straight into the output's row: nothing is copied at
+        the end either. An LSTM's backward, whose gate gradients are one such concat, then
+        writes each gradient once instead of three times."""
+        region = self.region
+        plain_out = {o.id: k for k, o in enumerate(region.outputs)
+                     if k not in region.carry and k not in region.zero_masked}
+        taken: set[int] = set()
+        for it in self.items:
+            c = it.nodes[0]
+            if it.kind != "stmt" or c.op != "concat":
+                continue
+            parts = [i for i in c.inputs if self._own_array(i.id) and i.id not in taken]
+            if len(parts) != len(c.inputs) or len({i.id for i in parts}) != len(parts):
+                continue
+            off = 0
+            for i in parts:
+                self.placed[i.id] = f"v{c.id} + {off}"
+                taken.add(i.id)
+                off += width(i)
+            self.in_place[c.id] = c
+            if plain_out.get(c.id) is not None:
+                self.stored_as[c.id] = plain_out[c.id]
+
+    def _own_array(self, node_id: int) -> bool:
+        """Whether `node_id` is computed by an elementwise loop of this row into an array of
+        its own, all its columns (not an alias of another value)."""
+        v = self.vals.get(node_id)
+        return (node_id in self.arrays and v is not None and v.base == node_id and v.offset == 0
+                and self.items[self.item_of[node_id]].kind == "loop")
+
     # -- step 3: emit --------------------------------------------------------------------
     def at(self, v: _Val, loop_item: int | None = None, w: int = 0) -> str:
         if v.literal is not None:
@@ -394,15 +432,22 @@ class _Writer:
         return f"o{k}[j] = {value};"
 
     def _emit_items(self) -> set[int]:
-        """The row's code; returns the outputs stored inside their loops."""
+        """The row's code; returns the outputs stored inside their loops (or computed in place)."""
+        stored: set[int] = set()
         outputs_of: dict[int, list[int]] = {}
         for k, o in enumerate(self.region.outputs):
             if self.vals[o.id].base == o.id and o.id in self.item_of and self.items[self.item_of[o.id]].kind == "loop":
                 outputs_of.setdefault(o.id, []).append(k)
-        stored: set[int] = set()
+        for c, n in self.in_place.items():  # before the loops computing their parts (no restrict: the parts alias them)
+            k = self.stored_as.get(c)
+            self.row.append(f"real* v{c} = " + (f"o{k};" if k is not None else f"ws + {self.alloc(width(n))};"))
+            if k is not None:
+                stored.add(k)
         for idx, it in enumerate(self.items):
             for n in it.nodes:
-                if n.id in self.arrays:
+                if n.id in self.placed:
+                    self.row.append(f"real* v{n.id} = {self.placed[n.id]};")
+                elif n.id in self.arrays and n.id not in self.in_place:
                     self.row.append(f"real* restrict v{n.id} = ws + {self.alloc(width(n))};")
             if it.kind == "stmt":
                 self._emit_stmt(it.nodes[0])
@@ -424,7 +469,9 @@ class _Writer:
         var, w = f"v{n.id}", width(n)
         ins = [self.vals[i.id] for i in n.inputs]
         self.row.append(f"/* {_tag(n)} */")
-        if n.op == "concat":
+        if n.op == "concat" and n.id in self.in_place:
+            self.row.append("/* (its parts were computed in place) */")
+        elif n.op == "concat":
             off = 0
             for a, v in zip(n.inputs, ins):
                 wa = width(a)
@@ -447,6 +494,7 @@ class _Writer:
         for n in region.nodes:
             self._place(n)
         self._find_arrays()
+        self._concats_in_place()
         masked = bool(region.carry or region.zero_masked)
         if masked:
             # a padded row whose outputs are all carried or zeroed skips the computation

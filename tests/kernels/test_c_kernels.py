@@ -86,6 +86,42 @@ def test_padded_rows_of_a_region_whose_outputs_are_all_carried_skip_the_computat
     assert "if (mask != 0 && mask[b * ms] == 0) {" in source and "continue;" in source
 
 
+
+def _concat_region(carry=None):
+    """A row computing two values, a concat of them read by a later loop, and the concat as an
+    output: the shape of an LSTM's backward (its gate gradients)."""
+    x, s = sg.Input(4, name="x"), sg.State(8, name="s")
+    cat = sg.concat([sg.sigmoid(x) * 2.0, sg.tanh(x) - x])
+    return region_from_outputs([cat, cat * 3.0], [x, s], carry=carry or {}, name="cat")
+
+
+def test_a_concat_of_values_computed_in_the_row_is_computed_in_place():
+    source = generate_c(_concat_region()).source
+    assert "(its parts were computed in place)" in source
+    assert re.search(r"real\* v(\d+) = o0;", source)  # the output's row is the concat's array
+    assert not re.search(r"v\d+\[\d+ \+ j\] =", source)  # no copy into the concat
+    assert not re.search(r"o0\[j\] = v\d+\[j\]", source)  # nor out of it
+
+
+def test_a_concat_output_with_a_carried_row_is_built_in_scratch_and_stored():
+    source = generate_c(_concat_region(carry={0: 1})).source
+    assert "(its parts were computed in place)" in source and "o0[j] = keep ?" in source
+
+
+def test_a_concat_computed_in_place_matches_reference():
+    assert_matches_reference(_concat_region(), batch=6)
+
+
+def test_a_concat_computed_in_place_keeps_the_carried_row_of_a_padded_row():
+    region = _concat_region(carry={0: 1})
+    x, s = torch.randn(5, 4), torch.randn(5, 8)
+    mask = torch.tensor([True, False, True, False, True])
+    cat, cat3 = kernel_for(region)([x, s], mask=mask)
+    want, want3 = reference(region, [x, s])
+    torch.testing.assert_close(cat, torch.where(mask[:, None], want, s))
+    torch.testing.assert_close(cat3[mask], want3[mask])
+
+
 # ---------------------------------------------------------------------------------------
 # numbers
 # ---------------------------------------------------------------------------------------
