@@ -226,6 +226,19 @@ def test_double_precision_matches_torch():
     torch.testing.assert_close(mine(x)[0], ref(x)[0])
 
 
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_a_sequence_of_no_steps_returns_the_initial_state(mode):
+    m = getattr(sg.nn, mode)(4, 6, num_layers=2)
+    h0 = torch.randn(2, 3, 6)
+    hx = (h0, torch.randn(2, 3, 6)) if mode == "LSTM" else h0
+    out, final = m(torch.randn(0, 3, 4), hx)
+    assert out.shape == (0, 3, 6)
+    for got, given in zip(final if mode == "LSTM" else [final], hx if mode == "LSTM" else [hx]):
+        assert torch.equal(got, given)
+    _, final = m(torch.randn(0, 3, 4))
+    assert all(torch.equal(v, torch.zeros(2, 3, 6)) for v in (final if mode == "LSTM" else [final]))
+
+
 def test_deepcopy_owns_independent_parameters():
     mine = sg.nn.LSTM(I, H)
     twin = copy.deepcopy(mine)
