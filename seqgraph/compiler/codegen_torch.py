@@ -196,8 +196,8 @@ def emit_nodes(src: Source, nodes: list[Node], env: dict[int, str], live: set[in
             continue
         a, b = n.inputs
         for prod, other in ((a, b), (b, a)):
-            if not lone_product(prod) or other.op == "const":
-                continue
+            if not lone_product(prod) or other.op == "const" or prod.shape != n.shape:
+                continue  # (a product of one column broadcast to the sum's width is no addmm)
             bias = not other.batched and other.shape == n.shape[-1:] and prod is a
             acc = other.batched and other.shape == n.shape and len(n.shape) == 1
             if bias or acc:
@@ -214,7 +214,7 @@ def emit_nodes(src: Source, nodes: list[Node], env: dict[int, str], live: set[in
             continue
         y, w = m.inputs
         if y.op == "layer_norm" and y.id in ids and uses.get(y.id) == 1 and y.id not in live and \
-                all(not v.batched and v.shape == n.shape for v in (w, b)):
+                y.shape == n.shape and all(not v.batched and v.shape == n.shape for v in (w, b)):
             affine[n.id] = (y.inputs[0], w, b, y.attrs["eps"])
             skip.update((m.id, y.id))
     targets = {}

@@ -101,3 +101,31 @@ def test_a_weight_is_packed_only_for_a_call_that_multiplies_enough_rows_by_it():
     packed = _pack_weight(w, 16, max(PACK_MIN_STEPS, PACK_MIN_ROWS // 16))
     if getattr(torch.ops.mkl, "_mkl_reorder_linear_weight", None) is not None:
         assert packed is not None and packed[0].shape == w.shape
+
+
+def _one_column_cells():
+    """Cells whose one-column value broadcasts to a wider sum: before the loop and in the step."""
+    def hoisted_product():
+        x, h = sg.Input(3, name="x"), sg.State(4, name="h")
+        y = sg.Linear(3, 1, bias=False)(x) + sg.Parameter(4, name="p")  # (1,) + (4,)
+        return sg.Cell([x], {h: sg.tanh(y + h)})
+
+    def step_product():
+        x, h = sg.Input(3, name="x"), sg.State(4, name="h")
+        return sg.Cell([x], {h: sg.tanh(h + sg.Linear(4, 1, bias=False)(h) + sg.Linear(3, 4)(x))})
+
+    def one_column_layer_norm():
+        x, h = sg.Input(3, name="x"), sg.State(4, name="h")
+        y = sg.layer_norm(sg.Linear(3, 1)(x)) * sg.Parameter(4, name="w") + sg.Parameter(4, name="b")
+        return sg.Cell([x], {h: sg.tanh(y + h)})
+    return {"hoisted_product": hoisted_product, "step_product": step_product,
+            "one_column_layer_norm": one_column_layer_norm}
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("name", sorted(_one_column_cells()))
+def test_a_one_column_value_broadcast_to_a_wider_sum_is_not_folded_into_one_torch_call(name, backend):
+    # addmm(b, x, W.T) and layer_norm(x, (w,), weight, bias) give the product's own width
+    rec = sg.Recurrence(_one_column_cells()[name]()).double()
+    xs, ctx = make_inputs(rec.cell, 5, 3)
+    check_against_reference(rec, sg.compile(rec, backend=backend), xs, ctx, 1e-10)
