@@ -354,7 +354,11 @@ def unsqueeze(a: Node, dim: int, name: str | None = None) -> Node:
     """A new per-example dim of size 1 at `dim`."""
     a = _node(a, "unsqueeze")
     shape = list(a.shape)
-    d = ops.norm_dim_or_raise(_index(dim, "sg.unsqueeze: dim"), len(shape) + 1, "unsqueeze")
+    dim, rank = _index(dim, "sg.unsqueeze: dim"), len(shape)
+    if not -rank - 1 <= dim <= rank:
+        raise ShapeError(f"unsqueeze (declared at {user_site()}): dim {dim} is out of range for a value with "
+                         f"{rank} per-example dim{'' if rank == 1 else 's'} (the new dim goes at {-rank - 1} to {rank})")
+    d = dim % (rank + 1)
     shape.insert(d, 1)
     return make("reshape", (a,), name=name, shape=tuple(shape))
 

@@ -424,6 +424,22 @@ def test_a_dim_out_of_range_names_the_function_and_the_line(make):
         make(x)
 
 
+def test_an_unsqueeze_out_of_range_counts_the_operands_dims_and_names_the_range():
+    with pytest.raises(sg.ShapeError, match=r"dim 3 is out of range for a value with 1 per-example dim "
+                                            r"\(the new dim goes at -2 to 1\)"):
+        sg.unsqueeze(sg.Input(4, name="x"), 3)
+
+
+def test_a_dim_out_of_range_names_the_dims_a_value_has():
+    with pytest.raises(sg.ShapeError, match=r"dim 2 is out of range for a value with 2 per-example dims \(dims -2 to 1\)"):
+        sg.softmax(sg.Input((2, 4), name="x"), dim=2)
+
+
+def test_an_empty_narrow_is_called_empty():
+    with pytest.raises(sg.ShapeError, match=r"slice \[2:2\] of dim 0 is empty \(length 0\)"):
+        sg.narrow(sg.Input(5, name="x"), -1, 2, 0)
+
+
 @pytest.mark.parametrize("n", [0, -1, 2.0])
 def test_chunk_into_no_pieces_is_a_shape_error(n):
     with pytest.raises(sg.ShapeError, match=f"positive int, got {n!r}"):

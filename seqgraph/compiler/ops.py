@@ -129,7 +129,9 @@ def broadcast_shapes(a: tuple, b: tuple) -> tuple:
 
 def norm_dim(dim: int, rank: int) -> int:
     if not -rank <= dim < rank:
-        raise ShapeProblem(f"dim {dim} is out of range for a value with {rank} per-example dims")
+        raise ShapeProblem(f"dim {dim} is out of range for a value with {rank} per-example dim"
+                           f"{'' if rank == 1 else 's'} (dims {-rank} to {rank - 1})" if rank else
+                           f"dim {dim} is out of range: the value has no per-example dims")
     return dim % rank
 
 
@@ -726,6 +728,9 @@ def _slice_shape(inputs, attrs):
     d = norm_dim(attrs["dim"], len(a.shape))
     attrs["dim"] = d
     start, stop = attrs["start"], attrs["stop"]
+    if stop <= start:
+        raise ShapeProblem(f"slice [{start}:{stop}] of dim {d} is empty (length {stop - start}); a value "
+                           f"needs at least one column")
     if not 0 <= start < stop <= a.shape[d]:
         raise ShapeProblem(f"slice [{start}:{stop}] is out of range for dim {d} of size {a.shape[d]}")
     shape = list(a.shape)
