@@ -41,9 +41,10 @@ MAX_SIZE = 8
 @dataclass(frozen=True)
 class Step:
     """One value (two for chunk) made from pool values `args`.
-    kind: linear | unary | binary | constant | param | concat | chunk | reduce; `arg` is the
-    out size (linear), op name (unary, binary), (op, number) (constant), "add"/"mul" (param),
-    or (sum|mean, keepdim) (reduce)."""
+    kind: linear | unary | binary | constant | param | concat | chunk | reduce | column_plus;
+    `arg` is the out size (linear), op name (unary, binary), (op, number) (constant), "add"/"mul"
+    (param), or (sum|mean, keepdim) (reduce). column_plus is a one-column Linear of the first
+    arg broadcast over the second: Linear(a, 1, bias=False)(args[0]) + args[1]."""
     kind: str
     args: tuple
     arg: object = None
@@ -75,6 +76,8 @@ def _out_sizes(step: Step, sizes: list) -> list:
         return [a // 2, a // 2]
     if step.kind == "reduce":
         return [1]
+    if step.kind == "column_plus":
+        return [sizes[step.args[1]]]
     raise ValueError(f"unknown step kind {step.kind!r}")
 
 
@@ -84,11 +87,12 @@ def cell_recipes(draw, max_steps: int = 5, max_size: int = 4, breakage: str | No
     inputs = tuple(draw(st.lists(st.integers(1, max_size), min_size=1, max_size=2)))
     states = tuple(draw(st.lists(st.integers(1, max_size), min_size=1, max_size=2)))
     sizes = list(inputs + states)
+    stateful = [False] * len(inputs) + [True] * len(states)  # does the value read a state?
     steps = []
     for _ in range(draw(st.integers(0, max_steps))):
         i = draw(st.integers(0, len(sizes) - 1))
         a = sizes[i]
-        kinds = ["linear", "unary", "binary", "constant", "param", "concat", "reduce"]
+        kinds = ["linear", "unary", "binary", "constant", "param", "concat", "reduce", "column_plus"]
         if a % 2 == 0:
             kinds.append("chunk")
         kind = draw(st.sampled_from(kinds))
@@ -112,9 +116,13 @@ def cell_recipes(draw, max_steps: int = 5, max_size: int = 4, breakage: str | No
             step = Step(kind, (i, draw(st.sampled_from(partners))))
         elif kind == "chunk":
             step = Step(kind, (i,))
+        elif kind == "column_plus":  # both operands before the loop, or both in the step
+            step = Step(kind, (i, draw(st.sampled_from([j for j, f in enumerate(stateful) if f == stateful[i]]))))
         else:
             step = Step(kind, (i,), (draw(st.sampled_from(("sum", "mean"))), draw(st.booleans())))
-        sizes += _out_sizes(step, sizes)
+        new = _out_sizes(step, sizes)
+        sizes += new
+        stateful += [any(stateful[j] for j in step.args)] * len(new)
         steps.append(step)
     return CellRecipe(inputs, states, tuple(steps), breakage)
 
@@ -192,6 +200,8 @@ def build_cell(recipe: CellRecipe) -> tuple[sg.Cell, list[int]]:
             pool.append(sg.concat([a, pool[step.args[1]]]))
         elif step.kind == "chunk":
             pool.extend(sg.chunk(a, 2))
+        elif step.kind == "column_plus":
+            pool.append(sg.Linear(a.shape[0], 1, bias=False)(a) + pool[step.args[1]])
         else:
             fn, keepdim = step.arg
             r = getattr(sg, fn)(a, dim=-1, keepdim=keepdim)
