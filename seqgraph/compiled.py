@@ -341,9 +341,12 @@ class _Sequence(torch.autograd.Function):
             raise RuntimeError(_SECOND_ORDER.format(backend=ctx.prog.backend))
         if any(g is not None and batched_by_vmap(g) for g in grads):
             raise NotImplementedError(_BATCHED_GRADS.format(backend=ctx.prog.backend))
+        # which reads need their gradient: the loop skips what only a read no one asks for needs
+        # (a graphed loop takes positional arguments alone, and computes them all)
+        need = {"need": tuple(ctx.needs_input_grad[5:5 + nr])} if fn is ctx.prog.fns[name] else {}
         with autocast_as(ctx.autocast):
             dreads, dstates = fn(ctx.T, ctx.mask, reads, saved, seqs,
-                                 [g.contiguous() for g in gouts], [g.contiguous() for g in gfinals])
+                                 [g.contiguous() for g in gouts], [g.contiguous() for g in gfinals], **need)
         return (None, None, None, None, None, *dreads, *dstates)
 
 

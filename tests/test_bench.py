@@ -109,13 +109,18 @@ def test_the_harness_refuses_an_output_file_it_cannot_write_before_running(tmp_p
     assert "--out: cannot write" in capsys.readouterr().err
 
 
-def test_the_step_calls_script_prints_a_row_per_module(capsys):
+def _script(name: str):
     import importlib.util
     import pathlib
-    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "step_calls.py"
-    spec = importlib.util.spec_from_file_location("step_calls", path)
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_the_step_calls_script_prints_a_row_per_module(capsys):
+    script = _script("step_calls")
     threads = torch.get_num_threads()
     try:
         script.main(B=2, H=4, threads=1, reps=1, calls=2)
@@ -172,3 +177,14 @@ def test_the_real_rows_threshold_script_prints_a_row_per_share_and_restores_the_
     script.main(T=6, B=4, H=4, reps=1)
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "%" in line]
     assert len(rows) == len(script.SHARES) and codegen_torch.REAL_ROWS_BELOW == kept
+
+
+def test_the_attention_decoder_script_prints_a_row_per_call(capsys):
+    script = _script("attention_decoder")
+    threads = torch.get_num_threads()
+    try:
+        script.main(T=3, B=2, H=4, S=3, threads=1, reps=1)
+    finally:
+        torch.set_num_threads(threads)
+    rows = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert rows == ["| forward", "| fwd+bwd", "| fwd+bwd, memory trained"]

@@ -40,12 +40,17 @@ class Source:
         # (kernels/cpu_gemm.py), which picks seqgraph's own GEMM or torch's per call
         self.cpu_gemm = False
         self.outside_loops = False  # set while the prologue is emitted
+        self.guards: dict[int, str] = {}  # node id -> the condition its line runs under (see emit)
 
     def gemm_call(self) -> bool:
         return self.cpu_gemm and self.outside_loops
 
     def emit(self, line: str, node: Node | None = None) -> None:
+        """One line, tagged with the node it computes; a node in `guards` assigned by the line
+        computes only under its condition (`if need is None or need[2]: v7 = ...`)."""
         tag = f"  # %{node.id} {node.op}" + (f" '{node.name}'" if node.name else "") + f" @ {node.site}" if node is not None else ""
+        if node is not None and node.id in self.guards and line.startswith(f"v{node.id} = "):
+            line = f"if {self.guards[node.id]}: {line}"
         self.lines.append("    " * self.indent + line + tag)
 
     def text(self) -> str:

@@ -66,9 +66,11 @@ def emit_backward_head(src: Source, plan: Plan, bwd: BackwardPlan, masked: bool,
     step = plan.step
     nr, ns, no = len(plan.reads), len(step.states), len(step.outputs)
     lay = backward_layout(plan, bwd)
-    src.emit(f"def backward_{'masked' if masked else 'plain'}{suffix}(T, mask, reads, saved, seqs, grad_outs, grad_finals):")
+    src.emit(f"def backward_{'masked' if masked else 'plain'}{suffix}(T, mask, reads, saved, seqs, grad_outs, grad_finals, "
+             f"need=None):")
     src.indent += 1
-    src.emit('"""The reverse loop over the symbolic derivative; weight gradients reduced once after it."""')
+    src.emit('"""The reverse loop over the symbolic derivative; weight gradients reduced once after it.')
+    src.emit('need[k]: whether reads[k] needs its gradient (None: every one does)."""')
     if nr:
         src.emit(f"{', '.join(f'r{k}' for k in range(nr))}, = reads")
     if lay.saved_all:
@@ -131,7 +133,16 @@ def emit_backward_tail(src: Source, plan: Plan, bwd: BackwardPlan, lay: Backward
             mask = ", mask"
         src.emit(f"{_v(n)}_all = _real_rows({lay.stash_expr[n.id]}.reshape({shape_tuple(n, 'T * B')}), rows{mask})",
                  n)
+    # a reduction after the loop whose every result is a read's gradient no one asks for (the
+    # weight gradient of a frozen weight: one large GEMM) is skipped, and that gradient is None
+    after = {}
+    for k, r in enumerate(plan.reads):
+        g = d.grad_of.get(r.id)
+        if g is not None and not (plan.cls[r.id] == "hoisted" or (r.batched and plan.cls[r.id] == "invariant")):
+            after.setdefault(g.id, set()).add(k)
+    src.guards = _guards(_only_for(bwd.post, after, set()))
     emit_nodes(src, bwd.post, env, set())
+    skipped, src.guards = src.guards, {}
     grads = []
     for k, r in enumerate(plan.reads):
         g = d.grad_of.get(r.id)
@@ -139,6 +150,8 @@ def emit_backward_tail(src: Source, plan: Plan, bwd: BackwardPlan, lay: Backward
             grads.append("None")
         elif plan.cls[r.id] == "hoisted" or (r.batched and plan.cls[r.id] == "invariant"):
             grads.append(f"dr{k}")
+        elif g.id in skipped:
+            grads.append(f"({env.get(g.id, _v(g))} if {skipped[g.id]} else None)")
         else:
             grads.append(env.get(g.id, _v(g)))
     # a state the step never reads gets no gradient (None, as autograd gives) once a step has run
@@ -157,6 +170,46 @@ def _zero_on_padding(n: Node, mask: Node) -> bool:
         return False
     m = n.inputs[0]
     return m is mask or (m.op == "reshape" and m.inputs[0] is mask)
+
+
+def only_for_read_gradients(bwd: BackwardPlan, lay: BackwardLayout, fused_apart: bool) -> dict[int, set[int]]:
+    """The nodes of the backward loop computed only for gradients the loop adds up over the steps
+    for reads (an attention decoder's memory, a context vector), each with those reads: a call
+    where none of them needs its gradient skips the node. A node of a fused stage (its own
+    line only where `fused_apart` is False: the torch backend) counts as always computed."""
+    accum_of: dict[int, set[int]] = {}
+    for k, g in lay.accum:
+        accum_of.setdefault(g.id, set()).add(k)
+    d = bwd.deriv
+    needed = {n.id for n in lay.new_stash} | {g.id for g in d.grad_prev if g is not None} \
+        | {g.id for _, g in lay.hoisted_grads} | {i.id for n in bwd.post for i in n.inputs}
+    if fused_apart:
+        needed |= {n.id for s in bwd.stages if s.kind == "fused" for n in s.nodes}
+    return _only_for(bwd.loop, accum_of, needed)
+
+
+def _only_for(nodes: list[Node], results: dict[int, set[int]], needed: set[int]) -> dict[int, set[int]]:
+    """Of `nodes` (in order), those whose every use leads only to `results` (node id -> the reads
+    whose gradient it is), each with the reads it serves; never a node in `needed`."""
+    users: dict[int, list[int]] = {}
+    for n in nodes:
+        for i in n.inputs:
+            users.setdefault(i.id, []).append(n.id)
+    only: dict[int, set[int] | None] = {}
+    for n in reversed(nodes):
+        reads = set(results.get(n.id, ()))
+        for u in users.get(n.id, ()):
+            if only.get(u) is None:
+                reads = None
+                break
+            reads |= only[u]
+        only[n.id] = reads if reads and n.id not in needed else None
+    return {i: ks for i, ks in only.items() if ks is not None}
+
+
+def _guards(only: dict[int, set[int]]) -> dict[int, str]:
+    """The condition each node of `only` runs under: one of its reads needs its gradient."""
+    return {i: "need is None or " + " or ".join(f"need[{k}]" for k in sorted(ks)) for i, ks in only.items()}
 
 
 def emit_backward(src: Source, plan: Plan, bwd: BackwardPlan, masked: bool, region_call, pack: bool) -> None:
@@ -179,6 +232,8 @@ def emit_backward(src: Source, plan: Plan, bwd: BackwardPlan, masked: bool, regi
     packed = emit_weight_packing(src, bwd.stages) if pack else {}
     saved_all, saved_index = lay.saved_all, lay.saved_index
     hoisted_grads, accum, new_stash = lay.hoisted_grads, lay.accum, lay.new_stash
+    guards = _guards(only_for_read_gradients(bwd, lay, region_call is not None))
+
     def body():
         if masked:
             src.emit("m = mask_[t].unsqueeze(1)")
@@ -201,9 +256,11 @@ def emit_backward(src: Source, plan: Plan, bwd: BackwardPlan, masked: bool, regi
             | {g.id for g in d.grad_of.values()} | {i.id for n in bwd.post for i in n.inputs}
         stores = [Store(g, f"dr{k}_[t]") for k, g in hoisted_grads]
         stores += [Store(n, f"st{k}_[t]") for k, n in enumerate(new_stash)]
+        src.guards = guards
         emit_stages(src, bwd.stages, {}, live, "m" if masked else None, region_call, stores, packed)
+        src.guards = {}
         for k, g in accum:
-            src.emit(f"dr{k} += {_v(g)}")
+            src.emit(f"if need is None or need[{k}]: dr{k} += {_v(g)}")
         for j, g in enumerate(d.grad_prev):
             src.emit(f"gn{j} = {_v(g) if g is not None else f'torch.zeros_like(gn{j})'}")
     emit_time_loop(src, plan.unroll, body, reverse=True)
