@@ -237,7 +237,8 @@ def emit_nodes(src: Source, nodes: list[Node], env: dict[int, str], live: set[in
             x, w, b, eps = affine[n.id]
             expr, wrote = (f"F.layer_norm({_arg(x, env)}, ({n.shape[0]},), {_arg(w, env)}, {_arg(b, env)}, "
                            f"eps={eps!r})"), False
-        elif n.id in folded and packed and folded[n.id][1].id in packed:
+        elif n.id in folded and packed and folded[n.id][1].id in packed and len(folded[n.id][0].shape) == 1 \
+                and folded[n.id][0].batched:  # (rows of vectors: the weight may also multiply a matrix)
             x, w, addend = folded[n.id]
             o = f", out={out}" if out else ""
             expr, wrote = (f"_packed_linear({_arg(x, env)}, {_arg(w, env)}, {packed[w.id]}, "

@@ -129,3 +129,17 @@ def test_a_one_column_value_broadcast_to_a_wider_sum_is_not_folded_into_one_torc
     rec = sg.Recurrence(_one_column_cells()[name]()).double()
     xs, ctx = make_inputs(rec.cell, 5, 3)
     check_against_reference(rec, sg.compile(rec, backend=backend), xs, ctx, 1e-10)
+
+
+
+@pytest.mark.parametrize("B, grad", [(2, True), (64, False)], ids=["unpacked", "packed"])
+def test_a_packed_weight_shared_with_a_per_example_matrix_product_gives_the_references_values(B, grad):
+    # one Linear on the state (a per-step GEMM, its weight packed) and on a (2, 4) matrix
+    x, h = sg.Input(3, name="x"), sg.State(4, name="h")
+    lin = sg.Linear(4, 4)
+    m = sg.reshape(sg.concat([sg.tanh(h), sg.sigmoid(h)]), (2, 4))
+    rec = sg.Recurrence(sg.Cell([x], {h: sg.tanh(lin(h) + sg.sum(lin(m), dim=0) + sg.Linear(3, 4)(x))}))
+    comp = sg.compile(rec, backend="torch")
+    xs = torch.randn(5, B, 3)
+    with torch.set_grad_enabled(grad):
+        torch.testing.assert_close(comp(xs)[0], rec(xs)[0])
