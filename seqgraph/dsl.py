@@ -277,7 +277,10 @@ def split(a: Node, sizes: Sequence[int], dim: int = -1) -> tuple[Node, ...]:
                         f"{sizes!r}; for n equal pieces use sg.chunk(h, n)")
     sizes = [_index(v, "sg.split: a piece size") for v in sizes]
     d = ops.norm_dim_or_raise(_index(dim, "sg.split: dim"), len(a.shape), "split")
-    if builtins.sum(sizes) != a.shape[d] or any(s <= 0 for s in sizes):
+    if any(s <= 0 for s in sizes):
+        raise ShapeError(f"split (declared at {user_site()}): sizes {list(sizes)} include a piece of size "
+                         f"{min(sizes)}; every piece needs a positive size")
+    if builtins.sum(sizes) != a.shape[d]:
         raise ShapeError(f"split (declared at {user_site()}): sizes {list(sizes)} do not add up to "
                          f"{a.shape[d]}, the size of dim {dim} of {mention(a)}")
     group = _ChunkGroup(user_site())

@@ -435,9 +435,16 @@ def test_a_dim_out_of_range_names_the_dims_a_value_has():
         sg.softmax(sg.Input((2, 4), name="x"), dim=2)
 
 
-def test_an_empty_narrow_is_called_empty():
-    with pytest.raises(sg.ShapeError, match=r"slice \[2:2\] of dim 0 is empty \(length 0\)"):
-        sg.narrow(sg.Input(5, name="x"), -1, 2, 0)
+@pytest.mark.parametrize("length", [0, -2])
+def test_a_narrow_of_no_positive_length_names_its_length(length):
+    with pytest.raises(sg.ShapeError, match=rf"slice \[2:{2 + length}\] of dim 0 has length {length}; a slice "
+                                            r"needs a positive length"):
+        sg.narrow(sg.Input(5, name="x"), -1, 2, length)
+
+
+def test_a_split_with_a_piece_of_size_zero_says_so():
+    with pytest.raises(sg.ShapeError, match=r"include a piece of size 0; every piece needs a positive size"):
+        sg.split(sg.Input(5, name="x"), [0, 5])
 
 
 @pytest.mark.parametrize("n", [0, -1, 2.0])

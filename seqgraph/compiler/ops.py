@@ -729,8 +729,8 @@ def _slice_shape(inputs, attrs):
     attrs["dim"] = d
     start, stop = attrs["start"], attrs["stop"]
     if stop <= start:
-        raise ShapeProblem(f"slice [{start}:{stop}] of dim {d} is empty (length {stop - start}); a value "
-                           f"needs at least one column")
+        raise ShapeProblem(f"slice [{start}:{stop}] of dim {d} has length {stop - start}; a slice needs a "
+                           f"positive length")
     if not 0 <= start < stop <= a.shape[d]:
         raise ShapeProblem(f"slice [{start}:{stop}] is out of range for dim {d} of size {a.shape[d]}")
     shape = list(a.shape)
