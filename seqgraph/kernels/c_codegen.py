@@ -7,10 +7,11 @@ pointer into its operand (no copy), a reshape or a broadcast from one column is 
 pointer, a pad writes its pieces at their offsets, and a concat of values computed in the row
 has them computed straight into its array (into the output's row when it is stored as it is).
 Elementwise ops are one loop over the columns each (`for j < w: v[j] = <expr>`), written from
-the op registry's C emitters and vectorised by the C compiler; row reductions (sum, mean, softmax, layer_norm) use the
-registry's statement emitters. Stores come last, row by row: `if (keep)` the value, else the
-carried input or zero (masking folded in, as in the Triton kernels), so a padded row costs
-one branch. The C type `real` is float or double: one source serves both, compiled twice.
+the op registry's C emitters and vectorised by the C compiler; row reductions (sum, mean,
+softmax, layer_norm) use the registry's statement emitters. Stores come last, row by row: `if
+(keep)` the value, else the carried input or zero (masking folded in, as in the Triton
+kernels), so a padded row costs one branch. The C type `real` is float or double: one source
+serves both, compiled twice.
 
 The transcendental functions are written out (`sg_exp`, `sg_sigmoid`, `sg_tanh` in PRELUDE) so
 that the compiler can vectorise them without -ffast-math: within 3 ulp of the correctly
