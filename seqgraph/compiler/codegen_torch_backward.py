@@ -135,10 +135,11 @@ def emit_backward_tail(src: Source, plan: Plan, bwd: BackwardPlan, lay: Backward
                  n)
     # a reduction after the loop whose every result is a read's gradient no one asks for (the
     # weight gradient of a frozen weight: one large GEMM) is skipped, and that gradient is None
+    in_loop = [plan.cls[r.id] == "hoisted" or (r.batched and plan.cls[r.id] == "invariant") for r in plan.reads]
     after = {}
     for k, r in enumerate(plan.reads):
         g = d.grad_of.get(r.id)
-        if g is not None and not (plan.cls[r.id] == "hoisted" or (r.batched and plan.cls[r.id] == "invariant")):
+        if g is not None and not in_loop[k]:
             after.setdefault(g.id, set()).add(k)
     src.guards = _guards(_only_for(bwd.post, after, set()))
     emit_nodes(src, bwd.post, env, set())
@@ -148,7 +149,7 @@ def emit_backward_tail(src: Source, plan: Plan, bwd: BackwardPlan, lay: Backward
         g = d.grad_of.get(r.id)
         if g is None:
             grads.append("None")
-        elif plan.cls[r.id] == "hoisted" or (r.batched and plan.cls[r.id] == "invariant"):
+        elif in_loop[k]:  # (summed into dr<k> by the loop)
             grads.append(f"dr{k}")
         elif g.id in skipped:
             grads.append(f"({env.get(g.id, _v(g))} if {skipped[g.id]} else None)")
