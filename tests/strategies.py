@@ -34,6 +34,7 @@ UNARY = ("tanh", "sigmoid", "relu", "neg", "abs", "exp_of_tanh", "softplus", "sm
 BINARY = ("add", "sub", "mul", "safe_div", "maximum", "minimum")
 WITH_CONSTANT = ("add", "mul", "rsub", "rdiv_safe")
 CONSTANTS = (-1.5, -0.5, 0.5, 2.0)
+MATVEC_FORMS = ("matmul", "sum_columns", "sum_rows", "transposed")  # the last two contract the rows
 BREAKAGES = ("unused_input", "wrong_next_shape", "linear_mismatch", "state_without_next", "unused_chunk_piece")
 MAX_SIZE = 8
 
@@ -41,10 +42,14 @@ MAX_SIZE = 8
 @dataclass(frozen=True)
 class Step:
     """One value (two for chunk) made from pool values `args`.
-    kind: linear | unary | binary | constant | param | concat | chunk | reduce | column_plus;
-    `arg` is the out size (linear), op name (unary, binary), (op, number) (constant), "add"/"mul"
-    (param), or (sum|mean, keepdim) (reduce). column_plus is a one-column Linear of the first
-    arg broadcast over the second: Linear(a, 1, bias=False)(args[0]) + args[1]."""
+    kind: linear | unary | binary | constant | param | concat | chunk | reduce | column_plus |
+    matvec; `arg` is the out size (linear), op name (unary, binary), (op, number) (constant),
+    "add"/"mul" (param), (sum|mean, keepdim) (reduce) or the form of a matvec (MATVEC_FORMS).
+    column_plus is a one-column Linear of the first arg broadcast over the second:
+    Linear(a, 1, bias=False)(args[0]) + args[1]. matvec multiplies the per-example matrix
+    args[0] (M,) times args[1] (N,) (an outer product, written with matmul) by the vector
+    args[2], as attention does: matrix @ c (c of size N) or c @ matrix (c of size M), in one
+    of the forms users write them."""
     kind: str
     args: tuple
     arg: object = None
@@ -78,6 +83,8 @@ def _out_sizes(step: Step, sizes: list) -> list:
         return [1]
     if step.kind == "column_plus":
         return [sizes[step.args[1]]]
+    if step.kind == "matvec":
+        return [sizes[step.args[1]] if step.arg in ("sum_rows", "transposed") else a]
     raise ValueError(f"unknown step kind {step.kind!r}")
 
 
@@ -92,7 +99,7 @@ def cell_recipes(draw, max_steps: int = 5, max_size: int = 4, breakage: str | No
     for _ in range(draw(st.integers(0, max_steps))):
         i = draw(st.integers(0, len(sizes) - 1))
         a = sizes[i]
-        kinds = ["linear", "unary", "binary", "constant", "param", "concat", "reduce", "column_plus"]
+        kinds = ["linear", "unary", "binary", "constant", "param", "concat", "reduce", "column_plus", "matvec"]
         if a % 2 == 0:
             kinds.append("chunk")
         kind = draw(st.sampled_from(kinds))
@@ -118,6 +125,11 @@ def cell_recipes(draw, max_steps: int = 5, max_size: int = 4, breakage: str | No
             step = Step(kind, (i,))
         elif kind == "column_plus":  # both operands before the loop, or both in the step
             step = Step(kind, (i, draw(st.sampled_from([j for j, f in enumerate(stateful) if f == stateful[i]]))))
+        elif kind == "matvec":
+            j, form = draw(st.integers(0, len(sizes) - 1)), draw(st.sampled_from(MATVEC_FORMS))
+            contracted = a if form in ("sum_rows", "transposed") else sizes[j]
+            k = draw(st.sampled_from([m for m, s in enumerate(sizes) if s == contracted]))
+            step = Step(kind, (i, j, k), form)
         else:
             step = Step(kind, (i,), (draw(st.sampled_from(("sum", "mean"))), draw(st.booleans())))
         new = _out_sizes(step, sizes)
@@ -169,6 +181,17 @@ def _constant(op: str, c: float, a):
     return c / (1.0 + a * a)
 
 
+def _matvec(form: str, a, b, c):
+    matrix = sg.matmul(sg.unsqueeze(a, -1), sg.unsqueeze(b, 0))  # (M, N) per example
+    if form == "matmul":
+        return sg.squeeze(sg.matmul(matrix, sg.unsqueeze(c, -1)), -1)
+    if form == "sum_columns":
+        return sg.sum(matrix * sg.unsqueeze(c, 0), dim=1)
+    if form == "transposed":
+        return sg.reshape(sg.matmul(sg.transpose(matrix), sg.unsqueeze(c, -1)), (b.shape[0],))
+    return sg.sum(matrix * sg.unsqueeze(c, -1), dim=0)
+
+
 def _positive_init(t):
     """Parameters in [0.5, 1.5): a module-level function, so a built cell pickles."""
     return t.uniform_(0.5, 1.5)
@@ -202,6 +225,8 @@ def build_cell(recipe: CellRecipe) -> tuple[sg.Cell, list[int]]:
             pool.extend(sg.chunk(a, 2))
         elif step.kind == "column_plus":
             pool.append(sg.Linear(a.shape[0], 1, bias=False)(a) + pool[step.args[1]])
+        elif step.kind == "matvec":
+            pool.append(_matvec(step.arg, a, pool[step.args[1]], pool[step.args[2]]))
         else:
             fn, keepdim = step.arg
             r = getattr(sg, fn)(a, dim=-1, keepdim=keepdim)

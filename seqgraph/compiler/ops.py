@@ -877,6 +877,94 @@ register("matmul", kind="matmul", shape=_matmul_shape,
          doc="batched matrix product over the last two per-example dims")
 
 
+# Per-example matrix-vector products, row by row: an attention step's scores (memory @ query)
+# and weighted sum (weights @ memory). The per-example matrix comes flattened into a row of
+# M*N columns (row-major), so each op reads and writes rows and fuses into row kernels; the
+# pass flatten_matvecs writes them in for the matmul and sum(mul) forms users write.
+def _matvec_shape(inputs, attrs):
+    a, q = inputs
+    _floats(inputs)
+    M = attrs["rows"]
+    if len(a.shape) != 1 or len(q.shape) != 1 or a.shape[0] != M * q.shape[0]:
+        raise ShapeProblem(f"matvec takes a flattened ({M}, N) matrix and an (N,) vector, got {a.shape} and {q.shape}")
+    return (M,), a.batched or q.batched, "float"
+
+
+def _vecmat_shape(inputs, attrs):
+    v, a = inputs
+    _floats(inputs)
+    if len(a.shape) != 1 or len(v.shape) != 1 or not v.shape[0] or a.shape[0] % v.shape[0]:
+        raise ShapeProblem(f"vecmat takes an (M,) vector and a flattened (M, N) matrix, got {v.shape} and {a.shape}")
+    return (a.shape[0] // v.shape[0],), a.batched or v.batched, "float"
+
+
+def _outer_shape(inputs, attrs):
+    u, v = inputs
+    _floats(inputs)
+    if len(u.shape) != 1 or len(v.shape) != 1:
+        raise ShapeProblem(f"outer takes two vectors, got {u.shape} and {v.shape}")
+    return (u.shape[0] * v.shape[0],), u.batched or v.batched, "float"
+
+
+def matvec(a: Node, q: Node) -> Node:
+    """a (a flattened (M, N) matrix) @ q (N,): (M,)."""
+    return make("matvec", (a, q), rows=a.shape[0] // q.shape[0])
+
+
+def vecmat(v: Node, a: Node) -> Node:
+    """v (M,) @ a (a flattened (M, N) matrix): (N,)."""
+    return make("vecmat", (v, a))
+
+
+def outer(u: Node, v: Node) -> Node:
+    """u (M,) times v (N,) as a flattened (M, N) matrix."""
+    return make("outer", (u, v))
+
+
+def _at_column(x: str, index: str) -> str:
+    """A row value's C expression (its pointer indexed by the column `j`, its one column, or a
+    literal) at column `index` instead."""
+    return x.replace("[j]", f"[{index}]")
+
+
+def _matvec_c(n, dst, w, a, q):
+    M, N = n.shape[0], n.inputs[1].shape[0]
+    return (f"for (int64_t m = 0; m < {M}; ++m) {{ real acc = 0; "
+            + _c_for(N, f"acc += {_at_column(a, f'm * {N} + j')} * {q};", "acc") + f" {dst}[m] = acc; }}")
+
+
+def _vecmat_c(n, dst, w, v, a):
+    M, N = n.inputs[0].shape[0], n.shape[0]
+    return ("{ " + _c_for(N, f"{dst}[j] = 0;") + f" for (int64_t m = 0; m < {M}; ++m) {{ "
+            f"real vm = {_at_column(v, 'm')}; " + _c_for(N, f"{dst}[j] += vm * {_at_column(a, f'm * {N} + j')};")
+            + " } }")
+
+
+def _outer_c(n, dst, w, u, v):
+    M, N = n.inputs[0].shape[0], n.inputs[1].shape[0]
+    return (f"for (int64_t m = 0; m < {M}; ++m) {{ real um = {_at_column(u, 'm')}; "
+            + _c_for(N, f"{dst}[m * {N} + j] = um * {v};") + " }")
+
+
+_ROWS_IN_TORCH = (NOT_FUSED, "per-example matrix-vector products run through torch in Triton kernels' place")
+
+register("matvec", kind="reduction", shape=_matvec_shape,
+         torch=lambda n, a, q: (a.unflatten(-1, (n.shape[0], -1)) @ q.unsqueeze(-1)).squeeze(-1),
+         vjp=lambda n, g: _bin_grads(n, outer(g, n.inputs[1]), vecmat(g, n.inputs[0])),
+         triton=_ROWS_IN_TORCH, c=_matvec_c,
+         doc="a flattened per-example (M, N) matrix times an (N,) vector")
+register("vecmat", kind="reduction", shape=_vecmat_shape,
+         torch=lambda n, v, a: (v.unsqueeze(-2) @ a.unflatten(-1, (-1, n.shape[0]))).squeeze(-2),
+         vjp=lambda n, g: _bin_grads(n, matvec(n.inputs[1], g), outer(n.inputs[0], g)),
+         triton=_ROWS_IN_TORCH, c=_vecmat_c,
+         doc="an (M,) vector times a flattened per-example (M, N) matrix")
+register("outer", kind="reduction", shape=_outer_shape,
+         torch=lambda n, u, v: (u.unsqueeze(-1) * v.unsqueeze(-2)).flatten(-2),
+         vjp=lambda n, g: _bin_grads(n, matvec(g, n.inputs[1]), vecmat(n.inputs[0], g)),
+         triton=_ROWS_IN_TORCH, c=_outer_c,
+         doc="the outer product of two vectors, flattened row-major")
+
+
 def _embedding_shape(inputs, attrs):
     idx, w = inputs
     if idx.dtype != "long":

@@ -1,5 +1,5 @@
 """Hand-written cells that exercise the compiler: the LSTM/GRU family, peephole and layer norm,
-attention over a Context, embeddings with dropout, a MuFuRu-like softmax over composition ops."""
+attention over a Context (dot-product and additive), embeddings with dropout, a MuFuRu-like softmax over composition ops."""
 import torch, seqgraph as sg
 def lstm_ops(I=3,H=5):
     x=sg.Input(I,name="x"); h=sg.State(H,name="h"); c=sg.State(H,name="c")
@@ -40,6 +40,18 @@ def attention(I=3,H=5,S=4,D=6):
     ctx=sg.sum(mem*sg.unsqueeze(a,-1),dim=0)
     h2=sg.tanh(sg.Linear(I+D+H,H)(sg.concat([x,ctx,h])))
     return sg.Cell([x],{h:h2},[h2,a])
+def additive_attention(I=3,H=5,S=4,D=6,A=4):
+    """Bahdanau's attention: the scores come from tanh over (S, A) per-example values, which no
+    row kernel computes (its stages run as torch code)."""
+    x=sg.Input(I,name="x"); h=sg.State(H,name="h")
+    mem=sg.Context((S,D),name="memory"); mlen=sg.Context((S,),name="memmask")
+    keys=sg.Linear(D,A,bias=False,name="keys")(mem)
+    q=sg.Linear(H,A,name="query")(h)
+    e=sg.Linear(A,1,bias=False,name="v")(sg.tanh(keys+sg.unsqueeze(q,0)))
+    a=sg.softmax(sg.squeeze(e,-1)+(mlen-1.0)*1e4)
+    ctx=sg.sum(mem*sg.unsqueeze(a,-1),dim=0)
+    h2=sg.tanh(sg.Linear(I+D+H,H)(sg.concat([x,ctx,h])))
+    return sg.Cell([x],{h:h2},[h2,a])
 def embed_drop(V=7,E=4,H=5):
     tok=sg.Input((),name="tok",dtype="long"); h=sg.State(H,name="h")
     e=sg.Embedding(V,E,padding_idx=0)(tok)
@@ -66,6 +78,7 @@ ZOO = {
     "gru_reset_before": lambda: gru(after=False),
     "peephole_ln": peephole_ln,
     "attention": attention,
+    "additive_attention": additive_attention,
     "embed_drop": embed_drop,
     "mufuru_like": mufuru_like,
 }

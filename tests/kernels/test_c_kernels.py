@@ -144,6 +144,37 @@ def test_vjp_region_of_each_op_matches_reference(index):
     assert_matches_reference(region, positive=True, dtype=torch.float64)
 
 
+def _attention_region(S=5, D=7):
+    """The attention part of a step: scores over a flattened (S, D) memory (read at an offset:
+    a slice of a wider row), a padding mask added, softmax, the weighted sum of the memory,
+    and a query that is one column broadcast."""
+    wide, q, mask = sg.Input(3 + S * D, name="wide"), sg.Input(D, name="q"), sg.Input(S, name="mask")
+    memory = sg.narrow(wide, -1, 3, S * D)
+    weights = sg.softmax(make("matvec", (memory, q), rows=S) + mask * 3.0)
+    one = sg.Input(1, name="one")
+    column = make("matvec", (memory, make("broadcast_to", (one,), shape=(D,))), rows=S)
+    summed = make("vecmat", (weights, memory)) + sg.sum(column, keepdim=True)
+    return region_from_outputs([weights, summed, make("outer", (weights, q))], [wide, q, mask, one])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_per_example_matrix_vector_products_match_reference(dtype):
+    region = _attention_region()
+    assert c_region_supported(region) == (True, "")
+    assert_matches_reference(region, batch=4, dtype=dtype)
+
+
+@pytest.mark.parametrize("op", ["matvec", "vecmat", "outer"])
+def test_vjp_region_of_each_matrix_vector_op_matches_reference(op):
+    a, b = (sg.Input(12, name="a"), sg.Input(4, name="b")) if op == "matvec" else \
+        (sg.Input(3, name="a"), sg.Input(12, name="b")) if op == "vecmat" else (sg.Input(3, name="a"), sg.Input(4, name="b"))
+    node = make(op, (a, b), **({"rows": 3} if op == "matvec" else {}))
+    region = vjp_region(node)
+    assert c_region_supported(region) == (True, "")
+    assert_matches_reference(region, rtol=1e-4)
+    assert_matches_reference(region, dtype=torch.float64)
+
+
 def _special_values():
     wide = torch.linspace(-120.0, 100.0, 20001)
     near_zero = torch.linspace(-0.3, 0.3, 6001)
