@@ -1,12 +1,14 @@
-"""An attention decoder over whole sequences: what compiling gives a cell with per-example matrices.
+"""Attention decoders over whole sequences: what compiling gives cells with per-example matrices.
 
-The cell reads an encoder's memory (a Context of S x H per sequence) at every step: a scaled
-product of the memory with a query, a masked softmax, the attended sum, then a tanh layer.
-Its per-example matrix products have no C code, so on the CPU the compiled loop is Python
-calling the C kernels of the fused regions and torch's products (`model.plan()` says so).
-Runs taken in turn (`seqgraph.bench.interleaved_medians_ms`), the reference interpreter
-against `sg.compile` (backend "cpu"), forward (`no_grad`) and fwd+bwd, with the memory
-needing no gradient and needing one (an encoder trained with the decoder):
+Each cell reads an encoder's memory (a Context of S x H per sequence) at every step, scores it
+against the state, takes a masked softmax and the attended sum, then a tanh layer. "dot" scores
+with a product of the memory and a query (Luong), "additive" with tanh(keys + query) summed
+(Bahdanau; the keys, a Linear of the memory, once per call). The compiler writes both over the
+memory flattened to rows (the pass flatten_per_example_matrices), so on the CPU the whole loop
+runs in C (`model.plan()` says so). Runs taken in turn (`seqgraph.bench.interleaved_medians_ms`),
+the reference interpreter against `sg.compile` (backend "cpu"), forward (`no_grad`) and
+fwd+bwd, with the memory needing no gradient and needing one (an encoder trained with the
+decoder):
 
     python benchmarks/attention_decoder.py [T B H S [threads [reps]]]     (default 30 32 256 30 2 9)
 """
@@ -18,12 +20,16 @@ import seqgraph as sg
 from seqgraph.bench import interleaved_medians_ms
 
 
-def attention_cell(input_size: int, hidden: int, positions: int) -> sg.Cell:
+def attention_cell(input_size: int, hidden: int, positions: int, scoring: str = "dot") -> sg.Cell:
     x, h = sg.Input(input_size, name="x"), sg.State(hidden, name="h")
     memory = sg.Context((positions, hidden), name="memory")
     real = sg.Context(positions, name="real")
     query = sg.Linear(hidden, hidden, name="query")(h)
-    scores = sg.squeeze(sg.matmul(memory, sg.unsqueeze(query, -1)), -1)
+    if scoring == "dot":
+        scores = sg.squeeze(sg.matmul(memory, sg.unsqueeze(query, -1)), -1)
+    else:
+        keys = sg.Linear(hidden, hidden, bias=False, name="keys")(memory)
+        scores = sg.sum(sg.tanh(keys + sg.unsqueeze(query, 0)), dim=-1)
     weights = sg.softmax(scores + (real - 1.0) * 1e4)
     context = sg.sum(memory * sg.unsqueeze(weights, -1), dim=0)
     h_next = sg.tanh(sg.Linear(input_size + 2 * hidden, hidden, name="mix")(sg.concat([x, context, h])))
@@ -33,8 +39,6 @@ def attention_cell(input_size: int, hidden: int, positions: int) -> sg.Cell:
 def main(T: int = 30, B: int = 32, H: int = 256, S: int = 30, threads: int = 2, reps: int = 9) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    reference = sg.Recurrence(attention_cell(128, H, S))
-    compiled = sg.compile(reference, backend="cpu")
     x = torch.randn(T, B, 128, requires_grad=True)
     memory = torch.randn(B, S, H)
     trained_memory = memory.clone().requires_grad_()
@@ -51,14 +55,17 @@ def main(T: int = 30, B: int = 32, H: int = 256, S: int = 30, threads: int = 2, 
         return f
 
     cases = [("forward", memory, False), ("fwd+bwd", memory, True), ("fwd+bwd, memory trained", trained_memory, True)]
-    fns = [run(m, mem, bwd) for _, mem, bwd in cases for m in (reference, compiled)]
-    times = interleaved_medians_ms(fns, x.device, reps)
-    print(f"attention decoder T={T} B={B} H={H} S={S}, {threads} thread(s): median ms")
-    print("| call | reference | compiled | ratio |")
-    print("|---|---:|---:|---:|")
-    for k, (name, _, _) in enumerate(cases):
-        ref, comp = times[2 * k], times[2 * k + 1]
-        print(f"| {name} | {ref:.2f} | {comp:.2f} | {comp / ref:.2f}x |")
+    print(f"attention decoders T={T} B={B} H={H} S={S}, {threads} thread(s): median ms")
+    print("| scores | call | reference | compiled | ratio |")
+    print("|---|---|---:|---:|---:|")
+    for scoring in ("dot", "additive"):
+        reference = sg.Recurrence(attention_cell(128, H, S, scoring))
+        compiled = sg.compile(reference, backend="cpu")
+        fns = [run(m, mem, bwd) for _, mem, bwd in cases for m in (reference, compiled)]
+        times = interleaved_medians_ms(fns, x.device, reps)
+        for k, (name, _, _) in enumerate(cases):
+            ref, comp = times[2 * k], times[2 * k + 1]
+            print(f"| {scoring} | {name} | {ref:.2f} | {comp:.2f} | {comp / ref:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -46,10 +46,10 @@ class Step:
     matvec; `arg` is the out size (linear), op name (unary, binary), (op, number) (constant),
     "add"/"mul" (param), (sum|mean, keepdim) (reduce) or the form of a matvec (MATVEC_FORMS).
     column_plus is a one-column Linear of the first arg broadcast over the second:
-    Linear(a, 1, bias=False)(args[0]) + args[1]. matvec multiplies the per-example matrix
-    args[0] (M,) times args[1] (N,) (an outer product, written with matmul) by the vector
-    args[2], as attention does: matrix @ c (c of size N) or c @ matrix (c of size M), in one
-    of the forms users write them."""
+    Linear(a, 1, bias=False)(args[0]) + args[1]. matvec multiplies a per-example matrix made
+    from args[0] (M,) and args[1] (N,) (their outer product through matmul, or a tanh over
+    broadcast operands) by the vector args[2], as attention does: matrix @ c (c of size N) or
+    c @ matrix (c of size M), in one of the forms users write them."""
     kind: str
     args: tuple
     arg: object = None
@@ -182,7 +182,10 @@ def _constant(op: str, c: float, a):
 
 
 def _matvec(form: str, a, b, c):
-    matrix = sg.matmul(sg.unsqueeze(a, -1), sg.unsqueeze(b, 0))  # (M, N) per example
+    if form in ("matmul", "sum_rows"):  # (M, N) per example, elementwise over broadcast operands
+        matrix = sg.tanh(sg.unsqueeze(a, -1) * sg.unsqueeze(b, 0) + sg.unsqueeze(b, 0))
+    else:  # or a product of a column and a row
+        matrix = sg.matmul(sg.unsqueeze(a, -1), sg.unsqueeze(b, 0))
     if form == "matmul":
         return sg.squeeze(sg.matmul(matrix, sg.unsqueeze(c, -1)), -1)
     if form == "sum_columns":

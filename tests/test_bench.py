@@ -186,5 +186,6 @@ def test_the_attention_decoder_script_prints_a_row_per_call(capsys):
         script.main(T=3, B=2, H=4, S=3, threads=1, reps=1)
     finally:
         torch.set_num_threads(threads)
-    rows = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
-    assert rows == ["| forward", "| fwd+bwd", "| fwd+bwd, memory trained"]
+    rows = [tuple(line.split(" | ")[:2]) for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    calls = ["forward", "fwd+bwd", "fwd+bwd, memory trained"]
+    assert rows == [("| dot", c) for c in calls] + [("| additive", c) for c in calls]

@@ -880,7 +880,7 @@ register("matmul", kind="matmul", shape=_matmul_shape,
 # Per-example matrix-vector products, row by row: an attention step's scores (memory @ query)
 # and weighted sum (weights @ memory). The per-example matrix comes flattened into a row of
 # M*N columns (row-major), so each op reads and writes rows and fuses into row kernels; the
-# pass flatten_matvecs writes them in for the matmul and sum(mul) forms users write.
+# pass flatten_per_example_matrices writes them in for the matmul and sum(mul) forms users write.
 def _matvec_shape(inputs, attrs):
     a, q = inputs
     _floats(inputs)
@@ -963,6 +963,64 @@ register("outer", kind="reduction", shape=_outer_shape,
          vjp=lambda n, g: _bin_grads(n, matvec(g, n.inputs[1]), vecmat(n.inputs[0], g)),
          triton=_ROWS_IN_TORCH, c=_outer_c,
          doc="the outer product of two vectors, flattened row-major")
+
+
+# A row broadcast along a per-example matrix's other dim, and the sums that undo it: `tile`
+# repeats an (N,) row `times` times end to end (the same row for every row of an (M, N)
+# matrix), `repeat_each` repeats each of an (M,) row's values `times` times (one value per row
+# of the matrix); `sum_tiles` and `sum_groups` are their derivatives (the matrix's column and
+# row sums). flatten_per_example_matrices writes them for broadcasting and sums over a dim.
+def _times_shape(grow: bool):
+    def shape(inputs, attrs):
+        (x,) = inputs
+        _floats(inputs)
+        k = attrs["times"]
+        if len(x.shape) != 1 or k < 1 or (not grow and x.shape[0] % k):
+            raise ShapeProblem(f"takes a vector{'' if grow else f' whose size is a multiple of {k}'} and a "
+                               f"positive count, got shape {x.shape} and {k}")
+        return ((x.shape[0] * k,) if grow else (x.shape[0] // k,)), x.batched, "float"
+    return shape
+
+
+def _tile_c(n, dst, w, x):
+    M, N = n.attrs["times"], n.inputs[0].shape[0]
+    return f"for (int64_t m = 0; m < {M}; ++m) {{ " + _c_for(N, f"{dst}[m * {N} + j] = {x};") + " }"
+
+
+def _repeat_each_c(n, dst, w, x):
+    M, N = n.inputs[0].shape[0], n.attrs["times"]
+    return (f"for (int64_t m = 0; m < {M}; ++m) {{ real xm = {_at_column(x, 'm')}; "
+            + _c_for(N, f"{dst}[m * {N} + j] = xm;") + " }")
+
+
+def _sum_tiles_c(n, dst, w, x):
+    M, N = n.attrs["times"], n.shape[0]
+    return ("{ " + _c_for(N, f"{dst}[j] = 0;") + f" for (int64_t m = 0; m < {M}; ++m) {{ "
+            + _c_for(N, f"{dst}[j] += {_at_column(x, f'm * {N} + j')};") + " } }")
+
+
+def _sum_groups_c(n, dst, w, x):
+    M, N = n.shape[0], n.attrs["times"]
+    return (f"for (int64_t m = 0; m < {M}; ++m) {{ real acc = 0; "
+            + _c_for(N, f"acc += {_at_column(x, f'm * {N} + j')};", "acc") + f" {dst}[m] = acc; }}")
+
+
+register("tile", kind="reduction", shape=_times_shape(True),
+         torch=lambda n, x: x.unsqueeze(-2).expand(*x.shape[:-1], n.attrs["times"], x.shape[-1]).flatten(-2),
+         vjp=lambda n, g: (make("sum_tiles", (g,), times=n.attrs["times"]),),
+         triton=_ROWS_IN_TORCH, c=_tile_c, doc="an (N,) row repeated `times` times end to end")
+register("repeat_each", kind="reduction", shape=_times_shape(True),
+         torch=lambda n, x: x.unsqueeze(-1).expand(*x.shape, n.attrs["times"]).flatten(-2),
+         vjp=lambda n, g: (make("sum_groups", (g,), times=n.attrs["times"]),),
+         triton=_ROWS_IN_TORCH, c=_repeat_each_c, doc="each value of an (M,) row repeated `times` times")
+register("sum_tiles", kind="reduction", shape=_times_shape(False),
+         torch=lambda n, x: x.unflatten(-1, (n.attrs["times"], -1)).sum(-2),
+         vjp=lambda n, g: (make("tile", (g,), times=n.attrs["times"]),),
+         triton=_ROWS_IN_TORCH, c=_sum_tiles_c, doc="the sum of a row's `times` equal parts (a matrix's column sums)")
+register("sum_groups", kind="reduction", shape=_times_shape(False),
+         torch=lambda n, x: x.unflatten(-1, (-1, n.attrs["times"])).sum(-1),
+         vjp=lambda n, g: (make("repeat_each", (g,), times=n.attrs["times"]),),
+         triton=_ROWS_IN_TORCH, c=_sum_groups_c, doc="the sums of each `times` consecutive values (a matrix's row sums)")
 
 
 def _embedding_shape(inputs, attrs):

@@ -12,7 +12,7 @@ import sys
 import time
 
 from ..settings import debug_level
-from .flatten_matvecs import flatten_matvecs
+from .flatten_per_example_matrices import flatten_per_example_matrices
 from .fuse_gate_matmuls import fuse_gate_matmuls
 from .hoist_loop_invariant_terms import hoist_loop_invariant_terms
 from .ir import format_graph
@@ -21,7 +21,7 @@ from .simplify import simplify
 from .split_linear_over_concat import split_linear_over_concat
 from .stepgraph import StepGraph
 
-PASSES = [simplify, flatten_matvecs, split_linear_over_concat, fuse_gate_matmuls, hoist_loop_invariant_terms, simplify]
+PASSES = [simplify, flatten_per_example_matrices, split_linear_over_concat, fuse_gate_matmuls, hoist_loop_invariant_terms, simplify]
 
 
 def compile_plan(cell, unroll: int = 1, fusable=None) -> Plan:

@@ -2,8 +2,9 @@
 
 Two nodes with the same op, inputs and attributes become one; ops whose operands are all
 constants become a constant; `x * 1`, `x + (-0.0)`, `x - 0`, `x / 1`, a full-range slice, a
-one-piece concat, a reshape or broadcast_to to the same shape, a pad of nothing and a select
-on a constant mask disappear (`x + 0.0` stays: it turns -0.0 into +0.0).
+one-piece concat, a reshape or broadcast_to to the same shape, a pad of nothing, a transpose
+of a dim with itself and a select on a constant mask disappear (`x + 0.0` stays: it turns
+-0.0 into +0.0).
 Noise leaves are never merged (two dropouts draw two masks). Dead nodes vanish because a
 rewritten graph keeps only what its results need. Must not change any value.
 """
@@ -52,6 +53,8 @@ def _identity(n: Node, ins: tuple) -> Node | None:
     if n.op in ("reshape", "broadcast_to") and _same_type(ins[0], n):
         return ins[0]
     if n.op == "pad" and n.attrs["before"] == 0 and n.attrs["after"] == 0:
+        return ins[0]
+    if n.op == "transpose" and n.attrs["d0"] == n.attrs["d1"]:
         return ins[0]
     if n.op == "select" and ins[0].op == "const":
         pick = ins[1] if ins[0].attrs["value"] > 0 else ins[2]

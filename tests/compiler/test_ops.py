@@ -275,6 +275,11 @@ CASES: dict[str, list[Case]] = {
     "outer": [Case([X(3), X(4)], ref=lambda u, v: torch.einsum("bi,bj->bij", u, v).reshape(B, 12)),
               Case([X(3), P(4)], ref=lambda u, v: torch.einsum("bi,j->bij", u, v).reshape(B, 12),
                    id="param_second")],
+    "tile": [Case([X(4)], {"times": 3}, ref=lambda x: x.repeat(1, 3)),
+             Case([P(4)], {"times": 2}, ref=lambda x: x.repeat(2), id="param")],
+    "repeat_each": [Case([X(3)], {"times": 4}, ref=lambda x: x.repeat_interleave(4, dim=1))],
+    "sum_tiles": [Case([X(12)], {"times": 3}, ref=lambda x: x.view(B, 3, 4).sum(1))],
+    "sum_groups": [Case([X(12)], {"times": 4}, ref=lambda x: x.view(B, 3, 4).sum(2))],
     "embedding": [Case([X(dtype="long", make=indices(7)), P(7, 4)], {"padding_idx": None},
                        ref=_embedding_ref(None), id="tokens"),
                   Case([X(5, dtype="long", make=indices(7)), P(7, 4)], {"padding_idx": 2},
@@ -462,6 +467,8 @@ def test_vjp_of_batch_reducing_sum_to_is_not_implemented(case):
     ("matvec", [X(12), X(5)], {"rows": 3}, "matvec takes a flattened (3, N) matrix and an (N,) vector"),
     ("vecmat", [X(3), X(10)], {}, "vecmat takes an (M,) vector and a flattened (M, N) matrix"),
     ("outer", [X(3), X(2, 2)], {}, "outer takes two vectors"),
+    ("sum_tiles", [X(10)], {"times": 3}, "takes a vector whose size is a multiple of 3"),
+    ("tile", [X(2, 2)], {"times": 3}, "takes a vector and a positive count, got shape (2, 2)"),
     ("tanh", [X(3, dtype="long")], {}, "expected float"),
 ])
 def test_shape_rule_rejects_bad_operands_naming_the_site(op, operands, attrs, text):

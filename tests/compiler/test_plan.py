@@ -71,8 +71,8 @@ def test_plan_text_names_gemms_regions_saves_and_memory():
 
 
 def test_plan_says_why_an_op_falls_back_to_torch():
-    text = compile_plan(ZOO["additive_attention"]()).describe()
-    assert "torch fallback (tanh: works on per-example shape (4, 4), which has more than one dim)" in text
+    text = compile_plan(ZOO["multihead_attention"]()).describe()
+    assert "torch fallback (softmax: works on per-example shape (2, 4), which has more than one dim)" in text
 
 
 def test_source_tags_each_line_with_its_node_and_user_line():

@@ -54,3 +54,12 @@ def test_adding_minus_zero_and_subtracting_plus_zero_are_dropped():
     cell = sg.Cell([x], {h: sg.tanh((x + -0.0) - 0.0 + h)})
     after = simplify(StepGraph.from_cell(cell))
     assert [n.op for n in after.order() if n.inputs] == ["add", "tanh"]
+
+
+def test_a_transpose_of_a_dim_with_itself_is_dropped():
+    x, h = sg.Input((2, 3), name="x"), sg.State(3, name="h")
+    cell = sg.Cell([x], {h: sg.tanh(sg.sum(sg.transpose(x, 1, -1), dim=0) + h)})
+    before = StepGraph.from_cell(cell)
+    after = simplify(before)
+    assert "transpose" not in [n.op for n in after.order()]
+    same_values(before, after, cell)

@@ -1,5 +1,5 @@
 """Hand-written cells that exercise the compiler: the LSTM/GRU family, peephole and layer norm,
-attention over a Context (dot-product and additive), embeddings with dropout, a MuFuRu-like softmax over composition ops."""
+attention over a Context (dot-product, additive, two heads), embeddings with dropout, a MuFuRu-like softmax over composition ops."""
 import torch, seqgraph as sg
 def lstm_ops(I=3,H=5):
     x=sg.Input(I,name="x"); h=sg.State(H,name="h"); c=sg.State(H,name="c")
@@ -41,8 +41,7 @@ def attention(I=3,H=5,S=4,D=6):
     h2=sg.tanh(sg.Linear(I+D+H,H)(sg.concat([x,ctx,h])))
     return sg.Cell([x],{h:h2},[h2,a])
 def additive_attention(I=3,H=5,S=4,D=6,A=4):
-    """Bahdanau's attention: the scores come from tanh over (S, A) per-example values, which no
-    row kernel computes (its stages run as torch code)."""
+    """Bahdanau's attention: the scores come from tanh over (S, A) per-example values."""
     x=sg.Input(I,name="x"); h=sg.State(H,name="h")
     mem=sg.Context((S,D),name="memory"); mlen=sg.Context((S,),name="memmask")
     keys=sg.Linear(D,A,bias=False,name="keys")(mem)
@@ -52,6 +51,16 @@ def additive_attention(I=3,H=5,S=4,D=6,A=4):
     ctx=sg.sum(mem*sg.unsqueeze(a,-1),dim=0)
     h2=sg.tanh(sg.Linear(I+D+H,H)(sg.concat([x,ctx,h])))
     return sg.Cell([x],{h:h2},[h2,a])
+def multihead_attention(I=3,H=5,S=4,D=6,heads=2):
+    """Two heads: (heads, D) queries times the memory, a (heads, S) softmax along its last dim
+    and a product of two per-example matrices, which no row kernel computes (torch code)."""
+    x=sg.Input(I,name="x"); h=sg.State(H,name="h")
+    mem=sg.Context((S,D),name="memory"); mlen=sg.Context((S,),name="memmask")
+    q=sg.reshape(sg.Linear(H,heads*D,name="query")(h),(heads,D))
+    a=sg.softmax(sg.matmul(q,sg.transpose(mem))+(mlen-1.0)*1e4)
+    ctx=sg.reshape(sg.matmul(a,mem),(heads*D,))
+    h2=sg.tanh(sg.Linear(I+heads*D+H,H)(sg.concat([x,ctx,h])))
+    return sg.Cell([x],{h:h2},[h2,sg.reshape(a,(heads*S,))])
 def embed_drop(V=7,E=4,H=5):
     tok=sg.Input((),name="tok",dtype="long"); h=sg.State(H,name="h")
     e=sg.Embedding(V,E,padding_idx=0)(tok)
@@ -79,6 +88,7 @@ ZOO = {
     "peephole_ln": peephole_ln,
     "attention": attention,
     "additive_attention": additive_attention,
+    "multihead_attention": multihead_attention,
     "embed_drop": embed_drop,
     "mufuru_like": mufuru_like,
 }

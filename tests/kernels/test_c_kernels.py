@@ -147,14 +147,16 @@ def test_vjp_region_of_each_op_matches_reference(index):
 def _attention_region(S=5, D=7):
     """The attention part of a step: scores over a flattened (S, D) memory (read at an offset:
     a slice of a wider row), a padding mask added, softmax, the weighted sum of the memory,
-    and a query that is one column broadcast."""
+    a query that is one column broadcast, and rows spread over the matrix and summed back."""
     wide, q, mask = sg.Input(3 + S * D, name="wide"), sg.Input(D, name="q"), sg.Input(S, name="mask")
     memory = sg.narrow(wide, -1, 3, S * D)
     weights = sg.softmax(make("matvec", (memory, q), rows=S) + mask * 3.0)
     one = sg.Input(1, name="one")
     column = make("matvec", (memory, make("broadcast_to", (one,), shape=(D,))), rows=S)
     summed = make("vecmat", (weights, memory)) + sg.sum(column, keepdim=True)
-    return region_from_outputs([weights, summed, make("outer", (weights, q))], [wide, q, mask, one])
+    spread = make("tile", (q,), times=S) * make("repeat_each", (weights,), times=D) + memory
+    sums = sg.concat([make("sum_tiles", (spread,), times=S), make("sum_groups", (memory,), times=D)])
+    return region_from_outputs([weights, summed, make("outer", (weights, q)), sums], [wide, q, mask, one])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -164,11 +166,22 @@ def test_per_example_matrix_vector_products_match_reference(dtype):
     assert_matches_reference(region, batch=4, dtype=dtype)
 
 
-@pytest.mark.parametrize("op", ["matvec", "vecmat", "outer"])
-def test_vjp_region_of_each_matrix_vector_op_matches_reference(op):
-    a, b = (sg.Input(12, name="a"), sg.Input(4, name="b")) if op == "matvec" else \
-        (sg.Input(3, name="a"), sg.Input(12, name="b")) if op == "vecmat" else (sg.Input(3, name="a"), sg.Input(4, name="b"))
-    node = make(op, (a, b), **({"rows": 3} if op == "matvec" else {}))
+def _matrix_row_op(op):
+    """One node of each row op on flattened (3, 4) matrices."""
+    x3, x4, x12 = sg.Input(3, name="x3"), sg.Input(4, name="x4"), sg.Input(12, name="x12")
+    return {"matvec": lambda: make("matvec", (x12, x4), rows=3), "vecmat": lambda: make("vecmat", (x3, x12)),
+            "outer": lambda: make("outer", (x3, x4)), "tile": lambda: make("tile", (x4,), times=3),
+            "repeat_each": lambda: make("repeat_each", (x3,), times=4),
+            "sum_tiles": lambda: make("sum_tiles", (x12,), times=3),
+            "sum_groups": lambda: make("sum_groups", (x12,), times=4)}[op]()
+
+
+@pytest.mark.parametrize("op", ["matvec", "vecmat", "outer", "tile", "repeat_each", "sum_tiles", "sum_groups"])
+def test_each_matrix_row_op_and_its_vjp_region_match_reference(op):
+    node = _matrix_row_op(op)
+    forward = region_from_outputs([node], list(node.inputs))
+    assert c_region_supported(forward) == (True, "")
+    assert_matches_reference(forward, dtype=torch.float64)
     region = vjp_region(node)
     assert c_region_supported(region) == (True, "")
     assert_matches_reference(region, rtol=1e-4)

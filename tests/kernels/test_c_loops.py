@@ -16,7 +16,7 @@ from backend_cases import BUILTIN, CASES, check_against_reference
 from strategies import build_cell, cell_recipes
 from zoo import make_inputs
 
-IN_PYTHON = {"zoo_additive_attention"}  # elementwise ops on per-example matrices: their stages run as torch code
+IN_PYTHON = {"zoo_multihead_attention"}  # products of two per-example matrices: their stages run as torch code
 
 
 def _compile(name, dtype=torch.float64):
@@ -250,7 +250,7 @@ def test_wide_regions_split_their_rows_over_threads_and_equal_the_reference(monk
 def test_the_plan_says_how_the_loops_run():
     assert "time loops: C, one function per loop variant" in str(
         sg.compile(sg.Recurrence(BUILTIN["lstm"]()), backend="cpu").plan())
-    python_loops = str(sg.compile(sg.Recurrence(CASES["zoo_additive_attention"]()), backend="cpu").plan())
+    python_loops = str(sg.compile(sg.Recurrence(CASES["zoo_multihead_attention"]()), backend="cpu").plan())
     assert "time loops: Python, calling the C kernels (no C loop: " in python_loops
     assert "time loops: Python" in str(sg.compile(sg.Recurrence(BUILTIN["lstm"]()), backend="torch").plan())
 

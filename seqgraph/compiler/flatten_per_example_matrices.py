@@ -1,0 +1,218 @@
+"""Pass: flatten_per_example_matrices — a step's work on (M, N) per-example values becomes row ops.
+
+Row kernels compute vectors: each value of a row is one array of columns. An attention step
+works on a per-example matrix, the memory (M, N): the scores `matmul(memory, unsqueeze(query,
+-1))` (or `sum(memory * unsqueeze(query, 0), dim=1)`), the weighted sum `sum(memory *
+unsqueeze(weights, -1), dim=0)` (or `matmul(unsqueeze(weights, 0), memory)`, or either with the
+memory transposed), and in additive attention `tanh(keys + unsqueeze(query, 0))` scored by a
+one-column Linear or a sum. This pass writes those over the matrix flattened to one row of M*N
+columns, row-major: products with a vector become `matvec(flat, q)` / `vecmat(w, flat)`,
+elementwise ops act on the flat row, an operand broadcast along a dim is spread to the full row
+(`tile`, `repeat_each`), and a sum over a dim sums the row's parts (`sum_tiles`,
+`sum_groups`). The step's
+regions then fuse it all, and a whole attention loop can run in C. Only values that carry the
+batch are rewritten, and elementwise ops only inside the loop (before the loop, torch's own
+broadcasting does better); a parameter matrix is a GEMM's job. Other ops on matrices (softmax
+along a dim, a Linear of more than one column) stay as written, which keeps the values they
+read in matrix form. Also folds a reshape of a reshape into one. Must not change values (the
+sums run in another order: rounding may differ).
+"""
+from __future__ import annotations
+
+from .hoist import classify
+from .ir import Node, consumers
+from .ops import REGISTRY, make
+from .stepgraph import StepGraph, clone, rewrite
+
+
+def _reshaped(a: Node, shape: tuple) -> Node:
+    """`a` in `shape` (same elements, row-major), looking through the reshapes that made it."""
+    while a.op == "reshape":
+        a = a.inputs[0]
+    return a if a.shape == shape else make("reshape", (a,), shape=shape, site=a.site)
+
+
+def _flat(a: Node) -> Node:
+    return _reshaped(a, (a.elements,))
+
+
+def _as(n: Node, op: str, operands: tuple, **attrs) -> Node:
+    """`op` over `operands`, in `n`'s shape and under `n`'s name and line."""
+    if op == "matvec":
+        attrs["rows"] = operands[0].shape[0] // operands[1].shape[0]
+    out = make(op, operands, name=n.name, site=n.site, module=n.module, **attrs)
+    return out if out.shape == n.shape else make("reshape", (out,), shape=n.shape, site=n.site)
+
+
+def _matrix(a: Node) -> bool:
+    return len(a.shape) == 2 and a.batched and a.dtype == "float"
+
+
+def _transposed(a: Node) -> Node | None:
+    """The matrix whose transpose `a` is, or None (also for a transpose of a dim with itself)."""
+    swaps = a.op == "transpose" and a.attrs["d0"] != a.attrs["d1"]
+    return a.inputs[0] if swaps and len(a.shape) == 2 and _matrix(a.inputs[0]) else None
+
+
+def _product_parts(a: Node, b: Node) -> tuple[str, Node, Node] | None:
+    """("matvec" | "vecmat", matrix, vector) when matmul(a, b) is matmul(A, b) with b an (N, 1)
+    column or matmul(a, B) with a a (1, M) row; either matrix may be a transpose (A^T b is b's
+    vecmat). Else None."""
+    if len(a.shape) != 2 or len(b.shape) != 2:
+        return None
+    if b.shape == (a.shape[1], 1):  # (the matrix itself rather than its transpose: no copy)
+        if _transposed(a) is not None:
+            return "vecmat", _transposed(a), b
+        if _matrix(a):
+            return "matvec", a, b
+    if a.shape == (1, b.shape[0]):
+        if _transposed(b) is not None:
+            return "matvec", _transposed(b), a
+        if _matrix(b):
+            return "vecmat", b, a
+    return None
+
+
+def _product(n: Node, ins: tuple) -> Node | None:
+    parts = _product_parts(*ins)
+    if parts is None:
+        return None
+    op, matrix, vector = parts
+    return _as(n, op, (_flat(matrix), _flat(vector)) if op == "matvec" else (_flat(vector), _flat(matrix)))
+
+
+def _weighting(n: Node, prod: Node) -> tuple[str, Node, Node] | None:
+    """("vecmat" | "matvec", A, w) when sum node `n` over `prod` is sum(A * w, dim) with A an
+    (M, N) matrix and w broadcast along the dim not summed, else None."""
+    if n.op != "sum" or prod.op != "mul" or len(prod.shape) != 2:
+        return None
+    dim = n.attrs["dim"]
+    for A, w in (prod.inputs, prod.inputs[::-1]):
+        if not _matrix(A) or A.shape != prod.shape:
+            continue
+        M, N = A.shape
+        if dim == 0 and w.shape == (M, 1):
+            return "vecmat", A, w
+        if dim == 1 and w.shape in ((1, N), (N,)):
+            return "matvec", A, w
+    return None
+
+
+def _summed(n: Node, ins: tuple) -> Node | None:
+    """sum(A * w, dim) as one product (see _weighting); another sum of a matrix over a dim, as
+    its product with ones."""
+    found = _weighting(n, ins[0])
+    if found is not None:
+        op, A, w = found
+        return _as(n, op, (_flat(w), _flat(A)) if op == "vecmat" else (_flat(A), _flat(w)))
+    X = ins[0]
+    if not _matrix(X):
+        return None
+    M, N = X.shape
+    if n.attrs["dim"] == 0:
+        return _as(n, "sum_tiles", (_flat(X),), times=M)
+    return _as(n, "sum_groups", (_flat(X),), times=N)
+
+
+def _spread(x: Node, M: int, N: int) -> Node | None:
+    """Operand `x` of an elementwise op of shape (M, N) as a flat row of M*N columns (a value
+    of one element stays one), or None when it broadcasts in a way this pass does not write."""
+    if x.elements == 1:
+        return x if len(x.shape) <= 1 else _reshaped(x, (1,))
+    if x.shape == (M, N):
+        return _flat(x)
+    if x.shape in ((1, N), (N,)):  # the same row for every row of the matrix
+        return make("tile", (_flat(x),), times=M)
+    if x.shape == (M, 1):  # one value per row of the matrix, across its columns
+        return make("repeat_each", (_flat(x),), times=N)
+    return None
+
+
+def _spreads(x: Node, M: int, N: int) -> bool:
+    return x.elements == 1 or x.shape in ((M, N), (1, N), (N,), (M, 1))
+
+
+def _elementwise(n: Node, ins: tuple) -> Node:
+    """An elementwise op whose value is a batched (M, N) matrix, computed over the flat row."""
+    M, N = n.shape
+    out = make(n.op, tuple(_spread(x, M, N) for x in ins), name=n.name, site=n.site, module=n.module,
+               **dict(n.attrs))
+    return make("reshape", (out,), shape=n.shape, site=n.site)
+
+
+def _elementwise_to_flatten(order: list[Node], cls: dict, users: dict, weightings: set) -> set[int]:
+    """The elementwise ops on batched (M, N) matrices inside the loop worth computing on flat
+    rows: those whose matrix operands are flat already (a context, a value before the loop, or
+    another of them) and whose users read them flat (another of them, a sum, a matvec or
+    vecmat, a one-column Linear, a reshape to a vector). Any other would need its matrix
+    reshaped to or from a flat row in a step stage of its own, and gain nothing."""
+    def base(x: Node) -> Node:
+        while x.op == "reshape":
+            x = x.inputs[0]
+        return x
+    chosen = {n.id for n in order
+              if REGISTRY[n.op].kind == "elementwise" and cls[n.id] == "step" and n.id not in weightings
+              and len(n.shape) == 2 and n.batched and n.dtype == "float"
+              and all(_spreads(x, *n.shape) for x in n.inputs)}
+
+    def flat_already(x: Node) -> bool:
+        b = base(x)
+        return cls[b.id] != "step" or len(b.shape) <= 1 or b.id in chosen
+
+    def reads_flat(u: Node) -> bool:
+        return (u.id in chosen or u.id in weightings or (u.op == "sum" and len(u.inputs[0].shape) == 2)
+                or (u.op == "matmul" and _product_parts(*u.inputs) is not None)
+                or (u.op == "linear" and _matrix(u.inputs[0]) and u.inputs[1].shape == (1, u.inputs[0].shape[1]))
+                or (u.op == "reshape" and len(u.shape) == 1))
+    changed = True
+    while changed:
+        changed = False
+        for n in order:
+            if n.id in chosen and not (all(flat_already(x) for x in n.inputs)
+                                       and users.get(n.id) and all(reads_flat(u) for u in users[n.id])):
+                chosen.discard(n.id)
+                changed = True
+    return chosen
+
+
+def _one_column_linear(n: Node, ins: tuple) -> Node | None:
+    """linear(X, W) of an (M, N) matrix X and a one-row weight W: matvec(flat X, W)."""
+    x, w = ins
+    if not _matrix(x) or w.shape != (1, x.shape[1]):
+        return None
+    return _as(n, "matvec", (_flat(x), _flat(w)))
+
+
+def flatten_per_example_matrices(step: StepGraph) -> StepGraph:
+    order = step.order()
+    cls = classify(order)
+    users = consumers(order)
+    # a product A * w that every user sums into one matvec / vecmat is left for them to read
+    weightings = {n.id for n in order if users.get(n.id) and all(_weighting(u, n) for u in users[n.id])}
+    elementwise = _elementwise_to_flatten(order, cls, users, weightings)
+    counts = {"products": 0, "elementwise": 0}
+
+    def visit(n: Node, ins: tuple) -> Node:
+        found = None
+        if n.op == "matmul":
+            found = _product(n, ins)
+        elif n.op == "sum":
+            if _weighting(n, ins[0]) is not None or cls[n.id] == "step":
+                found = _summed(n, ins)
+        elif n.op == "linear" and cls[n.id] == "step":
+            found = _one_column_linear(n, ins)
+        elif n.op == "reshape" and ins[0].op == "reshape":
+            return _reshaped(ins[0], n.shape)
+        elif n.id in elementwise:
+            counts["elementwise"] += 1
+            return _elementwise(n, ins)
+        if found is None:
+            return clone(n, ins)
+        counts["products"] += 1
+        return found
+
+    new = rewrite(step, visit)
+    new.notes.append(f"flatten_per_example_matrices: {counts['products']} product(s) and sum(s) of per-example "
+                     f"matrices became matvec / vecmat, {counts['elementwise']} elementwise op(s) on them "
+                     f"work on flat rows")
+    return new

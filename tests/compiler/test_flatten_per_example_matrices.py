@@ -1,0 +1,143 @@
+"""Pass flatten_per_example_matrices: per-example matrix-vector products, as users write them,
+become matvec / vecmat over the matrix flattened to a row; elementwise ops on matrices inside
+the loop work on flat rows where their neighbours do; the values stay the same."""
+import pytest
+
+import seqgraph as sg
+from seqgraph.compiler.flatten_per_example_matrices import flatten_per_example_matrices
+from seqgraph.compiler.hoist import classify
+from seqgraph.compiler.simplify import simplify
+from seqgraph.compiler.stepgraph import StepGraph
+
+from pass_checks import same_values
+from zoo import ZOO
+
+
+def _ops(step):
+    return [n.op for n in step.order()]
+
+
+def _on_matrices(step):
+    """The ops left that compute on a per-example matrix (other than flattening it)."""
+    return [n.op for n in step.order() if n.op != "reshape" and any(len(i.shape) == 2 for i in n.inputs)]
+
+
+def _flattened(cell):
+    before = StepGraph.from_cell(cell)
+    after = simplify(flatten_per_example_matrices(before))
+    same_values(before, after, cell)
+    return after
+
+
+def _cell(result_of):
+    """A cell whose output is result_of(memory (4, 6), query (6,), weights (4,))."""
+    q, w = sg.Input(6, name="q"), sg.Input(4, name="w")
+    memory = sg.Context((4, 6), name="memory")
+    h = sg.State(1, name="h")  # (reads q and w whichever the result reads)
+    return sg.Cell([q, w], {h: h + sg.sum(q, keepdim=True) + sg.sum(w, keepdim=True)}, [result_of(memory, q, w)])
+
+
+def test_dot_product_attention_has_no_per_example_matrix_left_in_the_step():
+    after = _flattened(ZOO["attention"]())
+    assert _ops(after).count("matvec") == 1 and _ops(after).count("vecmat") == 1
+    assert "matmul" not in _ops(after)
+    in_step = [n for n in after.order() if n.inputs and len(n.shape) > 1]
+    assert all(n.op == "context" or n.inputs[0].op == "context" for n in in_step)  # only memory itself
+    assert "flatten_per_example_matrices: 2 product(s) and sum(s) of per-example matrices became" in after.notes[-2]
+
+
+@pytest.mark.parametrize("form,op", [
+    (lambda m, q, w: sg.squeeze(sg.matmul(m, sg.unsqueeze(q, -1)), -1), "matvec"),
+    (lambda m, q, w: sg.matmul(m, sg.unsqueeze(q, -1)), "matvec"),
+    (lambda m, q, w: sg.sum(m * sg.unsqueeze(q, 0), dim=1), "matvec"),
+    (lambda m, q, w: sg.sum(q * m, dim=-1), "matvec"),
+    (lambda m, q, w: sg.sum(m * sg.unsqueeze(w, -1), dim=0), "vecmat"),
+    (lambda m, q, w: sg.sum(sg.unsqueeze(w, -1) * m, dim=0, keepdim=True), "vecmat"),
+    (lambda m, q, w: sg.matmul(sg.unsqueeze(w, 0), m), "vecmat"),
+    (lambda m, q, w: sg.reshape(sg.matmul(sg.transpose(m), sg.unsqueeze(w, -1)), (6,)), "vecmat"),
+    (lambda m, q, w: sg.matmul(sg.unsqueeze(q, 0), sg.transpose(m)), "matvec"),
+], ids=["matmul column", "matmul column kept", "sum over columns", "sum with a broadcast vector",
+        "sum over rows", "sum over rows keepdim", "matmul row", "transposed matmul column",
+        "matmul row transposed"])
+def test_each_written_form_becomes_one_row_op_of_the_same_value(form, op):
+    after = _flattened(_cell(form))
+    assert op in _ops(after) and _on_matrices(after) == []
+
+
+def test_a_parameter_matrix_is_left_to_a_gemm():
+    weight = sg.Parameter((4, 6), name="weight")
+    after = _flattened(_cell(lambda m, q, w: sg.squeeze(sg.matmul(weight, sg.unsqueeze(q, -1)), -1)))
+    assert _on_matrices(after) == ["matmul"] and "matvec" not in _ops(after)
+
+
+def test_a_sum_of_a_product_that_is_not_a_weighting_is_left_as_it_is():
+    after = _flattened(_cell(lambda m, q, w: sg.sum(m * m, dim=0)))
+    assert _on_matrices(after) == ["mul", "sum"] and "vecmat" not in _ops(after)
+
+
+def test_the_row_ops_keep_the_users_name_and_line():
+    cell = _cell(lambda m, q, w: sg.squeeze(sg.matmul(m, sg.unsqueeze(q, -1), name="scores"), -1))
+    (mv,) = [n for n in _flattened(cell).order() if n.op == "matvec"]
+    assert mv.name == "scores" and mv.site.path.endswith("test_flatten_per_example_matrices.py")
+
+
+def _additive(score=lambda e: sg.sum(e, dim=-1), query_shape=None):
+    """Additive attention over a (4, 6) memory: tanh(keys + query), scored by `score`."""
+    x, h = sg.Input(3, name="x"), sg.State(5, name="h")
+    memory = sg.Context((4, 6), name="memory")
+    keys = sg.Linear(6, 6, bias=False, name="keys")(memory)
+    query = sg.Linear(5, 6, name="query")(h)
+    e = sg.tanh(keys + (sg.unsqueeze(query, 0) if query_shape is None else sg.reshape(query, query_shape)))
+    weights = sg.softmax(sg.reshape(score(e), (4,)))
+    read = sg.sum(memory * sg.unsqueeze(weights, -1), dim=0)
+    h2 = sg.tanh(sg.Linear(3 + 6, 5)(sg.concat([x, read])) + h)
+    return sg.Cell([x], {h: h2}, [h2])
+
+
+@pytest.mark.parametrize("score", [lambda e: sg.sum(e, dim=-1), lambda e: sg.Linear(6, 1, bias=False)(e),
+                                   lambda e: sg.sum(e * sg.Parameter(6, name="v"), dim=1, keepdim=True)],
+                         ids=["sum", "one-column linear", "weighted sum"])
+def test_additive_attention_computes_its_matrices_on_flat_rows(score):
+    after = _flattened(_additive(score))
+    in_step = [n for n in after.order() if classify(after.order())[n.id] == "step"]
+    assert [n.op for n in in_step if len(n.shape) > 1] == []
+    assert {"tile", "tanh", "vecmat"} <= {n.op for n in in_step}
+    assert "2 elementwise op(s) on them work on flat rows" in after.notes[-2]
+
+
+@pytest.mark.parametrize("query_shape", [(6,), (1, 6)], ids=["vector", "row"])
+def test_an_operand_broadcast_along_the_rows_is_tiled(query_shape):
+    after = _flattened(_additive(query_shape=query_shape))
+    (spread,) = [n for n in after.order() if n.op == "tile"]
+    assert spread.attrs["times"] == 4 and spread.shape == (24,)
+
+
+def test_an_operand_broadcast_along_the_columns_has_each_value_repeated():
+    x, h, memory = sg.Input(2, name="x"), sg.State(4, name="h"), sg.Context((4, 6), name="memory")
+    out = sg.sum(sg.tanh(memory * sg.unsqueeze(sg.Linear(4, 4)(h), -1)), dim=1)
+    after = _flattened(sg.Cell([x], {h: sg.tanh(out + sg.Linear(2, 4)(x))}, [out]))
+    (spread,) = [n for n in after.order() if n.op == "repeat_each"]
+    assert spread.attrs["times"] == 6 and spread.inputs[0].shape == (4,)
+    assert "sum_groups" in _ops(after)
+
+
+def test_an_elementwise_op_between_matrix_ops_that_stay_matrices_is_not_flattened():
+    after = _flattened(ZOO["multihead_attention"]())
+    assert "tile" not in _ops(after) and "0 elementwise op(s)" in after.notes[-2]
+
+
+def test_an_elementwise_op_read_by_a_softmax_over_the_matrix_is_not_flattened():
+    after = _flattened(_cell(lambda m, q, w: sg.reshape(sg.softmax(m + sg.unsqueeze(q, 0), dim=0), (24,))))
+    assert "tile" not in _ops(after)
+
+
+@pytest.mark.parametrize("d0,d1", [(0, 0), (1, -1), (0, -2)])
+def test_a_transpose_of_a_dim_with_itself_is_no_transpose(d0, d1):
+    # (the memory is square: the product has the shape of a transposed one; found by a review)
+    q, h, memory = sg.Input(3, name="q"), sg.State(1, name="h"), sg.Context((3, 3), name="memory")
+    out = sg.matmul(sg.unsqueeze(q, 0), sg.transpose(memory, d0, d1))
+    cell = sg.Cell([q], {h: h + sg.sum(sg.reshape(out, (3,)), keepdim=True)}, [out])
+    before = StepGraph.from_cell(cell)
+    after = flatten_per_example_matrices(before)
+    assert [n.op for n in after.order() if n.op in ("matvec", "vecmat")] == ["vecmat"]
+    same_values(before, after, cell)
