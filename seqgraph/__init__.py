@@ -13,6 +13,7 @@ from .dsl import (CAdd, CMul, Concat, Context, Dropout, Embedding, Identity, Inp
                   Noise, Parameter, ReLU, Sigmoid, State, Tanh, abs, chunk, concat, dropout, exp, layer_norm, log,
                   matmul, maximum, mean, minimum, narrow, relu, reshape, sigmoid, sign, softmax, split, sqrt, squeeze, stop_gradient,
                   sum, tanh, transpose, unsqueeze, where_mask)
+from .attention import Attention
 from .cell import Cell, Graph
 from .recurrence import Recurrence
 

@@ -1,0 +1,107 @@
+"""sg.Attention: each score as plain torch computes it, the mask, the compiled loops (one C
+loop on the cpu backend, equal to the reference), parameter keys and the errors it gives."""
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+import seqgraph as sg
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "kernels"))
+from backend_cases import check_against_reference  # noqa: E402
+
+SCORES = ["dot", "scaled_dot", "general", "additive"]
+S, D, H = 4, 6, 5
+
+
+def _decoder(score, name=None):
+    """A tanh RNN over [x, attended memory] whose query is its state; outputs h and the weights."""
+    x, h = sg.Input(3, name="x"), sg.State(H if score in ("general", "additive") else D, name="h")
+    memory, mask = sg.Context((S, D), name="memory"), sg.Context(S, name="mask")
+    context, weights = sg.Attention(h.shape[0], D, score=score, name=name)([h, memory, mask])
+    h2 = sg.tanh(sg.Linear(3 + D + h.shape[0], h.shape[0], name="out")(sg.concat([x, context, h])))
+    return sg.Cell([x], {h: h2}, [h2, weights])
+
+
+def _torch_scores(score, params, q, memory):
+    if score in ("dot", "scaled_dot"):
+        s = torch.einsum("bsd,bd->bs", memory, q)
+        return s / math.sqrt(D) if score == "scaled_dot" else s
+    if score == "general":
+        return torch.einsum("bsd,bd->bs", memory, q @ params["attention.general_weight"].t())
+    keys = memory @ params["attention.keys_weight"].t()
+    query = q @ params["attention.query_weight"].t() + params["attention.query_bias"]
+    return (torch.tanh(keys + query[:, None, :]) @ params["attention.v_weight"].t()).squeeze(-1)
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_each_score_weights_and_sums_the_memory_as_plain_torch_does(score):
+    rec = sg.Recurrence(_decoder(score)).double()
+    B = 3
+    h0 = torch.randn(B, rec.cell.states[0][0].shape[0], dtype=torch.float64)
+    memory = torch.randn(B, S, D, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.float64)
+    (_, weights), _ = rec(torch.randn(1, B, 3, dtype=torch.float64), {"h": h0},
+                          context={"memory": memory, "mask": mask})
+    params = {k: v for k, v in rec.params.named_parameters()}
+    scores = _torch_scores(score, params, h0, memory).masked_fill(mask == 0, -1e9)
+    torch.testing.assert_close(weights[0], torch.softmax(scores, -1))
+    assert (weights[0, 1, 2:] == 0).all()  # padding gets no weight
+    torch.testing.assert_close(weights[0, 2], torch.full((S,), 1 / S, dtype=torch.float64))  # all padding: equal
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_a_compiled_decoder_equals_the_reference_and_runs_one_c_loop(score):
+    rec = sg.Recurrence(_decoder(score)).double()
+    comp = sg.compile(rec, backend="cpu")
+    assert "time loops: C" in str(comp.plan())
+    B = 3
+    xs = [torch.randn(5, B, 3, dtype=torch.float64, requires_grad=True)]
+    ctx = {"memory": torch.randn(B, S, D, dtype=torch.float64, requires_grad=True),
+           "mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.float64)}
+    check_against_reference(rec, comp, xs, ctx, 1e-10, lengths=torch.tensor([5, 2, 0]))
+
+
+def test_its_parameters_are_keyed_by_its_name():
+    rec = sg.Recurrence(_decoder("additive", name="attn"))
+    assert [k for k in rec.state_dict() if "attn" in k] == [
+        "params.attn.keys_weight", "params.attn.query_weight", "params.attn.query_bias", "params.attn.v_weight"]
+
+
+def test_without_a_mask_every_row_is_weighted():
+    q, memory = sg.Input(D, name="q"), sg.Context((S, D), name="memory")
+    context, weights = sg.Attention(D, D)([q, memory])
+    assert context.shape == (D,) and weights.shape == (S,)
+
+
+def test_an_unknown_score_names_the_known_ones():
+    with pytest.raises(ValueError, match="score must be one of 'dot', 'scaled_dot', 'general', 'additive'"):
+        sg.Attention(D, D, score="cosine")
+
+
+def test_a_dot_score_needs_equal_query_and_memory_sizes():
+    with pytest.raises(ValueError, match=r"query_size \(5\) must equal memory_size \(6\)"):
+        sg.Attention(5, 6)
+
+
+@pytest.mark.parametrize("query,memory,mask,text", [
+    ((5,), (S, D), None, r"the query must have shape \(6,\)"),
+    ((D,), (D,), None, r"the memory must have shape \(S, 6\)"),
+    ((D,), (S, 5), None, r"the memory must have shape \(S, 6\)"),
+    ((D,), (S, D), (S + 1,), r"the mask must have shape \(4,\), one value per memory row"),
+], ids=["query", "memory rank", "memory size", "mask"])
+def test_a_wrong_shape_names_the_operand_and_the_line(query, memory, mask, text):
+    nodes = [sg.Input(query, name="q"), sg.Context(memory, name="memory")]
+    if mask is not None:
+        nodes.append(sg.Context(mask, name="mask"))
+    with pytest.raises(sg.ShapeError, match=text) as info:
+        sg.Attention(D, D, name="attn")(nodes)
+    assert "Attention 'attn' (declared at test_attention.py:" in str(info.value)
+
+
+def test_it_takes_two_or_three_nodes():
+    q = sg.Input(D, name="q")
+    with pytest.raises(TypeError, match=r"takes \[query, memory\] or \[query, memory, mask\], got 1"):
+        sg.Attention(D, D)([q])
