@@ -308,10 +308,9 @@ class _Writer:
             else:
                 self.specs.append(ArgSpec("vector" if n.shape else "scalar", w, n.label()))
                 self.params += [f"const real* in{k}", f"int64_t cs{k}"]
-                if w > 1:
-                    self.pre.append(f"real t{k}[{w}];")
-                    self.pre.append(f"const real* restrict a{k} = cs{k} == 1 ? in{k} : sg_gather(t{k}, in{k}, cs{k}, {w});"
-                                    f"  /* {_tag(n)} */")
+                if w > 1:  # (gathered into the scratch, which is on the heap when it is wide)
+                    self.pre.append(f"const real* restrict a{k} = cs{k} == 1 ? in{k} : "
+                                    f"sg_gather(ws + {self.alloc(w)}, in{k}, cs{k}, {w});  /* {_tag(n)} */")
                 else:
                     self.pre.append(f"const real* restrict a{k} = in{k};  /* {_tag(n)} */")
             self.vals[n.id] = _Val(base=n.id, ptr=f"a{k}", phys=1 if w == 1 else w)

@@ -65,7 +65,7 @@ def test_elementwise_ops_of_one_width_share_one_loop_and_keep_intermediates_in_r
 def test_a_chunk_of_a_computed_value_is_read_in_place():
     source = generate_c(lstm_region(hidden=6)).source
     assert re.search(r"\(v\d+ \+ 12\)\[j\]", source)  # the third gate: 12 columns in, no copy
-    assert source.count("ws + ") == 1 + 3  # one array for the pre-activations, plus the input gathers
+    assert source.count("ws + ") == 1 + 4  # one array for the pre-activations, plus the four input gathers
 
 
 def test_a_constant_is_written_as_a_literal_of_the_kernel_type():
@@ -328,6 +328,17 @@ def test_a_row_wider_than_the_stack_scratch_is_computed_in_heap_scratch():
     vals = [torch.randn(2, 70_000)]
     (got,) = kernel_for(region)(vals)
     torch.testing.assert_close(got, torch.softmax(torch.tanh(vals[0]) * 2.0, 1), atol=1e-8, rtol=1e-5)
+
+
+def test_a_parameter_wider_than_the_stack_is_gathered_in_heap_scratch():
+    # (8.8 MB of float32: a stack array of it crashed the process; found by a review)
+    w = 2_200_000
+    x, p = sg.Input(w, name="x"), sg.Parameter(w, name="p")
+    region = region_from_outputs([x * p], [x, p])
+    assert "malloc" in generate_c(region).source
+    vals = [torch.randn(2, w), torch.randn(2 * w)[::2]]  # a strided parameter is gathered
+    (got,) = kernel_for(region)(vals)
+    torch.testing.assert_close(got, vals[0] * vals[1])
 
 
 # ---------------------------------------------------------------------------------------
