@@ -99,8 +99,8 @@ def _weighting(n: Node, prod: Node) -> tuple[str, Node, Node] | None:
 
 
 def _summed(n: Node, ins: tuple) -> Node | None:
-    """sum(A * w, dim) as one product (see _weighting); another sum of a matrix over a dim, as
-    its product with ones."""
+    """sum(A * w, dim) as one product (see _weighting); another sum of a matrix over a dim as
+    the sum of its flat row's parts (sum_tiles over the rows, sum_groups over the columns)."""
     found = _weighting(n, ins[0])
     if found is not None:
         op, A, w = found
@@ -140,12 +140,14 @@ def _elementwise(n: Node, ins: tuple) -> Node:
     return make("reshape", (out,), shape=n.shape, site=n.site)
 
 
-def _elementwise_to_flatten(order: list[Node], cls: dict, users: dict, weightings: set) -> set[int]:
-    """The elementwise ops on batched (M, N) matrices inside the loop worth computing on flat
-    rows: those whose matrix operands are flat already (a context, a value before the loop, or
-    another of them) and whose users read them flat (another of them, a sum, a matvec or
-    vecmat, a one-column Linear, a reshape to a vector). Any other would need its matrix
-    reshaped to or from a flat row in a step stage of its own, and gain nothing."""
+def _worth_flattening(order: list[Node], cls: dict, users: dict, weightings: set) -> tuple[set[int], set[int]]:
+    """(elementwise ops, sums) on batched (M, N) matrices inside the loop worth computing on
+    flat rows. An elementwise op is when its matrix operands are flat already (a context, a
+    value before the loop, another of them, or a product or sum the pass rewrites) and its
+    users read them flat (another of them, a sum, a matvec or vecmat, a one-column Linear, a
+    reshape to a vector); a sum over a dim when its operand is flat already. Any other would
+    need its matrix reshaped to or from a flat row in a step stage of its own, and gain
+    nothing."""
     def base(x: Node) -> Node:
         while x.op == "reshape":
             x = x.inputs[0]
@@ -155,15 +157,20 @@ def _elementwise_to_flatten(order: list[Node], cls: dict, users: dict, weighting
               and len(n.shape) == 2 and n.batched and n.dtype == "float"
               and all(_spreads(x, *n.shape) for x in n.inputs)}
 
+    def summed_flat(u: Node) -> bool:  # a sum over a dim of a matrix that is flat already
+        return u.op == "sum" and cls[u.id] == "step" and _matrix(u.inputs[0]) and flat_already(u.inputs[0])
+
+    def rewritten(u: Node) -> bool:  # a product or sum this pass writes as a row op
+        return ((u.op == "sum" and _matrix(u.inputs[0]) and (_weighting(u, u.inputs[0]) is not None or summed_flat(u)))
+                or (u.op == "matmul" and _product_parts(*u.inputs) is not None)
+                or (u.op == "linear" and _matrix(u.inputs[0]) and u.inputs[1].shape == (1, u.inputs[0].shape[1])))
+
     def flat_already(x: Node) -> bool:
         b = base(x)
-        return cls[b.id] != "step" or len(b.shape) <= 1 or b.id in chosen
+        return cls[b.id] != "step" or len(b.shape) <= 1 or b.id in chosen or rewritten(b)
 
     def reads_flat(u: Node) -> bool:
-        return (u.id in chosen or u.id in weightings or (u.op == "sum" and len(u.inputs[0].shape) == 2)
-                or (u.op == "matmul" and _product_parts(*u.inputs) is not None)
-                or (u.op == "linear" and _matrix(u.inputs[0]) and u.inputs[1].shape == (1, u.inputs[0].shape[1]))
-                or (u.op == "reshape" and len(u.shape) == 1))
+        return u.id in chosen or u.id in weightings or rewritten(u) or (u.op == "reshape" and len(u.shape) == 1)
     changed = True
     while changed:
         changed = False
@@ -172,7 +179,7 @@ def _elementwise_to_flatten(order: list[Node], cls: dict, users: dict, weighting
                                        and users.get(n.id) and all(reads_flat(u) for u in users[n.id])):
                 chosen.discard(n.id)
                 changed = True
-    return chosen
+    return chosen, {n.id for n in order if summed_flat(n)}
 
 
 def _one_column_linear(n: Node, ins: tuple) -> Node | None:
@@ -189,7 +196,7 @@ def flatten_per_example_matrices(step: StepGraph) -> StepGraph:
     users = consumers(order)
     # a product A * w that every user sums into one matvec / vecmat is left for them to read
     weightings = {n.id for n in order if users.get(n.id) and all(_weighting(u, n) for u in users[n.id])}
-    elementwise = _elementwise_to_flatten(order, cls, users, weightings)
+    elementwise, sums = _worth_flattening(order, cls, users, weightings)
     counts = {"products": 0, "elementwise": 0}
 
     def visit(n: Node, ins: tuple) -> Node:
@@ -197,7 +204,7 @@ def flatten_per_example_matrices(step: StepGraph) -> StepGraph:
         if n.op == "matmul":
             found = _product(n, ins)
         elif n.op == "sum":
-            if _weighting(n, ins[0]) is not None or cls[n.id] == "step":
+            if _weighting(n, ins[0]) is not None or n.id in sums:
                 found = _summed(n, ins)
         elif n.op == "linear" and cls[n.id] == "step":
             found = _one_column_linear(n, ins)
