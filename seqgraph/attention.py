@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 
 from .compiler.ir import Node
-from .dsl import Module, _count, _list_of_nodes, _node, _uniform, matmul, softmax, squeeze, tanh, unsqueeze, where_mask
+from .dsl import (Module, _count, _list_of_nodes, _node, _uniform, matmul, softmax, squeeze, tanh, unsqueeze,
+                  where_mask)
 from .dsl import sum as sg_sum
 from .errors import ShapeError, mention, user_site
 
@@ -50,7 +51,8 @@ class Attention(Module):
         elif score == "additive":
             self.keys_weight = weight("keys_weight", self.hidden_size, self.memory_size)
             self.query_weight = weight("query_weight", self.hidden_size, self.query_size)
-            self.query_bias = self._param("query_bias", (self.hidden_size,), _uniform(1.0 / math.sqrt(self.query_size)))
+            self.query_bias = self._param("query_bias", (self.hidden_size,),
+                                          _uniform(1.0 / math.sqrt(self.query_size)))
             self.v_weight = weight("v_weight", 1, self.hidden_size)
 
     def forward(self, xs) -> tuple[Node, Node]:
@@ -70,8 +72,8 @@ class Attention(Module):
             scores = squeeze(matmul(memory, unsqueeze(q, -1)), -1)
             if self.score == "scaled_dot":
                 scores = scores * (1.0 / math.sqrt(self.memory_size))
-        if mask is not None:  # a row at padding scores -1e9: no weight (all padding: equal weights)
-            scores = where_mask(mask, scores, -1e9)
+        if mask is not None:  # a row at padding scores -10000 (float16 holds it): no weight
+            scores = where_mask(mask, scores, -1e4)  # (all padding: equal weights)
         weights = softmax(scores, name=f"{self.name}_weights" if self.name else None)
         context = sg_sum(memory * unsqueeze(weights, -1), dim=0, name=f"{self.name}_context" if self.name else None)
         return context, weights

@@ -8,14 +8,14 @@ memory transposed), and in additive attention `tanh(keys + unsqueeze(query, 0))`
 one-column Linear or a sum. This pass writes those over the matrix flattened to one row of M*N
 columns, row-major: products with a vector become `matvec(flat, q)` / `vecmat(w, flat)`,
 elementwise ops act on the flat row, an operand broadcast along a dim is spread to the full row
-(`tile`, `repeat_each`), and a sum over a dim sums the row's parts (`sum_tiles`,
-`sum_groups`). The step's
-regions then fuse it all, and a whole attention loop can run in C. Only values that carry the
-batch are rewritten, and elementwise ops only inside the loop (before the loop, torch's own
-broadcasting does better); a parameter matrix is a GEMM's job. Other ops on matrices (softmax
-along a dim, a Linear of more than one column) stay as written, which keeps the values they
-read in matrix form. Also folds a reshape of a reshape into one. Must not change values (the
-sums run in another order: rounding may differ).
+(`tile`, `repeat_each`), and a sum over a dim sums the row's parts (`sum_tiles`, `sum_groups`).
+The step's regions then fuse it all, and a whole attention loop can run in C. Only values that
+carry the batch are rewritten, and elementwise ops and sums only inside the loop, where their
+neighbours are flat too (before the loop, torch's own broadcasting does better); a parameter
+matrix is a GEMM's job. Other ops on matrices (softmax along a dim, a Linear of more than one
+column, a product of two matrices) stay as written, which keeps the values they read in matrix
+form. Also folds a reshape of a reshape into one. Must not change values (the sums run in
+another order: rounding may differ).
 """
 from __future__ import annotations
 

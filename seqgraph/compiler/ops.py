@@ -946,7 +946,8 @@ def _outer_c(n, dst, w, u, v):
             + _c_for(N, f"{dst}[m * {N} + j] = um * {v};") + " }")
 
 
-_ROWS_IN_TORCH = (NOT_FUSED, "per-example matrix-vector products run through torch in Triton kernels' place")
+_ROWS_IN_TORCH = (NOT_FUSED, "the row ops of flattened per-example matrices have no Triton emitter: torch "
+                             "(cuBLAS's batched products) computes them")
 
 register("matvec", kind="reduction", shape=_matvec_shape,
          torch=lambda n, a, q: (a.unflatten(-1, (n.shape[0], -1)) @ q.unsqueeze(-1)).squeeze(-1),

@@ -21,7 +21,8 @@ from .simplify import simplify
 from .split_linear_over_concat import split_linear_over_concat
 from .stepgraph import StepGraph
 
-PASSES = [simplify, flatten_per_example_matrices, split_linear_over_concat, fuse_gate_matmuls, hoist_loop_invariant_terms, simplify]
+PASSES = [simplify, flatten_per_example_matrices, split_linear_over_concat, fuse_gate_matmuls,
+          hoist_loop_invariant_terms, simplify]
 
 
 def compile_plan(cell, unroll: int = 1, fusable=None) -> Plan:
