@@ -16,7 +16,7 @@ import math
 from .compiler.ir import Node
 from .dsl import (Module, _count, _list_of_nodes, _node, _uniform, matmul, softmax, squeeze, tanh, unsqueeze,
                   where_mask)
-from .dsl import sum as sg_sum
+from .dsl import abs as sg_abs, sum as sg_sum
 from .errors import ShapeError, mention, user_site
 
 SCORES = ("dot", "scaled_dot", "general", "additive")
@@ -25,8 +25,9 @@ SCORES = ("dot", "scaled_dot", "general", "additive")
 class Attention(Module):
     """Attention of a query (query_size,) over a memory (S, memory_size) per example; called on
     [query, memory] or [query, memory, mask] (mask: (S,), 1 where a row may be attended, 0 at
-    padding), it returns (context (memory_size,), weights (S,)). `hidden_size`: the additive
-    score's hidden width (default memory_size). Keras: Attention / AdditiveAttention."""
+    padding, the opposite of torch's key_padding_mask), it returns (context (memory_size,),
+    weights (S,)). `hidden_size`: the additive score's hidden width (default memory_size).
+    Keras: Attention / AdditiveAttention (whose additive score has no learned weights)."""
 
     def __init__(self, query_size: int, memory_size: int, score: str = "dot", hidden_size: int | None = None,
                  name: str | None = None):
@@ -40,6 +41,9 @@ class Attention(Module):
             raise ValueError(f"{where}: a {score!r} score multiplies the memory's rows by the query, so "
                              f"query_size ({self.query_size}) must equal memory_size ({self.memory_size}); "
                              f"score='general' or 'additive' maps one to the other")
+        if hidden_size is not None and score != "additive":
+            raise ValueError(f"{where}: hidden_size is the additive score's hidden width; a {score!r} score "
+                             f"has none")
         self.score = score
         self.hidden_size = _count(hidden_size if hidden_size is not None else self.memory_size,
                                   f"{where}: hidden_size")
@@ -55,11 +59,17 @@ class Attention(Module):
                                           _uniform(1.0 / math.sqrt(self.query_size)))
             self.v_weight = weight("v_weight", 1, self.hidden_size)
 
+    def __call__(self, *args, mask: Node | None = None) -> tuple[Node, Node]:
+        """attend([query, memory]) or attend([query, memory, mask]); Keras's mask= works too."""
+        if mask is not None and len(args) == 1:
+            args = ([*_list_of_nodes(args[0], "Attention"), mask],)
+        return super().__call__(*args)
+
     def forward(self, xs) -> tuple[Node, Node]:
         parts = _list_of_nodes(xs, "Attention")
         if len(parts) not in (2, 3):
             raise TypeError(f"Attention (declared at {self.site}) takes [query, memory] or [query, memory, mask], "
-                            f"got {len(parts)} nodes (at {user_site()})")
+                            f"got {len(parts)} node{'s' if len(parts) != 1 else ''} (at {user_site()})")
         query, memory = _node(parts[0], "Attention"), _node(parts[1], "Attention")
         mask = _node(parts[2], "Attention") if len(parts) == 3 else None
         self._check(query, memory, mask)
@@ -72,8 +82,11 @@ class Attention(Module):
             scores = squeeze(matmul(memory, unsqueeze(q, -1)), -1)
             if self.score == "scaled_dot":
                 scores = scores * (1.0 / math.sqrt(self.memory_size))
-        if mask is not None:  # a row at padding scores -10000 (float16 holds it): no weight
-            scores = where_mask(mask, scores, -1e4)  # (all padding: equal weights)
+        if mask is not None:
+            # a row at padding scores 10000 below every real row's score, whatever their scale
+            # (sum |real scores| bounds each one): no weight; all padding gives equal weights
+            below = sg_sum(sg_abs(scores * mask), keepdim=True) + 1e4
+            scores = where_mask(mask, scores, -below)
         weights = softmax(scores, name=f"{self.name}_weights" if self.name else None)
         context = sg_sum(memory * unsqueeze(weights, -1), dim=0, name=f"{self.name}_context" if self.name else None)
         return context, weights
@@ -92,6 +105,10 @@ class Attention(Module):
         if mask is not None and mask.shape != (S,):
             raise ShapeError(f"{where}: the mask must have shape ({S},), one value per memory row, but "
                              f"{mention(mask)} has {mask.shape}", node=mask)
+        if mask is not None and mask.dtype != "float":
+            raise ShapeError(f"{where}: the mask must be a float value (an sg.Context({S}), given a bool or 0/1 "
+                             f"float tensor: 1 where a row may be attended), but {mention(mask)} has dtype "
+                             f"{mask.dtype}", node=mask)
 
     def extra_repr(self) -> str:
         extra = f", score={self.score!r}" if self.score != "dot" else ""

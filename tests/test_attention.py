@@ -105,3 +105,41 @@ def test_it_takes_two_or_three_nodes():
     q = sg.Input(D, name="q")
     with pytest.raises(TypeError, match=r"takes \[query, memory\] or \[query, memory, mask\], got 1"):
         sg.Attention(D, D)([q])
+
+
+def test_padding_gets_no_weight_whatever_the_scale_of_the_real_scores():
+    # real scores near -20000 (a review's case): a fixed fill of -10000 gave padding all the weight
+    q, memory, mask = sg.Input(D, name="q"), sg.Context((S, D), name="memory"), sg.Context(S, name="mask")
+    _, weights = sg.Attention(D, D)([q, memory, mask])
+    h = sg.State(1, name="h")
+    rec = sg.Recurrence(sg.Cell([q], {h: h + sg.sum(weights, keepdim=True)}, [weights]))
+    mem = torch.randn(1, S, D) * 10
+    query = -(mem[:, 0] + mem[:, 1]) * 20
+    w, _ = rec(query[None], context={"memory": mem, "mask": torch.tensor([[1.0, 1, 0, 0]])})
+    want = torch.softmax(torch.einsum("bsd,bd->bs", mem[:, :2], query), -1)
+    assert (w[0, 0, 2:] == 0).all()
+    torch.testing.assert_close(w[0, 0, :2], want[0])
+
+
+def test_keras_style_mask_keyword_is_the_third_node():
+    q, memory, mask = sg.Input(D, name="q"), sg.Context((S, D), name="memory"), sg.Context(S, name="mask")
+    attend = sg.Attention(D, D)
+    _, by_keyword = attend([q, memory], mask=mask)
+    _, in_list = attend([q, memory, mask])
+    assert by_keyword.inputs[0].op == in_list.inputs[0].op and mask in _leaves(by_keyword)
+
+
+def _leaves(node):
+    from seqgraph.compiler.ir import topo_order
+    return [n for n in topo_order([node]) if not n.inputs]
+
+
+def test_a_mask_of_integers_is_refused_naming_the_mask():
+    q, memory, mask = sg.Input(D, name="q"), sg.Context((S, D), name="memory"), sg.Context(S, name="valid", dtype="long")
+    with pytest.raises(sg.ShapeError, match="the mask must be a float value .* 'valid' has dtype long"):
+        sg.Attention(D, D)([q, memory, mask])
+
+
+def test_hidden_size_is_refused_for_a_score_without_one():
+    with pytest.raises(ValueError, match="hidden_size is the additive score's hidden width; a 'dot' score has none"):
+        sg.Attention(D, D, hidden_size=8)
