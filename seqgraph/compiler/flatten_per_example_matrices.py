@@ -25,10 +25,16 @@ from .ops import REGISTRY, make
 from .stepgraph import StepGraph, clone, rewrite
 
 
-def _reshaped(a: Node, shape: tuple) -> Node:
-    """`a` in `shape` (same elements, row-major), looking through the reshapes that made it."""
+def _unreshaped(a: Node) -> Node:
+    """The value whose reshape (or reshape of a reshape...) `a` is; `a` itself if none."""
     while a.op == "reshape":
         a = a.inputs[0]
+    return a
+
+
+def _reshaped(a: Node, shape: tuple) -> Node:
+    """`a` in `shape` (same elements, row-major), looking through the reshapes that made it."""
+    a = _unreshaped(a)
     return a if a.shape == shape else make("reshape", (a,), shape=shape, site=a.site)
 
 
@@ -38,8 +44,6 @@ def _flat(a: Node) -> Node:
 
 def _as(n: Node, op: str, operands: tuple, **attrs) -> Node:
     """`op` over `operands`, in `n`'s shape and under `n`'s name and line."""
-    if op == "matvec":
-        attrs["rows"] = operands[0].shape[0] // operands[1].shape[0]
     out = make(op, operands, name=n.name, site=n.site, module=n.module, **attrs)
     return out if out.shape == n.shape else make("reshape", (out,), shape=n.shape, site=n.site)
 
@@ -114,22 +118,28 @@ def _summed(n: Node, ins: tuple) -> Node | None:
     return _as(n, "sum_groups", (_flat(X),), times=N)
 
 
-def _spread(x: Node, M: int, N: int) -> Node | None:
-    """Operand `x` of an elementwise op of shape (M, N) as a flat row of M*N columns (a value
-    of one element stays one), or None when it broadcasts in a way this pass does not write."""
+def _spreading(x: Node, M: int, N: int) -> str | None:
+    """How operand `x` of an elementwise op of shape (M, N) covers the matrix: "one" value,
+    the "full" matrix, a row "tile"d down it, a column whose values "repeat_each" across it;
+    None for a broadcast this pass does not write."""
     if x.elements == 1:
-        return x if len(x.shape) <= 1 else _reshaped(x, (1,))
+        return "one"
     if x.shape == (M, N):
+        return "full"
+    if x.shape in ((1, N), (N,)):
+        return "tile"
+    return "repeat_each" if x.shape == (M, 1) else None
+
+
+def _spread(x: Node, M: int, N: int) -> Node:
+    """Operand `x` of an elementwise op of shape (M, N) as a flat row of M*N columns (a value
+    of one element stays one)."""
+    how = _spreading(x, M, N)
+    if how == "one":
+        return x if len(x.shape) <= 1 else _reshaped(x, (1,))
+    if how == "full":
         return _flat(x)
-    if x.shape in ((1, N), (N,)):  # the same row for every row of the matrix
-        return make("tile", (_flat(x),), times=M)
-    if x.shape == (M, 1):  # one value per row of the matrix, across its columns
-        return make("repeat_each", (_flat(x),), times=N)
-    return None
-
-
-def _spreads(x: Node, M: int, N: int) -> bool:
-    return x.elements == 1 or x.shape in ((M, N), (1, N), (N,), (M, 1))
+    return make(how, (_flat(x),), times=M if how == "tile" else N)
 
 
 def _elementwise(n: Node, ins: tuple) -> Node:
@@ -148,14 +158,10 @@ def _worth_flattening(order: list[Node], cls: dict, users: dict, weightings: set
     reshape to a vector); a sum over a dim when its operand is flat already. Any other would
     need its matrix reshaped to or from a flat row in a step stage of its own, and gain
     nothing."""
-    def base(x: Node) -> Node:
-        while x.op == "reshape":
-            x = x.inputs[0]
-        return x
     chosen = {n.id for n in order
               if REGISTRY[n.op].kind == "elementwise" and cls[n.id] == "step" and n.id not in weightings
               and len(n.shape) == 2 and n.batched and n.dtype == "float"
-              and all(_spreads(x, *n.shape) for x in n.inputs)}
+              and all(_spreading(x, *n.shape) is not None for x in n.inputs)}
 
     def summed_flat(u: Node) -> bool:  # a sum over a dim of a matrix that is flat already
         return u.op == "sum" and cls[u.id] == "step" and _matrix(u.inputs[0]) and flat_already(u.inputs[0])
@@ -166,7 +172,7 @@ def _worth_flattening(order: list[Node], cls: dict, users: dict, weightings: set
                 or (u.op == "linear" and _matrix(u.inputs[0]) and u.inputs[1].shape == (1, u.inputs[0].shape[1])))
 
     def flat_already(x: Node) -> bool:
-        b = base(x)
+        b = _unreshaped(x)
         return cls[b.id] != "step" or len(b.shape) <= 1 or b.id in chosen or rewritten(b)
 
     def reads_flat(u: Node) -> bool:

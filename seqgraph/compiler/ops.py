@@ -884,10 +884,9 @@ register("matmul", kind="matmul", shape=_matmul_shape,
 def _matvec_shape(inputs, attrs):
     a, q = inputs
     _floats(inputs)
-    M = attrs["rows"]
-    if len(a.shape) != 1 or len(q.shape) != 1 or a.shape[0] != M * q.shape[0]:
-        raise ShapeProblem(f"matvec takes a flattened ({M}, N) matrix and an (N,) vector, got {a.shape} and {q.shape}")
-    return (M,), a.batched or q.batched, "float"
+    if len(a.shape) != 1 or len(q.shape) != 1 or not q.shape[0] or a.shape[0] % q.shape[0]:
+        raise ShapeProblem(f"matvec takes a flattened (M, N) matrix and an (N,) vector, got {a.shape} and {q.shape}")
+    return (a.shape[0] // q.shape[0],), a.batched or q.batched, "float"
 
 
 def _vecmat_shape(inputs, attrs):
@@ -908,7 +907,7 @@ def _outer_shape(inputs, attrs):
 
 def matvec(a: Node, q: Node) -> Node:
     """a (a flattened (M, N) matrix) @ q (N,): (M,)."""
-    return make("matvec", (a, q), rows=a.shape[0] // q.shape[0])
+    return make("matvec", (a, q))
 
 
 def vecmat(v: Node, a: Node) -> Node:

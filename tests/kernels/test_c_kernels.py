@@ -150,9 +150,9 @@ def _attention_region(S=5, D=7):
     a query that is one column broadcast, and rows spread over the matrix and summed back."""
     wide, q, mask = sg.Input(3 + S * D, name="wide"), sg.Input(D, name="q"), sg.Input(S, name="mask")
     memory = sg.narrow(wide, -1, 3, S * D)
-    weights = sg.softmax(make("matvec", (memory, q), rows=S) + mask * 3.0)
+    weights = sg.softmax(make("matvec", (memory, q)) + mask * 3.0)
     one = sg.Input(1, name="one")
-    column = make("matvec", (memory, make("broadcast_to", (one,), shape=(D,))), rows=S)
+    column = make("matvec", (memory, make("broadcast_to", (one,), shape=(D,))))
     summed = make("vecmat", (weights, memory)) + sg.sum(column, keepdim=True)
     spread = make("tile", (q,), times=S) * make("repeat_each", (weights,), times=D) + memory
     sums = sg.concat([make("sum_tiles", (spread,), times=S), make("sum_groups", (memory,), times=D)])
@@ -169,7 +169,7 @@ def test_per_example_matrix_vector_products_match_reference(dtype):
 def _matrix_row_op(op):
     """One node of each row op on flattened (3, 4) matrices."""
     x3, x4, x12 = sg.Input(3, name="x3"), sg.Input(4, name="x4"), sg.Input(12, name="x12")
-    return {"matvec": lambda: make("matvec", (x12, x4), rows=3), "vecmat": lambda: make("vecmat", (x3, x12)),
+    return {"matvec": lambda: make("matvec", (x12, x4)), "vecmat": lambda: make("vecmat", (x3, x12)),
             "outer": lambda: make("outer", (x3, x4)), "tile": lambda: make("tile", (x4,), times=3),
             "repeat_each": lambda: make("repeat_each", (x3,), times=4),
             "sum_tiles": lambda: make("sum_tiles", (x12,), times=3),
