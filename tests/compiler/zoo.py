@@ -1,5 +1,6 @@
 """Hand-written cells that exercise the compiler: the LSTM/GRU family, peephole and layer norm,
-attention over a Context (dot-product, additive, two heads), embeddings with dropout, a MuFuRu-like softmax over composition ops."""
+attention over a Context (dot-product, additive, two heads), embeddings with dropout, a
+MuFuRu-like softmax over composition ops."""
 import torch, seqgraph as sg
 def lstm_ops(I=3,H=5):
     x=sg.Input(I,name="x"); h=sg.State(H,name="h"); c=sg.State(H,name="c")
