@@ -20,6 +20,7 @@ from .dsl import abs as sg_abs, sum as sg_sum
 from .errors import ShapeError, mention, user_site
 
 SCORES = ("dot", "scaled_dot", "general", "additive")
+_EXAMPLE = "sg.Attention(Q, D)([query, memory, mask])"
 
 
 class Attention(Module):
@@ -62,11 +63,11 @@ class Attention(Module):
     def __call__(self, *args, mask: Node | None = None) -> tuple[Node, Node]:
         """attend([query, memory]) or attend([query, memory, mask]); Keras's mask= works too."""
         if mask is not None and len(args) == 1:
-            args = ([*_list_of_nodes(args[0], "Attention"), mask],)
+            args = ([*_list_of_nodes(args[0], "Attention", _EXAMPLE), mask],)
         return super().__call__(*args)
 
     def forward(self, xs) -> tuple[Node, Node]:
-        parts = _list_of_nodes(xs, "Attention")
+        parts = _list_of_nodes(xs, "Attention", _EXAMPLE)
         if len(parts) not in (2, 3):
             raise TypeError(f"Attention (declared at {self.site}) takes [query, memory] or [query, memory, mask], "
                             f"got {len(parts)} node{'s' if len(parts) != 1 else ''} (at {user_site()})")

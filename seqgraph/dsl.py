@@ -594,9 +594,10 @@ Sigmoid = _elementwise_module("Sigmoid", "sigmoid")
 ReLU = _elementwise_module("ReLU", "relu")
 
 
-def _list_of_nodes(xs, who):
+def _list_of_nodes(xs, who, example: str | None = None):
     if isinstance(xs, Node) or not isinstance(xs, (list, tuple)):
-        raise TypeError(f"{who} takes a list of nodes, e.g. {who}()([a, b]), got {type(xs).__name__} (at {user_site()})")
+        raise TypeError(f"{who} takes a list of nodes, e.g. {example or f'{who}()([a, b])'}, got "
+                        f"{type(xs).__name__} (at {user_site()})")
     if not xs:
         raise ShapeError(f"{who} (at {user_site()}) needs at least one operand, got an empty list")
     return [_node(x, who) for x in xs]

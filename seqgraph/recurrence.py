@@ -451,8 +451,12 @@ class Recurrence(nn.Module):
         for node, v in zip(self.cell.inputs, x):
             if v.dim() != 2 + len(node.shape) or tuple(v.shape[2:]) != node.shape:
                 expect = layout + ", ".join(map(str, node.shape)) + ")" if node.shape else layout[:-2] + ")"
+                # a (B, *size) tensor for a (T, B, *size) input: one the same at every step?
+                hint = ("; a tensor that is the same at every step (an encoder's memory) is an sg.Context, "
+                        "passed with context=" if v.dim() == 1 + len(node.shape) and tuple(v.shape[1:]) == node.shape
+                        else "")
                 raise InputError(f"{self._where()}: input {node.name!r} (declared at {node.site}) expects shape "
-                                 f"{expect}, got {_fmt(v.shape)}")
+                                 f"{expect}, got {_fmt(v.shape)}{hint}")
             self._check_dtype("input", node, v)
             if v.device != device:
                 self._check_device("input", node, v, device)

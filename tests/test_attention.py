@@ -143,3 +143,16 @@ def test_a_mask_of_integers_is_refused_naming_the_mask():
 def test_hidden_size_is_refused_for_a_score_without_one():
     with pytest.raises(ValueError, match="hidden_size is the additive score's hidden width; a 'dot' score has none"):
         sg.Attention(D, D, hidden_size=8)
+
+
+def test_a_memory_given_as_an_input_of_one_step_suggests_a_context():
+    x, h, memory = sg.Input(3, name="x"), sg.State(D, name="h"), sg.Input((S, D), name="memory")
+    context, _ = sg.Attention(D, D)([h, memory])
+    rec = sg.Recurrence(sg.Cell([x, memory], {h: sg.tanh(context + sg.Linear(3, D)(x))}, [h]))
+    with pytest.raises(sg.InputError, match=r"got \(2, 4, 6\); a tensor that is the same at every step .* sg.Context"):
+        rec((torch.randn(5, 2, 3), torch.randn(2, S, D)))
+
+
+def test_a_single_node_instead_of_a_list_shows_the_call_to_make():
+    with pytest.raises(TypeError, match=r"e\.g\. sg\.Attention\(Q, D\)\(\[query, memory, mask\]\)"):
+        sg.Attention(D, D)(sg.Input(D, name="q"))
