@@ -637,8 +637,13 @@ class Recurrence(nn.Module):
                 raise InputError(f"{self._where()}: context {c.name!r} (declared at {c.site}) must be a tensor of "
                                  f"shape {_fmt((B,) + c.shape)}, got {type(v).__name__}")
             if tuple(v.shape) != (B,) + c.shape:
+                # a memory of another length than the cell declared: padding is the way
+                other_length = len(c.shape) >= 1 and v.dim() == 1 + len(c.shape) and v.shape[0] == B \
+                    and tuple(v.shape[2:]) == c.shape[1:]
+                hint = (f"; its length {c.shape[0]} is fixed when the cell is declared: pad every such tensor "
+                        f"to {c.shape[0]} and mask the padding" if other_length else "")
                 raise InputError(f"{self._where()}: context {c.name!r} (declared at {c.site}) expects shape "
-                                 f"{_fmt((B,) + c.shape)}, got {_fmt(v.shape)}")
+                                 f"{_fmt((B,) + c.shape)}, got {_fmt(v.shape)}{hint}")
             if not (c.dtype == "float" and v.dtype == torch.bool):  # a bool mask is read as 0/1
                 self._check_dtype("context", c, v)
                 # as a state's: the call computes in one dtype (autocast picks each op's own)

@@ -156,3 +156,10 @@ def test_a_memory_given_as_an_input_of_one_step_suggests_a_context():
 def test_a_single_node_instead_of_a_list_shows_the_call_to_make():
     with pytest.raises(TypeError, match=r"e\.g\. sg\.Attention\(Q, D\)\(\[query, memory, mask\]\)"):
         sg.Attention(D, D)(sg.Input(D, name="q"))
+
+
+def test_a_memory_of_another_length_is_refused_with_the_advice_to_pad_it():
+    rec = sg.Recurrence(_decoder("dot"))
+    with pytest.raises(sg.InputError, match=r"expects shape \(2, 4, 6\), got \(2, 3, 6\); its length 4 is fixed "
+                                            r"when the cell is declared: pad every such tensor to 4"):
+        rec(torch.randn(5, 2, 3), context={"memory": torch.randn(2, 3, D), "mask": torch.ones(2, S)})
