@@ -881,20 +881,20 @@ register("matmul", kind="matmul", shape=_matmul_shape,
 # and weighted sum (weights @ memory). The per-example matrix comes flattened into a row of
 # M*N columns (row-major), so each op reads and writes rows and fuses into row kernels; the
 # pass flatten_per_example_matrices writes them in for the matmul and sum(mul) forms users write.
-def _matvec_shape(inputs, attrs):
-    a, q = inputs
-    _floats(inputs)
-    if len(a.shape) != 1 or len(q.shape) != 1 or not q.shape[0] or a.shape[0] % q.shape[0]:
-        raise ShapeProblem(f"matvec takes a flattened (M, N) matrix and an (N,) vector, got {a.shape} and {q.shape}")
-    return (a.shape[0] // q.shape[0],), a.batched or q.batched, "float"
+def _product_shape(matrix_first: bool):
+    """The shape rule of matvec (matrix, vector: the matrix's M rows) or vecmat (vector, matrix:
+    its N columns): a flattened matrix whose size the vector's divides."""
+    what = "a flattened (M, N) matrix and an (N,) vector" if matrix_first else \
+        "an (M,) vector and a flattened (M, N) matrix"
 
-
-def _vecmat_shape(inputs, attrs):
-    v, a = inputs
-    _floats(inputs)
-    if len(a.shape) != 1 or len(v.shape) != 1 or not v.shape[0] or a.shape[0] % v.shape[0]:
-        raise ShapeProblem(f"vecmat takes an (M,) vector and a flattened (M, N) matrix, got {v.shape} and {a.shape}")
-    return (a.shape[0] // v.shape[0],), a.batched or v.batched, "float"
+    def shape(inputs, attrs):
+        _floats(inputs)
+        a, v = inputs if matrix_first else inputs[::-1]
+        if len(a.shape) != 1 or len(v.shape) != 1 or not v.shape[0] or a.shape[0] % v.shape[0]:
+            got = (a.shape, v.shape) if matrix_first else (v.shape, a.shape)
+            raise ShapeProblem(f"{'matvec' if matrix_first else 'vecmat'} takes {what}, got {got[0]} and {got[1]}")
+        return (a.shape[0] // v.shape[0],), a.batched or v.batched, "float"
+    return shape
 
 
 def _outer_shape(inputs, attrs):
@@ -948,12 +948,12 @@ def _outer_c(n, dst, w, u, v):
 _ROWS_IN_TORCH = (NOT_FUSED, "the row ops of flattened per-example matrices have no Triton emitter: torch "
                              "(cuBLAS's batched products) computes them")
 
-register("matvec", kind="reduction", shape=_matvec_shape,
+register("matvec", kind="reduction", shape=_product_shape(True),
          torch=lambda n, a, q: (a.unflatten(-1, (n.shape[0], -1)) @ q.unsqueeze(-1)).squeeze(-1),
          vjp=lambda n, g: _bin_grads(n, outer(g, n.inputs[1]), vecmat(g, n.inputs[0])),
          triton=_ROWS_IN_TORCH, c=_matvec_c,
          doc="a flattened per-example (M, N) matrix times an (N,) vector")
-register("vecmat", kind="reduction", shape=_vecmat_shape,
+register("vecmat", kind="reduction", shape=_product_shape(False),
          torch=lambda n, v, a: (v.unsqueeze(-2) @ a.unflatten(-1, (-1, n.shape[0]))).squeeze(-2),
          vjp=lambda n, g: _bin_grads(n, matvec(n.inputs[1], g), outer(n.inputs[0], g)),
          triton=_ROWS_IN_TORCH, c=_vecmat_c,
