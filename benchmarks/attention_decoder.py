@@ -3,9 +3,10 @@
 Each cell reads an encoder's memory (a Context of S x H per sequence) at every step, scores it
 against the state, takes a masked softmax and the attended sum, then a tanh layer. "dot" scores
 with a product of the memory and a query (Luong), "additive" with tanh(keys + query) summed
-(Bahdanau; the keys, a Linear of the memory, once per call). The compiler writes both over the
-memory flattened to rows (the pass flatten_per_example_matrices), so on the CPU the whole loop
-runs in C (`model.plan()` says so). Runs taken in turn (`seqgraph.bench.interleaved_medians_ms`),
+(Bahdanau; the keys, a Linear of the memory, once per call), "8 heads" with sg.Attention's
+scaled dot-product scores over 8 heads (a Transformer's, each head reading H/8 features) and
+its mask. The compiler writes all three over the memory flattened to rows (the pass
+flatten_per_example_matrices), so on the CPU the whole loop runs in C (`model.plan()` says so). Runs taken in turn (`seqgraph.bench.interleaved_medians_ms`),
 the reference interpreter against `sg.compile` (backend "cpu"), forward (`no_grad`) and
 fwd+bwd, with the memory needing no gradient and needing one (an encoder trained with the
 decoder):
@@ -25,13 +26,17 @@ def attention_cell(input_size: int, hidden: int, positions: int, scoring: str = 
     memory = sg.Context((positions, hidden), name="memory")
     real = sg.Context(positions, name="real")
     query = sg.Linear(hidden, hidden, name="query")(h)
-    if scoring == "dot":
+    if scoring == "8 heads":
+        context, weights = sg.Attention(hidden, hidden, score="scaled_dot", heads=8)([query, memory, real])
+        weights = sg.reshape(weights, (8 * positions,))
+    elif scoring == "dot":
         scores = sg.squeeze(sg.matmul(memory, sg.unsqueeze(query, -1)), -1)
     else:
         keys = sg.Linear(hidden, hidden, bias=False, name="keys")(memory)
         scores = sg.sum(sg.tanh(keys + sg.unsqueeze(query, 0)), dim=-1)
-    weights = sg.softmax(scores + (real - 1.0) * 1e4)
-    context = sg.sum(memory * sg.unsqueeze(weights, -1), dim=0)
+    if scoring != "8 heads":
+        weights = sg.softmax(scores + (real - 1.0) * 1e4)
+        context = sg.sum(memory * sg.unsqueeze(weights, -1), dim=0)
     h_next = sg.tanh(sg.Linear(input_size + 2 * hidden, hidden, name="mix")(sg.concat([x, context, h])))
     return sg.Cell([x], {h: h_next}, [h_next, weights])
 
@@ -58,7 +63,7 @@ def main(T: int = 30, B: int = 32, H: int = 256, S: int = 30, threads: int = 2, 
     print(f"attention decoders T={T} B={B} H={H} S={S}, {threads} thread(s): median ms")
     print("| scores | call | reference | compiled | ratio |")
     print("|---|---|---:|---:|---:|")
-    for scoring in ("dot", "additive"):
+    for scoring in ("dot", "additive", "8 heads"):
         reference = sg.Recurrence(attention_cell(128, H, S, scoring))
         compiled = sg.compile(reference, backend="cpu")
         fns = [run(m, mem, bwd) for _, mem, bwd in cases for m in (reference, compiled)]

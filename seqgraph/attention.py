@@ -5,6 +5,9 @@ memory, mask]` returns `(context, weights)`: the scores of the memory's S rows a
 query, a softmax over the rows the mask keeps, and the weighted sum of the rows. The scores are
 Luong's "dot" (`memory @ query`), "scaled_dot" (divided by sqrt(D), as a Transformer's),
 "general" (`memory @ (W q)`) or Bahdanau's "additive" (`v . tanh(W_k memory + W_q query)`).
+With `heads=h` the product scores split the query and the memory's features into h equal
+parts, each attending on its own (a Transformer's multi-head attention, its projections left
+to the caller), and the context joins the h parts.
 It builds only DSL ops, written in the forms the compiler's pass flatten_per_example_matrices
 turns into row ops, so every backend compiles it and the cpu backend runs a decoder using it
 in one C loop. Builds graphs only; it must not run anything.
@@ -14,8 +17,8 @@ from __future__ import annotations
 import math
 
 from .compiler.ir import Node
-from .dsl import (Module, _count, _list_of_nodes, _node, _uniform, matmul, softmax, squeeze, tanh, unsqueeze,
-                  where_mask)
+from .dsl import (Module, _count, _list_of_nodes, _node, _uniform, matmul, reshape, softmax, squeeze, tanh,
+                  transpose, unsqueeze, where_mask)
 from .dsl import abs as sg_abs, sum as sg_sum
 from .errors import ShapeError, mention, user_site
 
@@ -28,10 +31,14 @@ class Attention(Module):
     [query, memory] or [query, memory, mask] (mask: (S,), 1 where a row may be attended, 0 at
     padding, the opposite of torch's key_padding_mask), it returns (context (memory_size,),
     weights (S,)). `hidden_size`: the additive score's hidden width (default memory_size).
-    Keras: Attention / AdditiveAttention (whose additive score has no learned weights)."""
+    `heads`: with h > 1 (a product score), head k attends with features k*D/h to (k+1)*D/h of
+    the query and of the memory's rows, its scores scaled by sqrt(D/h) for "scaled_dot"; the
+    weights are then (h, S) and the context the heads' contexts end to end.
+    Keras: Attention / AdditiveAttention (whose additive score has no learned weights),
+    MultiHeadAttention (with the projections written as sg.Linear around this)."""
 
     def __init__(self, query_size: int, memory_size: int, score: str = "dot", hidden_size: int | None = None,
-                 name: str | None = None):
+                 heads: int = 1, name: str | None = None):
         super().__init__(name)
         where = f"Attention (declared at {self.site})"
         self.query_size = _count(query_size, f"{where}: query_size")
@@ -45,6 +52,13 @@ class Attention(Module):
         if hidden_size is not None and score != "additive":
             raise ValueError(f"{where}: hidden_size is the additive score's hidden width; a {score!r} score "
                              f"has none")
+        self.heads = _count(heads, f"{where}: heads")
+        if self.heads > 1 and score == "additive":
+            raise ValueError(f"{where}: heads split a product score's features; an 'additive' score has one "
+                             f"head (use score='scaled_dot' for a Transformer's multi-head attention)")
+        if self.memory_size % self.heads:
+            raise ValueError(f"{where}: heads={self.heads} split the memory_size ({self.memory_size}) features "
+                             f"into equal parts, so it must divide memory_size")
         self.score = score
         self.hidden_size = _count(hidden_size if hidden_size is not None else self.memory_size,
                                   f"{where}: hidden_size")
@@ -80,16 +94,34 @@ class Attention(Module):
             scores = squeeze(self._make("linear", (tanh(keys + unsqueeze(q, 0)), self.v_weight)), -1)
         else:
             q = self._make("linear", (query, self.general_weight)) if self.score == "general" else query
+            if self.heads > 1:
+                return self._heads(q, memory, mask)
             scores = squeeze(matmul(memory, unsqueeze(q, -1)), -1)
             if self.score == "scaled_dot":
                 scores = scores * (1.0 / math.sqrt(self.memory_size))
+        weights = self._weights(scores, mask)
+        context = sg_sum(memory * unsqueeze(weights, -1), dim=0, name=f"{self.name}_context" if self.name else None)
+        return context, weights
+
+    def _weights(self, scores: Node, mask: Node | None) -> Node:
+        """softmax of the scores (S,) or (heads, S) along S, padding masked out."""
         if mask is not None:
             # a row at padding scores 10000 below every real row's score, whatever their scale
             # (sum |real scores| bounds each one): no weight; all padding gives equal weights
             below = sg_sum(sg_abs(scores * mask), keepdim=True) + 1e4
             scores = where_mask(mask, scores, -below)
-        weights = softmax(scores, name=f"{self.name}_weights" if self.name else None)
-        context = sg_sum(memory * unsqueeze(weights, -1), dim=0, name=f"{self.name}_context" if self.name else None)
+        return softmax(scores, name=f"{self.name}_weights" if self.name else None)
+
+    def _heads(self, q: Node, memory: Node, mask: Node | None) -> tuple[Node, Node]:
+        """Multi-head attention: head k reads features k*Dh to (k+1)*Dh of q and of each row."""
+        h, S, Dh = self.heads, memory.shape[0], self.memory_size // self.heads
+        keys = transpose(reshape(memory, (S, h, Dh)), 0, 1)  # (h, S, Dh): a view, no copy in the loops
+        scores = reshape(matmul(reshape(q, (h, 1, Dh)), transpose(keys)), (h, S))
+        if self.score == "scaled_dot":
+            scores = scores * (1.0 / math.sqrt(Dh))
+        weights = self._weights(scores, mask)
+        context = reshape(matmul(reshape(weights, (h, 1, S)), keys), (self.memory_size,),
+                          name=f"{self.name}_context" if self.name else None)
         return context, weights
 
     def _check(self, query: Node, memory: Node, mask: Node | None) -> None:
@@ -113,6 +145,8 @@ class Attention(Module):
 
     def extra_repr(self) -> str:
         extra = f", score={self.score!r}" if self.score != "dot" else ""
+        if self.heads > 1:
+            extra += f", heads={self.heads}"
         if self.score == "additive" and self.hidden_size != self.memory_size:
             extra += f", hidden_size={self.hidden_size}"
         return f"{self.query_size}, {self.memory_size}{extra}"

@@ -34,7 +34,7 @@ UNARY = ("tanh", "sigmoid", "relu", "neg", "abs", "exp_of_tanh", "softplus", "sm
 BINARY = ("add", "sub", "mul", "safe_div", "maximum", "minimum")
 WITH_CONSTANT = ("add", "mul", "rsub", "rdiv_safe")
 CONSTANTS = (-1.5, -0.5, 0.5, 2.0)
-MATVEC_FORMS = ("matmul", "sum_columns", "sum_rows", "transposed")  # the last two contract the rows
+MATVEC_FORMS = ("matmul", "sum_columns", "sum_rows", "transposed", "matrices")  # sum_rows, transposed contract the rows
 BREAKAGES = ("unused_input", "wrong_next_shape", "linear_mismatch", "state_without_next", "unused_chunk_piece")
 MAX_SIZE = 8
 
@@ -49,7 +49,9 @@ class Step:
     Linear(a, 1, bias=False)(args[0]) + args[1]. matvec multiplies a per-example matrix made
     from args[0] (M,) and args[1] (N,) (their outer product through matmul, or a tanh over
     broadcast operands) by the vector args[2], as attention does: matrix @ c (c of size N) or
-    c @ matrix (c of size M), in one of the forms users write them."""
+    c @ matrix (c of size M), in one of the forms users write them; "matrices" first multiplies
+    the matrix by a transposed (N, N) one made from c and takes a softmax along its rows, as
+    multi-head attention does."""
     kind: str
     args: tuple
     arg: object = None
@@ -186,7 +188,10 @@ def _matvec(form: str, a, b, c):
         matrix = sg.tanh(sg.unsqueeze(a, -1) * sg.unsqueeze(b, 0) + sg.unsqueeze(b, 0))
     else:  # or a product of a column and a row
         matrix = sg.matmul(sg.unsqueeze(a, -1), sg.unsqueeze(b, 0))
-    if form == "matmul":
+    if form == "matrices":
+        square = sg.tanh(sg.unsqueeze(c, -1) * sg.unsqueeze(c, 0) + sg.unsqueeze(c, 0))
+        matrix = sg.softmax(sg.matmul(matrix, sg.transpose(square)))
+    if form in ("matmul", "matrices"):
         return sg.squeeze(sg.matmul(matrix, sg.unsqueeze(c, -1)), -1)
     if form == "sum_columns":
         return sg.sum(matrix * sg.unsqueeze(c, 0), dim=1)

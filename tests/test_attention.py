@@ -64,6 +64,59 @@ def test_a_compiled_decoder_equals_the_reference_and_runs_one_c_loop(score):
     check_against_reference(rec, comp, xs, ctx, 1e-10, lengths=torch.tensor([5, 2, 0]))
 
 
+def _heads_decoder(score, heads=3, Dh=2):
+    """_decoder with `heads` heads over a memory of heads * Dh features."""
+    x, h = sg.Input(3, name="x"), sg.State(heads * Dh, name="h")
+    memory, mask = sg.Context((S, heads * Dh), name="memory"), sg.Context(S, name="mask")
+    context, weights = sg.Attention(heads * Dh, heads * Dh, score=score, heads=heads)([h, memory, mask])
+    h2 = sg.tanh(sg.Linear(3 + 2 * heads * Dh, heads * Dh, name="out")(sg.concat([x, context, h])))
+    return sg.Cell([x], {h: h2}, [h2, sg.reshape(weights, (heads * S,)), context])
+
+
+@pytest.mark.parametrize("score", ["dot", "scaled_dot", "general"])
+def test_heads_attend_as_torchs_scaled_dot_product_attention_does(score):
+    heads, Dh, B = 3, 2, 3
+    rec = sg.Recurrence(_heads_decoder(score, heads, Dh)).double()
+    h0 = torch.randn(B, heads * Dh, dtype=torch.float64)
+    memory = torch.randn(B, S, heads * Dh, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 1, 0]], dtype=torch.float64)
+    (_, weights, context), _ = rec(torch.randn(1, B, 3, dtype=torch.float64), {"h": h0},
+                                   context={"memory": memory, "mask": mask})
+    q = h0 @ rec.params.attention.general_weight.t() if score == "general" else h0
+    qh = q.view(B, heads, 1, Dh)
+    kh = memory.view(B, S, heads, Dh).transpose(1, 2)  # (B, heads, S, Dh): keys and values alike
+    scale = 1 / math.sqrt(Dh) if score == "scaled_dot" else 1.0
+    expect = torch.nn.functional.scaled_dot_product_attention(qh, kh, kh, attn_mask=mask.bool().view(B, 1, 1, S),
+                                                               scale=scale)
+    torch.testing.assert_close(context[0], expect.reshape(B, heads * Dh))
+    assert (weights[0].view(B, heads, S)[1, :, 2:] == 0).all()  # padding gets no weight in any head
+
+
+def test_a_compiled_multi_head_decoder_equals_the_reference_and_runs_one_c_loop():
+    rec = sg.Recurrence(_heads_decoder("scaled_dot")).double()
+    comp = sg.compile(rec, backend="cpu")
+    assert "time loops: C" in str(comp.plan())
+    B = 3
+    xs = [torch.randn(5, B, 3, dtype=torch.float64, requires_grad=True)]
+    ctx = {"memory": torch.randn(B, S, 6, dtype=torch.float64, requires_grad=True),
+           "mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.float64)}
+    check_against_reference(rec, comp, xs, ctx, 1e-10, lengths=torch.tensor([5, 2, 0]))
+
+
+def test_heads_that_do_not_divide_the_memory_size_are_refused():
+    with pytest.raises(ValueError, match="heads=4 split the memory_size \\(6\\) features into equal parts"):
+        sg.Attention(6, 6, heads=4)
+
+
+def test_heads_are_refused_for_an_additive_score():
+    with pytest.raises(ValueError, match="an 'additive' score has one head"):
+        sg.Attention(6, 6, score="additive", heads=2)
+
+
+def test_its_repr_names_the_heads():
+    assert repr(sg.Attention(6, 6, score="scaled_dot", heads=2)) == "sg.Attention(6, 6, score='scaled_dot', heads=2)"
+
+
 def test_its_parameters_are_keyed_by_its_name():
     rec = sg.Recurrence(_decoder("additive", name="attn"))
     assert [k for k in rec.state_dict() if "attn" in k] == [

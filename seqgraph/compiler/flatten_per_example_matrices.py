@@ -19,6 +19,8 @@ another order: rounding may differ).
 """
 from __future__ import annotations
 
+import math
+
 from .hoist import classify
 from .ir import Node, consumers
 from .ops import REGISTRY, make
@@ -85,6 +87,69 @@ def _product(n: Node, ins: tuple) -> Node | None:
     return _as(n, op, (_flat(matrix), _flat(vector)) if op == "matvec" else (_flat(vector), _flat(matrix)))
 
 
+def _row_major(shape: tuple) -> tuple:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+def _strided_view(a: Node) -> tuple[Node, tuple, tuple] | None:
+    """(base, shape, strides) when `a` is a chain of reshapes and transposes of `base` that reads
+    its row-major elements through those strides (no copy); None where a reshape would need
+    one (of a transposed value, other than adding or dropping dims of size 1)."""
+    chain = []
+    while a.op in ("reshape", "transpose"):
+        chain.append(a)
+        a = a.inputs[0]
+    shape, strides = a.shape, _row_major(a.shape)
+    for v in reversed(chain):
+        if v.op == "transpose":
+            d0, d1 = v.attrs["d0"], v.attrs["d1"]
+            shape, strides = list(shape), list(strides)
+            shape[d0], shape[d1] = shape[d1], shape[d0]
+            strides[d0], strides[d1] = strides[d1], strides[d0]
+            shape, strides = tuple(shape), tuple(strides)
+        elif strides == _row_major(shape) or all(sz == 1 for sz in shape):
+            shape, strides = v.shape, _row_major(v.shape)
+        elif [sz for sz in shape if sz != 1] == [sz for sz in v.shape if sz != 1]:
+            kept = iter(st for sz, st in zip(shape, strides) if sz != 1)
+            shape, strides = v.shape, tuple(0 if sz == 1 else next(kept) for sz in v.shape)
+        else:
+            return None
+    return a, shape, strides
+
+
+def _matrices_parts(n: Node, ins: tuple):
+    """(a's base, b's base, dims, sa, sb) when matmul node `n` (inside the loop) multiplies two
+    per-example matrices, or two stacks of G matrices, that are views of flat rows; else None."""
+    if len(n.shape) not in (2, 3) or not n.batched:
+        return None
+    views = [_strided_view(x) for x in ins]
+    if any(v is None or not v[0].batched or v[0].dtype != "float" for v in views):
+        return None  # (a parameter matrix is a GEMM's job)
+    (abase, ashape, sa), (bbase, bshape, sb) = views
+    if len(ashape) != len(n.shape) or len(bshape) != len(n.shape):
+        return None  # (a broadcast stack of matrices)
+    if len(n.shape) == 2:
+        ashape, sa, bshape, sb = (1,) + ashape, (0,) + sa, (1,) + bshape, (0,) + sb
+    (G, M, K), N = ashape, bshape[2]
+    if bshape[:2] != (G, K):
+        return None
+    return abase, bbase, (G, M, K, N), sa, sb
+
+
+def _matrices_product(n: Node, ins: tuple) -> Node | None:
+    """matmul of two per-example matrices (or stacks of them): one strided_matmul of their rows."""
+    parts = _matrices_parts(n, ins)
+    if parts is None:
+        return None
+    abase, bbase, (G, M, K, N), sa, sb = parts
+    return _as(n, "strided_matmul", (_flat(abase), _flat(bbase)), dims=(G, M, K, N), sa=sa, sb=sb,
+               so=(M * N, N, 1))
+
+
 def _weighting(n: Node, prod: Node) -> tuple[str, Node, Node] | None:
     """("vecmat" | "matvec", A, w) when sum node `n` over `prod` is sum(A * w, dim) with A an
     (M, N) matrix and w broadcast along the dim not summed, else None."""
@@ -118,36 +183,51 @@ def _summed(n: Node, ins: tuple) -> Node | None:
     return _as(n, "sum_groups", (_flat(X),), times=N)
 
 
-def _spreading(x: Node, M: int, N: int) -> str | None:
-    """How operand `x` of an elementwise op of shape (M, N) covers the matrix: "one" value,
-    the "full" matrix, a row "tile"d down it, a column whose values "repeat_each" across it;
-    None for a broadcast this pass does not write."""
+def _spreading(x: Node, shape: tuple) -> tuple[str, int] | None:
+    """How operand `x` of an elementwise op of `shape` (an (M, N) matrix, or more dims) covers
+    it, with the count that spreads it: ("one", 1) value, the ("full", 1) array, its last dims
+    ("tile", times) repeated over the first ones, its first dims ("repeat_each", times) with
+    each value repeated over the last ones; None for a broadcast this pass does not write."""
     if x.elements == 1:
-        return "one"
-    if x.shape == (M, N):
-        return "full"
-    if x.shape in ((1, N), (N,)):
-        return "tile"
-    return "repeat_each" if x.shape == (M, 1) else None
+        return "one", 1
+    own = (1,) * (len(shape) - len(x.shape)) + tuple(x.shape)
+    if own == tuple(shape):
+        return "full", 1
+    if len(own) != len(shape):
+        return None
+    for cut in range(1, len(shape)):
+        if own[:cut] == (1,) * cut and own[cut:] == tuple(shape[cut:]):
+            return "tile", math.prod(shape[:cut])
+        if own[:cut] == tuple(shape[:cut]) and own[cut:] == (1,) * (len(shape) - cut):
+            return "repeat_each", math.prod(shape[cut:])
+    return None
 
 
-def _spread(x: Node, M: int, N: int) -> Node:
-    """Operand `x` of an elementwise op of shape (M, N) as a flat row of M*N columns (a value
-    of one element stays one)."""
-    how = _spreading(x, M, N)
+def _spread(x: Node, shape: tuple) -> Node:
+    """Operand `x` of an elementwise op of `shape` as a flat row of all its values (a value of
+    one element stays one)."""
+    how, times = _spreading(x, shape)
     if how == "one":
         return x if len(x.shape) <= 1 else _reshaped(x, (1,))
     if how == "full":
         return _flat(x)
-    return make(how, (_flat(x),), times=M if how == "tile" else N)
+    return make(how, (_flat(x),), times=times)
 
 
 def _elementwise(n: Node, ins: tuple) -> Node:
-    """An elementwise op whose value is a batched (M, N) matrix, computed over the flat row."""
-    M, N = n.shape
-    out = make(n.op, tuple(_spread(x, M, N) for x in ins), name=n.name, site=n.site, module=n.module,
-               **dict(n.attrs))
+    """An elementwise op whose value is a batched (M, N) matrix (or more dims), computed over the
+    flat row; a softmax along its last dim, over each of the row's groups of that many values."""
+    if n.op == "softmax":
+        out = make("softmax_groups", (_flat(ins[0]),), times=n.shape[-1], name=n.name, site=n.site, module=n.module)
+    else:
+        out = make(n.op, tuple(_spread(x, n.shape) for x in ins), name=n.name, site=n.site, module=n.module,
+                   **dict(n.attrs))
     return make("reshape", (out,), shape=n.shape, site=n.site)
+
+
+def _row_softmax(n: Node) -> bool:
+    """A softmax along the last dim of a per-example matrix (or more dims)."""
+    return n.op == "softmax" and len(n.shape) >= 2 and n.attrs["dim"] == len(n.shape) - 1
 
 
 def _worth_flattening(order: list[Node], cls: dict, users: dict, weightings: set) -> tuple[set[int], set[int]]:
@@ -159,24 +239,30 @@ def _worth_flattening(order: list[Node], cls: dict, users: dict, weightings: set
     need its matrix reshaped to or from a flat row in a step stage of its own, and gain
     nothing."""
     chosen = {n.id for n in order
-              if REGISTRY[n.op].kind == "elementwise" and cls[n.id] == "step" and n.id not in weightings
-              and len(n.shape) == 2 and n.batched and n.dtype == "float"
-              and all(_spreading(x, *n.shape) is not None for x in n.inputs)}
+              if (REGISTRY[n.op].kind == "elementwise" or _row_softmax(n)) and cls[n.id] == "step"
+              and n.id not in weightings and len(n.shape) >= 2 and n.batched and n.dtype == "float"
+              and all(_spreading(x, n.shape) is not None for x in n.inputs)}
 
     def summed_flat(u: Node) -> bool:  # a sum over a dim of a matrix that is flat already
         return u.op == "sum" and cls[u.id] == "step" and _matrix(u.inputs[0]) and flat_already(u.inputs[0])
 
     def rewritten(u: Node) -> bool:  # a product or sum this pass writes as a row op
         return ((u.op == "sum" and _matrix(u.inputs[0]) and (_weighting(u, u.inputs[0]) is not None or summed_flat(u)))
-                or (u.op == "matmul" and _product_parts(*u.inputs) is not None)
+                or (u.op == "matmul" and (_product_parts(*u.inputs) is not None
+                                          or (cls[u.id] == "step" and _matrices_parts(u, u.inputs) is not None)))
                 or (u.op == "linear" and _matrix(u.inputs[0]) and u.inputs[1].shape == (1, u.inputs[0].shape[1])))
 
     def flat_already(x: Node) -> bool:
         b = _unreshaped(x)
         return cls[b.id] != "step" or len(b.shape) <= 1 or b.id in chosen or rewritten(b)
 
-    def reads_flat(u: Node) -> bool:
-        return u.id in chosen or u.id in weightings or rewritten(u) or (u.op == "reshape" and len(u.shape) == 1)
+    def reads_flat(u: Node) -> bool:  # (a reshape or transpose: as its own users read it)
+        if u.id in chosen or u.id in weightings or rewritten(u):
+            return True
+        if u.op == "reshape":
+            return len(u.shape) == 1 or bool(users.get(u.id)) and all(reads_flat(v) for v in users[u.id])
+        return (u.op == "transpose" and bool(users.get(u.id))
+                and all(v.op == "matmul" and rewritten(v) for v in users[u.id]))
     changed = True
     while changed:
         changed = False
@@ -209,6 +295,8 @@ def flatten_per_example_matrices(step: StepGraph) -> StepGraph:
         found = None
         if n.op == "matmul":
             found = _product(n, ins)
+            if found is None and cls[n.id] == "step":
+                found = _matrices_product(n, ins)
         elif n.op == "sum":
             if _weighting(n, ins[0]) is not None or n.id in sums:
                 found = _summed(n, ins)
@@ -226,6 +314,6 @@ def flatten_per_example_matrices(step: StepGraph) -> StepGraph:
 
     new = rewrite(step, visit)
     new.notes.append(f"flatten_per_example_matrices: {counts['products']} product(s) and sum(s) of per-example "
-                     f"matrices became matvec / vecmat, {counts['elementwise']} elementwise op(s) on them "
-                     f"work on flat rows")
+                     f"matrices became matvec, vecmat or strided_matmul, {counts['elementwise']} elementwise op(s) and "
+                     f"softmaxes on them work on flat rows")
     return new

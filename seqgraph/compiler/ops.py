@@ -970,7 +970,8 @@ register("outer", kind="reduction", shape=_outer_shape,
 # matrix), `repeat_each` repeats each of an (M,) row's values `times` times (one value per row
 # of the matrix); `sum_tiles` and `sum_groups` are their derivatives (the matrix's column and
 # row sums). flatten_per_example_matrices writes them for broadcasting and sums over a dim.
-def _times_shape(grow: bool):
+def _times_shape(grow: bool | None):
+    """grow: the row grows `times`-fold (True), shrinks by it (False) or keeps its size (None)."""
     def shape(inputs, attrs):
         (x,) = inputs
         _floats(inputs)
@@ -978,7 +979,8 @@ def _times_shape(grow: bool):
         if len(x.shape) != 1 or k < 1 or (not grow and x.shape[0] % k):
             raise ShapeProblem(f"takes a vector{'' if grow else f' whose size is a multiple of {k}'} and a "
                                f"positive count, got shape {x.shape} and {k}")
-        return ((x.shape[0] * k,) if grow else (x.shape[0] // k,)), x.batched, "float"
+        size = x.shape[0] if grow is None else x.shape[0] * k if grow else x.shape[0] // k
+        return (size,), x.batched, "float"
     return shape
 
 
@@ -1021,6 +1023,126 @@ register("sum_groups", kind="reduction", shape=_times_shape(False),
          torch=lambda n, x: x.unflatten(-1, (-1, n.attrs["times"])).sum(-1),
          vjp=lambda n, g: (make("repeat_each", (g,), times=n.attrs["times"]),),
          triton=_ROWS_IN_TORCH, c=_sum_groups_c, doc="the sums of each `times` consecutive values (a matrix's row sums)")
+
+
+# Products of two per-example matrices (a multi-head attention step's (heads, 1, D) queries times
+# its (heads, D, S) keys, and its weights times the values), row by row: each operand and the
+# result is a flattened per-example array, and the op's attributes say how to read it as
+# (G, M, K), (G, K, N) and write (G, M, N): `dims` (G, M, K, N) and a stride per dim within the
+# flat row (`sa`, `sb`, `so`). A transposed or reshaped view of a row is then its strides, with
+# no copy. Every layout must visit each element of its row once (a permuted row-major layout);
+# so the derivatives write straight into their operands' layouts.
+def _layout_fits(sizes: tuple, strides: tuple, total: int) -> bool:
+    """Whether (sizes, strides) visit each of `total` flat elements exactly once."""
+    dims = sorted((st, sz) for sz, st in zip(sizes, strides) if sz != 1)
+    span = 1
+    for st, sz in dims:
+        if st != span:
+            return False
+        span *= sz
+    return span == total
+
+
+def _strided_matmul_shape(inputs, attrs):
+    _floats(inputs)
+    a, b = inputs
+    G, M, K, N = attrs["dims"]
+    sa, sb, so = attrs["sa"], attrs["sb"], attrs["so"]
+    if len(a.shape) != 1 or len(b.shape) != 1 or a.shape[0] != G * M * K or b.shape[0] != G * K * N:
+        raise ShapeProblem(f"strided_matmul with dims (G, M, K, N) = {(G, M, K, N)} takes flat rows of {G * M * K} "
+                           f"and {G * K * N} values, got shapes {a.shape} and {b.shape}")
+    for what, sizes, st in (("a", (G, M, K), sa), ("b", (G, K, N), sb), ("out", (G, M, N), so)):
+        if len(st) != 3 or not _layout_fits(sizes, st, math.prod(sizes)):
+            raise ShapeProblem(f"strided_matmul: the strides {st} of {what} do not lay out a {sizes} array "
+                               f"over its flat row once")
+    return (G * M * N,), a.batched or b.batched, "float"
+
+
+def _outer_first(sizes: tuple, strides: tuple) -> list[int]:
+    """The dims of a layout from its largest stride to its smallest (the row-major order it is)."""
+    return sorted(range(len(sizes)), key=lambda d: (-strides[d] if sizes[d] != 1 else 0, d))
+
+
+def _read_strided(x: torch.Tensor, sizes: tuple, strides: tuple) -> torch.Tensor:
+    """x (..., W) as (..., *sizes) read through `strides` of its last dim."""
+    order = _outer_first(sizes, strides)
+    lead = x.dim() - 1
+    y = x.unflatten(-1, [sizes[d] for d in order])
+    return y.permute(*range(lead), *[lead + order.index(d) for d in range(len(sizes))])
+
+
+def _write_strided(y: torch.Tensor, strides: tuple) -> torch.Tensor:
+    """y (..., *sizes) laid out through `strides` as one flat last dim."""
+    sizes = tuple(y.shape[y.dim() - len(strides):])
+    order = _outer_first(sizes, strides)
+    lead = y.dim() - len(sizes)
+    return y.permute(*range(lead), *[lead + d for d in order]).reshape(*y.shape[:lead], -1)
+
+
+def strided_matmul(a: Node, b: Node, dims: tuple, sa: tuple, sb: tuple, so: tuple) -> Node:
+    """Per example, (G, M, K) read from row a through strides sa times (G, K, N) read from row b
+    through sb, written through so: a flat (G*M*N,) row."""
+    return make("strided_matmul", (a, b), dims=tuple(dims), sa=tuple(sa), sb=tuple(sb), so=tuple(so))
+
+
+def _strided_matmul_torch(n, a, b):
+    G, M, K, N = n.attrs["dims"]
+    A, B = _read_strided(a, (G, M, K), n.attrs["sa"]), _read_strided(b, (G, K, N), n.attrs["sb"])
+    return _write_strided(A @ B, n.attrs["so"])
+
+
+def _strided_matmul_vjp(n, g):
+    """dA = dC @ B^T, laid out as A; dB = A^T @ dC, laid out as B (transposes are strides)."""
+    a, b = n.inputs
+    G, M, K, N = n.attrs["dims"]
+    (ag, am, ak), (bg, bk, bn), so = n.attrs["sa"], n.attrs["sb"], n.attrs["so"]
+    ga = strided_matmul(g, b, (G, M, N, K), so, (bg, bn, bk), (ag, am, ak))
+    gb = strided_matmul(a, g, (G, K, M, N), (ag, ak, am), so, (bg, bk, bn))
+    return _bin_grads(n, ga, gb)
+
+
+def _strided_matmul_c(n, dst, w, a, b):
+    """A dot product over k per output where b runs along k (or nothing runs along n); else,
+    where b and the output run along n, rows of b added in, scaled (both vectorise)."""
+    G, M, K, N = n.attrs["dims"]
+    (ag, am, ak), (bg, bk, bn), (og, om, on) = n.attrs["sa"], n.attrs["sb"], n.attrs["so"]
+    loops = f"for (int64_t g_ = 0; g_ < {G}; ++g_) for (int64_t m_ = 0; m_ < {M}; ++m_) "
+    at_a, at_b = f"g_ * {ag} + m_ * {am}", f"g_ * {bg}"
+    if bk == 1 or bn != 1 or on != 1:
+        return ("{ " + loops + f"for (int64_t n_ = 0; n_ < {N}; ++n_) {{ real acc = 0; "
+                + _c_for(K, f"acc += {_at_column(a, f'{at_a} + j * {ak}')} * "
+                            f"{_at_column(b, f'{at_b} + j * {bk} + n_ * {bn}')};", "acc")
+                + f" {dst}[g_ * {og} + m_ * {om} + n_ * {on}] = acc; }} }}")
+    row = f"{dst}[g_ * {og} + m_ * {om} + j]"
+    return ("{ " + loops + "{ " + _c_for(N, f"{row} = 0;")
+            + f" for (int64_t k_ = 0; k_ < {K}; ++k_) {{ real amk = {_at_column(a, f'{at_a} + k_ * {ak}')}; "
+            + _c_for(N, f"{row} += amk * {_at_column(b, f'{at_b} + k_ * {bk} + j')};") + " } } }")
+
+
+register("strided_matmul", kind="reduction", shape=_strided_matmul_shape, torch=_strided_matmul_torch,
+         vjp=_strided_matmul_vjp, triton=_ROWS_IN_TORCH, c=_strided_matmul_c,
+         doc="per example, a product of two matrices read from flat rows through strides")
+
+
+# softmax along the last dim of a per-example matrix, flattened: over each `times` consecutive values
+def _softmax_groups_c(n, dst, w, x):
+    M, N = n.shape[0] // n.attrs["times"], n.attrs["times"]
+    xm = _at_column(x, f"m * {N} + j")
+    row = f"{dst}[m * {N} + j]"
+    return (f"for (int64_t m = 0; m < {M}; ++m) {{ real mx = -(real)INFINITY; " + _c_for(N, f"mx = sg_max(mx, {xm});")
+            + " real s = 0; " + _c_for(N, f"{{ real e = sg_exp({xm} - mx); {row} = e; s += e; }}", "s") + " "
+            + _c_for(N, f"{row} = {row} / s;") + " }")
+
+
+def _softmax_groups_vjp(n, g):
+    k = n.attrs["times"]
+    return (mul(n, sub(g, make("repeat_each", (make("sum_groups", (mul(g, n),), times=k),), times=k))),)
+
+
+register("softmax_groups", kind="reduction", shape=_times_shape(None),
+         torch=lambda n, x: torch.softmax(x.unflatten(-1, (-1, n.attrs["times"])), -1).flatten(-2),
+         vjp=_softmax_groups_vjp, triton=_ROWS_IN_TORCH, c=_softmax_groups_c,
+         doc="softmax over each `times` consecutive values (a per-example matrix's rows)")
 
 
 def _embedding_shape(inputs, attrs):

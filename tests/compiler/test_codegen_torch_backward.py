@@ -24,15 +24,14 @@ def test_an_attention_decoder_gives_the_references_gradients_whether_its_memory_
     check_against_reference(rec, sg.compile(rec, backend=backend), xs, ctx, 1e-10, lengths=torch.tensor([5, 2, 0]))
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
-def test_the_backward_loop_skips_what_only_a_read_gradient_no_one_needs_uses(backend):
+def test_the_backward_loop_skips_what_only_a_read_gradient_no_one_needs_uses():
     # the memory's gradient, added up over the steps, is the only use of its per-step parts
-    # (the two-head attention's loops are Python loops on every backend)
-    source = sg.compile(sg.Recurrence(ZOO["multihead_attention"]()), backend=backend).source()
+    # (the torch backend's Python loop; the C loops still compute it: docs/kernels.md)
+    source = sg.compile(sg.Recurrence(ZOO["multihead_attention"]()), backend="torch").source()
     loop = source[source.index("def backward_plain("):]
     loop = loop[:loop.index("return")]
     guarded = [line for line in loop.splitlines() if line.strip().startswith("if need is None or need[")]
-    assert any(" matmul " in line for line in guarded)  # the product that gives the memory's gradient
+    assert any(" strided_matmul " in line for line in guarded)  # the product that gives the memory's gradient
     assert any("+= " in line for line in guarded)
 
 

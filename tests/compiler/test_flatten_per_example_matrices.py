@@ -123,8 +123,57 @@ def test_an_operand_broadcast_along_the_columns_has_each_value_repeated():
 
 
 def test_an_elementwise_op_between_matrix_ops_that_stay_matrices_is_not_flattened():
-    after = _flattened(ZOO["multihead_attention"]())
+    # (a product with a parameter matrix is a GEMM's; a softmax down the columns keeps its matrix)
+    x, h, memory = sg.Input(2, name="x"), sg.State(6, name="h"), sg.Context((4, 6), name="memory")
+    mixed = sg.matmul(memory, sg.Parameter((6, 6), name="w")) + sg.unsqueeze(h, 0)
+    out = sg.sum(sg.softmax(mixed, dim=0) * memory, dim=0)
+    after = _flattened(sg.Cell([x], {h: sg.tanh(out + sg.Linear(2, 6)(x))}, [out]))
     assert "tile" not in _ops(after) and "0 elementwise op(s)" in after.notes[-2]
+
+
+def test_multi_head_attention_has_no_per_example_matrix_left_in_the_step():
+    after = _flattened(ZOO["multihead_attention"]())
+    assert [n.op for n in after.order() if n.op != "reshape" and any(len(i.shape) > 1 and i.batched
+                                                                     for i in n.inputs)] == []
+    assert _ops(after).count("strided_matmul") == 2 and _ops(after).count("softmax_groups") == 1
+
+
+def _heads_cell(result_of, S=5, heads=2, Dh=3):
+    """A cell whose output is result_of(queries (heads, 1, Dh), keys (heads, S, Dh)), the keys a
+    view of the memory (S, heads * Dh) as a Transformer splits it."""
+    x, h = sg.Input(2, name="x"), sg.State(heads * Dh, name="h")
+    memory = sg.Context((S, heads * Dh), name="memory")
+    keys = sg.transpose(sg.reshape(memory, (S, heads, Dh)), 0, 1)
+    queries = sg.reshape(sg.Linear(heads * Dh, heads * Dh)(h), (heads, 1, Dh))
+    out = result_of(queries, keys)
+    flat = sg.reshape(out, (out.elements,))
+    nxt = sg.tanh(sg.Linear(flat.shape[0], heads * Dh)(flat) + sg.Linear(2, heads * Dh)(x))
+    return sg.Cell([x], {h: nxt}, [flat])
+
+
+@pytest.mark.parametrize("result_of", [
+    lambda q, k: sg.matmul(sg.softmax(sg.matmul(q, sg.transpose(k))), k),
+    lambda q, k: sg.matmul(k, sg.transpose(q)),
+    lambda q, k: sg.matmul(sg.transpose(k, 1, 2), sg.transpose(sg.matmul(q, sg.transpose(k)), 1, 2)),
+    lambda q, k: sg.matmul(sg.reshape(q, (2, 3)), sg.transpose(sg.reshape(sg.transpose(k, 0, 1), (10, 3)))),
+], ids=["attention over heads", "keys times queries", "transposed operands", "2-D views of the stacks"])
+def test_a_product_of_two_per_example_matrices_reads_their_rows_through_strides(result_of):
+    after = _flattened(_heads_cell(result_of))
+    assert "strided_matmul" in _ops(after) and "matmul" not in _ops(after)
+
+
+def test_a_view_that_would_need_a_copy_keeps_its_matmul():
+    # (the transposed keys reshaped to other dims are no strides over the memory's row)
+    after = _flattened(_heads_cell(lambda q, k: sg.matmul(sg.reshape(sg.transpose(k), (2, 5, 3)), sg.transpose(q))))
+    assert "matmul" in _ops(after) and "strided_matmul" not in _ops(after)
+
+
+def test_a_product_of_two_matrices_before_the_loop_stays_torchs():
+    x, h, memory = sg.Input(2, name="x"), sg.State(4, name="h"), sg.Context((4, 6), name="memory")
+    gram = sg.matmul(memory, sg.transpose(memory))  # (once per call: a batched GEMM does better)
+    out = sg.squeeze(sg.matmul(gram, sg.unsqueeze(h, -1)), -1)
+    after = _flattened(sg.Cell([x], {h: sg.tanh(out + sg.Linear(2, 4)(x))}, [out]))
+    assert "strided_matmul" not in _ops(after) and "matmul" in _ops(after)
 
 
 def test_an_elementwise_op_read_by_a_softmax_over_the_matrix_is_not_flattened():

@@ -280,6 +280,23 @@ CASES: dict[str, list[Case]] = {
     "repeat_each": [Case([X(3)], {"times": 4}, ref=lambda x: x.repeat_interleave(4, dim=1))],
     "sum_tiles": [Case([X(12)], {"times": 3}, ref=lambda x: x.view(B, 3, 4).sum(1))],
     "sum_groups": [Case([X(12)], {"times": 4}, ref=lambda x: x.view(B, 3, 4).sum(2))],
+    "strided_matmul": [
+        Case([X(6), X(8)], {"dims": (1, 3, 2, 4), "sa": (0, 2, 1), "sb": (0, 4, 1), "so": (0, 4, 1)},
+             ref=lambda a, b: (a.view(B, 3, 2) @ b.view(B, 2, 4)).reshape(B, 12)),
+        # two heads: queries (2, 1, 3) times the transposed keys of a (5, 2, 3) memory
+        Case([X(6), X(30)], {"dims": (2, 1, 3, 5), "sa": (3, 3, 1), "sb": (3, 1, 6), "so": (5, 5, 1)},
+             ref=lambda q, m: (q.view(B, 2, 1, 3) @ m.view(B, 5, 2, 3).permute(0, 2, 3, 1)).reshape(B, 10),
+             id="heads_transposed_keys"),
+        # the weights (2, 1, 5) times the keys (2, 5, 3), read down the memory's rows
+        Case([X(10), X(30)], {"dims": (2, 1, 5, 3), "sa": (5, 5, 1), "sb": (3, 6, 1), "so": (3, 3, 1)},
+             ref=lambda w, m: (w.view(B, 2, 1, 5) @ m.view(B, 5, 2, 3).transpose(1, 2)).reshape(B, 6),
+             id="heads_weighted_sum"),
+        Case([X(6), X(8)], {"dims": (1, 3, 2, 4), "sa": (0, 1, 3), "sb": (0, 4, 1), "so": (0, 1, 3)},
+             ref=lambda a, b: (a.view(B, 2, 3).transpose(1, 2) @ b.view(B, 2, 4)).transpose(1, 2).reshape(B, 12),
+             id="transposed_operand_and_result"),
+        Case([P(6), X(8)], {"dims": (1, 3, 2, 4), "sa": (0, 2, 1), "sb": (0, 4, 1), "so": (0, 4, 1)},
+             ref=lambda a, b: (a.view(3, 2) @ b.view(B, 2, 4)).reshape(B, 12), id="param_matrix")],
+    "softmax_groups": [Case([X(12)], {"times": 4}, ref=lambda x: torch.softmax(x.view(B, 3, 4), -1).reshape(B, 12))],
     "embedding": [Case([X(dtype="long", make=indices(7)), P(7, 4)], {"padding_idx": None},
                        ref=_embedding_ref(None), id="tokens"),
                   Case([X(5, dtype="long", make=indices(7)), P(7, 4)], {"padding_idx": 2},
@@ -469,6 +486,11 @@ def test_vjp_of_batch_reducing_sum_to_is_not_implemented(case):
     ("outer", [X(3), X(2, 2)], {}, "outer takes two vectors"),
     ("sum_tiles", [X(10)], {"times": 3}, "takes a vector whose size is a multiple of 3"),
     ("tile", [X(2, 2)], {"times": 3}, "takes a vector and a positive count, got shape (2, 2)"),
+    ("strided_matmul", [X(6), X(7)], {"dims": (1, 3, 2, 4), "sa": (0, 2, 1), "sb": (0, 4, 1), "so": (0, 4, 1)},
+     "takes flat rows of 6 and 8 values"),
+    ("strided_matmul", [X(6), X(8)], {"dims": (1, 3, 2, 4), "sa": (0, 1, 1), "sb": (0, 4, 1), "so": (0, 4, 1)},
+     "the strides (0, 1, 1) of a do not lay out a (1, 3, 2) array"),
+    ("softmax_groups", [X(10)], {"times": 4}, "takes a vector whose size is a multiple of 4"),
     ("tanh", [X(3, dtype="long")], {}, "expected float"),
 ])
 def test_shape_rule_rejects_bad_operands_naming_the_site(op, operands, attrs, text):

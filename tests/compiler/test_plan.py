@@ -71,8 +71,11 @@ def test_plan_text_names_gemms_regions_saves_and_memory():
 
 
 def test_plan_says_why_an_op_falls_back_to_torch():
-    text = compile_plan(ZOO["multihead_attention"]()).describe()
-    assert "torch fallback (softmax: works on per-example shape (2, 4), which has more than one dim)" in text
+    x, h = sg.Input(2, name="x"), sg.State(6, name="h")
+    memory = sg.Context((4, 6), name="memory")
+    read = sg.sum(sg.softmax(memory * sg.unsqueeze(h, 0), dim=0) * memory, dim=0)  # (down the columns)
+    text = compile_plan(sg.Cell([x], {h: sg.tanh(read + sg.Linear(2, 6)(x))}, [read])).describe()
+    assert "torch fallback (softmax: works on per-example shape (4, 6), which has more than one dim)" in text
 
 
 def test_source_tags_each_line_with_its_node_and_user_line():

@@ -54,7 +54,7 @@ def additive_attention(I=3,H=5,S=4,D=6,A=4):
     return sg.Cell([x],{h:h2},[h2,a])
 def multihead_attention(I=3,H=5,S=4,D=6,heads=2):
     """Two heads: (heads, D) queries times the memory, a (heads, S) softmax along its last dim
-    and a product of two per-example matrices, which no row kernel computes (torch code)."""
+    and products of two per-example matrices (strided_matmul and softmax_groups in the C loops)."""
     x=sg.Input(I,name="x"); h=sg.State(H,name="h")
     mem=sg.Context((S,D),name="memory"); mlen=sg.Context((S,),name="memmask")
     q=sg.reshape(sg.Linear(H,heads*D,name="query")(h),(heads,D))

@@ -173,10 +173,20 @@ def _matrix_row_op(op):
             "outer": lambda: make("outer", (x3, x4)), "tile": lambda: make("tile", (x4,), times=3),
             "repeat_each": lambda: make("repeat_each", (x3,), times=4),
             "sum_tiles": lambda: make("sum_tiles", (x12,), times=3),
-            "sum_groups": lambda: make("sum_groups", (x12,), times=4)}[op]()
+            "sum_groups": lambda: make("sum_groups", (x12,), times=4),
+            "softmax_groups": lambda: make("softmax_groups", (x12,), times=4),
+            # rows of b added in (b and the result run along n), and dot products (b runs along k)
+            "strided_matmul rows": lambda: make("strided_matmul", (x3, x12), dims=(1, 1, 3, 4), sa=(0, 0, 1),
+                                                sb=(0, 4, 1), so=(0, 0, 1)),
+            "strided_matmul heads": lambda: make("strided_matmul", (x4, x12), dims=(2, 1, 2, 3), sa=(2, 2, 1),
+                                                 sb=(2, 1, 4), so=(3, 3, 1)),
+            "strided_matmul transposed": lambda: make("strided_matmul", (x12, x4), dims=(1, 3, 4, 1),
+                                                      sa=(0, 1, 3), sb=(0, 1, 0), so=(0, 1, 0))}[op]()
 
 
-@pytest.mark.parametrize("op", ["matvec", "vecmat", "outer", "tile", "repeat_each", "sum_tiles", "sum_groups"])
+@pytest.mark.parametrize("op", ["matvec", "vecmat", "outer", "tile", "repeat_each", "sum_tiles", "sum_groups",
+                                "softmax_groups", "strided_matmul rows", "strided_matmul heads",
+                                "strided_matmul transposed"])
 def test_each_matrix_row_op_and_its_vjp_region_match_reference(op):
     node = _matrix_row_op(op)
     forward = region_from_outputs([node], list(node.inputs))
