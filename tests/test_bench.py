@@ -183,9 +183,9 @@ def test_the_attention_decoder_script_prints_a_row_per_call(capsys):
     script = _script("attention_decoder")
     threads = torch.get_num_threads()
     try:
-        script.main(T=3, B=2, H=4, S=3, threads=1, reps=1)
+        script.main(T=3, B=2, H=8, S=3, threads=1, reps=1)  # (H: a multiple of the 8 heads)
     finally:
         torch.set_num_threads(threads)
     rows = [tuple(line.split(" | ")[:2]) for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
     calls = ["forward", "fwd+bwd", "fwd+bwd, memory trained"]
-    assert rows == [("| dot", c) for c in calls] + [("| additive", c) for c in calls]
+    assert rows == [(f"| {scores}", c) for scores in ("dot", "additive", "8 heads") for c in calls]
