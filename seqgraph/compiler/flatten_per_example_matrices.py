@@ -9,12 +9,17 @@ one-column Linear or a sum. This pass writes those over the matrix flattened to 
 columns, row-major: products with a vector become `matvec(flat, q)` / `vecmat(w, flat)`,
 elementwise ops act on the flat row, an operand broadcast along a dim is spread to the full row
 (`tile`, `repeat_each`), and a sum over a dim sums the row's parts (`sum_tiles`, `sum_groups`).
-The step's regions then fuse it all, and a whole attention loop can run in C. Only values that
-carry the batch are rewritten, and elementwise ops and sums only inside the loop, where their
-neighbours are flat too (before the loop, torch's own broadcasting does better); a parameter
-matrix is a GEMM's job. Other ops on matrices (softmax along a dim, a Linear of more than one
-column, a product of two matrices) stay as written, which keeps the values they read in matrix
-form. Also folds a reshape of a reshape into one. Must not change values (the sums run in
+Multi-head attention multiplies two per-example matrices, or stacks of them, (heads, 1, D)
+queries by the transposed (heads, S, D) keys: inside the loop such a product becomes one
+`strided_matmul` of the two flat rows, reading each operand's transposes and reshapes as
+strides (no copy), and a softmax along the last dim becomes `softmax_groups`. These ops work
+on per-example values of any rank. The step's regions then fuse it all, and a whole attention
+loop can run in C. Only values that carry the batch are rewritten, and elementwise ops, sums
+and products of two matrices only inside the loop, where their neighbours are flat too (before
+the loop, torch's own broadcasting and batched GEMMs do better); a parameter matrix is a GEMM's
+job. Other ops on matrices (softmax along another dim, a Linear of more than one column, a
+reshape a transposed row cannot be read through) stay as written, which keeps the values they
+read in matrix form. Also folds a reshape of a reshape into one. Must not change values (the sums run in
 another order: rounding may differ).
 """
 from __future__ import annotations
@@ -95,6 +100,12 @@ def _row_major(shape: tuple) -> tuple:
     return tuple(reversed(strides))
 
 
+def _row_major_order(shape: tuple, strides: tuple) -> bool:
+    """Whether strides read the elements in row-major order (a dim of size 1 has any stride)."""
+    kept = [(sz, st) for sz, st in zip(shape, strides) if sz != 1]
+    return [st for _, st in kept] == list(_row_major(tuple(sz for sz, _ in kept)))
+
+
 def _strided_view(a: Node) -> tuple[Node, tuple, tuple] | None:
     """(base, shape, strides) when `a` is a chain of reshapes and transposes of `base` that reads
     its row-major elements through those strides (no copy); None where a reshape would need
@@ -111,7 +122,7 @@ def _strided_view(a: Node) -> tuple[Node, tuple, tuple] | None:
             shape[d0], shape[d1] = shape[d1], shape[d0]
             strides[d0], strides[d1] = strides[d1], strides[d0]
             shape, strides = tuple(shape), tuple(strides)
-        elif strides == _row_major(shape) or all(sz == 1 for sz in shape):
+        elif _row_major_order(shape, strides):
             shape, strides = v.shape, _row_major(v.shape)
         elif [sz for sz in shape if sz != 1] == [sz for sz in v.shape if sz != 1]:
             kept = iter(st for sz, st in zip(shape, strides) if sz != 1)
@@ -231,8 +242,8 @@ def _row_softmax(n: Node) -> bool:
 
 
 def _worth_flattening(order: list[Node], cls: dict, users: dict, weightings: set) -> tuple[set[int], set[int]]:
-    """(elementwise ops, sums) on batched (M, N) matrices inside the loop worth computing on
-    flat rows. An elementwise op is when its matrix operands are flat already (a context, a
+    """(elementwise ops and softmaxes along the last dim, sums) on batched (M, N) matrices (or
+    more dims) inside the loop worth computing on flat rows. An elementwise op is when its matrix operands are flat already (a context, a
     value before the loop, another of them, or a product or sum the pass rewrites) and its
     users read them flat (another of them, a sum, a matvec or vecmat, a one-column Linear, a
     reshape to a vector); a sum over a dim when its operand is flat already. Any other would

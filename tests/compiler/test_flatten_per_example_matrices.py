@@ -156,7 +156,11 @@ def _heads_cell(result_of, S=5, heads=2, Dh=3):
     lambda q, k: sg.matmul(k, sg.transpose(q)),
     lambda q, k: sg.matmul(sg.transpose(k, 1, 2), sg.transpose(sg.matmul(q, sg.transpose(k)), 1, 2)),
     lambda q, k: sg.matmul(sg.reshape(q, (2, 3)), sg.transpose(sg.reshape(sg.transpose(k, 0, 1), (10, 3)))),
-], ids=["attention over heads", "keys times queries", "transposed operands", "2-D views of the stacks"])
+    # (a transpose that moves only a dim of size 1 keeps the row-major order: reshaped freely)
+    lambda q, k: sg.matmul(sg.reshape(sg.transpose(sg.reshape(q, (1, 6))), (2, 3)),
+                           sg.transpose(sg.reshape(sg.transpose(k, 0, 1), (10, 3)))),
+], ids=["attention over heads", "keys times queries", "transposed operands", "2-D views of the stacks",
+        "a transposed row reshaped"])
 def test_a_product_of_two_per_example_matrices_reads_their_rows_through_strides(result_of):
     after = _flattened(_heads_cell(result_of))
     assert "strided_matmul" in _ops(after) and "matmul" not in _ops(after)
