@@ -28,7 +28,6 @@ def attention_cell(input_size: int, hidden: int, positions: int, scoring: str = 
     query = sg.Linear(hidden, hidden, name="query")(h)
     if scoring == "8 heads":
         context, weights = sg.Attention(hidden, hidden, score="scaled_dot", heads=8)([query, memory, real])
-        weights = sg.reshape(weights, (8 * positions,))
     elif scoring == "dot":
         scores = sg.squeeze(sg.matmul(memory, sg.unsqueeze(query, -1)), -1)
     else:

@@ -565,6 +565,8 @@ class CompiledRecurrence(Recurrence):
         for k, o in enumerate(self.cell.outputs):
             if o.dtype == "long" and outs[k].is_floating_point():  # the loops write every output as a float
                 outs[k] = token_output(o, self.cell, xs, contexts, valid, dtype, device)
+            elif tuple(outs[k].shape[2:]) != o.shape:  # (a per-example matrix, written as flat rows)
+                outs[k] = outs[k].reshape(outs[k].shape[:2] + o.shape)
         return outs, finals
 
     def _run_loops(self, xs, states0, contexts, noises, valid, dtype, device):

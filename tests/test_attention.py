@@ -70,7 +70,7 @@ def _heads_decoder(score, heads=3, Dh=2):
     memory, mask = sg.Context((S, heads * Dh), name="memory"), sg.Context(S, name="mask")
     context, weights = sg.Attention(heads * Dh, heads * Dh, score=score, heads=heads)([h, memory, mask])
     h2 = sg.tanh(sg.Linear(3 + 2 * heads * Dh, heads * Dh, name="out")(sg.concat([x, context, h])))
-    return sg.Cell([x], {h: h2}, [h2, sg.reshape(weights, (heads * S,)), context])
+    return sg.Cell([x], {h: h2}, [h2, weights, context])  # (weights: (heads, S) per step)
 
 
 @pytest.mark.parametrize("score", ["dot", "scaled_dot", "general"])
@@ -89,7 +89,7 @@ def test_heads_attend_as_torchs_scaled_dot_product_attention_does(score):
     expect = torch.nn.functional.scaled_dot_product_attention(qh, kh, kh, attn_mask=mask.bool().view(B, 1, 1, S),
                                                                scale=scale)
     torch.testing.assert_close(context[0], expect.reshape(B, heads * Dh))
-    assert (weights[0].view(B, heads, S)[1, :, 2:] == 0).all()  # padding gets no weight in any head
+    assert weights.shape == (1, B, heads, S) and (weights[0, 1, :, 2:] == 0).all()  # padding: no weight, any head
 
 
 def test_a_compiled_multi_head_decoder_equals_the_reference_and_runs_one_c_loop():

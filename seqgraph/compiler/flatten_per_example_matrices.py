@@ -328,3 +328,12 @@ def flatten_per_example_matrices(step: StepGraph) -> StepGraph:
                      f"matrices became matvec, vecmat or strided_matmul, {counts['elementwise']} elementwise op(s) and "
                      f"softmaxes on them work on flat rows")
     return new
+
+
+def write_matrix_outputs_as_rows(step: StepGraph) -> StepGraph:
+    """The step with each float output of more than one per-example dim (multi-head attention's
+    (heads, S) weights) given as its flat row: the loops write rows (a C loop refuses a matrix
+    output), and the compiled module reshapes what they wrote back to the cell's shape. Run
+    after the passes: the outputs' values are the same, their shapes are not the cell's."""
+    outputs = [_flat(o) if len(o.shape) > 1 and o.dtype == "float" else o for o in step.outputs]
+    return StepGraph(step.inputs, step.states, outputs, step.contexts, step.noises, step.params, list(step.notes))

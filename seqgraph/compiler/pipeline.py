@@ -1,7 +1,8 @@
 """The compiler pipeline: the ordered list of passes, run with timings and debug dumps.
 
-`compile_plan(cell)` runs each pass (a plain function StepGraph -> StepGraph) in order, then
-lays out the plan and derives both backward variants (with and without masking), so that
+`compile_plan(cell)` runs each pass (a plain function StepGraph -> StepGraph) in order, writes
+outputs of per-example matrices as flat rows (the compiled module reshapes them), then lays out
+the plan and derives both backward variants (with and without masking), so that
 `plan()` can show everything before anything runs. SEQGRAPH_DEBUG=1 prints each pass with its
 time, 2 adds the IR after each pass, 3 adds the generated source (printed by the backend).
 Must not generate code.
@@ -12,7 +13,7 @@ import sys
 import time
 
 from ..settings import debug_level
-from .flatten_per_example_matrices import flatten_per_example_matrices
+from .flatten_per_example_matrices import flatten_per_example_matrices, write_matrix_outputs_as_rows
 from .fuse_gate_matmuls import fuse_gate_matmuls
 from .hoist_loop_invariant_terms import hoist_loop_invariant_terms
 from .ir import format_graph
@@ -40,6 +41,7 @@ def compile_plan(cell, unroll: int = 1, fusable=None) -> Plan:
                   file=sys.stderr)
         if level >= 2:
             print(f"[seqgraph] IR after {p.__name__}:\n{format_graph(step.order())}", file=sys.stderr)
+    step = write_matrix_outputs_as_rows(step)
     t0 = time.perf_counter()
     plan = build_plan(step, unroll, fusable) if fusable is not None else build_plan(step, unroll)
     for masked in (False, True):

@@ -166,6 +166,12 @@ def test_a_product_of_two_per_example_matrices_reads_their_rows_through_strides(
     assert "strided_matmul" in _ops(after) and "matmul" not in _ops(after)
 
 
+def test_the_plan_writes_an_output_of_per_example_matrices_as_its_flat_row():
+    from seqgraph.compiler.pipeline import compile_plan
+    plan = compile_plan(_heads_cell(lambda q, k: sg.softmax(sg.matmul(q, sg.transpose(k)))))
+    assert [o.shape for o in plan.step.outputs] == [(10,)]  # (the compiled module gives back (2, 1, 5))
+
+
 def test_a_view_that_would_need_a_copy_keeps_its_matmul():
     # (the transposed keys reshaped to other dims are no strides over the memory's row)
     after = _flattened(_heads_cell(lambda q, k: sg.matmul(sg.reshape(sg.transpose(k), (2, 5, 3)), sg.transpose(q))))
