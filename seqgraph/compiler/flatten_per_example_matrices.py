@@ -19,8 +19,8 @@ and products of two matrices only inside the loop, where their neighbours are fl
 the loop, torch's own broadcasting and batched GEMMs do better); a parameter matrix is a GEMM's
 job. Other ops on matrices (softmax along another dim, a Linear of more than one column, a
 reshape a transposed row cannot be read through) stay as written, which keeps the values they
-read in matrix form. Also folds a reshape of a reshape into one. Must not change values (the sums run in
-another order: rounding may differ).
+read in matrix form. Also folds a reshape of a reshape into one. Must not change values (the
+sums run in another order: rounding may differ).
 """
 from __future__ import annotations
 
@@ -243,12 +243,13 @@ def _row_softmax(n: Node) -> bool:
 
 def _worth_flattening(order: list[Node], cls: dict, users: dict, weightings: set) -> tuple[set[int], set[int]]:
     """(elementwise ops and softmaxes along the last dim, sums) on batched (M, N) matrices (or
-    more dims) inside the loop worth computing on flat rows. An elementwise op is when its matrix operands are flat already (a context, a
-    value before the loop, another of them, or a product or sum the pass rewrites) and its
-    users read them flat (another of them, a sum, a matvec or vecmat, a one-column Linear, a
-    reshape to a vector); a sum over a dim when its operand is flat already. Any other would
-    need its matrix reshaped to or from a flat row in a step stage of its own, and gain
-    nothing."""
+    more dims) inside the loop worth computing on flat rows. An elementwise op is when its
+    matrix operands are flat already (a context, a value before the loop, another of them, or
+    a product or sum the pass rewrites) and its users read them flat (another of them, a sum, a
+    product the pass rewrites, a one-column Linear, a reshape to a vector, or a reshape or
+    transpose whose own users read it flat); a sum over a dim when its operand is flat
+    already. Any other would need its matrix reshaped to or from a flat row in a step stage of
+    its own, and gain nothing."""
     chosen = {n.id for n in order
               if (REGISTRY[n.op].kind == "elementwise" or _row_softmax(n)) and cls[n.id] == "step"
               and n.id not in weightings and len(n.shape) >= 2 and n.batched and n.dtype == "float"
