@@ -572,10 +572,21 @@ def _layer_norm_grad_c(n, dst, w, g, x):
             + _c_for(w, f"{dst}[j] = r * (({g}) - mg - ({y}) * mgy);") + " }")
 
 
+def _layer_norm_grad_triton(n, g, x):
+    # rstd * (g - mean(g) - y * mean(g * y)), the row statistics of x computed again (as in C)
+    w = _row_width(n)
+    y = _layer_norm_triton(n, x)
+    mean = f"(tl.sum(tl.where(cmask_{w}, {{}}, 0.0), axis=1)[:, None] / {float(w)})"
+    var = f"(tl.sum(tl.where(cmask_{w}, ({x}) - {mean.format(x)}, 0.0) * tl.where(cmask_{w}, ({x}) - " \
+          f"{mean.format(x)}, 0.0), axis=1)[:, None] / {float(w)})"
+    rstd = f"(1.0 / tl.sqrt({var} + {n.attrs['eps']!r}))"
+    return f"({rstd} * (({g}) - {mean.format(g)} - {y} * {mean.format(f'({g}) * {y}')}))"
+
+
 register("layer_norm_grad", kind="reduction", shape=lambda i, a: (_floats(i), (i[0].shape, i[0].batched, "float"))[1],
          torch=_layer_norm_grad_torch,
          vjp=lambda n, g: composite_vjp(_layer_norm_grad_composite(*n.inputs, n.attrs["eps"]), n.inputs, g),
-         triton=(NOT_FUSED, "the layer-norm derivative runs as torch's native kernel"),
+         triton=_layer_norm_grad_triton,
          c=_layer_norm_grad_c,
          doc="the derivative of layer_norm w.r.t. its input, given the output gradient g and the input x")
 

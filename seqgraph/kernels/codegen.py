@@ -31,7 +31,7 @@ Range = tuple[int, int]
 
 CODEGEN_VERSION = 1  # bump when generated kernels change meaning: it is part of the cache key
 
-_ROW_STATS = ("softmax", "layer_norm")  # per-row statistics, then an elementwise part
+_ROW_STATS = ("softmax", "layer_norm", "layer_norm_grad")  # per-row statistics, then an elementwise part
 _SUMS = ("sum", "mean", "sum_to")
 
 
@@ -300,9 +300,8 @@ class _Writer:
         if n.op in _SUMS and (width(n) == 1 or n.op != "sum_to"):
             (a,) = n.inputs
             return [(a, seg) for seg in self.segments(a)]
-        if n.op in _ROW_STATS and n.id in self.from_stats:
-            (a,) = n.inputs
-            return [(a, seg) for seg in self.segments(a)] + [(a, rng)]
+        if n.op in _ROW_STATS and n.id in self.from_stats:  # (the breaks of n are its operands')
+            return [(a, seg) for a in n.inputs for seg in self.segments(n)] + [(a, rng) for a in n.inputs]
         # elementwise ops, reshape, broadcast_to, an identity sum_to, a whole softmax/layer_norm
         return [(a, rng if width(a) == width(n) else (0, 1)) for a in n.inputs]
 
@@ -313,7 +312,7 @@ class _Writer:
             need = self.need[n.id]
             if not need:
                 continue
-            if n.op in _ROW_STATS and (need != {(0, width(n))} or len(self.segments(n.inputs[0])) > 1):
+            if n.op in _ROW_STATS and (need != {(0, width(n))} or len(self.segments(n)) > 1):
                 self.from_stats.add(n.id)
             for rng in sorted(need):
                 for a, r in self.operand_ranges(n, rng):
@@ -393,7 +392,10 @@ class _Writer:
         return lit
 
     def from_row_stats(self, n: Node, rng: Range) -> str:
-        """softmax / layer_norm over columns `rng`, from statistics of the whole row (written once)."""
+        """softmax, layer_norm or layer_norm_grad over columns `rng`, from statistics of the whole
+        row (written once)."""
+        if n.op == "layer_norm_grad":
+            return self.layer_norm_grad_from_row_stats(n, rng)
         (a,) = n.inputs
         base = self.var[n.id]
         segs = [(self.value(a, r), r[1] - r[0]) for r in self.segments(a)]
@@ -417,6 +419,26 @@ class _Writer:
         if n.op == "softmax":
             return f"(tl.exp({x} - {base}_max) / {base}_sum)"
         return f"(({x} - {base}_mean) * {base}_rstd)"
+
+    def layer_norm_grad_from_row_stats(self, n: Node, rng: Range) -> str:
+        """rstd * (g - mean(g) - y * mean(g * y)) over columns `rng`, y = (x - mean(x)) * rstd: x's
+        statistics as layer_norm's, then g's two means (C's and the registry's order of sums)."""
+        g, x = n.inputs
+        base = self.var[n.id]
+        segs = [(self.value(g, r), self.value(x, r), r[1] - r[0]) for r in self.segments(n)]
+        y = f"(({{}} - {base}_mean) * {base}_rstd)"
+        if n.id not in self.stats_written:
+            self.stats_written.add(n.id)
+            tag = self._tag(n) + " row statistics"
+            total = float(width(n))
+            self.emit(f"{base}_mean = ({' + '.join(_row_sum(xs, w) for _, xs, w in segs)}) / {total}", tag)
+            sq = " + ".join(_row_sum(f"({xs} - {base}_mean) * ({xs} - {base}_mean)", w) for _, xs, w in segs)
+            self.emit(f"{base}_rstd = 1.0 / tl.sqrt(({sq}) / {total} + {n.attrs['eps']!r})", tag)
+            self.emit(f"{base}_mg = ({' + '.join(_row_sum(gs, w) for gs, _, w in segs)}) / {total}", tag)
+            mgy = " + ".join(_row_sum(f"{gs} * {y.format(xs)}", w) for gs, xs, w in segs)
+            self.emit(f"{base}_mgy = ({mgy}) / {total}", tag)
+        gs, xs = self.value(g, rng), self.value(x, rng)
+        return f"({base}_rstd * ({gs} - {base}_mg - {y.format(xs)} * {base}_mgy))"
 
     def _define(self, n: Node, rng: Range, expr: str) -> None:
         self.widths.add(rng[1] - rng[0])

@@ -138,7 +138,7 @@ def test_region_matches_reference(name, dtype):
 def test_vjp_region_of_each_op_matches_reference(index):
     node = forward_nodes()[index]
     region = vjp_region(node)
-    ok, why = c_region_supported(region)  # the layer-norm derivative too (Triton leaves it to torch)
+    ok, why = c_region_supported(region)
     assert ok, why
     assert_matches_reference(region, positive=True, rtol=1e-4)
     assert_matches_reference(region, positive=True, dtype=torch.float64)

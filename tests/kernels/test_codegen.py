@@ -136,12 +136,27 @@ def test_region_matches_reference(name):
 def test_vjp_region_of_each_op_matches_reference(index):
     node = forward_nodes()[index]
     region = vjp_region(node)
-    ok, why = region_supported(region)
-    if node.op == "layer_norm":  # its derivative is one op that runs as torch's native kernel
-        assert not ok and "native kernel" in why
-        return
-    assert ok, why
+    assert region_supported(region) == (True, "")
     assert_matches_reference(region, positive=True, atol=1e-5, rtol=1e-4)
+
+
+def test_the_layer_norm_derivative_of_a_whole_row_is_one_expression():
+    g, x = sg.Input(6, name="g"), sg.Input(6, name="x")
+    region = region_from_outputs([make("layer_norm_grad", (g, x), eps=1e-3)], [g, x])
+    assert "row statistics" not in generate(region).source
+    assert_matches_reference(region, atol=1e-5, rtol=1e-4)
+
+
+def test_the_layer_norm_derivative_of_rows_assembled_from_pieces_sums_its_statistics_over_them():
+    # g is a concat of two computed pieces and x is cut at another column: three tiles a row
+    a, b, x = sg.Input(2, name="a"), sg.Input(5, name="b"), sg.Input(7, name="x")
+    x1, x2 = sg.narrow(x, -1, 0, 4), sg.narrow(x, -1, 4, 3)
+    g = sg.concat([sg.tanh(a), b * 2.0])
+    dx = make("layer_norm_grad", (g, sg.concat([x1, sg.exp(x2)])), eps=1e-5)
+    region = region_from_outputs([dx, sg.narrow(dx, -1, 1, 3)], [a, b, x])
+    source = generate(region).source
+    assert source.count("row statistics") == 4  # mean, rstd and g's two means, once each
+    assert_matches_reference(region, atol=1e-5, rtol=1e-4)
 
 
 def test_the_lstm_gate_gradient_is_assembled_from_padded_pieces():
