@@ -956,23 +956,66 @@ def _outer_c(n, dst, w, u, v):
             + _c_for(N, f"{dst}[m * {N} + j] = um * {v};") + " }")
 
 
-_ROWS_IN_TORCH = (NOT_FUSED, "the row ops of flattened per-example matrices have no Triton emitter: torch "
-                             "(cuBLAS's batched products) computes them")
+# Triton emitters of the row ops: each operand is its whole row as one tile, and the helpers
+# (sg_take, sg_matrix, ...: kernels/triton_rows.py) move values between columns.
+def _pow2(w: int) -> int:
+    return 1 << max(0, (w - 1).bit_length())
+
+
+def _tri_columns(w: int) -> str:
+    """The column indices [1, BLOCK] of a row of w values."""
+    return f"tl.arange(0, {_pow2(w)})[None, :]"
+
+
+def _tri_matrix(x: str, M: int, N: int) -> str:
+    return f"sg_matrix({x}, {M}, {N}, {_pow2(M)}, {_pow2(N)})"
+
+
+def _tri_summed(x: str, M: int, N: int, axis: int) -> str:
+    """The row of M * N values x summed over its matrix's rows (axis 1) or columns (axis 2)."""
+    return f"tl.sum(tl.where(sg_inside({M}, {N}, {_pow2(M)}, {_pow2(N)}), {x}, 0.0), axis={axis})"
+
+
+def _matvec_triton(n, a, q):
+    M, N = n.shape[0], n.inputs[1].shape[0]
+    return _tri_summed(f"{_tri_matrix(a, M, N)} * ({q})[:, None, :]", M, N, 2)
+
+
+def _vecmat_triton(n, v, a):
+    M, N = n.inputs[0].shape[0], n.shape[0]
+    return _tri_summed(f"{_tri_matrix(a, M, N)} * ({v})[:, :, None]", M, N, 1)
+
+
+def _outer_triton(n, u, v):
+    M, N = n.inputs[0].shape[0], n.inputs[1].shape[0]
+    j = _tri_columns(M * N)
+    return f"(sg_take({u}, tl.minimum({j} // {N}, {M - 1})) * sg_take({v}, {j} % {N}))"
+
+
+def _strided_matmul_triton(n, a, b):
+    G, M, K, N = n.attrs["dims"]
+    strides = []
+    for sizes, st in (((G, M, K), n.attrs["sa"]), ((G, K, N), n.attrs["sb"]), ((G, M, N), n.attrs["so"])):
+        strides += [str(s if z != 1 else 1) for z, s in zip(sizes, st)]  # a size-1 dim's coordinate is 0
+    return (f"sg_strided_matmul({a}, {b}, {G}, {M}, {K}, {N}, {', '.join(strides)}, "
+            f"{_pow2(G * M * N)}, {_pow2(K)})")
+
+
 
 register("matvec", kind="reduction", shape=_product_shape(True),
          torch=lambda n, a, q: (a.unflatten(-1, (n.shape[0], -1)) @ q.unsqueeze(-1)).squeeze(-1),
          vjp=lambda n, g: _bin_grads(n, outer(g, n.inputs[1]), vecmat(g, n.inputs[0])),
-         triton=_ROWS_IN_TORCH, c=_matvec_c,
+         triton=_matvec_triton, c=_matvec_c,
          doc="a flattened per-example (M, N) matrix times an (N,) vector")
 register("vecmat", kind="reduction", shape=_product_shape(False),
          torch=lambda n, v, a: (v.unsqueeze(-2) @ a.unflatten(-1, (-1, n.shape[0]))).squeeze(-2),
          vjp=lambda n, g: _bin_grads(n, matvec(n.inputs[1], g), outer(n.inputs[0], g)),
-         triton=_ROWS_IN_TORCH, c=_vecmat_c,
+         triton=_vecmat_triton, c=_vecmat_c,
          doc="an (M,) vector times a flattened per-example (M, N) matrix")
 register("outer", kind="reduction", shape=_outer_shape,
          torch=lambda n, u, v: (u.unsqueeze(-1) * v.unsqueeze(-2)).flatten(-2),
          vjp=lambda n, g: _bin_grads(n, matvec(g, n.inputs[1]), vecmat(n.inputs[0], g)),
-         triton=_ROWS_IN_TORCH, c=_outer_c,
+         triton=_outer_triton, c=_outer_c,
          doc="the outer product of two vectors, flattened row-major")
 
 
@@ -1021,19 +1064,25 @@ def _sum_groups_c(n, dst, w, x):
 register("tile", kind="reduction", shape=_times_shape(True),
          torch=lambda n, x: x.unsqueeze(-2).expand(*x.shape[:-1], n.attrs["times"], x.shape[-1]).flatten(-2),
          vjp=lambda n, g: (make("sum_tiles", (g,), times=n.attrs["times"]),),
-         triton=_ROWS_IN_TORCH, c=_tile_c, doc="an (N,) row repeated `times` times end to end")
+         triton=lambda n, x: f"sg_take({x}, {_tri_columns(n.shape[0])} % {n.inputs[0].shape[0]})", c=_tile_c, doc="an (N,) row repeated `times` times end to end")
 register("repeat_each", kind="reduction", shape=_times_shape(True),
          torch=lambda n, x: x.unsqueeze(-1).expand(*x.shape, n.attrs["times"]).flatten(-2),
          vjp=lambda n, g: (make("sum_groups", (g,), times=n.attrs["times"]),),
-         triton=_ROWS_IN_TORCH, c=_repeat_each_c, doc="each value of an (M,) row repeated `times` times")
+         triton=lambda n, x: f"sg_take({x}, tl.minimum({_tri_columns(n.shape[0])} // {n.attrs['times']}, "
+                            f"{n.inputs[0].shape[0] - 1}))",
+         c=_repeat_each_c, doc="each value of an (M,) row repeated `times` times")
 register("sum_tiles", kind="reduction", shape=_times_shape(False),
          torch=lambda n, x: x.unflatten(-1, (n.attrs["times"], -1)).sum(-2),
          vjp=lambda n, g: (make("tile", (g,), times=n.attrs["times"]),),
-         triton=_ROWS_IN_TORCH, c=_sum_tiles_c, doc="the sum of a row's `times` equal parts (a matrix's column sums)")
+         triton=lambda n, x: _tri_summed(_tri_matrix(x, n.attrs["times"], n.shape[0]), n.attrs["times"],
+                                         n.shape[0], 1),
+         c=_sum_tiles_c, doc="the sum of a row's `times` equal parts (a matrix's column sums)")
 register("sum_groups", kind="reduction", shape=_times_shape(False),
          torch=lambda n, x: x.unflatten(-1, (-1, n.attrs["times"])).sum(-1),
          vjp=lambda n, g: (make("repeat_each", (g,), times=n.attrs["times"]),),
-         triton=_ROWS_IN_TORCH, c=_sum_groups_c, doc="the sums of each `times` consecutive values (a matrix's row sums)")
+         triton=lambda n, x: _tri_summed(_tri_matrix(x, n.shape[0], n.attrs["times"]), n.shape[0],
+                                         n.attrs["times"], 2),
+         c=_sum_groups_c, doc="the sums of each `times` consecutive values (a matrix's row sums)")
 
 
 # Products of two per-example matrices (a multi-head attention step's (heads, 1, D) queries times
@@ -1131,7 +1180,7 @@ def _strided_matmul_c(n, dst, w, a, b):
 
 
 register("strided_matmul", kind="reduction", shape=_strided_matmul_shape, torch=_strided_matmul_torch,
-         vjp=_strided_matmul_vjp, triton=_ROWS_IN_TORCH, c=_strided_matmul_c,
+         vjp=_strided_matmul_vjp, triton=_strided_matmul_triton, c=_strided_matmul_c,
          doc="per example, a product of two matrices read from flat rows through strides")
 
 
@@ -1152,7 +1201,10 @@ def _softmax_groups_vjp(n, g):
 
 register("softmax_groups", kind="reduction", shape=_times_shape(None),
          torch=lambda n, x: torch.softmax(x.unflatten(-1, (-1, n.attrs["times"])), -1).flatten(-2),
-         vjp=_softmax_groups_vjp, triton=_ROWS_IN_TORCH, c=_softmax_groups_c,
+         vjp=_softmax_groups_vjp, c=_softmax_groups_c,
+         triton=lambda n, x: (f"sg_softmax_groups({x}, {n.shape[0] // n.attrs['times']}, {n.attrs['times']}, "
+                              f"{_pow2(n.shape[0] // n.attrs['times'])}, {_pow2(n.attrs['times'])}, "
+                              f"{_pow2(n.shape[0])})"),
          doc="softmax over each `times` consecutive values (a per-example matrix's rows)")
 
 

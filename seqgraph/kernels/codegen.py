@@ -25,6 +25,7 @@ import torch
 
 from ..compiler import ops
 from ..compiler.ir import Node
+from . import triton_rows
 from .region import Region
 
 Range = tuple[int, int]
@@ -33,6 +34,9 @@ CODEGEN_VERSION = 1  # bump when generated kernels change meaning: it is part of
 
 _ROW_STATS = ("softmax", "layer_norm", "layer_norm_grad")  # per-row statistics, then an elementwise part
 _SUMS = ("sum", "mean", "sum_to")
+# the row ops of flattened per-example matrices: they read whole operand rows and write a whole row
+_WHOLE_ROWS = ("matvec", "vecmat", "outer", "tile", "repeat_each", "sum_tiles", "sum_groups", "softmax_groups",
+               "strided_matmul")
 
 
 # ---------------------------------------------------------------------------------------
@@ -224,6 +228,24 @@ class KernelSource:
     masked: bool  # whether any output is carried or zero-masked (reads the step mask)
 
 
+def _columns_of(x: str, w: int, rng: Range) -> str:
+    """Columns `rng` of a tile x of a whole row of w values."""
+    lo, hi = rng
+    return f"sg_take({x}, tl.minimum(tl.arange(0, {_block(hi - lo)})[None, :] + {lo}, {w - 1}))"
+
+
+def _row_tile(n: Node) -> int:
+    """Elements per row of the widest tile the kernel holds for `n` (a row op's [BM, BN] tile)."""
+    if n.op == "strided_matmul":
+        G, M, K, N = n.attrs["dims"]
+        return _block(G * M * N) * _block(K)
+    if n.op in ("matvec", "vecmat"):
+        return _block(width(n.inputs[0])) * _block(width(n.inputs[1]))
+    if n.op in ("sum_tiles", "sum_groups", "softmax_groups"):
+        return _block(width(n)) * _block(width(n.inputs[0]))
+    return _block(width(n))
+
+
 def _row_sum(x: str, w: int) -> str:
     return f"tl.sum(tl.where(cmask_{w}, {x}, 0.0), axis=1)[:, None]"
 
@@ -266,6 +288,8 @@ class _Writer:
             elif n.op == "pad":
                 a, before = n.inputs[0], n.attrs["before"]
                 cuts = {before + b for b in self.breaks[a.id]} | {before, before + width(a)}
+            elif n.op in _WHOLE_ROWS:
+                cuts = set()
             else:  # elementwise and row ops keep the layout of their full-width operands
                 for a in n.inputs:
                     if width(a) == width(n):
@@ -297,6 +321,8 @@ class _Writer:
             if hi <= before or lo >= before + width(a):
                 return []  # a zero piece
             return [(a, (lo - before, hi - before))]
+        if n.op in _WHOLE_ROWS:  # every piece of every operand (a part of n is cut from all of it)
+            return [(a, seg) for a in n.inputs for seg in self.segments(a)]
         if n.op in _SUMS and (width(n) == 1 or n.op != "sum_to"):
             (a,) = n.inputs
             return [(a, seg) for seg in self.segments(a)]
@@ -312,6 +338,8 @@ class _Writer:
             need = self.need[n.id]
             if not need:
                 continue
+            if n.op in _WHOLE_ROWS:
+                need.add((0, width(n)))
             if n.op in _ROW_STATS and (need != {(0, width(n))} or len(self.segments(n)) > 1):
                 self.from_stats.add(n.id)
             for rng in sorted(need):
@@ -378,6 +406,10 @@ class _Writer:
             return f"(({total}) / {float(width(a))})" if n.op == "mean" else f"({total})"
         if n.op in _ROW_STATS and n.id in self.from_stats:
             return self.from_row_stats(n, rng)
+        if n.op in _WHOLE_ROWS:
+            if rng != (0, width(n)):
+                return _columns_of(self.value(n, (0, width(n))), width(n), rng)
+            return ops.triton_expr(n, [self.whole(a) for a in n.inputs])
         args = [self.value(a, r) for a, r in parts]
         if args and all(x in self.literals for x in args):
             return self.fold(n, args)
@@ -440,13 +472,27 @@ class _Writer:
         gs, xs = self.value(g, rng), self.value(x, rng)
         return f"({base}_rstd * ({gs} - {base}_mg - {y.format(xs)} * {base}_mgy))"
 
-    def _define(self, n: Node, rng: Range, expr: str) -> None:
+    def whole(self, a: Node) -> str:
+        """The whole row of `a` as one tile: its value, or its pieces joined (one line, once)."""
+        segs = self.segments(a)
+        if len(segs) == 1:
+            return self.value(a, segs[0])
+        if (a.id, 0, width(a)) not in self.values:
+            cols = f"tl.arange(0, {_block(width(a))})[None, :]"
+            joined = "0.0"
+            for lo, hi in reversed(segs):
+                piece = f"sg_take({self.value(a, (lo, hi))}, tl.minimum(tl.maximum({cols} - {lo}, 0), {hi - lo - 1}))"
+                joined = piece if joined == "0.0" else f"tl.where({cols} < {hi}, {piece}, {joined})"
+            self._define(a, (0, width(a)), joined, self._tag(a) + " joined from its pieces")
+        return self.value(a, (0, width(a)))
+
+    def _define(self, n: Node, rng: Range, expr: str, tag: str | None = None) -> None:
         self.widths.add(rng[1] - rng[0])
         if expr in self.literals:
             self.values[(n.id, *rng)] = expr
             return
         name = self.name_of(n, rng)
-        self.emit(f"{name} = {expr}", self._tag(n, rng))
+        self.emit(f"{name} = {expr}", tag or self._tag(n, rng))
         self.values[(n.id, *rng)] = name
 
     def _body(self) -> None:
@@ -457,7 +503,8 @@ class _Writer:
                 else:
                     self._define(n, rng, self.load(n, rng))
         for n in self.region.nodes:
-            for rng in sorted(self.need[n.id]):
+            # a whole row first: a row op's parts are cut from it
+            for rng in sorted(self.need[n.id], key=lambda r: (r != (0, width(n)), r)):
                 if n.op == "const":
                     self.values[(n.id, *rng)] = self.const_literal(n)
                 else:
@@ -544,6 +591,11 @@ class _Writer:
             'the graph node a line computes. Do not edit: the file is rewritten when the region changes."""',
             "import triton",
             "import triton.language as tl",
+        ]
+        if any(n.op in _WHOLE_ROWS for n in r.nodes):
+            header += ["", "# -- helpers of the row ops (seqgraph/kernels/triton_rows.py) --"]
+            header += triton_rows.SOURCE.strip("\n").split("\n")
+        header += [
             "",
             "",
             "@triton.jit",
@@ -552,7 +604,7 @@ class _Writer:
         lines = header + params + ["):"] + prologue + ["    # -- values --"] + body + ["    # -- stores --"]
         lines += stores + ["", "", f"KERNEL = {func}", ""]
         out_shapes = tuple(tuple(o.shape) for o in r.outputs)
-        max_block = max(_block(w) for w in self.widths)
+        max_block = max([_block(w) for w in self.widths] + [_row_tile(n) for n in r.nodes if n.op in _WHOLE_ROWS])
         return KernelSource("\n".join(lines), func, specs, out_shapes, max_block, masked)
 
 

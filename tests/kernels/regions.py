@@ -216,6 +216,46 @@ CELL_REGIONS = {
 
 
 # ---------------------------------------------------------------------------------------
+# the row ops of flattened per-example matrices
+# ---------------------------------------------------------------------------------------
+def attention_region(S=5, D=7):
+    """The attention part of a step: scores over a flattened (S, D) memory (read at an offset:
+    a slice of a wider row), a padding mask added, softmax, the weighted sum of the memory,
+    a query that is one column broadcast, and rows spread over the matrix and summed back."""
+    wide, q, mask = sg.Input(3 + S * D, name="wide"), sg.Input(D, name="q"), sg.Input(S, name="mask")
+    memory = sg.narrow(wide, -1, 3, S * D)
+    weights = sg.softmax(make("matvec", (memory, q)) + mask * 3.0)
+    one = sg.Input(1, name="one")
+    column = make("matvec", (memory, make("broadcast_to", (one,), shape=(D,))))
+    summed = make("vecmat", (weights, memory)) + sg.sum(column, keepdim=True)
+    spread = make("tile", (q,), times=S) * make("repeat_each", (weights,), times=D) + memory
+    sums = sg.concat([make("sum_tiles", (spread,), times=S), make("sum_groups", (memory,), times=D)])
+    return region_from_outputs([weights, summed, make("outer", (weights, q)), sums], [wide, q, mask, one])
+
+
+def matrix_row_op(op):
+    """One node of each row op on flattened (3, 4) matrices."""
+    x3, x4, x12 = sg.Input(3, name="x3"), sg.Input(4, name="x4"), sg.Input(12, name="x12")
+    return {"matvec": lambda: make("matvec", (x12, x4)), "vecmat": lambda: make("vecmat", (x3, x12)),
+            "outer": lambda: make("outer", (x3, x4)), "tile": lambda: make("tile", (x4,), times=3),
+            "repeat_each": lambda: make("repeat_each", (x3,), times=4),
+            "sum_tiles": lambda: make("sum_tiles", (x12,), times=3),
+            "sum_groups": lambda: make("sum_groups", (x12,), times=4),
+            "softmax_groups": lambda: make("softmax_groups", (x12,), times=4),
+            # rows of b added in (b and the result run along n), and dot products (b runs along k)
+            "strided_matmul rows": lambda: make("strided_matmul", (x3, x12), dims=(1, 1, 3, 4), sa=(0, 0, 1),
+                                                sb=(0, 4, 1), so=(0, 0, 1)),
+            "strided_matmul heads": lambda: make("strided_matmul", (x4, x12), dims=(2, 1, 2, 3), sa=(2, 2, 1),
+                                                 sb=(2, 1, 4), so=(3, 3, 1)),
+            "strided_matmul transposed": lambda: make("strided_matmul", (x12, x4), dims=(1, 3, 4, 1),
+                                                      sa=(0, 1, 3), sb=(0, 1, 0), so=(0, 1, 0))}[op]()
+
+
+MATRIX_ROW_OPS = ["matvec", "vecmat", "outer", "tile", "repeat_each", "sum_tiles", "sum_groups", "softmax_groups",
+                  "strided_matmul rows", "strided_matmul heads", "strided_matmul transposed"]
+
+
+# ---------------------------------------------------------------------------------------
 # random elementwise regions (for the property tests)
 # ---------------------------------------------------------------------------------------
 _UNARY = {

@@ -21,9 +21,9 @@ from seqgraph.kernels.c_launch import CLibrary, CompilerMissing, clear_memory_ca
 from seqgraph.kernels.codegen import region_from_outputs
 from seqgraph.kernels.launch import CacheNotWritable
 
-from regions import (CELL_REGIONS, RANDOM_STEPS, forward_nodes, lstm_region, lstm_step, lstm_step_inputs,
-                     random_elementwise_region, random_inputs, random_region_inputs, reference,
-                     strided_lstm_step_inputs, vjp_region)
+from regions import (CELL_REGIONS, MATRIX_ROW_OPS, RANDOM_STEPS, attention_region, forward_nodes, lstm_region,
+                     lstm_step, lstm_step_inputs, matrix_row_op, random_elementwise_region, random_inputs,
+                     random_region_inputs, reference, strided_lstm_step_inputs, vjp_region)
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
@@ -144,51 +144,16 @@ def test_vjp_region_of_each_op_matches_reference(index):
     assert_matches_reference(region, positive=True, dtype=torch.float64)
 
 
-def _attention_region(S=5, D=7):
-    """The attention part of a step: scores over a flattened (S, D) memory (read at an offset:
-    a slice of a wider row), a padding mask added, softmax, the weighted sum of the memory,
-    a query that is one column broadcast, and rows spread over the matrix and summed back."""
-    wide, q, mask = sg.Input(3 + S * D, name="wide"), sg.Input(D, name="q"), sg.Input(S, name="mask")
-    memory = sg.narrow(wide, -1, 3, S * D)
-    weights = sg.softmax(make("matvec", (memory, q)) + mask * 3.0)
-    one = sg.Input(1, name="one")
-    column = make("matvec", (memory, make("broadcast_to", (one,), shape=(D,))))
-    summed = make("vecmat", (weights, memory)) + sg.sum(column, keepdim=True)
-    spread = make("tile", (q,), times=S) * make("repeat_each", (weights,), times=D) + memory
-    sums = sg.concat([make("sum_tiles", (spread,), times=S), make("sum_groups", (memory,), times=D)])
-    return region_from_outputs([weights, summed, make("outer", (weights, q)), sums], [wide, q, mask, one])
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_per_example_matrix_vector_products_match_reference(dtype):
-    region = _attention_region()
+    region = attention_region()
     assert c_region_supported(region) == (True, "")
     assert_matches_reference(region, batch=4, dtype=dtype)
 
 
-def _matrix_row_op(op):
-    """One node of each row op on flattened (3, 4) matrices."""
-    x3, x4, x12 = sg.Input(3, name="x3"), sg.Input(4, name="x4"), sg.Input(12, name="x12")
-    return {"matvec": lambda: make("matvec", (x12, x4)), "vecmat": lambda: make("vecmat", (x3, x12)),
-            "outer": lambda: make("outer", (x3, x4)), "tile": lambda: make("tile", (x4,), times=3),
-            "repeat_each": lambda: make("repeat_each", (x3,), times=4),
-            "sum_tiles": lambda: make("sum_tiles", (x12,), times=3),
-            "sum_groups": lambda: make("sum_groups", (x12,), times=4),
-            "softmax_groups": lambda: make("softmax_groups", (x12,), times=4),
-            # rows of b added in (b and the result run along n), and dot products (b runs along k)
-            "strided_matmul rows": lambda: make("strided_matmul", (x3, x12), dims=(1, 1, 3, 4), sa=(0, 0, 1),
-                                                sb=(0, 4, 1), so=(0, 0, 1)),
-            "strided_matmul heads": lambda: make("strided_matmul", (x4, x12), dims=(2, 1, 2, 3), sa=(2, 2, 1),
-                                                 sb=(2, 1, 4), so=(3, 3, 1)),
-            "strided_matmul transposed": lambda: make("strided_matmul", (x12, x4), dims=(1, 3, 4, 1),
-                                                      sa=(0, 1, 3), sb=(0, 1, 0), so=(0, 1, 0))}[op]()
-
-
-@pytest.mark.parametrize("op", ["matvec", "vecmat", "outer", "tile", "repeat_each", "sum_tiles", "sum_groups",
-                                "softmax_groups", "strided_matmul rows", "strided_matmul heads",
-                                "strided_matmul transposed"])
+@pytest.mark.parametrize("op", MATRIX_ROW_OPS)
 def test_each_matrix_row_op_and_its_vjp_region_match_reference(op):
-    node = _matrix_row_op(op)
+    node = matrix_row_op(op)
     forward = region_from_outputs([node], list(node.inputs))
     assert c_region_supported(forward) == (True, "")
     assert_matches_reference(forward, dtype=torch.float64)

@@ -11,8 +11,8 @@ from seqgraph.compiler.ops import make
 from seqgraph.kernels.codegen import generate, region_from_outputs, region_supported, row_problem
 from seqgraph.kernels.launch import compile_region
 
-from regions import CELL_REGIONS, forward_nodes, lstm_region, random_inputs, reference, vjp_region, \
-    backward_region
+from regions import CELL_REGIONS, MATRIX_ROW_OPS, attention_region, forward_nodes, lstm_region, matrix_row_op, \
+    random_inputs, reference, vjp_region, backward_region
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CUDA when present, else the interpreter
 
@@ -183,3 +183,41 @@ def test_tanh_keeps_its_relative_accuracy_near_zero():
     kernel = compile_region(region_from_outputs([sg.tanh(x)], [x]))
     xv = torch.tensor([[1e-8, -1e-6, 1e-4, 0.1, 0.124, -0.126]], device=DEVICE)
     torch.testing.assert_close(kernel([xv])[0], torch.tanh(xv), rtol=2e-7, atol=0)
+
+
+# ---------------------------------------------------------------------------------------
+# the row ops of flattened per-example matrices
+# ---------------------------------------------------------------------------------------
+def test_per_example_matrix_vector_products_match_reference():
+    region = attention_region()
+    assert region_supported(region) == (True, "")
+    assert_matches_reference(region, batch=4)
+
+
+@pytest.mark.parametrize("op", MATRIX_ROW_OPS)
+def test_each_matrix_row_op_and_its_vjp_region_match_reference(op):
+    node = matrix_row_op(op)
+    forward = region_from_outputs([node], list(node.inputs))
+    assert region_supported(forward) == (True, "")
+    assert_matches_reference(forward)
+    region = vjp_region(node)
+    assert region_supported(region) == (True, "")
+    assert_matches_reference(region, rtol=1e-4)
+
+
+def test_a_row_op_reads_a_row_of_pieces_joined_and_its_parts_are_cut_from_its_whole_row():
+    a, b, q = sg.Input(4, name="a"), sg.Input(8, name="b"), sg.Input(4, name="q")
+    flat = sg.concat([sg.tanh(a), b * 2.0])  # a (3, 4) matrix's row, made of two pieces
+    scores = make("matvec", (flat, q))
+    tiled = make("tile", (q,), times=3)
+    region = region_from_outputs([sg.narrow(scores, -1, 1, 2), sg.narrow(tiled, -1, 5, 4) * 1.5,
+                                  sg.concat([scores, sg.sigmoid(q)])], [a, b, q])
+    source = generate(region).source
+    assert source.count("joined from its pieces") == 1
+    assert_matches_reference(region)
+
+
+def test_the_row_op_helpers_are_written_only_into_kernels_that_use_them():
+    x = sg.Input(6, name="x")
+    assert "def sg_take" not in generate(region_from_outputs([sg.tanh(x)], [x])).source
+    assert "def sg_take" in generate(region_from_outputs([make("sum_groups", (x,), times=3)], [x])).source
