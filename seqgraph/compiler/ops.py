@@ -543,6 +543,7 @@ def _layer_norm_grad_composite(g, x, eps):
 
 def _layer_norm_grad_torch(n, g, x):
     shape = n.shape[-1:]
+    g, x = torch.broadcast_tensors(g, x)  # (a batched gradient of an unbatched value, say)
     _, mean, rstd = torch.ops.aten.native_layer_norm(x, shape, None, None, n.attrs["eps"])
     return torch.ops.aten.native_layer_norm_backward(g, x, shape, mean, rstd, None, None, [True, False, False])[0]
 
@@ -583,7 +584,15 @@ def _layer_norm_grad_triton(n, g, x):
     return f"({rstd} * (({g}) - {mean.format(g)} - {y} * {mean.format(f'({g}) * {y}')}))"
 
 
-register("layer_norm_grad", kind="reduction", shape=lambda i, a: (_floats(i), (i[0].shape, i[0].batched, "float"))[1],
+def _layer_norm_grad_shape(inputs, attrs):
+    _floats(inputs)
+    g, x = inputs
+    if g.shape != x.shape:
+        raise ShapeProblem(f"takes a gradient and an input of the same shape, got {g.shape} and {x.shape}")
+    return g.shape, g.batched or x.batched, "float"
+
+
+register("layer_norm_grad", kind="reduction", shape=_layer_norm_grad_shape,
          torch=_layer_norm_grad_torch,
          vjp=lambda n, g: composite_vjp(_layer_norm_grad_composite(*n.inputs, n.attrs["eps"]), n.inputs, g),
          triton=_layer_norm_grad_triton,

@@ -472,16 +472,21 @@ class _Writer:
         gs, xs = self.value(g, rng), self.value(x, rng)
         return f"({base}_rstd * ({gs} - {base}_mg - {y.format(xs)} * {base}_mgy))"
 
+    def as_tile(self, n: Node, rng: Range) -> str:
+        """Range `rng` of `n` as a tile (a value folded to a literal number is spread over one)."""
+        x = self.value(n, rng)
+        return f"({x} + {self.tile_zeros(n, rng[1] - rng[0])})" if x in self.literals else x
+
     def whole(self, a: Node) -> str:
         """The whole row of `a` as one tile: its value, or its pieces joined (one line, once)."""
         segs = self.segments(a)
         if len(segs) == 1:
-            return self.value(a, segs[0])
+            return self.as_tile(a, segs[0])
         if (a.id, 0, width(a)) not in self.values:
             cols = f"tl.arange(0, {_block(width(a))})[None, :]"
             joined = "0.0"
             for lo, hi in reversed(segs):
-                piece = f"sg_take({self.value(a, (lo, hi))}, tl.minimum(tl.maximum({cols} - {lo}, 0), {hi - lo - 1}))"
+                piece = f"sg_take({self.as_tile(a, (lo, hi))}, tl.minimum(tl.maximum({cols} - {lo}, 0), {hi - lo - 1}))"
                 joined = piece if joined == "0.0" else f"tl.where({cols} < {hi}, {piece}, {joined})"
             self._define(a, (0, width(a)), joined, self._tag(a) + " joined from its pieces")
         return self.value(a, (0, width(a)))

@@ -491,6 +491,7 @@ def test_vjp_of_batch_reducing_sum_to_is_not_implemented(case):
     ("strided_matmul", [X(6), X(8)], {"dims": (1, 3, 2, 4), "sa": (0, 1, 1), "sb": (0, 4, 1), "so": (0, 4, 1)},
      "the strides (0, 1, 1) of a do not lay out a (1, 3, 2) array"),
     ("softmax_groups", [X(10)], {"times": 4}, "takes a vector whose size is a multiple of 4"),
+    ("layer_norm_grad", [X(4), X(5)], {"eps": 1e-5}, "takes a gradient and an input of the same shape, got (4,) and (5,)"),
     ("tanh", [X(3, dtype="long")], {}, "expected float"),
 ])
 def test_shape_rule_rejects_bad_operands_naming_the_site(op, operands, attrs, text):

@@ -221,3 +221,19 @@ def test_the_row_op_helpers_are_written_only_into_kernels_that_use_them():
     x = sg.Input(6, name="x")
     assert "def sg_take" not in generate(region_from_outputs([sg.tanh(x)], [x])).source
     assert "def sg_take" in generate(region_from_outputs([make("sum_groups", (x,), times=3)], [x])).source
+
+
+def test_a_row_op_reads_a_value_folded_to_a_number_as_a_tile():
+    x, p = sg.Input(3, name="x"), sg.Parameter(2, name="p")
+    half = sg.reshape(ops.const(0.5), (1,))  # the generator folds it to the literal 0.5
+    region = region_from_outputs([make("tile", (half,), times=3) * x, make("matvec", (x, half)),
+                                  make("outer", (sg.concat([p, half]), x))], [x, p])
+    assert region_supported(region) == (True, "")
+    assert_matches_reference(region)
+
+
+def test_the_layer_norm_derivative_of_an_unbatched_input_under_a_batched_gradient_is_batched():
+    g, w = sg.Input(5, name="g"), sg.Parameter(5, name="w")
+    dx = make("layer_norm_grad", (g, w), eps=1e-5)
+    assert dx.batched
+    assert_matches_reference(region_from_outputs([dx], [g, w]), atol=1e-5, rtol=1e-4)
