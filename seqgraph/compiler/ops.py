@@ -965,50 +965,70 @@ def _outer_c(n, dst, w, u, v):
             + _c_for(N, f"{dst}[m * {N} + j] = um * {v};") + " }")
 
 
-# Triton emitters of the row ops: each operand is its whole row as one tile, and the helpers
-# (sg_take, sg_matrix, ...: kernels/triton_rows.py) move values between columns.
+# Triton emitters of the row ops. A kernel holds a row of an (M, N) matrix as one tile of
+# BLOCK(M * N) columns; when N is a power of two that tile *is* a [BM, N] matrix tile
+# (tl.reshape, kernels/triton_rows.py), so products, broadcasts and sums along either dim are
+# plain tile arithmetic. Otherwise values would have to move between columns, which takes
+# tl.gather, and Triton aborts the process on some gathers of this shape (an index much longer
+# than its source, triton-lang/triton#5836); untested on a GPU, such rows stay torch code.
 def _pow2(w: int) -> int:
     return 1 << max(0, (w - 1).bit_length())
 
 
-def _tri_columns(w: int) -> str:
-    """The column indices [1, BLOCK] of a row of w values."""
-    return f"tl.arange(0, {_pow2(w)})[None, :]"
+def _tri_rows(N: int, emit: Callable[[], str]):
+    """emit() when rows of N columns are a power of two wide, else the reason they are not fused."""
+    if N != _pow2(N):
+        return (NOT_FUSED, f"its matrix rows of {N} columns are not a power of two wide: moving values "
+                           "between a kernel's columns would need tl.gather (unverified on a GPU); torch computes it")
+    return emit()
 
 
 def _tri_matrix(x: str, M: int, N: int) -> str:
-    return f"sg_matrix({x}, {M}, {N}, {_pow2(M)}, {_pow2(N)})"
+    return f"sg_matrix({x}, {_pow2(M)}, {N})"
 
 
-def _tri_summed(x: str, M: int, N: int, axis: int) -> str:
-    """The row of M * N values x summed over its matrix's rows (axis 1) or columns (axis 2)."""
-    return f"tl.sum(tl.where(sg_inside({M}, {N}, {_pow2(M)}, {_pow2(N)}), {x}, 0.0), axis={axis})"
+def _tri_rows_summed(x: str, M: int) -> str:
+    """A [R, BM, N] tile summed over its matrix's M rows (the padding rows masked out)."""
+    return f"tl.sum(tl.where(sg_rows_below({M}, {_pow2(M)}), {x}, 0.0), axis=1)"
 
 
 def _matvec_triton(n, a, q):
     M, N = n.shape[0], n.inputs[1].shape[0]
-    return _tri_summed(f"{_tri_matrix(a, M, N)} * ({q})[:, None, :]", M, N, 2)
+    return _tri_rows(N, lambda: f"tl.sum({_tri_matrix(a, M, N)} * ({q})[:, None, :], axis=2)")
 
 
 def _vecmat_triton(n, v, a):
     M, N = n.inputs[0].shape[0], n.shape[0]
-    return _tri_summed(f"{_tri_matrix(a, M, N)} * ({v})[:, :, None]", M, N, 1)
+    return _tri_rows(N, lambda: _tri_rows_summed(f"{_tri_matrix(a, M, N)} * ({v})[:, :, None]", M))
 
 
 def _outer_triton(n, u, v):
-    M, N = n.inputs[0].shape[0], n.inputs[1].shape[0]
-    j = _tri_columns(M * N)
-    return f"(sg_take({u}, tl.minimum({j} // {N}, {M - 1})) * sg_take({v}, {j} % {N}))"
+    return _tri_rows(n.inputs[1].shape[0], lambda: f"sg_flat(({u})[:, :, None] * ({v})[:, None, :])")
 
 
-def _strided_matmul_triton(n, a, b):
-    G, M, K, N = n.attrs["dims"]
-    strides = []
-    for sizes, st in (((G, M, K), n.attrs["sa"]), ((G, K, N), n.attrs["sb"]), ((G, M, N), n.attrs["so"])):
-        strides += [str(s if z != 1 else 1) for z, s in zip(sizes, st)]  # a size-1 dim's coordinate is 0
-    return (f"sg_strided_matmul({a}, {b}, {G}, {M}, {K}, {N}, {', '.join(strides)}, "
-            f"{_pow2(G * M * N)}, {_pow2(K)})")
+def _tile_triton(n, x):
+    M, N = n.attrs["times"], n.inputs[0].shape[0]
+    return _tri_rows(N, lambda: f"sg_flat(({x})[:, None, :] + tl.zeros((1, {_pow2(M)}, {N}), tl.float32))")
 
+
+def _repeat_each_triton(n, x):
+    N = n.attrs["times"]
+    return _tri_rows(N, lambda: f"sg_flat(({x})[:, :, None] + tl.zeros((1, 1, {N}), tl.float32))")
+
+
+def _sum_tiles_triton(n, x):
+    M, N = n.attrs["times"], n.shape[0]
+    return _tri_rows(N, lambda: _tri_rows_summed(_tri_matrix(x, M, N), M))
+
+
+def _sum_groups_triton(n, x):
+    M, N = n.shape[0], n.attrs["times"]
+    return _tri_rows(N, lambda: f"tl.sum({_tri_matrix(x, M, N)}, axis=2)")
+
+
+def _softmax_groups_triton(n, x):
+    N = n.attrs["times"]
+    return _tri_rows(N, lambda: f"sg_softmax_groups({x}, {_pow2(n.shape[0] // N)}, {N})")
 
 
 register("matvec", kind="reduction", shape=_product_shape(True),
@@ -1073,25 +1093,19 @@ def _sum_groups_c(n, dst, w, x):
 register("tile", kind="reduction", shape=_times_shape(True),
          torch=lambda n, x: x.unsqueeze(-2).expand(*x.shape[:-1], n.attrs["times"], x.shape[-1]).flatten(-2),
          vjp=lambda n, g: (make("sum_tiles", (g,), times=n.attrs["times"]),),
-         triton=lambda n, x: f"sg_take({x}, {_tri_columns(n.shape[0])} % {n.inputs[0].shape[0]})", c=_tile_c, doc="an (N,) row repeated `times` times end to end")
+         triton=_tile_triton, c=_tile_c, doc="an (N,) row repeated `times` times end to end")
 register("repeat_each", kind="reduction", shape=_times_shape(True),
          torch=lambda n, x: x.unsqueeze(-1).expand(*x.shape, n.attrs["times"]).flatten(-2),
          vjp=lambda n, g: (make("sum_groups", (g,), times=n.attrs["times"]),),
-         triton=lambda n, x: f"sg_take({x}, tl.minimum({_tri_columns(n.shape[0])} // {n.attrs['times']}, "
-                            f"{n.inputs[0].shape[0] - 1}))",
-         c=_repeat_each_c, doc="each value of an (M,) row repeated `times` times")
+         triton=_repeat_each_triton, c=_repeat_each_c, doc="each value of an (M,) row repeated `times` times")
 register("sum_tiles", kind="reduction", shape=_times_shape(False),
          torch=lambda n, x: x.unflatten(-1, (n.attrs["times"], -1)).sum(-2),
          vjp=lambda n, g: (make("tile", (g,), times=n.attrs["times"]),),
-         triton=lambda n, x: _tri_summed(_tri_matrix(x, n.attrs["times"], n.shape[0]), n.attrs["times"],
-                                         n.shape[0], 1),
-         c=_sum_tiles_c, doc="the sum of a row's `times` equal parts (a matrix's column sums)")
+         triton=_sum_tiles_triton, c=_sum_tiles_c, doc="the sum of a row's `times` equal parts (a matrix's column sums)")
 register("sum_groups", kind="reduction", shape=_times_shape(False),
          torch=lambda n, x: x.unflatten(-1, (-1, n.attrs["times"])).sum(-1),
          vjp=lambda n, g: (make("repeat_each", (g,), times=n.attrs["times"]),),
-         triton=lambda n, x: _tri_summed(_tri_matrix(x, n.shape[0], n.attrs["times"]), n.shape[0],
-                                         n.attrs["times"], 2),
-         c=_sum_groups_c, doc="the sums of each `times` consecutive values (a matrix's row sums)")
+         triton=_sum_groups_triton, c=_sum_groups_c, doc="the sums of each `times` consecutive values (a matrix's row sums)")
 
 
 # Products of two per-example matrices (a multi-head attention step's (heads, 1, D) queries times
@@ -1189,7 +1203,9 @@ def _strided_matmul_c(n, dst, w, a, b):
 
 
 register("strided_matmul", kind="reduction", shape=_strided_matmul_shape, torch=_strided_matmul_torch,
-         vjp=_strided_matmul_vjp, triton=_strided_matmul_triton, c=_strided_matmul_c,
+         vjp=_strided_matmul_vjp, c=_strided_matmul_c,
+         triton=(NOT_FUSED, "a Triton kernel would read its operands' strides with tl.gather (unverified on a GPU); "
+                            "torch (cuBLAS's batched products) computes it"),
          doc="per example, a product of two matrices read from flat rows through strides")
 
 
@@ -1210,10 +1226,7 @@ def _softmax_groups_vjp(n, g):
 
 register("softmax_groups", kind="reduction", shape=_times_shape(None),
          torch=lambda n, x: torch.softmax(x.unflatten(-1, (-1, n.attrs["times"])), -1).flatten(-2),
-         vjp=_softmax_groups_vjp, c=_softmax_groups_c,
-         triton=lambda n, x: (f"sg_softmax_groups({x}, {n.shape[0] // n.attrs['times']}, {n.attrs['times']}, "
-                              f"{_pow2(n.shape[0] // n.attrs['times'])}, {_pow2(n.attrs['times'])}, "
-                              f"{_pow2(n.shape[0])})"),
+         vjp=_softmax_groups_vjp, triton=_softmax_groups_triton, c=_softmax_groups_c,
          doc="softmax over each `times` consecutive values (a per-example matrix's rows)")
 
 

@@ -34,9 +34,9 @@ CODEGEN_VERSION = 1  # bump when generated kernels change meaning: it is part of
 
 _ROW_STATS = ("softmax", "layer_norm", "layer_norm_grad")  # per-row statistics, then an elementwise part
 _SUMS = ("sum", "mean", "sum_to")
-# the row ops of flattened per-example matrices: they read whole operand rows and write a whole row
-_WHOLE_ROWS = ("matvec", "vecmat", "outer", "tile", "repeat_each", "sum_tiles", "sum_groups", "softmax_groups",
-               "strided_matmul")
+# the row ops of flattened per-example matrices: they read whole operand rows and write a whole
+# row, as [rows, BM, N] tiles (triton_rows.py)
+_WHOLE_ROWS = ("matvec", "vecmat", "outer", "tile", "repeat_each", "sum_tiles", "sum_groups", "softmax_groups")
 
 
 # ---------------------------------------------------------------------------------------
@@ -159,6 +159,28 @@ def region_problem(region: Region, refusal=_triton_refusal) -> str | None:
         why = row_problem(n, refusal)
         if why:
             return why
+    if refusal is _triton_refusal and any(n.op in _WHOLE_ROWS for n in region.nodes):
+        return _whole_rows_problem(region)
+    return None
+
+
+def _whole_rows_problem(region: Region) -> str | None:
+    """A row op computes its whole row from its operands' whole rows, each one tile: an operand
+    joined from pieces (a concat) or a part of a row op's result asked for (a slice) would have
+    to move values between columns (tl.gather, unverified on a GPU)."""
+    layout = _Writer(region)
+    layout._find_breaks()
+    layout._plan_ranges()
+    for n in region.nodes:
+        if n.op not in _WHOLE_ROWS:
+            continue
+        for a in n.inputs:
+            if layout.breaks[a.id]:
+                return (f"{_describe(n)} reads {_describe(a)}, a row joined from pieces: the kernel would have "
+                        "to move values between its columns (tl.gather, unverified on a GPU)")
+        if layout.need[n.id] - {(0, width(n))}:
+            return (f"{_describe(n)}: parts of its row are read on their own ({sorted(layout.need[n.id])}): the "
+                    "kernel would have to move values between its columns (tl.gather, unverified on a GPU)")
     return None
 
 
@@ -226,24 +248,6 @@ class KernelSource:
     out_shapes: tuple[tuple[int, ...], ...]  # per-example shape of each output
     max_block: int  # widest column tile, to choose BLOCK_ROWS
     masked: bool  # whether any output is carried or zero-masked (reads the step mask)
-
-
-def _columns_of(x: str, w: int, rng: Range) -> str:
-    """Columns `rng` of a tile x of a whole row of w values."""
-    lo, hi = rng
-    return f"sg_take({x}, tl.minimum(tl.arange(0, {_block(hi - lo)})[None, :] + {lo}, {w - 1}))"
-
-
-def _row_tile(n: Node) -> int:
-    """Elements per row of the widest tile the kernel holds for `n` (a row op's [BM, BN] tile)."""
-    if n.op == "strided_matmul":
-        G, M, K, N = n.attrs["dims"]
-        return _block(G * M * N) * _block(K)
-    if n.op in ("matvec", "vecmat"):
-        return _block(width(n.inputs[0])) * _block(width(n.inputs[1]))
-    if n.op in ("sum_tiles", "sum_groups", "softmax_groups"):
-        return _block(width(n)) * _block(width(n.inputs[0]))
-    return _block(width(n))
 
 
 def _row_sum(x: str, w: int) -> str:
@@ -321,8 +325,8 @@ class _Writer:
             if hi <= before or lo >= before + width(a):
                 return []  # a zero piece
             return [(a, (lo - before, hi - before))]
-        if n.op in _WHOLE_ROWS:  # every piece of every operand (a part of n is cut from all of it)
-            return [(a, seg) for a in n.inputs for seg in self.segments(a)]
+        if n.op in _WHOLE_ROWS:
+            return [(a, (0, width(a))) for a in n.inputs]
         if n.op in _SUMS and (width(n) == 1 or n.op != "sum_to"):
             (a,) = n.inputs
             return [(a, seg) for seg in self.segments(a)]
@@ -338,8 +342,6 @@ class _Writer:
             need = self.need[n.id]
             if not need:
                 continue
-            if n.op in _WHOLE_ROWS:
-                need.add((0, width(n)))
             if n.op in _ROW_STATS and (need != {(0, width(n))} or len(self.segments(n)) > 1):
                 self.from_stats.add(n.id)
             for rng in sorted(need):
@@ -406,10 +408,8 @@ class _Writer:
             return f"(({total}) / {float(width(a))})" if n.op == "mean" else f"({total})"
         if n.op in _ROW_STATS and n.id in self.from_stats:
             return self.from_row_stats(n, rng)
-        if n.op in _WHOLE_ROWS:
-            if rng != (0, width(n)):
-                return _columns_of(self.value(n, (0, width(n))), width(n), rng)
-            return ops.triton_expr(n, [self.whole(a) for a in n.inputs])
+        if n.op in _WHOLE_ROWS:  # (region_problem made sure rng is the whole row, and so are its operands')
+            return ops.triton_expr(n, [self.as_tile(a, (0, width(a))) for a in n.inputs])
         args = [self.value(a, r) for a, r in parts]
         if args and all(x in self.literals for x in args):
             return self.fold(n, args)
@@ -477,27 +477,13 @@ class _Writer:
         x = self.value(n, rng)
         return f"({x} + {self.tile_zeros(n, rng[1] - rng[0])})" if x in self.literals else x
 
-    def whole(self, a: Node) -> str:
-        """The whole row of `a` as one tile: its value, or its pieces joined (one line, once)."""
-        segs = self.segments(a)
-        if len(segs) == 1:
-            return self.as_tile(a, segs[0])
-        if (a.id, 0, width(a)) not in self.values:
-            cols = f"tl.arange(0, {_block(width(a))})[None, :]"
-            joined = "0.0"
-            for lo, hi in reversed(segs):
-                piece = f"sg_take({self.as_tile(a, (lo, hi))}, tl.minimum(tl.maximum({cols} - {lo}, 0), {hi - lo - 1}))"
-                joined = piece if joined == "0.0" else f"tl.where({cols} < {hi}, {piece}, {joined})"
-            self._define(a, (0, width(a)), joined, self._tag(a) + " joined from its pieces")
-        return self.value(a, (0, width(a)))
-
-    def _define(self, n: Node, rng: Range, expr: str, tag: str | None = None) -> None:
+    def _define(self, n: Node, rng: Range, expr: str) -> None:
         self.widths.add(rng[1] - rng[0])
         if expr in self.literals:
             self.values[(n.id, *rng)] = expr
             return
         name = self.name_of(n, rng)
-        self.emit(f"{name} = {expr}", tag or self._tag(n, rng))
+        self.emit(f"{name} = {expr}", self._tag(n, rng))
         self.values[(n.id, *rng)] = name
 
     def _body(self) -> None:
@@ -508,8 +494,7 @@ class _Writer:
                 else:
                     self._define(n, rng, self.load(n, rng))
         for n in self.region.nodes:
-            # a whole row first: a row op's parts are cut from it
-            for rng in sorted(self.need[n.id], key=lambda r: (r != (0, width(n)), r)):
+            for rng in sorted(self.need[n.id]):
                 if n.op == "const":
                     self.values[(n.id, *rng)] = self.const_literal(n)
                 else:
@@ -609,7 +594,7 @@ class _Writer:
         lines = header + params + ["):"] + prologue + ["    # -- values --"] + body + ["    # -- stores --"]
         lines += stores + ["", "", f"KERNEL = {func}", ""]
         out_shapes = tuple(tuple(o.shape) for o in r.outputs)
-        max_block = max([_block(w) for w in self.widths] + [_row_tile(n) for n in r.nodes if n.op in _WHOLE_ROWS])
+        max_block = max(_block(w) for w in self.widths)
         return KernelSource("\n".join(lines), func, specs, out_shapes, max_block, masked)
 
 
