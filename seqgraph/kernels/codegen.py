@@ -473,9 +473,11 @@ class _Writer:
         return f"({base}_rstd * ({gs} - {base}_mg - {y.format(xs)} * {base}_mgy))"
 
     def as_tile(self, n: Node, rng: Range) -> str:
-        """Range `rng` of `n` as a tile (a value folded to a literal number is spread over one)."""
+        """Range `rng` of `n` as a tile: a value folded to a literal number, or a 0-d unbatched
+        value (a plain scalar in the kernel, reshaped to (1,) or not), is spread over one."""
         x = self.value(n, rng)
-        return f"({x} + {self.tile_zeros(n, rng[1] - rng[0])})" if x in self.literals else x
+        scalar = x in self.literals or (not n.batched and width(n) == 1)
+        return f"({x} + {self.tile_zeros(n, rng[1] - rng[0])})" if scalar else x
 
     def _define(self, n: Node, rng: Range, expr: str) -> None:
         self.widths.add(rng[1] - rng[0])
@@ -539,7 +541,11 @@ class _Writer:
         self._stores()
         stores = self.lines
         masked = bool(r.carry or r.zero_masked)
-        func = f"{_ident(r.name, 40)}_kernel"
+        # one name for every kernel: a cached file's text then depends on the region's structure
+        # (its cache key) and not its name, except in comments, so a process that reads a file
+        # another process has just rewritten for an equal region (as Triton reads the source
+        # again) still finds its function
+        func = "region_kernel"
 
         params = []
         specs = tuple(self.arg_spec(n) for n in r.inputs)

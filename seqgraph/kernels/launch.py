@@ -215,7 +215,7 @@ class RegionKernel:
         cfg = self.launch_config(batch, device.type)
         grid = ((batch + cfg["BLOCK_ROWS"] - 1) // cfg["BLOCK_ROWS"],)
         if debug_level() >= 4:
-            print(f"[seqgraph] launch {self.gen.func_name} ({self.path.name}) grid={grid} B={batch} "
+            print(f"[seqgraph] launch region {self.region.name!r} ({self.path.name}) grid={grid} B={batch} "
                   f"BLOCK_ROWS={cfg['BLOCK_ROWS']} max BLOCK_W={self.gen.max_block} num_warps={cfg['num_warps']} "
                   f"mask={has_mask} dtype={dtype}", file=sys.stderr)
         if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():

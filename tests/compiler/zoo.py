@@ -104,7 +104,12 @@ def make_inputs(cell, T, B, dtype=torch.float64, requires_grad=True):
         else:
             xs.append(torch.randn((T, B) + n.shape, dtype=dtype, requires_grad=requires_grad))
     ctx = None
-    if cell.contexts:
-        mask = (torch.arange(4).unsqueeze(0) < torch.randint(1, 5, (B, 1))).to(dtype)
-        ctx = {"memory": torch.randn(B, 4, 6, dtype=dtype, requires_grad=requires_grad), "memmask": mask}
+    if cell.contexts:  # a "memmask" keeps the first 1..S rows of its memory; other contexts are random
+        ctx = {}
+        for c in cell.contexts:
+            if c.name == "memmask":
+                S = c.shape[0]
+                ctx[c.name] = (torch.arange(S).unsqueeze(0) < torch.randint(1, S + 1, (B, 1))).to(dtype)
+            else:
+                ctx[c.name] = torch.randn((B,) + c.shape, dtype=dtype, requires_grad=requires_grad)
     return xs, ctx

@@ -258,3 +258,12 @@ def test_the_layer_norm_derivative_of_an_unbatched_input_under_a_batched_gradien
     dx = make("layer_norm_grad", (g, w), eps=1e-5)
     assert dx.batched
     assert_matches_reference(region_from_outputs([dx], [g, w]), atol=1e-5, rtol=1e-4)
+
+
+def test_a_row_op_reads_an_unbatched_scalar_as_a_tile():
+    x, p0 = sg.Input(4, name="x"), sg.Parameter((), name="p0")
+    q = sg.reshape(p0, (1,))  # a (1,) vector that the kernel holds as the plain scalar it loaded
+    region = region_from_outputs([make("matvec", (x, q)), make("tile", (sg.sigmoid(q),), times=4) * x,
+                                  make("sum_groups", (q,), times=1) + x], [x, p0])
+    assert region_supported(region) == (True, "")
+    assert_matches_reference(region)

@@ -13,7 +13,7 @@ import torch
 import seqgraph as sg
 
 from backend_cases import BUILTIN, CASES, check_against_reference as _check
-from zoo import make_inputs
+from zoo import additive_attention, attention, make_inputs, multihead_attention
 
 
 def test_float64_under_triton_runs_the_torch_code_exactly():
@@ -23,9 +23,38 @@ def test_float64_under_triton_runs_the_torch_code_exactly():
     torch.testing.assert_close(comp(x)[0], rec(x)[0], atol=1e-12, rtol=1e-12)
 
 
+# attention over D = 8 features: its row ops fuse (rows of a power-of-two width)
+POW2_ATTENTION = {"dot": lambda: attention(D=8), "additive": lambda: additive_attention(D=8, S=5),
+                  "two_heads": lambda: multihead_attention(D=8)}
+
+
+def _attention_against_reference(name, device):
+    rec = sg.Recurrence(POW2_ATTENTION[name]()).to(device)
+    comp = sg.compile(rec, backend="triton")
+    fallbacks = [line for line in str(comp.plan()).split("\n") if "torch fallback" in line]
+    assert all("strided_matmul" in line for line in fallbacks), fallbacks  # multi-head's products only
+    xs, ctx = make_inputs(rec.cell, 5, 4, dtype=torch.float32)
+    xs = [x.detach().to(device).requires_grad_(x.is_floating_point()) for x in xs]
+    ctx = None if ctx is None else {k: v.detach().to(device).requires_grad_() for k, v in ctx.items()}
+    _check(rec, comp, xs, ctx, 1e-4, lengths=torch.tensor([5, 2, 0, 4]))
+
+
+@pytest.mark.parametrize("name", sorted(POW2_ATTENTION))
+def test_attention_over_power_of_two_features_fuses_its_row_ops_and_equals_the_reference(name):
+    if torch.cuda.is_available():
+        pytest.skip("the GPU test below runs it on CUDA")
+    _attention_against_reference(name, "cpu")
+
+
 # ---------------------------------------------------------------------------------------
 # on a real GPU
 # ---------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(POW2_ATTENTION))
+def test_attention_with_fused_row_ops_on_cuda_float32(name):
+    _attention_against_reference(name, "cuda")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_triton_backend_on_cuda_float32(name):
