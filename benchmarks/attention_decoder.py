@@ -11,7 +11,10 @@ the reference interpreter against `sg.compile` (backend "cpu"), forward (`no_gra
 fwd+bwd, with the memory needing no gradient and needing one (an encoder trained with the
 decoder):
 
-    python benchmarks/attention_decoder.py [T B H S [threads [reps]]]     (default 30 32 256 30 2 9)
+    python benchmarks/attention_decoder.py [T B H S [threads [reps]]] [cuda]     (default 30 32 256 30 2 9)
+
+With `cuda`, on a GPU, the backends "torch" and "triton" against the reference (with H a power
+of two, the dot and additive scores' row ops are fused into the Triton kernels).
 """
 import sys
 
@@ -40,13 +43,15 @@ def attention_cell(input_size: int, hidden: int, positions: int, scoring: str = 
     return sg.Cell([x], {h: h_next}, [h_next, weights])
 
 
-def main(T: int = 30, B: int = 32, H: int = 256, S: int = 30, threads: int = 2, reps: int = 9) -> None:
+def main(T: int = 30, B: int = 32, H: int = 256, S: int = 30, threads: int = 2, reps: int = 9,
+         device: str = "cpu") -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    x = torch.randn(T, B, 128, requires_grad=True)
-    memory = torch.randn(B, S, H)
+    device = torch.device(device)
+    x = torch.randn(T, B, 128, device=device, requires_grad=True)
+    memory = torch.randn(B, S, H, device=device)
     trained_memory = memory.clone().requires_grad_()
-    real = torch.ones(B, S)
+    real = torch.ones(B, S, device=device)
 
     def run(module, mem, backward):
         def f():
@@ -59,18 +64,22 @@ def main(T: int = 30, B: int = 32, H: int = 256, S: int = 30, threads: int = 2, 
         return f
 
     cases = [("forward", memory, False), ("fwd+bwd", memory, True), ("fwd+bwd, memory trained", trained_memory, True)]
-    print(f"attention decoders T={T} B={B} H={H} S={S}, {threads} thread(s): median ms")
-    print("| scores | call | reference | compiled | ratio |")
-    print("|---|---|---:|---:|---:|")
+    backends = ["torch", "triton"] if device.type == "cuda" else ["cpu"]
+    print(f"attention decoders T={T} B={B} H={H} S={S} on {device.type}, {threads} thread(s): median ms")
+    print("| scores | call | reference | " + " | ".join(f"sg.compile ({b})" for b in backends) + " | ratio |")
+    print("|---|---|---:|" + "---:|" * (len(backends) + 1))
     for scoring in ("dot", "additive", "8 heads"):
-        reference = sg.Recurrence(attention_cell(128, H, S, scoring))
-        compiled = sg.compile(reference, backend="cpu")
-        fns = [run(m, mem, bwd) for _, mem, bwd in cases for m in (reference, compiled)]
-        times = interleaved_medians_ms(fns, x.device, reps)
+        reference = sg.Recurrence(attention_cell(128, H, S, scoring)).to(device)
+        compiled = [sg.compile(reference, backend=b) for b in backends]
+        modules = [reference] + compiled
+        fns = [run(m, mem, bwd) for _, mem, bwd in cases for m in modules]
+        times = interleaved_medians_ms(fns, device, reps)
         for k, (name, _, _) in enumerate(cases):
-            ref, comp = times[2 * k], times[2 * k + 1]
-            print(f"| {scoring} | {name} | {ref:.2f} | {comp:.2f} | {comp / ref:.2f}x |")
+            ref, *comp = times[len(modules) * k:len(modules) * (k + 1)]
+            ratios = " / ".join(f"{c / ref:.2f}x" for c in comp)
+            print(f"| {scoring} | {name} | {ref:.2f} | " + " | ".join(f"{c:.2f}" for c in comp) + f" | {ratios} |")
 
 
 if __name__ == "__main__":
-    main(*[int(a) for a in sys.argv[1:]])
+    args = [a for a in sys.argv[1:] if a not in ("cpu", "cuda")]
+    main(*[int(a) for a in args], device="cuda" if "cuda" in sys.argv[1:] else "cpu")
