@@ -8,12 +8,14 @@ is the range's width and BLOCK_w the next power of two (columns past w are maske
 value has *breaks* (the column offsets where concat and pad join pieces), every range that is
 computed lies between two breaks, and a slice, a concat piece or a pad piece asks its operand
 for the matching range, down to the loads. Elementwise ops and reductions come from the op
-registry's Triton emitters; layout ops, piecewise reductions and sliced softmax/layer_norm
-are written here. Per-example shapes are read flattened (a value of shape (S, D) is a row of
-S*D columns), which is exact for elementwise ops; reductions and layout ops need values whose
-leading per-example dims are 1. This module only writes source text and says what it cannot
-fuse; compiling, caching and launching are launch.py's job. It must not run kernels nor change
-the registry.
+registry's Triton emitters; layout ops, piecewise reductions and sliced softmax, layer_norm
+and layer_norm_grad are written here. Per-example shapes are read flattened (a value of shape
+(S, D) is a row of S*D columns), which is exact for elementwise ops; reductions and layout ops
+need values whose leading per-example dims are 1. The row ops of flattened per-example
+matrices (matvec, tile, ...) read their operands' whole rows as [rows, BM, N] tiles
+(triton_rows.py); a region where that would take moving values between columns is refused.
+This module only writes source text and says what it cannot fuse; compiling, caching and
+launching are launch.py's job. It must not run kernels nor change the registry.
 """
 from __future__ import annotations
 
@@ -294,7 +296,7 @@ class _Writer:
                 cuts = {before + b for b in self.breaks[a.id]} | {before, before + width(a)}
             elif n.op in _WHOLE_ROWS:
                 cuts = set()
-            else:  # elementwise and row ops keep the layout of their full-width operands
+            else:  # elementwise ops and row reductions keep the layout of their full-width operands
                 for a in n.inputs:
                     if width(a) == width(n):
                         cuts |= set(self.breaks[a.id])
@@ -454,7 +456,7 @@ class _Writer:
 
     def layer_norm_grad_from_row_stats(self, n: Node, rng: Range) -> str:
         """rstd * (g - mean(g) - y * mean(g * y)) over columns `rng`, y = (x - mean(x)) * rstd: x's
-        statistics as layer_norm's, then g's two means (C's and the registry's order of sums)."""
+        mean and rstd computed as layer_norm's are, then g's two means, each a sum of piece sums."""
         g, x = n.inputs
         base = self.var[n.id]
         segs = [(self.value(g, r), self.value(x, r), r[1] - r[0]) for r in self.segments(n)]

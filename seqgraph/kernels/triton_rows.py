@@ -40,6 +40,4 @@ def sg_softmax_groups(x, BM: tl.constexpr, N: tl.constexpr):
     return sg_flat(e / tl.sum(e, axis=2)[:, :, None])
 '''
 
-HELPERS = ("sg_matrix", "sg_flat", "sg_rows_below", "sg_softmax_groups")
-
-__all__ = ["SOURCE", "HELPERS"]
+__all__ = ["SOURCE"]
