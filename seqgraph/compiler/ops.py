@@ -574,14 +574,9 @@ def _layer_norm_grad_c(n, dst, w, g, x):
 
 
 def _layer_norm_grad_triton(n, g, x):
-    # rstd * (g - mean(g) - y * mean(g * y)), the row statistics of x computed again (as in C)
-    w = _row_width(n)
-    y = _layer_norm_triton(n, x)
-    mean = f"(tl.sum(tl.where(cmask_{w}, {{}}, 0.0), axis=1)[:, None] / {float(w)})"
-    var = f"(tl.sum(tl.where(cmask_{w}, ({x}) - {mean.format(x)}, 0.0) * tl.where(cmask_{w}, ({x}) - " \
-          f"{mean.format(x)}, 0.0), axis=1)[:, None] / {float(w)})"
-    rstd = f"(1.0 / tl.sqrt({var} + {n.attrs['eps']!r}))"
-    return f"({rstd} * (({g}) - {mean.format(g)} - {y} * {mean.format(f'({g}) * {y}')}))"
+    # rstd * (g - mean(g) - y * mean(g * y)), x's statistics computed again as in C (a helper of
+    # kernels/triton_rows.py: its four row sums, each written once)
+    return f"sg_layer_norm_grad({g}, {x}, cmask_{_row_width(n)}, {_row_width(n)}, {n.attrs['eps']!r})"
 
 
 def _layer_norm_grad_shape(inputs, attrs):
@@ -971,25 +966,26 @@ def _outer_c(n, dst, w, u, v):
 # plain tile arithmetic. Otherwise values would have to move between columns, which takes
 # tl.gather, and Triton aborts the process on some gathers of this shape (an index much longer
 # than its source, triton-lang/triton#5836); untested on a GPU, such rows stay torch code.
-def _pow2(w: int) -> int:
+def block_width(w: int) -> int:
+    """The power-of-two number of register columns a Triton kernel's tile of w values spans."""
     return 1 << max(0, (w - 1).bit_length())
 
 
 def _tri_rows(N: int, emit: Callable[[], str]):
     """emit() when rows of N columns are a power of two wide, else the reason they are not fused."""
-    if N != _pow2(N):
+    if N != block_width(N):
         return (NOT_FUSED, f"its matrix rows of {N} columns are not a power of two wide: moving values "
                            "between a kernel's columns would need tl.gather (unverified on a GPU); torch computes it")
     return emit()
 
 
 def _tri_matrix(x: str, M: int, N: int) -> str:
-    return f"sg_matrix({x}, {_pow2(M)}, {N})"
+    return f"sg_matrix({x}, {block_width(M)}, {N})"
 
 
 def _tri_rows_summed(x: str, M: int) -> str:
     """A [R, BM, N] tile summed over its matrix's M rows (the padding rows masked out)."""
-    return f"tl.sum(tl.where(sg_rows_below({M}, {_pow2(M)}), {x}, 0.0), axis=1)"
+    return f"tl.sum(tl.where(sg_rows_below({M}, {block_width(M)}), {x}, 0.0), axis=1)"
 
 
 def _matvec_triton(n, a, q):
@@ -1008,7 +1004,7 @@ def _outer_triton(n, u, v):
 
 def _tile_triton(n, x):
     M, N = n.attrs["times"], n.inputs[0].shape[0]
-    return _tri_rows(N, lambda: f"sg_flat(({x})[:, None, :] + tl.zeros((1, {_pow2(M)}, {N}), tl.float32))")
+    return _tri_rows(N, lambda: f"sg_flat(({x})[:, None, :] + tl.zeros((1, {block_width(M)}, {N}), tl.float32))")
 
 
 def _repeat_each_triton(n, x):
@@ -1028,7 +1024,7 @@ def _sum_groups_triton(n, x):
 
 def _softmax_groups_triton(n, x):
     N = n.attrs["times"]
-    return _tri_rows(N, lambda: f"sg_softmax_groups({x}, {_pow2(n.shape[0] // N)}, {N})")
+    return _tri_rows(N, lambda: f"sg_softmax_groups({x}, {block_width(n.shape[0] // N)}, {N})")
 
 
 register("matvec", kind="reduction", shape=_product_shape(True),
@@ -1204,8 +1200,8 @@ def _strided_matmul_c(n, dst, w, a, b):
 
 register("strided_matmul", kind="reduction", shape=_strided_matmul_shape, torch=_strided_matmul_torch,
          vjp=_strided_matmul_vjp, c=_strided_matmul_c,
-         triton=(NOT_FUSED, "a Triton kernel would read its operands' strides with tl.gather (unverified on a GPU); "
-                            "torch (cuBLAS's batched products) computes it"),
+         triton=(NOT_FUSED, "a Triton kernel would read its operands through their strides, which takes "
+                            "tl.gather (unverified on a GPU); torch (cuBLAS's batched products) computes it"),
          doc="per example, a product of two matrices read from flat rows through strides")
 
 

@@ -39,6 +39,7 @@ _SUMS = ("sum", "mean", "sum_to")
 # the row ops of flattened per-example matrices: they read whole operand rows and write a whole
 # row, as [rows, BM, N] tiles (triton_rows.py)
 _WHOLE_ROWS = ("matvec", "vecmat", "outer", "tile", "repeat_each", "sum_tiles", "sum_groups", "softmax_groups")
+_HELPER_CALL = re.compile(r"(?<!\w)sg_\w+\(")  # a call of a triton_rows.py helper (a value's name never is one)
 
 
 # ---------------------------------------------------------------------------------------
@@ -54,8 +55,7 @@ def _row_shaped(node: Node) -> bool:
     return all(s == 1 for s in node.shape[:-1])
 
 
-def _block(w: int) -> int:
-    return 1 << max(0, (w - 1).bit_length())
+_block = ops.block_width
 
 
 def _describe(n: Node) -> str:
@@ -270,7 +270,7 @@ class _Writer:
         self.var = {n.id: f"v{k}_{_ident(n.name or n.op)}" for k, n in enumerate(everything)}
         self.breaks: dict[int, tuple[int, ...]] = {}
         self.need: dict[int, set[Range]] = {n.id: set() for n in everything}
-        self.from_stats: set[int] = set()  # softmax/layer_norm nodes computed from row statistics
+        self.from_stats: set[int] = set()  # softmax/layer_norm(_grad) nodes computed from row statistics
         self.values: dict[tuple[int, int, int], str] = {}  # (node id, lo, hi) -> expression
         self.literals: dict[str, float] = {}  # literal expression -> its value
         self.stats_written: set[int] = set()
@@ -334,7 +334,7 @@ class _Writer:
             return [(a, seg) for seg in self.segments(a)]
         if n.op in _ROW_STATS and n.id in self.from_stats:  # (the breaks of n are its operands')
             return [(a, seg) for a in n.inputs for seg in self.segments(n)] + [(a, rng) for a in n.inputs]
-        # elementwise ops, reshape, broadcast_to, an identity sum_to, a whole softmax/layer_norm
+        # elementwise ops, reshape, broadcast_to, an identity sum_to, a whole softmax/layer_norm(_grad)
         return [(a, rng if width(a) == width(n) else (0, 1)) for a in n.inputs]
 
     def _plan_ranges(self) -> None:
@@ -543,10 +543,10 @@ class _Writer:
         self._stores()
         stores = self.lines
         masked = bool(r.carry or r.zero_masked)
-        # one name for every kernel: a cached file's text then depends on the region's structure
-        # (its cache key) and not its name, except in comments, so a process that reads a file
-        # another process has just rewritten for an equal region (as Triton reads the source
-        # again) still finds its function
+        # one name for every kernel: texts of regions of equal structure (one cache key) then
+        # differ only in comments and value names, so a process that reads a file another
+        # process has just rewritten for an equal region (as Triton reads the source again)
+        # still finds its function, and the same computation
         func = "region_kernel"
 
         params = []
@@ -590,8 +590,8 @@ class _Writer:
             "import triton",
             "import triton.language as tl",
         ]
-        if any(n.op in _WHOLE_ROWS for n in r.nodes):
-            header += ["", "# -- helpers of the row ops (seqgraph/kernels/triton_rows.py) --"]
+        if any(_HELPER_CALL.search(line) for line in body):
+            header += ["", "# -- helpers (seqgraph/kernels/triton_rows.py) --"]
             header += triton_rows.SOURCE.strip("\n").split("\n")
         header += [
             "",

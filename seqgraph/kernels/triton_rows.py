@@ -1,4 +1,5 @@
-"""Triton helpers for the row ops of flattened per-example matrices, written into a kernel's source.
+"""Triton helpers written into a kernel's source: the row ops of flattened per-example
+matrices, and the layer norm's derivative over a whole row.
 
 A fused kernel holds each value as a register tile [rows, BLOCK_W] over its flattened columns
 (codegen.py). A row of an (M, N) matrix, row-major, with N a power of two, fills BLOCK(M * N) =
@@ -7,9 +8,10 @@ other, and the row ops that flatten_per_example_matrices writes (matvec, vecmat,
 repeat_each, sum_tiles, sum_groups, softmax_groups) become products, broadcasts and sums
 along one axis of that tile. Rows past M are padding: sums over them mask them out
 (`sg_rows_below`), and what they hold elsewhere is never stored. No value moves between
-columns (that would take tl.gather). The registry's Triton emitters (compiler/ops.py) call
-these by name; codegen.py writes `SOURCE` into every kernel that uses one. This module holds
-source text only: it must not compile or launch anything.
+columns (that would take tl.gather). `sg_layer_norm_grad` writes each of the derivative's four
+row sums once (inline, x's mean alone would be written nine times). The registry's Triton
+emitters (compiler/ops.py) call these by name; codegen.py writes `SOURCE` into every kernel
+that calls one. This module holds source text only: it must not compile or launch anything.
 """
 from __future__ import annotations
 
@@ -38,6 +40,19 @@ def sg_softmax_groups(x, BM: tl.constexpr, N: tl.constexpr):
     v = sg_matrix(x, BM, N)
     e = tl.exp(v - tl.max(v, axis=2)[:, :, None])
     return sg_flat(e / tl.sum(e, axis=2)[:, :, None])
+
+
+@triton.jit
+def sg_layer_norm_grad(g, x, inside, W: tl.constexpr, eps: tl.constexpr):
+    """layer_norm's derivative for the output gradient g, over rows x of W values (`inside`:
+    their columns): rstd * (g - mean(g) - y * mean(g * y)), y = (x - mean(x)) * rstd."""
+    mean = tl.sum(tl.where(inside, x, 0.0), axis=1)[:, None] / W
+    xc = tl.where(inside, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1)[:, None] / W + eps)
+    y = xc * rstd
+    mg = tl.sum(tl.where(inside, g, 0.0), axis=1)[:, None] / W
+    mgy = tl.sum(tl.where(inside, g * y, 0.0), axis=1)[:, None] / W
+    return rstd * (g - mg - y * mgy)
 '''
 
 __all__ = ["SOURCE"]
