@@ -562,15 +562,23 @@ def composite_vjp(out: Node, leaves: tuple, g: Node) -> tuple:
     return tuple(grads.get(x.id) for x in leaves)
 
 
-def _layer_norm_grad_c(n, dst, w, g, x):
-    # the row statistics again, then rstd * (g - mean(g) - y * mean(g * y)) with y = (x - mean) * rstd
-    y = "((" + x + ") - m) * r"
-    return ("{ real m = 0; " + _c_for(w, f"m += {x};", "m") + f" m = m / (real){w}; real v = 0; "
-            + _c_for(w, f"{{ real d = {x} - m; v += d * d; }}", "v") + f" v = v / (real){w}; "
-            + f"real r = {_C_ONE} / SG_SQRT(v + {c_literal(n.attrs['eps'])}); real mg = 0, mgy = 0; "
+def layer_norm_stats_c(w: int, x: str, eps: float, m: str, r: str) -> str:
+    """C statements declaring `m` and `r`, the mean and rstd of the row x (an element expression
+    indexed by j) of w values: the mean, then the biased variance of the centred row, as torch."""
+    return (f"real {m} = 0; " + _c_for(w, f"{m} += {x};", m) + f" {m} = {m} / (real){w}; real {r} = 0; "
+            + _c_for(w, f"{{ real d = {x} - {m}; {r} += d * d; }}", r)
+            + f" {r} = {_C_ONE} / SG_SQRT({r} / (real){w} + {c_literal(eps)});")
+
+
+def _layer_norm_grad_c(n, dst, w, g, x, stats=None):
+    """rstd * (g - mean(g) - y * mean(g * y)) with y = (x - mean) * rstd; `stats`: the names of
+    x's mean and rstd, already computed in the row (else computed here)."""
+    m, r = stats or ("m", "r")
+    y = "((" + x + f") - {m}) * {r}"
+    return ("{ " + ("" if stats else layer_norm_stats_c(w, x, n.attrs["eps"], m, r) + " ") + "real mg = 0, mgy = 0; "
             + _c_for(w, f"{{ mg += {g}; mgy += ({g}) * ({y}); }}", "mg, mgy")
             + f" mg = mg / (real){w}; mgy = mgy / (real){w}; "
-            + _c_for(w, f"{dst}[j] = r * (({g}) - mg - ({y}) * mgy);") + " }")
+            + _c_for(w, f"{dst}[j] = {r} * (({g}) - mg - ({y}) * mgy);") + " }")
 
 
 def _layer_norm_grad_triton(n, g, x):
@@ -604,12 +612,11 @@ def _layer_norm_triton(n, a):
     return f"({xc} * (1.0 / tl.sqrt({var} + {n.attrs['eps']!r})))"
 
 
-def _layer_norm_c(n, dst, w, x):
-    # as torch does: mean, then the biased variance of the centred row, then (x - mean) * rstd
-    return ("{ real m = 0; " + _c_for(w, f"m += {x};", "m") + f" m = m / (real){w}; real v = 0; "
-            + _c_for(w, f"{{ real d = {x} - m; v += d * d; }}", "v") + f" v = v / (real){w}; "
-            + f"real r = {_C_ONE} / SG_SQRT(v + {c_literal(n.attrs['eps'])}); "
-            + _c_for(w, f"{dst}[j] = ({x} - m) * r;") + " }")
+def _layer_norm_c(n, dst, w, x, stats=None):
+    # (x - mean) * rstd; `stats` as for _layer_norm_grad_c
+    m, r = stats or ("m", "r")
+    return ("{ " + ("" if stats else layer_norm_stats_c(w, x, n.attrs["eps"], m, r) + " ")
+            + _c_for(w, f"{dst}[j] = ({x} - {m}) * {r};") + " }")
 
 
 register("layer_norm", kind="reduction", shape=_layer_norm_shape,

@@ -283,6 +283,7 @@ class _Writer:
         self.specs: list[ArgSpec] = []
         self.pre: list[str] = []
         self.row: list[str] = []
+        self.row_stats: dict[tuple, tuple[str, str]] = {}  # (x's element, width, eps) -> its mean and rstd names
 
     def alloc(self, w: int) -> int:
         off = self.scratch
@@ -485,6 +486,14 @@ class _Writer:
             self.row.append(f"for (int64_t j = 0; j < {wa}; ++j) {var}[{before} + j] = {self.at(ins[0])};")
             if after:
                 self.row.append(f"for (int64_t j = 0; j < {after}; ++j) {var}[{before + wa} + j] = 0;")
+        elif n.op in ("layer_norm", "layer_norm_grad"):  # x's row statistics computed once for both
+            xs = [self.at(v) for v in ins]
+            key = (xs[-1], width(n.inputs[-1]), n.attrs["eps"])
+            stats = self.row_stats.get(key)
+            if stats is None:
+                stats = self.row_stats[key] = (f"m{n.id}", f"r{n.id}")
+                self.row.append(ops.layer_norm_stats_c(key[1], xs[-1], n.attrs["eps"], *stats))
+            self.row.append(ops.c_rule(n)(n, var, width(n.inputs[0]), *xs, stats=stats))
         else:  # a row reduction
             self.row.append(ops.c_rule(n)(n, var, width(n.inputs[0]), *[self.at(v) for v in ins]))
 

@@ -750,3 +750,14 @@ def test_debug_output_names_the_source_file_kept_not_the_private_copy(tmp_path, 
     build_two_kernels_on(2, tmp_path, monkeypatch)
     err = capsys.readouterr().err
     assert ".c.tmp" not in err and re.search(r"-DSG_HALF=0 .*\.c\b", err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_a_layer_norm_and_its_derivative_of_one_row_compute_its_statistics_once(dtype):
+    g, x, y = sg.Input(6, name="g"), sg.Input(6, name="x"), sg.Input(6, name="y")
+    outs = [make("layer_norm_grad", (g, x), eps=1e-3), sg.layer_norm(x, eps=1e-3) * 2.0,
+            sg.layer_norm(y, eps=1e-3), make("layer_norm_grad", (g, x), eps=0.5)]  # (another eps: its own)
+    region = region_from_outputs(outs, [g, x, y])
+    source = generate_c(region).source
+    assert len(re.findall(r"real m\d+ = 0;", source)) == 3  # x's with eps 1e-3, y's, and x's with eps 0.5
+    assert_matches_reference(region, dtype=dtype, rtol=1e-4 if dtype == torch.float32 else None)
