@@ -444,10 +444,16 @@ class _Writer:
             self.row.append(f"real* v{c} = " + (f"o{k};" if k is not None else f"ws + {self.alloc(width(n))};"))
             if k is not None:
                 stored.add(k)
+        plain_out = {o.id: k for k, o in enumerate(self.region.outputs)
+                     if k not in self.region.carry and k not in self.region.zero_masked}
         for idx, it in enumerate(self.items):
             for n in it.nodes:
                 if n.id in self.placed:
                     self.row.append(f"real* v{n.id} = {self.placed[n.id]};")
+                elif it.kind == "stmt" and n.op not in ("concat", "pad") and n.id in plain_out \
+                        and self.vals[n.id].base == n.id:  # a row reduction stored as it is: into the output's row
+                    self.row.append(f"real* v{n.id} = o{plain_out[n.id]};")
+                    stored.add(plain_out[n.id])
                 elif n.id in self.arrays and n.id not in self.in_place:
                     self.row.append(f"real* restrict v{n.id} = ws + {self.alloc(width(n))};")
             if it.kind == "stmt":

@@ -761,3 +761,13 @@ def test_a_layer_norm_and_its_derivative_of_one_row_compute_its_statistics_once(
     source = generate_c(region).source
     assert len(re.findall(r"real m\d+ = 0;", source)) == 3  # x's with eps 1e-3, y's, and x's with eps 0.5
     assert_matches_reference(region, dtype=dtype, rtol=1e-4 if dtype == torch.float32 else None)
+
+
+def test_a_row_reduction_stored_as_it_is_is_computed_in_its_output_row():
+    x, h = sg.Input(6, name="x"), sg.Input(6, name="h")
+    sm, ln = sg.softmax(x), sg.layer_norm(x, eps=1e-3)
+    region = region_from_outputs([sm, ln * 2.0, ln], [x, h], carry={1: 1})  # output 1 keeps h on padded rows
+    source = generate_c(region).source
+    assert f"real* v{sm.id} = o0;" in source and f"real* v{ln.id} = o2;" in source
+    assert "o0[j] = v" not in source and "o2[j] = v" not in source
+    assert_matches_reference(region)
