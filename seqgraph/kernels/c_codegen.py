@@ -388,9 +388,7 @@ class _Writer:
         (no mask to fold in) is computed straight into the output's row: nothing is copied at
         the end either. An LSTM's backward, whose gate gradients are one such concat, then
         writes each gradient once instead of three times."""
-        region = self.region
-        plain_out = {o.id: k for k, o in enumerate(region.outputs)
-                     if k not in region.carry and k not in region.zero_masked}
+        plain_out = self._plain_outputs()
         taken: set[int] = set()
         for it in self.items:
             c = it.nodes[0]
@@ -407,6 +405,11 @@ class _Writer:
             self.in_place[c.id] = c
             if plain_out.get(c.id) is not None:
                 self.stored_as[c.id] = plain_out[c.id]
+
+    def _plain_outputs(self) -> dict[int, int]:
+        """node id -> the index of an output that stores it as it is (no mask to fold in)."""
+        region = self.region
+        return {o.id: k for k, o in enumerate(region.outputs) if k not in region.carry and k not in region.zero_masked}
 
     def _own_array(self, node_id: int) -> bool:
         """Whether `node_id` is computed by an elementwise loop of this row into an array of
@@ -444,8 +447,7 @@ class _Writer:
             self.row.append(f"real* v{c} = " + (f"o{k};" if k is not None else f"ws + {self.alloc(width(n))};"))
             if k is not None:
                 stored.add(k)
-        plain_out = {o.id: k for k, o in enumerate(self.region.outputs)
-                     if k not in self.region.carry and k not in self.region.zero_masked}
+        plain_out = self._plain_outputs()
         for idx, it in enumerate(self.items):
             for n in it.nodes:
                 if n.id in self.placed:
