@@ -445,14 +445,18 @@ class _Writer:
                 sums = " + ".join(_row_sum(f"tl.exp({x} - {base}_max)", w) for x, w in segs)
                 self.emit(f"{base}_sum = {sums}", tag)
             else:
-                total = float(width(a))
-                self.emit(f"{base}_mean = ({' + '.join(_row_sum(x, w) for x, w in segs)}) / {total}", tag)
-                sq = " + ".join(_row_sum(f"({x} - {base}_mean) * ({x} - {base}_mean)", w) for x, w in segs)
-                self.emit(f"{base}_rstd = 1.0 / tl.sqrt(({sq}) / {total} + {n.attrs['eps']!r})", tag)
+                self.emit_mean_rstd(base, segs, n.attrs["eps"], tag)
         x = self.value(a, rng)
         if n.op == "softmax":
             return f"(tl.exp({x} - {base}_max) / {base}_sum)"
         return f"(({x} - {base}_mean) * {base}_rstd)"
+
+    def emit_mean_rstd(self, base: str, segs: list[tuple[str, int]], eps: float, tag: str) -> None:
+        """Lines for `{base}_mean` and `{base}_rstd` of a row given as (tile, width) pieces."""
+        total = float(sum(w for _, w in segs))
+        self.emit(f"{base}_mean = ({' + '.join(_row_sum(x, w) for x, w in segs)}) / {total}", tag)
+        sq = " + ".join(_row_sum(f"({x} - {base}_mean) * ({x} - {base}_mean)", w) for x, w in segs)
+        self.emit(f"{base}_rstd = 1.0 / tl.sqrt(({sq}) / {total} + {eps!r})", tag)
 
     def layer_norm_grad_from_row_stats(self, n: Node, rng: Range) -> str:
         """rstd * (g - mean(g) - y * mean(g * y)) over columns `rng`, y = (x - mean(x)) * rstd: x's
@@ -465,9 +469,7 @@ class _Writer:
             self.stats_written.add(n.id)
             tag = self._tag(n) + " row statistics"
             total = float(width(n))
-            self.emit(f"{base}_mean = ({' + '.join(_row_sum(xs, w) for _, xs, w in segs)}) / {total}", tag)
-            sq = " + ".join(_row_sum(f"({xs} - {base}_mean) * ({xs} - {base}_mean)", w) for _, xs, w in segs)
-            self.emit(f"{base}_rstd = 1.0 / tl.sqrt(({sq}) / {total} + {n.attrs['eps']!r})", tag)
+            self.emit_mean_rstd(base, [(xs, w) for _, xs, w in segs], n.attrs["eps"], tag)
             self.emit(f"{base}_mg = ({' + '.join(_row_sum(gs, w) for gs, _, w in segs)}) / {total}", tag)
             mgy = " + ".join(_row_sum(f"{gs} * {y.format(xs)}", w) for gs, xs, w in segs)
             self.emit(f"{base}_mgy = ({mgy}) / {total}", tag)
