@@ -613,17 +613,24 @@ class CompiledRecurrence(Recurrence):
         if need_grad and not program.plan.backward_ok(valid is not None):
             # the plan could not derive this backward: run the reference loop under autograd
             return Recurrence._reference_loop(self, xs, states0, contexts, noises, valid, dtype, device)
+        # a state of more than one per-example dim is carried as its flat row (see
+        # flatten_per_example_matrices): the loops take rows, the caller gets its shape back
+        shapes = [s.shape for s in states0]
+        states0 = [s.reshape((B,) + p.shape) if s.dim() != 1 + len(p.shape) else s
+                   for s, (p, _) in zip(states0, step.states)]
         if torch.compiler.is_compiling():  # one opaque op for the whole loop (see custom_ops.py)
             _, cast, cast_dtype = autocast_state(device)  # the op runs it (the tracer records none around it)
             res = program.loop_op(list(reads), list(states0), valid, T, B, need_grad, cast_dtype if cast else None)
             n, ns = len(step.outputs), len(step.states)
-            return list(res[:n]), list(res[n:n + ns])
-        if not need_grad:
+            outs, finals = list(res[:n]), list(res[n:n + ns])
+        elif not need_grad:
             outs, finals, _ = _loop(program, "forward", device)(T, B, valid, reads, list(states0), False)
-            return outs, finals if program.finals_owned else own_storage(finals, outs)
-        res = _Sequence.apply(program, T, B, valid, len(reads), *reads, *states0)
-        n = len(step.outputs)
-        return list(res[:n]), list(res[n:])
+            finals = finals if program.finals_owned else own_storage(finals, outs)
+        else:
+            res = _Sequence.apply(program, T, B, valid, len(reads), *reads, *states0)
+            n = len(step.outputs)
+            outs, finals = list(res[:n]), list(res[n:])
+        return outs, [f.reshape(shape) if f.shape != shape else f for f, shape in zip(finals, shapes)]
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}, unroll={self.unroll}, " + super().extra_repr()

@@ -19,14 +19,17 @@ and products of two matrices only inside the loop, where their neighbours are fl
 the loop, torch's own broadcasting and batched GEMMs do better); a parameter matrix is a GEMM's
 job. Other ops on matrices (softmax along another dim, a Linear of more than one column, a
 reshape a transposed row cannot be read through) stay as written, which keeps the values they
-read in matrix form. Also folds a reshape of a reshape into one. Must not change values (the
-sums run in another order: rounding may differ).
+read in matrix form. A state of more than one per-example dim (a fast-weights or linear-attention
+memory, an mLSTM's matrix) is carried as its flat row, so the same rewrites reach the ops on it
+and the loops carry a row; the compiled module reshapes the caller's states to rows and the final
+ones back. Also folds a reshape of a reshape into one. Must not change values (the sums run in
+another order: rounding may differ).
 """
 from __future__ import annotations
 
 import math
 
-from .hoist import classify
+from .hoist import is_outer_product, classify, keep_expansions_in_loop
 from .ir import Node, consumers
 from .ops import REGISTRY, make
 from .stepgraph import StepGraph, clone, rewrite
@@ -294,9 +297,38 @@ def _one_column_linear(n: Node, ins: tuple) -> Node | None:
     return _as(n, "matvec", (_flat(x), _flat(w)))
 
 
+def _matrix_state(prev: Node) -> bool:
+    return len(prev.shape) >= 2 and prev.dtype == "float"
+
+
+def carry_matrix_states_as_rows(step: StepGraph) -> StepGraph:
+    """The step with each state of more than one per-example dim carried as its flat row: a
+    state leaf of shape (M*N,) that its readers see reshaped to (M, N), and its next value
+    flattened. Values are unchanged; the ops on the state then reach the rewrites below."""
+    swap = {}
+    for prev, _ in step.states:
+        if _matrix_state(prev):
+            row = make("state", (), name=prev.name, site=prev.site, module=prev.module,
+                       **dict(prev.attrs, shape=(prev.elements,)))
+            swap[prev.id] = (row, make("reshape", (row,), shape=prev.shape, site=prev.site))
+    if not swap:
+        return step
+
+    def read(x: Node) -> Node:
+        return swap[x.id][1] if x.id in swap else x
+
+    new = rewrite(step, lambda n, ins: clone(n, tuple(read(x) for x in ins)))
+    states = [(swap[p.id][0], _flat(read(q))) if p.id in swap else (p, q)
+              for (p, _), (_, q) in zip(step.states, new.states)]
+    return StepGraph(new.inputs, states, [read(o) for o in new.outputs], new.contexts, new.noises, new.params,
+                     list(new.notes))
+
+
 def flatten_per_example_matrices(step: StepGraph) -> StepGraph:
+    step = carry_matrix_states_as_rows(step)
     order = step.order()
     cls = classify(order)
+    keep_expansions_in_loop(order, cls, {r.id for r in step.results})
     users = consumers(order)
     # a product A * w that every user sums into one matvec / vecmat is left for them to read
     weightings = {n.id for n in order if users.get(n.id) and all(_weighting(u, n) for u in users[n.id])}
@@ -307,7 +339,9 @@ def flatten_per_example_matrices(step: StepGraph) -> StepGraph:
         found = None
         if n.op == "matmul":
             found = _product(n, ins)
-            if found is None and cls[n.id] == "step":
+            if found is None and cls[n.id] == "step" and is_outer_product(n):
+                found = _as(n, "outer", (_flat(ins[0]), _flat(ins[1])))
+            elif found is None and cls[n.id] == "step":
                 found = _matrices_product(n, ins)
         elif n.op == "sum":
             if _weighting(n, ins[0]) is not None or n.id in sums:

@@ -4,12 +4,14 @@ Every node gets a class: "invariant" (depends only on parameters, constants, con
 per-sequence noise: computed once per call), "hoisted" (also depends on per-step inputs or
 per-step noise, but on no state: computed for all T steps at once, as (T*B) rows, before the
 loop; an LSTM's input projection becomes one big GEMM) or "step" (depends on a state: computed
-inside the time loop). The rewrites that widen what can be hoisted live in their own pass
+inside the time loop). One exception, `keep_expansions_in_loop`: a value spread from smaller
+per-step ones (an outer product) that only the loop reads is computed in the loop. The rewrites that widen what can be hoisted live in their own pass
 files (split_linear_over_concat.py, hoist_loop_invariant_terms.py). Must not change the graph.
 """
 from __future__ import annotations
 
-from .ir import Node
+from .ir import Node, consumers
+from .ops import REGISTRY
 
 RANK = {"invariant": 0, "hoisted": 1, "step": 2}
 
@@ -37,3 +39,35 @@ def classify(order: list[Node]) -> dict[int, str]:
     for n in order:
         node_class(n, cls)
     return cls
+
+
+def is_outer_product(n: Node) -> bool:
+    """matmul of two batched vectors into a matrix: (M, 1) @ (1, N), or the `outer` op."""
+    if n.op == "outer":
+        return True
+    if n.op != "matmul" or len(n.shape) != 2:
+        return False
+    a, b = n.inputs
+    return a.batched and b.batched and a.shape == (n.shape[0], 1) and b.shape == (1, n.shape[1])
+
+
+def keep_expansions_in_loop(order: list[Node], cls: dict[int, str], results: set[int]) -> None:
+    """Reclassify as "step", in `cls`, each hoisted value spread from smaller per-step values
+    (an outer product such as a linear-attention or mLSTM update `v k^T`, a tile, a repeat,
+    and the elementwise and layout ops over them) that only the loop reads. Before the loop it
+    would be written for all T*B rows, M*N values each from M+N, and read back once; in the
+    loop's fused region it costs a multiply per element and no memory. A result of the step
+    stays where it is."""
+    spread: set[int] = set()
+    for n in order:
+        if cls[n.id] != "hoisted" or not n.batched or n.dtype != "float":
+            continue
+        kind = REGISTRY[n.op].kind
+        if is_outer_product(n) or n.op in ("tile", "repeat_each") or (
+                kind in ("elementwise", "layout") and n.op != "concat" and any(i.id in spread for i in n.inputs)):
+            spread.add(n.id)
+    users = consumers(order)
+    for n in reversed(order):
+        if n.id in spread and n.id not in results and users.get(n.id) and \
+                all(cls[u.id] == "step" for u in users[n.id]):
+            cls[n.id] = "step"

@@ -1047,7 +1047,7 @@ register("vecmat", kind="reduction", shape=_product_shape(False),
 register("outer", kind="reduction", shape=_outer_shape,
          torch=lambda n, u, v: (u.unsqueeze(-1) * v.unsqueeze(-2)).flatten(-2),
          vjp=lambda n, g: _bin_grads(n, matvec(g, n.inputs[1]), vecmat(n.inputs[0], g)),
-         triton=_outer_triton, c=_outer_c,
+         triton=_outer_triton, c=_outer_c, cheap=True,  # (one product a value, as mul)
          doc="the outer product of two vectors, flattened row-major")
 
 
@@ -1096,11 +1096,11 @@ def _sum_groups_c(n, dst, w, x):
 register("tile", kind="reduction", shape=_times_shape(True),
          torch=lambda n, x: x.unsqueeze(-2).expand(*x.shape[:-1], n.attrs["times"], x.shape[-1]).flatten(-2),
          vjp=lambda n, g: (make("sum_tiles", (g,), times=n.attrs["times"]),),
-         triton=_tile_triton, c=_tile_c, doc="an (N,) row repeated `times` times end to end")
+         triton=_tile_triton, c=_tile_c, cheap=True, doc="an (N,) row repeated `times` times end to end")
 register("repeat_each", kind="reduction", shape=_times_shape(True),
          torch=lambda n, x: x.unsqueeze(-1).expand(*x.shape, n.attrs["times"]).flatten(-2),
          vjp=lambda n, g: (make("sum_groups", (g,), times=n.attrs["times"]),),
-         triton=_repeat_each_triton, c=_repeat_each_c, doc="each value of an (M,) row repeated `times` times")
+         triton=_repeat_each_triton, c=_repeat_each_c, cheap=True, doc="each value of an (M,) row repeated `times` times")
 register("sum_tiles", kind="reduction", shape=_times_shape(False),
          torch=lambda n, x: x.unflatten(-1, (n.attrs["times"], -1)).sum(-2),
          vjp=lambda n, g: (make("tile", (g,), times=n.attrs["times"]),),

@@ -223,3 +223,37 @@ def test_an_elementwise_op_on_a_rewritten_products_column_works_on_the_flat_row(
     after = _flattened(sg.Cell([x], {h: sg.tanh(read + sg.Linear(2, 6)(x))}, [weights]))
     step = classify(after.order())
     assert [n.op for n in after.order() if step[n.id] == "step" and len(n.shape) > 1] == []
+
+
+def _fast_weights(D=3, I=2):
+    """A linear-attention memory: C' = f C + v k^T, read as C' q."""
+    x, C = sg.Input(I, name="x"), sg.State((D, D), name="C")
+    k, v, q = (sg.Linear(I, D, name=n)(x) for n in "kvq")
+    f = sg.sigmoid(sg.Linear(I, 1, name="f")(x))
+    C2 = sg.unsqueeze(f, -1) * C + sg.matmul(sg.unsqueeze(v, -1), sg.unsqueeze(k, 0))
+    return sg.Cell([x], {C: C2}, [sg.reshape(sg.matmul(C2, sg.unsqueeze(q, -1)), (D,))])
+
+
+def test_a_matrix_state_is_carried_as_its_flat_row():
+    after = _flattened(_fast_weights())
+    (prev, nxt), = after.states
+    assert prev.op == "state" and prev.name == "C" and prev.shape == (9,)
+    assert nxt.shape == (9,) and nxt.op == "add"
+    assert [n.op for n in after.order() if n.op != "reshape" and any(len(i.shape) == 2 and i.batched
+                                                                     for i in n.inputs)] == []
+
+
+def test_an_outer_product_of_per_step_vectors_is_computed_in_the_loop():
+    after = _flattened(_fast_weights())
+    assert "outer" in _ops(after) and "matmul" not in _ops(after)
+    assert "matmul" in _ops(StepGraph.from_cell(_fast_weights()))  # (as written: a (3, 1) @ (1, 3) product)
+
+
+def test_an_outer_product_read_only_before_the_loop_stays_there():
+    x, h = sg.Input(2, name="x"), sg.State(3, name="h")
+    k = sg.Linear(2, 3, name="k")(x)
+    outer = sg.matmul(sg.unsqueeze(k, -1), sg.unsqueeze(k, 0))          # (3, 3), no state in it
+    after = _flattened(sg.Cell([x], {h: h + sg.sum(outer, dim=0)}, [h]))
+    cls = classify(after.order())
+    (product,) = [n for n in after.order() if n.op == "matmul"]
+    assert cls[product.id] == "hoisted"

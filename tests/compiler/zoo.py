@@ -80,6 +80,26 @@ def mufuru_like(I=3,H=4):
     tot=e1+e2+e3
     s2=(e1*s+e2*v+e3*sg.sqrt(sg.abs(s-v)+1e-3)*0.25)/tot + sg.minimum(s,v)*0.1
     return sg.Cell([x],{s:s2},[s2])
+def mlstm(I=3,D=3):
+    """xLSTM's mLSTM: a (D, D) matrix memory C updated by the outer product v k^T, a normaliser
+    state n, and the read C q over |n . q| (a matrix state, carried as a flat row)."""
+    x=sg.Input(I,name="x"); C=sg.State((D,D),name="C"); n=sg.State(D,name="n")
+    k=sg.Linear(I,D,name="k")(x); v=sg.Linear(I,D,name="v")(x); q=sg.Linear(I,D,name="q")(x)
+    f=sg.sigmoid(sg.Linear(I,1,name="f")(x)); i=sg.sigmoid(sg.Linear(I,1,name="i")(x))
+    C2=sg.unsqueeze(f,-1)*C+sg.unsqueeze(i,-1)*sg.matmul(sg.unsqueeze(v,-1),sg.unsqueeze(k,0))
+    n2=f*n+i*k
+    h=sg.reshape(sg.matmul(C2,sg.unsqueeze(q,-1)),(D,))/(sg.abs(sg.sum(n2*q,dim=-1,keepdim=True))+1.0)
+    return sg.Cell([x],{C:C2,n:n2},[h])
+def delta_rule(I=3,D=4):
+    """DeltaNet's delta rule, C + beta (v - C k) k^T with k normalised: the matrix state times a
+    vector, and an outer product of a step value, inside the loop; the memory is an output too."""
+    x=sg.Input(I,name="x"); C=sg.State((D,D),name="C")
+    k=sg.Linear(I,D,name="k")(x); k=k/sg.sqrt(sg.sum(k*k,dim=-1,keepdim=True)+1.0)
+    v=sg.Linear(I,D,name="v")(x); beta=sg.sigmoid(sg.Linear(I,1,name="beta")(x))
+    err=v-sg.reshape(sg.matmul(C,sg.unsqueeze(k,-1)),(D,))
+    C2=C+sg.matmul(sg.unsqueeze(beta*err,-1),sg.unsqueeze(k,0))
+    h=sg.tanh(sg.reshape(sg.matmul(C2,sg.unsqueeze(v,-1)),(D,)))
+    return sg.Cell([x],{C:C2},[h,C2])
 
 
 ZOO = {
@@ -92,6 +112,8 @@ ZOO = {
     "multihead_attention": multihead_attention,
     "embed_drop": embed_drop,
     "mufuru_like": mufuru_like,
+    "mlstm": mlstm,
+    "delta_rule": delta_rule,
 }
 
 

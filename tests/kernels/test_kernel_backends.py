@@ -58,3 +58,33 @@ def test_a_layer_norm_whose_variance_overflows_gives_what_the_reference_gives(ba
     want, _ = rec(torch.zeros(2, 2, 4), {"h": h0})
     got, _ = sg.compile(rec, backend=backend)(torch.zeros(2, 2, 4), {"h": h0})
     torch.testing.assert_close(got, want, equal_nan=True)  # torch's float32 kernel: rstd 0, zeros
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+def test_a_matrix_state_given_and_returned_in_its_shape_equals_the_reference(backend):
+    rec = sg.Recurrence(CASES["zoo_delta_rule"]())
+    comp = sg.compile(rec, backend=backend)
+    xs, _ = make_inputs(rec.cell, 4, 3, dtype=torch.float32)
+    C0 = (0.3 * torch.randn(3, 4, 4)).requires_grad_()
+    lengths = torch.tensor([4, 1, 3])
+    (h1, m1), s1 = rec(tuple(xs), {"C": C0}, lengths=lengths)
+    (h2, m2), s2 = comp(tuple(xs), {"C": C0}, lengths=lengths)
+    assert s2["C"].shape == (3, 4, 4) and m2.shape == (4, 3, 4, 4)
+    for a, b in [(h1, h2), (m1, m2), (s1["C"], s2["C"])]:
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    wrt = [*xs, C0, *rec.parameters()]
+    g1 = torch.autograd.grad((h1.sum() + (m1 * 0.5).sum() + (s1["C"] ** 2).sum()), wrt)
+    g2 = torch.autograd.grad((h2.sum() + (m2 * 0.5).sum() + (s2["C"] ** 2).sum()), wrt)
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["zoo_mlstm", "zoo_delta_rule"])
+def test_matrix_state_cells_run_one_fused_region_per_step(name):
+    import zoo
+    cell = zoo.mlstm(D=4) if name == "zoo_mlstm" else CASES[name]()
+    for backend in BACKENDS:
+        plan = sg.compile(sg.Recurrence(cell), backend=backend).plan()
+        assert [s.kind for s in plan.stages] == ["fused"], (backend, plan)
+        assert all(s.kind == "fused" for s in plan.backward_plan(True).stages), (backend, plan)
+    assert "time loops: C" in str(sg.compile(sg.Recurrence(cell), backend="cpu").plan())
