@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 SIZES = {"fastrnns": (100, 64, 512), "small": (50, 16, 128), "medium": (20, 64, 256), "smallbatch": (50, 4, 1024)}
-CELLS = ("lstm", "gru", "peephole_lstm", "layer_norm_lstm", "mufuru")
+CELLS = ("lstm", "gru", "peephole_lstm", "layer_norm_lstm", "mufuru", "mlstm")
 
 
 # ---------------------------------------------------------------------------------------
@@ -34,6 +34,7 @@ def make_cell(name: str, I: int, H: int):
         "peephole_lstm": lambda: sg.cells.lstm(I, H, peephole=True),
         "layer_norm_lstm": lambda: sg.cells.lstm(I, H, layer_norm=True),
         "mufuru": lambda: sg.cells.mufuru(I, H),
+        "mlstm": lambda: sg.cells.mlstm(I, H),
     }[name]()
 
 
@@ -84,6 +85,21 @@ def eager_step(name: str, p: dict[str, torch.Tensor]) -> Callable:
                                torch.maximum(s, v), torch.minimum(s, v)], 1)
             s = (w * ops).sum(1)
             return s, (s,)
+        return step
+    if name == "mlstm":
+        def step(x, st):
+            C, n, m = st
+            q, k, v, o = (F.linear(x, p[f"{key}.weight"], p[f"{key}.bias"]) for key in "qkvo")
+            k = k / k.shape[1] ** 0.5
+            i_pre = F.linear(x, p["i.weight"], p["i.bias"])
+            log_f = F.logsigmoid(F.linear(x, p["f.weight"]) + p["f_bias"])
+            m_next = torch.maximum(log_f + m, i_pre)
+            i, f = torch.exp(i_pre - m_next), torch.exp(log_f + m - m_next)
+            C = f.unsqueeze(-1) * C + i.unsqueeze(-1) * (v.unsqueeze(-1) * k.unsqueeze(-2))
+            n = f * n + i * k
+            scale = torch.maximum((n * q).sum(-1, keepdim=True).abs(), torch.exp(-m_next))
+            h = torch.sigmoid(o) * (C @ q.unsqueeze(-1)).squeeze(-1) / scale
+            return h, (C, n, m_next)
         return step
     raise KeyError(name)
 
@@ -162,8 +178,7 @@ def run_case(cell_name: str, size: str, device, dtype, reps: int, peers: set[str
     rec = sg.Recurrence(make_cell(cell_name, H, H)).to(device=device, dtype=dtype)
     params = {k: v.detach().requires_grad_() for k, v in rec.param_tensors().items()}
     x = torch.randn(T, B, H, device=device, dtype=dtype, requires_grad=True)
-    nstates = len(rec.cell.states)
-    zeros = tuple(torch.zeros(B, H, device=device, dtype=dtype) for _ in range(nstates))
+    zeros = tuple(torch.zeros((B,) + prev.shape, device=device, dtype=dtype) for prev, _ in rec.cell.states)
     entries: list[tuple] = []  # (label, fwd, compile_s), timed together at the end
 
     def add(label, fwd, compile_s=None):

@@ -325,6 +325,38 @@ def indrnn(input_size: int, hidden_size: int, *, nonlinearity: str = "relu") -> 
     return sg.Cell(inputs=[x], states={h: h_next}, outputs=[h_next], name="indrnn")
 
 
+def mlstm(input_size: int, hidden_size: int) -> sg.Cell:
+    """xLSTM's matrix-memory LSTM (Beck et al. 2024), one head: an (H, H) memory "C" written
+    with the outer product v k^T, a normaliser "n" and a stabiliser "m" (one value), and gates
+    that read x alone (no recurrent weights, as in the paper):
+
+        log_f = logsigmoid(f x + f_bias);  m' = max(log_f + m, i x + i_bias)
+        i, f = exp(i x + i_bias - m'), exp(log_f + m - m')     (the stabilised gates)
+        C' = f C + i v k^T;  n' = f n + i k;  k = (k x + k_bias) / sqrt(H)
+        h = sigmoid(o x + o_bias) * (C' q) / max(|n' . q|, exp(-m'))
+
+    The Linears are "q", "k", "v", "o" (H outputs each) and "i", "f" (one each, "f" without a
+    bias); "f_bias" starts at 3, so a new memory forgets slowly, as the paper's code starts it.
+    The memory is carried as a flat row of H*H values by the compiled loops."""
+    _check_sizes("mlstm", input_size=input_size, hidden_size=hidden_size)
+    H = hidden_size
+    x = sg.Input(input_size, name="x")
+    C, n, m = sg.State((H, H), name="C"), sg.State(H, name="n"), sg.State(1, name="m")
+    q, k, v, o = (sg.Linear(input_size, H, name=key)(x) for key in "qkvo")
+    k = k * (1.0 / H ** 0.5)
+    i_pre = sg.Linear(input_size, 1, name="i")(x)
+    f_pre = sg.Linear(input_size, 1, bias=False, name="f")(x) + sg.Parameter(1, name="f_bias", init=3.0)
+    log_f = sg.minimum(f_pre, 0.0) - sg.log(1.0 + sg.exp(-sg.abs(f_pre)))  # logsigmoid, without overflow
+    m_next = sg.maximum(log_f + m, i_pre)
+    i, f = sg.exp(i_pre - m_next), sg.exp(log_f + m - m_next)
+    C_next = sg.unsqueeze(f, -1) * C + sg.unsqueeze(i, -1) * sg.matmul(sg.unsqueeze(v, -1), sg.unsqueeze(k, 0))
+    n_next = f * n + i * k
+    read = sg.reshape(sg.matmul(C_next, sg.unsqueeze(q, -1)), (H,))
+    scale = sg.maximum(sg.abs(sg.sum(n_next * q, dim=-1, keepdim=True)), sg.exp(-m_next))
+    h = sg.sigmoid(o) * read / scale
+    return sg.Cell(inputs=[x], states={C: C_next, n: n_next, m: m_next}, outputs=[h], name="mlstm")
+
+
 # ---------------------------------------------------------------------------------------
 # norm stabilizer
 # ---------------------------------------------------------------------------------------

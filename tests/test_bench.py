@@ -14,7 +14,7 @@ def test_the_eager_loop_computes_the_same_cell_as_seqgraph(name):
     rec = sg.Recurrence(bench.make_cell(name, 6, 6)).double()
     params = {k: v.detach() for k, v in rec.param_tensors().items()}
     x = torch.randn(5, 3, 6, dtype=torch.float64)
-    zeros = tuple(torch.zeros(3, 6, dtype=torch.float64) for _ in rec.cell.states)
+    zeros = tuple(torch.zeros((3,) + prev.shape, dtype=torch.float64) for prev, _ in rec.cell.states)
     want, _ = rec(x)
     got, _ = bench.eager_loop(bench.eager_step(name, params))(x, zeros)
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)

@@ -352,6 +352,60 @@ def test_indrnn_matches_published_equations(nonlinearity):
     assert_close(out, run_reference(step, x, (h0,))[0])
 
 
+# ---------------------------------------------------------------------------------------
+# mLSTM (xLSTM's matrix memory)
+# ---------------------------------------------------------------------------------------
+def _mlstm_step(P, D):
+    """One mLSTM step from the paper's stabilised equations, in plain torch."""
+    def step(xt, s):
+        C, n, m = s
+        q, v, o = lin(P, "q", xt), lin(P, "v", xt), lin(P, "o", xt)
+        k = lin(P, "k", xt) / D ** 0.5
+        i_pre, log_f = lin(P, "i", xt), F.logsigmoid(lin(P, "f", xt) + P["f_bias"])
+        m2 = torch.maximum(log_f + m, i_pre)
+        i, f = torch.exp(i_pre - m2), torch.exp(log_f + m - m2)
+        C2 = f[:, :, None] * C + i[:, :, None] * torch.einsum("bi,bj->bij", v, k)
+        n2 = f * n + i * k
+        h = torch.sigmoid(o) * torch.einsum("bij,bj->bi", C2, q) / torch.maximum((n2 * q).sum(-1, keepdim=True).abs(),
+                                                                                  torch.exp(-m2))
+        return h, (C2, n2, m2)
+    return step
+
+
+def test_mlstm_matches_published_equations_from_a_given_state():
+    rec = sg.Recurrence(sg.cells.mlstm(I, H)).double()
+    P = params_of(rec)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    s0 = (torch.randn(B, H, H, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64),
+          torch.randn(B, 1, dtype=torch.float64))
+    out, final = rec(x, dict(zip("Cnm", s0)))
+    want, (C, n, m) = run_reference(_mlstm_step(P, H), x, s0)
+    assert_close(out, want, 1e-10)
+    assert_close(final["C"], C, 1e-10)
+    assert_close(final["n"], n, 1e-10)
+    assert_close(final["m"], m, 1e-10)
+    assert final["C"].shape == (B, H, H) and final["m"].shape == (B, 1)
+
+
+def test_mlstm_parameters_and_forget_bias_start():
+    rec = sg.Recurrence(sg.cells.mlstm(I, H))
+    shapes = {k: tuple(v.shape) for k, v in rec.param_tensors().items()}
+    assert shapes == {**{f"{g}.weight": (H, I) for g in "qkvo"}, **{f"{g}.bias": (H,) for g in "qkvo"},
+                      "i.weight": (1, I), "i.bias": (1,), "f.weight": (1, I), "f_bias": (1,)}
+    assert rec.param_tensors()["f_bias"].item() == 3.0
+
+
+def test_mlstm_stays_finite_when_its_gates_saturate():
+    rec = sg.Recurrence(sg.cells.mlstm(I, H))
+    with torch.no_grad():
+        rec.param_tensors()["i.bias"].fill_(80.0)  # exp(80) overflows float32 without the stabiliser
+        rec.param_tensors()["f_bias"].fill_(-200.0)  # sigmoid(-200) is 0 in float32: log_f must not be -inf
+    x = torch.randn(T, B, I, requires_grad=True)
+    out, final = rec(x)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all() and torch.isfinite(final["m"]).all()
+
+
 def test_unknown_nonlinearity_is_refused():
     with pytest.raises(ValueError, match="nonlinearity"):
         sg.cells.rnn(I, H, nonlinearity="gelu")
@@ -372,6 +426,7 @@ GRADCHECK_CELLS = {
     "gru_reset_before": lambda: sg.cells.gru(3, 4, reset_after=False),
     "mufuru": lambda: sg.cells.mufuru(3, 4),
     "indrnn": lambda: sg.cells.indrnn(3, 4),
+    "mlstm": lambda: sg.cells.mlstm(3, 3),
 }
 
 
