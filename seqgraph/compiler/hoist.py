@@ -54,7 +54,7 @@ def is_outer_product(n: Node) -> bool:
 def keep_expansions_in_loop(order: list[Node], cls: dict[int, str], results: set[int]) -> None:
     """Reclassify as "step", in `cls`, each hoisted value spread from smaller per-step values
     (an outer product such as a linear-attention or mLSTM update `v k^T`, a tile, a repeat,
-    and the elementwise and layout ops over them) that only the loop reads. Before the loop it
+    and the elementwise ops and reshapes over them) that only the loop reads. Before the loop it
     would be written for all T*B rows, M*N values each from M+N, and read back once; in the
     loop's fused region it costs a multiply per element and no memory. A result of the step
     stays where it is."""
@@ -62,9 +62,12 @@ def keep_expansions_in_loop(order: list[Node], cls: dict[int, str], results: set
     for n in order:
         if cls[n.id] != "hoisted" or not n.batched or n.dtype != "float":
             continue
-        kind = REGISTRY[n.op].kind
-        if is_outer_product(n) or n.op in ("tile", "repeat_each") or (
-                kind in ("elementwise", "layout") and n.op != "concat" and any(i.id in spread for i in n.inputs)):
+        # (of the layout ops, reshapes only: flatten_per_example_matrices reads through them, while
+        # a transpose or slice of the product would stay a per-example matrix, a torch stage in
+        # the loop where it was one before it)
+        over_spread = (REGISTRY[n.op].kind == "elementwise" or n.op == "reshape") and \
+            any(i.id in spread for i in n.inputs)
+        if is_outer_product(n) or n.op in ("tile", "repeat_each") or over_spread:
             spread.add(n.id)
     users = consumers(order)
     for n in reversed(order):

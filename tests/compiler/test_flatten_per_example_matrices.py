@@ -6,6 +6,7 @@ import pytest
 import seqgraph as sg
 from seqgraph.compiler.flatten_per_example_matrices import flatten_per_example_matrices
 from seqgraph.compiler.hoist import classify
+from seqgraph.compiler.pipeline import compile_plan
 from seqgraph.compiler.simplify import simplify
 from seqgraph.compiler.stepgraph import StepGraph
 
@@ -257,3 +258,15 @@ def test_an_outer_product_read_only_before_the_loop_stays_there():
     cls = classify(after.order())
     (product,) = [n for n in after.order() if n.op == "matmul"]
     assert cls[product.id] == "hoisted"
+
+
+@pytest.mark.parametrize("view,rows", [(lambda p: sg.tanh(sg.transpose(p)), 4), (lambda p: sg.narrow(p, 0, 1, 4), 5)],
+                         ids=["transposed", "narrowed"])
+def test_an_outer_product_read_through_a_transpose_or_slice_stays_before_the_loop(view, rows):
+    x, h = sg.Input(2, name="x"), sg.State(4, name="h")
+    a, b = sg.Linear(2, rows, name="a")(x), sg.Linear(2, 4, name="b")(x)
+    Q = view(sg.matmul(sg.unsqueeze(a, -1), sg.unsqueeze(b, 0)))      # a (4, 4) view of the product
+    h2 = sg.tanh(sg.reshape(sg.matmul(Q, sg.unsqueeze(h, -1)), (4,)) + h)
+    plan = compile_plan(sg.Cell([x], {h: h2}, [h2]))
+    assert [s.kind for s in plan.stages] == ["fused"]                # (a torch stage per view op if it moved in)
+    assert [n.op for n in plan.hoisted if n.op == "matmul"] == ["matmul"]
