@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 
-from .hoist import is_outer_product, classify, keep_expansions_in_loop
+from .hoist import classify, is_outer_product, keep_expansions_in_loop
 from .ir import Node, consumers
 from .ops import REGISTRY, make
 from .stepgraph import StepGraph, clone, rewrite

@@ -5,8 +5,9 @@ per-sequence noise: computed once per call), "hoisted" (also depends on per-step
 per-step noise, but on no state: computed for all T steps at once, as (T*B) rows, before the
 loop; an LSTM's input projection becomes one big GEMM) or "step" (depends on a state: computed
 inside the time loop). One exception, `keep_expansions_in_loop`: a value spread from smaller
-per-step ones (an outer product) that only the loop reads is computed in the loop. The rewrites that widen what can be hoisted live in their own pass
-files (split_linear_over_concat.py, hoist_loop_invariant_terms.py). Must not change the graph.
+per-step ones (an outer product) that only the loop reads is computed in the loop. The rewrites
+that widen what can be hoisted live in their own pass files (split_linear_over_concat.py,
+hoist_loop_invariant_terms.py). Must not change the graph.
 """
 from __future__ import annotations
 

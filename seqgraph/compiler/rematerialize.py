@@ -5,8 +5,8 @@ forward loop and read back by the backward loop: two passes over memory per valu
 value that a few cheap ops make from values the backward step has anyway (values still saved,
 the previous states, the per-step and invariant reads, constants) is cheaper to make again
 inside the backward step's fused region than to store and load. So, in forward order, each
-saved value that cheap ops (OpDef.cheap: arithmetic, selects, layout ops and row normalisations: no
-transcendental function, no product) make from values at hand, saved or recomputed, through at
+saved value that cheap ops (OpDef.cheap: arithmetic, selects, layout ops, row normalisations and
+outer products and other spreads of a vector: no transcendental function, no sum of products) make from values at hand, saved or recomputed, through at
 most a few intermediate values nobody saved, is dropped from the saved list and recomputed with
 those intermediates. Examples: a layer norm of a saved pre-activation, the new cell state of an
 LSTM made from its saved gates. Values the after-loop reductions read directly, gradient roots
