@@ -968,70 +968,68 @@ def _outer_c(n, dst, w, u, v):
 
 
 # Triton emitters of the row ops. A kernel holds a row of an (M, N) matrix as one tile of
-# BLOCK(M * N) columns; when N is a power of two that tile *is* a [BM, N] matrix tile
-# (tl.reshape, kernels/triton_rows.py), so products, broadcasts and sums along either dim are
-# plain tile arithmetic. Otherwise values would have to move between columns, which takes
-# tl.gather, and Triton aborts the process on some gathers of this shape (an index much longer
-# than its source, triton-lang/triton#5836); untested on a GPU, such rows stay torch code.
+# BM * BN register columns, BM and BN the powers of two at or above M and N: column
+# m * BN + n holds the matrix's (m, n) (codegen.py lays out every value of that width so).
+# When N is a power of two that is the row's own layout; either way `tl.reshape` turns the
+# tile into a [BM, BN] matrix tile (kernels/triton_rows.py), and products, broadcasts and
+# sums along either dim are plain tile arithmetic. Padding rows and columns hold anything:
+# every sum over them masks them out, and nothing stores them.
 def block_width(w: int) -> int:
     """The power-of-two number of register columns a Triton kernel's tile of w values spans."""
     return 1 << max(0, (w - 1).bit_length())
 
 
-def _tri_rows(N: int, emit: Callable[[], str]):
-    """emit() when rows of N columns are a power of two wide, else the reason they are not fused."""
-    if N != block_width(N):
-        return (NOT_FUSED, f"its matrix rows of {N} columns are not a power of two wide: moving values "
-                           "between a kernel's columns would need tl.gather (unverified on a GPU); torch computes it")
-    return emit()
-
-
 def _tri_matrix(x: str, M: int, N: int) -> str:
-    return f"sg_matrix({x}, {block_width(M)}, {N})"
+    return f"sg_matrix({x}, {block_width(M)}, {block_width(N)})"
 
 
-def _tri_rows_summed(x: str, M: int) -> str:
-    """A [R, BM, N] tile summed over its matrix's M rows (the padding rows masked out)."""
-    return f"tl.sum(tl.where(sg_rows_below({M}, {block_width(M)}), {x}, 0.0), axis=1)"
+def _tri_sum(x: str, M: int, N: int, axis: int) -> str:
+    """A [R, BM, BN] tile summed along its axis 1 (the M rows) or 2 (the N columns), the padding
+    along that axis masked out (nothing to mask where the size is a power of two)."""
+    size = M if axis == 1 else N
+    if size != block_width(size):
+        inside = f"sg_rows_below({M}, {block_width(M)})" if axis == 1 else f"sg_cols_below({N}, {block_width(N)})"
+        x = f"tl.where({inside}, {x}, 0.0)"
+    return f"tl.sum({x}, axis={axis})"
 
 
 def _matvec_triton(n, a, q):
     M, N = n.shape[0], n.inputs[1].shape[0]
-    return _tri_rows(N, lambda: f"tl.sum({_tri_matrix(a, M, N)} * ({q})[:, None, :], axis=2)")
+    return _tri_sum(f"{_tri_matrix(a, M, N)} * ({q})[:, None, :]", M, N, axis=2)
 
 
 def _vecmat_triton(n, v, a):
     M, N = n.inputs[0].shape[0], n.shape[0]
-    return _tri_rows(N, lambda: _tri_rows_summed(f"{_tri_matrix(a, M, N)} * ({v})[:, :, None]", M))
+    return _tri_sum(f"{_tri_matrix(a, M, N)} * ({v})[:, :, None]", M, N, axis=1)
 
 
 def _outer_triton(n, u, v):
-    return _tri_rows(n.inputs[1].shape[0], lambda: f"sg_flat(({u})[:, :, None] * ({v})[:, None, :])")
+    return f"sg_flat(({u})[:, :, None] * ({v})[:, None, :])"
 
 
 def _tile_triton(n, x):
     M, N = n.attrs["times"], n.inputs[0].shape[0]
-    return _tri_rows(N, lambda: f"sg_flat(({x})[:, None, :] + tl.zeros((1, {block_width(M)}, {N}), tl.float32))")
+    return f"sg_flat(({x})[:, None, :] + tl.zeros((1, {block_width(M)}, {block_width(N)}), tl.float32))"
 
 
 def _repeat_each_triton(n, x):
     N = n.attrs["times"]
-    return _tri_rows(N, lambda: f"sg_flat(({x})[:, :, None] + tl.zeros((1, 1, {N}), tl.float32))")
+    return f"sg_flat(({x})[:, :, None] + tl.zeros((1, 1, {block_width(N)}), tl.float32))"
 
 
 def _sum_tiles_triton(n, x):
     M, N = n.attrs["times"], n.shape[0]
-    return _tri_rows(N, lambda: _tri_rows_summed(_tri_matrix(x, M, N), M))
+    return _tri_sum(_tri_matrix(x, M, N), M, N, axis=1)
 
 
 def _sum_groups_triton(n, x):
     M, N = n.shape[0], n.attrs["times"]
-    return _tri_rows(N, lambda: f"tl.sum({_tri_matrix(x, M, N)}, axis=2)")
+    return _tri_sum(_tri_matrix(x, M, N), M, N, axis=2)
 
 
 def _softmax_groups_triton(n, x):
-    N = n.attrs["times"]
-    return _tri_rows(N, lambda: f"sg_softmax_groups({x}, {block_width(n.shape[0] // N)}, {N})")
+    M, N = n.shape[0] // n.attrs["times"], n.attrs["times"]
+    return f"sg_softmax_groups({x}, {block_width(M)}, {N}, {block_width(N)})"
 
 
 register("matvec", kind="reduction", shape=_product_shape(True),

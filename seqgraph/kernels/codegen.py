@@ -12,8 +12,10 @@ registry's Triton emitters; layout ops, piecewise reductions and sliced softmax,
 and layer_norm_grad are written here. Per-example shapes are read flattened (a value of shape
 (S, D) is a row of S*D columns), which is exact for elementwise ops; reductions and layout ops
 need values whose leading per-example dims are 1. The row ops of flattened per-example
-matrices (matvec, tile, ...) read their operands' whole rows as [rows, BM, N] tiles
-(triton_rows.py); a region where that would take moving values between columns is refused.
+matrices (matvec, tile, ...) read their operands' whole rows as [rows, BM, BN] tiles
+(triton_rows.py), so a width that holds an (M, N) matrix is laid out in rows padded to BN
+columns (matrix_layouts); a region where that would take moving values between columns is
+refused.
 This module only writes source text and says what it cannot fuse; compiling, caching and
 launching are launch.py's job. It must not run kernels nor change the registry.
 """
@@ -37,7 +39,7 @@ CODEGEN_VERSION = 1  # bump when generated kernels change meaning: it is part of
 _ROW_STATS = ("softmax", "layer_norm", "layer_norm_grad")  # per-row statistics, then an elementwise part
 _SUMS = ("sum", "mean", "sum_to")
 # the row ops of flattened per-example matrices: they read whole operand rows and write a whole
-# row, as [rows, BM, N] tiles (triton_rows.py)
+# row, as [rows, BM, BN] tiles (triton_rows.py)
 _WHOLE_ROWS = ("matvec", "vecmat", "outer", "tile", "repeat_each", "sum_tiles", "sum_groups", "softmax_groups")
 _HELPER_CALL = re.compile(r"(?<!\w)sg_\w+\(")  # a call of a triton_rows.py helper (a value's name never is one)
 
@@ -169,7 +171,8 @@ def region_problem(region: Region, refusal=_triton_refusal) -> str | None:
 def _whole_rows_problem(region: Region) -> str | None:
     """A row op computes its whole row from its operands' whole rows, each one tile: an operand
     joined from pieces (a concat) or a part of a row op's result asked for (a slice) would have
-    to move values between columns (tl.gather, unverified on a GPU)."""
+    to move values between columns (tl.gather, unverified on a GPU); so would one width laid
+    out two ways (matrix_layouts)."""
     layout = _Writer(region)
     layout._find_breaks()
     layout._plan_ranges()
@@ -183,7 +186,61 @@ def _whole_rows_problem(region: Region) -> str | None:
         if layout.need[n.id] - {(0, width(n))}:
             return (f"{_describe(n)}: parts of its row are read on their own ({sorted(layout.need[n.id])}): the "
                     "kernel would have to move values between its columns (tl.gather, unverified on a GPU)")
-    return None
+    return matrix_layouts(region)[1]
+
+
+def _row_op_layouts(n: Node) -> list[tuple[int, int, int]]:
+    """(width, M, N) for each row that row op `n` reads or writes: an (M, N) matrix, or a plain
+    vector as (w, 1, w)."""
+    def vec(w: int) -> tuple[int, int, int]:
+        return (w, 1, w)
+    if n.op == "matvec":
+        M, N = width(n), width(n.inputs[1])
+        return [(M * N, M, N), vec(M), vec(N)]
+    if n.op == "vecmat":
+        M, N = width(n.inputs[0]), width(n)
+        return [(M * N, M, N), vec(M), vec(N)]
+    if n.op == "outer":
+        M, N = width(n.inputs[0]), width(n.inputs[1])
+        return [(M * N, M, N), vec(M), vec(N)]
+    k = n.attrs["times"]
+    if n.op in ("tile", "sum_tiles"):
+        N = width(n.inputs[0]) if n.op == "tile" else width(n)
+        return [(k * N, k, N), vec(N)]
+    if n.op in ("repeat_each", "sum_groups"):
+        M = width(n.inputs[0]) if n.op == "repeat_each" else width(n)
+        return [(M * k, M, k), vec(M)]
+    return [(width(n), width(n) // k, k)]  # softmax_groups
+
+
+def matrix_layouts(region: Region) -> tuple[dict[int, tuple[int, int]], str | None]:
+    """The widths whose tiles hold an (M, N) matrix with N not a power of two, each as (M, N),
+    and why the region cannot be laid out, or None.
+
+    Every tile of one width is laid out alike, so elementwise ops, slices, concats, loads and
+    stores never care how: column m * BN + n holds flat value m * N + n. That is the plain
+    layout (column c holds value c) when N is a power of two or M is 1; otherwise the width's
+    loads and stores go through the map. Only the row ops care, and two of them that want one
+    width laid out two ways (a (2, 3) and a (3, 2) matrix, or a matrix and a vector of six)
+    cannot share a kernel."""
+    wanted: dict[int, dict[tuple[int, int] | None, tuple[Node, int, int]]] = {}
+    for n in region.nodes:
+        if n.op in _WHOLE_ROWS:
+            for w, M, N in _row_op_layouts(n):
+                grid = None if M == 1 or N == _block(N) else (M, N)
+                wanted.setdefault(w, {}).setdefault(grid, (n, M, N))
+    grids: dict[int, tuple[int, int]] = {}
+    for w, ways in wanted.items():
+        if len(ways) > 1:
+            (n1, M1, N1), (n2, M2, N2) = list(ways.values())[:2]
+            say = lambda M, N: f"a ({M}, {N}) matrix" if M != 1 else "a vector"  # noqa: E731
+            return {}, (f"{_describe(n1)} reads rows of {w} columns as {say(M1, N1)} and {_describe(n2)} as "
+                        f"{say(M2, N2)}: one kernel lays out all tiles of a width alike, and these two layouts "
+                        "differ (moving values between columns takes tl.gather, unverified on a GPU)")
+        (grid,) = ways
+        if grid is not None:
+            grids[w] = grid
+    return grids, None
 
 
 def region_supported(region: Region) -> tuple[bool, str]:
@@ -275,7 +332,20 @@ class _Writer:
         self.literals: dict[str, float] = {}  # literal expression -> its value
         self.stats_written: set[int] = set()
         self.widths: set[int] = set()
+        self.grids = matrix_layouts(region)[0] if any(n.op in _WHOLE_ROWS for n in region.nodes) else {}
         self.lines: list[str] = []
+
+    def block(self, w: int) -> int:
+        """Register columns of a tile of w values: BM * BN for a width holding an (M, N) matrix."""
+        if w in self.grids:
+            M, N = self.grids[w]
+            return _block(M) * _block(N)
+        return _block(w)
+
+    def columns(self, w: int, lo: int) -> str:
+        """The flat columns (from `lo`) that the register columns of a width-w tile hold."""
+        cols = f"idx_{w}" if w in self.grids else f"cols_{w}"
+        return f"{cols} + {lo}" if lo else cols
 
     # -- column layout -----------------------------------------------------------------
     def _find_breaks(self) -> None:
@@ -367,13 +437,13 @@ class _Writer:
         return self.values[(n.id, *rng)]
 
     def tile_zeros(self, n: Node, w: int) -> str:
-        return f"tl.zeros(({'BLOCK_ROWS' if n.batched else 1}, {_block(w)}), tl.float32)"
+        return f"tl.zeros(({'BLOCK_ROWS' if n.batched else 1}, {self.block(w)}), tl.float32)"
 
     def load(self, n: Node, rng: Range) -> str:
         """A load expression for range `rng` of region input `n` (float32 in registers)."""
         k, (lo, w) = self.arg[n.id], (rng[0], rng[1] - rng[0])
         self.widths.add(w)
-        cols = f"(cols_{w} + {lo})" if lo else f"cols_{w}"
+        cols = f"({self.columns(w, lo)})" if lo else self.columns(w, lo)
         spec = self.arg_spec(n)
         if spec.kind == "rows":
             return (f"tl.load(in{k}_ptr + rows * in{k}_rs + {cols} * in{k}_cs, mask=rmask & cmask_{w}, "
@@ -530,7 +600,7 @@ class _Writer:
                 elif k in r.zero_masked:
                     self.lines.append("    if HAS_MASK:")
                     self.emit(f"{val} = tl.where(keep, {val}, 0.0)", "padded rows write zeros", indent=2)
-                cols = f"cols_{w} + {lo}" if lo else f"cols_{w}"
+                cols = self.columns(w, lo)
                 self.lines.append(f"    tl.store(out{k}_ptr + rows * {width(o)} + {cols}, "
                                   f"{val}.to(out{k}_ptr.dtype.element_ty), mask=rmask & cmask_{w})")
 
@@ -576,8 +646,15 @@ class _Writer:
             "    rmask = rows < n_rows",
         ]
         for w in sorted(self.widths):
-            prologue.append(f"    cols_{w} = tl.arange(0, {_block(w)})[None, :]")
-            prologue.append(f"    cmask_{w} = cols_{w} < {w}")
+            prologue.append(f"    cols_{w} = tl.arange(0, {self.block(w)})[None, :]")
+            if w in self.grids:  # an (M, N) matrix: column m * BN + n holds value m * N + n
+                M, N = self.grids[w]
+                bn = _block(N)
+                prologue.append(f"    cmask_{w} = (cols_{w} // {bn} < {M}) & (cols_{w} % {bn} < {N})"
+                                f"  # a ({M}, {N}) matrix, rows {bn} wide")
+                prologue.append(f"    idx_{w} = cols_{w} // {bn} * {N} + cols_{w} % {bn}")
+            else:
+                prologue.append(f"    cmask_{w} = cols_{w} < {w}")
         if masked:
             prologue.append("    if HAS_MASK:")
             prologue.append("        keep = tl.load(mask_ptr + rows * mask_rs, mask=rmask, other=0) != 0"
@@ -604,7 +681,7 @@ class _Writer:
         lines = header + params + ["):"] + prologue + ["    # -- values --"] + body + ["    # -- stores --"]
         lines += stores + ["", "", f"KERNEL = {func}", ""]
         out_shapes = tuple(tuple(o.shape) for o in r.outputs)
-        max_block = max(_block(w) for w in self.widths)
+        max_block = max(self.block(w) for w in self.widths)
         return KernelSource("\n".join(lines), func, specs, out_shapes, max_block, masked)
 
 

@@ -233,22 +233,35 @@ def attention_region(S=5, D=7):
     return region_from_outputs([weights, summed, make("outer", (weights, q)), sums], [wide, q, mask, one])
 
 
-def matrix_row_op(op):
-    """One node of each row op on flattened (3, 4) matrices."""
-    x3, x4, x12 = sg.Input(3, name="x3"), sg.Input(4, name="x4"), sg.Input(12, name="x12")
-    return {"matvec": lambda: make("matvec", (x12, x4)), "vecmat": lambda: make("vecmat", (x3, x12)),
-            "outer": lambda: make("outer", (x3, x4)), "tile": lambda: make("tile", (x4,), times=3),
-            "repeat_each": lambda: make("repeat_each", (x3,), times=4),
-            "sum_tiles": lambda: make("sum_tiles", (x12,), times=3),
-            "sum_groups": lambda: make("sum_groups", (x12,), times=4),
-            "softmax_groups": lambda: make("softmax_groups", (x12,), times=4),
+def matrix_row_op(op, M=3, N=4):
+    """One node of each row op on flattened (M, N) matrices (the strided products take M, N = 3, 4)."""
+    xm, xn, xmn = sg.Input(M, name="xm"), sg.Input(N, name="xn"), sg.Input(M * N, name="xmn")
+    return {"matvec": lambda: make("matvec", (xmn, xn)), "vecmat": lambda: make("vecmat", (xm, xmn)),
+            "outer": lambda: make("outer", (xm, xn)), "tile": lambda: make("tile", (xn,), times=M),
+            "repeat_each": lambda: make("repeat_each", (xm,), times=N),
+            "sum_tiles": lambda: make("sum_tiles", (xmn,), times=M),
+            "sum_groups": lambda: make("sum_groups", (xmn,), times=N),
+            "softmax_groups": lambda: make("softmax_groups", (xmn,), times=N),
             # rows of b added in (b and the result run along n), and dot products (b runs along k)
-            "strided_matmul rows": lambda: make("strided_matmul", (x3, x12), dims=(1, 1, 3, 4), sa=(0, 0, 1),
+            "strided_matmul rows": lambda: make("strided_matmul", (xm, xmn), dims=(1, 1, 3, 4), sa=(0, 0, 1),
                                                 sb=(0, 4, 1), so=(0, 0, 1)),
-            "strided_matmul heads": lambda: make("strided_matmul", (x4, x12), dims=(2, 1, 2, 3), sa=(2, 2, 1),
+            "strided_matmul heads": lambda: make("strided_matmul", (xn, xmn), dims=(2, 1, 2, 3), sa=(2, 2, 1),
                                                  sb=(2, 1, 4), so=(3, 3, 1)),
-            "strided_matmul transposed": lambda: make("strided_matmul", (x12, x4), dims=(1, 3, 4, 1),
+            "strided_matmul transposed": lambda: make("strided_matmul", (xmn, xn), dims=(1, 3, 4, 1),
                                                       sa=(0, 1, 3), sb=(0, 1, 0), so=(0, 1, 0))}[op]()
+
+
+def matrix_region(M, N):
+    """Every row op on one flattened (M, N) matrix, with elementwise ops, a layer norm and the
+    matrix itself among the outputs. Kernels hold padding past M rows and N columns; here it is
+    nonzero (1 + ..., sigmoid), so a sum that failed to mask it would count it."""
+    x, u, v = sg.Input(M * N, name="x"), sg.Input(M, name="u"), sg.Input(N, name="v")
+    su, sv = sg.sigmoid(u), sg.sigmoid(v)
+    mat = sg.tanh(x) + 1.0 + make("outer", (su, v)) * make("tile", (sv,), times=M) - make("repeat_each", (u,), times=N)
+    outs = [make("matvec", (mat, sv)), make("vecmat", (su, mat)), make("sum_tiles", (mat,), times=M),
+            make("sum_groups", (mat,), times=N), make("sum_groups", (make("softmax_groups", (mat,), times=N),), times=N),
+            mat, sg.layer_norm(mat), sg.sum(mat, keepdim=True)]
+    return region_from_outputs(outs, [x, u, v])
 
 
 MATRIX_ROW_OPS = ["matvec", "vecmat", "outer", "tile", "repeat_each", "sum_tiles", "sum_groups", "softmax_groups",

@@ -4,6 +4,8 @@ import re
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import seqgraph as sg
 from seqgraph.compiler import ops
@@ -11,8 +13,8 @@ from seqgraph.compiler.ops import make
 from seqgraph.kernels.codegen import generate, region_from_outputs, region_supported, row_problem
 from seqgraph.kernels.launch import compile_region
 
-from regions import CELL_REGIONS, MATRIX_ROW_OPS, attention_region, forward_nodes, lstm_region, matrix_row_op, \
-    random_inputs, reference, vjp_region, backward_region
+from regions import CELL_REGIONS, MATRIX_ROW_OPS, attention_region, forward_nodes, lstm_region, matrix_region, \
+    matrix_row_op, random_inputs, reference, vjp_region, backward_region
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CUDA when present, else the interpreter
 
@@ -196,20 +198,51 @@ def test_per_example_matrix_vector_products_match_reference():
     assert_matches_reference(region, batch=4)
 
 
-def test_matrix_rows_whose_width_is_not_a_power_of_two_are_left_to_torch():
-    ok, why = region_supported(attention_region(S=5, D=7))
-    assert not ok and "rows of 7 columns are not a power of two wide" in why
+def test_matrix_rows_whose_width_is_not_a_power_of_two_are_fused_and_match_reference():
+    region = attention_region(S=5, D=7)
+    assert region_supported(region) == (True, "")
+    source = generate(region).source
+    assert "idx_35 = cols_35 // 8 * 7 + cols_35 % 8" in source  # the (5, 7) matrix's rows padded to 8 columns
+    assert_matches_reference(region, batch=4)
 
 
+# (3, 4): rows of a power of two; (4, 3) and (3, 5): padded rows, the second of padded rows and columns
+@pytest.mark.parametrize("shape", [(3, 4), (4, 3), (3, 5)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("op", [op for op in MATRIX_ROW_OPS if not op.startswith("strided_matmul")])
-def test_each_matrix_row_op_and_its_vjp_region_match_reference(op):
-    node = matrix_row_op(op)
+def test_each_matrix_row_op_and_its_vjp_region_match_reference(op, shape):
+    node = matrix_row_op(op, *shape)
     forward = region_from_outputs([node], list(node.inputs))
     assert region_supported(forward) == (True, "")
     assert_matches_reference(forward)
     region = vjp_region(node)
     assert region_supported(region) == (True, "")
     assert_matches_reference(region, rtol=1e-4)
+
+
+@settings(max_examples=15, deadline=None)
+@given(M=st.integers(1, 6), N=st.integers(1, 7), batch=st.integers(1, 5))
+def test_row_ops_on_a_matrix_of_any_size_match_reference(M, N, batch):
+    region = matrix_region(M, N)
+    assert region_supported(region) == (True, "")
+    assert_matches_reference(region, batch=batch)
+
+
+def test_padded_matrix_rows_feed_slices_concats_and_row_sums():
+    x, q, y = sg.Input(15, name="x"), sg.Input(5, name="q"), sg.Input(15, name="y")
+    spread = sg.tanh(make("tile", (q,), times=3) + x)  # a (3, 5) matrix, padded to (4, 8) in registers
+    both = sg.concat([spread, y * 2.0])  # a (3, 5) tile and a plain tile of y, laid out alike
+    outs = [sg.narrow(both, -1, 15, 15) + spread, sg.layer_norm(spread), sg.sum(both, keepdim=True),
+            make("sum_groups", (spread * y,), times=5)]
+    region = region_from_outputs(outs, [x, q, y])
+    assert region_supported(region) == (True, "")
+    assert_matches_reference(region)
+
+
+def test_a_width_read_as_two_different_matrices_is_left_to_torch():
+    x, u, v = sg.Input(6, name="x"), sg.Input(2, name="u"), sg.Input(3, name="v")
+    region = region_from_outputs([make("outer", (u, v)) + make("tile", (u,), times=3) * x], [x, u, v])
+    ok, why = region_supported(region)
+    assert not ok and "rows of 6 columns as a (2, 3) matrix" in why and "as a (3, 2) matrix" in why
 
 
 def test_a_product_of_two_per_example_matrices_is_left_to_torch():

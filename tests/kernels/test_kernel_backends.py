@@ -79,10 +79,10 @@ def test_a_matrix_state_given_and_returned_in_its_shape_equals_the_reference(bac
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["zoo_mlstm", "zoo_delta_rule"])
+@pytest.mark.parametrize("name", ["zoo_mlstm", "zoo_mlstm_D4", "zoo_delta_rule"])
 def test_matrix_state_cells_run_one_fused_region_per_step(name):
     import zoo
-    cell = zoo.mlstm(D=4) if name == "zoo_mlstm" else CASES[name]()
+    cell = zoo.mlstm(D=4) if name == "zoo_mlstm_D4" else CASES[name]()  # (the zoo's mlstm has D = 3)
     for backend in BACKENDS:
         plan = sg.compile(sg.Recurrence(cell), backend=backend).plan()
         assert [s.kind for s in plan.stages] == ["fused"], (backend, plan)

@@ -23,13 +23,15 @@ def test_float64_under_triton_runs_the_torch_code_exactly():
     torch.testing.assert_close(comp(x)[0], rec(x)[0], atol=1e-12, rtol=1e-12)
 
 
-# attention over D = 8 features: its row ops fuse (rows of a power-of-two width)
-POW2_ATTENTION = {"dot": lambda: attention(D=8), "additive": lambda: additive_attention(D=8, S=5),
-                  "two_heads": lambda: multihead_attention(D=8)}
+# attention over D = 8 features (rows of a power-of-two width) and D = 6 (rows padded to 8
+# columns in registers): its row ops fuse either way
+ATTENTION = {"dot": lambda: attention(D=8), "additive": lambda: additive_attention(D=8, S=5),
+             "two_heads": lambda: multihead_attention(D=8), "dot_D6": lambda: attention(D=6),
+             "additive_D6_S3": lambda: additive_attention(D=6, S=3)}
 
 
 def _attention_against_reference(name, device):
-    rec = sg.Recurrence(POW2_ATTENTION[name]()).to(device)
+    rec = sg.Recurrence(ATTENTION[name]()).to(device)
     comp = sg.compile(rec, backend="triton")
     fallbacks = [line.rsplit("): ", 1)[1].split(", ") for line in str(comp.plan()).split("\n")
                  if "torch fallback" in line]
@@ -40,8 +42,8 @@ def _attention_against_reference(name, device):
     _check(rec, comp, xs, ctx, 1e-4, lengths=torch.tensor([5, 2, 0, 4]))
 
 
-@pytest.mark.parametrize("name", sorted(POW2_ATTENTION))
-def test_attention_over_power_of_two_features_fuses_its_row_ops_and_equals_the_reference(name):
+@pytest.mark.parametrize("name", sorted(ATTENTION))
+def test_attention_fuses_its_row_ops_and_equals_the_reference(name):
     if torch.cuda.is_available():
         pytest.skip("the GPU test below runs it on CUDA")
     _attention_against_reference(name, "cpu")
@@ -51,7 +53,7 @@ def test_attention_over_power_of_two_features_fuses_its_row_ops_and_equals_the_r
 # on a real GPU
 # ---------------------------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", sorted(POW2_ATTENTION))
+@pytest.mark.parametrize("name", sorted(ATTENTION))
 def test_attention_with_fused_row_ops_on_cuda_float32(name):
     _attention_against_reference(name, "cuda")
 
