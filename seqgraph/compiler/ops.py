@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +59,25 @@ class OpDef:
     piecewise_constant: bool = False  # a comparison: its value jumps at equality, so what it reads stays bit-exact
     sums_rows: bool = False  # a sum over the batch's rows: a derivative may run it once after the time loop
     commutative: bool = False  # its operands may be swapped (pictures number the operands of the others)
+    # (node, *element_strings) -> GridRule or None: the op computed inside a C loop over the
+    # columns of a per-example (M, N) matrix (kernels/c_codegen.py), without an array of its own
+    c_grid: Optional[Callable] = None
+
+
+class GridRule(NamedTuple):
+    """How a C loop over a per-example (M, N) matrix, its rows m and columns n_ (flat column
+    j = m * N + n_), computes an op as it goes. role "value": `expr` is the op's value at (m,
+    n_), a spread of vectors (outer, tile, repeat_each). "row_sum": the op's value at m adds
+    `expr` over the row's columns (matvec, sum_groups); "column_sum": its value at n_ adds
+    `expr` over the rows (vecmat, sum_tiles); "total": its one value adds `expr` over all
+    columns (M and N are then None: any loop will do). `matrix`: the operand that the loop
+    itself computes (what a sum reads at j), None for a spread."""
+
+    M: Optional[int]
+    N: Optional[int]
+    role: str
+    expr: str
+    matrix: Optional[int]
 
 
 REGISTRY: dict[str, OpDef] = {}
@@ -66,7 +85,7 @@ KINDS = {"leaf", "elementwise", "reduction", "layout", "matmul", "gather"}
 
 
 def register(name, *, kind, shape, torch, vjp, triton, c=None, doc="", pole=None, cheap=False,
-             piecewise_constant=False, sums_rows=False, commutative=False):
+             piecewise_constant=False, sums_rows=False, commutative=False, c_grid=None):
     missing = [k for k, v in (("shape", shape), ("torch", torch), ("triton", triton), ("c", c)) if v is None]
     if kind not in KINDS:
         raise ValueError(f"op {name!r}: unknown kind {kind!r}")
@@ -75,7 +94,7 @@ def register(name, *, kind, shape, torch, vjp, triton, c=None, doc="", pole=None
     if name in REGISTRY:
         raise ValueError(f"op {name!r} registered twice")
     REGISTRY[name] = OpDef(name, kind, shape, torch, vjp, triton, c, doc, pole, cheap, piecewise_constant, sums_rows,
-                           commutative)
+                           commutative, c_grid)
 
 
 def make(op: str, inputs, *, name=None, site=None, module=None, **attrs) -> Node:
@@ -475,11 +494,20 @@ def _mean_c(n, dst, w, x):
     return f"{{ real acc = 0; {_c_for(w, f'acc += {x};', 'acc')} {dst}[0] = acc / (real){w}; }}"
 
 
+def _total_c_grid(n, x):
+    """A sum of a whole row to one value adds up inside the loop that computes the row (the op's
+    C rule decides what it can sum at all)."""
+    src = n.inputs[0]
+    if n.elements != 1 or src.elements == 1 or src.batched != n.batched:
+        return None
+    return GridRule(None, None, "total", x, 0)
+
+
 register("sum", kind="reduction", shape=_reduce_shape,
          torch=lambda n, x: x.sum(_tdim(n.inputs[0], n.attrs["dim"]), keepdim=n.attrs.get("keepdim", False)),
          vjp=lambda n, g: (_unreduce(n, g),),
          triton=_last_dim_only(lambda n, a: f"tl.sum(tl.where(cmask_{_row_width(n)}, {a}, 0.0), axis=1)[:, None]"),
-         c=_last_dim_only(_sum_c))
+         c=_last_dim_only(_sum_c), c_grid=_total_c_grid)
 register("mean", kind="reduction", shape=_reduce_shape,
          torch=lambda n, x: x.mean(_tdim(n.inputs[0], n.attrs["dim"]), keepdim=n.attrs.get("keepdim", False)),
          vjp=lambda n, g: (_unreduce(n, div(g, float(n.inputs[0].shape[n.attrs["dim"]]))),),
@@ -677,7 +705,7 @@ def _sum_to_c(n, dst, w, x):
 
 
 register("sum_to", kind="reduction", shape=_sum_to_shape, torch=_sum_to_torch, vjp=_sum_to_vjp,
-         triton=_sum_to_triton, c=_sum_to_c,
+         triton=_sum_to_triton, c=_sum_to_c, c_grid=_total_c_grid,
          doc="sums a gradient back to an operand's shape; to an unbatched shape it sums the batch too", sums_rows=True)
 
 
@@ -1032,20 +1060,36 @@ def _softmax_groups_triton(n, x):
     return f"sg_softmax_groups({x}, {block_width(M)}, {N}, {block_width(N)})"
 
 
+# The row ops inside a C loop over their matrix (GridRule): `m` and `n_` index its rows and
+# columns; an operand read there is a vector of M (at m) or N (at n_) values, or the matrix
+# itself at j.
+def _matvec_c_grid(n, a, q):
+    return GridRule(n.shape[0], n.inputs[1].shape[0], "row_sum", f"{a} * {_at_column(q, 'n_')}", 0)
+
+
+def _vecmat_c_grid(n, v, a):
+    return GridRule(n.inputs[0].shape[0], n.shape[0], "column_sum", f"{_at_column(v, 'm')} * {a}", 1)
+
+
+def _outer_c_grid(n, u, v):
+    return GridRule(n.inputs[0].shape[0], n.inputs[1].shape[0], "value",
+                    f"({_at_column(u, 'm')} * {_at_column(v, 'n_')})", None)
+
+
 register("matvec", kind="reduction", shape=_product_shape(True),
          torch=lambda n, a, q: (a.unflatten(-1, (n.shape[0], -1)) @ q.unsqueeze(-1)).squeeze(-1),
          vjp=lambda n, g: _bin_grads(n, outer(g, n.inputs[1]), vecmat(g, n.inputs[0])),
-         triton=_matvec_triton, c=_matvec_c,
+         triton=_matvec_triton, c=_matvec_c, c_grid=_matvec_c_grid,
          doc="a flattened per-example (M, N) matrix times an (N,) vector")
 register("vecmat", kind="reduction", shape=_product_shape(False),
          torch=lambda n, v, a: (v.unsqueeze(-2) @ a.unflatten(-1, (-1, n.shape[0]))).squeeze(-2),
          vjp=lambda n, g: _bin_grads(n, matvec(n.inputs[1], g), outer(n.inputs[0], g)),
-         triton=_vecmat_triton, c=_vecmat_c,
+         triton=_vecmat_triton, c=_vecmat_c, c_grid=_vecmat_c_grid,
          doc="an (M,) vector times a flattened per-example (M, N) matrix")
 register("outer", kind="reduction", shape=_outer_shape,
          torch=lambda n, u, v: (u.unsqueeze(-1) * v.unsqueeze(-2)).flatten(-2),
          vjp=lambda n, g: _bin_grads(n, matvec(g, n.inputs[1]), vecmat(n.inputs[0], g)),
-         triton=_outer_triton, c=_outer_c, cheap=True,  # (one product a value, as mul)
+         triton=_outer_triton, c=_outer_c, c_grid=_outer_c_grid, cheap=True,  # (one product a value, as mul)
          doc="the outer product of two vectors, flattened row-major")
 
 
@@ -1094,19 +1138,27 @@ def _sum_groups_c(n, dst, w, x):
 register("tile", kind="reduction", shape=_times_shape(True),
          torch=lambda n, x: x.unsqueeze(-2).expand(*x.shape[:-1], n.attrs["times"], x.shape[-1]).flatten(-2),
          vjp=lambda n, g: (make("sum_tiles", (g,), times=n.attrs["times"]),),
-         triton=_tile_triton, c=_tile_c, cheap=True, doc="an (N,) row repeated `times` times end to end")
+         triton=_tile_triton, c=_tile_c, cheap=True,
+         c_grid=lambda n, x: GridRule(n.attrs["times"], n.inputs[0].shape[0], "value", _at_column(x, "n_"), None),
+         doc="an (N,) row repeated `times` times end to end")
 register("repeat_each", kind="reduction", shape=_times_shape(True),
          torch=lambda n, x: x.unsqueeze(-1).expand(*x.shape, n.attrs["times"]).flatten(-2),
          vjp=lambda n, g: (make("sum_groups", (g,), times=n.attrs["times"]),),
-         triton=_repeat_each_triton, c=_repeat_each_c, cheap=True, doc="each value of an (M,) row repeated `times` times")
+         triton=_repeat_each_triton, c=_repeat_each_c, cheap=True,
+         c_grid=lambda n, x: GridRule(n.inputs[0].shape[0], n.attrs["times"], "value", _at_column(x, "m"), None),
+         doc="each value of an (M,) row repeated `times` times")
 register("sum_tiles", kind="reduction", shape=_times_shape(False),
          torch=lambda n, x: x.unflatten(-1, (n.attrs["times"], -1)).sum(-2),
          vjp=lambda n, g: (make("tile", (g,), times=n.attrs["times"]),),
-         triton=_sum_tiles_triton, c=_sum_tiles_c, doc="the sum of a row's `times` equal parts (a matrix's column sums)")
+         triton=_sum_tiles_triton, c=_sum_tiles_c,
+         c_grid=lambda n, x: GridRule(n.attrs["times"], n.shape[0], "column_sum", x, 0),
+         doc="the sum of a row's `times` equal parts (a matrix's column sums)")
 register("sum_groups", kind="reduction", shape=_times_shape(False),
          torch=lambda n, x: x.unflatten(-1, (-1, n.attrs["times"])).sum(-1),
          vjp=lambda n, g: (make("repeat_each", (g,), times=n.attrs["times"]),),
-         triton=_sum_groups_triton, c=_sum_groups_c, doc="the sums of each `times` consecutive values (a matrix's row sums)")
+         triton=_sum_groups_triton, c=_sum_groups_c,
+         c_grid=lambda n, x: GridRule(n.shape[0], n.attrs["times"], "row_sum", x, 0),
+         doc="the sums of each `times` consecutive values (a matrix's row sums)")
 
 
 # Products of two per-example matrices (a multi-head attention step's (heads, 1, D) queries times
@@ -1322,5 +1374,5 @@ def fusable(node: Node) -> tuple[bool, str]:
     return True, ""
 
 
-__all__ = ["REGISTRY", "OpDef", "register", "make", "NOT_FUSED", "LEAF_OPS", "triton_expr", "fusable", "c_rule",
+__all__ = ["REGISTRY", "OpDef", "GridRule", "register", "make", "NOT_FUSED", "LEAF_OPS", "triton_expr", "fusable", "c_rule",
            "c_fusable", "c_literal"]

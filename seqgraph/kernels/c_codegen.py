@@ -8,19 +8,23 @@ pointer, a pad writes its pieces at their offsets, and a concat of values comput
 has them computed straight into its array (into the output's row when it is stored as it is).
 Elementwise ops are one loop over the columns each (`for j < w: v[j] = <expr>`), written from
 the op registry's C emitters and vectorised by the C compiler; row reductions (sum, mean,
-softmax, layer_norm) use the registry's statement emitters. Stores come last, row by row: `if
+softmax, layer_norm) use the registry's statement emitters. A loop over a per-example (M, N)
+matrix walks its rows and columns, computes spreads of vectors over it (outer, tile,
+repeat_each) as values, and adds up the sums of what it computes (matvec, vecmat, ...) as it
+goes (ops.GridRule), so the matrix needs no array of its own. Stores come last, row by row: `if
 (keep)` the value, else the carried input or zero (masking folded in, as in the Triton
 kernels), so a padded row costs one branch. The C type `real` is float or double: one source
 serves both, compiled twice.
 
 The transcendental functions are written out (`sg_exp`, `sg_sigmoid`, `sg_tanh` in PRELUDE) so
 that the compiler can vectorise them without -ffast-math: within 3 ulp of the correctly
-rounded result over the whole range (inf, nan and denormals included), in float and double. This module only writes source text and says what it cannot fuse;
-compiling, caching and calling are c_launch.py's job.
+rounded result over the whole range (inf, nan and denormals included), in float and double.
+This module only writes source text and says what it cannot fuse; compiling, caching and
+calling are c_launch.py's job.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..compiler import ops
 from ..compiler.ir import Node
@@ -247,11 +251,18 @@ class _Val:
 @dataclass
 class _Item:
     """One piece of a row's code: a loop over `width` columns computing elementwise `nodes`
-    (intermediates stay in registers), or one statement node (a reduction, concat or pad)."""
+    (intermediates stay in registers), or one statement node (a reduction, concat or pad).
+
+    A loop over a per-example (M, N) matrix (`grid`) walks its rows m and columns n_; there it
+    also computes spreads of vectors over the matrix (outer, tile, repeat_each) as values, and
+    adds up `sums` (matvec, vecmat, sum_tiles, sum_groups, sums to one value) of what it
+    computes, as it goes (ops.GridRule): none of these needs a matrix array of its own."""
 
     kind: str  # "loop" | "stmt"
     width: int
     nodes: list[Node]
+    grid: tuple[int, int] | None = None
+    sums: list[Node] = field(default_factory=list)
 
 
 def _tag(n: Node) -> str:
@@ -261,6 +272,12 @@ def _tag(n: Node) -> str:
 
 
 _ALIAS = ("reshape", "stop_gradient", "slice", "broadcast_to")
+
+
+def _grid_rule(n: Node, *xs: str) -> ops.GridRule | None:
+    """How a loop over a matrix computes `n` as it goes (ops.GridRule), or None."""
+    rule = ops.REGISTRY[n.op].c_grid
+    return None if rule is None else rule(n, *(xs or ["x"] * len(n.inputs)))
 
 
 class _Writer:
@@ -284,6 +301,7 @@ class _Writer:
         self.pre: list[str] = []
         self.row: list[str] = []
         self.row_stats: dict[tuple, tuple[str, str]] = {}  # (x's element, width, eps) -> its mean and rstd names
+        self.accumulated: set[int] = set()  # sums added up inside the loop of their operand
 
     def alloc(self, w: int) -> int:
         off = self.scratch
@@ -318,7 +336,8 @@ class _Writer:
 
     def _direct(self, v: _Val, w: int) -> bool:
         """Whether a loop of width `w` can read `v` as a register of its own loop."""
-        return v.literal is None and v.base in self.item_of and v.offset == 0 and v.phys == w
+        return (v.literal is None and v.base in self.item_of and v.offset == 0 and v.phys == w
+                and v.base not in self.accumulated)
 
     def _place(self, n: Node) -> None:
         op, w = n.op, width(n)
@@ -337,25 +356,57 @@ class _Writer:
                 self.vals[n.id] = a
             return
         self.vals[n.id] = _Val(base=n.id, ptr=f"v{n.id}", phys=w if w > 1 else 1)
-        if ops.REGISTRY[op].kind == "elementwise":
+        rule = _grid_rule(n)
+        if rule is not None and rule.role == "value":  # a spread: a value of a loop over its matrix
+            self._join_loop(n, ins, w, (rule.M, rule.N))
+        elif rule is not None and self._add_up_in_loop(n, ins, rule):
+            pass
+        elif ops.REGISTRY[op].kind == "elementwise":
             if all(v.literal is not None for v in ins):  # constants only: one folded expression
                 self.vals[n.id] = _Val(literal=ops.c_rule(n)(n, *[v.literal for v in ins]))
                 return
-            first = 0
-            for v in ins:
-                if v.literal is None and v.base in self.item_of:
-                    g = self.item_of[v.base]
-                    first = max(first, g if self._direct(v, w) else g + 1)
-            for k in range(first, len(self.items)):
-                it = self.items[k]
-                if it.kind == "loop" and it.width == w:
-                    it.nodes.append(n)
-                    self.item_of[n.id] = k
-                    return
-            self.items.append(_Item("loop", w, [n]))
+            self._join_loop(n, ins, w, None)
         else:
             self.items.append(_Item("stmt", w, [n]))
+            self.item_of[n.id] = len(self.items) - 1
+
+    def _join_loop(self, n: Node, ins: list[_Val], w: int, grid: tuple[int, int] | None) -> None:
+        """Put `n` in the earliest loop of width `w` (over the same matrix, for a spread) after
+        everything it reads through memory, or in a new loop at the end."""
+        first = 0
+        for v in ins:
+            if v.literal is None and v.base in self.item_of:
+                g = self.item_of[v.base]
+                first = max(first, g if self._direct(v, w) else g + 1)
+        for k in range(first, len(self.items)):
+            it = self.items[k]
+            if it.kind == "loop" and it.width == w and (grid is None or it.grid in (None, grid)):
+                it.grid = it.grid or grid
+                it.nodes.append(n)
+                self.item_of[n.id] = k
+                return
+        self.items.append(_Item("loop", w, [n], grid))
         self.item_of[n.id] = len(self.items) - 1
+
+    def _add_up_in_loop(self, n: Node, ins: list[_Val], rule: ops.GridRule) -> bool:
+        """Add sum `n` to the loop that computes the value it sums, when that loop can walk the
+        sum's matrix and the sum's other operands are in memory before it; else False."""
+        a = ins[rule.matrix]
+        if a.literal is not None or a.base not in self.item_of:
+            return False
+        g = self.item_of[a.base]
+        it = self.items[g]
+        grid = None if rule.M is None else (rule.M, rule.N)
+        if it.kind != "loop" or not self._direct(a, it.width) or (grid is not None and it.grid not in (None, grid)):
+            return False
+        for k, v in enumerate(ins):
+            if k != rule.matrix and v.literal is None and v.base in self.item_of and self.item_of[v.base] >= g:
+                return False
+        it.grid = it.grid or grid
+        it.sums.append(n)
+        self.item_of[n.id] = g
+        self.accumulated.add(n.id)
+        return True
 
     # -- step 2: which values need an array --------------------------------------------
     def _find_arrays(self) -> None:
@@ -380,6 +431,7 @@ class _Writer:
         for it in self.items:
             if it.kind == "stmt":
                 self.arrays.add(it.nodes[0].id)
+            self.arrays.update(s.id for s in it.sums)
 
     def _concats_in_place(self) -> None:
         """A concat of values computed in this row (each in an array of its own) gets them
@@ -440,7 +492,8 @@ class _Writer:
         stored: set[int] = set()
         outputs_of: dict[int, list[int]] = {}
         for k, o in enumerate(self.region.outputs):
-            if self.vals[o.id].base == o.id and o.id in self.item_of and self.items[self.item_of[o.id]].kind == "loop":
+            if self.vals[o.id].base == o.id and o.id in self.item_of and self.items[self.item_of[o.id]].kind == "loop" \
+                    and o.id not in self.accumulated:
                 outputs_of.setdefault(o.id, []).append(k)
         for c, n in self.in_place.items():  # before the loops computing their parts (no restrict: the parts alias them)
             k = self.stored_as.get(c)
@@ -449,7 +502,7 @@ class _Writer:
                 stored.add(k)
         plain_out = self._plain_outputs()
         for idx, it in enumerate(self.items):
-            for n in it.nodes:
+            for n in it.nodes + it.sums:
                 if n.id in self.placed:
                     self.row.append(f"real* v{n.id} = {self.placed[n.id]};")
                 elif it.kind == "stmt" and n.op not in ("concat", "pad") and n.id in plain_out \
@@ -461,18 +514,57 @@ class _Writer:
             if it.kind == "stmt":
                 self._emit_stmt(it.nodes[0])
                 continue
-            self.row.append("SG_COLUMNS")
-            self.row.append(f"for (int64_t j = 0; j < {it.width}; ++j) {{")
+            body = []
             for n in it.nodes:
-                expr = ops.c_rule(n)(n, *[self.at(self.vals[i.id], idx, it.width) for i in n.inputs])
-                self.row.append(f"    real t{n.id} = {expr};  /* {_tag(n)} */")
+                operands = [self.at(self.vals[i.id], idx, it.width) for i in n.inputs]
+                rule = _grid_rule(n, *operands)
+                expr = rule.expr if rule is not None else ops.c_rule(n)(n, *operands)
+                body.append(f"real t{n.id} = {expr};  /* {_tag(n)} */")
                 if n.id in self.arrays:
-                    self.row.append(f"    v{n.id}[j] = t{n.id};")
+                    body.append(f"v{n.id}[j] = t{n.id};")
                 for k in outputs_of.get(n.id, ()):
-                    self.row.append("    " + self._store_value(k, f"t{n.id}"))
+                    body.append(self._store_value(k, f"t{n.id}"))
                     stored.add(k)
-            self.row.append("}")
+            self._emit_loop(it, idx, body)
         return stored
+
+    def _emit_loop(self, it: _Item, idx: int, body: list[str]) -> None:
+        """A column loop: flat over its width, or over the rows m and columns n_ of its matrix,
+        adding up its sums as it goes (scalar sums reordered for SIMD, as torch's own are)."""
+        rules = {n.id: _grid_rule(n, *[self.at(self.vals[i.id], idx, it.width) for i in n.inputs]) for n in it.sums}
+        per_row = [n for n in it.sums if rules[n.id].role == "row_sum"]
+        per_column = [n for n in it.sums if rules[n.id].role == "column_sum"]
+        totals = [n for n in it.sums if rules[n.id].role == "total"]
+        for n in it.sums:
+            r = rules[n.id]
+            body.append(f"v{n.id}[n_] += {r.expr};  /* {_tag(n)} */" if r.role == "column_sum"
+                        else f"s{n.id} += {r.expr};  /* {_tag(n)} */")
+        scalars = ", ".join(f"s{n.id}" for n in per_row + totals)
+        simd = f'_Pragma("omp simd reduction(+:{scalars})")' if scalars else "SG_COLUMNS"
+        for n in totals:
+            self.row.append(f"real s{n.id} = 0;")
+        if it.grid is None:
+            self.row.append(simd)
+            self.row.append(f"for (int64_t j = 0; j < {it.width}; ++j) {{")
+            self.row += ["    " + ln for ln in body]
+            self.row.append("}")
+        else:
+            M, N = it.grid
+            for n in per_column:
+                self.row.append(f"for (int64_t j = 0; j < {N}; ++j) v{n.id}[j] = 0;")
+            self.row.append(f"for (int64_t m = 0; m < {M}; ++m) {{  /* a ({M}, {N}) matrix, row m */")
+            for n in per_row:
+                self.row.append(f"    real s{n.id} = 0;")
+            self.row.append(f"    {simd}")
+            self.row.append(f"    for (int64_t n_ = 0; n_ < {N}; ++n_) {{")
+            self.row.append(f"        const int64_t j = m * {N} + n_;")
+            self.row += ["        " + ln for ln in body]
+            self.row.append("    }")
+            for n in per_row:
+                self.row.append(f"    v{n.id}[m] = s{n.id};")
+            self.row.append("}")
+        for n in totals:
+            self.row.append(f"v{n.id}[0] = s{n.id};")
 
     def _emit_stmt(self, n: Node) -> None:
         var, w = f"v{n.id}", width(n)

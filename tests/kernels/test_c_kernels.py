@@ -22,6 +22,7 @@ from seqgraph.kernels.codegen import region_from_outputs
 from seqgraph.kernels.launch import CacheNotWritable
 
 from regions import (CELL_REGIONS, MATRIX_ROW_OPS, RANDOM_STEPS, attention_region, forward_nodes, lstm_region,
+                     matrix_region,
                      lstm_step, lstm_step_inputs, matrix_row_op, random_elementwise_region, random_inputs,
                      random_region_inputs, reference, strided_lstm_step_inputs, vjp_region)
 
@@ -160,6 +161,41 @@ def test_each_matrix_row_op_and_its_vjp_region_match_reference(op):
     region = vjp_region(node)
     assert c_region_supported(region) == (True, "")
     assert_matches_reference(region, rtol=1e-4)
+    assert_matches_reference(region, dtype=torch.float64)
+
+
+@settings(max_examples=15, deadline=None)
+@given(M=st.integers(1, 6), N=st.integers(1, 7), batch=st.integers(1, 5))
+def test_row_ops_on_a_matrix_of_any_size_match_reference(M, N, batch):
+    region = matrix_region(M, N)
+    assert c_region_supported(region) == (True, "")
+    assert_matches_reference(region, batch=batch)
+    assert_matches_reference(region, batch=batch, dtype=torch.float64)
+
+
+def test_spreads_and_sums_of_a_matrix_are_computed_in_its_loop_without_matrix_arrays():
+    x, u, v, q = sg.Input(35, name="x"), sg.Input(5, name="u"), sg.Input(7, name="v"), sg.Input(7, name="q")
+    mat = sg.tanh(x + make("outer", (u, v))) * make("tile", (q,), times=5)  # a (5, 7) matrix, never stored
+    region = region_from_outputs([make("matvec", (mat, q)), make("vecmat", (u, mat)), sg.sum(mat, keepdim=True),
+                                  make("sum_groups", (mat * make("repeat_each", (u,), times=7),), times=7)],
+                                 [x, u, v, q])
+    source = generate_c(region).source
+    assert "for (int64_t m = 0; m < 5; ++m) {  /* a (5, 7) matrix, row m */" in source
+    arrays = re.findall(r"real\* restrict (v\d+) = ws", source)
+    assert len(arrays) == 4  # the four sums' results only: no array of the matrix or of its spreads
+    assert_matches_reference(region)
+    assert_matches_reference(region, dtype=torch.float64)
+
+
+def test_a_sum_whose_vector_is_computed_after_its_matrix_loop_is_a_statement_of_its_own():
+    x, u = sg.Input(16, name="x"), sg.Input(4, name="u")
+    mat = sg.tanh(x) + make("outer", (u, u))
+    q = sg.sigmoid(make("sum_groups", (mat,), times=4))  # known only once mat's loop has ended
+    region = region_from_outputs([make("matvec", (mat, q))], [x, u])
+    source = generate_c(region).source
+    assert re.search(r"\n\s*/\* %\d+ matvec", source)  # a statement after the loops
+    assert not re.search(r"\+= .*/\* %\d+ matvec", source)  # not added up inside mat's loop
+    assert re.search(r"s\d+ \+= t\d+;  /\* %\d+ sum_groups", source)  # (while sum_groups is)
     assert_matches_reference(region, dtype=torch.float64)
 
 
