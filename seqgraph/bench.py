@@ -150,7 +150,9 @@ def peak_mib(fn: Callable, device) -> float | None:
 
     On CUDA, from the allocator's peak. On the CPU, which keeps no such statistic, from
     torch.profiler's memory events: each op's own allocations net of its own frees, summed in
-    the order the ops started (a temporary that lives and dies inside one op is not seen)."""
+    the order the ops started (a temporary that lives and dies inside one op is not seen), with
+    seqgraph's kept buffers (seqgraph/buffers.py) forgotten first, so that the call allocates
+    them again."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -161,6 +163,9 @@ def peak_mib(fn: Callable, device) -> float | None:
         return None
     import os
     from torch.profiler import ProfilerActivity, profile
+
+    from . import buffers
+    buffers.clear()  # the buffers a compiled loop reuses across calls count as what this call allocates
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # else every profile prints its stages to stderr
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from .. import buffers
 from .ir import Node
 from .ops import REGISTRY, py_literal
 from .plan import Plan
@@ -369,6 +370,8 @@ def generate(plan: Plan, name: str = "cell", region_call: RegionCall | None = No
     src.globals["_unless_finite"] = _unless_finite
     src.globals["_step_rows"] = real_step_rows
     src.globals["_packed_linear"] = _packed_linear
+    src.globals["_empty"] = buffers.empty  # large CPU buffers, reused across calls (seqgraph/buffers.py)
+    src.globals["_zeros"] = buffers.zeros
     return src
 
 
@@ -555,9 +558,9 @@ def _emit_forward(src: Source, plan: Plan, region_call, pack: bool) -> None:
     src.emit("if save:")
     src.indent += 1
     for k, n in enumerate(bwd_saved):
-        src.emit(f"sv{k} = {ref}.new_empty({shape_tuple(n, 'T, B')}); sv{k}_ = sv{k}.unbind(0)", n)
+        src.emit(f"sv{k} = _empty({ref}, {shape_tuple(n, 'T, B')}); sv{k}_ = sv{k}.unbind(0)", n)
     for j, (p, _) in enumerate(step.states):
-        src.emit(f"ss{j} = {ref}.new_empty({shape_tuple(p, 'T + 1, B')}); ss{j}[0] = s{j}; "
+        src.emit(f"ss{j} = _empty({ref}, {shape_tuple(p, 'T + 1, B')}); ss{j}[0] = s{j}; "
                  f"ss{j}_ = ss{j}.unbind(0)")
     src.emit("pass")
     src.indent -= 1

@@ -86,14 +86,14 @@ def emit_backward_head(src: Source, plan: Plan, bwd: BackwardPlan, masked: bool,
     _bind_reads(src, plan, None)
     emit_nodes(src, bwd.pre, {}, {i.id for n in bwd.loop + bwd.post for i in n.inputs})
     for k, _ in lay.hoisted_grads:
-        src.emit(f"dr{k} = torch.empty_like(r{k})")
+        src.emit(f"dr{k} = _empty(r{k}, r{k}.shape)")
     for k, _ in lay.accum:
-        src.emit(f"dr{k} = torch.zeros_like(r{k})")
+        src.emit(f"dr{k} = _zeros(r{k}, r{k}.shape)")
     for k, n in enumerate(lay.new_stash):  # values the post-loop reductions read, kept per step
         if n.id in summed:
             src.emit(f"st{k} = {ref}.new_zeros({shape_tuple(n, 'B')})  # summed over the steps", n)
         else:
-            src.emit(f"st{k} = {ref}.new_empty({shape_tuple(n, 'T, B')})", n)
+            src.emit(f"st{k} = _empty({ref}, {shape_tuple(n, 'T, B')})", n)
     return lay
 
 

@@ -553,9 +553,9 @@ def _emit_forward_wrapper(src: Source, plan: Plan) -> None:
     src.emit("if save:")
     src.indent += 1
     for k, n in enumerate(saved):
-        src.emit(f"sv{k} = {ref}.new_empty({shape_tuple(n, 'T, B')})", n)
+        src.emit(f"sv{k} = _empty({ref}, {shape_tuple(n, 'T, B')})", n)
     for j, (p, _) in enumerate(step.states):
-        src.emit(f"ss{j} = {ref}.new_empty({shape_tuple(p, 'T + 1, B')}); ss{j}[0] = s{j}")
+        src.emit(f"ss{j} = _empty({ref}, {shape_tuple(p, 'T + 1, B')}); ss{j}[0] = s{j}")
     tensors = base + [f"sv{k}" for k in range(len(saved))] + [f"ss{j}" for j in range(ns)]
     src.emit(f"_cloops.run('fwd_save_masked' if mask is not None else 'fwd_save', T, B, mask, [{', '.join(tensors)}])")
     src.emit(f"return [{outs}], [{fins}], ([{', '.join(f'sv{k}' for k in range(len(saved)))}], "
