@@ -17,6 +17,7 @@ generators do.
 """
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 
@@ -30,6 +31,15 @@ LIMIT = 1 << 30  # bytes kept in all
 
 _lock = threading.Lock()
 _kept: OrderedDict[tuple, list[torch.Tensor]] = OrderedDict()  # key -> bases, least recently used first
+
+
+def _fresh_lock_after_fork() -> None:
+    """A child forked while another thread took a buffer would wait for the lock forever."""
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_lock_after_fork)
 
 
 def reuse_enabled() -> bool:

@@ -106,3 +106,30 @@ def test_a_compiled_loop_reusing_its_buffers_gives_the_reference_gradients(backe
         ref_x = x.detach().requires_grad_()
         loss(rec(ref_x)[0]).backward()
         torch.testing.assert_close(x.grad, ref_x.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="os.fork is POSIX only")
+def test_a_child_forked_while_another_thread_holds_the_lock_can_take_buffers():
+    import os
+    import threading
+    like = torch.zeros(())
+    buffers._lock.acquire()  # as another thread inside empty() at the moment of the fork
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: one pooled allocation, then out (a hang fails the wait below)
+            ok = buffers.empty(like, BIG).shape == BIG
+            os._exit(0 if ok else 1)
+    finally:
+        buffers._lock.release()
+    done = threading.Event()
+    result = {}
+
+    def wait():
+        result["status"] = os.waitpid(pid, 0)[1]
+        done.set()
+    threading.Thread(target=wait, daemon=True).start()
+    if not done.wait(20):
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung taking a buffer")
+    assert os.WIFEXITED(result["status"]) and os.WEXITSTATUS(result["status"]) == 0
