@@ -592,17 +592,27 @@ def composite_vjp(out: Node, leaves: tuple, g: Node) -> tuple:
 
 def layer_norm_stats_c(w: int, x: str, eps: float, m: str, r: str) -> str:
     """C statements declaring `m` and `r`, the mean and rstd of the row x (an element expression
-    indexed by j) of w values: the mean, then the biased variance of the centred row, as torch."""
-    return (f"real {m} = 0; " + _c_for(w, f"{m} += {x};", m) + f" {m} = {m} / (real){w}; real {r} = 0; "
-            + _c_for(w, f"{{ real d = {x} - {m}; {r} += d * d; }}", r)
+    indexed by j) of w values: the mean, then the biased variance of the centred row, as torch.
+    The mean is summed in double and kept as two reals, `m` and the remainder `m_lo` (0 in
+    double): a row of nearly equal values (1000 + 1e-3 noise, say) is centred to float's own
+    precision instead of to the rounding of its mean (`_centred_c`)."""
+    return (f"double {m}_sum = 0; " + _c_for(w, f"{m}_sum += (double)({x});", f"{m}_sum")
+            + f" double {m}_exact = {m}_sum / {w}.0; real {m} = (real){m}_exact; "
+            f"real {m}_lo = (real)({m}_exact - (double){m}); real {r} = 0; "
+            + _c_for(w, f"{{ real d = {_centred_c(x, m)}; {r} += d * d; }}", r)
             + f" {r} = {_C_ONE} / SG_SQRT({r} / (real){w} + {c_literal(eps)});")
+
+
+def _centred_c(x: str, m: str) -> str:
+    """x minus the mean `m` (+ `m_lo`) of layer_norm_stats_c: x - m is exact where x is near m."""
+    return f"((({x}) - {m}) - {m}_lo)"
 
 
 def _layer_norm_grad_c(n, dst, w, g, x, stats=None):
     """rstd * (g - mean(g) - y * mean(g * y)) with y = (x - mean) * rstd; `stats`: the names of
     x's mean and rstd, already computed in the row (else computed here)."""
     m, r = stats or ("m", "r")
-    y = "((" + x + f") - {m}) * {r}"
+    y = f"{_centred_c(x, m)} * {r}"
     return ("{ " + ("" if stats else layer_norm_stats_c(w, x, n.attrs["eps"], m, r) + " ") + "real mg = 0, mgy = 0; "
             + _c_for(w, f"{{ mg += {g}; mgy += ({g}) * ({y}); }}", "mg, mgy")
             + f" mg = mg / (real){w}; mgy = mgy / (real){w}; "
@@ -644,7 +654,7 @@ def _layer_norm_c(n, dst, w, x, stats=None):
     # (x - mean) * rstd; `stats` as for _layer_norm_grad_c
     m, r = stats or ("m", "r")
     return ("{ " + ("" if stats else layer_norm_stats_c(w, x, n.attrs["eps"], m, r) + " ")
-            + _c_for(w, f"{dst}[j] = ({x} - {m}) * {r};") + " }")
+            + _c_for(w, f"{dst}[j] = {_centred_c(x, m)} * {r};") + " }")
 
 
 register("layer_norm", kind="reduction", shape=_layer_norm_shape,

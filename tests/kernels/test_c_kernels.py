@@ -795,8 +795,22 @@ def test_a_layer_norm_and_its_derivative_of_one_row_compute_its_statistics_once(
             sg.layer_norm(y, eps=1e-3), make("layer_norm_grad", (g, x), eps=0.5)]  # (another eps: its own)
     region = region_from_outputs(outs, [g, x, y])
     source = generate_c(region).source
-    assert len(re.findall(r"real m\d+ = 0;", source)) == 3  # x's with eps 1e-3, y's, and x's with eps 0.5
+    assert len(re.findall(r"double m\d+_sum = 0;", source)) == 3  # x's with eps 1e-3, y's, and x's with eps 0.5
     assert_matches_reference(region, dtype=dtype, rtol=1e-4 if dtype == torch.float32 else None)
+
+
+@pytest.mark.parametrize("base, noise", [(1000.0, 1e-3), (1e4, 1e-2), (1.0, 1e-6)])
+def test_a_layer_norm_of_nearly_equal_values_is_centred_to_float_precision(base, noise):
+    x, g = sg.Input(64, name="x"), sg.Input(64, name="g")
+    kernel = kernel_for(region_from_outputs([sg.layer_norm(x, eps=1e-5), make("layer_norm_grad", (g, x), eps=1e-5)],
+                                            [x, g]))
+    xs, gs = base + noise * torch.randn(8, 64), torch.randn(8, 64)
+    y, dx = kernel([xs, gs])
+    x64 = xs.double().requires_grad_()
+    want = torch.nn.functional.layer_norm(x64, (64,), eps=1e-5)  # of the same float32 values, in double
+    (want_dx,) = torch.autograd.grad(want, x64, gs.double())
+    torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=0)  # (torch's own float32: 8e-3 off at 1000)
+    torch.testing.assert_close(dx.double(), want_dx, atol=1e-5 * want_dx.abs().max().item(), rtol=0)
 
 
 def test_a_row_reduction_stored_as_it_is_is_computed_in_its_output_row():
