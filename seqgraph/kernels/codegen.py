@@ -186,7 +186,7 @@ def _whole_rows_problem(region: Region) -> str | None:
         if layout.need[n.id] - {(0, width(n))}:
             return (f"{_describe(n)}: parts of its row are read on their own ({sorted(layout.need[n.id])}): the "
                     "kernel would have to move values between its columns (tl.gather, unverified on a GPU)")
-    return matrix_layouts(region)[1]
+    return layout.layout_problem
 
 
 def _row_op_layouts(n: Node) -> list[tuple[int, int, int]]:
@@ -332,7 +332,8 @@ class _Writer:
         self.literals: dict[str, float] = {}  # literal expression -> its value
         self.stats_written: set[int] = set()
         self.widths: set[int] = set()
-        self.grids = matrix_layouts(region)[0] if any(n.op in _WHOLE_ROWS for n in region.nodes) else {}
+        # widths laid out as padded matrices, and why they cannot be (one width wanted two ways)
+        self.grids, self.layout_problem = matrix_layouts(region)
         self.lines: list[str] = []
 
     def block(self, w: int) -> int:
