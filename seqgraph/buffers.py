@@ -4,7 +4,7 @@ A compiled loop writes what its backward reads (the states of every step, saved 
 and its backward writes the gradients of the hoisted values into fresh (T, B, ...) buffers,
 tens of MB each at a real size. On the CPU a fresh buffer that large is fresh memory from the
 kernel, and touching it page by page costs more than the loop's own arithmetic (an mLSTM at
-T=50 B=16 H=128 spent a third of its fwd+bwd in page faults). So the generated code takes such
+T=50 B=16 H=128 spent half its single-thread fwd+bwd in page faults). So the generated code takes such
 buffers from here (`empty`, `zeros`): a buffer comes back for another call of the same shape
 once nothing else holds its memory. It hands out a view and keeps the base, and a buffer is
 free again only when the base is its storage's one user (PyTorch's own count, as inductor's
@@ -17,6 +17,7 @@ generators do.
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -62,10 +63,7 @@ def empty(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """An uninitialised contiguous tensor of `shape` with `like`'s dtype and device, as
     like.new_empty(shape), its memory reused from an earlier call where it can be."""
     shape = tuple(int(s) for s in shape)
-    numel = 1
-    for s in shape:
-        numel *= s
-    if not _poolable(like, numel * like.element_size()):
+    if not _poolable(like, math.prod(shape) * like.element_size()):
         return like.new_empty(shape)
     key = (shape, like.dtype, torch.is_inference_mode_enabled())
     with _lock:
@@ -89,9 +87,14 @@ def zeros(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return empty(like, shape).zero_()
 
 
+def _kept_total() -> int:
+    """The bytes of every kept base (the caller holds the lock)."""
+    return sum(b.numel() * b.element_size() for bases in _kept.values() for b in bases)
+
+
 def _trim() -> None:
     """Drop the least recently used bases until at most LIMIT bytes are kept."""
-    total = sum(b.numel() * b.element_size() for bases in _kept.values() for b in bases)
+    total = _kept_total()
     while total > LIMIT and _kept:
         key, bases = next(iter(_kept.items()))
         base = bases.pop(0)
@@ -103,7 +106,7 @@ def _trim() -> None:
 def kept_bytes() -> int:
     """The bytes of the buffers kept now (taken or free)."""
     with _lock:
-        return sum(b.numel() * b.element_size() for bases in _kept.values() for b in bases)
+        return _kept_total()
 
 
 def clear() -> None:

@@ -192,24 +192,17 @@ def _whole_rows_problem(region: Region) -> str | None:
 def _row_op_layouts(n: Node) -> list[tuple[int, int, int]]:
     """(width, M, N) for each row that row op `n` reads or writes: an (M, N) matrix, or a plain
     vector as (w, 1, w)."""
-    def vec(w: int) -> tuple[int, int, int]:
-        return (w, 1, w)
-    if n.op == "matvec":
-        M, N = width(n), width(n.inputs[1])
-        return [(M * N, M, N), vec(M), vec(N)]
-    if n.op == "vecmat":
-        M, N = width(n.inputs[0]), width(n)
-        return [(M * N, M, N), vec(M), vec(N)]
-    if n.op == "outer":
-        M, N = width(n.inputs[0]), width(n.inputs[1])
-        return [(M * N, M, N), vec(M), vec(N)]
+    if n.op in ("matvec", "vecmat", "outer"):  # an (M, N) matrix and its two vectors
+        M, N = {"matvec": (width(n), width(n.inputs[-1])), "vecmat": (width(n.inputs[0]), width(n)),
+                "outer": (width(n.inputs[0]), width(n.inputs[1]))}[n.op]
+        return [(M * N, M, N), (M, 1, M), (N, 1, N)]
     k = n.attrs["times"]
-    if n.op in ("tile", "sum_tiles"):
+    if n.op in ("tile", "sum_tiles"):  # `times` copies of a row of N
         N = width(n.inputs[0]) if n.op == "tile" else width(n)
-        return [(k * N, k, N), vec(N)]
-    if n.op in ("repeat_each", "sum_groups"):
+        return [(k * N, k, N), (N, 1, N)]
+    if n.op in ("repeat_each", "sum_groups"):  # M values, each `times` times
         M = width(n.inputs[0]) if n.op == "repeat_each" else width(n)
-        return [(M * k, M, k), vec(M)]
+        return [(M * k, M, k), (M, 1, M)]
     return [(width(n), width(n) // k, k)]  # softmax_groups
 
 
