@@ -9,8 +9,10 @@ buffers from here (`empty`, `zeros`): a buffer comes back for another call of th
 once nothing else holds its memory. It hands out a view and keeps the base, and a buffer is
 free again only when the base is its storage's one user (PyTorch's own count, as inductor's
 CUDA graph trees use it): a saved tensor, a gradient autograd kept as a `.grad`, a view the
-caller holds, each keeps it taken. At most `KEEP` buffers of one shape are kept, and `LIMIT`
-bytes in all (the oldest goes first); `SEQGRAPH_REUSE_BUFFERS=0` turns reuse off. GPU
+caller holds, each keeps it taken. A call may take several buffers of one shape (an LSTM's saved
+gates) and a caller may hold several calls' graphs, so up to `KEEP` buffers of one shape are
+kept (past that, a buffer comes straight from torch), and `LIMIT` bytes in all (the least
+recently used shape goes first); `SEQGRAPH_REUSE_BUFFERS=0` turns reuse off. GPU
 buffers, small ones and any tensor under tracing come straight from torch (CUDA's caching
 allocator already reuses memory). This module must not decide what a loop allocates; the code
 generators do.
@@ -27,7 +29,7 @@ import torch
 from .settings import switched_on
 
 MIN_BYTES = 1 << 20  # smaller buffers come from malloc's heap, which reuses them without faults
-KEEP = 2  # buffers kept per shape: a call while the previous call's graph is still alive takes the second
+KEEP = 16  # buffers kept per shape: what calls take at once (4 of a shape each, 4 graphs alive, say)
 LIMIT = 1 << 30  # bytes kept in all
 
 _lock = threading.Lock()
@@ -75,9 +77,9 @@ def empty(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
                     return base.view(shape)
         base = like.new_empty(shape)
         bases = _kept.setdefault(key, [])
+        if len(bases) >= KEEP:  # (all taken: keeping this one would drop one in use)
+            return base
         bases.append(base)
-        if len(bases) > KEEP:
-            bases.pop(0)
         _trim()
         return base.view(shape)
 
