@@ -174,14 +174,16 @@ def _generate_program(cell: Cell, backend: str, unroll: int):
     not) of `cell` for `backend`: everything but building the kernels and running the text."""
     from .compiler.ops import c_fusable
     plan = compile_plan(cell, unroll, c_fusable if backend == "cpu" else None)
-    region_call, pack = None, None
+    region_call, pack, hoisted_call = None, None, None
     if backend == "triton":
         from .kernels.backend import triton_region_call
         region_call = triton_region_call
     elif backend == "cpu":
-        from .kernels.backend import cpu_region_call
-        region_call, pack = cpu_region_call, True
-    src = generate(plan, cell.name or "cell", region_call=region_call, pack_weights=pack, cpu_gemm=backend == "cpu")
+        from .kernels.backend import cpu_hoisted_call, cpu_region_call
+        region_call, pack, hoisted_call = cpu_region_call, True, cpu_hoisted_call
+        plan.hoisted_kernels = "one C kernel over all rows forward, one backward; torch code inside torch.compile"
+    src = generate(plan, cell.name or "cell", region_call=region_call, pack_weights=pack, cpu_gemm=backend == "cpu",
+                   hoisted_call=hoisted_call)
     c_loops = None
     plan.loops = {"torch": "Python, torch code per step (the torch backend)",
                   "triton": "Python, one Triton kernel launch per fused region and step (on a GPU, the loops "

@@ -42,6 +42,7 @@ class Source:
         self.cpu_gemm = False
         self.outside_loops = False  # set while the prologue is emitted
         self.guards: dict[int, str] = {}  # node id -> the condition its line runs under (see emit)
+        self.hoisted_call: HoistedCall | None = None  # see generate
 
     def gemm_call(self) -> bool:
         return self.cpu_gemm and self.outside_loops
@@ -266,6 +267,7 @@ def emit_nodes(src: Source, nodes: list[Node], env: dict[int, str], live: set[in
                 src.emit(f"{st.result} = {var}")
 
 
+HoistedCall = Callable[[Source, "object"], "str | None"]
 RegionCall = Callable[[Source, object, dict, "str | None", set, list], bool]
 
 
@@ -332,16 +334,20 @@ def shape_tuple(n: Node, lead: str) -> str:
 
 
 def generate(plan: Plan, name: str = "cell", region_call: RegionCall | None = None,
-             pack_weights: bool | None = None, cpu_gemm: bool = False) -> Source:
+             pack_weights: bool | None = None, cpu_gemm: bool = False,
+             hoisted_call: HoistedCall | None = None) -> Source:
     """The whole module for `plan`. `region_call(src, stage, env, mask_var, live, stores)` may
     emit a fused stage itself (the kernel backends do) and return True; else torch lines are
-    emitted. `pack_weights` (default: without a region_call) packs each per-step GEMM's weight
+    emitted. `hoisted_call(src, stage)` may turn a stage of `plan.hoisted_regions()` into a
+    differentiable kernel op (the cpu backend's c_hoisted.py) and return its global name, which
+    the prologue then calls where its `usable` says so. `pack_weights` (default: without a region_call) packs each per-step GEMM's weight
     for MKL once per call, which only pays on the CPU. `cpu_gemm` sends the products outside
     the loops through kernels/cpu_gemm.py (the cpu backend)."""
     from .codegen_torch_backward import emit_backward  # the backward half builds on this module
     pack = region_call is None if pack_weights is None else pack_weights
     src = Source()
     src.cpu_gemm = cpu_gemm
+    src.hoisted_call = hoisted_call
     if cpu_gemm:
         from ..kernels import cpu_gemm as gemm_module
         src.globals["_gemm"] = gemm_module
@@ -479,7 +485,11 @@ def _emit_prologue(src: Source, plan: Plan) -> None:
     for n in plan.hoisted:
         env[n.id] = f"{_v(n)}_rows"
     src.outside_loops = True
-    _emit_guarded(src, plan.hoisted, env, {r.id for r in plan.reads}, {n.id for n in poles})
+    regions = plan.hoisted_regions() if src.hoisted_call is not None else []
+    if regions:  # (none where a hoisted op has a pole on per-step values)
+        _emit_hoisted_stages(src, plan, regions, env)
+    else:
+        _emit_guarded(src, plan.hoisted, env, {r.id for r in plan.reads}, {n.id for n in poles})
     src.outside_loops = False
     outs = []
     for r in plan.reads:
@@ -489,6 +499,39 @@ def _emit_prologue(src: Source, plan: Plan) -> None:
             outs.append(_v(r))
     src.emit(f"return [{', '.join(outs)}]")
     src.indent -= 1
+
+
+def _emit_hoisted_stages(src: Source, plan: Plan, regions: list, env: dict[int, str]) -> None:
+    """The hoisted nodes stage by stage: each of `regions` that src.hoisted_call turns into a
+    kernel op as one call to it (its torch lines in the other branch), the other nodes as
+    torch lines, emitted together so that products still fold into their adds."""
+    reads = {r.id for r in plan.reads}
+    pending: list[Node] = []
+    stages = plan.hoisted_stages
+
+    def later(k: int) -> set[int]:
+        return {i.id for s in stages[k:] for n in s.nodes for i in n.inputs}
+
+    for k, stage in enumerate(stages):
+        name = src.hoisted_call(src, stage) if any(stage is r for r in regions) else None
+        if name is None:
+            pending += stage.nodes
+            continue
+        live = reads | later(k + 1)
+        emit_nodes(src, pending, env, live | later(k))
+        pending = []
+        args = [env.get(i.id, _v(i)) for i in stage.inputs if i.op != "const"]
+        outs = ", ".join(env[n.id] for n in stage.outputs)
+        src.emit(f"if {name}.usable({', '.join(args)}):")
+        src.indent += 1
+        src.emit(f"{outs}, = {name}({', '.join(args)})  # one C kernel over all rows, forward and backward: "
+                 + ", ".join(n.op for n in stage.nodes))
+        src.indent -= 1
+        src.emit("else:")
+        src.indent += 1
+        emit_nodes(src, stage.nodes, env, live)
+        src.indent -= 1
+    emit_nodes(src, pending, env, reads)
 
 
 def _emit_guarded(src: Source, nodes: list[Node], env: dict[int, str], live: set[int], poles: set[int]) -> None:

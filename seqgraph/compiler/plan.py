@@ -48,6 +48,8 @@ class Plan:
     unroll: int = 1
     fusable: Fusable = triton_fusable  # what the backend's kernels compute inline
     loops: str = "Python"  # how the backend runs the time loops (set by the backend's code generator)
+    hoisted_stages: list[Stage] = field(default_factory=list)  # the hoisted nodes cut into stages as a step's are
+    hoisted_kernels: str = ""  # how the backend runs hoisted_regions() (set by its code generator; "": torch ops)
 
     def backward_ok(self, masked: bool) -> bool:
         """Whether the symbolic backward exists (else autograd runs the reference loop)."""
@@ -66,6 +68,18 @@ class Plan:
     def hoisted_gemms(self) -> list[Node]:
         return [n for n in self.hoisted if REGISTRY[n.op].kind == "matmul"]
 
+    def hoisted_regions(self) -> list[Stage]:
+        """The fused stages of the hoisted nodes worth a kernel of their own, forward and backward:
+        those with two ops or more beyond adding or scaling by unbatched values (a QRNN's gates
+        over its input projection), where torch passes over all T*B rows once per op forward and
+        again backward. A bias or a LayerNorm's scale and shift do not count: torch folds them
+        into the product or the norm. None where a hoisted op has a pole on a per-step value:
+        the prologue computes padded rows there with 1 at the pole (codegen_torch._emit_guarded),
+        which torch code does."""
+        if any(_pole_on_rows(n) for n in self.hoisted):
+            return []
+        return [s for s in self.hoisted_stages if s.kind == "fused" and sum(map(_own_pass, s.nodes)) >= 2]
+
     def step_gemms(self) -> list[Node]:
         return [n for s in self.stages if s.kind == "gemm" for n in s.nodes]
 
@@ -79,6 +93,20 @@ class Plan:
     def to_dot(self, backward: bool = False):
         from .report import plan_dot
         return plan_dot(self, backward)
+
+
+def _pole_on_rows(n: Node) -> bool:
+    k = REGISTRY[n.op].pole
+    return k is not None and n.inputs[k].batched
+
+
+def _own_pass(n: Node) -> bool:
+    """Whether torch code passes over a hoisted elementwise op's rows for it alone: not for a
+    bias or scale (an add, sub or mul with an unbatched operand), which it folds into the product
+    or the LayerNorm before it."""
+    if REGISTRY[n.op].kind != "elementwise":
+        return False
+    return n.op not in ("add", "sub", "mul") or all(i.batched for i in n.inputs)
 
 
 def _slices_into_loop(order: list[Node], cls: dict[int, str], results: set[int]) -> None:
@@ -112,7 +140,9 @@ def build_plan(step: StepGraph, unroll: int = 1, fusable: Fusable = triton_fusab
     hoisted = [n for n in pre if cls[n.id] == "hoisted" and n.inputs]
     live_after = {r.id for r in step.results}
     stages = schedule(loop, live_after, fusable)
-    return Plan(step, cls, invariant, hoisted, reads, loop, stages, unroll=unroll, fusable=fusable)
+    hoisted_stages = schedule(hoisted, {r.id for r in reads}, fusable)
+    return Plan(step, cls, invariant, hoisted, reads, loop, stages, unroll=unroll, fusable=fusable,
+                hoisted_stages=hoisted_stages)
 
 
 def result_dependencies(plan: Plan) -> tuple:

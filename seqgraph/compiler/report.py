@@ -81,6 +81,10 @@ def describe_plan(plan, T: int | None, B: int | None, itemsize: int = 4) -> str:
     for n in plan.hoisted_gemms():
         f = f", {_flops_text(gemm_flops(n, (T or 1) * Bv))}" if T and B else ""
         lines.append(f"  hoisted GEMM {_gemm_text(n)}{f}")
+    for s in plan.hoisted_regions():
+        how = plan.hoisted_kernels if plan.hoisted_kernels and not s.why else \
+            "torch code" + (f" ({s.why})" if s.why else "")
+        lines.append(f"  hoisted elementwise region ({len(s.nodes)} ops: {how}): " + ", ".join(n.op for n in s.nodes))
     lines.append(f"time loops: {plan.loops}")
     lines.append(f"per step: {len(plan.stages)} stage(s)")
     for s in plan.stages:
@@ -177,6 +181,13 @@ def plan_dot(plan, backward: bool = False):
         return dot
     with dot.subgraph(name="cluster_before") as c:
         c.attr(label="before the loop (once per call, all T steps)", style="dashed")
+        kernels = [s for s in plan.hoisted_regions() if not s.why] if plan.hoisted_kernels else []
+        for k, s in enumerate(kernels):
+            with c.subgraph(name=f"cluster_hoisted_{k}") as f:
+                f.attr(label=f"kernel over all rows {k + 1} of {len(kernels)}", style="filled",
+                       fillcolor=_CLUSTER_COLOURS[k % len(_CLUSTER_COLOURS)])
+                for n in s.nodes:
+                    node(f, n)
         for n in plan.invariant + plan.hoisted:
             node(c, n)
     with dot.subgraph(name="cluster_step") as c:

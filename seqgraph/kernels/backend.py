@@ -95,3 +95,18 @@ def cpu_region_call(src, stage, env: dict, mask_var: str | None, live: set[int],
     name = f"_ck{lib.kernels.index(kernel)}"
     _emit_kernel_call(src, stage, env, name, kernel, f"{name}.fast", wiring)
     return True
+
+
+def cpu_hoisted_call(src, stage) -> str | None:
+    """A stage of Plan.hoisted_regions() as a HoistedRegion (c_hoisted.py) in the program's
+    CLibrary: its global name, or None (with the reason on the stage) where C cannot fuse it."""
+    from .c_hoisted import HoistedRegion, NotFused
+    from .c_launch import CLibrary
+    lib = src.globals.setdefault("_clib", CLibrary())
+    name = f"_hoisted{len([k for k in src.globals if k.startswith('_hoisted')])}"
+    try:
+        src.globals[name] = HoistedRegion(lib, stage, f"hoisted_{stage.outputs[0].id}")
+    except NotFused as e:
+        stage.why = f"not fused: {e}"
+        return None
+    return name

@@ -3,7 +3,8 @@
 A `CLibrary` gathers the regions and whole loops of one compiled program (forward and
 backward variants; regions of the same structure share one function) and builds them with
 the system C compiler into shared libraries per dtype and part (the unmasked loops, the
-masked ones, the regions only the Python loops call), each when first needed: an LSTM's
+masked ones, the regions only the Python loops call; the prologue's kernels go with the first
+part), each when first needed: an LSTM's
 unmasked loops cost one compiler run on each of two halves of their source at once and a
 link (about 0.4-0.5 s at H=512 on our 2-core machine; 0.2 s for a single small region).
 The library is written once to the kernel cache ($SEQGRAPH_CACHE_DIR/cpu, next to the Triton
@@ -298,11 +299,11 @@ def _argtypes(gen: CKernelSource) -> list:
 
 
 # A library is built in parts, each a shared library of its own, compiled when first needed: the
-# whole loops over unmasked batches (when the program compiles), the masked loops (by the first
-# call with lengths or a mask: a program that never meets padding never compiles them, and they
-# are about 40% of an LSTM's C text) and the kernels no loop calls (the Python loops': when the
-# program has no C loops, as it compiles; else when one is first called, which is never in a
-# call of one or more rows).
+# whole loops over unmasked batches, with the kernels the prologue calls (c_hoisted.py), when the
+# program compiles; the masked loops by the first call with lengths or a mask (a program that
+# never meets padding never compiles them, and they are about 40% of an LSTM's C text); and the
+# kernels no loop calls (the Python loops': when the program has no C loops, as it compiles; else
+# when one is first called, which is never in a call of one or more rows).
 LOOPS, MASKED_LOOPS, STEPS = "loops", "masked loops", "steps"
 _PART_WHEN = {LOOPS: "compiled with the program", MASKED_LOOPS: "compiled by the first call with lengths or a mask",
               STEPS: "compiled when one of them is first called"}
@@ -318,13 +319,15 @@ class CLibrary:
         self.loops: dict[str, str] = {}  # whole time loops (c_loops.py): function name -> source
         self.loop_parts: dict[str, str] = {}  # function name -> LOOPS or MASKED_LOOPS
         self.loop_fns: dict[tuple[str, torch.dtype], object] = {}
+        self.prologue_kernels: set[str] = set()  # function names of the kernels the prologue calls
         # per (dtype, part) built: the file, whether this process ran the compiler, the cache key
         self.paths: dict[tuple[torch.dtype, str], Path] = {}
         self.compiled: dict[tuple[torch.dtype, str], bool] = {}
         self.keys: dict[tuple[torch.dtype, str], str] = {}
 
-    def add(self, region: Region) -> CKernel:
-        """The kernel for `region` (one already added with the same structure is reused)."""
+    def add(self, region: Region, prologue: bool = False) -> CKernel:
+        """The kernel for `region` (one already added with the same structure is reused).
+        `prologue`: the prologue calls it (c_hoisted.py), so it is built with the program."""
         sig = region.signature()
         k = self._by_signature.get(sig)
         if k is None:
@@ -332,6 +335,8 @@ class CLibrary:
             k = CKernel(self, region, gen)
             self.kernels.append(k)
             self._by_signature[sig] = k
+        if prologue:
+            self.prologue_kernels.add(k.gen.func_name)
         return k
 
     def drop_kernels(self, keep: int) -> None:
@@ -351,8 +356,11 @@ class CLibrary:
         return LOOPS if LOOPS in self.loop_parts.values() else STEPS
 
     def part_of(self, kernel: CKernel) -> str:
-        """The part whose library binds `kernel`: that of the loops calling it (the unmasked
-        loops' where both kinds do), or STEPS where no loop does."""
+        """The part whose library binds `kernel`: the first part for the prologue's kernels, else
+        that of the loops calling it (the unmasked loops' where both kinds do), or STEPS where
+        no loop does."""
+        if kernel.gen.func_name in self.prologue_kernels:
+            return self.first_part()
         callers = {self.loop_parts[f] for f, text in self.loops.items() if _calls(text, kernel)}
         return STEPS if not callers else LOOPS if LOOPS in callers else MASKED_LOOPS
 
@@ -362,7 +370,8 @@ class CLibrary:
         loops = {f: text for f, text in self.loops.items() if self.loop_parts[f] == part}
         if part == STEPS:
             return [k for k in self.kernels if self.part_of(k) == STEPS], loops
-        return [k for k in self.kernels if any(_calls(text, k) for text in loops.values())], loops
+        return [k for k in self.kernels if any(_calls(text, k) for text in loops.values())
+                or (part == LOOPS and self.part_of(k) == LOOPS)], loops
 
     def bind_own_gemm(self, dtype: torch.dtype, part: str = LOOPS) -> None:
         """Give this library's float32 loops seqgraph's GEMM (cpu_gemm.py), built now if no

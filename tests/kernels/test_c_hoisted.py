@@ -1,0 +1,144 @@
+"""The cpu backend's hoisted elementwise regions (seqgraph/kernels/c_hoisted.py): one C kernel
+over all T*B rows forward and one backward, against the reference and torch's gradcheck, and
+where they are left to torch code.
+
+Tolerances: float64 to 1e-10 (values and gradients), float32 to 1e-5 and 1e-4."""
+import pytest
+import torch
+
+import seqgraph as sg
+from seqgraph.kernels import c_launch
+
+from backend_cases import check_against_reference
+from zoo import make_inputs
+
+
+def qrnn_cell(I=5, H=6):
+    """A QRNN's fo-pooling with a window of one: every gate reads only the input, so the
+    tanh, the sigmoids and 1 - f are hoisted over all steps."""
+    x, c = sg.Input(I, name="x"), sg.State(H, name="c")
+    z, f, o = sg.chunk(sg.Linear(I, 3 * H, name="w")(x), 3)
+    z, f, o = sg.tanh(z), sg.sigmoid(f), sg.sigmoid(o)
+    c_next = f * c + (1 - f) * z
+    return sg.Cell(inputs=[x], states={c: c_next}, outputs=[o * sg.tanh(c_next)], name="qrnn")
+
+
+def hoisted_ops(comp):
+    return [v for k, v in comp._program.fns.items() if k.startswith("_hoisted")]
+
+
+def test_a_qrnns_gates_run_as_one_kernel_forward_and_one_backward():
+    comp = sg.compile(sg.Recurrence(qrnn_cell()), backend="cpu")
+    (region,) = hoisted_ops(comp)
+    assert [n.op for n in region.forward_kernel.region.nodes].count("sigmoid") == 2
+    assert region.backward_kernel is not None
+    assert "if _hoisted0.usable(" in comp.source()
+    assert "sg_region_0" in comp.source()  # the kernels' C text is shown with the rest
+
+
+@pytest.mark.parametrize("lengths", [None, [7, 5, 3, 1], [7, 1, 1, 1]],
+                         ids=["unpadded", "padded-all-rows", "padded-real-rows-only"])
+def test_hoisted_kernels_equal_the_reference_in_float64(lengths):
+    rec = sg.Recurrence(qrnn_cell()).double()
+    comp = sg.compile(rec, backend="cpu")
+    xs, ctx = make_inputs(rec.cell, 7, 4, dtype=torch.float64)
+    check_against_reference(rec, comp, xs, ctx, 1e-10, lengths=None if lengths is None else torch.tensor(lengths))
+
+
+def test_hoisted_kernels_equal_the_reference_in_float32():
+    rec = sg.Recurrence(qrnn_cell(9, 33))
+    comp = sg.compile(rec, backend="cpu")
+    xs, ctx = make_inputs(rec.cell, 6, 5, dtype=torch.float32)
+    check_against_reference(rec, comp, xs, ctx, 1e-5, lengths=torch.tensor([6, 4, 4, 2, 1]))
+
+
+def test_the_hoisted_op_passes_gradcheck():
+    comp = sg.compile(sg.Recurrence(qrnn_cell(3, 4)).double(), backend="cpu")
+    (region,) = hoisted_ops(comp)
+    torch.manual_seed(0)
+    inputs = [torch.randn((6,) + tuple(n.shape) if n.batched else tuple(n.shape), dtype=torch.float64,
+                          requires_grad=True) for n in region.inputs]
+    assert any(not n.batched for n in region.inputs)  # the bias: its gradient is a sum over rows
+    assert torch.autograd.gradcheck(lambda *t: region(*t), inputs)
+
+
+def test_a_frozen_weight_gets_no_gradient_and_the_input_its_own():
+    rec = sg.Recurrence(qrnn_cell()).double()
+    comp = sg.compile(rec, backend="cpu")
+    for p in rec.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(comp(x)[0].sum(), x)
+    (want,) = torch.autograd.grad(rec(x)[0].sum(), x)
+    torch.testing.assert_close(gx, want, rtol=1e-10, atol=1e-10)
+    assert all(p.grad is None for p in rec.parameters())
+
+
+def test_the_hoisted_kernels_are_built_with_the_program():
+    comp = sg.compile(sg.Recurrence(qrnn_cell(4, 7)), backend="cpu")
+    lib = comp._program.fns["_clib"]
+    (region,) = hoisted_ops(comp)
+    for k in (region.forward_kernel, region.backward_kernel):
+        assert lib.part_of(k) == c_launch.LOOPS
+        assert torch.float32 in k.fns  # bound by the build as the program compiled
+    comp(torch.randn(3, 2, 4, requires_grad=True))[0].sum().backward()
+    assert {part for _, part in lib.paths} == {c_launch.LOOPS}  # no other part was needed
+
+
+def test_the_torch_code_runs_where_the_kernels_do_not():
+    comp = sg.compile(sg.Recurrence(qrnn_cell()), backend="cpu")
+    (region,) = hoisted_ops(comp)
+    rows, bias = torch.randn(6, 18), torch.randn(18)
+    assert region.usable(rows, bias)
+    assert not region.usable(rows.half(), bias.half())
+    assert not region.usable(rows, bias.double())
+
+
+def test_inside_torch_compile_the_prologue_traces_as_torch_code():
+    rec = sg.Recurrence(qrnn_cell())
+    comp = sg.compile(rec, backend="cpu")
+    x = torch.randn(4, 3, 5)
+    out, _ = torch.compile(lambda v: comp(v), backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(out, rec(x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_layer_norm_or_a_bias_alone_is_left_to_torch():
+    for cell in (sg.cells.lstm(4, 5, layer_norm=True), sg.cells.gru(4, 5), sg.cells.mufuru(4, 5)):
+        comp = sg.compile(sg.Recurrence(cell), backend="cpu")
+        assert comp.plan().hoisted_regions() == []
+        assert hoisted_ops(comp) == []
+
+
+def test_the_plan_says_how_the_hoisted_region_runs():
+    cpu = sg.compile(sg.Recurrence(qrnn_cell()), backend="cpu").plan()
+    line = next(ln for ln in str(cpu).splitlines() if "hoisted elementwise region" in ln)
+    assert "one C kernel over all rows forward, one backward" in line and "tanh" in line
+    torch_plan = sg.compile(sg.Recurrence(qrnn_cell()), backend="torch").plan()
+    assert "(9 ops: torch code)" in str(torch_plan)
+    assert "kernel over all rows 1 of 1" in cpu.to_dot().source
+    assert "kernel over all rows" not in torch_plan.to_dot().source
+
+
+def test_large_hoisted_buffers_are_reused_across_calls(monkeypatch):
+    rec = sg.Recurrence(qrnn_cell(8, 256))
+    comp = sg.compile(rec, backend="cpu")
+    (region,) = hoisted_ops(comp)
+    pointers = []  # (not the tensors: holding them would keep their memory taken)
+    forward = region.forward
+
+    def remember(ts):
+        outs = forward(ts)
+        pointers.append([t.untyped_storage().data_ptr() for t in outs])
+        return outs
+    monkeypatch.setattr(region, "forward", remember)
+    x = torch.randn(32, 32, 8, requires_grad=True)  # 1024 rows of 256 floats: 1 MiB per value
+    grads = []
+    for _ in range(3):
+        comp(x)[0].sum().backward()
+        grads.append(x.grad.clone())
+        x.grad = None
+    assert pointers[2] == pointers[1]  # the second call's memory, free again once its backward ran
+    torch.testing.assert_close(grads[2], grads[0], rtol=0, atol=0)
+    monkeypatch.setenv("SEQGRAPH_REUSE_BUFFERS", "0")
+    comp(x)[0].sum().backward()
+    assert not set(pointers[3]) & set(pointers[1])
