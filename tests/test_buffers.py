@@ -60,6 +60,26 @@ def test_small_buffers_and_reuse_switched_off_come_straight_from_torch(monkeypat
     assert big._base is None and buffers.kept_bytes() == 0
 
 
+def test_every_buffer_of_a_shape_a_call_took_comes_back_for_the_next():
+    like = torch.zeros(())
+    first = [buffers.empty(like, BIG) for _ in range(5)]  # a layer-norm LSTM saves five of a shape
+    pointers = {t.data_ptr() for t in first}
+    del first
+    again = [buffers.empty(like, BIG) for _ in range(5)]  # (held: a dropped one is free at once)
+    assert {t.data_ptr() for t in again} == pointers
+
+
+def test_past_the_cap_a_buffer_comes_straight_from_torch_and_none_in_use_is_dropped():
+    like = torch.zeros(())
+    held = [buffers.empty(like, BIG) for _ in range(buffers.KEEP)]
+    extra = buffers.empty(like, BIG)
+    assert extra._base is None and buffers.kept_bytes() == buffers.KEEP * 2 * 2**20
+    pointers = {t.data_ptr() for t in held}
+    del held
+    again = [buffers.empty(like, BIG) for _ in range(buffers.KEEP)]
+    assert {t.data_ptr() for t in again} == pointers
+
+
 def test_kept_buffers_are_bounded_per_shape_and_in_all(monkeypatch):
     like = torch.zeros(())
     held = [buffers.empty(like, BIG) for _ in range(buffers.KEEP + 2)]
