@@ -486,8 +486,8 @@ def _emit_prologue(src: Source, plan: Plan) -> None:
         env[n.id] = f"{_v(n)}_rows"
     src.outside_loops = True
     regions = plan.hoisted_regions() if src.hoisted_call is not None else []
-    if regions:  # (none where a hoisted op has a pole on per-step values)
-        _emit_hoisted_stages(src, plan, regions, env)
+    if regions:
+        _emit_hoisted_stages(src, plan, regions, env, {n.id for n in poles})
     else:
         _emit_guarded(src, plan.hoisted, env, {r.id for r in plan.reads}, {n.id for n in poles})
     src.outside_loops = False
@@ -501,10 +501,12 @@ def _emit_prologue(src: Source, plan: Plan) -> None:
     src.indent -= 1
 
 
-def _emit_hoisted_stages(src: Source, plan: Plan, regions: list, env: dict[int, str]) -> None:
+def _emit_hoisted_stages(src: Source, plan: Plan, regions: list, env: dict[int, str], poles: set[int]) -> None:
     """The hoisted nodes stage by stage: each of `regions` that src.hoisted_call turns into a
     kernel op as one call to it (its torch lines in the other branch), the other nodes as
-    torch lines, emitted together so that products still fold into their adds."""
+    torch lines, emitted together so that products still fold into their adds. A region with
+    an op in `poles` calls its kernel only where no padded row is computed (`real` is None):
+    the torch lines put 1 at the pole on padded rows (_emit_guarded)."""
     reads = {r.id for r in plan.reads}
     pending: list[Node] = []
     stages = plan.hoisted_stages
@@ -518,20 +520,21 @@ def _emit_hoisted_stages(src: Source, plan: Plan, regions: list, env: dict[int, 
             pending += stage.nodes
             continue
         live = reads | later(k + 1)
-        emit_nodes(src, pending, env, live | later(k))
+        _emit_guarded(src, pending, env, live | later(k), poles)
         pending = []
         args = [env.get(i.id, _v(i)) for i in stage.inputs if i.op != "const"]
         outs = ", ".join(env[n.id] for n in stage.outputs)
-        src.emit(f"if {name}.usable({', '.join(args)}):")
+        padding = "real is None and " if any(n.id in poles for n in stage.nodes) else ""
+        src.emit(f"if {padding}{name}.usable({', '.join(args)}):")
         src.indent += 1
         src.emit(f"{outs}, = {name}({', '.join(args)})  # one C kernel over all rows, forward and backward: "
                  + ", ".join(n.op for n in stage.nodes))
         src.indent -= 1
         src.emit("else:")
         src.indent += 1
-        emit_nodes(src, stage.nodes, env, live)
+        _emit_guarded(src, stage.nodes, env, live, poles)
         src.indent -= 1
-    emit_nodes(src, pending, env, reads)
+    _emit_guarded(src, pending, env, reads, poles)
 
 
 def _emit_guarded(src: Source, nodes: list[Node], env: dict[int, str], live: set[int], poles: set[int]) -> None:

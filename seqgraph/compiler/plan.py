@@ -73,11 +73,7 @@ class Plan:
         those with two ops or more beyond adding or scaling by unbatched values (a QRNN's gates
         over its input projection), where torch passes over all T*B rows once per op forward and
         again backward. A bias or a LayerNorm's scale and shift do not count: torch folds them
-        into the product or the norm. None where a hoisted op has a pole on a per-step value:
-        the prologue computes padded rows there with 1 at the pole (codegen_torch._emit_guarded),
-        which torch code does."""
-        if any(_pole_on_rows(n) for n in self.hoisted):
-            return []
+        into the product or the norm."""
         return [s for s in self.hoisted_stages if s.kind == "fused" and sum(map(_own_pass, s.nodes)) >= 2]
 
     def step_gemms(self) -> list[Node]:
@@ -93,11 +89,6 @@ class Plan:
     def to_dot(self, backward: bool = False):
         from .report import plan_dot
         return plan_dot(self, backward)
-
-
-def _pole_on_rows(n: Node) -> bool:
-    k = REGISTRY[n.op].pole
-    return k is not None and n.inputs[k].batched
 
 
 def _own_pass(n: Node) -> bool:

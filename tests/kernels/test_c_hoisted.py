@@ -142,3 +142,37 @@ def test_large_hoisted_buffers_are_reused_across_calls(monkeypatch):
     monkeypatch.setenv("SEQGRAPH_REUSE_BUFFERS", "0")
     comp(x)[0].sum().backward()
     assert not set(pointers[3]) & set(pointers[1])
+
+
+def log_gate_cell(I=3, H=4):
+    """A hoisted log whose operand is 0 on a padded row of zeros (no bias): the pole."""
+    x, h = sg.Input(I, name="x"), sg.State(H, name="h")
+    u, v = sg.chunk(sg.Linear(I, 2 * H, bias=False, name="w")(x), 2)
+    gate = sg.sigmoid(sg.log(u * u) + v)
+    return sg.Cell(inputs=[x], states={h: gate * h + (1 - gate) * sg.tanh(v)}, outputs=[gate * h], name="log_gate")
+
+
+@pytest.mark.parametrize("lengths, kernel_calls", [(None, 1), ([6, 5, 4, 3], 0), ([6, 1, 1, 1], 1)],
+                         ids=["unpadded", "padded-all-rows", "padded-real-rows-only"])
+def test_a_region_with_a_pole_leaves_padded_rows_to_the_torch_lines(monkeypatch, lengths, kernel_calls):
+    rec = sg.Recurrence(log_gate_cell()).double()
+    comp = sg.compile(rec, backend="cpu")
+    (region,) = hoisted_ops(comp)
+    assert "if real is None and _hoisted0.usable(" in comp.source()
+    calls = []
+    forward = region.forward
+    monkeypatch.setattr(region, "forward", lambda ts: calls.append(1) or forward(ts))
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 3, dtype=torch.float64)
+    if lengths is not None:
+        for b, n in enumerate(lengths):
+            x[n:, b] = 0.0  # padding of zeros: log(0) there if a kernel computed it
+    lengths = None if lengths is None else torch.tensor(lengths)
+    grads = []
+    for m in (comp, rec):
+        out, _ = m(x, lengths=lengths)
+        grads.append(torch.autograd.grad(out.sum(), list(rec.parameters())))
+    assert len(calls) == kernel_calls
+    for got, want in zip(*grads):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
