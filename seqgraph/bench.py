@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 SIZES = {"fastrnns": (100, 64, 512), "small": (50, 16, 128), "medium": (20, 64, 256), "smallbatch": (50, 4, 1024)}
-CELLS = ("lstm", "gru", "peephole_lstm", "layer_norm_lstm", "mufuru", "mlstm")
+CELLS = ("lstm", "gru", "peephole_lstm", "layer_norm_lstm", "mufuru", "qrnn", "mlstm")
 
 
 # ---------------------------------------------------------------------------------------
@@ -34,6 +34,7 @@ def make_cell(name: str, I: int, H: int):
         "peephole_lstm": lambda: sg.cells.lstm(I, H, peephole=True),
         "layer_norm_lstm": lambda: sg.cells.lstm(I, H, layer_norm=True),
         "mufuru": lambda: sg.cells.mufuru(I, H),
+        "qrnn": lambda: sg.cells.qrnn(I, H),
         "mlstm": lambda: sg.cells.mlstm(I, H),
     }[name]()
 
@@ -85,6 +86,14 @@ def eager_step(name: str, p: dict[str, torch.Tensor]) -> Callable:
                                torch.maximum(s, v), torch.minimum(s, v)], 1)
             s = (w * ops).sum(1)
             return s, (s,)
+        return step
+    if name == "qrnn":
+        def step(x, st):
+            (c,) = st
+            z, f, o = F.linear(x, p["w.weight"], p["w.bias"]).chunk(3, 1)
+            z, f, o = torch.tanh(z), torch.sigmoid(f), torch.sigmoid(o)
+            c = f * c + (1 - f) * z
+            return o * c, (c,)
         return step
     if name == "mlstm":
         def step(x, st):

@@ -325,6 +325,26 @@ def indrnn(input_size: int, hidden_size: int, *, nonlinearity: str = "relu") -> 
     return sg.Cell(inputs=[x], states={h: h_next}, outputs=[h_next], name="indrnn")
 
 
+def qrnn(input_size: int, hidden_size: int, *, bias: bool = True) -> sg.Cell:
+    """The quasi-recurrent network (Bradbury et al. 2017) with a window of one and fo-pooling:
+
+        z, f, o = tanh(W_z x + b_z), sigmoid(W_f x + b_f), sigmoid(W_o x + b_o)
+        c' = f * c + (1 - f) * z;   h' = o * c'
+
+    One Linear "w" holds the three gates (3 * hidden_size outputs, order z, f, o). No gate reads
+    the state, so all of that work runs before the time loop, for every step at once (on the
+    cpu backend, one C kernel; plan() says so), and a step is three elementwise ops. State "c";
+    the output is h'."""
+    _check_flags("qrnn", bias=bias)
+    _check_sizes("qrnn", input_size=input_size, hidden_size=hidden_size)
+    x = sg.Input(input_size, name="x")
+    c = sg.State(hidden_size, name="c")
+    z, f, o = sg.chunk(sg.Linear(input_size, 3 * hidden_size, bias=bias, name="w")(x), 3)
+    z, f, o = sg.tanh(z), sg.sigmoid(f), sg.sigmoid(o)
+    c_next = f * c + (1 - f) * z
+    return sg.Cell(inputs=[x], states={c: c_next}, outputs=[o * c_next], name="qrnn")
+
+
 def mlstm(input_size: int, hidden_size: int) -> sg.Cell:
     """xLSTM's matrix-memory LSTM (Beck et al. 2024), one head: an (H, H) memory "C" written
     with the outer product v k^T, a normaliser "n" and a stabiliser "m" (one value), and gates
@@ -449,5 +469,5 @@ class NormStabilizer(nn.Module):
         return f"beta={self.beta}, output={self.output}, reduction={self.reduction!r}"
 
 
-__all__ = ["rnn", "recurrent", "lstm", "gru", "mufuru", "indrnn", "NormStabilizer", "norm_stabilizer_loss",
-           "MUFURU_OPS"]
+__all__ = ["rnn", "recurrent", "lstm", "gru", "mufuru", "indrnn", "qrnn", "mlstm", "NormStabilizer",
+           "norm_stabilizer_loss", "MUFURU_OPS"]

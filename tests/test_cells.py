@@ -352,6 +352,31 @@ def test_indrnn_matches_published_equations(nonlinearity):
     assert_close(out, run_reference(step, x, (h0,))[0])
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_qrnn_matches_published_equations(bias):
+    rec = sg.Recurrence(sg.cells.qrnn(I, H, bias=bias))
+    P = params_of(rec)
+    assert ("w.bias" in P) == bias
+
+    def step(xt, s):
+        z, f, o = lin(P, "w", xt).chunk(3, 1)
+        z, f, o = torch.tanh(z), torch.sigmoid(f), torch.sigmoid(o)
+        c2 = f * s[0] + (1 - f) * z
+        return o * c2, (c2,)
+
+    x, c0 = torch.randn(T, B, I), torch.randn(B, H)
+    out, final = rec(x, {"c": c0})
+    want_out, want_final = run_reference(step, x, (c0,))
+    assert_close(out, want_out)
+    assert_close(final["c"], want_final[0])
+
+
+def test_qrnn_runs_its_gates_before_the_loop_and_a_step_without_a_product():
+    plan = sg.compile(sg.Recurrence(sg.cells.qrnn(I, H)), backend="cpu").plan()
+    assert plan.step_gemms() == [] and len(plan.hoisted_gemms()) == 1
+    assert len(plan.hoisted_regions()) == 1
+
+
 # ---------------------------------------------------------------------------------------
 # mLSTM (xLSTM's matrix memory)
 # ---------------------------------------------------------------------------------------
@@ -426,6 +451,7 @@ GRADCHECK_CELLS = {
     "gru_reset_before": lambda: sg.cells.gru(3, 4, reset_after=False),
     "mufuru": lambda: sg.cells.mufuru(3, 4),
     "indrnn": lambda: sg.cells.indrnn(3, 4),
+    "qrnn": lambda: sg.cells.qrnn(3, 4),
     "mlstm": lambda: sg.cells.mlstm(3, 3),
 }
 

@@ -19,6 +19,7 @@ BUILTIN = {
     "rnn_relu": lambda: sg.cells.rnn(3, 5, nonlinearity="relu"),
     "mufuru": lambda: sg.cells.mufuru(3, 4),
     "indrnn": lambda: sg.cells.indrnn(3, 5),
+    "qrnn": lambda: sg.cells.qrnn(3, 5),
     "mlstm": lambda: sg.cells.mlstm(3, 4),
 }
 CASES = {**{f"zoo_{k}": v for k, v in ZOO.items()}, **BUILTIN}

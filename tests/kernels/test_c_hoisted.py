@@ -14,13 +14,9 @@ from zoo import make_inputs
 
 
 def qrnn_cell(I=5, H=6):
-    """A QRNN's fo-pooling with a window of one: every gate reads only the input, so the
-    tanh, the sigmoids and 1 - f are hoisted over all steps."""
-    x, c = sg.Input(I, name="x"), sg.State(H, name="c")
-    z, f, o = sg.chunk(sg.Linear(I, 3 * H, name="w")(x), 3)
-    z, f, o = sg.tanh(z), sg.sigmoid(f), sg.sigmoid(o)
-    c_next = f * c + (1 - f) * z
-    return sg.Cell(inputs=[x], states={c: c_next}, outputs=[o * sg.tanh(c_next)], name="qrnn")
+    """A QRNN (fo-pooling, window one): every gate reads only the input, so the tanh, the
+    sigmoids, 1 - f and (1 - f) * z are hoisted over all steps."""
+    return sg.cells.qrnn(I, H)
 
 
 def hoisted_ops(comp):
