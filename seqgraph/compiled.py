@@ -176,8 +176,9 @@ def _generate_program(cell: Cell, backend: str, unroll: int):
     plan = compile_plan(cell, unroll, c_fusable if backend == "cpu" else None)
     region_call, pack, hoisted_call = None, None, None
     if backend == "triton":
-        from .kernels.backend import triton_region_call
-        region_call = triton_region_call
+        from .kernels.backend import triton_hoisted_call, triton_region_call
+        region_call, hoisted_call = triton_region_call, triton_hoisted_call
+        plan.hoisted_kernels = "one Triton kernel over all rows forward, one backward; torch code inside torch.compile"
     elif backend == "cpu":
         from .kernels.backend import cpu_hoisted_call, cpu_region_call
         region_call, pack, hoisted_call = cpu_region_call, True, cpu_hoisted_call
@@ -197,6 +198,11 @@ def _generate_program(cell: Cell, backend: str, unroll: int):
     text = src.text()
     kernels = [f"# ---- {name}: {k.path.name} ----\n{k.source}" for name, k in src.globals.items()
                if name.startswith("_kernel")]
+    if backend == "triton":  # (the C text of the cpu backend's hoisted kernels is in its library's)
+        kernels += [f"# ---- {name}.{part}: {k.path.name} ----\n{k.source}" for name, h in src.globals.items()
+                    if name.startswith("_hoisted")
+                    for part, k in (("forward_kernel", h.forward_kernel), ("backward_kernel", h.backward_kernel))
+                    if k is not None]
     shown = text
     if kernels:
         shown += "\n\n# ======== generated Triton kernels ========\n" + "\n".join(kernels)

@@ -339,7 +339,7 @@ def generate(plan: Plan, name: str = "cell", region_call: RegionCall | None = No
     """The whole module for `plan`. `region_call(src, stage, env, mask_var, live, stores)` may
     emit a fused stage itself (the kernel backends do) and return True; else torch lines are
     emitted. `hoisted_call(src, stage)` may turn a stage of `plan.hoisted_regions()` into a
-    differentiable kernel op (the cpu backend's c_hoisted.py) and return its global name, which
+    differentiable kernel op (the kernel backends: kernels/hoisted.py) and return its global name, which
     the prologue then calls where its `usable` says so. `pack_weights` (default: without a region_call) packs each per-step GEMM's weight
     for MKL once per call, which only pays on the CPU. `cpu_gemm` sends the products outside
     the loops through kernels/cpu_gemm.py (the cpu backend)."""

@@ -97,16 +97,39 @@ def cpu_region_call(src, stage, env: dict, mask_var: str | None, live: set[int],
     return True
 
 
-def cpu_hoisted_call(src, stage) -> str | None:
-    """A stage of Plan.hoisted_regions() as a HoistedRegion (c_hoisted.py) in the program's
-    CLibrary: its global name, or None (with the reason on the stage) where C cannot fuse it."""
-    from .c_hoisted import HoistedRegion, NotFused
-    from .c_launch import CLibrary
-    lib = src.globals.setdefault("_clib", CLibrary())
+def _hoisted_call(src, stage, kernels) -> str | None:
+    """A stage of Plan.hoisted_regions() as a HoistedRegion (hoisted.py) of `kernels`: its
+    global name, or None (with the reason on the stage) where the kernels cannot fuse it."""
+    from .hoisted import HoistedRegion, NotFused
     name = f"_hoisted{len([k for k in src.globals if k.startswith('_hoisted')])}"
     try:
-        src.globals[name] = HoistedRegion(lib, stage, f"hoisted_{stage.outputs[0].id}")
+        src.globals[name] = HoistedRegion(stage, f"hoisted_{stage.outputs[0].id}", kernels)
     except NotFused as e:
         stage.why = f"not fused: {e}"
         return None
     return name
+
+
+def cpu_hoisted_call(src, stage) -> str | None:
+    """_hoisted_call with C kernels in the program's CLibrary, built with its first part."""
+    import torch
+
+    from .c_codegen import c_region_supported
+    from .c_launch import CLibrary
+    from .hoisted import KernelMaker
+    lib = src.globals.setdefault("_clib", CLibrary())
+    kernels = KernelMaker(c_region_supported, lambda region: lib.add(region, prologue=True).fast,
+                          (torch.float32, torch.float64), lambda device: device.type == "cpu")
+    return _hoisted_call(src, stage, kernels)
+
+
+def triton_hoisted_call(src, stage) -> str | None:
+    """_hoisted_call with Triton kernels (CUDA tensors, or CPU ones under TRITON_INTERPRET=1)."""
+    import torch
+
+    from ..settings import triton_interpreting
+    from .hoisted import KernelMaker
+    from .launch import compile_region
+    kernels = KernelMaker(region_supported, compile_region, (torch.float32, torch.float16, torch.bfloat16),
+                          lambda device: device.type == "cuda" or (device.type == "cpu" and triton_interpreting()))
+    return _hoisted_call(src, stage, kernels)

@@ -299,7 +299,7 @@ def _argtypes(gen: CKernelSource) -> list:
 
 
 # A library is built in parts, each a shared library of its own, compiled when first needed: the
-# whole loops over unmasked batches, with the kernels the prologue calls (c_hoisted.py), when the
+# whole loops over unmasked batches, with the kernels the prologue calls (hoisted.py), when the
 # program compiles; the masked loops by the first call with lengths or a mask (a program that
 # never meets padding never compiles them, and they are about 40% of an LSTM's C text); and the
 # kernels no loop calls (the Python loops': when the program has no C loops, as it compiles; else
@@ -327,7 +327,7 @@ class CLibrary:
 
     def add(self, region: Region, prologue: bool = False) -> CKernel:
         """The kernel for `region` (one already added with the same structure is reused).
-        `prologue`: the prologue calls it (c_hoisted.py), so it is built with the program."""
+        `prologue`: the prologue calls it (hoisted.py), so it is built with the program."""
         sig = region.signature()
         k = self._by_signature.get(sig)
         if k is None:

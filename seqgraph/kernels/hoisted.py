@@ -1,17 +1,21 @@
-"""Fused regions of hoisted nodes as autograd ops: one C kernel over all T*B rows forward, one backward.
+"""Fused regions of hoisted nodes as autograd ops: one kernel over all T*B rows forward, one backward.
 
 The prologue computes the nodes that read no state for all steps at once. Its products are
-single large GEMMs; what follows them (a layer-norm LSTM's LayerNorm of the input
-projection, say) was torch code, one pass over all T*B rows per op forward and more backward.
-For each stage `Plan.hoisted_regions()` picks, the cpu backend builds a `HoistedRegion`: the
-stage as one C kernel (c_codegen.py) and its derivative (derive_backward over the stage's
-nodes, with no states) as another, which recomputes the forward values it needs from the
-inputs autograd saved rather than storing them. The derivative's sums over rows (the
-gradients of a LayerNorm's scale and shift) run after it as torch code. The prologue calls
-it only where `usable` says the C code serves (CPU tensors of float32 or float64, outside
-torch.compile's tracing); its torch lines run otherwise. Must not make planning decisions.
+single large GEMMs; what follows them (a QRNN's gates over its input projection, say) was
+torch code, one pass over all T*B rows per op forward and more backward. For each stage
+`Plan.hoisted_regions()` picks, the kernel backends build a `HoistedRegion`: the stage as one
+region kernel (C on the `cpu` backend, Triton on the `triton` backend: `KernelMaker`) and its
+derivative (derive_backward over the stage's nodes, with no states) as another, which
+recomputes the forward values it needs from the inputs autograd saved rather than storing
+them. The derivative's sums over rows (the gradients of a bias) run after it as torch code.
+The prologue calls it only where `usable` says the kernels serve (the backend's devices and
+dtypes, outside torch.compile's tracing); its torch lines run otherwise. Must not make
+planning decisions.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -20,10 +24,19 @@ from ..compiler.derive_backward import derive_backward
 from ..compiler.interpret import evaluate
 from ..compiler.ir import Node, topo_order
 from ..compiler.ops import REGISTRY
-from .c_codegen import c_region_supported
 from .codegen import region_from_outputs
+from .region import Region
 
-_DTYPES = (torch.float32, torch.float64)
+
+@dataclass(frozen=True)
+class KernelMaker:
+    """What a backend brings: whether it can fuse a region (ok, why), the region's kernel as a
+    function (inputs without constants, out=buffers) -> outputs, and where it runs."""
+
+    supported: Callable[[Region], "tuple[bool, str]"]
+    build: Callable[[Region], Callable]
+    dtypes: tuple
+    on_device: Callable[[torch.device], bool]
 
 
 class NotFused(Exception):
@@ -36,21 +49,21 @@ class HoistedRegion:
     Inputs are the stage's external values without constants, in `inputs` order: (N, W) rows
     of per-step values, (W,) or 0-d unbatched ones (parameters, invariants)."""
 
-    def __init__(self, library, stage, name: str):
+    def __init__(self, stage, name: str, kernels: KernelMaker):
         self.name = name
+        self.kernels = kernels
         self.inputs: list[Node] = [i for i in stage.inputs if i.op != "const"]
         self.outputs: list[Node] = list(stage.outputs)
-        forward = region_from_outputs(self.outputs, self.inputs, name=f"{name}_forward")
-        ok, why = c_region_supported(forward)
+        self.forward_region = region_from_outputs(self.outputs, self.inputs, name=f"{name}_forward")
+        ok, why = kernels.supported(self.forward_region)
         if not ok:
             raise NotFused(why)
         self._plan_backward(stage.nodes)
-        ok, why = (True, "") if self.backward_region is None else c_region_supported(self.backward_region)
+        ok, why = (True, "") if self.backward_region is None else kernels.supported(self.backward_region)
         if not ok:
             raise NotFused(f"its derivative: {why}")
-        self.forward_kernel = library.add(forward, prologue=True)
-        self.backward_kernel = None if self.backward_region is None else \
-            library.add(self.backward_region, prologue=True)
+        self.forward_kernel = kernels.build(self.forward_region)
+        self.backward_kernel = None if self.backward_region is None else kernels.build(self.backward_region)
         self._needed: dict[tuple, list[Node]] = {}
 
     def _plan_backward(self, nodes: list[Node]) -> None:
@@ -91,17 +104,19 @@ class HoistedRegion:
                                                    name=f"{self.name}_backward") if self.kernel_outputs else None
 
     def usable(self, *tensors: torch.Tensor) -> bool:
-        """Whether the C kernels serve these inputs (else the prologue's torch lines run)."""
+        """Whether the kernels serve these inputs: of one dtype the kernels compute, on their
+        device, outside torch.compile's tracing (else the prologue's torch lines run)."""
         if torch.compiler.is_compiling():
             return False
-        dtype = tensors[0].dtype
-        return dtype in _DTYPES and all(t.is_cpu and t.dtype == dtype for t in tensors)
+        first = tensors[0]
+        return first.dtype in self.kernels.dtypes and self.kernels.on_device(first.device) and \
+            all(t.dtype == first.dtype and t.device == first.device for t in tensors)
 
     def __call__(self, *tensors: torch.Tensor) -> tuple:
         return _Apply.apply(self, *tensors)
 
     def forward(self, tensors) -> list[torch.Tensor]:
-        return self.forward_kernel.fast(list(tensors), out=_buffers(self.outputs, _rows(self.inputs, tensors)))
+        return self.forward_kernel(list(tensors), out=_buffers(self.outputs, _rows(self.inputs, tensors)))
 
     def backward(self, tensors, grads, needs) -> list[torch.Tensor | None]:
         """The gradients of the inputs `needs` asks for (None for the others)."""
@@ -111,7 +126,7 @@ class HoistedRegion:
         env = evaluate(self.before, env, dtype=dtype, device=device)
         if self.backward_kernel is not None:
             ins = [env[i.id] for i in self.kernel_inputs]
-            outs = self.backward_kernel.fast(ins, out=_buffers(self.kernel_outputs, _rows(self.kernel_inputs, ins)))
+            outs = self.backward_kernel(ins, out=_buffers(self.kernel_outputs, _rows(self.kernel_inputs, ins)))
             env.update((n.id, t) for n, t in zip(self.kernel_outputs, outs))
         env = evaluate(self._after_for(needs), env, dtype=dtype, device=device)
         return [env[self.grads[n.id].id] if need and n.id in self.grads else None

@@ -1,6 +1,7 @@
-"""The cpu backend's hoisted elementwise regions (seqgraph/kernels/c_hoisted.py): one C kernel
-over all T*B rows forward and one backward, against the reference and torch's gradcheck, and
-where they are left to torch code.
+"""Hoisted elementwise regions (seqgraph/kernels/hoisted.py): one kernel over all T*B rows
+forward and one backward, C on the cpu backend and Triton on the triton backend (run by the
+interpreter here), against the reference and torch's gradcheck, and where they are left to
+torch code.
 
 Tolerances: float64 to 1e-10 (values and gradients), float32 to 1e-5 and 1e-4."""
 import pytest
@@ -26,7 +27,7 @@ def hoisted_ops(comp):
 def test_a_qrnns_gates_run_as_one_kernel_forward_and_one_backward():
     comp = sg.compile(sg.Recurrence(qrnn_cell()), backend="cpu")
     (region,) = hoisted_ops(comp)
-    assert [n.op for n in region.forward_kernel.region.nodes].count("sigmoid") == 2
+    assert [n.op for n in region.forward_region.nodes].count("sigmoid") == 2
     assert region.backward_kernel is not None
     assert "if _hoisted0.usable(" in comp.source()
     assert "sg_region_0" in comp.source()  # the kernels' C text is shown with the rest
@@ -46,6 +47,20 @@ def test_hoisted_kernels_equal_the_reference_in_float32():
     comp = sg.compile(rec, backend="cpu")
     xs, ctx = make_inputs(rec.cell, 6, 5, dtype=torch.float32)
     check_against_reference(rec, comp, xs, ctx, 1e-5, lengths=torch.tensor([6, 4, 4, 2, 1]))
+
+
+@pytest.mark.parametrize("lengths", [None, [7, 5, 3, 1], [7, 1, 1, 1]],
+                         ids=["unpadded", "padded-all-rows", "padded-real-rows-only"])
+def test_the_triton_backend_runs_the_region_as_kernels_too(lengths):
+    rec = sg.Recurrence(qrnn_cell())
+    comp = sg.compile(rec, backend="triton")
+    (region,) = hoisted_ops(comp)
+    assert "one Triton kernel over all rows" in str(comp.plan())
+    assert "_hoisted0.backward_kernel" in comp.source()  # the kernels' text is shown with the rest
+    xs, ctx = make_inputs(rec.cell, 7, 4, dtype=torch.float32)
+    check_against_reference(rec, comp, xs, ctx, 1e-5, lengths=None if lengths is None else torch.tensor(lengths))
+    rows = torch.randn(6, 18)
+    assert region.usable(rows, torch.randn(18)) and not region.usable(rows.double(), torch.randn(18).double())
 
 
 def test_the_hoisted_op_passes_gradcheck():
@@ -73,8 +88,9 @@ def test_a_frozen_weight_gets_no_gradient_and_the_input_its_own():
 def test_the_hoisted_kernels_are_built_with_the_program():
     comp = sg.compile(sg.Recurrence(qrnn_cell(4, 7)), backend="cpu")
     lib = comp._program.fns["_clib"]
-    (region,) = hoisted_ops(comp)
-    for k in (region.forward_kernel, region.backward_kernel):
+    kernels = [k for k in lib.kernels if k.gen.func_name in lib.prologue_kernels]
+    assert [k.region.name.rsplit("_", 1)[1] for k in kernels] == ["forward", "backward"]
+    for k in kernels:
         assert lib.part_of(k) == c_launch.LOOPS
         assert torch.float32 in k.fns  # bound by the build as the program compiled
     comp(torch.randn(3, 2, 4, requires_grad=True))[0].sum().backward()
