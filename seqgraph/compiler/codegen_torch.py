@@ -339,10 +339,11 @@ def generate(plan: Plan, name: str = "cell", region_call: RegionCall | None = No
     """The whole module for `plan`. `region_call(src, stage, env, mask_var, live, stores)` may
     emit a fused stage itself (the kernel backends do) and return True; else torch lines are
     emitted. `hoisted_call(src, stage)` may turn a stage of `plan.hoisted_regions()` into a
-    differentiable kernel op (the kernel backends: kernels/hoisted.py) and return its global name, which
-    the prologue then calls where its `usable` says so. `pack_weights` (default: without a region_call) packs each per-step GEMM's weight
-    for MKL once per call, which only pays on the CPU. `cpu_gemm` sends the products outside
-    the loops through kernels/cpu_gemm.py (the cpu backend)."""
+    differentiable kernel op (the kernel backends: kernels/hoisted.py) and return its global
+    name, which the prologue then calls where its `usable` says so. `pack_weights` (default:
+    without a region_call) packs each per-step GEMM's weight for MKL once per call, which only
+    pays on the CPU. `cpu_gemm` sends the products outside the loops through
+    kernels/cpu_gemm.py (the cpu backend)."""
     from .codegen_torch_backward import emit_backward  # the backward half builds on this module
     pack = region_call is None if pack_weights is None else pack_weights
     src = Source()
@@ -527,7 +528,7 @@ def _emit_hoisted_stages(src: Source, plan: Plan, regions: list, env: dict[int, 
         padding = "real is None and " if any(n.id in poles for n in stage.nodes) else ""
         src.emit(f"if {padding}{name}.usable({', '.join(args)}):")
         src.indent += 1
-        src.emit(f"{outs}, = {name}({', '.join(args)})  # one C kernel over all rows, forward and backward: "
+        src.emit(f"{outs}, = {name}({', '.join(args)})  # one kernel over all rows, forward and backward: "
                  + ", ".join(n.op for n in stage.nodes))
         src.indent -= 1
         src.emit("else:")

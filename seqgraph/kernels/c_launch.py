@@ -4,9 +4,8 @@ A `CLibrary` gathers the regions and whole loops of one compiled program (forwar
 backward variants; regions of the same structure share one function) and builds them with
 the system C compiler into shared libraries per dtype and part (the unmasked loops, the
 masked ones, the regions only the Python loops call; the prologue's kernels go with the first
-part), each when first needed: an LSTM's
-unmasked loops cost one compiler run on each of two halves of their source at once and a
-link (about 0.4-0.5 s at H=512 on our 2-core machine; 0.2 s for a single small region).
+part), each when first needed: an LSTM's unmasked loops cost one compiler run on each of two
+halves of their source at once and a link (about 0.4-0.5 s at H=512 on our 2-core machine; 0.2 s for a single small region).
 The library is written once to the kernel cache ($SEQGRAPH_CACHE_DIR/cpu, next to the Triton
 kernels) as `<key>.so` with its source `<key>.c`, where the key hashes the regions'
 structure, the dtype, the generator's version, the compiler's version, the flags and (for
