@@ -199,6 +199,15 @@ def test_a_sum_whose_vector_is_computed_after_its_matrix_loop_is_a_statement_of_
     assert_matches_reference(region, dtype=torch.float64)
 
 
+@pytest.mark.parametrize("op", ["sum_to", "sum"])
+def test_a_sum_of_one_value_spread_over_a_row_counts_every_column(op):
+    x = sg.Input(1, name="x")
+    spread = make("broadcast_to", (sg.tanh(x),), shape=(3,))  # one value, read at column 0 by all three
+    total = make("sum_to", (spread,), shape=(1,), batched=True) if op == "sum_to" else sg.sum(spread, keepdim=True)
+    region = region_from_outputs([total * x], [x])
+    assert_matches_reference(region, dtype=torch.float64)  # 3 tanh(x) x, not tanh(x) x
+
+
 def _special_values():
     wide = torch.linspace(-120.0, 100.0, 20001)
     near_zero = torch.linspace(-0.3, 0.3, 6001)

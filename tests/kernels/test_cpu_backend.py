@@ -154,3 +154,14 @@ def test_cuda_tensors_under_the_cpu_backend_run_the_torch_code():
     x = torch.randn(4, 2, 3, device="cuda")
     assert comp._program_for(torch.float32, x.device).backend == "torch"
     torch.testing.assert_close(comp(x)[0], rec(x)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("reads", ["h", "x"], ids=["in-the-loop", "hoisted"])
+def test_a_one_column_value_spread_over_a_row_and_summed_has_the_references_gradients(reads):
+    x, h = sg.Input(3, name="x"), sg.State(3, name="h")
+    col = sg.Linear(3, 1, bias=False, name="col")(h if reads == "h" else x)  # (B, 1)
+    v = sg.sum(col + x, keepdim=True) * sg.tanh(col)  # col spread over x's 3 columns, summed back
+    cell = sg.Cell(inputs=[x], states={h: sg.tanh(sg.Linear(3, 3, name="u")(h) + v)}, name="spread")
+    rec = sg.Recurrence(cell).double()
+    xs, ctx = make_inputs(rec.cell, 4, 2, dtype=torch.float64)
+    check_against_reference(rec, sg.compile(rec, backend="cpu"), xs, ctx, 1e-10)
