@@ -40,7 +40,7 @@ class KernelMaker:
 
 
 class NotFused(Exception):
-    """Why a stage's C kernels cannot be built (the stage stays torch code)."""
+    """Why a stage's kernels cannot be built (the stage stays torch code, and plan() says why)."""
 
 
 class HoistedRegion:
