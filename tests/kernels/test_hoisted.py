@@ -188,3 +188,18 @@ def test_a_region_with_a_pole_leaves_padded_rows_to_the_torch_lines(monkeypatch,
     for got, want in zip(*grads):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_a_region_whose_derivative_the_kernels_refuse_stays_torch_code_and_says_why(monkeypatch):
+    from seqgraph.kernels import c_codegen
+    refuse = c_codegen.c_region_supported
+    monkeypatch.setattr(c_codegen, "c_region_supported", lambda region: (False, "no C for this test") if
+                        region.name.endswith("_backward") else refuse(region))
+    sg.compiled.clear_cache()
+    rec = sg.Recurrence(qrnn_cell(4, 5)).double()
+    comp = sg.compile(rec, backend="cpu")
+    assert hoisted_ops(comp) == []
+    assert "(9 ops: torch code (not fused: its derivative: no C for this test))" in str(comp.plan())
+    xs, ctx = make_inputs(rec.cell, 5, 3, dtype=torch.float64)
+    check_against_reference(rec, comp, xs, ctx, 1e-10, lengths=torch.tensor([5, 2, 1]))
+    sg.compiled.clear_cache()  # (the next test compiles the cell with the kernels again)
