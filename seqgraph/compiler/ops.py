@@ -498,7 +498,7 @@ def _total_c_grid(n, x):
     """A sum of a whole row to one value adds up inside the loop that computes the row (the op's
     C rule decides what it can sum at all)."""
     src = n.inputs[0]
-    if n.elements != 1 or src.elements == 1 or src.batched != n.batched or src.op == "broadcast_to":
+    if n.elements != 1 or src.elements == 1 or src.batched != n.batched:
         return None
     return GridRule(None, None, "total", x, 0)
 

@@ -390,7 +390,10 @@ class _Writer:
 
     def _add_up_in_loop(self, n: Node, ins: list[_Val], rule: ops.GridRule) -> bool:
         """Add sum `n` to the loop that computes the value it sums, when that loop can walk the
-        sum's matrix and the sum's other operands are in memory before it; else False."""
+        sum's matrix and the sum's other operands are in memory before it; else False. The loop
+        must be as wide as the summed value: a value spread from one column (a broadcast_to,
+        and a slice or reshape of one) is that column's alias, and its one-column loop would
+        add it up once, or be turned into a matrix loop that overruns the row."""
         a = ins[rule.matrix]
         if a.literal is not None or a.base not in self.item_of:
             return False
@@ -398,6 +401,8 @@ class _Writer:
         it = self.items[g]
         grid = None if rule.M is None else (rule.M, rule.N)
         if it.kind != "loop" or not self._direct(a, it.width) or (grid is not None and it.grid not in (None, grid)):
+            return False
+        if width(n.inputs[rule.matrix]) != it.width or (grid is not None and it.width != grid[0] * grid[1]):
             return False
         for k, v in enumerate(ins):
             if k != rule.matrix and v.literal is None and v.base in self.item_of and self.item_of[v.base] >= g:

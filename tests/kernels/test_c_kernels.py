@@ -208,6 +208,22 @@ def test_a_sum_of_one_value_spread_over_a_row_counts_every_column(op):
     assert_matches_reference(region, dtype=torch.float64)  # 3 tanh(x) x, not tanh(x) x
 
 
+def test_a_sum_of_a_slice_of_one_value_spread_over_a_row_counts_every_column():
+    x = sg.Input(1, name="x")
+    spread = make("broadcast_to", (sg.tanh(x),), shape=(4,))
+    piece = sg.narrow(spread, -1, 1, 3)  # still one value, read three times
+    region = region_from_outputs([sg.sum(piece, keepdim=True) * x], [x])
+    assert_matches_reference(region, dtype=torch.float64)
+
+
+def test_a_matrix_sum_of_one_value_spread_over_the_matrix_keeps_to_the_row():
+    x, v = sg.Input(1, name="x"), sg.Input(3, name="v")
+    spread = make("broadcast_to", (sg.tanh(x),), shape=(6,))  # a (2, 3) matrix of one value
+    out = sg.tanh(x) * 2.0  # computed in the one-column loop the matrix sum must not widen
+    region = region_from_outputs([make("matvec", (spread, v)), out], [x, v])
+    assert_matches_reference(region, dtype=torch.float64)
+
+
 def _special_values():
     wide = torch.linspace(-120.0, 100.0, 20001)
     near_zero = torch.linspace(-0.3, 0.3, 6001)

@@ -165,3 +165,23 @@ def test_a_one_column_value_spread_over_a_row_and_summed_has_the_references_grad
     rec = sg.Recurrence(cell).double()
     xs, ctx = make_inputs(rec.cell, 4, 2, dtype=torch.float64)
     check_against_reference(rec, sg.compile(rec, backend="cpu"), xs, ctx, 1e-10)
+
+
+def test_the_gradient_of_a_one_column_value_summed_with_a_wider_slice_counts_every_column():
+    x, h = sg.Input(3, name="x"), sg.State(1, name="h")
+    a = sg.tanh(h)
+    s = sg.sum(sg.concat([a + x, x]), dim=-1, keepdim=True)  # d s / d a = 3
+    rec = sg.Recurrence(sg.Cell(inputs=[x], states={h: s}, outputs=[s], name="spread_slice")).double()
+    xs, ctx = make_inputs(rec.cell, 3, 2, dtype=torch.float64)
+    check_against_reference(rec, sg.compile(rec, backend="cpu"), xs, ctx, 1e-10)
+
+
+def test_the_gradient_of_a_summed_outer_product_keeps_its_one_column_loop_inside_the_row():
+    x, x1, h = sg.Input(3, name="x"), sg.Input(1, name="x1"), sg.State(1, name="h")
+    u = sg.tanh(sg.narrow(x, -1, 0, 2))
+    v = sg.tanh(x + h)
+    outer = sg.matmul(sg.unsqueeze(u, -1), sg.unsqueeze(v, 0))  # (2, 3) = u v^T
+    s = sg.sum(sg.reshape(outer, (6,)), dim=-1, keepdim=True) * sg.tanh(x1 * h)
+    rec = sg.Recurrence(sg.Cell(inputs=[x, x1], states={h: sg.tanh(s + h)}, outputs=[s], name="outer_sum")).double()
+    xs, ctx = make_inputs(rec.cell, 4, 3, dtype=torch.float64)  # (a one-column output per row: no overrun)
+    check_against_reference(rec, sg.compile(rec, backend="cpu"), xs, ctx, 1e-10, lengths=torch.tensor([4, 2, 1]))
