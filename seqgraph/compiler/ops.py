@@ -696,20 +696,28 @@ def _sum_to_vjp(n, g):
     return (make("broadcast_to", (g,), shape=a.shape),)
 
 
+def _sum_to_row(n) -> tuple | None:
+    """Why a kernel cannot compute sum_to `n` within a row, or None: it sums a row of values to
+    its shape, to one value ((1,) or ()) or to itself."""
+    src = n.inputs[0]
+    if src.batched != n.batched or len(n.shape) > 1 or len(src.shape) > 1:
+        return (NOT_FUSED, "sums over the batch or broadcast dims; the plan runs it outside the step")
+    return None
+
+
 def _sum_to_triton(n, a):
     src = n.inputs[0]
-    if src.batched != n.batched or len(n.shape) != 1 or len(src.shape) != 1:
-        return (NOT_FUSED, "sums over the batch or broadcast dims; the plan runs it outside the step")
-    if n.shape == src.shape:
+    if _sum_to_row(n):
+        return _sum_to_row(n)
+    if n.elements == src.elements:  # (W,) to itself, or one value between () and (1,)
         return a
     return f"tl.sum(tl.where(cmask_{src.shape[-1]}, {a}, 0.0), axis=1)[:, None]"
 
 
 def _sum_to_c(n, dst, w, x):
-    src = n.inputs[0]
-    if src.batched != n.batched or len(n.shape) != 1 or len(src.shape) != 1:
-        return (NOT_FUSED, "sums over the batch or broadcast dims; the plan runs it outside the step")
-    if n.shape == src.shape:
+    if _sum_to_row(n):
+        return _sum_to_row(n)
+    if n.elements == n.inputs[0].elements:
         return _c_for(w, f"{dst}[j] = {x};")
     return _sum_c(n, dst, w, x)
 
@@ -853,8 +861,9 @@ def _reshape_shape(inputs, attrs):
 register("reshape", kind="layout", shape=_reshape_shape,
          torch=lambda n, x: x.reshape(((x.shape[0],) if n.batched else ()) + n.shape),
          vjp=lambda n, g: (reshape(g, n.inputs[0].shape),),
-         triton=lambda n, a: a if n.shape[-1:] == n.inputs[0].shape[-1:] and len(n.shape) <= 1
-         else (NOT_FUSED, "reshape changes the row layout"),
+         triton=lambda n, a: a if len(n.shape) <= 1 and (n.shape[-1:] == n.inputs[0].shape[-1:] or
+                                                          n.elements == n.inputs[0].elements == 1)
+         else (NOT_FUSED, "reshape changes the row layout"),  # (one value is one column, () or (1,))
          c=lambda n, a: a, cheap=True)  # the flattened row is unchanged (the C generator aliases it)
 
 

@@ -88,3 +88,18 @@ def test_matrix_state_cells_run_one_fused_region_per_step(name):
         assert [s.kind for s in plan.stages] == ["fused"], (backend, plan)
         assert all(s.kind == "fused" for s in plan.backward_plan(True).stages), (backend, plan)
     assert "time loops: C" in str(sg.compile(sg.Recurrence(cell), backend="cpu").plan())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_scalar_gate_and_a_row_sum_to_one_value_fuse_into_the_steps_regions(backend):
+    x, h = sg.Input(3, name="x"), sg.State(4, name="h")
+    gate = sg.sigmoid(sg.squeeze(sg.Linear(4, 1, name="gate")(h), -1))  # (1,) -> (): one value per row
+    total = sg.unsqueeze(sg.sum(h), 0)  # () -> (1,)
+    h_next = sg.tanh(sg.Linear(3, 4, name="ih")(x) + gate * h + total)
+    rec = sg.Recurrence(sg.Cell([x], {h: h_next}, [h_next], name="scalar_gate"))
+    comp = sg.compile(rec, backend=backend)
+    plan = comp.plan()
+    assert "torch fallback" not in str(plan)
+    assert sorted(s.kind for s in plan.stages) == ["fused", "fused", "gemm"]
+    xs, ctx = make_inputs(rec.cell, 4, 3, dtype=torch.float32)
+    check_against_reference(rec, comp, xs, ctx, 1e-5, lengths=torch.tensor([4, 2, 0]))
