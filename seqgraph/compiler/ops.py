@@ -706,17 +706,18 @@ def _sum_to_row(n) -> tuple | None:
 
 
 def _sum_to_triton(n, a):
-    src = n.inputs[0]
-    if _sum_to_row(n):
-        return _sum_to_row(n)
+    src, why = n.inputs[0], _sum_to_row(n)
+    if why:
+        return why
     if n.elements == src.elements:  # (W,) to itself, or one value between () and (1,)
         return a
     return f"tl.sum(tl.where(cmask_{src.shape[-1]}, {a}, 0.0), axis=1)[:, None]"
 
 
 def _sum_to_c(n, dst, w, x):
-    if _sum_to_row(n):
-        return _sum_to_row(n)
+    why = _sum_to_row(n)
+    if why:
+        return why
     if n.elements == n.inputs[0].elements:
         return _c_for(w, f"{dst}[j] = {x};")
     return _sum_c(n, dst, w, x)
