@@ -224,6 +224,36 @@ def test_a_matrix_sum_of_one_value_spread_over_the_matrix_keeps_to_the_row():
     assert_matches_reference(region, dtype=torch.float64)
 
 
+@settings(max_examples=30, deadline=None)
+@given(M=st.integers(1, 4), N=st.integers(1, 5), start=st.integers(0, 3), reduce=st.sampled_from(
+    ["sum", "sum_to", "mean", "softmax", "layer_norm", "matvec", "vecmat"]), with_row=st.booleans())
+def test_reductions_of_one_value_spread_over_a_row_match_reference(M, N, start, reduce, with_row):
+    """A one-column value spread over a row is read as that column (an alias), a slice of it
+    too: every reduction of it must still count each column it spans (the bug class of 8e8fe90)."""
+    W = M * N
+    x, y, q = sg.Input(1, name="x"), sg.Input(W + start, name="y"), sg.Input(N, name="q")
+    one = sg.tanh(x) * 0.5
+    spread = make("broadcast_to", (one,), shape=(W + start,))
+    if with_row:
+        spread = spread + y  # (no longer an alias: the plain case, for contrast)
+    piece = sg.narrow(spread, -1, start, W) if start else spread
+    if reduce in ("sum", "mean"):
+        red = getattr(sg, reduce)(piece, keepdim=True)
+    elif reduce == "sum_to":
+        red = make("sum_to", (piece,), shape=(1,), batched=True)
+    elif reduce == "softmax":
+        red = sg.softmax(piece)
+    elif reduce == "layer_norm":
+        red = make("layer_norm", (piece,), eps=1e-5)
+    elif reduce == "matvec":
+        red = make("matvec", (piece, q))
+    else:
+        red = make("vecmat", (sg.narrow(sg.concat([q, q, q, q]), -1, 0, M), piece))
+    region = region_from_outputs([red, one * 3.0], [x, y, q])  # (one's own loop has an output too)
+    assert c_region_supported(region) == (True, "")
+    assert_matches_reference(region, dtype=torch.float64)
+
+
 def _special_values():
     wide = torch.linspace(-120.0, 100.0, 20001)
     near_zero = torch.linspace(-0.3, 0.3, 6001)
