@@ -365,12 +365,14 @@ class CLibrary:
 
     def part(self, part: str) -> tuple[list[CKernel], dict[str, str]]:
         """The kernels and loops built into `part`: its loops and every kernel they call (a
-        kernel both kinds of loops call is built into each), or the kernels no loop calls."""
+        kernel both kinds of loops call is built into each), or the kernels no loop calls; the
+        prologue's kernels go with the first part."""
         loops = {f: text for f, text in self.loops.items() if self.loop_parts[f] == part}
         if part == STEPS:
             return [k for k in self.kernels if self.part_of(k) == STEPS], loops
-        return [k for k in self.kernels if any(_calls(text, k) for text in loops.values())
-                or (part == LOOPS and self.part_of(k) == LOOPS)], loops
+        first = part == self.first_part()
+        return [k for k in self.kernels if (first and k.gen.func_name in self.prologue_kernels)
+                or any(_calls(text, k) for text in loops.values())], loops
 
     def bind_own_gemm(self, dtype: torch.dtype, part: str = LOOPS) -> None:
         """Give this library's float32 loops seqgraph's GEMM (cpu_gemm.py), built now if no
