@@ -1,6 +1,8 @@
 """Regions shared by the kernel tests of both generators (Triton and C): builders cut from
 real cells and from derivative graphs, random inputs, and the reference interpreter's answer."""
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import seqgraph as sg
 from seqgraph.compiler import ops
@@ -249,6 +251,12 @@ def matrix_row_op(op, M=3, N=4):
                                                  sb=(2, 1, 4), so=(3, 3, 1)),
             "strided_matmul transposed": lambda: make("strided_matmul", (xmn, xn), dims=(1, 3, 4, 1),
                                                       sa=(0, 1, 3), sb=(0, 1, 0), so=(0, 1, 0))}[op]()
+
+
+def any_matrix_size(test):
+    """Hypothesis over the (M, N) of matrix_region and the batch, for both kernel generators' tests."""
+    sizes = given(M=st.integers(1, 6), N=st.integers(1, 7), batch=st.integers(1, 5))
+    return settings(max_examples=15, deadline=None)(sizes(test))
 
 
 def matrix_region(M, N):

@@ -21,8 +21,8 @@ from seqgraph.kernels.c_launch import CLibrary, CompilerMissing, clear_memory_ca
 from seqgraph.kernels.codegen import region_from_outputs
 from seqgraph.kernels.launch import CacheNotWritable
 
-from regions import (CELL_REGIONS, MATRIX_ROW_OPS, RANDOM_STEPS, attention_region, forward_nodes, lstm_region,
-                     matrix_region,
+from regions import (CELL_REGIONS, MATRIX_ROW_OPS, RANDOM_STEPS, any_matrix_size, attention_region, forward_nodes,
+                     lstm_region, matrix_region,
                      lstm_step, lstm_step_inputs, matrix_row_op, random_elementwise_region, random_inputs,
                      random_region_inputs, reference, strided_lstm_step_inputs, vjp_region)
 
@@ -164,8 +164,7 @@ def test_each_matrix_row_op_and_its_vjp_region_match_reference(op):
     assert_matches_reference(region, dtype=torch.float64)
 
 
-@settings(max_examples=15, deadline=None)
-@given(M=st.integers(1, 6), N=st.integers(1, 7), batch=st.integers(1, 5))
+@any_matrix_size
 def test_row_ops_on_a_matrix_of_any_size_match_reference(M, N, batch):
     region = matrix_region(M, N)
     assert c_region_supported(region) == (True, "")

@@ -4,8 +4,6 @@ import re
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import seqgraph as sg
 from seqgraph.compiler import ops
@@ -13,7 +11,7 @@ from seqgraph.compiler.ops import make
 from seqgraph.kernels.codegen import generate, region_from_outputs, region_supported, row_problem
 from seqgraph.kernels.launch import compile_region
 
-from regions import CELL_REGIONS, MATRIX_ROW_OPS, attention_region, forward_nodes, lstm_region, matrix_region, \
+from regions import CELL_REGIONS, MATRIX_ROW_OPS, any_matrix_size, attention_region, forward_nodes, lstm_region, matrix_region, \
     matrix_row_op, random_inputs, reference, vjp_region, backward_region
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CUDA when present, else the interpreter
@@ -219,8 +217,7 @@ def test_each_matrix_row_op_and_its_vjp_region_match_reference(op, shape):
     assert_matches_reference(region, rtol=1e-4)
 
 
-@settings(max_examples=15, deadline=None)
-@given(M=st.integers(1, 6), N=st.integers(1, 7), batch=st.integers(1, 5))
+@any_matrix_size
 def test_row_ops_on_a_matrix_of_any_size_match_reference(M, N, batch):
     region = matrix_region(M, N)
     assert region_supported(region) == (True, "")
