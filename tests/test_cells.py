@@ -371,10 +371,11 @@ def test_qrnn_matches_published_equations(bias):
     assert_close(final["c"], want_final[0])
 
 
-def test_qrnn_runs_its_gates_before_the_loop_and_a_step_without_a_product():
-    plan = sg.compile(sg.Recurrence(sg.cells.qrnn(I, H)), backend="cpu").plan()
-    assert plan.step_gemms() == [] and len(plan.hoisted_gemms()) == 1
-    assert len(plan.hoisted_regions()) == 1
+def test_qrnn_runs_one_product_before_the_loop_and_a_step_without_one():
+    for backend in ("cpu", "torch"):
+        plan = sg.compile(sg.Recurrence(sg.cells.qrnn(I, H)), backend=backend).plan()
+        assert plan.step_gemms() == [] and len(plan.hoisted_gemms()) == 1
+    assert len(plan.hoisted_regions()) == 1  # the torch backend's gates: over all rows before its loop
 
 
 # ---------------------------------------------------------------------------------------

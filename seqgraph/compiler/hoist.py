@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from .ir import Node, consumers
 from .ops import REGISTRY
+from .schedule import node_fusable
 
 RANK = {"invariant": 0, "hoisted": 1, "step": 2}
 
@@ -75,3 +76,38 @@ def keep_expansions_in_loop(order: list[Node], cls: dict[int, str], results: set
         if n.id in spread and n.id not in results and users.get(n.id) and \
                 all(cls[u.id] == "step" for u in users[n.id]):
             cls[n.id] = "step"
+
+
+def keep_elementwise_in_loop(order: list[Node], cls: dict[int, str], results: set[int], fusable) -> None:
+    """Reclassify as "step", in `cls`, each hoisted elementwise op (and reshape) that only the
+    loop's fused regions read, for backends that run a step's region as one kernel (C, Triton).
+    Before the loop it would be written for all T*B rows and read back once, and its gradient
+    likewise; in the loop's region it costs the same arithmetic and no memory: the loop reads
+    its operand (a slice of the input projection) instead of it, as many bytes a step, and the
+    backward loop gives that operand's gradient directly. A QRNN's gates are the example. Ops
+    a hoisted GEMM reads, results, and ops the backend's kernels cannot compute stay hoisted."""
+    folded = folded_into_products_and_norms(order, cls)
+    users = consumers(order)
+    for n in reversed(order):
+        if cls[n.id] != "hoisted" or not n.batched or n.dtype != "float" or n.id in results or n.id in folded:
+            continue
+        if REGISTRY[n.op].kind != "elementwise" and n.op != "reshape":
+            continue
+        us = users.get(n.id, [])
+        if us and node_fusable(n, fusable)[0] and all(cls[u.id] == "step" and node_fusable(u, fusable)[0] for u in us):
+            cls[n.id] = "step"
+
+
+def folded_into_products_and_norms(order: list[Node], cls: dict[int, str]) -> set[int]:
+    """The ids of hoisted adds, subs and muls that the torch code folds into the product or
+    LayerNorm before them: a bias or accumulated term of a linear (one addmm), a LayerNorm's
+    scale and shift (one F.layer_norm), and such ops over those. They cost no pass of their own."""
+    folded: set[int] = set()
+    for n in order:
+        if cls[n.id] != "hoisted" or n.op not in ("add", "sub", "mul"):
+            continue
+        for a, b in (n.inputs, n.inputs[::-1]):
+            base = a.op in ("linear", "layer_norm") or a.id in folded
+            if base and (not b.batched or (n.op == "add" and a.op == "linear")):
+                folded.add(n.id)
+    return folded

@@ -17,6 +17,7 @@ from .flatten_per_example_matrices import flatten_per_example_matrices, write_ma
 from .fuse_gate_matmuls import fuse_gate_matmuls
 from .hoist_loop_invariant_terms import hoist_loop_invariant_terms
 from .ir import format_graph
+from .ops import fusable as triton_fusable
 from .plan import Plan, build_plan
 from .simplify import simplify
 from .split_linear_over_concat import split_linear_over_concat
@@ -26,9 +27,10 @@ PASSES = [simplify, flatten_per_example_matrices, split_linear_over_concat, fuse
           hoist_loop_invariant_terms, simplify]
 
 
-def compile_plan(cell, unroll: int = 1, fusable=None) -> Plan:
+def compile_plan(cell, unroll: int = 1, fusable=None, fused_loop: bool = False) -> Plan:
     """The plan of `cell`; `fusable(node) -> (ok, why)` says what the backend's kernels compute
-    inline (default: the Triton rules)."""
+    inline (default: the Triton rules); `fused_loop`: they run each fused stage of a step as one
+    kernel (the cpu and triton backends; the torch backend runs an op at a time)."""
     level = debug_level()
     step = StepGraph.from_cell(cell)
     if level >= 2:
@@ -43,7 +45,7 @@ def compile_plan(cell, unroll: int = 1, fusable=None) -> Plan:
             print(f"[seqgraph] IR after {p.__name__}:\n{format_graph(step.order())}", file=sys.stderr)
     step = write_matrix_outputs_as_rows(step)
     t0 = time.perf_counter()
-    plan = build_plan(step, unroll, fusable) if fusable is not None else build_plan(step, unroll)
+    plan = build_plan(step, unroll, fusable or triton_fusable, fused_loop)
     for masked in (False, True):
         try:
             plan.backward_plan(masked)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .derive_backward import StepDerivative, derive_backward
-from .hoist import classify, keep_expansions_in_loop
+from .hoist import classify, keep_elementwise_in_loop, keep_expansions_in_loop
 from .ir import Node, consumers, topo_order
 from .ops import REGISTRY, fusable as triton_fusable
 from .rematerialize import compared_values, rematerialize
@@ -111,10 +111,14 @@ def _slices_into_loop(order: list[Node], cls: dict[int, str], results: set[int])
             cls[n.id] = "step"
 
 
-def build_plan(step: StepGraph, unroll: int = 1, fusable: Fusable = triton_fusable) -> Plan:
+def build_plan(step: StepGraph, unroll: int = 1, fusable: Fusable = triton_fusable, fused_loop: bool = False) -> Plan:
+    """`fused_loop`: the backend runs each fused stage of a step as one kernel (C, Triton), so
+    hoisted elementwise ops that only those stages read are better computed there."""
     order = step.order()
     cls = classify(order)
     keep_expansions_in_loop(order, cls, {r.id for r in step.results})
+    if fused_loop:
+        keep_elementwise_in_loop(order, cls, {r.id for r in step.results}, fusable)
     _slices_into_loop(order, cls, {r.id for r in step.results})
     loop = [n for n in order if cls[n.id] == "step" and n.inputs]
     in_loop_reads: dict[int, Node] = {}

@@ -56,13 +56,17 @@ def schedule(nodes: list[Node], live_after: set[int], fusable: Fusable = triton_
         kind[n.id] = ("fused", "") if ok else (("gemm", "") if why == "gemm" else ("torch", why))
         d = max((depth[i.id] for i in n.inputs if i.id in inside), default=0)
         depth[n.id] = d if ok else d + 1
-    # a fused node that reads only values from outside the step (a slice of the hoisted
-    # input projection, say) joins the region of its first consumer instead of opening one
+    # a fused node computed from values from outside the step alone (a slice of the hoisted
+    # input projection, a QRNN's gate over it) joins the region of its first consumer instead
+    # of opening one before the step's GEMM
+    free: set[int] = set()
+    for n in nodes:
+        if kind[n.id][0] == "fused" and all(i.id not in inside or i.id in free for i in n.inputs):
+            free.add(n.id)
     users = consumers(nodes)
     for n in reversed(nodes):
         us = users.get(n.id, [])
-        if kind[n.id][0] == "fused" and us and all(i.id not in inside for i in n.inputs) \
-                and all(kind[u.id][0] == "fused" for u in us):
+        if n.id in free and us and all(kind[u.id][0] == "fused" for u in us):
             depth[n.id] = min(depth[u.id] for u in us)
     stages: list[Stage] = []
     for d in range(max(depth.values(), default=-1) + 1):
