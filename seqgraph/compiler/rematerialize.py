@@ -9,7 +9,11 @@ saved value that cheap ops (OpDef.cheap: arithmetic, selects, layout ops, row no
 outer products and other spreads of a vector: no transcendental function, no sum of products) make from values at hand, saved or recomputed, through at
 most a few intermediate values nobody saved, is dropped from the saved list and recomputed with
 those intermediates. Examples: a layer norm of a saved pre-activation, the new cell state of an
-LSTM made from its saved gates. Values the after-loop reductions read directly, gradient roots
+LSTM made from its saved gates. Any elementwise op over the per-step reads alone is recomputed
+too, transcendental or not (a QRNN's gates, which the fused loop computes from the input
+projection's rows): the backward step then reads those rows instead of the gates, as many
+bytes, and the forward writes nothing (measured: the same time, 37.5 MiB less memory at
+T=100 B=64 H=512). Values the after-loop reductions read directly, gradient roots
 and ops the backend's kernels cannot compute inline stay saved, and so do values a comparison
 of the derivative reads (the derivatives of maximum, minimum, relu and abs branch on exact
 equality or sign): a C or Triton compiler may fuse a multiply and an add into one rounding in
@@ -30,6 +34,16 @@ def compared_values(derivative: list[Node]) -> set[int]:
     return {i.id for n in derivative if REGISTRY[n.op].piecewise_constant for i in n.inputs}
 
 
+def _from_reads(n: Node, at_hand: set[int]) -> bool:
+    """Whether `n` is an elementwise op over per-step reads and constants (through slices and
+    reshapes): a gate a fused loop computes from the input projection's rows."""
+    if REGISTRY[n.op].kind != "elementwise":
+        return False
+    def read(v: Node) -> bool:
+        return v.op == "const" or v.id in at_hand or (v.op in ("slice", "reshape") and read(v.inputs[0]))
+    return all(read(i) for i in n.inputs)
+
+
 def rematerialize(loop: list[Node], saved: list[Node], at_hand: set[int], keep: set[int],
                   fusable, max_chain: int = 4) -> tuple[list[Node], list[Node]]:
     """(still saved, recomputed in the backward step, in forward order).
@@ -47,7 +61,9 @@ def rematerialize(loop: list[Node], saved: list[Node], at_hand: set[int], keep: 
         """The nodes (n last, inputs first) that recompute n from what is at hand, or None."""
         if n.op == "const" or n.id in at_hand or n.id in made:
             return []
-        if not REGISTRY[n.op].cheap or not node_fusable(n, fusable)[0] or not n.inputs:
+        if not n.inputs or not node_fusable(n, fusable)[0]:
+            return None
+        if not REGISTRY[n.op].cheap and not _from_reads(n, at_hand):
             return None
         need: list[Node] = []
         for i in n.inputs:

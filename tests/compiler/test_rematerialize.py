@@ -37,6 +37,16 @@ def test_rematerialize_keeps_values_made_by_transcendental_functions_saved():
     assert bwd.recomputed and {n.op for n in bwd.recomputed} <= {"add", "mul"}  # the new cell state
 
 
+def test_rematerialize_recomputes_gates_made_from_the_loops_reads_alone():
+    from seqgraph.compiler.pipeline import compile_plan
+    plan = compile_plan(sg.cells.qrnn(4, 6), fused_loop=True)  # the gates in the loop, over the product's rows
+    for masked in (False, True):
+        bwd = plan.backward_plan(masked)
+        assert bwd.saved == []
+        assert {"sigmoid", "tanh"} <= {n.op for n in bwd.recomputed}
+        assert {r.id for r in plan.reads} <= bwd.reads_used  # the product's rows, read back instead
+
+
 def test_rematerialize_recomputes_a_chain_within_its_budget_and_saves_a_longer_one():
     from seqgraph.compiler.pipeline import compile_plan
     short = compile_plan(_chain_cell(3)).backward_plan(False)
