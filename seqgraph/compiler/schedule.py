@@ -56,18 +56,13 @@ def schedule(nodes: list[Node], live_after: set[int], fusable: Fusable = triton_
         kind[n.id] = ("fused", "") if ok else (("gemm", "") if why == "gemm" else ("torch", why))
         d = max((depth[i.id] for i in n.inputs if i.id in inside), default=0)
         depth[n.id] = d if ok else d + 1
-    # a fused node computed from values from outside the step alone (a slice of the hoisted
-    # input projection, a QRNN's gate over it) joins the region of its first consumer instead
-    # of opening one before the step's GEMM
-    free: set[int] = set()
-    for n in nodes:
-        if kind[n.id][0] == "fused" and all(i.id not in inside or i.id in free for i in n.inputs):
-            free.add(n.id)
+    # a fused node that reads only values from outside the step (a slice of the hoisted input
+    # projection, say) joins the region of its first consumer instead of opening one; so does
+    # a chain of them (a QRNN's gate over that slice) where that leaves one region fewer
     users = consumers(nodes)
-    for n in reversed(nodes):
-        us = users.get(n.id, [])
-        if n.id in free and us and all(kind[u.id][0] == "fused" for u in us):
-            depth[n.id] = min(depth[u.id] for u in us)
+    singles = _join_consumers(nodes, depth, kind, users, _free_nodes(nodes, kind, inside, chains=False))
+    chains = _join_consumers(nodes, depth, kind, users, _free_nodes(nodes, kind, inside, chains=True))
+    depth = chains if _regions(chains, kind) < _regions(singles, kind) else singles
     stages: list[Stage] = []
     for d in range(max(depth.values(), default=-1) + 1):
         unfused = [n for n in nodes if depth[n.id] == d and kind[n.id][0] != "fused"]
@@ -81,6 +76,30 @@ def schedule(nodes: list[Node], live_after: set[int], fusable: Fusable = triton_
             stages.append(Stage("fused", fused))
     _wire(stages, live_after)
     return stages
+
+
+def _free_nodes(nodes: list[Node], kind: dict, inside: set[int], chains: bool) -> set[int]:
+    """Ids of the fused nodes computed from values from outside the step alone: reading only
+    those (chains=False), or also other such nodes (chains=True)."""
+    free: set[int] = set()
+    for n in nodes:
+        if kind[n.id][0] == "fused" and all(i.id not in inside or (chains and i.id in free) for i in n.inputs):
+            free.add(n.id)
+    return free
+
+
+def _join_consumers(nodes: list[Node], depth: dict[int, int], kind: dict, users: dict, free: set[int]) -> dict[int, int]:
+    """`depth` with each node of `free` whose consumers are all fused moved to its first consumer's."""
+    moved = dict(depth)
+    for n in reversed(nodes):
+        us = users.get(n.id, [])
+        if n.id in free and us and all(kind[u.id][0] == "fused" for u in us):
+            moved[n.id] = min(moved[u.id] for u in us)
+    return moved
+
+
+def _regions(depth: dict[int, int], kind: dict) -> int:
+    return len({d for i, d in depth.items() if kind[i][0] == "fused"})
 
 
 def _wire(stages: list[Stage], live_after: set[int]) -> None:

@@ -41,3 +41,22 @@ def test_only_values_used_later_are_stage_outputs():
     y = inner * 2.0
     (stage,) = schedule(_nodes(y), {y.id})
     assert stage.outputs == [y]
+
+
+def test_a_chain_over_outside_values_joins_the_region_after_the_product_when_that_saves_a_region():
+    h, c = sg.State(4, name="h"), sg.State(4, name="c")
+    gate = sg.sigmoid(sg.tanh(c))  # reads only a value from outside the step's nodes
+    y = gate * sg.Linear(4, 4, bias=False)(h)
+    stages = schedule(_nodes(y), {y.id})
+    assert [s.kind for s in stages] == ["gemm", "fused"]
+    assert {n.op for n in stages[1].nodes} == {"tanh", "sigmoid", "mul"}
+
+
+def test_a_chain_over_outside_values_stays_in_the_first_region_when_moving_it_saves_none():
+    h, c = sg.State(4, name="h"), sg.State(4, name="c")
+    u = sg.tanh(h)  # the first region exists anyway: the product reads it
+    gate = sg.sigmoid(sg.tanh(c))
+    y = gate * sg.Linear(4, 4, bias=False)(u) + gate
+    stages = schedule(_nodes(y), {y.id})
+    assert [s.kind for s in stages] == ["fused", "gemm", "fused"]
+    assert {n.op for n in stages[0].nodes} == {"tanh", "sigmoid"} and len(stages[0].nodes) == 3
