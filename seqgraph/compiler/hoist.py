@@ -78,14 +78,16 @@ def keep_expansions_in_loop(order: list[Node], cls: dict[int, str], results: set
             cls[n.id] = "step"
 
 
-def keep_elementwise_in_loop(order: list[Node], cls: dict[int, str], results: set[int], fusable) -> None:
+def keep_elementwise_in_loop(order: list[Node], cls: dict[int, str], results: set[int], fusable) -> list[Node]:
     """Reclassify as "step", in `cls`, each hoisted elementwise op (and reshape) that only the
     loop's fused regions read, for backends that run a step's region as one kernel (C, Triton).
     Before the loop it would be written for all T*B rows and read back once, and its gradient
     likewise; in the loop's region it costs the same arithmetic and no memory: the loop reads
     its operand (a slice of the input projection) instead of it, as many bytes a step, and the
     backward loop gives that operand's gradient directly. A QRNN's gates are the example. Ops
-    a hoisted GEMM reads, results, and ops the backend's kernels cannot compute stay hoisted."""
+    a hoisted GEMM reads, results, and ops the backend's kernels cannot compute stay hoisted.
+    Returns the reclassified nodes, in order."""
+    moved: list[Node] = []
     folded = folded_into_products_and_norms(order, cls)
     users = consumers(order)
     for n in reversed(order):
@@ -96,6 +98,8 @@ def keep_elementwise_in_loop(order: list[Node], cls: dict[int, str], results: se
         us = users.get(n.id, [])
         if us and node_fusable(n, fusable)[0] and all(cls[u.id] == "step" and node_fusable(u, fusable)[0] for u in us):
             cls[n.id] = "step"
+            moved.append(n)
+    return moved[::-1]
 
 
 def folded_into_products_and_norms(order: list[Node], cls: dict[int, str]) -> set[int]:

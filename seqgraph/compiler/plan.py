@@ -50,6 +50,7 @@ class Plan:
     loops: str = "Python"  # how the backend runs the time loops (set by the backend's code generator)
     hoisted_stages: list[Stage] = field(default_factory=list)  # the hoisted nodes cut into stages as a step's are
     hoisted_kernels: str = ""  # how the backend runs hoisted_regions() (set by its code generator; "": torch ops)
+    state_free_in_loop: list[Node] = field(default_factory=list)  # elementwise ops reading no state, computed in the loop
 
     def backward_ok(self, masked: bool) -> bool:
         """Whether the symbolic backward exists (else autograd runs the reference loop)."""
@@ -117,8 +118,7 @@ def build_plan(step: StepGraph, unroll: int = 1, fusable: Fusable = triton_fusab
     order = step.order()
     cls = classify(order)
     keep_expansions_in_loop(order, cls, {r.id for r in step.results})
-    if fused_loop:
-        keep_elementwise_in_loop(order, cls, {r.id for r in step.results}, fusable)
+    in_loop = keep_elementwise_in_loop(order, cls, {r.id for r in step.results}, fusable) if fused_loop else []
     _slices_into_loop(order, cls, {r.id for r in step.results})
     loop = [n for n in order if cls[n.id] == "step" and n.inputs]
     in_loop_reads: dict[int, Node] = {}
@@ -137,7 +137,7 @@ def build_plan(step: StepGraph, unroll: int = 1, fusable: Fusable = triton_fusab
     stages = schedule(loop, live_after, fusable)
     hoisted_stages = schedule(hoisted, {r.id for r in reads}, fusable)
     return Plan(step, cls, invariant, hoisted, reads, loop, stages, unroll=unroll, fusable=fusable,
-                hoisted_stages=hoisted_stages)
+                hoisted_stages=hoisted_stages, state_free_in_loop=in_loop)
 
 
 def result_dependencies(plan: Plan) -> tuple:

@@ -65,3 +65,9 @@ def test_gates_in_the_loop_join_the_region_after_the_steps_product():
     plan = compile_plan(sg.Cell([x], {h: h2}, [h2]), fused_loop=True)
     assert [s.kind for s in plan.stages] == ["gemm", "fused"]
     assert {"slice", "sigmoid", "tanh"} <= set(region_ops(plan))
+
+
+def test_the_plan_names_the_state_free_ops_the_loop_computes():
+    line = "computed in the loop's regions (their only readers) rather than over all rows: 5 state-free elementwise op(s)"
+    assert line in str(sg.compile(sg.Recurrence(sg.cells.qrnn(4, 6)), backend="cpu").plan())
+    assert "state-free elementwise" not in str(sg.compile(sg.Recurrence(sg.cells.qrnn(4, 6)), backend="torch").plan())
