@@ -281,6 +281,25 @@ def _without_gradient(prog: Program, reads: list, states: list, T: int, mask) ->
 SORT_BELOW = 0.7
 
 
+def previous_inputs(x: torch.Tensor, first: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """(T, B, ...): at step t, each row's input at its last real step before t, or `first` (the
+    state's initial value) before any: the value a state whose next value is `x` holds at t.
+    Without a mask, x shifted by one step. Plain torch ops: autograd takes the gradients back
+    to x and `first`."""
+    first = first.to(x.dtype).unsqueeze(0)
+    if x.shape[0] == 0:
+        return x
+    if valid is None:
+        return torch.cat([first, x[:-1]], 0)
+    T = x.shape[0]
+    extra = (1,) * (x.dim() - 2)
+    steps = torch.arange(T, device=x.device).view(T, 1).expand(valid.shape)
+    last = torch.where(valid, steps, -1).cummax(0).values  # each row's last real step up to t
+    before = torch.cat([torch.full_like(last[:1], -1), last[:-1]], 0)  # ... before t
+    picked = x.gather(0, before.clamp(min=0).view(valid.shape + extra).expand(x.shape))
+    return torch.where((before >= 0).view(valid.shape + extra), picked, first)
+
+
 def longest_first(valid: torch.Tensor | None) -> torch.Tensor | None:
     """The order, longest first, in which the C loops run a padded batch's rows, or None to run
     them as given. Each step of a masked C loop computes the rows up to its last real one (the
@@ -615,7 +634,9 @@ class CompiledRecurrence(Recurrence):
         T, B = xs[0].shape[0], xs[0].shape[1]
         step = program.plan.step
         assert len(params) == len(step.params)
-        reads = fns["prologue"](T, B, list(xs), list(contexts), list(noises), params, real_step_rows(valid), valid)
+        xs = list(xs) + [previous_inputs(xs[x.attrs["previous_of"]], states0[x.attrs["state"]], valid)
+                         for x in step.inputs[len(xs):]]  # (see hoist_previous_inputs)
+        reads = fns["prologue"](T, B, xs, list(contexts), list(noises), params, real_step_rows(valid), valid)
         need_grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in list(reads) + list(states0) if isinstance(t, torch.Tensor))
         if need_grad and not program.plan.backward_ok(valid is not None):

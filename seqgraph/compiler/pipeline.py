@@ -16,6 +16,7 @@ from ..settings import debug_level
 from .flatten_per_example_matrices import flatten_per_example_matrices, write_matrix_outputs_as_rows
 from .fuse_gate_matmuls import fuse_gate_matmuls
 from .hoist_loop_invariant_terms import hoist_loop_invariant_terms
+from .hoist_previous_inputs import hoist_previous_inputs
 from .ir import format_graph
 from .ops import fusable as triton_fusable
 from .plan import Plan, build_plan
@@ -23,7 +24,7 @@ from .simplify import simplify
 from .split_linear_over_concat import split_linear_over_concat
 from .stepgraph import StepGraph
 
-PASSES = [simplify, flatten_per_example_matrices, split_linear_over_concat, fuse_gate_matmuls,
+PASSES = [simplify, hoist_previous_inputs, flatten_per_example_matrices, split_linear_over_concat, fuse_gate_matmuls,
           hoist_loop_invariant_terms, simplify]
 
 
