@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 SIZES = {"fastrnns": (100, 64, 512), "small": (50, 16, 128), "medium": (20, 64, 256), "smallbatch": (50, 4, 1024)}
-CELLS = ("lstm", "gru", "peephole_lstm", "layer_norm_lstm", "mufuru", "qrnn", "mlstm")
+CELLS = ("lstm", "gru", "peephole_lstm", "layer_norm_lstm", "mufuru", "qrnn", "qrnn_window2", "mlstm")
 
 
 # ---------------------------------------------------------------------------------------
@@ -35,6 +35,7 @@ def make_cell(name: str, I: int, H: int):
         "layer_norm_lstm": lambda: sg.cells.lstm(I, H, layer_norm=True),
         "mufuru": lambda: sg.cells.mufuru(I, H),
         "qrnn": lambda: sg.cells.qrnn(I, H),
+        "qrnn_window2": lambda: sg.cells.qrnn(I, H, window=2),
         "mlstm": lambda: sg.cells.mlstm(I, H),
     }[name]()
 
@@ -94,6 +95,15 @@ def eager_step(name: str, p: dict[str, torch.Tensor]) -> Callable:
             z, f, o = torch.tanh(z), torch.sigmoid(f), torch.sigmoid(o)
             c = f * c + (1 - f) * z
             return o * c, (c,)
+        return step
+    if name == "qrnn_window2":
+        def step(x, st):
+            c, x_prev = st
+            gates = F.linear(x, p["w.weight"], p["w.bias"]) + F.linear(x_prev, p["w_prev.weight"])
+            z, f, o = gates.chunk(3, 1)
+            z, f, o = torch.tanh(z), torch.sigmoid(f), torch.sigmoid(o)
+            c = f * c + (1 - f) * z
+            return o * c, (c, x)
         return step
     if name == "mlstm":
         def step(x, st):

@@ -325,24 +325,36 @@ def indrnn(input_size: int, hidden_size: int, *, nonlinearity: str = "relu") -> 
     return sg.Cell(inputs=[x], states={h: h_next}, outputs=[h_next], name="indrnn")
 
 
-def qrnn(input_size: int, hidden_size: int, *, bias: bool = True) -> sg.Cell:
-    """The quasi-recurrent network (Bradbury et al. 2017) with a window of one and fo-pooling:
+def qrnn(input_size: int, hidden_size: int, *, bias: bool = True, window: int = 1) -> sg.Cell:
+    """The quasi-recurrent network (Bradbury et al. 2017) with fo-pooling:
 
         z, f, o = tanh(W_z x + b_z), sigmoid(W_f x + b_f), sigmoid(W_o x + b_o)
         c' = f * c + (1 - f) * z;   h' = o * c'
 
-    One Linear "w" holds the three gates (3 * hidden_size outputs, order z, f, o). No gate reads
-    the state, so all of that work runs before the time loop, for every step at once (on the
-    cpu backend, one C kernel; plan() says so), and a step is three elementwise ops. State "c";
-    the output is h'."""
+    One Linear "w" holds the three gates (3 * hidden_size outputs, order z, f, o). With
+    window=2 (the paper's language models) the gates also read the previous step's input:
+    W x becomes W x + W_prev x_prev, with a Linear "w_prev" (no bias) and a state "x_prev"
+    whose next value is x (zeros before the first step, or the last input of the previous
+    call with remember=True). No gate reads c, so the products run before the time loop for
+    every step at once (x_prev too: the compiler reads it as the input shifted by one step),
+    and a step is a few elementwise ops. State "c"; the output is h'."""
     _check_flags("qrnn", bias=bias)
     _check_sizes("qrnn", input_size=input_size, hidden_size=hidden_size)
+    if not isinstance(window, numbers.Integral) or isinstance(window, bool) or window not in (1, 2):
+        raise ValueError(f"sg.cells.qrnn (at {user_site()}): window must be 1 or 2 (the inputs of how many steps "
+                         f"each gate reads), got {window!r}")
     x = sg.Input(input_size, name="x")
     c = sg.State(hidden_size, name="c")
-    z, f, o = sg.chunk(sg.Linear(input_size, 3 * hidden_size, bias=bias, name="w")(x), 3)
+    gates = sg.Linear(input_size, 3 * hidden_size, bias=bias, name="w")(x)
+    states = {}
+    if window == 2:
+        x_prev = sg.State(input_size, name="x_prev")
+        gates = gates + sg.Linear(input_size, 3 * hidden_size, bias=False, name="w_prev")(x_prev)
+        states[x_prev] = x
+    z, f, o = sg.chunk(gates, 3)
     z, f, o = sg.tanh(z), sg.sigmoid(f), sg.sigmoid(o)
     c_next = f * c + (1 - f) * z
-    return sg.Cell(inputs=[x], states={c: c_next}, outputs=[o * c_next], name="qrnn")
+    return sg.Cell(inputs=[x], states={c: c_next, **states}, outputs=[o * c_next], name="qrnn")
 
 
 def mlstm(input_size: int, hidden_size: int) -> sg.Cell:

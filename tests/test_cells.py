@@ -371,6 +371,37 @@ def test_qrnn_matches_published_equations(bias):
     assert_close(final["c"], want_final[0])
 
 
+def test_qrnn_with_a_window_of_two_matches_published_equations():
+    rec = sg.Recurrence(sg.cells.qrnn(I, H, window=2))
+    P = params_of(rec)
+    assert "w_prev.bias" not in P
+
+    def step(xt, s):
+        z, f, o = (lin(P, "w", xt) + s[1] @ P["w_prev.weight"].T).chunk(3, 1)
+        z, f, o = torch.tanh(z), torch.sigmoid(f), torch.sigmoid(o)
+        c2 = f * s[0] + (1 - f) * z
+        return o * c2, (c2, xt)
+
+    x, c0, x0 = torch.randn(T, B, I), torch.randn(B, H), torch.randn(B, I)
+    out, final = rec(x, {"c": c0, "x_prev": x0})
+    want_out, want_final = run_reference(step, x, (c0, x0))
+    assert_close(out, want_out)
+    assert_close(final["c"], want_final[0])
+    assert_close(final["x_prev"], x[-1])
+
+
+def test_qrnn_with_a_window_of_two_hoists_both_products():
+    for backend in ("cpu", "torch"):
+        plan = sg.compile(sg.Recurrence(sg.cells.qrnn(I, H, window=2)), backend=backend).plan()
+        assert plan.step_gemms() == [] and len(plan.hoisted_gemms()) == 2
+
+
+@pytest.mark.parametrize("window", [0, 3, True, 2.0])
+def test_qrnn_refuses_a_window_other_than_one_or_two(window):
+    with pytest.raises(ValueError, match=f"window must be 1 or 2 .*got {window!r}"):
+        sg.cells.qrnn(I, H, window=window)
+
+
 def test_qrnn_runs_one_product_before_the_loop_and_a_step_without_one():
     for backend in ("cpu", "torch"):
         plan = sg.compile(sg.Recurrence(sg.cells.qrnn(I, H)), backend=backend).plan()
@@ -453,6 +484,7 @@ GRADCHECK_CELLS = {
     "mufuru": lambda: sg.cells.mufuru(3, 4),
     "indrnn": lambda: sg.cells.indrnn(3, 4),
     "qrnn": lambda: sg.cells.qrnn(3, 4),
+    "qrnn_window_2": lambda: sg.cells.qrnn(3, 4, window=2),
     "mlstm": lambda: sg.cells.mlstm(3, 3),
 }
 

@@ -1142,3 +1142,75 @@ def test_remember_set_on_either_twin_is_the_others_too():
     assert rec.remember and sg.compile(rec, backend="cpu").remember
     rec.remember = False
     assert not twin.remember
+
+
+# ---------------------------------------------------------------------------------------
+# a state holding the previous step's input (hoist_previous_inputs): compiled.previous_inputs
+# ---------------------------------------------------------------------------------------
+def test_previous_inputs_without_a_mask_is_the_input_shifted_by_one_step():
+    from seqgraph.compiled import previous_inputs
+    x, first = torch.randn(4, 2, 3), torch.randn(2, 3)
+    got = previous_inputs(x, first, None)
+    assert torch.equal(got[0], first) and torch.equal(got[1:], x[:-1])
+    assert previous_inputs(x[:0], first, None).shape == (0, 2, 3)
+
+
+def test_previous_inputs_with_a_mask_holds_each_rows_last_real_input():
+    from seqgraph.compiled import previous_inputs
+    x, first = torch.arange(10.0).view(5, 2, 1), torch.tensor([[-1.0], [-2.0]])
+    valid = torch.tensor([[1, 0], [0, 0], [1, 1], [1, 0], [0, 1]], dtype=torch.bool)
+    got = previous_inputs(x, first, valid)[:, :, 0]
+    # row 0 is real at steps 0, 2, 3 (inputs 0, 4, 6); row 1 at steps 2, 4 (inputs 5, 9)
+    assert got.tolist() == [[-1, -2], [0, -2], [0, -2], [4, 5], [6, 5]]
+
+
+def test_previous_inputs_passes_gradcheck():
+    from seqgraph.compiled import previous_inputs
+    x = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
+    first = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    valid = torch.tensor([[1, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    assert torch.autograd.gradcheck(lambda a, b: previous_inputs(a, b, valid), (x, first))
+
+
+def _window_two(backend):
+    torch.manual_seed(0)
+    rec = sg.Recurrence(sg.cells.qrnn(3, 4, window=2)).double()
+    return rec, sg.compile(rec, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_a_window_of_two_equals_the_reference_with_an_irregular_mask(backend):
+    rec, comp = _window_two(backend)
+    xs = torch.randn(5, 4, 3, dtype=torch.float64, requires_grad=True)
+    s0 = {"c": torch.randn(4, 4, dtype=torch.float64, requires_grad=True),
+          "x_prev": torch.randn(4, 3, dtype=torch.float64, requires_grad=True)}
+    mask = torch.tensor([[1, 0, 1, 0], [0, 1, 1, 0], [1, 1, 0, 0], [0, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    results = []
+    for m in (comp, rec):
+        out, fin = m(xs, s0, mask=mask)
+        loss = (out * torch.linspace(0.1, 1, 4, dtype=torch.float64)).sum() + (fin["c"] ** 2).sum() + \
+            (fin["x_prev"] ** 2).sum()
+        results.append([out, fin["c"], fin["x_prev"]] + list(torch.autograd.grad(
+            loss, [xs, *s0.values(), *rec.parameters()])))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert torch.equal(results[0][2][3], s0["x_prev"][3])  # a row without a real step keeps its initial value
+
+
+def test_a_window_of_two_carries_the_last_input_into_the_next_call():
+    rec, whole = _window_two("cpu")
+    comp = sg.compile(sg.Recurrence(rec.cell, remember=True).double(), backend="cpu")
+    comp.load_state_dict(rec.state_dict())
+    xs = torch.randn(6, 2, 3, dtype=torch.float64)
+    got = torch.cat([comp(xs[:2])[0], comp(xs[2:])[0]])
+    torch.testing.assert_close(got, whole(xs)[0], rtol=1e-12, atol=1e-12)
+    comp.forget()
+    assert not torch.allclose(comp(xs[2:])[0], got[2:])  # (from zeros, x_prev included, it differs)
+
+
+def test_a_window_of_two_runs_whole_inside_torch_compile():
+    rec, comp = _window_two("cpu")
+    xs = torch.randn(5, 3, 3, dtype=torch.float64)
+    lengths = torch.tensor([5, 2, 4])
+    out = torch.compile(lambda v: comp(v, lengths=lengths)[0], backend="aot_eager", fullgraph=True)(xs)
+    torch.testing.assert_close(out, rec(xs, lengths=lengths)[0], rtol=1e-10, atol=1e-10)
