@@ -4,10 +4,12 @@ Every node gets a class: "invariant" (depends only on parameters, constants, con
 per-sequence noise: computed once per call), "hoisted" (also depends on per-step inputs or
 per-step noise, but on no state: computed for all T steps at once, as (T*B) rows, before the
 loop; an LSTM's input projection becomes one big GEMM) or "step" (depends on a state: computed
-inside the time loop). One exception, `keep_expansions_in_loop`: a value spread from smaller
-per-step ones (an outer product) that only the loop reads is computed in the loop. The rewrites
+inside the time loop). Two exceptions: `keep_expansions_in_loop`, a value spread from smaller
+per-step ones (an outer product) that only the loop reads is computed in the loop; and, for
+backends whose loops run a step's regions as single kernels, `keep_elementwise_in_loop`,
+elementwise ops that only those regions read (a QRNN's gates) are computed there. The rewrites
 that widen what can be hoisted live in their own pass files (split_linear_over_concat.py,
-hoist_loop_invariant_terms.py). Must not change the graph.
+hoist_loop_invariant_terms.py, hoist_previous_inputs.py). Must not change the graph.
 """
 from __future__ import annotations
 

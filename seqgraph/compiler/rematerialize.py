@@ -39,6 +39,7 @@ def _from_reads(n: Node, at_hand: set[int]) -> bool:
     reshapes): a gate a fused loop computes from the input projection's rows."""
     if REGISTRY[n.op].kind != "elementwise":
         return False
+
     def read(v: Node) -> bool:
         return v.op == "const" or v.id in at_hand or (v.op in ("slice", "reshape") and read(v.inputs[0]))
     return all(read(i) for i in n.inputs)
