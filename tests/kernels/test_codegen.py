@@ -18,7 +18,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CUDA when present, el
 
 # The interpreter computes padded lanes too (zeros loaded past the row or column end), where
 # x / 0 warns; stores and reductions mask them out.
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 
 
 # ---------------------------------------------------------------------------------------
