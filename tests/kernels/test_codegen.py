@@ -17,7 +17,7 @@ from regions import CELL_REGIONS, MATRIX_ROW_OPS, any_matrix_size, attention_reg
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CUDA when present, else the interpreter
 
 # The interpreter computes padded lanes too (zeros loaded past the row or column end), where
-# x / 0 warns; stores and reductions mask them out.
+# x / 0 would warn; launch.py runs it with numpy's warnings off, so any RuntimeWarning is an error.
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 
 

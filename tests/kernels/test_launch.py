@@ -20,7 +20,7 @@ from regions import (RANDOM_STEPS, lstm_step as lstm, lstm_step_inputs as lstm_i
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CUDA when present, else the interpreter
 
 # The interpreter computes padded lanes too (zeros loaded past the row or column end), where
-# x / 0 warns; stores and reductions mask them out.
+# x / 0 would warn; launch.py runs it with numpy's warnings off, so any RuntimeWarning is an error.
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 
 
