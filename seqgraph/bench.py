@@ -99,7 +99,7 @@ def eager_step(name: str, p: dict[str, torch.Tensor]) -> Callable:
     if name == "qrnn_window2":
         def step(x, st):
             c, x_prev = st
-            gates = F.linear(x, p["w.weight"], p["w.bias"]) + F.linear(x_prev, p["w_prev.weight"])
+            gates = F.linear(x, p["w.weight"], p["w.bias"]) + F.linear(x_prev, p["w_prev1.weight"])
             z, f, o = gates.chunk(3, 1)
             z, f, o = torch.tanh(z), torch.sigmoid(f), torch.sigmoid(o)
             c = f * c + (1 - f) * z

@@ -331,26 +331,27 @@ def qrnn(input_size: int, hidden_size: int, *, bias: bool = True, window: int = 
         z, f, o = tanh(W_z x + b_z), sigmoid(W_f x + b_f), sigmoid(W_o x + b_o)
         c' = f * c + (1 - f) * z;   h' = o * c'
 
-    One Linear "w" holds the three gates (3 * hidden_size outputs, order z, f, o). With
-    window=2 (the paper's language models) the gates also read the previous step's input:
-    W x becomes W x + W_prev x_prev, with a Linear "w_prev" (no bias) and a state "x_prev"
-    whose next value is x (zeros before the first step, or the last input of the previous
-    call with remember=True). No gate reads c, so the products run before the time loop for
-    every step at once (x_prev too: the compiler reads it as the input shifted by one step),
-    and a step is a few elementwise ops. State "c"; the output is h'."""
+    One Linear "w" holds the three gates (3 * hidden_size outputs, order z, f, o). With a
+    window of k > 1 (the paper's convolution width; 2 in its language models) the gates also
+    read the inputs of the k - 1 steps before: W x becomes W x + W_prev1 x_prev1 + ..., with
+    Linears "w_prev1", "w_prev2", ... (no bias) and states "x_prev1" (next value x),
+    "x_prev2" (next value x_prev1), ...: zeros before the first step, or the last inputs of
+    the previous call with remember=True. No gate reads c, so every product runs before the
+    time loop for all steps at once (the compiler reads each x_prev as the input delayed by
+    its steps), and a step is a few elementwise ops. State "c"; the output is h'."""
     _check_flags("qrnn", bias=bias)
     _check_sizes("qrnn", input_size=input_size, hidden_size=hidden_size)
-    if not isinstance(window, numbers.Integral) or isinstance(window, bool) or window not in (1, 2):
-        raise ValueError(f"sg.cells.qrnn (at {user_site()}): window must be 1 or 2 (the inputs of how many steps "
-                         f"each gate reads), got {window!r}")
+    if not isinstance(window, numbers.Integral) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"sg.cells.qrnn (at {user_site()}): window must be an int >= 1 (the inputs of how many "
+                         f"steps each gate reads), got {window!r}")
     x = sg.Input(input_size, name="x")
     c = sg.State(hidden_size, name="c")
     gates = sg.Linear(input_size, 3 * hidden_size, bias=bias, name="w")(x)
-    states = {}
-    if window == 2:
-        x_prev = sg.State(input_size, name="x_prev")
-        gates = gates + sg.Linear(input_size, 3 * hidden_size, bias=False, name="w_prev")(x_prev)
-        states[x_prev] = x
+    states, newer = {}, x
+    for k in range(1, window):
+        x_prev = sg.State(input_size, name=f"x_prev{k}")
+        gates = gates + sg.Linear(input_size, 3 * hidden_size, bias=False, name=f"w_prev{k}")(x_prev)
+        states[x_prev], newer = newer, x_prev
     z, f, o = sg.chunk(gates, 3)
     z, f, o = sg.tanh(z), sg.sigmoid(f), sg.sigmoid(o)
     c_next = f * c + (1 - f) * z

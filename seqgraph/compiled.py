@@ -634,8 +634,9 @@ class CompiledRecurrence(Recurrence):
         T, B = xs[0].shape[0], xs[0].shape[1]
         step = program.plan.step
         assert len(params) == len(step.params)
-        xs = list(xs) + [previous_inputs(xs[x.attrs["previous_of"]], states0[x.attrs["state"]], valid)
-                         for x in step.inputs[len(xs):]]  # (see hoist_previous_inputs)
+        xs = list(xs)
+        for x in step.inputs[len(xs):]:  # states holding earlier steps' inputs (see hoist_previous_inputs)
+            xs.append(previous_inputs(xs[x.attrs["previous_of"]], states0[x.attrs["state"]], valid))
         reads = fns["prologue"](T, B, xs, list(contexts), list(noises), params, real_step_rows(valid), valid)
         need_grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in list(reads) + list(states0) if isinstance(t, torch.Tensor))

@@ -374,20 +374,20 @@ def test_qrnn_matches_published_equations(bias):
 def test_qrnn_with_a_window_of_two_matches_published_equations():
     rec = sg.Recurrence(sg.cells.qrnn(I, H, window=2))
     P = params_of(rec)
-    assert "w_prev.bias" not in P
+    assert "w_prev1.bias" not in P
 
     def step(xt, s):
-        z, f, o = (lin(P, "w", xt) + s[1] @ P["w_prev.weight"].T).chunk(3, 1)
+        z, f, o = (lin(P, "w", xt) + s[1] @ P["w_prev1.weight"].T).chunk(3, 1)
         z, f, o = torch.tanh(z), torch.sigmoid(f), torch.sigmoid(o)
         c2 = f * s[0] + (1 - f) * z
         return o * c2, (c2, xt)
 
     x, c0, x0 = torch.randn(T, B, I), torch.randn(B, H), torch.randn(B, I)
-    out, final = rec(x, {"c": c0, "x_prev": x0})
+    out, final = rec(x, {"c": c0, "x_prev1": x0})
     want_out, want_final = run_reference(step, x, (c0, x0))
     assert_close(out, want_out)
     assert_close(final["c"], want_final[0])
-    assert_close(final["x_prev"], x[-1])
+    assert_close(final["x_prev1"], x[-1])
 
 
 def test_qrnn_with_a_window_of_two_hoists_both_products():
@@ -396,9 +396,31 @@ def test_qrnn_with_a_window_of_two_hoists_both_products():
         assert plan.step_gemms() == [] and len(plan.hoisted_gemms()) == 2
 
 
-@pytest.mark.parametrize("window", [0, 3, True, 2.0])
-def test_qrnn_refuses_a_window_other_than_one_or_two(window):
-    with pytest.raises(ValueError, match=f"window must be 1 or 2 .*got {window!r}"):
+def test_qrnn_with_a_window_of_three_reads_the_inputs_of_two_steps_before():
+    rec = sg.Recurrence(sg.cells.qrnn(I, H, window=3))
+    P = params_of(rec)
+
+    def step(xt, s):
+        pre = lin(P, "w", xt) + s[1] @ P["w_prev1.weight"].T + s[2] @ P["w_prev2.weight"].T
+        z, f, o = pre.chunk(3, 1)
+        z, f, o = torch.tanh(z), torch.sigmoid(f), torch.sigmoid(o)
+        c2 = f * s[0] + (1 - f) * z
+        return o * c2, (c2, xt, s[1])
+
+    x, c0, x1, x2 = torch.randn(T, B, I), torch.randn(B, H), torch.randn(B, I), torch.randn(B, I)
+    out, final = rec(x, {"c": c0, "x_prev1": x1, "x_prev2": x2})
+    want_out, _ = run_reference(step, x, (c0, x1, x2))
+    assert_close(out, want_out)
+    assert_close(final["x_prev2"], x[-2])
+    for backend in ("cpu", "torch"):
+        comp = sg.compile(rec, backend=backend)
+        assert len(comp.plan().hoisted_gemms()) == 3 and comp.plan().step_gemms() == []
+        assert_close(comp(x, {"c": c0, "x_prev1": x1, "x_prev2": x2})[0], want_out)
+
+
+@pytest.mark.parametrize("window", [0, -1, True, 2.0])
+def test_qrnn_refuses_a_window_that_is_not_a_positive_int(window):
+    with pytest.raises(ValueError, match=f"window must be an int >= 1 .*got {window!r}"):
         sg.cells.qrnn(I, H, window=window)
 
 
@@ -484,7 +506,7 @@ GRADCHECK_CELLS = {
     "mufuru": lambda: sg.cells.mufuru(3, 4),
     "indrnn": lambda: sg.cells.indrnn(3, 4),
     "qrnn": lambda: sg.cells.qrnn(3, 4),
-    "qrnn_window_2": lambda: sg.cells.qrnn(3, 4, window=2),
+    "qrnn_window_3": lambda: sg.cells.qrnn(3, 4, window=3),
     "mlstm": lambda: sg.cells.mlstm(3, 3),
 }
 

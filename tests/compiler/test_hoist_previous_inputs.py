@@ -34,3 +34,11 @@ def test_the_product_of_the_previous_input_is_hoisted():
     plan = compile_plan(_delay_cell())
     assert sorted(n.name for n in plan.hoisted_gemms()) == ["a", "b"]
     assert [n.name for n in plan.step_gemms()] == ["c"]
+
+
+def test_a_state_holding_the_state_before_reads_the_input_delayed_by_two_steps():
+    x, h, p, q = sg.Input(3, name="x"), sg.State(4, name="h"), sg.State(3, name="p"), sg.State(3, name="q")
+    h2 = sg.tanh(sg.Linear(3, 4)(q) + sg.Linear(4, 4)(h))
+    step = hoist_previous_inputs(StepGraph.from_cell(sg.Cell([x], {h: h2, q: p, p: x}, [h2])))
+    assert [(i.name, i.attrs) for i in step.inputs[1:]] == [("p", {"previous_of": 0, "state": 2}),
+                                                            ("q", {"previous_of": 1, "state": 1})]

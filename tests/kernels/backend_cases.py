@@ -20,7 +20,7 @@ BUILTIN = {
     "mufuru": lambda: sg.cells.mufuru(3, 4),
     "indrnn": lambda: sg.cells.indrnn(3, 5),
     "qrnn": lambda: sg.cells.qrnn(3, 5),
-    "qrnn_window_2": lambda: sg.cells.qrnn(3, 5, window=2),
+    "qrnn_window_3": lambda: sg.cells.qrnn(3, 5, window=3),
     "mlstm": lambda: sg.cells.mlstm(3, 4),
 }
 CASES = {**{f"zoo_{k}": v for k, v in ZOO.items()}, **BUILTIN}
