@@ -13,10 +13,11 @@ property fails, and building is deterministic, so a failing recipe is a reproduc
         with pytest.raises(sg.GraphError): build_cell(recipe)
 
 Every value in a recipe's pool is a batched vector (per-example shape (k,)). The pool starts as
-the inputs and the states; each step appends one value (two for `chunk`) made from earlier
-ones. Whatever the steps leave unconsumed (including unused inputs, states and chunk pieces) is
-concatenated into `final`, the cell's output, and each next state is a Linear of `final`, so
-every drawn recipe is a valid cell. `broken_recipes()` adds one `breakage` that the checker
+the inputs, the states and maybe a state holding an input from the step before (`delayed`);
+each step appends one value (two for `chunk`) made from earlier ones. Whatever the steps leave
+unconsumed (including unused inputs, states and chunk pieces) is concatenated into `final`,
+the cell's output, and each next state is a Linear of `final` (a delayed one's is its input),
+so every drawn recipe is a valid cell. `broken_recipes()` adds one `breakage` that the checker
 must reject. The menu avoids non-differentiable points where it can (exp only of a tanh,
 division only by 1 + b^2, log only of 1 + exp), so valid cells pass float64 gradcheck.
 This module only draws and builds graphs; it must not run them.
@@ -63,6 +64,7 @@ class CellRecipe:
     state_sizes: tuple
     steps: tuple = field(default_factory=tuple)
     breakage: str | None = None
+    delayed: tuple = ()  # indices of inputs that a state "d<k>" holds from the step before (next value: the input)
 
     def __post_init__(self):
         if self.breakage not in (None,) + BREAKAGES:
@@ -92,11 +94,13 @@ def _out_sizes(step: Step, sizes: list) -> list:
 
 @st.composite
 def cell_recipes(draw, max_steps: int = 5, max_size: int = 4, breakage: str | None = None) -> CellRecipe:
-    """A random valid cell: 1-2 inputs, 1-2 states, up to `max_steps` steps, sizes 1..max_size."""
+    """A random valid cell: 1-2 inputs, 1-2 states, up to `max_steps` steps, sizes 1..max_size,
+    and maybe a state holding an input from the step before (read like an input when compiled)."""
     inputs = tuple(draw(st.lists(st.integers(1, max_size), min_size=1, max_size=2)))
     states = tuple(draw(st.lists(st.integers(1, max_size), min_size=1, max_size=2)))
-    sizes = list(inputs + states)
-    stateful = [False] * len(inputs) + [True] * len(states)  # does the value read a state?
+    delayed = tuple(draw(st.lists(st.integers(0, len(inputs) - 1), max_size=1)))
+    sizes = list(inputs + states) + [inputs[k] for k in delayed]
+    stateful = [False] * len(inputs) + [True] * len(states) + [False] * len(delayed)  # does the value read a state?
     steps = []
     for _ in range(draw(st.integers(0, max_steps))):
         i = draw(st.integers(0, len(sizes) - 1))
@@ -138,7 +142,7 @@ def cell_recipes(draw, max_steps: int = 5, max_size: int = 4, breakage: str | No
         sizes += new
         stateful += [any(stateful[j] for j in step.args)] * len(new)
         steps.append(step)
-    return CellRecipe(inputs, states, tuple(steps), breakage)
+    return CellRecipe(inputs, states, tuple(steps), breakage, delayed)
 
 
 def broken_recipes(max_steps: int = 5, max_size: int = 4):
@@ -211,7 +215,8 @@ def build_cell(recipe: CellRecipe) -> tuple[sg.Cell, list[int]]:
     broken = recipe.breakage
     inputs = [sg.Input(s, name=f"x{k}") for k, s in enumerate(recipe.input_sizes)]
     states = [sg.State(s, name=f"h{k}") for k, s in enumerate(recipe.state_sizes)]
-    pool = list(inputs) + list(states)
+    delayed = [sg.State(inputs[k].shape, name=f"d{k}") for k in recipe.delayed]
+    pool = list(inputs) + list(states) + delayed
     consumed: set[int] = set()
     for step in recipe.steps:
         a = pool[step.args[0]]
@@ -254,6 +259,8 @@ def build_cell(recipe: CellRecipe) -> tuple[sg.Cell, list[int]]:
     for k, h in enumerate(states):
         out = h.shape[0] + (1 if broken == "wrong_next_shape" and k == 0 else 0)
         nexts[h] = sg.tanh(sg.Linear(width, out, name=f"next_h{k}")(final))
+    for k, d in zip(recipe.delayed, delayed):
+        nexts[d] = inputs[k]
     cell = sg.Cell(inputs=inputs + extra_inputs, states=nexts, outputs=[final])
     return cell, list(recipe.input_sizes)
 

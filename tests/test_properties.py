@@ -30,7 +30,7 @@ def test_random_valid_cell_runs_and_passes_gradcheck(recipe, seed):
     cell, input_sizes = build_cell(recipe)
     rec = sg.Recurrence(cell).double()
     xs = tuple(torch.randn(T, B, s, dtype=torch.float64, requires_grad=True) for s in input_sizes)
-    h0 = tuple(torch.randn(B, s, dtype=torch.float64, requires_grad=True) for s in recipe.state_sizes)
+    h0 = tuple(torch.randn((B,) + p.shape, dtype=torch.float64, requires_grad=True) for p, _ in cell.states)
     names = cell.state_names
 
     def run(*args):
