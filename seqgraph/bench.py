@@ -3,7 +3,8 @@
 `python -m seqgraph bench` times, for each cell and size, the forward pass and forward+backward
 of: torch.nn.LSTM/GRU (cuDNN on GPU, oneDNN on CPU) where the cell has one, the same cell as an
 eager PyTorch loop (plain torch ops, autograd), torch.compile of that loop (compile time
-reported apart), and seqgraph's compiled backends, their runs taken in turn. It prints medians
+reported apart), optionally JAX's jitted lax.scan of it (bench_jax.py), and seqgraph's
+compiled backends, their runs taken in turn. It prints medians
 and ratios to the fastest peer, peak memory, and with --out FILE writes the table as a
 Markdown section named after the machine into FILE (docs/benchmarks.md holds ours). Timing is
 never a unit test; this module only measures.
@@ -203,10 +204,10 @@ def run_case(cell_name: str, size: str, device, dtype, reps: int, peers: set[str
     params = {k: v.detach().requires_grad_() for k, v in rec.param_tensors().items()}
     x = torch.randn(T, B, H, device=device, dtype=dtype, requires_grad=True)
     zeros = tuple(torch.zeros((B,) + prev.shape, device=device, dtype=dtype) for prev, _ in rec.cell.states)
-    entries: list[tuple] = []  # (label, fwd, compile_s), timed together at the end
+    entries: list[tuple] = []  # (label, fwd, compile_s, fwd+bwd or None: fwd's backward), timed together at the end
 
-    def add(label, fwd, compile_s=None):
-        entries.append((label, fwd, compile_s))
+    def add(label, fwd, compile_s=None, fwdbwd=None):
+        entries.append((label, fwd, compile_s, fwdbwd))
 
     if "cudnn" in peers and cell_name in ("lstm", "gru"):
         ref = (torch.nn.LSTM if cell_name == "lstm" else torch.nn.GRU)(H, H).to(device=device, dtype=dtype)
@@ -220,6 +221,10 @@ def run_case(cell_name: str, size: str, device, dtype, reps: int, peers: set[str
         compiled(x, zeros)[0].float().sum().backward()
         _sync(device)
         add("torch.compile(loop)", lambda: compiled(x, zeros)[0], compile_s=time.perf_counter() - t0)
+    if "jax" in peers:  # (jax arrays: no torch tensor or autograd; its own device, the CPU here)
+        from .bench_jax import jax_peer
+        jf, jfb, jcs = jax_peer(cell_name, params, x, zeros)
+        add("jax.lax.scan (jit)", jf, compile_s=jcs, fwdbwd=jfb)
     backends = ["torch"] + (["triton"] if device.type == "cuda" else ["cpu"])
     for backend in backends:
         if f"seqgraph-{backend}" not in peers:
@@ -242,11 +247,11 @@ def run_case(cell_name: str, size: str, device, dtype, reps: int, peers: set[str
         def run():
             fwd().float().sum().backward()
         return run
-    f_ms = interleaved_medians_ms([no_grad(f) for _, f, _ in entries], device, reps, burst=burst)
-    fb_ms = interleaved_medians_ms([train(f) for _, f, _ in entries], device, reps, burst=burst)
-    return [dict(cell=cell_name, size=size, T=T, B=B, H=H, peer=label, fwd_ms=f, fwdbwd_ms=fb,
-                 peak_mib=peak_mib(train(fwd), device), compile_s=cs)
-            for (label, fwd, cs), f, fb in zip(entries, f_ms, fb_ms)]
+    f_ms = interleaved_medians_ms([no_grad(f) for _, f, _, _ in entries], device, reps, burst=burst)
+    fb_ms = interleaved_medians_ms([fb or train(f) for _, f, _, fb in entries], device, reps, burst=burst)
+    return [dict(cell=cell_name, size=size, T=T, B=B, H=H, peer=label, fwd_ms=f, fwdbwd_ms=fbm,
+                 peak_mib=peak_mib(train(fwd), device) if fb is None else None, compile_s=cs)
+            for (label, fwd, cs, fb), f, fbm in zip(entries, f_ms, fb_ms)]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -312,6 +317,7 @@ def write_section(path: str, title: str, body: str) -> bool:
 
 
 PEERS = ("cudnn", "eager", "torch.compile", "seqgraph-torch", "seqgraph-triton", "seqgraph-cpu")
+OPTIONAL_PEERS = ("jax",)  # asked for by name: JAX is not a dependency (bench_jax.py)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,15 +332,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--burst", type=int, default=1,
                     help="runs of a peer in a row per turn, the first untimed (1: strictly in turn)")
     ap.add_argument("--peers", default=",".join(PEERS),
-                    help=f"comma list of {list(PEERS)} (seqgraph-triton on CUDA only, seqgraph-cpu on the CPU only; "
-                         f"torch.nn's LSTM and GRU are the cudnn column)")
+                    help=f"comma list of {list(PEERS + OPTIONAL_PEERS)} (seqgraph-triton on CUDA only, seqgraph-cpu "
+                         f"on the CPU only; torch.nn's LSTM and GRU are the cudnn column; jax, a jitted lax.scan "
+                         f"of the cell, where JAX is installed, on the CPU)")
     ap.add_argument("--out", default=None, help="Markdown file to write the table into (a section per machine)")
     args = ap.parse_args(argv)
     for flag in ("reps", "burst"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     for flag, given, known in (("--cells", args.cells, CELLS), ("--sizes", args.sizes, tuple(SIZES)),
-                               ("--peers", args.peers, PEERS)):
+                               ("--peers", args.peers, PEERS + OPTIONAL_PEERS)):
         unknown = [v for v in given.split(",") if v not in known]
         if unknown:
             ap.error(f"{flag}: unknown {', '.join(repr(v) for v in unknown)}; choose from {', '.join(known)}")
@@ -347,6 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     if device.type not in ("cpu", "cuda"):
         ap.error(f"--device: the benchmark runs on cpu or cuda, not {device.type}")
     peers = set(args.peers.split(","))
+    if "jax" in peers:
+        from .bench_jax import available
+        if not available():
+            ap.error("--peers jax: JAX is not installed here (pip install jax); seqgraph does not depend on it")
+        if device.type != "cpu":
+            ap.error(f"--peers jax: the JAX peer runs on the CPU only, not {device.type}")
     runnable = peers - {"seqgraph-cpu" if device.type == "cuda" else "seqgraph-triton"}
     if not runnable:
         ap.error(f"--peers: none of {args.peers} runs on {device.type}")

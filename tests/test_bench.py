@@ -189,3 +189,46 @@ def test_the_attention_decoder_script_prints_a_row_per_call(capsys):
     rows = [tuple(line.split(" | ")[:2]) for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
     calls = ["forward", "fwd+bwd", "fwd+bwd, memory trained"]
     assert rows == [(f"| {scores}", c) for scores in ("dot", "additive", "8 heads") for c in calls]
+
+
+# ---------------------------------------------------------------------------------------
+# the optional JAX peer (seqgraph/bench_jax.py): run where JAX is installed (not in CI, where
+# seqgraph's dependencies do not include it: these tests skip there, saying so)
+# ---------------------------------------------------------------------------------------
+@pytest.fixture
+def jax64():
+    jax = pytest.importorskip("jax", reason="JAX is not a dependency; the JAX peer is checked where it is installed")
+    jax.config.update("jax_enable_x64", True)
+    yield jax
+    jax.config.update("jax_enable_x64", False)
+
+
+@pytest.mark.parametrize("name", bench.CELLS)
+def test_the_jax_step_computes_the_same_cell_as_seqgraph(name, jax64):
+    from seqgraph.bench_jax import jax_step
+    jnp = jax64.numpy
+    torch.manual_seed(0)
+    rec = sg.Recurrence(bench.make_cell(name, 6, 6)).double()
+    params = {k: jnp.asarray(v.detach().numpy()) for k, v in rec.param_tensors().items()}
+    x = torch.randn(5, 3, 6, dtype=torch.float64)
+    want, _ = rec(x)
+    step, state, outs = jax_step(name, params), tuple(jnp.zeros((3,) + p.shape) for p, _ in rec.cell.states), []
+    for t in range(5):
+        out, state = step(jnp.asarray(x[t].numpy()), state)
+        outs.append(torch.from_numpy(jax64.device_get(out).copy()))
+    torch.testing.assert_close(torch.stack(outs), want, atol=1e-10, rtol=1e-10)
+
+
+def test_the_jax_peer_gives_a_row_with_its_compile_time_and_no_torch_memory(monkeypatch, jax64):
+    monkeypatch.setitem(bench.SIZES, "tiny", (3, 2, 4))
+    rows = bench.run_case("gru", "tiny", torch.device("cpu"), torch.float32, 1, {"eager", "jax"})
+    assert [r["peer"] for r in rows] == ["eager loop", "jax.lax.scan (jit)"]
+    assert rows[1]["fwdbwd_ms"] > 0 and rows[1]["compile_s"] > 0 and rows[1]["peak_mib"] is None
+
+
+def test_the_harness_refuses_the_jax_peer_where_jax_is_missing(monkeypatch, capsys):
+    from seqgraph import bench_jax
+    monkeypatch.setattr(bench_jax, "available", lambda: False)
+    with pytest.raises(SystemExit):
+        bench.main(["--peers", "jax", "--cells", "lstm", "--sizes", "small"])
+    assert "--peers jax: JAX is not installed here (pip install jax)" in capsys.readouterr().err
