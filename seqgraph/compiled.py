@@ -284,8 +284,11 @@ SORT_BELOW = 0.7
 def previous_inputs(x: torch.Tensor, first: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """(T, B, ...): at step t, each row's input at its last real step before t, or `first` (the
     state's initial value) before any: the value a state whose next value is `x` holds at t.
-    Without a mask, x shifted by one step. Plain torch ops: autograd takes the gradients back
-    to x and `first`."""
+    Without a mask, x shifted by one step. Padded steps get zeros, as padded inputs do: their
+    results are dropped, and an infinite value there (a last real input, or the initial value
+    of a row without a real step, which the reference never reads) would make NaN gradients of
+    the products over all rows. Plain torch ops: autograd takes the gradients back to x and
+    `first`."""
     first = first.to(x.dtype).unsqueeze(0)
     if x.shape[0] == 0:
         return x
@@ -297,7 +300,8 @@ def previous_inputs(x: torch.Tensor, first: torch.Tensor, valid: torch.Tensor | 
     last = torch.where(valid, steps, -1).cummax(0).values  # each row's last real step up to t
     before = torch.cat([torch.full_like(last[:1], -1), last[:-1]], 0)  # ... before t
     picked = x.gather(0, before.clamp(min=0).view(valid.shape + extra).expand(x.shape))
-    return torch.where((before >= 0).view(valid.shape + extra), picked, first)
+    held = torch.where((before >= 0).view(valid.shape + extra), picked, first)
+    return torch.where(valid.view(valid.shape + extra), held, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def longest_first(valid: torch.Tensor | None) -> torch.Tensor | None:

@@ -1160,8 +1160,8 @@ def test_previous_inputs_with_a_mask_holds_each_rows_last_real_input():
     x, first = torch.arange(10.0).view(5, 2, 1), torch.tensor([[-1.0], [-2.0]])
     valid = torch.tensor([[1, 0], [0, 0], [1, 1], [1, 0], [0, 1]], dtype=torch.bool)
     got = previous_inputs(x, first, valid)[:, :, 0]
-    # row 0 is real at steps 0, 2, 3 (inputs 0, 4, 6); row 1 at steps 2, 4 (inputs 5, 9)
-    assert got.tolist() == [[-1, -2], [0, -2], [0, -2], [4, 5], [6, 5]]
+    # row 0 is real at steps 0, 2, 3 (inputs 0, 4, 6); row 1 at steps 2, 4 (inputs 5, 9); padded steps get 0
+    assert got.tolist() == [[-1, 0], [0, 0], [0, -2], [4, 0], [0, 5]]
 
 
 def test_previous_inputs_passes_gradcheck():
@@ -1195,6 +1195,25 @@ def test_a_window_of_two_or_three_equals_the_reference_with_an_irregular_mask(ba
     out, fin = comp(xs, s0, mask=mask)
     for name in s0:  # a row without a real step keeps its initial values
         assert torch.equal(fin[name][3], s0[name][3])
+
+
+@pytest.mark.parametrize("where", ["initial value of a row without a real step", "last real input"])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_an_infinite_value_only_padded_steps_would_read_reaches_no_gradient(backend, where):
+    rec, comp = _window_two(backend)
+    x, x0 = torch.randn(6, 4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    if where == "last real input":
+        lengths = torch.tensor([6, 6, 5, 6])
+        x[4, 2, 0] = float("inf")  # row 2's last real input: no real step reads it as x_prev1
+    else:
+        lengths = torch.tensor([6, 6, 0, 6])
+        x0[2, 1] = float("nan")  # row 2 runs no step
+    names = [k for k, _ in rec.named_parameters()]
+    got, want = [dict(zip(names, torch.autograd.grad(m(x, {"x_prev1": x0}, lengths=lengths)[0].sum(),
+                                                     list(rec.parameters())))) for m in (comp, rec)]
+    assert torch.isfinite(want["params.w_prev1.weight"]).all()
+    for k in names:  # (an infinite real input makes the reference's w.weight gradient NaN too: alike)
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-10, equal_nan=True)
 
 
 def test_a_window_of_two_carries_the_last_input_into_the_next_call():
