@@ -1232,7 +1232,7 @@ def _write_strided(y: torch.Tensor, strides: tuple) -> torch.Tensor:
     sizes = tuple(y.shape[y.dim() - len(strides):])
     order = _outer_first(sizes, strides)
     lead = y.dim() - len(sizes)
-    return y.permute(*range(lead), *[lead + d for d in order]).reshape(*y.shape[:lead], -1)
+    return y.permute(*range(lead), *[lead + d for d in order]).reshape(*y.shape[:lead], math.prod(sizes))
 
 
 def strided_matmul(a: Node, b: Node, dims: tuple, sa: tuple, sb: tuple, so: tuple) -> Node:

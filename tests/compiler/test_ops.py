@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import seqgraph as sg
 from seqgraph.compiler import ops
 from seqgraph.compiler.interpret import evaluate
 from seqgraph.compiler.ir import Node, topo_order
@@ -545,3 +546,10 @@ def test_an_infinite_gradient_where_the_op_passes_none_gives_zero_as_torch_does(
     xt = xv.clone().requires_grad_()
     want, = torch.autograd.grad(fn(xt), xt, gv)
     assert torch.equal(got, want)
+
+
+def test_strided_matmul_of_no_rows_gives_no_rows_of_its_width():
+    a, b = sg.Input(6, name="a"), sg.Input(8, name="b")
+    n = ops.make("strided_matmul", (a, b), dims=(1, 3, 2, 4), sa=(0, 2, 1), sb=(0, 4, 1), so=(0, 4, 1))
+    out = ops.REGISTRY["strided_matmul"].torch(n, torch.zeros(0, 6), torch.zeros(0, 8))
+    assert out.shape == (0, 12)
