@@ -21,12 +21,14 @@ def hoist_previous_inputs(step: StepGraph) -> StepGraph:
     inputs = list(step.inputs)
     input_at = {x.id: k for k, x in enumerate(inputs)}
     previous: dict[int, Node] = {}  # state leaf id -> the new input leaf its readers read
+    read = _read_states(step)
     found = True
     while found:  # (a state whose next value is such a state holds the input of two steps before, and so on)
         found = False
         for j, (p, nxt) in enumerate(step.states):
             source = previous.get(nxt.id, nxt)
-            if p.id not in previous and source.id in input_at and source.dtype == "float" and p.shape == source.shape:
+            if p.id in read and p.id not in previous and source.id in input_at and source.dtype == "float" \
+                    and p.shape == source.shape:
                 previous[p.id] = Node("input", (), {"previous_of": input_at[source.id], "state": j}, p.shape, True,
                                       name=p.name, site=p.site)
                 input_at[previous[p.id].id] = len(inputs)
@@ -41,3 +43,18 @@ def hoist_previous_inputs(step: StepGraph) -> StepGraph:
     new.notes.append(f"hoist_previous_inputs: {len(previous)} state(s) holding the previous step's input read "
                      f"as inputs made before the loop")
     return new
+
+
+def _read_states(step: StepGraph) -> set[int]:
+    """Ids of the state leaves some node reads, or whose value a read state takes next (the
+    first of a chain of delays): the others need no delayed input (a state that only carries
+    the last input to the next call)."""
+    read = {i.id for n in step.order() for i in n.inputs if i.op == "state"}
+    grew = True
+    while grew:
+        grew = False
+        for p, nxt in step.states:
+            if p.id in read and nxt.op == "state" and nxt.id not in read:
+                read.add(nxt.id)
+                grew = True
+    return read

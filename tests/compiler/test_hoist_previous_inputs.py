@@ -42,3 +42,17 @@ def test_a_state_holding_the_state_before_reads_the_input_delayed_by_two_steps()
     step = hoist_previous_inputs(StepGraph.from_cell(sg.Cell([x], {h: h2, q: p, p: x}, [h2])))
     assert [(i.name, i.attrs) for i in step.inputs[1:]] == [("p", {"previous_of": 0, "state": 2}),
                                                             ("q", {"previous_of": 1, "state": 1})]
+
+
+def test_a_state_nothing_reads_gets_no_delayed_input():
+    x, h, last = sg.Input(3, name="x"), sg.State(4, name="h"), sg.State(3, name="last")
+    h2 = sg.tanh(sg.Linear(3, 4)(x) + sg.Linear(4, 4)(h))
+    step = hoist_previous_inputs(StepGraph.from_cell(sg.Cell([x], {h: h2, last: x}, [h2])))
+    assert len(step.inputs) == 1 and "0 state(s)" in step.notes[-1]
+
+
+def test_the_first_state_of_a_chain_gets_a_delayed_input_where_only_the_second_is_read():
+    x, h, p, q = sg.Input(3, name="x"), sg.State(4, name="h"), sg.State(3, name="p"), sg.State(3, name="q")
+    h2 = sg.tanh(sg.Linear(3, 4)(q) + sg.Linear(4, 4)(h))
+    step = hoist_previous_inputs(StepGraph.from_cell(sg.Cell([x], {h: h2, p: x, q: p}, [h2])))
+    assert [i.name for i in step.inputs] == ["x", "p", "q"]
