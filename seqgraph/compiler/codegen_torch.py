@@ -251,7 +251,13 @@ def emit_nodes(src: Source, nodes: list[Node], env: dict[int, str], live: set[in
             expr, wrote = f"_packed_linear({_arg(x, env)}, {_arg(w, env)}, {packed[w.id]}{o})", bool(out)
         elif n.id in folded:
             x, w, addend = folded[n.id]
-            if len(x.shape) == 1 and x.batched and src.gemm_call() and not out:
+            if len(x.shape) == 1 and x.batched and not out and addend.batched and addend.id in folded \
+                    and uses.get(addend.id) == 1 and addend.id not in live:
+                # a sum of products (W x + b + W' x', a QRNN's window): the second added into the
+                # first's output, which nothing else reads, instead of into a copy of it
+                call = "_gemm.addmm_" if src.gemm_call() else "torch.Tensor.addmm_"
+                expr, wrote = f"{call}({_arg(addend, env)}, {_arg(x, env)}, {_arg(w, env)}.t())", False
+            elif len(x.shape) == 1 and x.batched and src.gemm_call() and not out:
                 expr, wrote = f"_gemm.addmm({_arg(addend, env)}, {_arg(x, env)}, {_arg(w, env)}.t())", False
             elif len(x.shape) == 1 and x.batched:  # rows: one addmm, written in place when stored
                 o = f", out={out}" if out else ""

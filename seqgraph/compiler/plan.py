@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .derive_backward import StepDerivative, derive_backward
-from .hoist import classify, keep_elementwise_in_loop, keep_expansions_in_loop
+from .hoist import classify, folded_into_products_and_norms, keep_elementwise_in_loop, keep_expansions_in_loop
 from .ir import Node, consumers, topo_order
 from .ops import REGISTRY, fusable as triton_fusable
 from .rematerialize import compared_values, rematerialize
@@ -73,9 +73,11 @@ class Plan:
         """The fused stages of the hoisted nodes worth a kernel of their own, forward and backward:
         those with two ops or more beyond adding or scaling by unbatched values (a QRNN's gates
         over its input projection), where torch passes over all T*B rows once per op forward and
-        again backward. A bias or a LayerNorm's scale and shift do not count: torch folds them
-        into the product or the norm."""
-        return [s for s in self.hoisted_stages if s.kind == "fused" and sum(map(_own_pass, s.nodes)) >= 2]
+        again backward. A bias, a LayerNorm's scale and shift, and a sum of products (a QRNN's
+        window: W x + W' x_prev1) do not count: torch folds them into the product or the norm."""
+        folded = folded_into_products_and_norms(self.hoisted, self.cls)
+        return [s for s in self.hoisted_stages
+                if s.kind == "fused" and sum(_own_pass(n) and n.id not in folded for n in s.nodes) >= 2]
 
     def step_gemms(self) -> list[Node]:
         return [n for s in self.stages if s.kind == "gemm" for n in s.nodes]

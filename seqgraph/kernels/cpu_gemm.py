@@ -462,6 +462,15 @@ def addmm(addend: torch.Tensor, x: torch.Tensor, wt: torch.Tensor) -> torch.Tens
     return linear(x, w) + addend
 
 
+def addmm_(addend: torch.Tensor, x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """addend += x @ wt in place, for rows x (M, K) and addend (M, N): torch's addmm_ unless
+    seqgraph's GEMM computes the product (then added to addend in place)."""
+    exact = x.dim() == 2 and wt.dim() == 2 and tuple(addend.shape) == (x.shape[0], wt.shape[1])
+    if not exact or not enabled(addend, x, wt):
+        return addend.addmm_(x, wt)
+    return addend.add_(linear(x, wt.t()))
+
+
 def _bias_addmm(bias: torch.Tensor, x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     """linear(x, wt.t(), bias). Where torch's GEMM runs it, torch.addmm(bias, x, wt) itself:
     what F.linear runs for rows x and a bias (aten's linear is addmm(bias, x, weight.t())),
@@ -472,4 +481,5 @@ def _bias_addmm(bias: torch.Tensor, x: torch.Tensor, wt: torch.Tensor) -> torch.
     return linear(x, wt.t(), bias)
 
 
-__all__ = ["SG_MM_API", "SG_MM_SOURCE", "mm_pointers", "per_step_gemm", "cpu_vendor", "enabled", "linear", "addmm", "wgrad"]
+__all__ = ["SG_MM_API", "SG_MM_SOURCE", "mm_pointers", "per_step_gemm", "cpu_vendor", "enabled", "linear", "addmm", "addmm_",
+           "wgrad"]

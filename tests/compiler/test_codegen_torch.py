@@ -143,3 +143,24 @@ def test_a_packed_weight_shared_with_a_per_example_matrix_product_gives_the_refe
     xs = torch.randn(5, B, 3)
     with torch.set_grad_enabled(grad):
         torch.testing.assert_close(comp(xs)[0], rec(xs)[0])
+
+
+@pytest.mark.parametrize("backend, call", [("torch", "torch.Tensor.addmm_("), ("cpu", "_gemm.addmm_(")])
+def test_a_sum_of_hoisted_products_adds_each_into_the_first_in_place(backend, call):
+    comp = sg.compile(sg.Recurrence(sg.cells.qrnn(4, 6, window=3)), backend=backend)
+    assert comp.source().count(call) == 2  # W x + b, then + W1 x_prev1 and + W2 x_prev2 into it
+    if backend == "cpu":  # (its gates run in the loop; the sum is the products', not a hoisted region's)
+        assert comp.plan().hoisted_regions() == []
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_a_partial_sum_read_elsewhere_is_not_added_into(backend):
+    x, u, h = sg.Input(3, name="x"), sg.Input(3, name="u"), sg.State(4, name="h")
+    first = sg.Linear(3, 4, name="a")(x)
+    both = first + sg.Linear(3, 4, name="b", bias=False)(u)
+    h2 = sg.tanh(both + sg.Linear(4, 4, name="c")(h))
+    rec = sg.Recurrence(sg.Cell([x, u], {h: h2}, [h2, sg.sigmoid(first)])).double()
+    comp = sg.compile(rec, backend=backend)
+    assert "addmm_(" not in comp.source()
+    xs, ctx = make_inputs(rec.cell, 4, 3, dtype=torch.float64)
+    check_against_reference(rec, comp, xs, ctx, 1e-10, lengths=torch.tensor([4, 2, 1]))

@@ -296,3 +296,18 @@ def test_a_library_forgotten_by_clear_memory_cache_binds_seqgraphs_gemm_when_a_c
     monkeypatch.setenv("SEQGRAPH_CPU_GEMM", "seqgraph")
     torch.testing.assert_close(comp(x)[0], rec(x)[0], atol=1e-5, rtol=1e-5)
     assert comp._program.c_loops.lib.keys[(torch.float32, "loops")] in c_launch._OWN_GEMM_BOUND
+
+
+@pytest.mark.parametrize("gemm", ["seqgraph", "mkl"])
+def test_addmm_in_place_adds_the_product_into_its_addend_and_gives_torchs_gradients(monkeypatch, gemm):
+    monkeypatch.setenv("SEQGRAPH_CPU_GEMM", gemm)
+    x, w = torch.randn(6, 8, requires_grad=True), torch.randn(5, 8, requires_grad=True)
+    base = torch.randn(6, 5, requires_grad=True)
+    acc = base * 1.0  # (a non-leaf, as a product's output is)
+    got = cpu_gemm.addmm_(acc, x, w.t())
+    assert got is acc
+    want = torch.addmm(base, x, w.t())
+    _close(got, want, 8)
+    grads = torch.autograd.grad(got.sum(), (x, w, base))
+    for g, r in zip(grads, torch.autograd.grad(want.sum(), (x, w, base))):
+        _close(g, r, 8)
