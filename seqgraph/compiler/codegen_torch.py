@@ -176,6 +176,14 @@ def _packed_linear(x, w, packed, addend=None, out=None):
     return y
 
 
+def _addmm_into(addend: torch.Tensor, x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """addend + x @ wt, added into addend (a product's output that nothing else reads); under
+    autocast, whose product may come in another dtype than addend's, torch.addmm's new tensor."""
+    if torch.is_autocast_enabled(addend.device.type):
+        return torch.addmm(addend, x, wt)
+    return addend.addmm_(x, wt)
+
+
 def _const_tensor(value: float, like):
     if like is None:
         return torch.tensor(value)
@@ -255,7 +263,7 @@ def emit_nodes(src: Source, nodes: list[Node], env: dict[int, str], live: set[in
                     and uses.get(addend.id) == 1 and addend.id not in live:
                 # a sum of products (W x + b + W' x', a QRNN's window): the second added into the
                 # first's output, which nothing else reads, instead of into a copy of it
-                call = "_gemm.addmm_" if src.gemm_call() else "torch.Tensor.addmm_"
+                call = "_gemm.addmm_" if src.gemm_call() else "_addmm_into"
                 expr, wrote = f"{call}({_arg(addend, env)}, {_arg(x, env)}, {_arg(w, env)}.t())", False
             elif len(x.shape) == 1 and x.batched and src.gemm_call() and not out:
                 expr, wrote = f"_gemm.addmm({_arg(addend, env)}, {_arg(x, env)}, {_arg(w, env)}.t())", False
@@ -383,6 +391,7 @@ def generate(plan: Plan, name: str = "cell", region_call: RegionCall | None = No
     src.globals["_unless_finite"] = _unless_finite
     src.globals["_step_rows"] = real_step_rows
     src.globals["_packed_linear"] = _packed_linear
+    src.globals["_addmm_into"] = _addmm_into
     src.globals["_empty"] = buffers.empty  # large CPU buffers, reused across calls (seqgraph/buffers.py)
     src.globals["_zeros"] = buffers.zeros
     return src

@@ -464,7 +464,10 @@ def addmm(addend: torch.Tensor, x: torch.Tensor, wt: torch.Tensor) -> torch.Tens
 
 def addmm_(addend: torch.Tensor, x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     """addend += x @ wt in place, for rows x (M, K) and addend (M, N): torch's addmm_ unless
-    seqgraph's GEMM computes the product (then added to addend in place)."""
+    seqgraph's GEMM computes the product (then added to addend in place). Under autocast, whose
+    product may come in another dtype than addend's, torch.addmm's new tensor."""
+    if torch.is_autocast_enabled(addend.device.type):
+        return torch.addmm(addend, x, wt)
     exact = x.dim() == 2 and wt.dim() == 2 and tuple(addend.shape) == (x.shape[0], wt.shape[1])
     if not exact or not enabled(addend, x, wt):
         return addend.addmm_(x, wt)

@@ -145,7 +145,7 @@ def test_a_packed_weight_shared_with_a_per_example_matrix_product_gives_the_refe
         torch.testing.assert_close(comp(xs)[0], rec(xs)[0])
 
 
-@pytest.mark.parametrize("backend, call", [("torch", "torch.Tensor.addmm_("), ("cpu", "_gemm.addmm_(")])
+@pytest.mark.parametrize("backend, call", [("torch", "_addmm_into("), ("cpu", "_gemm.addmm_(")])
 def test_a_sum_of_hoisted_products_adds_each_into_the_first_in_place(backend, call):
     comp = sg.compile(sg.Recurrence(sg.cells.qrnn(4, 6, window=3)), backend=backend)
     assert comp.source().count(call) == 2  # W x + b, then + W1 x_prev1 and + W2 x_prev2 into it
@@ -164,3 +164,18 @@ def test_a_partial_sum_read_elsewhere_is_not_added_into(backend):
     assert "addmm_(" not in comp.source()
     xs, ctx = make_inputs(rec.cell, 4, 3, dtype=torch.float64)
     check_against_reference(rec, comp, xs, ctx, 1e-10, lengths=torch.tensor([4, 2, 1]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_a_sum_of_hoisted_products_under_autocast_is_added_out_of_place(backend):
+    # (autocast's bfloat16 product cannot be added into a float32 output in place)
+    torch.manual_seed(0)
+    rec = sg.Recurrence(sg.cells.qrnn(4, 6, window=3))
+    comp = sg.compile(rec, backend=backend)
+    x = torch.randn(5, 3, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = comp(x)[0], rec(x)[0]
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    (gx,) = torch.autograd.grad(out.float().sum(), x)
+    (want,) = torch.autograd.grad(ref.float().sum(), x)
+    torch.testing.assert_close(gx, want, rtol=5e-2, atol=5e-2)
