@@ -311,3 +311,16 @@ def test_addmm_in_place_adds_the_product_into_its_addend_and_gives_torchs_gradie
     grads = torch.autograd.grad(got.sum(), (x, w, base))
     for g, r in zip(grads, torch.autograd.grad(want.sum(), (x, w, base))):
         _close(g, r, 8)
+
+
+def test_a_sum_of_hoisted_products_through_seqgraphs_gemm_gives_the_references_gradients(own_gemm):
+    # the first product comes from cpu_gemm's own autograd op, and the others are added into it
+    torch.manual_seed(0)
+    rec = sg.Recurrence(sg.cells.qrnn(16, 24, window=3))
+    comp = sg.compile(rec, backend="cpu")
+    assert "_gemm.addmm_(" in comp.source()
+    x = torch.randn(7, 5, 16, requires_grad=True)
+    got = torch.autograd.grad(comp(x)[0].sum(), [x] + list(rec.parameters()))
+    want = torch.autograd.grad(rec(x)[0].sum(), [x] + list(rec.parameters()))
+    for g, w in zip(got, want):
+        _close(g, w, 16)
