@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from .. import buffers
+from ..kernels.cpu_gemm import add_product_into
 from .ir import Node
 from .ops import REGISTRY, py_literal
 from .plan import Plan
@@ -174,14 +175,6 @@ def _packed_linear(x, w, packed, addend=None, out=None):
         out.copy_(y)
         return out
     return y
-
-
-def _addmm_into(addend: torch.Tensor, x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
-    """addend + x @ wt, added into addend (a product's output that nothing else reads); under
-    autocast, whose product may come in another dtype than addend's, torch.addmm's new tensor."""
-    if torch.is_autocast_enabled(addend.device.type):
-        return torch.addmm(addend, x, wt)
-    return addend.addmm_(x, wt)
 
 
 def _const_tensor(value: float, like):
@@ -391,7 +384,7 @@ def generate(plan: Plan, name: str = "cell", region_call: RegionCall | None = No
     src.globals["_unless_finite"] = _unless_finite
     src.globals["_step_rows"] = real_step_rows
     src.globals["_packed_linear"] = _packed_linear
-    src.globals["_addmm_into"] = _addmm_into
+    src.globals["_addmm_into"] = add_product_into  # (torch's GEMM: the cpu backend calls _gemm.addmm_)
     src.globals["_empty"] = buffers.empty  # large CPU buffers, reused across calls (seqgraph/buffers.py)
     src.globals["_zeros"] = buffers.zeros
     return src

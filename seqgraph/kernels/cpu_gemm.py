@@ -463,15 +463,22 @@ def addmm(addend: torch.Tensor, x: torch.Tensor, wt: torch.Tensor) -> torch.Tens
 
 
 def addmm_(addend: torch.Tensor, x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
-    """addend += x @ wt in place, for rows x (M, K) and addend (M, N): torch's addmm_ unless
-    seqgraph's GEMM computes the product (then added to addend in place). Under autocast, whose
-    product may come in another dtype than addend's, torch.addmm's new tensor."""
+    """addend += x @ wt in place, for rows x (M, K) and addend (M, N): seqgraph's GEMM where
+    `enabled` and the shapes match exactly, its product then added into addend; else
+    add_product_into (torch's)."""
+    exact = x.dim() == 2 and wt.dim() == 2 and tuple(addend.shape) == (x.shape[0], wt.shape[1])
+    if exact and enabled(addend, x, wt):
+        return addend.add_(linear(x, wt.t()))
+    return add_product_into(addend, x, wt)
+
+
+def add_product_into(addend: torch.Tensor, x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """addend + x @ wt by torch's GEMM, added into addend (a product's output that nothing else
+    reads); under autocast, whose product may come in another dtype than addend's, torch.addmm's
+    new tensor."""
     if torch.is_autocast_enabled(addend.device.type):
         return torch.addmm(addend, x, wt)
-    exact = x.dim() == 2 and wt.dim() == 2 and tuple(addend.shape) == (x.shape[0], wt.shape[1])
-    if not exact or not enabled(addend, x, wt):
-        return addend.addmm_(x, wt)
-    return addend.add_(linear(x, wt.t()))
+    return addend.addmm_(x, wt)
 
 
 def _bias_addmm(bias: torch.Tensor, x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
@@ -485,4 +492,4 @@ def _bias_addmm(bias: torch.Tensor, x: torch.Tensor, wt: torch.Tensor) -> torch.
 
 
 __all__ = ["SG_MM_API", "SG_MM_SOURCE", "mm_pointers", "per_step_gemm", "cpu_vendor", "enabled", "linear", "addmm", "addmm_",
-           "wgrad"]
+           "add_product_into", "wgrad"]
