@@ -87,7 +87,7 @@ def describe_plan(plan, T: int | None, B: int | None, itemsize: int = 4) -> str:
         lines.append(f"  hoisted elementwise region ({len(s.nodes)} ops: {how}): " + ", ".join(n.op for n in s.nodes))
     if plan.state_free_in_loop:
         lines.append(f"  computed in the loop's regions (their only readers) rather than over all rows: "
-                     f"{len(plan.state_free_in_loop)} state-free elementwise op(s): "
+                     f"{len(plan.state_free_in_loop)} state-free op(s): "
                      + ", ".join(n.op for n in plan.state_free_in_loop))
     lines.append(f"time loops: {plan.loops}")
     lines.append(f"per step: {len(plan.stages)} stage(s)")

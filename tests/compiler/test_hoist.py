@@ -28,11 +28,29 @@ def test_a_loop_run_an_op_at_a_time_keeps_the_gates_before_it():
     assert len(plan.hoisted_regions()) == 1
 
 
-def test_a_bias_stays_with_its_product_and_a_layer_norm_with_its_scale_and_shift():
+def test_a_bias_stays_with_its_product():
     lstm = compile_plan(sg.cells.lstm(4, 6), fused_loop=True)
     assert hoisted_ops(lstm) == ["add", "linear"]
+
+
+def test_a_layer_norm_of_the_input_projection_runs_in_the_loops_region_with_its_scale_and_shift():
     ln = compile_plan(sg.cells.lstm(4, 6, layer_norm=True), fused_loop=True)
+    assert hoisted_ops(ln) == ["linear"]
+    assert [r.shape for r in ln.reads if r.batched] == [(24,)]  # the product's rows
+    assert region_ops(ln).count("layer_norm") == 3  # ln_ih, ln_hh, ln_c
+    assert [s.kind for s in ln.stages] == ["gemm", "fused"]
+
+
+def test_a_loop_run_an_op_at_a_time_keeps_a_layer_norm_with_its_scale_and_shift_before_it():
+    ln = compile_plan(sg.cells.lstm(4, 6, layer_norm=True), fused_loop=False)
     assert {"layer_norm", "mul", "add"} <= set(hoisted_ops(ln))
+
+
+def test_a_softmax_over_the_input_runs_in_the_loops_region():
+    x, h = sg.Input(4, name="x"), sg.State(4, name="h")
+    h2 = sg.softmax(x) * h + x
+    plan = compile_plan(sg.Cell([x], {h: h2}, [h2]), fused_loop=True)
+    assert "softmax" not in hoisted_ops(plan) and "softmax" in region_ops(plan)
 
 
 def test_gates_a_product_reads_stay_before_the_loop():
@@ -68,6 +86,6 @@ def test_gates_in_the_loop_join_the_region_after_the_steps_product():
 
 
 def test_the_plan_names_the_state_free_ops_the_loop_computes():
-    line = "computed in the loop's regions (their only readers) rather than over all rows: 5 state-free elementwise op(s)"
+    line = "computed in the loop's regions (their only readers) rather than over all rows: 5 state-free op(s)"
     assert line in str(sg.compile(sg.Recurrence(sg.cells.qrnn(4, 6)), backend="cpu").plan())
-    assert "state-free elementwise" not in str(sg.compile(sg.Recurrence(sg.cells.qrnn(4, 6)), backend="torch").plan())
+    assert "state-free op" not in str(sg.compile(sg.Recurrence(sg.cells.qrnn(4, 6)), backend="torch").plan())
