@@ -124,6 +124,9 @@ class Program:
     # per output, then per next state: (indices of the loop's reads, of the states) it reads
     depends: tuple = ()
     cell: Cell | None = None  # the cell it was generated from: its names and user lines are in `source`
+    # each state's per-example shape: a call reads these rather than the plan's nodes, which are
+    # the first compiled instance's own (torch.compile would guard on that identity)
+    state_shapes: tuple = ()
 
     def __deepcopy__(self, memo):  # generated code holds no parameters: copies share it
         return self
@@ -229,7 +232,8 @@ def _compile_program(cell: Cell, backend: str, unroll: int, key: tuple) -> Progr
             if f"{name}_c" in namespace:
                 fns[name] = namespace[f"{name}_c"]
     prog = Program(plan, shown, fns, backend, time.perf_counter() - t0, key=key, c_loops=c_loops, finals_owned=in_c,
-                   depends=result_dependencies(plan), cell=cell)
+                   depends=result_dependencies(plan), cell=cell,
+                   state_shapes=tuple(p.shape for p, _ in plan.step.states))
     if debug_level() >= 1:
         print(f"[seqgraph] compiled {cell.name or 'cell'!r} for backend={backend!r} in {prog.compile_seconds:.2f} s",
               file=sys.stderr)
@@ -650,8 +654,8 @@ class CompiledRecurrence(Recurrence):
         # a state of more than one per-example dim is carried as its flat row (see
         # flatten_per_example_matrices): the loops take rows, the caller gets its shape back
         shapes = [s.shape for s in states0]
-        states0 = [s.reshape((B,) + p.shape) if s.dim() != 1 + len(p.shape) else s
-                   for s, (p, _) in zip(states0, step.states)]
+        states0 = [s.reshape((B,) + shape) if s.dim() != 1 + len(shape) else s
+                   for s, shape in zip(states0, program.state_shapes)]
         if torch.compiler.is_compiling():  # one opaque op for the whole loop (see custom_ops.py)
             _, cast, cast_dtype = autocast_state(device)  # the op runs it (the tracer records none around it)
             res = program.loop_op(list(reads), list(states0), valid, T, B, need_grad, cast_dtype if cast else None)

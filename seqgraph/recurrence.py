@@ -244,7 +244,10 @@ class Recurrence(nn.Module):
     def param_tensors(self) -> dict[str, torch.Tensor]:
         """The cell's parameters by their keys (`gate.weight`); inside `reading(values)`, those
         values instead."""
-        values = _reading.values.get(id(self))
+        # (the empty check first: outside reading() nothing depends on id(self), which
+        # torch.compile would otherwise guard on, compiling again for every instance)
+        mine = _reading.values
+        values = mine.get(id(self)) if mine else None
         if values is not None:
             return values
         # the walk reads nn.Module's dicts directly (no __getattr__), so a module or Parameter

@@ -239,3 +239,22 @@ def test_a_program_made_again_after_clear_cache_takes_over_its_keys_loop_op(monk
             torch.testing.assert_close(again._program.loop_op(*args)[0], again(x)[0])
     finally:
         sg.compiled.clear_cache()
+
+
+@pytest.mark.parametrize("make", [lambda: sg.nn.GRU(3, 5),
+                                  lambda: sg.compile(sg.Recurrence(sg.cells.gru(3, 5)), backend="cpu")],
+                         ids=["sg.nn.GRU", "compiled Recurrence"])
+def test_models_of_one_architecture_share_one_torch_compile_graph(make):
+    # an ensemble or a sweep: a graph per instance would hit torch.compile's recompile limit (8)
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    step = torch.compile(lambda m, x: m(x)[0], backend=counting, fullgraph=True)
+    x = torch.randn(4, 2, 3)
+    for _ in range(10):
+        model = make()
+        torch.testing.assert_close(step(model, x), model(x)[0])
+    assert len(graphs) == 1
