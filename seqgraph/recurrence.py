@@ -46,6 +46,11 @@ def refuse_packed(x, who: str):
     return x
 
 
+def _in_dtype(values: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """The floating-point values cast to `dtype` (token ids stay integers)."""
+    return [v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for v in values]
+
+
 class _Reading(threading.local):
     """Per thread: `values`, {id(recurrence): the values its reading() block gives}. Every
     call looks there, so each thread starts with an empty dict (a missing attribute of a
@@ -402,9 +407,14 @@ class Recurrence(nn.Module):
                 o = [v.new_zeros((B,) + v.shape[1:]) for v in o_real]
                 if rows.numel():
                     o = [z.index_copy(0, rows, v) for z, v in zip(o, o_real)]
-                    states = [s.index_copy(0, rows, v) for s, v in zip(states, next_real)]
+                    states = [s.index_copy(0, rows, v.to(s.dtype)) for s, v in zip(states, next_real)]
+            # under autocast a step's ops pick their dtypes (a product without a bias gives
+            # bfloat16): outputs and states are kept in the recurrence's dtype, as the compiled
+            # loops' buffers keep them
+            o, states = _in_dtype(o, dtype), _in_dtype(states, dtype)
             for lst, v in zip(outs, o):
                 lst.append(v)
+
         def no_steps(node):  # T = 0: an empty output of the node's own dtype
             if node.dtype == "long":
                 return token_output(node, self.cell, xs, contexts, valid, dtype, device)

@@ -646,6 +646,33 @@ def test_under_cpu_autocast_a_compiled_module_computes_what_the_reference_does(b
     torch.testing.assert_close(got, want, atol=1e-2, rtol=2e-2)  # bfloat16 products, grouped differently
 
 
+def _bias_free_products_cell():
+    """A state that is a product without a bias, and an output that is a per-example matrix
+    times a vector: under CPU autocast torch gives both in bfloat16."""
+    x, h, C = sg.Input(3, name="x"), sg.State(4, name="h"), sg.State((3, 3), name="C")
+    k, v, q = (sg.Linear(3, 3, name=n)(x) for n in "kvq")
+    C2 = C * 0.9 + sg.matmul(sg.unsqueeze(v, -1), sg.unsqueeze(k, 0))
+    h2 = sg.Linear(7, 4, bias=False, name="rec")(sg.concat([x, h]))
+    out = sg.squeeze(sg.matmul(C2, sg.unsqueeze(q, -1)), -1)
+    return sg.Cell(inputs=[x], states={h: h2, C: C2}, outputs=[out, h2])
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu", "auto"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_under_cpu_autocast_outputs_and_final_states_are_in_the_recurrences_dtype(backend, masked):
+    torch.manual_seed(0)
+    rec = sg.Recurrence(_bias_free_products_cell())
+    module = rec if backend == "reference" else sg.compile(rec, backend=backend)
+    x = torch.randn(5, 2, 3)
+    lengths = torch.tensor([5, 3]) if masked else None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (out, h), final = module(x, lengths=lengths)
+        (want, want_h), _ = rec(x, lengths=lengths)
+    assert out.dtype == h.dtype == final["h"].dtype == final["C"].dtype == torch.float32
+    torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)  # bfloat16 products
+    torch.testing.assert_close(h, want_h, atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("inside", [False, True], ids=["backward_after_autocast", "backward_inside_autocast"])
