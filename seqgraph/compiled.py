@@ -176,7 +176,8 @@ def _generate_program(cell: Cell, backend: str, unroll: int):
     """(plan, generated module, its text with the kernels' text appended, the C loops or why
     not) of `cell` for `backend`: everything but building the kernels and running the text."""
     from .compiler.ops import c_fusable
-    plan = compile_plan(cell, unroll, c_fusable if backend == "cpu" else None, fused_loop=backend != "torch")
+    plan = compile_plan(cell, unroll, c_fusable if backend == "cpu" else None, fused_loop=backend != "torch",
+                        norms_in_loop=backend == "cpu")
     region_call, pack, hoisted_call = None, None, None
     if backend == "triton":
         from .kernels.backend import triton_hoisted_call, triton_region_call

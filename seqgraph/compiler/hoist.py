@@ -7,10 +7,10 @@ loop; an LSTM's input projection becomes one big GEMM) or "step" (depends on a s
 inside the time loop). Two exceptions: `keep_expansions_in_loop`, a value spread from smaller
 per-step ones (an outer product) that only the loop reads is computed in the loop; and, for
 backends whose loops run a step's regions as single kernels, `keep_elementwise_in_loop`,
-elementwise ops and row norms that only those regions read (a QRNN's gates, a layer-norm
-LSTM's LN(W_ih x)) are computed there. The rewrites that widen what can be hoisted live in
-their own pass files (split_linear_over_concat.py, hoist_loop_invariant_terms.py,
-hoist_previous_inputs.py). Must not change the graph.
+elementwise ops that only those regions read (a QRNN's gates) are computed there, and on the
+cpu backend row norms too (a layer-norm LSTM's LN(W_ih x)). The rewrites that widen what can
+be hoisted live in their own pass files (split_linear_over_concat.py,
+hoist_loop_invariant_terms.py, hoist_previous_inputs.py). Must not change the graph.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from .ops import REGISTRY
 from .schedule import node_fusable
 
 RANK = {"invariant": 0, "hoisted": 1, "step": 2}
-# row reductions that keep_elementwise_in_loop moves with the elementwise ops: a region computes
-# them from the row it reads, and the backward region recomputes them from it
+# row reductions that keep_elementwise_in_loop(norms=True) moves with the elementwise ops: a
+# region computes them from the row it reads, and the backward region recomputes them from it
 ROW_NORMS = ("layer_norm", "softmax")
 
 
@@ -84,23 +84,29 @@ def keep_expansions_in_loop(order: list[Node], cls: dict[int, str], results: set
             cls[n.id] = "step"
 
 
-def keep_elementwise_in_loop(order: list[Node], cls: dict[int, str], results: set[int], fusable) -> list[Node]:
-    """Reclassify as "step", in `cls`, each hoisted elementwise op, reshape and row norm
-    (ROW_NORMS) that only the loop's fused regions read, for backends that run a step's region
-    as one kernel (C, Triton). Before the loop it would be written for all T*B rows and read back
-    once, and its gradient likewise; in the loop's region it costs the same arithmetic and no
-    memory: the loop reads its operand (a slice of the input projection) instead of it, as many
-    bytes a step, and the backward loop gives that operand's gradient directly. A QRNN's gates
-    are the example, and a layer-norm LSTM's LN(W_ih x) with its scale and shift. Ops a hoisted
-    GEMM reads, results, and ops the backend's kernels cannot compute stay hoisted; so does a
-    bias, which torch adds within its product. Returns the reclassified nodes, in order."""
+def keep_elementwise_in_loop(order: list[Node], cls: dict[int, str], results: set[int], fusable,
+                             norms: bool = False) -> list[Node]:
+    """Reclassify as "step", in `cls`, each hoisted elementwise op and reshape that only the
+    loop's fused regions read, for backends that run a step's region as one kernel (C, Triton).
+    Before the loop it would be written for all T*B rows and read back once, and its gradient
+    likewise; in the loop's region it costs the same arithmetic and no memory: the loop reads
+    its operand (a slice of the input projection) instead of it, as many bytes a step, and the
+    backward loop gives that operand's gradient directly. A QRNN's gates are the example. Ops
+    a hoisted GEMM reads, results, and ops the backend's kernels cannot compute stay hoisted;
+    so does a bias, which torch adds within its product.
+
+    With `norms`, row norms (ROW_NORMS) move too, with a LayerNorm's scale and shift (a
+    layer-norm LSTM's LN(W_ih x)): for loops that sum the scale's and shift's gradients over
+    the steps as they go (C). Loops that keep them per step for after the loop would trade
+    torch's one F.layer_norm for two (T, B, w) gradient stashes, so there they stay one call.
+    Returns the reclassified nodes, in order."""
     moved: list[Node] = []
-    folded = folded_into_products_and_norms(order, cls, norms=False)
+    folded = folded_into_products_and_norms(order, cls, norms=not norms)
     users = consumers(order)
     for n in reversed(order):
         if cls[n.id] != "hoisted" or not n.batched or n.dtype != "float" or n.id in results or n.id in folded:
             continue
-        if REGISTRY[n.op].kind != "elementwise" and n.op not in ("reshape", *ROW_NORMS):
+        if REGISTRY[n.op].kind != "elementwise" and n.op != "reshape" and not (norms and n.op in ROW_NORMS):
             continue
         us = users.get(n.id, [])
         if us and node_fusable(n, fusable)[0] and all(cls[u.id] == "step" and node_fusable(u, fusable)[0] for u in us):

@@ -28,10 +28,12 @@ PASSES = [simplify, hoist_previous_inputs, flatten_per_example_matrices, split_l
           hoist_loop_invariant_terms, simplify]
 
 
-def compile_plan(cell, unroll: int = 1, fusable=None, fused_loop: bool = False) -> Plan:
+def compile_plan(cell, unroll: int = 1, fusable=None, fused_loop: bool = False, norms_in_loop: bool = False) -> Plan:
     """The plan of `cell`; `fusable(node) -> (ok, why)` says what the backend's kernels compute
     inline (default: the Triton rules); `fused_loop`: they run each fused stage of a step as one
-    kernel (the cpu and triton backends; the torch backend runs an op at a time)."""
+    kernel (the cpu and triton backends; the torch backend runs an op at a time);
+    `norms_in_loop`: its backward loops also sum a vector weight's gradient over the steps as
+    they go (the cpu backend), so state-free row norms are computed in the loop too."""
     level = debug_level()
     step = StepGraph.from_cell(cell)
     if level >= 2:
@@ -46,7 +48,7 @@ def compile_plan(cell, unroll: int = 1, fusable=None, fused_loop: bool = False) 
             print(f"[seqgraph] IR after {p.__name__}:\n{format_graph(step.order())}", file=sys.stderr)
     step = write_matrix_outputs_as_rows(step)
     t0 = time.perf_counter()
-    plan = build_plan(step, unroll, fusable or triton_fusable, fused_loop)
+    plan = build_plan(step, unroll, fusable or triton_fusable, fused_loop, norms_in_loop)
     for masked in (False, True):
         try:
             plan.backward_plan(masked)

@@ -114,13 +114,16 @@ def _slices_into_loop(order: list[Node], cls: dict[int, str], results: set[int])
             cls[n.id] = "step"
 
 
-def build_plan(step: StepGraph, unroll: int = 1, fusable: Fusable = triton_fusable, fused_loop: bool = False) -> Plan:
+def build_plan(step: StepGraph, unroll: int = 1, fusable: Fusable = triton_fusable, fused_loop: bool = False,
+               norms_in_loop: bool = False) -> Plan:
     """`fused_loop`: the backend runs each fused stage of a step as one kernel (C, Triton), so
-    hoisted elementwise ops that only those stages read are better computed there."""
+    hoisted elementwise ops that only those stages read are better computed there; with
+    `norms_in_loop` (C), row norms too (see keep_elementwise_in_loop)."""
     order = step.order()
     cls = classify(order)
     keep_expansions_in_loop(order, cls, {r.id for r in step.results})
-    in_loop = keep_elementwise_in_loop(order, cls, {r.id for r in step.results}, fusable) if fused_loop else []
+    in_loop = keep_elementwise_in_loop(order, cls, {r.id for r in step.results}, fusable, norms_in_loop) \
+        if fused_loop else []
     _slices_into_loop(order, cls, {r.id for r in step.results})
     loop = [n for n in order if cls[n.id] == "step" and n.inputs]
     in_loop_reads: dict[int, Node] = {}
