@@ -427,17 +427,19 @@ def _pole_cell(op):
     lin = sg.Linear(3, 3)
     hoisted = {"log": lambda: sg.log(x),  # padded x is 0: log(0) = -inf
                "sqrt": lambda: sg.sqrt(sg.abs(lin(x))),  # 0 with a zero bias: an infinite derivative
-               "div": lambda: x / lin(x)}[op]()  # 0 / 0
+               "div": lambda: x / lin(x),  # 0 / 0
+               "layer_norm_eps0": lambda: sg.layer_norm(lin(x), eps=0.0)}[op]()  # a constant row: 0 / 0
     return sg.Cell([x], {h: sg.tanh(sg.Linear(3, 4)(hoisted) + h * 0.5)})
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("real_rows_below", [0.6, -1.0], ids=["real rows only", "all rows"])
-@pytest.mark.parametrize("op", ["log", "sqrt", "div"])
+@pytest.mark.parametrize("op", ["log", "sqrt", "div", "layer_norm_eps0"])
 def test_a_pole_of_a_hoisted_op_on_a_padded_row_stays_out_of_the_gradients(op, backend, real_rows_below,
                                                                              monkeypatch):
     # the prologue computes a padded row's hoisted values too, where the inputs are 0: there
-    # log, sqrt and a divisor are fed 1, so no 0 * inf reaches the weights' gradients
+    # log, sqrt and a divisor are fed 1, and a layer norm without eps a row of 0, 1, 0, 1, so
+    # no 0 * inf reaches the weights' gradients
     import seqgraph.compiler.codegen_torch as codegen_torch
     monkeypatch.setattr(codegen_torch, "REAL_ROWS_BELOW", real_rows_below)
     torch.manual_seed(0)

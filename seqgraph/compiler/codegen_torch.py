@@ -563,16 +563,19 @@ def _emit_guarded(src: Source, nodes: list[Node], env: dict[int, str], live: set
 def _pole_operand(n: Node) -> Node | None:
     """The batched operand at n's pole (OpDef.pole), if n has one."""
     k = REGISTRY[n.op].pole
+    k = k(n) if callable(k) else k
     return n.inputs[k] if k is not None and n.inputs[k].batched else None
 
 
 def _emit_off_padding(src: Source, n: Node, env: dict[int, str], rows: str, emit_node) -> None:
-    """Emit n (by `emit_node`) with the operand at its pole (OpDef.pole) replaced by 1 on the
-    rows where `rows` (a variable: a bool per row, or None for all rows real) is false."""
+    """Emit n (by `emit_node`) with the operand at its pole (OpDef.pole) replaced by its
+    pole_fill (1) on the rows where `rows` (a variable: a bool per row, or None for all rows
+    real) is false."""
     a = _pole_operand(n)
     name = env.get(a.id, _v(a))
+    fill = REGISTRY[n.op].pole_fill.format(x=name)
     src.emit(f"{name}_off{n.id} = {name} if {rows} is None else torch.where({rows}.reshape("
-             f"{(-1,) + (1,) * len(a.shape)}), {name}, 1.0)", n)
+             f"{(-1,) + (1,) * len(a.shape)}), {name}, {fill})", n)
     env[a.id] = f"{name}_off{n.id}"
     emit_node()
     if name == _v(a):

@@ -51,10 +51,11 @@ class OpDef:
     c: object  # elementwise: (node, *element_strings) -> str; reduction: (node, dst, w, *xs) -> str; or (NOT_FUSED, reason)
     doc: str = ""
     # The operand at which the op's value or derivative is infinite for a finite value (at 0,
-    # or a large one that overflows: exp), or None. A compiled prologue, which computes padded
-    # rows too, feeds those rows 1 there (their results are dropped, and 0 * inf would be nan
-    # in a weight's gradient).
-    pole: Optional[int] = None
+    # or a large one that overflows: exp), or None; or a function of the node giving that, where
+    # the attributes decide (layer_norm: a constant row, only with eps=0). A compiled prologue,
+    # which computes padded rows too, feeds those rows `pole_fill` there, a torch expression of
+    # the operand {x} (their results are dropped, and 0 * inf would be nan in a weight's gradient).
+    pole: Optional[int | Callable] = None
     cheap: bool = False  # a few flops a value: the backward recomputes it rather than save it (rematerialize)
     piecewise_constant: bool = False  # a comparison: its value jumps at equality, so what it reads stays bit-exact
     sums_rows: bool = False  # a sum over the batch's rows: a derivative may run it once after the time loop
@@ -62,6 +63,7 @@ class OpDef:
     # (node, *element_strings) -> GridRule or None: the op computed inside a C loop over the
     # columns of a per-example (M, N) matrix (kernels/c_codegen.py), without an array of its own
     c_grid: Optional[Callable] = None
+    pole_fill: str = "1.0"  # (see pole)
 
 
 class GridRule(NamedTuple):
@@ -84,7 +86,7 @@ REGISTRY: dict[str, OpDef] = {}
 KINDS = {"leaf", "elementwise", "reduction", "layout", "matmul", "gather"}
 
 
-def register(name, *, kind, shape, torch, vjp, triton, c=None, doc="", pole=None, cheap=False,
+def register(name, *, kind, shape, torch, vjp, triton, c=None, doc="", pole=None, pole_fill="1.0", cheap=False,
              piecewise_constant=False, sums_rows=False, commutative=False, c_grid=None):
     missing = [k for k, v in (("shape", shape), ("torch", torch), ("triton", triton), ("c", c)) if v is None]
     if kind not in KINDS:
@@ -94,7 +96,7 @@ def register(name, *, kind, shape, torch, vjp, triton, c=None, doc="", pole=None
     if name in REGISTRY:
         raise ValueError(f"op {name!r} registered twice")
     REGISTRY[name] = OpDef(name, kind, shape, torch, vjp, triton, c, doc, pole, cheap, piecewise_constant, sums_rows,
-                           commutative, c_grid)
+                           commutative, c_grid, pole_fill)
 
 
 def make(op: str, inputs, *, name=None, site=None, module=None, **attrs) -> Node:
@@ -660,7 +662,10 @@ def _layer_norm_c(n, dst, w, x, stats=None):
 register("layer_norm", kind="reduction", shape=_layer_norm_shape,
          torch=lambda n, x: F.layer_norm(x, n.shape[-1:], eps=n.attrs["eps"]),
          vjp=_layer_norm_vjp, triton=_layer_norm_triton, c=_layer_norm_c,
-         doc="normalises the last dim to zero mean and unit variance (no affine part)", cheap=True)
+         doc="normalises the last dim to zero mean and unit variance (no affine part)", cheap=True,
+         # with eps=0 a constant row (a padded row of zeros) divides by 0: padded rows get 0, 1, 0, 1...
+         pole=lambda n: 0 if n.attrs["eps"] == 0 else None,
+         pole_fill="(torch.arange({x}.shape[-1], device={x}.device) % 2).to({x}.dtype)")
 
 
 def _sum_to_shape(inputs, attrs):
