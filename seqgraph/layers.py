@@ -14,6 +14,7 @@ import contextlib
 import copy
 import inspect
 import numbers
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -300,17 +301,33 @@ def _first_sequence(x, batch_first: bool) -> torch.Tensor:
 
 
 def _fresh_copy(module: nn.Module) -> nn.Module:
-    """A copy with its own parameters, re-initialised where we know how."""
+    """A copy with its own parameters, re-initialised where we know how: each module with a
+    reset_parameters(), each Recurrence (by its cell's initialisers), and inside any other
+    module (a Stack, a NormStabilizer) those it holds. A module that owns parameters and has
+    neither keeps them as copied, with a warning."""
     twin = copy.deepcopy(module)
-    if hasattr(twin, "reset_parameters"):
-        twin.reset_parameters()
-    elif isinstance(twin, Recurrence):
-        with torch.no_grad():
-            for key, node in twin.cell.params.items():
-                node.attrs["init"](twin.param_tensors()[key])
-            for learned in twin.init.values():  # learned initial states start from zero, as new ones do
-                learned.zero_()
+    _reinitialise(twin, "fwd")
     return twin
+
+
+def _reinitialise(module: nn.Module, path: str) -> None:
+    if hasattr(module, "reset_parameters"):
+        module.reset_parameters()
+        return
+    if isinstance(module, Recurrence):
+        with torch.no_grad():
+            for key, node in module.cell.params.items():
+                node.attrs["init"](module.param_tensors()[key])
+            for learned in module.init.values():  # learned initial states start from zero, as new ones do
+                learned.zero_()
+        return
+    if module._parameters:
+        warnings.warn(f"sg.Bidirectional: the backward direction is a copy of fwd, re-initialised where seqgraph "
+                      f"knows how; {path} ({type(module).__name__}) has no reset_parameters(), so its "
+                      f"parameters {sorted(module._parameters)} keep fwd's values. Pass bwd= to choose them.",
+                      UserWarning, stacklevel=4)
+    for name, child in module.named_children():
+        _reinitialise(child, f"{path}.{name}")
 
 
 class Bidirectional(nn.Module):

@@ -185,6 +185,35 @@ def test_bidirectional_passes_initial_states_to_each_direction():
     assert_close(fin_b["h"], bwd(x.flip(0), s_b)[1]["h"])
 
 
+@pytest.mark.parametrize("make", [lambda: sg.stack(sg.cells.lstm, I, [H, H]),
+                                  lambda: sg.NormStabilizer(sg.Recurrence(sg.cells.lstm(I, H))),
+                                  lambda: sg.Stack([sg.nn.GRU(I, H)])],
+                         ids=["stack", "norm_stabilizer", "stack_of_sg_nn"])
+def test_bidirectional_over_a_wrapper_gets_a_backward_direction_with_fresh_weights(make):
+    torch.manual_seed(0)
+    bi = sg.Bidirectional(make())
+    pairs = list(zip(bi.fwd.parameters(), bi.bwd.parameters(), strict=True))
+    assert pairs and not any(torch.equal(p, q) for p, q in pairs)
+
+
+def test_bidirectional_warns_that_a_module_without_reset_parameters_keeps_fwds_weights():
+    class Scaled(torch.nn.Module):  # owns a parameter, with no reset_parameters()
+        def __init__(self):
+            super().__init__()
+            self.rec = sg.Recurrence(sg.cells.gru(I, H))
+            self.scale = torch.nn.Parameter(torch.randn(H))
+
+        def forward(self, x, state=None, **kw):
+            out, final = self.rec(x, state, **kw)
+            return out * self.scale, final
+
+    with pytest.warns(UserWarning, match=r"fwd \(Scaled\) has no reset_parameters\(\), so its parameters \['scale'\] "
+                                         r"keep fwd's values"):
+        bi = sg.Bidirectional(Scaled())
+    assert torch.equal(bi.bwd.scale, bi.fwd.scale)
+    assert not torch.equal(bi.bwd.rec.param_tensors()["hh.weight"], bi.fwd.rec.param_tensors()["hh.weight"])
+
+
 def test_bidirectional_batch_first_matches_time_major():
     rec = sg.Recurrence(sg.cells.gru(I, H))
     bi = sg.Bidirectional(rec)
