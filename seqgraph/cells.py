@@ -463,7 +463,15 @@ class NormStabilizer(nn.Module):
             raise ValueError("sg.NormStabilizer: output picks one of the module's outputs"
                              + (f" (it has {len(outputs)})" if outputs is not None else "") + f", got {output!r}")
         self.batch_first = _layout_of("sg.NormStabilizer", [module], batch_first)
-        self.loss: torch.Tensor | None = None
+        self._loss: torch.Tensor | None = None
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """The penalty of the last forward call."""
+        if self._loss is None:
+            raise RuntimeError("sg.NormStabilizer: .loss is the penalty of the last forward call, and the module "
+                               "has not been called yet: call it on a sequence first, then read .loss")
+        return self._loss
 
     def forward(self, x, state: Mapping | None = None, *, lengths=None, mask=None, **kwargs):
         out, final = self.module(x, state, lengths=lengths, mask=mask, **kwargs)
@@ -474,8 +482,8 @@ class NormStabilizer(nn.Module):
         else:
             raise InputError(f"sg.NormStabilizer: output={self.output} picks one of several outputs, but the module "
                              f"returned one")
-        self.loss = norm_stabilizer_loss(seq, self.beta, lengths=lengths, mask=mask, batch_first=self.batch_first,
-                                         reduction=self.reduction)
+        self._loss = norm_stabilizer_loss(seq, self.beta, lengths=lengths, mask=mask, batch_first=self.batch_first,
+                                          reduction=self.reduction)
         return out, final
 
     def extra_repr(self) -> str:

@@ -612,6 +612,12 @@ def test_norm_stabilizer_wraps_a_recurrence_and_exposes_its_loss():
     assert rec.param_tensors()["hh.weight"].grad.abs().sum() > 0
 
 
+def test_norm_stabilizer_loss_read_before_any_call_says_to_call_the_module_first():
+    ns = sg.NormStabilizer(sg.Recurrence(sg.cells.gru(I, H)))
+    with pytest.raises(RuntimeError, match=r"NormStabilizer: \.loss is the penalty of the last forward call.*call it"):
+        ns.loss
+
+
 @pytest.mark.parametrize("make,says", [
     (lambda: sg.cells.lstm(3, 0), r"sg.cells.lstm \(at test_cells.py:\d+\): hidden_size must be a positive int, got 0"),
     (lambda: sg.cells.gru(2.5, 4), r"sg.cells.gru \(at test_cells.py:\d+\): input_size must be a positive int"),
