@@ -42,6 +42,19 @@ def user_site(also_skip: tuple[str, ...] = ()) -> Site:
     return UNKNOWN_SITE
 
 
+def user_stacklevel(also_skip: tuple[str, ...] = ("torch",)) -> int:
+    """The `stacklevel` that makes a warnings.warn, in the function calling this, point at the
+    user's line: the innermost frame outside seqgraph (and `also_skip`: torch's Module.__call__)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        if not path.startswith(_PACKAGE_DIR + os.sep) and not in_package(frame.f_globals.get("__name__") or "",
+                                                                         also_skip):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
+
+
 def in_package(module: str, packages: tuple[str, ...]) -> bool:
     """Whether `module` is one of `packages` or inside one ("torch.nn" is in torch; "torchhelpers" is not)."""
     return any(module == p or module.startswith(p + ".") for p in packages)

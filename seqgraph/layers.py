@@ -23,7 +23,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .cell import Cell
 from .dsl import probability
-from .errors import InputError
+from .errors import InputError, user_stacklevel
 from .recurrence import Recurrence, refuse_packed, valid_steps
 
 
@@ -325,7 +325,7 @@ def _reinitialise(module: nn.Module, path: str) -> None:
         warnings.warn(f"sg.Bidirectional: the backward direction is a copy of fwd, re-initialised where seqgraph "
                       f"knows how; {path} ({type(module).__name__}) has no reset_parameters(), so its "
                       f"parameters {sorted(module._parameters)} keep fwd's values. Pass bwd= to choose them.",
-                      UserWarning, stacklevel=4)
+                      UserWarning, stacklevel=user_stacklevel())
     for name, child in module.named_children():
         _reinitialise(child, f"{path}.{name}")
 

@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import PackedSequence
 from .cell import Cell
 from .compiler.interpret import evaluate, run_step
 from .compiler.ir import topo_order
-from .errors import InputError, WiringError, describe
+from .errors import InputError, WiringError, describe, user_stacklevel
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX_DTYPES = (torch.int64, torch.int32)  # what torch.nn.functional.embedding takes
@@ -355,6 +355,8 @@ class Recurrence(nn.Module):
         if not (compiling or torch.jit.is_tracing()):  # (traced: the lookup's own check)
             self._check_ids("input", self.cell.inputs, xs)
             self._check_ids("context", self.cell.contexts, contexts)
+            if valid is None:
+                self._warn_unmarked_padding(xs)
         noises = self._sample_noise(T, B, dtype, device)
         outs, finals = self._run_sequence(xs, states0, contexts, noises, valid, dtype, device)
         if not compiling:  # (the loop's custom op returns copies there)
@@ -497,6 +499,31 @@ class Recurrence(nn.Module):
                     at = f"step {first[0]} of sequence {first[1]}" if what == "input" else f"sequence {first[0]}"
                     raise InputError(f"{self._where()}: {what} {node.name!r} holds id {int(v[first])} at {at}, "
                                      f"but {describe(table)} has {num} rows (ids 0 to {num - 1})")
+
+    def _warn_unmarked_padding(self, xs: list[torch.Tensor]) -> None:
+        """Once per module: a call without lengths= or mask= whose token input ends, in some
+        sequence, with the padding id of an Embedding reading it (Torch7's zero padding, which
+        its MaskZero skipped). Here those steps run as real ones, so the outputs and the final
+        state are not those of the unpadded sequences."""
+        if self.__dict__.get("_warned_padding"):
+            return
+        for node, v in zip(self.cell.inputs, xs):
+            if node.dtype != "long" or v.device.type != "cpu" or v.shape[0] < 2:
+                continue
+            pads = {n.attrs["padding_idx"] for n in self.cell.order
+                    if n.op == "embedding" and n.inputs[0] is node and n.attrs.get("padding_idx") is not None}
+            for pad in sorted(pads):
+                rows = (v[-1] == pad).reshape(v.shape[1], -1).any(1).nonzero().flatten().tolist()
+                if rows:
+                    self.__dict__["_warned_padding"] = True
+                    warnings.warn(
+                        f"{self._where()}: input {node.name!r} holds its embedding's padding id {pad} at the last "
+                        f"step of sequence(s) {rows[:5]}{' ...' if len(rows) > 5 else ''}, and the call has no "
+                        f"lengths= or mask=, so padded steps run as real steps (they change the outputs and "
+                        f"the final state). Pass lengths=(tokens != {pad}).sum(0) or mask= (padding_idx only "
+                        f"makes the embedding's row zero; it does not mask steps as Torch7's MaskZero did). "
+                        f"Warned once per module.", UserWarning, stacklevel=user_stacklevel())
+                    return
 
     def _check_dtype(self, what: str, node, v: torch.Tensor) -> None:
         """An index leaf takes what torch's embedding takes; a float leaf any floating dtype."""

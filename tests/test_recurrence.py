@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import warnings
 import weakref
 
 import pytest
@@ -1191,3 +1192,35 @@ def test_under_autocast_a_state_that_is_a_raw_linear_output_runs(backend):
         out, _ = module(xs)
         want, _ = rec(xs)
     torch.testing.assert_close(out.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+def _token_lstm():
+    tok = sg.Input(name="tok", dtype="long")
+    h, c = sg.State(6, name="h"), sg.State(6, name="c")
+    e = sg.Embedding(11, 4, padding_idx=0, name="emb")(tok)  # Torch7's LookupTableMaskZero(10, 4)
+    _, nxt = sg.cells.lstm(4, 6)(e, {"h": h, "c": c}, scope="lstm")
+    return sg.Recurrence(sg.Cell(inputs=[tok], states={h: nxt["h"], c: nxt["c"]}, outputs=[nxt["h"]]))
+
+
+ZERO_PADDED = torch.tensor([[3, 5, 2, 0], [4, 1, 0, 0], [7, 7, 7, 7]]).T  # (T, B), Torch7's zero padding
+
+
+def test_zero_padded_tokens_without_lengths_warn_once_that_padded_steps_run_as_real_steps():
+    rnn = _token_lstm()
+    with pytest.warns(UserWarning, match=r"input 'tok' holds its embedding's padding id 0 at the last step of "
+                                         r"sequence\(s\) \[0, 1\], and the call has no lengths= or mask="):
+        rnn(ZERO_PADDED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rnn(ZERO_PADDED)  # once per module
+
+
+@pytest.mark.parametrize("how", ["lengths", "mask", "no padding"])
+def test_tokens_with_their_padding_marked_or_without_padding_do_not_warn(how):
+    rnn = _token_lstm()
+    kwargs = {"lengths": {"lengths": (ZERO_PADDED != 0).sum(0)}, "mask": {"mask": ZERO_PADDED != 0},
+              "no padding": {}}[how]
+    tokens = ZERO_PADDED.clamp(min=1) if how == "no padding" else ZERO_PADDED
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rnn(tokens, **kwargs)
