@@ -29,30 +29,32 @@ class Site:
 UNKNOWN_SITE = Site("<unknown>", 0)
 
 
-def user_site(also_skip: tuple[str, ...] = ()) -> Site:
-    """The innermost caller frame that is not inside the seqgraph package (nor in the packages
-    named in `also_skip`, e.g. numpy, for a call that reached us through them)."""
-    frame = sys._getframe(1)
+def _user_frame(also_skip: tuple[str, ...], depth: int):
+    """(frame, its level counted from the frame `depth` out from this one, which is 1) of the
+    innermost frame from there outwards that is outside seqgraph and `also_skip`; or (None, 0)."""
+    frame, level = sys._getframe(depth), 1
     while frame is not None:
         path = os.path.abspath(frame.f_code.co_filename)
         module = frame.f_globals.get("__name__") or ""
         if not path.startswith(_PACKAGE_DIR + os.sep) and not in_package(module, also_skip):
-            return Site(path, frame.f_lineno, frame.f_code.co_name)
-        frame = frame.f_back
-    return UNKNOWN_SITE
+            return frame, level
+        frame, level = frame.f_back, level + 1
+    return None, 0
+
+
+def user_site(also_skip: tuple[str, ...] = ()) -> Site:
+    """The innermost caller frame that is not inside the seqgraph package (nor in the packages
+    named in `also_skip`, e.g. numpy, for a call that reached us through them)."""
+    frame, _ = _user_frame(also_skip, 2)
+    return UNKNOWN_SITE if frame is None else Site(os.path.abspath(frame.f_code.co_filename), frame.f_lineno,
+                                                   frame.f_code.co_name)
 
 
 def user_stacklevel(also_skip: tuple[str, ...] = ("torch",)) -> int:
     """The `stacklevel` that makes a warnings.warn, in the function calling this, point at the
     user's line: the innermost frame outside seqgraph (and `also_skip`: torch's Module.__call__)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None:
-        path = os.path.abspath(frame.f_code.co_filename)
-        if not path.startswith(_PACKAGE_DIR + os.sep) and not in_package(frame.f_globals.get("__name__") or "",
-                                                                         also_skip):
-            return level
-        frame, level = frame.f_back, level + 1
-    return 1
+    frame, level = _user_frame(also_skip, 2)
+    return level if frame is not None else 1
 
 
 def in_package(module: str, packages: tuple[str, ...]) -> bool:

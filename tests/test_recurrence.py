@@ -1208,8 +1208,9 @@ ZERO_PADDED = torch.tensor([[3, 5, 2, 0], [4, 1, 0, 0], [7, 7, 7, 7]]).T  # (T, 
 def test_zero_padded_tokens_without_lengths_warn_once_that_padded_steps_run_as_real_steps():
     rnn = _token_lstm()
     with pytest.warns(UserWarning, match=r"input 'tok' holds its embedding's padding id 0 at the last step of "
-                                         r"sequence\(s\) \[0, 1\], and the call has no lengths= or mask="):
+                                         r"sequence\(s\) \[0, 1\], and the call has no lengths= or mask=") as seen:
         rnn(ZERO_PADDED)
+    assert seen[0].filename == __file__  # the user's line, past torch's Module.__call__
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rnn(ZERO_PADDED)  # once per module
