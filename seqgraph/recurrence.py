@@ -491,7 +491,7 @@ class Recurrence(nn.Module):
         for node, v in zip(leaves, values):
             if node.dtype != "long" or v.device.type != "cpu":  # (on a GPU the lookup's own check: no extra wait)
                 continue
-            for table in (n for n in self.cell.order if n.op == "embedding" and n.inputs[0] is node):
+            for table in self._lookups_of(node):
                 num = table.inputs[1].shape[0]
                 bad = (v < 0) | (v >= num)
                 if v.numel() and bool(bad.any()):
@@ -499,6 +499,10 @@ class Recurrence(nn.Module):
                     at = f"step {first[0]} of sequence {first[1]}" if what == "input" else f"sequence {first[0]}"
                     raise InputError(f"{self._where()}: {what} {node.name!r} holds id {int(v[first])} at {at}, "
                                      f"but {describe(table)} has {num} rows (ids 0 to {num - 1})")
+
+    def _lookups_of(self, node) -> list:
+        """The cell's embedding lookups whose ids are the token leaf `node`."""
+        return [n for n in self.cell.order if n.op == "embedding" and n.inputs[0] is node]
 
     def _warn_unmarked_padding(self, xs: list[torch.Tensor]) -> None:
         """Once per module: a call without lengths= or mask= whose token input ends, in some
@@ -510,8 +514,7 @@ class Recurrence(nn.Module):
         for node, v in zip(self.cell.inputs, xs):
             if node.dtype != "long" or v.device.type != "cpu" or v.shape[0] < 2:
                 continue
-            pads = {n.attrs["padding_idx"] for n in self.cell.order
-                    if n.op == "embedding" and n.inputs[0] is node and n.attrs.get("padding_idx") is not None}
+            pads = {n.attrs["padding_idx"] for n in self._lookups_of(node) if n.attrs.get("padding_idx") is not None}
             for pad in sorted(pads):
                 rows = (v[-1] == pad).reshape(v.shape[1], -1).any(1).nonzero().flatten().tolist()
                 if rows:
