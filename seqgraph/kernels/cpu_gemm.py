@@ -393,11 +393,37 @@ def _call(x: torch.Tensor, w_n_k: tuple, N: int, bias: torch.Tensor | None) -> t
     return y
 
 
+# Where torch's GEMM is faster than ours (both measured on a 2-core EPYC, one thread,
+# docs/kernels.md). sg_mm copies a weight it cannot read in place (an nn.Linear weight (N, K),
+# which every hoisted product multiplies) into panels at every call, N*K copies: below
+# PACKED_MIN_ROWS rows of x that costs more than it saves (4 x 512 by 2048 x 512: 5x torch's
+# time; 128 rows: 1.0-1.2x). The same rule as the C loops' SG_PACK_MIN_ROWS. Under TINY_FLOPS
+# (some 2.5 us of one core's work) the call through ctypes costs more than the product.
+# sg_matmul_tn packs both operands: below TN_MIN_ROWS rows torch's is faster (R=16: 1.5x).
+PACKED_MIN_ROWS, TINY_FLOPS, TN_MIN_ROWS = 128, 262144, 64
+
+
+def _torch_is_faster(M: int, N: int, K: int, packs: bool) -> bool:
+    """Whether a product x (M, K) times a weight (N, K) runs faster in torch's GEMM; `packs`:
+    sg_mm would copy the weight into panels first."""
+    return M < PACKED_MIN_ROWS if packs else 2 * M * N * K < TINY_FLOPS
+
+
+def _read_in_place(s0: int, s1: int) -> bool:
+    """Whether sg_mm_prepare reads a weight with these strides where it lies (its `direct`)."""
+    return s0 == 1 and s1 * 4 <= 4096
+
+
 def _mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """a (M, K) @ b (K, N) (+ bias (N,)), b with any strides, without autograd."""
-    if a.stride(1) != 1 and a.shape[1] > 1:
+    """a (M, K) @ b (K, N) (+ bias (N,)), b with any strides, without autograd; torch's GEMM
+    where `_torch_is_faster`."""
+    M, K = a.shape
+    N = b.shape[1]
+    if _torch_is_faster(M, N, K, packs=not _read_in_place(b.stride(1), b.stride(0))):
+        return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+    if a.stride(1) != 1 and K > 1:
         a = a.contiguous()
-    return _call(a, (b, b.stride(1), b.stride(0)), b.shape[1], bias)
+    return _call(a, (b, b.stride(1), b.stride(0)), N, bias)
 
 
 class _Linear(torch.autograd.Function):
@@ -425,8 +451,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     ts = (x, w) if b is None else (x, w, b)
     exact = x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1] and \
         (b is None or tuple(b.shape) == (w.shape[0],))
-    if not exact or not enabled(*ts):
+    if not exact or not enabled(*ts) or _torch_is_faster(x.shape[0], w.shape[0], x.shape[1],
+                                                         packs=not _read_in_place(w.stride(0), w.stride(1))):
         return torch.nn.functional.linear(x, w, b)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in ts)):
+        return _mm(x, w.t(), b)  # (no graph to record: a Function's apply costs some 6 us)
     return _Linear.apply(x, w, b)
 
 
@@ -437,7 +466,7 @@ def wgrad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if g.dim() == 0 or x.dim() == 0 or g.shape[:-1] != x.shape[:-1]:
         return g.t() @ x  # torch names the mismatch
     g, x = g.reshape(math.prod(g.shape[:-1]), g.shape[-1]), x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
-    if not enabled(g, x):
+    if not enabled(g, x) or g.shape[0] < TN_MIN_ROWS:
         return g.t() @ x
     R, N = g.shape
     K = x.shape[1]

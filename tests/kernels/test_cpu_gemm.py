@@ -18,6 +18,9 @@ from zoo import make_inputs
 @pytest.fixture
 def own_gemm(monkeypatch):
     monkeypatch.setenv("SEQGRAPH_CPU_GEMM", "seqgraph")
+    # the kernel at every size (the sizes it leaves to torch's GEMM have their own tests)
+    for name in ("PACKED_MIN_ROWS", "TINY_FLOPS", "TN_MIN_ROWS"):
+        monkeypatch.setattr(cpu_gemm, name, 0)
 
 
 def _close(got, want, K):
@@ -229,7 +232,7 @@ def test_the_per_step_products_follow_the_gemm_choice_at_each_call(monkeypatch, 
     # loaded for MKL, a library binds seqgraph's GEMM when a later call first asks for it
     torch.manual_seed(0)
     comp = sg.compile(sg.Recurrence(sg.cells.lstm(64, 96 if order[0] == "seqgraph" else 88)), backend="cpu")
-    x = torch.randn(5, 9, 64)
+    x = torch.randn(10, 30, 64)  # 300 rows (150 a thread): both GEMMs pack (PACKED_MIN_ROWS, SG_PACK_MIN_ROWS)
     outs = {}
     for gemm in order:
         monkeypatch.setenv("SEQGRAPH_CPU_GEMM", gemm)
@@ -324,3 +327,53 @@ def test_a_sum_of_hoisted_products_through_seqgraphs_gemm_gives_the_references_g
     want = torch.autograd.grad(rec(x)[0].sum(), [x] + list(rec.parameters()))
     for g, w in zip(got, want):
         _close(g, w, 16)
+
+
+@pytest.fixture
+def sized_calls(monkeypatch):
+    """seqgraph's GEMM chosen, with the sizes it leaves to torch's as shipped."""
+    monkeypatch.setenv("SEQGRAPH_CPU_GEMM", "seqgraph")
+    return _spy(monkeypatch, "sg_matmul")
+
+
+def test_a_few_rows_times_a_weight_it_would_pack_take_torchs_gemm(sized_calls):
+    x, w, b = torch.randn(4, 512), torch.randn(2048, 512), torch.randn(2048)  # a one-step call's product
+    assert cpu_gemm.PACKED_MIN_ROWS > 4
+    _close(cpu_gemm.linear(x, w, b), torch.addmm(b, x, w.t()), 512)
+    assert sized_calls.calls == 0
+
+
+def test_enough_rows_to_pay_for_packing_take_seqgraphs_gemm(sized_calls):
+    x, w = torch.randn(cpu_gemm.PACKED_MIN_ROWS, 64), torch.randn(96, 64)
+    _close(cpu_gemm.linear(x, w), x @ w.t(), 64)
+    assert sized_calls.calls == 1
+
+
+def test_a_weight_read_in_place_takes_seqgraphs_gemm_for_a_few_rows(sized_calls):
+    g, w = torch.randn(4, 512), torch.randn(512, 128)  # an input gradient: g @ W, W's rows read where they lie
+    _close(cpu_gemm._mm(g, w), g @ w, 512)
+    assert sized_calls.calls == 1
+
+
+def test_a_product_too_small_to_pay_for_the_call_takes_torchs_gemm(sized_calls):
+    g, w = torch.randn(2, 16), torch.randn(16, 8)
+    assert 2 * 2 * 16 * 8 < cpu_gemm.TINY_FLOPS
+    _close(cpu_gemm._mm(g, w), g @ w, 16)
+    assert sized_calls.calls == 0
+
+
+def test_a_weight_gradient_over_a_few_rows_takes_torchs_gemm(monkeypatch):
+    monkeypatch.setenv("SEQGRAPH_CPU_GEMM", "seqgraph")
+    calls = _spy(monkeypatch, "sg_matmul_tn")
+    g, x = torch.randn(cpu_gemm.TN_MIN_ROWS - 1, 512), torch.randn(cpu_gemm.TN_MIN_ROWS - 1, 128)
+    _close(cpu_gemm.wgrad(g, x), g.t() @ x, g.shape[0])
+    assert calls.calls == 0
+
+
+def test_linear_without_gradients_records_no_graph(sized_calls):
+    x, w = torch.randn(200, 16), torch.randn(24, 16, requires_grad=True)
+    with torch.no_grad():
+        y = cpu_gemm.linear(x, w)
+    assert y.grad_fn is None and not y.requires_grad
+    assert cpu_gemm.linear(x, w).grad_fn is not None
+    assert sized_calls.calls == 2
