@@ -425,7 +425,7 @@ Node.__abs__ = lambda self: make("abs", (self,))
 
 
 def _no_pow(self, other, *_):
-    raise TypeError(f"node {self.label()!r} (declared at {self.site}): ** is not an op of the DSL (at {user_site()}); "
+    raise TypeError(f"{self._called()}: ** is not an op of the DSL (at {user_site()}); "
                     "write h * h for a square, sg.sqrt(h) for a root, sg.exp(p * sg.log(h)) for other powers")
 
 

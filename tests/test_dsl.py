@@ -475,6 +475,17 @@ def test_a_python_if_on_a_node_is_a_type_error_that_says_what_to_use():
         bool(x)
 
 
+@pytest.mark.parametrize("misuse", [lambda v: torch.tanh(v), lambda v: v.view(2, 2), bool, lambda v: v[0],
+                                    lambda v: v ** 2],
+                         ids=["torch function", "tensor method", "if", "indexing", "power"])
+def test_a_misused_unnamed_node_is_named_by_its_op_and_site_not_an_internal_label(misuse):
+    x, h = sg.Input(4, name="x"), sg.State(4, name="h")
+    with pytest.raises((TypeError, AttributeError)) as info:
+        misuse(x + h)
+    assert re.search(r"the unnamed add node \(declared at .*test_dsl.py:\d+\)", str(info.value))
+    assert not re.search(r"add_\d+", str(info.value))
+
+
 @pytest.mark.parametrize("args", [(4, 0), (0, 4), (4.5, 6), (True, 3), (4, -2)])
 def test_linear_sizes_must_be_positive_ints(args):
     with pytest.raises(ValueError, match=r"Linear \(declared at .*test_dsl.py:\d+\): \w+_features must be a positive int"):

@@ -164,8 +164,15 @@ class Node:
             return self is not other
         raise self._symbolic("!=")
 
+    def _called(self) -> str:
+        """How a message about misusing this node names it: `node 'h' (declared at f.py:3)`, or
+        for a node the user did not name `the unnamed add node (declared at f.py:3)` (never an
+        internal label such as add_22, which the user never saw)."""
+        what = f"node {self.name!r}" if self.name else f"the unnamed {self.display_op()} node"
+        return f"{what} (declared at {self.site})"
+
     def _symbolic(self, what: str) -> TypeError:
-        return TypeError(f"node {self.label()!r} (declared at {self.site}) is a symbolic value: {what} cannot see "
+        return TypeError(f"{self._called()} is a symbolic value: {what} cannot see "
                          f"what it will hold at run time (at {user_site()}); use sg.where_mask, sg.maximum, "
                          "sg.minimum or sg.relu to compute with comparisons, and `is` to test identity")
 
@@ -182,11 +189,11 @@ class Node:
         raise self._symbolic(">=")
 
     def __len__(self) -> int:
-        raise TypeError(f"node {self.label()!r} (declared at {self.site}) is one symbolic value, not a sequence "
+        raise TypeError(f"{self._called()} is one symbolic value, not a sequence "
                         f"(len at {user_site()}); its per-example shape is node.shape")
 
     def __getitem__(self, key):
-        raise TypeError(f"node {self.label()!r} (declared at {self.site}) cannot be indexed (at {user_site()}); "
+        raise TypeError(f"{self._called()} cannot be indexed (at {user_site()}); "
                         "use sg.narrow(node, dim, start, length), sg.chunk or sg.split to take parts of it")
 
     # numpy and torch functions cannot run on a symbolic value: they say so, naming the sg
@@ -202,19 +209,19 @@ class Node:
                             "an array is not part of a step's graph; use sg.Parameter for a trained one, "
                             "sg.Context for one given with each call, or a Python number")
         name = "sum" if (ufunc.__name__, method) == ("add", "reduce") else ufunc.__name__
-        raise TypeError(f"numpy's {name} cannot run on node {self.label()!r} (declared at {self.site}), a "
+        raise TypeError(f"numpy's {name} cannot run on {self._called()}, a "
                         f"symbolic value (at {user_site(('numpy',))}): build the step with seqgraph's own "
                         f"functions; {_hint(name)}")
 
     def __array__(self, *args, **kwargs):
-        raise TypeError(f"node {self.label()!r} (declared at {self.site}) is symbolic; numpy cannot compute with "
+        raise TypeError(f"{self._called()} is symbolic; numpy cannot compute with "
                         f"it (at {user_site()}): use the sg functions (sg.sum, sg.tanh, sg.maximum, ...)")
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", str(func)).strip("_")
         node = next((a for a in list(args) + list((kwargs or {}).values()) if isinstance(a, Node)), None)
-        where = f"node {node.label()!r} (declared at {node.site})" if node is not None else "a seqgraph node"
+        where = f"{node._called()}" if node is not None else "a seqgraph node"
         module = _calling_torch_module()
         what, hint = (f"torch.nn.{module}", _module_hint(module)) if module else (f"torch's {name}", _hint(name))
         raise TypeError(_refused_in_torch(what, where, hint))
@@ -227,25 +234,24 @@ class Node:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         module = _calling_torch_module()
         if module is not None:
-            raise AttributeError(_refused_in_torch(f"torch.nn.{module}", f"node {self.label()!r} (declared at "
-                                                   f"{self.site})", _module_hint(module)))
+            raise AttributeError(_refused_in_torch(f"torch.nn.{module}", self._called(), _module_hint(module)))
         hint = {"view": "here sg.reshape", "unsqueeze": "here sg.unsqueeze",
                 "size": "here node.shape: its shape per example, without the batch dimension (node.shape[-1] "
                         "is its number of features, node.elements its number of elements)",
                 "dim": "here len(node.shape): its number of dimensions per example, without the batch",
                 "numel": "here node.elements: its number of elements per example"}.get(name) or _hint(name)
-        raise AttributeError(f"node {self.label()!r} (declared at {self.site}) is a symbolic value, not a tensor, "
+        raise AttributeError(f"{self._called()} is a symbolic value, not a tensor, "
                              f"and has no method {name!r} (at {user_site(('torch',))}): torch modules and tensor "
                              f"methods cannot run on a node; build the step with seqgraph's functions and "
                              f"modules, {hint}")
 
     def __bool__(self) -> bool:
-        raise TypeError(f"node {self.label()!r} (declared at {self.site}) is a symbolic value: Python's if, and, "
+        raise TypeError(f"{self._called()} is a symbolic value: Python's if, and, "
                         "or and not cannot see what it will hold at run time; use sg.where_mask, sg.maximum "
                         "or sg.minimum to choose between values, and `is None` to test for a missing node")
 
     def __iter__(self):
-        raise TypeError(f"node {self.label()!r} (declared at {self.site}) is one symbolic value and cannot be iterated; "
+        raise TypeError(f"{self._called()} is one symbolic value and cannot be iterated; "
                         "use sg.chunk(node, n) or sg.split(node, sizes) to take it apart")
 
     @property
