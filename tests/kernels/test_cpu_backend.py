@@ -118,6 +118,10 @@ def test_a_shuffled_padded_batch_run_longest_first_equals_the_reference(name, mo
 
 
 def _first_masked_call_builds(comp):
+    # one thread, as torch's DataLoader sets in its workers: GNU OpenMP's threads do not survive
+    # a fork, so a forked process whose parent already ran them hangs in its first parallel
+    # region (torch's own ops too), and earlier tests may have run them in this one
+    torch.set_num_threads(1)
     x = torch.randn(4, 3, 3)
     comp(x, lengths=torch.tensor([4, 1, 2]))
     return comp._program.c_loops.lib.compiled[(torch.float32, "masked loops")]
