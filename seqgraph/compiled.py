@@ -565,17 +565,18 @@ class CompiledRecurrence(Recurrence):
         # "auto" picks per call: triton on CUDA, C kernels on the CPU (so .to("cuda") after
         # compiling just works). Triton kernels compute in float32 and need CUDA (or Triton's CPU
         # interpreter): float64, or CPU tensors without the interpreter, run the torch code. C
-        # kernels compute float32 and float64 CPU tensors; others run the torch code, and so does
-        # everything under CPU autocast, which picks each op's dtype where the kernels have one.
+        # kernels compute float32 and float64 CPU tensors; others (meta ones too) run the torch
+        # code, and so does everything under autocast, which picks each op's dtype where the
+        # kernels have one.
         wanted = self._program.backend
         if self.backend == "auto":
             wanted = auto_backend(device, dtype)
         elif self.backend == "cpu" and (device.type != "cpu" or dtype not in _C_DTYPES):
             wanted = "torch"
-        elif self.backend == "triton" and (dtype == torch.float64 or (
+        elif self.backend == "triton" and (dtype == torch.float64 or device.type not in ("cuda", "cpu") or (
                 device.type == "cpu" and not triton_interpreting())):
             wanted = "torch"
-        if wanted == "cpu" and torch.is_autocast_enabled("cpu"):
+        if wanted in ("cpu", "triton") and autocast_state(device)[1]:
             wanted = "torch"
         if wanted == self._program.backend:
             return self._program

@@ -637,7 +637,7 @@ def test_torch_jit_trace_of_the_reference_warns_that_it_records_the_examples_ste
         torch.jit.trace(Outputs(), (torch.randn(2, 1, 3),), check_trace=False)
 
 
-@pytest.mark.parametrize("backend", ["auto", "cpu", "torch"])
+@pytest.mark.parametrize("backend", ["auto", "cpu", "torch", "triton"])
 def test_under_cpu_autocast_a_compiled_module_computes_what_the_reference_does(backend):
     rec = sg.Recurrence(sg.cells.gru(3, 4))
     comp = sg.compile(rec, backend=backend)
@@ -659,7 +659,7 @@ def _bias_free_products_cell():
     return sg.Cell(inputs=[x], states={h: h2, C: C2}, outputs=[out, h2])
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch", "cpu", "auto"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu", "triton", "auto"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_under_cpu_autocast_outputs_and_final_states_are_in_the_recurrences_dtype(backend, masked):
     torch.manual_seed(0)
@@ -675,7 +675,7 @@ def test_under_cpu_autocast_outputs_and_final_states_are_in_the_recurrences_dtyp
     torch.testing.assert_close(h, want_h, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("inside", [False, True], ids=["backward_after_autocast", "backward_inside_autocast"])
 def test_under_cpu_autocast_a_compiled_module_has_the_reference_gradients(backend, masked, inside):
@@ -698,8 +698,10 @@ def test_under_cpu_autocast_a_compiled_module_has_the_reference_gradients(backen
         torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)  # bfloat16 products
 
 
-def test_a_compiled_module_on_the_meta_device_runs_forward_and_backward_for_shapes():
-    comp = sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="torch").to("meta")
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", "auto"])
+def test_a_compiled_module_on_the_meta_device_runs_forward_and_backward_for_shapes(backend):
+    comp = sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend=backend).to("meta")
+    assert comp.backend_for() == "torch"
     x = torch.randn(5, 2, 3, device="meta", requires_grad=True)
     out, _ = comp(x)
     out.sum().backward()
@@ -712,6 +714,7 @@ def test_backend_for_says_which_backend_a_call_runs():
     assert comp.backend_for(torch.float16) == "torch" and comp.backend_for(device="meta") == "torch"
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert comp.backend_for() == "torch"
+        assert sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="triton").backend_for() == "torch"
     assert sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="torch").backend_for() == "torch"
 
 
