@@ -280,6 +280,32 @@ def _without_gradient(prog: Program, reads: list, states: list, T: int, mask) ->
     return [k for k in range(n_out) if not reads_grad(k)] + [n_out + j for j in range(len(states)) if not final[j]]
 
 
+def reached_by_gradient(prog: Program, has_grad: tuple[bool, ...]) -> tuple[list[bool], list[bool]]:
+    """(per read, per initial state) whether a gradient reaches it, given which of the outputs
+    and final states (`has_grad`, in that order) received one: those the loss never reads
+    get None from autograd, as the reference's parameters do when nothing they feed is
+    differentiated (an optimizer then leaves them alone; a zero gradient would still decay
+    them). A next state receives a gradient at some step when its final value does, or a
+    result that does reads it, at any later step."""
+    n_states = len(prog.state_shapes)
+    n_out = len(has_grad) - n_states
+    receives = [bool(has_grad[n_out + j]) for j in range(n_states)]  # next state j, at some step
+    live = [k for k in range(n_out) if has_grad[k]]
+    changed = True
+    while changed:
+        changed = False
+        for j in range(n_states):
+            if not receives[j] and (any(j in prog.depends[k][1] for k in live)
+                                    or any(receives[i] and j in prog.depends[n_out + i][1] for i in range(n_states))):
+                receives[j] = changed = True
+    readers = live + [n_out + j for j in range(n_states) if receives[j]]
+    reads = [any(i in prog.depends[k][0] for k in readers) for i in range(len(prog.plan.reads))]
+    # an initial state: read by the first step, or passed through to a row's final state when
+    # the row has no real step
+    states = [receives[j] or any(j in prog.depends[k][1] for k in readers) for j in range(n_states)]
+    return reads, states
+
+
 # run a masked batch longest first when that leaves at most this share of the rows to compute:
 # at T=50 B=64 H=256 (2 threads, taken in turn) sorting a shuffled batch of 48% real steps took
 # 33.5 against 36.2 ms, one of 76% real 51.6 against 48.6 ms (the two gathers outweigh it)
@@ -355,6 +381,10 @@ class _Sequence(torch.autograd.Function):
             ctx.mark_non_differentiable(*[results[k] for k in constant])
         ctx.prog, ctx.T, ctx.mask, ctx.nouts = prog, T, mask, len(outs)
         ctx.autocast = autocast_state(device)
+        # results the loss never reads come to backward as None, not zeros: the reads and
+        # initial states that only they depend on then get None too (reached_by_gradient)
+        ctx.set_materialize_grads(False)
+        ctx.results = [(r.shape, r.dtype, r.device) for r in (*outs, *finals)]
         # a read the backward never looks at (the hoisted input projection of an LSTM, say) is
         # kept as a one-element stand-in of its shape: its memory is freed after the forward
         used = prog.plan.backward_plan(mask is not None).reads_used
@@ -370,6 +400,9 @@ class _Sequence(torch.autograd.Function):
         nr, ns = ctx.counts
         kept = list(ctx.saved_tensors)
         reads, saved, seqs = kept[:nr], kept[nr:nr + ns], kept[nr + ns:]
+        reached, reached_states = reached_by_gradient(ctx.prog, tuple(g is not None for g in grads))
+        grads = [g if g is not None else torch.zeros(shape, dtype=dtype, device=device)
+                 for g, (shape, dtype, device) in zip(grads, ctx.results)]
         gouts, gfinals = list(grads[:ctx.nouts]), list(grads[ctx.nouts:])
         name = "backward_masked" if ctx.mask is not None else "backward_plain"
         fn = _loop(ctx.prog, name, gouts[0].device if gouts else reads[0].device)
@@ -379,10 +412,13 @@ class _Sequence(torch.autograd.Function):
             raise NotImplementedError(_BATCHED_GRADS.format(backend=ctx.prog.backend))
         # which reads need their gradient: the loop skips what only a read no one asks for needs
         # (a graphed loop takes positional arguments alone, and computes them all)
-        need = {"need": tuple(ctx.needs_input_grad[5:5 + nr])} if fn is ctx.prog.fns[name] else {}
+        wanted = tuple(n and r for n, r in zip(ctx.needs_input_grad[5:5 + nr], reached))
+        need = {"need": wanted} if fn is ctx.prog.fns[name] else {}
         with autocast_as(ctx.autocast):
             dreads, dstates = fn(ctx.T, ctx.mask, reads, saved, seqs,
                                  [g.contiguous() for g in gouts], [g.contiguous() for g in gfinals], **need)
+        dreads = [d if w else None for d, w in zip(dreads, wanted)]
+        dstates = [d if r else None for d, r in zip(dstates, reached_states)]
         return (None, None, None, None, None, *dreads, *dstates)
 
 

@@ -708,6 +708,44 @@ def test_a_compiled_module_on_the_meta_device_runs_forward_and_backward_for_shap
     assert out.shape == (5, 2, 4) and x.grad.shape == x.shape and x.grad.device.type == "meta"
 
 
+def _head_the_state_never_reads():
+    x, h = sg.Input(4, name="x"), sg.State(6, name="h")
+    h2 = sg.tanh(sg.Linear(10, 6, name="rec")(sg.concat([x, h])))
+    return sg.Cell(inputs=[x], states={h: h2}, outputs=[sg.Linear(6, 2, name="head")(h2)])
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_a_parameter_the_loss_never_reaches_gets_no_gradient_as_in_the_reference(backend):
+    # a zero would not do: AdamW's weight decay moves a parameter with a zero gradient
+    torch.manual_seed(0)
+    rec = sg.Recurrence(_head_the_state_never_reads())
+    comp = sg.compile(rec, backend=backend)
+    x = torch.randn(5, 3, 4)
+    grads = []
+    for module in (rec, comp):
+        module.zero_grad(set_to_none=True)
+        module(x)[1]["h"].sum().backward()
+        grads.append({k: v.grad for k, v in rec.named_parameters()})
+    want, got = grads
+    assert want["params.head.weight"] is None and got["params.head.weight"] is None
+    assert got["params.head.bias"] is None
+    torch.testing.assert_close(got["params.rec.weight"], want["params.rec.weight"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_an_initial_state_the_loss_never_reaches_gets_no_gradient(backend):
+    x, a, b = sg.Input(3, name="x"), sg.State(4, name="a"), sg.State(4, name="b")
+    a2 = sg.tanh(sg.Linear(7, 4, name="fa")(sg.concat([x, a])))
+    b2 = sg.tanh(sg.Linear(8, 4, name="fb")(sg.concat([a, b])))  # b reads a; a never reads b
+    rec = sg.Recurrence(sg.Cell(inputs=[x], states={a: a2, b: b2}))
+    comp = sg.compile(rec, backend=backend)
+    a0, b0 = torch.randn(2, 4, requires_grad=True), torch.randn(2, 4, requires_grad=True)
+    _, fin = comp(torch.randn(5, 2, 3), {"a": a0, "b": b0})
+    fin["a"].sum().backward()
+    assert b0.grad is None and comp.params.fb.weight.grad is None
+    assert a0.grad is not None and comp.params.fa.weight.grad.abs().sum() > 0
+
+
 def test_backend_for_says_which_backend_a_call_runs():
     comp = sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="auto")
     assert comp.backend_for() == "cpu" and comp.backend_for(torch.float64) == "cpu"
