@@ -260,6 +260,17 @@ class Recurrence(nn.Module):
         tree = self._modules["params"]
         return {key: _read_param(tree, owner, leaf) for key, owner, leaf in self._paths()}
 
+    def _run_weight_hooks(self) -> None:
+        """Run the forward pre-hooks that hook-based weight tools (torch.nn.utils.prune,
+        spectral_norm, weight_norm) put on a level of the parameter tree (`rec.params.hh`),
+        once per call, as that module's own call would: the levels hold parameters and are
+        never called, and the tools compute the weight a call reads (weight_orig * mask, say)
+        in that hook."""
+        for mod in self._modules["params"].modules():
+            if mod._forward_pre_hooks:
+                for hook in tuple(mod._forward_pre_hooks.values()):
+                    hook(mod, ())
+
     def _paths(self) -> list[tuple[str, tuple, str]]:
         """(key, owner path, leaf name) of each parameter, each key split once."""
         paths = self.__dict__.get("_param_paths")
@@ -334,6 +345,7 @@ class Recurrence(nn.Module):
                              f"one it started from, and give wrong gradients. Around a checkpoint carry the "
                              f"state yourself: remember=False, out, final = rnn(x, state), then "
                              f"state = {{k: v.detach() for k, v in final.items()}}")
+        self._run_weight_hooks()
         xs = self._check_inputs(x)
         T, B = xs[0].shape[0], xs[0].shape[1]
         dtype, device = self._float_dtype(xs), xs[0].device

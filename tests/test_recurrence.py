@@ -320,6 +320,32 @@ def test_a_loss_over_a_sequence_of_no_steps_can_backpropagate(backend):
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+def test_a_pruned_level_of_the_parameter_tree_reads_its_masked_weight_at_every_call(backend):
+    import torch.nn.utils.prune as prune
+    rec = sg.compile(sg.Recurrence(sg.cells.gru(4, 6)), backend=backend)
+    prune.l1_unstructured(rec.params.hh, "weight", amount=0.5)
+    opt = torch.optim.SGD(rec.parameters(), lr=0.5)
+    x = torch.randn(5, 3, 4)
+    for _ in range(2):  # (the second call's backward failed: the weight was the first call's)
+        rec(x)[0].pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    rec(x)
+    pruned = rec.params.hh.weight_mask == 0
+    assert bool(pruned.any()) and bool((rec.params.hh.weight[pruned] == 0).all())
+    assert not torch.equal(rec.params.hh.weight_orig, rec.params.hh.weight_orig * rec.params.hh.weight_mask)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+def test_spectral_norm_on_a_level_of_the_parameter_tree_trains_its_original_weight(backend):
+    rec = sg.compile(sg.Recurrence(sg.cells.gru(4, 6)), backend=backend)
+    torch.nn.utils.spectral_norm(rec.params.hh, "weight")
+    rec(torch.randn(5, 3, 4))[0].sum().backward()
+    assert rec.params.hh.weight_orig.grad is not None and rec.params.hh.weight_orig.grad.abs().sum() > 0
+    assert not torch.equal(rec.params.hh.weight, rec.params.hh.weight_orig)  # (divided by its estimated norm)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
 def test_a_batch_without_real_steps_backpropagates_to_inputs_with_frozen_weights(backend):
     rec = randomize(sg.Recurrence(elman_cell()))
     for p in rec.parameters():
