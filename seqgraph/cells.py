@@ -21,7 +21,7 @@ from torch import nn
 
 import seqgraph as sg
 from .errors import InputError, user_site
-from .layers import _layout_of
+from .layers import _check_takes_lengths, _layout_of
 from .recurrence import valid_steps
 
 MUFURU_OPS = ("keep", "replace", "mul", "diff", "forget", "sqrt_diff", "max", "min")
@@ -453,6 +453,9 @@ class NormStabilizer(nn.Module):
         if reduction not in NORM_STABILIZER_REDUCTIONS:
             raise ValueError(f"sg.NormStabilizer: reduction must be one of {NORM_STABILIZER_REDUCTIONS}, "
                              f"got {reduction!r}")
+        if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not beta >= 0:
+            raise ValueError(f"sg.NormStabilizer: beta, the penalty's weight, must be a number >= 0, got {beta!r}")
+        _check_takes_lengths(module, "sg.NormStabilizer: module")
         self.module = module
         self.beta = float(beta)
         self.reduction = reduction

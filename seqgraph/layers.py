@@ -445,6 +445,7 @@ class Repeater(nn.Module):
         super().__init__()
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
             raise ValueError(f"sg.Repeater: steps must be an int >= 0, got {steps!r}")
+        _check_takes_lengths(module, "sg.Repeater: module")
         self.module = module
         self.steps = int(steps)
         self.batch_first = _layout_of("sg.Repeater", [module], batch_first)
@@ -460,7 +461,8 @@ class Repeater(nn.Module):
         def repeat(v: torch.Tensor, k: int = 0) -> torch.Tensor:
             if not isinstance(v, torch.Tensor):
                 raise InputError(f"sg.Repeater: x must be a (B, *size) tensor or a tuple of them, got {type(v).__name__}")
-            if ranks is not None and k < len(ranks) and v.dim() != ranks[k]:
+            if ranks is not None and k < len(ranks) and (v.dim() != ranks[k]
+                                                         or tuple(v.shape[1:]) != tuple(cell.inputs[k].shape)):
                 want = "(B, " + ", ".join(map(str, cell.inputs[k].shape)) + ")"
                 raise InputError(f"sg.Repeater: input {k} must be {want}, one input with no time dim that every one "
                                  f"of the {self.steps} steps reads, got shape {tuple(v.shape)}")
@@ -506,6 +508,9 @@ class SequenceLoss(nn.Module):
         if isinstance(criterion, type):
             raise TypeError(f"SequenceLoss takes a criterion object, e.g. {criterion.__name__}(reduction='none'), "
                             f"not the class {criterion.__name__}")
+        if not callable(criterion):
+            raise TypeError(f"SequenceLoss takes a criterion object, e.g. torch.nn.CrossEntropyLoss(reduction='none'), "
+                            f"got {criterion!r}")
         if getattr(criterion, "reduction", "none") != "none":
             raise ValueError(f"SequenceLoss needs per-row losses to drop padded steps: build the criterion with "
                              f"reduction='none' (got reduction={criterion.reduction!r})")

@@ -387,6 +387,17 @@ def test_stack_dropout_must_be_a_number_in_zero_one(dropout):
         sg.Stack([sg.Recurrence(sg.cells.gru(I, H))], dropout=dropout)
 
 
+@pytest.mark.parametrize("beta", [None, "1", -1.0, True, float("nan")])
+def test_norm_stabilizer_beta_must_be_a_number_at_least_zero(beta):
+    with pytest.raises(ValueError, match=r"sg.NormStabilizer: beta, the penalty's weight, must be a number >= 0"):
+        sg.NormStabilizer(sg.Recurrence(sg.cells.lstm(I, H)), beta=beta)
+
+
+def test_norm_stabilizer_of_torchs_own_rnn_says_to_use_sg_nn():
+    with pytest.raises(TypeError, match=r"sg.NormStabilizer: module .* use sg.nn.GRU"):
+        sg.NormStabilizer(nn.GRU(I, H))
+
+
 def test_norm_stabilizer_refuses_an_output_the_module_does_not_have():
     with pytest.raises(ValueError, match=r"output picks one of the module's outputs \(it has 1\), got 1"):
         sg.NormStabilizer(sg.Recurrence(sg.cells.lstm(I, H)), output=1)
@@ -418,6 +429,17 @@ def test_repeater_gradient_sums_over_steps():
 def test_a_repeater_given_a_sequence_says_it_wants_one_step_of_input():
     with pytest.raises(sg.InputError, match=r"input 0 must be \(B, 4\), one input with no time dim"):
         sg.Repeater(sg.Recurrence(sg.cells.gru(I, H)), 3)(torch.randn(T, B, I))
+
+
+def test_a_repeater_given_the_wrong_feature_size_names_its_own_input_not_the_repeated_one():
+    with pytest.raises(sg.InputError, match=r"sg.Repeater: input 0 must be \(B, 4\), .*got shape \(3, 5\)"):
+        sg.Repeater(sg.Recurrence(sg.cells.gru(I, H)), 3)(torch.randn(B, I + 1))
+
+
+def test_a_repeater_of_a_module_without_lengths_is_refused_when_built():
+    with pytest.raises(TypeError, match=r"sg.Repeater: module \(torch.nn.modules.linear.Linear\) has a forward "
+                                        r"without lengths="):
+        sg.Repeater(nn.Linear(I, H), 3)
 
 
 def test_a_stack_of_a_cell_says_to_wrap_it_in_a_recurrence():
@@ -562,6 +584,12 @@ def test_sequence_loss_keeps_the_criterions_own_error_and_notes_the_rows():
 def test_sequence_loss_given_a_criterion_class_asks_for_an_object():
     with pytest.raises(TypeError, match=r"takes a criterion object, e.g. CrossEntropyLoss\(reduction='none'\)"):
         sg.SequenceLoss(nn.CrossEntropyLoss)
+
+
+@pytest.mark.parametrize("criterion", ["cross_entropy", None])
+def test_sequence_loss_given_something_not_callable_says_what_it_takes(criterion):
+    with pytest.raises(TypeError, match=r"takes a criterion object, e.g. torch.nn.CrossEntropyLoss"):
+        sg.SequenceLoss(criterion)
 
 
 def test_sequence_loss_refuses_a_criterion_that_reduces():
