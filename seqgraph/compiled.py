@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import numbers
 import os
 import sys
 import threading
@@ -721,8 +722,9 @@ def compile(module: Cell | nn.Module, backend: str = "auto", unroll: int = 1) ->
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    if not isinstance(unroll, int) or unroll < 1:
+    if isinstance(unroll, bool) or not isinstance(unroll, numbers.Integral) or unroll < 1:
         raise ValueError(f"unroll must be a positive int, got {unroll!r}")
+    unroll = int(unroll)
     if isinstance(module, Cell):
         module = Recurrence(module)
     if isinstance(module, Recurrence):

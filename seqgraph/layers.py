@@ -262,9 +262,11 @@ def stack(cell_fn: Callable, input_size: int, hidden_sizes: Sequence[int], dropo
     >>> model = sg.stack(sg.cells.lstm, 8, [16, 16], dropout=0.1)
     >>> out, finals = model(torch.randn(5, 2, 8), lengths=torch.tensor([5, 3]))
     """
+    if getattr(hidden_sizes, "ndim", None) == 1 and hasattr(hidden_sizes, "tolist"):  # a numpy array, a tensor
+        hidden_sizes = hidden_sizes.tolist()
     if isinstance(hidden_sizes, (int, str)) or not isinstance(hidden_sizes, Sequence):
-        raise TypeError(f"sg.stack: hidden_sizes must be a list with one size per layer, got {hidden_sizes!r} "
-                        f"(for one layer: [{hidden_sizes!r}])")
+        hint = f" (for one layer: [{hidden_sizes!r}])" if isinstance(hidden_sizes, numbers.Integral) else ""
+        raise TypeError(f"sg.stack: hidden_sizes must be a list with one size per layer, got {hidden_sizes!r}{hint}")
     layers, size = [], input_size
     for hidden in hidden_sizes:
         try:

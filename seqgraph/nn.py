@@ -25,7 +25,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from . import cells
 from .errors import InputError
 from .layers import reverse_sequences
-from .recurrence import ParamTree, Recurrence, autocast_casts, check_lengths_shape, register_nested
+from .recurrence import ParamTree, Recurrence, autocast_casts, check_has_values, check_lengths_shape, register_nested
 
 BACKENDS = ("reference", "torch", "triton", "cpu", "auto")
 
@@ -292,6 +292,7 @@ class _RNNBase(_Owner):
             raise InputError(f"sg.nn.{self.mode}: input has dtype {x.dtype} but the parameters are {p.dtype}")
         B = x.shape[1]
         if lengths is not None:
+            check_has_values(lengths, "lengths", x.device, f"sg.nn.{self.mode}")
             lengths = torch.as_tensor(lengths).to(x.device)
             if not packed:  # (checked here: the layers read x time-major, whatever the caller's layout)
                 check_lengths_shape(lengths, x.shape[0], B, self.batch_first and not unbatched, f"sg.nn.{self.mode}")

@@ -85,6 +85,14 @@ def check_lengths_shape(lengths: torch.Tensor, T: int, B: int, batch_first: bool
         raise InputError(f"{who}: lengths must have shape ({B},) (one per sequence), got {_fmt(lengths.shape)}{hint}")
 
 
+def check_has_values(v, name: str, device, who: str) -> None:
+    """Refuse lengths or a mask on the meta device for inputs that are not: it holds no values
+    to read the steps from."""
+    if isinstance(v, torch.Tensor) and v.is_meta and torch.device(device).type != "meta":
+        raise InputError(f"{who}: {name} is on the meta device, which holds no values, but the inputs are on "
+                         f"{device}; give {name} on the CPU or the inputs' device")
+
+
 def valid_steps(T: int, B: int, lengths, mask, batch_first: bool, device, who: str) -> torch.Tensor | None:
     """A (T, B) bool tensor of the real steps given by `lengths` (B,) or `mask` ((B, T) with
     batch_first), or None when every step is real; an InputError naming `who` otherwise."""
@@ -95,6 +103,8 @@ def valid_steps(T: int, B: int, lengths, mask, batch_first: bool, device, who: s
             raise InputError(f"{who}: {name}= is batched by torch.func.vmap; the steps to run must be one "
                              f"(T, B) pattern per call, not one per vmapped example. Give {name} outside "
                              f"vmap's in_dims (shared by every example), or loop over the examples")
+    for name, v in (("lengths", lengths), ("mask", mask)):
+        check_has_values(v, name, device, who)
     if lengths is not None:
         try:
             lengths = torch.as_tensor(lengths)

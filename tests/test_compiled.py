@@ -4,6 +4,7 @@ import copy
 import re
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -150,6 +151,13 @@ def test_compile_rejects_unknown_backend_and_bad_unroll():
         sg.compile(rec, backend="cuda")
     with pytest.raises(ValueError, match="unroll must be a positive int"):
         sg.compile(rec, unroll=0)
+
+
+def test_unroll_takes_any_integer_type_but_not_a_bool():
+    rec = sg.Recurrence(ZOO["lstm_ops"]())
+    assert sg.compile(rec, backend="torch", unroll=np.int64(2)).unroll == 2
+    with pytest.raises(ValueError, match="unroll must be a positive int, got True"):
+        sg.compile(rec, unroll=True)
 
 
 def test_compiled_module_keeps_argument_checks():

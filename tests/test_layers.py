@@ -1,6 +1,7 @@
 """sg layers: length-aware reversal, stacks and bidirectional layers on mixed lengths (equal to
 running each sequence alone), BiSequencerLM semantics, Repeater, SequenceLoss, encoder->decoder
 gradients, and inner modules used only through their forward interface."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -450,6 +451,11 @@ def test_a_stack_of_a_cell_says_to_wrap_it_in_a_recurrence():
 def test_a_stack_whose_layer_sizes_do_not_chain_says_which_layers_when_built():
     with pytest.raises(ValueError, match=r"layer 0 outputs 6 features per step but layer 1 takes 5"):
         sg.Stack([sg.Recurrence(sg.cells.gru(I, H)), sg.Recurrence(sg.cells.gru(5, 3))])
+
+
+def test_stack_takes_its_sizes_as_a_numpy_array():
+    model = sg.stack(sg.cells.gru, I, np.array([H, H + 1]))
+    assert [layer.cell.states[0][0].shape for layer in model.layers] == [(H,), (H + 1,)]
 
 
 def test_stack_of_one_size_asks_for_a_list():

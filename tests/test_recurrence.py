@@ -319,6 +319,17 @@ def test_a_loss_over_a_sequence_of_no_steps_can_backpropagate(backend):
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in rec.parameters())
 
 
+@pytest.mark.parametrize("module", [lambda: sg.Recurrence(sg.cells.gru(4, 6)), lambda: sg.nn.GRU(4, 6)],
+                         ids=["Recurrence", "sg.nn.GRU"])
+@pytest.mark.parametrize("given", ["lengths", "mask"])
+def test_lengths_or_a_mask_on_the_meta_device_are_refused_for_real_inputs(module, given):
+    steps = {"lengths": torch.tensor([3, 2], device="meta"),
+             "mask": torch.ones(3, 2, dtype=torch.bool, device="meta")}[given]
+    with pytest.raises(sg.InputError, match=rf"{given} is on the meta device, which holds no values, but the "
+                                            r"inputs are on cpu"):
+        module()(torch.randn(3, 2, 4), **{given: steps})
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
 def test_a_pruned_level_of_the_parameter_tree_reads_its_masked_weight_at_every_call(backend):
     import torch.nn.utils.prune as prune
