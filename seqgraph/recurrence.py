@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import PackedSequence
 from .cell import Cell
 from .compiler.interpret import evaluate, run_step
 from .compiler.ir import topo_order
+from .compiler.ops import REGISTRY
 from .errors import InputError, WiringError, describe, user_stacklevel
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -83,6 +84,13 @@ def check_lengths_shape(lengths: torch.Tensor, T: int, B: int, batch_first: bool
         hint = (f"; x is read as {'(B, T, ...) (batch_first=True)' if batch_first else '(T, B, ...)'}: is it "
                 f"{'time-major' if batch_first else 'batch-first'}?") if swapped else ""
         raise InputError(f"{who}: lengths must have shape ({B},) (one per sequence), got {_fmt(lengths.shape)}{hint}")
+
+
+def _picked_ids(rows: torch.Tensor, path) -> torch.Tensor:
+    """Token ids (rows, ...) taken through the slices and reshapes `path` (nodes, in order)."""
+    for n in path:
+        rows = REGISTRY[n.op].torch(n, rows)
+    return rows
 
 
 def check_has_values(v, name: str, device, who: str) -> None:
@@ -513,18 +521,33 @@ class Recurrence(nn.Module):
         for node, v in zip(leaves, values):
             if node.dtype != "long" or v.device.type != "cpu":  # (on a GPU the lookup's own check: no extra wait)
                 continue
-            for table in self._lookups_of(node):
+            lead = 2 if what == "input" else 1  # inputs (T, B, ...), time-major here; contexts (B, ...)
+            for table, path in self._lookups_of(node):
                 num = table.inputs[1].shape[0]
-                bad = (v < 0) | (v >= num)
-                if v.numel() and bool(bad.any()):
-                    first = tuple(bad.nonzero()[0].tolist())  # inputs (t, b, ...), time-major here; contexts (b, ...)
-                    at = f"step {first[0]} of sequence {first[1]}" if what == "input" else f"sequence {first[0]}"
-                    raise InputError(f"{self._where()}: {what} {node.name!r} holds id {int(v[first])} at {at}, "
+                ids = _picked_ids(v.reshape((-1,) + tuple(v.shape[lead:])), path)
+                bad = (ids < 0) | (ids >= num)
+                if ids.numel() and bool(bad.any()):
+                    first = tuple(bad.nonzero()[0].tolist())
+                    row = first[0]
+                    at = f"step {row // v.shape[1]} of sequence {row % v.shape[1]}" if what == "input" \
+                        else f"sequence {row}"
+                    raise InputError(f"{self._where()}: {what} {node.name!r} holds id {int(ids[first])} at {at}, "
                                      f"but {describe(table)} has {num} rows (ids 0 to {num - 1})")
 
-    def _lookups_of(self, node) -> list:
-        """The cell's embedding lookups whose ids are the token leaf `node`."""
-        return [n for n in self.cell.order if n.op == "embedding" and n.inputs[0] is node]
+    def _lookups_of(self, node) -> list[tuple]:
+        """The cell's embedding lookups whose ids are the token leaf `node`, or picked from it by
+        slices (sg.narrow, chunk, split) and reshapes: (lookup, those ops from the leaf on)."""
+        found = []
+        for n in self.cell.order:
+            if n.op != "embedding":
+                continue
+            path, ids = [], n.inputs[0]
+            while ids.op in ("slice", "reshape"):
+                path.append(ids)
+                ids = ids.inputs[0]
+            if ids is node:
+                found.append((n, path[::-1]))
+        return found
 
     def _warn_unmarked_padding(self, xs: list[torch.Tensor]) -> None:
         """Once per module: a call without lengths= or mask= whose token input ends, in some
@@ -536,9 +559,9 @@ class Recurrence(nn.Module):
         for node, v in zip(self.cell.inputs, xs):
             if node.dtype != "long" or v.device.type != "cpu" or v.shape[0] < 2:
                 continue
-            pads = {n.attrs["padding_idx"] for n in self._lookups_of(node) if n.attrs.get("padding_idx") is not None}
-            for pad in sorted(pads):
-                rows = (v[-1] == pad).reshape(v.shape[1], -1).any(1).nonzero().flatten().tolist()
+            for pad, path in sorted({(n.attrs["padding_idx"], tuple(path)) for n, path in self._lookups_of(node)
+                                     if n.attrs.get("padding_idx") is not None}, key=lambda e: e[0]):
+                rows = (_picked_ids(v[-1], path) == pad).reshape(v.shape[1], -1).any(1).nonzero().flatten().tolist()
                 if rows:
                     self.__dict__["_warned_padding"] = True
                     warnings.warn(

@@ -986,6 +986,40 @@ def test_an_out_of_range_token_on_a_real_step_is_an_input_error_naming_step_and_
         module(tokens)
 
 
+def _two_ids_per_step_cell():
+    """Two ids per step: the first reads a table of 100 rows, the second one of 10, through
+    sg.narrow and sg.reshape."""
+    tok, h = sg.Input(2, name="tok", dtype="long"), sg.State(4, name="h")
+    big, small = sg.Embedding(100, 4, name="big"), sg.Embedding(10, 4, name="small", padding_idx=0)
+    e = big(sg.reshape(sg.narrow(tok, -1, 0, 1), ())) + sg.reshape(small(sg.narrow(tok, -1, 1, 1)), (4,))
+    return sg.Cell([tok], {h: sg.tanh(e + h)})
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_token_picked_by_narrow_for_an_embedding_is_checked_against_its_table(backend):
+    rec = sg.Recurrence(_two_ids_per_step_cell())
+    module = rec if backend == "reference" else sg.compile(rec, backend=backend)
+    tokens = torch.randint(1, 10, (4, 3, 2))
+    tokens[:, :, 0] = 50  # in range for the big table only: no error
+    module(tokens)
+    tokens[1, 2, 1] = 50
+    with pytest.raises(sg.InputError, match=r"input 'tok' holds id 50 at step 1 of sequence 2, but Embedding "
+                                            r"'small' \(declared at test_recurrence.py:\d+\) has 10 rows"):
+        module(tokens)
+
+
+def test_the_padding_warning_looks_at_the_picked_ids_only():
+    rec = sg.Recurrence(_two_ids_per_step_cell())
+    tokens = torch.randint(1, 10, (4, 3, 2))
+    tokens[-1, :, 0] = 0  # id 0 where the big table (no padding) reads: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rec(tokens)
+    tokens[-1, 1, 1] = 0
+    with pytest.warns(UserWarning, match=r"padding id 0 at the last step of sequence\(s\) \[1\]"):
+        rec(tokens)
+
+
 def test_an_out_of_range_token_context_is_an_input_error_naming_the_sequence():
     rec = _context_cell(token=True)
     with pytest.raises(sg.InputError, match=r"context 'c' holds id 5 at sequence 2, but Embedding 'table'"):
