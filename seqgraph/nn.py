@@ -474,6 +474,8 @@ class _CellBase(_Owner):
                     got = tuple(v.shape) if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
                     raise InputError(f"{who}: expected {what} of shape {want} (as the "
                                      f"{'unbatched ' if unbatched else ''}input), got {got}")
+                if v.dtype != x.dtype and not autocast_casts(v.dtype, self.weight_ih.dtype, x.device):
+                    raise InputError(f"{who}: {what} has dtype {v.dtype} but the input is {x.dtype}")
                 state[name] = v.unsqueeze(0) if unbatched else v
         _, final = self._run(0, 0, who, x.unsqueeze(0), state)
         h = final["h"].squeeze(0) if unbatched else final["h"]

@@ -656,6 +656,23 @@ def test_under_autocast_a_layer_takes_bfloat16_input_and_hx_as_torch_nn_does():
     assert h_n.shape == (1, B, H)
 
 
+@pytest.mark.parametrize("mode,hx,named", [("LSTMCell", lambda h: (h, h.double()), r"hx\[1\]"),
+                                           ("GRUCell", lambda h: h.long(), "hx")])
+def test_a_cell_given_hx_of_another_dtype_names_hx(mode, hx, named):
+    with pytest.raises(sg.InputError, match=rf"sg.nn.{mode}: {named} has dtype torch.(float64|int64) but the "
+                                            rf"input is torch.float32"):
+        getattr(sg.nn, mode)(I, H)(torch.randn(B, I), hx(torch.zeros(B, H)))
+
+
+def test_under_autocast_a_cell_takes_bfloat16_hx():
+    mine = sg.nn.LSTMCell(I, H)
+    x, h = torch.randn(B, I), torch.randn(B, H)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mine(x, (h.bfloat16(), h.bfloat16()))
+    torch.testing.assert_close(got[0].float(), mine(x, (h.bfloat16().float(), h.bfloat16().float()))[0],
+                               atol=3e-2, rtol=3e-2)
+
+
 def test_a_cell_loaded_with_assign_steps_with_the_loaded_weights():
     ref, mine = torch.nn.LSTMCell(I, H), sg.nn.LSTMCell(I, H)
     mine.load_state_dict(ref.state_dict(), assign=True)
