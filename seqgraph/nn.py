@@ -25,7 +25,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from . import cells
 from .errors import InputError
 from .layers import reverse_sequences
-from .recurrence import ParamTree, Recurrence, autocast_casts, check_has_values, check_lengths_shape, register_nested
+from .recurrence import (ParamTree, Recurrence, autocast_casts, check_has_values, check_lengths_shape, odd_one_out,
+                         register_nested)
 
 BACKENDS = ("reference", "torch", "triton", "cpu", "auto")
 
@@ -289,6 +290,13 @@ class _RNNBase(_Owner):
                              f"Expected {self.input_size}, got {x.shape[-1]}")
         p = self._weight_like()
         if x.dtype != p.dtype and not autocast_casts(x.dtype, p.dtype, x.device):
+            named = list(self.named_parameters())
+            if len({(v.dtype, v.device) for _, v in named}) > 1:  # (then the parameters are the mistake)
+                odd, common = odd_one_out([v for _, v in named])
+                raise InputError(f"sg.nn.{self.mode}: parameter {named[odd][0]!r} is {named[odd][1].dtype} on "
+                                 f"{named[odd][1].device} but {named[common][0]!r} and the others are "
+                                 f"{named[common][1].dtype} on {named[common][1].device}; give every parameter "
+                                 f"one dtype and device (module.to(...))")
             raise InputError(f"sg.nn.{self.mode}: input has dtype {x.dtype} but the parameters are {p.dtype}")
         B = x.shape[1]
         if lengths is not None:

@@ -93,6 +93,14 @@ def _picked_ids(rows: torch.Tensor, path) -> torch.Tensor:
     return rows
 
 
+def odd_one_out(tensors: Sequence[torch.Tensor]) -> tuple[int, int]:
+    """(the first tensor whose dtype and device differ from the most common pair, the first
+    that has it) among tensors that do not all agree."""
+    kinds = [(t.dtype, t.device) for t in tensors]
+    common = max(kinds, key=kinds.count)  # (a tie: the first one's)
+    return next(i for i, k in enumerate(kinds) if k != common), kinds.index(common)
+
+
 def check_has_values(v, name: str, device, who: str) -> None:
     """Refuse lengths or a mask on the meta device for inputs that are not: it holds no values
     to read the steps from."""
@@ -659,9 +667,10 @@ class Recurrence(nn.Module):
         if v.shape != node.shape:
             raise InputError(f"{self._where()}: {what(k)} (declared at {node.site}) must have shape "
                              f"{tuple(node.shape)}, got {tuple(v.shape)}")
-        raise InputError(f"{self._where()}: {what(k)} (declared at {node.site}) is {v.dtype} on {v.device} "
-                         f"but {what(0)} is {first.dtype} on {first.device}; give every "
-                         f"parameter one dtype and device (module.to(...))")
+        odd, common = odd_one_out(values)  # (name the one that differs from the rest, not the first)
+        raise InputError(f"{self._where()}: {what(odd)} (declared at {nodes[odd].site}) is {values[odd].dtype} on "
+                         f"{values[odd].device} but {what(common)} and the others are {values[common].dtype} on "
+                         f"{values[common].device}; give every parameter one dtype and device (module.to(...))")
 
     def _check_mask(self, lengths, mask, T, B, device):
         if lengths is None and mask is None:  # every step real (the common call: no name to build)

@@ -632,8 +632,17 @@ def test_a_parameter_of_another_dtype_than_the_rest_is_refused(backend):
     run = sg.compile(rec, backend=backend)
     rec.params.hh.bias = torch.nn.Parameter(rec.params.hh.bias.double())
     with pytest.raises(sg.InputError, match=r"parameter 'hh.bias' \(declared at .*\) is torch.float64 on cpu but "
-                                            r"parameter 'ih.weight' is torch.float32 on cpu"):
+                                            r"parameter 'ih.weight' and the others are torch.float32 on cpu"):
         run(_x(T, B, I).float())
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float64])
+def test_the_one_parameter_of_another_dtype_is_named_whatever_the_input(x_dtype):
+    lstm = sg.nn.LSTM(I, H)
+    lstm.weight_ih_l0.data = lstm.weight_ih_l0.data.double()  # the first of four; the rest stay float32
+    with pytest.raises(sg.InputError, match=r"parameter 'weight_ih_l0' .*is torch.float64 on cpu but "
+                                            r"'?(parameter )?'?\w+'? and the others are torch.float32"):
+        lstm(_x(T, B, I).to(x_dtype))
 
 
 def test_sg_nn_names_a_replaced_weight_by_its_attribute():
