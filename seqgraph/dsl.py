@@ -258,6 +258,11 @@ def concat(nodes: Sequence[Node], dim: int = -1, name: str | None = None) -> Nod
         raise TypeError(f"sg.concat takes a list of nodes, e.g. sg.concat([x, h]), got {type(nodes).__name__}"
                         f"{why} (at {user_site()})")
     nodes = list(nodes)  # a generator, map or dict.values() in its order
+    for k, n in enumerate(nodes):
+        if isinstance(n, numbers.Number) and not isinstance(n, bool):
+            raise TypeError(f"sg.concat (at {user_site()}): operand {k} is the number {n!r}, which has no features "
+                            f"to put side by side; concatenate nodes (a constant vector: sg.Parameter with a "
+                            f"fixed init, or x * 0 + {n!r} for one the size of x)")
     return make("concat", tuple(_node(n, "concat") for n in nodes), name=name, dim=_index(dim, "sg.concat: dim"))
 
 

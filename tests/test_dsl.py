@@ -846,3 +846,10 @@ def test_sign_is_minus_one_zero_or_one_with_a_zero_derivative():
     assert out.tolist() == [[[-1.0, 0.0, 1.0, 0.0]]]
     (g,) = torch.autograd.grad(out.sum(), xs)
     assert torch.equal(g, torch.zeros_like(xs))
+
+
+def test_concat_of_a_python_number_says_numbers_have_no_features():
+    x = sg.Input(4, name="x")
+    with pytest.raises(TypeError, match=r"sg.concat \(at test_dsl.py:\d+\): operand 1 is the number 1.0, which "
+                                        r"has no features"):
+        sg.concat([x, 1.0])

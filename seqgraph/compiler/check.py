@@ -75,7 +75,11 @@ def _check_cell(inputs, states, outputs, contexts) -> list[Node]:
         if nxt is prev:
             warnings.warn(f"{describe(prev)} is its own next value, so it never changes: a constant state "
                           f"(if that is not meant, give states= its new value)", stacklevel=4)
-        if nxt.shape != prev.shape or not nxt.batched or nxt.dtype != prev.dtype:
+        if not nxt.batched:
+            _fail(ShapeError, f"the next value of {describe(prev)}, {describe(nxt)}, does not depend on the batch "
+                              f"(it is a parameter or constant); a state's next value must be a per-example "
+                              f"value of shape (B,{','.join(map(str, prev.shape))})", nxt, edge=(nxt, prev))
+        if nxt.shape != prev.shape or nxt.dtype != prev.dtype:
             b = "(B," if nxt.batched else "("
             _fail(ShapeError, f"{describe(prev)} has shape (B,{','.join(map(str, prev.shape))}) but its next value "
                               f"{describe(nxt)} has shape {b}{','.join(map(str, nxt.shape))}) {nxt.dtype}",
@@ -108,7 +112,8 @@ def _check_cell(inputs, states, outputs, contexts) -> list[Node]:
             if c.id not in reached:
                 _fail(WiringError, f"{describe(c)} is not used by any output or next state", c)
     _check_chunk_pieces(order, reached)
-    _check_unique_names([n for n in order if n.op in ("input", "state", "context")])
+    _check_unique_names([n for n in order if n.op in ("input", "state", "context")
+                         or n.op == "param" and n.module is None])  # (a module's are named by its scope)
     return order
 
 

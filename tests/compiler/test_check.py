@@ -66,8 +66,16 @@ def test_next_value_without_batch_is_a_shape_error():
     w, at_w = sg.Parameter(4, name="w"), here()
     with pytest.raises(sg.ShapeError) as err:
         sg.Cell(inputs=[x], states={h: w}, outputs=[x + h])
-    assert str(err.value) == (f"State 'h' (declared at {at_h}) has shape (B,4) but its next value "
-                              f"Parameter 'w' (declared at {at_w}) has shape (4) float")
+    assert str(err.value) == (f"the next value of State 'h' (declared at {at_h}), Parameter 'w' (declared at "
+                              f"{at_w}), does not depend on the batch (it is a parameter or constant); a state's "
+                              f"next value must be a per-example value of shape (B,4)")
+
+
+def test_a_parameter_named_as_a_state_is_a_wiring_error():
+    x, h = sg.Input(4, name="x"), sg.State(4, name="h")
+    p = sg.Parameter(4, name="h")
+    with pytest.raises(sg.WiringError, match=r"two leaves are named 'h': State 'h' .* and Parameter 'h'"):
+        sg.Cell(inputs=[x], states={h: sg.tanh(x + h * p)})
 
 
 def test_input_used_but_not_declared():
