@@ -96,7 +96,7 @@ def _picked_ids(rows: torch.Tensor, path) -> torch.Tensor:
 def odd_one_out(tensors: Sequence[torch.Tensor]) -> tuple[int, int]:
     """(the first tensor whose dtype and device differ from the most common pair, the first
     that has it) among tensors that do not all agree."""
-    kinds = [(t.dtype, t.device) for t in tensors]
+    kinds = [(getattr(t, "dtype", None), getattr(t, "device", None)) for t in tensors]
     common = max(kinds, key=kinds.count)  # (a tie: the first one's)
     return next(i for i, k in enumerate(kinds) if k != common), kinds.index(common)
 
@@ -294,8 +294,9 @@ class Recurrence(nn.Module):
         in that hook."""
         for mod in self._modules["params"].modules():
             if mod._forward_pre_hooks:
-                for hook in tuple(mod._forward_pre_hooks.values()):
-                    hook(mod, ())
+                with_kwargs = mod._forward_pre_hooks_with_kwargs
+                for key, hook in tuple(mod._forward_pre_hooks.items()):
+                    hook(mod, (), {}) if key in with_kwargs else hook(mod, ())
 
     def _paths(self) -> list[tuple[str, tuple, str]]:
         """(key, owner path, leaf name) of each parameter, each key split once."""

@@ -347,6 +347,14 @@ def test_a_pruned_level_of_the_parameter_tree_reads_its_masked_weight_at_every_c
     assert not torch.equal(rec.params.hh.weight_orig, rec.params.hh.weight_orig * rec.params.hh.weight_mask)
 
 
+@pytest.mark.parametrize("with_kwargs", [False, True])
+def test_a_forward_pre_hook_on_a_level_of_the_parameter_tree_runs_once_per_call(with_kwargs):
+    rec, seen = sg.Recurrence(sg.cells.gru(4, 6)), []
+    rec.params.hh.register_forward_pre_hook(lambda module, *args: seen.append(module), with_kwargs=with_kwargs)
+    rec(torch.randn(3, 2, 4))
+    assert seen == [rec.params.hh]
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
 def test_spectral_norm_on_a_level_of_the_parameter_tree_trains_its_original_weight(backend):
     rec = sg.compile(sg.Recurrence(sg.cells.gru(4, 6)), backend=backend)
