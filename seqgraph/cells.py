@@ -453,6 +453,8 @@ class NormStabilizer(nn.Module):
         if reduction not in NORM_STABILIZER_REDUCTIONS:
             raise ValueError(f"sg.NormStabilizer: reduction must be one of {NORM_STABILIZER_REDUCTIONS}, "
                              f"got {reduction!r}")
+        if isinstance(beta, torch.Tensor) and beta.numel() == 1 and beta.is_floating_point():
+            beta = beta.item()
         if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not beta >= 0:
             raise ValueError(f"sg.NormStabilizer: beta, the penalty's weight, must be a number >= 0, got {beta!r}")
         _check_takes_lengths(module, "sg.NormStabilizer: module")

@@ -127,6 +127,22 @@ def _check_takes_lengths(module: nn.Module, who: str) -> None:
                     f"lengths= and mask=, which layers pass to each module; use {hint}an sg.Recurrence")
 
 
+def _check_takes_a_state(module: nn.Module, who: str) -> None:
+    """Repeater calls its module as module(x, state): one whose forward takes one argument (a
+    torch.nn.Linear, say) is refused when built, not at its first call."""
+    entry = module.__call__ if type(module).forward is nn.Module.forward else module.forward
+    try:
+        params = list(inspect.signature(entry).parameters.values())
+    except (TypeError, ValueError):  # a forward Python cannot describe: its first call will say
+        return
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params):
+        return
+    raise TypeError(f"{who} ({type(module).__module__}.{type(module).__qualname__}) has a forward that takes no "
+                    f"state; it is called as module(x, state), as a recurrent module is: use an sg.Recurrence "
+                    f"or an sg.nn layer")
+
+
 def _feature_sizes(module: nn.Module) -> tuple[int | None, int | None]:
     """(input features, output features) of a Recurrence layer when its cell says (one input,
     one output, each a vector per step) or of an sg.nn layer; None where it does not (any other
@@ -447,7 +463,7 @@ class Repeater(nn.Module):
         super().__init__()
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
             raise ValueError(f"sg.Repeater: steps must be an int >= 0, got {steps!r}")
-        _check_takes_lengths(module, "sg.Repeater: module")
+        _check_takes_a_state(module, "sg.Repeater: module")
         self.module = module
         self.steps = int(steps)
         self.batch_first = _layout_of("sg.Repeater", [module], batch_first)

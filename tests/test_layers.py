@@ -388,6 +388,10 @@ def test_stack_dropout_must_be_a_number_in_zero_one(dropout):
         sg.Stack([sg.Recurrence(sg.cells.gru(I, H))], dropout=dropout)
 
 
+def test_norm_stabilizer_takes_beta_as_a_one_element_tensor():
+    assert sg.NormStabilizer(sg.Recurrence(sg.cells.lstm(I, H)), beta=torch.tensor(0.5)).beta == 0.5
+
+
 @pytest.mark.parametrize("beta", [None, "1", -1.0, True, float("nan")])
 def test_norm_stabilizer_beta_must_be_a_number_at_least_zero(beta):
     with pytest.raises(ValueError, match=r"sg.NormStabilizer: beta, the penalty's weight, must be a number >= 0"):
@@ -437,10 +441,16 @@ def test_a_repeater_given_the_wrong_feature_size_names_its_own_input_not_the_rep
         sg.Repeater(sg.Recurrence(sg.cells.gru(I, H)), 3)(torch.randn(B, I + 1))
 
 
-def test_a_repeater_of_a_module_without_lengths_is_refused_when_built():
+def test_a_repeater_of_a_module_that_takes_no_state_is_refused_when_built():
     with pytest.raises(TypeError, match=r"sg.Repeater: module \(torch.nn.modules.linear.Linear\) has a forward "
-                                        r"without lengths="):
+                                        r"that takes no state"):
         sg.Repeater(nn.Linear(I, H), 3)
+
+
+def test_a_repeater_runs_torchs_own_rnn_which_takes_no_lengths():
+    gru = nn.GRU(I, H)
+    out, h = sg.Repeater(gru, 3)(torch.randn(B, I))
+    assert out.shape == (3, B, H) and h.shape == (1, B, H)
 
 
 def test_a_stack_of_a_cell_says_to_wrap_it_in_a_recurrence():

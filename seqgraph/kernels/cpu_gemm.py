@@ -406,7 +406,7 @@ PACKED_MIN_ROWS, TINY_FLOPS, TN_MIN_ROWS = 128, 262144, 64
 def _torch_is_faster(M: int, N: int, K: int, packs: bool) -> bool:
     """Whether a product x (M, K) times a weight (N, K) runs faster in torch's GEMM; `packs`:
     sg_mm would copy the weight into panels first."""
-    return M < PACKED_MIN_ROWS if packs else 2 * M * N * K < TINY_FLOPS
+    return 2 * M * N * K < TINY_FLOPS or packs and M < PACKED_MIN_ROWS
 
 
 def _read_in_place(s0: int, s1: int) -> bool:

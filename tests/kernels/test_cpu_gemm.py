@@ -362,6 +362,12 @@ def test_a_product_too_small_to_pay_for_the_call_takes_torchs_gemm(sized_calls):
     assert sized_calls.calls == 0
 
 
+def test_a_tiny_product_with_a_weight_it_would_pack_takes_torchs_gemm(sized_calls):
+    x, w = torch.randn(cpu_gemm.PACKED_MIN_ROWS, 8), torch.randn(16, 8)  # enough rows, but 32K flops
+    _close(cpu_gemm.linear(x, w), x @ w.t(), 8)
+    assert sized_calls.calls == 0
+
+
 def test_a_weight_gradient_over_a_few_rows_takes_torchs_gemm(monkeypatch):
     monkeypatch.setenv("SEQGRAPH_CPU_GEMM", "seqgraph")
     calls = _spy(monkeypatch, "sg_matmul_tn")
@@ -371,7 +377,7 @@ def test_a_weight_gradient_over_a_few_rows_takes_torchs_gemm(monkeypatch):
 
 
 def test_linear_without_gradients_records_no_graph(sized_calls):
-    x, w = torch.randn(200, 16), torch.randn(24, 16, requires_grad=True)
+    x, w = torch.randn(200, 64), torch.randn(96, 64, requires_grad=True)
     with torch.no_grad():
         y = cpu_gemm.linear(x, w)
     assert y.grad_fn is None and not y.requires_grad
