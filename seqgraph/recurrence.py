@@ -471,7 +471,9 @@ class Recurrence(nn.Module):
                 stacked = [v + link.to(v.dtype) if v.is_floating_point() else v for v in stacked]
                 states = [v + link.to(v.dtype) for v in states]
         # the final states are the caller's to change in place: not tensors autograd saved
-        states = [v.clone() if v.requires_grad else v for v in states]
+        # (traced, always copied: torch.jit.trace checks its graph by a second run without
+        # gradients, which must record the same ops)
+        states = [v.clone() if v.requires_grad or torch.jit.is_tracing() else v for v in states]
         return stacked, states
 
     # -- argument checks ------------------------------------------------------------------------

@@ -645,6 +645,23 @@ def test_torch_jit_trace_of_the_reference_warns_that_it_records_the_examples_ste
         torch.jit.trace(Outputs(), (torch.randn(2, 1, 3),), check_trace=False)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning", "ignore::RuntimeWarning")
+@pytest.mark.parametrize("cell", [lambda: sg.cells.gru(3, 4), lambda: sg.cells.lstm(3, 4)], ids=["gru", "lstm"])
+def test_torch_jit_trace_of_the_reference_passes_its_own_check_and_runs_other_batches(cell):
+    # the check runs the module again without gradients: it must record the same graph
+    class Outputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rec = sg.Recurrence(cell())
+
+        def forward(self, x):
+            return self.rec(x)[0]
+    module = Outputs()
+    traced = torch.jit.trace(module, (torch.randn(2, 1, 3),))
+    x = torch.randn(2, 5, 3)
+    torch.testing.assert_close(traced(x), module(x))
+
+
 @pytest.mark.parametrize("backend", ["auto", "cpu", "torch", "triton"])
 def test_under_cpu_autocast_a_compiled_module_computes_what_the_reference_does(backend):
     rec = sg.Recurrence(sg.cells.gru(3, 4))
