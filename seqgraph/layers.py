@@ -110,14 +110,21 @@ def _recurrence_cell(module: nn.Module) -> Cell | None:
     return module.cell if isinstance(module, Recurrence) else None
 
 
+def _forward_parameters(module: nn.Module) -> list[inspect.Parameter] | None:
+    """The parameters of the module's forward (or of its __call__, where it defines that
+    instead); None for a forward Python cannot describe (its first call will say)."""
+    entry = module.__call__ if type(module).forward is nn.Module.forward else module.forward
+    try:
+        return list(inspect.signature(entry).parameters.values())
+    except (TypeError, ValueError):
+        return None
+
+
 def _check_takes_lengths(module: nn.Module, who: str) -> None:
     """Layers call each module as module(x, state, lengths=, mask=): one whose forward takes
     neither (torch.nn.GRU, say) is refused when built, not at its first call."""
-    # a module may define __call__ instead of forward
-    entry = module.__call__ if type(module).forward is nn.Module.forward else module.forward
-    try:
-        params = inspect.signature(entry).parameters.values()
-    except (TypeError, ValueError):  # a forward Python cannot describe: its first call will say
+    params = _forward_parameters(module)
+    if params is None:
         return
     if any(p.kind is p.VAR_KEYWORD for p in params) or {"lengths", "mask"} <= {p.name for p in params}:
         return
@@ -130,10 +137,8 @@ def _check_takes_lengths(module: nn.Module, who: str) -> None:
 def _check_takes_a_state(module: nn.Module, who: str) -> None:
     """Repeater calls its module as module(x, state): one whose forward takes one argument (a
     torch.nn.Linear, say) is refused when built, not at its first call."""
-    entry = module.__call__ if type(module).forward is nn.Module.forward else module.forward
-    try:
-        params = list(inspect.signature(entry).parameters.values())
-    except (TypeError, ValueError):  # a forward Python cannot describe: its first call will say
+    params = _forward_parameters(module)
+    if params is None:
         return
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params):
