@@ -663,7 +663,7 @@ class Recurrence(nn.Module):
         def what(i):
             return (f"parameter {shown.get(keys[i], keys[i])!r}" if i < len(keys)
                     else f"learned initial state {nodes[i].name!r}")
-        node, v, first = nodes[k], values[k], values[0]
+        node, v = nodes[k], values[k]
         if not isinstance(v, torch.Tensor):
             raise InputError(f"{self._where()}: {what(k)} (declared at {node.site}) must be a tensor, "
                              f"got {type(v).__name__}")
