@@ -443,6 +443,21 @@ class Bidirectional(nn.Module):
         """Drop the state a remember=True forward direction carries."""
         _forget_all([self.fwd, self.bwd])
 
+    @property
+    def remember(self) -> bool:
+        """Whether the forward direction carries its final state into the next call (the
+        backward one reads each sequence from its end, so it cannot)."""
+        return bool(getattr(self.fwd, "remember", False))
+
+    @remember.setter
+    def remember(self, on: bool) -> None:
+        if not hasattr(self.fwd, "remember"):
+            if on:  # (switching it off asks nothing of it)
+                raise AttributeError(f"sg.Bidirectional: fwd ({type(self.fwd).__name__}) cannot remember its state "
+                                     f"between calls (an sg.Recurrence can); pass its final state back in instead")
+            return
+        self.fwd.remember = bool(on)
+
     def _time_major(self, x):
         return x.transpose(0, 1) if self.batch_first else x
 

@@ -896,6 +896,27 @@ def test_switching_remember_off_on_a_stack_asks_nothing_of_layers_that_cannot_re
     assert first.remember is False
 
 
+def test_remember_set_on_a_bidirectional_layer_carries_the_forward_directions_state():
+    bi = sg.Bidirectional(sg.Recurrence(sg.cells.gru(3, 4)))
+    assert bi.remember is False
+    bi.remember = True  # (it was a plain attribute that did nothing)
+    assert bi.remember and bi.fwd.remember and not bi.bwd.remember
+    x = torch.randn(4, 2, 3)
+    first, _ = bi(x)
+    second, _ = bi(x)
+    assert not torch.allclose(first[..., :4], second[..., :4])
+    torch.testing.assert_close(first[..., 4:], second[..., 4:])  # the backward direction starts afresh
+    bi.forget()
+    torch.testing.assert_close(bi(x)[0], first)
+
+
+def test_a_bidirectional_layer_whose_forward_direction_cannot_remember_says_so():
+    bi = sg.Bidirectional(sg.nn.LSTM(3, 4))
+    with pytest.raises(AttributeError, match=r"sg.Bidirectional: fwd \(LSTM\) cannot remember its state"):
+        bi.remember = True
+    bi.remember = False
+
+
 def test_a_backward_direction_switched_to_remember_after_it_was_built_is_refused_at_the_call():
     bi = sg.Bidirectional(sg.Recurrence(sg.cells.gru(3, 4)))
     bi.bwd.remember = True
