@@ -61,3 +61,34 @@ def test_random_cells_with_frozen_weights_give_the_references_other_gradients(re
             assert a is None and b is None or (a if a is not None else b).abs().max() == 0
         else:
             torch.testing.assert_close(b, a)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cell_recipes(max_steps=6), st.integers(0, 2**16), st.sampled_from(["torch", "cpu"]), st.booleans())
+def test_a_loss_on_some_results_gives_none_only_where_the_reference_gradient_is_none_or_zero(recipe, seed, backend,
+                                                                                          masked):
+    # the compiled backward gives None to what no result the loss reads depends on (reached_by_gradient)
+    cell, sizes = build_cell(recipe)
+    torch.manual_seed(seed)
+    rec = sg.Recurrence(cell).double()
+    comp = sg.compile(rec, backend=backend)
+    names = [prev.name for prev, _ in rec.cell.states]
+    picks = torch.rand(1 + len(names)) < 0.5
+    picks[int(torch.randint(len(picks), ()))] = True  # at least one result
+    xs = tuple(torch.randn(4, 3, s, dtype=torch.float64, requires_grad=True) for s in sizes)
+    h0 = {n: torch.randn(3, *p.shape, dtype=torch.float64, requires_grad=True)
+          for n, (p, _) in zip(names, rec.cell.states)}
+    wrt = list(rec.parameters()) + list(xs) + list(h0.values())
+    grads = []
+    for module in (rec, comp):
+        out, fin = module(xs, h0, lengths=torch.tensor([4, 2, 0]) if masked else None)
+        results = [out] + [fin[n] for n in names]
+        loss = sum((r * r).sum() for r, p in zip(results, picks) if p)
+        grads.append(torch.autograd.grad(loss, wrt, allow_unused=True))
+    for want, got in zip(*grads):
+        if got is None:
+            assert want is None or want.abs().max() == 0
+        elif want is None:
+            assert got.abs().max() == 0
+        else:
+            torch.testing.assert_close(got, want)
