@@ -159,7 +159,7 @@ def norm_dim(dim: int, rank: int) -> int:
 def _floats(inputs):
     for i in inputs:
         if i.dtype != "float":
-            raise ShapeProblem(f"operand {i.label()!r} has dtype {i.dtype}, expected float")
+            raise ShapeProblem(f"operand {mention(i)} has dtype {i.dtype}, expected float")
 
 
 def _tdim(node: Node, dim: int) -> int:
@@ -899,7 +899,7 @@ def _linear_shape(inputs, attrs):
         raise ShapeProblem("the weight of linear must be an unbatched (out, in) matrix")
     if not x.shape or x.shape[-1] != w.shape[1]:
         got = x.shape[-1] if x.shape else "a scalar"
-        raise ShapeProblem(f"expects {w.shape[1]} input features but its input {x.label()!r} has {got}")
+        raise ShapeProblem(f"expects {w.shape[1]} input features but its input {mention(x)} has {got}")
     return x.shape[:-1] + (w.shape[0],), x.batched, "float"
 
 
@@ -1317,9 +1317,15 @@ def _embedding_shape(inputs, attrs):
     return idx.shape + (w.shape[1],), idx.batched, "float"
 
 
+def _embedding_named(n) -> str:
+    """`Embedding 'embed' (declared at f.py:3)`, or without a name for an unnamed one (never an
+    internal label; str() of the site: the tracer formats no dataclass)."""
+    return f"Embedding{f' {n.name!r}' if n.name else ''} (declared at {str(n.site)})"
+
+
 def _index_error_text(n, num: int) -> str:
-    """The message of an index out of range (str() of the site: the tracer formats no dataclass)."""
-    return f"Embedding '{n.label()}' (declared at {str(n.site)}) has {num} rows and got an index outside them"
+    """The message of an index out of range, checked on the device."""
+    return f"{_embedding_named(n)} has {num} rows and got an index outside them"
 
 
 def _embedding_torch(n, idx, w):
@@ -1328,7 +1334,7 @@ def _embedding_torch(n, idx, w):
     if torch.compiler.is_compiling():  # a traced graph checks on the device, without reading the values
         torch._assert_async(((idx >= 0) & (idx < num)).all(), _index_error_text(n, num))
     elif idx.numel() and not idx.is_meta and (int(idx.min()) < 0 or int(idx.max()) >= num):  # (meta: no values)
-        raise IndexError(f"Embedding '{n.label()}' (declared at {n.site}) has {num} rows but got index "
+        raise IndexError(f"{_embedding_named(n)} has {num} rows but got index "
                          f"{int(idx.min()) if int(idx.min()) < 0 else int(idx.max())}")
     out = F.embedding(idx, w, padding_idx=pad)  # (padding_idx: that row gets no gradient)
     if pad is not None and n.attrs.get("zero_padding"):
