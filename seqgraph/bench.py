@@ -3,8 +3,8 @@
 `python -m seqgraph bench` times, for each cell and size, the forward pass and forward+backward
 of: torch.nn.LSTM/GRU (cuDNN on GPU, oneDNN on CPU) where the cell has one, the same cell as an
 eager PyTorch loop (plain torch ops, autograd), torch.compile of that loop (compile time
-reported apart), optionally JAX's jitted lax.scan of it (bench_jax.py), and seqgraph's
-compiled backends, their runs taken in turn. It prints medians
+reported apart), optionally JAX's jitted lax.scan of it (bench_jax.py) and Keras's RNN layer
+(bench_keras.py), and seqgraph's compiled backends, their runs taken in turn. It prints medians
 and ratios to the fastest peer, peak memory, and with --out FILE writes the table as a
 Markdown section named after the machine into FILE (docs/benchmarks.md holds ours). Timing is
 never a unit test; this module only measures.
@@ -225,6 +225,11 @@ def run_case(cell_name: str, size: str, device, dtype, reps: int, peers: set[str
         from .bench_jax import jax_peer
         jf, jfb, jcs = jax_peer(cell_name, params, x, zeros)
         add("jax.lax.scan (jit)", jf, compile_s=jcs, fwdbwd=jfb)
+    if "keras" in peers:  # (Keras 3 on the torch backend: the same tensors and autograd)
+        from .bench_keras import keras_layer
+        layer = keras_layer(cell_name, params, [tuple(p.shape) for p, _ in rec.cell.states], device, dtype)
+        add({"lstm": "keras.layers.LSTM", "gru": "keras.layers.GRU"}.get(cell_name, "keras.layers.RNN(cell)"),
+            lambda: layer(x))
     backends = ["torch"] + (["triton"] if device.type == "cuda" else ["cpu"])
     for backend in backends:
         if f"seqgraph-{backend}" not in peers:
@@ -280,7 +285,8 @@ def format_table(rows: list[dict]) -> str:
 def machine_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {cpu_model()}, {torch.get_num_threads()} threads"
+    n = torch.get_num_threads()
+    return f"CPU {cpu_model()}, {n} thread{'s' if n != 1 else ''}"
 
 
 def cpu_model() -> str:
@@ -317,7 +323,7 @@ def write_section(path: str, title: str, body: str) -> bool:
 
 
 PEERS = ("cudnn", "eager", "torch.compile", "seqgraph-torch", "seqgraph-triton", "seqgraph-cpu")
-OPTIONAL_PEERS = ("jax",)  # asked for by name: JAX is not a dependency (bench_jax.py)
+OPTIONAL_PEERS = ("jax", "keras")  # asked for by name: neither is a dependency (bench_jax.py, bench_keras.py)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peers", default=",".join(PEERS),
                     help=f"comma list of {list(PEERS + OPTIONAL_PEERS)} (seqgraph-triton on CUDA only, seqgraph-cpu "
                          f"on the CPU only; torch.nn's LSTM and GRU are the cudnn column; jax, a jitted lax.scan "
-                         f"of the cell, where JAX is installed, on the CPU)")
+                         f"of the cell, where JAX is installed, on the CPU; keras, Keras 3's RNN layer on the torch backend, where "
+                         f"Keras is installed)")
     ap.add_argument("--out", default=None, help="Markdown file to write the table into (a section per machine)")
     args = ap.parse_args(argv)
     for flag in ("reps", "burst"):
@@ -360,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--peers jax: JAX is not installed here (pip install jax); seqgraph does not depend on it")
         if device.type != "cpu":
             ap.error(f"--peers jax: the JAX peer runs on the CPU only, not {device.type}")
+    if "keras" in peers:
+        from .bench_keras import available as keras_available
+        if not keras_available():
+            ap.error("--peers keras: Keras is not installed here (pip install keras); seqgraph does not depend on it")
     runnable = peers - {"seqgraph-cpu" if device.type == "cuda" else "seqgraph-triton"}
     if not runnable:
         ap.error(f"--peers: none of {args.peers} runs on {device.type}")

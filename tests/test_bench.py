@@ -232,3 +232,56 @@ def test_the_harness_refuses_the_jax_peer_where_jax_is_missing(monkeypatch, caps
     with pytest.raises(SystemExit):
         bench.main(["--peers", "jax", "--cells", "lstm", "--sizes", "small"])
     assert "--peers jax: JAX is not installed here (pip install jax)" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------
+# the optional Keras peer (seqgraph/bench_keras.py): Keras 3 on the torch backend, installed by
+# the test extra; seqgraph itself does not depend on it
+# ---------------------------------------------------------------------------------------
+@pytest.fixture
+def keras_peer():
+    from seqgraph import bench_keras
+    if not bench_keras.available():
+        pytest.skip("Keras is not a dependency of seqgraph; the Keras peer is checked where it is installed")
+    bench_keras._keras()  # (imported on the torch backend, as the peer imports it)
+    return bench_keras
+
+
+@pytest.mark.parametrize("name", bench.CELLS)
+def test_the_keras_layer_computes_the_same_cell_and_input_gradient_as_seqgraph(name, keras_peer):
+    # (float32: Keras's torch backend runs some float64 products in float32)
+    torch.manual_seed(0)
+    rec = sg.Recurrence(bench.make_cell(name, 6, 6))
+    params = {k: v.detach() for k, v in rec.param_tensors().items()}
+    x = torch.randn(5, 3, 6, requires_grad=True)
+    want, _ = rec(x)
+    (want_dx,) = torch.autograd.grad(want.sum(), x)
+    layer = keras_peer.keras_layer(name, params, [tuple(p.shape) for p, _ in rec.cell.states],
+                                   torch.device("cpu"), torch.float32)
+    got = layer(x)
+    (got_dx,) = torch.autograd.grad(got.sum(), x)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got_dx, want_dx, atol=2e-5, rtol=1e-4)
+
+
+def test_the_keras_peer_gives_a_row_named_after_the_keras_layer(monkeypatch, keras_peer):
+    monkeypatch.setitem(bench.SIZES, "tiny", (3, 2, 4))
+    rows = bench.run_case("gru", "tiny", torch.device("cpu"), torch.float32, 1, {"eager", "keras"})
+    rows += bench.run_case("mufuru", "tiny", torch.device("cpu"), torch.float32, 1, {"keras"})
+    assert [r["peer"] for r in rows] == ["eager loop", "keras.layers.GRU", "keras.layers.RNN(cell)"]
+    assert all(r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["peak_mib"] is not None for r in rows)
+
+
+def test_the_keras_peer_refuses_keras_on_another_backend(monkeypatch, keras_peer):
+    import keras
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with pytest.raises(RuntimeError, match="needs Keras on the torch backend, but this process imported Keras on 'jax'"):
+        keras_peer.keras_layer("lstm", {}, [(4,), (4,)], torch.device("cpu"), torch.float32)
+
+
+def test_the_harness_refuses_the_keras_peer_where_keras_is_missing(monkeypatch, capsys):
+    from seqgraph import bench_keras
+    monkeypatch.setattr(bench_keras, "available", lambda: False)
+    with pytest.raises(SystemExit):
+        bench.main(["--peers", "keras", "--cells", "lstm", "--sizes", "small"])
+    assert "--peers keras: Keras is not installed here (pip install keras)" in capsys.readouterr().err
