@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import seqgraph as sg
+from .dsl import _count
 from .errors import InputError, user_site
 from .layers import _check_takes_lengths, _layout_of
 from .recurrence import valid_steps
@@ -94,29 +95,57 @@ def rnn(input_size: int, hidden_size: int, *, nonlinearity: str = "tanh", bias: 
     return sg.Cell(inputs=[x], states={h: h_next}, outputs=[h_next], name=f"rnn_{nonlinearity}")
 
 
+def _start_size(start) -> int | None:
+    """Torch7's `start` as a state size (a number, a one-number table or tensor), or None for a
+    module. A size that is not one positive integer is refused by name."""
+    if isinstance(start, sg.Module) or (callable(start) and not isinstance(start, torch.Tensor)):
+        return None
+    if isinstance(start, (tuple, list, torch.Size)) or (isinstance(start, torch.Tensor) and start.dim() == 1):
+        if len(start) != 1:
+            raise ValueError(f"sg.cells.recurrent: start as a size must be one number (the state size; Torch7's "
+                             f"nn.Add(start)), got {start!r}")
+        start = start[0]
+    if isinstance(start, torch.Tensor) and start.dim() == 0 and not start.is_floating_point():
+        start = int(start)
+    try:
+        return _count(start, "sg.cells.recurrent: start as a size (the state size)")
+    except ValueError:
+        if isinstance(start, (numbers.Number, torch.Tensor)):
+            raise
+    raise TypeError(f"sg.cells.recurrent: start must be the state size (an int) or a module, got {start!r}")
+
+
 def recurrent(start: int | sg.Module, input_module: sg.Module, feedback_module: sg.Module,
               transfer: sg.Module | Callable | None = None, merge: sg.Module | Callable | None = None, *,
-              input_size: int | None = None, hidden_size: int | None = None) -> sg.Cell:
+              input_size: int | None = None, hidden_size: int | None = None,
+              input_dtype: str | None = None) -> sg.Cell:
     """Torch7's nn.Recurrent(start, input, feedback, transfer, merge) as a cell.
 
     Step 1:   h = transfer(start(input(x)))
     Step t>1: h = transfer(merge([input(x), feedback(h_prev)]))
-    `start` is the state size (then it is a learned bias, Torch7's nn.Add(size)) or a module;
-    `transfer` defaults to sg.Sigmoid() and `merge` to sg.CAdd(), as in Torch7. A one-unit
-    state "started" (0 before the first step, 1 after it) picks the branch, so the first step
-    ignores the initial h exactly like Torch7; to continue a sequence pass
-    state={"h": h0, "started": torch.ones(B, 1)}. Sizes are read from `in_features` /
-    `out_features` of Linear modules unless given.
+    `start` is the state size (then it is a learned bias, Torch7's nn.Add(size); a one-number
+    tuple, list or tensor is a size too) or a module; `transfer` defaults to sg.Sigmoid() and
+    `merge` to sg.CAdd(), as in Torch7. A one-unit state "started" (0 before the first step, 1
+    after it) picks the branch, so the first step ignores the initial h exactly like Torch7; to
+    continue a sequence pass state={"h": h0, "started": torch.ones(B, 1)}. Sizes are read from
+    `in_features` / `out_features` of Linear modules unless given. An sg.Embedding as
+    `input_module` (Torch7's LookupTable) makes the input token ids, (T, B) of longs;
+    `input_dtype="long"` does so for another module that reads ids.
 
     >>> cell = sg.cells.recurrent(4, sg.Linear(3, 4), sg.Linear(4, 4), sg.Tanh())
     >>> cell.state_names
     ['h', 'started']
     """
-    if input_size is None:
+    start_size = _start_size(start)
+    if input_dtype is None:
+        input_dtype = "long" if isinstance(input_module, sg.Embedding) else "float"
+    if input_dtype not in ("float", "long"):
+        raise ValueError(f"sg.cells.recurrent: input_dtype must be 'float' or 'long' (token ids), got {input_dtype!r}")
+    if input_size is None and input_dtype == "float":
         input_size = getattr(input_module, "in_features", None)
     if hidden_size is None:
-        hidden_size = start if isinstance(start, int) else getattr(feedback_module, "out_features", None)
-    if input_size is None or hidden_size is None:
+        hidden_size = start_size if start_size is not None else getattr(feedback_module, "out_features", None)
+    if (input_size is None and input_dtype == "float") or hidden_size is None:
         raise ValueError("recurrent: cannot tell the input and state sizes from these modules; "
                          "pass input_size= and hidden_size=")
     for name, f in (("transfer", transfer), ("merge", merge)):
@@ -126,13 +155,13 @@ def recurrent(start: int | sg.Module, input_module: sg.Module, feedback_module: 
                             f"there is no rho: a Recurrence runs whole sequences, call it on windows to truncate)")
     transfer = transfer if transfer is not None else sg.Sigmoid()
     merge = merge if merge is not None else sg.CAdd()
-    if isinstance(start, int):
-        start_bias = sg.Parameter(start, name="start")  # Torch7's nn.Add(start)
+    if start_size is not None:
+        start_bias = sg.Parameter(start_size, name="start")  # Torch7's nn.Add(start)
         start_fn = lambda u: u + start_bias  # noqa: E731
     else:
         start_fn = start
 
-    x = sg.Input(input_size, name="x")
+    x = sg.Input(input_size, name="x") if input_dtype == "float" else sg.Input(name="x", dtype="long")
     h = sg.State(hidden_size, name="h")
     started = sg.State(1, name="started")
     u = input_module(x)
@@ -258,11 +287,13 @@ def _mufuru_op(op: str, s, v):
     raise AssertionError(op)  # "forget" contributes 0 and is never built
 
 
-def mufuru(input_size: int, hidden_size: int, ops: Sequence[str] = MUFURU_OPS) -> sg.Cell:
+def mufuru(input_size: int, hidden_size: int, ops: Sequence[str] = MUFURU_OPS, *,
+           feature_activation: str = "tanh") -> sg.Cell:
     """The Multi-Function Recurrent Unit (Weissenborn & Rocktäschel; Torch7 rnn's MuFuRu).
 
         r = sigmoid(W_xr x + W_sr s + b_r)
-        v = tanh(W_xv x + W_v (r * s) + b_v)
+        v = tanh(W_xv x + W_v (r * s) + b_v)    (the paper's and rnn's documented equation;
+                                                 Torch7's Mufuru.lua: feature_activation="sigmoid")
         p_j = softmax_j(W_xj x + W_sj s + b_j)     (per unit, over the J ops)
         s' = sum_j p_j * op_j(s, v)
     with ops from keep (s), replace (v), mul (s*v), diff (s-v), forget (0),
@@ -272,6 +303,8 @@ def mufuru(input_size: int, hidden_size: int, ops: Sequence[str] = MUFURU_OPS) -
     forget only) need no r or v: then "ih" and "hh" rows are [p_1..p_J], and there is no "hv".
     """
     _check_sizes("mufuru", input_size=input_size, hidden_size=hidden_size)
+    if feature_activation not in ("tanh", "sigmoid"):
+        raise ValueError(f"mufuru: feature_activation must be 'tanh' or 'sigmoid', got {feature_activation!r}")
     ops = tuple(ops)
     unknown = [o for o in ops if o not in MUFURU_OPS]
     if unknown or not ops or len(set(ops)) != len(ops):
@@ -291,7 +324,7 @@ def mufuru(input_size: int, hidden_size: int, ops: Sequence[str] = MUFURU_OPS) -
     if gates:
         (xr, xv, *xp), (sr, *sp) = xp, sp
         r = sg.sigmoid(xr + sr)
-        v = sg.tanh(xv + sg.Linear(H, H, bias=False, name="hv")(r * s))
+        v = getattr(sg, feature_activation)(xv + sg.Linear(H, H, bias=False, name="hv")(r * s))
 
     logits = [a + b for a, b in zip(xp, sp)]
     top = logits[0]

@@ -82,6 +82,37 @@ def test_recurrent_needs_sizes_it_cannot_infer():
         sg.cells.recurrent(sg.Identity(), sg.Identity(), sg.Linear(H, H))
 
 
+def test_recurrent_with_a_lookup_table_input_module_reads_token_ids_like_torch7():
+    # the seed's nn.Recurrent(H, nn.LookupTable(nIndex, H), nn.Linear(H, H), nn.Sigmoid(), rho)
+    rec = sg.Recurrence(sg.cells.recurrent(H, sg.Embedding(10, H, name="lut"), sg.Linear(H, H, name="fb")))
+    P = params_of(rec)
+    ids = torch.randint(0, 10, (T, B))
+    out, _ = rec(ids)
+    h = torch.sigmoid(P["lut.weight"][ids[0]] + P["start"])
+    expected = [h]
+    for t in range(1, T):
+        h = torch.sigmoid(P["lut.weight"][ids[t]] + lin(P, "fb", h))
+        expected.append(h)
+    assert_close(out, torch.stack(expected))
+
+
+@pytest.mark.parametrize("start", [(H,), [H], torch.Size([H]), torch.tensor(H), torch.tensor([H])],
+                         ids=["tuple", "list", "torch.Size", "0-d LongTensor", "1-element LongTensor"])
+def test_recurrent_takes_start_as_a_one_number_size_like_torch7(start):
+    np = pytest.importorskip("numpy")
+    for size in (start, np.int64(H)):
+        cell = sg.cells.recurrent(size, sg.Linear(I, H), sg.Linear(H, H))
+        assert cell.params["start"].shape == (H,)
+
+
+@pytest.mark.parametrize("start,error,message", [
+    ((H, 2), ValueError, "start as a size must be one number"), (0, ValueError, "must be a positive int, got 0"),
+    (2.5, ValueError, "must be a positive int, got 2.5"), ("5", TypeError, "start must be the state size")])
+def test_recurrent_refuses_a_start_that_is_neither_a_size_nor_a_module(start, error, message):
+    with pytest.raises(error, match=message):
+        sg.cells.recurrent(start, sg.Linear(I, H), sg.Linear(H, H))
+
+
 # ---------------------------------------------------------------------------------------
 # LSTM family
 # ---------------------------------------------------------------------------------------
@@ -261,7 +292,7 @@ def test_gru_reset_before_matches_torch7_equations():
     assert_close(final["h"], h)
 
 
-def mufuru_reference(P, ops):
+def mufuru_reference(P, ops, feature=torch.tanh):
     fns = {"keep": lambda s, v: s, "replace": lambda s, v: v, "mul": lambda s, v: s * v,
            "diff": lambda s, v: s - v, "forget": lambda s, v: torch.zeros_like(s),
            "sqrt_diff": lambda s, v: 0.25 * torch.sqrt(torch.abs(s - v)), "max": torch.maximum, "min": torch.minimum}
@@ -276,7 +307,7 @@ def mufuru_reference(P, ops):
         v = None
         if gates:
             r = torch.sigmoid(gx[:, 0] + gs[:, 0])  # eq. 1
-            v = torch.tanh(gx[:, 1] + (s * r) @ P["hv.weight"].T)  # eq. 2
+            v = feature(gx[:, 1] + (s * r) @ P["hv.weight"].T)  # eq. 2
         p = torch.softmax(gx[:, gates:] + gs[:, gates // 2:], dim=1)  # eqs. 3-4, per unit over the ops
         s2 = sum(p[:, j] * fns[op](s, v) for j, op in enumerate(ops))  # eq. 5
         return s2, (s2,)
@@ -294,6 +325,19 @@ def test_mufuru_matches_published_equations(ops):
     ref, (s,) = run_reference(mufuru_reference(params_of(rec), ops), x, (s0,))
     assert_close(out, ref)
     assert_close(final["s"], s)
+
+
+def test_mufuru_with_a_sigmoid_feature_vector_matches_torch7_mufuru_lua():
+    rec = sg.Recurrence(sg.cells.mufuru(I, H, feature_activation="sigmoid"))
+    x, s0 = torch.randn(T, B, I), torch.randn(B, H)
+    out, _ = rec(x, {"s": s0})
+    ref, _ = run_reference(mufuru_reference(params_of(rec), sg.cells.MUFURU_OPS, feature=torch.sigmoid), x, (s0,))
+    assert_close(out, ref)
+
+
+def test_mufuru_refuses_an_unknown_feature_activation():
+    with pytest.raises(ValueError, match="feature_activation must be 'tanh' or 'sigmoid', got 'relu'"):
+        sg.cells.mufuru(I, H, feature_activation="relu")
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
