@@ -21,7 +21,7 @@ from torch import nn
 
 import seqgraph as sg
 from .dsl import _count
-from .errors import InputError, user_site
+from .errors import InputError, refuse_torchscript, user_site
 from .layers import _check_takes_lengths, _layout_of
 from .recurrence import valid_steps
 
@@ -479,6 +479,8 @@ class NormStabilizer(nn.Module):
     output (an LSTM's c), list it among the cell's outputs. The penalty is
     `norm_stabilizer_loss` (Torch7's nn.NormStabilizer, as a wrapper rather than a step module).
     """
+
+    __prepare_scriptable__ = refuse_torchscript  # torch.jit.script: refused by name
 
     def __init__(self, module: nn.Module, beta: float = 1.0, output: int = 0, batch_first: bool | None = None,
                  reduction: str = "mean"):

@@ -532,7 +532,7 @@ class CompiledRecurrence(Recurrence):
         # the generated code is not pickled: loading compiles it again (or takes it from the
         # cache, which is keyed by the cell's structure)
         state = self.__dict__.copy()
-        state["_program"] = self._program.backend
+        state["_program"] = self.backend if state.pop("_missing_compiler", None) else self._program.backend
         state.pop("_named_programs", None)  # (generated again when asked)
         return state
 
@@ -549,8 +549,24 @@ class CompiledRecurrence(Recurrence):
             where = auto_backend(p.device, p.dtype) if p is not None else auto_backend(torch.device("cpu"))
             self._program = _auto_program(self.cell, where, self.unroll)
         else:
-            self._program = get_program(self.cell, state["_program"], self.unroll)
+            from .kernels.c_launch import CompilerMissing
+            try:
+                self._program = get_program(self.cell, state["_program"], self.unroll)
+            except CompilerMissing as e:  # loaded all the same, so its parameters can be read;
+                self._program = get_program(self.cell, "torch", self.unroll)  # a call says why it cannot run
+                self.__dict__["_missing_compiler"] = str(e)
         self._build_torch_fallback()
+
+    def _retry_backend(self) -> None:
+        """A module saved with backend="cpu" and loaded where no C compiler was found: build its
+        program now if one has appeared, else refuse the call by name."""
+        from .kernels.c_launch import CompilerMissing, find_compiler, why_no_compiler
+        if find_compiler() is None:
+            raise CompilerMissing(f"this module was saved with backend={self.backend!r}, whose kernels need a C "
+                                  f"compiler, and none was found here ({why_no_compiler()}); its parameters were "
+                                  f"loaded: sg.compile(module, backend='torch') runs them without one")
+        self._program = get_program(self.cell, self.backend, self.unroll)
+        del self.__dict__["_missing_compiler"]
 
     def plan(self) -> Plan:
         """The compiled schedule that a call with the parameters' dtype and device runs;
@@ -605,6 +621,8 @@ class CompiledRecurrence(Recurrence):
         # kernels compute float32 and float64 CPU tensors; others (meta ones too) run the torch
         # code, and so does everything under autocast, which picks each op's dtype where the
         # kernels have one.
+        if "_missing_compiler" in self.__dict__:
+            self._retry_backend()
         wanted = self._program.backend
         if self.backend == "auto":
             wanted = auto_backend(device, dtype)

@@ -2,8 +2,9 @@
 
 Every error seqgraph raises about a graph's shapes or wiring is a `GraphError`; its message
 names the node, its op and the file:line where the user created it (Python misused on a node,
-`torch.tanh(h)` or `h > 0`, is a TypeError that says what to write instead). This module only
-formats and finds sites: it must not import torch or know about ops.
+`torch.tanh(h)` or `h > 0`, is a TypeError that says what to write instead); torch.jit.script
+of a seqgraph module is refused by name (`refuse_torchscript`). This module only formats and
+finds sites: it must not import torch or know about ops.
 """
 from __future__ import annotations
 
@@ -97,3 +98,13 @@ def mention(node) -> str:
     """How a message refers to an operand: `'x'` when the user named it, else what made it and
     where (`Linear (declared at mycell.py:12)`), never an internal label such as `add_22`."""
     return repr(node.name) if node.name else describe(node)
+
+
+def refuse_torchscript(module) -> None:
+    """`__prepare_scriptable__` of seqgraph's modules: torch.jit.script compiles a module's Python
+    source, which seqgraph's forward (keyword arguments, generated code) is not written for."""
+    raise NotImplementedError(
+        f"torch.jit.script cannot compile {type(module).__name__}: seqgraph's modules take keyword arguments "
+        f"and run generated code, which TorchScript does not support. For deployment use torch.export (of an "
+        f"sg.compile'd module: T stays free) or torch.compile; sg.nn's LSTM, GRU and RNN keep torch.nn's "
+        f"state_dict keys, so their weights load into torch.nn's own layers, which script.")

@@ -23,7 +23,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .cell import Cell
 from .dsl import probability
-from .errors import InputError, user_stacklevel
+from .errors import InputError, refuse_torchscript, user_stacklevel
 from .recurrence import Recurrence, refuse_packed, valid_steps
 
 
@@ -191,6 +191,8 @@ class Stack(nn.Module):
     between layers (not after the last), like torch.nn.LSTM. `remember` reads and sets it on
     every layer that has it.
     """
+
+    __prepare_scriptable__ = refuse_torchscript  # torch.jit.script: refused by name
 
     def __init__(self, layers: Sequence[nn.Module], dropout: float = 0.0):
         super().__init__()
@@ -366,6 +368,8 @@ class Bidirectional(nn.Module):
     state: None or (state_fwd, state_bwd); kwargs (e.g. context=) go to both directions.
     """
 
+    __prepare_scriptable__ = refuse_torchscript  # torch.jit.script: refused by name
+
     def __init__(self, fwd: nn.Module, bwd: nn.Module | None = None, merge: str | Callable = "concat",
                  lm: bool = False, batch_first: bool | None = None):
         super().__init__()
@@ -479,6 +483,8 @@ class Repeater(nn.Module):
     forward(x, state=None, **kwargs): x is (B, *size), without a time dim; returns the inner
     module's (outputs, final_state) with outputs of `steps` steps."""
 
+    __prepare_scriptable__ = refuse_torchscript  # torch.jit.script: refused by name
+
     def __init__(self, module: nn.Module, steps: int, batch_first: bool | None = None):
         super().__init__()
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
@@ -537,6 +543,8 @@ class SequenceLoss(nn.Module):
     >>> loss = sg.SequenceLoss(nn.CrossEntropyLoss(reduction="none"))
     >>> value = loss(torch.randn(4, 2, 5), torch.randint(5, (4, 2)), lengths=torch.tensor([4, 2]))
     """
+
+    __prepare_scriptable__ = refuse_torchscript  # torch.jit.script: refused by name
 
     def __init__(self, criterion: Callable, reduction: str = "mean", repeat_target: bool = False,
                  batch_first: bool = False):

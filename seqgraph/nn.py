@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import cells
-from .errors import InputError
+from .errors import InputError, refuse_torchscript
 from .layers import reverse_sequences
 from .recurrence import (ParamTree, Recurrence, autocast_casts, check_has_values, check_lengths_shape, odd_one_out,
                          register_nested)
@@ -89,6 +89,8 @@ class _Owner(nn.Module):
     and per layer and direction an sg.Recurrence (`_recs[layer][direction]`, not a submodule)
     whose parameter tree holds those same Parameters (`_torch_names[layer][direction]`: cell
     key -> torch name)."""
+
+    __prepare_scriptable__ = refuse_torchscript  # torch.jit.script: refused by name
 
     def _own(self, recs: list[list[Recurrence]], torch_names: list[list[dict[str, str]]]) -> None:
         self._recs, self._torch_names = recs, torch_names

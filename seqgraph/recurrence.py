@@ -22,7 +22,7 @@ from .cell import Cell
 from .compiler.interpret import evaluate, run_step
 from .compiler.ir import topo_order
 from .compiler.ops import REGISTRY
-from .errors import InputError, WiringError, describe, user_stacklevel
+from .errors import InputError, WiringError, describe, refuse_torchscript, user_stacklevel
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX_DTYPES = (torch.int64, torch.int32)  # what torch.nn.functional.embedding takes
@@ -230,6 +230,8 @@ class Recurrence(nn.Module):
     (detached) starts the next call; forget() resets it.
     """
 
+    __prepare_scriptable__ = refuse_torchscript  # torch.jit.script: refused by name
+
     def __init__(self, cell: Cell, batch_first: bool = False, remember: bool = False):
         super().__init__()
         if not isinstance(cell, Cell):
@@ -411,7 +413,8 @@ class Recurrence(nn.Module):
         if torch.jit.is_tracing():  # the Python loop over T is unrolled into the trace
             warnings.warn(f"seqgraph: torch.jit.trace of {self._where()} records the example's {xs[0].shape[0]} "
                           f"steps: the traced module runs that many steps whatever T it is given (ONNX export "
-                          f"too). torch.export keeps T free.", RuntimeWarning, stacklevel=2)
+                          f"too; lengths= and mask= stay free). torch.export keeps T free.", RuntimeWarning,
+                          stacklevel=2)
         return self._reference_loop(xs, states0, contexts, noises, valid, dtype, device)
 
     def _reference_loop(self, xs, states0, contexts, noises, valid, dtype, device):
@@ -423,8 +426,11 @@ class Recurrence(nn.Module):
         T, B = xs[0].shape[0], xs[0].shape[1]
         states = list(states0)
         outs: list[list[torch.Tensor]] = [[] for _ in self.cell.outputs]
-        # one wait for the device, not T; "meta" tensors have shapes only: every step runs on all rows
-        full = [True] * T if valid is None or valid.is_meta else valid.all(1).tolist()
+        # one wait for the device, not T; "meta" tensors have shapes only: every step runs on all rows.
+        # Traced (torch.jit.trace, torch.export, torch.compile) the values of `valid` are unknown
+        # until run: every step runs on all rows and keeps its real ones (padded inputs are zeros)
+        traced = valid is not None and not valid.is_meta and (torch.jit.is_tracing() or torch.compiler.is_compiling())
+        full = [True] * T if valid is None or valid.is_meta or traced else valid.all(1).tolist()
         # noise drawn as one row (evaluation mode) gives a value that meets the batch only through it one row
         one_row = B != 1 and any((n.shape[0] if node.attrs["per_sequence"] else n.shape[1]) == 1
                                  for node, n in zip(self.cell.noises, noises))
@@ -433,7 +439,13 @@ class Recurrence(nn.Module):
             step_noise = [n[t] if node.attrs["per_sequence"] is False else n
                           for node, n in zip(self.cell.noises, noises)]
             leaves = ([x[t] for x in xs], states, contexts, step_noise)
-            if full[t]:
+            if traced:
+                o_all, next_all = fit(run_step(self.cell, *leaves, params, dtype=dtype, device=device), B)
+                real = valid[t]
+                o = [v.masked_fill(~real.view((B,) + (1,) * (v.dim() - 1)), 0) for v in o_all]
+                states = [torch.where(real.view((B,) + (1,) * (s.dim() - 1)), v.to(s.dtype), s)
+                          for s, v in zip(states, next_all)]
+            elif full[t]:
                 o, states = fit(run_step(self.cell, *leaves, params, dtype=dtype, device=device), B)
             else:
                 rows = valid[t].nonzero().squeeze(1)
@@ -461,7 +473,7 @@ class Recurrence(nn.Module):
                 return token_output(node, self.cell, xs, contexts, valid, dtype, device)
             return torch.zeros((0, B) + node.shape, dtype=dtype, device=device)
         stacked = [torch.stack(lst) if lst else no_steps(node) for lst, node in zip(outs, self.cell.outputs)]
-        if T == 0 or (valid is not None and not any(full) and not valid.any()):
+        if T == 0 or (valid is not None and not traced and not any(full) and not valid.any()):
             # no real step at all: the outputs are zeros and the final states the initial ones,
             # still in the graph with zero gradients, as in the compiled backends, so that a
             # loss over them can call backward

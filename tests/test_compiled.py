@@ -662,6 +662,56 @@ def test_torch_jit_trace_of_the_reference_passes_its_own_check_and_runs_other_ba
     torch.testing.assert_close(traced(x), module(x))
 
 
+class _FinalAndOutputs(torch.nn.Module):
+    """A traceable wrapper: a Recurrence's outputs and final h for given lengths."""
+
+    def __init__(self, rec):
+        super().__init__()
+        self.rec = rec
+
+    def forward(self, x, lengths):
+        out, final = self.rec(x, lengths=lengths)
+        return out, final["h"]
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning", "ignore::RuntimeWarning")
+@pytest.mark.parametrize("example", [[5, 5, 5], [5, 2, 3], [0, 0, 0]], ids=["unpadded", "padded", "empty"])
+def test_torch_jit_trace_of_the_reference_keeps_lengths_free(example):
+    # (a trace once fixed which steps the example padded: other lengths gave wrong outputs)
+    module = _FinalAndOutputs(sg.Recurrence(sg.cells.gru(4, 6)))
+    x = torch.randn(5, 3, 4)
+    traced = torch.jit.trace(module, (x, torch.tensor(example)), check_trace=False)
+    for lengths in ([5, 5, 5], [5, 2, 3], [3, 5, 1], [0, 4, 5], [0, 0, 0]):
+        for got, want in zip(traced(x, torch.tensor(lengths)), module(x, torch.tensor(lengths))):
+            torch.testing.assert_close(got, want)
+
+
+def test_torch_export_of_the_reference_with_lengths_keeps_them_free():
+    # (it failed inside torch: "Could not guard on data-dependent expression")
+    module = _FinalAndOutputs(sg.Recurrence(sg.cells.gru(4, 6)))
+    x = torch.randn(5, 3, 4, requires_grad=True)
+    exported = torch.export.export(module, (x, torch.tensor([5, 2, 3]))).module()
+    for lengths in ([5, 2, 3], [1, 5, 0], [0, 0, 0]):
+        got, want = exported(x, torch.tensor(lengths)), module(x, torch.tensor(lengths))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+        ga = torch.autograd.grad(got[0].sum() + got[1].sum(), x)[0]
+        gb = torch.autograd.grad(want[0].sum() + want[1].sum(), x)[0]
+        torch.testing.assert_close(ga, gb)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (torch.jit.script's own)
+@pytest.mark.parametrize("make", [
+    lambda: sg.Recurrence(sg.cells.gru(3, 4)), lambda: sg.compile(sg.Recurrence(sg.cells.gru(3, 4)), backend="cpu"),
+    lambda: sg.nn.LSTM(3, 4), lambda: sg.nn.GRUCell(3, 4), lambda: sg.Stack([sg.Recurrence(sg.cells.gru(3, 4))]),
+    lambda: sg.Bidirectional(sg.Recurrence(sg.cells.gru(3, 4))),
+    lambda: torch.nn.Sequential(torch.nn.Linear(3, 3), sg.Repeater(sg.Recurrence(sg.cells.gru(3, 4)), 2))],
+    ids=["Recurrence", "compiled", "sg.nn.LSTM", "sg.nn.GRUCell", "Stack", "Bidirectional", "inside a model"])
+def test_torch_jit_script_is_refused_with_the_ways_out(make):
+    with pytest.raises(NotImplementedError, match=r"torch.jit.script cannot compile \w+: .*torch.export"):
+        torch.jit.script(make())
+
+
 @pytest.mark.parametrize("backend", ["auto", "cpu", "torch", "triton"])
 def test_under_cpu_autocast_a_compiled_module_computes_what_the_reference_does(backend):
     rec = sg.Recurrence(sg.cells.gru(3, 4))
@@ -809,6 +859,25 @@ def test_an_auto_model_saved_whole_loads_where_no_c_compiler_is(tmp_path):
                          env=env, cwd=root, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "torch"
+
+
+def test_a_cpu_model_loads_where_no_c_compiler_is_and_its_call_says_why(tmp_path, monkeypatch):
+    from seqgraph.kernels.c_launch import CompilerMissing
+    comp = sg.compile(sg.Recurrence(sg.cells.lstm(3, 5)), backend="cpu")
+    x = torch.randn(4, 2, 3)
+    want = comp(x)[0]
+    torch.save(comp, tmp_path / "m.pt")
+    sg.compiled.clear_cache()  # (else the program built above is taken from memory)
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)  # the weights stay readable
+    assert torch.equal(loaded.params.ih.weight, comp.params.ih.weight) and loaded.backend == "cpu"
+    with pytest.raises(CompilerMissing, match=r"saved with backend='cpu'.*sg.compile\(module, backend='torch'\)"):
+        loaded(x)
+    torch.save(loaded, tmp_path / "again.pt")  # saved again, still the cpu backend's
+    torch.testing.assert_close(sg.compile(loaded, backend="torch")(x)[0], want)
+    monkeypatch.delenv("CC")  # a compiler found later: the call builds the program then
+    torch.testing.assert_close(loaded(x)[0], want, rtol=0, atol=0)
+    assert torch.load(tmp_path / "again.pt", weights_only=False).backend_for() == "cpu"
 
 
 def test_backend_for_a_dtype_named_by_a_string_asks_for_a_torch_dtype():
