@@ -5,14 +5,17 @@ and its backward writes the gradients of the hoisted values into fresh (T, B, ..
 tens of MB each at a real size. On the CPU a fresh buffer that large is fresh memory from the
 kernel, and touching it page by page costs more than the loop's own arithmetic (an mLSTM at
 T=50 B=16 H=128 spent half its single-thread fwd+bwd in page faults). So the generated code takes such
-buffers from here (`empty`, `zeros`): a buffer comes back for another call of the same shape
-once nothing else holds its memory. It hands out a view and keeps the base, and a buffer is
-free again only when the base is its storage's one user (PyTorch's own count, as inductor's
-CUDA graph trees use it): a saved tensor, a gradient autograd kept as a `.grad`, a view the
-caller holds, each keeps it taken. A call may take several buffers of one shape (an LSTM's saved
-gates) and a caller may hold several calls' graphs, so up to `KEEP` buffers of one shape are
-kept (past that, a buffer comes straight from torch), and `LIMIT` bytes in all (the least
-recently used shape goes first); `SEQGRAPH_REUSE_BUFFERS=0` turns reuse off. GPU
+buffers from here (`empty`, `zeros`): a buffer comes back for a later call that needs as many
+elements or down to 1/`SPARE` of them (another T or B: bucketed or unpadded batches) once
+nothing else holds its memory. It keeps flat bases, allocated a little larger than asked
+(rounded up to the next of four steps per power of two), hands out a view of their first
+elements; a new base drops the free smaller ones, which it serves. A base is free again only
+when it is its storage's one user (PyTorch's own count, as inductor's CUDA graph trees use
+it): a saved tensor, a gradient autograd kept as a `.grad`, a view the caller holds, each
+keeps it taken. A call may take several buffers (an LSTM's saved gates) and a caller may
+hold several calls' graphs, so up to `KEEP` bases of a dtype are kept (past that, a free one
+no longer asked for makes room, else a buffer comes straight from torch), and `LIMIT` bytes in
+all (the least recently used go first); `SEQGRAPH_REUSE_BUFFERS=0` turns reuse off. GPU
 buffers, small ones and any tensor under tracing come straight from torch (CUDA's caching
 allocator already reuses memory). This module must not decide what a loop allocates; the code
 generators do.
@@ -29,11 +32,12 @@ import torch
 from .settings import switched_on
 
 MIN_BYTES = 1 << 20  # smaller buffers come from malloc's heap, which reuses them without faults
-KEEP = 16  # buffers kept per shape: what calls take at once (4 of a shape each, 4 graphs alive, say)
+KEEP = 32  # bases kept per dtype: what calls take at once (4 of a size each, 4 graphs alive, two sizes, say)
 LIMIT = 1 << 30  # bytes kept in all
+SPARE = 8  # a free base serves a call that needs at least 1/SPARE of it
 
 _lock = threading.Lock()
-_kept: OrderedDict[tuple, list[torch.Tensor]] = OrderedDict()  # key -> bases, least recently used first
+_kept: OrderedDict[int, tuple[tuple, torch.Tensor]] = OrderedDict()  # id -> (group, flat base), least recent first
 
 
 def _fresh_lock_after_fork() -> None:
@@ -61,27 +65,49 @@ def _poolable(like: torch.Tensor, nbytes: int) -> bool:
             and reuse_enabled())
 
 
+def _capacity(n: int) -> int:
+    """n rounded up to a multiple of a quarter of its highest power of two (at most a quarter more)."""
+    step = 1 << max(n.bit_length() - 3, 0)
+    return (n + step - 1) // step * step
+
+
 def empty(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """An uninitialised contiguous tensor of `shape` with `like`'s dtype and device, as
     like.new_empty(shape), its memory reused from an earlier call where it can be."""
     shape = tuple(int(s) for s in shape)
-    if not _poolable(like, math.prod(shape) * like.element_size()):
+    n = math.prod(shape)
+    if not _poolable(like, n * like.element_size()):
         return like.new_empty(shape)
-    key = (shape, like.dtype, torch.is_inference_mode_enabled())
+    group = (like.dtype, torch.is_inference_mode_enabled())
     with _lock:
-        bases = _kept.get(key)
-        if bases is not None:
-            _kept.move_to_end(key)
-            for base in bases:
-                if _free(base):
-                    return base.view(shape)
-        base = like.new_empty(shape)
-        bases = _kept.setdefault(key, [])
-        if len(bases) >= KEEP:  # (all taken: keeping this one would drop one in use)
-            return base
-        bases.append(base)
+        best = None  # the smallest free base that holds n elements, and at most SPARE times that
+        size = _capacity(n)
+        mine, stale, smaller = 0, None, []  # bases of this group; the least recently used free one;
+        for key, (g, base) in _kept.items():  # the free ones a new base would supersede
+            if g == group:
+                mine += 1
+                free = _free(base)
+                if stale is None and free:
+                    stale = key
+                if free and base.numel() < size:
+                    smaller.append(key)
+                if free and n <= base.numel() <= SPARE * n and (best is None or base.numel() < best[1].numel()):
+                    best = (key, base)
+        if best is not None:
+            _kept.move_to_end(best[0])
+            return best[1][:n].view(shape)
+        for key in smaller:  # (the new one serves their calls, down to 1/SPARE of its size)
+            del _kept[key]
+        mine -= len(smaller)
+        if mine >= KEEP:  # a free base of a size no longer asked for makes room; else all are taken
+            if stale is None or stale in smaller:
+                _trim()
+                return like.new_empty(shape)
+            del _kept[stale]
+        base = like.new_empty((size,))
+        _kept[id(base)] = (group, base)
         _trim()
-        return base.view(shape)
+        return base[:n].view(shape)
 
 
 def zeros(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -91,18 +117,15 @@ def zeros(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 def _kept_total() -> int:
     """The bytes of every kept base (the caller holds the lock)."""
-    return sum(b.numel() * b.element_size() for bases in _kept.values() for b in bases)
+    return sum(b.numel() * b.element_size() for _, b in _kept.values())
 
 
 def _trim() -> None:
     """Drop the least recently used bases until at most LIMIT bytes are kept."""
     total = _kept_total()
     while total > LIMIT and _kept:
-        key, bases = next(iter(_kept.items()))
-        base = bases.pop(0)
+        _, (_, base) = _kept.popitem(last=False)
         total -= base.numel() * base.element_size()
-        if not bases:
-            del _kept[key]
 
 
 def kept_bytes() -> int:

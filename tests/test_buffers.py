@@ -80,7 +80,7 @@ def test_past_the_cap_a_buffer_comes_straight_from_torch_and_none_in_use_is_drop
     assert {t.data_ptr() for t in again} == pointers
 
 
-def test_kept_buffers_are_bounded_per_shape_and_in_all(monkeypatch):
+def test_kept_buffers_are_bounded_in_number_and_in_bytes(monkeypatch):
     like = torch.zeros(())
     held = [buffers.empty(like, BIG) for _ in range(buffers.KEEP + 2)]
     assert buffers.kept_bytes() == buffers.KEEP * 2 * 2**20
@@ -153,3 +153,46 @@ def test_a_child_forked_while_another_thread_holds_the_lock_can_take_buffers():
         os.waitpid(pid, 0)
         pytest.fail("the forked child hung taking a buffer")
     assert os.WIFEXITED(result["status"]) and os.WEXITSTATUS(result["status"]) == 0
+
+
+def test_a_free_buffer_serves_a_call_of_fewer_elements_down_to_half():
+    like = torch.zeros(())
+    a = buffers.empty(like, (300, 2048))  # another T every batch (bucketed or unpadded batches)
+    ptr = a.data_ptr()
+    del a
+    b = buffers.empty(like, (200, 2048))
+    assert b.data_ptr() == ptr and b.shape == (200, 2048) and b.is_contiguous()
+    del b
+    assert buffers.empty(like, (100, 2048)).data_ptr() != ptr  # (less than half: a buffer of its own)
+
+
+def test_calls_of_changing_sizes_keep_about_what_the_largest_call_takes():
+    # (kept by exact shape, 200 batches of random T filled the pool to its 1 GiB limit)
+    like, gen = torch.zeros(()), torch.Generator().manual_seed(0)
+    for _ in range(200):
+        T = int(torch.randint(20, 301, (1,), generator=gen))
+        held = [buffers.empty(like, (T, 32, 1024)) for _ in range(4)]  # one call's saved gates
+        del held
+    largest = 4 * 300 * 32 * 1024 * 4
+    assert buffers.kept_bytes() <= 2.5 * largest
+
+
+def test_a_larger_buffer_supersedes_the_free_smaller_ones():
+    like = torch.zeros(())
+    [buffers.empty(like, BIG) for _ in range(2)]  # both free again at once
+    new = buffers.empty(like, (4096, 512))
+    assert new._base is not None and buffers.kept_bytes() == 8 * 2**20
+
+
+def test_past_the_cap_a_free_buffer_no_longer_asked_for_makes_room(monkeypatch):
+    monkeypatch.setattr(buffers, "KEEP", 2)
+    like = torch.zeros(())
+    [buffers.empty(like, (8192, 512)) for _ in range(2)]  # 16 MiB each, free again at once
+    small = buffers.empty(like, (512, 512))  # 1 MiB: less than 1/SPARE of them, a base of its own
+    assert small._base is not None and buffers.kept_bytes() == (16 + 1) * 2**20
+
+
+def test_capacity_rounds_up_by_at_most_a_quarter():
+    for n in (1, 7, 8, 9, 1000, 2**20, 2**20 + 1, 3 * 10**6):
+        c = buffers._capacity(n)
+        assert n <= c <= max(n * 5 // 4, n + 1)

@@ -150,15 +150,17 @@ def test_large_hoisted_buffers_are_reused_across_calls(monkeypatch):
     monkeypatch.setattr(region, "forward", remember)
     x = torch.randn(32, 32, 8, requires_grad=True)  # 1024 rows of 256 floats: 1 MiB per value
     grads = []
-    for _ in range(3):
+    for _ in range(4):
         comp(x)[0].sum().backward()
         grads.append(x.grad.clone())
         x.grad = None
-    assert pointers[2] == pointers[1]  # the second call's memory, free again once its backward ran
-    torch.testing.assert_close(grads[2], grads[0], rtol=0, atol=0)
+    # the third call's memory, free again once its backward ran (the first calls may still
+    # trade buffers of nearby sizes in the pool)
+    assert pointers[3] == pointers[2]
+    torch.testing.assert_close(grads[3], grads[0], rtol=0, atol=0)
     monkeypatch.setenv("SEQGRAPH_REUSE_BUFFERS", "0")
     comp(x)[0].sum().backward()
-    assert not set(pointers[3]) & set(pointers[1])
+    assert not set(pointers[4]) & set(pointers[2])
 
 
 def log_gate_cell(I=3, H=4):
