@@ -80,26 +80,21 @@ def empty(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         return like.new_empty(shape)
     group = (like.dtype, torch.is_inference_mode_enabled())
     with _lock:
-        best = None  # the smallest free base that holds n elements, and at most SPARE times that
+        # the smallest free base that holds n elements, and at most SPARE times that
+        mine = [(key, base) for key, (g, base) in _kept.items() if g == group]  # least recently used first
+        fitting = sorted((base.numel(), i) for i, (_, base) in enumerate(mine) if n <= base.numel() <= SPARE * n)
+        for _, i in fitting:  # (asked of those that fit only: the count is a call into torch)
+            key, base = mine[i]
+            if _free(base):
+                _kept.move_to_end(key)
+                return base[:n].view(shape)
         size = _capacity(n)
-        mine, stale, smaller = 0, None, []  # bases of this group; the least recently used free one;
-        for key, (g, base) in _kept.items():  # the free ones a new base would supersede
-            if g == group:
-                mine += 1
-                free = _free(base)
-                if stale is None and free:
-                    stale = key
-                if free and base.numel() < size:
-                    smaller.append(key)
-                if free and n <= base.numel() <= SPARE * n and (best is None or base.numel() < best[1].numel()):
-                    best = (key, base)
-        if best is not None:
-            _kept.move_to_end(best[0])
-            return best[1][:n].view(shape)
+        free = [key for key, base in mine if _free(base)]
+        stale = free[0] if free else None  # the least recently used free base
+        smaller = [key for key in free if _kept[key][1].numel() < size]  # what a new base supersedes
         for key in smaller:  # (the new one serves their calls, down to 1/SPARE of its size)
             del _kept[key]
-        mine -= len(smaller)
-        if mine >= KEEP:  # a free base of a size no longer asked for makes room; else all are taken
+        if len(mine) - len(smaller) >= KEEP:  # a free base no longer asked for makes room; else all are taken
             if stale is None or stale in smaller:
                 _trim()
                 return like.new_empty(shape)

@@ -98,7 +98,7 @@ def rnn(input_size: int, hidden_size: int, *, nonlinearity: str = "tanh", bias: 
 def _start_size(start) -> int | None:
     """Torch7's `start` as a state size (a number, a one-number table or tensor), or None for a
     module. A size that is not one positive integer is refused by name."""
-    if isinstance(start, sg.Module) or (callable(start) and not isinstance(start, torch.Tensor)):
+    if callable(start):  # a module or a function
         return None
     if isinstance(start, (tuple, list, torch.Size)) or (isinstance(start, torch.Tensor) and start.dim() == 1):
         if len(start) != 1:
